@@ -1,0 +1,197 @@
+"""Find the target Linear modules of a Hugging Face model and put elastic adapters on them."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import KEY_VALUE_SUFFIXES, OUTPUT_SUFFIXES, QUERY_SUFFIXES, TASK_HEAD_NAMES, DynaRankConfig
+from .layer import ElasticLoRALinear
+
+logger = logging.getLogger(__name__)
+
+ATTACHED_ATTR = "dynarank_config"
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def _has_suffix(name: str, suffixes: tuple[str, ...] | list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _cfg_get(model: nn.Module, *keys: str):
+    cfg = getattr(model, "config", None)
+    for key in keys:
+        value = getattr(cfg, key, None) if cfg is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def head_geometry(model: nn.Module, config: DynaRankConfig) -> HeadGeometry | None:
+    """Heads from the config overrides, else from ``model.config``; None if unknown."""
+    heads = config.num_heads or _cfg_get(model, "num_attention_heads", "n_head", "num_heads")
+    if heads is None:
+        return None
+    kv = config.num_kv_heads or _cfg_get(model, "num_key_value_heads") or heads
+    head_dim = config.head_dim or _cfg_get(model, "head_dim")
+    if head_dim is None:
+        hidden = _cfg_get(model, "hidden_size", "d_model", "n_embd")
+        if hidden is None or hidden % heads:
+            raise ValueError(
+                f"cannot infer head_dim: hidden size {hidden} and {heads} heads; set DynaRankConfig(head_dim=...)."
+            )
+        head_dim = hidden // heads
+    return HeadGeometry(int(heads), int(kv), int(head_dim))
+
+
+def _task_head_names(model: nn.Module) -> set[str]:
+    names = {n for n, _ in model.named_modules() if n.split(".")[-1] in TASK_HEAD_NAMES and n.count(".") <= 1}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if out_emb is not None:
+        names |= {n for n, m in model.named_modules() if m is out_emb}
+    return names
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
+    """Full names of the Linear modules to adapt; raises ValueError if none match."""
+    heads = _task_head_names(model)
+    linear = linear_module_names(model)
+    spec = config.target_modules
+    if spec == "all-linear":
+        chosen = [n for n in linear if n not in heads]
+    elif isinstance(spec, str):
+        pattern = re.compile(spec)
+        chosen = [n for n in linear if pattern.fullmatch(n)]
+    else:
+        chosen = [n for n in linear if _has_suffix(n, spec)]
+    chosen = [n for n in chosen if not _has_suffix(n, config.exclude_modules)]
+    if not chosen:
+        shown = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in linear})
+        raise ValueError(
+            f"target_modules={spec!r} matches no Linear module of {type(model).__name__}. "
+            f"Its Linear modules are: {', '.join(shown) or '(none)'}."
+        )
+    return chosen
+
+
+def layer_plan(name: str, module: nn.Linear, config: DynaRankConfig, geometry: HeadGeometry | None) -> dict:
+    """How to split one target: {'n_groups', 'split'}."""
+    if config.granularity == "matrix" or geometry is None:
+        return {"n_groups": 1, "split": "rows"}
+    if _has_suffix(name, QUERY_SUFFIXES):
+        heads, split, dim = geometry.num_heads, "rows", module.out_features
+    elif _has_suffix(name, KEY_VALUE_SUFFIXES):
+        heads, split, dim = geometry.num_kv_heads, "rows", module.out_features
+    elif _has_suffix(name, OUTPUT_SUFFIXES):
+        heads, split, dim = geometry.num_heads, "cols", module.in_features
+    else:
+        return {"n_groups": 1, "split": "rows"}
+    if heads * geometry.head_dim != dim:
+        raise ValueError(
+            f"{name}: {heads} heads x head_dim {geometry.head_dim} = {heads * geometry.head_dim} does not "
+            f"match its {'output' if split == 'rows' else 'input'} size {dim}; set num_heads / num_kv_heads / "
+            "head_dim in DynaRankConfig, or use granularity='matrix'."
+        )
+    return {"n_groups": heads, "split": split}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def elastic_layers(model: nn.Module) -> dict[str, ElasticLoRALinear]:
+    """Every elastic adapter layer in ``model``, by full module name (the name of the Linear it wraps)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ElasticLoRALinear)}
+
+
+def resolve_modules_to_save(model: nn.Module, config: DynaRankConfig) -> list[str]:
+    if config.modules_to_save is not None:
+        names = [n for n, _ in model.named_modules() if n and _has_suffix(n, config.modules_to_save)]
+        missing = [s for s in config.modules_to_save if not any(_has_suffix(n, [s]) for n in names)]
+        if missing:
+            raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}.")
+        return names
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted(
+        n for n in _task_head_names(model)
+        if model.get_submodule(n) is not out_emb  # an LM head is tied to the embeddings: leave it frozen
+    )
+
+
+def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
+    """Put elastic LoRA adapters on ``model``'s targets, freeze the base, keep the task head trainable.
+
+    Every layer is built and checked before the first one is swapped in, so a bad config leaves
+    the model untouched. Returns the same model object.
+    """
+    if getattr(model, ATTACHED_ATTR, None) is not None or elastic_layers(model):
+        raise ValueError("this model already carries dynarank adapters; attach() once per model.")
+    targets = select_targets(model, config)
+    geometry = head_geometry(model, config) if config.granularity == "head" else None
+    save_names = resolve_modules_to_save(model, config)
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator().manual_seed(config.seed)
+    built: dict[str, ElasticLoRALinear] = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        plan = layer_plan(name, module, config, geometry)
+        built[name] = ElasticLoRALinear(
+            module,
+            n_groups=plan["n_groups"],
+            split=plan["split"],
+            layout=config.head_layout if plan["n_groups"] > 1 else "own",
+            r=config.r,
+            scaling=config.scaling,
+            dropout=config.lora_dropout,
+            generator=generator,
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in built.items():
+        _set_submodule(model, name, layer)
+        for p in layer.adapter_parameters():
+            p.requires_grad_(True)
+    for name in save_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    setattr(model, ATTACHED_ATTR, config)
+    model.dynarank_modules_to_save = save_names
+    logger.info("dynarank: %d adapted modules, %d trainable parameters", len(built), count_trainable(model))
+    return model
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapter_parameter_count(model: nn.Module) -> int:
+    """Parameters of the low-rank adapters alone (no task head)."""
+    return sum(layer.num_adapter_parameters() for layer in elastic_layers(model).values())
+
+
+def merge(model: nn.Module) -> None:
+    for layer in elastic_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in elastic_layers(model).values():
+        layer.unmerge()

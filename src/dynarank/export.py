@@ -1,0 +1,120 @@
+"""Export an elastic adapter as a plain PEFT LoRA adapter that stock PEFT (and vLLM-style servers) load.
+
+Every gate, mask and head layout is folded into ordinary ``lora_A`` (r x d_in) and ``lora_B``
+(d_out x r) tensors: a stock loader never sees a tensor it would silently ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .attach import ATTACHED_ATTR, elastic_layers
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def _peft_tensors(model: nn.Module, server_safe: bool) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float], list[str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    empty: list[str] = []
+    with torch.no_grad():
+        for name, layer in elastic_layers(model).items():
+            if layer.n_slots == 0:
+                empty.append(name)
+                continue
+            a, b = layer.lora_factors()
+            rank = a.shape[0]
+            if server_safe:
+                b = b * layer.scaling
+                alphas[name] = float(rank)  # PEFT scaling alpha / r = 1: the scale is in B
+            else:
+                alphas[name] = layer.scaling * rank
+            ranks[name] = rank
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu").contiguous().clone()
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu").contiguous().clone()
+    return tensors, ranks, alphas, empty
+
+
+def peft_config_dict(model: nn.Module, ranks: dict[str, int], alphas: dict[str, float], empty: list[str],
+                     modules_to_save: list[str], server_safe: bool) -> dict:
+    """A LoraConfig (as a dict) that reproduces the per-module ranks and scales exactly."""
+    from peft import LoraConfig
+
+    top_name = max(ranks, key=ranks.get)
+    top_rank = ranks[top_name]
+    config = LoraConfig(
+        # Top level = the largest module, at its own scale; every module is also in the patterns.
+        r=top_rank,
+        lora_alpha=alphas[top_name],
+        target_modules=sorted(ranks),
+        exclude_modules=sorted(empty) or None,
+        # Full module names only: PEFT matches pattern keys as suffixes, first match wins.
+        rank_pattern=dict(ranks),
+        alpha_pattern=dict(alphas),
+        modules_to_save=list(modules_to_save) or None,
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+    )
+    data = config.to_dict()
+    for key, value in list(data.items()):
+        if isinstance(value, set):
+            data[key] = sorted(value)
+    return data
+
+
+def export_peft(model: nn.Module, out_dir: str | os.PathLike, server_safe: bool = False) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for plain PEFT LoRA.
+
+    Args:
+        model: a model returned by :func:`dynarank.attach` (adapters unmerged).
+        out_dir: target directory; written to a temporary sibling and renamed into place.
+        server_safe: bake each module's scale into B, set alpha = r everywhere, write only
+            lora_A / lora_B tensors (no modules_to_save): what vLLM-style servers read.
+
+    Returns:
+        The output directory.
+    """
+    if getattr(model, ATTACHED_ATTR, None) is None:
+        raise ValueError("export_peft() needs a model returned by dynarank.attach().")
+    if any(layer.merged for layer in elastic_layers(model).values()):
+        raise RuntimeError("the adapters are merged into the base; unmerge() before exporting.")
+    tensors, ranks, alphas, empty = _peft_tensors(model, server_safe)
+    if not ranks:
+        raise ValueError("every adapted module has rank 0: there is no adapter to export.")
+    save_names = [] if server_safe else list(getattr(model, "dynarank_modules_to_save", []))
+    if server_safe and getattr(model, "dynarank_modules_to_save", []):
+        logger.warning("server-safe export leaves out the trained task head(s) %s", model.dynarank_modules_to_save)
+    for name in save_names:
+        for pname, p in model.get_submodule(name).named_parameters():
+            tensors[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+    config = peft_config_dict(model, ranks, alphas, empty, save_names, server_safe)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if out.exists():
+            if not (out / ADAPTER_CONFIG).exists() and any(out.iterdir()):
+                raise FileExistsError(f"{out} exists and is not an adapter directory; refusing to overwrite it.")
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out

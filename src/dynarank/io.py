@@ -1,0 +1,147 @@
+"""Native save / load of an elastic adapter and its rank layout: safetensors + JSON, never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .attach import ATTACHED_ATTR, attach, elastic_layers
+from .config import DynaRankConfig
+
+LAYOUT_FILE = "dynarank_adapter.json"
+WEIGHTS_FILE = "dynarank_adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+class AdapterFormatError(ValueError):
+    """A saved adapter is missing, damaged, or does not fit the model it is loaded into."""
+
+
+def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(layout JSON, tensors) describing every adapter and trained module of ``model``."""
+    config: DynaRankConfig | None = getattr(model, ATTACHED_ATTR, None)
+    if config is None:
+        raise ValueError("this model carries no dynarank adapter (use dynarank.attach first).")
+    layers, tensors = {}, {}
+    for name, layer in elastic_layers(model).items():
+        layers[name] = {
+            "split": layer.split,
+            "layout": layer.layout,
+            "n_groups": layer.n_groups,
+            "group_size": layer.group_size,
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "scaling": layer.scaling,
+            "slots": layer.slots,
+        }
+        tensors[f"{name}.shared_weight"] = layer.shared_weight.detach()
+        tensors[f"{name}.group_weight"] = layer.group_weight.detach()
+    save_names = list(getattr(model, "dynarank_modules_to_save", []))
+    for name in save_names:
+        for pname, p in model.get_submodule(name).named_parameters():
+            tensors[f"{name}.{pname}"] = p.detach()
+    layout = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": layers,
+              "modules_to_save": save_names}
+    return layout, {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict]) -> Path:
+    """Write files into a temporary sibling directory, then rename it over ``out_dir``."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for fname, content in files.items():
+            if isinstance(content, dict):
+                save_file(content, str(tmp / fname), metadata={"format": "pt"})
+            else:
+                (tmp / fname).write_bytes(content)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Save adapters, their current ranks and the task head to ``out_dir`` (atomic)."""
+    layout, tensors = adapter_state(model)
+    return write_atomically(out_dir, {
+        LAYOUT_FILE: json.dumps(layout, indent=1).encode(),
+        WEIGHTS_FILE: tensors,
+    })
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read (layout, tensors) from a native adapter directory, with clear errors."""
+    path = Path(path)
+    layout_file, weights_file = path / LAYOUT_FILE, path / WEIGHTS_FILE
+    if not layout_file.is_file() or not weights_file.is_file():
+        raise AdapterFormatError(
+            f"{path} is not a dynarank adapter directory: expected {LAYOUT_FILE} and {WEIGHTS_FILE}."
+        )
+    try:
+        layout = json.loads(layout_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"{layout_file} is not valid JSON: {exc}") from None
+    if not isinstance(layout, dict) or layout.get("format_version") != FORMAT_VERSION:
+        raise AdapterFormatError(f"{layout_file}: unsupported format (expected format_version {FORMAT_VERSION}).")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{weights_file} is not a readable safetensors file ({exc}).") from None
+    return layout, tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Attach the saved adapter to a freshly built base ``model`` and restore ranks and values exactly."""
+    layout, tensors = read_adapter(path)
+    config = DynaRankConfig.from_dict(layout["config"])
+    attach(model, config)
+    layers = elastic_layers(model)
+    saved = layout["layers"]
+    if set(saved) != set(layers):
+        missing, extra = sorted(set(saved) - set(layers)), sorted(set(layers) - set(saved))
+        raise AdapterFormatError(
+            f"adapter does not fit this model: saved modules not in the model {missing[:5]}, "
+            f"model modules not in the adapter {extra[:5]}."
+        )
+    for name, layer in layers.items():
+        info = saved[name]
+        if (info["in_features"], info["out_features"], info["n_groups"]) != (
+            layer.in_features, layer.out_features, layer.n_groups,
+        ):
+            raise AdapterFormatError(
+                f"{name}: saved Linear({info['in_features']}, {info['out_features']}) with {info['n_groups']} "
+                f"groups, model has Linear({layer.in_features}, {layer.out_features}) with {layer.n_groups}."
+            )
+        layer.set_slots(info["slots"])
+    expected = {}
+    for name, layer in layers.items():
+        expected[f"{name}.shared_weight"] = layer.shared_weight
+        expected[f"{name}.group_weight"] = layer.group_weight
+    for name in layout.get("modules_to_save", []):
+        for pname, p in model.get_submodule(name).named_parameters():
+            expected[f"{name}.{pname}"] = p
+    if set(expected) != set(tensors):
+        raise AdapterFormatError(
+            f"tensor names do not match: missing {sorted(set(expected) - set(tensors))[:5]}, "
+            f"unexpected {sorted(set(tensors) - set(expected))[:5]}."
+        )
+    with torch.no_grad():
+        for key, param in expected.items():
+            value = tensors[key]
+            if value.shape != param.shape:
+                raise AdapterFormatError(f"{key}: saved shape {tuple(value.shape)}, expected {tuple(param.shape)}.")
+            param.data.copy_(value.to(param.dtype))
+    return model

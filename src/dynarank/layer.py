@@ -1,0 +1,401 @@
+"""The rank-elastic LoRA layer: a frozen ``nn.Linear`` plus rank groups with live ranks.
+
+Notation (see docs/architecture.md): G groups of size d_g; S shared slots; T = sum_g r_g
+group-side columns; r_max = max_g r_g.
+
+* ``split="rows"``: group g owns output rows ``[g*d_g, (g+1)*d_g)``.
+  shared side = A (S, d_in); group side = B packed as (d_g, T).
+* ``split="cols"``: group g owns input columns ``[g*d_g, (g+1)*d_g)``.
+  shared side = B^T (S, d_out); group side = A^T packed as (d_g, T).
+
+The update is ``delta(x) = scaling * sum_g B_g (m_g * (A_g x))`` where ``m_g`` is the
+optional gate of the group's slots, supplied by a controller through :meth:`set_gate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .optim_state import reindex_parameter
+
+Split = Literal["rows", "cols"]
+Layout = Literal["own", "shared"]
+GateFn = Callable[["ElasticLoRALinear"], torch.Tensor]
+Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None
+
+
+class ElasticLoRALinear(nn.Module):
+    """A frozen linear layer with a low-rank update whose rank differs per group and can change.
+
+    Args:
+        base: the frozen layer (its parameters get ``requires_grad=False``).
+        n_groups: number of rank groups G (1 for a whole-matrix adapter).
+        split: "rows" (groups over output features) or "cols" (over input features).
+        layout: "own" (disjoint slots per group) or "shared" (groups index the same slots).
+        r: initial rank of every group.
+        scaling: output scale of the update (lora_alpha / r), never changed by resizing.
+        dropout: dropout probability on the adapter input.
+        dtype: dtype of the adapter parameters (default: float32, or the base's if floating
+            and at least 32 bits). The base is never upcast.
+        generator: RNG for the initialisation of A.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        n_groups: int = 1,
+        split: Split = "rows",
+        layout: Layout = "own",
+        r: int = 8,
+        scaling: float = 1.0,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if split not in ("rows", "cols"):
+            raise ValueError(f"split must be 'rows' or 'cols', got {split!r}.")
+        if layout not in ("own", "shared"):
+            raise ValueError(f"layout must be 'own' or 'shared', got {layout!r}.")
+        if r < 0:
+            raise ValueError(f"rank must be >= 0, got {r}.")
+        split_dim = base.out_features if split == "rows" else base.in_features
+        if n_groups < 1 or split_dim % n_groups:
+            raise ValueError(
+                f"{n_groups} groups do not divide the {'output' if split == 'rows' else 'input'} "
+                f"dimension {split_dim} of this Linear({base.in_features}, {base.out_features})."
+            )
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.split: Split = split
+        self.layout: Layout = layout
+        self.n_groups = n_groups
+        self.group_size = split_dim // n_groups
+        self.scaling = float(scaling)
+        self.merged = False
+        self._gate_fn: GateFn | None = None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        device = base.weight.device
+        if dtype is None:
+            dtype = base.weight.dtype if base.weight.element_size() >= 4 else torch.float32
+        if layout == "own":
+            n_slots = n_groups * r
+            self._slots = [list(range(g * r, (g + 1) * r)) for g in range(n_groups)]
+        else:
+            n_slots = r
+            self._slots = [list(range(r)) for _ in range(n_groups)]
+        shared = torch.empty(n_slots, self.other_dim, device=device, dtype=dtype)
+        group = torch.empty(self.group_size, n_groups * r, device=device, dtype=dtype)
+        # A is drawn like PEFT's default (kaiming-uniform, a=sqrt(5) => U(+-1/sqrt(d_in)));
+        # B starts at zero so the adapted model starts as the base model.
+        a_factor = shared if split == "rows" else group
+        b_factor = group if split == "rows" else shared
+        bound = 1.0 / math.sqrt(base.in_features)
+        with torch.no_grad():
+            a_factor.uniform_(-bound, bound, generator=generator)
+            b_factor.zero_()
+        self.shared_weight = nn.Parameter(shared)
+        self.group_weight = nn.Parameter(group)
+        self.register_buffer("slot_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("column_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        self._rebuild_index()
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def other_dim(self) -> int:
+        """Width of a shared-side slot: d_in for rows (A), d_out for cols (B^T)."""
+        return self.base.in_features if self.split == "rows" else self.base.out_features
+
+    @property
+    def ranks(self) -> list[int]:
+        """Live rank of every group."""
+        return [len(s) for s in self._slots]
+
+    @property
+    def slots(self) -> list[list[int]]:
+        """Shared-slot indices used by every group (a copy)."""
+        return [list(s) for s in self._slots]
+
+    @property
+    def n_slots(self) -> int:
+        """S: rows of the shared side; the rank of the equivalent plain LoRA update."""
+        return self.shared_weight.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks, default=0)
+
+    def num_adapter_parameters(self) -> int:
+        return self.shared_weight.numel() + self.group_weight.numel()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.shared_weight, self.group_weight]
+
+    # ------------------------------------------------------------------ index bookkeeping
+    def _rebuild_index(self) -> None:
+        """Derive the padded gather indices from the slot lists.
+
+        slot_index[g, j]: shared slot of group g's j-th rank, or S (a zero pad) past r_g.
+        column_index[g, j]: packed group-side column, or T (a zero pad) past r_g.
+        """
+        n_slots, n_cols = self.n_slots, self.group_weight.shape[1]
+        r_max = self.max_rank
+        slot_index = torch.full((self.n_groups, r_max), n_slots, dtype=torch.long)
+        column_index = torch.full((self.n_groups, r_max), n_cols, dtype=torch.long)
+        offset = 0
+        for g, slots in enumerate(self._slots):
+            slot_index[g, : len(slots)] = torch.tensor(slots, dtype=torch.long)
+            column_index[g, : len(slots)] = torch.arange(offset, offset + len(slots))
+            offset += len(slots)
+        device = self.shared_weight.device
+        self.slot_index = slot_index.to(device)
+        self.column_index = column_index.to(device)
+        ranks = self.ranks
+        # Equal ranks in the own layout: every gather below is a plain view.
+        self._dense = self.layout == "own" and len(set(ranks)) == 1 and all(
+            s == list(range(g * ranks[0], (g + 1) * ranks[0])) for g, s in enumerate(self._slots)
+        )
+
+    # ------------------------------------------------------------------ gate hook
+    def set_gate(self, fn: GateFn | None) -> None:
+        """Install the controller's gate: ``fn(layer)`` returns (G, r_max) multipliers of the slots."""
+        self._gate_fn = fn
+
+    def gate(self) -> torch.Tensor | None:
+        if self._gate_fn is None:
+            return None
+        return self._gate_fn(self)
+
+    # ------------------------------------------------------------------ forward
+    def _group_side_padded(self) -> torch.Tensor:
+        """Group-side factor as (d_g, G, r_max); zero beyond each group's rank."""
+        w = self.group_weight
+        if self._dense:
+            return w.view(self.group_size, self.n_groups, -1)
+        return F.pad(w, (0, 1))[:, self.column_index]
+
+    def _low_rank_update(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d_in) -> (N, d_out), without the scaling."""
+        n = x.shape[0]
+        w = self._group_side_padded()  # (d_g, G, r_max)
+        gate = self.gate()
+        if self.split == "rows":
+            z = x @ self.shared_weight.t()  # (N, S)
+            zp = z.view(n, self.n_groups, -1) if self._dense else F.pad(z, (0, 1))[:, self.slot_index]
+            if gate is not None:
+                zp = zp * gate  # (N, G, r_max)
+            if self.n_groups == 1:
+                return zp[:, 0] @ w[:, 0].t()  # (N, d_out)
+            return torch.einsum("ngr,dgr->ngd", zp, w).reshape(n, self.out_features)
+        xg = x.view(n, self.n_groups, self.group_size)  # (N, G, d_g)
+        zp = torch.einsum("ngd,dgr->ngr", xg, w)  # (N, G, r_max)
+        if gate is not None:
+            zp = zp * gate
+        if self._dense:
+            z = zp.reshape(n, -1)  # (N, S): slot of (g, j) is g*r + j
+        else:
+            z = zp.new_zeros(n, self.n_slots + 1).index_add(1, self.slot_index.flatten(), zp.reshape(n, -1))
+            z = z[:, : self.n_slots]
+        return z @ self.shared_weight  # (N, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged or self.n_slots == 0:
+            return out
+        h = self.dropout(x.to(self.shared_weight.dtype)).reshape(-1, self.in_features)
+        delta = self._low_rank_update(h) * self.scaling
+        return out + delta.view(*out.shape[:-1], self.out_features).to(out.dtype)
+
+    # ------------------------------------------------------------------ weights
+    def _group_side_scattered(self) -> torch.Tensor:
+        """Group side placed at its shared slots, gate folded in: (G, S, d_g)."""
+        w = self._group_side_padded()  # (d_g, G, r_max)
+        gate = self.gate()
+        if gate is not None:
+            w = w * gate.to(w.dtype)
+        w = w.permute(1, 2, 0)  # (G, r_max, d_g)
+        out = w.new_zeros(self.n_groups, self.n_slots + 1, self.group_size)
+        index = self.slot_index.unsqueeze(-1).expand(-1, -1, self.group_size)
+        return out.scatter_add(1, index, w)[:, : self.n_slots]
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update as plain LoRA factors (A: (S, d_in), B: (d_out, S)), gate folded, no scaling.
+
+        ``B @ A * scaling`` equals :meth:`delta_weight`; this is what the PEFT export writes.
+        """
+        spread = self._group_side_scattered()  # (G, S, d_g)
+        if self.split == "rows":
+            b = spread.permute(0, 2, 1).reshape(self.out_features, self.n_slots)
+            return self.shared_weight, b
+        a = spread.permute(1, 0, 2).reshape(self.n_slots, self.in_features)
+        return a, self.shared_weight.t()
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A as a (d_out, d_in) matrix in the adapter's dtype."""
+        a, b = self.lora_factors()
+        return (b @ a) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update to the base weight. Idempotent; forward then skips the adapter."""
+        if self.merged:
+            return
+        w = self.base.weight
+        w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact in fp32; within rounding in half precision). Idempotent."""
+        if not self.merged:
+            return
+        w = self.base.weight
+        w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    # ------------------------------------------------------------------ resizing
+    def _check_resizable(self) -> None:
+        if self.merged:
+            raise RuntimeError("unmerge() the adapter before resizing it.")
+
+    def _apply_layout(
+        self,
+        new_slots: list[list[int]],
+        slot_source: torch.Tensor,
+        new_shared: torch.Tensor | None,
+        column_source: torch.Tensor,
+        new_group: torch.Tensor | None,
+        optimizer: Optimizers,
+    ) -> None:
+        reindex_parameter(self.shared_weight, 0, slot_source, new_shared, optimizer)
+        reindex_parameter(self.group_weight, 1, column_source, new_group, optimizer)
+        self._slots = new_slots
+        self._rebuild_index()
+
+    def remove_slots(self, positions: Mapping[int, Sequence[int]], optimizer: Optimizers = None) -> int:
+        """Physically remove ranks: ``positions[g]`` lists positions (0..r_g-1) in group g.
+
+        Kept ranks keep their order, values and optimizer state; a shared slot that no group
+        uses any more is dropped. Returns the number of parameters removed.
+        """
+        self._check_resizable()
+        before = self.num_adapter_parameters()
+        drop = {g: set(int(p) for p in ps) for g, ps in positions.items()}
+        for g, ps in drop.items():
+            if not 0 <= g < self.n_groups or any(not 0 <= p < len(self._slots[g]) for p in ps):
+                raise IndexError(f"group {g} has rank {len(self._slots[g]) if 0 <= g < self.n_groups else '?'}; "
+                                 f"cannot remove positions {sorted(ps)}.")
+        columns, kept_slots, offset = [], [], 0
+        for g, slots in enumerate(self._slots):
+            keep = [j for j in range(len(slots)) if j not in drop.get(g, ())]
+            columns.extend(offset + j for j in keep)
+            kept_slots.append([slots[j] for j in keep])
+            offset += len(slots)
+        used = sorted({s for slots in kept_slots for s in slots})
+        remap = {old: new for new, old in enumerate(used)}
+        new_slots = [[remap[s] for s in slots] for slots in kept_slots]
+        self._apply_layout(
+            new_slots, torch.tensor(used, dtype=torch.long), None,
+            torch.tensor(columns, dtype=torch.long), None, optimizer,
+        )
+        return before - self.num_adapter_parameters()
+
+    def add_slots(
+        self,
+        counts: Mapping[int, int],
+        optimizer: Optimizers = None,
+        generator: torch.Generator | None = None,
+    ) -> int:
+        """Append ``counts[g]`` ranks to group g without changing the layer's function.
+
+        The new B entries are zero; the new A entries are random (so B receives gradient),
+        except where a shared slot already carries a non-zero B. New entries start with zero
+        optimizer moments. Returns the number of parameters added.
+        """
+        self._check_resizable()
+        before = self.num_adapter_parameters()
+        if any(not 0 <= g < self.n_groups or n < 0 for g, n in counts.items()):
+            raise IndexError(f"invalid growth request {dict(counts)} for {self.n_groups} groups.")
+        n_slots, n_cols = self.n_slots, self.group_weight.shape[1]
+        new_slots = [list(s) for s in self._slots]
+        fresh_slot_of: list[int] = []  # new shared slots, in order of creation
+        new_columns: list[tuple[int, bool]] = []  # (group, slot is fresh) per appended column
+        column_order: list[list[int]] = [[] for _ in range(self.n_groups)]
+        offset = 0
+        for g, slots in enumerate(self._slots):
+            column_order[g] = list(range(offset, offset + len(slots)))
+            offset += len(slots)
+        for g in range(self.n_groups):
+            for _ in range(int(counts.get(g, 0))):
+                reusable = [] if self.layout == "own" else [
+                    s for s in range(n_slots + len(fresh_slot_of)) if s not in new_slots[g]
+                ]
+                if reusable:
+                    slot, fresh = reusable[0], reusable[0] >= n_slots
+                else:
+                    slot, fresh = n_slots + len(fresh_slot_of), True
+                    fresh_slot_of.append(slot)
+                new_slots[g].append(slot)
+                column_order[g].append(n_cols + len(new_columns))
+                new_columns.append((g, fresh))
+        if not new_columns:
+            return 0
+        dtype, device = self.shared_weight.dtype, self.shared_weight.device
+        bound = 1.0 / math.sqrt(self.in_features)
+
+        def _random(*shape: int) -> torch.Tensor:
+            t = torch.empty(*shape, dtype=dtype)
+            return t.uniform_(-bound, bound, generator=generator).to(device)
+
+        n_fresh = len(fresh_slot_of)
+        if self.split == "rows":  # shared = A (random), group = B (zero)
+            shared_new = _random(n_fresh, self.other_dim)
+            group_new = torch.zeros(self.group_size, len(new_columns), dtype=dtype, device=device)
+        else:  # shared = B^T (zero), group = A^T (random where its slot is fresh)
+            shared_new = torch.zeros(n_fresh, self.other_dim, dtype=dtype, device=device)
+            group_new = _random(self.group_size, len(new_columns))
+            keep_random = torch.tensor([fresh for _, fresh in new_columns], device=device)
+            group_new = group_new * keep_random.to(dtype)
+        self._apply_layout(
+            new_slots,
+            torch.arange(n_slots + n_fresh),
+            shared_new,
+            torch.tensor([c for cols in column_order for c in cols], dtype=torch.long),
+            group_new,
+            optimizer,
+        )
+        return self.num_adapter_parameters() - before
+
+    def set_slots(self, slots: Sequence[Sequence[int]]) -> None:
+        """Reshape (uninitialised values) to a saved slot layout; used by loading only."""
+        self._check_resizable()
+        if len(slots) != self.n_groups:
+            raise ValueError(f"layout has {len(slots)} groups, this layer has {self.n_groups}.")
+        n_slots = 1 + max((s for g in slots for s in g), default=-1)
+        n_cols = sum(len(g) for g in slots)
+        with torch.no_grad():
+            self.shared_weight.data = self.shared_weight.new_zeros(n_slots, self.other_dim)
+            self.group_weight.data = self.group_weight.new_zeros(self.group_size, n_cols)
+        self._slots = [list(map(int, g)) for g in slots]
+        self._rebuild_index()
+
+    def extra_repr(self) -> str:
+        return (f"split={self.split}, layout={self.layout}, groups={self.n_groups}x{self.group_size}, "
+                f"ranks={self.ranks}, slots={self.n_slots}, scaling={self.scaling:g}")
