@@ -2,12 +2,17 @@
 
 from .attach import adapter_parameter_count, attach, count_trainable, elastic_layers, merge, unmerge
 from .config import DynaRankConfig
+from .controllers import ARDController, RankController, StepRecord, build_controller
 from .export import export_peft
 from .io import AdapterFormatError, load_adapter, save_adapter
 from .layer import ElasticLoRALinear
 
 __all__ = [
+    "ARDController",
     "AdapterFormatError",
+    "RankController",
+    "StepRecord",
+    "build_controller",
     "DynaRankConfig",
     "ElasticLoRALinear",
     "adapter_parameter_count",

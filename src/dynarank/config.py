@@ -9,6 +9,11 @@ from typing import Any, Literal
 Method = Literal["lora", "ard"]
 Granularity = Literal["head", "matrix"]
 HeadLayout = Literal["own", "shared"]
+Preset = Literal["default", "paper"]
+LambdaMode = Literal["relative", "gradient", "absolute"]
+TVForm = Literal["step", "anchor"]
+Readout = Literal["ceil", "round"]
+MaskKind = Literal["hard", "soft"]
 
 METHODS: tuple[str, ...] = ("lora", "ard")
 GRANULARITIES: tuple[str, ...] = ("head", "matrix")
@@ -65,6 +70,45 @@ class DynaRankConfig:
     exclude_modules: list[str] = _help("Name suffixes never adapted.", default_factory=list)
     seed: int | None = _help("Seed for the adapter's initialisation (None: the global torch RNG).", None)
 
+    # --- rank control shared by the rank-changing methods
+    rank_floor: int = _help("Smallest rank a group can end at; 0 lets a head switch off.", 0)
+    resize_every: int | None = _help(
+        "Optimizer steps between physical resizes (None: about 20 resizes over the active phase).", None
+    )
+
+    # --- ARD-LoRA (method='ard')
+    preset: Preset = _help(
+        "'default': settings calibrated to the run (warm-up, straight-through hard mask, relative lambda); "
+        "'paper': the seed paper's literal values (lambda 0.01, beta 0.1, lr 1e-4 / 5e-5, soft mask, round).",
+        "default",
+    )
+    ard_lambda: float | None = _help(
+        "l1 strength. lambda_mode='relative': in units of the loss improvement of warm-up per slot, priced "
+        "by each group's parameter cost (default 1.0; larger = smaller ranks); 'gradient': in units of the "
+        "median task gradient on alpha at the end of warm-up; 'absolute': the raw coefficient of "
+        "sum |alpha| (paper: 0.01).",
+        None,
+    )
+    lambda_mode: LambdaMode = _help("'relative' (calibrated to the run's loss), 'gradient' or 'absolute'.", "relative")
+    ard_beta: float = _help("Weight of the total-variation (stability) term, relative to lambda.", 0.1)
+    tv_form: TVForm = _help(
+        "'step': the paper's ||alpha(t) - alpha(t-1)||^2; 'anchor': ||alpha(t) - alpha(last resize)||^2, "
+        "which actually holds ranks between resizes.",
+        "anchor",
+    )
+    lr_alpha: float | None = _help(
+        "Learning rate of the alphas (None: alpha_travel / active steps, so a head can cross its range).", None
+    )
+    alpha_travel: float = _help("How far (in alpha) a head can move over the active phase when lr_alpha=None.", 2.0)
+    warmup_frac: float = _help("Fraction of steps with alpha frozen at the start (its task gradient is 0 at t=0).", 0.2)
+    final_frac: float = _help("Fraction of steps at the end with ranks fixed, fine-tuning A and B.", 0.15)
+    readout: Readout = _help("Rank read from alpha: 'ceil' (unbiased with the hard mask) or 'round'.", "ceil")
+    mask: MaskKind = _help(
+        "'hard': 0/1 mask in the forward pass with the clamp's gradient (straight-through); "
+        "'soft': the clamp mask itself (biased: B grows to compensate partly-on slots).",
+        "hard",
+    )
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not known; choose one of {', '.join(METHODS)}.")
@@ -82,11 +126,34 @@ class DynaRankConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        self._validate_rank_control()
         if isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise ValueError("target_modules is empty: give names, a regex, or 'all-linear'.")
         elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}.")
+
+    def _validate_rank_control(self) -> None:
+        choices = {"preset": ("default", "paper"), "lambda_mode": ("relative", "gradient", "absolute"),
+                   "tv_form": ("step", "anchor"), "readout": ("ceil", "round"), "mask": ("hard", "soft")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
+        if not isinstance(self.rank_floor, int) or not 0 <= self.rank_floor <= self.r:
+            raise ValueError(f"rank_floor must be an integer in [0, r={self.r}], got {self.rank_floor!r}.")
+        if self.resize_every is not None and (not isinstance(self.resize_every, int) or self.resize_every < 1):
+            raise ValueError(f"resize_every must be a positive integer or None, got {self.resize_every!r}.")
+        for name in ("ard_lambda", "lr_alpha"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}.")
+        if self.ard_beta < 0 or self.alpha_travel <= 0:
+            raise ValueError("ard_beta must be >= 0 and alpha_travel > 0.")
+        if not (0 <= self.warmup_frac < 1 and 0 <= self.final_frac < 1 and self.warmup_frac + self.final_frac < 1):
+            raise ValueError(
+                f"warmup_frac ({self.warmup_frac}) and final_frac ({self.final_frac}) must be in [0, 1) and leave "
+                "an active phase (their sum < 1)."
+            )
 
     @property
     def scaling(self) -> float:

@@ -284,8 +284,8 @@ class ElasticLoRALinear(nn.Module):
         new_group: torch.Tensor | None,
         optimizer: Optimizers,
     ) -> None:
-        reindex_parameter(self.shared_weight, 0, slot_source, new_shared, optimizer)
-        reindex_parameter(self.group_weight, 1, column_source, new_group, optimizer)
+        self.shared_weight = reindex_parameter(self.shared_weight, 0, slot_source, new_shared, optimizer)
+        self.group_weight = reindex_parameter(self.group_weight, 1, column_source, new_group, optimizer)
         self._slots = new_slots
         self._rebuild_index()
 
@@ -390,9 +390,10 @@ class ElasticLoRALinear(nn.Module):
             raise ValueError(f"layout has {len(slots)} groups, this layer has {self.n_groups}.")
         n_slots = 1 + max((s for g in slots for s in g), default=-1)
         n_cols = sum(len(g) for g in slots)
-        with torch.no_grad():
-            self.shared_weight.data = self.shared_weight.new_zeros(n_slots, self.other_dim)
-            self.group_weight.data = self.group_weight.new_zeros(self.group_size, n_cols)
+        self.shared_weight = nn.Parameter(self.shared_weight.new_zeros(n_slots, self.other_dim),
+                                          requires_grad=self.shared_weight.requires_grad)
+        self.group_weight = nn.Parameter(self.group_weight.new_zeros(self.group_size, n_cols),
+                                         requires_grad=self.group_weight.requires_grad)
         self._slots = [list(map(int, g)) for g in slots]
         self._rebuild_index()
 

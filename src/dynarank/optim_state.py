@@ -2,9 +2,14 @@
 
 A resize is a *re-index*: the new tensor is ``cat([old, appended], dim)[source]`` along one
 dimension. Kept entries keep their optimizer moments bit for bit, appended entries start
-with zero moments, scalar state (Adam's ``step``) is left alone. The Parameter object is
-the same before and after (``param.data`` is swapped), so an optimizer and the
-learning-rate scheduler bound to it stay valid.
+with zero moments, scalar state (Adam's ``step``) is left alone.
+
+The resized tensor goes into a NEW Parameter, and every optimizer given is rebound to it
+(its param group entry and its state). Swapping ``param.data`` to a new shape in place would
+break the next backward whenever the previous autograd graph is still referenced (a
+caller's ``loss`` variable keeps the old gradient accumulator, which remembers the old
+shape). The learning-rate scheduler holds the optimizer, not the parameters, so it stays
+valid.
 """
 
 from __future__ import annotations
@@ -38,28 +43,37 @@ def reindex_parameter(
     source: torch.Tensor,
     appended: torch.Tensor | None = None,
     optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
-) -> None:
-    """Replace ``param`` by ``cat([param, appended], dim).index_select(dim, source)``.
+) -> torch.nn.Parameter:
+    """Return a new Parameter ``cat([param, appended], dim).index_select(dim, source)``.
 
     Args:
-        param: the parameter to resize; stays the same object.
+        param: the parameter to resize (left unchanged).
         dim: the dimension along which slots are kept, dropped, reordered or appended.
         source: 1-D long tensor; entry i names the old index (or ``len + k`` for the k-th
             appended slice) that becomes index i.
         appended: new slices (same shape as ``param`` except along ``dim``), or None.
-        optimizer: optimizer(s) whose per-element state follows the same re-index.
+        optimizer: optimizer(s) to rebind: the new parameter replaces ``param`` in its group,
+            and every state tensor shaped like ``param`` follows the same re-index.
     """
     n_appended = 0 if appended is None else appended.shape[dim]
-    old_shape = param.shape
+    new_param = torch.nn.Parameter(_reindex(param.detach(), dim, source, n_appended, fill=appended),
+                                   requires_grad=param.requires_grad)
     for opt in _as_optimizers(optimizer):
-        state = opt.state.get(param)
-        if not state:
-            continue
-        for key, value in list(state.items()):
-            if torch.is_tensor(value) and value.shape == old_shape and value.dim() > 0:
-                state[key] = _reindex(value, dim, source, n_appended)
-    param.data = _reindex(param.data, dim, source, n_appended, fill=appended)
-    param.grad = None
+        replace_in_optimizer(opt, param, new_param, dim, source, n_appended)
+    return new_param
+
+
+def replace_in_optimizer(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter,
+                         dim: int, source: torch.Tensor, n_appended: int) -> None:
+    for group in opt.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = opt.state.pop(old, None)
+    if not state:
+        return
+    for key, value in list(state.items()):
+        if torch.is_tensor(value) and value.shape == old.shape and value.dim() > 0:
+            state[key] = _reindex(value, dim, source, n_appended)
+    opt.state[new] = state
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter]) -> int:

@@ -1,0 +1,432 @@
+"""ARD-LoRA: a learnable scale alpha per rank group sets its rank; l1 + total variation shrink it.
+
+Per group g (a head, or a whole matrix) with base rank r0 and slots j = 0..r_g-1:
+
+    x_gj   = r0 * alpha_g - j
+    soft   = clamp(x_gj, 0, 1)                      # the differentiable mask
+    hard   = [x_gj > 1/2]; slots j < floor always on
+    m_gj   = hard + soft - stop_grad(soft)          # mask='hard': straight-through
+    rank_g = max(floor, ceil(r0 * alpha_g))         # readout='ceil' ('round': round(r0 * alpha_g))
+
+Why the switch sits at 1/2: the clamp passes gradient only to the slot with 0 <= x_gj <= 1.
+Just above the switch that slot is on and at its optimum (gradient ~0, so l1 pulls alpha
+down); just below, it is off and its gradient measures what turning it back on is worth, which
+pushes alpha up when the slot is useful. alpha therefore settles at (needed rank - 1/2), which
+ceil reads without bias, and the contested slot is kept for the final phase.
+
+    L = L_task + sum_g lambda_g * (|alpha_g| + beta * TV_g)
+    TV_g = (alpha_g(t) - alpha_g(t-1))^2            # tv_form='step' (the paper)
+         | (alpha_g(t) - alpha_g(last resize))^2    # tv_form='anchor'
+
+The regulariser's gradient is added to alpha.grad once per optimizer step (so gradient
+accumulation counts it once), never to the user's loss. Phases over T optimizer steps:
+warm-up (alpha frozen; its task gradient is measured to calibrate lambda), active (alpha
+learns; every ``resize_every`` steps each group is physically cut to its rank), final (ranks
+fixed, A/B fine-tune).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layer import ElasticLoRALinear
+from .base import RankController, StepRecord
+
+PAPER = {"ard_lambda": 0.01, "lambda_mode": "absolute", "ard_beta": 0.1, "lr_alpha": 5e-5, "lr": 1e-4,
+         "mask": "soft", "readout": "round", "rank_floor": 1, "warmup_frac": 0.0, "final_frac": 0.0,
+         "tv_form": "step"}
+DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
+COLLAPSE_FRACTION = 0.8
+EXPLOSION_FRACTION = 0.8
+OSCILLATION_FRACTION = 0.25
+
+
+@dataclass
+class ARDSettings:
+    """The resolved knobs of one run (preset applied, defaults computed from the run length)."""
+
+    r0: int
+    ard_lambda: float
+    lambda_mode: str
+    ard_beta: float
+    tv_form: str
+    lr_alpha: float
+    lr: float | None
+    mask: str
+    readout: str
+    rank_floor: int
+    warmup_steps: int
+    final_start: int
+    resize_every: int
+
+    @classmethod
+    def resolve(cls, config, total_steps: int) -> ARDSettings:
+        values = {k: getattr(config, k) for k in ("ard_lambda", "lambda_mode", "ard_beta", "tv_form", "lr_alpha",
+                                                    "mask", "readout", "rank_floor", "warmup_frac", "final_frac")}
+        values["lr"] = None
+        if config.preset == "paper":
+            values.update(PAPER)
+        warmup = round(values.pop("warmup_frac") * total_steps)
+        final_start = total_steps - round(values.pop("final_frac") * total_steps)
+        active = final_start - warmup
+        if active < 1:
+            raise ValueError(f"total_steps={total_steps} leaves no active phase after warm-up and the final phase.")
+        if values["lambda_mode"] != "absolute" and warmup < 2:
+            raise ValueError(
+                f"lambda_mode={values['lambda_mode']!r} calibrates lambda during warm-up, which has fewer than 2 "
+                "steps here: "
+                "raise warmup_frac or total_steps, or use lambda_mode='absolute'."
+            )
+        if values["ard_lambda"] is None:
+            values["ard_lambda"] = DEFAULT_LAMBDA[values["lambda_mode"]]
+        if values["lr_alpha"] is None:
+            values["lr_alpha"] = config.alpha_travel / active
+        resize_every = config.resize_every or max(1, active // 20)
+        return cls(r0=config.r, warmup_steps=warmup, final_start=final_start, resize_every=resize_every, **values)
+
+
+class ARDGates(nn.Module):
+    """The alphas, one (G,) vector per adapted module; a submodule of the model so that
+    ``.to(device)`` and distributed wrappers see them."""
+
+    def __init__(self, layers: dict[str, ElasticLoRALinear]) -> None:
+        super().__init__()
+        self.alpha = nn.ParameterDict({
+            _key(name): nn.Parameter(torch.ones(layer.n_groups, device=layer.shared_weight.device,
+                                                dtype=layer.shared_weight.dtype))
+            for name, layer in layers.items()
+        })
+
+    def of(self, name: str) -> nn.Parameter:
+        return self.alpha[_key(name)]
+
+
+def _key(module_name: str) -> str:
+    return module_name.replace(".", "__")
+
+
+def rank_cost(layer: ElasticLoRALinear) -> float:
+    """Parameters one rank of one group costs (the l1 price of that group's alpha, per r0 unit)."""
+    if layer.layout == "shared":
+        return layer.group_size + layer.other_dim / layer.n_groups
+    return layer.group_size + layer.other_dim
+
+
+class ARDController(RankController):
+    """Learn per-group ranks with ARD-LoRA and resize the adapters as they fall.
+
+    Args:
+        model: a model returned by ``dynarank.attach(model, DynaRankConfig(method="ard", ...))``.
+        total_steps: optimizer steps of the run (the Trainer callback passes it).
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
+        if total_steps is None:
+            raise ValueError(
+                "ARD-LoRA needs total_steps (its warm-up, resize and final phases are fractions of the run). "
+                "Pass total_steps=..., or --max-steps for a data set of unknown length."
+            )
+        super().__init__(model, total_steps)
+        self.settings = ARDSettings.resolve(self.config, total_steps)
+        if getattr(model, "dynarank_ard", None) is None:
+            model.add_module("dynarank_ard", ARDGates(self.layers))
+        self.gates: ARDGates = model.dynarank_ard
+        self.lambdas = {name: torch.full((layer.n_groups,), self.settings.ard_lambda) for name, layer in
+                        self.layers.items()}
+        self._grad_sums = {name: torch.zeros(layer.n_groups) for name, layer in self.layers.items()}
+        self._grad_count = 0
+        self._reference = self._alpha_snapshot()  # TV reference (previous step or last resize)
+        self._start_alpha = self._alpha_snapshot()
+        self._last_readout: dict[str, torch.Tensor] = {}
+        self._last_move: dict[str, torch.Tensor] = {}
+        self._flips: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            layer.set_gate(self._make_gate(self.gates.of(name)))
+        self._losses: list[tuple[int, float]] = []
+        self._loss_hook = model.register_forward_hook(self._observe_model_output)
+        self.unit = None
+
+    # ------------------------------------------------------------------ mask
+    def _make_gate(self, alpha: nn.Parameter):
+        s = self.settings
+
+        def gate(layer: ElasticLoRALinear) -> torch.Tensor:
+            j = torch.arange(layer.max_rank, device=alpha.device, dtype=alpha.dtype)
+            x = s.r0 * alpha.unsqueeze(1) - j  # (G, r_max)
+            floor = j < s.rank_floor
+            soft = torch.where(floor, torch.ones_like(x), x.clamp(0.0, 1.0))
+            if s.mask == "soft":
+                return soft
+            hard = (floor | (x > 0.5)).to(x.dtype)
+            return hard + soft - soft.detach()
+
+        return gate
+
+    def readout(self, name: str) -> list[int]:
+        """Rank of every group of a module as read from its alphas (before the physical cut)."""
+        s, layer = self.settings, self.layers[name]
+        scaled = s.r0 * self.gates.of(name).detach().float().cpu()
+        raw = torch.ceil(scaled - 1e-6) if s.readout == "ceil" else torch.round(scaled)
+        caps = torch.tensor(layer.ranks, dtype=raw.dtype)
+        return torch.minimum(raw.clamp(min=s.rank_floor), caps).long().tolist()
+
+    # ------------------------------------------------------------------ optimizer groups
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return list(self.gates.parameters())
+
+    def param_groups(self, lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+        lr = lr if lr is not None else (self.settings.lr or 1e-3)
+        groups = super().param_groups(lr, weight_decay)
+        groups.append({"params": self.gate_parameters(), "lr": self.settings.lr_alpha, "weight_decay": 0.0,
+                       "name": "ard_alpha"})
+        return groups
+
+    def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
+        return super().build_optimizer(lr if lr is not None else (self.settings.lr or 1e-3), weight_decay, **kwargs)
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        gate_ids = {id(p) for p in self.gate_parameters()}
+        for group in optimizer.param_groups:
+            ids = {id(p) for p in group["params"]}
+            if ids & gate_ids and ids - gate_ids:
+                raise ValueError("the ARD alphas must be in their own optimizer group: use controller.param_groups().")
+            if ids & gate_ids and group.get("weight_decay", 0.0):
+                raise ValueError("the ARD alpha group must have weight_decay=0 (decay would act as a second l1).")
+        if not any(id(p) in gate_ids for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("the optimizer does not hold the ARD alphas: build it from controller.param_groups().")
+        super().bind(optimizer)
+
+    # ------------------------------------------------------------------ phases
+    def phase(self, step: int | None = None) -> str:
+        t = self.step if step is None else step
+        if t < self.settings.warmup_steps:
+            return "warmup"
+        return "active" if t < self.settings.final_start else "final"
+
+    def _alpha_snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: self.gates.of(name).detach().clone() for name in self.layers}
+
+    # ------------------------------------------------------------------ the step protocol
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        phase = self.phase()
+        calibrating = phase == "warmup" and self.step >= self.settings.warmup_steps // 2
+        for name in self.layers:
+            alpha = self.gates.of(name)
+            if alpha.grad is None:
+                continue
+            if not torch.isfinite(alpha.grad).all():
+                self.warn_once("nonfinite-grad", f"non-finite gradient on the alphas of {name}; step skipped for them.")
+                alpha.grad = None
+                continue
+            if calibrating:
+                self._grad_sums[name] += alpha.grad.detach().abs().float().cpu()
+            if phase != "active":
+                alpha.grad = None  # frozen: AdamW skips parameters without a gradient
+                continue
+            lam = self.lambdas[name].to(alpha.device, alpha.dtype)
+            tv = 2.0 * self.settings.ard_beta * (alpha.detach() - self._reference[name])
+            alpha.grad.add_(lam * (torch.sign(alpha.detach()) + tv))
+        if calibrating:
+            self._grad_count += 1
+        for group in optimizer.param_groups:
+            if group.get("name") == "ard_alpha":
+                group["lr"] = self.settings.lr_alpha  # owned here: an LR scheduler must not decay it
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
+        self.step += 1
+        s = self.settings
+        record = StepRecord(step=self.step, phase=self.phase(self.step - 1))
+        self._project_alphas()
+        if self.step == s.warmup_steps:
+            self._calibrate(record)
+        if s.tv_form == "step":
+            self._reference = self._alpha_snapshot()
+        in_active = s.warmup_steps < self.step <= s.final_start
+        if in_active:
+            self._track_direction()
+        if in_active and ((self.step - s.warmup_steps) % s.resize_every == 0 or self.step == s.final_start):
+            self._resize(record)
+            self._check_signatures(record)
+        return self._finish(record)
+
+    # ------------------------------------------------------------------ pieces of the step
+    @torch.no_grad()
+    def _project_alphas(self) -> None:
+        """Keep 0 <= alpha <= capacity / r0 (a rank can only be as large as its physical slots)."""
+        for name, layer in self.layers.items():
+            alpha = self.gates.of(name)
+            if not torch.isfinite(alpha).all():
+                alpha.copy_(self._reference[name])
+                self.warn_once("nonfinite-alpha", f"alphas of {name} became non-finite; restored their last value.")
+            caps = torch.tensor(layer.ranks, device=alpha.device, dtype=alpha.dtype) / self.settings.r0
+            alpha.copy_(torch.minimum(alpha.clamp(min=0.0), caps))
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Record the task loss of a (micro-)batch; calibrates lambda_mode='relative'.
+
+        Hugging Face models that return ``outputs.loss`` are observed automatically; a loop that
+        computes its own loss calls this once per forward pass.
+        """
+        if self.step < self.settings.warmup_steps:
+            value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+            if math.isfinite(value):
+                self._losses.append((self.step, value))
+
+    def _observe_model_output(self, module: nn.Module, args, output) -> None:
+        loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")
+        if torch.is_tensor(loss) and loss.dim() == 0:
+            self.observe_loss(loss)
+
+    def _loss_improvement(self) -> float | None:
+        """Task loss at the start of warm-up minus at its end (means over a tenth of warm-up each)."""
+        if not self._losses:
+            return None
+        k = max(1, self.settings.warmup_steps // 10)
+        first = [v for t, v in self._losses if t < k]
+        last = [v for t, v in self._losses if t >= self.settings.warmup_steps - k]
+        if not first or not last:
+            return None
+        return sum(first) / len(first) - sum(last) / len(last)
+
+    def _calibrate(self, record: StepRecord) -> None:
+        """Turn the relative strength into one lambda per group.
+
+        'relative': lambda_g = strength * r0 * dL * cost_g / P. A switched-off slot pushes its
+        alpha up with about 2 * r0 * (the loss it carries); dL * cost_g / P is the loss
+        improvement of warm-up shared over the adapter's parameters (P at full rank), priced
+        at the group's cost per rank. So strength 1 keeps a slot when it carries about half
+        its parameter share of what warm-up gained.
+        'gradient': lambda_g = strength * median_g(|dL/dalpha_g| / cost_g) * cost_g, the task
+        gradient on alpha measured over the second half of warm-up (degenerates when warm-up
+        converges: the gradient of an on slot at its optimum is ~0).
+        """
+        mode = self.settings.lambda_mode
+        if mode == "absolute":
+            return
+        costs = {name: rank_cost(layer) for name, layer in self.layers.items()}
+        if mode == "relative":
+            gained = self._loss_improvement()
+            if gained is None:
+                self.warn_once("no-loss", "no task loss was observed during warm-up (call controller.observe_loss"
+                               "(loss) in a custom loop); lambda is calibrated on the alpha gradient instead.", record)
+                mode = "gradient"
+            else:
+                total = sum(self.settings.r0 * c * self.layers[n].n_groups for n, c in costs.items())
+                unit = self.settings.r0 * max(gained, 0.0) / total
+                if gained <= 0:
+                    self.warn_once("no-progress", f"the task loss did not fall during warm-up ({gained:+.3g}); "
+                                   "ranks will only shrink under l1. Check the learning rate.", record)
+        if mode == "gradient":
+            count = max(self._grad_count, 1)
+            per_cost = torch.cat([self._grad_sums[n] / count / costs[n] for n in self.layers])
+            unit = float(per_cost.median())
+            if unit == 0.0 or not math.isfinite(unit):
+                self.warn_once("no-alpha-gradient",
+                               "the alphas received no task gradient during warm-up: ranks cannot be learned "
+                               "(is the adapter trained? is warmup_frac too short?).", record)
+                unit = 0.0
+        self.unit = unit
+        for name, layer in self.layers.items():
+            self.lambdas[name] = torch.full((layer.n_groups,), self.settings.ard_lambda * unit * costs[name])
+        self._start_alpha = self._alpha_snapshot()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
+
+    def _resize(self, record: StepRecord) -> None:
+        """Cut every group to its read-out rank, carrying the optimizer state of the kept slots."""
+        readouts = {name: self.readout(name) for name in self.layers}
+        if not any(sum(r) for r in readouts.values()):
+            # Nothing would be left to train (and a loss without a graph would crash the loop):
+            # keep the one slot whose alpha is largest and report the collapse.
+            alive = [(float(self.gates.of(n)[g]), n, g) for n, layer in self.layers.items()
+                     for g, r in enumerate(layer.ranks) if r > 0]
+            _, best, group = max(alive)
+            readouts[best][group] = 1
+            self.warn_once("collapse-all", "rank collapse: every group reached rank 0; one slot is kept. lambda is "
+                           f"far too high (ard_lambda={self.settings.ard_lambda:g}): lower it.", record)
+        for name, layer in self.layers.items():
+            cut = {g: list(range(k, r)) for g, (k, r) in enumerate(zip(readouts[name], layer.ranks)) if k < r}
+            if cut:
+                record.params_removed += layer.remove_slots(cut, optimizer=self.optimizers)
+                record.resized = True
+        self._project_alphas()
+        if self.settings.tv_form == "anchor":
+            self._reference = self._alpha_snapshot()
+        if self.step >= self.settings.final_start:
+            # Ranks are fixed from here on: every physical slot is on, A and B fine-tune.
+            for layer in self.layers.values():
+                layer.set_gate(None)
+
+    # ------------------------------------------------------------------ failure signatures
+    def _check_signatures(self, record: StepRecord) -> None:
+        s = self.settings
+        progress = (self.step - s.warmup_steps) / max(1, s.final_start - s.warmup_steps)
+        ranks = [r for name in self.layers for r in self.layers[name].ranks]
+        n = max(1, len(ranks))
+        at_floor = sum(r <= s.rank_floor for r in ranks) / n
+        if progress <= 0.5 and at_floor >= COLLAPSE_FRACTION:
+            self.warn_once("collapse",
+                           f"rank collapse: {at_floor:.0%} of groups at the floor ({s.rank_floor}) after "
+                           f"{progress:.0%} of the active phase; lambda is too high (ard_lambda={s.ard_lambda:g}): "
+                           "lower it.", record)
+        pinned = sum(
+            int((self.gates.of(name).detach() * s.r0 >= torch.tensor(layer.ranks, device=self.gates.of(name).device)
+                 - 1e-4).sum()) for name, layer in self.layers.items()
+        ) / n
+        if progress >= 0.5 and pinned >= EXPLOSION_FRACTION:
+            self.warn_once("explosion",
+                           f"rank explosion: {pinned:.0%} of groups pinned at their capacity and pushing up after "
+                           f"{progress:.0%} of the active phase; lambda is too low (ard_lambda={s.ard_lambda:g}) or "
+                           "r too small: raise ard_lambda or r.", record)
+        moved = max(float((self.gates.of(n_).detach() - self._start_alpha[n_]).abs().max()) for n_ in self.layers)
+        if progress >= 0.5 and moved * s.r0 < 1.0:
+            self.warn_once("frozen",
+                           f"alpha has not moved one rank step after {progress:.0%} of the active phase "
+                           f"(max change {moved:.2g}); lr_alpha={s.lr_alpha:g} is too small for this run: raise it "
+                           "or leave lr_alpha=None.", record)
+        flips = self._direction_flips()
+        if flips >= OSCILLATION_FRACTION:
+            self.warn_once("oscillation",
+                           f"oscillating ranks: {flips:.0%} of groups changed direction twice or more across "
+                           f"resizes; raise ard_beta (now {s.ard_beta:g}) or use tv_form='anchor'.", record)
+
+    def _track_direction(self) -> None:
+        """Count, per group, how often the read-out rank reverses direction (every active step)."""
+        for name in self.layers:
+            now = torch.tensor(self.readout(name))
+            last = self._last_readout.get(name)
+            if last is not None and last.shape == now.shape:
+                move = torch.sign(now - last)
+                prev = self._last_move[name]
+                self._flips[name] += ((move != 0) & (prev != 0) & (move != prev)).long()
+                self._last_move[name] = torch.where(move != 0, move, prev)
+            else:
+                self._last_move[name] = torch.zeros_like(now)
+                self._flips[name] = torch.zeros_like(now)
+            self._last_readout[name] = now
+
+    def _direction_flips(self) -> float:
+        """Fraction of groups whose read-out rank reversed direction at least twice."""
+        counts = [int((f >= 2).sum()) for f in self._flips.values()]
+        total = sum(len(f) for f in self._flips.values())
+        return sum(counts) / max(1, total)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update({
+            "lambdas": {k: v.tolist() for k, v in self.lambdas.items()},
+            "grad_sums": {k: v.tolist() for k, v in self._grad_sums.items()},
+            "grad_count": self._grad_count,
+            "losses": self._losses,
+            "unit": self.unit,
+            "reference": {k: v.tolist() for k, v in self._reference.items()},
+            "start_alpha": {k: v.tolist() for k, v in self._start_alpha.items()},
+            "flips": {k: v.tolist() for k, v in self._flips.items()},
+        })
+        return state

@@ -1,0 +1,146 @@
+"""What every rank controller shares: optimizer hooks, step counting, rank history, records.
+
+A controller is bound to an optimizer and runs inside ``optimizer.step()`` through PyTorch's
+step hooks, so a plain loop (``loss.backward(); opt.step(); opt.zero_grad()``), the
+transformers Trainer and accelerate all drive it without extra calls, and it counts optimizer
+steps (never micro-batches): a skipped step (fp16 overflow) runs no hook.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..attach import ATTACHED_ATTR, count_trainable, elastic_layers
+from ..config import DynaRankConfig
+from ..layer import ElasticLoRALinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step did to the ranks (consumed by logging, the report and tests)."""
+
+    step: int
+    phase: str
+    resized: bool = False
+    params_removed: int = 0
+    params_added: int = 0
+    total_rank: int = 0
+    trainable_parameters: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class RankController:
+    """Fixed ranks (method 'lora'); base class of the rank-changing methods.
+
+    Args:
+        model: a model returned by :func:`dynarank.attach`.
+        total_steps: optimizer steps the run will take (schedules need it).
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
+        config: DynaRankConfig | None = getattr(model, ATTACHED_ATTR, None)
+        if config is None:
+            raise ValueError("the controller needs a model returned by dynarank.attach().")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
+        self.model = model
+        self.config = config
+        self.total_steps = total_steps
+        self.layers: dict[str, ElasticLoRALinear] = elastic_layers(model)
+        self.step = 0
+        self.history: list[dict] = []  # {"step": t, "ranks": {module: [r_g, ...]}}
+        self.records: list[StepRecord] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self._hooks: list = []
+        self._warned: set[str] = set()
+        self.record_ranks()
+
+    # ------------------------------------------------------------------ parameters & optimizer
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the controller itself (ARD's alphas); none for fixed ranks."""
+        return []
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: adapters and task head at ``lr``; controller parameters handled by the method."""
+        gate_ids = {id(p) for p in self.gate_parameters()}
+        main = [p for p in self.model.parameters() if p.requires_grad and id(p) not in gate_ids]
+        return [{"params": main, "lr": lr, "weight_decay": weight_decay, "name": "adapter"}]
+
+    def build_optimizer(self, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
+        """AdamW over :meth:`param_groups`, already bound to this controller."""
+        optimizer = torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, **kwargs)
+        self.bind(optimizer)
+        return optimizer
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run this controller inside every ``optimizer.step()``."""
+        if any(o is optimizer for o in self.optimizers):
+            return
+        self.optimizers.append(optimizer)
+        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step(opt)))
+        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step(opt)))
+
+    def unbind(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.optimizers.clear()
+
+    # ------------------------------------------------------------------ the per-step protocol
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients exist here: methods add regulariser gradients, read importance."""
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
+        """Parameters are updated here: methods resize. Counts the optimizer step."""
+        self.step += 1
+        record = StepRecord(step=self.step, phase="train")
+        return self._finish(record)
+
+    def _finish(self, record: StepRecord) -> StepRecord:
+        record.total_rank = self.total_rank()
+        record.trainable_parameters = count_trainable(self.model)
+        if record.resized or (self.total_steps is not None and self.step == self.total_steps):
+            self.record_ranks()
+        self.records.append(record)
+        return record
+
+    # ------------------------------------------------------------------ read-outs
+    def ranks(self) -> dict[str, list[int]]:
+        """Current rank of every group, by module."""
+        return {name: layer.ranks for name, layer in self.layers.items()}
+
+    def total_rank(self) -> int:
+        return sum(sum(r) for r in self.ranks().values())
+
+    def trainable_parameters(self) -> int:
+        return count_trainable(self.model)
+
+    def record_ranks(self) -> None:
+        snapshot = {"step": self.step, "ranks": self.ranks()}
+        if self.history and self.history[-1]["step"] == self.step:
+            self.history[-1] = snapshot
+        else:
+            self.history.append(snapshot)
+
+    def warn_once(self, key: str, message: str, record: StepRecord | None = None) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        logger.warning("dynarank: %s", message)
+        if record is not None:
+            record.warnings.append(message)
+
+    # ------------------------------------------------------------------ state for checkpoints
+    def state_dict(self) -> dict:
+        return {"step": self.step, "history": self.history, "warned": sorted(self._warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self._warned = set(state.get("warned", []))
