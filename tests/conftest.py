@@ -8,6 +8,9 @@ from torch import nn
 
 from dynarank import ElasticLoRALinear
 
+# The tensors are tiny: one thread is fastest and immune to OpenMP spin-waits on a busy 2-core machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
@@ -34,7 +37,9 @@ def make_layer():
         with torch.no_grad():
             base.weight.copy_(torch.randn(d_out, d_in, generator=g) * 0.2)
             base.bias.copy_(torch.randn(d_out, generator=g) * 0.2)
-        layer = ElasticLoRALinear(base, n_groups=n_groups, split=split, layout=layout, r=r, scaling=scaling, generator=g)
+        layer = ElasticLoRALinear(
+            base, n_groups=n_groups, split=split, layout=layout, r=r, scaling=scaling, generator=g
+        )
         if randomize:
             with torch.no_grad():
                 for p in layer.adapter_parameters():

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from tiny_models import randomize_adapters, tiny_bert, token_batch
 from torch import nn
 
 import dynarank
 from dynarank import DynaRankConfig, ElasticLoRALinear
+from tiny_models import randomize_adapters, tiny_bert, token_batch
 
 HETEROGENEOUS = {0: [0], 1: [0, 2], 3: [1]}  # r=3, G=4 -> ranks [2, 1, 3, 2]
 
@@ -272,7 +272,9 @@ def test_a_bf16_linear_keeps_fp32_adapters_and_bf16_output(split, layout):
 
 def test_a_bf16_model_keeps_fp32_adapters_and_a_bf16_base(layout):
     model = tiny_bert().to(torch.bfloat16)
-    dynarank.attach(model, DynaRankConfig(target_modules=["query", "value", "attention.output.dense"], head_layout=layout))
+    dynarank.attach(
+        model, DynaRankConfig(target_modules=["query", "value", "attention.output.dense"], head_layout=layout)
+    )
     layers = dynarank.elastic_layers(model)
     assert len(layers) == 6
     for layer in layers.values():

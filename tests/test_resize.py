@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import randomize_adapters, tiny_bert, token_batch
 
 import dynarank
 from dynarank import DynaRankConfig
 from dynarank.optim_state import reindex_parameter
+from tiny_models import randomize_adapters, tiny_bert, token_batch
 
 REMOVE = {0: [1], 2: [0, 2]}  # r=3, G=4 -> ranks [2, 3, 1, 3]
 
@@ -37,6 +37,10 @@ def _mask(layer, positions):
     for g, ps in positions.items():
         mask[g, ps] = 0.0
     return mask
+
+
+def _fixed_gate(mask):
+    return lambda layer: mask
 
 
 def _adamw_steps(layer, opt, x, y, steps):
@@ -84,7 +88,7 @@ def test_shrinking_equals_masking_those_slots(make_layer, split, layout):
     masked = make_layer(split, layout)
     shrunk = copy.deepcopy(masked)
     positions = {0: [1], 1: [0, 1, 2], 3: [2]}  # includes a whole group
-    masked.set_gate(lambda l, m=_mask(masked, positions): m)
+    masked.set_gate(_fixed_gate(_mask(masked, positions)))
     shrunk.remove_slots(positions)
     assert shrunk.ranks == [2, 0, 3, 2]
     x = torch.randn(2, 5, masked.in_features)
@@ -92,16 +96,35 @@ def test_shrinking_equals_masking_those_slots(make_layer, split, layout):
     torch.testing.assert_close(shrunk.delta_weight(), masked.delta_weight(), atol=1e-6, rtol=1e-6)
 
 
-def test_resizing_keeps_the_same_parameter_objects(make_layer, split, layout):
+def test_the_optimizer_holds_the_resized_parameters(make_layer, split, layout):
     layer = make_layer(split, layout)
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
-    params = [layer.shared_weight, layer.group_weight]
-    ids = [id(p) for p in params]
+    opt = torch.optim.AdamW(layer.adapter_parameters(), lr=1e-2)
+    _train_some(layer, opt)
     layer.remove_slots(REMOVE, optimizer=opt)
     layer.add_slots({1: 2}, optimizer=opt)
-    assert [id(p) for p in layer.adapter_parameters()] == ids
-    assert [id(p) for p in opt.param_groups[0]["params"] if p.requires_grad] == ids
-    assert layer.group_weight.shape[1] == sum(layer.ranks) == 12
+    held = opt.param_groups[0]["params"]
+    assert len(held) == 2 and all(a is b for a, b in zip(held, layer.adapter_parameters(), strict=True))
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in layer.adapter_parameters())
+    assert all(p.requires_grad and p.grad is None for p in layer.adapter_parameters())
+    assert dict(layer.named_parameters())["shared_weight"] is layer.shared_weight
+
+
+def test_training_continues_after_a_resize_while_the_previous_loss_is_still_referenced(make_layer, split, layout):
+    layer = make_layer(split, layout)
+    opt = torch.optim.AdamW(layer.adapter_parameters(), lr=1e-2)
+    x = _x(layer)
+    for step in range(4):  # the usual loop: `loss` of the previous step is alive during the resize
+        if step == 2:
+            layer.remove_slots(REMOVE, optimizer=opt)
+        if step == 3:
+            layer.add_slots({2: 2}, optimizer=opt)
+        opt.zero_grad()
+        loss = (layer(x) ** 2).mean()
+        loss.backward()
+        opt.step()
+    assert layer.ranks == [2, 3, 3, 3]
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in layer.adapter_parameters())
+    assert loss.item() > 0
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -168,22 +191,29 @@ def _train_some(layer, opt, steps=3):
     _adamw_steps(layer, opt, x, y, steps)
 
 
+def _moments(layer, opt):
+    return {
+        name: {k: v.clone() for k, v in opt.state[p].items()} for name, p in layer.named_parameters() if p.requires_grad
+    }
+
+
 def test_adamw_moments_of_kept_slots_are_carried_over_exactly(make_layer, split, layout):
     layer = make_layer(split, layout)
     opt = torch.optim.AdamW(layer.adapter_parameters(), lr=1e-2, weight_decay=0.1)
     _train_some(layer, opt)
-    old = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in layer.adapter_parameters()}
+    old = _moments(layer, opt)
     kept_slots, kept_columns = _kept_indices(layer, REMOVE)
+    assert len(kept_slots) == (9 if layout == "own" else 3) and len(kept_columns) == 9
     layer.remove_slots(REMOVE, optimizer=opt)
-    shared, group = opt.state[layer.shared_weight], opt.state[layer.group_weight]
+    new = _moments(layer, opt)
     for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.count_nonzero(old[id(layer.group_weight)][key]) > 0
-        assert shared[key].shape == layer.shared_weight.shape
-        assert group[key].shape == layer.group_weight.shape
-        assert torch.equal(shared[key], old[id(layer.shared_weight)][key][kept_slots])
-        assert torch.equal(group[key], old[id(layer.group_weight)][key][:, kept_columns])
-    assert torch.equal(shared["step"], old[id(layer.shared_weight)]["step"])
-    assert float(group["step"]) == 3.0
+        assert torch.count_nonzero(old["group_weight"][key]) > 0
+        assert new["shared_weight"][key].shape == layer.shared_weight.shape
+        assert new["group_weight"][key].shape == layer.group_weight.shape
+        assert torch.equal(new["shared_weight"][key], old["shared_weight"][key][kept_slots])
+        assert torch.equal(new["group_weight"][key], old["group_weight"][key][:, kept_columns])
+    assert torch.equal(new["shared_weight"]["step"], old["shared_weight"]["step"])
+    assert float(new["group_weight"]["step"]) == 3.0
 
 
 def test_new_slots_start_with_zero_moments(make_layer, split, layout):
@@ -192,8 +222,8 @@ def test_new_slots_start_with_zero_moments(make_layer, split, layout):
     layer.remove_slots({0: [1]}, optimizer=opt)
     _train_some(layer, opt)
     old_ranks, old_slots = layer.ranks, layer.n_slots
-    old_group = {k: opt.state[layer.group_weight][k].clone() for k in ("exp_avg", "exp_avg_sq")}
-    old_shared = {k: opt.state[layer.shared_weight][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    old = _moments(layer, opt)
+    old_group, old_shared = old["group_weight"], old["shared_weight"]
     counts = {0: 2, 2: 1}
     layer.add_slots(counts, optimizer=opt)
     group, shared = opt.state[layer.group_weight], opt.state[layer.shared_weight]
@@ -209,7 +239,8 @@ def test_new_slots_start_with_zero_moments(make_layer, split, layout):
         assert torch.equal(shared[key][:old_slots], old_shared[key])
         assert torch.count_nonzero(shared[key][old_slots:]) == 0
     assert float(group["step"]) == 3.0 and float(shared["step"]) == 3.0
-    fresh = 3 if layout == "own" else 2  # shared: group 0 re-uses its freed slot 1 first, group 2 has all slots
+    # shared: group 0 re-uses slot 1 (freed by it, still used by others), then creates slot 3; group 2 re-uses slot 3
+    fresh = 3 if layout == "own" else 1
     assert layer.n_slots == old_slots + fresh
 
 
@@ -258,7 +289,7 @@ def test_training_after_removal_equals_training_with_those_slots_gated_off(make_
     assert torch.equal(k_a, k_b) and k_a[-1] < k_a[0]
     kept_slots, kept_columns = _kept_indices(layer_b, positions)
     layer_a.remove_slots(positions, optimizer=opt_a)
-    layer_b.set_gate(lambda l, m=_mask(layer_b, positions): m)
+    layer_b.set_gate(_fixed_gate(_mask(layer_b, positions)))
     m_a, out_a = _adamw_steps(layer_a, opt_a, x, y, 6)
     m_b, out_b = _adamw_steps(layer_b, opt_b, x, y, 6)
     torch.testing.assert_close(m_a, m_b, atol=1e-5, rtol=1e-5)
@@ -273,8 +304,12 @@ def _bert_setup(layout):
     model = tiny_bert()
     dynarank.attach(
         model,
-        DynaRankConfig(target_modules=["query", "value", "attention.output.dense", "intermediate.dense"], r=3,
-                       lora_alpha=6, head_layout=layout),
+        DynaRankConfig(
+            target_modules=["query", "value", "attention.output.dense", "intermediate.dense"],
+            r=3,
+            lora_alpha=6,
+            head_layout=layout,
+        ),
     )
     randomize_adapters(model, scale=0.1)
     return model
@@ -307,7 +342,7 @@ def test_on_a_tiny_model_removal_and_gating_train_identically(layout):
         positions = {g: list(range((g + i) % 3)) for g in range(layer_b.n_groups)}
         kept[name] = _kept_indices(layer_b, positions)
         layers_a[name].remove_slots(positions, optimizer=opt_a)
-        layer_b.set_gate(lambda l, m=_mask(layer_b, positions): m)
+        layer_b.set_gate(_fixed_gate(_mask(layer_b, positions)))
     before = dynarank.adapter_parameter_count(model_a)
     assert before < dynarank.adapter_parameter_count(model_b)
     loss_a, logits_a = _bert_steps(model_a, opt_a, ids, labels, 4)
@@ -316,14 +351,22 @@ def test_on_a_tiny_model_removal_and_gating_train_identically(layout):
     for la, lb in zip(logits_a, logits_b, strict=True):
         torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     for name, (slots, columns) in kept.items():
-        torch.testing.assert_close(layers_a[name].shared_weight, layers_b[name].shared_weight[slots], atol=1e-5,
-                                   rtol=1e-5)
-        torch.testing.assert_close(layers_a[name].group_weight, layers_b[name].group_weight[:, columns], atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(
+            layers_a[name].shared_weight, layers_b[name].shared_weight[slots], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            layers_a[name].group_weight, layers_b[name].group_weight[:, columns], atol=1e-5, rtol=1e-5
+        )
     torch.testing.assert_close(model_a.classifier.weight, model_b.classifier.weight, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- optim_state.reindex_parameter
+
+
+def _reindexed(param, *args, **kwargs):
+    """The resized parameter: the returned one, or ``param`` itself if resized in place."""
+    result = reindex_parameter(param, *args, **kwargs)
+    return param if result is None else result
 
 
 def test_reindex_parameter_reorders_drops_and_appends_with_the_optimizer_state():
@@ -334,18 +377,21 @@ def test_reindex_parameter_reorders_drops_and_appends_with_the_optimizer_state()
     opt.step()
     old = {k: v.clone() for k, v in opt.state[p].items()}
     other_state = {k: v.clone() for k, v in opt.state[other].items()}
-    p_id, values = id(p), p.detach().clone()
-    reindex_parameter(p, 1, torch.tensor([2, 0, 3]), torch.tensor([[10.0], [11.0]]), optimizer=[opt])
-    assert id(p) == p_id and p.grad is None
+    values = p.detach().clone()
+    p = _reindexed(p, 1, torch.tensor([2, 0, 3]), torch.tensor([[10.0], [11.0]]), optimizer=[opt])
+    assert p.grad is None and p.requires_grad
+    assert opt.param_groups[0]["params"][0] is p and opt.param_groups[0]["params"][1] is other
     assert torch.equal(p.detach(), torch.stack([values[:, 2], values[:, 0], torch.tensor([10.0, 11.0])], 1))
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         expected = torch.stack([old[key][:, 2], old[key][:, 0], torch.zeros(2)], 1)
         assert torch.equal(opt.state[p][key], expected), key
     assert torch.equal(opt.state[p]["step"], old["step"])
     assert all(torch.equal(opt.state[other][k], v) for k, v in other_state.items())
-    reindex_parameter(p, 0, torch.tensor([1]), optimizer=opt)
+    p = _reindexed(p, 0, torch.tensor([1]), optimizer=opt)
     assert torch.equal(p.detach(), torch.tensor([[values[1, 2], values[1, 0], 11.0]]))
-    assert opt.state[p]["exp_avg"].shape == (1, 3)
-    fresh = torch.nn.Parameter(torch.zeros(3, 2))
-    reindex_parameter(fresh, 0, torch.tensor([0, 0]), optimizer=opt)  # no state yet: nothing to carry
-    assert fresh.shape == (2, 2) and fresh not in opt.state
+    assert torch.equal(opt.state[p]["exp_avg"], torch.tensor([[old["exp_avg"][1, 2], old["exp_avg"][1, 0], 0.0]]))
+    p.grad = torch.ones_like(p)
+    opt.step()  # the optimizer keeps working on the resized parameter
+    assert float(opt.state[p]["step"]) == 2.0
+    fresh = _reindexed(torch.nn.Parameter(torch.arange(6.0).view(3, 2)), 0, torch.tensor([2, 2]))
+    assert torch.equal(fresh.detach(), torch.tensor([[4.0, 5.0], [4.0, 5.0]]))

@@ -149,6 +149,30 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     generator = None
     if config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        built = _build_layers(model, targets, config, geometry, generator)
+    except Exception:
+        for p in model.parameters():  # a layer freezes its base when built: undo that
+            p.requires_grad_(flags[id(p)])
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in built.items():
+        _set_submodule(model, name, layer)
+        for p in layer.adapter_parameters():
+            p.requires_grad_(True)
+    for name in save_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    setattr(model, ATTACHED_ATTR, config)
+    model.dynarank_modules_to_save = save_names
+    logger.info("dynarank: %d adapted modules, %d trainable parameters", len(built), count_trainable(model))
+    return model
+
+
+def _build_layers(model: nn.Module, targets: list[str], config: DynaRankConfig, geometry: HeadGeometry | None,
+                  generator: torch.Generator | None) -> dict[str, ElasticLoRALinear]:
     built: dict[str, ElasticLoRALinear] = {}
     for name in targets:
         module = model.get_submodule(name)
@@ -163,19 +187,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
             dropout=config.lora_dropout,
             generator=generator,
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, layer in built.items():
-        _set_submodule(model, name, layer)
-        for p in layer.adapter_parameters():
-            p.requires_grad_(True)
-    for name in save_names:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    setattr(model, ATTACHED_ATTR, config)
-    model.dynarank_modules_to_save = save_names
-    logger.info("dynarank: %d adapted modules, %d trainable parameters", len(built), count_trainable(model))
-    return model
+    return built
 
 
 def count_trainable(model: nn.Module) -> int:

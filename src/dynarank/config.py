@@ -93,8 +93,8 @@ class DynaRankConfig:
     ard_beta: float = _help("Weight of the total-variation (stability) term, relative to lambda.", 0.1)
     tv_form: TVForm = _help(
         "'step': the paper's ||alpha(t) - alpha(t-1)||^2; 'anchor': ||alpha(t) - alpha(last resize)||^2, "
-        "which actually holds ranks between resizes.",
-        "anchor",
+        "which holds alpha near its value at the last cut (measured: no gain on the planted-rank task).",
+        "step",
     )
     lr_alpha: float | None = _help(
         "Learning rate of the alphas (None: alpha_travel / active steps, so a head can cross its range).", None

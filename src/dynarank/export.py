@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .attach import ATTACHED_ATTR, elastic_layers
+from .io import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -103,18 +101,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, server_safe: bool 
         for pname, p in model.get_submodule(name).named_parameters():
             tensors[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous().clone()
     config = peft_config_dict(model, ranks, alphas, empty, save_names, server_safe)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if out.exists():
-            if not (out / ADAPTER_CONFIG).exists() and any(out.iterdir()):
-                raise FileExistsError(f"{out} exists and is not an adapter directory; refusing to overwrite it.")
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return write_atomically(out_dir, {
+        ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
+        ADAPTER_WEIGHTS: tensors,
+    }, marker=ADAPTER_CONFIG)

@@ -53,9 +53,16 @@ def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return layout, {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict]) -> Path:
-    """Write files into a temporary sibling directory, then rename it over ``out_dir``."""
+def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict], marker: str | None = None) -> Path:
+    """Write files into a temporary sibling directory, then rename it over ``out_dir``.
+
+    An existing ``out_dir`` is replaced only when it is empty or holds ``marker`` (a file the
+    same kind of directory always has): a user's unrelated folder is never deleted.
+    """
     out = Path(out_dir)
+    marker = marker or next(iter(files))
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
+        raise FileExistsError(f"{out} exists and is not a directory this library wrote; refusing to overwrite it.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -79,7 +86,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     return write_atomically(out_dir, {
         LAYOUT_FILE: json.dumps(layout, indent=1).encode(),
         WEIGHTS_FILE: tensors,
-    })
+    }, marker=LAYOUT_FILE)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -103,13 +110,42 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     return layout, tensors
 
 
+def _check_fits(model: nn.Module, saved: dict) -> None:
+    """Every saved module must exist in ``model`` as a Linear of the saved shape."""
+    modules = dict(model.named_modules())
+    missing = [n for n in saved if not isinstance(modules.get(n), nn.Linear)]
+    if missing:
+        raise AdapterFormatError(
+            f"adapter does not fit this {type(model).__name__}: it has no Linear module {missing[0]!r}"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}."
+        )
+    for name, info in saved.items():
+        linear = modules[name]
+        if (linear.in_features, linear.out_features) != (info["in_features"], info["out_features"]):
+            raise AdapterFormatError(
+                f"{name}: the adapter was trained on Linear({info['in_features']}, {info['out_features']}), "
+                f"this model has Linear({linear.in_features}, {linear.out_features})."
+            )
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Attach the saved adapter to a freshly built base ``model`` and restore ranks and values exactly."""
+    """Attach the saved adapter to a freshly built base ``model`` and restore ranks and values exactly.
+
+    The layout is checked against ``model`` before anything is attached: a mismatch raises
+    :class:`AdapterFormatError` and leaves the model untouched.
+    """
     layout, tensors = read_adapter(path)
-    config = DynaRankConfig.from_dict(layout["config"])
-    attach(model, config)
+    try:
+        config = DynaRankConfig.from_dict(layout["config"])
+        saved = layout["layers"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterFormatError(f"{path}: the adapter description is damaged ({exc}).") from None
+    _check_fits(model, saved)
+    try:
+        attach(model, config)
+    except ValueError as exc:
+        raise AdapterFormatError(f"adapter does not fit this {type(model).__name__}: {exc}") from None
     layers = elastic_layers(model)
-    saved = layout["layers"]
     if set(saved) != set(layers):
         missing, extra = sorted(set(saved) - set(layers)), sorted(set(layers) - set(saved))
         raise AdapterFormatError(

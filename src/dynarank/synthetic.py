@@ -43,6 +43,8 @@ class PlantedTask:
     true_ranks: tuple[int, ...]
     head_size: int
     eval_x: torch.Tensor
+    noise: float = 0.0  # std of the label noise (training and evaluation)
+    eval_noise: torch.Tensor | None = None
 
     @property
     def n_heads(self) -> int:
@@ -51,12 +53,21 @@ class PlantedTask:
     def student(self) -> PlantedModel:
         return PlantedModel(self.base_weight, self.n_heads)
 
-    def targets(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.teacher_weight.t()
+    def targets(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        y = x @ self.teacher_weight.t()
+        if self.noise and generator is not None:
+            y = y + self.noise * torch.randn(y.shape, generator=generator)
+        return y
+
+    def eval_loss(self, model: nn.Module) -> float:
+        """MSE on the fixed evaluation set (noisy labels when the task has noise)."""
+        with torch.no_grad():
+            y = self.targets(self.eval_x) + (self.eval_noise if self.eval_noise is not None else 0.0)
+            return float(((model(self.eval_x) - y) ** 2).mean())
 
 
 def make_planted_task(true_ranks=DEFAULT_TRUE_RANKS, d_in: int = 64, head_size: int = 16, seed: int = 0,
-                      n_eval: int = 2048) -> PlantedTask:
+                      n_eval: int = 2048, noise: float = 0.0) -> PlantedTask:
     g = torch.Generator().manual_seed(seed)
     n_heads = len(true_ranks)
     base = torch.randn(n_heads * head_size, d_in, generator=g) / d_in**0.5
@@ -68,7 +79,8 @@ def make_planted_task(true_ranks=DEFAULT_TRUE_RANKS, d_in: int = 64, head_size: 
         v, _ = torch.linalg.qr(torch.randn(d_in, r, generator=g))  # (d_in, r)
         delta[h * head_size:(h + 1) * head_size] = u @ v.t()
     eval_x = torch.randn(n_eval, d_in, generator=g)
-    return PlantedTask(base, base + delta, tuple(true_ranks), head_size, eval_x)
+    eval_noise = noise * torch.randn(n_eval, n_heads * head_size, generator=g)
+    return PlantedTask(base, base + delta, tuple(true_ranks), head_size, eval_x, noise, eval_noise)
 
 
 def train_planted(task: PlantedTask, config: DynaRankConfig, steps: int = 2000, batch_size: int = 64,
@@ -88,15 +100,13 @@ def train_planted(task: PlantedTask, config: DynaRankConfig, steps: int = 2000, 
     g = torch.Generator().manual_seed(seed + 1000)
     for _ in range(steps):
         x = torch.randn(batch_size, task.base_weight.shape[1], generator=g)
-        loss = ((model(x) - task.targets(x)) ** 2).mean()
+        loss = ((model(x) - task.targets(x, g)) ** 2).mean()
         if hasattr(controller, "observe_loss"):
             controller.observe_loss(loss)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        mse = float(((model(task.eval_x) - task.targets(task.eval_x)) ** 2).mean())
-    return {"mse": mse, "ranks": layer.ranks, "params": layer.num_adapter_parameters(),
+    return {"mse": task.eval_loss(model), "ranks": layer.ranks, "params": layer.num_adapter_parameters(),
             "warnings": [w for rec in controller.records for w in rec.warnings], "controller": controller}
 
 

@@ -144,6 +144,7 @@ class ARDController(RankController):
         self._last_readout: dict[str, torch.Tensor] = {}
         self._last_move: dict[str, torch.Tensor] = {}
         self._flips: dict[str, torch.Tensor] = {}
+        self.rank_changes = 0  # read-out rank changes summed over groups and active steps
         for name, layer in self.layers.items():
             layer.set_gate(self._make_gate(self.gates.of(name)))
         self._losses: list[tuple[int, float]] = []
@@ -343,7 +344,7 @@ class ARDController(RankController):
         if not any(sum(r) for r in readouts.values()):
             # Nothing would be left to train (and a loss without a graph would crash the loop):
             # keep the one slot whose alpha is largest and report the collapse.
-            alive = [(float(self.gates.of(n)[g]), n, g) for n, layer in self.layers.items()
+            alive = [(float(self.gates.of(n).detach()[g]), n, g) for n, layer in self.layers.items()
                      for g, r in enumerate(layer.ranks) if r > 0]
             _, best, group = max(alive)
             readouts[best][group] = 1
@@ -374,10 +375,12 @@ class ARDController(RankController):
                            f"rank collapse: {at_floor:.0%} of groups at the floor ({s.rank_floor}) after "
                            f"{progress:.0%} of the active phase; lambda is too high (ard_lambda={s.ard_lambda:g}): "
                            "lower it.", record)
-        pinned = sum(
-            int((self.gates.of(name).detach() * s.r0 >= torch.tensor(layer.ranks, device=self.gates.of(name).device)
-                 - 1e-4).sum()) for name, layer in self.layers.items()
-        ) / n
+        pinned = 0
+        for name, layer in self.layers.items():
+            scaled = self.gates.of(name).detach().cpu() * s.r0
+            full = torch.tensor(layer.ranks) >= s.r0  # never cut and ...
+            pinned += int((full & (scaled >= s.r0 - 1e-4)).sum())  # ... alpha held at the top
+        pinned /= n
         if progress >= 0.5 and pinned >= EXPLOSION_FRACTION:
             self.warn_once("explosion",
                            f"rank explosion: {pinned:.0%} of groups pinned at their capacity and pushing up after "
@@ -404,6 +407,7 @@ class ARDController(RankController):
                 move = torch.sign(now - last)
                 prev = self._last_move[name]
                 self._flips[name] += ((move != 0) & (prev != 0) & (move != prev)).long()
+                self.rank_changes += int((move != 0).sum())
                 self._last_move[name] = torch.where(move != 0, move, prev)
             else:
                 self._last_move[name] = torch.zeros_like(now)
@@ -428,5 +432,6 @@ class ARDController(RankController):
             "reference": {k: v.tolist() for k, v in self._reference.items()},
             "start_alpha": {k: v.tolist() for k, v in self._start_alpha.items()},
             "flips": {k: v.tolist() for k, v in self._flips.items()},
+            "rank_changes": self.rank_changes,
         })
         return state

