@@ -2,13 +2,14 @@
 
 from .attach import adapter_parameter_count, attach, count_trainable, elastic_layers, merge, unmerge
 from .config import DynaRankConfig
-from .controllers import ARDController, RankController, StepRecord, build_controller
+from .controllers import ARDController, RankController, StepRecord, build_controller, prepare_parameters
 from .export import export_peft
 from .io import AdapterFormatError, load_adapter, save_adapter
 from .layer import ElasticLoRALinear
 
 __all__ = [
     "ARDController",
+    "DynaRankCallback",
     "AdapterFormatError",
     "RankController",
     "StepRecord",
@@ -22,8 +23,18 @@ __all__ = [
     "export_peft",
     "load_adapter",
     "merge",
+    "prepare_parameters",
     "save_adapter",
     "unmerge",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Trainer callback imports transformers: load it only when asked for.
+    if name == "DynaRankCallback":
+        from .integrations.transformers import DynaRankCallback
+
+        return DynaRankCallback
+    raise AttributeError(f"module 'dynarank' has no attribute {name!r}")

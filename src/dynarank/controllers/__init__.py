@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..attach import ATTACHED_ATTR
-from .ard import ARDController, ARDSettings
+from ..attach import elastic_layers
+from .ard import ARDController, ARDGates, ARDSettings
 from .base import RankController, StepRecord
 
 CONTROLLERS: dict[str, type[RankController]] = {"lora": RankController, "ard": ARDController}
@@ -19,4 +20,17 @@ def build_controller(model: nn.Module, total_steps: int | None = None) -> RankCo
     return CONTROLLERS[config.method](model, total_steps)
 
 
-__all__ = ["ARDController", "ARDSettings", "CONTROLLERS", "RankController", "StepRecord", "build_controller"]
+def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Create the controller's own parameters now (before an optimizer or a distributed wrapper is
+    built); the controller built later reuses them. Returns them (empty for fixed ranks)."""
+    config = getattr(model, ATTACHED_ATTR, None)
+    if config is None:
+        raise ValueError("prepare_parameters() needs a model returned by dynarank.attach().")
+    if config.method == "ard":
+        if getattr(model, "dynarank_ard", None) is None:
+            model.add_module("dynarank_ard", ARDGates(elastic_layers(model)))
+        return list(model.dynarank_ard.parameters())
+    return []
+
+
+__all__ = ["ARDController", "ARDSettings", "CONTROLLERS", "RankController", "StepRecord", "build_controller", "prepare_parameters"]
