@@ -60,13 +60,19 @@ def run(seeds: int, steps: int, lr: float) -> dict:
             t0 = time.perf_counter()
             out = train_planted(task, DynaRankConfig(**spec), steps=steps, lr=run_lr, seed=seed, fixed_ranks=fixed)
             controller = out.pop("controller")
-            rows.setdefault(name, []).append({
-                "seed": seed, "mse": out["mse"], "ranks": out["ranks"], "params": out["params"],
-                "within_one": within_one(out["ranks"], task.true_ranks),
-                "exact": out["ranks"] == list(task.true_ranks),
-                "rank_changes": getattr(controller, "rank_changes", 0),
-                "warnings": out["warnings"], "seconds": time.perf_counter() - t0,
-            })
+            rows.setdefault(name, []).append(
+                {
+                    "seed": seed,
+                    "mse": out["mse"],
+                    "ranks": out["ranks"],
+                    "params": out["params"],
+                    "within_one": within_one(out["ranks"], task.true_ranks),
+                    "exact": out["ranks"] == list(task.true_ranks),
+                    "rank_changes": getattr(controller, "rank_changes", 0),
+                    "warnings": out["warnings"],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             print(f"seed {seed} {name:38s} mse {out['mse']:.4g} ranks {out['ranks']} params {out['params']}")
     return rows
 
@@ -77,22 +83,26 @@ def summarise(rows: dict[str, list[dict]]) -> list[dict]:
     for name, runs in rows.items():
         rel_loss = [r["mse"] / o["mse"] for r, o in zip(runs, oracle)]
         rel_params = [r["params"] / o["params"] for r, o in zip(runs, oracle)]
-        table.append({
-            "method": name,
-            "loss / oracle": statistics.mean(rel_loss),
-            "loss / oracle (max)": max(rel_loss),
-            "params / oracle": statistics.mean(rel_params),
-            "within 1 (min over seeds)": min(r["within_one"] for r in runs),
-            "exact seeds": sum(r["exact"] for r in runs),
-            "rank changes": statistics.mean(r["rank_changes"] for r in runs),
-            "final ranks (seed 0)": runs[0]["ranks"],
-        })
+        table.append(
+            {
+                "method": name,
+                "loss / oracle": statistics.mean(rel_loss),
+                "loss / oracle (max)": max(rel_loss),
+                "params / oracle": statistics.mean(rel_params),
+                "within 1 (min over seeds)": min(r["within_one"] for r in runs),
+                "exact seeds": sum(r["exact"] for r in runs),
+                "rank changes": statistics.mean(r["rank_changes"] for r in runs),
+                "final ranks (seed 0)": runs[0]["ranks"],
+            }
+        )
     return table
 
 
 def markdown(table: list[dict], seeds: int, command: str) -> str:
-    head = ("| method | loss / oracle (mean, max) | params / oracle | groups within 1 (worst seed) | "
-            f"exact in seeds (of {seeds}) | read-out rank changes | final ranks, seed 0 |")
+    head = (
+        "| method | loss / oracle (mean, max) | params / oracle | groups within 1 (worst seed) | "
+        f"exact in seeds (of {seeds}) | read-out rank changes | final ranks, seed 0 |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(
@@ -115,8 +125,9 @@ def main() -> None:
     table = summarise(rows)
     command = f"python benchmarks/planted_rank.py --seeds {args.seeds} --steps {args.steps} --lr {args.lr}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "planted_rank.json").write_text(json.dumps({"command": command, "runs": rows, "table": table},
-                                                            indent=1))
+    (args.out / "planted_rank.json").write_text(
+        json.dumps({"command": command, "runs": rows, "table": table}, indent=1)
+    )
     (args.out / "planted_rank.md").write_text(markdown(table, args.seeds, command))
     print(markdown(table, args.seeds, command))
     print(f"results: {args.out / 'planted_rank.md'}")

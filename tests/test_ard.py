@@ -7,12 +7,12 @@ import tempfile
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import randomize_adapters, tiny_bert, token_batch
 
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.optim_state import state_bytes
 from dynarank.synthetic import make_planted_task, train_planted, within_one
+from tiny_models import randomize_adapters, tiny_bert, token_batch
 
 
 def planted_model(**config):
@@ -30,8 +30,9 @@ def mse_step(model, task, generator):
 
 
 def test_regulariser_gradient_on_alpha_equals_the_analytic_value():
-    task, model = planted_model(lambda_mode="absolute", ard_lambda=0.05, ard_beta=0.5, tv_form="step",
-                                warmup_frac=0.0, final_frac=0.0)
+    task, model = planted_model(
+        lambda_mode="absolute", ard_lambda=0.05, ard_beta=0.5, tv_form="step", warmup_frac=0.0, final_frac=0.0
+    )
     ctrl = build_controller(model, total_steps=10)
     opt = ctrl.build_optimizer(lr=1e-3)
     alpha = model.dynarank_ard.of("query")
@@ -47,8 +48,9 @@ def test_regulariser_gradient_on_alpha_equals_the_analytic_value():
 
 @pytest.mark.parametrize("beta", [0.0])
 def test_beta_zero_leaves_only_the_l1_gradient(beta):
-    task, model = planted_model(lambda_mode="absolute", ard_lambda=0.05, ard_beta=beta, tv_form="step",
-                                warmup_frac=0.0, final_frac=0.0)
+    task, model = planted_model(
+        lambda_mode="absolute", ard_lambda=0.05, ard_beta=beta, tv_form="step", warmup_frac=0.0, final_frac=0.0
+    )
     ctrl = build_controller(model, total_steps=10)
     opt = ctrl.build_optimizer(lr=1e-3)
     alpha = model.dynarank_ard.of("query")
@@ -111,23 +113,26 @@ def test_alpha_learning_rate_is_owned_by_the_controller_not_the_scheduler():
 
 def test_lambda_zero_keeps_every_rank():
     task = make_planted_task(seed=0)
-    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=0.0),
-                        steps=300, lr=3e-3)
+    out = train_planted(
+        task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=0.0), steps=300, lr=3e-3
+    )
     assert out["ranks"] == [8] * 8
 
 
 def test_far_too_large_lambda_raises_the_collapse_alarm():
     task = make_planted_task(seed=0)
-    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=1000.0),
-                        steps=300, lr=3e-3)
+    out = train_planted(
+        task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=1000.0), steps=300, lr=3e-3
+    )
     assert any("rank collapse" in w for w in out["warnings"])
     assert sum(out["ranks"]) <= 1
 
 
 def test_too_small_alpha_learning_rate_raises_the_frozen_alarm():
     task = make_planted_task(seed=0)
-    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], lr_alpha=1e-7),
-                        steps=300, lr=3e-3)
+    out = train_planted(
+        task, DynaRankConfig(method="ard", r=8, target_modules=["query"], lr_alpha=1e-7), steps=300, lr=3e-3
+    )
     assert any("lr_alpha" in w and "too small" in w for w in out["warnings"])
     assert out["ranks"] == [8] * 8
 
@@ -137,8 +142,9 @@ def test_default_settings_recover_planted_ranks(seed):
     task = make_planted_task(seed=seed, noise=0.1)
     target = ["query"]
     ard = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=target), seed=seed)
-    oracle = train_planted(task, DynaRankConfig(method="lora", r=8, target_modules=target),
-                           fixed_ranks=task.true_ranks, seed=seed)
+    oracle = train_planted(
+        task, DynaRankConfig(method="lora", r=8, target_modules=target), fixed_ranks=task.true_ranks, seed=seed
+    )
     assert within_one(ard["ranks"], task.true_ranks) >= 0.9, ard["ranks"]
     assert ard["mse"] <= 1.05 * oracle["mse"]
     assert ard["warnings"] == []

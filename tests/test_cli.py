@@ -24,8 +24,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -43,16 +49,40 @@ def write_csv(path: Path, n: int = 48, labels=("positive", "negative"), header=(
 
 
 def train_args(model_dir, data, out, *extra):
-    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "8",
-            "--max-steps", "6", "--r", "2", "--max-length", "16", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "6",
+        "--r",
+        "2",
+        "--max-length",
+        "16",
+        *extra,
+    ]
 
 
 def test_train_eval_export_report_end_to_end(tiny_model_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "data.csv")
     run = tmp_path / "run"
     assert main(train_args(tiny_model_dir, data, run, "--method", "ard")) == 0
-    for name in ("config.yaml", "metrics.jsonl", "ranks.jsonl", "summary.json", "adapter/adapter_config.json",
-                 "dynarank_adapter/dynarank_adapter.json", "ranks_heatmap.png", "ranks_over_time.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "ranks.jsonl",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "dynarank_adapter/dynarank_adapter.json",
+        "ranks_heatmap.png",
+        "ranks_over_time.png",
+    ):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -118,7 +148,10 @@ def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], s
     base = ["--model", str(model_dir), "--max-steps", "2"]
     return {
         "missing file": (["train", *base, "--data", str(tmp_path / "nope.csv")], "not found"),
-        "unknown column": (["train", *base, "--data", str(good), "--text-column", "body"], "columns found: text, label"),
+        "unknown column": (
+            ["train", *base, "--data", str(good), "--text-column", "body"],
+            "columns found: text, label",
+        ),
         "empty file": (["train", *base, "--data", str(empty)], "empty"),
         "non-UTF-8": (["train", *base, "--data", str(latin)], "UTF-8"),
         "unseen eval labels": (["train", *base, "--data", str(good), "--eval-data", str(other_labels)], "neutral"),
@@ -135,8 +168,20 @@ def _yaml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["missing file", "unknown column", "empty file", "non-UTF-8", "unseen eval labels",
-                                  "broken model dir", "existing out dir", "bad config key", "run dir that is not one"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "unknown column",
+        "empty file",
+        "non-UTF-8",
+        "unseen eval labels",
+        "broken model dir",
+        "existing out dir",
+        "bad config key",
+        "run dir that is not one",
+    ],
+)
 def test_bad_input_gets_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys, case):
     argv, expected = _bad_inputs(tmp_path, tiny_model_dir)[case]
     assert main(argv) == 2

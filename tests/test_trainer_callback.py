@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import tiny_bert
 from transformers import Trainer, TrainingArguments
 
 import dynarank
 from dynarank import DynaRankConfig, attach
+from tiny_models import tiny_bert
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -24,9 +24,19 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def make_trainer(tmp_path, model, accumulation=1, max_steps=30):
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8,
-                             gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=5,
-                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, weight_decay=0.1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-2,
+        logging_steps=5,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        weight_decay=0.1,
+    )
     return Trainer(model=model, args=args, train_dataset=TokenDataset())
 
 
@@ -42,8 +52,12 @@ def test_ranks_change_during_train_with_no_manual_call(tmp_path):
     assert dynarank.adapter_parameter_count(model) < start
     alpha_group = next(g for g in trainer.optimizer.param_groups if g.get("name") == "ard_alpha")
     assert alpha_group["weight_decay"] == 0.0
-    assert all(id(p) not in {id(a) for a in alpha_group["params"]}
-               for g in trainer.optimizer.param_groups if g is not alpha_group for p in g["params"])
+    assert all(
+        id(p) not in {id(a) for a in alpha_group["params"]}
+        for g in trainer.optimizer.param_groups
+        if g is not alpha_group
+        for p in g["params"]
+    )
     logged = [entry for entry in trainer.state.log_history if "dynarank/total_rank" in entry]
     assert logged and logged[-1]["dynarank/total_rank"] == ctrl.total_rank()
     assert "dynarank/trainable_parameters" in logged[-1]

@@ -130,7 +130,8 @@ def resolve_modules_to_save(model: nn.Module, config: DynaRankConfig) -> list[st
         return names
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return sorted(
-        n for n in _task_head_names(model)
+        n
+        for n in _task_head_names(model)
         if model.get_submodule(n) is not out_emb  # an LM head is tied to the embeddings: leave it frozen
     )
 
@@ -171,8 +172,13 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     return model
 
 
-def _build_layers(model: nn.Module, targets: list[str], config: DynaRankConfig, geometry: HeadGeometry | None,
-                  generator: torch.Generator | None) -> dict[str, ElasticLoRALinear]:
+def _build_layers(
+    model: nn.Module,
+    targets: list[str],
+    config: DynaRankConfig,
+    geometry: HeadGeometry | None,
+    generator: torch.Generator | None,
+) -> dict[str, ElasticLoRALinear]:
     built: dict[str, ElasticLoRALinear] = {}
     for name in targets:
         module = model.get_submodule(name)

@@ -17,8 +17,15 @@ from .io import AdapterFormatError
 from .loop import ALL_METHODS
 from .models import ModelError
 
-USER_ERRORS = (DataError, ModelError, AdapterFormatError, ValueError, FileExistsError, FileNotFoundError,
-               NotImplementedError)
+USER_ERRORS = (
+    DataError,
+    ModelError,
+    AdapterFormatError,
+    ValueError,
+    FileExistsError,
+    FileNotFoundError,
+    NotImplementedError,
+)
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -27,12 +34,19 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["classify", "causal-lm"], help="task (default: inferred from the model)")
     p.add_argument("--text-column", help="text column (default: guessed: text, sentence, ...)")
     p.add_argument("--label-column", help="label column (default: guessed: label, sentiment, ...)")
-    p.add_argument("--method", choices=ALL_METHODS, default="ard",
-                   help="ard: learned per-head ranks; dynarank-lora: fixed per-head ranks; lora / dora / adalora: "
-                        "stock PEFT baselines; full: full fine-tuning")
+    p.add_argument(
+        "--method",
+        choices=ALL_METHODS,
+        default="ard",
+        help="ard: learned per-head ranks; dynarank-lora: fixed per-head ranks; lora / dora / adalora: "
+        "stock PEFT baselines; full: full fine-tuning",
+    )
     p.add_argument("--r", type=int, default=8, help="initial rank per group (higher: more capacity and memory)")
-    p.add_argument("--target-modules", help="regex of module names, a comma list of suffixes, or all-linear "
-                                            "(default: every attention and MLP Linear of the encoder)")
+    p.add_argument(
+        "--target-modules",
+        help="regex of module names, a comma list of suffixes, or all-linear "
+        "(default: every attention and MLP Linear of the encoder)",
+    )
     p.add_argument("--granularity", choices=["head", "matrix"], help="rank groups per head or per matrix (ard)")
     p.add_argument("--head-layout", choices=["own", "shared"], help="per-head A rows, or A shared by the heads")
     p.add_argument("--ard-lambda", type=float, help="ARD l1 strength (relative; higher: smaller ranks)")

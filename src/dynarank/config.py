@@ -134,8 +134,13 @@ class DynaRankConfig:
             raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}.")
 
     def _validate_rank_control(self) -> None:
-        choices = {"preset": ("default", "paper"), "lambda_mode": ("relative", "gradient", "absolute"),
-                   "tv_form": ("step", "anchor"), "readout": ("ceil", "round"), "mask": ("hard", "soft")}
+        choices = {
+            "preset": ("default", "paper"),
+            "lambda_mode": ("relative", "gradient", "absolute"),
+            "tv_form": ("step", "anchor"),
+            "readout": ("ceil", "round"),
+            "mask": ("hard", "soft"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}.")

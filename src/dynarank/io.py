@@ -48,8 +48,12 @@ def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     for name in save_names:
         for pname, p in model.get_submodule(name).named_parameters():
             tensors[f"{name}.{pname}"] = p.detach()
-    layout = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": layers,
-              "modules_to_save": save_names}
+    layout = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "layers": layers,
+        "modules_to_save": save_names,
+    }
     return layout, {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
@@ -83,10 +87,14 @@ def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict],
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """Save adapters, their current ranks and the task head to ``out_dir`` (atomic)."""
     layout, tensors = adapter_state(model)
-    return write_atomically(out_dir, {
-        LAYOUT_FILE: json.dumps(layout, indent=1).encode(),
-        WEIGHTS_FILE: tensors,
-    }, marker=LAYOUT_FILE)
+    return write_atomically(
+        out_dir,
+        {
+            LAYOUT_FILE: json.dumps(layout, indent=1).encode(),
+            WEIGHTS_FILE: tensors,
+        },
+        marker=LAYOUT_FILE,
+    )
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -155,7 +163,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name, layer in layers.items():
         info = saved[name]
         if (info["in_features"], info["out_features"], info["n_groups"]) != (
-            layer.in_features, layer.out_features, layer.n_groups,
+            layer.in_features,
+            layer.out_features,
+            layer.n_groups,
         ):
             raise AdapterFormatError(
                 f"{name}: saved Linear({info['in_features']}, {info['out_features']}) with {info['n_groups']} "

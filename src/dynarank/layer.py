@@ -169,8 +169,10 @@ class ElasticLoRALinear(nn.Module):
         self.column_index = column_index.to(device)
         ranks = self.ranks
         # Equal ranks in the own layout: every gather below is a plain view.
-        self._dense = self.layout == "own" and len(set(ranks)) == 1 and all(
-            s == list(range(g * ranks[0], (g + 1) * ranks[0])) for g, s in enumerate(self._slots)
+        self._dense = (
+            self.layout == "own"
+            and len(set(ranks)) == 1
+            and all(s == list(range(g * ranks[0], (g + 1) * ranks[0])) for g, s in enumerate(self._slots))
         )
 
     # ------------------------------------------------------------------ gate hook
@@ -300,8 +302,10 @@ class ElasticLoRALinear(nn.Module):
         drop = {g: set(int(p) for p in ps) for g, ps in positions.items()}
         for g, ps in drop.items():
             if not 0 <= g < self.n_groups or any(not 0 <= p < len(self._slots[g]) for p in ps):
-                raise IndexError(f"group {g} has rank {len(self._slots[g]) if 0 <= g < self.n_groups else '?'}; "
-                                 f"cannot remove positions {sorted(ps)}.")
+                raise IndexError(
+                    f"group {g} has rank {len(self._slots[g]) if 0 <= g < self.n_groups else '?'}; "
+                    f"cannot remove positions {sorted(ps)}."
+                )
         columns, kept_slots, offset = [], [], 0
         for g, slots in enumerate(self._slots):
             keep = [j for j in range(len(slots)) if j not in drop.get(g, ())]
@@ -312,8 +316,12 @@ class ElasticLoRALinear(nn.Module):
         remap = {old: new for new, old in enumerate(used)}
         new_slots = [[remap[s] for s in slots] for slots in kept_slots]
         self._apply_layout(
-            new_slots, torch.tensor(used, dtype=torch.long), None,
-            torch.tensor(columns, dtype=torch.long), None, optimizer,
+            new_slots,
+            torch.tensor(used, dtype=torch.long),
+            None,
+            torch.tensor(columns, dtype=torch.long),
+            None,
+            optimizer,
         )
         return before - self.num_adapter_parameters()
 
@@ -344,9 +352,11 @@ class ElasticLoRALinear(nn.Module):
             offset += len(slots)
         for g in range(self.n_groups):
             for _ in range(int(counts.get(g, 0))):
-                reusable = [] if self.layout == "own" else [
-                    s for s in range(n_slots + len(fresh_slot_of)) if s not in new_slots[g]
-                ]
+                reusable = (
+                    []
+                    if self.layout == "own"
+                    else [s for s in range(n_slots + len(fresh_slot_of)) if s not in new_slots[g]]
+                )
                 if reusable:
                     slot, fresh = reusable[0], reusable[0] >= n_slots
                 else:
@@ -390,13 +400,17 @@ class ElasticLoRALinear(nn.Module):
             raise ValueError(f"layout has {len(slots)} groups, this layer has {self.n_groups}.")
         n_slots = 1 + max((s for g in slots for s in g), default=-1)
         n_cols = sum(len(g) for g in slots)
-        self.shared_weight = nn.Parameter(self.shared_weight.new_zeros(n_slots, self.other_dim),
-                                          requires_grad=self.shared_weight.requires_grad)
-        self.group_weight = nn.Parameter(self.group_weight.new_zeros(self.group_size, n_cols),
-                                         requires_grad=self.group_weight.requires_grad)
+        self.shared_weight = nn.Parameter(
+            self.shared_weight.new_zeros(n_slots, self.other_dim), requires_grad=self.shared_weight.requires_grad
+        )
+        self.group_weight = nn.Parameter(
+            self.group_weight.new_zeros(self.group_size, n_cols), requires_grad=self.group_weight.requires_grad
+        )
         self._slots = [list(map(int, g)) for g in slots]
         self._rebuild_index()
 
     def extra_repr(self) -> str:
-        return (f"split={self.split}, layout={self.layout}, groups={self.n_groups}x{self.group_size}, "
-                f"ranks={self.ranks}, slots={self.n_slots}, scaling={self.scaling:g}")
+        return (
+            f"split={self.split}, layout={self.layout}, groups={self.n_groups}x{self.group_size}, "
+            f"ranks={self.ranks}, slots={self.n_slots}, scaling={self.scaling:g}"
+        )

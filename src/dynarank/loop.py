@@ -64,8 +64,13 @@ class TrainSpec:
 def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[nn.Module, RankController | None]:
     """Adapt ``model`` for ``spec.method``; returns (model to train, dynarank controller or None)."""
     if spec.method in DYNARANK_METHODS:
-        config = DynaRankConfig(method="ard" if spec.method == "ard" else "lora", r=spec.r,
-                                target_modules=spec.target_modules, seed=spec.seed, **spec.dynarank)
+        config = DynaRankConfig(
+            method="ard" if spec.method == "ard" else "lora",
+            r=spec.r,
+            target_modules=spec.target_modules,
+            seed=spec.seed,
+            **spec.dynarank,
+        )
         attach(model, config)
         return model, build_controller(model, total_steps)
     if spec.method == "full":
@@ -75,19 +80,31 @@ def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[
     heads = [n for n in ("classifier", "score") if hasattr(model, n)]
     if spec.method == "adalora":
         # AdaLoRA's own schedule: prune from 1.5 r to r between 10% and 80% of the run.
-        peft_config = AdaLoraConfig(init_r=max(spec.r + 1, round(1.5 * spec.r)), target_r=spec.r,
-                                    lora_alpha=spec.r, target_modules=spec.target_modules, total_step=total_steps,
-                                    tinit=max(1, total_steps // 10), tfinal=max(1, total_steps // 5),
-                                    deltaT=max(1, total_steps // 40), modules_to_save=heads or None)
+        peft_config = AdaLoraConfig(
+            init_r=max(spec.r + 1, round(1.5 * spec.r)),
+            target_r=spec.r,
+            lora_alpha=spec.r,
+            target_modules=spec.target_modules,
+            total_step=total_steps,
+            tinit=max(1, total_steps // 10),
+            tfinal=max(1, total_steps // 5),
+            deltaT=max(1, total_steps // 40),
+            modules_to_save=heads or None,
+        )
     else:
-        peft_config = LoraConfig(r=spec.r, lora_alpha=spec.r, target_modules=spec.target_modules,
-                                 use_dora=spec.method == "dora", modules_to_save=heads or None)
+        peft_config = LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.r,
+            target_modules=spec.target_modules,
+            use_dora=spec.method == "dora",
+            modules_to_save=heads or None,
+        )
     return get_peft_model(model, peft_config), None
 
 
 def _batches(enc: dict, order: list[int], batch_size: int, pad_id: int):
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         seqs = [enc["input_ids"][i] for i in idx]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -98,8 +115,9 @@ def _batches(enc: dict, order: list[int], batch_size: int, pad_id: int):
         yield ids, mask, idx
 
 
-def evaluate_classifier(model: nn.Module, tokenizer, examples: Examples, max_length: int = 64,
-                        batch_size: int = 64) -> dict[str, float]:
+def evaluate_classifier(
+    model: nn.Module, tokenizer, examples: Examples, max_length: int = 64, batch_size: int = 64
+) -> dict[str, float]:
     """Accuracy and macro-F1."""
     enc = tokenizer(examples.texts, truncation=True, max_length=max_length)
     device = next(model.parameters()).device
@@ -125,8 +143,14 @@ def classification_metrics(preds: list[int], labels: list[int], n_labels: int) -
     return {"accuracy": correct / max(1, len(labels)), "macro_f1": sum(f1s) / n_labels}
 
 
-def train_classifier(model: nn.Module, tokenizer, train: Examples, spec: TrainSpec, eval_set: Examples | None = None,
-                     on_step: Callable[[dict], None] | None = None) -> dict:
+def train_classifier(
+    model: nn.Module,
+    tokenizer,
+    train: Examples,
+    spec: TrainSpec,
+    eval_set: Examples | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
     """Train ``model`` (a fresh sequence classifier) on ``train`` with ``spec``; returns a result record."""
     torch.manual_seed(spec.seed)
     total = spec.total_steps(len(train.texts))
@@ -138,11 +162,13 @@ def train_classifier(model: nn.Module, tokenizer, train: Examples, spec: TrainSp
     else:
         for p in model.parameters():
             p.requires_grad_(p.requires_grad or spec.method == "full")
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
-                                      weight_decay=spec.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=spec.weight_decay
+        )
     warm = max(1, round(spec.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: min((t + 1) / warm, max(0.0, (total - t) / max(1, total - warm))))
+        optimizer, lambda t: min((t + 1) / warm, max(0.0, (total - t) / max(1, total - warm)))
+    )
     enc = tokenizer(train.texts, truncation=True, max_length=spec.max_length)
     labels = torch.tensor(train.labels)
     start_params = count_trainable(model)
@@ -160,14 +186,24 @@ def train_classifier(model: nn.Module, tokenizer, train: Examples, spec: TrainSp
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if on_step is not None:
-                on_step({"step": step, "loss": float(out.loss.detach()), "lr": scheduler.get_last_lr()[0],
-                         "trainable_parameters": count_trainable(model),
-                         "total_rank": controller.total_rank() if controller is not None else None})
+                on_step(
+                    {
+                        "step": step,
+                        "loss": float(out.loss.detach()),
+                        "lr": scheduler.get_last_lr()[0],
+                        "trainable_parameters": count_trainable(model),
+                        "total_rank": controller.total_rank() if controller is not None else None,
+                    }
+                )
             if step >= total:
                 break
     seconds = time.perf_counter() - t0
     result = {
-        "method": spec.method, "r": spec.r, "seed": spec.seed, "steps": total, "seconds": seconds,
+        "method": spec.method,
+        "r": spec.r,
+        "seed": spec.seed,
+        "steps": total,
+        "seconds": seconds,
         "seconds_per_step": seconds / total,
         "trainable_parameters_start": start_params,
         "trainable_parameters": count_trainable(model),

@@ -47,8 +47,10 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+            model_dir,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load {model_dir} as a sequence classifier: {str(exc).splitlines()[0]}") from None

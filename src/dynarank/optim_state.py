@@ -56,15 +56,22 @@ def reindex_parameter(
             and every state tensor shaped like ``param`` follows the same re-index.
     """
     n_appended = 0 if appended is None else appended.shape[dim]
-    new_param = torch.nn.Parameter(_reindex(param.detach(), dim, source, n_appended, fill=appended),
-                                   requires_grad=param.requires_grad)
+    new_param = torch.nn.Parameter(
+        _reindex(param.detach(), dim, source, n_appended, fill=appended), requires_grad=param.requires_grad
+    )
     for opt in _as_optimizers(optimizer):
         replace_in_optimizer(opt, param, new_param, dim, source, n_appended)
     return new_param
 
 
-def replace_in_optimizer(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter,
-                         dim: int, source: torch.Tensor, n_appended: int) -> None:
+def replace_in_optimizer(
+    opt: torch.optim.Optimizer,
+    old: torch.nn.Parameter,
+    new: torch.nn.Parameter,
+    dim: int,
+    source: torch.Tensor,
+    n_appended: int,
+) -> None:
     for group in opt.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = opt.state.pop(old, None)

@@ -82,8 +82,9 @@ def _load_examples(opts: argparse.Namespace) -> tuple[Examples, Examples]:
     if opts.eval_data:
         train = classification_examples(rows, opts.text_column, opts.label_column, path=opts.data)
         eval_rows = load_table(opts.eval_data)
-        return train, classification_examples(eval_rows, opts.text_column, opts.label_column, train.label_names,
-                                              path=opts.eval_data)
+        return train, classification_examples(
+            eval_rows, opts.text_column, opts.label_column, train.label_names, path=opts.eval_data
+        )
     if not 0.0 < opts.eval_split < 1.0:
         raise ValueError(f"--eval-split must be a fraction in (0, 1), got {opts.eval_split}.")
     rows = list(rows)
@@ -92,8 +93,9 @@ def _load_examples(opts: argparse.Namespace) -> tuple[Examples, Examples]:
     if n_eval >= len(rows):
         raise ValueError(f"{opts.data} has {len(rows)} rows: too few to hold out {opts.eval_split:.0%} for eval.")
     train = classification_examples(rows[n_eval:], opts.text_column, opts.label_column, path=opts.data)
-    held = classification_examples(rows[:n_eval], opts.text_column, opts.label_column, train.label_names,
-                                   path=opts.data)
+    held = classification_examples(
+        rows[:n_eval], opts.text_column, opts.label_column, train.label_names, path=opts.data
+    )
     return train, held
 
 
@@ -102,20 +104,29 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
     model_dir = Path(opts.model) if opts.model else packaged_minilm_path()
     task = opts.task or infer_task(model_dir)
     if task != "classify":
-        raise NotImplementedError("the CLI trains classifiers only for now; for a causal LM use the Python API "
-                                  "(dynarank.attach + build_controller) on your own loop.")
+        raise NotImplementedError(
+            "the CLI trains classifiers only for now; for a causal LM use the Python API "
+            "(dynarank.attach + build_controller) on your own loop."
+        )
     out = new_run_dir(opts.out, opts.method)
     train, held = _load_examples(opts)
     model, tokenizer = load_classifier(model_dir, train.label_names)
     knobs = {k: getattr(opts, k) for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None}
-    spec = TrainSpec(method=opts.method, r=opts.r, target_modules=_target_modules(opts.target_modules, model),
-                     lr=opts.lr, epochs=opts.epochs, max_steps=opts.max_steps, batch_size=opts.batch_size,
-                     max_length=opts.max_length, seed=opts.seed,
-                     dynarank=knobs if opts.method in DYNARANK_METHODS else {})
+    spec = TrainSpec(
+        method=opts.method,
+        r=opts.r,
+        target_modules=_target_modules(opts.target_modules, model),
+        lr=opts.lr,
+        epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        batch_size=opts.batch_size,
+        max_length=opts.max_length,
+        seed=opts.seed,
+        dynarank=knobs if opts.method in DYNARANK_METHODS else {},
+    )
     out.mkdir(parents=True, exist_ok=True)
     resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose")}
-    resolved.update(model=str(model_dir), task=task, label_names=train.label_names,
-                    target_modules=spec.target_modules)
+    resolved.update(model=str(model_dir), task=task, label_names=train.label_names, target_modules=spec.target_modules)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
     result = _train_with_progress(model, tokenizer, train, held, spec, out, quiet)
     summary = _write_outputs(result, tokenizer, spec, out, resolved)
@@ -177,8 +188,10 @@ def print_summary(summary: dict, out: Path) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("method", summary["method"])
-    table.add_row("trainable parameters (start -> end)",
-                  f"{summary['trainable_parameters_start']:,} -> {summary['trainable_parameters']:,}")
+    table.add_row(
+        "trainable parameters (start -> end)",
+        f"{summary['trainable_parameters_start']:,} -> {summary['trainable_parameters']:,}",
+    )
     if summary.get("adapter_parameters") is not None:
         table.add_row("adapter parameters", f"{summary['adapter_parameters']:,}")
     for key, value in summary.get("eval", {}).items():
@@ -217,8 +230,9 @@ def load_trained(run_dir: Path, merged: bool = False):
 def eval_command(args: argparse.Namespace) -> dict:
     model, tokenizer, summary = load_trained(Path(args.run_dir))
     rows = load_table(args.data)
-    examples = classification_examples(rows, args.text_column, args.label_column, summary["label_names"],
-                                       path=args.data)
+    examples = classification_examples(
+        rows, args.text_column, args.label_column, summary["label_names"], path=args.data
+    )
     return evaluate_classifier(model, tokenizer, examples, args.max_length)
 
 
@@ -255,8 +269,15 @@ def inspect_command(args: argparse.Namespace) -> None:
 
     model_dir = Path(args.model) if args.model else packaged_minilm_path()
     model, _ = load_classifier(model_dir, ["0", "1"])
-    attach(model, DynaRankConfig(r=args.r, target_modules=_target_modules(args.target_modules, model),
-                                 granularity=args.granularity, head_layout=args.head_layout))
+    attach(
+        model,
+        DynaRankConfig(
+            r=args.r,
+            target_modules=_target_modules(args.target_modules, model),
+            granularity=args.granularity,
+            head_layout=args.head_layout,
+        ),
+    )
     table = Table(title=f"{model_dir.name}: adapters (r={args.r}, {args.granularity}, {args.head_layout})")
     for column in ("module", "split", "groups x size", "ranks", "adapter params"):
         table.add_column(column)
@@ -265,8 +286,9 @@ def inspect_command(args: argparse.Namespace) -> None:
         total += layer.num_adapter_parameters()
         ranks = layer.ranks
         shown = str(ranks[0]) + " each" if len(set(ranks)) == 1 else str(ranks)
-        table.add_row(name, layer.split, f"{layer.n_groups} x {layer.group_size}", shown,
-                      f"{layer.num_adapter_parameters():,}")
+        table.add_row(
+            name, layer.split, f"{layer.n_groups} x {layer.group_size}", shown, f"{layer.num_adapter_parameters():,}"
+        )
     table.add_row("total", "", "", "", f"{total:,}")
     Console(width=150).print(table)
 
@@ -275,17 +297,40 @@ def demo_command(args: argparse.Namespace) -> list[dict]:
     """ARD-LoRA on the packaged MiniLM + tweets, then stock PEFT LoRA at the closest parameter count."""
     root = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     new_run_dir(str(root), "demo")
-    parser_defaults = dict(model=None, data=None, task=None, text_column=None, label_column=None,
-                           target_modules=None, granularity=None, head_layout=None, ard_lambda=None,
-                           rank_floor=None, preset=None, epochs=2.0, max_steps=args.max_steps, batch_size=32,
-                           lr=1e-3, max_length=64, seed=0, eval_split=0.2, eval_data=None, n_train=args.n_train,
-                           r=8, config=None)
+    parser_defaults = dict(
+        model=None,
+        data=None,
+        task=None,
+        text_column=None,
+        label_column=None,
+        target_modules=None,
+        granularity=None,
+        head_layout=None,
+        ard_lambda=None,
+        rank_floor=None,
+        preset=None,
+        epochs=2.0,
+        max_steps=args.max_steps,
+        batch_size=32,
+        lr=1e-3,
+        max_length=64,
+        seed=0,
+        eval_split=0.2,
+        eval_data=None,
+        n_train=args.n_train,
+        r=8,
+        config=None,
+    )
     ard = train_command(argparse.Namespace(**parser_defaults, method="ard", out=str(root / "ard")), quiet=False)
-    per_rank = sum(layer.in_features + layer.out_features
-                   for layer in _probe_layers(ard["model"], parser_defaults["target_modules"]))
+    per_rank = sum(
+        layer.in_features + layer.out_features
+        for layer in _probe_layers(ard["model"], parser_defaults["target_modules"])
+    )
     lora_r = max(1, round(ard["adapter_parameters"] / per_rank))
-    lora = train_command(argparse.Namespace(**{**parser_defaults, "r": lora_r}, method="lora",
-                                            out=str(root / f"lora-r{lora_r}")), quiet=False)
+    lora = train_command(
+        argparse.Namespace(**{**parser_defaults, "r": lora_r}, method="lora", out=str(root / f"lora-r{lora_r}")),
+        quiet=False,
+    )
     _print_comparison(ard, lora, lora_r * per_rank)
     return [ard, lora]
 
@@ -306,8 +351,12 @@ def _print_comparison(ard: dict, lora: dict, lora_params: int) -> None:
     table = Table(title="ARD-LoRA vs plain LoRA (stock PEFT) at about equal adapter parameters")
     for column in ("method", "adapter params", "accuracy", "macro-F1", "seconds"):
         table.add_column(column, justify="right")
-    for name, run, params in (("ARD-LoRA", ard, ard["adapter_parameters"]), (f"LoRA r={lora['r']}", lora,
-                                                                             lora_params)):
-        table.add_row(name, f"{params:,}", f"{run['eval']['accuracy']:.4f}", f"{run['eval']['macro_f1']:.4f}",
-                      f"{run['wall_seconds']:.0f}")
+    for name, run, params in (("ARD-LoRA", ard, ard["adapter_parameters"]), (f"LoRA r={lora['r']}", lora, lora_params)):
+        table.add_row(
+            name,
+            f"{params:,}",
+            f"{run['eval']['accuracy']:.4f}",
+            f"{run['eval']['macro_f1']:.4f}",
+            f"{run['wall_seconds']:.0f}",
+        )
     Console().print(table)

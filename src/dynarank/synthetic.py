@@ -66,8 +66,14 @@ class PlantedTask:
             return float(((model(self.eval_x) - y) ** 2).mean())
 
 
-def make_planted_task(true_ranks=DEFAULT_TRUE_RANKS, d_in: int = 64, head_size: int = 16, seed: int = 0,
-                      n_eval: int = 2048, noise: float = 0.0) -> PlantedTask:
+def make_planted_task(
+    true_ranks=DEFAULT_TRUE_RANKS,
+    d_in: int = 64,
+    head_size: int = 16,
+    seed: int = 0,
+    n_eval: int = 2048,
+    noise: float = 0.0,
+) -> PlantedTask:
     g = torch.Generator().manual_seed(seed)
     n_heads = len(true_ranks)
     base = torch.randn(n_heads * head_size, d_in, generator=g) / d_in**0.5
@@ -77,14 +83,21 @@ def make_planted_task(true_ranks=DEFAULT_TRUE_RANKS, d_in: int = 64, head_size: 
             continue
         u, _ = torch.linalg.qr(torch.randn(head_size, r, generator=g))  # (d_h, r) orthonormal columns
         v, _ = torch.linalg.qr(torch.randn(d_in, r, generator=g))  # (d_in, r)
-        delta[h * head_size:(h + 1) * head_size] = u @ v.t()
+        delta[h * head_size : (h + 1) * head_size] = u @ v.t()
     eval_x = torch.randn(n_eval, d_in, generator=g)
     eval_noise = noise * torch.randn(n_eval, n_heads * head_size, generator=g)
     return PlantedTask(base, base + delta, tuple(true_ranks), head_size, eval_x, noise, eval_noise)
 
 
-def train_planted(task: PlantedTask, config: DynaRankConfig, steps: int = 2000, batch_size: int = 64,
-                  lr: float = 1e-2, seed: int = 0, fixed_ranks: tuple[int, ...] | None = None) -> dict:
+def train_planted(
+    task: PlantedTask,
+    config: DynaRankConfig,
+    steps: int = 2000,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+    fixed_ranks: tuple[int, ...] | None = None,
+) -> dict:
     """Train a student on ``task``; ``fixed_ranks`` cuts each head to that rank first (the oracle).
 
     Returns the evaluation MSE, the final ranks of the heads, and the adapter's parameter count.
@@ -106,8 +119,13 @@ def train_planted(task: PlantedTask, config: DynaRankConfig, steps: int = 2000, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"mse": task.eval_loss(model), "ranks": layer.ranks, "params": layer.num_adapter_parameters(),
-            "warnings": [w for rec in controller.records for w in rec.warnings], "controller": controller}
+    return {
+        "mse": task.eval_loss(model),
+        "ranks": layer.ranks,
+        "params": layer.num_adapter_parameters(),
+        "warnings": [w for rec in controller.records for w in rec.warnings],
+        "controller": controller,
+    }
 
 
 def within_one(ranks, truth) -> float:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..attach import ATTACHED_ATTR
-from ..attach import elastic_layers
+from ..attach import ATTACHED_ATTR, elastic_layers
 from .ard import ARDController, ARDGates, ARDSettings
 from .base import RankController, StepRecord
 
@@ -33,4 +32,12 @@ def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
     return []
 
 
-__all__ = ["ARDController", "ARDSettings", "CONTROLLERS", "RankController", "StepRecord", "build_controller", "prepare_parameters"]
+__all__ = [
+    "ARDController",
+    "ARDSettings",
+    "CONTROLLERS",
+    "RankController",
+    "StepRecord",
+    "build_controller",
+    "prepare_parameters",
+]

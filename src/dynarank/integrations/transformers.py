@@ -82,8 +82,10 @@ class DynaRankCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.controller is None or logs is None:
             return control
-        extra = {"dynarank/total_rank": self.controller.total_rank(),
-                 "dynarank/trainable_parameters": self.controller.trainable_parameters()}
+        extra = {
+            "dynarank/total_rank": self.controller.total_rank(),
+            "dynarank/trainable_parameters": self.controller.trainable_parameters(),
+        }
         by_kind: dict[str, list[int]] = {}
         for name, ranks in self.controller.ranks().items():
             by_kind.setdefault(split_name(name)[1], []).extend(ranks)
