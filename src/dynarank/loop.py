@@ -13,11 +13,13 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .attach import adapter_parameter_count, attach, count_trainable
 from .config import DynaRankConfig
 from .controllers import RankController, build_controller
@@ -143,6 +145,44 @@ def classification_metrics(preds: list[int], labels: list[int], n_labels: int) -
     return {"accuracy": correct / max(1, len(labels)), "macro_f1": sum(f1s) / n_labels}
 
 
+class NonFiniteError(RuntimeError):
+    """Training stopped on a NaN/inf loss or gradient (policy 'stop'); the last checkpoint is kept."""
+
+
+def nonfinite_gradients(model: nn.Module) -> list[str]:
+    """Names of the modules whose parameter gradients hold NaN or inf."""
+    bad = []
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            bad.append(name.rsplit(".", 1)[0])
+    return sorted(set(bad))
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    # Each epoch's order follows from (seed, epoch) alone, so a resumed run finds its place by step.
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def _build_optimizer(model: nn.Module, controller: RankController | None, spec: TrainSpec):
+    if controller is not None:
+        optimizer = controller.build_optimizer(lr=spec.lr, weight_decay=spec.weight_decay)
+    else:
+        if spec.method == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=spec.weight_decay
+        )
+    return optimizer
+
+
+def _linear_schedule(optimizer, total: int, warmup_ratio: float):
+    warm = max(1, round(warmup_ratio * total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: min((t + 1) / warm, max(0.0, (total - t) / max(1, total - warm)))
+    )
+
+
 def train_classifier(
     model: nn.Module,
     tokenizer,
@@ -150,39 +190,63 @@ def train_classifier(
     spec: TrainSpec,
     eval_set: Examples | None = None,
     on_step: Callable[[dict], None] | None = None,
+    run_dir: str | Path | None = None,
+    save_every: int | None = None,
+    resume: bool = False,
+    on_nonfinite: str = "skip",
 ) -> dict:
-    """Train ``model`` (a fresh sequence classifier) on ``train`` with ``spec``; returns a result record."""
+    """Train ``model`` (a fresh sequence classifier) on ``train`` with ``spec``; returns a result record.
+
+    With ``run_dir`` and ``save_every``, the whole training state is checkpointed every
+    ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete
+    checkpoint and ends bitwise equal (CPU) to an uninterrupted run. ``on_nonfinite``: 'skip'
+    drops a step whose loss or gradient is NaN/inf (naming the modules), 'stop' raises
+    :class:`NonFiniteError` and leaves the last checkpoint in place.
+    """
+    if on_nonfinite not in ("skip", "stop"):
+        raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
+    if (save_every or resume) and run_dir is None:
+        raise ValueError("checkpointing needs a run directory.")
     torch.manual_seed(spec.seed)
     total = spec.total_steps(len(train.texts))
     model, controller = prepare_model(model, spec, total)
+    state = tensors = None
+    if resume:
+        _, state, tensors = checkpoint.latest(run_dir)
+        checkpoint.restore_model(model, state, tensors)
     model.train()
     device = next(model.parameters()).device
-    if controller is not None:
-        optimizer = controller.build_optimizer(lr=spec.lr, weight_decay=spec.weight_decay)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(p.requires_grad or spec.method == "full")
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=spec.weight_decay
-        )
-    warm = max(1, round(spec.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: min((t + 1) / warm, max(0.0, (total - t) / max(1, total - warm)))
-    )
+    optimizer = _build_optimizer(model, controller, spec)
+    scheduler = _linear_schedule(optimizer, total, spec.warmup_ratio)
+    step = 0
+    if resume:
+        checkpoint.restore_training(optimizer, scheduler, controller, state, tensors)
+        step = state["step"]
     enc = tokenizer(train.texts, truncation=True, max_length=spec.max_length)
     labels = torch.tensor(train.labels)
-    start_params = count_trainable(model)
-    g = torch.Generator().manual_seed(spec.seed)
-    step, t0 = 0, time.perf_counter()
+    start_params = count_trainable(model) if not resume else state["extra"].get("start_params", 0)
+    per_epoch = math.ceil(len(train.texts) / spec.batch_size)
+    skipped, t0 = 0, time.perf_counter()
     while step < total:
-        order = torch.randperm(len(train.texts), generator=g).tolist()
+        epoch, offset = divmod(step, per_epoch)
+        order = _epoch_order(len(train.texts), spec.seed, epoch)[offset * spec.batch_size :]
         for ids, mask, idx in _batches(enc, order, spec.batch_size, tokenizer.pad_token_id or 0):
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels[idx].to(device))
-            out.loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if spec.method == "adalora":
-                model.base_model.update_and_allocate(step)
+            bad = [] if torch.isfinite(out.loss) else ["loss"]
+            if not bad:
+                out.loss.backward()
+                bad = nonfinite_gradients(model)
+            if bad:
+                message = f"non-finite values at step {step + 1} in: {', '.join(bad[:5])}"
+                if on_nonfinite == "stop":
+                    raise NonFiniteError(f"{message}; training stopped, the last checkpoint is kept.")
+                logger.warning("dynarank: %s; step skipped", message)
+                skipped += 1
+            else:
+                optimizer.step()
+                scheduler.step()
+                if spec.method == "adalora":
+                    model.base_model.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if on_step is not None:
@@ -195,6 +259,10 @@ def train_classifier(
                         "total_rank": controller.total_rank() if controller is not None else None,
                     }
                 )
+            if save_every and step % save_every == 0:
+                checkpoint.save(
+                    run_dir, model, optimizer, scheduler, controller, step, extra={"start_params": start_params}
+                )
             if step >= total:
                 break
     seconds = time.perf_counter() - t0
@@ -203,8 +271,9 @@ def train_classifier(
         "r": spec.r,
         "seed": spec.seed,
         "steps": total,
+        "skipped_steps": skipped,
         "seconds": seconds,
-        "seconds_per_step": seconds / total,
+        "seconds_per_step": seconds / max(1, total - (state["step"] if resume else 0)),
         "trainable_parameters_start": start_params,
         "trainable_parameters": count_trainable(model),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -435,5 +435,33 @@ class ARDController(RankController):
             "start_alpha": {k: v.tolist() for k, v in self._start_alpha.items()},
             "flips": {k: v.tolist() for k, v in self._flips.items()},
             "rank_changes": self.rank_changes,
+            "last_readout": {k: v.tolist() for k, v in self._last_readout.items()},
+            "last_move": {k: v.tolist() for k, v in self._last_move.items()},
         })
         return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (the alphas themselves are model parameters)."""
+        super().load_state_dict(state)
+
+        def tensors(key: str, dtype=torch.float32) -> dict[str, torch.Tensor]:
+            return {k: torch.tensor(v, dtype=dtype) for k, v in state[key].items()}
+
+        device = next(iter(self.gates.parameters())).device
+        self.lambdas = tensors("lambdas")
+        self._grad_sums = tensors("grad_sums")
+        self._grad_count = int(state["grad_count"])
+        self._losses = [(int(t), float(v)) for t, v in state["losses"]]
+        self.unit = state["unit"]
+        self._reference = {k: v.to(device) for k, v in tensors("reference").items()}
+        self._start_alpha = {k: v.to(device) for k, v in tensors("start_alpha").items()}
+        self._flips = tensors("flips", torch.long)
+        self.rank_changes = int(state["rank_changes"])
+        self._last_readout = tensors("last_readout", torch.long)
+        self._last_move = tensors("last_move", torch.long)
+        if self.step >= self.settings.warmup_steps and self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
+        if self.step >= self.settings.final_start:
+            for layer in self.layers.values():
+                layer.set_gate(None)

@@ -1,0 +1,199 @@
+"""Exact resume, atomic checkpoints, damaged-file detection and the non-finite guard."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_bert
+
+from dynarank import checkpoint, elastic_layers
+from dynarank.checkpoint import CheckpointError
+from dynarank.data import Examples
+from dynarank.loop import NonFiniteError, TrainSpec, train_classifier
+
+
+class WordTokenizer:
+    """Whitespace tokenizer over a 100-id vocabulary (id 0 pads)."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, truncation=True, max_length=16):
+        return {"input_ids": [[1 + hash(w) % 99 for w in t.split()][:max_length] for t in texts]}
+
+
+def examples(n: int = 48) -> Examples:
+    words = [["good", "great", "fine"], ["bad", "awful", "poor"]]
+    texts = [f"it was {words[i % 2][i % 3]} and {words[i % 2][(i + 1) % 3]} {i}" for i in range(n)]
+    return Examples(texts, [i % 2 for i in range(n)], ["neg", "pos"])
+
+
+def spec(method: str = "ard", steps: int = 40) -> TrainSpec:
+    return TrainSpec(
+        method=method,
+        r=4,
+        target_modules=["query", "value"],
+        lr=1e-2,
+        max_steps=steps,
+        batch_size=8,
+        dynarank={"ard_lambda": 3.0} if method == "ard" else {},
+    )
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step: int):
+    def on_step(record):
+        if record["step"] == step:
+            raise Crash
+
+    return on_step
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["ard", "dynarank-lora"])
+def test_a_run_killed_mid_schedule_and_resumed_equals_the_uninterrupted_run(tmp_path, method):
+    full = train_classifier(
+        tiny_bert(), WordTokenizer(), examples(), spec(method), run_dir=tmp_path / "a", save_every=5
+    )
+    with pytest.raises(Crash):
+        train_classifier(
+            tiny_bert(),
+            WordTokenizer(),
+            examples(),
+            spec(method),
+            run_dir=tmp_path / "b",
+            save_every=5,
+            on_step=crash_at(23),
+        )
+    assert checkpoint.list_checkpoints(tmp_path / "b")[-1].name == "step-20"
+    resumed = train_classifier(
+        tiny_bert(), WordTokenizer(), examples(), spec(method), run_dir=tmp_path / "b", save_every=5, resume=True
+    )
+    if method == "ard":  # the interruption falls inside the rank-change schedule
+        resize_steps = [h["step"] for h in full["controller"].history]
+        assert any(20 < s < 40 for s in resize_steps[1:-1]), resize_steps
+    assert resumed["ranks"] == full["ranks"]
+    expected, got = trained_state(full["model"]), trained_state(resumed["model"])
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert resumed["controller"].history == full["controller"].history
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=run, save_every=5)
+    original = Path.write_bytes
+
+    def dying_writer(self, data):
+        if self.name == checkpoint.STATE_FILE:
+            original(self, data[: len(data) // 2])
+            raise KeyboardInterrupt  # the process is killed mid-write
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", dying_writer)
+    model = train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=tmp_path / "x")["model"]
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(run, model, torch.optim.AdamW(model.parameters()), None, None, step=15)
+    monkeypatch.undo()
+    (run / "checkpoints" / ".step-99.leftover").mkdir()  # what a SIGKILL would leave behind
+    path, state, _ = checkpoint.latest(run)
+    assert path.name == "step-10" and state["step"] == 10
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-5", "step-10"]
+
+
+def test_a_truncated_checkpoint_is_detected_and_the_previous_one_is_used(tmp_path):
+    run = tmp_path / "run"
+    train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=run, save_every=5)
+    newest = run / "checkpoints" / "step-10" / checkpoint.TENSORS_FILE
+    newest.write_bytes(newest.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="checksum"):
+        checkpoint.read(newest.parent)
+    assert checkpoint.latest(run)[0].name == "step-5"
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=20), run_dir=tmp_path, save_every=4)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-12", "step-16", "step-20"]
+
+
+def test_a_checkpoint_does_not_load_into_a_different_architecture(tmp_path):
+    train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=5), run_dir=tmp_path, save_every=5)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train_classifier(
+            tiny_bert(num_labels=3), WordTokenizer(), examples(), spec(steps=5), run_dir=tmp_path, resume=True
+        )
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=5), run_dir=tmp_path, resume=True)
+
+
+def poison_loss_at(model, step: int):
+    """Make the model's loss NaN on its ``step``-th training forward pass."""
+    forward, calls = model.forward, {"n": 0}
+
+    def patched(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == step and out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = patched
+    return model
+
+
+def test_a_nan_loss_skips_the_step_and_training_goes_on(caplog):
+    with caplog.at_level(logging.WARNING):
+        result = train_classifier(poison_loss_at(tiny_bert(), 3), WordTokenizer(), examples(), spec(steps=8))
+    assert result["skipped_steps"] == 1 and result["controller"].step == 7
+    assert "non-finite values at step 3 in: loss" in caplog.text
+    assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+
+
+def test_a_nan_gradient_names_the_module_that_produced_it(caplog):
+    model = tiny_bert()
+    model.classifier.weight.register_hook(lambda grad: grad * float("nan"))  # the loss itself stays finite
+    with caplog.at_level(logging.WARNING):
+        result = train_classifier(model, WordTokenizer(), examples(), spec("dynarank-lora", steps=2))
+    assert result["skipped_steps"] == 2
+    assert "non-finite values at step 1 in: classifier" in caplog.text
+
+
+def test_the_stop_policy_raises_and_keeps_the_last_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteError, match="last checkpoint is kept"):
+        train_classifier(
+            poison_loss_at(tiny_bert(), 7),
+            WordTokenizer(),
+            examples(),
+            spec(steps=10),
+            run_dir=tmp_path,
+            save_every=3,
+            on_nonfinite="stop",
+        )
+    path, state, _ = checkpoint.latest(tmp_path)
+    assert state["step"] == 6 and path.name == "step-6"
+
+
+def test_the_controller_takes_no_rank_decision_from_non_finite_alpha_gradients(caplog):
+    model = tiny_bert()
+    result = train_classifier(model, WordTokenizer(), examples(), spec(steps=6))
+    ctrl = result["controller"]
+    alpha = next(iter(model.dynarank_ard.parameters()))
+    before = alpha.detach().clone()
+    alpha.grad = torch.full_like(alpha, float("nan"))
+    with caplog.at_level(logging.WARNING):
+        ctrl.before_step(ctrl.optimizers[0])
+    assert alpha.grad is None and "non-finite gradient on the alphas" in caplog.text
+    assert torch.equal(alpha.detach(), before)
+    assert elastic_layers(model)
