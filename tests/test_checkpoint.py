@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_bert
 
 from dynarank import checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
 from dynarank.data import Examples
 from dynarank.loop import NonFiniteError, TrainSpec, train_classifier
+from tiny_models import tiny_bert
 
 
 class WordTokenizer:

