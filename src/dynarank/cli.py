@@ -13,7 +13,6 @@ from pathlib import Path
 
 from . import runs
 from .data import DataError
-from .checkpoint import CheckpointError
 from .io import AdapterFormatError
 from .loop import ALL_METHODS
 from .models import ModelError
