@@ -41,7 +41,14 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         help="ard: learned per-head ranks; dynarank-lora: fixed per-head ranks; lora / dora / adalora: "
         "stock PEFT baselines; full: full fine-tuning",
     )
-    p.add_argument("--r", type=int, default=8, help="initial rank per group (higher: more capacity and memory)")
+    p.add_argument(
+        "--r0",
+        "--r",
+        dest="r",
+        type=int,
+        default=8,
+        help="initial rank per group (higher: more capacity and memory); spell it --r0 under torchrun",
+    )
     p.add_argument(
         "--target-modules",
         help="regex of module names, a comma list of suffixes, or all-linear "

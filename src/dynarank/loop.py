@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
 from .attach import adapter_parameter_count, attach, count_trainable
@@ -158,6 +161,48 @@ def nonfinite_gradients(model: nn.Module) -> list[str]:
     return sorted(set(bad))
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this worker; (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    """The GPU of this worker (LOCAL_RANK) if there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _any_worker(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` holds on any worker (all workers must then take the same branch)."""
+    if world()[1] == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _check_same_ranks(controller: RankController) -> None:
+    """After a resize every worker must hold the same rank pattern; a difference is a bug worth stopping on."""
+    gathered: list = [None] * world()[1]
+    dist.all_gather_object(gathered, controller.ranks())
+    if any(g != gathered[0] for g in gathered):
+        raise RuntimeError(
+            f"workers disagree on the ranks at step {controller.step}: the rank decision is not "
+            "deterministic across processes."
+        )
+
+
+def _wrap(model: nn.Module) -> nn.Module:
+    """DDP around ``model`` in a distributed run (rebuilt after every resize: the parameters changed)."""
+    if world()[1] == 1:
+        return model
+    # Gated slots and frozen alphas take no part in some steps: let DDP tolerate unused parameters.
+    return DistributedDataParallel(model, find_unused_parameters=True)
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     # Each epoch's order follows from (seed, epoch) alone, so a resumed run finds its place by step.
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -209,6 +254,8 @@ def train_classifier(
         raise ValueError("checkpointing needs a run directory.")
     torch.manual_seed(spec.seed)
     total = spec.total_steps(len(train.texts))
+    rank, n_workers = world()
+    model.to(default_device())
     model, controller = prepare_model(model, spec, total)
     state = tensors = None
     if resume:
@@ -227,14 +274,18 @@ def train_classifier(
     start_params = count_trainable(model) if not resume else state["extra"].get("start_params", 0)
     per_epoch = math.ceil(len(train.texts) / spec.batch_size)
     skipped, t0 = 0, time.perf_counter()
+    train_model = _wrap(model)
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         order = _epoch_order(len(train.texts), spec.seed, epoch)[offset * spec.batch_size :]
         for ids, mask, idx in _batches(enc, order, spec.batch_size, tokenizer.pad_token_id or 0):
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels[idx].to(device))
-            bad = [] if torch.isfinite(out.loss) else ["loss"]
+            # A distributed worker takes its shard of the global batch; DDP averages the gradients.
+            share = len(idx[rank::n_workers]) * n_workers / len(idx)  # DDP's mean of shard means = batch mean
+            ids, mask, idx = ids[rank::n_workers], mask[rank::n_workers], idx[rank::n_workers]
+            out = train_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels[idx].to(device))
+            bad = ["loss"] if _any_worker(not torch.isfinite(out.loss), device) else []
             if not bad:
-                out.loss.backward()
+                (out.loss * share if n_workers > 1 else out.loss).backward()
                 bad = nonfinite_gradients(model)
             if bad:
                 message = f"non-finite values at step {step + 1} in: {', '.join(bad[:5])}"
@@ -245,6 +296,9 @@ def train_classifier(
             else:
                 optimizer.step()
                 scheduler.step()
+                if n_workers > 1 and controller is not None and controller.records[-1].resized:
+                    _check_same_ranks(controller)
+                    train_model = _wrap(model)
                 if spec.method == "adalora":
                     model.base_model.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
@@ -259,7 +313,7 @@ def train_classifier(
                         "total_rank": controller.total_rank() if controller is not None else None,
                     }
                 )
-            if save_every and step % save_every == 0:
+            if save_every and step % save_every == 0 and rank == 0:
                 checkpoint.save(
                     run_dir, model, optimizer, scheduler, controller, step, extra={"start_params": start_params}
                 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -28,7 +29,7 @@ from .attach import elastic_layers, linear_module_names, unwrap
 from .data import Examples, classification_examples, load_table, packaged_sentiment
 from .export import export_peft
 from .io import load_adapter, save_adapter
-from .loop import BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, evaluate_classifier, train_classifier
+from .loop import BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, evaluate_classifier, train_classifier, world
 from .models import infer_task, load_classifier, packaged_minilm_path
 
 DYNARANK_KNOBS = ("granularity", "head_layout", "ard_lambda", "rank_floor", "preset")
@@ -112,7 +113,41 @@ def _resumed_options(opts: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that torchrun / accelerate launch describe in the environment."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    ):
+        raise ValueError(
+            "FSDP and DeepSpeed ZeRO shard parameters into flat buffers, which dynarank cannot resize; "
+            "launch with plain data parallelism (torchrun, or accelerate launch without FSDP/DeepSpeed)."
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return world()
+
+
+def _shared_run_dir(opts: argparse.Namespace, rank: int, n_workers: int) -> Path:
+    """Rank 0 chooses (and checks) the run directory; every worker gets the same path."""
+    if getattr(opts, "resume", None):
+        return Path(opts.resume)
+    chosen = [str(new_run_dir(opts.out, opts.method)) if rank == 0 else None]
+    if n_workers > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
 def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
+    rank, n_workers = init_distributed()
+    quiet = quiet or rank != 0
     if getattr(opts, "resume", None):
         opts = _resumed_options(opts)
     model_dir = Path(opts.model) if opts.model else packaged_minilm_path()
@@ -122,7 +157,7 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
             "the CLI trains classifiers only for now; for a causal LM use the Python API "
             "(dynarank.attach + build_controller) on your own loop."
         )
-    out = Path(opts.resume) if getattr(opts, "resume", None) else new_run_dir(opts.out, opts.method)
+    out = _shared_run_dir(opts, rank, n_workers)
     train, held = _load_examples(opts)
     model, tokenizer = load_classifier(model_dir, train.label_names)
     knobs = {k: getattr(opts, k) for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None}
@@ -138,19 +173,22 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
         seed=opts.seed,
         dynarank=knobs if opts.method in DYNARANK_METHODS else {},
     )
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose", "resume")}
     resolved.update(model=str(model_dir), task=task, label_names=train.label_names, target_modules=spec.target_modules)
-    if not getattr(opts, "resume", None):
+    if not getattr(opts, "resume", None) and rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
-    result = _train_with_progress(model, tokenizer, train, held, spec, out, quiet, opts)
+    result = _train_with_progress(model, tokenizer, train, held, spec, out, quiet, opts, rank)
+    if rank != 0:
+        return {k: v for k, v in result.items() if k not in ("model", "controller")}
     summary = _write_outputs(result, tokenizer, spec, out, resolved)
     if not quiet:
         print_summary(summary, out)
     return summary
 
 
-def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: bool, opts) -> dict:
+def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: bool, opts, rank: int = 0) -> dict:
     from tqdm.auto import tqdm
 
     from .checkpoint import latest
@@ -167,7 +205,7 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
             for line in metrics_file.read_text().splitlines()
             if json.loads(line).get("step", 0) <= done and "eval" not in json.loads(line)
         ]
-    metrics = metrics_file.open("w")
+    metrics = metrics_file.open("w") if rank == 0 else open(os.devnull, "w")
     metrics.writelines(line + "\n" for line in kept)
 
     def on_step(record: dict) -> None:

@@ -36,9 +36,19 @@ from torch import nn
 from ..layer import ElasticLoRALinear
 from .base import RankController, StepRecord
 
-PAPER = {"ard_lambda": 0.01, "lambda_mode": "absolute", "ard_beta": 0.1, "lr_alpha": 5e-5, "lr": 1e-4,
-         "mask": "soft", "readout": "round", "rank_floor": 1, "warmup_frac": 0.0, "final_frac": 0.0,
-         "tv_form": "step"}
+PAPER = {
+    "ard_lambda": 0.01,
+    "lambda_mode": "absolute",
+    "ard_beta": 0.1,
+    "lr_alpha": 5e-5,
+    "lr": 1e-4,
+    "mask": "soft",
+    "readout": "round",
+    "rank_floor": 1,
+    "warmup_frac": 0.0,
+    "final_frac": 0.0,
+    "tv_form": "step",
+}
 DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
 COLLAPSE_FRACTION = 0.8
 EXPLOSION_FRACTION = 0.8
@@ -65,8 +75,21 @@ class ARDSettings:
 
     @classmethod
     def resolve(cls, config, total_steps: int) -> ARDSettings:
-        values = {k: getattr(config, k) for k in ("ard_lambda", "lambda_mode", "ard_beta", "tv_form", "lr_alpha",
-                                                    "mask", "readout", "rank_floor", "warmup_frac", "final_frac")}
+        values = {
+            k: getattr(config, k)
+            for k in (
+                "ard_lambda",
+                "lambda_mode",
+                "ard_beta",
+                "tv_form",
+                "lr_alpha",
+                "mask",
+                "readout",
+                "rank_floor",
+                "warmup_frac",
+                "final_frac",
+            )
+        }
         values["lr"] = None
         if config.preset == "paper":
             values.update(PAPER)
@@ -97,11 +120,14 @@ class ARDGates(nn.Module):
 
     def __init__(self, layers: dict[str, ElasticLoRALinear]) -> None:
         super().__init__()
-        self.alpha = nn.ParameterDict({
-            _key(name): nn.Parameter(torch.ones(layer.n_groups, device=layer.shared_weight.device,
-                                                dtype=layer.shared_weight.dtype))
-            for name, layer in layers.items()
-        })
+        self.alpha = nn.ParameterDict(
+            {
+                _key(name): nn.Parameter(
+                    torch.ones(layer.n_groups, device=layer.shared_weight.device, dtype=layer.shared_weight.dtype)
+                )
+                for name, layer in layers.items()
+            }
+        )
 
     def of(self, name: str) -> nn.Parameter:
         return self.alpha[_key(name)]
@@ -137,8 +163,9 @@ class ARDController(RankController):
         if getattr(model, "dynarank_ard", None) is None:
             model.add_module("dynarank_ard", ARDGates(self.layers))
         self.gates: ARDGates = model.dynarank_ard
-        self.lambdas = {name: torch.full((layer.n_groups,), self.settings.ard_lambda) for name, layer in
-                        self.layers.items()}
+        self.lambdas = {
+            name: torch.full((layer.n_groups,), self.settings.ard_lambda) for name, layer in self.layers.items()
+        }
         self._grad_sums = {name: torch.zeros(layer.n_groups) for name, layer in self.layers.items()}
         self._grad_count = 0
         self._reference = self._alpha_snapshot()  # TV reference (previous step or last resize)
@@ -184,8 +211,9 @@ class ARDController(RankController):
     def param_groups(self, lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
         lr = lr if lr is not None else (self.settings.lr or 1e-3)
         groups = super().param_groups(lr, weight_decay)
-        groups.append({"params": self.gate_parameters(), "lr": self.settings.lr_alpha, "weight_decay": 0.0,
-                       "name": "ard_alpha"})
+        groups.append(
+            {"params": self.gate_parameters(), "lr": self.settings.lr_alpha, "weight_decay": 0.0, "name": "ard_alpha"}
+        )
         return groups
 
     def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
@@ -293,7 +321,17 @@ class ARDController(RankController):
         last = [v for t, v in self._losses if t >= self.settings.warmup_steps - k]
         if not first or not last:
             return None
-        return sum(first) / len(first) - sum(last) / len(last)
+        gained = sum(first) / len(first) - sum(last) / len(last)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every worker saw its own shard's losses: agree on the mean, so all take the same lambda.
+            value = torch.tensor([gained], dtype=torch.float64, device=self._collective_device())
+            torch.distributed.all_reduce(value)
+            gained = float(value) / torch.distributed.get_world_size()
+        return gained
+
+    def _collective_device(self) -> torch.device:
+        backend = torch.distributed.get_backend()
+        return next(iter(self.gates.parameters())).device if backend == "nccl" else torch.device("cpu")
 
     def _calibrate(self, record: StepRecord) -> None:
         """Turn the relative strength into one lambda per group.
@@ -314,23 +352,34 @@ class ARDController(RankController):
         if mode == "relative":
             gained = self._loss_improvement()
             if gained is None:
-                self.warn_once("no-loss", "no task loss was observed during warm-up (call controller.observe_loss"
-                               "(loss) in a custom loop); lambda is calibrated on the alpha gradient instead.", record)
+                self.warn_once(
+                    "no-loss",
+                    "no task loss was observed during warm-up (call controller.observe_loss"
+                    "(loss) in a custom loop); lambda is calibrated on the alpha gradient instead.",
+                    record,
+                )
                 mode = "gradient"
             else:
                 total = sum(self.settings.r0 * c * self.layers[n].n_groups for n, c in costs.items())
                 unit = self.settings.r0 * max(gained, 0.0) / total
                 if gained <= 0:
-                    self.warn_once("no-progress", f"the task loss did not fall during warm-up ({gained:+.3g}); "
-                                   "ranks will only shrink under l1. Check the learning rate.", record)
+                    self.warn_once(
+                        "no-progress",
+                        f"the task loss did not fall during warm-up ({gained:+.3g}); "
+                        "ranks will only shrink under l1. Check the learning rate.",
+                        record,
+                    )
         if mode == "gradient":
             count = max(self._grad_count, 1)
             per_cost = torch.cat([self._grad_sums[n] / count / costs[n] for n in self.layers])
             unit = float(per_cost.median())
             if unit == 0.0 or not math.isfinite(unit):
-                self.warn_once("no-alpha-gradient",
-                               "the alphas received no task gradient during warm-up: ranks cannot be learned "
-                               "(is the adapter trained? is warmup_frac too short?).", record)
+                self.warn_once(
+                    "no-alpha-gradient",
+                    "the alphas received no task gradient during warm-up: ranks cannot be learned "
+                    "(is the adapter trained? is warmup_frac too short?).",
+                    record,
+                )
                 unit = 0.0
         self.unit = unit
         for name, layer in self.layers.items():
@@ -346,12 +395,20 @@ class ARDController(RankController):
         if not any(sum(r) for r in readouts.values()):
             # Nothing would be left to train (and a loss without a graph would crash the loop):
             # keep the one slot whose alpha is largest and report the collapse.
-            alive = [(float(self.gates.of(n).detach()[g]), n, g) for n, layer in self.layers.items()
-                     for g, r in enumerate(layer.ranks) if r > 0]
+            alive = [
+                (float(self.gates.of(n).detach()[g]), n, g)
+                for n, layer in self.layers.items()
+                for g, r in enumerate(layer.ranks)
+                if r > 0
+            ]
             _, best, group = max(alive)
             readouts[best][group] = 1
-            self.warn_once("collapse-all", "rank collapse: every group reached rank 0; one slot is kept. lambda is "
-                           f"far too high (ard_lambda={self.settings.ard_lambda:g}): lower it.", record)
+            self.warn_once(
+                "collapse-all",
+                "rank collapse: every group reached rank 0; one slot is kept. lambda is "
+                f"far too high (ard_lambda={self.settings.ard_lambda:g}): lower it.",
+                record,
+            )
         for name, layer in self.layers.items():
             cut = {g: list(range(k, r)) for g, (k, r) in enumerate(zip(readouts[name], layer.ranks)) if k < r}
             if cut:
@@ -373,10 +430,13 @@ class ARDController(RankController):
         n = max(1, len(ranks))
         at_floor = sum(r <= s.rank_floor for r in ranks) / n
         if progress <= 0.5 and at_floor >= COLLAPSE_FRACTION:
-            self.warn_once("collapse",
-                           f"rank collapse: {at_floor:.0%} of groups at the floor ({s.rank_floor}) after "
-                           f"{progress:.0%} of the active phase; lambda is too high (ard_lambda={s.ard_lambda:g}): "
-                           "lower it.", record)
+            self.warn_once(
+                "collapse",
+                f"rank collapse: {at_floor:.0%} of groups at the floor ({s.rank_floor}) after "
+                f"{progress:.0%} of the active phase; lambda is too high (ard_lambda={s.ard_lambda:g}): "
+                "lower it.",
+                record,
+            )
         pinned = 0
         for name, layer in self.layers.items():
             scaled = self.gates.of(name).detach().cpu() * s.r0
@@ -384,21 +444,30 @@ class ARDController(RankController):
             pinned += int((full & (scaled >= s.r0 - 1e-4)).sum())  # ... alpha held at the top
         pinned /= n
         if progress >= 0.5 and pinned >= EXPLOSION_FRACTION:
-            self.warn_once("explosion",
-                           f"rank explosion: {pinned:.0%} of groups pinned at their capacity and pushing up after "
-                           f"{progress:.0%} of the active phase; lambda is too low (ard_lambda={s.ard_lambda:g}) or "
-                           "r too small: raise ard_lambda or r.", record)
+            self.warn_once(
+                "explosion",
+                f"rank explosion: {pinned:.0%} of groups pinned at their capacity and pushing up after "
+                f"{progress:.0%} of the active phase; lambda is too low (ard_lambda={s.ard_lambda:g}) or "
+                "r too small: raise ard_lambda or r.",
+                record,
+            )
         moved = max(float((self.gates.of(n_).detach() - self._start_alpha[n_]).abs().max()) for n_ in self.layers)
         if progress >= 0.5 and moved * s.r0 < 1.0:
-            self.warn_once("frozen",
-                           f"alpha has not moved one rank step after {progress:.0%} of the active phase "
-                           f"(max change {moved:.2g}); lr_alpha={s.lr_alpha:g} is too small for this run: raise it "
-                           "or leave lr_alpha=None.", record)
+            self.warn_once(
+                "frozen",
+                f"alpha has not moved one rank step after {progress:.0%} of the active phase "
+                f"(max change {moved:.2g}); lr_alpha={s.lr_alpha:g} is too small for this run: raise it "
+                "or leave lr_alpha=None.",
+                record,
+            )
         flips = self._direction_flips()
         if flips >= OSCILLATION_FRACTION:
-            self.warn_once("oscillation",
-                           f"oscillating ranks: {flips:.0%} of groups changed direction twice or more across "
-                           f"resizes; raise ard_beta (now {s.ard_beta:g}) or use tv_form='anchor'.", record)
+            self.warn_once(
+                "oscillation",
+                f"oscillating ranks: {flips:.0%} of groups changed direction twice or more across "
+                f"resizes; raise ard_beta (now {s.ard_beta:g}) or use tv_form='anchor'.",
+                record,
+            )
 
     def _track_direction(self) -> None:
         """Count, per group, how often the read-out rank reverses direction (every active step)."""
@@ -425,19 +494,21 @@ class ARDController(RankController):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.update({
-            "lambdas": {k: v.tolist() for k, v in self.lambdas.items()},
-            "grad_sums": {k: v.tolist() for k, v in self._grad_sums.items()},
-            "grad_count": self._grad_count,
-            "losses": self._losses,
-            "unit": self.unit,
-            "reference": {k: v.tolist() for k, v in self._reference.items()},
-            "start_alpha": {k: v.tolist() for k, v in self._start_alpha.items()},
-            "flips": {k: v.tolist() for k, v in self._flips.items()},
-            "rank_changes": self.rank_changes,
-            "last_readout": {k: v.tolist() for k, v in self._last_readout.items()},
-            "last_move": {k: v.tolist() for k, v in self._last_move.items()},
-        })
+        state.update(
+            {
+                "lambdas": {k: v.tolist() for k, v in self.lambdas.items()},
+                "grad_sums": {k: v.tolist() for k, v in self._grad_sums.items()},
+                "grad_count": self._grad_count,
+                "losses": self._losses,
+                "unit": self.unit,
+                "reference": {k: v.tolist() for k, v in self._reference.items()},
+                "start_alpha": {k: v.tolist() for k, v in self._start_alpha.items()},
+                "flips": {k: v.tolist() for k, v in self._flips.items()},
+                "rank_changes": self.rank_changes,
+                "last_readout": {k: v.tolist() for k, v in self._last_readout.items()},
+                "last_move": {k: v.tolist() for k, v in self._last_move.items()},
+            }
+        )
         return state
 
     def load_state_dict(self, state: dict) -> None:

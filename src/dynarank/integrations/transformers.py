@@ -64,6 +64,11 @@ class DynaRankCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            raise ValueError(
+                "dynarank resizes adapter tensors while training; FSDP and DeepSpeed ZeRO shard them into flat "
+                "buffers that cannot be resized. Use plain data parallelism (DDP: torchrun / accelerate launch)."
+            )
         if self.controller is None:
             self.controller = build_controller(self.model, total_steps=state.max_steps)
         if optimizer is None:
