@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ class WordTokenizer:
     pad_token_id = 0
 
     def __call__(self, texts, truncation=True, max_length=16):
-        return {"input_ids": [[1 + hash(w) % 99 for w in t.split()][:max_length] for t in texts]}
+        # crc32, not hash(): Python salts str hashes per process, and the data must not change between runs.
+        return {"input_ids": [[1 + zlib.crc32(w.encode()) % 99 for w in t.split()][:max_length] for t in texts]}
 
 
 def examples(n: int = 48) -> Examples:
@@ -38,7 +40,7 @@ def spec(method: str = "ard", steps: int = 40) -> TrainSpec:
         lr=1e-2,
         max_steps=steps,
         batch_size=8,
-        dynarank={"ard_lambda": 3.0} if method == "ard" else {},
+        dynarank={"ard_lambda": 1e-4, "lambda_mode": "absolute"} if method == "ard" else {},
     )
 
 
@@ -77,9 +79,9 @@ def test_a_run_killed_mid_schedule_and_resumed_equals_the_uninterrupted_run(tmp_
     resumed = train_classifier(
         tiny_bert(), WordTokenizer(), examples(), spec(method), run_dir=tmp_path / "b", save_every=5, resume=True
     )
-    if method == "ard":  # the interruption falls inside the rank-change schedule
+    if method == "ard":  # the interruption (step 23, checkpoint 20) falls inside the rank-change schedule
         resize_steps = [h["step"] for h in full["controller"].history]
-        assert any(20 < s < 40 for s in resize_steps[1:-1]), resize_steps
+        assert any(20 < s < 30 for s in resize_steps[1:-1]), resize_steps
     assert resumed["ranks"] == full["ranks"]
     expected, got = trained_state(full["model"]), trained_state(resumed["model"])
     assert expected.keys() == got.keys()

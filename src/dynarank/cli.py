@@ -29,11 +29,21 @@ USER_ERRORS = (
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local Hugging Face model directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--data", help="CSV or JSON Lines training file (default: the packaged tweets, binary sentiment)")
+    p.add_argument(
+        "--model",
+        help="local Hugging Face model directory, or 'smollm2' for the packaged SmolLM2-135M-Instruct "
+        "(default: the packaged all-MiniLM-L6-v2)",
+    )
+    p.add_argument(
+        "--data",
+        help="CSV or JSON Lines training file (default: the packaged tweets, binary sentiment; for a "
+        "causal LM the packaged English dialog pairs)",
+    )
     p.add_argument("--task", choices=["classify", "causal-lm"], help="task (default: inferred from the model)")
     p.add_argument("--text-column", help="text column (default: guessed: text, sentence, ...)")
     p.add_argument("--label-column", help="label column (default: guessed: label, sentiment, ...)")
+    p.add_argument("--prompt-column", help="causal-lm: prompt column (default: guessed: prompt, question, ...)")
+    p.add_argument("--response-column", help="causal-lm: response column (default: guessed: response, answer, ...)")
     p.add_argument(
         "--method",
         choices=ALL_METHODS,
@@ -91,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="CSV or JSON Lines evaluation file")
     ev.add_argument("--text-column", help="text column (default: guessed)")
     ev.add_argument("--label-column", help="label column (default: guessed)")
+    ev.add_argument("--prompt-column", help="causal-lm: prompt column (default: guessed)")
+    ev.add_argument("--response-column", help="causal-lm: response column (default: guessed)")
     ev.add_argument("--max-length", type=int, default=64, help="tokens per example after truncation")
     ex = sub.add_parser("export", help="write a plain PEFT LoRA adapter (or a merged model) from a run")
     ex.add_argument("run_dir", help="run directory written by `dynarank train`")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Method = Literal["lora", "ard"]
+Method = Literal["lora", "ard", "elalora", "adalora"]
 Granularity = Literal["head", "matrix"]
 HeadLayout = Literal["own", "shared"]
 Preset = Literal["default", "paper"]
@@ -15,7 +15,8 @@ TVForm = Literal["step", "anchor"]
 Readout = Literal["ceil", "round"]
 MaskKind = Literal["hard", "soft"]
 
-METHODS: tuple[str, ...] = ("lora", "ard")
+METHODS: tuple[str, ...] = ("lora", "ard", "elalora", "adalora")
+SVD_METHODS: tuple[str, ...] = ("elalora", "adalora")  # the SVD form P diag(E) Q with importance scores
 GRANULARITIES: tuple[str, ...] = ("head", "matrix")
 HEAD_LAYOUTS: tuple[str, ...] = ("own", "shared")
 
@@ -42,7 +43,12 @@ class DynaRankConfig:
     ``delta(x) = scaling * sum_g B_g (m_g * (A_g x))`` with ``scaling = lora_alpha / r``.
     """
 
-    method: Method = _help("Rank method: 'lora' (fixed ranks) or 'ard' (learned per-head ranks).", "lora")
+    method: Method = _help(
+        "Rank method: 'lora' (fixed ranks), 'ard' (learned per-head ranks), 'elalora' (importance-scored "
+        "prune AND expand, total rank conserved) or 'adalora' (importance-scored pruning to a budget, "
+        "physically shrinking).",
+        "lora",
+    )
     target_modules: list[str] | str = _help(
         "Modules to adapt: a list of name suffixes, a regex (string) matched against the full "
         "name, or 'all-linear' (every Linear except the task head).",
@@ -73,7 +79,9 @@ class DynaRankConfig:
     # --- rank control shared by the rank-changing methods
     rank_floor: int = _help("Smallest rank a group can end at; 0 lets a head switch off.", 0)
     resize_every: int | None = _help(
-        "Optimizer steps between physical resizes (None: about 20 resizes over the active phase).", None
+        "Optimizer steps between physical resizes (ElaLoRA's interval, AdaLoRA's deltaT; None: about 20 "
+        "resizes over the active phase).",
+        None,
     )
 
     # --- ARD-LoRA (method='ard')
@@ -100,13 +108,49 @@ class DynaRankConfig:
         "Learning rate of the alphas (None: alpha_travel / active steps, so a head can cross its range).", None
     )
     alpha_travel: float = _help("How far (in alpha) a head can move over the active phase when lr_alpha=None.", 2.0)
-    warmup_frac: float = _help("Fraction of steps with alpha frozen at the start (its task gradient is 0 at t=0).", 0.2)
-    final_frac: float = _help("Fraction of steps at the end with ranks fixed, fine-tuning A and B.", 0.15)
+    warmup_frac: float = _help(
+        "Fraction of steps with alpha frozen at the start (its task gradient is 0 at t=0); ElaLoRA/AdaLoRA: "
+        "t_init, the steps before the first reallocation.",
+        0.2,
+    )
+    final_frac: float = _help(
+        "Fraction of steps at the end with ranks fixed, fine-tuning A and B (ElaLoRA/AdaLoRA: t_final).", 0.15
+    )
     readout: Readout = _help("Rank read from alpha: 'ceil' (unbiased with the hard mask) or 'round'.", "ceil")
     mask: MaskKind = _help(
         "'hard': 0/1 mask in the forward pass with the clamp's gradient (straight-through); "
         "'soft': the clamp mask itself (biased: B grows to compensate partly-on slots).",
         "hard",
+    )
+
+    # --- ElaLoRA / AdaLoRA (method='elalora' / 'adalora'): update P diag(E) Q, ranks scored by importance
+    target_rank: float | None = _help(
+        "AdaLoRA: final average rank per group (AdaLoRA's target_r); the total rank budget falls cubically from "
+        "r x groups to round(target_rank x groups). Default (no target given): 2/3 of r, like PEFT's 12 -> 8.",
+        None,
+    )
+    target_params: int | None = _help(
+        "Budget in adapter parameters (A and B, what the export costs) instead of ranks. AdaLoRA: the final "
+        "count; ElaLoRA: a ceiling that expansions never exceed (None: ElaLoRA conserves the total rank).",
+        None,
+    )
+    t_init_steps: int | None = _help("ElaLoRA/AdaLoRA: exact t_init in optimizer steps (overrides warmup_frac).", None)
+    t_final_steps: int | None = _help("ElaLoRA/AdaLoRA: exact t_final in optimizer steps (overrides final_frac).", None)
+    k_candidates: int = _help("ElaLoRA: lowest-scoring ranks every group offers per round (capped at rank - 1).", 2)
+    b_changes: int = _help(
+        "ElaLoRA: ranks pruned and added in the first round (b0); later rounds use round(b0 (1 - p^3)).", 4
+    )
+    ortho_weight: float = _help(
+        "Weight of the orthogonality penalty, the mean over groups of ||A A^T - I||_F and ||B^T B - I||_F; its "
+        "gradient is added once per optimizer step (0 disables it).",
+        0.1,
+    )
+    importance_beta1: float = _help("EMA factor of the sensitivity I = |w * dL/dw| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
+    importance_beta2: float = _help("EMA factor of the uncertainty |I - Ibar| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
+    reset_optimizer_on_resize: bool = _help(
+        "Reset every optimizer moment after a round that changed ranks, as the ElaLoRA authors' code does (it "
+        "rebuilds its optimizer); default False carries the moments of every kept rank.",
+        False,
     )
 
     def __post_init__(self) -> None:
@@ -127,6 +171,7 @@ class DynaRankConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
         self._validate_rank_control()
+        self._validate_svd()
         if isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise ValueError("target_modules is empty: give names, a regex, or 'all-linear'.")
@@ -159,6 +204,42 @@ class DynaRankConfig:
                 f"warmup_frac ({self.warmup_frac}) and final_frac ({self.final_frac}) must be in [0, 1) and leave "
                 "an active phase (their sum < 1)."
             )
+
+    def _validate_svd(self) -> None:
+        for name in ("k_candidates", "b_changes", "t_init_steps", "t_final_steps", "target_params"):
+            value = getattr(self, name)
+            low = 1 if name in ("k_candidates", "target_params") else 0
+            if value is None and name not in ("k_candidates", "b_changes"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        for name in ("importance_beta1", "importance_beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}.")
+        if self.ortho_weight < 0:
+            raise ValueError(f"ortho_weight must be >= 0, got {self.ortho_weight!r}.")
+        budget_fields = ("target_rank", "target_params", "t_init_steps", "t_final_steps")
+        if self.method not in SVD_METHODS:
+            given = [n for n in budget_fields if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to method='elalora' or 'adalora', not {self.method!r}.")
+            return
+        if self.target_rank is not None and self.target_params is not None:
+            raise ValueError(
+                "give the budget either in ranks (target_rank) or in parameters (target_params), not both."
+            )
+        if self.target_rank is None:
+            return
+        if self.method == "elalora":
+            raise ValueError(
+                "ElaLoRA conserves the total rank: set its size with r (target_rank is AdaLoRA's final budget); "
+                "for a parameter ceiling use target_params."
+            )
+        value = self.target_rank
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < self.r:
+            raise ValueError(f"target_rank must be a number in (0, r={self.r}) (AdaLoRA only prunes), got {value!r}.")
+        if value < self.rank_floor:
+            raise ValueError(f"target_rank ({value}) is below rank_floor ({self.rank_floor}): no group may go there.")
 
     @property
     def scaling(self) -> float:

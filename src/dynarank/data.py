@@ -9,6 +9,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+PROMPT_GUESSES = ("prompt", "question", "instruction", "input", "query")
+RESPONSE_GUESSES = ("response", "answer", "output", "completion", "target")
 TEXT_GUESSES = ("text", "sentence", "content", "review", "tweet", "document", "input", "prompt")
 LABEL_GUESSES = ("label", "labels", "sentiment", "class", "category", "target", "y")
 
@@ -148,4 +150,46 @@ def packaged_sentiment(
     return (
         classification_examples(train, "text", "sentiment", names),
         classification_examples(held, "text", "sentiment", names),
+    )
+
+
+@dataclass
+class PairExamples:
+    """Prompt / response pairs for causal-LM instruction tuning."""
+
+    prompts: list[str]
+    responses: list[str]
+
+
+def causal_examples(
+    rows: list[dict], prompt_column: str | None = None, response_column: str | None = None, path: str = ""
+) -> PairExamples:
+    prompt_col = pick_column(rows, prompt_column, PROMPT_GUESSES, "prompt", path)
+    response_col = pick_column(rows, response_column, RESPONSE_GUESSES, "response", path)
+    pairs = [(str(r[prompt_col] or ""), str(r[response_col] or "")) for r in rows]
+    pairs = [(p, a) for p, a in pairs if a.strip()]
+    if not pairs:
+        raise DataError(f"{path or 'data'}: every row has an empty {response_col!r}.")
+    return PairExamples([p for p, _ in pairs], [a for _, a in pairs])
+
+
+def packaged_dialogs(n_eval: int = 200, seed: int = 0) -> tuple[PairExamples, PairExamples]:
+    """(question, answer) pairs from the English conversations of the packaged chatterbot corpus."""
+    import yaml
+
+    root = _package_dir("chatterbot_corpus")
+    folder = root / "data" / "english" if root else None
+    if folder is None or not folder.is_dir():
+        raise DataError("the packaged dialogs are not installed: pip install --no-deps chatterbot-corpus")
+    pairs = []
+    for file in sorted(folder.glob("*.yml")):
+        data = yaml.safe_load(file.read_text(encoding="utf-8", errors="replace")) or {}
+        for turns in data.get("conversations") or []:
+            turns = [str(t) for t in turns if t is not None]
+            pairs.extend(zip(turns[:-1], turns[1:]))
+    random.Random(seed).shuffle(pairs)
+    held, train = pairs[:n_eval], pairs[n_eval:]
+    return (
+        PairExamples([p for p, _ in train], [a for _, a in train]),
+        PairExamples([p for p, _ in held], [a for _, a in held]),
     )

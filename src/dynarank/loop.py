@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -18,19 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
 from .attach import adapter_parameter_count, attach, count_trainable
 from .config import DynaRankConfig
 from .controllers import RankController, build_controller
-from .data import Examples
+from .data import Examples, PairExamples
+from .distributed import any_worker, check_same_ranks, default_device, world, wrap
+from .tasks import batches, encode_causal, encode_classification, evaluate_causal_lm, evaluate_classifier
 
 logger = logging.getLogger(__name__)
 
-DYNARANK_METHODS = ("ard", "dynarank-lora")
+DYNARANK_METHODS = ("ard", "dynarank-lora", "elalora", "adalora-physical")
+# Loop method -> DynaRankConfig.method. The loop's 'adalora' is STOCK PEFT AdaLoRA; ours is 'adalora-physical'.
+CONFIG_METHOD = {"ard": "ard", "dynarank-lora": "lora", "elalora": "elalora", "adalora-physical": "adalora"}
 PEFT_METHODS = ("lora", "dora", "adalora")
 ALL_METHODS = DYNARANK_METHODS + PEFT_METHODS + ("full",)
 # Every attention and MLP Linear of a BERT-style encoder (not the pooler, not the classifier).
@@ -69,12 +70,9 @@ class TrainSpec:
 def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[nn.Module, RankController | None]:
     """Adapt ``model`` for ``spec.method``; returns (model to train, dynarank controller or None)."""
     if spec.method in DYNARANK_METHODS:
+        fields = {"r": spec.r, **_svd_defaults(spec, total_steps), **spec.dynarank}
         config = DynaRankConfig(
-            method="ard" if spec.method == "ard" else "lora",
-            r=spec.r,
-            target_modules=spec.target_modules,
-            seed=spec.seed,
-            **spec.dynarank,
+            method=CONFIG_METHOD[spec.method], target_modules=spec.target_modules, seed=spec.seed, **fields
         )
         attach(model, config)
         return model, build_controller(model, total_steps)
@@ -107,45 +105,22 @@ def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[
     return get_peft_model(model, peft_config), None
 
 
-def _batches(enc: dict, order: list[int], batch_size: int, pad_id: int):
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        seqs = [enc["input_ids"][i] for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        yield ids, mask, idx
-
-
-def evaluate_classifier(
-    model: nn.Module, tokenizer, examples: Examples, max_length: int = 64, batch_size: int = 64
-) -> dict[str, float]:
-    """Accuracy and macro-F1."""
-    enc = tokenizer(examples.texts, truncation=True, max_length=max_length)
-    device = next(model.parameters()).device
-    preds: list[int] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for ids, mask, _ in _batches(enc, list(range(len(examples.texts))), batch_size, tokenizer.pad_token_id or 0):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            preds.extend(logits.argmax(-1).tolist())
-    model.train(was_training)
-    return classification_metrics(preds, examples.labels, len(examples.label_names))
-
-
-def classification_metrics(preds: list[int], labels: list[int], n_labels: int) -> dict[str, float]:
-    correct = sum(p == y for p, y in zip(preds, labels))
-    f1s = []
-    for c in range(n_labels):
-        tp = sum(p == c and y == c for p, y in zip(preds, labels))
-        fp = sum(p == c and y != c for p, y in zip(preds, labels))
-        fn = sum(p != c and y == c for p, y in zip(preds, labels))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": correct / max(1, len(labels)), "macro_f1": sum(f1s) / n_labels}
+def _svd_defaults(spec: TrainSpec, total_steps: int) -> dict[str, Any]:
+    """Per-matrix ranks as the papers; 'adalora-physical' also takes the stock 'adalora' run's budget and
+    schedule below (PEFT's step index s is our t - 1: t_init = tinit + 1, t_final = tfinal - 1)."""
+    if spec.method == "elalora":
+        return {"granularity": "matrix"}
+    if spec.method != "adalora-physical":
+        return {}
+    return {
+        "granularity": "matrix",
+        "r": max(spec.r + 1, round(1.5 * spec.r)),
+        "target_rank": spec.r,
+        "lora_alpha": spec.r,
+        "t_init_steps": max(1, total_steps // 10) + 1,
+        "t_final_steps": max(1, total_steps // 5) - 1,
+        "resize_every": max(1, total_steps // 40),
+    }
 
 
 class NonFiniteError(RuntimeError):
@@ -159,48 +134,6 @@ def nonfinite_gradients(model: nn.Module) -> list[str]:
         if p.grad is not None and not torch.isfinite(p.grad).all():
             bad.append(name.rsplit(".", 1)[0])
     return sorted(set(bad))
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this worker; (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def default_device() -> torch.device:
-    """The GPU of this worker (LOCAL_RANK) if there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _any_worker(flag: bool, device: torch.device) -> bool:
-    """True if ``flag`` holds on any worker (all workers must then take the same branch)."""
-    if world()[1] == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def _check_same_ranks(controller: RankController) -> None:
-    """After a resize every worker must hold the same rank pattern; a difference is a bug worth stopping on."""
-    gathered: list = [None] * world()[1]
-    dist.all_gather_object(gathered, controller.ranks())
-    if any(g != gathered[0] for g in gathered):
-        raise RuntimeError(
-            f"workers disagree on the ranks at step {controller.step}: the rank decision is not "
-            "deterministic across processes."
-        )
-
-
-def _wrap(model: nn.Module) -> nn.Module:
-    """DDP around ``model`` in a distributed run (rebuilt after every resize: the parameters changed)."""
-    if world()[1] == 1:
-        return model
-    # Gated slots and frozen alphas take no part in some steps: let DDP tolerate unused parameters.
-    return DistributedDataParallel(model, find_unused_parameters=True)
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -228,19 +161,19 @@ def _linear_schedule(optimizer, total: int, warmup_ratio: float):
     )
 
 
-def train_classifier(
+def train(
     model: nn.Module,
-    tokenizer,
-    train: Examples,
+    encoded: dict,
+    pad_id: int,
     spec: TrainSpec,
-    eval_set: Examples | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
     on_step: Callable[[dict], None] | None = None,
     run_dir: str | Path | None = None,
     save_every: int | None = None,
     resume: bool = False,
     on_nonfinite: str = "skip",
 ) -> dict:
-    """Train ``model`` (a fresh sequence classifier) on ``train`` with ``spec``; returns a result record.
+    """Train ``model`` on an encoded data set (see :mod:`dynarank.tasks`) with ``spec``; returns a result record.
 
     With ``run_dir`` and ``save_every``, the whole training state is checkpointed every
     ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete
@@ -253,7 +186,8 @@ def train_classifier(
     if (save_every or resume) and run_dir is None:
         raise ValueError("checkpointing needs a run directory.")
     torch.manual_seed(spec.seed)
-    total = spec.total_steps(len(train.texts))
+    n_examples = len(encoded["input_ids"])
+    total = spec.total_steps(n_examples)
     rank, n_workers = world()
     model.to(default_device())
     model, controller = prepare_model(model, spec, total)
@@ -269,21 +203,24 @@ def train_classifier(
     if resume:
         checkpoint.restore_training(optimizer, scheduler, controller, state, tensors)
         step = state["step"]
-    enc = tokenizer(train.texts, truncation=True, max_length=spec.max_length)
-    labels = torch.tensor(train.labels)
     start_params = count_trainable(model) if not resume else state["extra"].get("start_params", 0)
-    per_epoch = math.ceil(len(train.texts) / spec.batch_size)
+    per_epoch = math.ceil(n_examples / spec.batch_size)
     skipped, t0 = 0, time.perf_counter()
-    train_model = _wrap(model)
+    train_model = wrap(model)
     while step < total:
         epoch, offset = divmod(step, per_epoch)
-        order = _epoch_order(len(train.texts), spec.seed, epoch)[offset * spec.batch_size :]
-        for ids, mask, idx in _batches(enc, order, spec.batch_size, tokenizer.pad_token_id or 0):
+        order = _epoch_order(n_examples, spec.seed, epoch)[offset * spec.batch_size :]
+        for ids, mask, labels, idx in batches(encoded, order, spec.batch_size, pad_id):
             # A distributed worker takes its shard of the global batch; DDP averages the gradients.
             share = len(idx[rank::n_workers]) * n_workers / len(idx)  # DDP's mean of shard means = batch mean
-            ids, mask, idx = ids[rank::n_workers], mask[rank::n_workers], idx[rank::n_workers]
-            out = train_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels[idx].to(device))
-            bad = ["loss"] if _any_worker(not torch.isfinite(out.loss), device) else []
+            ids, mask, labels, idx = (
+                ids[rank::n_workers],
+                mask[rank::n_workers],
+                labels[rank::n_workers],
+                idx[rank::n_workers],
+            )
+            out = train_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+            bad = ["loss"] if any_worker(not torch.isfinite(out.loss), device) else []
             if not bad:
                 (out.loss * share if n_workers > 1 else out.loss).backward()
                 bad = nonfinite_gradients(model)
@@ -297,8 +234,8 @@ def train_classifier(
                 optimizer.step()
                 scheduler.step()
                 if n_workers > 1 and controller is not None and controller.records[-1].resized:
-                    _check_same_ranks(controller)
-                    train_model = _wrap(model)
+                    check_same_ranks(controller)
+                    train_model = wrap(model)
                 if spec.method == "adalora":
                     model.base_model.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
@@ -337,6 +274,33 @@ def train_classifier(
         result["ranks"] = controller.ranks()
         result["warnings"] = [w for rec in controller.records for w in rec.warnings]
     result["model"], result["controller"] = model, controller
-    if eval_set is not None:
-        result["eval"] = evaluate_classifier(model, tokenizer, eval_set, spec.max_length)
+    if evaluate is not None:
+        result["eval"] = evaluate(model)
     return result
+
+
+def train_classifier(
+    model: nn.Module, tokenizer, train_set: Examples, spec: TrainSpec, eval_set: Examples | None = None, **kwargs
+) -> dict:
+    """Fine-tune a sequence classifier; ``eval`` holds accuracy and macro-F1 on ``eval_set``."""
+    encoded = encode_classification(tokenizer, train_set, spec.max_length)
+    evaluate = None
+    if eval_set is not None:
+        evaluate = lambda m: evaluate_classifier(m, tokenizer, eval_set, spec.max_length)  # noqa: E731
+    return train(model, encoded, tokenizer.pad_token_id or 0, spec, evaluate, **kwargs)
+
+
+def train_causal_lm(
+    model: nn.Module,
+    tokenizer,
+    train_set: PairExamples,
+    spec: TrainSpec,
+    eval_set: PairExamples | None = None,
+    **kwargs,
+) -> dict:
+    """Instruction-tune a causal LM on prompt/response pairs; ``eval`` holds response loss and perplexity."""
+    encoded = encode_causal(tokenizer, train_set, spec.max_length)
+    evaluate = None
+    if eval_set is not None:
+        evaluate = lambda m: evaluate_causal_lm(m, tokenizer, eval_set, spec.max_length)  # noqa: E731
+    return train(model, encoded, tokenizer.pad_token_id, spec, evaluate, **kwargs)

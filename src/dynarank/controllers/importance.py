@@ -1,0 +1,122 @@
+"""Importance of every adapter element and of every rank (AdaLoRA / ElaLoRA).
+
+Per element w with gradient g (after the optimizer step, as both authors' codes do):
+
+    I    = |w * g|                                  # sensitivity
+    Ibar = beta1 * Ibar + (1 - beta1) * I            # smoothed sensitivity
+    Ubar = beta2 * Ubar + (1 - beta2) * |I - Ibar|   # uncertainty (with the new Ibar)
+    s    = Ibar * Ubar
+
+Score of rank j of group g (a triplet E_gj, A row, B column):
+
+    S_gj = s(E_gj) + mean_i s(A_gj,i) + mean_i s(B_i,gj)
+
+In the engine's storage (docs/architecture.md) a rank owns one shared-side row (slot
+``slots[g][j]``) and one group-side column (packed column ``sum(r[:g]) + j``); whichever is A
+or B, the triplet score is ``s(E)[c] + mean(s(shared)[slot, :]) + mean(s(group)[:, c])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..layer import ElasticLoRALinear
+
+
+class _StateCarrier(torch.optim.Optimizer):
+    """Holds the EMAs as optimizer state so that every resize re-indexes them like Adam's moments.
+
+    ``layer.remove_slots`` / ``add_slots`` / ``optim_state.reindex_parameter`` rebind every
+    optimizer they are given and slice every state tensor shaped like the parameter with the
+    same index: passing this carrier along keeps the scores of kept ranks and gives new ranks
+    zero scores, with no index bookkeeping of our own. It never steps.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure=None):  # pragma: no cover - never called
+        raise RuntimeError("the importance store is not an optimizer; it never steps.")
+
+
+class ImportanceEMA:
+    """Sensitivity and uncertainty moving averages of every element of the tracked parameters.
+
+    Args:
+        params: parameters to score (A, B and E of every adapted module).
+        beta1: EMA factor of the sensitivity (0.85 in AdaLoRA and ElaLoRA).
+        beta2: EMA factor of the uncertainty (0.85).
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], beta1: float = 0.85, beta2: float = 0.85) -> None:
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.carrier = _StateCarrier(list(params))
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for group in self.carrier.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def update(self) -> list[nn.Parameter]:
+        """One EMA step from the current weights and gradients; returns the parameters skipped
+        (no gradient, or a non-finite one)."""
+        skipped = []
+        for p in self.params:
+            if p.grad is None or not torch.isfinite(p.grad).all():
+                skipped.append(p)
+                continue
+            sensitivity = (p.detach() * p.grad).abs()
+            state = self.carrier.state[p]
+            if not state:
+                state["sensitivity"] = torch.zeros_like(p)
+                state["uncertainty"] = torch.zeros_like(p)
+            ibar, ubar = state["sensitivity"], state["uncertainty"]
+            ibar.mul_(self.beta1).add_(sensitivity, alpha=1.0 - self.beta1)
+            ubar.mul_(self.beta2).add_((sensitivity - ibar).abs(), alpha=1.0 - self.beta2)
+        return skipped
+
+    def score(self, p: nn.Parameter) -> torch.Tensor:
+        """s = Ibar * Ubar, shaped like ``p`` (zeros before the first update)."""
+        state = self.carrier.state.get(p)
+        if not state:
+            return torch.zeros_like(p, dtype=torch.float32).detach()
+        return (state["sensitivity"] * state["uncertainty"]).float()
+
+    def set_state(self, p: nn.Parameter, sensitivity: torch.Tensor, uncertainty: torch.Tensor) -> None:
+        """Overwrite the EMAs of ``p`` (tests and checkpoint restores)."""
+        self.carrier.state[p] = {
+            "sensitivity": sensitivity.detach().to(p).clone(),
+            "uncertainty": uncertainty.detach().to(p).clone(),
+        }
+
+    def clear(self) -> None:
+        """Drop every EMA (frees their memory once ranks are final)."""
+        self.carrier.state.clear()
+
+
+def triplet_scores(
+    layer: ElasticLoRALinear, shared: torch.Tensor, group: torch.Tensor, values: torch.Tensor
+) -> list[torch.Tensor]:
+    """Score of every rank of every group, ``S_gj = s(E)[c] + mean s(shared)[slot] + mean s(group)[:, c]``.
+
+    Args:
+        layer: the adapted module (gives the slot layout).
+        shared: element scores of ``layer.shared_weight``, (S, d_other).
+        group: element scores of ``layer.group_weight``, (d_g, T).
+        values: element scores of the module's E, (T,) aligned with the packed columns.
+
+    Returns:
+        One (r_g,) tensor per group, in rank-position order.
+    """
+    row_mean = shared.mean(dim=1) if shared.shape[1] else shared.new_zeros(shared.shape[0])  # (S,)
+    column = values + group.mean(dim=0)  # (T,)
+    out, offset = [], 0
+    for slots in layer.slots:
+        r = len(slots)
+        index = torch.tensor(slots, dtype=torch.long, device=row_mean.device)
+        out.append(column[offset : offset + r] + row_mean[index])
+        offset += r
+    return out

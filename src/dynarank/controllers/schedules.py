@@ -1,0 +1,126 @@
+"""When the SVD-form methods (ElaLoRA, AdaLoRA) reallocate ranks, and by how much.
+
+Time ``t`` counts COMPLETED optimizer steps (1..T). PEFT's AdaLoRA indexes the step just done
+from 0 (``s = t - 1``); its ``tinit``/``tfinal`` equal our ``t_init - 1`` / ``t_final + 1``.
+
+    end = T - t_final
+    p(t) = clamp((t - t_init) / (end - t_init), 0, 1)              # progress of the budgeting phase
+    budget(t) = floor(target + (start - target) * (1 - p)^3)        # AdaLoRA: cubic, start -> target
+    b(t) = round(b0 * (1 - p^3))                                    # ElaLoRA: changes per round
+
+Rounds run at ``t_init < t <= end`` when ``(t - t_init) % interval == 0``; AdaLoRA also forces
+one at ``t == end`` so that the target is reached exactly there. Nothing changes in warm-up
+(``t <= t_init``) or after ``end``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ROUNDS_WHEN_UNSET = 20  # resize_every=None: about this many rounds over the budgeting phase
+
+
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """The phases of an SVD-form run, validated against the run length.
+
+    Attributes:
+        total_steps: T, optimizer steps of the run.
+        t_init: steps of warm-up (scores are gathered, ranks do not change).
+        t_final: steps at the end with ranks fixed.
+        interval: steps between reallocation rounds.
+    """
+
+    total_steps: int
+    t_init: int
+    t_final: int
+    interval: int
+
+    @classmethod
+    def resolve(
+        cls,
+        total_steps: int | None,
+        *,
+        warmup_frac: float,
+        final_frac: float,
+        t_init_steps: int | None = None,
+        t_final_steps: int | None = None,
+        interval: int | None = None,
+        method: str = "ElaLoRA",
+        need_interior_round: bool = True,
+    ) -> BudgetSchedule:
+        """Turn fractions / step counts into a schedule, or raise a ValueError that says what to change.
+
+        Args:
+            total_steps: T; None raises (a data set of unknown length needs ``max_steps``).
+            warmup_frac, final_frac: t_init and t_final as fractions of T (used when the steps are None).
+            t_init_steps, t_final_steps: exact step counts (override the fractions).
+            interval: steps between rounds (None: about 20 rounds over the budgeting phase).
+            method: name used in the messages.
+            need_interior_round: refuse an interval longer than the budgeting phase (ElaLoRA would
+                then never reallocate; AdaLoRA still prunes once, at ``end``).
+        """
+        if total_steps is None:
+            raise ValueError(
+                f"{method} needs total_steps (its warm-up, reallocation rounds and final phase are placed in the "
+                "run). Pass total_steps=..., or --max-steps for a data set of unknown length."
+            )
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
+        t_init = t_init_steps if t_init_steps is not None else round(warmup_frac * total_steps)
+        t_final = t_final_steps if t_final_steps is not None else round(final_frac * total_steps)
+        phase = total_steps - t_final - t_init
+        if phase < 1:
+            raise ValueError(
+                f"{method} has no budgeting phase: t_init ({t_init}) + t_final ({t_final}) >= total_steps "
+                f"({total_steps}). Lower warmup_frac / final_frac (or t_init_steps / t_final_steps), or train longer."
+            )
+        if interval is None:
+            interval = max(1, phase // ROUNDS_WHEN_UNSET)
+        if need_interior_round and interval >= phase:
+            raise ValueError(
+                f"resize_every={interval} is not shorter than {method}'s budgeting phase ({phase} steps between "
+                f"t_init={t_init} and T - t_final={total_steps - t_final}): no reallocation round would run. "
+                f"Lower resize_every (e.g. {max(1, phase // ROUNDS_WHEN_UNSET)}) or widen the phase."
+            )
+        return cls(total_steps=total_steps, t_init=t_init, t_final=t_final, interval=interval)
+
+    @property
+    def end(self) -> int:
+        """T - t_final: the last step at which ranks may change."""
+        return self.total_steps - self.t_final
+
+    def progress(self, t: int) -> float:
+        """p(t) in [0, 1]: 0 up to t_init, 1 from T - t_final on."""
+        return min(1.0, max(0.0, (t - self.t_init) / (self.end - self.t_init)))
+
+    def phase(self, t: int) -> str:
+        """'warmup' (t <= t_init), 'active' (ranks may change) or 'final' (t > T - t_final)."""
+        if t <= self.t_init:
+            return "warmup"
+        return "active" if t <= self.end else "final"
+
+    def is_round(self, t: int, force_end: bool = False) -> bool:
+        """Whether step ``t`` ends with a reallocation round (``force_end``: also at ``t == end``)."""
+        if not self.t_init < t <= self.end:
+            return False
+        return (t - self.t_init) % self.interval == 0 or (force_end and t == self.end)
+
+    def rounds(self, force_end: bool = False) -> list[int]:
+        """Every step that runs a round."""
+        return [t for t in range(self.t_init + 1, self.end + 1) if self.is_round(t, force_end)]
+
+
+def cubic_budget(schedule: BudgetSchedule, t: int, start: float, target: float) -> int:
+    """AdaLoRA's budget: ``floor(target + (start - target) * (1 - p(t))^3)``; ``start`` in warm-up."""
+    if t <= schedule.t_init:
+        return math.floor(start)
+    if t >= schedule.end:
+        return math.floor(target)
+    return math.floor(target + (start - target) * (1.0 - schedule.progress(t)) ** 3)
+
+
+def cubic_changes(schedule: BudgetSchedule, t: int, b0: int) -> int:
+    """ElaLoRA's changes per round: ``round(b0 * (1 - p(t)^3))`` (b0 at the start, 0 at the end)."""
+    return round(b0 * (1.0 - schedule.progress(t) ** 3))

@@ -1,0 +1,135 @@
+"""`dynarank train/eval/export` for decoder causal LMs (grouped-query attention)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from dynarank.cli import main
+from dynarank.models import load_causal_lm, packaged_minilm_path
+from dynarank.runs import load_trained
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (4 query / 2 key-value heads) with a real tokenizer borrowed from the packaged MiniLM."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_pairs(path: Path, n: int = 40) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "answer"])
+        for i in range(n):
+            writer.writerow([f"what is {i} plus one?", f"it is {i + 1}."])
+    return path
+
+
+def test_causal_lm_train_eval_export(tiny_llama_dir, tmp_path, capsys):
+    data = write_pairs(tmp_path / "pairs.csv")
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--method",
+        "ard",
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--r0",
+        "2",
+        "--max-length",
+        "24",
+        "--lr",
+        "1e-2",
+    ]
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "causal-lm" and set(summary["eval"]) == {"loss", "perplexity"}
+    heads = summary["final_ranks"]
+    assert len(heads["model.layers.0.self_attn.q_proj"]) == 4 and len(heads["model.layers.0.self_attn.k_proj"]) == 2
+    assert "lm_head" not in " ".join(heads)
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["perplexity"] > 1.0
+
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    model, tokenizer, _ = load_trained(run)
+    base, _ = load_causal_lm(tiny_llama_dir)
+    stock = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    ids = tokenizer(["what is 3 plus one?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_missing_response_column_is_named(tiny_llama_dir, tmp_path, capsys):
+    data = write_pairs(tmp_path / "pairs.csv")
+    argv = [
+        "train",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(data),
+        "--response-column",
+        "reply",
+        "--max-steps",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    assert main(argv) == 2
+    assert "no response column 'reply'; columns found: question, answer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_trains_on_the_packaged_dialogs(tmp_path):
+    argv = [
+        "train",
+        "--model",
+        "smollm2",
+        "--method",
+        "ard",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--r0",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["final_ranks"]["model.layers.0.self_attn.k_proj"]) == 3  # SmolLM2: 3 key-value heads
+    assert summary["eval"]["perplexity"] < 1e4

@@ -1,0 +1,328 @@
+"""ElaLoRA controller: importance scores, prune-and-expand rounds, near-no-op orthogonal growth, carried moments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+import dynarank
+from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
+from dynarank.controllers.schedules import BudgetSchedule
+from dynarank.synthetic import make_planted_task, train_planted
+from tiny_models import tiny_bert, token_batch
+
+
+def planted(r=3, steps=40, **config):
+    """The planted-rank student (one 'query' projection, 8 heads of 16, d_in 64) with ElaLoRA attached."""
+    task = make_planted_task(seed=0)
+    model = task.student()
+    attach(model, DynaRankConfig(method="elalora", r=r, target_modules=["query"], seed=0, **config))
+    return task, model, build_controller(model, total_steps=steps)
+
+
+def train(model, task, opt, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 64, generator=g)
+        ((model(x) - task.targets(x)) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+class TwoLayer(nn.Module):
+    """x -> first (4 -> 6) -> second (6 -> 3): two adapted matrices."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 6, bias=False)
+        self.second = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+# ---------------------------------------------------------------- importance
+
+
+def test_importance_scores_match_a_hand_computation_on_a_two_layer_toy():
+    model = TwoLayer()
+    attach(model, DynaRankConfig(method="elalora", r=2, granularity="matrix", target_modules=["first", "second"]))
+    ctrl = build_controller(model, total_steps=20)
+    layers = elastic_layers(model)
+    g = torch.Generator().manual_seed(0)
+    tracked = {}  # (module, factor) -> parameter;  rows split: A = shared (r, d_in), B = group (d_out, r)
+    for name, layer in layers.items():
+        tracked[name, "A"], tracked[name, "B"] = layer.shared_weight, layer.group_weight
+        tracked[name, "E"] = model.dynarank_svd.of(name)
+    with torch.no_grad():
+        for p in tracked.values():
+            p.copy_(torch.randn(p.shape, generator=g))
+    grads = [{k: torch.randn(p.shape, generator=g) for k, p in tracked.items()} for _ in range(2)]
+    for step_grads in grads:  # two steps with known gradients
+        for k, p in tracked.items():
+            p.grad = step_grads[k].clone()
+        ctrl.importance.update()
+
+    def element_score(key, index):
+        w = float(tracked[key].detach()[index])
+        ibar = ubar = 0.0
+        for step_grads in grads:
+            i = abs(w * float(step_grads[key][index]))
+            ibar = 0.85 * ibar + 0.15 * i
+            ubar = 0.85 * ubar + 0.15 * abs(i - ibar)
+        return ibar * ubar
+
+    scores = ctrl.triplet_scores()
+    for name, layer in layers.items():
+        d_out, d_in = layer.out_features, layer.in_features
+        for i in range(2):  # rank i: s(E_i) + mean_j s(A_ij) + mean_j s(B_ji)
+            expected = (
+                element_score((name, "E"), (i,))
+                + sum(element_score((name, "A"), (i, j)) for j in range(d_in)) / d_in
+                + sum(element_score((name, "B"), (j, i)) for j in range(d_out)) / d_out
+            )
+            assert scores[name][0][i].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_scores_are_updated_after_every_step_until_t_final_and_then_freed():
+    task, model, ctrl = planted(steps=20, t_init_steps=4, t_final_steps=6, resize_every=5)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    layer = elastic_layers(model)["query"]
+    train(model, task, opt, 3)
+    assert ctrl.importance.score(layer.group_weight).sum() > 0
+    train(model, task, opt, 11)  # t = 14 = T - t_final
+    assert ctrl.importance.carrier.state == {}
+
+
+# ---------------------------------------------------------------- one round
+
+
+def test_a_round_prunes_the_lowest_candidates_and_grows_the_groups_of_the_highest():
+    task, model, ctrl = planted(r=3, k_candidates=2)
+    layer = elastic_layers(model)["query"]
+    rows_before = layer.shared_weight.detach().clone()  # (24, 64): head h owns rows 3h..3h+2
+    scores = [
+        [0.5, 0.1, 0.9],  # candidates (k=2): 0.1, 0.5
+        [0.2, 0.8, 0.7],  # 0.2, 0.7
+        [5.0, 6.0, 7.0],  # 5, 6
+        [3.0, 0.05, 4.0],  # 0.05, 3
+        [1.1, 1.2, 9.0],
+        [2.1, 2.2, 9.0],
+        [8.0, 8.5, 9.5],  # 8, 8.5: the two highest candidates
+        [4.1, 4.2, 9.0],
+    ]
+    record = ctrl.reallocate({"query": [torch.tensor(s) for s in scores]}, b=3)
+    # pruned: 0.05 (head 3, pos 1), 0.1 (head 0, pos 1), 0.2 (head 1, pos 0);
+    # grown: head 6 (8.5 and 8.0) twice, head 2 (6.0) once. Excluded from growth: 9.x are not candidates.
+    assert layer.ranks == [2, 2, 4, 2, 3, 3, 5, 3]
+    assert sum(layer.ranks) == 24 and (record.pruned, record.expanded) == (3, 3)  # total rank conserved
+    kept_rows = {0: [0, 2], 1: [4, 5], 3: [9, 11]}
+    for head, rows in kept_rows.items():
+        assert torch.equal(layer.shared_weight[layer.slots[head]].detach(), rows_before[rows])
+    assert [h["total_rank"] for h in ctrl.history] == [24] * len(ctrl.history)
+
+
+def test_candidates_are_capped_at_rank_minus_one_and_rank_one_groups_offer_none():
+    task, model, ctrl = planted(r=3, k_candidates=5)
+    layer = elastic_layers(model)["query"]
+    layer.remove_slots({0: [1, 2], 1: [2]})  # ranks [1, 2, 3, ...]; E is re-cut by the controller only
+    ctrl.values.replace("query", nn.Parameter(torch.zeros(sum(layer.ranks))))
+    scores = {"query": [torch.arange(r, dtype=torch.float32) for r in layer.ranks]}
+    offered = {}
+    for c in ctrl.candidates(scores):
+        offered[c.group] = offered.get(c.group, 0) + 1
+    assert 0 not in offered and offered[1] == 1 and offered[2] == 2
+
+
+def test_the_number_of_changes_decays_cubically_and_rounds_follow_the_interval():
+    task, model, ctrl = planted(steps=100, t_init_steps=10, t_final_steps=20, resize_every=10, b_changes=4)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    train(model, task, opt, 100)
+    pruned = {r.step: r.pruned for r in ctrl.records if r.resized}
+    expanded = {r.step: r.expanded for r in ctrl.records if r.resized}
+    # rounds at t > t_init with (t - t_init) % 10 == 0; b(t) = round(4 (1 - p^3)), p = (t - 10) / 70,
+    # which is 0 at T - t_final = 80: e.g. t = 50: p = 4/7, 4 (1 - 0.187) = 3.25 -> 3
+    assert pruned == expanded == {20: 4, 30: 4, 40: 4, 50: 3, 60: 3, 70: 1}
+    assert all(r.total_rank == 24 for r in ctrl.records)
+
+
+# ---------------------------------------------------------------- growth
+
+
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_an_expansion_leaves_outputs_unchanged_and_the_new_rank_is_orthogonal(layout):
+    model = tiny_bert()
+    targets = ["query", "attention.output.dense"]  # rows (A shared) and cols (B shared)
+    attach(model, DynaRankConfig(method="elalora", r=2, target_modules=targets, head_layout=layout, seed=0))
+    ctrl = build_controller(model, total_steps=50)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
+    for _ in range(5):
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    grow = {name: {0: 2, 3: 1} for name in elastic_layers(model)}
+    ctrl.resize({}, grow)
+    with torch.no_grad():
+        after = model(input_ids=x).logits
+    assert (after - before).abs().max() <= 1e-6
+    for name, layer in elastic_layers(model).items():
+        assert layer.ranks == [4, 2, 2, 3]
+        offsets = [0, 4, 6, 8]
+        for g, new in ((0, [2, 3]), (3, [2])):
+            group_rows = layer.group_weight[:, offsets[g] : offsets[g] + layer.ranks[g]].t().detach()  # (r_g, d_g)
+            shared_rows = layer.shared_weight[layer.slots[g]].detach()  # (r_g, d_other)
+            for rows, fresh in ((group_rows, True), (shared_rows, layout == "own")):
+                if not fresh:
+                    continue  # a reused shared slot keeps its row (other heads use it)
+                gram = rows @ rows.t()
+                for j in new:
+                    others = [i for i in range(layer.ranks[g]) if i != j]
+                    assert gram[j, j].item() == pytest.approx(1.0, abs=1e-5)
+                    assert gram[j, others].abs().max() <= 1e-5, (name, g, j)
+        e = model.dynarank_svd.of(name).detach()
+        assert torch.all(e[[2, 3, 10]] == 1e-13)
+
+
+def test_a_group_never_grows_beyond_its_orthogonal_capacity():
+    task, model, ctrl = planted(r=3)
+    layer = elastic_layers(model)["query"]
+    assert ctrl.capacity(layer) == 16  # min(head size 16, d_in 64)
+    scores = {"query": [torch.tensor([1.0, 2.0, 3.0]) * (h + 1) for h in range(8)]}
+    layer.add_slots({7: 13})  # head 7 at its capacity (E re-cut to match)
+    ctrl.values.replace("query", nn.Parameter(torch.zeros(sum(layer.ranks))))
+    scores["query"][7] = torch.arange(16, dtype=torch.float32) + 100.0
+    prune, grow = ctrl.plan(scores, b=2)
+    assert 7 not in grow.get("query", {})  # its candidates are the highest, but it is full
+    assert prune == {"query": {0: [0, 1]}} and grow == {"query": {6: 1, 5: 1}}  # next highest: 14, 12
+
+
+# ---------------------------------------------------------------- optimizer state
+
+
+def _moments_by_rank(opt, layer, values):
+    """{(group, id of the rank): (A row moment, B column moment, E moment)} with ids from the slot layout."""
+    out, offset = {}, 0
+    for g, slots in enumerate(layer.slots):
+        for j, s in enumerate(slots):
+            c = offset + j
+            out[g, j] = (
+                opt.state[layer.shared_weight]["exp_avg"][s].clone(),
+                opt.state[layer.group_weight]["exp_avg"][:, c].clone(),
+                opt.state[values]["exp_avg"][c].clone(),
+            )
+        offset += len(slots)
+    return out
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_optimizer_moments_of_kept_ranks_survive_a_round_unless_the_reset_flag_is_set(reset):
+    task, model, ctrl = planted(r=3, reset_optimizer_on_resize=reset)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    train(model, task, opt, 4)
+    layer = elastic_layers(model)["query"]
+    before = _moments_by_rank(opt, layer, model.dynarank_svd.of("query"))
+    ctrl.resize({"query": {0: [1], 5: [0, 2]}}, {"query": {2: 1, 7: 2}})
+    assert layer.ranks == [2, 3, 4, 3, 3, 1, 3, 5]
+    if reset:
+        assert all(not opt.state[p] for p in [*layer.adapter_parameters(), model.dynarank_svd.of("query")])
+        return
+    after = _moments_by_rank(opt, layer, model.dynarank_svd.of("query"))
+    kept = {0: [0, 2], 5: [1]}  # positions that survive in the pruned heads; other heads keep 0, 1, 2
+    for (g, j), moments in after.items():
+        source = kept.get(g, [0, 1, 2])
+        if j >= len(source):  # appended to heads 2 and 7: zero moments
+            assert all(torch.count_nonzero(m) == 0 for m in moments), (g, j)
+            continue
+        for new, old in zip(moments, before[g, source[j]]):
+            assert torch.equal(new, old), (g, j)
+
+
+# ---------------------------------------------------------------- runs, export, granularity
+
+
+@pytest.mark.parametrize("granularity", ["head", "matrix"])
+def test_elalora_trains_per_head_or_per_matrix_and_conserves_the_total_rank(granularity):
+    model = tiny_bert()
+    attach(model, DynaRankConfig(method="elalora", r=3, target_modules=["query", "value"], granularity=granularity))
+    ctrl = build_controller(model, total_steps=30)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
+    start = ctrl.total_rank()
+    for _ in range(30):
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert ctrl.total_rank() == start
+    assert ctrl.rank_changes > 0
+    assert {"total_rank", "adapter_parameters", "ranks"} <= set(ctrl.history[-1])
+    assert ctrl.finalized and not hasattr(model, "dynarank_svd")  # E folded into B after the last step
+
+
+def test_a_parameter_ceiling_is_never_exceeded():
+    task, model, ctrl = planted(r=3, steps=100, target_params=2000)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    train(model, task, opt, 100)
+    assert all(r.adapter_parameters <= 2000 and r.budget == 2000 for r in ctrl.records)
+    assert ctrl.records[-1].budget_unit == "params" and ctrl.records[-1].total_rank > 0
+
+
+def test_export_after_elalora_reloads_in_stock_peft_with_the_same_logits(tmp_path):
+    model = tiny_bert()
+    attach(model, DynaRankConfig(method="elalora", r=3, target_modules=["query", "key", "value"], seed=0))
+    ctrl = build_controller(model, total_steps=40)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
+    for step in range(40):
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 19:  # mid-run: E is a live gate, folded by the export
+            assert ctrl.rank_changes > 0 and not ctrl.finalized
+            _assert_export_matches(model, x, tmp_path / "mid")
+    assert ctrl.finalized  # after the last step: E folded into B, plain elastic LoRA
+    _assert_export_matches(model, x, tmp_path / "end")
+
+
+def _assert_export_matches(model, x, path):
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    assert (expected - tiny_bert()(input_ids=x).logits).abs().max() > 1e-3  # the adapter matters
+    dynarank.export_peft(model, path)
+    loaded = PeftModel.from_pretrained(tiny_bert(), str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_a_fresh_adapter_starts_as_the_base_model_with_svd_initialisation():
+    task, model, ctrl = planted(r=3)
+    layer = elastic_layers(model)["query"]
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(model(x), x @ task.base_weight.t())  # E = 0
+    for p in layer.adapter_parameters():
+        assert 0.01 < p.detach().std().item() < 0.03  # P, Q ~ N(0, 0.02)
+    assert torch.equal(model.dynarank_svd.of("query").detach(), torch.zeros(24))
+
+
+def test_elalora_needs_total_steps_and_a_round_inside_the_budgeting_phase():
+    _, model, _ = planted()
+    with pytest.raises(ValueError, match="total_steps"):
+        build_controller(model)
+    with pytest.raises(ValueError, match="resize_every=50 is not shorter"):
+        BudgetSchedule.resolve(100, warmup_frac=0.2, final_frac=0.3, interval=50, method="ElaLoRA")
+    with pytest.raises(ValueError, match="target_params .* below its initial size"):
+        planted(target_params=100)
+    with pytest.raises(ValueError, match="conserves the total rank"):
+        DynaRankConfig(method="elalora", target_rank=2)
+
+
+def test_planted_ranks_move_towards_the_truth():
+    task = make_planted_task(seed=0, noise=0.1)
+    out = train_planted(task, DynaRankConfig(method="elalora", r=3, target_modules=["query"], seed=0), steps=600)
+    ranks = out["ranks"]
+    assert sum(ranks) == 24
+    assert ranks[4] > 3 and ranks[0] < 3 and ranks[5] < 3  # true ranks 8, 0, 0 (from 3 each)
