@@ -88,6 +88,7 @@ def test_train_eval_export_report_end_to_end(tiny_model_dir, tmp_path, capsys):
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 6 and [s["step"] for s in steps[:-1]] == list(range(1, 7))
     assert steps[-2]["trainable_parameters"] == summary["trainable_parameters"]
+    assert summary["state_bytes_end"] < summary["state_bytes_start"]  # ranks fell, and memory with them
     assert steps[-1]["eval"] == summary["eval"]
     last_ranks = json.loads((run / "ranks.jsonl").read_text().splitlines()[-1])["ranks"]
     assert last_ranks == summary["final_ranks"]

@@ -25,6 +25,7 @@ from .config import DynaRankConfig
 from .controllers import RankController, build_controller
 from .data import Examples, PairExamples
 from .distributed import any_worker, check_same_ranks, default_device, world, wrap
+from .optim_state import state_bytes
 from .tasks import batches, encode_causal, encode_classification, evaluate_causal_lm, evaluate_classifier
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,12 @@ def nonfinite_gradients(model: nn.Module) -> list[str]:
     return sorted(set(bad))
 
 
+def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the trainable parameters plus their optimizer state (what a resize can shrink)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() * p.element_size() for p in params) + state_bytes(optimizer, params)
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     # Each epoch's order follows from (seed, epoch) alone, so a resumed run finds its place by step.
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -204,6 +211,7 @@ def train(
         checkpoint.restore_training(optimizer, scheduler, controller, state, tensors)
         step = state["step"]
     start_params = count_trainable(model) if not resume else state["extra"].get("start_params", 0)
+    state_bytes_start = None if not resume else state["extra"].get("state_bytes_start")
     per_epoch = math.ceil(n_examples / spec.batch_size)
     skipped, t0 = 0, time.perf_counter()
     train_model = wrap(model)
@@ -232,6 +240,8 @@ def train(
                 skipped += 1
             else:
                 optimizer.step()
+                if state_bytes_start is None:  # after the first step AdamW's moments exist
+                    state_bytes_start = training_state_bytes(model, optimizer)
                 scheduler.step()
                 if n_workers > 1 and controller is not None and controller.records[-1].resized:
                     check_same_ranks(controller)
@@ -252,7 +262,13 @@ def train(
                 )
             if save_every and step % save_every == 0 and rank == 0:
                 checkpoint.save(
-                    run_dir, model, optimizer, scheduler, controller, step, extra={"start_params": start_params}
+                    run_dir,
+                    model,
+                    optimizer,
+                    scheduler,
+                    controller,
+                    step,
+                    extra={"start_params": start_params, "state_bytes_start": state_bytes_start},
                 )
             if step >= total:
                 break
@@ -267,6 +283,8 @@ def train(
         "seconds_per_step": seconds / max(1, total - (state["step"] if resume else 0)),
         "trainable_parameters_start": start_params,
         "trainable_parameters": count_trainable(model),
+        "state_bytes_start": state_bytes_start,
+        "state_bytes_end": training_state_bytes(model, optimizer),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if controller is not None:
