@@ -99,6 +99,9 @@ def test_train_eval_export_report_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert set(metrics) == {"accuracy", "macro_f1"} and 0.0 <= metrics["accuracy"] <= 1.0
 
     assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "exported"), "--data", str(data)]) == 0  # a bare adapter directory
+    assert json.loads(capsys.readouterr().out) == metrics
     model, tokenizer, _ = load_trained(run)
     base, _ = load_classifier(tiny_model_dir, summary["label_names"])
     stock = PeftModel.from_pretrained(base, tmp_path / "exported")

@@ -279,11 +279,13 @@ def _write_outputs(result: dict, tokenizer, spec: TrainSpec, out: Path, resolved
                 f.write(json.dumps(snapshot) + "\n")
         save_adapter(model, out / "dynarank_adapter")
         export_peft(model, out / "adapter")
+        write_adapter_info(out / "adapter", {**resolved, "method": spec.method})
     elif spec.method == "full":
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
     else:
         model.save_pretrained(out / "adapter")
+        write_adapter_info(out / "adapter", {**resolved, "method": spec.method})
     summary = {k: v for k, v in result.items() if k != "ranks"}
     summary.update(model=resolved["model"], label_names=resolved["label_names"], task=resolved["task"])
     summary["final_ranks"] = result.get("ranks")
@@ -324,6 +326,38 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+ADAPTER_INFO = "dynarank_run.json"  # base model, task and labels, written beside every PEFT adapter we write
+
+
+def write_adapter_info(adapter_dir: Path, summary: dict) -> None:
+    info = {k: summary.get(k) for k in ("model", "task", "label_names", "method")}
+    (Path(adapter_dir) / ADAPTER_INFO).write_text(json.dumps(info, indent=1))
+
+
+def _load_adapter_dir(path: Path, base: str | None):
+    """(model, tokenizer, info) for a plain PEFT adapter directory (ours or anyone's)."""
+    from peft import PeftModel
+
+    info_file = path / ADAPTER_INFO
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    base = (
+        base
+        or info.get("model")
+        or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    )
+    if not base:
+        raise ValueError(f"{path}: which base model does this adapter belong to? Pass --model.")
+    model_dir = resolve_model_dir(base)
+    info.setdefault("task", infer_task(model_dir))
+    if info["task"] == "causal-lm":
+        model, tokenizer = load_causal_lm(model_dir)
+    else:
+        if not info.get("label_names"):
+            raise ValueError(f"{path} does not record its label names ({ADAPTER_INFO}); evaluate its run directory.")
+        model, tokenizer = load_classifier(model_dir, info["label_names"])
+    return PeftModel.from_pretrained(model, path), tokenizer, info
+
+
 def load_trained(run_dir: Path, merged: bool = False):
     """(model, tokenizer, summary) of a run, rebuilt from its saved files."""
     from peft import PeftModel
@@ -347,7 +381,11 @@ def load_trained(run_dir: Path, merged: bool = False):
 
 
 def eval_command(args: argparse.Namespace) -> dict:
-    model, tokenizer, summary = load_trained(Path(args.run_dir))
+    path = Path(args.run_dir)
+    if (path / "adapter_config.json").is_file() and not (path / "summary.json").is_file():
+        model, tokenizer, summary = _load_adapter_dir(path, getattr(args, "model", None))
+    else:
+        model, tokenizer, summary = load_trained(path)
     rows = load_table(args.data)
     if summary.get("task") == "causal-lm":
         pairs = causal_examples(rows, args.prompt_column, args.response_column, path=args.data)
@@ -369,11 +407,13 @@ def export_command(args: argparse.Namespace) -> Path:
         tokenizer.save_pretrained(out)
         return out
     if summary["method"] in DYNARANK_METHODS:
-        return export_peft(model, out, server_safe=args.server_safe)
-    if args.server_safe or summary["method"] == "full":
+        export_peft(model, out, server_safe=args.server_safe)
+    elif args.server_safe or summary["method"] == "full":
         raise ValueError(f"a {summary['method']!r} run has no dynarank adapter to fold; export --merged instead.")
-    new_run_dir(str(out), "export")
-    shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
+    else:
+        new_run_dir(str(out), "export")
+        shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
+    write_adapter_info(out, summary)
     return out
 
 
