@@ -326,3 +326,21 @@ def test_planted_ranks_move_towards_the_truth():
     ranks = out["ranks"]
     assert sum(ranks) == 24
     assert ranks[4] > 3 and ranks[0] < 3 and ranks[5] < 3  # true ranks 8, 0, 0 (from 3 each)
+
+
+def test_scores_and_gates_follow_layers_reshaped_outside_the_controller():
+    # A checkpoint restore re-creates the layers (set_slots) after the controller exists; E follows through
+    # match_layout and the importance EMAs re-bind to the new parameters at the next step.
+    task, model, ctrl = planted(r=3)
+    layer = elastic_layers(model)["query"]
+    slots = [[0, 1]] + [list(range(2 + 3 * h, 5 + 3 * h)) for h in range(7)]  # head 0 at rank 2
+    layer.set_slots(slots)
+    model.dynarank_svd.match_layout(ctrl.layers)
+    assert model.dynarank_svd.of("query").shape == (23,)
+    with torch.no_grad():  # the values a restore copies in
+        for p in (*layer.adapter_parameters(), model.dynarank_svd.of("query")):
+            p.copy_(torch.randn(p.shape) * 0.1)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    train(model, task, opt, 2)
+    assert ctrl.importance.score(layer.group_weight).sum() > 0
+    assert ctrl.importance.params[1] is layer.group_weight and len(ctrl.importance.carrier.state) == 3

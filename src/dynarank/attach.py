@@ -228,6 +228,7 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     for attr in (ATTACHED_ATTR, "dynarank_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)
-    if "dynarank_ard" in dict(model.named_children()):
-        del model._modules["dynarank_ard"]
+    for gates in ("dynarank_ard", "dynarank_svd"):  # controller parameters live beside the adapters
+        if gates in dict(model.named_children()):
+            del model._modules[gates]
     return model

@@ -149,6 +149,8 @@ def restore_model(model: nn.Module, state: dict, tensors: dict[str, torch.Tensor
         raise CheckpointError(f"checkpoint does not fit this model: adapted modules differ ({missing}).")
     for name, slots in state["layout"].items():
         layers[name].set_slots(slots)
+    if hasattr(model, "dynarank_svd"):  # ElaLoRA / AdaLoRA singular values follow the restored layout
+        model.dynarank_svd.match_layout(layers)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     if set(saved) != set(params):

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--target-modules", help="as for train")
     ins.add_argument("--granularity", choices=["head", "matrix"], default="head", help="groups per head or matrix")
     ins.add_argument("--head-layout", choices=["own", "shared"], default="own", help="per-head or shared A")
+    bench = sub.add_parser("bench", help="run the benchmark suites of a source checkout (benchmarks/run.py)")
+    bench.add_argument("--suite", nargs="+", help="planted, ablations, quality, overhead (default: all)")
+    bench.add_argument("--quick", action="store_true", help="fewer steps and one seed (about 10 minutes)")
     demo = sub.add_parser("demo", help="ARD-LoRA on the packaged MiniLM + tweets, then plain LoRA at equal parameters")
     demo.add_argument("--max-steps", type=int, help="optimizer steps per run (default: 2 epochs of --n-train)")
     demo.add_argument("--n-train", type=int, default=1000, help="training tweets")
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
         elif args.command == "inspect":
             runs.inspect_command(args)
+        elif args.command == "bench":
+            return runs.bench_command(args)
         elif args.command == "demo":
             runs.demo_command(args)
     except USER_ERRORS as exc:

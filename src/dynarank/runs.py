@@ -522,3 +522,23 @@ def _print_comparison(ard: dict, lora: dict, lora_params: int) -> None:
             f"{run['wall_seconds']:.0f}",
         )
     Console().print(table)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Run benchmarks/run.py of the source checkout this package was installed from."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            "the benchmarks live in the source checkout (benchmarks/run.py); install dynarank "
+            "from it with `pip install -e .` to run them."
+        )
+    command = [
+        sys.executable,
+        str(script),
+        *(["--suite", *args.suite] if args.suite else []),
+        *(["--quick"] if args.quick else []),
+    ]
+    return subprocess.run(command).returncode

@@ -91,6 +91,16 @@ class SVDValues(nn.Module):
     def replace(self, name: str, param: nn.Parameter) -> None:
         self.values[_key(name)] = param
 
+    def match_layout(self, layers: dict[str, ElasticLoRALinear]) -> None:
+        """Give every E the size of its layer's current rank layout (values zero; a restore fills them).
+
+        For code that reshapes layers outside the controller (``set_slots`` when restoring a checkpoint).
+        """
+        for name, layer in layers.items():
+            w, e = layer.group_weight, self.of(name)
+            if e.shape[0] != w.shape[1]:
+                self.replace(name, nn.Parameter(w.new_zeros(w.shape[1]), requires_grad=e.requires_grad))
+
 
 @torch.no_grad()
 def init_svd_factors(layer: ElasticLoRALinear, generator: torch.Generator | None = None) -> bool:
@@ -172,13 +182,18 @@ class SVDController(RankController):
         self.start_budget = self.budget_used()
         self.target_budget = self._resolve_target()  # validated before the model is touched
         self.values = ensure_svd_values(model, self.layers, c.seed)
+        self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
         for name, layer in self.layers.items():
             layer.set_gate(self._make_gate(name))
-        params = [p for name, layer in self.layers.items() for p in (*layer.adapter_parameters(), self.values.of(name))]
-        self.importance = ImportanceEMA(params, c.importance_beta1, c.importance_beta2)
+        self.importance = ImportanceEMA(self._scored_parameters(), c.importance_beta1, c.importance_beta2)
         self.finalized = False
+        self.rank_changes = 0  # ranks pruned plus ranks added, over the run
         self.last_penalty: float | None = None
         self.generator = torch.Generator().manual_seed(c.seed + 2) if c.seed is not None else None
+
+    def _scored_parameters(self) -> list[nn.Parameter]:
+        """A, B and E of every module, in a fixed order."""
+        return [p for name, layer in self.layers.items() for p in (*layer.adapter_parameters(), self.values.of(name))]
 
     # ------------------------------------------------------------------ E as the layer's gate
     def _make_gate(self, name: str):
@@ -240,6 +255,7 @@ class SVDController(RankController):
         record = BudgetRecord(step=t, phase=self.schedule.phase(t), budget_unit=self.budget_unit)
         if not self.finalized:
             if t < self.schedule.end:
+                self.importance.track(self._scored_parameters())  # layers reshaped elsewhere (a restore)
                 skipped = self.importance.update()
                 if any(p.grad is not None for p in skipped):
                     self.warn_once(
@@ -333,6 +349,7 @@ class SVDController(RankController):
                 record.expanded += sum(counts.values())
         if record.pruned or record.expanded:
             record.resized = True
+            self.rank_changes += record.pruned + record.expanded
             if self.config.reset_optimizer_on_resize:
                 for opt in self.optimizers:  # as the authors' code, which rebuilds its optimizer
                     opt.state.clear()
@@ -395,6 +412,7 @@ class SVDController(RankController):
         state = super().state_dict()
         state.update(
             {
+                "rank_changes": self.rank_changes,
                 "finalized": self.finalized,
                 "start_budget": self.start_budget,
                 "target_budget": self.target_budget,
@@ -405,6 +423,7 @@ class SVDController(RankController):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self.rank_changes = int(state.get("rank_changes", 0))
         self.start_budget = state["start_budget"]
         self.target_budget = state["target_budget"]
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..layer import ElasticLoRALinear
 from .adalora import BudgetRecord, Plan, SVDController
@@ -61,10 +60,6 @@ class ElaLoRAController(SVDController):
     force_end_round = False
     need_interior_round = True
     new_rank_value = NEW_RANK_VALUE
-
-    def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
-        super().__init__(model, total_steps)
-        self.rank_changes = 0  # ranks pruned plus ranks added, over the run
 
     def _resolve_target(self) -> int:
         """Rank: the initial total rank (conserved). Parameters: target_params, at least the initial count."""
@@ -147,7 +142,6 @@ class ElaLoRAController(SVDController):
         added = self.apply_plan(prune, grow, record)
         for name, new in added.items():
             self._initialise_new_ranks(self.layers[name], new)
-        self.rank_changes += record.pruned + record.expanded
         return record
 
     # ------------------------------------------------------------------ new ranks
@@ -178,15 +172,6 @@ class ElaLoRAController(SVDController):
                 rows = layer.shared_weight[slots[:j]]  # (j, d_other)
                 layer.shared_weight[slot] = _orthogonal_unit(rows, self.generator)
                 claimed.add(slot)
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["rank_changes"] = self.rank_changes
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.rank_changes = int(state.get("rank_changes", 0))
 
 
 def _orthogonal_unit(rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

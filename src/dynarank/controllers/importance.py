@@ -59,6 +59,19 @@ class ImportanceEMA:
     def params(self) -> list[nn.Parameter]:
         return [p for group in self.carrier.param_groups for p in group["params"]]
 
+    def track(self, params: list[nn.Parameter]) -> None:
+        """Score exactly ``params`` from now on: EMAs of parameters no longer listed are dropped
+        (a parameter replaced outside a resize, e.g. by a checkpoint restore, starts afresh)."""
+        current = self.params
+        if len(current) == len(params) and all(a is b for a, b in zip(current, params)):
+            return
+        keep = {id(p) for p in params}
+        for p in current:
+            if id(p) not in keep:
+                self.carrier.state.pop(p, None)
+        self.carrier.param_groups[0]["params"] = list(params)
+        del self.carrier.param_groups[1:]
+
     @torch.no_grad()
     def update(self) -> list[nn.Parameter]:
         """One EMA step from the current weights and gradients; returns the parameters skipped

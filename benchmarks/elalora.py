@@ -1,0 +1,219 @@
+"""ElaLoRA and AdaLoRA (physical pruning) on the planted-rank task, against ARD, the oracle and stock PEFT.
+
+Task (dynarank.synthetic): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
+per-head changes of ranks [0,1,2,4,8,0,3,6], label noise 0.1, MSE, 2,000 steps, batch 64, lr 3e-3.
+Every method ends at the oracle's trainable budget (24 head-ranks = 1,920 adapter parameters):
+
+* ElaLoRA per head, r=3 (24 ranks from the start; rank and parameters conserved);
+* AdaLoRA on the engine ('adalora-physical'), per head, r=8 -> target_rank 3 (64 -> 24 ranks);
+* stock PEFT AdaLoRA per matrix, init_r 15 -> target_r 10 (10 x 192 = 1,920), same schedule;
+* ARD default (r=8), plain LoRA per matrix r=10, and the oracle (per-head LoRA cut to the truth).
+
+Training memory is counted as 3 x the trainable parameters (fp32 weights + AdamW's two moments), at
+its peak and averaged over the steps; PEFT keeps every initial rank (and E) allocated to the end.
+
+    python benchmarks/elalora.py            # 3 seeds, about 2 minutes on 2 cores
+    python benchmarks/elalora.py --seeds 1  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from dynarank import DynaRankConfig
+from dynarank.synthetic import PlantedTask, make_planted_task, train_planted, within_one
+
+RESULTS = Path(__file__).parent / "results"
+TARGET = ["query"]
+ORACLE = "oracle (true ranks)"
+
+
+def methods() -> dict[str, dict]:
+    """name -> DynaRankConfig keyword arguments ('fixed': cut to the true ranks; 'peft': stock PEFT AdaLoRA)."""
+    ela = {"method": "elalora", "r": 3, "target_modules": TARGET}
+    ada = {"method": "adalora", "r": 8, "target_rank": 3, "target_modules": TARGET}
+    return {
+        ORACLE: {"method": "lora", "r": 8, "target_modules": TARGET, "fixed": True},
+        "ARD default (r=8)": {"method": "ard", "r": 8, "target_modules": TARGET},
+        "ElaLoRA per head r=3": dict(ela),
+        "ElaLoRA, ortho_weight=0": dict(ela, ortho_weight=0.0),
+        "ElaLoRA, moments reset (authors')": dict(ela, reset_optimizer_on_resize=True),
+        "ElaLoRA, b0=8 k=3": dict(ela, b_changes=8, k_candidates=3),
+        "adalora-physical per head 8->3": dict(ada),
+        "adalora-physical, ortho_weight=0": dict(ada, ortho_weight=0.0),
+        "adalora-physical, budget 1920 params": dict(ada, target_rank=None, target_params=1920),
+        "adalora-physical per matrix 15->10": dict(ada, r=15, target_rank=10, granularity="matrix"),
+        "stock PEFT AdaLoRA per matrix 15->10": {"peft": True},
+        "LoRA per matrix r=10": {"method": "lora", "r": 10, "target_modules": TARGET, "granularity": "matrix"},
+    }
+
+
+class _WithLoss(nn.Module):
+    """The planted student returning ``.loss`` as Hugging Face models do (PEFT adds its penalty only then)."""
+
+    def __init__(self, task: PlantedTask) -> None:
+        super().__init__()
+        self.query = task.student().query
+
+    def forward(self, x, y=None):
+        out = self.query(x)
+        return SimpleNamespace(loss=None if y is None else ((out - y) ** 2).mean(), logits=out)
+
+
+def train_peft_adalora(task: PlantedTask, steps: int, lr: float, seed: int) -> dict:
+    """Stock PEFT AdaLoRA with its documented loop (update_and_allocate after every step)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    t_init, t_final = round(0.2 * steps), round(0.15 * steps)  # the dynarank defaults (warmup/final_frac)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(
+            _WithLoss(task),
+            AdaLoraConfig(
+                init_r=15,
+                target_r=10,
+                lora_alpha=15,
+                target_modules=TARGET,
+                total_step=steps,
+                tinit=t_init,
+                tfinal=t_final,
+                deltaT=max(1, (steps - t_init - t_final) // 20),
+            ),
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1000)
+    inner = model.base_model  # AdaLoraModel.forward adds the orthogonality penalty; PeftModel.forward would not
+    for step in range(steps):
+        x = torch.randn(64, task.base_weight.shape[1], generator=g)
+        inner(x=x, y=task.targets(x, g)).loss.backward()
+        opt.step()
+        inner.update_and_allocate(step)
+        opt.zero_grad(set_to_none=True)
+    ranks = [sum(v) for v in model.peft_config["default"].rank_pattern.values()]
+    return {
+        "mse": task.eval_loss(lambda x: inner(x=x).logits),
+        "ranks": ranks,
+        "params": ranks[0] * 192,
+        "peak_trainable": trainable,
+        "mean_trainable": trainable,
+        "rank_changes": 0,
+        "warnings": [],
+    }
+
+
+def run_one(task: PlantedTask, spec: dict, steps: int, lr: float, seed: int) -> dict:
+    spec = dict(spec)
+    if spec.pop("peft", False):
+        return train_peft_adalora(task, steps, lr, seed)
+    fixed = task.true_ranks if spec.pop("fixed", False) else None
+    out = train_planted(task, DynaRankConfig(**spec), steps=steps, lr=lr, seed=seed, fixed_ranks=fixed)
+    controller = out.pop("controller")
+    out["peak_trainable"] = max(r.trainable_parameters for r in controller.records)
+    out["mean_trainable"] = statistics.mean(r.trainable_parameters for r in controller.records)
+    out["rank_changes"] = getattr(controller, "rank_changes", 0)
+    return out
+
+
+def run(seeds: int, steps: int, lr: float) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for seed in range(seeds):
+        task = make_planted_task(seed=seed, noise=0.1)
+        for name, spec in methods().items():
+            t0 = time.perf_counter()
+            out = run_one(task, spec, steps, lr, seed)
+            seconds = time.perf_counter() - t0
+            rows.setdefault(name, []).append(
+                {
+                    "seed": seed,
+                    "mse": out["mse"],
+                    "ranks": out["ranks"],
+                    "params": out["params"],
+                    "peak_trainable": out["peak_trainable"],
+                    "mean_trainable": out["mean_trainable"],
+                    "within_one": within_one(out["ranks"], task.true_ranks) if len(out["ranks"]) == 8 else None,
+                    "rank_changes": out["rank_changes"],
+                    "warnings": out["warnings"],
+                    "seconds_per_step": seconds / steps,
+                }
+            )
+            print(f"seed {seed} {name:38s} mse {out['mse']:.4g} ranks {out['ranks']} params {out['params']}")
+    return rows
+
+
+def summarise(rows: dict[str, list[dict]]) -> list[dict]:
+    oracle = rows[ORACLE]
+    table = []
+    for name, runs in rows.items():
+        rel_loss = [r["mse"] / o["mse"] for r, o in zip(runs, oracle)]
+        within = [r["within_one"] for r in runs if r["within_one"] is not None]
+        table.append(
+            {
+                "method": name,
+                "loss / oracle": statistics.mean(rel_loss),
+                "loss / oracle (max)": max(rel_loss),
+                "params / oracle": statistics.mean(r["params"] / o["params"] for r, o in zip(runs, oracle)),
+                "peak training floats": 3 * max(r["peak_trainable"] for r in runs),
+                "mean training floats": round(3 * statistics.mean(r["mean_trainable"] for r in runs)),
+                "within 1 (min over seeds)": min(within) if within else None,
+                "rank changes": statistics.mean(r["rank_changes"] for r in runs),
+                "ms / step": 1000 * statistics.mean(r["seconds_per_step"] for r in runs),
+                "final ranks (seed 0)": runs[0]["ranks"],
+            }
+        )
+    return table
+
+
+def markdown(table: list[dict], seeds: int, command: str) -> str:
+    head = (
+        "| method | loss / oracle (mean, max) | final params / oracle | training floats: peak, mean | "
+        "heads within 1 (worst seed) | rank changes | ms / step | final ranks, seed 0 |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        within = "-" if row["within 1 (min over seeds)"] is None else f"{row['within 1 (min over seeds)']:.0%}"
+        lines.append(
+            f"| {row['method']} | {row['loss / oracle']:.3f}, {row['loss / oracle (max)']:.3f} | "
+            f"{row['params / oracle']:.2f} | {row['peak training floats']:,}, {row['mean training floats']:,} | "
+            f"{within} | "
+            f"{row['rank changes']:.0f} | {row['ms / step']:.2f} | {row['final ranks (seed 0)']} |"
+        )
+    return (
+        f"Command: `{command}`\n\nTrue ranks: [0, 1, 2, 4, 8, 0, 3, 6]; {seeds} seeds; training floats = "
+        "3 x trainable parameters (fp32 weights + AdamW moments), at the peak and averaged over the steps.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (tasks and runs)")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = run(args.seeds, args.steps, args.lr)
+    table = summarise(rows)
+    command = f"python benchmarks/elalora.py --seeds {args.seeds} --steps {args.steps} --lr {args.lr}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "elalora.json").write_text(json.dumps({"command": command, "runs": rows, "table": table}, indent=1))
+    (args.out / "elalora.md").write_text(markdown(table, args.seeds, command))
+    print(markdown(table, args.seeds, command))
+    print(f"results: {args.out / 'elalora.md'}")
+
+
+if __name__ == "__main__":
+    main()
