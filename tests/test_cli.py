@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from dynarank.cli import main
-from dynarank.models import load_classifier, packaged_minilm_path
+from dynarank.models import load_classifier
 from dynarank.runs import load_trained
+from tiny_models import save_tiny_model_dir
 
 WORDS = {"positive": ["great", "love", "happy", "good", "wonderful"], "negative": ["bad", "hate", "sad", "awful"]}
 
@@ -21,20 +21,7 @@ WORDS = {"positive": ["great", "love", "happy", "good", "wonderful"], "negative"
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT with the packaged MiniLM tokenizer (so real text tokenizes)."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def write_csv(path: Path, n: int = 48, labels=("positive", "negative"), header=("text", "label")) -> Path:

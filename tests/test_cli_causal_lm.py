@@ -9,34 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dynarank.cli import main
-from dynarank.models import load_causal_lm, packaged_minilm_path
+from dynarank.models import load_causal_lm
 from dynarank.runs import load_trained
+from tiny_models import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (4 query / 2 key-value heads) with a real tokenizer borrowed from the packaged MiniLM."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), kind="llama")
 
 
 def write_pairs(path: Path, n: int = 40) -> Path:

@@ -12,10 +12,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from dynarank.cli import main
-from dynarank.models import packaged_minilm_path
+from tiny_models import save_tiny_model_dir
 
 TRAIN = [
     "train",
@@ -43,21 +42,8 @@ TRAIN = [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
-    torch.manual_seed(0)
     # No dropout: each worker would draw its own masks, so only the math, not the noise, can match.
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertForSequenceClassification(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_model_dir(root / "model", dropout=False)
     with (root / "data.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])

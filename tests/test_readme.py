@@ -7,12 +7,11 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import Trainer, TrainingArguments
 
 import dynarank
 from dynarank.cli import main
-from tiny_models import tiny_bert
+from tiny_models import TokenDataset, tiny_bert
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -32,19 +31,6 @@ def blocks(language: str) -> dict[str, str]:
         elif line.strip() == "```" + language:
             inside, lines = True, []
     return found
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n: int = 32):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 100, (n, 8), generator=g)
-        self.labels = (self.ids[:, 0] > 50).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def test_the_readme_has_the_snippets_this_file_runs():

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import Trainer, TrainingArguments
 
 import dynarank
 from dynarank import DynaRankConfig, attach
-from tiny_models import tiny_bert
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, n: int = 64):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 100, (n, 8), generator=g)
-        self.labels = (self.ids[:, 0] > 50).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+from tiny_models import TokenDataset, tiny_bert
 
 
 def make_trainer(tmp_path, model, accumulation=1, max_steps=30):

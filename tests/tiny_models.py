@@ -52,3 +52,59 @@ def randomize_adapters(model, seed: int = 0, scale: float = 0.3) -> None:
         for layer in elastic_layers(model).values():
             for p in layer.adapter_parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def save_tiny_model_dir(path, kind: str = "bert", dropout: bool = True):
+    """Save a tiny BERT classifier or Llama causal LM with the packaged MiniLM tokenizer (real text
+    tokenizes) into ``path``: a model directory the CLI can load. Returns ``path``."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from dynarank.models import packaged_minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+    torch.manual_seed(0)
+    if kind == "bert":
+        p = 0.1 if dropout else 0.0
+        config = BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=p,
+            attention_probs_dropout_prob=p,
+        )
+        model = BertForSequenceClassification(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences labelled by their first token (a Trainer data set)."""
+
+    def __init__(self, n: int = 64):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 100, (n, 8), generator=g)
+        self.labels = (self.ids[:, 0] > 50).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
