@@ -150,6 +150,7 @@ def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], s
         "existing out dir": (["train", *base, "--data", str(good), "--out", str(taken)], "already exists"),
         "bad config key": (["train", "--config", str(_yaml(tmp_path, "colour: red\n"))], "unknown option 'colour'"),
         "run dir that is not one": (["eval", str(taken), "--data", str(good)], "not a dynarank run directory"),
+        "budget larger than the model": (["train", *base, "--data", str(good), "--r0", "64"], "larger than the model"),
     }
 
 
@@ -171,6 +172,7 @@ def _yaml(tmp_path: Path, text: str) -> Path:
         "existing out dir",
         "bad config key",
         "run dir that is not one",
+        "budget larger than the model",
     ],
 )
 def test_bad_input_gets_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys, case):

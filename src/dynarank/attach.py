@@ -183,6 +183,13 @@ def _build_layers(
     for name in targets:
         module = model.get_submodule(name)
         plan = layer_plan(name, module, config, geometry)
+        group_dim = (module.out_features if plan["split"] == "rows" else module.in_features) // plan["n_groups"]
+        other_dim = module.in_features if plan["split"] == "rows" else module.out_features
+        if config.r > min(group_dim, other_dim):
+            raise ValueError(
+                f"r={config.r} is larger than the model can use at {name}: a group there is {group_dim} x "
+                f"{other_dim}, so its rank cannot exceed {min(group_dim, other_dim)}. Lower r."
+            )
         built[name] = ElasticLoRALinear(
             module,
             n_groups=plan["n_groups"],

@@ -42,6 +42,7 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # "newly initialised classifier" is expected here
+    transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
     model_dir = str(model_dir)
     infer_task(model_dir)
     try:
@@ -98,6 +99,7 @@ def load_causal_lm(model_dir: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
     model_dir = str(model_dir)
     infer_task(model_dir)
     try:

@@ -231,7 +231,13 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
     resume = bool(getattr(opts, "resume", None))
     done = latest(out)[1]["step"] if resume else 0
     total = spec.total_steps(len(train.texts) if isinstance(train, Examples) else len(train.prompts))
-    bar = tqdm(total=total, initial=done, desc=f"train {spec.method}", disable=quiet, unit="step")
+    bars: list = []  # created at the first step, so that an early error prints one line only
+
+    def bar():
+        if not bars:
+            bars.append(tqdm(total=total, initial=done, desc=f"train {spec.method}", disable=quiet, unit="step"))
+        return bars[0]
+
     metrics_file = out / "metrics.jsonl"
     kept = []
     if resume and metrics_file.is_file():  # drop what was logged after the checkpoint: it is redone
@@ -245,8 +251,8 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
 
     def on_step(record: dict) -> None:
         metrics.write(json.dumps(record) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", rank=record["total_rank"])
+        bar().update(1)
+        bar().set_postfix(loss=f"{record['loss']:.3f}", rank=record["total_rank"])
 
     t0 = time.perf_counter()
     try:
@@ -266,7 +272,8 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
         metrics.write(json.dumps({"step": result["steps"], "eval": result["eval"]}) + "\n")
     finally:
         metrics.close()
-        bar.close()
+        if bars:
+            bars[0].close()
     result["wall_seconds"] = time.perf_counter() - t0
     return result
 
