@@ -321,14 +321,15 @@ def run(args) -> dict:
     order = list(models)
     step_counter = {name: 0 for name in order}
 
-    def block(name: str, n: int) -> list[float]:
+    def block(name: str, n: int) -> list[tuple[float, float]]:
+        """n steps of one configuration: (wall seconds, process CPU seconds) per step."""
         times = []
         for _ in range(n):
             batch = batches[step_counter[name] % len(batches)]
             step_counter[name] += 1
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             train_step(models[name], opts[name], batch)
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
         return times
 
     print(f"warm-up: {args.warmup} steps per configuration ({', '.join(order)})", flush=True)
@@ -341,32 +342,41 @@ def run(args) -> dict:
         meta[name]["layers"] = ranks_summary(models[name])
 
     times = {name: [] for name in order}
+    cpu_times = {name: [] for name in order}
     per_round = {name: [] for name in order}
+    load = [os.getloadavg()[0]]
     t_start = time.perf_counter()
     for rnd in range(args.rounds):
         rot = order[rnd % len(order):] + order[: rnd % len(order)]
         for name in rot:
             gc.collect()
             ts = block(name, args.steps_per_round)
-            times[name].extend(ts)
-            per_round[name].append(statistics.median(ts))
+            times[name].extend(t for t, _ in ts)
+            cpu_times[name].extend(c for _, c in ts)
+            per_round[name].append(statistics.median(t for t, _ in ts))
+        load.append(os.getloadavg()[0])
         line = "  ".join(f"{n}={per_round[n][-1] * 1e3:.0f}" for n in order)
-        print(f"round {rnd + 1}/{args.rounds} (ms, median of {args.steps_per_round}): {line}", flush=True)
+        print(f"round {rnd + 1}/{args.rounds} (ms, median of {args.steps_per_round}; load {load[-1]:.1f}): {line}",
+              flush=True)
     elapsed = time.perf_counter() - t_start
 
     results = {}
     for name in order:
         results[name] = {**meta[name], "step_time_s": quantiles(times[name]),
+                         "step_cpu_time_s": quantiles(cpu_times[name]),
                          "round_medians_s": per_round[name], "step_times_s": times[name]}
     ratios = []
     for num, den, target in RATIOS:
         if num not in results or den not in results:
             continue
         r_med = results[num]["step_time_s"]["median"] / results[den]["step_time_s"]["median"]
+        r_min = results[num]["step_time_s"]["min"] / results[den]["step_time_s"]["min"]
         paired = statistics.median(x / y for x, y in zip(per_round[num], per_round[den]))
-        ok = None if target is None else (r_med < target if target == 1.0 else r_med <= target)
+        # Judged on the paired ratio: both configurations of a round ran back to back, so a burst of
+        # load from other processes hits numerator and denominator alike.
+        ok = None if target is None else (paired < target if target == 1.0 else paired <= target)
         ratios.append({"ratio": f"{num}/{den}", "median_ratio": r_med, "paired_round_ratio": paired,
-                       "target": target, "met": ok})
+                       "min_ratio": r_min, "target": target, "met": ok})
     bytes_c_below_b = None
     if "b" in results and "c" in results:
         bytes_c_below_b = results["c"]["bytes"]["total_bytes"] < results["b"]["bytes"]["total_bytes"]
@@ -379,6 +389,7 @@ def run(args) -> dict:
         "targets": {"dynarank_regex": DYNARANK_TARGETS, "peft_names": len(targets)},
         "step": "forward + cross_entropy + backward + AdamW.step + zero_grad(set_to_none=True)",
         "timed_seconds": elapsed,
+        "load_average_1min": {"start": load[0], "max": max(load), "median": statistics.median(load)},
         "configs": results,
         "ratios": ratios,
         "c_bytes_below_b": bytes_c_below_b,
@@ -403,24 +414,35 @@ def markdown(res: dict) -> str:
         f"tweets; adapters on query, key, value, attention.output.dense, intermediate.dense, output.dense of all "
         f"6 layers (36 Linear modules; classifier trained in full). Step = {res['step']}. "
         f"{s['warmup']} warm-up steps per configuration discarded, then {s['rounds']} round-robin rounds x "
-        f"{s['steps_per_round']} steps per configuration ({s['rounds'] * s['steps_per_round']} timed steps each).",
+        f"{s['steps_per_round']} steps per configuration ({s['rounds'] * s['steps_per_round']} timed steps each, "
+        f"order rotated every round); {res['timed_seconds']:.0f} s timed. 1-minute load average during the timed "
+        f"part: median {res['load_average_1min']['median']:.1f}, max {res['load_average_1min']['max']:.1f} "
+        f"on {m['nproc']} cores.",
         "",
         "| config | what | trainable params | adapter params | params + AdamW state | median step | "
-        "p25-p75 |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "p25-p75 | min step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in res["configs"].items():
         t = r["step_time_s"]
         lines.append(
             f"| {name} | {r['description']} | {r['trainable_parameters']:,} | {r['adapter_parameters']:,} | "
             f"{fmt_bytes(r['bytes']['total_bytes'])} | {t['median'] * 1e3:.0f} ms | "
-            f"{t['p25'] * 1e3:.0f}-{t['p75'] * 1e3:.0f} ms |"
+            f"{t['p25'] * 1e3:.0f}-{t['p75'] * 1e3:.0f} ms | {t['min'] * 1e3:.0f} ms |"
         )
-    lines += ["", "| ratio | median / median | median of per-round ratios | target | met |", "|---|---:|---:|---:|---|"]
+    lines += ["", "| ratio | median of per-round ratios | median / median | min / min | target | met |",
+              "|---|---:|---:|---:|---:|---|"]
     for r in res["ratios"]:
-        target = "-" if r["target"] is None else (f"< {r['target']:.2f}" if r["target"] == 1.0 else f"<= {r['target']:.2f}")
+        if r["target"] is None:
+            target = "-"
+        else:
+            target = f"< {r['target']:.2f}" if r["target"] == 1.0 else f"<= {r['target']:.2f}"
         met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['ratio']} | {r['median_ratio']:.3f} | {r['paired_round_ratio']:.3f} | {target} | {met} |")
+        lines.append(f"| {r['ratio']} | {r['paired_round_ratio']:.3f} | {r['median_ratio']:.3f} | "
+                     f"{r['min_ratio']:.3f} | {target} | {met} |")
+    lines += ["", "Targets are judged on the median of per-round ratios (the two configurations of a round run "
+                  "back to back, so load from other processes hits both alike); the plain ratio of medians and "
+                  "of minima are shown for comparison."]
     if res.get("c_bytes_below_b") is not None:
         b, c = res["configs"]["b"]["bytes"], res["configs"]["c"]["bytes"]
         lines += ["", f"Adapter + optimizer-state bytes (trainable parameters + AdamW exp_avg, exp_avg_sq, step; "
@@ -431,8 +453,17 @@ def markdown(res: dict) -> str:
 
 
 def profile(args) -> None:
-    """torch.profiler table (CPU time by op, with shapes) for one configuration."""
-    from torch.profiler import ProfilerActivity, profile as tprofile, record_function
+    """torch.profiler tables (CPU time by op, with input shapes) for one configuration.
+
+    The adapter's forward is wrapped in a ``record_function("dynarank.low_rank_update")`` range
+    (PEFT's in ``peft.lora_update``) so its share of the step can be read off the first table.
+    """
+    import functools
+
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as tprofile
+
+    from dynarank import ElasticLoRALinear
 
     torch.set_num_threads(args.threads)
     tok, base = load_base()
@@ -443,31 +474,54 @@ def profile(args) -> None:
     elif name in ("b", "c"):
         model = build_dynarank(base, granularity="matrix", r=8)
     else:
+        mlp = 8 if name == "b_own_mlp8" else None
         layout = "own" if name.startswith("b_own") else "shared"
-        r, _ = closest_rank(base, n_trainable(build_peft(base, peft_target_names(base))), granularity="head",
-                            layout=layout, mlp_rank=8 if name == "b_own_mlp8" else None)
-        model = build_dynarank(base, granularity="head", layout=layout, r=r,
-                               mlp_rank=8 if name == "b_own_mlp8" else None)
+        n_a = n_trainable(build_peft(base, peft_target_names(base)))
+        r, _ = closest_rank(base, n_a, granularity="head", layout=layout, mlp_rank=mlp)
+        model = build_dynarank(base, granularity="head", layout=layout, r=r, mlp_rank=mlp)
     model.train()
     opt = make_optimizer(model)
     if name == "c":
         train_step(model, opt, batches[0])
         shrink_to_half(model, opt)
-    for i in range(3):
-        train_step(model, opt, batches[i % 2])
-    with tprofile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for i in range(args.profile_steps):
-            with record_function("train_step"):
-                train_step(model, opt, batches[i % 2])
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+
+    def ranged(label, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+        return wrapper
+
+    orig = ElasticLoRALinear._low_rank_update
+    ElasticLoRALinear._low_rank_update = ranged("dynarank.low_rank_update", orig)
+    peft_patched = []
+    if name == "a":
+        for m in model.modules():
+            if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+                for key in list(m.lora_A):
+                    for sub in (m.lora_A[key], m.lora_B[key]):
+                        sub.forward = ranged("peft.lora_update", sub.forward)
+                        peft_patched.append(sub)
+    try:
+        for i in range(3):
+            train_step(model, opt, batches[i % 2])
+        with tprofile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for i in range(args.profile_steps):
+                with record_function("train_step"):
+                    train_step(model, opt, batches[i % 2])
+    finally:
+        ElasticLoRALinear._low_rank_update = orig
+    print(f"== {name}: {args.profile_steps} steps; by total CPU time (ranges included)")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.profile_rows))
+    print(f"== {name}: by self CPU time and input shapes")
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
                                                              row_limit=args.profile_rows, max_name_column_width=40))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=6, help="round-robin rounds (default 6)")
-    p.add_argument("--steps-per-round", type=int, default=5, help="timed steps per configuration per round (5)")
+    p.add_argument("--rounds", type=int, default=18, help="round-robin rounds (default 18)")
+    p.add_argument("--steps-per-round", type=int, default=2, help="timed steps per configuration per round (2)")
     p.add_argument("--warmup", type=int, default=5, help="discarded steps per configuration (5)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                    help="output folder for engine_overhead.json / .md (default benchmarks/results)")
