@@ -211,6 +211,70 @@ def test_export_after_ard_training_reloads_in_stock_peft_with_the_same_logits():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+# ---------------------------------------------------------------- parameter budget (target_params)
+
+
+def test_a_parameter_budget_caps_the_adapter_at_every_resize_and_at_the_end():
+    task = make_planted_task(seed=0, noise=0.1)
+    config = DynaRankConfig(method="ard", r=8, target_modules=["query"], target_params=1000)
+    out = train_planted(task, config, seed=0)
+    ctrl = out["controller"]
+    assert ctrl.budget_at(ctrl.settings.warmup_steps) == ctrl.start_params == 8 * 8 * (64 + 16)
+    assert ctrl.budget_at(ctrl.settings.final_start) == 1000
+    caps = [(rec.adapter_parameters, rec.budget) for rec in ctrl.records if rec.resized]
+    assert caps and all(params <= budget for params, budget in caps)
+    per_rank = 64 + 16
+    assert 1000 - 2 * per_rank <= out["params"] <= 1000  # a ceiling, met within two ranks' cost
+    assert ctrl.history[-1]["adapter_parameters"] == out["params"]
+
+
+def test_a_budget_at_the_oracle_size_recovers_the_planted_ranks():
+    task = make_planted_task(seed=0, noise=0.1)
+    oracle_params = sum(task.true_ranks) * (64 + 16)
+    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], target_params=oracle_params))
+    assert out["ranks"] == list(task.true_ranks)
+    assert out["warnings"] == []
+
+
+def test_the_budget_cut_removes_the_tail_slots_with_the_lowest_margin_first():
+    task, model = planted_model(target_params=4000)
+    ctrl = build_controller(model, total_steps=100)
+    with torch.no_grad():  # r0 * alpha: 8, 4, 6, 2, 8, 8, 8, 5
+        model.dynarank_ard.of("query").copy_(torch.tensor([1.0, 0.5, 0.75, 0.25, 1.0, 1.0, 1.0, 0.625]))
+    readouts = {"query": ctrl.readout("query")}
+    assert readouts["query"] == [8, 4, 6, 2, 8, 8, 8, 5]  # 49 ranks, 3,920 parameters: already within 4,000
+    ctrl._cap_to_budget(readouts, 3920)
+    assert readouts["query"] == [8, 4, 6, 2, 8, 8, 8, 5]
+    # Margins of the tails, r0 * alpha - (k - 1): 1 for every group; the next ones 2. Ties go to the
+    # first module and group: removing 4 ranks takes the tail of groups 0..3.
+    ctrl._cap_to_budget(readouts, 3920 - 4 * 80)
+    assert readouts["query"] == [7, 3, 5, 1, 8, 8, 8, 5]
+    with torch.no_grad():
+        model.dynarank_ard.of("query").copy_(torch.tensor([1.0, 0.3, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1]))
+    readouts = {"query": [8] * 8}
+    ctrl._cap_to_budget(readouts, 64 * 80 - 3 * 80)  # margins: group 7 at 0.8 - 7 first, then group 1 (2.4 - 7)
+    assert readouts["query"] == [8, 7, 8, 8, 8, 8, 8, 6]
+
+
+def test_the_l1_strength_is_steered_toward_the_budget():
+    task, model = planted_model(target_params=2000)
+    ctrl = build_controller(model, total_steps=100)
+    ctrl._steer_lambda(wanted=3000, budget=2000)
+    assert ctrl.lambda_scale == pytest.approx(1.5)  # the alphas want more than the budget: stronger l1
+    ctrl._steer_lambda(wanted=100, budget=2000)
+    assert ctrl.lambda_scale == pytest.approx(0.75)  # far below: weaker, by at most a factor of 2 per resize
+
+
+def test_a_budget_that_cannot_be_met_is_refused_with_what_to_change():
+    with pytest.raises(ValueError, match="raise r"):
+        planted_model(target_params=10_000)[1] and build_controller(planted_model(target_params=10_000)[1], 100)
+    task, model = planted_model(target_params=5, rank_floor=0)
+    with pytest.raises(ValueError, match="at least 80"):
+        build_controller(model, total_steps=100)
+    with pytest.raises(ValueError, match="target_rank apply to method='elalora' or 'adalora'"):
+        DynaRankConfig(method="ard", target_rank=2)
+
+
 def test_paper_preset_gives_the_seed_values():
     _, model = planted_model(preset="paper")
     s = build_controller(model, total_steps=100).settings

@@ -156,6 +156,16 @@ def test_removing_ranks_in_the_shared_layout_frees_a_slot_only_when_no_group_use
     assert layer.slots == [[0, 1]] * 4
 
 
+@pytest.mark.parametrize("ranks", [[3, 3, 3, 3], [2, 3, 1, 3], [0, 1, 0, 2], [0, 0, 0, 0]])
+def test_parameter_count_of_a_prefix_cut_equals_the_count_after_removing_it(make_layer, split, layout, ranks):
+    layer = make_layer(split, layout)
+    predicted = layer.num_adapter_parameters_at(ranks)
+    layer.remove_slots({g: list(range(k, r)) for g, (k, r) in enumerate(zip(ranks, layer.ranks)) if k < r})
+    assert predicted == layer.num_adapter_parameters()
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.num_adapter_parameters_at([4] * layer.n_groups)
+
+
 def test_out_of_range_positions_raise_index_error(make_layer, split, layout):
     layer = make_layer(split, layout)
     x = _x(layer)

@@ -131,7 +131,9 @@ class DynaRankConfig:
     )
     target_params: int | None = _help(
         "Budget in adapter parameters (A and B, what the export costs) instead of ranks. AdaLoRA: the final "
-        "count; ElaLoRA: a ceiling that expansions never exceed (None: ElaLoRA conserves the total rank).",
+        "count; ElaLoRA: a ceiling that expansions never exceed (None: ElaLoRA conserves the total rank); "
+        "ARD: a ceiling that falls cubically from the start to this count over the active phase, with the "
+        "l1 strength steered so that the learned ranks follow it (None: the l1 strength alone sets the size).",
         None,
     )
     t_init_steps: int | None = _help("ElaLoRA/AdaLoRA: exact t_init in optimizer steps (overrides warmup_frac).", None)
@@ -220,7 +222,9 @@ class DynaRankConfig:
             raise ValueError(f"ortho_weight must be >= 0, got {self.ortho_weight!r}.")
         budget_fields = ("target_rank", "target_params", "t_init_steps", "t_final_steps")
         if self.method not in SVD_METHODS:
-            given = [n for n in budget_fields if getattr(self, n) is not None]
+            # ARD takes a parameter budget too; the rank budget and the step counts are the SVD methods'.
+            allowed = ("target_params",) if self.method == "ard" else ()
+            given = [n for n in budget_fields if getattr(self, n) is not None and n not in allowed]
             if given:
                 raise ValueError(f"{', '.join(given)} apply to method='elalora' or 'adalora', not {self.method!r}.")
             return

@@ -145,6 +145,18 @@ class ElasticLoRALinear(nn.Module):
     def num_adapter_parameters(self) -> int:
         return self.shared_weight.numel() + self.group_weight.numel()
 
+    def num_adapter_parameters_at(self, ranks: Sequence[int]) -> int:
+        """Parameters the layer would hold with group g cut to its first ``ranks[g]`` ranks.
+
+        A shared slot costs ``other_dim`` while any group still uses it; every group-side column
+        costs ``group_size``.
+        """
+        if len(ranks) != self.n_groups or any(not 0 <= k <= len(s) for k, s in zip(ranks, self._slots)):
+            raise ValueError(f"ranks {list(ranks)} do not fit the live ranks {self.ranks}.")
+        kept = [slots[: int(k)] for k, slots in zip(ranks, self._slots)]
+        used = {slot for slots in kept for slot in slots}
+        return len(used) * self.other_dim + sum(len(slots) for slots in kept) * self.group_size
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.shared_weight, self.group_weight]
 

@@ -6,9 +6,9 @@ from torch import nn
 
 from ..attach import ATTACHED_ATTR, elastic_layers
 from ..config import SVD_METHODS
-from .adalora import AdaLoRAController, BudgetRecord, ensure_svd_values
+from .adalora import AdaLoRAController, ensure_svd_values
 from .ard import ARDController, ARDGates, ARDSettings
-from .base import RankController, StepRecord
+from .base import BudgetRecord, RankController, StepRecord
 from .elalora import ElaLoRAController
 
 CONTROLLERS: dict[str, type[RankController]] = {

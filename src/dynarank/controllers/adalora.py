@@ -25,15 +25,13 @@ keeps every initial rank allocated). Optimizer moments of kept ranks are carried
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layer import ElasticLoRALinear
 from ..optim_state import reindex_parameter
-from .base import RankController, StepRecord
+from .base import BudgetRecord, RankController, StepRecord
 from .importance import ImportanceEMA, triplet_scores
 from .schedules import BudgetSchedule, cubic_budget
 
@@ -42,24 +40,6 @@ DEFAULT_TARGET_FRACTION = 2 / 3  # target_rank=None: PEFT AdaLoRA's default init
 SVD_ATTR = "dynarank_svd"
 
 Plan = dict[str, dict[int, list[int]]]  # module -> group -> rank positions
-
-
-@dataclass
-class BudgetRecord(StepRecord):
-    """A StepRecord that also reports the budget and both counts (ranks and parameters).
-
-    Attributes:
-        budget_unit: 'rank' or 'params', the unit the allocator honours.
-        budget: the budget in force after this step, in ``budget_unit``.
-        adapter_parameters: A and B parameters of every adapted module (what the export costs).
-        pruned / expanded: ranks removed / added by this step.
-    """
-
-    budget_unit: str = "rank"
-    budget: int | None = None
-    adapter_parameters: int = 0
-    pruned: int = 0
-    expanded: int = 0
 
 
 def _key(module_name: str) -> str:
@@ -216,9 +196,6 @@ class SVDController(RankController):
         super().bind(optimizer)
 
     # ------------------------------------------------------------------ budgets
-    def adapter_parameters(self) -> int:
-        return sum(layer.num_adapter_parameters() for layer in self.layers.values())
-
     def budget_used(self) -> int:
         """Current size in the budget's unit (total rank, or A and B parameters)."""
         return self.adapter_parameters() if self.budget_unit == "params" else self.total_rank()
@@ -403,11 +380,6 @@ class SVDController(RankController):
         self.finalized = True
 
     # ------------------------------------------------------------------ read-outs and state
-    def record_ranks(self) -> None:
-        super().record_ranks()
-        self.history[-1]["total_rank"] = self.total_rank()
-        self.history[-1]["adapter_parameters"] = sum(layer.num_adapter_parameters() for layer in self.layers.values())
-
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(

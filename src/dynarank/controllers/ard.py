@@ -23,18 +23,31 @@ accumulation counts it once), never to the user's loss. Phases over T optimizer 
 warm-up (alpha frozen; its task gradient is measured to calibrate lambda), active (alpha
 learns; every ``resize_every`` steps each group is physically cut to its rank), final (ranks
 fixed, A/B fine-tune).
+
+With a parameter budget (``target_params``) the adapter's size is capped at every resize by
+
+    budget(t) = floor(target + (start - target) * (1 - p)^3),   p = progress of the active phase,
+
+removing the ranks with the lowest margin r0 * alpha_g - j (the tail slot of the group whose
+alpha most wants to drop it) until the cap holds; and the l1 strength is steered toward the
+budget: lambda_scale *= clip(wanted / budget(t), 1/2, 2), where ``wanted`` is the size the
+alphas' read-out asks for. So the alphas keep ranking the slots, and the budget decides how
+many survive.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..layer import ElasticLoRALinear
-from .base import RankController, StepRecord
+from .base import BudgetRecord, RankController, StepRecord
+from .schedules import BudgetSchedule, cubic_budget
 
 PAPER = {
     "ard_lambda": 0.01,
@@ -53,6 +66,7 @@ DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
 COLLAPSE_FRACTION = 0.8
 EXPLOSION_FRACTION = 0.8
 OSCILLATION_FRACTION = 0.25
+STEER_LIMIT = 2.0  # budget mode: the l1 strength changes by at most this factor per resize
 
 
 @dataclass
@@ -72,6 +86,7 @@ class ARDSettings:
     warmup_steps: int
     final_start: int
     resize_every: int
+    target_params: int | None = None
 
     @classmethod
     def resolve(cls, config, total_steps: int) -> ARDSettings:
@@ -111,7 +126,14 @@ class ARDSettings:
         if values["lr_alpha"] is None:
             values["lr_alpha"] = config.alpha_travel / active
         resize_every = config.resize_every or max(1, active // 20)
-        return cls(r0=config.r, warmup_steps=warmup, final_start=final_start, resize_every=resize_every, **values)
+        return cls(
+            r0=config.r,
+            warmup_steps=warmup,
+            final_start=final_start,
+            resize_every=resize_every,
+            target_params=config.target_params,
+            **values,
+        )
 
 
 class ARDGates(nn.Module):
@@ -179,6 +201,9 @@ class ARDController(RankController):
         self._losses: list[tuple[int, float]] = []
         self._loss_hook = model.register_forward_hook(self._observe_model_output)
         self.unit = None
+        self.start_params = self.adapter_parameters()
+        self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda
+        self._check_budget()
 
     # ------------------------------------------------------------------ mask
     def _make_gate(self, alpha: nn.Parameter):
@@ -203,6 +228,75 @@ class ARDController(RankController):
         raw = torch.ceil(scaled - 1e-6) if s.readout == "ceil" else torch.round(scaled)
         caps = torch.tensor(layer.ranks, dtype=raw.dtype)
         return torch.minimum(raw.clamp(min=s.rank_floor), caps).long().tolist()
+
+    # ------------------------------------------------------------------ parameter budget
+    def _check_budget(self) -> None:
+        target = self.settings.target_params
+        if target is None:
+            return
+        floor = self.settings.rank_floor
+        lowest = sum(layer.num_adapter_parameters_at([floor] * layer.n_groups) for layer in self.layers.values())
+        lowest = max(lowest, min(layer.group_size + layer.other_dim for layer in self.layers.values()))
+        if not lowest <= target < self.start_params:
+            raise ValueError(
+                f"ARD's target_params ({target:,}) must be below the adapter's size at r={self.settings.r0} "
+                f"({self.start_params:,}) and at least {lowest:,} (rank_floor={floor} everywhere, one rank in all): "
+                "change target_params, or raise r to start from more capacity."
+            )
+
+    def budget_at(self, t: int | None = None) -> int | None:
+        """The parameter cap at step ``t`` (None without a budget): cubic from the start to the target."""
+        s = self.settings
+        if s.target_params is None:
+            return None
+        schedule = BudgetSchedule(
+            total_steps=self.total_steps,
+            t_init=s.warmup_steps,
+            t_final=self.total_steps - s.final_start,
+            interval=s.resize_every,
+        )
+        return cubic_budget(schedule, self.step if t is None else t, self.start_params, s.target_params)
+
+    def _cost(self, ranks: dict[str, list[int]]) -> int:
+        return sum(layer.num_adapter_parameters_at(ranks[name]) for name, layer in self.layers.items())
+
+    def _steer_lambda(self, wanted: int, budget: int) -> None:
+        """Scale every lambda by the ratio of the size the alphas ask for to the budget (clipped)."""
+        ratio = wanted / max(1, budget)
+        self.lambda_scale *= min(STEER_LIMIT, max(1.0 / STEER_LIMIT, ratio))
+
+    def _cap_to_budget(self, readouts: dict[str, list[int]], budget: int) -> None:
+        """Lower ``readouts`` in place until they cost at most ``budget``: tail slots with the lowest
+        margin r0 * alpha_g - j go first; no group below the floor, one rank kept in all."""
+        s = self.settings
+        cost = self._cost(readouts)
+        if cost <= budget:
+            return
+        order = list(self.layers)
+        slots = {name: layer.slots for name, layer in self.layers.items()}
+        usage = {name: Counter(x for g, k in enumerate(readouts[name]) for x in slots[name][g][:k]) for name in order}
+        scaled = {name: (s.r0 * self.gates.of(name).detach().float().cpu()).tolist() for name in order}
+        heap: list[tuple[float, int, int]] = []
+
+        def push(i: int, g: int) -> None:
+            k = readouts[order[i]][g]
+            if k > s.rank_floor:
+                heapq.heappush(heap, (scaled[order[i]][g] - (k - 1), i, g))
+
+        for i, name in enumerate(order):
+            for g in range(self.layers[name].n_groups):
+                push(i, g)
+        left = sum(sum(r) for r in readouts.values())
+        while cost > budget and heap and left > 1:
+            _, i, g = heapq.heappop(heap)
+            name, layer = order[i], self.layers[order[i]]
+            k = readouts[name][g]
+            slot = slots[name][g][k - 1]
+            readouts[name][g] = k - 1
+            usage[name][slot] -= 1
+            cost -= layer.group_size + (layer.other_dim if usage[name][slot] == 0 else 0)
+            left -= 1
+            push(i, g)
 
     # ------------------------------------------------------------------ optimizer groups
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -258,7 +352,7 @@ class ARDController(RankController):
             if phase != "active":
                 alpha.grad = None  # frozen: AdamW skips parameters without a gradient
                 continue
-            lam = self.lambdas[name].to(alpha.device, alpha.dtype)
+            lam = (self.lambdas[name] * self.lambda_scale).to(alpha.device, alpha.dtype)
             tv = 2.0 * self.settings.ard_beta * (alpha.detach() - self._reference[name])
             alpha.grad.add_(lam * (torch.sign(alpha.detach()) + tv))
         if calibrating:
@@ -270,7 +364,7 @@ class ARDController(RankController):
     def after_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
         self.step += 1
         s = self.settings
-        record = StepRecord(step=self.step, phase=self.phase(self.step - 1))
+        record = BudgetRecord(step=self.step, phase=self.phase(self.step - 1), budget_unit="params")
         self._project_alphas()
         if self.step == s.warmup_steps:
             self._calibrate(record)
@@ -390,9 +484,20 @@ class ARDController(RankController):
             self._loss_hook.remove()
             self._loss_hook = None
 
+    def _finish(self, record: StepRecord) -> StepRecord:
+        if isinstance(record, BudgetRecord):
+            record.adapter_parameters = self.adapter_parameters()
+            record.budget = self.budget_at()
+        return super()._finish(record)
+
     def _resize(self, record: StepRecord) -> None:
-        """Cut every group to its read-out rank, carrying the optimizer state of the kept slots."""
+        """Cut every group to its read-out rank (and under the budget), carrying the optimizer state of
+        the kept slots."""
         readouts = {name: self.readout(name) for name in self.layers}
+        budget = self.budget_at()
+        if budget is not None:
+            self._steer_lambda(self._cost(readouts), budget)
+            self._cap_to_budget(readouts, budget)
         if not any(sum(r) for r in readouts.values()):
             # Nothing would be left to train (and a loss without a graph would crash the loop):
             # keep the one slot whose alpha is largest and report the collapse.
@@ -430,7 +535,8 @@ class ARDController(RankController):
         ranks = [r for name in self.layers for r in self.layers[name].ranks]
         n = max(1, len(ranks))
         at_floor = sum(r <= s.rank_floor for r in ranks) / n
-        if progress <= 0.5 and at_floor >= COLLAPSE_FRACTION:
+        budgeted = s.target_params is not None  # the budget, not lambda, sets the size: no collapse/explosion
+        if not budgeted and progress <= 0.5 and at_floor >= COLLAPSE_FRACTION:
             self.warn_once(
                 "collapse",
                 f"rank collapse: {at_floor:.0%} of groups at the floor ({s.rank_floor}) after "
@@ -444,7 +550,7 @@ class ARDController(RankController):
             full = torch.tensor(layer.ranks) >= s.r0  # never cut and ...
             pinned += int((full & (scaled >= s.r0 - 1e-4)).sum())  # ... alpha held at the top
         pinned /= n
-        if progress >= 0.5 and pinned >= EXPLOSION_FRACTION:
+        if not budgeted and progress >= 0.5 and pinned >= EXPLOSION_FRACTION:
             self.warn_once(
                 "explosion",
                 f"rank explosion: {pinned:.0%} of groups pinned at their capacity and pushing up after "
@@ -508,6 +614,8 @@ class ARDController(RankController):
                 "rank_changes": self.rank_changes,
                 "last_readout": {k: v.tolist() for k, v in self._last_readout.items()},
                 "last_move": {k: v.tolist() for k, v in self._last_move.items()},
+                "lambda_scale": self.lambda_scale,
+                "start_params": self.start_params,
             }
         )
         return state
@@ -531,6 +639,8 @@ class ARDController(RankController):
         self.rank_changes = int(state["rank_changes"])
         self._last_readout = tensors("last_readout", torch.long)
         self._last_move = tensors("last_move", torch.long)
+        self.lambda_scale = float(state.get("lambda_scale", 1.0))
+        self.start_params = int(state.get("start_params", self.start_params))
         if self.step >= self.settings.warmup_steps and self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None

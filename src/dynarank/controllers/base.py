@@ -35,6 +35,24 @@ class StepRecord:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class BudgetRecord(StepRecord):
+    """A StepRecord that also reports the budget and both counts (ranks and parameters).
+
+    Attributes:
+        budget_unit: 'rank' or 'params', the unit the allocator honours.
+        budget: the budget in force after this step, in ``budget_unit`` (None: no budget).
+        adapter_parameters: A and B parameters of every adapted module (what the export costs).
+        pruned / expanded: ranks removed / added by this step.
+    """
+
+    budget_unit: str = "rank"
+    budget: int | None = None
+    adapter_parameters: int = 0
+    pruned: int = 0
+    expanded: int = 0
+
+
 class RankController:
     """Fixed ranks (method 'lora'); base class of the rank-changing methods.
 
@@ -118,11 +136,20 @@ class RankController:
     def total_rank(self) -> int:
         return sum(sum(r) for r in self.ranks().values())
 
+    def adapter_parameters(self) -> int:
+        """A and B parameters of every adapted module (what an export costs; no task head, no gates)."""
+        return sum(layer.num_adapter_parameters() for layer in self.layers.values())
+
     def trainable_parameters(self) -> int:
         return count_trainable(self.model)
 
     def record_ranks(self) -> None:
-        snapshot = {"step": self.step, "ranks": self.ranks()}
+        snapshot = {
+            "step": self.step,
+            "ranks": self.ranks(),
+            "total_rank": self.total_rank(),
+            "adapter_parameters": self.adapter_parameters(),
+        }
         if self.history and self.history[-1]["step"] == self.step:
             self.history[-1] = snapshot
         else:
