@@ -1,165 +1,448 @@
-"""Quality vs trainable parameters: every method on the same data, schedule and evaluation.
+"""Quality vs trainable parameters: every method on the same data, schedule and evaluation, at equal
+final adapter parameters.
 
-all-MiniLM-L6-v2 on the packaged tweets (balanced binary sentiment, 2,000 train / 500 eval),
-adapters on all six Linear types of every layer, AdamW, linear schedule with 6% warm-up, the
-same learning rate for every method (`--lr`; 1e-3 for adapters, 5e-5 for full fine-tuning).
+Tasks (real packaged models and data, ../shared/DATA.md):
 
-Budgets are plain LoRA ranks r on those modules (r=1: 41.5k adapter parameters, 0.18% of the
-model; r=2: 0.37%; r=6: 1.1%). Methods matched to a budget: stock PEFT LoRA, DoRA and AdaLoRA
-(init 1.5r, target r), dynarank ElaLoRA (total rank conserved at r per matrix) and AdaLoRA-style
-(physical pruning from 1.5r to r). ARD-LoRA has no budget knob (its l1 strength sets the size),
-so it runs at r0 = 2r and the default strength, and the table reports the parameters it chose.
+* ``minilm``: all-MiniLM-L6-v2 + a 2-way head on the packaged tweets (balanced binary sentiment:
+  2,000 train; 500 validation tweets to choose the learning rate; 500 test tweets, the numbers
+  reported), adapters on all six Linear types of every layer, 2 epochs (126 steps) of batch 32,
+  length 64.
+* ``smollm2``: SmolLM2-135M-Instruct on the packaged English dialog pairs (response-only loss;
+  1,000 train pairs, 150 validation, 300 test), adapters on q/k/v/o of every layer, 1 epoch (125
+  steps) of batch 8, length 64. Quality is the test loss (lower is better) and its perplexity.
 
-    python benchmarks/quality.py --quick    # one budget (r=2), one seed, 60 steps: about 8 minutes
-    python benchmarks/quality.py            # r = 1, 2, 6; 3 seeds; 2 epochs (126 steps): hours on 2 cores
+A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 1, 2, 6: 0.18%, 0.37%,
+1.1% of the model; SmolLM2 r = 1, 4, 12: 0.09%, 0.34%, 1.0%). Every method is held to it:
+
+    lora, dora, adalora    stock PEFT at r (DoRA adds its magnitude vectors; AdaLoRA prunes 1.5r -> r
+                           by masking, so it keeps 1.5r allocated)
+    adalora-physical       dynarank AdaLoRA-style: the same 1.5r -> r schedule, pruned physically
+    elalora                dynarank ElaLoRA at r per matrix, the budget as its parameter ceiling
+    ard                    dynarank ARD-LoRA per head (A shared by the heads of a projection), r0 =
+                           max(8, 2r), target_params = the budget
+    ard-matrix             the same with one group per matrix
+    full                   full fine-tuning (no budget; run once per seed)
+
+The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3, full fine-tuning
+3e-5 / 1e-4) on the validation set, at the middle budget and seed 0; every budget and seed then
+runs at that rate. Records go to results/quality_<task>.json (one per run; a run already there is
+not repeated), the table to quality_<task>.md, the Pareto plot to quality_<task>.png.
+
+    python benchmarks/quality.py --quick            # minilm, r=2, 1 seed, 60 steps, lr 1e-3: ~6 minutes
+    python benchmarks/quality.py --task minilm      # the full study: hours on 2 cores
+    python benchmarks/quality.py --task smollm2
+    python benchmarks/quality.py --task minilm --table-only
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-from dynarank.data import packaged_sentiment  # noqa: E402
-from dynarank.loop import ALL_METHODS, TrainSpec, train_classifier  # noqa: E402
-from dynarank.models import load_classifier, packaged_minilm_path  # noqa: E402
+from records import RecordStore, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODEL_PARAMS = 22_713_216  # all-MiniLM-L6-v2 encoder (its sentence-embedding parameters)
-METHODS = ["full", "lora", "dora", "adalora", "elalora", "adalora-physical", "ard"]
+METHODS = ["full", "lora", "dora", "adalora", "adalora-physical", "elalora", "ard", "ard-matrix"]
+ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3], [3e-5, 1e-4]
+TASKS = {
+    "minilm": {
+        "budgets": [1, 2, 6],
+        "tune_budget": 2,
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "model_params": 22_713_216,  # the encoder (sentence-embedding) parameters
+        "steps": 126,
+        "batch_size": 32,
+        "max_length": 64,
+    },
+    "smollm2": {
+        "budgets": [1, 4, 12],
+        "tune_budget": 4,
+        "metric": "loss",
+        "higher_is_better": False,
+        "model_params": 134_515_008,
+        "steps": 125,
+        "batch_size": 8,
+        "max_length": 64,
+    },
+}
+SMOLLM2_TARGETS = r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
 
 
-def run_one(method: str, r: int, seed: int, steps: int | None, lr: float, train, held) -> dict:
-    model, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
-    spec = TrainSpec(
-        method=method,
-        r=2 * r if method == "ard" else r,
-        lr=5e-5 if method == "full" else lr,
+def record_key(r: dict) -> tuple:
+    return (r["task"], r["method"], r["budget_r"], r["lr"], r["seed"], r["steps"])
+
+
+# ---------------------------------------------------------------------------------------------- data
+def minilm_data():
+    from dynarank.data import packaged_sentiment
+
+    train, test = packaged_sentiment(2000, 500, seed=0)
+    _, wider = packaged_sentiment(2000, 1000, seed=0)  # the same train set; 500 more held-out tweets
+    seen = set(zip(test.texts, test.labels))
+    keep = [i for i, pair in enumerate(zip(wider.texts, wider.labels)) if pair not in seen]
+    val = type(test)([wider.texts[i] for i in keep], [wider.labels[i] for i in keep], wider.label_names)
+    return train, val, test
+
+
+def smollm2_data():
+    from dynarank.data import PairExamples, packaged_dialogs
+
+    train, held = packaged_dialogs(n_eval=450, seed=0)
+
+    def take(pairs, lo, hi):
+        return PairExamples(pairs.prompts[lo:hi], pairs.responses[lo:hi])
+
+    return take(train, 0, 1000), take(held, 0, 150), take(held, 150, 450)
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def lora_budget(model, target: str, r: int) -> int:
+    """Parameters of plain LoRA at rank r on the Linear modules matching ``target``."""
+    import re
+
+    from torch import nn
+
+    return sum(
+        r * (m.in_features + m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and re.fullmatch(target, n)
+    )
+
+
+def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: int, task: dict, target: str):
+    from dynarank.loop import TrainSpec
+
+    common = dict(
+        lr=lr,
         max_steps=steps,
         seed=seed,
+        batch_size=task["batch_size"],
+        max_length=task["max_length"],
+        target_modules=target,
     )
+    if method in ("ard", "ard-matrix"):
+        layout = {"head_layout": "shared"} if method == "ard" else {"granularity": "matrix"}
+        return TrainSpec(method="ard", r=max(8, 2 * r), dynarank={**layout, "target_params": budget}, **common)
+    if method == "elalora":
+        return TrainSpec(method="elalora", r=r, dynarank={"target_params": budget}, **common)
+    return TrainSpec(method=method, r=max(1, r), **common)  # full fine-tuning ignores r
+
+
+def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: int, threads: int, command: str):
+    """Train and evaluate one (method, budget, lr, seed) in this process; returns the record."""
+    import torch
+
+    from dynarank.loop import BERT_ENCODER_LINEAR, train_causal_lm, train_classifier
+    from dynarank.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
+    from dynarank.tasks import evaluate_causal_lm, evaluate_classifier
+
+    torch.set_num_threads(threads)
+    task = TASKS[task_name]
+    torch.manual_seed(seed)  # the classification head is initialised at load time: make it follow the seed
+    if task_name == "minilm":
+        train, val, test = minilm_data()
+        model, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
+        target, fit, evaluate = BERT_ENCODER_LINEAR, train_classifier, evaluate_classifier
+    else:
+        train, val, test = smollm2_data()
+        model, tokenizer = load_causal_lm(packaged_smollm2_path())
+        target, fit, evaluate = SMOLLM2_TARGETS, train_causal_lm, evaluate_causal_lm
+    budget = lora_budget(model, target, r)
+    spec = train_spec(method, r, budget, lr, seed, steps, task, target)
+    trajectory: list[int] = []
+
+    def on_step(info: dict) -> None:
+        trajectory.append(info["trainable_parameters"])
+
     t0 = time.perf_counter()
-    result = train_classifier(model, tokenizer, train, spec, eval_set=held)
-    result.pop("controller")
-    trained = result.pop("model")
-    head = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "classifier" in n)
-    row = {k: v for k, v in result.items() if k not in ("ranks", "warnings")}
-    row.update(
-        budget_r=r,
-        wall=time.perf_counter() - t0,
-        head_parameters=head,
-        adapter_parameters=result.get("adapter_parameters", result["trainable_parameters"] - head),
+    result = fit(model, tokenizer, train, spec, on_step=on_step)
+    trained, controller = result.pop("model"), result.pop("controller")
+    head = sum(
+        p.numel()
+        for n, p in trained.named_parameters()
+        if p.requires_grad and ("classifier" in n or "score" in n) and method != "full"
     )
-    return row
+    gates = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "dynarank_" in n)
+    if controller is not None:
+        adapter = controller.adapter_parameters()
+        start = controller.history[0]["adapter_parameters"]
+        ranks = controller.ranks()
+    else:
+        adapter = result["trainable_parameters"] - head
+        start = result["trainable_parameters_start"] - head
+        ranks = None
+    extra = head + gates if controller is not None else head
+    record = {
+        "task": task_name,
+        "method": method,
+        "budget_r": r,
+        "budget_parameters": budget,
+        "lr": lr,
+        "seed": seed,
+        "steps": steps,
+        "r": spec.r,
+        "dynarank": spec.dynarank,
+        "test": evaluate(trained, tokenizer, test, spec.max_length),
+        "val": evaluate(trained, tokenizer, val, spec.max_length),
+        "adapter_parameters": adapter,
+        "adapter_parameters_start": start,
+        "adapter_parameters_mean_over_training": statistics.mean(t - extra for t in trajectory) if trajectory else 0,
+        "state_bytes_start": result["state_bytes_start"],
+        "state_bytes_end": result["state_bytes_end"],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "seconds_per_step": result["seconds_per_step"],
+        "seconds": time.perf_counter() - t0,
+        "threads": threads,
+        "ranks": ranks,
+        "warnings": sorted(set(result.get("warnings", []))),
+        "command": command,
+    }
+    if method == "adalora":  # stock PEFT masks: its allocated parameters never fall
+        record["adapter_parameters_allocated"] = adapter
+        record["adapter_parameters"] = budget  # what survives its masks (rank r per matrix)
+    return record
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    table = []
-    keys = sorted({(r["budget_r"], r["method"]) for r in rows}, key=lambda k: (k[0], METHODS.index(k[1])))
-    for budget, method in keys:
-        runs = [r for r in rows if r["budget_r"] == budget and r["method"] == method]
-        acc = [r["eval"]["accuracy"] for r in runs]
-        f1 = [r["eval"]["macro_f1"] for r in runs]
-        table.append(
-            {
-                "budget (LoRA r)": budget,
-                "method": method,
-                "seeds": len(runs),
-                "accuracy": statistics.mean(acc),
-                "accuracy std": statistics.pstdev(acc),
-                "macro_f1": statistics.mean(f1),
-                "adapter params": statistics.mean(r["adapter_parameters"] for r in runs),
-                "params % of model": 100 * statistics.mean(r["adapter_parameters"] for r in runs) / MODEL_PARAMS,
-                "state bytes start": statistics.mean(r["state_bytes_start"] for r in runs),
-                "state bytes end": statistics.mean(r["state_bytes_end"] for r in runs),
-                "s/step": statistics.mean(r["seconds_per_step"] for r in runs),
-            }
-        )
-    return table
+# ---------------------------------------------------------------------------------------------- plan
+def chosen_lr(store: RecordStore, task_name: str, method: str, steps: int) -> float | None:
+    """The grid rate with the best validation score at the tuning budget, seed 0 (None: not tuned yet)."""
+    task = TASKS[task_name]
+    grid = FULL_LRS if method == "full" else ADAPTER_LRS
+    budget = task["tune_budget"] if method != "full" else 0
+    found = [store.get((task_name, method, budget, lr, 0, steps)) for lr in grid]
+    if any(r is None for r in found):
+        return None
+    sign = 1 if task["higher_is_better"] else -1
+    return max(found, key=lambda r: sign * r["val"][task["metric"]])["lr"]
 
 
-def markdown(table: list[dict], command: str) -> str:
+def tuning_jobs(task_name: str, methods: list[str], steps: int) -> list[tuple]:
+    task = TASKS[task_name]
+    jobs = []
+    for method in methods:
+        for lr in FULL_LRS if method == "full" else ADAPTER_LRS:
+            jobs.append((method, 0 if method == "full" else task["tune_budget"], lr, 0))
+    return jobs
+
+
+def main_jobs(store, task_name: str, methods: list[str], seeds: list[int], steps: int, budgets) -> list[tuple]:
+    jobs = []
+    for seed in seeds:
+        for method in methods:
+            lr = chosen_lr(store, task_name, method, steps)
+            for r in [0] if method == "full" else budgets:
+                jobs.append((method, r, lr, seed))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def summarise(runs: list[dict], task_name: str, lrs: dict[str, float] | None) -> list[dict]:
+    task = TASKS[task_name]
+    metric = task["metric"]
+    rows = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if lrs is not None and r["lr"] != lrs.get(r["method"]):
+            continue
+        groups.setdefault((r["method"], r["budget_r"]), []).append(r)
+    for (method, budget), group in groups.items():
+        values = [g["test"][metric] for g in group]
+        row = {
+            "method": method,
+            "budget_r": budget,
+            "lr": group[0]["lr"],
+            "seeds": sorted(g["seed"] for g in group),
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "by_seed": values,
+            "adapter_parameters": statistics.mean(g["adapter_parameters"] for g in group),
+            "adapter_parameters_start": statistics.mean(g["adapter_parameters_start"] for g in group),
+            "adapter_parameters_mean": statistics.mean(g["adapter_parameters_mean_over_training"] for g in group),
+            "allocated": statistics.mean(g.get("adapter_parameters_allocated", g["adapter_parameters"]) for g in group),
+            "budget_parameters": group[0]["budget_parameters"],
+            "state_bytes_start": statistics.mean(g["state_bytes_start"] for g in group),
+            "state_bytes_end": statistics.mean(g["state_bytes_end"] for g in group),
+            "seconds_per_step": statistics.mean(g["seconds_per_step"] for g in group),
+            "peak_rss_mb": max(g["peak_rss_mb"] for g in group),
+        }
+        if metric == "accuracy":
+            row["macro_f1"] = statistics.mean(g["test"]["macro_f1"] for g in group)
+        else:
+            row["perplexity"] = statistics.mean(g["test"]["perplexity"] for g in group)
+        rows.append(row)
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (r["budget_r"], order.get(r["method"], 99)))
+    judge(rows, task)
+    return rows
+
+
+def judge(rows: list[dict], task: dict) -> None:
+    """Targets: ARD / ElaLoRA at least match stock LoRA and AdaLoRA at the same budget; share of full FT."""
+    sign = 1 if task["higher_is_better"] else -1
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for row in rows:
+        peers = [
+            r for r in rows if r["budget_r"] == row["budget_r"] and r["method"] in ("lora", "adalora")
+        ]
+        row["vs_baselines"] = {p["method"]: sign * (row["mean"] - p["mean"]) for p in peers}
+        if full is not None:
+            row["share_of_full"] = row["mean"] / full["mean"] if sign > 0 else full["mean"] / row["mean"]
+
+
+def markdown(rows: list[dict], task_name: str, commands: list[str], lrs: dict[str, float]) -> str:
+    task = TASKS[task_name]
+    metric = task["metric"]
+    second = "macro_f1" if metric == "accuracy" else "perplexity"
     lines = [
-        f"Command: `{command}`",
-        "",
-        "| budget (LoRA r) | method | seeds | accuracy (mean ± std) | macro-F1 | adapter params (% of model) | "
-        "params + optimizer state, start -> end | s/step |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| budget (LoRA r) | method | lr | seeds | test {metric} (mean ± std) | {second} | "
+        "adapter params at end (% of model) | at start | mean over training | "
+        "params + AdamW state start -> end | s/step | vs LoRA / AdaLoRA | share of full FT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in table:
+    for r in rows:
+        vs = " / ".join(f"{m} {v:+.4f}" for m, v in r["vs_baselines"].items() if m != r["method"]) or "-"
+        alloc = f" ({r['allocated']:,.0f} allocated)" if r["allocated"] != r["adapter_parameters"] else ""
+        share = f"{100 * r['share_of_full']:.1f}%" if "share_of_full" in r else "-"
         lines.append(
-            f"| {row['budget (LoRA r)']} | {row['method']} | {row['seeds']} | {row['accuracy']:.4f} ± "
-            f"{row['accuracy std']:.4f} | {row['macro_f1']:.4f} | {row['adapter params']:,.0f} "
-            f"({row['params % of model']:.2f}%) | {row['state bytes start'] / 1e6:.2f} MB -> "
-            f"{row['state bytes end'] / 1e6:.2f} MB | {row['s/step']:.2f} |"
+            f"| {r['budget_r'] or '-'} | {r['method']} | {r['lr']:g} | {len(r['seeds'])} | "
+            f"{r['mean']:.4f} ± {r['std']:.4f} | {r.get(second, float('nan')):.4f} | "
+            f"{r['adapter_parameters']:,.0f}{alloc} ({100 * r['adapter_parameters'] / task['model_params']:.2f}%) | "
+            f"{r['adapter_parameters_start']:,.0f} | {r['adapter_parameters_mean']:,.0f} | "
+            f"{r['state_bytes_start'] / 1e6:.2f} MB -> {r['state_bytes_end'] / 1e6:.2f} MB | "
+            f"{r['seconds_per_step']:.2f} | {vs} | {share} |"
         )
-    return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "vs LoRA / AdaLoRA: the method's mean minus stock PEFT LoRA's and stock AdaLoRA's at the same budget, "
+        "signed so that positive is better. Adapter params exclude the task head (trained in full by every "
+        "method) and ARD's alphas (one per group). Stock AdaLoRA's count is what survives its masks; it keeps "
+        "the allocated count in memory. s/step: two runs shared the 2 cores, one thread each.",
+    ]
+    cmd = "\n".join(f"    {c}" for c in commands)
+    chosen = ", ".join(f"{m} {lr:g}" for m, lr in lrs.items())
+    return (
+        f"# Quality vs parameters: {task_name}\n\nCommands that produced these records "
+        f"(results/quality_{task_name}.json):\n\n{cmd}\n\nLearning rates chosen on the validation set: {chosen}.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
-def pareto_plot(table: list[dict], path: Path) -> None:
+def plot(rows: list[dict], task_name: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    task = TASKS[task_name]
+    fig, ax = plt.subplots(figsize=(8, 5))
     for method in METHODS:
-        pts = sorted((r["adapter params"], r["accuracy"]) for r in table if r["method"] == method)
-        if pts:
-            ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=method)
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["adapter_parameters"])
+        if not pts:
+            continue
+        if method == "full":
+            ax.axhline(pts[0]["mean"], color="grey", linestyle=":", label=f"full fine-tuning ({pts[0]['mean']:.3f})")
+            continue
+        ax.errorbar(
+            [r["adapter_parameters"] for r in pts],
+            [r["mean"] for r in pts],
+            yerr=[r["std"] for r in pts],
+            marker="o",
+            capsize=3,
+            label=method,
+            linestyle="-" if method.startswith("ard") else "--",
+        )
     ax.set_xscale("log")
-    ax.set_xlabel("trainable adapter parameters (log)")
-    ax.set_ylabel("accuracy (eval)")
-    ax.set_title("all-MiniLM-L6-v2, tweets: quality vs parameters")
+    ax.set_xlabel("adapter parameters at the end of training (log)")
+    ax.set_ylabel(f"test {task['metric']} (mean ± std over seeds)")
+    ax.set_title(f"{task_name}: quality vs parameters")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def write_tables(store: RecordStore, task_name: str, steps: int, stem: str, methods: list[str], out: Path) -> str:
+    lrs = {m: lr for m in methods if (lr := chosen_lr(store, task_name, m, steps)) is not None}
+    runs = [r for r in store.runs if r["task"] == task_name and r["steps"] == steps]
+    rows = summarise(runs, task_name, lrs or None)
+    store.data["summary"] = rows
+    store.data["chosen_lr"] = lrs
+    store.save()
+    text = markdown(rows, task_name, store.data["commands"], lrs)
+    (out / f"{stem}.md").write_text(text)
+    plot(rows, task_name, out / f"{stem}.png")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one budget (r=2), one seed, 60 steps")
+    parser.add_argument("--task", choices=sorted(TASKS), default="minilm")
+    parser.add_argument("--quick", action="store_true", help="minilm, r=2, seed 0, 60 steps, lr 1e-3 (no tuning)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--budgets", type=int, nargs="+", help="LoRA ranks that define the budgets")
-    parser.add_argument("--seeds", type=int, help="seeds per (method, budget)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: 2 epochs = 126)")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[m for m in ALL_METHODS if m in METHODS])
-    parser.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate (the same for every method)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the task's)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one process each)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: 2 // jobs)")
+    parser.add_argument("--tune-only", action="store_true", help="only the learning-rate runs")
+    parser.add_argument("--table-only", action="store_true", help="redraw table and plot from the records")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    budgets = args.budgets or ([2] if args.quick else [1, 2, 6])
-    seeds = args.seeds or (1 if args.quick else 3)
-    steps = args.steps or (60 if args.quick else None)
-    torch.set_num_threads(2)
-    train, held = packaged_sentiment(2000, 500, seed=0)
-    rows = []
-    for seed in range(seeds):
-        for r in budgets:
-            for method in args.methods:
-                if method == "full" and r != budgets[0]:
-                    continue  # full fine-tuning has no budget: run it once per seed
-                row = run_one(method, r, seed, steps, args.lr, train, held)
-                rows.append(row)
-                print(
-                    f"r={r} seed={seed} {method:17s} acc {row['eval']['accuracy']:.4f} "
-                    f"params {row['adapter_parameters']:,} {row['seconds_per_step']:.2f} s/step",
-                    flush=True,
-                )
-    table = summarise(rows)
-    command = "python benchmarks/quality.py " + ("--quick" if args.quick else f"--seeds {seeds}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "quality_quick" if args.quick else "quality"
-    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "runs": rows, "table": table}, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(table, command))
-    pareto_plot(table, args.out / f"{stem}.png")
-    print(markdown(table, command))
+    task = TASKS[args.task]
+    steps = args.steps or (60 if args.quick else task["steps"])
+    budgets = args.budgets or ([task["tune_budget"]] if args.quick else task["budgets"])
+    seeds = [0] if args.quick else args.seeds
+    threads = args.threads or max(1, 2 // args.jobs)
+    stem = f"quality_{args.task}" + ("_quick" if args.quick else "")
+    store = RecordStore(args.out / f"{stem}.json", record_key)
+    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+
+    def done(job: tuple, record: dict) -> None:
+        store.add(record)
+        metric = record["test"][task["metric"]]
+        print(
+            f"{record['method']:17s} r={record['budget_r']} lr={record['lr']:g} seed={record['seed']} "
+            f"test {task['metric']} {metric:.4f} val {record['val'][task['metric']]:.4f} "
+            f"params {record['adapter_parameters']:,} (budget {record['budget_parameters']:,}) "
+            f"{record['seconds']:.0f}s",
+            flush=True,
+        )
+
+    def submit(jobs: list[tuple]) -> None:
+        todo = [j for j in jobs if not store.has((args.task, j[0], j[1], j[2], j[3], steps))]
+        print(f"{len(todo)} runs to do ({args.jobs} at a time, {threads} thread(s) each)", flush=True)
+        run_pool(run_one, [(args.task, *j[:4], steps, threads, command) for j in todo], args.jobs,
+                 lambda job, rec: done(job, rec))
+
+    if not args.table_only:
+        store.note_command(command)
+        if args.quick:
+            submit([(m, 0 if m == "full" else budgets[0], 5e-5 if m == "full" else 1e-3, 0) for m in args.methods])
+        else:
+            submit(tuning_jobs(args.task, args.methods, steps))
+            if not args.tune_only:
+                submit(main_jobs(store, args.task, args.methods, seeds, steps, budgets))
+    if args.quick:
+        runs = [r for r in store.runs if r["steps"] == steps]
+        rows = summarise(runs, args.task, None)
+        text = markdown(rows, args.task, store.data["commands"], {})
+        (args.out / f"{stem}.md").write_text(text)
+        plot(rows, args.task, args.out / f"{stem}.png")
+    else:
+        text = write_tables(store, args.task, steps, stem, args.methods, args.out)
+    print(text)
     print(f"results: {args.out / (stem + '.md')}")
 
 

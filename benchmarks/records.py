@@ -1,0 +1,75 @@
+"""What the benchmark scripts share: a JSON record store and a two-core process pool.
+
+A study is a list of records, one per (configuration, seed) run, kept in one JSON file with the
+commands that produced them. A run already recorded is not run again (unless forced), so a long
+study can be stopped and continued, and its tables are redrawn from every record.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import multiprocessing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+class RecordStore:
+    """Records of one study in ``path`` (JSON: {"commands": [...], "runs": [...], ...})."""
+
+    def __init__(self, path: Path, key: Callable[[dict], tuple]) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"commands": [], "runs": []}
+
+    @property
+    def runs(self) -> list[dict]:
+        return self.data["runs"]
+
+    def has(self, key: tuple) -> bool:
+        return any(self.key(r) == key for r in self.runs)
+
+    def get(self, key: tuple) -> dict | None:
+        return next((r for r in self.runs if self.key(r) == key), None)
+
+    def add(self, record: dict) -> None:
+        """Add ``record``, replacing an earlier record with the same key; saved at once."""
+        key = self.key(record)
+        self.data["runs"] = [r for r in self.runs if self.key(r) != key] + [record]
+        self.save()
+
+    def note_command(self, command: str) -> None:
+        if command not in self.data["commands"]:
+            self.data["commands"].append(command)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def run_pool(
+    fn: Callable[..., dict],
+    jobs: Iterable[tuple],
+    n_workers: int,
+    on_result: Callable[[tuple, dict], None],
+) -> list[tuple]:
+    """Run ``fn(*args)`` for every ``args`` in ``jobs`` in ``n_workers`` fresh processes (spawned, so each
+    sets its own thread count); ``on_result(args, record)`` as each finishes. Returns the failed jobs
+    (their exceptions are printed; the other runs go on)."""
+    failed = []
+    context = multiprocessing.get_context("spawn")
+    # One process per run: peak memory (ru_maxrss) and imports are the run's own.
+    with futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=context, max_tasks_per_child=1) as pool:
+        pending = {pool.submit(fn, *args): args for args in jobs}
+        for job in futures.as_completed(pending):
+            args = pending[job]
+            try:
+                record = job.result()
+            except Exception as exc:  # keep the other runs going; report at the end
+                print(f"FAILED {args}: {exc!r}", flush=True)
+                failed.append(args)
+                continue
+            on_result(args, record)
+    return failed
