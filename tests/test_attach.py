@@ -7,7 +7,7 @@ import torch
 
 import dynarank
 from dynarank import DynaRankConfig, ElasticLoRALinear
-from tiny_models import tiny_bert, tiny_llama, token_batch
+from tiny_models import tiny_bert, tiny_llama, tiny_roberta, token_batch
 
 D, D_H, HEADS = 32, 8, 4  # both tiny models: hidden 32, 4 query heads of 8
 BERT_ATTENTION = ["query", "key", "value", "attention.output.dense"]
@@ -232,3 +232,13 @@ def test_llama_trainable_parameters_follow_the_formula(layout):
     )
     assert per_layer == (2160 if layout == "own" else 1392)
     assert dynarank.adapter_parameter_count(model) == dynarank.count_trainable(model) == 2 * per_layer
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["dense", "query", "out_proj"], r".*(dense|out_proj)"])
+def test_nothing_inside_a_task_head_is_adapted_and_the_whole_head_stays_trainable(targets):
+    # RoBERTa's head is a module with Linear layers of its own: classifier.dense and classifier.out_proj.
+    model = dynarank.attach(tiny_roberta(), DynaRankConfig(target_modules=targets, r=2))
+    adapted = dynarank.elastic_layers(model)
+    assert adapted and not any(n.startswith("classifier") for n in adapted)
+    assert model.dynarank_modules_to_save == ["classifier"]
+    assert all(p.requires_grad for p in model.classifier.parameters())

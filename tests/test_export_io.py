@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import dynarank
 from dynarank import AdapterFormatError, DynaRankConfig
-from tiny_models import randomize_adapters, tiny_bert, tiny_llama, token_batch
+from tiny_models import randomize_adapters, tiny_bert, tiny_llama, tiny_roberta, token_batch
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
 BUILDERS = {"bert": tiny_bert, "llama": tiny_llama}
@@ -119,6 +119,17 @@ def test_a_bert_classifier_with_a_trained_head_round_trips(tmp_path):
     _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
     names = _tensor_names(tmp_path / "peft")
     assert "base_model.model.classifier.weight" in names and "base_model.model.classifier.bias" in names
+
+
+def test_a_roberta_classifier_whose_head_holds_linear_layers_round_trips(tmp_path):
+    model = dynarank.attach(tiny_roberta(), DynaRankConfig(target_modules="all-linear", r=3, head_layout="shared"))
+    randomize_adapters(model, scale=0.2)
+    with torch.no_grad():
+        model.classifier.out_proj.bias.fill_(0.5)  # a trained head travels as modules_to_save
+    dynarank.export_peft(model, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(tiny_roberta(), str(tmp_path / "peft")).eval()
+    ids = token_batch() + 2  # RoBERTa positions count from its padding id: keep tokens off it
+    _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
@@ -232,10 +243,40 @@ def _bert_three_layers():
 )
 def test_loading_into_a_different_architecture_raises_a_format_error(tmp_path, build, named):
     dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "native")
+    model = build()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(AdapterFormatError) as info:
-        dynarank.load_adapter(build(), tmp_path / "native")
+        dynarank.load_adapter(model, tmp_path / "native")
     for text in named:
         assert text in str(info.value)
+    # Nothing is left half-attached: no adapter, no config, the trainable flags as they were.
+    assert not dynarank.elastic_layers(model) and not hasattr(model, "dynarank_config")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("method", ["ard", "elalora", "adalora"])
+def test_an_adapter_saved_in_the_middle_of_a_rank_changing_run_loads_with_the_same_outputs(tmp_path, method):
+    # Mid-run, the controller's gate (ARD's hard mask, the SVD methods' E) still shapes the outputs.
+    model = tiny_bert()
+    extra = {"ard_lambda": 30.0} if method == "ard" else {"granularity": "matrix"}
+    dynarank.attach(model, DynaRankConfig(method=method, r=4, target_modules=BERT_TARGETS, seed=0, **extra))
+    ctrl = dynarank.build_controller(model, total_steps=200)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    ids, labels = token_batch(batch=8), torch.tensor([0, 1] * 4)
+    for _ in range(60):
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert any(layer.gate() is not None for layer in dynarank.elastic_layers(model).values())
+    if method == "ard":  # switch a slot off by its mask without cutting it: r0 * alpha = 2.3 keeps 3 slots, 2 on
+        with torch.no_grad():
+            model.dynarank_ard.of("bert.encoder.layer.0.attention.self.value")[0] = 2.3 / 4
+        layer = dynarank.elastic_layers(model)["bert.encoder.layer.0.attention.self.value"]
+        assert layer.ranks[0] >= 3 and layer.gate()[0, 2] == 0
+    model.eval()
+    dynarank.save_adapter(model, tmp_path / "native")
+    fresh = dynarank.load_adapter(tiny_bert(), tmp_path / "native").eval()
+    _assert_same_logits(_logits(fresh, ids), _logits(model, ids), tol=1e-5)
 
 
 def test_save_adapter_refuses_to_overwrite_a_directory_that_is_not_an_adapter(tmp_path):

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
@@ -19,6 +26,22 @@ def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassificati
         num_labels=num_labels,
     )
     return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_roberta(num_labels: int = 2, seed: int = 0) -> RobertaForSequenceClassification:
+    """RoBERTa classifier, whose task head holds Linear modules of its own (classifier.dense / out_proj)."""
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(cfg).eval()
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -73,12 +73,15 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
     linear = linear_module_names(model)
     spec = config.target_modules
     if spec == "all-linear":
-        chosen = [n for n in linear if n not in heads]
+        chosen = list(linear)
     elif isinstance(spec, str):
         pattern = re.compile(spec)
         chosen = [n for n in linear if pattern.fullmatch(n)]
     else:
         chosen = [n for n in linear if _has_suffix(n, spec)]
+    # A task head is trained in full (modules_to_save), so nothing inside it is adapted, whatever the spec:
+    # RoBERTa-style heads hold Linear modules of their own (classifier.dense, classifier.out_proj).
+    chosen = [n for n in chosen if not any(n == h or n.startswith(h + ".") for h in heads)]
     chosen = [n for n in chosen if not _has_suffix(n, config.exclude_modules)]
     if not chosen:
         shown = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in linear})

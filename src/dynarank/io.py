@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .attach import ATTACHED_ATTR, attach, elastic_layers
+from .attach import ATTACHED_ATTR, attach, elastic_layers, unwrap
 from .config import DynaRankConfig
 
 LAYOUT_FILE = "dynarank_adapter.json"
@@ -43,7 +43,9 @@ def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
             "slots": layer.slots,
         }
         tensors[f"{name}.shared_weight"] = layer.shared_weight.detach()
-        tensors[f"{name}.group_weight"] = layer.group_weight.detach()
+        # A controller's gate (ARD's mask, ElaLoRA/AdaLoRA's E before the end of training) is folded in,
+        # so the saved adapter gives the same outputs without the controller.
+        tensors[f"{name}.group_weight"] = layer.gated_group_weight().detach()
     save_names = list(getattr(model, "dynarank_modules_to_save", []))
     for name in save_names:
         for pname, p in model.get_submodule(name).named_parameters():
@@ -149,10 +151,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterFormatError(f"{path}: the adapter description is damaged ({exc}).") from None
     _check_fits(model, saved)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
         attach(model, config)
     except ValueError as exc:
         raise AdapterFormatError(f"adapter does not fit this {type(model).__name__}: {exc}") from None
+    try:
+        _restore(model, layout, tensors)
+    except Exception:
+        unwrap(model, merge=False)  # a mismatch found after attaching: give the model back untouched
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), p.requires_grad))
+        raise
+    return model
+
+
+def _restore(model: nn.Module, layout: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Give the freshly attached layers the saved layout and values (AdapterFormatError on a mismatch)."""
+    saved = layout["layers"]
     layers = elastic_layers(model)
     if set(saved) != set(layers):
         missing, extra = sorted(set(saved) - set(layers)), sorted(set(layers) - set(saved))
@@ -190,4 +206,3 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if value.shape != param.shape:
                 raise AdapterFormatError(f"{key}: saved shape {tuple(value.shape)}, expected {tuple(param.shape)}.")
             param.data.copy_(value.to(param.dtype))
-    return model

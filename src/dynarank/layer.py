@@ -249,6 +249,20 @@ class ElasticLoRALinear(nn.Module):
         index = self.slot_index.unsqueeze(-1).expand(-1, -1, self.group_size)
         return out.scatter_add(1, index, w)[:, : self.n_slots]
 
+    def gated_group_weight(self) -> torch.Tensor:
+        """The packed group side (d_g, T) with the gate folded into its columns.
+
+        The gate multiplies each rank of each group, so folding it into that rank's group-side
+        column leaves the update unchanged; a layer saved this way needs no gate to be exact.
+        """
+        w = self.group_weight
+        gate = self.gate()
+        if gate is None:
+            return w
+        per_column = w.new_ones(w.shape[1] + 1)  # the extra entry absorbs the padding positions
+        per_column = per_column.index_put((self.column_index.flatten(),), gate.to(w.dtype).flatten())
+        return w * per_column[: w.shape[1]]
+
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The update as plain LoRA factors (A: (S, d_in), B: (d_out, S)), gate folded, no scaling.
 
