@@ -60,7 +60,7 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method", ["ard", "dynarank-lora"])
+@pytest.mark.parametrize("method", ["ard", "dynarank-lora", "elalora", "adalora-physical"])
 def test_a_run_killed_mid_schedule_and_resumed_equals_the_uninterrupted_run(tmp_path, method):
     full = train_classifier(
         tiny_bert(), WordTokenizer(), examples(), spec(method), run_dir=tmp_path / "a", save_every=5
@@ -79,9 +79,12 @@ def test_a_run_killed_mid_schedule_and_resumed_equals_the_uninterrupted_run(tmp_
     resumed = train_classifier(
         tiny_bert(), WordTokenizer(), examples(), spec(method), run_dir=tmp_path / "b", save_every=5, resume=True
     )
-    if method == "ard":  # the interruption (step 23, checkpoint 20) falls inside the rank-change schedule
+    # The interruption (step 23, checkpoint 20) falls inside the rank-change schedule.
+    if method == "ard":
         resize_steps = [h["step"] for h in full["controller"].history]
         assert any(20 < s < 30 for s in resize_steps[1:-1]), resize_steps
+    elif method != "dynarank-lora":  # ElaLoRA / AdaLoRA: scores and rounds still run after step 20
+        assert full["controller"].schedule.phase(21) == "active"
     assert resumed["ranks"] == full["ranks"]
     expected, got = trained_state(full["model"]), trained_state(resumed["model"])
     assert expected.keys() == got.keys()
@@ -122,6 +125,18 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_is_used(tmp_pat
     assert checkpoint.latest(run)[0].name == "step-5"
 
 
+def test_an_edited_state_file_is_detected_reported_and_the_previous_checkpoint_used(tmp_path, caplog):
+    run = tmp_path / "run"
+    train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=run, save_every=5)
+    state_file = run / "checkpoints" / "step-10" / checkpoint.STATE_FILE
+    state_file.write_text(state_file.read_text().replace('"step": 10', '"step": 9', 1))
+    with pytest.raises(CheckpointError, match="state.json does not match its checksum"):
+        checkpoint.read(state_file.parent)
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.latest(run)[0].name == "step-5"
+    assert "skipping a damaged checkpoint" in caplog.text
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=20), run_dir=tmp_path, save_every=4)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-12", "step-16", "step-20"]
@@ -155,12 +170,19 @@ def poison_loss_at(model, step: int):
     return model
 
 
-def test_a_nan_loss_skips_the_step_and_training_goes_on(caplog):
+@pytest.mark.parametrize("method", ["ard", "elalora", "adalora-physical"])
+def test_a_nan_loss_skips_the_step_and_the_rank_schedule_keeps_time(caplog, method):
     with caplog.at_level(logging.WARNING):
-        result = train_classifier(poison_loss_at(tiny_bert(), 3), WordTokenizer(), examples(), spec(steps=8))
-    assert result["skipped_steps"] == 1 and result["controller"].step == 7
+        result = train_classifier(poison_loss_at(tiny_bert(), 3), WordTokenizer(), examples(), spec(method, steps=20))
+    ctrl = result["controller"]
+    assert result["skipped_steps"] == 1
     assert "non-finite values at step 3 in: loss" in caplog.text
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+    # The skipped step is counted: the schedule ends where total_steps puts it, with a final snapshot,
+    # and ElaLoRA / AdaLoRA fold their E into the adapter (the model carries no controller state after).
+    assert ctrl.step == 20 and ctrl.history[-1]["step"] == 20
+    if method != "ard":
+        assert ctrl.finalized and not hasattr(result["model"], "dynarank_svd")
 
 
 def test_a_nan_gradient_names_the_module_that_produced_it(caplog):

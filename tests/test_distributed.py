@@ -81,6 +81,31 @@ def test_two_gloo_workers_match_a_single_process_run(setup):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+@pytest.mark.parametrize("method", ["ard", "elalora"])
+def test_a_trainer_under_torchrun_keeps_every_worker_identical_across_resizes(tmp_path, method):
+    # The Trainer's DDP wrapper is built once; resizes create new adapter tensors that it does not know,
+    # whose gradients the callback averages itself. Without that, the workers' adapters drift apart.
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        os.path.join(here, "trainer_ddp_worker.py"),
+    ]
+    done = subprocess.run([*cmd, str(tmp_path), method], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["resizes"] >= 2
+    first, second = result["workers"]
+    assert first["ranks"] == second["ranks"]
+    for name, value in first["sums"].items():
+        assert value == pytest.approx(second["sums"][name], abs=1e-6), name
+
+
 def test_fsdp_and_deepspeed_launches_are_refused_with_a_clear_message(setup, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert main(argv(setup, "fsdp")) == 2

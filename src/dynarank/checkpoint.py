@@ -3,6 +3,7 @@
 RUN_DIR/checkpoints/step-<N>/
   state.json          step, controller state, optimizer hyper-parameters and scalar state,
                       scheduler state, Python RNG, the adapter layout, sha256 of the tensors
+                      and of this file's own content (so an edit to either is detected)
   tensors.safetensors trainable parameters (current shapes), optimizer state tensors, torch RNG
 
 A checkpoint is written to a temporary sibling and renamed, so a crash during a save leaves
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import re
 import shutil
@@ -31,6 +33,14 @@ STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+logger = logging.getLogger(__name__)
+
+
+def _state_digest(state: dict) -> str:
+    """sha256 of the state's content without its own digest (canonical JSON)."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class CheckpointError(ValueError):
@@ -65,6 +75,8 @@ def capture(
                     scalars[f"{index}.{key}"] = _json_safe(value)
             index += 1
     tensors["rng.torch"] = torch.get_rng_state()
+    if controller is not None:
+        tensors.update({f"controller.{k}": v.detach() for k, v in controller.state_tensors().items()})
     layout = {name: layer.slots for name, layer in elastic_layers(model).items()}
     state = {
         "format_version": FORMAT_VERSION,
@@ -89,6 +101,7 @@ def save(
     state, tensors = capture(model, optimizer, scheduler, controller, step, extra)
     blob = save(tensors)
     state["sha256"] = hashlib.sha256(blob).hexdigest()
+    state["state_sha256"] = _state_digest(state)
     root = Path(run_dir) / "checkpoints"
     out = write_atomically(
         root / f"step-{step}", {TENSORS_FILE: blob, STATE_FILE: json.dumps(state).encode()}, marker=STATE_FILE
@@ -119,6 +132,8 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{state_file} is damaged ({exc}).") from None
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{state_file}: unsupported checkpoint format {state.get('format_version')!r}.")
+    if state.get("state_sha256") != _state_digest(state):
+        raise CheckpointError(f"{state_file} does not match its checksum: the file was modified.")
     blob = tensors_file.read_bytes()
     if hashlib.sha256(blob).hexdigest() != state.get("sha256"):
         raise CheckpointError(f"{tensors_file} does not match its checksum: the file is truncated or was modified.")
@@ -137,6 +152,7 @@ def latest(run_dir: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
             return (path, *read(path))
         except CheckpointError as exc:
             errors.append(str(exc))
+            logger.warning("dynarank: skipping a damaged checkpoint: %s", exc)
     detail = f" ({'; '.join(errors)})" if errors else ""
     raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from{detail}.")
 
@@ -191,6 +207,8 @@ def restore_training(optimizer, scheduler, controller, state: dict, tensors: dic
         scheduler.load_state_dict({k: v for k, v in state["scheduler"].items() if v is not None})
     if controller is not None and state["controller"] is not None:
         controller.load_state_dict(state["controller"])
+        prefix = "controller."
+        controller.load_state_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     torch.set_rng_state(tensors["rng.torch"])
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))

@@ -154,7 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dynarank {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy a torchrun / accelerate process group this command joined (an undestroyed gloo group can
+    abort the process at exit)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

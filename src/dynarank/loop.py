@@ -11,6 +11,7 @@ import logging
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,11 @@ def train(
                     raise NonFiniteError(f"{message}; training stopped, the last checkpoint is kept.")
                 logger.warning("dynarank: %s; step skipped", message)
                 skipped += 1
+                if controller is not None:  # the rank schedule keeps time with the loop
+                    controller.skip_step(optimizer)
+                with warnings.catch_warnings():  # the learning-rate schedule too, even before a first update
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    scheduler.step()
             else:
                 optimizer.step()
                 if state_bytes_start is None:  # after the first step AdamW's moments exist
@@ -272,6 +278,8 @@ def train(
                 )
             if step >= total:
                 break
+    if controller is not None:
+        controller.finish()
     seconds = time.perf_counter() - t0
     result = {
         "method": spec.method,

@@ -360,6 +360,9 @@ class SVDController(RankController):
         old = self.values.of(name)
         self.values.replace(name, reindex_parameter(old, 0, source, appended, optimizer=self._carried()))
 
+    def finish(self) -> None:
+        self.finalize()
+
     @torch.no_grad()
     def finalize(self) -> None:
         """Fold E into the group side (column c times E[c]) and drop the gate and ``model.dynarank_svd``.
@@ -398,6 +401,38 @@ class SVDController(RankController):
         self.rank_changes = int(state.get("rank_changes", 0))
         self.start_budget = state["start_budget"]
         self.target_budget = state["target_budget"]
+        if state.get("finalized") and not self.finalized:
+            self.finalize()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The importance EMAs of every scored parameter, by position, and the new-rank generator."""
+        tensors = {}
+        for i, p in enumerate(self._scored_parameters()):
+            state = self.importance.carrier.state.get(p)
+            if state:
+                tensors[f"importance.{i}.sensitivity"] = state["sensitivity"]
+                tensors[f"importance.{i}.uncertainty"] = state["uncertainty"]
+        if self.generator is not None:
+            tensors["generator"] = self.generator.get_state()
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.finalized:
+            return
+        params = self._scored_parameters()  # the restored layers' parameters
+        self.importance.track(params)
+        self.importance.clear()
+        for i, p in enumerate(params):
+            key = f"importance.{i}."
+            if key + "sensitivity" in tensors:
+                sens, unc = tensors[key + "sensitivity"], tensors[key + "uncertainty"]
+                if sens.shape != p.shape:
+                    raise ValueError(
+                        f"importance state {i} has shape {tuple(sens.shape)}, the parameter {tuple(p.shape)}."
+                    )
+                self.importance.set_state(p, sens, unc)
+        if self.generator is not None and "generator" in tensors:
+            self.generator.set_state(tensors["generator"])
 
 
 def _slot_usage(layer: ElasticLoRALinear) -> dict[int, int]:

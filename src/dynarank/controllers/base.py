@@ -120,6 +120,18 @@ class RankController:
         record = StepRecord(step=self.step, phase="train")
         return self._finish(record)
 
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
+        """Count an optimizer step the training loop skipped (non-finite loss or gradient).
+
+        The schedule keeps time with the loop (its phases, rounds and end fall where ``total_steps``
+        puts them); nothing is learned from the step: its gradients are dropped first.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        return self.after_step(optimizer)
+
+    def finish(self) -> None:
+        """End of training (also when it stops early): methods fold what they still hold apart."""
+
     def _finish(self, record: StepRecord) -> StepRecord:
         record.total_rank = self.total_rank()
         record.trainable_parameters = count_trainable(self.model)
@@ -166,6 +178,13 @@ class RankController:
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "warned": sorted(self._warned)}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensor state a checkpoint stores beside :meth:`state_dict` (safetensors); none here."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` saved (after the model and :meth:`load_state_dict`)."""
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])

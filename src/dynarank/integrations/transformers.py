@@ -11,6 +11,12 @@ steps, moves the controller's parameters into their own optimizer group (their l
 no weight decay) and binds the controller to the optimizer's step hooks: it then runs inside
 every optimizer step (gradient accumulation counts optimizer steps). ``on_log`` adds the total
 rank, the trainable parameters and the mean rank per projection type to the logs.
+
+Under DDP (torchrun / accelerate launch) a resize hands the adapters NEW parameter tensors, which
+the Trainer's DDP wrapper (built once, before training) does not know: their gradients would stay
+per worker. The callback therefore averages, across workers, the gradients of every trainable
+parameter the wrapper was not built with, in the optimizer's pre-step hook, before the controller
+reads them. Every worker then updates, scores and resizes from the same global gradient.
 """
 
 from __future__ import annotations
@@ -47,6 +53,47 @@ def _extend_scheduler(scheduler, lr: float) -> None:
         scheduler._last_lr.append(lr)
 
 
+class ResizedGradientSync:
+    """Optimizer pre-step hook: average across workers the gradients of parameters a distributed
+    wrapper does not know (those created by resizes after it was built)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.known = {id(p) for p in model.parameters() if p.requires_grad}
+
+    def unknown(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self.known]
+
+    @torch.no_grad()
+    def __call__(self, optimizer, args, kwargs) -> None:
+        import torch.distributed as dist
+
+        params = self.unknown()
+        if not params:
+            return
+        device = params[0].device
+        present = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)  # a gradient on any worker: sync it everywhere
+        synced = [p for p, flag in zip(params, present.tolist()) if flag]
+        if not synced:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in synced])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in synced:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+
+def _distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
+    )
+
+
 class DynaRankCallback(TrainerCallback):
     """Drive a dynarank controller from ``transformers.Trainer``; no manual call per step."""
 
@@ -54,6 +101,7 @@ class DynaRankCallback(TrainerCallback):
         self.model = model
         self.gate_parameters = prepare_parameters(model)
         self.controller: RankController | None = None
+        self._sync_hook = None
 
     def install(self, trainer) -> DynaRankCallback:
         """Add this callback to ``trainer`` ahead of the logging integrations."""
@@ -81,7 +129,16 @@ class DynaRankCallback(TrainerCallback):
             alpha_group = self.controller.param_groups(args.learning_rate)[-1]
             inner.add_param_group(alpha_group)
             _extend_scheduler(lr_scheduler, alpha_group["lr"])
+        if _distributed() and self._sync_hook is None:  # registered first: it runs before the controller
+            self._sync_hook = inner.register_step_pre_hook(ResizedGradientSync(self.model))
         self.controller.bind(inner)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # A run that ends before its last scheduled step (early stopping, skipped fp16 steps) still
+        # leaves a plain adapter behind: ElaLoRA / AdaLoRA fold E into it.
+        if self.controller is not None:
+            self.controller.finish()
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
