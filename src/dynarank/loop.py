@@ -242,7 +242,7 @@ def train(
                 if controller is not None:  # the rank schedule keeps time with the loop
                     controller.skip_step(optimizer)
                 with warnings.catch_warnings():  # the learning-rate schedule too, even before a first update
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    warnings.filterwarnings("ignore", message="Detected call of")
                     scheduler.step()
             else:
                 optimizer.step()
