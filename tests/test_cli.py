@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,13 @@ def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], s
     not_model = tmp_path / "not_model"
     not_model.mkdir()
     (not_model / "config.json").write_text("{not json")
+    list_config = tmp_path / "list_config"
+    list_config.mkdir()
+    (list_config / "config.json").write_text("[]")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in model_dir.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes()[:1000] if f.name == "model.safetensors" else f.read_bytes())
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("x")
@@ -151,11 +159,25 @@ def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], s
         "bad config key": (["train", "--config", str(_yaml(tmp_path, "colour: red\n"))], "unknown option 'colour'"),
         "run dir that is not one": (["eval", str(taken), "--data", str(good)], "not a dynarank run directory"),
         "budget larger than the model": (["train", *base, "--data", str(good), "--r0", "64"], "larger than the model"),
+        "config.json not an object": (["train", "--model", str(list_config), "--data", str(good)], "JSON object"),
+        "truncated weights": (["train", "--model", str(truncated), "--data", str(good)], "cannot load"),
+        "badly typed config value": (
+            ["train", "--config", str(_yaml(tmp_path, "batch-size: abc\n"))],
+            "batch-size: 'abc' is not a valid int",
+        ),
+        "config value not a choice": (
+            ["train", "--config", str(_yaml(tmp_path, "method: magic\n"))],
+            "'magic' is not one of",
+        ),
+        "parameter budget above the start": (
+            ["train", *base, "--max-steps", "10", "--data", str(good), "--target-params", "10000000"],
+            "must be below the adapter's size",
+        ),
     }
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "bad.yaml"
+    path = tmp_path / f"bad-{zlib.crc32(text.encode())}.yaml"  # one file per case: the cases are built together
     path.write_text(text)
     return path
 
@@ -173,6 +195,11 @@ def _yaml(tmp_path: Path, text: str) -> Path:
         "bad config key",
         "run dir that is not one",
         "budget larger than the model",
+        "config.json not an object",
+        "truncated weights",
+        "badly typed config value",
+        "config value not a choice",
+        "parameter budget above the start",
     ],
 )
 def test_bad_input_gets_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys, case):
@@ -181,6 +208,43 @@ def test_bad_input_gets_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1, err
     assert (tmp_path / "taken" / "keep.txt").exists()
+
+
+def test_options_typed_on_the_command_line_win_over_the_config_file_even_at_their_default(tiny_model_dir, tmp_path):
+    data = write_csv(tmp_path / "data.csv")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: lora\nr: 3\ndata: {data}\n")
+    # --method ard is the default value: it still counts as typed.
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--config", str(config), "--method", "ard")
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "ard" and summary["r"] == 2  # --r 2 from train_args, over the file's r: 3
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory_behind(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv")
+    argv = [*train_args(tiny_model_dir, data, tmp_path / "run"), "--method", "ard", "--max-steps", "2"]
+    assert main(argv) == 2  # ARD cannot calibrate lambda in a 2-step run
+    assert "warm-up" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main([*argv[:-4], "--method", "lora"]) == 0  # the same --out works on the next try
+
+
+def test_a_run_with_listed_target_modules_resumes(tiny_model_dir, tmp_path):
+    data = write_csv(tmp_path / "data.csv")
+    argv = [*train_args(tiny_model_dir, data, tmp_path / "run"), "--target-modules", "query,value", "--save-every", "3"]
+    assert main(argv) == 0
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0  # config.yaml records the list
+
+
+@pytest.mark.parametrize("method", ["ard", "elalora", "adalora-physical"])
+def test_a_parameter_budget_is_honoured_from_the_command_line(tiny_model_dir, tmp_path, method):
+    data = write_csv(tmp_path / "data.csv", n=96)
+    argv = [*train_args(tiny_model_dir, data, tmp_path / "run", "--method", method, "--target-params", "2000")]
+    argv[argv.index("--max-steps") + 1] = "24"
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["adapter_parameters"] <= 2000
 
 
 def test_unknown_method_is_refused_by_the_parser(capsys):

@@ -48,8 +48,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=ALL_METHODS,
         default="ard",
-        help="ard: learned per-head ranks; dynarank-lora: fixed per-head ranks; lora / dora / adalora: "
-        "stock PEFT baselines; full: full fine-tuning",
+        help="ard: learned per-head ranks; elalora: importance-scored prune and expand; adalora-physical: "
+        "importance-scored pruning that frees memory; dynarank-lora: fixed per-head ranks; lora / dora / "
+        "adalora: stock PEFT baselines; full: full fine-tuning",
     )
     p.add_argument(
         "--r0",
@@ -69,6 +70,19 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ard-lambda", type=float, help="ARD l1 strength (relative; higher: smaller ranks)")
     p.add_argument("--rank-floor", type=int, help="smallest rank a group can end at (0: heads can switch off)")
     p.add_argument("--preset", choices=["default", "paper"], help="ARD settings: calibrated, or the paper's values")
+    p.add_argument(
+        "--target-params",
+        type=int,
+        help="adapter-parameter budget at the end (ard, elalora, adalora-physical); compare methods at equal "
+        "parameters with it",
+    )
+    p.add_argument("--target-rank", type=float, help="adalora-physical: final mean rank per group (rank budget)")
+    p.add_argument("--lambda-mode", choices=["relative", "gradient", "absolute"], help="ARD: how --ard-lambda is read")
+    p.add_argument("--ard-beta", type=float, help="ARD: weight of the total-variation (rank stability) term")
+    p.add_argument("--lr-alpha", type=float, help="ARD: learning rate of the alphas (default: fitted to the run)")
+    p.add_argument("--warmup-frac", type=float, help="fraction of steps before ranks may change (default 0.2)")
+    p.add_argument("--final-frac", type=float, help="fraction of steps at the end with ranks fixed (default 0.15)")
+    p.add_argument("--resize-every", type=int, help="optimizer steps between rank changes (default: ~20 per run)")
     p.add_argument("--epochs", type=float, default=2.0, help="passes over the training data")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "train":
-            runs.train_command(runs.resolve_train_options(args, parser))
+            runs.train_command(runs.resolve_train_options(args, parser, argv))
         elif args.command == "eval":
             print(json.dumps(runs.eval_command(args), indent=1))
         elif args.command == "export":
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             return runs.bench_command(args)
         elif args.command == "demo":
-            runs.demo_command(args)
+            runs.demo_command(args, vars(parser.parse_args(["train"])))
     except USER_ERRORS as exc:
         print(f"dynarank {args.command}: error: {exc}", file=sys.stderr)
         return 2

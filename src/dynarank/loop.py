@@ -114,10 +114,11 @@ def _svd_defaults(spec: TrainSpec, total_steps: int) -> dict[str, Any]:
         return {"granularity": "matrix"}
     if spec.method != "adalora-physical":
         return {}
+    budget = {} if "target_params" in spec.dynarank else {"target_rank": spec.r}  # a parameter budget replaces it
     return {
+        **budget,
         "granularity": "matrix",
         "r": max(spec.r + 1, round(1.5 * spec.r)),
-        "target_rank": spec.r,
         "lora_alpha": spec.r,
         "t_init_steps": max(1, total_steps // 10) + 1,
         "t_final_steps": max(1, total_steps // 5) - 1,

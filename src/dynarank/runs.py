@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -42,12 +43,72 @@ from .loop import BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, train_causal
 from .models import infer_task, load_causal_lm, load_classifier, packaged_minilm_path, resolve_model_dir
 from .tasks import evaluate_causal_lm, evaluate_classifier
 
-DYNARANK_KNOBS = ("granularity", "head_layout", "ard_lambda", "rank_floor", "preset")
+DYNARANK_KNOBS = (
+    "granularity",
+    "head_layout",
+    "ard_lambda",
+    "rank_floor",
+    "preset",
+    "target_params",
+    "target_rank",
+    "lambda_mode",
+    "ard_beta",
+    "lr_alpha",
+    "warmup_frac",
+    "final_frac",
+    "resize_every",
+)
 
 
 # ---------------------------------------------------------------------------- options
-def resolve_train_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Merge ``--config FILE.yaml`` under the command line (explicit command-line values win)."""
+def _train_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The ``train`` subcommand's options, by destination."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["train"]._actions if a.dest != "help"}
+
+
+def _given_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations the user typed (a value equal to the default counts as typed)."""
+    import sys
+
+    actions = _train_actions(parser)
+    saved = {dest: action.default for dest, action in actions.items()}
+    try:
+        for action in actions.values():
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    finally:
+        for dest, action in actions.items():
+            action.default = saved[dest]
+    return set(given) & set(actions)
+
+
+def _coerce(path: Path, key: str, value, action: argparse.Action):
+    """A YAML value checked and converted as the command-line option would be."""
+    if value is None:
+        return None
+    if action.dest == "target_modules" and isinstance(value, list):
+        if not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"{path}: {key} must be a list of module names.")
+        return value
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"{path}: {key} takes a single value, got {type(value).__name__}.")
+    if action.type is not None:
+        try:
+            value = action.type(value if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            kind = getattr(action.type, "__name__", "value")
+            raise ValueError(f"{path}: {key}: {value!r} is not a valid {kind}.") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}.")
+    return value
+
+
+def resolve_train_options(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> argparse.Namespace:
+    """Merge ``--config FILE.yaml`` under the command line: options typed on the command line win, the
+    file's values are checked and converted like command-line values."""
     if not args.config:
         return args
     path = Path(args.config)
@@ -57,20 +118,25 @@ def resolve_train_options(args: argparse.Namespace, parser: argparse.ArgumentPar
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text.") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option: value.")
-    defaults = vars(parser.parse_args(["train"]))
-    known = set(defaults) - {"command", "config", "verbose"}
+    actions = _train_actions(parser)
+    known = set(actions) - {"config"}
+    typed = _given_on_command_line(parser, argv)
     for key, value in values.items():
         dest = str(key).replace("-", "_")
         if dest not in known:
             raise ValueError(f"{path}: unknown option {key!r}; known: {', '.join(sorted(known))}.")
-        if getattr(args, dest) == defaults[dest]:
-            setattr(args, dest, value)
+        if dest not in typed:
+            setattr(args, dest, _coerce(path, str(key), value, actions[dest]))
     return args
 
 
-def _target_modules(spec: str | None, model) -> list[str] | str:
+def _target_modules(spec: str | list[str] | None, model) -> list[str] | str:
+    if isinstance(spec, (list, tuple)):  # a YAML list, or the resolved list a run directory records
+        return list(spec)
     if spec:
         if spec == "all-linear" or re.search(r"[\\.*()\[\]|^$+?]", spec):
             return spec
@@ -191,6 +257,24 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
         train, held = _load_pairs(opts)
         model, tokenizer = load_causal_lm(model_dir)
     knobs = {k: getattr(opts, k) for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None}
+    existed = out.exists()  # new_run_dir allows only an empty one
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train_into(opts, out, model_dir, task, train, held, model, tokenizer, knobs, quiet, rank)
+    except BaseException:
+        # A run that failed (or was stopped) before its first checkpoint leaves nothing behind: the same
+        # command can be run again. With a checkpoint, the directory stays for --resume.
+        from .checkpoint import list_checkpoints
+
+        if rank == 0 and not getattr(opts, "resume", None) and not list_checkpoints(out):
+            shutil.rmtree(out, ignore_errors=True)
+            if existed:
+                out.mkdir()
+        raise
+
+
+def _train_into(opts, out: Path, model_dir, task, train, held, model, tokenizer, knobs, quiet, rank) -> dict:
     spec = TrainSpec(
         method=opts.method,
         r=opts.r,
@@ -203,8 +287,6 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
         seed=opts.seed,
         dynarank=knobs if opts.method in DYNARANK_METHODS else {},
     )
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose", "resume")}
     resolved.update(
         model=str(model_dir),
@@ -250,7 +332,8 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
     metrics.writelines(line + "\n" for line in kept)
 
     def on_step(record: dict) -> None:
-        metrics.write(json.dumps(record) + "\n")
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        metrics.write(json.dumps(finite) + "\n")  # strict JSON: a skipped step's NaN loss is written as null
         bar().update(1)
         bar().set_postfix(loss=f"{record['loss']:.3f}", rank=record["total_rank"])
 
@@ -462,34 +545,15 @@ def inspect_command(args: argparse.Namespace) -> None:
     Console(width=150).print(table)
 
 
-def demo_command(args: argparse.Namespace) -> list[dict]:
-    """ARD-LoRA on the packaged MiniLM + tweets, then stock PEFT LoRA at the closest parameter count."""
+def demo_command(args: argparse.Namespace, train_defaults: dict) -> list[dict]:
+    """ARD-LoRA on the packaged MiniLM + tweets, then stock PEFT LoRA at the closest parameter count.
+
+    ``train_defaults``: the ``train`` command's defaults (the CLI passes its parser's).
+    """
     root = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     new_run_dir(str(root), "demo")
-    parser_defaults = dict(
-        model=None,
-        data=None,
-        task=None,
-        text_column=None,
-        label_column=None,
-        target_modules=None,
-        granularity=None,
-        head_layout=None,
-        ard_lambda=None,
-        rank_floor=None,
-        preset=None,
-        epochs=2.0,
-        max_steps=args.max_steps,
-        batch_size=32,
-        lr=1e-3,
-        max_length=64,
-        seed=0,
-        eval_split=0.2,
-        eval_data=None,
-        n_train=args.n_train,
-        r=8,
-        config=None,
-    )
+    parser_defaults = {k: v for k, v in train_defaults.items() if k not in ("command", "verbose", "method", "out")}
+    parser_defaults.update(max_steps=args.max_steps, n_train=args.n_train)
     ard = train_command(argparse.Namespace(**parser_defaults, method="ard", out=str(root / "ard")), quiet=False)
     per_rank = sum(
         layer.in_features + layer.out_features
