@@ -136,6 +136,15 @@ def test_candidates_are_capped_at_rank_minus_one_and_rank_one_groups_offer_none(
     assert 0 not in offered and offered[1] == 1 and offered[2] == 2
 
 
+def test_no_group_offers_the_ranks_that_keep_it_at_its_floor():
+    task, model, ctrl = planted(r=3, k_candidates=5, rank_floor=2)
+    scores = {"query": [torch.arange(3, dtype=torch.float32) for _ in range(8)]}
+    offered = {}
+    for c in ctrl.candidates(scores):
+        offered[c.group] = offered.get(c.group, 0) + 1
+    assert offered == {g: 1 for g in range(8)}  # rank 3, floor 2: one rank each
+
+
 def test_the_number_of_changes_decays_cubically_and_rounds_follow_the_interval():
     task, model, ctrl = planted(steps=100, t_init_steps=10, t_final_steps=20, resize_every=10, b_changes=4)
     opt = ctrl.build_optimizer(lr=1e-2)

@@ -88,11 +88,13 @@ class ElaLoRAController(SVDController):
             self.reallocate(self.triplet_scores(), b, record)
 
     def candidates(self, scores: dict[str, list[torch.Tensor]]) -> list[Candidate]:
-        """Every group's k_g = min(k, r_g - 1) lowest-scoring ranks, lowest score first."""
+        """Every group's k_g = min(k, r_g - max(1, rank_floor)) lowest-scoring ranks, lowest score first
+        (a group never offers the ranks that keep it at its floor, nor its last rank)."""
+        keep = max(1, self.config.rank_floor)
         found = []
         for name, groups in scores.items():
             for g, s in enumerate(groups):
-                k = min(self.config.k_candidates, len(s) - 1)
+                k = min(self.config.k_candidates, len(s) - keep)
                 if k < 1:
                     continue
                 for j in torch.argsort(s, stable=True)[:k].tolist():
