@@ -75,6 +75,8 @@ def capture(
                     scalars[f"{index}.{key}"] = _json_safe(value)
             index += 1
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # dropout masks on a GPU come from its own generator
+        tensors.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
     if controller is not None:
         tensors.update({f"controller.{k}": v.detach() for k, v in controller.state_tensors().items()})
     layout = {name: layer.slots for name, layer in elastic_layers(model).items()}
@@ -210,5 +212,8 @@ def restore_training(optimizer, scheduler, controller, state: dict, tensors: dic
         prefix = "controller."
         controller.load_state_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
