@@ -1,0 +1,227 @@
+"""Step time, the controller's share of it, and adapter + optimizer memory of every method, side by side.
+
+all-MiniLM-L6-v2 (packaged) as a 2-way classifier, batch 32 x 64 tokens of real tweets, adapters on
+all six Linear types of every layer, every method held to the same final budget (plain LoRA r=2:
+82,944 adapter parameters; as benchmarks/quality.py):
+
+    lora, dora, adalora   stock PEFT (AdaLoRA 3 -> 2, update_and_allocate called every step)
+    dynarank-lora         the engine at fixed rank 2 per matrix
+    adalora-physical      dynarank AdaLoRA-style, 3 -> 2, pruned physically
+    elalora               dynarank ElaLoRA, r=2 per matrix, the budget as its ceiling
+    ard                   dynarank ARD per head (shared A), r0=8, target_params = the budget
+    ard-matrix            the same, one group per matrix
+
+Every method trains its own copy of the model for the same T optimizer steps (its whole schedule:
+warm-up, rank changes, final phase) in one process; they take turns in rounds of 2 steps, the order
+rotated every round, so load from other processes hits all alike. Timed: the whole step (forward,
+loss, backward, optimizer step with the controller's hooks, scheduler, zero_grad), and separately
+the controller's hooks (plus PEFT AdaLoRA's update_and_allocate). Reported per method: median step
+time over the run and over its last quarter (after the rank changes), the ratio to stock LoRA
+(median of per-round ratios), the controller's share of the step, and the bytes of trainable
+parameters + AdamW state after the first step and at the end.
+
+    python benchmarks/method_overhead.py             # T = 60 steps per method
+    python benchmarks/method_overhead.py --steps 20  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from dynarank.data import packaged_sentiment  # noqa: E402
+from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, prepare_model, training_state_bytes  # noqa: E402
+from dynarank.models import load_classifier, packaged_minilm_path  # noqa: E402
+from dynarank.tasks import batches, encode_classification  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ["lora", "dora", "adalora", "dynarank-lora", "adalora-physical", "elalora", "ard", "ard-matrix"]
+BUDGET_R = 2
+
+
+def spec_for(method: str, steps: int, budget: int) -> TrainSpec:
+    common = dict(target_modules=BERT_ENCODER_LINEAR, lr=3e-3, max_steps=steps, seed=0)
+    if method == "ard":
+        return TrainSpec(method="ard", r=8, dynarank={"head_layout": "shared", "target_params": budget}, **common)
+    if method == "ard-matrix":
+        return TrainSpec(method="ard", r=8, dynarank={"granularity": "matrix", "target_params": budget}, **common)
+    if method == "elalora":
+        return TrainSpec(method="elalora", r=BUDGET_R, dynarank={"target_params": budget}, **common)
+    if method == "dynarank-lora":
+        return TrainSpec(method="dynarank-lora", r=BUDGET_R, dynarank={"granularity": "matrix"}, **common)
+    return TrainSpec(method=method, r=BUDGET_R, **common)
+
+
+class Timed:
+    """Accumulates the seconds spent in the wrapped callables (the controller's hooks)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
+class Run:
+    """One method's model, optimizer, scheduler and controller, stepped on demand."""
+
+    def __init__(self, method: str, base, steps: int, budget: int) -> None:
+        self.method, self.steps, self.step_index = method, steps, 0
+        self.spec = spec_for(method, steps, budget)
+        torch.manual_seed(0)
+        self.model, self.controller = prepare_model(copy.deepcopy(base), self.spec, steps)
+        self.model.train()
+        self.hooks = Timed()
+        if self.controller is not None:
+            self.controller.before_step = self.hooks.wrap(self.controller.before_step)
+            self.controller.after_step = self.hooks.wrap(self.controller.after_step)
+            self.optimizer = self.controller.build_optimizer(lr=self.spec.lr)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=self.spec.lr)
+        warm = max(1, round(0.06 * steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda t: min((t + 1) / warm, max(0.0, (steps - t) / max(1, steps - warm)))
+        )
+        self.times: list[float] = []
+        self.hook_times: list[float] = []
+        self.bytes_start = None
+
+    def step(self, batch: dict) -> float:
+        before = self.hooks.seconds
+        t0 = time.perf_counter()
+        out = self.model(**batch)
+        out.loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.method == "adalora":  # stock PEFT AdaLoRA's documented per-step call
+            self.hooks.wrap(self.model.base_model.update_and_allocate)(self.step_index)
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        self.step_index += 1
+        if self.bytes_start is None:
+            self.bytes_start = training_state_bytes(self.model, self.optimizer)
+        self.times.append(elapsed)
+        self.hook_times.append(self.hooks.seconds - before)
+        return elapsed
+
+    def adapter_parameters(self) -> int:
+        if self.controller is not None:
+            return self.controller.adapter_parameters()
+        head = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and "classifier" in n)
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) - head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per method (its whole schedule)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train, _ = packaged_sentiment(2000, 500, seed=0)
+    base, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
+    budget = sum(
+        BUDGET_R * (m.in_features + m.out_features)
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and __import__("re").fullmatch(BERT_ENCODER_LINEAR, n)
+    )
+    enc = encode_classification(tokenizer, train, 64)
+    data = [
+        {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for ids, mask, labels, _ in batches(enc, list(range(len(train.texts))), 32, tokenizer.pad_token_id or 0)
+    ]
+    runs = {m: Run(m, base, args.steps, budget) for m in args.methods}
+    order = list(runs)
+    per_round: dict[str, list[float]] = {m: [] for m in order}
+    t_start = time.perf_counter()
+    for rnd in range(args.steps // 2):
+        rotated = order[rnd % len(order) :] + order[: rnd % len(order)]
+        for m in rotated:
+            run = runs[m]
+            per_round[m].append(sum(run.step(data[(2 * rnd + k) % len(data)]) for k in range(2)) / 2)
+        if rnd % 5 == 4:
+            print(f"round {rnd + 1}/{args.steps // 2}: " + " ".join(f"{m}={per_round[m][-1]:.2f}" for m in order))
+    elapsed = time.perf_counter() - t_start
+    results = {}
+    for m, run in runs.items():
+        tail = run.times[-max(1, len(run.times) // 4) :]
+        ratio = statistics.median(x / y for x, y in zip(per_round[m], per_round["lora"])) if "lora" in runs else None
+        tail_rounds = max(1, len(per_round[m]) // 4)
+        tail_ratio = (
+            statistics.median(x / y for x, y in zip(per_round[m][-tail_rounds:], per_round["lora"][-tail_rounds:]))
+            if "lora" in runs
+            else None
+        )
+        results[m] = {
+            "median_step_s": statistics.median(run.times),
+            "median_step_last_quarter_s": statistics.median(tail),
+            "ratio_to_lora": ratio,
+            "ratio_to_lora_last_quarter": tail_ratio,
+            "controller_share": sum(run.hook_times) / sum(run.times),
+            "bytes_start": run.bytes_start,
+            "bytes_end": training_state_bytes(run.model, run.optimizer),
+            "adapter_parameters_end": run.adapter_parameters(),
+        }
+    command = "python benchmarks/method_overhead.py " + " ".join(sys.argv[1:])
+    record = {
+        "command": command,
+        "steps": args.steps,
+        "budget_parameters": budget,
+        "threads": args.threads,
+        "timed_seconds": elapsed,
+        "load_average_1min_end": os.getloadavg()[0],
+        "methods": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "method_overhead.json").write_text(json.dumps(record, indent=1))
+    lines = [
+        "# Step time and memory of every method (MiniLM, batch 32 x 64, budget = LoRA r=2)",
+        "",
+        f"Command: `{command}` ({args.steps} optimizer steps per method, rounds of 2 steps, order rotated; "
+        f"{elapsed:.0f} s; {args.threads} threads; 1-minute load average at the end "
+        f"{record['load_average_1min_end']:.1f} on {os.cpu_count()} cores).",
+        "",
+        "| method | median step | last quarter | / LoRA (paired) | / LoRA, last quarter | controller share | "
+        "params + AdamW state: after step 1 -> end | change | adapter params at end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m, r in results.items():
+        lines.append(
+            f"| {m} | {r['median_step_s'] * 1e3:.0f} ms | {r['median_step_last_quarter_s'] * 1e3:.0f} ms | "
+            f"{r['ratio_to_lora']:.3f} | {r['ratio_to_lora_last_quarter']:.3f} | {100 * r['controller_share']:.1f}% | "
+            f"{r['bytes_start'] / 1e6:.2f} MB -> {r['bytes_end'] / 1e6:.2f} MB | "
+            f"{100 * (r['bytes_end'] / r['bytes_start'] - 1):+.0f}% | {r['adapter_parameters_end']:,} |"
+        )
+    lines += [
+        "",
+        "Controller share: time in the controller's optimizer hooks (and in PEFT AdaLoRA's update_and_allocate) "
+        "over the whole step time. Bytes: trainable parameters (adapters, task head, ARD's alphas, E) plus AdamW's "
+        "two moments, after the first step (when the moments exist) and after the last.",
+    ]
+    text = "\n".join(lines) + "\n"
+    (args.out / "method_overhead.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
