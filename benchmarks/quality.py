@@ -15,8 +15,10 @@ A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 
 1.1% of the model; SmolLM2 r = 1, 4, 12: 0.09%, 0.34%, 1.0%). Every method is held to it:
 
     lora, dora, adalora    stock PEFT at r (DoRA adds its magnitude vectors; AdaLoRA prunes 1.5r -> r
-                           by masking, so it keeps 1.5r allocated)
-    adalora-physical       dynarank AdaLoRA-style: the same 1.5r -> r schedule, pruned physically
+                           ranks per matrix on average by masking, so it keeps 1.5r allocated; its
+                           budget is in ranks, so what survives is reported, not the plain-LoRA count)
+    adalora-physical       dynarank AdaLoRA-style: the same 1.5r start and schedule, pruned physically
+                           to the parameter budget
     elalora                dynarank ElaLoRA at r per matrix, the budget as its parameter ceiling
     ard                    dynarank ARD-LoRA per head (A shared by the heads of a projection), r0 =
                            max(8, 2r), target_params = the budget
@@ -132,8 +134,8 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
     if method in ("ard", "ard-matrix"):
         layout = {"head_layout": "shared"} if method == "ard" else {"granularity": "matrix"}
         return TrainSpec(method="ard", r=max(8, 2 * r), dynarank={**layout, "target_params": budget}, **common)
-    if method == "elalora":
-        return TrainSpec(method="elalora", r=r, dynarank={"target_params": budget}, **common)
+    if method in ("elalora", "adalora-physical"):  # parameter budgets: a rank costs more in the MLP
+        return TrainSpec(method=method, r=r, dynarank={"target_params": budget}, **common)
     return TrainSpec(method=method, r=max(1, r), **common)  # full fine-tuning ignores r
 
 
@@ -206,10 +208,27 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         "warnings": sorted(set(result.get("warnings", []))),
         "command": command,
     }
-    if method == "adalora":  # stock PEFT masks: its allocated parameters never fall
+    if method == "adalora":  # stock PEFT masks E: its allocated parameters never fall
         record["adapter_parameters_allocated"] = adapter
-        record["adapter_parameters"] = budget  # what survives its masks (rank r per matrix)
+        record["adapter_parameters"] = peft_adalora_surviving_parameters(trained)
     return record
+
+
+def peft_adalora_surviving_parameters(model) -> int:
+    """A and B parameters of the ranks stock PEFT AdaLoRA kept (its E entries that are not masked to 0).
+
+    Its budget is in ranks: a rank kept in an MLP matrix costs more than one in an attention matrix, so
+    the surviving parameter count is not the plain-LoRA budget."""
+    import torch
+
+    total = 0
+    for module in model.modules():
+        e = getattr(module, "lora_E", None)
+        if isinstance(e, torch.nn.ParameterDict):
+            for key, values in e.items():
+                kept = int((values.detach() != 0).sum())
+                total += kept * (module.lora_A[key].shape[1] + module.lora_B[key].shape[0])
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -290,9 +309,7 @@ def judge(rows: list[dict], task: dict) -> None:
     sign = 1 if task["higher_is_better"] else -1
     full = next((r for r in rows if r["method"] == "full"), None)
     for row in rows:
-        peers = [
-            r for r in rows if r["budget_r"] == row["budget_r"] and r["method"] in ("lora", "adalora")
-        ]
+        peers = [r for r in rows if r["budget_r"] == row["budget_r"] and r["method"] in ("lora", "adalora")]
         row["vs_baselines"] = {p["method"]: sign * (row["mean"] - p["mean"]) for p in peers}
         if full is not None:
             row["share_of_full"] = row["mean"] / full["mean"] if sign > 0 else full["mean"] / row["mean"]
@@ -423,8 +440,12 @@ def main() -> None:
     def submit(jobs: list[tuple]) -> None:
         todo = [j for j in jobs if not store.has((args.task, j[0], j[1], j[2], j[3], steps))]
         print(f"{len(todo)} runs to do ({args.jobs} at a time, {threads} thread(s) each)", flush=True)
-        run_pool(run_one, [(args.task, *j[:4], steps, threads, command) for j in todo], args.jobs,
-                 lambda job, rec: done(job, rec))
+        run_pool(
+            run_one,
+            [(args.task, *j[:4], steps, threads, command) for j in todo],
+            args.jobs,
+            lambda job, rec: done(job, rec),
+        )
 
     if not args.table_only:
         store.note_command(command)
