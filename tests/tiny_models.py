@@ -12,36 +12,28 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+# The shape of every tiny encoder: 2 layers, 4 heads of 8 (hidden 32), FFN 64.
+TINY_ENCODER = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+
 
 def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
-    """BERT classifier: 2 layers, 4 heads of 8 (hidden 32), FFN 64."""
+    """BERT classifier of the TINY_ENCODER shape."""
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return BertForSequenceClassification(BertConfig(**TINY_ENCODER, num_labels=num_labels)).eval()
 
 
 def tiny_roberta(num_labels: int = 2, seed: int = 0) -> RobertaForSequenceClassification:
     """RoBERTa classifier, whose task head holds Linear modules of its own (classifier.dense / out_proj)."""
     torch.manual_seed(seed)
-    cfg = RobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        pad_token_id=1,
-    )
-    return RobertaForSequenceClassification(cfg).eval()
+    config = RobertaConfig(**TINY_ENCODER, num_labels=num_labels, pad_token_id=1)
+    return RobertaForSequenceClassification(config).eval()
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
