@@ -26,7 +26,7 @@ A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 
     ard-matrix             the same with one group per matrix
     full                   full fine-tuning (no budget; run once per seed)
 
-The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2, full
+The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; every budget and seed then
 runs at that rate. Records go to results/quality_<task>.json (one per run; a run already there is
 not repeated), the table to quality_<task>.md, the Pareto plot to quality_<task>.png.
@@ -54,7 +54,7 @@ from records import RecordStore, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["full", "lora", "dora", "adalora", "adalora-physical", "elalora", "ard", "ard-matrix"]
-ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2], [3e-5, 1e-4, 3e-4]
+ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 TASKS = {
     "minilm": {
         "budgets": [1, 2, 6],
