@@ -36,10 +36,7 @@ that produced it); a (config, seed) already there is not run again unless ``--fo
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
-import json
 import math
-import multiprocessing
 import os
 import re
 import shlex
@@ -49,6 +46,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import RecordStore, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 KINDS = ("query", "key", "value", "attn-out", "ffn-in", "ffn-out")
@@ -355,17 +355,12 @@ def plot(rows: list[dict], path: Path, seeds: list[int] | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def load(path: Path) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"commands": [], "runs": []}
-
-
-def write(data: dict, out: Path, final_seeds: list[int]) -> str:
+def write(store: RecordStore, out: Path, final_seeds: list[int]) -> str:
+    data = store.data
     data["summary"] = summarise(data["runs"])
     final = [r for r in data["summary"] if r["seeds"] == final_seeds]
     data["target_met_by"] = [r["config"] for r in final if r.get("target_met")]
-    (out / "minilm_ard.json").write_text(json.dumps(data, indent=1))
+    store.save()
     text = markdown(final or data["summary"], data["commands"])
     scan = [r for r in data["summary"] if r["seeds"] != final_seeds]
     if final and scan:
@@ -399,36 +394,27 @@ def main() -> None:
         parse_config(name)
     threads = args.threads or max(1, 2 // args.jobs)
     command = "python benchmarks/minilm_ard.py " + shlex.join(sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = load(args.out / "minilm_ard.json")
+    store = RecordStore(args.out / "minilm_ard.json", key=lambda r: (r["config"], r["seed"]))
     if not args.table_only:
-        if command not in data["commands"]:
-            data["commands"].append(command)
-        done = {(r["config"], r["seed"]) for r in data["runs"]}
-        todo = [(c, s) for s in seeds for c in configs if args.force or (c, s) not in done]
+        store.note_command(command)
+        todo = [(c, s) for s in seeds for c in configs if args.force or not store.has((c, s))]
         print(f"{len(todo)} runs to do ({args.jobs} at a time, {threads} thread(s) each)", flush=True)
-        context = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            jobs = {pool.submit(run_one, c, s, threads, command): (c, s) for c, s in todo}
-            for job in futures.as_completed(jobs):
-                c, s = jobs[job]
-                try:
-                    record = job.result()
-                except Exception as exc:  # keep the other runs going; report at the end
-                    print(f"FAILED {c} seed {s}: {exc!r}", flush=True)
-                    continue
-                data["runs"] = [r for r in data["runs"] if (r["config"], r["seed"]) != (c, s)] + [record]
-                write(data, args.out, args.final_seeds)
-                ard = record.get("ard", {})
-                print(
-                    f"{c:28s} seed {s} acc {record['accuracy']:.4f} f1 {record['macro_f1']:.4f} "
-                    f"params {record['adapter_parameters']:>8,} ranks "
-                    + " ".join(f"{k}={record['mean_rank'].get(k, 0):.2f}" for k in KINDS)
-                    + (f" unit {ard.get('lambda_unit')} gain {ard.get('warmup_loss_gain')}" if ard else "")
-                    + f" {record['seconds']:.0f}s",
-                    flush=True,
-                )
-    print(write(data, args.out, args.final_seeds))
+
+        def done(job: tuple, record: dict) -> None:
+            store.add(record)
+            write(store, args.out, args.final_seeds)
+            ard = record.get("ard", {})
+            print(
+                f"{record['config']:28s} seed {record['seed']} acc {record['accuracy']:.4f} "
+                f"f1 {record['macro_f1']:.4f} params {record['adapter_parameters']:>8,} ranks "
+                + " ".join(f"{k}={record['mean_rank'].get(k, 0):.2f}" for k in KINDS)
+                + (f" unit {ard.get('lambda_unit')} gain {ard.get('warmup_loss_gain')}" if ard else "")
+                + f" {record['seconds']:.0f}s",
+                flush=True,
+            )
+
+        run_pool(run_one, [(c, s, threads, command) for c, s in todo], args.jobs, done)
+    print(write(store, args.out, args.final_seeds))
 
 
 if __name__ == "__main__":
