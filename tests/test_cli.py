@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel
 
 from dynarank.cli import main
+from dynarank.commands import load_trained
 from dynarank.models import load_classifier
-from dynarank.runs import load_trained
 from tiny_models import save_tiny_model_dir
 
 WORDS = {"positive": ["great", "love", "happy", "good", "wonderful"], "negative": ["bad", "hate", "sad", "awful"]}

@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 
 from dynarank.cli import main
+from dynarank.commands import load_trained
 from dynarank.models import load_causal_lm
-from dynarank.runs import load_trained
 from tiny_models import save_tiny_model_dir
 
 

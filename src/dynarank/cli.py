@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import runs
+from . import commands, runs
 from .data import DataError
 from .io import AdapterFormatError
 from .loop import ALL_METHODS
@@ -150,18 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             runs.train_command(runs.resolve_train_options(args, parser, argv))
         elif args.command == "eval":
-            print(json.dumps(runs.eval_command(args), indent=1))
+            print(json.dumps(commands.eval_command(args), indent=1))
         elif args.command == "export":
-            print(runs.export_command(args))
+            print(commands.export_command(args))
         elif args.command == "report":
-            for path in runs.report_command(Path(args.run_dir)):
+            for path in commands.report_command(Path(args.run_dir)):
                 print(path)
         elif args.command == "inspect":
-            runs.inspect_command(args)
+            commands.inspect_command(args)
         elif args.command == "bench":
-            return runs.bench_command(args)
+            return commands.bench_command(args)
         elif args.command == "demo":
-            runs.demo_command(args, vars(parser.parse_args(["train"])))
+            commands.demo_command(args, vars(parser.parse_args(["train"])))
     except USER_ERRORS as exc:
         print(f"dynarank {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -37,103 +37,22 @@ many survive.
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections import Counter
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..layer import ElasticLoRALinear
+from .ard_budget import cap_to_budget, prefix_cost, steer_factor
+from .ard_settings import ARDSettings
 from .base import BudgetRecord, RankController, StepRecord
+from .rank_motion import RankMotion
 from .schedules import BudgetSchedule, cubic_budget
 
-PAPER = {
-    "ard_lambda": 0.01,
-    "lambda_mode": "absolute",
-    "ard_beta": 0.1,
-    "lr_alpha": 5e-5,
-    "lr": 1e-4,
-    "mask": "soft",
-    "readout": "round",
-    "rank_floor": 1,
-    "warmup_frac": 0.0,
-    "final_frac": 0.0,
-    "tv_form": "step",
-}
-DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
 COLLAPSE_FRACTION = 0.8
 EXPLOSION_FRACTION = 0.8
 OSCILLATION_FRACTION = 0.25
 STEER_LIMIT = 2.0  # budget mode: the l1 strength changes by at most this factor per resize
-
-
-@dataclass
-class ARDSettings:
-    """The resolved knobs of one run (preset applied, defaults computed from the run length)."""
-
-    r0: int
-    ard_lambda: float
-    lambda_mode: str
-    ard_beta: float
-    tv_form: str
-    lr_alpha: float
-    lr: float | None
-    mask: str
-    readout: str
-    rank_floor: int
-    warmup_steps: int
-    final_start: int
-    resize_every: int
-    target_params: int | None = None
-
-    @classmethod
-    def resolve(cls, config, total_steps: int) -> ARDSettings:
-        values = {
-            k: getattr(config, k)
-            for k in (
-                "ard_lambda",
-                "lambda_mode",
-                "ard_beta",
-                "tv_form",
-                "lr_alpha",
-                "mask",
-                "readout",
-                "rank_floor",
-                "warmup_frac",
-                "final_frac",
-            )
-        }
-        values["lr"] = None
-        if config.preset == "paper":
-            values.update(PAPER)
-        warmup = round(values.pop("warmup_frac") * total_steps)
-        if values["lambda_mode"] != "absolute" and warmup > 0:
-            warmup = max(warmup, 2)  # calibration needs a first and a last warm-up step, even in short runs
-        final_start = total_steps - round(values.pop("final_frac") * total_steps)
-        active = final_start - warmup
-        if active < 1:
-            raise ValueError(f"total_steps={total_steps} leaves no active phase after warm-up and the final phase.")
-        if values["lambda_mode"] != "absolute" and warmup < 2:
-            raise ValueError(
-                f"lambda_mode={values['lambda_mode']!r} calibrates lambda during warm-up, which has fewer than 2 "
-                "steps here: "
-                "raise warmup_frac or total_steps, or use lambda_mode='absolute'."
-            )
-        if values["ard_lambda"] is None:
-            values["ard_lambda"] = DEFAULT_LAMBDA[values["lambda_mode"]]
-        if values["lr_alpha"] is None:
-            values["lr_alpha"] = config.alpha_travel / active
-        resize_every = config.resize_every or max(1, active // 20)
-        return cls(
-            r0=config.r,
-            warmup_steps=warmup,
-            final_start=final_start,
-            resize_every=resize_every,
-            target_params=config.target_params,
-            **values,
-        )
 
 
 class ARDGates(nn.Module):
@@ -192,10 +111,7 @@ class ARDController(RankController):
         self._grad_count = 0
         self._reference = self._alpha_snapshot()  # TV reference (previous step or last resize)
         self._start_alpha = self._alpha_snapshot()
-        self._last_readout: dict[str, torch.Tensor] = {}
-        self._last_move: dict[str, torch.Tensor] = {}
-        self._flips: dict[str, torch.Tensor] = {}
-        self.rank_changes = 0  # read-out rank changes summed over groups and active steps
+        self.motion = RankMotion()  # read-out rank changes and reversals (oscillation alarm)
         for name, layer in self.layers.items():
             layer.set_gate(self._make_gate(self.gates.of(name)))
         self._losses: list[tuple[int, float]] = []
@@ -258,45 +174,17 @@ class ARDController(RankController):
         return cubic_budget(schedule, self.step if t is None else t, self.start_params, s.target_params)
 
     def _cost(self, ranks: dict[str, list[int]]) -> int:
-        return sum(layer.num_adapter_parameters_at(ranks[name]) for name, layer in self.layers.items())
+        return prefix_cost(self.layers, ranks)
 
     def _steer_lambda(self, wanted: int, budget: int) -> None:
-        """Scale every lambda by the ratio of the size the alphas ask for to the budget (clipped)."""
-        ratio = wanted / max(1, budget)
-        self.lambda_scale *= min(STEER_LIMIT, max(1.0 / STEER_LIMIT, ratio))
+        """Scale every lambda by the size the alphas ask for over the budget (clipped per resize)."""
+        self.lambda_scale *= steer_factor(wanted, budget, STEER_LIMIT)
 
     def _cap_to_budget(self, readouts: dict[str, list[int]], budget: int) -> None:
-        """Lower ``readouts`` in place until they cost at most ``budget``: tail slots with the lowest
-        margin r0 * alpha_g - j go first; no group below the floor, one rank kept in all."""
-        s = self.settings
-        cost = self._cost(readouts)
-        if cost <= budget:
-            return
-        order = list(self.layers)
-        slots = {name: layer.slots for name, layer in self.layers.items()}
-        usage = {name: Counter(x for g, k in enumerate(readouts[name]) for x in slots[name][g][:k]) for name in order}
-        scaled = {name: (s.r0 * self.gates.of(name).detach().float().cpu()).tolist() for name in order}
-        heap: list[tuple[float, int, int]] = []
-
-        def push(i: int, g: int) -> None:
-            k = readouts[order[i]][g]
-            if k > s.rank_floor:
-                heapq.heappush(heap, (scaled[order[i]][g] - (k - 1), i, g))
-
-        for i, name in enumerate(order):
-            for g in range(self.layers[name].n_groups):
-                push(i, g)
-        left = sum(sum(r) for r in readouts.values())
-        while cost > budget and heap and left > 1:
-            _, i, g = heapq.heappop(heap)
-            name, layer = order[i], self.layers[order[i]]
-            k = readouts[name][g]
-            slot = slots[name][g][k - 1]
-            readouts[name][g] = k - 1
-            usage[name][slot] -= 1
-            cost -= layer.group_size + (layer.other_dim if usage[name][slot] == 0 else 0)
-            left -= 1
-            push(i, g)
+        """Lower ``readouts`` in place to the budget, lowest-margin tail slots first (ard_budget.py)."""
+        r0 = self.settings.r0
+        scaled = {name: (r0 * self.gates.of(name).detach().float().cpu()).tolist() for name in self.layers}
+        cap_to_budget(self.layers, readouts, scaled, self.settings.rank_floor, budget)
 
     # ------------------------------------------------------------------ optimizer groups
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -372,7 +260,7 @@ class ARDController(RankController):
             self._reference = self._alpha_snapshot()
         in_active = s.warmup_steps < self.step <= s.final_start
         if in_active:
-            self._track_direction()
+            self.motion.track({name: self.readout(name) for name in self.layers})
         if in_active and ((self.step - s.warmup_steps) % s.resize_every == 0 or self.step == s.final_start):
             self._resize(record)
             self._check_signatures(record)
@@ -567,7 +455,7 @@ class ARDController(RankController):
                 "or leave lr_alpha=None.",
                 record,
             )
-        flips = self._direction_flips()
+        flips = self.motion.reversing_fraction()
         if flips >= OSCILLATION_FRACTION:
             self.warn_once(
                 "oscillation",
@@ -576,27 +464,10 @@ class ARDController(RankController):
                 record,
             )
 
-    def _track_direction(self) -> None:
-        """Count, per group, how often the read-out rank reverses direction (every active step)."""
-        for name in self.layers:
-            now = torch.tensor(self.readout(name))
-            last = self._last_readout.get(name)
-            if last is not None and last.shape == now.shape:
-                move = torch.sign(now - last)
-                prev = self._last_move[name]
-                self._flips[name] += ((move != 0) & (prev != 0) & (move != prev)).long()
-                self.rank_changes += int((move != 0).sum())
-                self._last_move[name] = torch.where(move != 0, move, prev)
-            else:
-                self._last_move[name] = torch.zeros_like(now)
-                self._flips[name] = torch.zeros_like(now)
-            self._last_readout[name] = now
-
-    def _direction_flips(self) -> float:
-        """Fraction of groups whose read-out rank reversed direction at least twice."""
-        counts = [int((f >= 2).sum()) for f in self._flips.values()]
-        total = sum(len(f) for f in self._flips.values())
-        return sum(counts) / max(1, total)
+    @property
+    def rank_changes(self) -> int:
+        """Read-out rank changes summed over groups and active steps."""
+        return self.motion.rank_changes
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
@@ -610,10 +481,7 @@ class ARDController(RankController):
                 "unit": self.unit,
                 "reference": {k: v.tolist() for k, v in self._reference.items()},
                 "start_alpha": {k: v.tolist() for k, v in self._start_alpha.items()},
-                "flips": {k: v.tolist() for k, v in self._flips.items()},
-                "rank_changes": self.rank_changes,
-                "last_readout": {k: v.tolist() for k, v in self._last_readout.items()},
-                "last_move": {k: v.tolist() for k, v in self._last_move.items()},
+                **self.motion.state_dict(),
                 "lambda_scale": self.lambda_scale,
                 "start_params": self.start_params,
             }
@@ -624,8 +492,8 @@ class ARDController(RankController):
         """Restore what :meth:`state_dict` saved (the alphas themselves are model parameters)."""
         super().load_state_dict(state)
 
-        def tensors(key: str, dtype=torch.float32) -> dict[str, torch.Tensor]:
-            return {k: torch.tensor(v, dtype=dtype) for k, v in state[key].items()}
+        def tensors(key: str) -> dict[str, torch.Tensor]:
+            return {k: torch.tensor(v, dtype=torch.float32) for k, v in state[key].items()}
 
         device = next(iter(self.gates.parameters())).device
         self.lambdas = tensors("lambdas")
@@ -635,10 +503,7 @@ class ARDController(RankController):
         self.unit = state["unit"]
         self._reference = {k: v.to(device) for k, v in tensors("reference").items()}
         self._start_alpha = {k: v.to(device) for k, v in tensors("start_alpha").items()}
-        self._flips = tensors("flips", torch.long)
-        self.rank_changes = int(state["rank_changes"])
-        self._last_readout = tensors("last_readout", torch.long)
-        self._last_move = tensors("last_move", torch.long)
+        self.motion.load_state_dict(state)
         self.lambda_scale = float(state.get("lambda_scale", 1.0))
         self.start_params = int(state.get("start_params", self.start_params))
         if self.step >= self.settings.warmup_steps and self._loss_hook is not None:

@@ -1,0 +1,70 @@
+"""ARD-LoRA under a parameter budget: which slots a cap removes, and how the l1 strength is steered.
+
+A group g keeps a prefix of its slots (positions 0..k_g-1). The margin of its tail slot is
+``r0 * alpha_g - (k_g - 1)``: how far alpha sits above the point where that slot switches off. A cap
+removes tail slots, lowest margin first, until the prefix costs at most the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Mapping
+
+from ..layer import ElasticLoRALinear
+
+
+def prefix_cost(layers: Mapping[str, ElasticLoRALinear], ranks: Mapping[str, list[int]]) -> int:
+    """Adapter parameters with every group cut to its first ``ranks[module][g]`` slots."""
+    return sum(layer.num_adapter_parameters_at(ranks[name]) for name, layer in layers.items())
+
+
+def cap_to_budget(
+    layers: Mapping[str, ElasticLoRALinear],
+    ranks: dict[str, list[int]],
+    scaled_alpha: Mapping[str, list[float]],
+    floor: int,
+    budget: int,
+) -> None:
+    """Lower ``ranks`` in place until they cost at most ``budget``.
+
+    Args:
+        layers: the adapted modules, in a fixed order (ties between equal margins go to the first).
+        ranks: prefix length per module and group (at most the group's live rank).
+        scaled_alpha: r0 * alpha per module and group.
+        floor: no group goes below it; one rank is kept in all.
+        budget: adapter parameters allowed.
+    """
+    cost = prefix_cost(layers, ranks)
+    if cost <= budget:
+        return
+    order = list(layers)
+    slots = {name: layers[name].slots for name in order}
+    # How many groups still use each shared slot: its A row (B^T row) is freed with its last user.
+    usage = {name: Counter(x for g, k in enumerate(ranks[name]) for x in slots[name][g][:k]) for name in order}
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int, g: int) -> None:
+        k = ranks[order[i]][g]
+        if k > floor:
+            heapq.heappush(heap, (scaled_alpha[order[i]][g] - (k - 1), i, g))
+
+    for i, name in enumerate(order):
+        for g in range(layers[name].n_groups):
+            push(i, g)
+    left = sum(sum(r) for r in ranks.values())
+    while cost > budget and heap and left > 1:
+        _, i, g = heapq.heappop(heap)
+        name, layer = order[i], layers[order[i]]
+        k = ranks[name][g]
+        slot = slots[name][g][k - 1]
+        ranks[name][g] = k - 1
+        usage[name][slot] -= 1
+        cost -= layer.group_size + (layer.other_dim if usage[name][slot] == 0 else 0)
+        left -= 1
+        push(i, g)
+
+
+def steer_factor(wanted: int, budget: int, limit: float = 2.0) -> float:
+    """Factor on every lambda: the size the alphas ask for over the budget, clipped to [1/limit, limit]."""
+    return min(limit, max(1.0 / limit, wanted / max(1, budget)))

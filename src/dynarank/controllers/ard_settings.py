@@ -1,0 +1,87 @@
+"""The resolved settings of one ARD-LoRA run: the preset applied, the phases placed in the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAPER = {
+    "ard_lambda": 0.01,
+    "lambda_mode": "absolute",
+    "ard_beta": 0.1,
+    "lr_alpha": 5e-5,
+    "lr": 1e-4,
+    "mask": "soft",
+    "readout": "round",
+    "rank_floor": 1,
+    "warmup_frac": 0.0,
+    "final_frac": 0.0,
+    "tv_form": "step",
+}
+DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
+
+
+@dataclass
+class ARDSettings:
+    """The resolved knobs of one run (preset applied, defaults computed from the run length)."""
+
+    r0: int
+    ard_lambda: float
+    lambda_mode: str
+    ard_beta: float
+    tv_form: str
+    lr_alpha: float
+    lr: float | None
+    mask: str
+    readout: str
+    rank_floor: int
+    warmup_steps: int
+    final_start: int
+    resize_every: int
+    target_params: int | None = None
+
+    @classmethod
+    def resolve(cls, config, total_steps: int) -> ARDSettings:
+        values = {
+            k: getattr(config, k)
+            for k in (
+                "ard_lambda",
+                "lambda_mode",
+                "ard_beta",
+                "tv_form",
+                "lr_alpha",
+                "mask",
+                "readout",
+                "rank_floor",
+                "warmup_frac",
+                "final_frac",
+            )
+        }
+        values["lr"] = None
+        if config.preset == "paper":
+            values.update(PAPER)
+        warmup = round(values.pop("warmup_frac") * total_steps)
+        if values["lambda_mode"] != "absolute" and warmup > 0:
+            warmup = max(warmup, 2)  # calibration needs a first and a last warm-up step, even in short runs
+        final_start = total_steps - round(values.pop("final_frac") * total_steps)
+        active = final_start - warmup
+        if active < 1:
+            raise ValueError(f"total_steps={total_steps} leaves no active phase after warm-up and the final phase.")
+        if values["lambda_mode"] != "absolute" and warmup < 2:
+            raise ValueError(
+                f"lambda_mode={values['lambda_mode']!r} calibrates lambda during warm-up, which has fewer than 2 "
+                "steps here: "
+                "raise warmup_frac or total_steps, or use lambda_mode='absolute'."
+            )
+        if values["ard_lambda"] is None:
+            values["ard_lambda"] = DEFAULT_LAMBDA[values["lambda_mode"]]
+        if values["lr_alpha"] is None:
+            values["lr_alpha"] = config.alpha_travel / active
+        resize_every = config.resize_every or max(1, active // 20)
+        return cls(
+            r0=config.r,
+            warmup_steps=warmup,
+            final_start=final_start,
+            resize_every=resize_every,
+            target_params=config.target_params,
+            **values,
+        )
