@@ -176,13 +176,24 @@ def test_a_nan_loss_skips_the_step_and_the_rank_schedule_keeps_time(caplog, meth
         result = train_classifier(poison_loss_at(tiny_bert(), 3), WordTokenizer(), examples(), spec(method, steps=20))
     ctrl = result["controller"]
     assert result["skipped_steps"] == 1
-    assert "non-finite values at step 3 in: loss" in caplog.text
+    # The diagnostic pass finds no module output at fault: the NaN came from the loss itself.
+    assert "non-finite values at step 3 in: loss (first non-finite output: none; the loss computation" in caplog.text
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())
     # The skipped step is counted: the schedule ends where total_steps puts it, with a final snapshot,
     # and ElaLoRA / AdaLoRA fold their E into the adapter (the model carries no controller state after).
     assert ctrl.step == 20 and ctrl.history[-1]["step"] == 20
     if method != "ard":
         assert ctrl.finalized and not hasattr(result["model"], "dynarank_svd")
+
+
+def test_a_nan_loss_names_the_first_module_whose_output_was_non_finite(caplog):
+    model = tiny_bert()
+    value = model.bert.encoder.layer[1].attention.self.value  # becomes the base of its adapter
+    value.register_forward_hook(lambda module, args, out: out * float("nan"))
+    with caplog.at_level(logging.WARNING):
+        result = train_classifier(model, WordTokenizer(), examples(), spec("dynarank-lora", steps=1))
+    assert result["skipped_steps"] == 1
+    assert "first non-finite output: bert.encoder.layer.1.attention.self.value.base)" in caplog.text
 
 
 def test_a_nan_gradient_names_the_module_that_produced_it(caplog):

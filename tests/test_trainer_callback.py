@@ -65,3 +65,39 @@ def test_fixed_rank_lora_trains_through_the_callback(tmp_path):
     trainer.add_callback(callback)
     trainer.train()
     assert callback.controller.step == 4
+
+
+def _nan_gradient_at(model, bad_steps: set[int]):
+    """Make the classifier's gradient NaN on the given optimizer steps (1-based; one micro-batch each)."""
+    calls = {"n": 0}
+
+    def hook(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] in bad_steps else grad
+
+    model.classifier.weight.register_hook(hook)
+
+
+def test_a_step_with_nan_gradients_is_skipped_and_the_schedule_keeps_time(tmp_path, caplog):
+    model = attach(tiny_bert(), DynaRankConfig(method="elalora", r=4, target_modules=["query", "value"], seed=0))
+    callback = dynarank.DynaRankCallback(model)
+    trainer = make_trainer(tmp_path, model, max_steps=20)
+    callback.install(trainer)
+    _nan_gradient_at(model, {3})
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert callback.guard.skipped == 1 and "non-finite gradients in: " in caplog.text and "classifier" in caplog.text
+    assert callback.controller.step == 20 and callback.controller.finalized  # E folded at the end
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_the_stop_policy_raises_on_nan_gradients(tmp_path):
+    import pytest
+
+    model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query"]))
+    callback = dynarank.DynaRankCallback(model, on_nonfinite="stop")
+    trainer = make_trainer(tmp_path, model, max_steps=5)
+    callback.install(trainer)
+    _nan_gradient_at(model, {2})
+    with pytest.raises(FloatingPointError, match="non-finite gradients in: .*classifier"):
+        trainer.train()

@@ -12,7 +12,7 @@ import math
 import resource
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,41 @@ def nonfinite_gradients(model: nn.Module) -> list[str]:
     return sorted(set(bad))
 
 
+@torch.no_grad()
+def first_nonfinite_module(model: nn.Module, inputs: dict) -> str | None:
+    """Name of the first module (in execution order) whose output holds NaN or inf on ``inputs``.
+
+    A diagnostic forward pass, run only after a non-finite loss; None if every module output is finite
+    (the loss computation itself went wrong).
+    """
+    found: list[str] = []
+
+    def tensors(output) -> list[torch.Tensor]:
+        if torch.is_tensor(output):
+            return [output]
+        if isinstance(output, Mapping):  # dicts and transformers' ModelOutput
+            output = list(output.values())
+        return [t for t in output if torch.is_tensor(t)] if isinstance(output, (tuple, list)) else []
+
+    def check(name):
+        def hook(module, args, output):
+            if not found and any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors(output)):
+                found.append(name)
+
+        return hook
+
+    handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if n]
+    was_training = model.training
+    try:
+        model.eval()  # no dropout: the same function as the failed step, minus its randomness
+        model(**{k: v for k, v in inputs.items() if k != "labels"})
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
 def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the trainable parameters plus their optimizer state (what a resize can shrink)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -231,6 +266,11 @@ def train(
             )
             out = train_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
             bad = ["loss"] if any_worker(not torch.isfinite(out.loss), device) else []
+            if bad:
+                culprit = first_nonfinite_module(
+                    model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                )
+                bad = [f"loss (first non-finite output: {culprit or 'none; the loss computation itself'})"]
             if not bad:
                 (out.loss * share if n_workers > 1 else out.loss).backward()
                 bad = nonfinite_gradients(model)

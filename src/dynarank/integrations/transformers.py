@@ -21,6 +21,7 @@ reads them. Every worker then updates, scores and resizes from the same global g
 
 from __future__ import annotations
 
+import logging
 import statistics
 
 import torch
@@ -29,6 +30,8 @@ from transformers import TrainerCallback
 
 from ..controllers import RankController, build_controller, prepare_parameters
 from ..report import split_name
+
+logger = logging.getLogger(__name__)
 
 
 def _inner(optimizer):
@@ -86,6 +89,36 @@ class ResizedGradientSync:
             offset += p.numel()
 
 
+class NonFiniteGuard:
+    """Optimizer pre-step hook: a step whose gradients hold NaN or inf is dropped (every gradient set to
+    None, so AdamW leaves every parameter and moment as it was) or stops training ('stop'), naming the
+    modules. The controller still counts the step, so its schedule keeps time with the Trainer's."""
+
+    def __init__(self, model: nn.Module, policy: str) -> None:
+        self.model, self.policy = model, policy
+        self.skipped = 0
+
+    @torch.no_grad()
+    def __call__(self, optimizer, args, kwargs) -> None:
+        bad = sorted(
+            {
+                name.rsplit(".", 1)[0]
+                for name, p in self.model.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            }
+        )
+        if not bad:
+            return
+        message = f"non-finite gradients in: {', '.join(bad[:5])}"
+        if self.policy == "stop":
+            raise FloatingPointError(f"dynarank: {message}; training stopped (on_nonfinite='stop').")
+        logger.warning("dynarank: %s; optimizer step skipped", message)
+        self.skipped += 1
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
 def _distributed() -> bool:
     return (
         torch.distributed.is_available()
@@ -97,11 +130,17 @@ def _distributed() -> bool:
 class DynaRankCallback(TrainerCallback):
     """Drive a dynarank controller from ``transformers.Trainer``; no manual call per step."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, on_nonfinite: str = "skip") -> None:
+        """``on_nonfinite``: 'skip' drops an optimizer step whose gradients are NaN/inf (naming the
+        modules), 'stop' raises; the Trainer's own checkpoints are what a stopped run keeps."""
+        if on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
         self.model = model
         self.gate_parameters = prepare_parameters(model)
         self.controller: RankController | None = None
+        self.guard = NonFiniteGuard(model, on_nonfinite)
         self._sync_hook = None
+        self._guard_hook = None
 
     def install(self, trainer) -> DynaRankCallback:
         """Add this callback to ``trainer`` ahead of the logging integrations."""
@@ -129,8 +168,12 @@ class DynaRankCallback(TrainerCallback):
             alpha_group = self.controller.param_groups(args.learning_rate)[-1]
             inner.add_param_group(alpha_group)
             _extend_scheduler(lr_scheduler, alpha_group["lr"])
-        if _distributed() and self._sync_hook is None:  # registered first: it runs before the controller
+        # Registered before the controller's hooks, so they run first: gradients are averaged across
+        # workers, then checked, then read by the controller.
+        if _distributed() and self._sync_hook is None:
             self._sync_hook = inner.register_step_pre_hook(ResizedGradientSync(self.model))
+        if self._guard_hook is None:
+            self._guard_hook = inner.register_step_pre_hook(self.guard)
         self.controller.bind(inner)
         return control
 
