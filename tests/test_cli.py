@@ -247,6 +247,14 @@ def test_a_parameter_budget_is_honoured_from_the_command_line(tiny_model_dir, tm
     assert summary["adapter_parameters"] <= 2000
 
 
+def test_eval_every_logs_held_out_metrics_while_training(tiny_model_dir, tmp_path):
+    data = write_csv(tmp_path / "data.csv")
+    assert main([*train_args(tiny_model_dir, data, tmp_path / "run"), "--eval-every", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [2, 4, 6]  # 2 and 4 while training, 6 at the end
+    assert all("accuracy" in r["eval"] for r in records if "eval" in r)
+
+
 def test_unknown_method_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--method", "magic"])

