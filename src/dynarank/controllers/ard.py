@@ -101,6 +101,8 @@ class ARDController(RankController):
             )
         super().__init__(model, total_steps)
         self.settings = ARDSettings.resolve(self.config, total_steps)
+        self.start_params = self.adapter_parameters()
+        self._check_budget()  # before the model is touched: a bad budget leaves it as it was
         if getattr(model, "dynarank_ard", None) is None:
             model.add_module("dynarank_ard", ARDGates(self.layers))
         self.gates: ARDGates = model.dynarank_ard
@@ -117,9 +119,7 @@ class ARDController(RankController):
         self._losses: list[tuple[int, float]] = []
         self._loss_hook = model.register_forward_hook(self._observe_model_output)
         self.unit = None
-        self.start_params = self.adapter_parameters()
         self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda
-        self._check_budget()
 
     # ------------------------------------------------------------------ mask
     def _make_gate(self, alpha: nn.Parameter):
