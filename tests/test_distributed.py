@@ -81,6 +81,33 @@ def test_two_gloo_workers_match_a_single_process_run(setup):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
+def test_accelerate_launch_runs_the_cli_on_two_workers_with_the_single_process_ranks(setup):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dynarank.cli",
+        *argv(setup, "accelerate"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if not (setup / "single" / "summary.json").is_file():
+        assert main(argv(setup, "single")) == 0
+    launched, single = (json.loads((setup / d / "summary.json").read_text()) for d in ("accelerate", "single"))
+    assert launched["final_ranks"] == single["final_ranks"]
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 @pytest.mark.parametrize("method", ["ard", "elalora"])
 def test_a_trainer_under_torchrun_keeps_every_worker_identical_across_resizes(tmp_path, method):
