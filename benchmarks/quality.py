@@ -392,6 +392,55 @@ def plot(rows: list[dict], task_name: str, path: Path) -> None:
     plt.close(fig)
 
 
+KINDS = {  # module-name fragment -> projection type (MiniLM / SmolLM2 names)
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.output.dense": "attn-out",
+    "intermediate.dense": "ffn-in",
+    "output.dense": "ffn-out",
+    "q_proj": "query",
+    "k_proj": "key",
+    "v_proj": "value",
+    "o_proj": "attn-out",
+}
+
+
+def projection(module: str) -> str:
+    return next(kind for fragment, kind in KINDS.items() if fragment in module)
+
+
+def rank_table(runs: list[dict], lrs: dict[str, float]) -> str:
+    """Where the rank methods put their ranks: mean final rank per group, and the share of groups at 0,
+    by projection type (mean over seeds)."""
+    rows = {}
+    for r in runs:
+        if r["ranks"] is None or r["lr"] != lrs.get(r["method"]):
+            continue
+        by_kind: dict[str, list[int]] = {}
+        for module, groups in r["ranks"].items():
+            by_kind.setdefault(projection(module), []).extend(groups)
+        rows.setdefault((r["budget_r"], r["method"]), []).append(by_kind)
+    if not rows:
+        return ""
+    kinds = list(dict.fromkeys(KINDS.values()))
+    lines = [
+        "| budget (LoRA r) | method | " + " | ".join(kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+    ]
+    for (budget, method), seeds in sorted(rows.items()):
+        cells = []
+        for kind in kinds:
+            values = [statistics.mean(s[kind]) for s in seeds if kind in s]
+            off = [sum(v == 0 for v in s[kind]) / len(s[kind]) for s in seeds if kind in s]
+            cells.append(f"{statistics.mean(values):.2f} ({100 * statistics.mean(off):.0f}% off)" if values else "-")
+        lines.append(f"| {budget} | {method} | " + " | ".join(cells) + " |")
+    return (
+        "\n## Where the ranks went\n\nMean final rank per group (a head, or the matrix for per-matrix methods) "
+        "and the share of groups switched off, by projection type, mean over seeds.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def write_tables(store: RecordStore, task_name: str, steps: int, stem: str, methods: list[str], out: Path) -> str:
     lrs = {m: lr for m in methods if (lr := chosen_lr(store, task_name, m, steps)) is not None}
     runs = [r for r in store.runs if r["task"] == task_name and r["steps"] == steps]
@@ -399,7 +448,7 @@ def write_tables(store: RecordStore, task_name: str, steps: int, stem: str, meth
     store.data["summary"] = rows
     store.data["chosen_lr"] = lrs
     store.save()
-    text = markdown(rows, task_name, store.data["commands"], lrs)
+    text = markdown(rows, task_name, store.data["commands"], lrs) + rank_table(runs, lrs)
     (out / f"{stem}.md").write_text(text)
     plot(rows, task_name, out / f"{stem}.png")
     return text
