@@ -168,8 +168,9 @@ def build_peft(base, targets):
 def build_dynarank(base, *, granularity: str, r: int, layout: str = "own", mlp_rank: int | None = None):
     from dynarank import DynaRankConfig, attach, elastic_layers
 
-    cfg = DynaRankConfig(granularity=granularity, head_layout=layout, r=r, lora_alpha=r,
-                         target_modules=DYNARANK_TARGETS, seed=0)
+    cfg = DynaRankConfig(
+        granularity=granularity, head_layout=layout, r=r, lora_alpha=r, target_modules=DYNARANK_TARGETS, seed=0
+    )
     model = attach(copy.deepcopy(base), cfg)
     if mlp_rank is not None:  # grow the single-group (MLP) adapters to mlp_rank
         for layer in elastic_layers(model).values():
@@ -203,8 +204,9 @@ def make_optimizer(model) -> torch.optim.Optimizer:
 
 
 def train_step(model, opt, batch) -> float:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                token_type_ids=batch.get("token_type_ids"))
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch.get("token_type_ids")
+    )
     loss = F.cross_entropy(out.logits, batch["labels"])
     loss.backward()
     opt.step()
@@ -246,8 +248,17 @@ def ranks_summary(model) -> dict | None:
     out = {}
     for n, layer in layers.items():
         key = n.split("layer.", 1)[-1].split(".", 1)[-1]  # e.g. attention.self.query
-        out.setdefault(key, {"groups": layer.n_groups, "ranks": sorted(set(layer.ranks)), "slots": layer.n_slots,
-                             "layout": layer.layout, "split": layer.split, "dense_path": layer._dense})
+        out.setdefault(
+            key,
+            {
+                "groups": layer.n_groups,
+                "ranks": sorted(set(layer.ranks)),
+                "slots": layer.n_slots,
+                "layout": layer.layout,
+                "split": layer.split,
+                "dense_path": layer._dense,
+            },
+        )
     return out
 
 
@@ -266,8 +277,11 @@ def run(args) -> dict:
     tok, base = load_base()
     batches = make_batches(tok, args.batch, args.seq_len, args.n_batches, args.seed)
     n_real = sum(int(b["attention_mask"].sum()) for b in batches)
-    print(f"data: {args.n_batches} batches of {args.batch} tweets x {args.seq_len} tokens "
-          f"({n_real / (args.n_batches * args.batch):.1f} real tokens per tweet on average)", flush=True)
+    print(
+        f"data: {args.n_batches} batches of {args.batch} tweets x {args.seq_len} tokens "
+        f"({n_real / (args.n_batches * args.batch):.1f} real tokens per tweet on average)",
+        flush=True,
+    )
 
     targets = peft_target_names(base)
     assert len(targets) == 6 * base.config.num_hidden_layers, targets
@@ -282,8 +296,11 @@ def run(args) -> dict:
         meta["b"] = {"description": DESCRIPTIONS["b"], "r": 8}
         n_b = n_trainable(models["b"])
         same = n_b == n_a
-        print(f"trainable parameters: (a) PEFT {n_a:,}  (b) dynarank matrix {n_b:,}  -> "
-              f"{'identical' if same else 'DIFFERENT'}", flush=True)
+        print(
+            f"trainable parameters: (a) PEFT {n_a:,}  (b) dynarank matrix {n_b:,}  -> "
+            f"{'identical' if same else 'DIFFERENT'}",
+            flush=True,
+        )
         meta["b"]["same_trainable_as_a"] = same
     if "b_own" in wanted:
         r, n = closest_rank(base, n_a, granularity="head", layout="own")
@@ -347,7 +364,7 @@ def run(args) -> dict:
     load = [os.getloadavg()[0]]
     t_start = time.perf_counter()
     for rnd in range(args.rounds):
-        rot = order[rnd % len(order):] + order[: rnd % len(order)]
+        rot = order[rnd % len(order) :] + order[: rnd % len(order)]
         for name in rot:
             gc.collect()
             ts = block(name, args.steps_per_round)
@@ -356,15 +373,21 @@ def run(args) -> dict:
             per_round[name].append(statistics.median(t for t, _ in ts))
         load.append(os.getloadavg()[0])
         line = "  ".join(f"{n}={per_round[n][-1] * 1e3:.0f}" for n in order)
-        print(f"round {rnd + 1}/{args.rounds} (ms, median of {args.steps_per_round}; load {load[-1]:.1f}): {line}",
-              flush=True)
+        print(
+            f"round {rnd + 1}/{args.rounds} (ms, median of {args.steps_per_round}; load {load[-1]:.1f}): {line}",
+            flush=True,
+        )
     elapsed = time.perf_counter() - t_start
 
     results = {}
     for name in order:
-        results[name] = {**meta[name], "step_time_s": quantiles(times[name]),
-                         "step_cpu_time_s": quantiles(cpu_times[name]),
-                         "round_medians_s": per_round[name], "step_times_s": times[name]}
+        results[name] = {
+            **meta[name],
+            "step_time_s": quantiles(times[name]),
+            "step_cpu_time_s": quantiles(cpu_times[name]),
+            "round_medians_s": per_round[name],
+            "step_times_s": times[name],
+        }
     ratios = []
     for num, den, target in RATIOS:
         if num not in results or den not in results:
@@ -375,8 +398,16 @@ def run(args) -> dict:
         # Judged on the paired ratio: both configurations of a round ran back to back, so a burst of
         # load from other processes hits numerator and denominator alike.
         ok = None if target is None else (paired < target if target == 1.0 else paired <= target)
-        ratios.append({"ratio": f"{num}/{den}", "median_ratio": r_med, "paired_round_ratio": paired,
-                       "min_ratio": r_min, "target": target, "met": ok})
+        ratios.append(
+            {
+                "ratio": f"{num}/{den}",
+                "median_ratio": r_med,
+                "paired_round_ratio": paired,
+                "min_ratio": r_min,
+                "target": target,
+                "met": ok,
+            }
+        )
     bytes_c_below_b = None
     if "b" in results and "c" in results:
         bytes_c_below_b = results["c"]["bytes"]["total_bytes"] < results["b"]["bytes"]["total_bytes"]
@@ -430,25 +461,36 @@ def markdown(res: dict) -> str:
             f"{fmt_bytes(r['bytes']['total_bytes'])} | {t['median'] * 1e3:.0f} ms | "
             f"{t['p25'] * 1e3:.0f}-{t['p75'] * 1e3:.0f} ms | {t['min'] * 1e3:.0f} ms |"
         )
-    lines += ["", "| ratio | median of per-round ratios | median / median | min / min | target | met |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "| ratio | median of per-round ratios | median / median | min / min | target | met |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in res["ratios"]:
         if r["target"] is None:
             target = "-"
         else:
             target = f"< {r['target']:.2f}" if r["target"] == 1.0 else f"<= {r['target']:.2f}"
         met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['ratio']} | {r['paired_round_ratio']:.3f} | {r['median_ratio']:.3f} | "
-                     f"{r['min_ratio']:.3f} | {target} | {met} |")
-    lines += ["", "Targets are judged on the median of per-round ratios (the two configurations of a round run "
-                  "back to back, so load from other processes hits both alike); the plain ratio of medians and "
-                  "of minima are shown for comparison."]
+        lines.append(
+            f"| {r['ratio']} | {r['paired_round_ratio']:.3f} | {r['median_ratio']:.3f} | "
+            f"{r['min_ratio']:.3f} | {target} | {met} |"
+        )
+    lines += [
+        "",
+        "Targets are judged on the median of per-round ratios (the two configurations of a round run "
+        "back to back, so load from other processes hits both alike); the plain ratio of medians and "
+        "of minima are shown for comparison.",
+    ]
     if res.get("c_bytes_below_b") is not None:
         b, c = res["configs"]["b"]["bytes"], res["configs"]["c"]["bytes"]
-        lines += ["", f"Adapter + optimizer-state bytes (trainable parameters + AdamW exp_avg, exp_avg_sq, step; "
-                      f"classifier included): (b) {b['total_bytes']:,} B, (c) {c['total_bytes']:,} B "
-                      f"({c['total_bytes'] / b['total_bytes']:.3f} x) -> c below b: "
-                      f"{'yes' if res['c_bytes_below_b'] else '**no**'}."]
+        lines += [
+            "",
+            f"Adapter + optimizer-state bytes (trainable parameters + AdamW exp_avg, exp_avg_sq, step; "
+            f"classifier included): (b) {b['total_bytes']:,} B, (c) {c['total_bytes']:,} B "
+            f"({c['total_bytes'] / b['total_bytes']:.3f} x) -> c below b: "
+            f"{'yes' if res['c_bytes_below_b'] else '**no**'}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -490,6 +532,7 @@ def profile(args) -> None:
         def wrapper(*a, **k):
             with record_function(label):
                 return fn(*a, **k)
+
         return wrapper
 
     orig = ElasticLoRALinear._low_rank_update
@@ -514,8 +557,11 @@ def profile(args) -> None:
     print(f"== {name}: {args.profile_steps} steps; by total CPU time (ranges included)")
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.profile_rows))
     print(f"== {name}: by self CPU time and input shapes")
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
-                                                             row_limit=args.profile_rows, max_name_column_width=40))
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=args.profile_rows, max_name_column_width=40
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -523,16 +569,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=18, help="round-robin rounds (default 18)")
     p.add_argument("--steps-per-round", type=int, default=2, help="timed steps per configuration per round (2)")
     p.add_argument("--warmup", type=int, default=5, help="discarded steps per configuration (5)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                   help="output folder for engine_overhead.json / .md (default benchmarks/results)")
+    p.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results"),
+        help="output folder for engine_overhead.json / .md (default benchmarks/results)",
+    )
     p.add_argument("--configs", nargs="+", default=list(ALL_CONFIGS), choices=ALL_CONFIGS)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--n-batches", type=int, default=4, help="distinct batches cycled through (4)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", choices=ALL_CONFIGS, default=None,
-                   help="instead of the benchmark, print a torch.profiler table for one configuration")
+    p.add_argument(
+        "--profile",
+        choices=ALL_CONFIGS,
+        default=None,
+        help="instead of the benchmark, print a torch.profiler table for one configuration",
+    )
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--profile-rows", type=int, default=30)
     args = p.parse_args(argv)

@@ -381,6 +381,16 @@ def plot(rows: list[dict], task_name: str, path: Path) -> None:
             label=method,
             linestyle="-" if method.startswith("ard") else "--",
         )
+    # A run that diverged would squash the rest: keep the axis on the working runs and name the others.
+    full = next((r["mean"] for r in rows if r["method"] == "full"), None)
+    if full is not None and task["higher_is_better"]:
+        working = [r["mean"] - r["std"] for r in rows if r["mean"] >= 0.9 * full]
+        low = min(working) - 0.01
+        off = [r for r in rows if r["mean"] < low]
+        ax.set_ylim(bottom=low)
+        if off:
+            text = "; ".join(f"{r['method']} r={r['budget_r']}: {r['mean']:.3f}" for r in off)
+            ax.text(0.99, 0.02, f"below the axis (diverged): {text}", transform=ax.transAxes, ha="right", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters at the end of training (log)")
     ax.set_ylabel(f"test {task['metric']} (mean ± std over seeds)")
