@@ -25,6 +25,8 @@ A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 
                            max(8, 2r), target_params = the budget
     ard-matrix             the same with one group per matrix
     ard-own                per head, each head with its own A rows (a rank costs d_in + d_head)
+    ard-floor1             per head, shared A, no head below rank 1 (does not fit MiniLM's r=1 budget:
+                           one rank in every head and matrix already costs more)
     full                   full fine-tuning (no budget; run once per seed)
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
@@ -54,7 +56,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from records import RecordStore, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["full", "lora", "dora", "adalora", "adalora-physical", "elalora", "ard", "ard-matrix", "ard-own"]
+METHODS = [
+    "full",
+    "lora",
+    "dora",
+    "adalora",
+    "adalora-physical",
+    "elalora",
+    "ard",
+    "ard-matrix",
+    "ard-own",
+    "ard-floor1",
+]
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 TASKS = {
     "minilm": {
@@ -134,8 +147,13 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
         max_length=task["max_length"],
         target_modules=target,
     )
-    if method in ("ard", "ard-matrix", "ard-own"):
-        layout = {"ard": {"head_layout": "shared"}, "ard-matrix": {"granularity": "matrix"}}.get(method, {})
+    if method.startswith("ard"):
+        layout = {
+            "ard": {"head_layout": "shared"},
+            "ard-matrix": {"granularity": "matrix"},
+            "ard-own": {},
+            "ard-floor1": {"head_layout": "shared", "rank_floor": 1},
+        }[method]
         return TrainSpec(method="ard", r=max(8, 2 * r), dynarank={**layout, "target_params": budget}, **common)
     if method in ("elalora", "adalora-physical"):  # parameter budgets: a rank costs more in the MLP
         return TrainSpec(method=method, r=r, dynarank={"target_params": budget}, **common)
