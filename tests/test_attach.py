@@ -82,6 +82,40 @@ def test_all_linear_never_adapts_the_task_head(build, head):
     assert len(dynarank.elastic_layers(model)) == n_linear - 1
 
 
+def test_a_bart_classification_head_is_trained_in_full_and_never_adapted():
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    shape = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4)
+    config = BartConfig(vocab_size=100, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, **shape)
+    model = dynarank.attach(BartForSequenceClassification(config), DynaRankConfig(target_modules="all-linear", r=2))
+    assert model.dynarank_modules_to_save == ["classification_head"]
+    assert not any(n.startswith("classification_head") for n in dynarank.elastic_layers(model))
+    assert all(p.requires_grad for p in model.classification_head.parameters())
+    assert dynarank.elastic_layers(model)["model.encoder.layers.0.self_attn.q_proj"].n_groups == 4
+
+
+def test_distilbert_heads_and_its_pre_classifier_are_recognised():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    model = dynarank.attach(DistilBertForSequenceClassification(config), DynaRankConfig(target_modules="all-linear"))
+    assert model.dynarank_modules_to_save == ["classifier", "pre_classifier"]
+    plans = {n.rsplit(".", 1)[-1]: (l.split, l.n_groups) for n, l in dynarank.elastic_layers(model).items()}
+    assert plans["q_lin"] == plans["k_lin"] == plans["v_lin"] == ("rows", 4)
+    assert plans["out_lin"] == ("cols", 4)
+
+
+def test_per_head_ranks_without_a_head_count_warn_and_fall_back_to_one_group(caplog):
+    model = torch.nn.Sequential()  # a model without a config: nothing says how many heads there are
+    model.add_module("query", torch.nn.Linear(D, D))
+    with caplog.at_level("WARNING", logger="dynarank.attach"):
+        dynarank.attach(model, DynaRankConfig(target_modules=["query"], r=2))
+    assert "no head count" in caplog.text and "num_heads" in caplog.text
+    assert all(layer.n_groups == 1 for layer in dynarank.elastic_layers(model).values())
+
+
 def test_the_classifier_stays_trainable_while_every_base_weight_is_frozen():
     model = dynarank.attach(tiny_bert(), DynaRankConfig(target_modules="all-linear", r=2))
     adapters = {id(p) for layer in dynarank.elastic_layers(model).values() for p in layer.adapter_parameters()}

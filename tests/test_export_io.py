@@ -133,6 +133,36 @@ def test_a_roberta_classifier_whose_head_holds_linear_layers_round_trips(tmp_pat
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_the_auto_peft_classes_load_an_export_from_the_base_it_names(tmp_path, kind):
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+    BUILDERS[kind]().save_pretrained(tmp_path / "base")
+    auto = {"bert": AutoPeftModelForSequenceClassification, "llama": AutoPeftModelForCausalLM}[kind]
+    base = type(BUILDERS[kind]()).from_pretrained(tmp_path / "base")
+    model = dynarank.attach(base, DynaRankConfig(target_modules="all-linear", r=3, head_layout="shared"))
+    randomize_adapters(model, scale=0.2)
+    dynarank.export_peft(model, tmp_path / "peft")
+    assert _config(tmp_path / "peft")["task_type"] == {"bert": "SEQ_CLS", "llama": "CAUSAL_LM"}[kind]
+    loaded = auto.from_pretrained(str(tmp_path / "peft")).eval()
+    ids = token_batch()
+    _assert_same_logits(_logits(loaded, ids), _logits(model.eval(), ids))
+
+
+def test_a_llama_module_at_rank_zero_and_a_head_at_rank_zero_export_exactly(tmp_path, layout):
+    model = _adapted("llama", layout)
+    layers = dynarank.elastic_layers(model)
+    gone = layers["model.layers.0.self_attn.v_proj"]
+    gone.remove_slots({g: list(range(r)) for g, r in enumerate(gone.ranks)})
+    query = layers["model.layers.1.self_attn.q_proj"]
+    query.remove_slots({1: list(range(query.ranks[1]))})  # one head switched off, the others live
+    assert gone.n_slots == 0 and query.ranks[1] == 0 and query.n_slots > 0
+    ids = token_batch()
+    loaded = _export_and_load(model, "llama", tmp_path / "peft")
+    _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
+    assert "model.layers.0.self_attn.v_proj" in _config(tmp_path / "peft")["exclude_modules"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_server_safe_export_bakes_the_scale_into_b(tmp_path, kind, layout):
     model = _adapted(kind, layout, train_head=False, lora_alpha=7)  # scaling 7/3: the scale must land in B
     ids = token_batch()

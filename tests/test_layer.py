@@ -161,6 +161,39 @@ def test_equal_ranks_in_own_layout_take_the_dense_path_with_the_same_result(make
     torch.testing.assert_close(dense(x), gathered(x), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_uneven_ranks_take_rank_buckets_with_the_padded_outputs_and_gradients(make_layer, split, layout, gated):
+    bucketed = make_layer(split, layout)
+    bucketed.remove_slots({0: [0, 1, 2], 1: [1, 2], 3: [2]})  # ranks [0, 1, 3, 2]: T = 6 of G * r_max = 12
+    assert bucketed._buckets and [b.rank for b in bucketed._buckets] == [1, 2, 3]
+    padded = copy.deepcopy(bucketed)
+    padded._buckets = []  # force the padded product
+    gate = torch.rand(4, 3, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    if gated:
+        for layer in (bucketed, padded):
+            layer.set_gate(lambda l: gate)
+    x = torch.randn(2, 5, bucketed.in_features)
+    y_b, y_p = bucketed(x), padded(x)
+    torch.testing.assert_close(y_b, y_p, atol=1e-6, rtol=1e-6)
+    assert (y_b - bucketed.base(x)).abs().max() > 0.1
+    grads = []
+    for layer in (bucketed, padded):
+        gate.grad = None
+        (layer(x) ** 2).sum().backward()
+        grads.append([layer.shared_weight.grad, layer.group_weight.grad, gate.grad if gated else None])
+    for g_b, g_p in zip(*grads):
+        if g_b is not None:
+            torch.testing.assert_close(g_b, g_p, atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_with_even_ranks_keeps_one_padded_product(make_layer, split, layout):
+    layer = make_layer(split, layout)
+    layer.remove_slots({g: [2] for g in range(4)})  # ranks [2, 2, 2, 2]
+    assert not layer._buckets
+    layer.remove_slots({0: [1]})  # [1, 2, 2, 2]: T = 7 > 3/4 of 8, too little to gain
+    assert not layer._buckets
+
+
 def test_invalid_construction_is_rejected():
     with pytest.raises(ValueError, match="divide"):
         ElasticLoRALinear(nn.Linear(24, 32), n_groups=5)
@@ -268,6 +301,24 @@ def test_a_bf16_linear_keeps_fp32_adapters_and_bf16_output(split, layout):
     layer.merge()
     assert layer.base.weight.dtype == torch.bfloat16
     torch.testing.assert_close(layer(x).float(), expected, atol=1e-1, rtol=5e-2)
+
+
+def test_an_fp16_linear_keeps_fp32_adapters_and_merges_without_drift(split, layout):
+    base = nn.Linear(16, 16).half()
+    layer = ElasticLoRALinear(base, n_groups=4, split=split, layout=layout, r=2)
+    with torch.no_grad():
+        layer.group_weight.normal_()
+        layer.shared_weight.normal_()
+    assert base.weight.dtype == torch.float16 and layer.shared_weight.dtype == torch.float32
+    x = torch.randn(3, 16).half()
+    y = layer(x)
+    assert y.dtype == torch.float16
+    w0 = base.weight.clone()
+    for _ in range(5):
+        layer.merge()
+        torch.testing.assert_close(layer(x), y, atol=2e-2, rtol=2e-2)
+        layer.unmerge()
+    assert (base.weight.float() - w0.float()).abs().max() < 1e-2
 
 
 def test_a_bf16_model_keeps_fp32_adapters_and_a_bf16_base(layout):

@@ -29,11 +29,15 @@ def _has_suffix(name: str, suffixes: tuple[str, ...] | list[str]) -> bool:
 
 
 def _cfg_get(model: nn.Module, *keys: str):
+    """The first of ``keys`` set on ``model.config``, or on its text config (vision-language models nest it)."""
     cfg = getattr(model, "config", None)
-    for key in keys:
-        value = getattr(cfg, key, None) if cfg is not None else None
-        if value is not None:
-            return value
+    text = getattr(cfg, "get_text_config", None)
+    configs = [cfg] + ([text()] if callable(text) else [])
+    for c in configs:
+        for key in keys:
+            value = getattr(c, key, None) if c is not None else None
+            if value is not None:
+                return value
     return None
 
 
@@ -149,6 +153,16 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
         raise ValueError("this model already carries dynarank adapters; attach() once per model.")
     targets = select_targets(model, config)
     geometry = head_geometry(model, config) if config.granularity == "head" else None
+    if config.granularity == "head" and geometry is None:
+        attention = [n for n in targets if _has_suffix(n, QUERY_SUFFIXES + KEY_VALUE_SUFFIXES + OUTPUT_SUFFIXES)]
+        if attention:
+            logger.warning(
+                "granularity='head' but %s's config gives no head count: %s and every other target get one rank "
+                "group per matrix. Set DynaRankConfig(num_heads=..., num_kv_heads=..., head_dim=...) for per-head "
+                "ranks.",
+                type(model).__name__,
+                attention[0],
+            )
     save_names = resolve_modules_to_save(model, config)
     generator = None
     if config.seed is not None:

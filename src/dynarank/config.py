@@ -21,11 +21,12 @@ GRANULARITIES: tuple[str, ...] = ("head", "matrix")
 HEAD_LAYOUTS: tuple[str, ...] = ("own", "shared")
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
-QUERY_SUFFIXES = ("query", "q_proj", "q")
-KEY_VALUE_SUFFIXES = ("key", "value", "k_proj", "v_proj", "k", "v")
-OUTPUT_SUFFIXES = ("attention.output.dense", "o_proj", "out_proj", "o")
-# Task heads that stay trainable (and are never adapted by "all-linear").
-TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head")
+QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
+KEY_VALUE_SUFFIXES = ("key", "value", "k_proj", "v_proj", "k", "v", "k_lin", "v_lin")
+OUTPUT_SUFFIXES = ("attention.output.dense", "o_proj", "out_proj", "o", "out_lin")
+# Top-level task heads: trained in full (modules_to_save), never adapted. BART-style models call theirs
+# classification_head; DistilBERT's classifier is preceded by a freshly initialised pre_classifier.
+TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "classification_head", "pre_classifier")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:

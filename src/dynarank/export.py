@@ -49,6 +49,24 @@ def _peft_tensors(
     return tensors, ranks, alphas, empty
 
 
+# transformers class-name endings -> PEFT task types (what AutoPeftModelFor* classes read to pick a model class).
+TASK_TYPES = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+)
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for ``model``'s class (None when it is none of the common heads)."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and name.endswith(("ForConditionalGeneration", "Seq2SeqLM")):
+        return "SEQ_2_SEQ_LM"
+    return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
+
+
 def peft_config_dict(
     model: nn.Module,
     ranks: dict[str, int],
@@ -74,6 +92,9 @@ def peft_config_dict(
         modules_to_save=list(modules_to_save) or None,
         lora_dropout=0.0,
         bias="none",
+        # A task type makes stock PEFT wrap the task head as modules_to_save and expect its weights, which a
+        # server-safe export leaves out; AutoPeftModelFor* needs it to pick the model class.
+        task_type=None if server_safe else peft_task_type(model),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
     data = config.to_dict()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -101,7 +102,8 @@ class ElasticLoRALinear(nn.Module):
         b_factor = group if split == "rows" else shared
         bound = 1.0 / math.sqrt(base.in_features)
         with torch.no_grad():
-            a_factor.uniform_(-bound, bound, generator=generator)
+            # Drawn on the CPU (a seeded generator is a CPU generator), then placed: the same values on any device.
+            a_factor.copy_(torch.empty(a_factor.shape, dtype=dtype).uniform_(-bound, bound, generator=generator))
             b_factor.zero_()
         self.shared_weight = nn.Parameter(shared)
         self.group_weight = nn.Parameter(group)
@@ -186,6 +188,13 @@ class ElasticLoRALinear(nn.Module):
             and len(set(ranks)) == 1
             and all(s == list(range(g * ranks[0], (g + 1) * ranks[0])) for g, s in enumerate(self._slots))
         )
+        # Uneven ranks: the padded product would cost G * r_max per token on the group side, the
+        # rank buckets cost T = sum_g r_g (groups at rank 0 cost nothing), plus a few small ops per
+        # distinct rank. Take the buckets when they save at least a quarter of the padded work.
+        padded_work = self.n_groups * r_max
+        self._buckets: list[RankBucket] = []
+        if not self._dense and self.n_groups > 1 and sum(ranks) <= BUCKET_GAIN * padded_work:
+            self._buckets = rank_buckets(self._slots, device)
 
     # ------------------------------------------------------------------ gate hook
     def set_gate(self, fn: GateFn | None) -> None:
@@ -207,6 +216,8 @@ class ElasticLoRALinear(nn.Module):
 
     def _low_rank_update(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d_in) -> (N, d_out), without the scaling."""
+        if self._buckets:
+            return self._bucketed_update(x)
         n = x.shape[0]
         w = self._group_side_padded()  # (d_g, G, r_max)
         gate = self.gate()
@@ -228,6 +239,48 @@ class ElasticLoRALinear(nn.Module):
             z = zp.new_zeros(n, self.n_slots + 1).index_add(1, self.slot_index.flatten(), zp.reshape(n, -1))
             z = z[:, : self.n_slots]
         return z @ self.shared_weight  # (N, d_out)
+
+    def _bucketed_update(self, x: torch.Tensor) -> torch.Tensor:
+        """The same update as the padded path, one batched product per distinct live rank.
+
+        A bucket holds the n_b groups of rank r_b; its work is n_b * r_b per token, so the layer's
+        group-side cost is T = sum_g r_g instead of G * r_max.
+        """
+        n = x.shape[0]
+        gate = self.gate()  # (G, r_max) or None
+        w = self.group_weight  # (d_g, T)
+        buckets = self._buckets_on(x.device)
+        if self.split == "rows":
+            z = x @ self.shared_weight.t()  # (N, S)
+            blocks = []
+            for b in buckets:
+                zb = z[:, b.slots]  # (N, n_b, r_b)
+                if gate is not None:
+                    zb = zb * gate[b.groups, : b.rank]
+                blocks.append(torch.einsum("ngr,dgr->ngd", zb, w[:, b.columns]))  # (N, n_b, d_g)
+            if self._rank_zero_groups:
+                blocks.append(z.new_zeros(n, self._rank_zero_groups, self.group_size))
+            y = torch.cat(blocks, dim=1)  # (N, G, d_g) in bucket order
+            return y[:, buckets[0].inverse].reshape(n, self.out_features)
+        xg = x.view(n, self.n_groups, self.group_size)  # (N, G, d_g)
+        parts, slots = [], []
+        for b in buckets:
+            zb = torch.einsum("ngd,dgr->ngr", xg[:, b.groups], w[:, b.columns])  # (N, n_b, r_b)
+            if gate is not None:
+                zb = zb * gate[b.groups, : b.rank]
+            parts.append(zb.reshape(n, -1))
+            slots.append(b.slots.reshape(-1))
+        z = x.new_zeros(n, self.n_slots).index_add(1, torch.cat(slots), torch.cat(parts, dim=1))  # (N, S)
+        return z @ self.shared_weight  # (N, d_out)
+
+    @property
+    def _rank_zero_groups(self) -> int:
+        return sum(r == 0 for r in self.ranks)
+
+    def _buckets_on(self, device: torch.device) -> list[RankBucket]:
+        if self._buckets[0].groups.device != device:  # the module moved since the last rebuild
+            self._buckets = [b.to(device) for b in self._buckets]
+        return self._buckets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -440,3 +493,54 @@ class ElasticLoRALinear(nn.Module):
             f"split={self.split}, layout={self.layout}, groups={self.n_groups}x{self.group_size}, "
             f"ranks={self.ranks}, slots={self.n_slots}, scaling={self.scaling:g}"
         )
+
+
+BUCKET_GAIN = 0.75  # take rank buckets when they do at most this share of the padded work
+
+
+@dataclass(frozen=True)
+class RankBucket:
+    """The groups of one live rank, for :meth:`ElasticLoRALinear._bucketed_update`.
+
+    groups (n_b,), slots (n_b, r_b) shared-slot indices, columns (n_b, r_b) packed group-side
+    columns; ``inverse`` (G,) (kept on the first bucket) puts the concatenated bucket outputs,
+    followed by the rank-0 groups, back into group order.
+    """
+
+    rank: int
+    groups: torch.Tensor
+    slots: torch.Tensor
+    columns: torch.Tensor
+    inverse: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> RankBucket:
+        inverse = None if self.inverse is None else self.inverse.to(device)
+        return RankBucket(self.rank, self.groups.to(device), self.slots.to(device), self.columns.to(device), inverse)
+
+
+def rank_buckets(slots: Sequence[Sequence[int]], device: torch.device) -> list[RankBucket]:
+    """Group the rank groups by live rank (rank 0 left out); the first bucket carries the inverse order."""
+    offsets, offset = [], 0
+    for s in slots:
+        offsets.append(offset)
+        offset += len(s)
+    by_rank: dict[int, list[int]] = {}
+    for g, s in enumerate(slots):
+        if s:
+            by_rank.setdefault(len(s), []).append(g)
+    order = [g for r in sorted(by_rank) for g in by_rank[r]] + [g for g, s in enumerate(slots) if not s]
+    inverse = torch.empty(len(slots), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(slots))
+    buckets = []
+    for r in sorted(by_rank):
+        groups = by_rank[r]
+        buckets.append(
+            RankBucket(
+                rank=r,
+                groups=torch.tensor(groups, dtype=torch.long, device=device),
+                slots=torch.tensor([slots[g] for g in groups], dtype=torch.long, device=device),
+                columns=torch.tensor([list(range(offsets[g], offsets[g] + r)) for g in groups], device=device),
+                inverse=inverse.to(device) if not buckets else None,
+            )
+        )
+    return buckets
