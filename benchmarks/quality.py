@@ -30,8 +30,9 @@ A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 
     full                   full fine-tuning (no budget; run once per seed)
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
-fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; every budget and seed then
-runs at that rate. Records go to results/quality_<task>.json (one per run; a run already there is
+fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
+is the grid's largest gets the next half-decade too (up to twice), whichever method it is. Every budget and seed
+then runs at the chosen rate. Records go to results/quality_<task>.json (one per run; a run already there is
 not repeated), the table to quality_<task>.md, the Pareto plot to quality_<task>.png.
 
     python benchmarks/quality.py --quick            # minilm, r=2, 1 seed, 60 steps, lr 1e-3: ~6 minutes
@@ -69,6 +70,9 @@ METHODS = [
     "ard-floor1",
 ]
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
+# A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many
+# times, for every method alike: a best rate at the edge means the grid, not the method, set the result.
+GRID_EXTENSIONS = 2
 TASKS = {
     "minilm": {
         "budgets": [1, 2, 6],
@@ -253,23 +257,41 @@ def peft_adalora_surviving_parameters(model) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- plan
-def chosen_lr(store: RecordStore, task_name: str, method: str, steps: int) -> float | None:
-    """The grid rate with the best validation score at the tuning budget, seed 0 (None: not tuned yet)."""
+def next_rate(lr: float) -> float:
+    """The next half-decade point of the 1-3-10 grid (3e-2 -> 1e-1 -> 3e-1)."""
+    return float(f"{lr * (10 / 3 if f'{lr:e}'.startswith('3') else 3):.0e}")
+
+
+def tuning_state(store: RecordStore, task_name: str, method: str, steps: int) -> tuple[list[float], float | None]:
+    """(rates still to run, chosen rate): the base grid, extended while its best validation score sits at
+    its largest rate (GRID_EXTENSIONS times at most); the chosen rate is None until every needed run exists."""
     task = TASKS[task_name]
-    grid = FULL_LRS if method == "full" else ADAPTER_LRS
+    grid = list(FULL_LRS if method == "full" else ADAPTER_LRS)
     budget = task["tune_budget"] if method != "full" else 0
-    found = [store.get((task_name, method, budget, lr, 0, steps)) for lr in grid]
-    if any(r is None for r in found):
-        return None
     sign = 1 if task["higher_is_better"] else -1
-    return max(found, key=lambda r: sign * r["val"][task["metric"]])["lr"]
+    for extension in range(GRID_EXTENSIONS + 1):
+        found = [store.get((task_name, method, budget, lr, 0, steps)) for lr in grid]
+        missing = [lr for lr, r in zip(grid, found) if r is None]
+        if missing:
+            return missing, None
+        best = max(found, key=lambda r: sign * r["val"][task["metric"]])["lr"]
+        if best != grid[-1] or extension == GRID_EXTENSIONS:
+            return [], best
+        grid.append(next_rate(grid[-1]))
+    raise AssertionError("unreachable")
 
 
-def tuning_jobs(task_name: str, methods: list[str], steps: int) -> list[tuple]:
+def chosen_lr(store: RecordStore, task_name: str, method: str, steps: int) -> float | None:
+    """The rate with the best validation score at the tuning budget, seed 0 (None: not tuned yet)."""
+    return tuning_state(store, task_name, method, steps)[1]
+
+
+def tuning_jobs(store: RecordStore, task_name: str, methods: list[str], steps: int) -> list[tuple]:
+    """The learning-rate runs still missing (call again after they ran: an extension may follow)."""
     task = TASKS[task_name]
     jobs = []
     for method in methods:
-        for lr in FULL_LRS if method == "full" else ADAPTER_LRS:
+        for lr in tuning_state(store, task_name, method, steps)[0]:
             jobs.append((method, 0 if method == "full" else task["tune_budget"], lr, 0))
     return jobs
 
@@ -518,22 +540,26 @@ def main() -> None:
             flush=True,
         )
 
-    def submit(jobs: list[tuple]) -> None:
+    def submit(jobs: list[tuple]) -> int:
+        """Run the jobs not yet recorded; returns how many succeeded."""
         todo = [j for j in jobs if not store.has((args.task, j[0], j[1], j[2], j[3], steps))]
         print(f"{len(todo)} runs to do ({args.jobs} at a time, {threads} thread(s) each)", flush=True)
-        run_pool(
+        failed = run_pool(
             run_one,
             [(args.task, *j[:4], steps, threads, command) for j in todo],
             args.jobs,
             lambda job, rec: done(job, rec),
         )
+        return len(todo) - len(failed)
 
     if not args.table_only:
         store.note_command(command)
         if args.quick:
             submit([(m, 0 if m == "full" else budgets[0], 5e-5 if m == "full" else 1e-3, 0) for m in args.methods])
         else:
-            submit(tuning_jobs(args.task, args.methods, steps))
+            while jobs := tuning_jobs(store, args.task, args.methods, steps):
+                if not submit(jobs):
+                    break  # every run of this round failed: do not loop on it
             if not args.tune_only:
                 submit(main_jobs(store, args.task, args.methods, seeds, steps, budgets))
     if args.quick:

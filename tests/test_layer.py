@@ -265,6 +265,18 @@ def test_unmerge_restores_the_base_weight(make_layer, split, layout):
     torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=0)
 
 
+def test_a_merged_layer_refuses_a_new_gate_and_a_resize(make_layer):
+    layer = make_layer()
+    w0 = layer.base.weight.clone()
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.set_gate(lambda l: torch.zeros(l.n_groups, l.max_rank))
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.remove_slots({0: [0]})
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=1e-6)
+
+
 def test_train_and_eval_never_merge():
     model = tiny_bert()
     dynarank.attach(model, DynaRankConfig(target_modules=["query", "value", "attention.output.dense"], r=2))

@@ -197,7 +197,13 @@ class ElasticLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ gate hook
     def set_gate(self, fn: GateFn | None) -> None:
-        """Install the controller's gate: ``fn(layer)`` returns (G, r_max) multipliers of the slots."""
+        """Install the controller's gate: ``fn(layer)`` returns (G, r_max) multipliers of the slots.
+
+        Refused while merged: :meth:`unmerge` subtracts the update as it is then, so a gate changed in
+        between would leave the base weight wrong.
+        """
+        if self.merged:
+            raise RuntimeError("unmerge() the adapter before changing its gate.")
         self._gate_fn = fn
 
     def gate(self) -> torch.Tensor | None:
@@ -334,7 +340,11 @@ class ElasticLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the update to the base weight. Idempotent; forward then skips the adapter."""
+        """Add the update to the base weight. Idempotent; forward then skips the adapter.
+
+        Change nothing of the adapter while merged (resizing and gates are refused; an optimizer step
+        would make :meth:`unmerge` subtract a different update).
+        """
         if self.merged:
             return
         w = self.base.weight
