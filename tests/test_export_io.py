@@ -331,6 +331,57 @@ def test_saving_over_a_previous_adapter_replaces_it(tmp_path):
     ]
 
 
+def test_saving_over_an_adapter_that_holds_a_users_file_refuses_and_deletes_nothing(tmp_path):
+    model = _adapted("bert", "own")
+    dynarank.save_adapter(model, tmp_path / "native")
+    dynarank.export_peft(model, tmp_path / "peft")
+    for path in (tmp_path / "native", tmp_path / "peft"):
+        (path / "NOTES.txt").write_text("the user's notes")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"holds files dynarank did not write \(NOTES.txt\)"):
+        dynarank.save_adapter(model, tmp_path / "native")
+    with pytest.raises(FileExistsError, match="NOTES.txt"):
+        dynarank.export_peft(model, tmp_path / "peft")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["native", "peft"]  # no temporary directory left
+
+
+def test_an_export_replaces_a_previous_export_with_its_run_record(tmp_path):
+    # The CLI writes dynarank_run.json beside every adapter it exports: that file is dynarank's, not the user's.
+    dynarank.export_peft(_adapted("bert", "own"), tmp_path / "peft")
+    (tmp_path / "peft" / "dynarank_run.json").write_text("{}")
+    second = _adapted("bert", "shared", r=2)
+    dynarank.export_peft(second, tmp_path / "peft")
+    ids = token_batch()
+    _assert_same_logits(
+        _logits(PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "peft")), ids), _logits(second, ids)
+    )
+
+
+def test_files_and_directory_are_forced_to_disk_before_the_rename(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("names synced descriptors through /proc")
+    events = []
+    real_fsync, real_rename = os.fsync, Path.rename
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))
+    )
+    monkeypatch.setattr(
+        Path, "rename", lambda self, target: (events.append(("rename", str(self))), real_rename(self, target))[1]
+    )
+    dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "native")
+    rename = next(i for i, (kind, _) in enumerate(events) if kind == "rename")
+    temporary = events[rename][1]
+    synced = [path for kind, path in events[:rename] if kind == "fsync"]
+    assert sorted(synced) == sorted(
+        [f"{temporary}/dynarank_adapter.json", f"{temporary}/dynarank_adapter.safetensors", temporary]
+    )
+    assert events[-1] == ("fsync", str(tmp_path))  # the rename itself is made durable
+
+
 def test_a_truncated_weights_file_raises_a_format_error(tmp_path):
     path = dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "native")
     weights = path / "dynarank_adapter.safetensors"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .attach import ATTACHED_ATTR, attach, elastic_layers, unwrap
@@ -59,30 +59,71 @@ def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return layout, {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict], marker: str | None = None) -> Path:
-    """Write files into a temporary sibling directory, then rename it over ``out_dir``.
+# Written beside a PEFT adapter by the CLI (runs.py): part of what dynarank puts in an adapter directory.
+COMPANION_FILES = ("dynarank_run.json",)
 
-    An existing ``out_dir`` is replaced only when it is empty or holds ``marker`` (a file the
-    same kind of directory always has): a user's unrelated folder is never deleted.
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` and force it to disk (a rename is only as durable as the bytes it points at)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_directory(path: Path) -> None:
+    """Force a directory's entries (created files, renames) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict], marker: str | None = None) -> Path:
+    """Write files into a temporary sibling directory, then rename it to ``out_dir``.
+
+    The files and the temporary directory are synced to disk before the rename, so a crash leaves
+    either the previous ``out_dir`` or the complete new one. An existing ``out_dir`` is replaced only
+    when it is empty or holds ``marker`` (a file the same kind of directory always has) and nothing
+    but files dynarank writes there: a user's folder, or a user's file put beside an adapter, is
+    never deleted (FileExistsError names it).
     """
     out = Path(out_dir)
     marker = marker or next(iter(files))
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise FileExistsError(f"{out} exists and is not a directory this library wrote; refusing to overwrite it.")
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists()):
+            raise FileExistsError(f"{out} exists and is not a directory this library wrote; refusing to overwrite it.")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in files and p.name not in COMPANION_FILES)
+        if foreign:
+            raise FileExistsError(
+                f"{out} holds files dynarank did not write ({', '.join(foreign[:3])}); refusing to replace the "
+                "directory: move them, or write to another directory."
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         for fname, content in files.items():
-            if isinstance(content, dict):
-                save_file(content, str(tmp / fname), metadata={"format": "pt"})
-            else:
-                (tmp / fname).write_bytes(content)
+            data = save(content, metadata={"format": "pt"}) if isinstance(content, dict) else content
+            _write_synced(tmp / fname, data)
+        _sync_directory(tmp)
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            out.rename(old)  # kept until the new directory is in place
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old.exists() and not out.exists():
+                old.rename(out)  # the previous directory comes back
+            raise
+        _sync_directory(out.parent)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
     return out
 
 
