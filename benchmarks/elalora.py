@@ -7,7 +7,9 @@ Every method ends at the oracle's trainable budget (24 head-ranks = 1,920 adapte
 * ElaLoRA per head, r=3 (24 ranks from the start; rank and parameters conserved);
 * AdaLoRA on the engine ('adalora-physical'), per head, r=8 -> target_rank 3 (64 -> 24 ranks);
 * stock PEFT AdaLoRA per matrix, init_r 15 -> target_r 10 (10 x 192 = 1,920), same schedule;
-* ARD default (r=8), plain LoRA per matrix r=10, and the oracle (per-head LoRA cut to the truth).
+* ARD default (r=8), plain LoRA per matrix r=10 (on the engine, and stock PEFT), stock PEFT DoRA per
+  matrix r=10 (plus its 128 magnitudes), the oracle (per-head LoRA cut to the truth), and full
+  fine-tuning of the projection (8,192 parameters: what no budget limits).
 
 Training memory is counted as 3 x the trainable parameters (fp32 weights + AdamW's two moments), at
 its peak and averaged over the steps; PEFT keeps every initial rank (and E) allocated to the end.
@@ -54,6 +56,9 @@ def methods() -> dict[str, dict]:
         "adalora-physical per matrix 15->10": dict(ada, r=15, target_rank=10, granularity="matrix"),
         "stock PEFT AdaLoRA per matrix 15->10": {"peft": True},
         "LoRA per matrix r=10": {"method": "lora", "r": 10, "target_modules": TARGET, "granularity": "matrix"},
+        "stock PEFT LoRA per matrix r=10": {"peft_lora": {"r": 10}},
+        "stock PEFT DoRA per matrix r=10": {"peft_lora": {"r": 10, "use_dora": True}},
+        "full fine-tuning": {"full": True},
     }
 
 
@@ -113,10 +118,47 @@ def train_peft_adalora(task: PlantedTask, steps: int, lr: float, seed: int) -> d
     }
 
 
+def train_plain(task: PlantedTask, steps: int, lr: float, seed: int, lora: dict | None) -> dict:
+    """Stock PEFT LoRA / DoRA per matrix (``lora`` = LoraConfig fields), or full fine-tuning (``lora=None``):
+    the same data stream, batch, optimizer and learning rate as every other method."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = _WithLoss(task)
+    if lora is None:
+        model.query.weight.requires_grad_(True)
+        ranks, params = [model.query.weight.shape[0]], model.query.weight.numel()
+    else:
+        model = get_peft_model(model, LoraConfig(target_modules=TARGET, lora_alpha=lora["r"], **lora))
+        ranks = [lora["r"]]
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1000)
+    for _ in range(steps):
+        x = torch.randn(64, task.base_weight.shape[1], generator=g)
+        model(x=x, y=task.targets(x, g)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        mse = task.eval_loss(lambda x: model(x=x).logits)
+    return {
+        "mse": mse,
+        "ranks": ranks,
+        "params": params,
+        "peak_trainable": params,
+        "mean_trainable": params,
+        "rank_changes": 0,
+        "warnings": [],
+    }
+
+
 def run_one(task: PlantedTask, spec: dict, steps: int, lr: float, seed: int) -> dict:
     spec = dict(spec)
     if spec.pop("peft", False):
         return train_peft_adalora(task, steps, lr, seed)
+    if "peft_lora" in spec or spec.get("full"):
+        return train_plain(task, steps, lr, seed, spec.get("peft_lora"))
     fixed = task.true_ranks if spec.pop("fixed", False) else None
     out = train_planted(task, DynaRankConfig(**spec), steps=steps, lr=lr, seed=seed, fixed_ranks=fixed)
     controller = out.pop("controller")

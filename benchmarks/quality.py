@@ -10,7 +10,7 @@ Tasks (real packaged models and data, ../shared/DATA.md):
 * ``smollm2``: SmolLM2-135M-Instruct on the packaged English dialog pairs (response-only loss;
   480 train pairs, 100 validation, 200 test), adapters on q/k/v/o of every layer, 1 epoch (60
   steps) of batch 8, length 64. Quality is the test loss (lower is better) and its perplexity.
-  DoRA and ARD per matrix are left out here (each SmolLM2 run costs ~6 minutes on 2 cores).
+  ARD's per-matrix and own-A variants are left out here (each SmolLM2 run costs ~5 minutes on 2 cores).
 
 A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 1, 2, 6: 0.18%, 0.37%,
 1.1% of the model; SmolLM2 r = 1, 4, 12: 0.09%, 0.34%, 1.0%). Every method is held to it:
@@ -91,7 +91,7 @@ TASKS = {
         "higher_is_better": False,
         "model_params": 134_515_008,
         "steps": 60,
-        "methods": ["full", "lora", "adalora", "adalora-physical", "elalora", "ard"],
+        "methods": ["full", "lora", "dora", "adalora", "adalora-physical", "elalora", "ard"],
         "batch_size": 8,
         "max_length": 64,
     },

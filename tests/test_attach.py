@@ -161,6 +161,19 @@ def test_a_target_list_matching_nothing_raises_and_lists_the_model_modules():
     assert not dynarank.elastic_layers(model)
 
 
+def test_targeting_only_a_task_head_says_that_heads_are_trained_in_full():
+    with pytest.raises(ValueError, match=r"Task heads \(classifier\) are trained in full"):
+        dynarank.attach(tiny_bert(), DynaRankConfig(target_modules=["classifier"]))
+
+
+def test_a_gpt2_model_is_refused_with_the_reason_that_its_projections_are_conv1d():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100, n_positions=32))
+    with pytest.raises(ValueError, match="Conv1D"):
+        dynarank.attach(model, DynaRankConfig(target_modules="all-linear"))
+
+
 @pytest.mark.parametrize("r", [0, -1, -8])
 def test_a_non_positive_rank_is_rejected(r):
     with pytest.raises(ValueError, match="r must be a positive integer"):

@@ -89,9 +89,18 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
     chosen = [n for n in chosen if not _has_suffix(n, config.exclude_modules)]
     if not chosen:
         shown = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in linear})
+        notes = ""
+        if heads:
+            notes += f" Task heads ({', '.join(sorted(heads))}) are trained in full, never adapted."
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        if conv1d:
+            notes += (
+                f" Its projections are transformers Conv1D modules ({conv1d[0]}, ...), which dynarank does not adapt: "
+                "only nn.Linear is supported."
+            )
         raise ValueError(
             f"target_modules={spec!r} matches no Linear module of {type(model).__name__}. "
-            f"Its Linear modules are: {', '.join(shown) or '(none)'}."
+            f"Its Linear modules are: {', '.join(shown) or '(none)'}.{notes}"
         )
     return chosen
 

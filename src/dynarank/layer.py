@@ -384,6 +384,9 @@ class ElasticLoRALinear(nn.Module):
 
         Kept ranks keep their order, values and optimizer state; a shared slot that no group
         uses any more is dropped. Returns the number of parameters removed.
+
+        The resized weights are new Parameter objects: pass EVERY optimizer that holds this layer's
+        parameters (the controllers pass the ones they are bound to), or it keeps stepping the old ones.
         """
         self._check_resizable()
         before = self.num_adapter_parameters()
