@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
+import dynarank.io
 from dynarank import checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
 from dynarank.data import Examples
@@ -93,18 +93,42 @@ def test_a_run_killed_mid_schedule_and_resumed_equals_the_uninterrupted_run(tmp_
     assert resumed["controller"].history == full["controller"].history
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "full", "adalora"])
+def test_a_baseline_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, method):
+    # Stock PEFT AdaLoRA keeps importance moving averages and a rank pattern outside the model: the
+    # checkpoint carries them. Killed at 13, saved at 10: early in its pruning (steps 5 to 31), where a
+    # resume that restarted the averages would mask other ranks.
+    def run(path, **kwargs):
+        model = tiny_bert()
+        return train_classifier(model, WordTokenizer(), examples(), spec(method), run_dir=path, save_every=5, **kwargs)
+
+    full = run(tmp_path / "a")
+    with pytest.raises(Crash):
+        run(tmp_path / "b", on_step=crash_at(13))
+    assert checkpoint.list_checkpoints(tmp_path / "b")[-1].name == "step-10"
+    resumed = run(tmp_path / "b", resume=True)
+    expected, got = trained_state(full["model"]), trained_state(resumed["model"])
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    if method == "adalora":
+        allocators = [r["model"].base_model.rankallocator for r in (full, resumed)]
+        assert allocators[0].peft_config.rank_pattern == allocators[1].peft_config.rank_pattern
+        assert any(not kept for pattern in allocators[0].peft_config.rank_pattern.values() for kept in pattern)
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=run, save_every=5)
-    original = Path.write_bytes
+    original = dynarank.io._write_synced
 
-    def dying_writer(self, data):
-        if self.name == checkpoint.STATE_FILE:
-            original(self, data[: len(data) // 2])
+    def dying_writer(path, data):
+        if path.name == checkpoint.STATE_FILE:
+            path.write_bytes(data[: len(data) // 2])
             raise KeyboardInterrupt  # the process is killed mid-write
-        return original(self, data)
+        return original(path, data)
 
-    monkeypatch.setattr(Path, "write_bytes", dying_writer)
+    monkeypatch.setattr(dynarank.io, "_write_synced", dying_writer)
     model = train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=tmp_path / "x")["model"]
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(run, model, torch.optim.AdamW(model.parameters()), None, None, step=15)
@@ -113,6 +137,28 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
     path, state, _ = checkpoint.latest(run)
     assert path.name == "step-10" and state["step"] == 10
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-5", "step-10"]
+
+
+def test_temporary_folders_of_killed_saves_are_removed_by_the_next_save(tmp_path):
+    run = tmp_path / "run"
+    result = train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=5), run_dir=run, save_every=5)
+    for orphan in (".step-10.k2j3h4", ".step-10.k2j3h4.old"):  # what a SIGKILL during a save leaves
+        (run / "checkpoints" / orphan).mkdir()
+        (run / "checkpoints" / orphan / checkpoint.TENSORS_FILE).write_bytes(b"half")
+    (run / "checkpoints" / "user-notes").mkdir()  # not ours: left alone
+    model = result["model"]
+    checkpoint.save(run, model, torch.optim.AdamW(model.parameters()), None, result["controller"], step=10)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-5", "user-notes"]
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '"step-10"', "3"])
+def test_a_state_file_that_is_not_a_json_object_is_a_damaged_checkpoint(tmp_path, content):
+    run = tmp_path / "run"
+    train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=run, save_every=5)
+    (run / "checkpoints" / "step-10" / checkpoint.STATE_FILE).write_text(content)
+    with pytest.raises(CheckpointError, match="state.json is damaged .*not an object"):
+        checkpoint.read(run / "checkpoints" / "step-10")
+    assert checkpoint.latest(run)[0].name == "step-5"
 
 
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_is_used(tmp_path):
@@ -206,7 +252,7 @@ def test_a_nan_gradient_names_the_module_that_produced_it(caplog):
 
 
 def test_the_stop_policy_raises_and_keeps_the_last_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteError, match="last checkpoint is kept"):
+    with pytest.raises(NonFiniteError, match=r"training stopped. The last checkpoint, .*step-6, is kept"):
         train_classifier(
             poison_loss_at(tiny_bert(), 7),
             WordTokenizer(),
@@ -232,3 +278,18 @@ def test_the_controller_takes_no_rank_decision_from_non_finite_alpha_gradients(c
     assert alpha.grad is None and "non-finite gradient on the alphas" in caplog.text
     assert torch.equal(alpha.detach(), before)
     assert elastic_layers(model)
+
+
+@pytest.mark.parametrize("run_dir", [None, "empty"])
+def test_the_stop_policy_does_not_claim_a_checkpoint_that_was_never_written(tmp_path, run_dir):
+    with pytest.raises(NonFiniteError) as info:
+        train_classifier(
+            poison_loss_at(tiny_bert(), 2),
+            WordTokenizer(),
+            examples(),
+            spec(steps=10),
+            run_dir=tmp_path / run_dir if run_dir else None,
+            save_every=3 if run_dir else None,
+            on_nonfinite="stop",
+        )
+    assert "No checkpoint was written" in str(info.value) and "is kept" not in str(info.value)

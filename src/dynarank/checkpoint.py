@@ -8,7 +8,15 @@ RUN_DIR/checkpoints/step-<N>/
 
 A checkpoint is written to a temporary sibling and renamed, so a crash during a save leaves
 the previous checkpoints intact; the newest *complete* one (with a matching checksum) is the
-one resumed.
+one resumed. Temporary folders left by a killed save are removed by the next save that succeeds.
+
+A transformers Trainer checkpoint keeps the Trainer's own files and gains
+
+<checkpoint-N>/dynarank/
+  state.json          step, total steps, the adapter layout, controller state, checksums
+  tensors.safetensors the controller's tensor state (importance moving averages, generators)
+
+(:func:`save_trainer_state`); the Trainer saves the weights and the optimizer itself.
 """
 
 from __future__ import annotations
@@ -33,6 +41,10 @@ STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
+TEMPORARY_DIR = re.compile(r"^\.step-\d+\.")  # io.write_atomically's temporary siblings of step-N
+TRAINER_DIR = "dynarank"  # inside a transformers Trainer checkpoint
+TRAINER_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR
+ALLOCATOR_EMAS = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # stock PEFT AdaLoRA's importance state, by parameter name
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +91,10 @@ def capture(
         tensors.update({f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
     if controller is not None:
         tensors.update({f"controller.{k}": v.detach() for k, v in controller.state_tensors().items()})
+    allocator = _peft_allocator(model)
+    if allocator is not None:
+        for kind in ALLOCATOR_EMAS:
+            tensors.update({f"peft_adalora.{kind}.{n}": t for n, t in getattr(allocator, kind).items()})
     layout = {name: layer.slots for name, layer in elastic_layers(model).items()}
     state = {
         "format_version": FORMAT_VERSION,
@@ -89,6 +105,7 @@ def capture(
         "scheduler": _json_safe(scheduler.state_dict()) if scheduler is not None else None,
         "controller": controller.state_dict() if controller is not None else None,
         "rng_python": _json_safe(random.getstate()),
+        "peft_adalora": {"rank_pattern": allocator.peft_config.rank_pattern} if allocator is not None else None,
         "extra": extra or {},
     }
     return state, {k: v.to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -98,19 +115,25 @@ def save(
     run_dir: str | Path, model, optimizer, scheduler, controller, step: int, keep: int = 3, extra: dict | None = None
 ) -> Path:
     """Write ``checkpoints/step-<step>`` atomically and keep the newest ``keep`` checkpoints."""
+    state, tensors = capture(model, optimizer, scheduler, controller, step, extra)
+    root = Path(run_dir) / "checkpoints"
+    out = _write(root / f"step-{step}", state, tensors)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for orphan in root.iterdir():  # only worker 0 saves: any temporary folder left is from a killed save
+        if orphan.is_dir() and TEMPORARY_DIR.match(orphan.name):
+            shutil.rmtree(orphan, ignore_errors=True)
+    return out
+
+
+def _write(out: Path, state: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """``state.json`` + ``tensors.safetensors`` with both checksums, written atomically to ``out``."""
     from safetensors.torch import save
 
-    state, tensors = capture(model, optimizer, scheduler, controller, step, extra)
     blob = save(tensors)
     state["sha256"] = hashlib.sha256(blob).hexdigest()
     state["state_sha256"] = _state_digest(state)
-    root = Path(run_dir) / "checkpoints"
-    out = write_atomically(
-        root / f"step-{step}", {TENSORS_FILE: blob, STATE_FILE: json.dumps(state).encode()}, marker=STATE_FILE
-    )
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+    return write_atomically(out, {TENSORS_FILE: blob, STATE_FILE: json.dumps(state).encode()}, marker=STATE_FILE)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -132,6 +155,8 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{state_file} is damaged ({exc}).") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file} is damaged (it holds JSON {type(state).__name__}, not an object).")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{state_file}: unsupported checkpoint format {state.get('format_version')!r}.")
     if state.get("state_sha256") != _state_digest(state):
@@ -159,16 +184,22 @@ def latest(run_dir: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
     raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from{detail}.")
 
 
-def restore_model(model: nn.Module, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Give ``model`` (attached with the same config) the saved layout and parameter values."""
+def restore_layout(model: nn.Module, layout: dict[str, list[list[int]]]) -> None:
+    """Give every elastic layer of ``model`` its saved slot lists (values uninitialised: a restore fills them)."""
     layers = elastic_layers(model)
-    if set(state["layout"]) != set(layers):
-        missing = sorted(set(state["layout"]) ^ set(layers))[:3]
-        raise CheckpointError(f"checkpoint does not fit this model: adapted modules differ ({missing}).")
-    for name, slots in state["layout"].items():
-        layers[name].set_slots(slots)
+    if set(layout) != set(layers):
+        differ = sorted(set(layout) ^ set(layers))[:3]
+        raise CheckpointError(f"checkpoint does not fit this model: adapted modules differ ({differ}).")
+    for name, slots in layout.items():
+        if layers[name].slots != slots:
+            layers[name].set_slots(slots)
     if hasattr(model, "dynarank_svd"):  # ElaLoRA / AdaLoRA singular values follow the restored layout
         model.dynarank_svd.match_layout(layers)
+
+
+def restore_model(model: nn.Module, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Give ``model`` (attached with the same config) the saved layout and parameter values."""
+    restore_layout(model, state["layout"])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     if set(saved) != set(params):
@@ -182,6 +213,9 @@ def restore_model(model: nn.Module, state: dict, tensors: dict[str, torch.Tensor
                     f"{tuple(saved[name].shape)}, the model has {tuple(p.shape)}."
                 )
             p.copy_(saved[name].to(p.dtype))
+    allocator = _peft_allocator(model)
+    if allocator is not None and state.get("peft_adalora") is not None:
+        _restore_allocator(model.base_model.model, allocator, state["peft_adalora"], tensors)
 
 
 def restore_training(optimizer, scheduler, controller, state: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -208,12 +242,96 @@ def restore_training(optimizer, scheduler, controller, state: dict, tensors: dic
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict({k: v for k, v in state["scheduler"].items() if v is not None})
     if controller is not None and state["controller"] is not None:
-        controller.load_state_dict(state["controller"])
-        prefix = "controller."
-        controller.load_state_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        restore_controller(controller, state, tensors)
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
     if cuda and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def restore_controller(controller, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The controller's JSON state, then its tensor state (after the layers took the saved layout)."""
+    controller.load_state_dict(state["controller"])
+    prefix = "controller."
+    controller.load_state_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+# ---------------------------------------------------------------- stock PEFT AdaLoRA
+
+
+def _peft_allocator(model: nn.Module):
+    """Stock PEFT AdaLoRA's RankAllocator (its importance EMAs and rank pattern are training state), or None."""
+    base = getattr(model, "base_model", None)
+    return getattr(base, "rankallocator", None) if base is not None else None
+
+
+def _restore_allocator(scored: nn.Module, allocator, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Put back the allocator's importance EMAs (keyed by the names of ``scored``, the model PEFT wraps, as
+    the allocator keys them) and the rank pattern E is masked to."""
+    params = dict(scored.named_parameters())
+    for kind in ALLOCATOR_EMAS:
+        prefix = f"peft_adalora.{kind}."
+        ema = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                name = key[len(prefix) :]
+                if name not in params or params[name].shape != value.shape:
+                    raise CheckpointError(f"checkpoint does not fit this model: AdaLoRA importance of {name}.")
+                ema[name] = value.to(params[name].device, params[name].dtype)
+        setattr(allocator, kind, ema)
+    allocator.peft_config.rank_pattern = saved["rank_pattern"]
+
+
+# ---------------------------------------------------------------- transformers Trainer checkpoints
+
+
+def save_trainer_state(checkpoint_dir: str | Path, model: nn.Module, controller) -> Path:
+    """Write ``<checkpoint_dir>/dynarank/`` atomically: what a Trainer checkpoint lacks to resume a rank-changing
+    run (the slot layout the saved weights have, and the controller's state). The Trainer saves the rest."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": controller.step,
+        "total_steps": controller.total_steps,
+        "method": controller.config.method,
+        "layout": {name: layer.slots for name, layer in elastic_layers(model).items()},
+        "controller": controller.state_dict(),
+    }
+    tensors = {
+        f"controller.{k}": v.detach().to("cpu").contiguous().clone() for k, v in controller.state_tensors().items()
+    }
+    return _write(Path(checkpoint_dir) / TRAINER_DIR, state, tensors)
+
+
+def read_trainer_state(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify ``<checkpoint_dir>/dynarank/``; CheckpointError says what to do when it is missing."""
+    path = Path(checkpoint_dir) / TRAINER_DIR
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{checkpoint_dir} holds no dynarank state ({TRAINER_DIR}/{STATE_FILE}): it was saved without "
+            "DynaRankCallback, or the run was killed before the callback saved. The rank controller cannot restart "
+            "mid-run: resume from a checkpoint that has it, or start the run again."
+        )
+    state, tensors = read(path)
+    missing = [k for k in ("step", "total_steps", "layout", "controller") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path / STATE_FILE} lacks {', '.join(missing)}: not a Trainer checkpoint's state.")
+    return state, tensors
+
+
+def latest_trainer_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` of ``output_dir`` whose dynarank state reads and verifies (None: none has).
+
+    Newer checkpoints without it (a run killed between the Trainer's save and the callback's) are
+    reported and passed over.
+    """
+    root = Path(output_dir)
+    found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := TRAINER_STEP_DIR.match(p.name))]
+    for _, path in sorted(found, reverse=True):
+        try:
+            read_trainer_state(path)
+            return path
+        except CheckpointError as exc:
+            logger.warning("dynarank: passing over %s: %s", path.name, exc)
+    return None

@@ -127,7 +127,15 @@ def _svd_defaults(spec: TrainSpec, total_steps: int) -> dict[str, Any]:
 
 
 class NonFiniteError(RuntimeError):
-    """Training stopped on a NaN/inf loss or gradient (policy 'stop'); the last checkpoint is kept."""
+    """Training stopped on a NaN/inf loss or gradient (policy 'stop'); checkpoints already written are kept."""
+
+
+def _kept_checkpoint(run_dir: str | Path | None) -> str:
+    """What a stopped run leaves to resume from, for the stop message."""
+    saved = checkpoint.list_checkpoints(run_dir) if run_dir is not None else []
+    if saved:
+        return f"The last checkpoint, {saved[-1]}, is kept: fix the cause and resume from it."
+    return "No checkpoint was written (save with --save-every N / save_every to be able to resume)."
 
 
 def nonfinite_gradients(model: nn.Module) -> list[str]:
@@ -224,7 +232,7 @@ def train(
     ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete
     checkpoint and ends bitwise equal (CPU) to an uninterrupted run. ``on_nonfinite``: 'skip'
     drops a step whose loss or gradient is NaN/inf (naming the modules), 'stop' raises
-    :class:`NonFiniteError` and leaves the last checkpoint in place. ``eval_every``: also evaluate every
+    :class:`NonFiniteError` (naming the last checkpoint, if any, which is kept). ``eval_every``: also evaluate every
     that many steps (the record passed to ``on_step`` then carries ``eval``).
     """
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
@@ -281,10 +289,10 @@ def train(
             if bad:
                 message = f"non-finite values at step {step + 1} in: {', '.join(bad[:5])}"
                 if on_nonfinite == "stop":
-                    raise NonFiniteError(f"{message}; training stopped, the last checkpoint is kept.")
+                    raise NonFiniteError(f"{message}; training stopped. {_kept_checkpoint(run_dir)}")
                 logger.warning("dynarank: %s; step skipped", message)
                 skipped += 1
-                if controller is not None:  # the rank schedule keeps time with the loop
+                if controller is not None:  # the rank schedule keeps time with the loop (and may resize)
                     controller.skip_step(optimizer)
                 with warnings.catch_warnings():  # the learning-rate schedule too, even before a first update
                     warnings.filterwarnings("ignore", message="Detected call of")
@@ -294,11 +302,12 @@ def train(
                 if state_bytes_start is None:  # after the first step AdamW's moments exist
                     state_bytes_start = training_state_bytes(model, optimizer)
                 scheduler.step()
-                if n_workers > 1 and controller is not None and controller.records[-1].resized:
-                    check_same_ranks(controller)
-                    train_model = wrap(model)
                 if spec.method == "adalora":
                     model.base_model.update_and_allocate(step)
+            if n_workers > 1 and controller is not None and controller.records[-1].resized:
+                # A resize (after an update or a skipped step alike) handed the adapters new tensors.
+                check_same_ranks(controller)
+                train_model = wrap(model)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if on_step is not None:
