@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from transformers import Trainer, TrainingArguments
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import dynarank
 from dynarank import DynaRankConfig, attach
 from tiny_models import TokenDataset, tiny_bert
 
 
-def make_trainer(tmp_path, model, accumulation=1, max_steps=30):
+def make_trainer(tmp_path, model, accumulation=1, max_steps=30, callbacks=None):
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=max_steps,
@@ -23,7 +25,7 @@ def make_trainer(tmp_path, model, accumulation=1, max_steps=30):
         disable_tqdm=True,
         weight_decay=0.1,
     )
-    return Trainer(model=model, args=args, train_dataset=TokenDataset())
+    return Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
 
 
 def test_ranks_change_during_train_with_no_manual_call(tmp_path):
@@ -92,8 +94,6 @@ def test_a_step_with_nan_gradients_is_skipped_and_the_schedule_keeps_time(tmp_pa
 
 
 def test_the_stop_policy_raises_on_nan_gradients(tmp_path):
-    import pytest
-
     model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query"]))
     callback = dynarank.DynaRankCallback(model, on_nonfinite="stop")
     trainer = make_trainer(tmp_path, model, max_steps=5)
@@ -101,3 +101,104 @@ def test_the_stop_policy_raises_on_nan_gradients(tmp_path):
     _nan_gradient_at(model, {2})
     with pytest.raises(FloatingPointError, match="non-finite gradients in: .*classifier"):
         trainer.train()
+
+
+class StepProbe(TrainerCallback):
+    """Snapshots what an optimizer step may change, just before and just after it."""
+
+    def __init__(self, model, callback):
+        self.model, self.callback, self.steps = model, callback, {}
+
+    def snapshot(self, optimizer):
+        params = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        moments = [
+            {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+            for g in optimizer.param_groups
+            for p in g["params"]
+        ]
+        scores = {k: v.clone() for k, v in self.callback.controller.state_tensors().items()}
+        return params, moments, scores, self.callback.controller.step
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.before = self.snapshot(optimizer)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.steps[state.global_step + 1] = (self.before, self.snapshot(optimizer))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+@pytest.mark.parametrize("method", ["elalora", "adalora"])
+def test_a_skipped_step_changes_nothing_and_the_schedule_keeps_time(tmp_path, method):
+    # The SVD methods add an orthogonality gradient and score importance inside the step: a skipped step
+    # must do neither, and must not let AdamW move anything.
+    model = attach(tiny_bert(), DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0))
+    callback = dynarank.DynaRankCallback(model)
+    trainer = make_trainer(tmp_path, model, max_steps=20)
+    callback.install(trainer)
+    probe = StepProbe(model, callback)
+    trainer.add_callback(probe)
+    _nan_gradient_at(model, {3})
+    trainer.train()
+    (params, moments, scores, step), after = probe.steps[3]
+    assert callback.guard.skipped == 1 and scores, "the importance averages exist by step 3"
+    assert _same(after[0], params) and _same(after[1], moments) and _same(after[2], scores)
+    assert after[3] == step + 1  # counted: the schedule stays in time with the Trainer
+    (params4, *_), after4 = probe.steps[4]
+    assert not _same(after4[0], params4)  # a normal step does update
+    assert callback.controller.step == 20 and callback.controller.finalized
+
+
+class Recorder(TrainerCallback):
+    """Stands in for a report_to backend: keeps what on_log hands it."""
+
+    def __init__(self):
+        self.logged = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged.append(dict(logs))
+
+
+@pytest.mark.parametrize("how", ["callbacks", "add_callback"])
+def test_report_to_backends_see_the_ranks_without_install(tmp_path, how):
+    # The Trainer puts its report_to integrations before user callbacks: the recorder plays one of them.
+    model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
+    callback, recorder = dynarank.DynaRankCallback(model), Recorder()
+    trainer = make_trainer(
+        tmp_path, model, max_steps=10, callbacks=[recorder, callback] if how == "callbacks" else [recorder]
+    )
+    if how == "add_callback":
+        trainer.add_callback(callback)
+    trainer.train()
+    logged = [entry for entry in recorder.logged if "loss" in entry]
+    assert logged and all("dynarank/total_rank" in entry for entry in logged)
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        (lambda trainer, mp: mp.setenv("ACCELERATE_USE_FSDP", "true"), "ACCELERATE_USE_FSDP=true"),
+        (lambda trainer, mp: mp.setenv("ACCELERATE_USE_DEEPSPEED", "1"), "ACCELERATE_USE_DEEPSPEED=1"),
+        (lambda trainer, mp: mp.setattr(trainer.args, "deepspeed_plugin", object()), "args.deepspeed_plugin"),
+        (lambda trainer, mp: mp.setattr(trainer.args, "fsdp", ["full_shard"]), "args.fsdp"),
+        (lambda trainer, mp: mp.setattr(trainer, "is_fsdp_enabled", True), "trainer.is_fsdp_enabled"),
+        (lambda trainer, mp: mp.setattr(trainer, "is_deepspeed_enabled", True), "trainer.is_deepspeed_enabled"),
+    ],
+    ids=["env-fsdp", "env-deepspeed", "deepspeed-plugin", "args-fsdp", "trainer-fsdp", "trainer-deepspeed"],
+)
+def test_sharded_training_is_refused_whichever_way_it_is_asked_for(tmp_path, monkeypatch, setting, named):
+    model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
+    callback = dynarank.DynaRankCallback(model)
+    trainer = make_trainer(tmp_path, model, max_steps=2)
+    setting(trainer, monkeypatch)
+    with pytest.raises(ValueError, match=f"FSDP and DeepSpeed ZeRO shard them .*{named}"):
+        callback.install(trainer)
+    if not named.startswith("trainer."):  # the Trainer's own flags are only seen through install()
+        with pytest.raises(ValueError, match=f"FSDP and DeepSpeed ZeRO shard them .*{named}"):
+            callback.on_train_begin(trainer.args, trainer.state, trainer.control, optimizer=None)

@@ -3,8 +3,8 @@
     model = dynarank.attach(model, DynaRankConfig(method="ard", ...))
     callback = DynaRankCallback(model)        # before the Trainer: creates the alphas
     trainer = Trainer(model=model, args=args, train_dataset=ds)
-    callback.install(trainer)                  # first in line, so report_to backends see its logs
-    trainer.train()
+    callback.install(trainer)                  # first in line; makes resume_from_checkpoint work
+    trainer.train()                            # or trainer.train(resume_from_checkpoint=True)
 
 At ``on_train_begin`` the callback builds the controller with the Trainer's total optimizer
 steps, moves the controller's parameters into their own optimizer group (their learning rate,
@@ -12,26 +12,45 @@ no weight decay) and binds the controller to the optimizer's step hooks: it then
 every optimizer step (gradient accumulation counts optimizer steps). ``on_log`` adds the total
 rank, the trainable parameters and the mean rank per projection type to the logs.
 
+Resume. A Trainer checkpoint gains ``dynarank/`` (``on_save``): the slot layout of every elastic
+layer and the controller's state, as JSON and safetensors. The Trainer loads the weights before
+any callback runs, at their saved (resized) shapes, and then its optimizer state by position;
+``install`` therefore wraps ``trainer.train`` (the layers take the saved layout before the Trainer
+loads anything) and ``trainer.create_optimizer`` (the alpha group exists before the optimizer
+state is loaded). ``on_train_begin`` then restores the controller, so the rank schedule goes on
+where it stopped. A resume that cannot be exact raises instead of restarting the controller.
+
 Under DDP (torchrun / accelerate launch) a resize hands the adapters NEW parameter tensors, which
 the Trainer's DDP wrapper (built once, before training) does not know: their gradients would stay
-per worker. The callback therefore averages, across workers, the gradients of every trainable
-parameter the wrapper was not built with, in the optimizer's pre-step hook, before the controller
-reads them. Every worker then updates, scores and resizes from the same global gradient.
+per worker. Every optimizer step therefore first averages, across workers, the gradients of every
+trainable parameter the wrapper was not built with; every worker then updates, scores and resizes
+from the same global gradient.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import statistics
+import sys
+import types
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .. import checkpoint
+from ..attach import elastic_layers
+from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
+from ..distributed import any_worker
 from ..report import split_name
 
 logger = logging.getLogger(__name__)
+
+SHARDING_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")  # set by accelerate launch --use_fsdp / ...
 
 
 def _inner(optimizer):
@@ -56,9 +75,36 @@ def _extend_scheduler(scheduler, lr: float) -> None:
         scheduler._last_lr.append(lr)
 
 
+def _distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
+    )
+
+
+def refuse_sharding(args, trainer=None, model: nn.Module | None = None) -> None:
+    """ValueError if the run shards parameters (FSDP, DeepSpeed ZeRO), by any of the ways it can be asked for."""
+    found = [f"args.{a}" for a in ("fsdp", "deepspeed", "deepspeed_plugin") if getattr(args, a, None)]
+    found += [f"{v}={os.environ[v]}" for v in SHARDING_ENV if os.environ.get(v, "").lower() in ("1", "true", "yes")]
+    found += [f"trainer.{a}" for a in ("is_fsdp_enabled", "is_deepspeed_enabled") if getattr(trainer, a, False)]
+    if model is not None:
+        from torch.distributed import fsdp
+
+        sharded = tuple(getattr(fsdp, n) for n in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, n))
+        if any(isinstance(m, sharded) for m in model.modules()):
+            found.append("the model is wrapped by FSDP")
+    if found:
+        raise ValueError(
+            f"dynarank resizes adapter tensors while training; FSDP and DeepSpeed ZeRO shard them into flat buffers "
+            f"that cannot be resized ({', '.join(found)}). Use plain data parallelism (DDP: torchrun, or accelerate "
+            "launch without FSDP / DeepSpeed)."
+        )
+
+
 class ResizedGradientSync:
-    """Optimizer pre-step hook: average across workers the gradients of parameters a distributed
-    wrapper does not know (those created by resizes after it was built)."""
+    """Average across workers the gradients of parameters a distributed wrapper does not know
+    (those created by resizes after it was built)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -68,7 +114,7 @@ class ResizedGradientSync:
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self.known]
 
     @torch.no_grad()
-    def __call__(self, optimizer, args, kwargs) -> None:
+    def __call__(self) -> None:
         import torch.distributed as dist
 
         params = self.unknown()
@@ -90,41 +136,46 @@ class ResizedGradientSync:
 
 
 class NonFiniteGuard:
-    """Optimizer pre-step hook: a step whose gradients hold NaN or inf is dropped (every gradient set to
-    None, so AdamW leaves every parameter and moment as it was) or stops training ('stop'), naming the
-    modules. The controller still counts the step, so its schedule keeps time with the Trainer's."""
+    """Names the modules whose gradients hold NaN or inf, and applies the policy: 'skip' (counted in
+    ``skipped``) or 'stop' (FloatingPointError)."""
 
     def __init__(self, model: nn.Module, policy: str) -> None:
         self.model, self.policy = model, policy
         self.skipped = 0
 
     @torch.no_grad()
-    def __call__(self, optimizer, args, kwargs) -> None:
-        bad = sorted(
+    def bad_modules(self) -> list[str]:
+        return sorted(
             {
                 name.rsplit(".", 1)[0]
                 for name, p in self.model.named_parameters()
                 if p.grad is not None and not torch.isfinite(p.grad).all()
             }
         )
-        if not bad:
-            return
+
+    def react(self, bad: list[str]) -> None:
         message = f"non-finite gradients in: {', '.join(bad[:5])}"
         if self.policy == "stop":
             raise FloatingPointError(f"dynarank: {message}; training stopped (on_nonfinite='stop').")
         logger.warning("dynarank: %s; optimizer step skipped", message)
         self.skipped += 1
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
 
 
-def _distributed() -> bool:
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and (torch.distributed.get_world_size() > 1)
-    )
+def _caller_of_type(cls):
+    """The nearest ``self`` up the call stack that is a ``cls`` (None if there is none).
+
+    Callbacks get no reference to the Trainer nor to the handler dispatching the event; both are
+    on the stack when a Trainer event runs (Trainer.__init__ -> handler.on_init_end -> call_event).
+    """
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, cls):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 class DynaRankCallback(TrainerCallback):
@@ -132,49 +183,223 @@ class DynaRankCallback(TrainerCallback):
 
     def __init__(self, model: nn.Module, on_nonfinite: str = "skip") -> None:
         """``on_nonfinite``: 'skip' drops an optimizer step whose gradients are NaN/inf (naming the
-        modules), 'stop' raises; the Trainer's own checkpoints are what a stopped run keeps."""
+        modules; nothing is updated, the rank schedule counts the step), 'stop' raises FloatingPointError;
+        the Trainer's own checkpoints are what a stopped run keeps."""
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
         self.model = model
         self.gate_parameters = prepare_parameters(model)
         self.controller: RankController | None = None
         self.guard = NonFiniteGuard(model, on_nonfinite)
-        self._sync_hook = None
-        self._guard_hook = None
+        self.trainer = None  # set by install()
+        self._resume: tuple[dict, dict] | None = None  # dynarank state read by the wrapped train(), for on_train_begin
+        self._guarded: set[int] = set()  # optimizers whose step() is wrapped
+        self._order_warned = False
+        model.register_load_state_dict_pre_hook(self._check_loaded_layout)
 
+    # ------------------------------------------------------------------ installing into a Trainer
     def install(self, trainer) -> DynaRankCallback:
-        """Add this callback to ``trainer`` ahead of the logging integrations."""
-        callbacks = trainer.callback_handler.callbacks
-        if self in callbacks:
-            callbacks.remove(self)
-        callbacks.insert(0, self)
+        """Add this callback to ``trainer`` ahead of the logging integrations, and wrap ``trainer.train`` and
+        ``trainer.create_optimizer`` so that ``resume_from_checkpoint`` restores the rank layout and controller."""
+        refuse_sharding(trainer.args, trainer)
+        # A new list: an event being dispatched (install() may run inside one) goes on over the old one.
+        handler = trainer.callback_handler
+        handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+        if self.trainer is not trainer:
+            self.trainer = trainer
+            trainer.train = types.MethodType(_wrap(trainer.train, self._train), trainer)
+            trainer.create_optimizer = types.MethodType(
+                _wrap(trainer.create_optimizer, self._create_optimizer), trainer
+            )
         return self
 
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+    def _train(self, original, *args, **kwargs):
+        """``trainer.train``: a resume first gives the layers the checkpoint's layout (the Trainer loads the
+        weights next, at those shapes) and builds the controller the checkpoint's state goes into."""
+        refuse_sharding(self.trainer.args, self.trainer)
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        resume = bound.arguments.get("resume_from_checkpoint")
+        if resume is True:
+            resume = checkpoint.latest_trainer_checkpoint(self.trainer.args.output_dir)
+            if resume is None and any(Path(self.trainer.args.output_dir).glob("checkpoint-*")):
+                raise CheckpointError(
+                    f"no checkpoint in {self.trainer.args.output_dir} holds dynarank state (dynarank/state.json): "
+                    "they were saved without DynaRankCallback. The rank controller cannot restart mid-run."
+                )
+            resume = True if resume is None else resume  # no checkpoint at all: the Trainer says so
+        if resume not in (None, False, True):
+            self._prepare_resume(Path(resume))
+            bound.arguments["resume_from_checkpoint"] = str(resume)
+        return original(*bound.args, **bound.kwargs)
+
+    def _prepare_resume(self, path: Path) -> None:
+        if self.controller is not None:
             raise ValueError(
-                "dynarank resizes adapter tensors while training; FSDP and DeepSpeed ZeRO shard them into flat "
-                "buffers that cannot be resized. Use plain data parallelism (DDP: torchrun / accelerate launch)."
+                "resume_from_checkpoint needs a model and a DynaRankCallback that have not trained yet: build the "
+                "model, attach, the callback and the Trainer again, then resume."
+            )
+        saved, tensors = checkpoint.read_trainer_state(path)
+        method = self.model.dynarank_config.method
+        if saved["method"] != method:
+            raise CheckpointError(f"{path} was trained with method {saved['method']!r}, this model with {method!r}.")
+        # Built on the fresh layers, as the checkpoint's run built it; the state it had is restored at on_train_begin.
+        self.controller = build_controller(self.model, total_steps=saved["total_steps"])
+        checkpoint.restore_layout(self.model, saved["layout"])
+        self._resume = (saved, tensors)
+
+    def _create_optimizer(self, original, *args, **kwargs):
+        """``trainer.create_optimizer``: the alphas get their group before the Trainer loads a saved optimizer
+        state into it (which maps by position) and before it builds the scheduler."""
+        optimizer = original(*args, **kwargs)
+        self._arrange(_inner(optimizer), self.trainer.args.learning_rate, self.trainer.lr_scheduler)
+        return optimizer
+
+    def _arrange(self, inner: torch.optim.Optimizer, lr: float, scheduler) -> None:
+        """The Trainer put the alphas among the adapters: move them into their own group (no weight decay)."""
+        if not self.gate_parameters:
+            return
+        gate_ids = {id(p) for p in self.gate_parameters}
+        for group in inner.param_groups:
+            if group.get("name") != "ard_alpha":
+                group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
+        if not any(g.get("name") == "ard_alpha" for g in inner.param_groups):
+            # The controller sets this group's rate before every step; until it exists, any rate will do.
+            alpha_lr = self.controller.param_groups(lr)[-1]["lr"] if self.controller is not None else lr
+            inner.add_param_group(
+                {"params": list(self.gate_parameters), "lr": alpha_lr, "weight_decay": 0.0, "name": "ard_alpha"}
+            )
+            _extend_scheduler(scheduler, alpha_lr)
+
+    def _check_loaded_layout(self, module, state_dict, prefix, *args) -> None:
+        """Weights of a dynarank training state loaded before install(), or into layers of another layout: say how
+        to resume (not 'size mismatch', nor a silent restart of the controller)."""
+        if self.trainer is None and self.controller is None:
+            controller_keys = [
+                k for k in state_dict if k.startswith((f"{prefix}dynarank_ard.", f"{prefix}dynarank_svd."))
+            ]
+            if controller_keys:
+                raise CheckpointError(
+                    "the weights being loaded are a dynarank training state (they hold the controller's parameters, "
+                    f"{controller_keys[0]}): to resume a Trainer run, call callback.install(trainer) before "
+                    "trainer.train(resume_from_checkpoint=...); to load a saved adapter, use dynarank.load_adapter."
+                )
+        for name, layer in elastic_layers(self.model).items():
+            for key in ("shared_weight", "group_weight"):
+                saved = state_dict.get(f"{prefix}{name}.{key}")
+                if saved is not None and tuple(saved.shape) != tuple(getattr(layer, key).shape):
+                    raise CheckpointError(
+                        f"the weights being loaded hold {name}.{key} with shape {tuple(saved.shape)}, the model "
+                        f"has {tuple(getattr(layer, key).shape)}: they come from a run that resized its adapters. "
+                        "To resume a Trainer run, call callback.install(trainer) before "
+                        "trainer.train(resume_from_checkpoint=...); to load a saved adapter, use dynarank.load_adapter."
+                    )
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args, state, control, **kwargs):
+        """``Trainer(callbacks=[callback])``: install into the Trainer being built (found on the call stack)."""
+        from transformers import Trainer
+
+        trainer = _caller_of_type(Trainer)
+        if trainer is not None and self.trainer is None:
+            self.install(trainer)
+        return control
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        refuse_sharding(args, self.trainer, model)
+        self._run_first()
+        if optimizer is None:
+            raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
+        if state.global_step > 0 and self._resume is None:
+            raise CheckpointError(
+                f"the Trainer resumed at step {state.global_step}, but the dynarank controller state was not restored "
+                "(it would restart its rank schedule at step 0): call callback.install(trainer) before "
+                "trainer.train(resume_from_checkpoint=...)."
             )
         if self.controller is None:
             self.controller = build_controller(self.model, total_steps=state.max_steps)
-        if optimizer is None:
-            raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
         inner = _inner(optimizer)
-        gate_ids = {id(p) for p in self.gate_parameters}
-        for group in inner.param_groups:  # the Trainer put the alphas among the adapters
-            group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
-        if self.gate_parameters and not any(g.get("name") == "ard_alpha" for g in inner.param_groups):
-            alpha_group = self.controller.param_groups(args.learning_rate)[-1]
-            inner.add_param_group(alpha_group)
-            _extend_scheduler(lr_scheduler, alpha_group["lr"])
-        # Registered before the controller's hooks, so they run first: gradients are averaged across
-        # workers, then checked, then read by the controller.
-        if _distributed() and self._sync_hook is None:
-            self._sync_hook = inner.register_step_pre_hook(ResizedGradientSync(self.model))
-        if self._guard_hook is None:
-            self._guard_hook = inner.register_step_pre_hook(self.guard)
+        self._arrange(inner, args.learning_rate, lr_scheduler)
+        if self._resume is not None:
+            self._restore(inner, state)
+        self._guard_steps(inner)
         self.controller.bind(inner)
+        return control
+
+    def _restore(self, inner: torch.optim.Optimizer, state) -> None:
+        saved, tensors = self._resume
+        if (state.global_step, state.max_steps) != (saved["step"], saved["total_steps"]):
+            raise CheckpointError(
+                f"the Trainer resumed at step {state.global_step} of {state.max_steps}, the dynarank state is at step "
+                f"{saved['step']} of {saved['total_steps']}: the rank schedule is placed in the run's length, so "
+                "resume with the arguments (max_steps / epochs, batch size, accumulation) the run started with."
+            )
+        # The Trainer loaded the optimizer state by position: every moment must have its parameter's shape.
+        for i, group in enumerate(inner.param_groups):
+            for p in group["params"]:
+                for key, value in inner.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                        raise CheckpointError(
+                            f"the optimizer state loaded for a parameter of group {i} ({key}) has shape "
+                            f"{tuple(value.shape)}, the parameter {tuple(p.shape)}: the optimizer's parameter "
+                            "groups differ from the checkpoint's run."
+                        )
+        checkpoint.restore_controller(self.controller, saved, tensors)
+        self._resume = None
+
+    def _guard_steps(self, inner: torch.optim.Optimizer) -> None:
+        """Wrap ``inner.step``: gradients of resized parameters are averaged across workers, then checked; a
+        non-finite step is not taken at all (no update, no regulariser, no importance update) and the controller
+        counts it as skipped, so its schedule keeps time with the Trainer's."""
+        if id(inner) in self._guarded:
+            return
+        self._guarded.add(id(inner))
+        sync = ResizedGradientSync(self.model) if _distributed() else None
+        original = inner.step  # possibly the LR scheduler's own wrapper: it stays in the chain
+
+        def step(optimizer, *args, **kwargs):
+            if sync is not None:
+                sync()
+            bad = self.guard.bad_modules()
+            if sync is not None and any_worker(bool(bad), self._device()) and not bad:
+                bad = ["another worker"]  # every worker takes the same branch
+            if not bad:
+                return original(*args, **kwargs)
+            self.guard.react(bad)
+            self.controller.skip_step(optimizer)  # drops the gradients, counts the step (may resize)
+            return None
+
+        inner.step = types.MethodType(step, inner)
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _run_first(self) -> None:
+        """Run ahead of the report_to integrations, so that they see the ranks on_log adds (install() does it;
+        with ``Trainer(callbacks=[callback])`` the integrations come first)."""
+        if self.trainer is not None:
+            return
+        from transformers.trainer_callback import CallbackHandler
+
+        handler = _caller_of_type(CallbackHandler)
+        if handler is None:
+            if not self._order_warned:
+                self._order_warned = True
+                logger.warning("dynarank: call callback.install(trainer) so that report_to backends log the ranks.")
+            return
+        if handler.callbacks and handler.callbacks[0] is not self:
+            # A new list: the event being dispatched goes on over the old one, every callback called once.
+            handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.controller is None or not args.should_save:
+            return control
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            checkpoint.save_trainer_state(folder, self.model, self.controller)
+        else:
+            logger.warning("dynarank: %s not found; the rank state of this checkpoint was not saved.", folder)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -200,3 +425,12 @@ class DynaRankCallback(TrainerCallback):
         if state.log_history:
             state.log_history[-1].update(extra)
         return control
+
+
+def _wrap(original, replacement):
+    """A method calling ``replacement(original, ...)`` (bound with types.MethodType to the Trainer)."""
+
+    def method(trainer, *args, **kwargs):
+        return replacement(original, *args, **kwargs)
+
+    return method

@@ -1,0 +1,141 @@
+"""transformers Trainer resume_from_checkpoint of a rank-changing run: exact, or a clear error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+import dynarank
+from dynarank import DynaRankConfig, attach
+from dynarank.checkpoint import CheckpointError
+from tiny_models import TokenDataset, tiny_bert
+
+STEPS, SAVE = 24, 10
+# Per method: the options, and the steps after the checkpoint at which its ranks still change.
+METHODS = {
+    "ard": {"ard_lambda": 0.02},  # lambda relative to the warm-up's loss gain: partial collapse, cuts to step 18
+    "elalora": {},  # per head: ranks move between heads in rounds from step 6 to 19
+    "adalora": {"granularity": "matrix"},  # AdaLoRA-style pruning, last cut at step 12
+}
+
+
+def build(method: str, out, save_steps: int | None = SAVE, install: str = "install"):
+    """Model, callback and Trainer; ``install``: 'install' (callback.install), 'callbacks' (Trainer(callbacks=[...]))
+    or 'add_callback' (trainer.add_callback after the Trainer is built)."""
+    model = attach(
+        tiny_bert(),
+        DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **METHODS.get(method, {})),
+    )
+    callback = dynarank.DynaRankCallback(model)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        logging_steps=1000,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback] if install == "callbacks" else None
+    )
+    if install == "install":
+        callback.install(trainer)
+    elif install == "add_callback":
+        trainer.add_callback(callback)
+    return model, callback, trainer
+
+
+def trained(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def uninterrupted(request, tmp_path_factory):
+    """A full run that saved checkpoint-10 on its way (its ranks are changing there)."""
+    out = tmp_path_factory.mktemp(request.param)
+    model, callback, trainer = build(request.param, out)
+    trainer.train()
+    return request.param, out, model, callback.controller
+
+
+def test_a_resumed_trainer_run_ends_bitwise_equal_to_the_uninterrupted_run(uninterrupted, tmp_path):
+    method, out, model, controller = uninterrupted
+    history = [(h["step"], h["ranks"]) for h in controller.history]
+    at_save = next(ranks for step, ranks in reversed(history) if step <= SAVE)
+    assert at_save != history[0][1], "the checkpoint is taken before any rank changed"
+    assert any(step > SAVE and ranks != at_save for step, ranks in history), "no rank change after the checkpoint"
+    saved = json.loads((out / f"checkpoint-{SAVE}" / "dynarank" / "state.json").read_text())
+    assert saved["step"] == SAVE and saved["total_steps"] == STEPS
+
+    fresh, callback, trainer = build(method, tmp_path, save_steps=None)
+    trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+    assert callback.controller.step == STEPS
+    assert callback.controller.ranks() == controller.ranks()
+    assert callback.controller.history == controller.history
+    expected, got = trained(model), trained(fresh)
+    assert expected.keys() == got.keys()
+    for name in expected:  # bitwise on CPU: same data order, RNG streams, optimizer moments and rank decisions
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_resume_from_checkpoint_true_takes_the_newest_checkpoint_with_dynarank_state(tmp_path, caplog):
+    model, callback, trainer = build("adalora", tmp_path / "run", save_steps=8)
+    trainer.train()
+    shutil.rmtree(tmp_path / "run" / "checkpoint-24" / "dynarank")  # killed between the Trainer's save and ours
+    fresh, callback, trainer = build("adalora", tmp_path / "run", save_steps=None)
+    with caplog.at_level(logging.WARNING):
+        trainer.train(resume_from_checkpoint=True)
+    assert "passing over checkpoint-24" in caplog.text
+    expected, got = trained(model), trained(fresh)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)  # went on from checkpoint-16
+
+
+def test_a_checkpoint_without_dynarank_state_is_refused_with_what_to_do(tmp_path):
+    model, callback, trainer = build("ard", tmp_path / "run")
+    trainer.train()
+    shutil.rmtree(tmp_path / "run" / f"checkpoint-{SAVE}" / "dynarank")
+    fresh, callback, trainer = build("ard", tmp_path / "other", save_steps=None)
+    with pytest.raises(CheckpointError, match="holds no dynarank state .*cannot restart mid-run"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{SAVE}"))
+    assert callback.controller is None  # nothing was reshaped or built
+
+
+def test_a_trainer_given_the_callback_in_callbacks_resumes_as_well(uninterrupted, tmp_path):
+    # Trainer(callbacks=[callback]) installs the callback while the Trainer is built.
+    method, out, model, controller = uninterrupted
+    fresh, callback, trainer = build(method, tmp_path, save_steps=None, install="callbacks")
+    assert callback.trainer is trainer and trainer.callback_handler.callbacks[0] is callback
+    trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+    assert callback.controller.ranks() == controller.ranks()
+    expected, got = trained(model), trained(fresh)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+@pytest.mark.parametrize("method", ["ard", "lora"])
+@pytest.mark.parametrize("save_steps", [4, SAVE], ids=["before-any-resize", "after-resizes"])
+def test_a_resume_without_install_raises_instead_of_restarting_the_controller(tmp_path, method, save_steps):
+    build(method, tmp_path / "run", save_steps=save_steps)[2].train()
+    fresh, callback, trainer = build(method, tmp_path / "other", save_steps=None, install="add_callback")
+    # ARD's weights (they hold its alphas) are refused by the Trainer's load, before any callback runs;
+    # fixed ranks reach on_train_begin, which sees a Trainer past step 0 and no controller state.
+    with pytest.raises(CheckpointError, match=r"call callback.install\(trainer\) before trainer.train"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{save_steps}"))
+
+
+def test_a_resume_with_another_run_length_is_refused(tmp_path):
+    build("elalora", tmp_path / "run")[2].train()
+    fresh, callback, trainer = build("elalora", tmp_path / "other", save_steps=None)
+    trainer.args.max_steps = STEPS + 6
+    with pytest.raises(CheckpointError, match=f"step {SAVE} of {STEPS}: the rank schedule is placed in the run"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{SAVE}"))
