@@ -63,6 +63,7 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a base with a head for other labels gets a new head
         )
     except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load {model_dir} as a sequence classifier: {str(exc).splitlines()[0]}") from None
@@ -138,12 +139,14 @@ def load_causal_lm(model_dir: str | Path):
 
 
 def resolve_model_dir(value: str | None) -> Path:
-    """--model: a directory, 'smollm2' for the packaged decoder, or the packaged MiniLM by default."""
+    """--model: 'smollm2' for the packaged decoder (even if a folder of that name is in the working
+    directory; write ./smollm2 for that), the packaged MiniLM by default, or a directory, made absolute:
+    runs record it and are used again from other directories."""
     if value is None:
-        return packaged_minilm_path()
+        return packaged_minilm_path().resolve()
     if value == PACKAGED_SMOLLM2:
-        return packaged_smollm2_path()
+        return packaged_smollm2_path().resolve()
     path = Path(value)
     if not path.is_dir():
         raise ModelError(f"model directory not found: {path}")
-    return path
+    return path.resolve()

@@ -1,14 +1,19 @@
-"""Pictures of a run: final ranks as layers x heads heatmaps, parameters and ranks over training."""
+"""Pictures of a run: training curves (every method), and for rank methods the final ranks as layers x heads
+heatmaps and the ranks over training."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
 
 HEATMAP = "ranks_heatmap.png"
 EVOLUTION = "ranks_over_time.png"
+CURVES = "training_curves.png"
+MAX_TICKS = 12  # tick labels per axis before they are thinned (every k-th layer or head)
+MAX_ANNOTATED = 64  # cells per heatmap panel up to which each cell shows its rank as a number
 
 
 def split_name(module: str) -> tuple[int | None, str]:
@@ -21,48 +26,105 @@ def split_name(module: str) -> tuple[int | None, str]:
 
 def rank_grid(ranks: dict[str, list[int]]) -> dict[str, list[list[int]]]:
     """projection type -> rows (one per layer) of per-group ranks."""
+    return {kind: [layers[i] for i in sorted(layers)] for kind, layers in _by_kind(ranks).items()}
+
+
+def _by_kind(ranks: dict[str, list[int]]) -> dict[str, dict[int, list[int]]]:
     by_kind: dict[str, dict[int, list[int]]] = defaultdict(dict)
     for module, groups in ranks.items():
         layer, kind = split_name(module)
         by_kind[kind][layer if layer is not None else 0] = groups
-    return {kind: [layers[i] for i in sorted(layers)] for kind, layers in by_kind.items()}
+    return by_kind
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def draw(run_dir: str | Path) -> list[Path]:
-    """(Re)draw the pictures of ``run_dir`` from its ranks.jsonl / metrics.jsonl."""
+    """(Re)draw the pictures of ``run_dir`` from what it holds: training curves from metrics.jsonl (every
+    method), rank heatmap and rank evolution from ranks.jsonl (the rank methods). Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    ranks_file = run_dir / "ranks.jsonl"
-    if not ranks_file.is_file():
-        raise FileNotFoundError(f"{run_dir} has no ranks.jsonl: is it a dynarank run directory?")
-    snapshots = [json.loads(line) for line in ranks_file.read_text().splitlines() if line.strip()]
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    snapshots = _read_jsonl(run_dir / "ranks.jsonl")
+    if not metrics and not snapshots:
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl or ranks.jsonl: nothing to draw.")
+    pictures = []
+    if metrics:
+        pictures.append((CURVES, _curves(plt, metrics)))
+    if snapshots:
+        pictures.append((HEATMAP, _heatmap(plt, snapshots[-1])))
+        pictures.append((EVOLUTION, _evolution(plt, snapshots, metrics)))
     written = []
-    grid = rank_grid(snapshots[-1]["ranks"])
-    fig, axes = plt.subplots(1, len(grid), figsize=(3.2 * len(grid), 3.2), squeeze=False)
-    vmax = max((max(max(row, default=0) for row in rows) for rows in grid.values()), default=1)
-    for ax, (kind, rows) in zip(axes[0], grid.items()):
-        width = max(len(r) for r in rows)
-        padded = [r + [float("nan")] * (width - len(r)) for r in rows]
-        image = ax.imshow(padded, cmap="viridis", vmin=0, vmax=max(vmax, 1), aspect="auto")
-        ax.set_title(kind, fontsize=8)
-        ax.set_xlabel("head" if width > 1 else "matrix")
-        ax.set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="final rank")
-    fig.suptitle(f"final ranks (step {snapshots[-1]['step']})")
-    fig.savefig(run_dir / HEATMAP, dpi=100)
-    plt.close(fig)
-    written.append(run_dir / HEATMAP)
+    for name, fig in pictures:
+        fig.savefig(run_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(run_dir / name)
+    return written
 
-    metrics_file = run_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    steps = [m["step"] for m in metrics if "trainable_parameters" in m]
-    left.plot(steps, [m["trainable_parameters"] for m in metrics if "trainable_parameters" in m])
-    left.set_xlabel("optimizer step")
+
+def _integer_ticks(axis, labels: list[int]) -> None:
+    """Ticks at 0..n-1 labelled ``labels``, thinned to about MAX_TICKS."""
+    step = max(1, math.ceil(len(labels) / MAX_TICKS))
+    positions = list(range(0, len(labels), step))
+    axis.set_ticks(positions, [str(labels[i]) for i in positions])
+
+
+def _heatmap(plt, snapshot: dict):
+    """One panel per projection type: layers down, heads across, colour = final rank."""
+    from matplotlib.ticker import MaxNLocator
+
+    by_kind = _by_kind(snapshot["ranks"])
+    n_layers = max(len(layers) for layers in by_kind.values())
+    rows = math.ceil(len(by_kind) / 4)
+    cols = math.ceil(len(by_kind) / rows)
+    height = max(2.4, 1.0 + 0.22 * n_layers)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols + 1.0, height * rows + 0.6), squeeze=False, layout="constrained"
+    )
+    vmax = max(1, max(max(g, default=0) for layers in by_kind.values() for g in layers.values()))
+    image = None
+    for index, (kind, layers) in enumerate(by_kind.items()):
+        ax = axes[index // cols][index % cols]
+        numbers = sorted(layers)
+        width = max(len(layers[n]) for n in numbers)
+        cells = [layers[n] + [math.nan] * (width - len(layers[n])) for n in numbers]
+        image = ax.imshow(cells, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_title(kind, fontsize=9)
+        _integer_ticks(ax.yaxis, numbers)
+        _integer_ticks(ax.xaxis, list(range(width)))
+        ax.tick_params(labelsize=8)
+        ax.set_xlabel("head" if width > 1 else "whole matrix", fontsize=8)
+        if index % cols == 0:
+            ax.set_ylabel("layer", fontsize=8)
+        if len(numbers) * width <= MAX_ANNOTATED:
+            for y, row in enumerate(cells):
+                for x, value in enumerate(row):
+                    if not math.isnan(value):
+                        colour = "black" if value > 0.6 * vmax else "white"
+                        ax.text(x, y, str(int(value)), ha="center", va="center", fontsize=7, color=colour)
+    for ax in axes.flat[len(by_kind) :]:
+        fig.delaxes(ax)
+    bar = fig.colorbar(image, ax=list(axes.flat[: len(by_kind)]), shrink=0.8)
+    bar.set_label("final rank")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    fig.suptitle(f"final ranks (step {snapshot['step']})")
+    return fig
+
+
+def _evolution(plt, snapshots: list[dict], metrics: list[dict]):
+    """Trainable parameters, and the total rank of every layer, over training."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+    logged = [m for m in metrics if m.get("trainable_parameters") is not None]
+    left.plot([m["step"] for m in logged], [m["trainable_parameters"] for m in logged])
     left.set_ylabel("trainable parameters")
     per_layer: dict[int, list[float]] = defaultdict(list)
     for snap in snapshots:
@@ -72,13 +134,38 @@ def draw(run_dir: str | Path) -> list[Path]:
         for layer, total in totals.items():
             per_layer[layer].append(total)
     xs = [s["step"] for s in snapshots]
-    for layer in sorted(per_layer):
-        right.plot(xs, per_layer[layer], marker=".", label=f"layer {layer}")
-    right.set_xlabel("optimizer step")
+    colours = plt.get_cmap("viridis")
+    for i, layer in enumerate(sorted(per_layer)):
+        right.plot(xs, per_layer[layer], marker=".", label=f"layer {layer}", color=colours(i / max(1, len(per_layer))))
     right.set_ylabel("total rank of the layer")
-    right.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(run_dir / EVOLUTION, dpi=100)
-    plt.close(fig)
-    written.append(run_dir / EVOLUTION)
-    return written
+    if len(per_layer) <= 16:
+        right.legend(fontsize=7, ncol=2)
+    else:
+        right.set_title("dark: first layers, light: last", fontsize=8)
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def _curves(plt, metrics: list[dict]):
+    """Training loss (and held-out metrics logged while training), and trainable parameters, per step."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+    steps = [m for m in metrics if m.get("loss") is not None]
+    left.plot([m["step"] for m in steps], [m["loss"] for m in steps], label="training loss")
+    left.set_ylabel("training loss")
+    evals = [m for m in metrics if isinstance(m.get("eval"), dict) and m["eval"]]
+    if evals:
+        key = next(iter(evals[-1]["eval"]))
+        held = left.twinx()
+        held.plot([m["step"] for m in evals], [m["eval"].get(key) for m in evals], "o--", color="tab:orange")
+        held.set_ylabel(f"held-out {key}", color="tab:orange")
+    logged = [m for m in metrics if m.get("trainable_parameters") is not None]
+    right.plot([m["step"] for m in logged], [m["trainable_parameters"] for m in logged])
+    right.set_ylabel("trainable parameters")
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
