@@ -1,6 +1,6 @@
 """The ``dynarank`` command: train, eval, export, report, inspect, demo.
 
-Every library error becomes one line on stderr and exit code 2.
+Every user error (bad option, bad file, bad value) becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from . import commands, runs
@@ -17,15 +20,54 @@ from .io import AdapterFormatError
 from .loop import ALL_METHODS
 from .models import ModelError
 
-USER_ERRORS = (
-    DataError,
-    ModelError,
-    AdapterFormatError,
-    ValueError,
-    FileExistsError,
-    FileNotFoundError,
-    NotImplementedError,
-)
+# OSError: a path the user gave that cannot be read or written (missing, a file where a folder is due, no
+# permission, disk full). ValueError: the library's validation of the values the user gave.
+USER_ERRORS = (DataError, ModelError, AdapterFormatError, ValueError, OSError, NotImplementedError)
+
+
+class UsageError(Exception):
+    """A command line argparse refused; its text is the one line to print."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors raised as one line instead of printed after the whole usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+class Number:
+    """An option type for command-line text and YAML values alike: refuses booleans, non-finite values,
+    non-integral numbers where an integer is due, and values below the bound."""
+
+    def __init__(self, kind: type, low: float | None = None, inclusive: bool = True, description: str = "") -> None:
+        self.kind, self.low, self.inclusive, self.description = kind, low, inclusive, description
+        self.__name__ = description
+
+    def __call__(self, value):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {self.description}")
+        try:
+            if self.kind is float:
+                number = float(value)
+            elif isinstance(value, float) and value.is_integer():
+                number = int(value)
+            else:
+                number = value if isinstance(value, int) else int(str(value).strip(), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {self.description}") from None
+        too_low = self.low is not None and (number < self.low or (number == self.low and not self.inclusive))
+        if not math.isfinite(number) or too_low:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {self.description}")
+        return number
+
+
+INTEGER = Number(int, description="an integer")
+POSITIVE_INT = Number(int, 0, inclusive=False, description="a positive integer")
+NON_NEGATIVE_INT = Number(int, 0, description="an integer >= 0")
+NUMBER = Number(float, description="a number")
+POSITIVE = Number(float, 0, inclusive=False, description="a positive number")
+NON_NEGATIVE = Number(float, 0, description="a number >= 0")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -56,7 +98,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         "--r0",
         "--r",
         dest="r",
-        type=int,
+        type=POSITIVE_INT,
         default=8,
         help="initial rank per group (higher: more capacity and memory); spell it --r0 under torchrun",
     )
@@ -67,35 +109,45 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--granularity", choices=["head", "matrix"], help="rank groups per head or per matrix (ard)")
     p.add_argument("--head-layout", choices=["own", "shared"], help="per-head A rows, or A shared by the heads")
-    p.add_argument("--ard-lambda", type=float, help="ARD l1 strength (relative; higher: smaller ranks)")
-    p.add_argument("--rank-floor", type=int, help="smallest rank a group can end at (0: heads can switch off)")
+    p.add_argument("--ard-lambda", type=NON_NEGATIVE, help="ARD l1 strength (relative; higher: smaller ranks)")
+    p.add_argument(
+        "--rank-floor", type=NON_NEGATIVE_INT, help="smallest rank a group can end at (0: heads can switch off)"
+    )
     p.add_argument("--preset", choices=["default", "paper"], help="ARD settings: calibrated, or the paper's values")
     p.add_argument(
         "--target-params",
-        type=int,
+        type=POSITIVE_INT,
         help="adapter-parameter budget at the end (ard, elalora, adalora-physical); compare methods at equal "
         "parameters with it",
     )
-    p.add_argument("--target-rank", type=float, help="adalora-physical: final mean rank per group (rank budget)")
+    p.add_argument("--target-rank", type=POSITIVE, help="adalora-physical: final mean rank per group (rank budget)")
     p.add_argument("--lambda-mode", choices=["relative", "gradient", "absolute"], help="ARD: how --ard-lambda is read")
-    p.add_argument("--ard-beta", type=float, help="ARD: weight of the total-variation (rank stability) term")
-    p.add_argument("--lr-alpha", type=float, help="ARD: learning rate of the alphas (default: fitted to the run)")
-    p.add_argument("--warmup-frac", type=float, help="fraction of steps before ranks may change (default 0.2)")
-    p.add_argument("--final-frac", type=float, help="fraction of steps at the end with ranks fixed (default 0.15)")
-    p.add_argument("--resize-every", type=int, help="optimizer steps between rank changes (default: ~20 per run)")
-    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training data")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapters (and the task head)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per example after truncation")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation)")
-    p.add_argument("--eval-split", type=float, default=0.2, help="fraction of --data held out for evaluation")
+    p.add_argument("--ard-beta", type=NON_NEGATIVE, help="ARD: weight of the total-variation (rank stability) term")
+    p.add_argument(
+        "--lr-alpha", type=NON_NEGATIVE, help="ARD: learning rate of the alphas (default: fitted to the run)"
+    )
+    p.add_argument("--warmup-frac", type=NUMBER, help="fraction of steps before ranks may change (default 0.2)")
+    p.add_argument("--final-frac", type=NUMBER, help="fraction of steps at the end with ranks fixed (default 0.15)")
+    p.add_argument(
+        "--resize-every", type=POSITIVE_INT, help="optimizer steps between rank changes (default: ~20 per run)"
+    )
+    p.add_argument("--epochs", type=POSITIVE, default=2.0, help="passes over the training data")
+    p.add_argument("--max-steps", type=POSITIVE_INT, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="examples per optimizer step")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="learning rate of the adapters (and the task head)")
+    p.add_argument("--max-length", type=POSITIVE_INT, default=64, help="tokens per example after truncation")
+    p.add_argument("--seed", type=INTEGER, default=0, help="random seed (data order, initialisation)")
+    p.add_argument("--eval-split", type=NUMBER, default=0.2, help="fraction of --data held out for evaluation")
     p.add_argument("--eval-data", help="separate evaluation file (same columns); overrides --eval-split")
-    p.add_argument("--eval-every", type=int, help="also evaluate every N optimizer steps (logged in metrics.jsonl)")
-    p.add_argument("--n-train", type=int, default=2000, help="examples taken from the packaged tweets")
+    p.add_argument(
+        "--eval-every", type=POSITIVE_INT, help="also evaluate every N optimizer steps (logged in metrics.jsonl)"
+    )
+    p.add_argument("--n-train", type=POSITIVE_INT, default=2000, help="examples taken from the packaged tweets")
     p.add_argument("--out", help="run directory to create (default: runs/<method>-<time>); never overwritten")
     p.add_argument("--config", help="YAML file whose keys are these options (command-line values win)")
-    p.add_argument("--save-every", type=int, help="checkpoint the whole training state every N optimizer steps")
+    p.add_argument(
+        "--save-every", type=POSITIVE_INT, help="checkpoint the whole training state every N optimizer steps"
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint")
     p.add_argument(
         "--on-nonfinite",
@@ -106,7 +158,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynarank", description="LoRA with per-head ranks learned while training.")
+    parser = OneLineParser(prog="dynarank", description="LoRA with per-head ranks learned while training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a model and write a run directory")
@@ -119,17 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label-column", help="label column (default: guessed)")
     ev.add_argument("--prompt-column", help="causal-lm: prompt column (default: guessed)")
     ev.add_argument("--response-column", help="causal-lm: response column (default: guessed)")
-    ev.add_argument("--max-length", type=int, default=64, help="tokens per example after truncation")
+    ev.add_argument(
+        "--labels",
+        help="label names of a classification adapter not written by dynarank, comma-separated, in the order of "
+        "the classifier's outputs (a run directory records its own)",
+    )
+    ev.add_argument(
+        "--max-length", type=POSITIVE_INT, help="tokens per example after truncation (default: the run's, else 64)"
+    )
     ex = sub.add_parser("export", help="write a plain PEFT LoRA adapter (or a merged model) from a run")
     ex.add_argument("run_dir", help="run directory written by `dynarank train`")
-    ex.add_argument("--out", required=True, help="output directory (must not exist, or hold an adapter)")
-    ex.add_argument("--server-safe", action="store_true", help="scales baked into B, alpha = r (vLLM-style servers)")
-    ex.add_argument("--merged", action="store_true", help="write the full model with the adapter merged in")
+    ex.add_argument("--out", required=True, help="output directory to create (an existing one is never replaced)")
+    form = ex.add_mutually_exclusive_group()
+    form.add_argument("--server-safe", action="store_true", help="scales baked into B, alpha = r (vLLM-style servers)")
+    form.add_argument("--merged", action="store_true", help="write the full model with the adapter merged in")
     rep = sub.add_parser("report", help="(re)draw the pictures of a run directory")
     rep.add_argument("run_dir", help="run directory written by `dynarank train`")
     ins = sub.add_parser("inspect", help="attach adapters to a model and print its modules, groups and ranks")
     ins.add_argument("--model", help="local model directory (default: the packaged all-MiniLM-L6-v2)")
-    ins.add_argument("--r", type=int, default=8, help="rank per group")
+    ins.add_argument("--r", type=POSITIVE_INT, default=8, help="rank per group")
     ins.add_argument("--target-modules", help="as for train")
     ins.add_argument("--granularity", choices=["head", "matrix"], default="head", help="groups per head or matrix")
     ins.add_argument("--head-layout", choices=["own", "shared"], default="own", help="per-head or shared A")
@@ -137,40 +197,92 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", nargs="+", help="planted, ablations, quality, overhead (default: all)")
     bench.add_argument("--quick", action="store_true", help="fewer steps and one seed (about 10 minutes)")
     demo = sub.add_parser("demo", help="ARD-LoRA on the packaged MiniLM + tweets, then plain LoRA at equal parameters")
-    demo.add_argument("--max-steps", type=int, help="optimizer steps per run (default: 2 epochs of --n-train)")
-    demo.add_argument("--n-train", type=int, default=1000, help="training tweets")
+    demo.add_argument("--max-steps", type=POSITIVE_INT, help="optimizer steps per run (default: 2 epochs of --n-train)")
+    demo.add_argument("--n-train", type=POSITIVE_INT, default=1000, help="training tweets")
     demo.add_argument("--out", help="folder for the two run directories (default: runs/demo-<time>)")
     return parser
 
 
+# Library field names in validation messages, as the `train` flags that set them.
+FLAG_OF_FIELD = {
+    **{name: "--" + name.replace("_", "-") for name in runs.DYNARANK_KNOBS},
+    **{name: "--" + name.replace("_", "-") for name in ("batch_size", "max_steps", "eval_every", "save_every")},
+    "total_steps": "--max-steps",
+}
+# Whole phrases first: the library's 'adalora' / 'lora' are the CLI's adalora-physical / dynarank-lora.
+PHRASES = {
+    "method='elalora' or 'adalora'": "--method elalora or adalora-physical",
+    "method='adalora'": "--method adalora-physical",
+    "not 'lora'.": "not dynarank-lora.",
+    "not 'adalora'.": "not adalora-physical.",
+}
+_FIELD = "|".join(sorted(FLAG_OF_FIELD, key=len, reverse=True))
+
+
+def as_flags(message: str) -> str:
+    """``lambda_mode='relative' ... raise warmup_frac`` -> ``--lambda-mode relative ... raise --warmup-frac``."""
+    for phrase, flags in PHRASES.items():
+        message = message.replace(phrase, flags)
+    message = re.sub(
+        rf"\b({_FIELD})=(['\"]?)([\w.+-]+)\2", lambda m: f"{FLAG_OF_FIELD[m.group(1)]} {m.group(3)}", message
+    )
+    message = re.sub(rf"\b({_FIELD})\b", lambda m: FLAG_OF_FIELD[m.group(1)], message)
+    return re.sub(r"(?<![\w'/.\\-])r\b(?![=\w'/])", "--r0", message)  # 'raise r', 'or r.': the initial rank
+
+
+def error_line(exc: BaseException, command: str) -> str:
+    """The one line that tells the user what went wrong."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        text = f"{where}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    if command in ("train", "demo") and type(exc) is ValueError:
+        text = as_flags(text)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        if args.command == "train":
-            runs.train_command(runs.resolve_train_options(args, parser, argv))
-        elif args.command == "eval":
-            print(json.dumps(commands.eval_command(args), indent=1))
-        elif args.command == "export":
-            print(commands.export_command(args))
-        elif args.command == "report":
-            for path in commands.report_command(Path(args.run_dir)):
-                print(path)
-        elif args.command == "inspect":
-            commands.inspect_command(args)
-        elif args.command == "bench":
-            return commands.bench_command(args)
-        elif args.command == "demo":
-            commands.demo_command(args, vars(parser.parse_args(["train"])))
-    except USER_ERRORS as exc:
-        print(f"dynarank {args.command}: error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings():
+            # transformers 5 warns from inside PEFT's model wrapper on every run; nothing the user can change.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            return _run(args, parser, argv)
+    except (UsageError, *USER_ERRORS) as exc:
+        print(f"dynarank {args.command}: error: {error_line(exc, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dynarank {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
         _leave_process_group()
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    if args.command == "train":
+        runs.train_command(runs.resolve_train_options(args, parser, argv))
+    elif args.command == "eval":
+        print(json.dumps(commands.eval_command(args), indent=1))
+    elif args.command == "export":
+        print(commands.export_command(args))
+    elif args.command == "report":
+        for path in commands.report_command(Path(args.run_dir)):
+            print(path)
+    elif args.command == "inspect":
+        commands.inspect_command(args)
+    elif args.command == "bench":
+        return commands.bench_command(args)
+    elif args.command == "demo":
+        commands.demo_command(args, vars(parser.parse_args(["train"])))
     return 0
 
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 from . import report
 from .attach import elastic_layers, unwrap
@@ -21,11 +25,42 @@ from .models import infer_task, load_causal_lm, load_classifier, packaged_minilm
 from .runs import ADAPTER_INFO, new_run_dir, read_summary, resolve_target_modules, train_command, write_adapter_info
 from .tasks import evaluate_causal_lm, evaluate_classifier
 
+DEFAULT_MAX_LENGTH = 64  # eval's truncation when neither --max-length nor the run says
 
-def _load_adapter_dir(path: Path, base: str | None):
-    """(model, tokenizer, info) for a plain PEFT adapter directory (ours or anyone's)."""
+
+def _label_names(given: str | None, recorded: list[str] | None, path: Path) -> list[str]:
+    """--labels (comma-separated) checked against the labels a run recorded; one of them is needed."""
+    names = [n.strip() for n in given.split(",")] if given else None
+    if names is not None and (len(names) < 2 or not all(names) or len(set(names)) < len(names)):
+        raise ValueError(f"--labels {given!r}: give two or more distinct names, comma-separated.")
+    if names and recorded and names != list(recorded):
+        raise ValueError(f"{path} records the labels {','.join(recorded)}; --labels {given} contradicts them: drop it.")
+    if not (names or recorded):
+        raise ValueError(
+            f"{path} does not record its label names ({ADAPTER_INFO}): pass --labels NAME,NAME,... "
+            "in the order of the classifier's outputs."
+        )
+    return names or list(recorded)
+
+
+def _peft_model(model, path: Path, label_names: list[str] | None):
+    """Stock PEFT's loader, with a task head that does not fit the labels named in one line."""
     from peft import PeftModel
 
+    try:
+        return PeftModel.from_pretrained(model, path)
+    except RuntimeError as exc:
+        found = re.search(r"size mismatch .*?copying a param with shape torch\.Size\(\[(\d+)", str(exc))
+        if found is None or label_names is None:
+            raise
+        raise ValueError(
+            f"{path}: the adapter's task head has {found.group(1)} outputs, not {len(label_names)} "
+            f"({','.join(label_names)}): give --labels one name per output, in order."
+        ) from None
+
+
+def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
+    """(model, tokenizer, info) for a plain PEFT adapter directory (ours or anyone's)."""
     info_file = path / ADAPTER_INFO
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     base = (
@@ -40,16 +75,13 @@ def _load_adapter_dir(path: Path, base: str | None):
     if info["task"] == "causal-lm":
         model, tokenizer = load_causal_lm(model_dir)
     else:
-        if not info.get("label_names"):
-            raise ValueError(f"{path} does not record its label names ({ADAPTER_INFO}); evaluate its run directory.")
+        info["label_names"] = _label_names(labels, info.get("label_names"), path)
         model, tokenizer = load_classifier(model_dir, info["label_names"])
-    return PeftModel.from_pretrained(model, path), tokenizer, info
+    return _peft_model(model, path, info.get("label_names")), tokenizer, info
 
 
 def load_trained(run_dir: Path, merged: bool = False):
     """(model, tokenizer, summary) of a run, rebuilt from its saved files."""
-    from peft import PeftModel
-
     summary = read_summary(run_dir)
 
     def load(path):
@@ -64,45 +96,79 @@ def load_trained(run_dir: Path, merged: bool = False):
     if summary["method"] in DYNARANK_METHODS:
         load_adapter(model, run_dir / "dynarank_adapter")
         return model, tokenizer, summary
-    peft_model = PeftModel.from_pretrained(model, run_dir / "adapter")
+    peft_model = _peft_model(model, run_dir / "adapter", summary.get("label_names"))
     return (peft_model.merge_and_unload() if merged else peft_model), tokenizer, summary
+
+
+def recorded_max_length(run_dir: Path, summary: dict) -> int | None:
+    """The truncation a run trained with (summary.json; config.yaml of runs written before it was there)."""
+    if summary.get("max_length"):
+        return summary["max_length"]
+    config = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("max_length") if config.is_file() else None
 
 
 def eval_command(args: argparse.Namespace) -> dict:
     path = Path(args.run_dir)
     if (path / "adapter_config.json").is_file() and not (path / "summary.json").is_file():
-        model, tokenizer, summary = _load_adapter_dir(path, getattr(args, "model", None))
+        model, tokenizer, summary = _load_adapter_dir(path, getattr(args, "model", None), args.labels)
+        max_length = args.max_length or summary.get("max_length") or DEFAULT_MAX_LENGTH
     else:
+        summary = read_summary(path)
+        if summary.get("task") != "causal-lm":
+            _label_names(args.labels, summary.get("label_names"), path)
         model, tokenizer, summary = load_trained(path)
+        max_length = args.max_length or recorded_max_length(path, summary) or DEFAULT_MAX_LENGTH
     rows = load_table(args.data)
     if summary.get("task") == "causal-lm":
         pairs = causal_examples(rows, args.prompt_column, args.response_column, path=args.data)
-        return evaluate_causal_lm(model, tokenizer, pairs, args.max_length)
+        return evaluate_causal_lm(model, tokenizer, pairs, max_length)
     examples = classification_examples(
         rows, args.text_column, args.label_column, summary["label_names"], path=args.data
     )
-    return evaluate_classifier(model, tokenizer, examples, args.max_length)
+    return evaluate_classifier(model, tokenizer, examples, max_length)
+
+
+def _write_new_dir(out: Path, write) -> Path:
+    """Call ``write(target)`` on a staging directory beside ``out``, then rename it to ``out`` (which is
+    absent or empty): a failed export leaves nothing half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(stage / out.name)
+        if out.exists():
+            out.rmdir()  # empty: new_run_dir refused anything else
+        (stage / out.name).rename(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
 
 
 def export_command(args: argparse.Namespace) -> Path:
-    run_dir, out = Path(args.run_dir), Path(args.out)
+    """A plain PEFT adapter (or, --merged, the full model) in a new directory --out; an existing one is
+    never replaced, whatever it holds."""
+    run_dir = Path(args.run_dir)
+    out = new_run_dir(args.out, "export")
+    method = read_summary(run_dir)["method"]
+    if not args.merged and (args.server_safe and method not in DYNARANK_METHODS or method == "full"):
+        raise ValueError(f"a {method!r} run has no dynarank adapter to fold; export --merged instead.")
     model, tokenizer, summary = load_trained(run_dir, merged=args.merged)
-    if args.merged:
-        if summary["method"] in DYNARANK_METHODS:
-            unwrap(model, merge=True)
-        new_run_dir(str(out), "export")
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        return out
-    if summary["method"] in DYNARANK_METHODS:
-        export_peft(model, out, server_safe=args.server_safe)
-    elif args.server_safe or summary["method"] == "full":
-        raise ValueError(f"a {summary['method']!r} run has no dynarank adapter to fold; export --merged instead.")
-    else:
-        new_run_dir(str(out), "export")
-        shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
-    write_adapter_info(out, summary)
-    return out
+    info = {**summary, "max_length": recorded_max_length(run_dir, summary)}
+
+    def write(target: Path) -> None:
+        if args.merged:
+            if method in DYNARANK_METHODS:
+                unwrap(model, merge=True)
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+            return
+        if method in DYNARANK_METHODS:
+            export_peft(model, target, server_safe=args.server_safe)
+        else:
+            shutil.copytree(run_dir / "adapter", target)
+        write_adapter_info(target, info)
+
+    return _write_new_dir(out, write)
 
 
 def report_command(run_dir: Path) -> list[Path]:

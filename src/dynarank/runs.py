@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import random
 import re
 import shutil
 import time
@@ -27,15 +26,7 @@ import yaml
 
 from . import report
 from .attach import linear_module_names
-from .data import (
-    Examples,
-    PairExamples,
-    causal_examples,
-    classification_examples,
-    load_table,
-    packaged_dialogs,
-    packaged_sentiment,
-)
+from .data import Examples, causal_sets, classification_sets
 from .distributed import world
 from .export import export_peft
 from .io import save_adapter
@@ -60,6 +51,10 @@ DYNARANK_KNOBS = (
 
 
 # ---------------------------------------------------------------------------- options
+class OptionError(ValueError):
+    """An option value, a --config key, or an option the chosen method does not use."""
+
+
 def _train_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """The ``train`` subcommand's options, by destination."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -82,55 +77,96 @@ def _given_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | No
     return set(given) & set(actions)
 
 
+def _kind(value) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "text"}.get(type(value), type(value).__name__)
+
+
 def _coerce(path: Path, key: str, value, action: argparse.Action):
     """A YAML value checked and converted as the command-line option would be."""
     if value is None:
+        if action.default is not None:
+            raise OptionError(f"{path}: {key} has no value; give one or drop the key.")
         return None
     if action.dest == "target_modules" and isinstance(value, list):
         if not all(isinstance(v, str) and v for v in value):
-            raise ValueError(f"{path}: {key} must be a list of module names.")
+            raise OptionError(f"{path}: {key} must be a list of module names.")
         return value
     if isinstance(value, (dict, list)):
-        raise ValueError(f"{path}: {key} takes a single value, got {type(value).__name__}.")
+        raise OptionError(f"{path}: {key}: takes a single value, got a {type(value).__name__}.")
+    if action.type is None and not isinstance(value, str):
+        raise OptionError(f"{path}: {key}: expected text, got {_kind(value)} ({value!r}); quote it in the YAML file.")
+    if isinstance(value, bool):  # YAML reads yes / no / on / off / true / false as booleans
+        wanted = getattr(action.type, "description", "a value")
+        raise OptionError(f"{path}: {key}: got a boolean ({value!r}); it takes {wanted}.")
     if action.type is not None:
         try:
-            value = action.type(value if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            kind = getattr(action.type, "__name__", "value")
-            raise ValueError(f"{path}: {key}: {value!r} is not a valid {kind}.") from None
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise OptionError(f"{path}: {key}: {exc}.") from None
     if action.choices is not None and value not in action.choices:
-        raise ValueError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}.")
+        raise OptionError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}.")
     return value
+
+
+def _config_keys(actions: dict[str, argparse.Action]) -> dict[str, str]:
+    """Config key -> option destination: the destination and every flag, each with '-' or '_'."""
+    keys = {}
+    for dest, action in actions.items():
+        if dest == "config":
+            continue
+        for name in {dest, *(flag.lstrip("-") for flag in action.option_strings)}:
+            keys[name.replace("_", "-")] = keys[name.replace("-", "_")] = dest
+    return keys
 
 
 def resolve_train_options(
     args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None = None
 ) -> argparse.Namespace:
     """Merge ``--config FILE.yaml`` under the command line: options typed on the command line win, the
-    file's values are checked and converted like command-line values."""
+    file's values are checked and converted like command-line values. A key is an option's flag (``r0``,
+    ``max-steps``) or destination (``max_steps``), with '-' or '_'."""
     if not args.config:
         return args
     path = Path(args.config)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise OptionError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text.") from None
+        raise OptionError(f"{path} is not UTF-8 text.") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value.")
+        raise OptionError(f"{path} must hold a mapping of option: value.")
     actions = _train_actions(parser)
-    known = set(actions) - {"config"}
+    keys = _config_keys(actions)
     typed = _given_on_command_line(parser, argv)
+    seen: dict[str, str] = {}
     for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            raise ValueError(f"{path}: unknown option {key!r}; known: {', '.join(sorted(known))}.")
+        dest = keys.get(str(key).lstrip("-"))
+        if dest is None:
+            flags = sorted({f.lstrip("-") for d, a in actions.items() if d != "config" for f in a.option_strings})
+            raise OptionError(f"{path}: unknown option {key!r}; known: {', '.join(flags)}.")
+        if dest in seen:
+            raise OptionError(
+                f"{path}: {seen[dest]!r} and {key!r} both set {actions[dest].option_strings[0]}; keep one."
+            )
+        seen[dest] = str(key)
         if dest not in typed:
             setattr(args, dest, _coerce(path, str(key), value, actions[dest]))
     return args
+
+
+def check_method_options(opts: argparse.Namespace) -> None:
+    """Refuse rank-method options given to a method that would ignore them (the baselines)."""
+    if opts.method in DYNARANK_METHODS:
+        return
+    given = ["--" + k.replace("_", "-") for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None]
+    if given:
+        raise OptionError(
+            f"--method {opts.method} does not use {', '.join(given)} (options of {', '.join(DYNARANK_METHODS)}): "
+            "drop them, or choose one of those methods."
+        )
 
 
 def resolve_target_modules(spec: str | list[str] | None, model) -> list[str] | str:
@@ -145,55 +181,19 @@ def resolve_target_modules(spec: str | list[str] | None, model) -> list[str] | s
 
 
 def new_run_dir(out: str | None, method: str) -> Path:
+    """The directory to create: it must not exist (or be empty), and no file may stand in its way."""
     path = Path(out) if out else Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not empty; choose another --out.")
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise NotADirectoryError(f"{path} cannot be created: {blocker} is a file, not a directory.")
     return path
 
 
-def _load_examples(opts: argparse.Namespace) -> tuple[Examples, Examples]:
-    if not opts.data:
-        return packaged_sentiment(n_train=opts.n_train, n_eval=max(100, opts.n_train // 4), seed=opts.seed)
-    rows = load_table(opts.data)
-    if opts.eval_data:
-        train = classification_examples(rows, opts.text_column, opts.label_column, path=opts.data)
-        eval_rows = load_table(opts.eval_data)
-        return train, classification_examples(
-            eval_rows, opts.text_column, opts.label_column, train.label_names, path=opts.eval_data
-        )
-    if not 0.0 < opts.eval_split < 1.0:
-        raise ValueError(f"--eval-split must be a fraction in (0, 1), got {opts.eval_split}.")
-    rows = list(rows)
-    random.Random(opts.seed).shuffle(rows)
-    n_eval = max(1, round(opts.eval_split * len(rows)))
-    if n_eval >= len(rows):
-        raise ValueError(f"{opts.data} has {len(rows)} rows: too few to hold out {opts.eval_split:.0%} for eval.")
-    train = classification_examples(rows[n_eval:], opts.text_column, opts.label_column, path=opts.data)
-    held = classification_examples(
-        rows[:n_eval], opts.text_column, opts.label_column, train.label_names, path=opts.data
-    )
-    return train, held
-
-
-def _load_pairs(opts: argparse.Namespace) -> tuple[PairExamples, PairExamples]:
-    prompt_col, response_col = getattr(opts, "prompt_column", None), getattr(opts, "response_column", None)
-    if not opts.data:
-        return packaged_dialogs(n_eval=200, seed=opts.seed)
-    rows = load_table(opts.data)
-    if opts.eval_data:
-        return (
-            causal_examples(rows, prompt_col, response_col, path=opts.data),
-            causal_examples(load_table(opts.eval_data), prompt_col, response_col, path=opts.eval_data),
-        )
-    rows = list(rows)
-    random.Random(opts.seed).shuffle(rows)
-    n_eval = max(1, round(opts.eval_split * len(rows)))
-    if not 0.0 < opts.eval_split < 1.0 or n_eval >= len(rows):
-        raise ValueError(f"--eval-split {opts.eval_split} leaves no training rows out of {len(rows)}.")
-    return (
-        causal_examples(rows[n_eval:], prompt_col, response_col, path=opts.data),
-        causal_examples(rows[:n_eval], prompt_col, response_col, path=opts.data),
-    )
+def absolute(path: str | None) -> str | None:
+    """``path`` resolved against the working directory (a run is used again from elsewhere)."""
+    return None if path is None else str(Path(path).resolve())
 
 
 # ---------------------------------------------------------------------------- train
@@ -246,14 +246,18 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
     quiet = quiet or rank != 0
     if getattr(opts, "resume", None):
         opts = _resumed_options(opts)
+    check_method_options(opts)
     model_dir = resolve_model_dir(opts.model)
     task = opts.task or infer_task(model_dir)
     out = _shared_run_dir(opts, rank, n_workers)
     if task == "classify":
-        train, held = _load_examples(opts)
+        train, held = classification_sets(
+            opts.data, opts.eval_data, opts.eval_split, opts.text_column, opts.label_column, opts.n_train, opts.seed
+        )
         model, tokenizer = load_classifier(model_dir, train.label_names)
     else:
-        train, held = _load_pairs(opts)
+        prompt_col, response_col = getattr(opts, "prompt_column", None), getattr(opts, "response_column", None)
+        train, held = causal_sets(opts.data, opts.eval_data, opts.eval_split, prompt_col, response_col, opts.seed)
         model, tokenizer = load_causal_lm(model_dir)
     knobs = {k: getattr(opts, k) for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None}
     existed = out.exists()  # new_run_dir allows only an empty one
@@ -289,6 +293,9 @@ def _train_into(opts, out: Path, model_dir, task, train, held, model, tokenizer,
     resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose", "resume")}
     resolved.update(
         model=str(model_dir),
+        data=absolute(opts.data),
+        eval_data=absolute(opts.eval_data),
+        config=absolute(opts.config),
         task=task,
         label_names=getattr(train, "label_names", None),
         target_modules=spec.target_modules,
@@ -377,11 +384,10 @@ def _write_outputs(result: dict, tokenizer, spec: TrainSpec, out: Path, resolved
         model.save_pretrained(out / "adapter")
         write_adapter_info(out / "adapter", {**resolved, "method": spec.method})
     summary = {k: v for k, v in result.items() if k != "ranks"}
-    summary.update(model=resolved["model"], label_names=resolved["label_names"], task=resolved["task"])
+    summary.update({k: resolved[k] for k in ("model", "label_names", "task", "max_length")})
     summary["final_ranks"] = result.get("ranks")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if controller is not None:
-        report.draw(out)
+    report.draw(out)
     return summary
 
 
@@ -420,5 +426,5 @@ ADAPTER_INFO = "dynarank_run.json"  # base model, task and labels, written besid
 
 
 def write_adapter_info(adapter_dir: Path, summary: dict) -> None:
-    info = {k: summary.get(k) for k in ("model", "task", "label_names", "method")}
+    info = {k: summary.get(k) for k in ("model", "task", "label_names", "method", "max_length")}
     (Path(adapter_dir) / ADAPTER_INFO).write_text(json.dumps(info, indent=1))

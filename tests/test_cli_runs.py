@@ -1,0 +1,222 @@
+"""What `dynarank` writes and reads back: paths a run records, export targets, reports, eval of adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dynarank.commands as commands_module
+from dynarank import models
+from dynarank.cli import main
+from dynarank.models import load_classifier, resolve_model_dir
+from test_cli import train_args, write_csv
+from tiny_models import save_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """One finished ARD run and one stock LoRA run, with their training CSV ('data')."""
+    root = tmp_path_factory.mktemp("runs")
+    data = write_csv(root / "data.csv")
+    made = {"data": data}
+    for method in ("ard", "lora"):
+        assert main(train_args(tiny_model_dir, data, root / method, "--method", method)) == 0
+        made[method] = root / method
+    return made
+
+
+def refused(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# ---------------------------------------------------------------------------- recorded paths
+@pytest.mark.parametrize("method", ["ard", "lora"])
+def test_a_run_records_absolute_paths_and_is_usable_from_another_directory(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, method
+):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    write_csv(work / "data.csv")
+    write_csv(work / "held.csv", n=10)
+    monkeypatch.chdir(work)
+    model = os.path.relpath(tiny_model_dir, work)
+    argv = train_args(model, "data.csv", "run", "--method", method, "--eval-data", "held.csv")
+    assert main(argv) == 0
+    run = work / "run"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == str(tiny_model_dir.resolve())
+    assert config["data"] == str(work / "data.csv") and config["eval_data"] == str(work / "held.csv")
+    assert json.loads((run / "summary.json").read_text())["model"] == str(tiny_model_dir.resolve())
+    assert json.loads((run / "adapter" / "dynarank_run.json").read_text())["model"] == str(tiny_model_dir.resolve())
+    peft_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(work / "held.csv")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert main(["export", str(run), "--out", "exported"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "exported", "--data", str(work / "held.csv")]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+
+
+def test_the_packaged_model_aliases_win_over_a_folder_of_the_same_name(tmp_path, monkeypatch):
+    packaged = tmp_path / "cache" / "SmolLM2-135M"
+    monkeypatch.setattr(models, "packaged_smollm2_path", lambda: packaged)
+    (tmp_path / "smollm2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("smollm2") == packaged
+    assert resolve_model_dir(None) == models.packaged_minilm_path().resolve()
+    assert resolve_model_dir("./smollm2") == tmp_path / "smollm2"
+
+
+# ---------------------------------------------------------------------------- export
+@pytest.mark.parametrize("method", ["ard", "lora"])
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("held", [["adapter_config.json"], ["adapter_config.json", "notes.txt"]])
+def test_export_refuses_an_existing_out_and_leaves_it_untouched(runs, tmp_path, capsys, method, merged, held):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    for name in held:  # an adapter the user already has, and maybe files of their own beside it
+        (taken / name).write_text("{}")
+    err = refused(["export", str(runs[method]), "--out", str(taken), *(["--merged"] if merged else [])], capsys)
+    assert "taken" in err and "exists" in err
+    assert sorted(p.name for p in taken.iterdir()) == held
+    assert all((taken / name).read_text() == "{}" for name in held)
+
+
+def test_export_into_an_empty_directory_is_allowed(runs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(runs["lora"]), "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "adapter_config.json").is_file()
+
+
+def test_export_server_safe_and_merged_together_are_refused(runs, tmp_path, capsys):
+    err = refused(["export", str(runs["ard"]), "--out", str(tmp_path / "x"), "--server-safe", "--merged"], capsys)
+    assert "--server-safe" in err and "--merged" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_under_a_file_is_one_line_and_exit_code_2(runs, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = refused(["export", str(runs["lora"]), "--out", str(tmp_path / "file" / "adapter")], capsys)
+    assert "file" in err
+
+
+# ---------------------------------------------------------------------------- report
+def test_a_baseline_run_gets_training_curves_and_report_redraws_them(runs, capsys):
+    run = runs["lora"]
+    assert (run / "training_curves.png").stat().st_size > 1000  # drawn by train
+    (run / "training_curves.png").unlink()
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.split() == [str(run / "training_curves.png")]
+    assert (run / "training_curves.png").stat().st_size > 1000
+    assert not (run / "ranks_heatmap.png").exists()  # no ranks to draw
+
+
+def test_a_dynarank_run_gets_rank_pictures_and_training_curves(runs, capsys):
+    capsys.readouterr()
+    assert main(["report", str(runs["ard"])]) == 0
+    drawn = {Path(p).name for p in capsys.readouterr().out.split()}
+    assert drawn == {"ranks_heatmap.png", "ranks_over_time.png", "training_curves.png"}
+
+
+def _drawn_figures(run: Path, monkeypatch) -> dict[str, object]:
+    """Figures that ``dynarank report`` saves, by file name, drawn again on a fresh canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figures, real = {}, Figure.savefig
+
+    def keep(fig, fname, *args, **kwargs):
+        figures[Path(fname).name] = fig
+        return real(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    assert main(["report", str(run)]) == 0
+    for fig in figures.values():
+        FigureCanvasAgg(fig).draw()
+    return figures
+
+
+def test_the_heatmap_shows_whole_layer_and_head_numbers(runs, monkeypatch):
+    fig = _drawn_figures(runs["ard"], monkeypatch)["ranks_heatmap.png"]
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 6  # query, key, value, attention output, intermediate, output
+    for ax in panels:
+        assert list(ax.get_yticks()) == [0, 1]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1"]  # the two layers
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_the_heatmap_panels_and_labels_do_not_overlap(runs, monkeypatch):
+    fig = _drawn_figures(runs["ard"], monkeypatch)["ranks_heatmap.png"]
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+    for i, a in enumerate(boxes):
+        assert fig.bbox.contains(a.x0 + 1, a.y0 + 1) and fig.bbox.contains(a.x1 - 1, a.y1 - 1)  # inside the image
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+
+
+# ---------------------------------------------------------------------------- eval
+@pytest.fixture
+def stock_adapter(tiny_model_dir, tmp_path) -> Path:
+    """A classification LoRA adapter written by plain PEFT (no dynarank_run.json beside it)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_classifier(tiny_model_dir, ["negative", "positive"])
+    config = LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"])
+    get_peft_model(model, config).save_pretrained(tmp_path / "stock")
+    return tmp_path / "stock"
+
+
+def test_eval_of_a_foreign_classification_adapter_takes_labels(stock_adapter, runs, capsys):
+    err = refused(["eval", str(stock_adapter), "--data", str(runs["data"])], capsys)
+    assert "--labels" in err
+    assert main(["eval", str(stock_adapter), "--data", str(runs["data"]), "--labels", "negative,positive"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"accuracy", "macro_f1"}
+
+
+def test_eval_refuses_labels_that_do_not_fit_the_adapter(stock_adapter, runs, capsys):
+    argv = ["eval", str(stock_adapter), "--data", str(runs["data"])]
+    err = refused([*argv, "--labels", "negative,neutral,positive"], capsys)
+    assert "3" in err and "2" in err  # three labels given, two outputs in the adapter
+    err = refused([*argv, "--labels", "negative,neutral"], capsys)
+    assert "positive" in err  # the data has a label outside --labels
+
+
+def test_eval_refuses_labels_that_contradict_the_run(runs, capsys):
+    err = refused(["eval", str(runs["lora"]), "--data", str(runs["data"]), "--labels", "positive,negative"], capsys)
+    assert "negative" in err and "--labels" in err
+
+
+def test_eval_of_a_run_truncates_at_the_runs_max_length(runs, monkeypatch):
+    lengths = []
+    real = commands_module.evaluate_classifier
+
+    def spy(model, tokenizer, examples, max_length=64, **kwargs):
+        lengths.append(max_length)
+        return real(model, tokenizer, examples, max_length, **kwargs)
+
+    monkeypatch.setattr(commands_module, "evaluate_classifier", spy)
+    assert main(["eval", str(runs["lora"]), "--data", str(runs["data"])]) == 0
+    assert main(["eval", str(runs["lora"] / "adapter"), "--data", str(runs["data"])]) == 0
+    assert main(["eval", str(runs["lora"]), "--data", str(runs["data"]), "--max-length", "9"]) == 0
+    assert lengths == [16, 16, 9]  # train_args trains with --max-length 16
