@@ -106,6 +106,29 @@ def test_export_into_an_empty_directory_is_allowed(runs, tmp_path):
     assert (tmp_path / "empty" / "adapter_config.json").is_file()
 
 
+def _full_disk(path, *args, **kwargs):
+    raise OSError(28, "No space left on device", str(path))
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_failed_export_leaves_nothing_behind(runs, tmp_path, monkeypatch, capsys, merged):
+    if merged:  # the merged model is written, then its tokenizer fails
+        real = commands_module.load_trained
+
+        def tokenizer_fails(*args, **kwargs):
+            model, tokenizer, summary = real(*args, **kwargs)
+            tokenizer.save_pretrained = _full_disk
+            return model, tokenizer, summary
+
+        monkeypatch.setattr(commands_module, "load_trained", tokenizer_fails)
+    else:  # the adapter is copied, then dynarank_run.json fails
+        monkeypatch.setattr(commands_module, "write_adapter_info", _full_disk)
+    out = tmp_path / "exports" / "adapter"
+    err = refused(["export", str(runs["lora"]), "--out", str(out), *(["--merged"] if merged else [])], capsys)
+    assert "No space left on device" in err
+    assert not out.exists() and list((tmp_path / "exports").iterdir()) == []  # nor a staging directory
+
+
 def test_export_server_safe_and_merged_together_are_refused(runs, tmp_path, capsys):
     err = refused(["export", str(runs["ard"]), "--out", str(tmp_path / "x"), "--server-safe", "--merged"], capsys)
     assert "--server-safe" in err and "--merged" in err
