@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dynarank import ElasticLoRALinear
-from dynarank.layer import BUCKET_MIN_WASTE, rank_buckets
+from dynarank.layer_buckets import BUCKET_MIN_WASTE, rank_buckets
 
 RESULTS = Path(__file__).parent / "results"
 # (d, heads, r0, tokens, rank of the other heads)

@@ -165,7 +165,7 @@ def test_equal_ranks_in_own_layout_take_the_dense_path_with_the_same_result(make
 def test_uneven_ranks_take_rank_buckets_with_the_padded_outputs_and_gradients(
     make_layer, split, layout, gated, monkeypatch
 ):
-    monkeypatch.setattr(dynarank.layer, "BUCKET_MIN_WASTE", 0)  # tiny layers: buckets whenever they do less work
+    monkeypatch.setattr(dynarank.layer_buckets, "BUCKET_MIN_WASTE", 0)  # tiny layers: buckets whenever cheaper
     bucketed = make_layer(split, layout)
     bucketed.remove_slots({0: [0, 1, 2], 1: [1, 2], 3: [2]})  # ranks [0, 1, 3, 2]: T = 6 of G * r_max = 12
     assert bucketed._buckets and [b.rank for b in bucketed._buckets] == [1, 2, 3]
@@ -190,7 +190,7 @@ def test_uneven_ranks_take_rank_buckets_with_the_padded_outputs_and_gradients(
 
 
 def test_a_layer_with_even_ranks_keeps_one_padded_product(make_layer, split, layout, monkeypatch):
-    monkeypatch.setattr(dynarank.layer, "BUCKET_MIN_WASTE", 0)
+    monkeypatch.setattr(dynarank.layer_buckets, "BUCKET_MIN_WASTE", 0)
     layer = make_layer(split, layout)
     layer.remove_slots({g: [2] for g in range(4)})  # ranks [2, 2, 2, 2]
     assert not layer._buckets
@@ -199,7 +199,7 @@ def test_a_layer_with_even_ranks_keeps_one_padded_product(make_layer, split, lay
 
 
 def test_buckets_are_taken_only_when_the_padding_is_large():
-    from dynarank.layer import worth_bucketing
+    from dynarank.layer_buckets import worth_bucketing
 
     assert not worth_bucketing([8] + [1] * 11)  # MiniLM-sized: the padded product is faster
     assert worth_bucketing([64] + [4] * 15)  # one head far above the rest: buckets save 56 ranks per feature

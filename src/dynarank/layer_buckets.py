@@ -1,0 +1,109 @@
+"""Rank buckets: the group side of a per-head layer with very uneven ranks, one product per live rank.
+
+The padded product of ``ElasticLoRALinear`` costs G * r_max per output feature on the group side;
+when one head holds far more rank than the rest, the buckets cost T = sum_g r_g instead (heads at
+rank 0 cost nothing). ``worth_bucketing`` decides, from measurements (benchmarks/bucket_threshold.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# When the group side runs as rank buckets instead of one padded product. Measured on 2 CPU cores
+# (d_out 384-1024, d_g 32-64, 1,024-2,048 tokens, forward + backward): the padded product stays faster
+# until its padding reaches ~30 ranks per output feature (r_max - mean rank); at MiniLM's sizes with
+# r_max 8 buckets were 1.0-2.0x slower, at r_max 64 with the other heads at 4-16 they were 0.72-0.88x.
+BUCKET_GAIN = 0.75  # buckets must do at most this share of the padded work ...
+BUCKET_MIN_WASTE = 32  # ... and save at least this many ranks per output feature
+
+
+def worth_bucketing(ranks: Sequence[int]) -> bool:
+    """Whether rank buckets beat one padded product for these live ranks (see BUCKET_MIN_WASTE)."""
+    padded, live = len(ranks) * max(ranks, default=0), sum(ranks)
+    return live > 0 and live <= BUCKET_GAIN * padded and (padded - live) / len(ranks) >= BUCKET_MIN_WASTE
+
+
+@dataclass(frozen=True)
+class RankBucket:
+    """The groups of one live rank, for :func:`bucketed_update`.
+
+    groups (n_b,), slots (n_b, r_b) shared-slot indices, columns (n_b, r_b) packed group-side
+    columns; ``inverse`` (G,) (kept on the first bucket) puts the concatenated bucket outputs,
+    followed by the rank-0 groups, back into group order.
+    """
+
+    rank: int
+    groups: torch.Tensor
+    slots: torch.Tensor
+    columns: torch.Tensor
+    inverse: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> RankBucket:
+        inverse = None if self.inverse is None else self.inverse.to(device)
+        return RankBucket(self.rank, self.groups.to(device), self.slots.to(device), self.columns.to(device), inverse)
+
+
+def rank_buckets(slots: Sequence[Sequence[int]], device: torch.device) -> list[RankBucket]:
+    """Group the rank groups by live rank (rank 0 left out); the first bucket carries the inverse order."""
+    offsets, offset = [], 0
+    for s in slots:
+        offsets.append(offset)
+        offset += len(s)
+    by_rank: dict[int, list[int]] = {}
+    for g, s in enumerate(slots):
+        if s:
+            by_rank.setdefault(len(s), []).append(g)
+    order = [g for r in sorted(by_rank) for g in by_rank[r]] + [g for g, s in enumerate(slots) if not s]
+    inverse = torch.empty(len(slots), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(slots))
+    buckets = []
+    for r in sorted(by_rank):
+        groups = by_rank[r]
+        buckets.append(
+            RankBucket(
+                rank=r,
+                groups=torch.tensor(groups, dtype=torch.long, device=device),
+                slots=torch.tensor([slots[g] for g in groups], dtype=torch.long, device=device),
+                columns=torch.tensor([list(range(offsets[g], offsets[g] + r)) for g in groups], device=device),
+                inverse=inverse.to(device) if not buckets else None,
+            )
+        )
+    return buckets
+
+
+def bucketed_update(layer, x: torch.Tensor, buckets: list[RankBucket]) -> torch.Tensor:
+    """``layer``'s low-rank update of x (N, d_in) -> (N, d_out), without the scaling, one batched product
+    per distinct live rank: the same result as the padded product.
+
+    A bucket holds the n_b groups of rank r_b; its work is n_b * r_b per token, so the layer's
+    group-side cost is T = sum_g r_g instead of G * r_max.
+    """
+    n = x.shape[0]
+    gate = layer.gate()  # (G, r_max) or None
+    w = layer.group_weight  # (d_g, T)
+    if layer.split == "rows":
+        z = x @ layer.shared_weight.t()  # (N, S)
+        blocks = []
+        for b in buckets:
+            zb = z[:, b.slots]  # (N, n_b, r_b)
+            if gate is not None:
+                zb = zb * gate[b.groups, : b.rank]
+            blocks.append(torch.einsum("ngr,dgr->ngd", zb, w[:, b.columns]))  # (N, n_b, d_g)
+        off = sum(r == 0 for r in layer.ranks)
+        if off:
+            blocks.append(z.new_zeros(n, off, layer.group_size))  # groups at rank 0 (last in bucket order)
+        y = torch.cat(blocks, dim=1)  # (N, G, d_g) in bucket order
+        return y[:, buckets[0].inverse].reshape(n, layer.out_features)
+    xg = x.view(n, layer.n_groups, layer.group_size)  # (N, G, d_g)
+    parts, slots = [], []
+    for b in buckets:
+        zb = torch.einsum("ngd,dgr->ngr", xg[:, b.groups], w[:, b.columns])  # (N, n_b, r_b)
+        if gate is not None:
+            zb = zb * gate[b.groups, : b.rank]
+        parts.append(zb.reshape(n, -1))
+        slots.append(b.slots.reshape(-1))
+    z = x.new_zeros(n, layer.n_slots).index_add(1, torch.cat(slots), torch.cat(parts, dim=1))  # (N, S)
+    return z @ layer.shared_weight  # (N, d_out)
