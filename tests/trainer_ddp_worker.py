@@ -1,4 +1,11 @@
-"""A transformers Trainer run under torchrun, for tests/test_distributed.py: prints each worker's result."""
+"""A transformers Trainer run, for tests/test_distributed.py.
+
+    torchrun --nproc_per_node=2 tests/trainer_ddp_worker.py OUT_DIR METHOD
+
+Each worker takes 4 examples of every global batch of 8; worker 0 prints ``RESULT {json}`` with
+every worker's ranks, rank history (a snapshot at every resize), parameter sums and logits. The
+tests call ``train`` in one process with a batch of 8 for the single-process reference.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +14,64 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
 import dynarank
 from dynarank import DynaRankConfig, attach
 from tiny_models import TokenDataset, tiny_bert
 
-torch.set_num_threads(1)
-method = sys.argv[2] if len(sys.argv) > 2 else "ard"
-extra = {"ard_lambda": 5.0} if method == "ard" else {"granularity": "matrix"}
-model = attach(tiny_bert(), DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **extra))
-for module in model.modules():  # no dropout: the workers' masks would differ
-    if isinstance(module, torch.nn.Dropout):
-        module.p = 0.0
-callback = dynarank.DynaRankCallback(model)
-args = TrainingArguments(
-    output_dir=sys.argv[1],
-    max_steps=30,
-    per_device_train_batch_size=4,
-    learning_rate=1e-2,
-    report_to=[],
-    save_strategy="no",
-    use_cpu=True,
-    disable_tqdm=True,
-    ddp_backend="gloo",
-)
-trainer = Trainer(model=model, args=args, train_dataset=TokenDataset())
-callback.install(trainer)
-trainer.train()
-sums = {n: float(p.detach().double().sum()) for n, p in model.named_parameters() if p.requires_grad}
-gathered = [None] * dist.get_world_size()
-dist.all_gather_object(gathered, {"ranks": callback.controller.ranks(), "sums": sums})
-if dist.get_rank() == 0:
-    print("RESULT " + json.dumps({"workers": gathered, "resizes": sum(r.resized for r in callback.controller.records)}))
-del trainer
-dist.barrier()
-dist.destroy_process_group()
-# Gloo worker threads that outlive the interpreter's finalisation can abort the process (torch issue
-# 179291): the result is out, so leave without running the C++ static destructors.
-sys.stdout.flush()
-os._exit(0)
+
+def train(out_dir: str, method: str, batch_size: int, **args) -> dict:
+    """Train ARD or ElaLoRA for 30 steps; returns this process's result."""
+    torch.set_num_threads(1)
+    extra = {"ard_lambda": 5.0} if method == "ard" else {"granularity": "matrix"}
+    model = attach(tiny_bert(), DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **extra))
+    for module in model.modules():  # no dropout: the workers' masks would differ
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    callback = dynarank.DynaRankCallback(model)
+    arguments = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=30,
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        # BERT's classifier takes **kwargs, so the Trainer passes it num_items_in_batch and, this being True,
+        # multiplies the loss by the number of processes; the classifier's loss is a mean that ignores
+        # num_items_in_batch, so under DDP every gradient would be doubled (not so in one process).
+        average_tokens_across_devices=False,
+        **args,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=TokenDataset(), callbacks=[callback])
+    trainer.train()
+    controller = callback.controller
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.arange(1, 97).reshape(8, 12)).logits
+    return {
+        "ranks": controller.ranks(),
+        "history": [[h["step"], h["ranks"]] for h in controller.history],
+        "resizes": sum(r.resized for r in controller.records),
+        "sums": {n: float(p.detach().double().sum()) for n, p in model.named_parameters() if p.requires_grad},
+        "logits": logits.double().flatten().tolist(),
+    }
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    mine = train(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ard", batch_size=4, ddp_backend="gloo")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"workers": gathered}))
+    dist.barrier()
+    dist.destroy_process_group()
+    # Gloo worker threads that outlive the interpreter's finalisation can abort the process (torch issue
+    # 179291): the result is out, so leave without running the C++ static destructors.
+    sys.stdout.flush()
+    os._exit(0)

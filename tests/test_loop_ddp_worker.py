@@ -1,0 +1,97 @@
+"""A worker script, not tests: ``dynarank.loop.train`` on a tiny model, for tests/test_distributed.py.
+
+    torchrun --nproc_per_node=2 tests/test_loop_ddp_worker.py METHOD NAN_STEP [NAN_WORKER]
+
+Each worker trains on its shard of every global batch; worker 0 prints ``RESULT {json}`` with every
+worker's final ranks, adapter tensors and rank history. ``run`` is also called in one process by
+the tests, for the single-process reference. NAN_STEP > 0 makes the loss of that step NaN on
+NAN_WORKER (default 1) only: every worker must still skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zlib
+
+import torch
+
+from dynarank.attach import elastic_layers
+from dynarank.data import Examples
+from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, train_classifier
+from tiny_models import tiny_bert
+
+# Per method: TrainSpec fields. 51 examples: the last batch of every epoch splits unevenly (2 + 1).
+SPECS = {
+    # AdaLoRA-style pruning on its schedule: cuts at steps 4-7, 9, 10 and 13, whether a step is skipped or not.
+    "adalora-physical": {"max_steps": 24, "target_modules": ["query", "value"]},
+    # ElaLoRA on every encoder matrix: prune-and-grow rounds at every step from 9 to 32.
+    "elalora": {"max_steps": 40, "target_modules": BERT_ENCODER_LINEAR},
+}
+
+
+class WordTokenizer:
+    pad_token_id = 0
+
+    def __call__(self, texts, truncation=True, max_length=16):
+        return {"input_ids": [[1 + zlib.crc32(w.encode()) % 99 for w in t.split()][:max_length] for t in texts]}
+
+
+def examples(n: int = 48) -> Examples:
+    words = [["good", "great", "fine"], ["bad", "awful", "poor"]]
+    texts = [f"it was {words[i % 2][i % 3]} and {words[i % 2][(i + 1) % 3]} {i}" for i in range(n)]
+    return Examples(texts, [i % 2 for i in range(n)], ["neg", "pos"])
+
+
+def run(method: str, nan_step: int = 0, nan_worker: int = 1) -> dict:
+    """Train; returns this worker's ranks, adapter tensors (as lists), rank history and skipped steps."""
+    torch.set_num_threads(1)
+    model = tiny_bert()
+    for module in model.modules():  # no dropout: each worker would draw its own masks
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    rank = int(os.environ.get("RANK", "0"))
+    if nan_step and rank == nan_worker:
+        forward, calls = model.forward, {"n": 0}
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == nan_step:
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = poisoned
+    spec = TrainSpec(method=method, r=4, lr=1e-2, batch_size=8, seed=0, **SPECS[method])
+    result = train_classifier(model, WordTokenizer(), examples(51), spec)
+    controller = result["controller"]
+    ids = torch.arange(1, 97).reshape(8, 12)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+    return {
+        "logits": logits.double().flatten().tolist(),
+        "ranks": result["ranks"],
+        "tensors": {n: p.detach().double().flatten().tolist() for n, p in model.named_parameters() if p.requires_grad},
+        # What each adapter computes, scaling * B diag(E) A: the function, whatever the factors.
+        "deltas": {n: layer.delta_weight().double().flatten().tolist() for n, layer in elastic_layers(model).items()},
+        "history": [(h["step"], h["ranks"]) for h in controller.history],
+        "resized": [r.step for r in controller.records if r.resized],
+        "skipped": result["skipped_steps"],
+    }
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    method, nan_step = sys.argv[1], int(sys.argv[2])
+    mine = run(method, nan_step, int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"workers": gathered}))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo threads outliving the interpreter can abort it (see trainer_ddp_worker.py)
