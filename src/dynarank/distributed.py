@@ -1,4 +1,4 @@
-"""torch.distributed helpers of the training loop (no-ops in a single process)."""
+"""torch.distributed helpers of the training loop and the Trainer callback (no-ops in a single process)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .controllers import RankController
+
+SHARDING_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")  # set by accelerate launch --use_fsdp / ...
 
 
 def world() -> tuple[int, int]:
@@ -52,3 +54,53 @@ def wrap(model: nn.Module) -> nn.Module:
         return model
     # Gated slots and frozen alphas take no part in some steps: let DDP tolerate unused parameters.
     return DistributedDataParallel(model, find_unused_parameters=True)
+
+
+def refuse_sharding(args, trainer=None, model: nn.Module | None = None) -> None:
+    """ValueError if the run shards parameters (FSDP, DeepSpeed ZeRO), by any of the ways it can be asked for."""
+    found = [f"args.{a}" for a in ("fsdp", "deepspeed", "deepspeed_plugin") if getattr(args, a, None)]
+    found += [f"{v}={os.environ[v]}" for v in SHARDING_ENV if os.environ.get(v, "").lower() in ("1", "true", "yes")]
+    found += [f"trainer.{a}" for a in ("is_fsdp_enabled", "is_deepspeed_enabled") if getattr(trainer, a, False)]
+    if model is not None:
+        from torch.distributed import fsdp
+
+        sharded = tuple(getattr(fsdp, n) for n in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, n))
+        if any(isinstance(m, sharded) for m in model.modules()):
+            found.append("the model is wrapped by FSDP")
+    if found:
+        raise ValueError(
+            f"dynarank resizes adapter tensors while training; FSDP and DeepSpeed ZeRO shard them into flat buffers "
+            f"that cannot be resized ({', '.join(found)}). Use plain data parallelism (DDP: torchrun, or accelerate "
+            "launch without FSDP / DeepSpeed)."
+        )
+
+
+class ResizedGradientSync:
+    """Average across workers the gradients of parameters a distributed wrapper does not know
+    (those created by resizes after it was built)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.known = {id(p) for p in model.parameters() if p.requires_grad}
+
+    def unknown(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self.known]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        params = self.unknown()
+        if not params:
+            return
+        device = params[0].device
+        present = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)  # a gradient on any worker: sync it everywhere
+        synced = [p for p, flag in zip(params, present.tolist()) if flag]
+        if not synced:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in synced])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in synced:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()

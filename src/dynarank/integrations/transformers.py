@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import statistics
 import sys
 import types
@@ -45,12 +44,10 @@ from .. import checkpoint
 from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
-from ..distributed import any_worker
+from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..report import split_name
 
 logger = logging.getLogger(__name__)
-
-SHARDING_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")  # set by accelerate launch --use_fsdp / ...
 
 
 def _inner(optimizer):
@@ -73,66 +70,6 @@ def _extend_scheduler(scheduler, lr: float) -> None:
         scheduler.lr_lambdas.append(lambda step: 1.0)
     if isinstance(getattr(scheduler, "_last_lr", None), list):
         scheduler._last_lr.append(lr)
-
-
-def _distributed() -> bool:
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and (torch.distributed.get_world_size() > 1)
-    )
-
-
-def refuse_sharding(args, trainer=None, model: nn.Module | None = None) -> None:
-    """ValueError if the run shards parameters (FSDP, DeepSpeed ZeRO), by any of the ways it can be asked for."""
-    found = [f"args.{a}" for a in ("fsdp", "deepspeed", "deepspeed_plugin") if getattr(args, a, None)]
-    found += [f"{v}={os.environ[v]}" for v in SHARDING_ENV if os.environ.get(v, "").lower() in ("1", "true", "yes")]
-    found += [f"trainer.{a}" for a in ("is_fsdp_enabled", "is_deepspeed_enabled") if getattr(trainer, a, False)]
-    if model is not None:
-        from torch.distributed import fsdp
-
-        sharded = tuple(getattr(fsdp, n) for n in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, n))
-        if any(isinstance(m, sharded) for m in model.modules()):
-            found.append("the model is wrapped by FSDP")
-    if found:
-        raise ValueError(
-            f"dynarank resizes adapter tensors while training; FSDP and DeepSpeed ZeRO shard them into flat buffers "
-            f"that cannot be resized ({', '.join(found)}). Use plain data parallelism (DDP: torchrun, or accelerate "
-            "launch without FSDP / DeepSpeed)."
-        )
-
-
-class ResizedGradientSync:
-    """Average across workers the gradients of parameters a distributed wrapper does not know
-    (those created by resizes after it was built)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.known = {id(p) for p in model.parameters() if p.requires_grad}
-
-    def unknown(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self.known]
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        import torch.distributed as dist
-
-        params = self.unknown()
-        if not params:
-            return
-        device = params[0].device
-        present = torch.tensor([float(p.grad is not None) for p in params], device=device)
-        dist.all_reduce(present, op=dist.ReduceOp.MAX)  # a gradient on any worker: sync it everywhere
-        synced = [p for p, flag in zip(params, present.tolist()) if flag]
-        if not synced:
-            return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in synced])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for p in synced:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
 
 
 class NonFiniteGuard:
@@ -353,7 +290,7 @@ class DynaRankCallback(TrainerCallback):
         if id(inner) in self._guarded:
             return
         self._guarded.add(id(inner))
-        sync = ResizedGradientSync(self.model) if _distributed() else None
+        sync = ResizedGradientSync(self.model) if world()[1] > 1 else None
         original = inner.step  # possibly the LR scheduler's own wrapper: it stays in the chain
 
         def step(optimizer, *args, **kwargs):
