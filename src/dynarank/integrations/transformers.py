@@ -2,9 +2,13 @@
 
     model = dynarank.attach(model, DynaRankConfig(method="ard", ...))
     callback = DynaRankCallback(model)        # before the Trainer: creates the alphas
-    trainer = Trainer(model=model, args=args, train_dataset=ds)
-    callback.install(trainer)                  # first in line; makes resume_from_checkpoint work
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
     trainer.train()                            # or trainer.train(resume_from_checkpoint=True)
+
+``Trainer(callbacks=[callback])`` installs the callback while the Trainer is built (the callback
+finds it on the call stack of ``on_init_end``); a callback added later with ``trainer.add_callback``
+needs ``callback.install(trainer)``. Installed, it runs ahead of the report_to integrations (they
+log the ranks) and ``resume_from_checkpoint`` works.
 
 At ``on_train_begin`` the callback builds the controller with the Trainer's total optimizer
 steps, moves the controller's parameters into their own optimizer group (their learning rate,
