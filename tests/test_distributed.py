@@ -140,7 +140,7 @@ def test_a_trainer_under_torchrun_takes_the_single_process_rank_decisions_at_eve
     assert first["sums"] == second["sums"]  # the same bits: every gradient is all-reduced before it is used
     single = trainer_ddp_worker.train(str(tmp_path / "single"), method, batch_size=8)  # the same global batch
     assert first["history"] == single["history"]
-    # The function agrees to float32 rounding (measured: 3.0e-8 ARD, 1.5e-8 ElaLoRA).
+    # The function agrees to float32 rounding (measured: 4.5e-8 ARD, 3.0e-8 ElaLoRA).
     assert biggest_difference({"": first["logits"]}, {"": single["logits"]}) < 1e-6
 
 

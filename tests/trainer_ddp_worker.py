@@ -45,6 +45,7 @@ def train(out_dir: str, method: str, batch_size: int, **args) -> dict:
         # multiplies the loss by the number of processes; the classifier's loss is a mean that ignores
         # num_items_in_batch, so under DDP every gradient would be doubled (not so in one process).
         average_tokens_across_devices=False,
+        max_grad_norm=0.05,  # clipping on every step: its norm must include the resized tensors' averaged gradients
         **args,
     )
     trainer = Trainer(model=model, args=arguments, train_dataset=TokenDataset(), callbacks=[callback])

@@ -135,6 +135,8 @@ class DynaRankCallback(TrainerCallback):
         self.trainer = None  # set by install()
         self._resume: tuple[dict, dict] | None = None  # dynarank state read by the wrapped train(), for on_train_begin
         self._guarded: set[int] = set()  # optimizers whose step() is wrapped
+        self._sync: ResizedGradientSync | None = None  # under DDP, from on_train_begin
+        self._synced_at: int | None = None  # the controller step whose gradients were last averaged
         self._order_warned = False
         model.register_load_state_dict_pre_hook(self._check_loaded_layout)
 
@@ -152,7 +154,21 @@ class DynaRankCallback(TrainerCallback):
             trainer.create_optimizer = types.MethodType(
                 _wrap(trainer.create_optimizer, self._create_optimizer), trainer
             )
+            clip = trainer.accelerator.clip_grad_norm_
+
+            def clip_grad_norm_(*args, **kwargs):
+                self._sync_resized()  # the norm (and the clipping) must see the averaged gradients
+                return clip(*args, **kwargs)
+
+            trainer.accelerator.clip_grad_norm_ = clip_grad_norm_
         return self
+
+    def _sync_resized(self) -> None:
+        """Under DDP, average the gradients of tensors created by resizes across workers, once per optimizer
+        step (before gradient clipping measures them, or else before the optimizer step)."""
+        if self._sync is not None and self._synced_at != self.controller.step:
+            self._sync()
+            self._synced_at = self.controller.step
 
     def _train(self, original, *args, **kwargs):
         """``trainer.train``: a resume first gives the layers the checkpoint's layout (the Trainer loads the
@@ -247,7 +263,7 @@ class DynaRankCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         refuse_sharding(args, self.trainer, model)
-        self._run_first()
+        self._install_late()
         if optimizer is None:
             raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
         if state.global_step > 0 and self._resume is None:
@@ -294,14 +310,14 @@ class DynaRankCallback(TrainerCallback):
         if id(inner) in self._guarded:
             return
         self._guarded.add(id(inner))
-        sync = ResizedGradientSync(self.model) if world()[1] > 1 else None
+        if world()[1] > 1:  # the Trainer's DDP wrapper exists now: what it knows is what it syncs
+            self._sync = ResizedGradientSync(self.model)
         original = inner.step  # possibly the LR scheduler's own wrapper: it stays in the chain
 
         def step(optimizer, *args, **kwargs):
-            if sync is not None:
-                sync()
+            self._sync_resized()
             bad = self.guard.bad_modules()
-            if sync is not None and any_worker(bool(bad), self._device()) and not bad:
+            if self._sync is not None and any_worker(bool(bad), self._device()) and not bad:
                 bad = ["another worker"]  # every worker takes the same branch
             if not bad:
                 return original(*args, **kwargs)
@@ -314,22 +330,19 @@ class DynaRankCallback(TrainerCallback):
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _run_first(self) -> None:
-        """Run ahead of the report_to integrations, so that they see the ranks on_log adds (install() does it;
-        with ``Trainer(callbacks=[callback])`` the integrations come first)."""
+    def _install_late(self) -> None:
+        """A callback given by ``trainer.add_callback`` installs itself now (too late only for a resume): it then
+        runs ahead of the report_to integrations, and under DDP gradient clipping sees averaged gradients."""
         if self.trainer is not None:
             return
-        from transformers.trainer_callback import CallbackHandler
+        from transformers import Trainer
 
-        handler = _caller_of_type(CallbackHandler)
-        if handler is None:
-            if not self._order_warned:
-                self._order_warned = True
-                logger.warning("dynarank: call callback.install(trainer) so that report_to backends log the ranks.")
-            return
-        if handler.callbacks and handler.callbacks[0] is not self:
-            # A new list: the event being dispatched goes on over the old one, every callback called once.
-            handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+        trainer = _caller_of_type(Trainer)
+        if trainer is not None:
+            self.install(trainer)
+        elif not self._order_warned:
+            self._order_warned = True
+            logger.warning("dynarank: call callback.install(trainer) before training (the Trainer was not found).")
 
     def on_save(self, args, state, control, **kwargs):
         if self.controller is None or not args.should_save:
