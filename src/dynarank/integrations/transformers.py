@@ -6,9 +6,10 @@
     trainer.train()                            # or trainer.train(resume_from_checkpoint=True)
 
 ``Trainer(callbacks=[callback])`` installs the callback while the Trainer is built (the callback
-finds it on the call stack of ``on_init_end``); a callback added later with ``trainer.add_callback``
-needs ``callback.install(trainer)``. Installed, it runs ahead of the report_to integrations (they
-log the ranks) and ``resume_from_checkpoint`` works.
+finds it on the call stack of ``on_init_end``); one added later with ``trainer.add_callback``
+installs itself when training begins, too late for ``resume_from_checkpoint``: call
+``callback.install(trainer)`` first. Installed, it runs ahead of the report_to integrations (they
+log the ranks), and resuming works.
 
 At ``on_train_begin`` the callback builds the controller with the Trainer's total optimizer
 steps, moves the controller's parameters into their own optimizer group (their learning rate,
