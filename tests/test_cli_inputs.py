@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import dynarank.run_options as run_options
 import dynarank.runs as runs_module
 from dynarank.cli import build_parser, main
 from dynarank.data import classification_examples, load_table
@@ -63,7 +64,7 @@ def _resolved(tmp_path: Path, text: str, *argv: str):
     config.write_text(text)
     parser = build_parser()
     full = ["train", "--config", str(config), *argv]
-    return runs_module.resolve_train_options(parser.parse_args(full), parser, full)
+    return run_options.resolve_train_options(parser.parse_args(full), parser, full)
 
 
 @pytest.mark.parametrize("key", ["r0", "r", "--r0", "r_0"])

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import commands, runs
+from . import commands, run_options, runs
 from .data import DataError
 from .io import AdapterFormatError
 from .loop import ALL_METHODS
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Library field names in validation messages, as the `train` flags that set them.
 FLAG_OF_FIELD = {
-    **{name: "--" + name.replace("_", "-") for name in runs.DYNARANK_KNOBS},
+    **{name: "--" + name.replace("_", "-") for name in run_options.DYNARANK_KNOBS},
     **{name: "--" + name.replace("_", "-") for name in ("batch_size", "max_steps", "eval_every", "save_every")},
     "total_steps": "--max-steps",
 }
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     if args.command == "train":
-        runs.train_command(runs.resolve_train_options(args, parser, argv))
+        runs.train_command(run_options.resolve_train_options(args, parser, argv))
     elif args.command == "eval":
         print(json.dumps(commands.eval_command(args), indent=1))
     elif args.command == "export":
