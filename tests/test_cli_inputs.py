@@ -241,3 +241,13 @@ def test_a_peft_run_prints_no_gradient_checkpointing_deprecation(tiny_model_dir,
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["method"] == "lora"
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"] == "lora"
+
+
+def test_a_run_stopped_on_a_non_finite_loss_is_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv")
+    args = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora", "--lr", "1e30")
+    assert main([*args, "--on-nonfinite", "stop"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bar: the one line of the error
+    assert last.startswith("dynarank train: error:") and "non-finite" in last.lower(), last
+    assert "Traceback" not in err

@@ -17,12 +17,13 @@ from pathlib import Path
 from . import commands, run_options, runs
 from .data import DataError
 from .io import AdapterFormatError
-from .loop import ALL_METHODS
+from .loop import ALL_METHODS, NonFiniteError
 from .models import ModelError
 
 # OSError: a path the user gave that cannot be read or written (missing, a file where a folder is due, no
 # permission, disk full). ValueError: the library's validation of the values the user gave.
-USER_ERRORS = (DataError, ModelError, AdapterFormatError, ValueError, OSError, NotImplementedError)
+# A run stopped on a NaN/inf (--on-nonfinite stop) is an outcome of the data and settings, reported like bad input.
+USER_ERRORS = (DataError, ModelError, AdapterFormatError, ValueError, OSError, NotImplementedError, NonFiniteError)
 
 
 class UsageError(Exception):
