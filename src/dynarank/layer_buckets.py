@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-# When the group side runs as rank buckets instead of one padded product. Measured on 2 CPU cores
-# (d_out 384-1024, d_g 32-64, 1,024-2,048 tokens, forward + backward): the padded product stays faster
-# until its padding reaches ~30 ranks per output feature (r_max - mean rank); at MiniLM's sizes with
-# r_max 8 buckets were 1.0-2.0x slower, at r_max 64 with the other heads at 4-16 they were 0.72-0.88x.
+# When the group side runs as rank buckets instead of one padded product. Measured on 2 CPU cores, one
+# thread, forward + backward (benchmarks/results/bucket_threshold.md): the padded product stays faster
+# until its padding (r_max - mean rank) reaches ~25-30 ranks per output feature; buckets cost 1.06-1.46x
+# at MiniLM's sizes (r_max 8) and 0.78-0.90x at r_max 64 with the other heads at 4-16.
 BUCKET_GAIN = 0.75  # buckets must do at most this share of the padded work ...
 BUCKET_MIN_WASTE = 32  # ... and save at least this many ranks per output feature
 
