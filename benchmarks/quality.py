@@ -35,7 +35,8 @@ is the grid's largest gets the next half-decade too (up to twice), whichever met
 then runs at the chosen rate. Records go to results/quality_<task>.json (one per run; a run already there is
 not repeated), the table to quality_<task>.md, the Pareto plot to quality_<task>.png.
 
-    python benchmarks/quality.py --quick            # minilm, r=2, 1 seed, 60 steps, lr 1e-3: ~6 minutes
+    python benchmarks/quality.py --quick            # minilm, r=2, 1 seed, 60 steps, lr 1e-3: ~8 minutes
+    python benchmarks/quality.py --quick --methods lora adalora elalora ard   # ~3 minutes (bench --quick)
     python benchmarks/quality.py --task minilm      # the full study: hours on 2 cores
     python benchmarks/quality.py --task smollm2
     python benchmarks/quality.py --task minilm --table-only

@@ -195,8 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--granularity", choices=["head", "matrix"], default="head", help="groups per head or matrix")
     ins.add_argument("--head-layout", choices=["own", "shared"], default="own", help="per-head or shared A")
     bench = sub.add_parser("bench", help="run the benchmark suites of a source checkout (benchmarks/run.py)")
-    bench.add_argument("--suite", nargs="+", help="planted, ablations, quality, overhead (default: all)")
-    bench.add_argument("--quick", action="store_true", help="fewer steps and one seed (about 10 minutes)")
+    bench.add_argument(
+        "--suite",
+        nargs="+",
+        help="planted, methods-planted, ablations, quality, quality-smollm2, overhead, method-overhead, buckets "
+        "(default: all)",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="fewer steps and one seed, into benchmarks/results/quick/ (~8 minutes)"
+    )
     demo = sub.add_parser("demo", help="ARD-LoRA on the packaged MiniLM + tweets, then plain LoRA at equal parameters")
     demo.add_argument("--max-steps", type=POSITIVE_INT, help="optimizer steps per run (default: 2 epochs of --n-train)")
     demo.add_argument("--n-train", type=POSITIVE_INT, default=1000, help="training tweets")
