@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser("demo", help="ARD-LoRA on the packaged MiniLM + tweets, then plain LoRA at equal parameters")
     demo.add_argument("--max-steps", type=POSITIVE_INT, help="optimizer steps per run (default: 2 epochs of --n-train)")
-    demo.add_argument("--n-train", type=POSITIVE_INT, default=1000, help="training tweets")
+    demo.add_argument(
+        "--n-train", type=POSITIVE_INT, default=2000, help="training tweets (2,000: the quality study's training set)"
+    )
     demo.add_argument("--out", help="folder for the two run directories (default: runs/demo-<time>)")
     return parser
 

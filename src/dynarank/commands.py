@@ -271,7 +271,12 @@ def _print_comparison(ard: dict, lora: dict, budget: int) -> None:
             f"{run['eval']['macro_f1']:.4f}",
             f"{run['wall_seconds']:.0f}",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(
+        "One seed. The 3-seed study of every method at equal parameters is in docs/benchmarks.md "
+        "(python benchmarks/quality.py)."
+    )
 
 
 def bench_command(args: argparse.Namespace) -> int:
