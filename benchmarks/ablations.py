@@ -4,7 +4,9 @@
 2. l1 only (beta 0), TV only (lambda 0), both;
 3. lr_alpha / lr_theta: the alphas' travel over the active phase (lr_alpha = travel / active steps)
    against the A/B learning rate, plus the paper's fixed 5e-5;
-4. granularity: per head vs per matrix.
+4. granularity: per head vs per matrix;
+5. the TV term where ranks do oscillate: the paper's soft mask and round read-out, label noise 1.0,
+   alpha travel 8 (a separate task draw), step-TV and anchor-TV at several beta, against the hard mask.
 
     python benchmarks/ablations.py            # 1 seed, about 2 minutes on 2 cores
     python benchmarks/ablations.py --seeds 3
@@ -35,6 +37,7 @@ def _run(task, seed: int, oracle: dict, **overrides) -> dict:
         "params / oracle": out["params"] / oracle["params"],
         "within 1": within_one(out["ranks"], task.true_ranks),
         "rank changes": controller.rank_changes,
+        "reversing groups": controller.motion.reversing_fraction(),
         "ranks": out["ranks"],
         "lr_alpha": controller.settings.lr_alpha,
     }
@@ -53,6 +56,19 @@ def experiments() -> dict[str, dict[str, dict]]:
     return {"lambda x beta": grid, "l1 / TV": parts, "lr_alpha / lr_theta": ratio, "granularity": granularity}
 
 
+OSCILLATING = {"mask": "soft", "readout": "round", "alpha_travel": 8.0}  # the paper's relaxation, a fast alpha
+
+
+def oscillation_experiments() -> dict[str, dict]:
+    """TV forms where read-out ranks flip back and forth (run on a task with label noise 1.0)."""
+    cases = {f"soft mask, step-TV beta={b:g}": {**OSCILLATING, "ard_beta": b} for b in (0.0, 10.0, 1000.0)}
+    cases.update(
+        {f"soft mask, anchor-TV beta={b:g}": {**OSCILLATING, "tv_form": "anchor", "ard_beta": b} for b in (1.0, 10.0)}
+    )
+    cases["hard mask (default), beta=0"] = {"alpha_travel": 8.0, "ard_beta": 0.0}
+    return cases
+
+
 def run(seeds: int) -> dict:
     results: dict[str, dict[str, list[dict]]] = {}
     for seed in range(seeds):
@@ -64,9 +80,21 @@ def run(seeds: int) -> dict:
             lr=LR_THETA,
             seed=seed,
         )
-        for group, cases in experiments().items():
+        noisy = make_planted_task(seed=seed, noise=1.0)
+        noisy_oracle = train_planted(
+            noisy,
+            DynaRankConfig(method="lora", r=8, target_modules=["query"]),
+            fixed_ranks=noisy.true_ranks,
+            lr=LR_THETA,
+            seed=seed,
+        )
+        groups = {**experiments(), "TV where ranks oscillate": oscillation_experiments()}
+        for group, cases in groups.items():
             for name, overrides in cases.items():
-                row = _run(task, seed, oracle, **overrides)
+                if group == "TV where ranks oscillate":
+                    row = _run(noisy, seed, noisy_oracle, **overrides)
+                else:
+                    row = _run(task, seed, oracle, **overrides)
                 results.setdefault(group, {}).setdefault(name, []).append(row)
                 print(
                     f"seed {seed} {group:20s} {name:28s} loss/oracle {row['loss / oracle']:.3f} "
@@ -126,6 +154,25 @@ def plots(results: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{stem}.png", dpi=100)
         plt.close(fig)
+    cases = results["TV where ranks oscillate"]
+    names = list(cases)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.bar(range(len(names)), [mean(cases[n], "rank changes") for n in names], color="tab:orange")
+    for i, n in enumerate(names):
+        ax.text(
+            i,
+            mean(cases[n], "rank changes"),
+            f"{mean(cases[n], 'reversing groups'):.0%} rev.",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("read-out rank changes")
+    ax.set_title("TV where ranks oscillate (soft mask, label noise 1.0, alpha travel 8)")
+    fig.tight_layout()
+    fig.savefig(out / "ablation_tv_oscillation.png", dpi=100)
+    plt.close(fig)
 
 
 def markdown(results: dict, command: str) -> str:
@@ -134,13 +181,14 @@ def markdown(results: dict, command: str) -> str:
         lines += [
             f"### {group}",
             "",
-            "| setting | loss / oracle | params / oracle | groups within 1 | rank changes |",
-            "|---|---|---|---|---|",
+            "| setting | loss / oracle | params / oracle | groups within 1 | rank changes | groups reversing twice |",
+            "|---|---|---|---|---|---|",
         ]
         for name, rows in cases.items():
             lines.append(
                 f"| {name} | {mean(rows, 'loss / oracle'):.3f} | {mean(rows, 'params / oracle'):.2f} | "
-                f"{mean(rows, 'within 1'):.0%} | {mean(rows, 'rank changes'):.0f} |"
+                f"{mean(rows, 'within 1'):.0%} | {mean(rows, 'rank changes'):.0f} | "
+                f"{mean(rows, 'reversing groups'):.0%} |"
             )
         lines.append("")
     return "\n".join(lines)

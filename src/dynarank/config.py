@@ -102,7 +102,8 @@ class DynaRankConfig:
     ard_beta: float = _help("Weight of the total-variation (stability) term, relative to lambda.", 0.1)
     tv_form: TVForm = _help(
         "'step': the paper's ||alpha(t) - alpha(t-1)||^2; 'anchor': ||alpha(t) - alpha(last resize)||^2, "
-        "which holds alpha near its value at the last cut (measured: no gain on the planted-rank task).",
+        "which holds alpha near its value at the last cut (measured in docs/ard.md: neither form is needed "
+        "with the hard mask, where ranks do not oscillate).",
         "step",
     )
     lr_alpha: float | None = _help(

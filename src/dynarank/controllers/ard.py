@@ -460,7 +460,13 @@ class ARDController(RankController):
             self.warn_once(
                 "oscillation",
                 f"oscillating ranks: {flips:.0%} of groups changed direction twice or more across "
-                f"resizes; raise ard_beta (now {s.ard_beta:g}) or use tv_form='anchor'.",
+                f"resizes; "
+                + (
+                    "use mask='hard' (measured: no oscillation with the hard mask), or raise ard_beta by orders of "
+                    f"magnitude (now {s.ard_beta:g})."
+                    if s.mask == "soft"
+                    else f"raise ard_beta (now {s.ard_beta:g}) or lower lr_alpha."
+                ),
                 record,
             )
 
