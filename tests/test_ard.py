@@ -119,6 +119,24 @@ def test_lambda_zero_keeps_every_rank():
     assert out["ranks"] == [8] * 8
 
 
+def test_lambda_zero_raises_the_explosion_alarm():
+    task = make_planted_task(seed=0)
+    out = train_planted(
+        task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=0.0), steps=300, lr=3e-3
+    )
+    assert any("rank explosion" in w and "raise ard_lambda" in w for w in out["warnings"]), out["warnings"]
+
+
+def test_ranks_flipping_under_the_soft_mask_raise_the_oscillation_alarm_pointing_to_the_mask():
+    task = make_planted_task(seed=0, noise=1.0)
+    config = DynaRankConfig(method="ard", r=8, target_modules=["query"], mask="soft", readout="round", alpha_travel=8.0)
+    out = train_planted(task, config, lr=3e-3)
+    assert out["controller"].motion.reversing_fraction() >= 0.25
+    assert any("oscillating ranks" in w and "mask='hard'" in w for w in out["warnings"]), out["warnings"]
+    hard = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], alpha_travel=8.0), lr=3e-3)
+    assert not any("oscillating" in w for w in hard["warnings"])  # the default mask does not flip
+
+
 def test_far_too_large_lambda_raises_the_collapse_alarm():
     task = make_planted_task(seed=0)
     out = train_planted(

@@ -436,7 +436,7 @@ class ARDController(RankController):
         for name, layer in self.layers.items():
             scaled = self.gates.of(name).detach().cpu() * s.r0
             full = torch.tensor(layer.ranks) >= s.r0  # never cut and ...
-            pinned += int((full & (scaled >= s.r0 - 1e-4)).sum())  # ... alpha held at the top
+            pinned += int((full & (scaled > s.r0 - 0.5)).sum())  # ... its top slot still switched on
         pinned /= n
         if not budgeted and progress >= 0.5 and pinned >= EXPLOSION_FRACTION:
             self.warn_once(
