@@ -366,8 +366,8 @@ def markdown(rows: list[dict], task_name: str, commands: list[str], lrs: dict[st
     lines = [
         f"| budget (LoRA r) | method | lr | seeds | test {metric} (mean ± std) | {second} | "
         "adapter params at end (% of model) | at start | mean over training | "
-        "params + AdamW state start -> end | s/step | vs LoRA / AdaLoRA | share of full FT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "params + AdamW state start -> end | s/step | peak RSS | vs LoRA / AdaLoRA | share of full FT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs = " / ".join(f"{m} {v:+.4f}" for m, v in r["vs_baselines"].items() if m != r["method"]) or "-"
@@ -379,14 +379,15 @@ def markdown(rows: list[dict], task_name: str, commands: list[str], lrs: dict[st
             f"{r['adapter_parameters']:,.0f}{alloc} ({100 * r['adapter_parameters'] / task['model_params']:.2f}%) | "
             f"{r['adapter_parameters_start']:,.0f} | {r['adapter_parameters_mean']:,.0f} | "
             f"{r['state_bytes_start'] / 1e6:.2f} MB -> {r['state_bytes_end'] / 1e6:.2f} MB | "
-            f"{r['seconds_per_step']:.2f} | {vs} | {share} |"
+            f"{r['seconds_per_step']:.2f} | {r['peak_rss_mb']:,.0f} MB | {vs} | {share} |"
         )
     lines += [
         "",
         "vs LoRA / AdaLoRA: the method's mean minus stock PEFT LoRA's and stock AdaLoRA's at the same budget, "
         "signed so that positive is better. Adapter params exclude the task head (trained in full by every "
         "method) and ARD's alphas (one per group). Stock AdaLoRA's count is what survives its masks; it keeps "
-        "the allocated count in memory. s/step: two runs shared the 2 cores, one thread each.",
+        "the allocated count in memory. s/step: two runs shared the 2 cores, one thread each. Peak RSS: the "
+        "largest peak resident memory of the run's process over the seeds (model, data, activations and all).",
     ]
     cmd = "\n".join(f"    {c}" for c in commands)
     chosen = ", ".join(f"{m} {lr:g}" for m, lr in lrs.items())
