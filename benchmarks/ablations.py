@@ -69,25 +69,17 @@ def oscillation_experiments() -> dict[str, dict]:
     return cases
 
 
+def _oracle(task, seed: int) -> dict:
+    """Per-head LoRA cut to the true ranks: the loss and size every ablation is measured against."""
+    config = DynaRankConfig(method="lora", r=8, target_modules=["query"])
+    return train_planted(task, config, fixed_ranks=task.true_ranks, lr=LR_THETA, seed=seed)
+
+
 def run(seeds: int) -> dict:
     results: dict[str, dict[str, list[dict]]] = {}
     for seed in range(seeds):
-        task = make_planted_task(seed=seed, noise=0.1)
-        oracle = train_planted(
-            task,
-            DynaRankConfig(method="lora", r=8, target_modules=["query"]),
-            fixed_ranks=task.true_ranks,
-            lr=LR_THETA,
-            seed=seed,
-        )
-        noisy = make_planted_task(seed=seed, noise=1.0)
-        noisy_oracle = train_planted(
-            noisy,
-            DynaRankConfig(method="lora", r=8, target_modules=["query"]),
-            fixed_ranks=noisy.true_ranks,
-            lr=LR_THETA,
-            seed=seed,
-        )
+        task, noisy = make_planted_task(seed=seed, noise=0.1), make_planted_task(seed=seed, noise=1.0)
+        oracle, noisy_oracle = _oracle(task, seed), _oracle(noisy, seed)
         groups = {**experiments(), "TV where ranks oscillate": oscillation_experiments()}
         for group, cases in groups.items():
             for name, overrides in cases.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import zlib
 
 import pytest
 import torch
@@ -11,25 +10,8 @@ import torch
 import dynarank.io
 from dynarank import checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
-from dynarank.data import Examples
 from dynarank.loop import NonFiniteError, TrainSpec, train_classifier
-from tiny_models import tiny_bert
-
-
-class WordTokenizer:
-    """Whitespace tokenizer over a 100-id vocabulary (id 0 pads)."""
-
-    pad_token_id = 0
-
-    def __call__(self, texts, truncation=True, max_length=16):
-        # crc32, not hash(): Python salts str hashes per process, and the data must not change between runs.
-        return {"input_ids": [[1 + zlib.crc32(w.encode()) % 99 for w in t.split()][:max_length] for t in texts]}
-
-
-def examples(n: int = 48) -> Examples:
-    words = [["good", "great", "fine"], ["bad", "awful", "poor"]]
-    texts = [f"it was {words[i % 2][i % 3]} and {words[i % 2][(i + 1) % 3]} {i}" for i in range(n)]
-    return Examples(texts, [i % 2 for i in range(n)], ["neg", "pos"])
+from tiny_models import WordTokenizer, examples, tiny_bert
 
 
 def spec(method: str = "ard", steps: int = 40) -> TrainSpec:

@@ -14,6 +14,7 @@ from dynarank import models
 from dynarank.cli import main
 from dynarank.models import load_classifier, resolve_model_dir
 from test_cli import train_args, write_csv
+from test_cli_inputs import refused
 from tiny_models import save_tiny_model_dir
 
 
@@ -32,14 +33,6 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
         assert main(train_args(tiny_model_dir, data, root / method, "--method", method)) == 0
         made[method] = root / method
     return made
-
-
-def refused(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 # ---------------------------------------------------------------------------- recorded paths

@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import zlib
 
 import torch
 
 from dynarank.attach import elastic_layers
-from dynarank.data import Examples
 from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, train_classifier
-from tiny_models import tiny_bert
+from tiny_models import WordTokenizer, examples, tiny_bert
 
 # Per method: TrainSpec fields. 51 examples: the last batch of every epoch splits unevenly (2 + 1).
 SPECS = {
@@ -29,19 +27,6 @@ SPECS = {
     # ElaLoRA on every encoder matrix: prune-and-grow rounds at every step from 9 to 32.
     "elalora": {"max_steps": 40, "target_modules": BERT_ENCODER_LINEAR},
 }
-
-
-class WordTokenizer:
-    pad_token_id = 0
-
-    def __call__(self, texts, truncation=True, max_length=16):
-        return {"input_ids": [[1 + zlib.crc32(w.encode()) % 99 for w in t.split()][:max_length] for t in texts]}
-
-
-def examples(n: int = 48) -> Examples:
-    words = [["good", "great", "fine"], ["bad", "awful", "poor"]]
-    texts = [f"it was {words[i % 2][i % 3]} and {words[i % 2][(i + 1) % 3]} {i}" for i in range(n)]
-    return Examples(texts, [i % 2 for i in range(n)], ["neg", "pos"])
 
 
 def run(method: str, nan_step: int = 0, nan_worker: int = 1) -> dict:

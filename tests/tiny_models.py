@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from transformers import (
     BertConfig,
@@ -11,6 +13,8 @@ from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+
+from dynarank.data import Examples
 
 # The shape of every tiny encoder: 2 layers, 4 heads of 8 (hidden 32), FFN 64.
 TINY_ENCODER = dict(
@@ -123,3 +127,19 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+class WordTokenizer:
+    """Whitespace tokenizer over a 100-id vocabulary (id 0 pads)."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, truncation=True, max_length=16):
+        # crc32, not hash(): Python salts str hashes per process, and the data must not change between runs.
+        return {"input_ids": [[1 + zlib.crc32(w.encode()) % 99 for w in t.split()][:max_length] for t in texts]}
+
+
+def examples(n: int = 48) -> Examples:
+    words = [["good", "great", "fine"], ["bad", "awful", "poor"]]
+    texts = [f"it was {words[i % 2][i % 3]} and {words[i % 2][(i + 1) % 3]} {i}" for i in range(n)]
+    return Examples(texts, [i % 2 for i in range(n)], ["neg", "pos"])
