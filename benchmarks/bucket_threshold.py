@@ -5,7 +5,7 @@ at a fraction of it), forward + backward of N tokens, one thread. The same layer
 round, once with its rank buckets and once forced onto the padded product, alternating, and the median
 of the per-round ratios is reported, for both splits (rows: q/k/v, cols: the output projection) and
 both head layouts. ``padding`` is the padded product's waste per output feature, r_max - mean rank:
-the quantity ``dynarank.layer.worth_bucketing`` thresholds (BUCKET_MIN_WASTE).
+the quantity ``dynarank.layer_buckets.worth_bucketing`` thresholds (BUCKET_MIN_WASTE).
 
     python benchmarks/bucket_threshold.py             # writes results/bucket_threshold.{json,md}
 """
@@ -60,7 +60,7 @@ def measure(case: tuple, split: str, layout: str, rounds: int) -> dict:
     bucketed = layer_with_ranks(d, heads, r0, ranks, split, layout)
     bucketed._buckets = rank_buckets(bucketed.slots, bucketed.shared_weight.device)  # whatever the threshold
     padded = copy.deepcopy(bucketed)
-    padded._buckets = []
+    padded._buckets = None
     x = torch.randn(tokens, d)
     for layer in (bucketed, padded):  # warm-up
         step_seconds(layer, x)

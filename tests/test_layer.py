@@ -168,9 +168,9 @@ def test_uneven_ranks_take_rank_buckets_with_the_padded_outputs_and_gradients(
     monkeypatch.setattr(dynarank.layer_buckets, "BUCKET_MIN_WASTE", 0)  # tiny layers: buckets whenever cheaper
     bucketed = make_layer(split, layout)
     bucketed.remove_slots({0: [0, 1, 2], 1: [1, 2], 3: [2]})  # ranks [0, 1, 3, 2]: T = 6 of G * r_max = 12
-    assert bucketed._buckets and [b.rank for b in bucketed._buckets] == [1, 2, 3]
+    assert [b.rank for b in bucketed._buckets.buckets] == [1, 2, 3]
     padded = copy.deepcopy(bucketed)
-    padded._buckets = []  # force the padded product
+    padded._buckets = None  # force the padded product
     gate = torch.rand(4, 3, generator=torch.Generator().manual_seed(5), requires_grad=True)
     if gated:
         for layer in (bucketed, padded):
@@ -193,9 +193,45 @@ def test_a_layer_with_even_ranks_keeps_one_padded_product(make_layer, split, lay
     monkeypatch.setattr(dynarank.layer_buckets, "BUCKET_MIN_WASTE", 0)
     layer = make_layer(split, layout)
     layer.remove_slots({g: [2] for g in range(4)})  # ranks [2, 2, 2, 2]
-    assert not layer._buckets
+    assert layer._buckets is None
     layer.remove_slots({0: [1]})  # [1, 2, 2, 2]: T = 7 > 3/4 of 8, too little to gain
-    assert not layer._buckets
+    assert layer._buckets is None
+
+
+def _lopsided(split, layout):
+    """A 256-wide layer whose heads hold ranks [64, 4, 4, 0]: padding 46 ranks per feature, so buckets by default."""
+    torch.manual_seed(0)
+    layer = ElasticLoRALinear(nn.Linear(256, 256), n_groups=4, split=split, layout=layout, r=64)
+    with torch.no_grad():
+        layer.shared_weight.normal_()
+        layer.group_weight.normal_()
+    layer.remove_slots({1: list(range(4, 64)), 2: list(range(4, 64)), 3: list(range(64))})
+    padded = copy.deepcopy(layer)
+    padded._buckets = None
+    return layer, padded
+
+
+def test_a_lopsided_layer_takes_buckets_at_the_default_threshold_and_matches_the_padded_product(split, layout):
+    layer, padded = _lopsided(split, layout)
+    assert layer._buckets is not None and [b.rank for b in layer._buckets.buckets] == [4, 64]
+    x = torch.randn(5, 256)
+    torch.testing.assert_close(layer(x), padded(x), atol=1e-3, rtol=1e-4)
+
+
+def test_buckets_run_under_bf16_autocast_like_the_padded_product(split, layout):
+    layer, padded = _lopsided(split, layout)
+    x = torch.randn(5, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_padded = layer(x), padded(x)
+    assert y.dtype == y_padded.dtype
+    torch.testing.assert_close(y.float(), y_padded.float(), atol=2.0, rtol=5e-2)  # bf16 sums of 64 ranks
+
+
+def test_buckets_follow_the_module_to_another_device():
+    layer, _ = _lopsided("rows", "shared")
+    moved = copy.deepcopy(layer).to("meta")
+    y = moved(torch.randn(5, 256, device="meta"))
+    assert y.device.type == "meta" and moved._buckets.device.type == "meta"
 
 
 def test_buckets_are_taken_only_when_the_padding_is_large():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_buckets import RankBucket, bucketed_update, rank_buckets, worth_bucketing
+from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, worth_bucketing
 from .optim_state import reindex_parameter
 
 Split = Literal["rows", "cols"]
@@ -191,7 +191,7 @@ class ElasticLoRALinear(nn.Module):
         # Uneven ranks: the padded product costs G * r_max * d_g per token on the group side, the rank
         # buckets T * d_g (T = sum_g r_g; groups at rank 0 cost nothing) plus a few extra passes over the
         # (N, d) activations. Buckets pay off only when the padding is large (BUCKET_MIN_WASTE).
-        self._buckets: list[RankBucket] = []
+        self._buckets: BucketPlan | None = None
         if not self._dense and self.n_groups > 1 and worth_bucketing(ranks):
             self._buckets = rank_buckets(self._slots, device)
 
@@ -221,7 +221,7 @@ class ElasticLoRALinear(nn.Module):
 
     def _low_rank_update(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d_in) -> (N, d_out), without the scaling."""
-        if self._buckets:
+        if self._buckets is not None:
             return bucketed_update(self, x, self._buckets_on(x.device))
         n = x.shape[0]
         w = self._group_side_padded()  # (d_g, G, r_max)
@@ -253,9 +253,9 @@ class ElasticLoRALinear(nn.Module):
         delta = self._low_rank_update(h) * self.scaling
         return out + delta.view(*out.shape[:-1], self.out_features).to(out.dtype)
 
-    def _buckets_on(self, device: torch.device) -> list[RankBucket]:
-        if self._buckets[0].groups.device != device:  # the module moved since the last rebuild
-            self._buckets = [b.to(device) for b in self._buckets]
+    def _buckets_on(self, device: torch.device) -> BucketPlan:
+        if self._buckets.device != device:  # the module moved since the last rebuild
+            self._buckets = self._buckets.to(device)
         return self._buckets
 
     # ------------------------------------------------------------------ weights

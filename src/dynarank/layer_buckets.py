@@ -28,26 +28,36 @@ def worth_bucketing(ranks: Sequence[int]) -> bool:
 
 @dataclass(frozen=True)
 class RankBucket:
-    """The groups of one live rank, for :func:`bucketed_update`.
-
-    groups (n_b,), slots (n_b, r_b) shared-slot indices, columns (n_b, r_b) packed group-side
-    columns; ``inverse`` (G,) (kept on the first bucket) puts the concatenated bucket outputs,
-    followed by the rank-0 groups, back into group order.
-    """
+    """The groups of one live rank: groups (n_b,), slots (n_b, r_b) shared-slot indices, columns (n_b, r_b)
+    packed group-side columns."""
 
     rank: int
     groups: torch.Tensor
     slots: torch.Tensor
     columns: torch.Tensor
-    inverse: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> RankBucket:
-        inverse = None if self.inverse is None else self.inverse.to(device)
-        return RankBucket(self.rank, self.groups.to(device), self.slots.to(device), self.columns.to(device), inverse)
+        return RankBucket(self.rank, self.groups.to(device), self.slots.to(device), self.columns.to(device))
 
 
-def rank_buckets(slots: Sequence[Sequence[int]], device: torch.device) -> list[RankBucket]:
-    """Group the rank groups by live rank (rank 0 left out); the first bucket carries the inverse order."""
+@dataclass(frozen=True)
+class BucketPlan:
+    """A layer's buckets (rank 0 left out), and every bucket's slots flattened in bucket order (cols split:
+    one scatter of all buckets into the shared slots)."""
+
+    buckets: tuple[RankBucket, ...]
+    slots: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.slots.device
+
+    def to(self, device: torch.device) -> BucketPlan:
+        return BucketPlan(tuple(b.to(device) for b in self.buckets), self.slots.to(device))
+
+
+def rank_buckets(slots: Sequence[Sequence[int]], device: torch.device) -> BucketPlan | None:
+    """Group the rank groups by live rank (None if every group is at rank 0)."""
     offsets, offset = [], 0
     for s in slots:
         offsets.append(offset)
@@ -56,25 +66,21 @@ def rank_buckets(slots: Sequence[Sequence[int]], device: torch.device) -> list[R
     for g, s in enumerate(slots):
         if s:
             by_rank.setdefault(len(s), []).append(g)
-    order = [g for r in sorted(by_rank) for g in by_rank[r]] + [g for g, s in enumerate(slots) if not s]
-    inverse = torch.empty(len(slots), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(slots))
-    buckets = []
-    for r in sorted(by_rank):
-        groups = by_rank[r]
-        buckets.append(
-            RankBucket(
-                rank=r,
-                groups=torch.tensor(groups, dtype=torch.long, device=device),
-                slots=torch.tensor([slots[g] for g in groups], dtype=torch.long, device=device),
-                columns=torch.tensor([list(range(offsets[g], offsets[g] + r)) for g in groups], device=device),
-                inverse=inverse.to(device) if not buckets else None,
-            )
+    if not by_rank:
+        return None
+    buckets = tuple(
+        RankBucket(
+            rank=r,
+            groups=torch.tensor(groups, dtype=torch.long, device=device),
+            slots=torch.tensor([slots[g] for g in groups], dtype=torch.long, device=device),
+            columns=torch.tensor([list(range(offsets[g], offsets[g] + r)) for g in groups], device=device),
         )
-    return buckets
+        for r, groups in sorted(by_rank.items())
+    )
+    return BucketPlan(buckets, torch.cat([b.slots.reshape(-1) for b in buckets]))
 
 
-def bucketed_update(layer, x: torch.Tensor, buckets: list[RankBucket]) -> torch.Tensor:
+def bucketed_update(layer, x: torch.Tensor, plan: BucketPlan) -> torch.Tensor:
     """``layer``'s low-rank update of x (N, d_in) -> (N, d_out), without the scaling, one batched product
     per distinct live rank: the same result as the padded product.
 
@@ -86,24 +92,23 @@ def bucketed_update(layer, x: torch.Tensor, buckets: list[RankBucket]) -> torch.
     w = layer.group_weight  # (d_g, T)
     if layer.split == "rows":
         z = x @ layer.shared_weight.t()  # (N, S)
-        blocks = []
-        for b in buckets:
+        y = None
+        for b in plan.buckets:
             zb = z[:, b.slots]  # (N, n_b, r_b)
             if gate is not None:
                 zb = zb * gate[b.groups, : b.rank]
-            blocks.append(torch.einsum("ngr,dgr->ngd", zb, w[:, b.columns]))  # (N, n_b, d_g)
-        off = sum(r == 0 for r in layer.ranks)
-        if off:
-            blocks.append(z.new_zeros(n, off, layer.group_size))  # groups at rank 0 (last in bucket order)
-        y = torch.cat(blocks, dim=1)  # (N, G, d_g) in bucket order
-        return y[:, buckets[0].inverse].reshape(n, layer.out_features)
+            yb = torch.einsum("ngr,dgr->ngd", zb, w[:, b.columns])  # (N, n_b, d_g)
+            if y is None:  # in the dtype the products come in (autocast may lower it); rank-0 groups stay 0
+                y = yb.new_zeros(n, layer.n_groups, layer.group_size)
+            y.index_copy_(1, b.groups, yb)
+        return y.reshape(n, layer.out_features)
     xg = x.view(n, layer.n_groups, layer.group_size)  # (N, G, d_g)
-    parts, slots = [], []
-    for b in buckets:
+    parts = []
+    for b in plan.buckets:
         zb = torch.einsum("ngd,dgr->ngr", xg[:, b.groups], w[:, b.columns])  # (N, n_b, r_b)
         if gate is not None:
             zb = zb * gate[b.groups, : b.rank]
         parts.append(zb.reshape(n, -1))
-        slots.append(b.slots.reshape(-1))
-    z = x.new_zeros(n, layer.n_slots).index_add(1, torch.cat(slots), torch.cat(parts, dim=1))  # (N, S)
+    values = torch.cat(parts, dim=1)  # (N, sum_b n_b r_b) in plan.slots order
+    z = values.new_zeros(n, layer.n_slots).index_add(1, plan.slots, values)  # (N, S)
     return z @ layer.shared_weight  # (N, d_out)
