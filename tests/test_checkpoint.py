@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+import dynarank
 import dynarank.io
 from dynarank import checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
@@ -275,3 +276,23 @@ def test_the_stop_policy_does_not_claim_a_checkpoint_that_was_never_written(tmp_
             on_nonfinite="stop",
         )
     assert "No checkpoint was written" in str(info.value) and "is kept" not in str(info.value)
+
+
+# ---------------------------------------------------------------- Trainer checkpoints' dynarank/ state
+
+
+def attached(method: str = "adalora", **options):
+    return dynarank.attach(
+        tiny_bert(), dynarank.DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **options)
+    )
+
+
+@pytest.mark.parametrize("key", ["step", "total_steps", "method", "layout", "controller"])
+def test_a_trainer_state_without_a_required_key_is_refused_naming_it(tmp_path, key):
+    model = attached()
+    checkpoint.save_trainer_state(tmp_path, model, dynarank.build_controller(model, total_steps=10))
+    state, tensors = checkpoint.read(tmp_path / checkpoint.TRAINER_DIR)
+    del state[key]
+    checkpoint._write(tmp_path / checkpoint.TRAINER_DIR, state, tensors)  # checksums of the edited state
+    with pytest.raises(CheckpointError, match=f"state.json lacks {key}: not a Trainer checkpoint's state"):
+        checkpoint.read_trainer_state(tmp_path)

@@ -44,6 +44,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 TEMPORARY_DIR = re.compile(r"^\.step-\d+\.")  # io.write_atomically's temporary siblings of step-N
 TRAINER_DIR = "dynarank"  # inside a transformers Trainer checkpoint
 TRAINER_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR
+TRAINER_KEYS = ("step", "total_steps", "method", "layout", "controller")  # what save_trainer_state writes
 ALLOCATOR_EMAS = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # stock PEFT AdaLoRA's importance state, by parameter name
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,7 @@ def read_trainer_state(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torc
             "mid-run: resume from a checkpoint that has it, or start the run again."
         )
     state, tensors = read(path)
-    missing = [k for k in ("step", "total_steps", "layout", "controller") if k not in state]
+    missing = [k for k in TRAINER_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path / STATE_FILE} lacks {', '.join(missing)}: not a Trainer checkpoint's state.")
     return state, tensors
