@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,38 @@ def test_eval_of_a_run_truncates_at_the_runs_max_length(runs, monkeypatch):
     assert main(["eval", str(runs["lora"] / "adapter"), "--data", str(runs["data"])]) == 0
     assert main(["eval", str(runs["lora"]), "--data", str(runs["data"]), "--max-length", "9"]) == 0
     assert lengths == [16, 16, 9]  # train_args trains with --max-length 16
+
+
+def test_a_run_on_a_gguf_folder_records_the_folder_and_works_after_the_cache_is_cleared(
+    tiny_model_dir, runs, tmp_path, monkeypatch, capsys
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DYNARANK_CACHE", str(cache))
+    conversions = []
+
+    def convert(source, gguf_file, target):  # stands in for the dequantisation: the tiny model is the copy
+        conversions.append(gguf_file)
+        shutil.copytree(tiny_model_dir, target)
+        return target
+
+    monkeypatch.setattr(models, "converted_gguf", convert)
+    folder = tmp_path / "my-gguf-model"
+    folder.mkdir()
+    (folder / "tiny.gguf").write_bytes(b"GGUF")
+    run = tmp_path / "run"
+    assert main(train_args(folder, runs["data"], run, "--method", "lora")) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == str(folder.resolve())
+    assert json.loads((run / "summary.json").read_text())["model"] == str(folder.resolve())
+    assert json.loads((run / "adapter" / "dynarank_run.json").read_text())["model"] == str(folder.resolve())
+
+    shutil.rmtree(cache)  # the cache is cleared (or the run was copied to another machine)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(runs["data"])]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    shutil.rmtree(cache)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "exported"), "--data", str(runs["data"])]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+    # train; eval after the cache was cleared; export reuses eval's copy; eval of the export after a new clear
+    assert conversions == ["tiny.gguf"] * 3

@@ -92,7 +92,7 @@ def load_trained(run_dir: Path, merged: bool = False):
     if summary["method"] == "full":
         model, tokenizer = load(run_dir / "model")
         return model, tokenizer, summary
-    model, tokenizer = load(summary["model"])
+    model, tokenizer = load(resolve_model_dir(summary["model"]))  # a GGUF folder's cached copy, made again if gone
     if summary["method"] in DYNARANK_METHODS:
         load_adapter(model, run_dir / "dynarank_adapter")
         return model, tokenizer, summary

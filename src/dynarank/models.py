@@ -184,3 +184,12 @@ def resolve_model_dir(value: str | None) -> Path:
     if not (path / "config.json").is_file() and any(path.glob("*.gguf")):
         return gguf_copy_path(path.resolve()).resolve()  # a GGUF folder: its cached fp32 copy
     return path.resolve()
+
+
+def model_record(value: str | None) -> str:
+    """What a run records as its model, for ``resolve_model_dir`` to resolve again when the run is used: the
+    keyword 'smollm2' and a GGUF folder (absolute) stay as the user gave them, since their fp32 copy lives in a
+    cache that may be cleared (or is on another machine); a model directory is recorded absolute."""
+    if value == PACKAGED_SMOLLM2:
+        return value
+    return str(resolve_model_dir(value)) if value is None else str(Path(value).resolve())

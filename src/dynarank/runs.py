@@ -31,7 +31,7 @@ from .distributed import world
 from .export import export_peft
 from .io import save_adapter
 from .loop import BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, train_causal_lm, train_classifier
-from .models import infer_task, load_causal_lm, load_classifier, resolve_model_dir
+from .models import infer_task, load_causal_lm, load_classifier, model_record, resolve_model_dir
 from .run_options import DYNARANK_KNOBS, check_method_options
 
 
@@ -158,7 +158,7 @@ def _train_into(opts, out: Path, model_dir, task, train, held, model, tokenizer,
     )
     resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose", "resume")}
     resolved.update(
-        model=str(model_dir),
+        model=model_record(opts.model),  # a GGUF folder or 'smollm2', not its cached copy: resolved again on use
         data=absolute(opts.data),
         eval_data=absolute(opts.eval_data),
         config=absolute(opts.config),
