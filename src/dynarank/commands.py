@@ -21,7 +21,14 @@ from .data import causal_examples, classification_examples, load_table
 from .export import export_peft
 from .io import load_adapter
 from .loop import DYNARANK_METHODS
-from .models import infer_task, load_causal_lm, load_classifier, packaged_minilm_path, resolve_model_dir
+from .models import (
+    infer_task,
+    load_causal_lm,
+    load_classifier,
+    packaged_minilm_path,
+    require_safetensors,
+    resolve_model_dir,
+)
 from .runs import ADAPTER_INFO, new_run_dir, read_summary, resolve_target_modules, train_command, write_adapter_info
 from .tasks import evaluate_causal_lm, evaluate_classifier
 
@@ -44,9 +51,10 @@ def _label_names(given: str | None, recorded: list[str] | None, path: Path) -> l
 
 
 def _peft_model(model, path: Path, label_names: list[str] | None):
-    """Stock PEFT's loader, with a task head that does not fit the labels named in one line."""
+    """Stock PEFT's loader on safetensors only, with a task head that does not fit the labels named in one line."""
     from peft import PeftModel
 
+    require_safetensors(path, "adapter")  # PEFT would fall back to torch.load on adapter_model.bin
     try:
         return PeftModel.from_pretrained(model, path)
     except RuntimeError as exc:
@@ -61,6 +69,7 @@ def _peft_model(model, path: Path, label_names: list[str] | None):
 
 def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
     """(model, tokenizer, info) for a plain PEFT adapter directory (ours or anyone's)."""
+    require_safetensors(path, "adapter")  # before the base model is loaded for nothing
     info_file = path / ADAPTER_INFO
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     base = (

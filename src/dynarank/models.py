@@ -13,6 +13,30 @@ class ModelError(ValueError):
     """A model directory is missing or does not load."""
 
 
+# Weight files that only a pickle loader (torch.load) reads: never opened here, whoever wrote them.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def require_safetensors(folder: str | Path, what: str = "model") -> None:
+    """Refuse ``folder`` unless its weights are safetensors: a pickle can run any code when it is loaded.
+
+    ``what`` is 'model' (a Hugging Face model directory) or 'adapter' (a PEFT adapter directory)."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if what == "adapter":
+        how = "PeftModel.from_pretrained, then save_pretrained(dir), which writes adapter_model.safetensors"
+    else:
+        how = "from_pretrained, then save_pretrained(dir), which writes model.safetensors"
+    if pickled:
+        raise ModelError(
+            f"{folder} holds its {what} weights as {pickled[0]}, a pickle, which dynarank never loads (it can run "
+            f"code): convert it to safetensors where you trust the file ({how}) and pass that folder."
+        )
+    raise ModelError(f"{folder} holds no .safetensors {what} weights; dynarank reads safetensors only.")
+
+
 def _load_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError  # a truncated or corrupt weights file
 
@@ -56,6 +80,7 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
     transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
     model_dir = str(model_dir)
     infer_task(model_dir)
+    require_safetensors(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -64,6 +89,7 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
             ignore_mismatched_sizes=True,  # a base with a head for other labels gets a new head
+            use_safetensors=True,
         )
     except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load {model_dir} as a sequence classifier: {str(exc).splitlines()[0]}") from None
@@ -125,6 +151,7 @@ def converted_gguf(source: Path, gguf_file: str, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Only the named .gguf file is read: a typed binary format that the gguf package parses (nothing is unpickled).
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
     # The weights are plain fp32 after dequantisation; drop the GGUF markers so the copy saves and trains.
@@ -159,9 +186,10 @@ def load_causal_lm(model_dir: str | Path):
     transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
     model_dir = str(model_dir)
     infer_task(model_dir)
+    require_safetensors(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
     except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load {model_dir} as a causal LM: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
