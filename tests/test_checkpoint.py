@@ -296,3 +296,38 @@ def test_a_trainer_state_without_a_required_key_is_refused_naming_it(tmp_path, k
     checkpoint._write(tmp_path / checkpoint.TRAINER_DIR, state, tensors)  # checksums of the edited state
     with pytest.raises(CheckpointError, match=f"state.json lacks {key}: not a Trainer checkpoint's state"):
         checkpoint.read_trainer_state(tmp_path)
+
+
+def _layout_of(model) -> dict:
+    """Each layer's slots and the very parameter objects it holds."""
+    return {n: (layer.slots, layer.shared_weight, layer.group_weight) for n, layer in elastic_layers(model).items()}
+
+
+def _unchanged(model, before: dict) -> bool:
+    now = _layout_of(model)
+    return now.keys() == before.keys() and all(
+        now[n][0] == before[n][0] and now[n][1] is before[n][1] and now[n][2] is before[n][2] for n in now
+    )
+
+
+def _damage_last(layout: dict, how: str) -> tuple[dict, str]:
+    last = list(layout)[-1]
+    if how == "groups":
+        layout[last] = layout[last][:-1]
+        return layout, f"{last} has 3 rank groups in the checkpoint, 4 in the model"
+    if how == "slot":
+        layout[last][0] = [0, -1]
+        return layout, f"{last}: the checkpoint's slot lists are not lists of non-negative integers"
+    layout["bert.encoder.layer.9.attention.self.query"] = layout.pop(last)
+    return layout, "adapted modules differ .*layer.9"
+
+
+@pytest.mark.parametrize("how", ["groups", "slot", "names"])
+def test_a_layout_that_does_not_fit_is_refused_before_any_layer_changes(how):
+    # The first modules would fit: none of them may be resized before the last one is found wrong.
+    model = attached()
+    layout, message = _damage_last({n: [g[:2] for g in layer.slots] for n, layer in elastic_layers(model).items()}, how)
+    before = _layout_of(model)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.restore_layout(model, layout)
+    assert _unchanged(model, before)

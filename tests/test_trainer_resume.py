@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import dynarank
-from dynarank import DynaRankConfig, attach
+from dynarank import DynaRankConfig, attach, checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
 from tiny_models import TokenDataset, tiny_bert
 
@@ -109,6 +109,35 @@ def test_a_checkpoint_without_dynarank_state_is_refused_with_what_to_do(tmp_path
     with pytest.raises(CheckpointError, match="holds no dynarank state .*cannot restart mid-run"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{SAVE}"))
     assert callback.controller is None  # nothing was reshaped or built
+
+
+def test_a_failed_resume_leaves_model_and_callback_as_they_were_and_a_second_resume_is_exact(uninterrupted, tmp_path):
+    method, out, model, controller = uninterrupted
+    # A copy of checkpoint-10 whose last module's layout has a group too few (its first modules would fit).
+    bad = tmp_path / "bad" / f"checkpoint-{SAVE}"
+    shutil.copytree(out / f"checkpoint-{SAVE}", bad)
+    state, tensors = checkpoint.read(bad / checkpoint.TRAINER_DIR)
+    last = list(state["layout"])[-1]
+    groups = len(state["layout"][last])
+    state["layout"][last] = state["layout"][last][:-1]
+    checkpoint._write(bad / checkpoint.TRAINER_DIR, state, tensors)
+
+    fresh, callback, trainer = build(method, tmp_path / "out", save_steps=None)
+    layers = elastic_layers(fresh)
+    before = {n: (layer.slots, layer.shared_weight, layer.group_weight) for n, layer in layers.items()}
+    refused = f"{last} has {groups - 1} rank groups in the checkpoint, {groups} in the model"
+    with pytest.raises(CheckpointError, match=refused):
+        trainer.train(resume_from_checkpoint=str(bad))
+    assert callback.controller is None
+    assert all(
+        layer.slots == before[n][0] and layer.shared_weight is before[n][1] and layer.group_weight is before[n][2]
+        for n, layer in layers.items()
+    )
+
+    trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+    assert callback.controller.history == controller.history
+    expected, got = trained(model), trained(fresh)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
 def test_a_trainer_given_the_callback_in_callbacks_resumes_as_well(uninterrupted, tmp_path):

@@ -185,12 +185,40 @@ def latest(run_dir: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
     raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from{detail}.")
 
 
-def restore_layout(model: nn.Module, layout: dict[str, list[list[int]]]) -> None:
-    """Give every elastic layer of ``model`` its saved slot lists (values uninitialised: a restore fills them)."""
+def check_layout(model: nn.Module, layout) -> None:
+    """CheckpointError unless every elastic layer of ``model`` can take its slot lists from ``layout`` (same modules,
+    same number of rank groups, non-negative integer slots, not merged). Changes nothing."""
     layers = elastic_layers(model)
-    if set(layout) != set(layers):
-        differ = sorted(set(layout) ^ set(layers))[:3]
+    if not isinstance(layout, dict) or set(layout) != set(layers):
+        differ = sorted(set(layout) ^ set(layers))[:3] if isinstance(layout, dict) else "not a mapping"
         raise CheckpointError(f"checkpoint does not fit this model: adapted modules differ ({differ}).")
+    for name, layer in layers.items():
+        slots = layout[name]
+        if not isinstance(slots, list) or not all(
+            isinstance(g, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in g)
+            for g in slots
+        ):
+            raise CheckpointError(
+                f"checkpoint does not fit this model: {name}: the checkpoint's slot lists are not lists of "
+                "non-negative integers."
+            )
+        if len(slots) != layer.n_groups:
+            raise CheckpointError(
+                f"checkpoint does not fit this model: {name} has {len(slots)} rank groups in the checkpoint, "
+                f"{layer.n_groups} in the model (another granularity, head layout or model)."
+            )
+        if layer.merged and layer.slots != slots:
+            raise CheckpointError(f"{name} is merged into its base weight: unmerge() the model before restoring.")
+
+
+def restore_layout(model: nn.Module, layout: dict[str, list[list[int]]]) -> None:
+    """Give every elastic layer of ``model`` its saved slot lists (values uninitialised: a restore fills them).
+
+    The whole layout is checked first (:func:`check_layout`): a layout that does not fit raises CheckpointError
+    with every layer as it was.
+    """
+    check_layout(model, layout)
+    layers = elastic_layers(model)
     for name, slots in layout.items():
         if layers[name].slots != slots:
             layers[name].set_slots(slots)

@@ -200,10 +200,11 @@ class DynaRankCallback(TrainerCallback):
         method = self.model.dynarank_config.method
         if saved["method"] != method:
             raise CheckpointError(f"{path} was trained with method {saved['method']!r}, this model with {method!r}.")
+        checkpoint.check_layout(self.model, saved["layout"])  # before anything changes: a refusal leaves all as it was
         # Built on the fresh layers, as the checkpoint's run built it; the state it had is restored at on_train_begin.
-        self.controller = build_controller(self.model, total_steps=saved["total_steps"])
+        controller = build_controller(self.model, total_steps=saved["total_steps"])
         checkpoint.restore_layout(self.model, saved["layout"])
-        self._resume = (saved, tensors)
+        self.controller, self._resume = controller, (saved, tensors)
 
     def _create_optimizer(self, original, *args, **kwargs):
         """``trainer.create_optimizer``: the alphas get their group before the Trainer loads a saved optimizer
