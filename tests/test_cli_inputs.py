@@ -266,6 +266,51 @@ def test_a_causal_lm_whose_weights_are_a_pickle_is_refused_without_loading_it(tm
     assert unpickled == []
 
 
+def test_a_classifier_whose_weights_do_not_fit_its_config_is_refused(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    misfit = tmp_path / "misfit"
+    shutil.copytree(tiny_model_dir, misfit)
+    config = json.loads((misfit / "config.json").read_text())
+    (misfit / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))  # the weights hold 64
+    data = write_csv(tmp_path / "data.csv")
+    err = refused(train_args(misfit, data, tmp_path / "run", "--method", "lora"), capsys)
+    assert "the weight bert.encoder.layer.0.intermediate.dense.bias is [64] in the checkpoint but [48]" in err
+    assert "config.json and weights belong together" in err
+
+
+def test_a_classifier_missing_base_weights_is_refused(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dynarank.models import ModelError, load_classifier
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, partial)
+    weights = load_file(partial / "model.safetensors")
+    del weights["bert.pooler.dense.weight"]
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="no weight bert.pooler.dense.weight .1 base weights missing"):
+        load_classifier(partial, ["negative", "positive"])
+
+
+def test_a_base_with_a_head_for_other_labels_gets_a_new_head_and_says_so(tiny_model_dir, caplog):
+    import torch
+    from safetensors.torch import load_file
+
+    from dynarank.models import load_classifier
+
+    with caplog.at_level("INFO", logger="dynarank.models"):
+        model, _ = load_classifier(tiny_model_dir, ["a", "b", "c"])  # the tiny model was saved with 2 labels
+    assert model.classifier.out_features == 3
+    assert "new task head for 3 labels: classifier.bias, classifier.weight" in caplog.text
+    saved = load_file(tiny_model_dir / "model.safetensors")
+    assert torch.equal(
+        model.bert.encoder.layer[0].output.dense.weight, saved["bert.encoder.layer.0.output.dense.weight"]
+    )
+
+
 # ---------------------------------------------------------------------------- paths
 def test_an_out_directory_under_a_file_is_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "data.csv")

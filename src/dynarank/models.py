@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on the machines this runs on; local dirs only
+
+
+logger = logging.getLogger(__name__)
 
 
 class ModelError(ValueError):
@@ -76,27 +80,51 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    transformers.logging.set_verbosity_error()  # "newly initialised classifier" is expected here
+    transformers.logging.set_verbosity_error()  # the load report: what it says is checked below instead
     transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
     model_dir = str(model_dir)
     infer_task(model_dir)
     require_safetensors(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
             model_dir,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
-            ignore_mismatched_sizes=True,  # a base with a head for other labels gets a new head
+            ignore_mismatched_sizes=True,  # a base with a head for other labels gets a new head (checked below)
+            output_loading_info=True,
             use_safetensors=True,
         )
     except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load {model_dir} as a sequence classifier: {str(exc).splitlines()[0]}") from None
+    _check_only_the_head_is_new(model, model_dir, loading)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _check_only_the_head_is_new(model, model_dir: str, loading: dict) -> None:
+    """Refuse a classifier whose base weights were re-initialised (a checkpoint that does not fit its
+    config.json, or lacks weights): only the task head may be new. Logs the head weights that are."""
+    prefix = model.base_model_prefix + "."
+    mismatched = sorted(loading.get("mismatched_keys") or [], key=lambda item: item[0])
+    for key, saved, wanted in mismatched:
+        if key.startswith(prefix):
+            raise ModelError(
+                f"{model_dir}: the weight {key} is {list(saved)} in the checkpoint but {list(wanted)} in the model "
+                "its config.json describes: give a model directory whose config.json and weights belong together."
+            )
+    missing = sorted(key for key in loading.get("missing_keys") or [] if key.startswith(prefix))
+    if missing:
+        raise ModelError(
+            f"{model_dir}: the checkpoint has no weight {missing[0]} ({len(missing)} base weights missing), so it "
+            "would start random: give a model directory whose weights match its config.json."
+        )
+    new_head = sorted({key for key, _, _ in mismatched} | set(loading.get("missing_keys") or []))
+    if new_head:
+        logger.info("%s: new task head for %d labels: %s", model_dir, model.config.num_labels, ", ".join(new_head))
 
 
 PACKAGED_SMOLLM2 = "smollm2"  # --model keyword for the packaged SmolLM2-135M-Instruct
