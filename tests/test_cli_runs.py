@@ -132,7 +132,7 @@ def test_export_server_safe_and_merged_together_are_refused(runs, tmp_path, caps
 def test_export_under_a_file_is_one_line_and_exit_code_2(runs, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     err = refused(["export", str(runs["lora"]), "--out", str(tmp_path / "file" / "adapter")], capsys)
-    assert "file" in err
+    assert f"{tmp_path / 'file'} is a file, not a directory" in err
 
 
 # ---------------------------------------------------------------------------- report
@@ -214,7 +214,7 @@ def test_eval_of_a_foreign_classification_adapter_takes_labels(stock_adapter, ru
 def test_eval_refuses_labels_that_do_not_fit_the_adapter(stock_adapter, runs, capsys):
     argv = ["eval", str(stock_adapter), "--data", str(runs["data"])]
     err = refused([*argv, "--labels", "negative,neutral,positive"], capsys)
-    assert "3" in err and "2" in err  # three labels given, two outputs in the adapter
+    assert "task head has 2 outputs, but 3 labels are named (negative,neutral,positive)" in err
     err = refused([*argv, "--labels", "negative,neutral"], capsys)
     assert "positive" in err  # the data has a label outside --labels
 
@@ -237,6 +237,30 @@ def test_eval_of_a_run_truncates_at_the_runs_max_length(runs, monkeypatch):
     assert main(["eval", str(runs["lora"] / "adapter"), "--data", str(runs["data"])]) == 0
     assert main(["eval", str(runs["lora"]), "--data", str(runs["data"]), "--max-length", "9"]) == 0
     assert lengths == [16, 16, 9]  # train_args trains with --max-length 16
+
+
+def _base_of_another_size(tiny_model_dir: Path, path: Path) -> Path:
+    """The tiny BERT's shape with hidden size 64 instead of 32, and the same tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size = 64, 128
+    BertForSequenceClassification(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, path / name)
+    return path
+
+
+def test_eval_of_an_adapter_on_another_base_names_the_weight_and_both_shapes(
+    stock_adapter, tiny_model_dir, runs, tmp_path, capsys
+):
+    other = _base_of_another_size(tiny_model_dir, tmp_path / "other-base")
+    argv = ["eval", str(stock_adapter), "--model", str(other), "--data", str(runs["data"])]
+    err = refused([*argv, "--labels", "negative,positive"], capsys)
+    assert "was trained on a different base model" in err and "pass the --model it was trained on" in err
+    assert "bert.encoder.layer.0.attention.self.query.lora_A.default.weight is [2, 32], but [2, 64]" in err
+    assert "outputs" not in err
 
 
 def _pickled(folder: Path, safetensors_name: str, pickle_name: str) -> None:

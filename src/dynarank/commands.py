@@ -50,21 +50,43 @@ def _label_names(given: str | None, recorded: list[str] | None, path: Path) -> l
     return names or list(recorded)
 
 
+_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)"
+)
+_HEAD_KEY = re.compile(r"(^|\.)(classifier|score|modules_to_save)(\.|$)")  # the task head PEFT saves in full
+
+
+def _shape(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n.strip()]
+
+
 def _peft_model(model, path: Path, label_names: list[str] | None):
-    """Stock PEFT's loader on safetensors only, with a task head that does not fit the labels named in one line."""
+    """Stock PEFT's loader on safetensors only, with an adapter that does not fit the model named in one line:
+    a task head for another number of labels, or an adapter trained on another base."""
     from peft import PeftModel
 
     require_safetensors(path, "adapter")  # PEFT would fall back to torch.load on adapter_model.bin
     try:
         return PeftModel.from_pretrained(model, path)
     except RuntimeError as exc:
-        found = re.search(r"size mismatch .*?copying a param with shape torch\.Size\(\[(\d+)", str(exc))
-        if found is None or label_names is None:
+        mismatches = [
+            (key.removeprefix("base_model.model."), _shape(saved), _shape(wanted))
+            for key, saved, wanted in _MISMATCH.findall(str(exc))
+        ]
+        if not mismatches:
             raise
+    outputs_only = all(_HEAD_KEY.search(key) and saved[1:] == wanted[1:] for key, saved, wanted in mismatches)
+    if outputs_only and label_names is not None:
         raise ValueError(
-            f"{path}: the adapter's task head has {found.group(1)} outputs, not {len(label_names)} "
-            f"({','.join(label_names)}): give --labels one name per output, in order."
+            f"{path}: the adapter's task head has {mismatches[0][1][0]} outputs, but {len(label_names)} labels "
+            f"are named ({','.join(label_names)}): give --labels one name per output, in order."
         ) from None
+    key, saved, wanted = next((m for m in mismatches if not _HEAD_KEY.search(m[0])), mismatches[0])
+    raise ValueError(
+        f"{path} was trained on a different base model: its {key} is {saved}, but {wanted} in "
+        f"{getattr(model, 'name_or_path', None) or 'the model'}: pass the --model it was trained on."
+    ) from None
 
 
 def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
