@@ -192,6 +192,29 @@ def test_the_heatmap_panels_and_labels_do_not_overlap(runs, monkeypatch):
             assert not a.overlaps(b), (a, b)
 
 
+def test_trainable_parameters_are_drawn_once_in_the_training_curves(runs, monkeypatch):
+    figures = _drawn_figures(runs["ard"], monkeypatch)
+    drawn = [name for name, fig in figures.items() for ax in fig.axes if ax.get_ylabel() == "trainable parameters"]
+    assert drawn == ["training_curves.png"]
+    assert [ax.get_ylabel() for ax in figures["ranks_over_time.png"].axes] == ["total rank of the layer"]
+
+
+def test_a_picture_that_fails_to_draw_leaves_no_figure_open(runs, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from dynarank import report
+
+    def fails_half_way(plt, snapshot):
+        plt.subplots()
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(report, "_heatmap", fails_half_way)  # drawn after the training curves
+    open_before = plt.get_fignums()
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        report.draw(runs["ard"])
+    assert plt.get_fignums() == open_before
+
+
 # ---------------------------------------------------------------------------- eval
 @pytest.fixture
 def stock_adapter(tiny_model_dir, tmp_path) -> Path:

@@ -54,17 +54,21 @@ def draw(run_dir: str | Path) -> list[Path]:
     snapshots = _read_jsonl(run_dir / "ranks.jsonl")
     if not metrics and not snapshots:
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl or ranks.jsonl: nothing to draw.")
-    pictures = []
+    panels = []
     if metrics:
-        pictures.append((CURVES, _curves(plt, metrics)))
+        panels.append((CURVES, _curves, metrics))
     if snapshots:
-        pictures.append((HEATMAP, _heatmap(plt, snapshots[-1])))
-        pictures.append((EVOLUTION, _evolution(plt, snapshots, metrics)))
+        panels.append((HEATMAP, _heatmap, snapshots[-1]))
+        panels.append((EVOLUTION, _evolution, snapshots))
+    already_open = set(plt.get_fignums())
     written = []
-    for name, fig in pictures:
-        fig.savefig(run_dir / name, dpi=100)
-        plt.close(fig)
-        written.append(run_dir / name)
+    try:
+        for name, panel, data in panels:
+            panel(plt, data).savefig(run_dir / name, dpi=100)
+            written.append(run_dir / name)
+    finally:  # every figure drawn here is closed, also those of a panel that failed half-way
+        for number in set(plt.get_fignums()) - already_open:
+            plt.close(number)
     return written
 
 
@@ -118,14 +122,11 @@ def _heatmap(plt, snapshot: dict):
     return fig
 
 
-def _evolution(plt, snapshots: list[dict], metrics: list[dict]):
-    """Trainable parameters, and the total rank of every layer, over training."""
+def _evolution(plt, snapshots: list[dict]):
+    """The total rank of every layer over training (trainable parameters are in the training curves)."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
-    logged = [m for m in metrics if m.get("trainable_parameters") is not None]
-    left.plot([m["step"] for m in logged], [m["trainable_parameters"] for m in logged])
-    left.set_ylabel("trainable parameters")
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     per_layer: dict[int, list[float]] = defaultdict(list)
     for snap in snapshots:
         totals: dict[int, int] = defaultdict(int)
@@ -136,15 +137,14 @@ def _evolution(plt, snapshots: list[dict], metrics: list[dict]):
     xs = [s["step"] for s in snapshots]
     colours = plt.get_cmap("viridis")
     for i, layer in enumerate(sorted(per_layer)):
-        right.plot(xs, per_layer[layer], marker=".", label=f"layer {layer}", color=colours(i / max(1, len(per_layer))))
-    right.set_ylabel("total rank of the layer")
+        ax.plot(xs, per_layer[layer], marker=".", label=f"layer {layer}", color=colours(i / max(1, len(per_layer))))
+    ax.set_ylabel("total rank of the layer")
     if len(per_layer) <= 16:
-        right.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2)
     else:
-        right.set_title("dark: first layers, light: last", fontsize=8)
-    for ax in (left, right):
-        ax.set_xlabel("optimizer step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title("dark: first layers, light: last", fontsize=8)
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
