@@ -134,6 +134,18 @@ def test_temporary_folders_of_killed_saves_are_removed_by_the_next_save(tmp_path
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-5", "user-notes"]
 
 
+def test_a_checkpoint_left_aside_by_a_save_killed_between_its_renames_is_restored_and_resumed_from(tmp_path):
+    run = tmp_path / "run"
+    train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=run, save_every=5)
+    root = run / "checkpoints"
+    # A save replacing step-10 moved it aside and was killed before its new folder took the name.
+    (root / "step-10").rename(root / ".step-10.k2j3h4l5.old")
+    (root / ".step-10.k2j3h4l5").mkdir()
+    path, state, _ = checkpoint.latest(run)
+    assert path.name == "step-10" and state["step"] == 10
+    assert sorted(p.name for p in root.iterdir()) == ["step-10", "step-5"]
+
+
 @pytest.mark.parametrize("content", ["[]", "null", '"step-10"', "3"])
 def test_a_state_file_that_is_not_a_json_object_is_a_damaged_checkpoint(tmp_path, content):
     run = tmp_path / "run"
@@ -331,3 +343,11 @@ def test_a_layout_that_does_not_fit_is_refused_before_any_layer_changes(how):
     with pytest.raises(CheckpointError, match=message):
         checkpoint.restore_layout(model, layout)
     assert _unchanged(model, before)
+
+
+def test_a_trainer_state_left_aside_by_a_save_killed_between_its_renames_is_restored_when_read(tmp_path):
+    model = attached()
+    checkpoint.save_trainer_state(tmp_path, model, dynarank.build_controller(model, total_steps=10))
+    (tmp_path / checkpoint.TRAINER_DIR).rename(tmp_path / f".{checkpoint.TRAINER_DIR}.x1y2z3w4.old")
+    state, _ = checkpoint.read_trainer_state(tmp_path)
+    assert state["total_steps"] == 10 and sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.TRAINER_DIR]

@@ -382,6 +382,88 @@ def test_files_and_directory_are_forced_to_disk_before_the_rename(tmp_path, monk
     assert events[-1] == ("fsync", str(tmp_path))  # the rename itself is made durable
 
 
+def _failing_renames(monkeypatch, out, fail_putting_back=False):
+    """Path.rename raising OSError when the new directory is renamed onto ``out`` (and, with
+    ``fail_putting_back``, when the previous one is renamed back too)."""
+    from pathlib import Path
+
+    real = Path.rename
+
+    def rename(self, target):
+        onto_out = Path(target) == out
+        if onto_out and (not self.name.endswith(".old") or fail_putting_back):
+            raise OSError("simulated: disk went away")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+def test_a_replacement_whose_final_rename_fails_puts_the_previous_adapter_back(tmp_path, monkeypatch):
+    first, out, ids = _adapted("bert", "own"), tmp_path / "native", token_batch()
+    dynarank.save_adapter(first, out)
+    _failing_renames(monkeypatch, out)
+    with pytest.raises(OSError, match="simulated"):
+        dynarank.save_adapter(_adapted("bert", "shared", r=2), out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]  # nothing hidden left behind
+    assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(first, ids))
+
+
+@pytest.mark.parametrize("then", ["load", "save"])
+def test_an_adapter_whose_replacement_could_not_put_it_back_is_restored_by_the_next_load_or_save(
+    tmp_path, monkeypatch, then
+):
+    first, out, ids = _adapted("bert", "own"), tmp_path / "native", token_batch()
+    dynarank.save_adapter(first, out)
+    _failing_renames(monkeypatch, out, fail_putting_back=True)
+    with pytest.raises(OSError, match="simulated"):
+        dynarank.save_adapter(_adapted("bert", "shared", r=2), out)
+    monkeypatch.undo()
+    assert not out.exists() and [p.name.endswith(".old") for p in tmp_path.iterdir()] == [True]  # kept aside
+    if then == "load":
+        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(first, ids))
+    else:
+        third = _adapted("bert", "shared", r=2)
+        dynarank.save_adapter(third, out)
+        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(third, ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
+
+
+KILLED_BETWEEN_THE_RENAMES = """
+import os, sys
+from pathlib import Path
+from dynarank import io
+
+out, real = Path(sys.argv[1]), Path.rename
+def rename(self, target):
+    if Path(target) == out:
+        os._exit(9)  # killed: no except, no finally runs
+    return real(self, target)
+Path.rename = rename
+io.write_atomically(out, {io.LAYOUT_FILE: b"{}", io.WEIGHTS_FILE: b"new"}, marker=io.LAYOUT_FILE)
+"""
+
+
+@pytest.mark.parametrize("then", ["load", "save"])
+def test_a_save_killed_between_its_two_renames_leaves_the_previous_adapter_to_the_next_load_or_save(tmp_path, then):
+    import subprocess
+    import sys
+
+    first, out, ids = _adapted("bert", "own"), tmp_path / "native", token_batch()
+    dynarank.save_adapter(first, out)
+    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_THE_RENAMES, str(out)], capture_output=True)
+    assert killed.returncode == 9, killed.stderr.decode()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and left[1] == left[0] + ".old"  # the new directory, and the previous one moved aside
+    if then == "load":
+        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(first, ids))
+    else:
+        third = _adapted("bert", "shared", r=2)
+        dynarank.save_adapter(third, out)
+        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(third, ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
+
+
 def test_a_truncated_weights_file_raises_a_format_error(tmp_path):
     path = dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "native")
     weights = path / "dynarank_adapter.safetensors"

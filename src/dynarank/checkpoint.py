@@ -8,7 +8,9 @@ RUN_DIR/checkpoints/step-<N>/
 
 A checkpoint is written to a temporary sibling and renamed, so a crash during a save leaves
 the previous checkpoints intact; the newest *complete* one (with a matching checksum) is the
-one resumed. Temporary folders left by a killed save are removed by the next save that succeeds.
+one resumed. Temporary folders left by a killed save are removed by the next save that succeeds;
+a checkpoint folder that a save killed between its two renames had moved aside is put back by the
+next listing or read (io.write_atomically says what each kill leaves).
 
 A transformers Trainer checkpoint keeps the Trainer's own files and gains
 
@@ -35,13 +37,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .attach import elastic_layers
-from .io import write_atomically
+from .io import restore_interrupted, write_atomically
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TEMPORARY_DIR = re.compile(r"^\.step-\d+\.")  # io.write_atomically's temporary siblings of step-N
+MOVED_ASIDE_DIR = re.compile(r"^\.(step-\d+)\.[a-z0-9_]+\.old$")  # a step-N a killed save had moved aside
 TRAINER_DIR = "dynarank"  # inside a transformers Trainer checkpoint
 TRAINER_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR
 TRAINER_KEYS = ("step", "total_steps", "method", "layout", "controller")  # what save_trainer_state writes
@@ -142,6 +145,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
+    for aside in [m.group(1) for p in root.iterdir() if (m := MOVED_ASIDE_DIR.match(p.name))]:
+        restore_interrupted(root / aside, STATE_FILE)  # a save killed between its renames: step-N comes back
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found)]
 
@@ -149,6 +154,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and verify one checkpoint; a damaged one raises CheckpointError naming the problem."""
     path = Path(path)
+    restore_interrupted(path, STATE_FILE)
     state_file, tensors_file = path / STATE_FILE, path / TENSORS_FILE
     if not state_file.is_file() or not tensors_file.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (expected {STATE_FILE} and {TENSORS_FILE}).")
@@ -336,6 +342,7 @@ def save_trainer_state(checkpoint_dir: str | Path, model: nn.Module, controller)
 def read_trainer_state(checkpoint_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and verify ``<checkpoint_dir>/dynarank/``; CheckpointError says what to do when it is missing."""
     path = Path(checkpoint_dir) / TRAINER_DIR
+    restore_interrupted(path, STATE_FILE)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(
             f"{checkpoint_dir} holds no dynarank state ({TRAINER_DIR}/{STATE_FILE}): it was saved without "

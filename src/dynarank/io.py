@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +21,8 @@ from .config import DynaRankConfig
 LAYOUT_FILE = "dynarank_adapter.json"
 WEIGHTS_FILE = "dynarank_adapter.safetensors"
 FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class AdapterFormatError(ValueError):
@@ -83,17 +87,67 @@ def _sync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict], marker: str | None = None) -> Path:
-    """Write files into a temporary sibling directory, then rename it to ``out_dir``.
+def _moved_aside(out: Path) -> list[Path]:
+    """``.<name>.<random>.old`` siblings of ``out``: its previous content, moved aside by write_atomically."""
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]+\.old$")
+    return sorted(p for p in out.parent.iterdir() if pattern.match(p.name) and p.is_dir())
 
-    The files and the temporary directory are synced to disk before the rename, so a crash leaves
-    either the previous ``out_dir`` or the complete new one. An existing ``out_dir`` is replaced only
-    when it is empty or holds ``marker`` (a file the same kind of directory always has) and nothing
-    but files dynarank writes there: a user's folder, or a user's file put beside an adapter, is
-    never deleted (FileExistsError names it).
+
+def restore_interrupted(out_dir: str | os.PathLike, marker: str) -> bool:
+    """Put back the previous ``out_dir`` that a replacement killed between its two renames left aside.
+
+    Only when ``out_dir`` is missing and exactly one hidden ``.<name>.<random>.old`` sibling holds ``marker``
+    (a file that kind of directory always has); the new directory's temporary sibling, if still there, is
+    removed. Returns True when something was restored. Loads and :func:`write_atomically` call it first.
+    """
+    out = Path(out_dir)
+    if out.exists() or out.is_symlink():
+        return False
+    found = [p for p in _moved_aside(out) if (p / marker).is_file()]
+    if len(found) != 1:
+        if found:
+            logger.warning(
+                "dynarank: %s is missing and several interrupted saves left a previous version of it (%s); "
+                "none was restored: rename the one you want to %s.",
+                out,
+                ", ".join(p.name for p in found),
+                out.name,
+            )
+        return False
+    old = found[0]
+    old.rename(out)
+    _sync_directory(out.parent)
+    unfinished = old.with_name(old.name[: -len(".old")])
+    if unfinished.is_dir():
+        shutil.rmtree(unfinished, ignore_errors=True)
+    logger.warning("dynarank: a save of %s was interrupted while replacing it; its previous version is restored.", out)
+    return True
+
+
+def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict], marker: str | None = None) -> Path:
+    """Write ``files`` into a temporary sibling directory, then rename it to ``out_dir``.
+
+    An existing ``out_dir`` is replaced only when it is empty or holds ``marker`` (a file the same kind of
+    directory always has; default: the first of ``files``) and nothing but files dynarank writes there: a
+    user's folder, or a user's file put beside an adapter, is never deleted (FileExistsError names it).
+
+    What a failure leaves. The files and the temporary directory are synced to disk before anything is
+    renamed, and the parent directory after, so ``out_dir`` only ever holds a complete directory:
+
+    * an error or a kill while writing leaves ``out_dir`` as it was (a kill may leave the hidden temporary
+      ``.<name>.<random>`` sibling; checkpoint saves remove those);
+    * replacing an existing ``out_dir`` takes two renames (POSIX has no atomic swap of directories): the
+      previous one goes to ``.<name>.<random>.old``, then the new one into place. An error in the second
+      rename puts the previous one back before the error propagates. A kill between the two (or a failure to
+      put it back) leaves ``out_dir`` missing and its previous content, complete, in the ``.old`` sibling:
+      the next ``write_atomically`` of ``out_dir``, or the next load of it by this library (adapters,
+      checkpoints), restores it first (:func:`restore_interrupted`).
     """
     out = Path(out_dir)
     marker = marker or next(iter(files))
+    restore_interrupted(out, marker)
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists()):
             raise FileExistsError(f"{out} exists and is not a directory this library wrote; refusing to overwrite it.")
@@ -121,9 +175,10 @@ def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict],
             raise
         _sync_directory(out.parent)
     finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old.exists() and out.exists():  # never the only copy: without out_dir, restore_interrupted needs it
+            shutil.rmtree(old)
     return out
 
 
@@ -143,6 +198,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read (layout, tensors) from a native adapter directory, with clear errors."""
     path = Path(path)
+    restore_interrupted(path, LAYOUT_FILE)
     layout_file, weights_file = path / LAYOUT_FILE, path / WEIGHTS_FILE
     if not layout_file.is_file() or not weights_file.is_file():
         raise AdapterFormatError(
