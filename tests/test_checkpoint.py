@@ -11,7 +11,7 @@ import dynarank
 import dynarank.io
 from dynarank import checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
-from dynarank.loop import NonFiniteError, TrainSpec, train_classifier
+from dynarank.loop import NonFiniteError, TrainSpec, nonfinite_gradients, train_classifier
 from tiny_models import WordTokenizer, examples, tiny_bert
 
 
@@ -244,6 +244,32 @@ def test_a_nan_gradient_names_the_module_that_produced_it(caplog):
         result = train_classifier(model, WordTokenizer(), examples(), spec("dynarank-lora", steps=2))
     assert result["skipped_steps"] == 2
     assert "non-finite values at step 1 in: classifier" in caplog.text
+
+
+def count_host_reads(monkeypatch) -> dict:
+    """Counts the ways a tensor's value reaches Python (each one waits for the device)."""
+    reads = {"n": 0}
+    for name in ("__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            reads["n"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_checking_the_gradients_reads_one_value_however_many_parameters_and_names_modules_only_when_bad(monkeypatch):
+    model = attached()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert len(params) >= 10
+    reads = count_host_reads(monkeypatch)
+    assert nonfinite_gradients(model) == [] and reads["n"] == 1
+    model.classifier.weight.grad[0, 0] = float("inf")
+    assert nonfinite_gradients(model) == ["classifier"]
 
 
 def test_the_stop_policy_raises_and_keeps_the_last_checkpoint(tmp_path):

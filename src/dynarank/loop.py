@@ -138,13 +138,24 @@ def _kept_checkpoint(run_dir: str | Path | None) -> str:
     return "No checkpoint was written (save with --save-every N / save_every to be able to resume)."
 
 
+@torch.no_grad()
 def nonfinite_gradients(model: nn.Module) -> list[str]:
-    """Names of the modules whose parameter gradients hold NaN or inf."""
-    bad = []
+    """Names of the modules whose parameter gradients hold NaN or inf.
+
+    Runs at every step: the per-parameter checks stay on their device and are reduced to one flag, so
+    the common case (all finite) waits for the device once per device; modules are named only when
+    something is not finite.
+    """
+    grads: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            bad.append(name.rsplit(".", 1)[0])
-    return sorted(set(bad))
+        if p.grad is not None:
+            grads.setdefault(p.grad.device, []).append((name, p.grad))
+    bad = set()
+    for named in grads.values():
+        finite = torch.stack([torch.isfinite(g).all() for _, g in named])
+        if not finite.all():
+            bad.update(name.rsplit(".", 1)[0] for (name, _), ok in zip(named, finite.tolist()) if not ok)
+    return sorted(bad)
 
 
 @torch.no_grad()

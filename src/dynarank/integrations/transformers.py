@@ -50,6 +50,7 @@ from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
+from ..loop import nonfinite_gradients
 from ..report import split_name
 
 logger = logging.getLogger(__name__)
@@ -85,15 +86,9 @@ class NonFiniteGuard:
         self.model, self.policy = model, policy
         self.skipped = 0
 
-    @torch.no_grad()
     def bad_modules(self) -> list[str]:
-        return sorted(
-            {
-                name.rsplit(".", 1)[0]
-                for name, p in self.model.named_parameters()
-                if p.grad is not None and not torch.isfinite(p.grad).all()
-            }
-        )
+        """Modules with NaN/inf gradients (one read of the device when all are finite)."""
+        return nonfinite_gradients(self.model)
 
     def react(self, bad: list[str]) -> None:
         message = f"non-finite gradients in: {', '.join(bad[:5])}"
