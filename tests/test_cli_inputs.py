@@ -11,7 +11,7 @@ import yaml
 
 import dynarank.run_options as run_options
 import dynarank.runs as runs_module
-from dynarank.cli import build_parser, main
+from dynarank.cli import as_flags, build_parser, main
 from dynarank.data import classification_examples, load_table
 from test_cli import train_args, write_csv
 from tiny_models import save_tiny_model_dir
@@ -155,6 +155,62 @@ def test_library_validation_messages_name_the_cli_flags(tiny_model_dir, tmp_path
     data = write_csv(tmp_path / "data.csv")
     err = refused(train_args(tiny_model_dir, data, tmp_path / "run", *extra), capsys)
     assert flag in err and flag[2:].replace("-", "_") not in err
+
+
+def _rank_too_large_for_the_model():
+    from dynarank import DynaRankConfig, attach
+    from tiny_models import tiny_bert
+
+    attach(tiny_bert(), DynaRankConfig(r=64, target_modules=["query"]))
+
+
+def _elalora_given_a_rank_budget():
+    from dynarank import DynaRankConfig
+
+    DynaRankConfig(method="elalora", target_rank=2)
+
+
+def _floor_above_the_rank():
+    from dynarank import DynaRankConfig
+
+    DynaRankConfig(method="ard", r=2, rank_floor=5)
+
+
+@pytest.mark.parametrize(
+    "fail, expected",
+    [
+        (_floor_above_the_rank, "--rank-floor must be an integer in [0, --r0 2], got 5."),
+        (_elalora_given_a_rank_budget, "set its size with --r0 (--target-rank is AdaLoRA's final budget)"),
+        (_rank_too_large_for_the_model, "--r0 64 is larger than the model can use at "),
+        (_rank_too_large_for_the_model, "Lower --r0."),
+    ],
+)
+def test_the_library_naming_the_initial_rank_becomes_the_r0_flag(fail, expected):
+    with pytest.raises(ValueError) as info:
+        fail()
+    assert expected in as_flags(str(info.value))
+
+
+@pytest.mark.parametrize(
+    "prose",
+    [
+        "the label r is not in the data",
+        "column r of row 3 holds 'r'",
+        "r is a letter; so are q, r and s",
+        "data/r/train.csv: no such file",
+    ],
+)
+def test_the_word_r_in_prose_is_left_alone(prose):
+    assert as_flags(prose) == prose
+
+
+def test_a_train_error_keeps_the_word_r_and_names_the_rank_flag(monkeypatch, capsys):
+    def fails(opts, quiet=False):
+        raise ValueError("the label r is not in held.csv; raise r to 8 or warmup_frac.")
+
+    monkeypatch.setattr(runs_module, "train_command", fails)
+    err = refused(["train"], capsys)
+    assert err.endswith("error: the label r is not in held.csv; raise --r0 to 8 or --warmup-frac.")
 
 
 # ---------------------------------------------------------------------------- data files

@@ -218,6 +218,7 @@ FLAG_OF_FIELD = {
     **{name: "--" + name.replace("_", "-") for name in run_options.DYNARANK_KNOBS},
     **{name: "--" + name.replace("_", "-") for name in ("batch_size", "max_steps", "eval_every", "save_every")},
     "total_steps": "--max-steps",
+    "r": "--r0",
 }
 # Whole phrases first: the library's 'adalora' / 'lora' are the CLI's adalora-physical / dynarank-lora.
 PHRASES = {
@@ -226,18 +227,24 @@ PHRASES = {
     "not 'lora'.": "not dynarank-lora.",
     "not 'adalora'.": "not adalora-physical.",
 }
-_FIELD = "|".join(sorted(FLAG_OF_FIELD, key=len, reverse=True))
+_ANY_FIELD = "|".join(sorted(FLAG_OF_FIELD, key=len, reverse=True))
+# A field written with its value: rank_floor=2, lambda_mode='relative', r=8.
+_FIELD_VALUE = re.compile(rf"(?<![\w.'\"/\\-])({_ANY_FIELD})=(['\"]?)([\w.+-]+)\2")
+# A field named alone: only names with an underscore, which no prose word has (warmup_frac, total_steps).
+_NAMED_FIELD = re.compile(rf"(?<![\w.'\"/\\-])({'|'.join(f for f in FLAG_OF_FIELD if '_' in f)})(?![\w'\"/\\-])")
+# The initial rank named alone, in the library's phrases only ('set its size with r (', 'raise r', 'Lower r',
+# '... or r.'): the word r anywhere else (a label, a column, prose) is left alone.
+_RANK_FIELD = re.compile(r"(?<=\bwith )r(?= \()|(?<=\braise )r\b|(?<=\b[Ll]ower )r\b|(?<=\bor )r(?=\.(?:\s|$))")
 
 
 def as_flags(message: str) -> str:
-    """``lambda_mode='relative' ... raise warmup_frac`` -> ``--lambda-mode relative ... raise --warmup-frac``."""
+    """``lambda_mode='relative' ... raise warmup_frac`` -> ``--lambda-mode relative ... raise --warmup-frac``:
+    the library's field names, where its messages name a field, become the `train` flags."""
     for phrase, flags in PHRASES.items():
         message = message.replace(phrase, flags)
-    message = re.sub(
-        rf"\b({_FIELD})=(['\"]?)([\w.+-]+)\2", lambda m: f"{FLAG_OF_FIELD[m.group(1)]} {m.group(3)}", message
-    )
-    message = re.sub(rf"\b({_FIELD})\b", lambda m: FLAG_OF_FIELD[m.group(1)], message)
-    return re.sub(r"(?<![\w'/.\\-])r\b(?![=\w'/])", "--r0", message)  # 'raise r', 'or r.': the initial rank
+    message = _FIELD_VALUE.sub(lambda m: f"{FLAG_OF_FIELD[m.group(1)]} {m.group(3)}", message)
+    message = _NAMED_FIELD.sub(lambda m: FLAG_OF_FIELD[m.group(1)], message)
+    return _RANK_FIELD.sub("--r0", message)
 
 
 def error_line(exc: BaseException, command: str) -> str:
