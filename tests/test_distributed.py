@@ -182,3 +182,47 @@ def test_fsdp_and_deepspeed_launches_are_refused_with_a_clear_message(setup, mon
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert main(argv(setup, "fsdp")) == 2
     assert "FSDP and DeepSpeed ZeRO shard parameters" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the Trainer path's sync of resized tensors
+
+
+def _same_place_as(freed: int, make):
+    """A new object from ``make()`` that the allocator put where the freed object ``freed`` (an id) lived,
+    or None if it never did so in 1000 tries."""
+    return next((obj for obj in (make() for _ in range(1000)) if id(obj) == freed), None)
+
+
+def test_a_tensor_a_resize_creates_is_unknown_to_the_wrapper_even_where_a_freed_known_one_lived():
+    from torch import nn
+
+    from dynarank.distributed import ResizedGradientSync
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    sync = ResizedGradientSync(model)
+    freed = id(model[0].weight)
+    model[0].weight = nn.Parameter(torch.zeros(4, 4))  # a resize: the tensor the wrapper knew is released
+    newcomer = _same_place_as(freed, lambda: nn.Parameter(torch.zeros(4, 4)))
+    if newcomer is None:
+        pytest.skip("the allocator never reused the freed tensor's memory")
+    model[0].bias = newcomer  # another resize, whose new tensor took the freed one's memory
+    assert [p is newcomer or p is model[0].weight for p in sync.unknown()] == [True, True]
+
+
+def test_the_model_is_walked_for_resized_tensors_only_when_the_layout_changed(monkeypatch):
+    from torch import nn
+
+    from dynarank.distributed import ResizedGradientSync
+
+    model, layout = nn.Sequential(nn.Linear(4, 4)), {"version": 0}
+    sync = ResizedGradientSync(model, layout_version=lambda: layout["version"])
+    walks, parameters = [], model.parameters
+    monkeypatch.setattr(model, "parameters", lambda *a, **k: walks.append(1) or parameters(*a, **k))
+    for _ in range(5):
+        assert sync.unknown() == []
+    assert len(walks) == 1
+    model[0].weight = nn.Parameter(torch.zeros(4, 4))
+    layout["version"] += 1  # what the controller reports at a resize
+    for _ in range(5):
+        assert [p is model[0].weight for p in sync.unknown()] == [True]
+    assert len(walks) == 2

@@ -123,6 +123,38 @@ def test_the_gradient_check_of_a_step_reads_one_value_however_many_parameters(mo
     assert guard.bad_modules() == ["classifier"]
 
 
+def test_an_optimizer_built_where_a_discarded_one_lived_has_its_steps_guarded_too(tmp_path):
+    import gc
+
+    from transformers import TrainerControl, TrainerState
+
+    model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query"]))
+    callback = dynarank.DynaRankCallback(model)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def train_with_a_first_optimizer() -> int:  # the optimizer goes with this frame
+        first = torch.optim.SGD(params, lr=0.1)
+        callback.on_train_begin(args, TrainerState(max_steps=5), TrainerControl(), optimizer=first)
+        callback.controller.unbind()
+        return id(first)
+
+    freed = train_with_a_first_optimizer()
+    gc.collect()
+    allocated = []  # kept alive, so that each new object takes another free place
+    while len(allocated) < 200_000 and id(allocated[-1] if allocated else None) != freed:
+        allocated.append(torch.optim.SGD.__new__(torch.optim.SGD))
+    if id(allocated[-1]) != freed:
+        pytest.skip("the allocator never reused the discarded optimizer's memory")
+    second = allocated.pop()
+    second.__init__(params, lr=0.1)
+    callback.on_train_begin(args, TrainerState(max_steps=5), TrainerControl(), optimizer=second)
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    second.step()
+    assert callback.guard.skipped == 1 and all(p.isfinite().all() for p in params)
+
+
 class StepProbe(TrainerCallback):
     """Snapshots what an optimizer step may change, just before and just after it."""
 

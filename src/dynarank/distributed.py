@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -77,14 +79,33 @@ def refuse_sharding(args, trainer=None, model: nn.Module | None = None) -> None:
 
 class ResizedGradientSync:
     """Average across workers the gradients of parameters a distributed wrapper does not know
-    (those created by resizes after it was built)."""
+    (those created by resizes after it was built).
 
-    def __init__(self, model: nn.Module) -> None:
+    The wrapper's parameters are remembered by weak reference, never by ``id()`` alone: a tensor a
+    resize creates may take the memory (and the id) of one the resize freed, and must still count as
+    unknown. ``layout_version`` (called every step) returns a value that changes whenever parameters
+    were replaced (a resize); the list of unknown parameters is rebuilt only then. Without it the
+    model's parameters are walked at every call.
+    """
+
+    def __init__(self, model: nn.Module, layout_version: Callable[[], object] | None = None) -> None:
         self.model = model
-        self.known = {id(p) for p in model.parameters() if p.requires_grad}
+        self.layout_version = layout_version
+        self.known = {id(p): weakref.ref(p) for p in model.parameters() if p.requires_grad}
+        self._unknown: list[nn.Parameter] | None = None
+        self._version: object = None
+
+    def _is_known(self, p: nn.Parameter) -> bool:
+        ref = self.known.get(id(p))
+        return ref is not None and ref() is p
 
     def unknown(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in self.known]
+        """Trainable parameters the wrapper was not built with."""
+        version = self.layout_version() if self.layout_version is not None else None
+        if self._unknown is None or self.layout_version is None or version != self._version:
+            self._unknown = [p for p in self.model.parameters() if p.requires_grad and not self._is_known(p)]
+            self._version = version
+        return self._unknown
 
     @torch.no_grad()
     def __call__(self) -> None:

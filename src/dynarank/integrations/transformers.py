@@ -39,6 +39,7 @@ import logging
 import statistics
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import torch
@@ -130,7 +131,7 @@ class DynaRankCallback(TrainerCallback):
         self.guard = NonFiniteGuard(model, on_nonfinite)
         self.trainer = None  # set by install()
         self._resume: tuple[dict, dict] | None = None  # dynarank state read by the wrapped train(), for on_train_begin
-        self._guarded: set[int] = set()  # optimizers whose step() is wrapped
+        self._guarded: weakref.WeakSet = weakref.WeakSet()  # optimizers whose step() is wrapped
         self._sync: ResizedGradientSync | None = None  # under DDP, from on_train_begin
         self._synced_at: int | None = None  # the controller step whose gradients were last averaged
         self._order_warned = False
@@ -304,11 +305,12 @@ class DynaRankCallback(TrainerCallback):
         """Wrap ``inner.step``: gradients of resized parameters are averaged across workers, then checked; a
         non-finite step is not taken at all (no update, no regulariser, no importance update) and the controller
         counts it as skipped, so its schedule keeps time with the Trainer's."""
-        if id(inner) in self._guarded:
+        if inner in self._guarded:
             return
-        self._guarded.add(id(inner))
+        self._guarded.add(inner)
         if world()[1] > 1:  # the Trainer's DDP wrapper exists now: what it knows is what it syncs
-            self._sync = ResizedGradientSync(self.model)
+            # The controller records a rank snapshot at every resize: the parameters change only then.
+            self._sync = ResizedGradientSync(self.model, layout_version=lambda: len(self.controller.history))
         original = inner.step  # possibly the LR scheduler's own wrapper: it stays in the chain
 
         def step(optimizer, *args, **kwargs):
