@@ -138,7 +138,7 @@ def load_base():
     hf_logging.disable_progress_bar()
     path = str(get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, use_safetensors=True)
     return tok, model
 
 

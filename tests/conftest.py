@@ -75,3 +75,16 @@ def _reference_delta(layer: ElasticLoRALinear) -> torch.Tensor:
 @pytest.fixture
 def reference_delta():
     return _reference_delta
+
+
+@pytest.fixture
+def unpickled(monkeypatch) -> list:
+    """Every torch.load call (a pickle being loaded) is recorded here: a safe loader leaves it empty."""
+    calls, real = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("f"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls

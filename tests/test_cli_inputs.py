@@ -277,21 +277,6 @@ def test_eval_data_without_data_is_the_held_out_set(tiny_model_dir, tmp_path, mo
 
 
 # ---------------------------------------------------------------------------- model directories
-@pytest.fixture
-def unpickled(monkeypatch) -> list:
-    """Every torch.load call (a pickle being loaded) is recorded here."""
-    import torch
-
-    calls, real = [], torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(args[0] if args else kwargs.get("f"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
-    return calls
-
-
 def _with_pickled_weights(model_dir: Path, path: Path) -> Path:
     """A copy of ``model_dir`` whose weights are saved with torch.save (pytorch_model.bin, a pickle)."""
     import shutil

@@ -295,21 +295,6 @@ def _pickled(folder: Path, safetensors_name: str, pickle_name: str) -> None:
     (folder / safetensors_name).unlink()
 
 
-@pytest.fixture
-def unpickled(monkeypatch) -> list:
-    """Every torch.load call (a pickle being loaded) is recorded here."""
-    import torch
-
-    calls, real = [], torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(args[0] if args else kwargs.get("f"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
-    return calls
-
-
 def test_eval_refuses_an_adapter_saved_as_a_pickle_without_loading_it(stock_adapter, runs, capsys, unpickled):
     _pickled(stock_adapter, "adapter_model.safetensors", "adapter_model.bin")
     argv = ["eval", str(stock_adapter), "--data", str(runs["data"]), "--labels", "negative,positive"]
