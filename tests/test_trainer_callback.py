@@ -69,6 +69,19 @@ def test_fixed_rank_lora_trains_through_the_callback(tmp_path):
     assert callback.controller.step == 4
 
 
+def test_a_callback_checks_loads_into_its_model_until_another_callback_takes_over_or_training_ends(tmp_path):
+    model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query"]))
+    hooks, before = model._load_state_dict_pre_hooks, len(model._load_state_dict_pre_hooks)
+    dynarank.DynaRankCallback(model)
+    assert len(hooks) == before + 1
+    callback = dynarank.DynaRankCallback(model)  # replaces the first: one check, not two
+    assert len(hooks) == before + 1
+    trainer = make_trainer(tmp_path, model, max_steps=2)
+    callback.install(trainer)
+    trainer.train()
+    assert len(hooks) == before
+
+
 def _nan_gradient_at(model, bad_steps: set[int]):
     """Make the classifier's gradient NaN on the given optimizer steps (1-based; one micro-batch each)."""
     calls = {"n": 0}

@@ -99,6 +99,10 @@ class NonFiniteGuard:
         self.skipped += 1
 
 
+# The load check of each model's current callback (a new callback for the same model replaces it).
+_LOAD_CHECKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _caller_of_type(cls):
     """The nearest ``self`` up the call stack that is a ``cls`` (None if there is none).
 
@@ -122,7 +126,11 @@ class DynaRankCallback(TrainerCallback):
     def __init__(self, model: nn.Module, on_nonfinite: str = "skip") -> None:
         """``on_nonfinite``: 'skip' drops an optimizer step whose gradients are NaN/inf (naming the
         modules; nothing is updated, the rank schedule counts the step), 'stop' raises FloatingPointError;
-        the Trainer's own checkpoints are what a stopped run keeps."""
+        the Trainer's own checkpoints are what a stopped run keeps.
+
+        From here until training ends, weights loaded into ``model`` are checked against its rank layout (a
+        mismatch says how to resume instead of 'size mismatch'); a newer callback for the same model takes the
+        check over."""
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
         self.model = model
@@ -135,7 +143,15 @@ class DynaRankCallback(TrainerCallback):
         self._sync: ResizedGradientSync | None = None  # under DDP, from on_train_begin
         self._synced_at: int | None = None  # the controller step whose gradients were last averaged
         self._order_warned = False
-        model.register_load_state_dict_pre_hook(self._check_loaded_layout)
+        previous = _LOAD_CHECKS.pop(model, None)
+        if previous is not None:  # the model's previous callback: this one takes over its check
+            previous.remove()
+        self._load_check = _LOAD_CHECKS[model] = model.register_load_state_dict_pre_hook(self._check_loaded_layout)
+
+    def _stop_checking_loads(self) -> None:
+        self._load_check.remove()
+        if _LOAD_CHECKS.get(self.model) is self._load_check:
+            del _LOAD_CHECKS[self.model]
 
     # ------------------------------------------------------------------ installing into a Trainer
     def install(self, trainer) -> DynaRankCallback:
@@ -360,6 +376,7 @@ class DynaRankCallback(TrainerCallback):
         # leaves a plain adapter behind: ElaLoRA / AdaLoRA fold E into it.
         if self.controller is not None:
             self.controller.finish()
+        self._stop_checking_loads()  # training is over: loads into the model are the user's business again
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
