@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import dynarank
 from dynarank import DynaRankConfig, attach, checkpoint, elastic_layers
@@ -24,9 +24,10 @@ METHODS = {
 }
 
 
-def build(method: str, out, save_steps: int | None = SAVE, install: str = "install"):
+def build(method: str, out, save_steps: int | None = SAVE, install: str = "install", evaluate=None, **arguments):
     """Model, callback and Trainer; ``install``: 'install' (callback.install), 'callbacks' (Trainer(callbacks=[...]))
-    or 'add_callback' (trainer.add_callback after the Trainer is built)."""
+    or 'add_callback' (trainer.add_callback after the Trainer is built); ``evaluate``: the Trainer's
+    compute_metrics (evaluated on 16 examples); ``arguments``: more TrainingArguments."""
     model = attach(
         tiny_bert(),
         DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **METHODS.get(method, {})),
@@ -45,9 +46,15 @@ def build(method: str, out, save_steps: int | None = SAVE, install: str = "insta
         dataloader_num_workers=0,
         logging_steps=1000,
         seed=0,
+        **arguments,
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback] if install == "callbacks" else None
+        model=model,
+        args=args,
+        train_dataset=TokenDataset(),
+        eval_dataset=TokenDataset(16) if evaluate else None,
+        compute_metrics=evaluate,
+        callbacks=[callback] if install == "callbacks" else None,
     )
     if install == "install":
         callback.install(trainer)
@@ -168,3 +175,91 @@ def test_a_resume_with_another_run_length_is_refused(tmp_path):
     trainer.args.max_steps = STEPS + 6
     with pytest.raises(CheckpointError, match=f"step {SAVE} of {STEPS}: the rank schedule is placed in the run"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{SAVE}"))
+
+
+class LogitsAtSave(TrainerCallback):
+    """The model's logits on a fixed batch at every checkpoint: what loading that checkpoint must give back."""
+
+    def __init__(self, model):
+        self.model, self.logits, self.batch = model, {}, TokenDataset(4).ids
+
+    def __call__(self) -> torch.Tensor:
+        training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(input_ids=self.batch).logits
+        self.model.train(training)
+        return logits
+
+    def on_save(self, args, state, control, **kwargs):
+        self.logits[state.global_step] = self()
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+@pytest.mark.parametrize("end", [STEPS, 12], ids=["run-to-its-end", "stopped-early"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_load_best_model_at_end_gives_the_model_the_best_checkpoints_layout_and_function(tmp_path, method, end):
+    # Run to its end, the run has dropped what the checkpoint computed with (ARD's mask in the final phase,
+    # ElaLoRA / AdaLoRA's E once folded); stopped early (early stopping), it has not.
+    best, evaluations = 8, []
+
+    def pick(_):  # the evaluation at step 8 scores best; the ranks change after it
+        evaluations.append(None)
+        return {"pick": float(len(evaluations) * 4 == best)}
+
+    model, callback, trainer = build(
+        method,
+        tmp_path,
+        save_steps=4,
+        evaluate=pick,
+        eval_strategy="steps",
+        eval_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="pick",
+    )
+    logits = LogitsAtSave(model)
+    trainer.add_callback(logits)
+    trainer.add_callback(StopAt(end))
+    trainer.train()
+
+    assert trainer.state.global_step == end
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best}")
+    layout = {step: checkpoint.read_trainer_state(tmp_path / f"checkpoint-{step}")[0]["layout"] for step in (best, end)}
+    assert layout[best] != layout[end], "the layout did not change after the best checkpoint"
+    assert {name: layer.slots for name, layer in elastic_layers(model).items()} == layout[best]
+    torch.testing.assert_close(logits(), logits.logits[best], rtol=0, atol=1e-6)
+
+
+class DeleteAt(TrainerCallback):
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            shutil.rmtree(self.path)
+
+
+def test_load_best_model_at_end_without_the_best_checkpoints_dynarank_state_says_so_and_changes_nothing(tmp_path):
+    model, callback, trainer = build(
+        "adalora",
+        tmp_path,
+        save_steps=4,
+        evaluate=lambda _: {"pick": 1.0},  # ties: the first evaluation, at step 4, stays the best
+        eval_strategy="steps",
+        eval_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="pick",
+    )
+    trainer.add_callback(DeleteAt(6, tmp_path / "checkpoint-4" / "dynarank"))
+    trainer.add_callback(StopAt(12))
+    with pytest.raises(CheckpointError, match=r"best checkpoint, .*checkpoint-4, .*it has no dynarank/state.json"):
+        trainer.train()
+    saved = checkpoint.read_trainer_state(tmp_path / "checkpoint-12")[0]["layout"]
+    assert {name: layer.slots for name, layer in elastic_layers(model).items()} == saved

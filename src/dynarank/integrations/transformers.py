@@ -24,6 +24,9 @@ any callback runs, at their saved (resized) shapes, and then its optimizer state
 loads anything) and ``trainer.create_optimizer`` (the alpha group exists before the optimizer
 state is loaded). ``on_train_begin`` then restores the controller, so the rank schedule goes on
 where it stopped. A resume that cannot be exact raises instead of restarting the controller.
+``load_best_model_at_end``: ``trainer._load_best_model`` is wrapped the same way (the layers take the best
+checkpoint's layout before its weights load), and what the run has dropped since that checkpoint (ARD's
+mask, a folded E) is folded into the loaded weights.
 
 Under DDP (torchrun / accelerate launch) a resize hands the adapters NEW parameter tensors, which
 the Trainer's DDP wrapper (built once, before training) does not know: their gradients would stay
@@ -49,7 +52,9 @@ from transformers import TrainerCallback
 from .. import checkpoint
 from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
-from ..controllers import RankController, build_controller, prepare_parameters
+from ..controllers import ARDController, RankController, build_controller, prepare_parameters
+from ..controllers.adalora import SVD_ATTR
+from ..controllers.adalora import _key as _svd_key
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..loop import nonfinite_gradients
 from ..report import split_name
@@ -143,6 +148,7 @@ class DynaRankCallback(TrainerCallback):
         self._sync: ResizedGradientSync | None = None  # under DDP, from on_train_begin
         self._synced_at: int | None = None  # the controller step whose gradients were last averaged
         self._order_warned = False
+        self._best_values: dict[str, torch.Tensor] | None = None  # E read while the best checkpoint loads
         previous = _LOAD_CHECKS.pop(model, None)
         if previous is not None:  # the model's previous callback: this one takes over its check
             previous.remove()
@@ -167,6 +173,16 @@ class DynaRankCallback(TrainerCallback):
             trainer.create_optimizer = types.MethodType(
                 _wrap(trainer.create_optimizer, self._create_optimizer), trainer
             )
+            if hasattr(trainer, "_load_best_model"):  # load_best_model_at_end
+                trainer._load_best_model = types.MethodType(
+                    _wrap(trainer._load_best_model, self._load_best_model), trainer
+                )
+            elif trainer.args.load_best_model_at_end:
+                raise ValueError(
+                    "load_best_model_at_end=True: this transformers version loads the best checkpoint in a way "
+                    "DynaRankCallback cannot give the checkpoint's rank layout first. Set "
+                    "load_best_model_at_end=False and load the adapter of the checkpoint you want."
+                )
             clip = trainer.accelerator.clip_grad_norm_
 
             def clip_grad_norm_(*args, **kwargs):
@@ -218,6 +234,51 @@ class DynaRankCallback(TrainerCallback):
         checkpoint.restore_layout(self.model, saved["layout"])
         self.controller, self._resume = controller, (saved, tensors)
 
+    def _load_best_model(self, original, *args, **kwargs):
+        """``trainer._load_best_model`` (load_best_model_at_end): the layers first take the best checkpoint's
+        slot layout, the Trainer then loads its weights at those shapes. ElaLoRA / AdaLoRA's E, if the run has
+        folded its own since, is folded into the loaded weights (the model stays a plain elastic LoRA model)."""
+        best = self.trainer.state.best_model_checkpoint
+        if self.controller is None or best is None:
+            return original(*args, **kwargs)
+        try:
+            saved, _ = checkpoint.read_trainer_state(best)
+            checkpoint.check_layout(self.model, saved["layout"])
+        except CheckpointError as exc:
+            missing = not (Path(best) / checkpoint.TRAINER_DIR / checkpoint.STATE_FILE).is_file()
+            reason = f"it has no {checkpoint.TRAINER_DIR}/{checkpoint.STATE_FILE}" if missing else str(exc).rstrip(".")
+            raise CheckpointError(
+                f"load_best_model_at_end: the rank layout of the best checkpoint, {best}, cannot be given to the "
+                f"model ({reason}), and its weights fit only that layout. The model is left as training ended it: "
+                "use it, or pick another checkpoint that has its dynarank/ state (or set load_best_model_at_end=False)."
+            ) from None
+        checkpoint.restore_layout(self.model, saved["layout"])
+        self._best_values = {} if getattr(self.model, SVD_ATTR, None) is None else None
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            values, self._best_values = self._best_values, None
+        self._fold_best_gates(saved, values or {})
+        return result
+
+    @torch.no_grad()
+    def _fold_best_gates(self, saved: dict, values: dict[str, torch.Tensor]) -> None:
+        """After the best checkpoint's weights are loaded: the gate it computed with, where the run has dropped
+        its own since, goes into the group side, so the layers compute what the checkpoint computed."""
+        layers = elastic_layers(self.model)
+        for name, layer in layers.items():  # ElaLoRA / AdaLoRA's E, when the run has folded its own
+            e = values.get(_svd_key(name))
+            if e is not None:
+                layer.group_weight.mul_(e.to(layer.group_weight).unsqueeze(0))
+        ard = self.controller
+        if isinstance(ard, ARDController) and saved["step"] < ard.settings.final_start <= ard.step:
+            # The checkpoint was masked by its alphas (now loaded); the run's final phase has no mask any more.
+            for name, layer in layers.items():
+                layer.set_gate(ard._make_gate(ard.gates.of(name)))
+                folded = layer.gated_group_weight()
+                layer.set_gate(None)
+                layer.group_weight.copy_(folded)
+
     def _create_optimizer(self, original, *args, **kwargs):
         """``trainer.create_optimizer``: the alphas get their group before the Trainer loads a saved optimizer
         state into it (which maps by position) and before it builds the scheduler."""
@@ -244,6 +305,10 @@ class DynaRankCallback(TrainerCallback):
     def _check_loaded_layout(self, module, state_dict, prefix, *args) -> None:
         """Weights of a dynarank training state loaded before install(), or into layers of another layout: say how
         to resume (not 'size mismatch', nor a silent restart of the controller)."""
+        if self._best_values is not None:  # E of a run that has folded its own: kept to fold into the loaded weights
+            svd = f"{prefix}{SVD_ATTR}.values."
+            for key in [k for k in state_dict if k.startswith(svd)]:
+                self._best_values[key[len(svd) :]] = state_dict.pop(key)
         if self.trainer is None and self.controller is None:
             controller_keys = [
                 k for k in state_dict if k.startswith((f"{prefix}dynarank_ard.", f"{prefix}dynarank_svd."))
