@@ -164,6 +164,12 @@ class DynaRankCallback(TrainerCallback):
         """Add this callback to ``trainer`` ahead of the logging integrations, and wrap ``trainer.train`` and
         ``trainer.create_optimizer`` so that ``resume_from_checkpoint`` restores the rank layout and controller."""
         refuse_sharding(trainer.args, trainer)
+        if trainer.args.load_best_model_at_end and not hasattr(trainer, "_load_best_model"):
+            raise ValueError(
+                "load_best_model_at_end=True: this transformers version loads the best checkpoint in a way "
+                "DynaRankCallback cannot give the checkpoint's rank layout first. Set load_best_model_at_end=False "
+                "and load the checkpoint you want with its dynarank/ state."
+            )
         # A new list: an event being dispatched (install() may run inside one) goes on over the old one.
         handler = trainer.callback_handler
         handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
@@ -176,12 +182,6 @@ class DynaRankCallback(TrainerCallback):
             if hasattr(trainer, "_load_best_model"):  # load_best_model_at_end
                 trainer._load_best_model = types.MethodType(
                     _wrap(trainer._load_best_model, self._load_best_model), trainer
-                )
-            elif trainer.args.load_best_model_at_end:
-                raise ValueError(
-                    "load_best_model_at_end=True: this transformers version loads the best checkpoint in a way "
-                    "DynaRankCallback cannot give the checkpoint's rank layout first. Set "
-                    "load_best_model_at_end=False and load the adapter of the checkpoint you want."
                 )
             clip = trainer.accelerator.clip_grad_norm_
 
@@ -236,8 +236,8 @@ class DynaRankCallback(TrainerCallback):
 
     def _load_best_model(self, original, *args, **kwargs):
         """``trainer._load_best_model`` (load_best_model_at_end): the layers first take the best checkpoint's
-        slot layout, the Trainer then loads its weights at those shapes. ElaLoRA / AdaLoRA's E, if the run has
-        folded its own since, is folded into the loaded weights (the model stays a plain elastic LoRA model)."""
+        slot layout, the Trainer then loads its weights at those shapes; what the checkpoint computed with and the
+        run has dropped since (ARD's mask, ElaLoRA / AdaLoRA's E) is then folded into the group side."""
         best = self.trainer.state.best_model_checkpoint
         if self.controller is None or best is None:
             return original(*args, **kwargs)
