@@ -263,3 +263,24 @@ def test_load_best_model_at_end_without_the_best_checkpoints_dynarank_state_says
         trainer.train()
     saved = checkpoint.read_trainer_state(tmp_path / "checkpoint-12")[0]["layout"]
     assert {name: layer.slots for name, layer in elastic_layers(model).items()} == saved
+
+
+def test_load_best_model_at_end_is_refused_up_front_by_a_trainer_whose_best_model_loading_cannot_be_wrapped(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delattr(Trainer, "_load_best_model")  # another transformers version
+    model, callback, trainer = build(
+        "ard",
+        tmp_path,
+        save_steps=4,
+        install="later",
+        evaluate=lambda _: {"pick": 1.0},
+        eval_strategy="steps",
+        eval_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="pick",
+    )
+    train = trainer.train
+    with pytest.raises(ValueError, match="Set load_best_model_at_end=False"):
+        callback.install(trainer)
+    assert callback.trainer is None and trainer.train == train and callback not in trainer.callback_handler.callbacks
