@@ -148,24 +148,24 @@ def test_a_trainer_under_torchrun_takes_the_single_process_rank_decisions_at_eve
 def test_a_nan_on_one_worker_at_a_resize_step_skips_it_everywhere_and_keeps_the_workers_together():
     # Step 5 is an AdaLoRA pruning step: the skipped step still resizes, so the DDP wrapper must be rebuilt
     # there too (a stale one leaves the new tensors' gradients per worker: 1.5e-4 apart at the end).
-    import test_loop_ddp_worker
+    import loop_ddp_worker
 
-    first, second = torchrun("test_loop_ddp_worker.py", "adalora-physical", "5")["workers"]
+    first, second = torchrun("loop_ddp_worker.py", "adalora-physical", "5")["workers"]
     assert first["skipped"] == second["skipped"] == 1 and 5 in first["resized"]
     assert first["history"] == second["history"]
     assert biggest_difference(first["tensors"], second["tensors"]) == 0.0  # the all-reduce gives both the same bits
-    single = test_loop_ddp_worker.run("adalora-physical", nan_step=5, nan_worker=0)
+    single = loop_ddp_worker.run("adalora-physical", nan_step=5, nan_worker=0)
     assert first["history"] == [list(h) for h in single["history"]]
     assert biggest_difference(first["tensors"], single["tensors"]) < 1e-5  # measured 1.0e-7
 
 
 @needs_torchrun
 def test_elalora_on_two_workers_takes_the_single_process_decisions_and_computes_the_same_function():
-    import test_loop_ddp_worker
+    import loop_ddp_worker
 
-    first, second = torchrun("test_loop_ddp_worker.py", "elalora", "0")["workers"]
+    first, second = torchrun("loop_ddp_worker.py", "elalora", "0")["workers"]
     assert first["history"] == second["history"] and biggest_difference(first["tensors"], second["tensors"]) == 0.0
-    single = test_loop_ddp_worker.run("elalora")
+    single = loop_ddp_worker.run("elalora")
     assert len(single["resized"]) >= 20  # a prune-and-grow round at every step from 9 to 32
     assert first["history"] == [list(h) for h in single["history"]]
     # Same rank decisions, same function: logits to float32 rounding (measured 2e-8), each adapter's

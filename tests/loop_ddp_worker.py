@@ -1,6 +1,6 @@
 """A worker script, not tests: ``dynarank.loop.train`` on a tiny model, for tests/test_distributed.py.
 
-    torchrun --nproc_per_node=2 tests/test_loop_ddp_worker.py METHOD NAN_STEP [NAN_WORKER]
+    torchrun --nproc_per_node=2 tests/loop_ddp_worker.py METHOD NAN_STEP [NAN_WORKER]
 
 Each worker trains on its shard of every global batch; worker 0 prints ``RESULT {json}`` with every
 worker's final ranks, adapter tensors and rank history. ``run`` is also called in one process by
