@@ -42,7 +42,8 @@ SVD_ATTR = "dynarank_svd"
 Plan = dict[str, dict[int, list[int]]]  # module -> group -> rank positions
 
 
-def _key(module_name: str) -> str:
+def values_key(module_name: str) -> str:
+    """The key of a module's E in ``model.dynarank_svd.values`` (dots are not allowed in module keys)."""
     return module_name.replace(".", "__")
 
 
@@ -60,16 +61,16 @@ class SVDValues(nn.Module):
         for name, layer in layers.items():
             fresh = init_svd_factors(layer, generator)
             w = layer.group_weight
-            values[_key(name)] = nn.Parameter(
+            values[values_key(name)] = nn.Parameter(
                 torch.full((w.shape[1],), 0.0 if fresh else 1.0, dtype=w.dtype, device=w.device)
             )
         self.values = nn.ParameterDict(values)
 
     def of(self, name: str) -> nn.Parameter:
-        return self.values[_key(name)]
+        return self.values[values_key(name)]
 
     def replace(self, name: str, param: nn.Parameter) -> None:
-        self.values[_key(name)] = param
+        self.values[values_key(name)] = param
 
     def match_layout(self, layers: dict[str, ElasticLoRALinear]) -> None:
         """Give every E the size of its layer's current rank layout (values zero; a restore fills them).

@@ -115,14 +115,15 @@ class ARDController(RankController):
         self._start_alpha = self._alpha_snapshot()
         self.motion = RankMotion()  # read-out rank changes and reversals (oscillation alarm)
         for name, layer in self.layers.items():
-            layer.set_gate(self._make_gate(self.gates.of(name)))
+            layer.set_gate(self.mask_gate(self.gates.of(name)))
         self._losses: list[tuple[int, float]] = []
         self._loss_hook = model.register_forward_hook(self._observe_model_output)
         self.unit = None
         self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda
 
     # ------------------------------------------------------------------ mask
-    def _make_gate(self, alpha: nn.Parameter):
+    def mask_gate(self, alpha: nn.Parameter):
+        """The gate of one module: its groups' rank masks from ``alpha`` (hard, straight-through gradient; or soft)."""
         s = self.settings
 
         def gate(layer: ElasticLoRALinear) -> torch.Tensor:

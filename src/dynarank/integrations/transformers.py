@@ -53,8 +53,7 @@ from .. import checkpoint
 from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
 from ..controllers import ARDController, RankController, build_controller, prepare_parameters
-from ..controllers.adalora import SVD_ATTR
-from ..controllers.adalora import _key as _svd_key
+from ..controllers.adalora import SVD_ATTR, values_key
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..loop import nonfinite_gradients
 from ..report import split_name
@@ -267,14 +266,14 @@ class DynaRankCallback(TrainerCallback):
         its own since, goes into the group side, so the layers compute what the checkpoint computed."""
         layers = elastic_layers(self.model)
         for name, layer in layers.items():  # ElaLoRA / AdaLoRA's E, when the run has folded its own
-            e = values.get(_svd_key(name))
+            e = values.get(values_key(name))
             if e is not None:
                 layer.group_weight.mul_(e.to(layer.group_weight).unsqueeze(0))
         ard = self.controller
         if isinstance(ard, ARDController) and saved["step"] < ard.settings.final_start <= ard.step:
             # The checkpoint was masked by its alphas (now loaded); the run's final phase has no mask any more.
             for name, layer in layers.items():
-                layer.set_gate(ard._make_gate(ard.gates.of(name)))
+                layer.set_gate(ard.mask_gate(ard.gates.of(name)))
                 folded = layer.gated_group_weight()
                 layer.set_gate(None)
                 layer.group_weight.copy_(folded)
