@@ -88,3 +88,22 @@ def unpickled(monkeypatch) -> list:
 
     monkeypatch.setattr(torch, "load", spy)
     return calls
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """Call it to start counting the ways a tensor's value reaches Python (each one waits for the device)."""
+
+    def start() -> dict:
+        reads = {"n": 0}
+        for name in ("__bool__", "item", "tolist"):
+            real = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _real=real, **kwargs):
+                reads["n"] += 1
+                return _real(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        return reads
+
+    return start

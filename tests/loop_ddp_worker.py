@@ -10,7 +10,6 @@ NAN_WORKER (default 1) only: every worker must still skip it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -19,6 +18,7 @@ import torch
 from dynarank.attach import elastic_layers
 from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, train_classifier
 from tiny_models import WordTokenizer, examples, tiny_bert
+from trainer_ddp_worker import print_every_workers_result_and_exit
 
 # Per method: TrainSpec fields. 51 examples: the last batch of every epoch splits unevenly (2 + 1).
 SPECS = {
@@ -71,12 +71,4 @@ if __name__ == "__main__":
 
     dist.init_process_group("gloo")
     method, nan_step = sys.argv[1], int(sys.argv[2])
-    mine = run(method, nan_step, int(sys.argv[3]) if len(sys.argv) > 3 else 1)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps({"workers": gathered}))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # gloo threads outliving the interpreter can abort it (see trainer_ddp_worker.py)
+    print_every_workers_result_and_exit(run(method, nan_step, int(sys.argv[3]) if len(sys.argv) > 3 else 1))

@@ -246,27 +246,15 @@ def test_a_nan_gradient_names_the_module_that_produced_it(caplog):
     assert "non-finite values at step 1 in: classifier" in caplog.text
 
 
-def count_host_reads(monkeypatch) -> dict:
-    """Counts the ways a tensor's value reaches Python (each one waits for the device)."""
-    reads = {"n": 0}
-    for name in ("__bool__", "item", "tolist"):
-        real = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _real=real, **kwargs):
-            reads["n"] += 1
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return reads
-
-
-def test_checking_the_gradients_reads_one_value_however_many_parameters_and_names_modules_only_when_bad(monkeypatch):
+def test_checking_the_gradients_reads_one_value_however_many_parameters_and_names_modules_only_if_bad(
+    count_host_reads,
+):
     model = attached()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.ones_like(p)
     assert len(params) >= 10
-    reads = count_host_reads(monkeypatch)
+    reads = count_host_reads()
     assert nonfinite_gradients(model) == [] and reads["n"] == 1
     model.classifier.weight.grad[0, 0] = float("inf")
     assert nonfinite_gradients(model) == ["classifier"]

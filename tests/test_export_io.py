@@ -409,6 +409,17 @@ def test_a_replacement_whose_final_rename_fails_puts_the_previous_adapter_back(t
     assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(first, ids))
 
 
+def _the_next_load_or_save_finds_the_previous_adapter(then: str, previous, out, ids) -> None:
+    """After a save that left ``previous`` moved aside: a load returns it, or a new save replaces it cleanly."""
+    if then == "load":
+        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(previous, ids))
+    else:
+        third = _adapted("bert", "shared", r=2)
+        dynarank.save_adapter(third, out)
+        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(third, ids))
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
 @pytest.mark.parametrize("then", ["load", "save"])
 def test_an_adapter_whose_replacement_could_not_put_it_back_is_restored_by_the_next_load_or_save(
     tmp_path, monkeypatch, then
@@ -420,13 +431,7 @@ def test_an_adapter_whose_replacement_could_not_put_it_back_is_restored_by_the_n
         dynarank.save_adapter(_adapted("bert", "shared", r=2), out)
     monkeypatch.undo()
     assert not out.exists() and [p.name.endswith(".old") for p in tmp_path.iterdir()] == [True]  # kept aside
-    if then == "load":
-        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(first, ids))
-    else:
-        third = _adapted("bert", "shared", r=2)
-        dynarank.save_adapter(third, out)
-        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(third, ids))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
+    _the_next_load_or_save_finds_the_previous_adapter(then, first, out, ids)
 
 
 KILLED_BETWEEN_THE_RENAMES = """
@@ -455,13 +460,7 @@ def test_a_save_killed_between_its_two_renames_leaves_the_previous_adapter_to_th
     assert killed.returncode == 9, killed.stderr.decode()
     left = sorted(p.name for p in tmp_path.iterdir())
     assert len(left) == 2 and left[1] == left[0] + ".old"  # the new directory, and the previous one moved aside
-    if then == "load":
-        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(first, ids))
-    else:
-        third = _adapted("bert", "shared", r=2)
-        dynarank.save_adapter(third, out)
-        assert torch.equal(_logits(dynarank.load_adapter(tiny_bert(), out), ids), _logits(third, ids))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
+    _the_next_load_or_save_finds_the_previous_adapter(then, first, out, ids)
 
 
 def test_a_truncated_weights_file_raises_a_format_error(tmp_path):

@@ -62,10 +62,10 @@ def train(out_dir: str, method: str, batch_size: int, **args) -> dict:
     }
 
 
-if __name__ == "__main__":
+def print_every_workers_result_and_exit(mine: dict) -> None:
+    """Worker 0 prints ``RESULT {"workers": [...]}`` with every worker's ``mine``; then every worker leaves."""
     import torch.distributed as dist
 
-    mine = train(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ard", batch_size=4, ddp_backend="gloo")
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if dist.get_rank() == 0:
@@ -76,3 +76,9 @@ if __name__ == "__main__":
     # 179291): the result is out, so leave without running the C++ static destructors.
     sys.stdout.flush()
     os._exit(0)
+
+
+if __name__ == "__main__":
+    print_every_workers_result_and_exit(
+        train(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ard", batch_size=4, ddp_backend="gloo")
+    )
