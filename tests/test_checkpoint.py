@@ -289,6 +289,19 @@ def test_the_controller_takes_no_rank_decision_from_non_finite_alpha_gradients(c
     assert elastic_layers(model)
 
 
+def test_alphas_an_update_made_non_finite_are_restored_to_their_last_value_with_a_warning(caplog):
+    model = tiny_bert()
+    ctrl = train_classifier(model, WordTokenizer(), examples(), spec(steps=6))["controller"]
+    alpha = next(iter(model.dynarank_ard.parameters()))
+    before = alpha.detach().clone()
+    with torch.no_grad():
+        alpha[0] = float("inf")  # what an overflowing optimizer update leaves
+    with caplog.at_level(logging.WARNING):
+        ctrl.after_step(ctrl.optimizers[0])
+    assert "became non-finite; restored their last value" in caplog.text
+    assert torch.isfinite(alpha).all() and torch.equal(alpha.detach(), before)
+
+
 @pytest.mark.parametrize("run_dir", [None, "empty"])
 def test_the_stop_policy_does_not_claim_a_checkpoint_that_was_never_written(tmp_path, run_dir):
     with pytest.raises(NonFiniteError) as info:
