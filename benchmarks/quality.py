@@ -519,6 +519,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads per run (default: 2 // jobs)")
     parser.add_argument("--tune-only", action="store_true", help="only the learning-rate runs")
     parser.add_argument("--table-only", action="store_true", help="redraw table and plot from the records")
+    parser.add_argument(
+        "--fresh", action="store_true", help="forget this study's earlier records (default: resume, skipping them)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     task = TASKS[args.task]
@@ -528,7 +531,7 @@ def main() -> None:
     seeds = [0] if args.quick else args.seeds
     threads = args.threads or max(1, 2 // args.jobs)
     stem = f"quality_{args.task}" + ("_quick" if args.quick else "")
-    store = RecordStore(args.out / f"{stem}.json", record_key)
+    store = RecordStore(args.out / f"{stem}.json", record_key, fresh=args.fresh)
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
 
     def done(job: tuple, record: dict) -> None:

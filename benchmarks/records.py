@@ -17,10 +17,12 @@ from pathlib import Path
 class RecordStore:
     """Records of one study in ``path`` (JSON: {"commands": [...], "runs": [...], ...})."""
 
-    def __init__(self, path: Path, key: Callable[[dict], tuple]) -> None:
+    def __init__(self, path: Path, key: Callable[[dict], tuple], *, fresh: bool = False) -> None:
+        """Resume the records in ``path``, or with ``fresh`` start empty (the file is replaced at the first save)."""
         self.path = Path(path)
         self.key = key
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"commands": [], "runs": []}
+        resume = self.path.is_file() and not fresh
+        self.data = json.loads(self.path.read_text()) if resume else {"commands": [], "runs": []}
 
     @property
     def runs(self) -> list[dict]:

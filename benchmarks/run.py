@@ -26,7 +26,12 @@ SUITES = {
     "planted": ("planted_rank.py", ["--seeds", "1", "--steps", "1000"], ["--seeds", "3"]),
     "methods-planted": ("elalora.py", ["--seeds", "1", "--steps", "1000"], ["--seeds", "3"]),
     "ablations": ("ablations.py", ["--seeds", "1"], ["--seeds", "3"]),
-    "quality": ("quality.py", ["--quick", "--methods", "lora", "adalora", "elalora", "ard"], ["--task", "minilm"]),
+    # The quick form measures the code as it is now (--fresh); the full study resumes its records.
+    "quality": (
+        "quality.py",
+        ["--quick", "--fresh", "--methods", "lora", "adalora", "elalora", "ard"],
+        ["--task", "minilm"],
+    ),
     "quality-smollm2": ("quality.py", None, ["--task", "smollm2"]),  # no quick form: one SmolLM2 run is ~5 minutes
     "overhead": ("engine_overhead.py", ["--rounds", "2"], []),
     "method-overhead": ("method_overhead.py", ["--steps", "12"], []),
