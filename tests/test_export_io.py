@@ -517,3 +517,12 @@ def test_a_pickled_adapter_is_rejected_without_being_unpickled(tmp_path, monkeyp
     with pytest.raises(AdapterFormatError, match="safetensors"):
         dynarank.load_adapter(tiny_bert(), disguised)
     assert UNPICKLED == []
+
+
+def test_a_directory_moved_aside_is_found_by_its_full_name_even_with_dots(tmp_path):
+    from dynarank import io
+
+    (tmp_path / ".my.adapter.v2.k3_9xq.old").mkdir()  # .<name>.<random>.old, the random part without dots
+    (tmp_path / ".step-6.ab12.old").mkdir()
+    (tmp_path / ".step-7.ab12").mkdir()  # a temporary new directory, not a previous version
+    assert io.interrupted_replacements(tmp_path) == [tmp_path / "my.adapter.v2", tmp_path / "step-6"]

@@ -37,14 +37,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .attach import elastic_layers
-from .io import restore_interrupted, write_atomically
+from .io import interrupted_replacements, restore_interrupted, write_atomically
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TEMPORARY_DIR = re.compile(r"^\.step-\d+\.")  # io.write_atomically's temporary siblings of step-N
-MOVED_ASIDE_DIR = re.compile(r"^\.(step-\d+)\.[a-z0-9_]+\.old$")  # a step-N a killed save had moved aside
 TRAINER_DIR = "dynarank"  # inside a transformers Trainer checkpoint
 TRAINER_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR
 TRAINER_KEYS = ("step", "total_steps", "method", "layout", "controller")  # what save_trainer_state writes
@@ -145,8 +144,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    for aside in [m.group(1) for p in root.iterdir() if (m := MOVED_ASIDE_DIR.match(p.name))]:
-        restore_interrupted(root / aside, STATE_FILE)  # a save killed between its renames: step-N comes back
+    for step_dir in interrupted_replacements(root):
+        if STEP_DIR.match(step_dir.name):
+            restore_interrupted(step_dir, STATE_FILE)  # a save killed between its renames: step-N comes back
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found)]
 

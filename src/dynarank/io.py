@@ -87,12 +87,27 @@ def _sync_directory(path: Path) -> None:
         os.close(fd)
 
 
+# ``.<name>.<random>.old``: a directory's previous content, moved aside by write_atomically (mkdtemp's random
+# part has no dots, so the name is everything before it).
+MOVED_ASIDE = re.compile(r"^\.(.+)\.[a-z0-9_]+\.old$")
+
+
 def _moved_aside(out: Path) -> list[Path]:
-    """``.<name>.<random>.old`` siblings of ``out``: its previous content, moved aside by write_atomically."""
+    """The moved-aside siblings of ``out``."""
     if not out.parent.is_dir():
         return []
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]+\.old$")
-    return sorted(p for p in out.parent.iterdir() if pattern.match(p.name) and p.is_dir())
+    return sorted(
+        p for p in out.parent.iterdir() if p.is_dir() and (m := MOVED_ASIDE.match(p.name)) and m.group(1) == out.name
+    )
+
+
+def interrupted_replacements(parent: str | os.PathLike) -> list[Path]:
+    """The directories in ``parent`` that have a previous version moved aside by a replacement (killed, or in
+    progress): what :func:`restore_interrupted` may put back."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    return sorted({parent / m.group(1) for p in parent.iterdir() if p.is_dir() and (m := MOVED_ASIDE.match(p.name))})
 
 
 def restore_interrupted(out_dir: str | os.PathLike, marker: str) -> bool:
