@@ -79,14 +79,12 @@ def run(seeds: int) -> dict:
     results: dict[str, dict[str, list[dict]]] = {}
     for seed in range(seeds):
         task, noisy = make_planted_task(seed=seed, noise=0.1), make_planted_task(seed=seed, noise=1.0)
-        oracle, noisy_oracle = _oracle(task, seed), _oracle(noisy, seed)
-        groups = {**experiments(), "TV where ranks oscillate": oscillation_experiments()}
-        for group, cases in groups.items():
+        on_task, on_noisy = (task, _oracle(task, seed)), (noisy, _oracle(noisy, seed))
+        groups = {g: (on_task, cases) for g, cases in experiments().items()}
+        groups["TV where ranks oscillate"] = (on_noisy, oscillation_experiments())
+        for group, ((planted, oracle), cases) in groups.items():
             for name, overrides in cases.items():
-                if group == "TV where ranks oscillate":
-                    row = _run(noisy, seed, noisy_oracle, **overrides)
-                else:
-                    row = _run(task, seed, oracle, **overrides)
+                row = _run(planted, seed, oracle, **overrides)
                 results.setdefault(group, {}).setdefault(name, []).append(row)
                 print(
                     f"seed {seed} {group:20s} {name:28s} loss/oracle {row['loss / oracle']:.3f} "
