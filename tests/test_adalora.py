@@ -16,7 +16,7 @@ from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_c
 from dynarank.loop import TrainSpec, prepare_model
 from dynarank.optim_state import state_bytes
 from dynarank.synthetic import make_planted_task
-from tiny_models import tiny_bert, token_batch
+from tiny_models import tiny_bert, tiny_llama, token_batch
 
 
 def planted(steps=100, **config):
@@ -313,6 +313,27 @@ def test_the_loop_runs_the_physical_adalora_with_the_stock_baseline_s_budget_and
     c = ctrl.config
     assert (c.method, c.granularity, c.r, c.target_rank, c.lora_alpha) == ("adalora", "matrix", 6, 4, 4)
     assert (ctrl.schedule.t_init, ctrl.schedule.t_final, ctrl.schedule.interval) == (21, 39, 5)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama], ids=["classifier", "causal-lm"])
+def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our_weight(build):
+    # A bare PeftModel (no task type) calls the wrapped model directly and drops the penalty, so the
+    # benchmark's "stock AdaLoRA" trained without it while ours trained with it. The loss the loop
+    # back-propagates must be the task loss plus weight x mean of ||A A^T - I||_F, ||B^T B - I||_F.
+    model, _ = prepare_model(build(), TrainSpec(method="adalora", r=2, target_modules=["query", "q_proj"]), 100)
+    ids = token_batch()
+    labels = torch.tensor([0, 1, 0]) if build is tiny_bert else ids
+    task_loss = model.get_base_model()(input_ids=ids, labels=labels).loss
+    norms = [
+        torch.linalg.matrix_norm(p @ p.T - torch.eye(p.shape[0]) if "lora_A" in n else p.T @ p - torch.eye(p.shape[1]))
+        for n, p in model.named_parameters()
+        if "lora_A" in n or "lora_B" in n
+    ]
+    assert len(norms) == 4  # A and B of two query modules
+    penalty = torch.stack(norms).mean()
+    assert float(penalty.detach()) > 0.5  # P, Q ~ N(0, 0.02) are far from orthonormal: a missing term shows
+    expected = task_loss + DynaRankConfig.ortho_weight * penalty
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, expected)
 
 
 @pytest.mark.parametrize(
