@@ -29,6 +29,11 @@ A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 
                            one rank in every head and matrix already costs more)
     full                   full fine-tuning (no budget; run once per seed)
 
+Ablations, run only when named, each at its base method's chosen learning rate:
+
+    adalora-ortho0, adalora-physical-ortho0, elalora-ortho0
+                           the SVD methods without the orthogonality penalty (weight 0 instead of 0.1)
+
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
 is the grid's largest gets the next half-decade too (up to twice), whichever method it is. Every budget and seed
@@ -40,6 +45,7 @@ not repeated), the table to quality_<task>.md, the Pareto plot to quality_<task>
     python benchmarks/quality.py --task minilm      # the full study: hours on 2 cores
     python benchmarks/quality.py --task smollm2
     python benchmarks/quality.py --task minilm --table-only
+    python benchmarks/quality.py --task minilm --budgets 1 2 --methods adalora-ortho0 elalora-ortho0
 """
 
 from __future__ import annotations
@@ -70,6 +76,13 @@ METHODS = [
     "ard-own",
     "ard-floor1",
 ]
+# Ablation -> (base method, changed settings). The SVD methods share the key "ortho_weight": dynarank's
+# config field, and the loop hands it to stock PEFT AdaLoRA as orth_reg_weight.
+ABLATIONS = {
+    "adalora-ortho0": ("adalora", {"ortho_weight": 0.0}),
+    "adalora-physical-ortho0": ("adalora-physical", {"ortho_weight": 0.0}),
+    "elalora-ortho0": ("elalora", {"ortho_weight": 0.0}),
+}
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many
 # times, for every method alike: a best rate at the edge means the grid, not the method, set the result.
@@ -98,6 +111,11 @@ TASKS = {
     },
 }
 SMOLLM2_TARGETS = r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
+
+
+def base_method(method: str) -> str:
+    """The method an ablation changes (a method is its own base)."""
+    return ABLATIONS[method][0] if method in ABLATIONS else method
 
 
 def record_key(r: dict) -> tuple:
@@ -144,6 +162,11 @@ def lora_budget(model, target: str, r: int) -> int:
 def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: int, task: dict, target: str):
     from dynarank.loop import TrainSpec
 
+    if method in ABLATIONS:
+        base, changed = ABLATIONS[method]
+        spec = train_spec(base, r, budget, lr, seed, steps, task, target)
+        spec.dynarank = {**spec.dynarank, **changed}
+        return spec
     common = dict(
         lr=lr,
         max_steps=steps,
@@ -234,7 +257,7 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         "warnings": sorted(set(result.get("warnings", []))),
         "command": command,
     }
-    if method == "adalora":  # stock PEFT masks E: its allocated parameters never fall
+    if base_method(method) == "adalora":  # stock PEFT masks E: its allocated parameters never fall
         record["adapter_parameters_allocated"] = adapter
         record["adapter_parameters"] = peft_adalora_surviving_parameters(trained)
     return record
@@ -265,7 +288,9 @@ def next_rate(lr: float) -> float:
 
 def tuning_state(store: RecordStore, task_name: str, method: str, steps: int) -> tuple[list[float], float | None]:
     """(rates still to run, chosen rate): the base grid, extended while its best validation score sits at
-    its largest rate (GRID_EXTENSIONS times at most); the chosen rate is None until every needed run exists."""
+    its largest rate (GRID_EXTENSIONS times at most); the chosen rate is None until every needed run exists.
+    An ablation takes its base method's rate (and its base's runs to find it)."""
+    method = base_method(method)
     task = TASKS[task_name]
     grid = list(FULL_LRS if method == "full" else ADAPTER_LRS)
     budget = task["tune_budget"] if method != "full" else 0
@@ -291,7 +316,7 @@ def tuning_jobs(store: RecordStore, task_name: str, methods: list[str], steps: i
     """The learning-rate runs still missing (call again after they ran: an extension may follow)."""
     task = TASKS[task_name]
     jobs = []
-    for method in methods:
+    for method in dict.fromkeys(base_method(m) for m in methods):
         for lr in tuning_state(store, task_name, method, steps)[0]:
             jobs.append((method, 0 if method == "full" else task["tune_budget"], lr, 0))
     return jobs
@@ -511,7 +536,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="minilm")
     parser.add_argument("--quick", action="store_true", help="minilm, r=2, seed 0, 60 steps, lr 1e-3 (no tuning)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: the task's methods")
+    parser.add_argument(
+        "--methods", nargs="+", choices=[*METHODS, *ABLATIONS], help="default: the task's methods (no ablations)"
+    )
     parser.add_argument("--budgets", type=int, nargs="+", help="LoRA ranks that define the budgets")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the task's)")
@@ -574,7 +601,7 @@ def main() -> None:
         (args.out / f"{stem}.md").write_text(text)
         plot(rows, args.task, args.out / f"{stem}.png")
     else:
-        text = write_tables(store, args.task, steps, stem, METHODS, args.out)  # every method recorded
+        text = write_tables(store, args.task, steps, stem, [*METHODS, *ABLATIONS], args.out)  # all recorded
     print(text)
     print(f"results: {args.out / (stem + '.md')}")
 

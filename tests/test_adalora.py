@@ -334,6 +334,9 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
     assert float(penalty.detach()) > 0.5  # P, Q ~ N(0, 0.02) are far from orthonormal: a missing term shows
     expected = task_loss + DynaRankConfig.ortho_weight * penalty
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, expected)
+    # The benchmark's ablation switches it off through the same key as ours.
+    spec = TrainSpec(method="adalora", r=2, target_modules=["query", "q_proj"], dynarank={"ortho_weight": 0.0})
+    assert prepare_model(build(), spec, 100)[0].peft_config["default"].orth_reg_weight == 0.0
 
 
 @pytest.mark.parametrize(

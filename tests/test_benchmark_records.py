@@ -34,3 +34,19 @@ def test_a_record_with_the_same_key_replaces_the_earlier_one(tmp_path):
     store.add({"method": "ard", "seed": 0, "loss": 1.0})
     store.add({"method": "ard", "seed": 0, "loss": 0.5})
     assert [r["loss"] for r in RecordStore(tmp_path / "study.json", key).runs] == [0.5]
+
+
+def test_an_ablation_runs_at_its_base_method_s_learning_rate_with_only_its_setting_changed(tmp_path):
+    import quality
+
+    store = RecordStore(tmp_path / "study.json", quality.record_key)
+    tune = dict(task="minilm", budget_r=quality.TASKS["minilm"]["tune_budget"], seed=0, steps=126)
+    assert quality.tuning_jobs(store, "minilm", ["elalora-ortho0"], 126)[0][0] == "elalora"  # the base is tuned
+    for lr, accuracy in zip(quality.ADAPTER_LRS, (0.7, 0.9, 0.8, 0.6)):
+        store.add({**tune, "method": "elalora", "lr": lr, "val": {"accuracy": accuracy}})
+    assert quality.tuning_jobs(store, "minilm", ["elalora-ortho0"], 126) == []
+    assert quality.chosen_lr(store, "minilm", "elalora-ortho0", 126) == quality.ADAPTER_LRS[1]
+    base = quality.train_spec("elalora", 1, 41_472, 3e-3, 0, 126, quality.TASKS["minilm"], "query")
+    ablated = quality.train_spec("elalora-ortho0", 1, 41_472, 3e-3, 0, 126, quality.TASKS["minilm"], "query")
+    assert ablated.dynarank == {**base.dynarank, "ortho_weight": 0.0}
+    assert (ablated.method, ablated.r, ablated.lr) == (base.method, base.r, base.lr)

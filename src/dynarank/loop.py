@@ -87,13 +87,14 @@ def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[
         # AdaLoRA's own schedule: prune from 1.5 r to r between 10% and 80% of the run. The task type
         # matters: without one, get_peft_model returns a bare PeftModel whose forward calls the wrapped
         # model directly and so never adds AdaLoRA's orthogonality penalty (AdaLoraModel.forward does).
-        # The penalty's weight is ours (the papers' 0.1), so that both implementations train alike.
+        # The penalty's weight is ours (the papers' 0.1, or spec.dynarank's "ortho_weight"), so that both
+        # implementations train alike.
         peft_config = AdaLoraConfig(
             task_type="SEQ_CLS" if heads else "CAUSAL_LM",
             init_r=max(spec.r + 1, round(1.5 * spec.r)),
             target_r=spec.r,
             lora_alpha=spec.r,
-            orth_reg_weight=DynaRankConfig.ortho_weight,
+            orth_reg_weight=spec.dynarank.get("ortho_weight", DynaRankConfig.ortho_weight),
             target_modules=spec.target_modules,
             total_step=total_steps,
             tinit=max(1, total_steps // 10),
