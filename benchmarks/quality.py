@@ -33,6 +33,7 @@ Ablations, run only when named, each at its base method's chosen learning rate:
 
     adalora-ortho0, adalora-physical-ortho0, elalora-ortho0
                            the SVD methods without the orthogonality penalty (weight 0 instead of 0.1)
+    elalora-switch-off     ElaLoRA whose groups may give up their last rank (switch_off=True)
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
@@ -82,6 +83,7 @@ ABLATIONS = {
     "adalora-ortho0": ("adalora", {"ortho_weight": 0.0}),
     "adalora-physical-ortho0": ("adalora-physical", {"ortho_weight": 0.0}),
     "elalora-ortho0": ("elalora", {"ortho_weight": 0.0}),
+    "elalora-switch-off": ("elalora", {"switch_off": True}),
 }
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many

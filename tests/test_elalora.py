@@ -136,6 +136,44 @@ def test_candidates_are_capped_at_rank_minus_one_and_rank_one_groups_offer_none(
     assert 0 not in offered and offered[1] == 1 and offered[2] == 2
 
 
+def test_with_switch_off_a_rank_one_group_offers_its_last_rank_and_can_end_at_zero():
+    task, model, ctrl = planted(r=1, k_candidates=2, switch_off=True)
+    layer = elastic_layers(model)["query"]
+    record = ctrl.reallocate({"query": [torch.tensor([float(g)]) for g in range(8)]}, b=2)
+    # heads 0 and 1 (the lowest) are switched off; heads 7 and 6 (the highest) gain a rank each
+    assert layer.ranks == [0, 0, 1, 1, 1, 1, 2, 2] and (record.pruned, record.expanded) == (2, 2)
+    assert {c.group for c in ctrl.candidates(ctrl.triplet_scores())} == set(range(2, 8))  # 0 offers nothing
+    opt = ctrl.build_optimizer(lr=1e-2)
+    train(model, task, opt, 5)  # training goes on with two heads at rank 0
+    assert layer.ranks[:2] == [0, 0] and sum(layer.ranks) == 8
+
+
+def test_switch_off_takes_a_whole_matrix_to_zero_and_the_export_still_reloads(tmp_path):
+    model = tiny_bert()
+    config = DynaRankConfig(
+        method="elalora", r=1, granularity="matrix", switch_off=True, target_modules=["query", "key"]
+    )
+    attach(model, config)
+    ctrl = build_controller(model, total_steps=40)
+    names = list(elastic_layers(model))
+    ctrl.reallocate({name: [torch.tensor([float(i)])] for i, name in enumerate(names)}, b=1)
+    assert [sum(elastic_layers(model)[n].ranks) for n in names] == [0, 1, 1, 2]  # 2 layers x query, key
+    opt = ctrl.build_optimizer(lr=1e-2)
+    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
+    for _ in range(5):
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    _assert_export_matches(model, x, tmp_path / "adapter")
+
+
+def test_switch_off_is_elalora_s_option_only():
+    with pytest.raises(ValueError, match="switch_off applies to method='elalora'"):
+        DynaRankConfig(method="ard", switch_off=True)
+    with pytest.raises(ValueError, match="switch_off must be True or False"):
+        DynaRankConfig(method="elalora", switch_off="yes")
+
+
 def test_no_group_offers_the_ranks_that_keep_it_at_its_floor():
     task, model, ctrl = planted(r=3, k_candidates=5, rank_floor=2)
     scores = {"query": [torch.arange(3, dtype=torch.float32) for _ in range(8)]}

@@ -151,6 +151,12 @@ class DynaRankConfig:
     )
     importance_beta1: float = _help("EMA factor of the sensitivity I = |w * dL/dw| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
     importance_beta2: float = _help("EMA factor of the uncertainty |I - Ibar| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
+    switch_off: bool = _help(
+        "ElaLoRA: a group may offer its last rank too, so a head or matrix can be switched off and its "
+        "parameters go to the others (rank_floor still applies). Default False keeps one rank in every group, "
+        "as the authors' code does.",
+        False,
+    )
     reset_optimizer_on_resize: bool = _help(
         "Reset every optimizer moment after a round that changed ranks, as the ElaLoRA authors' code does (it "
         "rebuilds its optimizer); default False carries the moments of every kept rank.",
@@ -222,6 +228,14 @@ class DynaRankConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}.")
         if self.ortho_weight < 0:
             raise ValueError(f"ortho_weight must be >= 0, got {self.ortho_weight!r}.")
+        for name in ("switch_off", "reset_optimizer_on_resize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.switch_off and self.method != "elalora":
+            raise ValueError(
+                f"switch_off applies to method='elalora', not {self.method!r}: ARD and AdaLoRA switch groups off "
+                "whenever rank_floor is 0."
+            )
         budget_fields = ("target_rank", "target_params", "t_init_steps", "t_final_steps")
         if self.method not in SVD_METHODS:
             # ARD takes a parameter budget too; the rank budget and the step counts are the SVD methods'.

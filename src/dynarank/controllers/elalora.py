@@ -5,6 +5,7 @@ Parameterisation, penalty and scores as AdaLoRA (adalora.py, importance.py). Eac
 
     b = round(b0 * (1 - p^3))                                   # changes this round
     every group g offers its k_g = min(k, r_g - 1) lowest-scoring ranks as candidates
+                                                                (r_g with switch_off=True)
     prune  : the b lowest candidates over all groups            (removed from A, E, B)
     expand : the groups of the b highest candidates, one rank each (b capped at #candidates // 2)
 
@@ -89,8 +90,10 @@ class ElaLoRAController(SVDController):
 
     def candidates(self, scores: dict[str, list[torch.Tensor]]) -> list[Candidate]:
         """Every group's k_g = min(k, r_g - max(1, rank_floor)) lowest-scoring ranks, lowest score first
-        (a group never offers the ranks that keep it at its floor, nor its last rank)."""
-        keep = max(1, self.config.rank_floor)
+        (a group never offers the ranks that keep it at its floor, nor its last rank). With ``switch_off``
+        the last rank is offered too: k_g = min(k, r_g - rank_floor). A group at rank 0 offers nothing and
+        so is never grown again."""
+        keep = max(0 if self.config.switch_off else 1, self.config.rank_floor)
         found = []
         for name, groups in scores.items():
             for g, s in enumerate(groups):
