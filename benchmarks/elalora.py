@@ -6,7 +6,8 @@ Every method ends at the oracle's trainable budget (24 head-ranks = 1,920 adapte
 
 * ElaLoRA per head, r=3 (24 ranks from the start; rank and parameters conserved);
 * AdaLoRA on the engine ('adalora-physical'), per head, r=8 -> target_rank 3 (64 -> 24 ranks);
-* stock PEFT AdaLoRA per matrix, init_r 15 -> target_r 10 (10 x 192 = 1,920), same schedule;
+* stock PEFT AdaLoRA per matrix, init_r 15 -> target_r 10 (10 x 192 = 1,920), same schedule, and its
+  orthogonality penalty at dynarank's weight 0.1 (PEFT's default is 0.5);
 * ARD default (r=8), plain LoRA per matrix r=10 (on the engine, and stock PEFT), stock PEFT DoRA per
   matrix r=10 (plus its 128 magnitudes), the oracle (per-head LoRA cut to the truth), and full
   fine-tuning of the projection (8,192 parameters: what no budget limits).
@@ -88,6 +89,7 @@ def train_peft_adalora(task: PlantedTask, steps: int, lr: float, seed: int) -> d
                 init_r=15,
                 target_r=10,
                 lora_alpha=15,
+                orth_reg_weight=DynaRankConfig.ortho_weight,  # ours (0.1), not PEFT's default 0.5
                 target_modules=TARGET,
                 total_step=steps,
                 tinit=t_init,
