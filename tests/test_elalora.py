@@ -31,6 +31,16 @@ def train(model, task, opt, steps, seed=0):
         opt.zero_grad()
 
 
+def train_classifier(model, opt, steps):
+    """``steps`` optimizer steps of the tiny classifier on one fixed batch; returns its input ids."""
+    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
+    for _ in range(steps):
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return x
+
+
 class TwoLayer(nn.Module):
     """x -> first (4 -> 6) -> second (6 -> 3): two adapted matrices."""
 
@@ -159,11 +169,7 @@ def test_switch_off_takes_a_whole_matrix_to_zero_and_the_export_still_reloads(tm
     ctrl.reallocate({name: [torch.tensor([float(i)])] for i, name in enumerate(names)}, b=1)
     assert [sum(elastic_layers(model)[n].ranks) for n in names] == [0, 1, 1, 2]  # 2 layers x query, key
     opt = ctrl.build_optimizer(lr=1e-2)
-    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
-    for _ in range(5):
-        model(input_ids=x, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    x = train_classifier(model, opt, 5)
     _assert_export_matches(model, x, tmp_path / "adapter")
 
 
@@ -205,11 +211,7 @@ def test_an_expansion_leaves_outputs_unchanged_and_the_new_rank_is_orthogonal(la
     attach(model, DynaRankConfig(method="elalora", r=2, target_modules=targets, head_layout=layout, seed=0))
     ctrl = build_controller(model, total_steps=50)
     opt = ctrl.build_optimizer(lr=1e-2)
-    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
-    for _ in range(5):
-        model(input_ids=x, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    x = train_classifier(model, opt, 5)
     with torch.no_grad():
         before = model(input_ids=x).logits
     grow = {name: {0: 2, 3: 1} for name in elastic_layers(model)}
