@@ -345,12 +345,13 @@ def summarise(runs: list[dict], task_name: str, lrs: dict[str, float] | None) ->
             continue
         groups.setdefault((r["method"], r["budget_r"]), []).append(r)
     for (method, budget), group in groups.items():
+        group = sorted(group, key=lambda g: g["seed"])  # by_seed[i] is the run of seeds[i]
         values = [g["test"][metric] for g in group]
         row = {
             "method": method,
             "budget_r": budget,
             "lr": group[0]["lr"],
-            "seeds": sorted(g["seed"] for g in group),
+            "seeds": [g["seed"] for g in group],
             "mean": statistics.mean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "by_seed": values,
@@ -384,6 +385,58 @@ def judge(rows: list[dict], task: dict) -> None:
         row["vs_baselines"] = {p["method"]: sign * (row["mean"] - p["mean"]) for p in peers}
         if full is not None:
             row["share_of_full"] = row["mean"] / full["mean"] if sign > 0 else full["mean"] / row["mean"]
+
+
+def paired(rows: list[dict], task: dict, baselines: tuple[str, ...] = ("adalora", "lora")) -> list[dict]:
+    """Each method against each baseline at the same budget, seed by seed (same data order and init seed).
+
+    Over the seeds both have: mean of (method - baseline), signed so that positive is better, its
+    standard error std/sqrt(n), and how many seeds the method won, tied and lost. Seed-to-seed noise
+    shared by both runs cancels in the differences, so this resolves smaller gaps than two means do.
+    """
+    sign = 1 if task["higher_is_better"] else -1
+    found = []
+    for base in baselines:
+        for row in rows:
+            peer = next((r for r in rows if r["method"] == base and r["budget_r"] == row["budget_r"]), None)
+            if peer is None or row["method"] == base or row["method"] == "full":
+                continue
+            theirs = dict(zip(peer["seeds"], peer["by_seed"]))
+            diffs = [sign * (v - theirs[s]) for s, v in zip(row["seeds"], row["by_seed"]) if s in theirs]
+            if len(diffs) < 2:
+                continue
+            found.append(
+                {
+                    "method": row["method"],
+                    "baseline": base,
+                    "budget_r": row["budget_r"],
+                    "n": len(diffs),
+                    "mean": statistics.mean(diffs),
+                    "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5,
+                    "won": sum(d > 0 for d in diffs),
+                    "tied": sum(d == 0 for d in diffs),
+                    "lost": sum(d < 0 for d in diffs),
+                }
+            )
+    return found
+
+
+def paired_table(pairs: list[dict], task_name: str) -> str:
+    if not pairs:
+        return ""
+    metric = TASKS[task_name]["metric"]
+    lines = [
+        f"\n## Paired by seed\n\nTest {metric} of each method minus the baseline's at the same budget and seed "
+        "(positive is better), over the seeds both ran: mean ± standard error, and seeds won / tied / lost.\n",
+        "| budget (LoRA r) | method | vs | seeds | difference (mean ± s.e.) | won / tied / lost |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in pairs:
+        lines.append(
+            f"| {p['budget_r']} | {p['method']} | {p['baseline']} | {p['n']} | {p['mean']:+.4f} ± {p['stderr']:.4f} | "
+            f"{p['won']} / {p['tied']} / {p['lost']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], task_name: str, commands: list[str], lrs: dict[str, float]) -> str:
@@ -526,8 +579,12 @@ def write_tables(store: RecordStore, task_name: str, steps: int, stem: str, meth
     rows = summarise(runs, task_name, lrs or None)
     store.data["summary"] = rows
     store.data["chosen_lr"] = lrs
+    pairs = paired(rows, TASKS[task_name])
+    store.data["paired"] = pairs
     store.save()
-    text = markdown(rows, task_name, store.data["commands"], lrs) + rank_table(runs, lrs)
+    text = (
+        markdown(rows, task_name, store.data["commands"], lrs) + paired_table(pairs, task_name) + rank_table(runs, lrs)
+    )
     (out / f"{stem}.md").write_text(text)
     plot(rows, task_name, out / f"{stem}.png")
     return text

@@ -50,3 +50,59 @@ def test_an_ablation_runs_at_its_base_method_s_learning_rate_with_only_its_setti
     ablated = quality.train_spec("elalora-ortho0", 1, 41_472, 3e-3, 0, 126, quality.TASKS["minilm"], "query")
     assert ablated.dynarank == {**base.dynarank, "ortho_weight": 0.0}
     assert (ablated.method, ablated.r, ablated.lr) == (base.method, base.r, base.lr)
+
+
+def run_record(method: str, seed: int, accuracy: float) -> dict:
+    """The fields of a quality record that the summary reads."""
+    return {
+        "method": method,
+        "budget_r": 2,
+        "lr": 3e-2,
+        "seed": seed,
+        "test": {"accuracy": accuracy, "macro_f1": accuracy},
+        "val": {"accuracy": accuracy},
+        "adapter_parameters": 100,
+        "adapter_parameters_start": 100,
+        "adapter_parameters_mean_over_training": 100,
+        "budget_parameters": 100,
+        "state_bytes_start": 1,
+        "state_bytes_end": 1,
+        "seconds_per_step": 1.0,
+        "peak_rss_mb": 1.0,
+    }
+
+
+def test_a_summary_lists_each_seed_beside_its_own_result_whatever_order_the_runs_finished_in():
+    import quality
+
+    runs = [run_record("elalora", 4, 0.84), run_record("elalora", 0, 0.80), run_record("elalora", 3, 0.83)]
+    (row,) = quality.summarise(runs, "minilm", None)
+    assert dict(zip(row["seeds"], row["by_seed"])) == {0: 0.80, 3: 0.83, 4: 0.84}
+
+
+def test_paired_differences_take_each_seed_against_the_same_seed_of_the_baseline():
+    import quality
+
+    ours = {0: 0.86, 1: 0.84, 2: 0.85, 3: 0.90}  # seed 3 has no baseline run: left out
+    theirs = {2: 0.84, 0: 0.85, 1: 0.84}
+    runs = [run_record("elalora", s, a) for s, a in ours.items()] + [
+        run_record("adalora", s, a) for s, a in theirs.items()
+    ]
+    rows = quality.summarise(runs, "minilm", None)
+    (pair,) = [p for p in quality.paired(rows, quality.TASKS["minilm"]) if p["method"] == "elalora"]
+    assert pair["n"] == 3 and (pair["won"], pair["tied"], pair["lost"]) == (2, 1, 0)
+    assert abs(pair["mean"] - 0.02 / 3) < 1e-9  # (+0.01, 0, +0.01) / 3
+    assert abs(pair["stderr"] - 0.005773502691896258 / 3**0.5) < 1e-9  # stdev(0.01, 0, 0.01) / sqrt(3)
+    assert "| 2 | elalora | adalora | 3 | +0.0067 ± 0.0033 | 2 / 1 / 0 |" in quality.paired_table([pair], "minilm")
+
+
+def test_for_a_loss_a_lower_value_counts_as_a_win():
+    import quality
+
+    task = {**quality.TASKS["minilm"], "higher_is_better": False}
+    rows = [
+        {"method": "elalora", "budget_r": 4, "seeds": [0, 1], "by_seed": [1.20, 1.30]},
+        {"method": "adalora", "budget_r": 4, "seeds": [0, 1], "by_seed": [1.25, 1.28]},
+    ]
+    (pair,) = quality.paired(rows, task, baselines=("adalora",))
+    assert (pair["won"], pair["lost"]) == (1, 1) and abs(pair["mean"] - 0.015) < 1e-9
