@@ -34,6 +34,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     adalora-ortho0, adalora-physical-ortho0, elalora-ortho0
                            the SVD methods without the orthogonality penalty (weight 0 instead of 0.1)
     elalora-switch-off     ElaLoRA whose groups may give up their last rank (switch_off=True)
+    elalora-from-above     ElaLoRA started at stock AdaLoRA's 1.5r ranks per matrix and pruned into the
+                           budget on the cubic schedule while it reallocates (target_params below the start)
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
@@ -77,13 +79,22 @@ METHODS = [
     "ard-own",
     "ard-floor1",
 ]
-# Ablation -> (base method, changed settings). The SVD methods share the key "ortho_weight": dynarank's
-# config field, and the loop hands it to stock PEFT AdaLoRA as orth_reg_weight.
+
+
+def from_above(r: int) -> dict:
+    """Start at stock AdaLoRA's initial rank (the budget stays the plain-LoRA count at r)."""
+    return {"r": max(r + 1, round(1.5 * r))}
+
+
+# Ablation -> (base method, changed settings, or a function of the budget's r that gives them). The SVD
+# methods share the key "ortho_weight": dynarank's config field, and the loop hands it to stock PEFT
+# AdaLoRA as orth_reg_weight.
 ABLATIONS = {
     "adalora-ortho0": ("adalora", {"ortho_weight": 0.0}),
     "adalora-physical-ortho0": ("adalora-physical", {"ortho_weight": 0.0}),
     "elalora-ortho0": ("elalora", {"ortho_weight": 0.0}),
     "elalora-switch-off": ("elalora", {"switch_off": True}),
+    "elalora-from-above": ("elalora", from_above),
 }
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many
@@ -167,7 +178,7 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
     if method in ABLATIONS:
         base, changed = ABLATIONS[method]
         spec = train_spec(base, r, budget, lr, seed, steps, task, target)
-        spec.dynarank = {**spec.dynarank, **changed}
+        spec.dynarank = {**spec.dynarank, **(changed(r) if callable(changed) else changed)}
         return spec
     common = dict(
         lr=lr,

@@ -106,3 +106,13 @@ def test_for_a_loss_a_lower_value_counts_as_a_win():
     ]
     (pair,) = quality.paired(rows, task, baselines=("adalora",))
     assert (pair["won"], pair["lost"]) == (1, 1) and abs(pair["mean"] - 0.015) < 1e-9
+
+
+def test_elalora_from_above_starts_at_stock_adalora_s_rank_with_the_same_parameter_budget():
+    import quality
+
+    task = quality.TASKS["minilm"]
+    for r, start in ((1, 2), (2, 3), (6, 9)):
+        base = quality.train_spec("elalora", r, 1000 * r, 3e-2, 0, 126, task, "query")
+        above = quality.train_spec("elalora-from-above", r, 1000 * r, 3e-2, 0, 126, task, "query")
+        assert above.dynarank == {**base.dynarank, "r": start} and base.dynarank["target_params"] == 1000 * r

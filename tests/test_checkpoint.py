@@ -15,7 +15,14 @@ from dynarank.loop import NonFiniteError, TrainSpec, nonfinite_gradients, train_
 from tiny_models import WordTokenizer, examples, tiny_bert
 
 
+VARIANTS = {  # name -> (method, its options)
+    "ard": ("ard", {"ard_lambda": 1e-4, "lambda_mode": "absolute"}),
+    "elalora-shrinking": ("elalora", {"target_rank": 2}),  # prunes 4 -> 2 while reallocating
+}
+
+
 def spec(method: str = "ard", steps: int = 40) -> TrainSpec:
+    method, options = VARIANTS.get(method, (method, {}))
     return TrainSpec(
         method=method,
         r=4,
@@ -23,7 +30,7 @@ def spec(method: str = "ard", steps: int = 40) -> TrainSpec:
         lr=1e-2,
         max_steps=steps,
         batch_size=8,
-        dynarank={"ard_lambda": 1e-4, "lambda_mode": "absolute"} if method == "ard" else {},
+        dynarank=options,
     )
 
 
@@ -43,7 +50,7 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method", ["ard", "dynarank-lora", "elalora", "adalora-physical"])
+@pytest.mark.parametrize("method", ["ard", "dynarank-lora", "elalora", "elalora-shrinking", "adalora-physical"])
 def test_a_run_killed_mid_schedule_and_resumed_equals_the_uninterrupted_run(tmp_path, method):
     full = train_classifier(
         tiny_bert(), WordTokenizer(), examples(), spec(method), run_dir=tmp_path / "a", save_every=5

@@ -320,6 +320,31 @@ def test_a_parameter_ceiling_is_never_exceeded():
     assert ctrl.records[-1].budget_unit == "params" and ctrl.records[-1].total_rank > 0
 
 
+@pytest.mark.parametrize("budget", [{"target_rank": 1.5}, {"target_params": 1500}])
+def test_starting_above_the_budget_prunes_into_it_on_the_cubic_schedule_while_still_reallocating(budget):
+    task, model, ctrl = planted(r=3, steps=100, **budget)  # 8 heads x 3 ranks: 24 ranks, 2,304 parameters
+    target = 12 if "target_rank" in budget else 1500
+    assert ctrl.shrinks and ctrl.target_budget == target and ctrl.budget_at(0) == ctrl.start_budget
+    opt = ctrl.build_optimizer(lr=1e-2)
+    train(model, task, opt, 100)
+    end, unit = ctrl.schedule.end, ctrl.records[-1].budget_unit
+    used = {r.step: (r.total_rank if unit == "rank" else r.adapter_parameters) for r in ctrl.records}
+    budgets = [ctrl.budget_at(t) for t in range(1, 101)]
+    assert budgets == sorted(budgets, reverse=True) and budgets[end - 1] == target  # monotone, reached at the end
+    assert all(used[t] <= ctrl.budget_at(t) for t in ctrl.schedule.rounds(force_end=True))  # held after each round
+    assert used[end] <= target and used[100] == used[end]  # nothing moves after T - t_final
+    assert used[end] > 0.9 * target  # pruned to the budget, not far below it
+    assert ctrl.rank_changes > 24 - ctrl.records[-1].total_rank  # more changes than the net pruning: swaps too
+    assert min(min(r) for r in ctrl.history[-1]["ranks"].values()) >= 1  # no head pruned off (no switch_off)
+
+
+def test_a_conserving_elalora_never_forces_a_round_at_the_end_of_its_phase():
+    _, _, conserving = planted(r=3, steps=100)
+    _, _, shrinking = planted(r=3, steps=100, target_rank=2)
+    assert not conserving.shrinks and not conserving.force_end_round and shrinking.force_end_round
+    assert conserving.budget_at(50) == conserving.budget_at(1) == 24
+
+
 def test_export_after_elalora_reloads_in_stock_peft_with_the_same_logits(tmp_path):
     model = tiny_bert()
     attach(model, DynaRankConfig(method="elalora", r=3, target_modules=["query", "key", "value"], seed=0))
@@ -363,10 +388,10 @@ def test_elalora_needs_total_steps_and_a_round_inside_the_budgeting_phase():
         build_controller(model)
     with pytest.raises(ValueError, match="resize_every=50 is not shorter"):
         BudgetSchedule.resolve(100, warmup_frac=0.2, final_frac=0.3, interval=50, method="ElaLoRA")
-    with pytest.raises(ValueError, match="target_params .* below its initial size"):
-        planted(target_params=100)
-    with pytest.raises(ValueError, match="conserves the total rank"):
-        DynaRankConfig(method="elalora", target_rank=2)
+    with pytest.raises(ValueError, match=r"budget \(100 params\) is below 640, .* floor of 1 rank.*switch_off=True"):
+        planted(target_params=100)  # 8 heads x 1 rank x 16 + 1 shared row x 64
+    with pytest.raises(ValueError, match=r"target_rank must be .* \(0, r=3\).*conserves the total rank"):
+        DynaRankConfig(method="elalora", r=3, target_rank=3)
 
 
 def test_planted_ranks_move_towards_the_truth():

@@ -118,10 +118,15 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target-params",
         type=POSITIVE_INT,
-        help="adapter-parameter budget at the end (ard, elalora, adalora-physical); compare methods at equal "
-        "parameters with it",
+        help="adapter-parameter budget at the end (ard, elalora, adalora-physical; elalora: a ceiling, or below "
+        "its start a budget it prunes into); compare methods at equal parameters with it",
     )
-    p.add_argument("--target-rank", type=POSITIVE, help="adalora-physical: final mean rank per group (rank budget)")
+    p.add_argument(
+        "--target-rank",
+        type=POSITIVE,
+        help="adalora-physical, elalora: final mean rank per group, below --r (rank budget; elalora prunes into it "
+        "while reallocating)",
+    )
     p.add_argument("--lambda-mode", choices=["relative", "gradient", "absolute"], help="ARD: how --ard-lambda is read")
     p.add_argument("--ard-beta", type=NON_NEGATIVE, help="ARD: weight of the total-variation (rank stability) term")
     p.add_argument(

@@ -127,13 +127,16 @@ class DynaRankConfig:
 
     # --- ElaLoRA / AdaLoRA (method='elalora' / 'adalora'): update P diag(E) Q, ranks scored by importance
     target_rank: float | None = _help(
-        "AdaLoRA: final average rank per group (AdaLoRA's target_r); the total rank budget falls cubically from "
-        "r x groups to round(target_rank x groups). Default (no target given): 2/3 of r, like PEFT's 12 -> 8.",
+        "Final average rank per group (AdaLoRA's target_r); the total rank budget falls cubically from "
+        "r x groups to round(target_rank x groups). AdaLoRA's default (no target given): 2/3 of r, like PEFT's "
+        "12 -> 8; ElaLoRA's: none (the total rank is conserved), with one it prunes into the budget while "
+        "reallocating.",
         None,
     )
     target_params: int | None = _help(
         "Budget in adapter parameters (A and B, what the export costs) instead of ranks. AdaLoRA: the final "
-        "count; ElaLoRA: a ceiling that expansions never exceed (None: ElaLoRA conserves the total rank); "
+        "count; ElaLoRA: a ceiling that expansions never exceed (None: ElaLoRA conserves the total rank), or, "
+        "below the initial size, a budget it prunes into on AdaLoRA's cubic schedule while reallocating; "
         "ARD: a ceiling that falls cubically from the start to this count over the active phase, with the "
         "l1 strength steered so that the learned ranks follow it (None: the l1 strength alone sets the size).",
         None,
@@ -250,14 +253,12 @@ class DynaRankConfig:
             )
         if self.target_rank is None:
             return
-        if self.method == "elalora":
-            raise ValueError(
-                "ElaLoRA conserves the total rank: set its size with r (target_rank is AdaLoRA's final budget); "
-                "for a parameter ceiling use target_params."
-            )
         value = self.target_rank
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < self.r:
-            raise ValueError(f"target_rank must be a number in (0, r={self.r}) (AdaLoRA only prunes), got {value!r}.")
+            raise ValueError(
+                f"target_rank must be a number in (0, r={self.r}) (the budget falls from r to it), got {value!r}."
+                + (" ElaLoRA without target_rank conserves the total rank." if self.method == "elalora" else "")
+            )
         if value < self.rank_floor:
             raise ValueError(f"target_rank ({value}) is below rank_floor ({self.rank_floor}): no group may go there.")
 

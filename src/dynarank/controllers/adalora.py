@@ -273,11 +273,12 @@ class SVDController(RankController):
             for name, layer in self.layers.items()
         }
 
-    def plan_pruning(self, scores: dict[str, list[torch.Tensor]], excess: int) -> Plan:
+    def plan_pruning(self, scores: dict[str, list[torch.Tensor]], excess: int, floor: int | None = None) -> Plan:
         """The lowest-scoring ranks whose removal frees at least ``excess`` (ranks or parameters).
 
-        No group goes below ``rank_floor``, and the model keeps at least one rank.
+        No group goes below ``floor`` (default ``rank_floor``), and the model keeps at least one rank.
         """
+        floor = self.config.rank_floor if floor is None else floor
         order = list(self.layers)
         ranked = sorted(
             (float(v), order.index(name), g, j)
@@ -294,7 +295,7 @@ class SVDController(RankController):
                 break
             name = order[i]
             layer = self.layers[name]
-            if ranks[name][g] <= self.config.rank_floor:
+            if ranks[name][g] <= floor:
                 continue
             slot = layer.slots[g][j]
             usage[name][slot] -= 1

@@ -24,6 +24,13 @@ resets the moments after each round that changed ranks, for exact reproduction.
 Budget: the total rank is conserved (the papers' unit). With ``target_params`` the budget is
 in parameters: expansions are admitted in score order only while the adapter stays within
 ``target_params`` (default: its initial size), so the count never exceeds it.
+
+Starting above the budget (``target_rank`` below r, or ``target_params`` below the initial
+size): the budget falls on AdaLoRA's cubic schedule from the start to the target, reached at
+T - t_final. Each round first prunes the lowest-scoring ranks until budget(t) holds (as AdaLoRA),
+then swaps b ranks as above within budget(t); a forced round at T - t_final lands on the target.
+Pruning to the budget keeps the same floor as the candidates (one rank per group, or rank_floor;
+0 with switch_off), so a target that floor cannot reach is refused up front.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import torch
 from ..layer import ElasticLoRALinear
 from .adalora import Plan, SVDController
 from .base import BudgetRecord
-from .schedules import cubic_changes
+from .schedules import cubic_budget, cubic_changes
 
 NEW_RANK_VALUE = 1e-13  # E of an expanded rank: the function is unchanged to ~1e-13
 
@@ -59,23 +66,48 @@ class ElaLoRAController(SVDController):
     """
 
     method_name = "ElaLoRA"
-    force_end_round = False
     need_interior_round = True
     new_rank_value = NEW_RANK_VALUE
 
+    @property
+    def shrinks(self) -> bool:
+        """Whether the run starts above its budget and prunes into it (cubic schedule) while reallocating."""
+        return self.target_budget < self.start_budget
+
+    @property
+    def force_end_round(self) -> bool:  # type: ignore[override]
+        return self.shrinks  # a shrinking budget is reached exactly at T - t_final, as AdaLoRA's
+
+    def group_floor(self) -> int:
+        """Fewest ranks a group keeps: one (the authors' rule), 0 with switch_off; never below rank_floor."""
+        return max(0 if self.config.switch_off else 1, self.config.rank_floor)
+
     def _resolve_target(self) -> int:
-        """Rank: the initial total rank (conserved). Parameters: target_params, at least the initial count."""
+        """Rank: round(target_rank x groups), or the initial total (conserved). Parameters: target_params.
+
+        Below the start the budget shrinks to it; it must stay reachable with every group at its floor.
+        """
+        c = self.config
         if self.budget_unit == "rank":
-            return self.start_budget
-        ceiling = self.config.target_params
-        if ceiling < self.start_budget:
+            if c.target_rank is None:
+                return self.start_budget
+            target = round(c.target_rank * sum(layer.n_groups for layer in self.layers.values()))
+        else:
+            target = c.target_params
+        keep = self.group_floor()
+        lowest = max(1, sum(_floor_size(layer, keep, self.budget_unit) for layer in self.layers.values()))
+        if target < lowest:
+            hint = "" if c.switch_off else " or switch_off=True (a group may then give up its last rank)"
             raise ValueError(
-                f"ElaLoRA never shrinks the adapter: target_params ({ceiling}) is below its initial size "
-                f"({self.start_budget} parameters). Lower r, or use method='adalora' to prune to a budget."
+                f"ElaLoRA's budget ({target} {self.budget_unit}) is below {lowest}, the size with every group at its "
+                f"floor of {keep} rank(s): raise target_rank / target_params{hint}."
             )
-        return ceiling
+        return target
 
     def budget_at(self, t: int) -> int:
+        """Conserved (or a constant ceiling), or AdaLoRA's cubic fall from the start when starting above it."""
+        if self.shrinks:
+            return cubic_budget(self.schedule, t, self.start_budget, self.target_budget)
         return self.target_budget
 
     def capacity(self, layer: ElasticLoRALinear) -> int:
@@ -84,6 +116,11 @@ class ElaLoRAController(SVDController):
 
     # ------------------------------------------------------------------ one round
     def reallocate_round(self, t: int, record: BudgetRecord) -> None:
+        if self.shrinks:
+            record.budget = self.budget_at(t)
+            excess = self.budget_used() - record.budget
+            if excess > 0:
+                self.apply_plan(self.plan_pruning(self.triplet_scores(), excess, self.group_floor()), {}, record)
         b = cubic_changes(self.schedule, t, self.config.b_changes)
         if b > 0:
             self.reallocate(self.triplet_scores(), b, record)
@@ -93,7 +130,7 @@ class ElaLoRAController(SVDController):
         (a group never offers the ranks that keep it at its floor, nor its last rank). With ``switch_off``
         the last rank is offered too: k_g = min(k, r_g - rank_floor). A group at rank 0 offers nothing and
         so is never grown again."""
-        keep = max(0 if self.config.switch_off else 1, self.config.rank_floor)
+        keep = self.group_floor()
         found = []
         for name, groups in scores.items():
             for g, s in enumerate(groups):
@@ -127,7 +164,7 @@ class ElaLoRAController(SVDController):
             counts[c.group] = counts.get(c.group, 0) + 1
             if self.budget_unit == "params":
                 new_size = _size_after(layer, prune.get(c.module, {}), counts)
-                if sum(size.values()) - size[c.module] + new_size > self.target_budget:
+                if sum(size.values()) - size[c.module] + new_size > self.budget_at(self.step):
                     continue
                 size[c.module] = new_size
             grow[c.module] = counts
@@ -206,3 +243,12 @@ def _size_after(layer: ElasticLoRALinear, prune: dict[int, list[int]], grow: dic
         return sum(ranks) * (layer.group_size + layer.other_dim)
     used = len({s for k in kept for s in k})
     return max(used, max(ranks, default=0)) * layer.other_dim + sum(ranks) * layer.group_size
+
+
+def _floor_size(layer: ElasticLoRALinear, keep: int, unit: str) -> int:
+    """Size of ``layer`` with every group at ``keep`` ranks, in ranks or A and B parameters."""
+    if unit == "rank":
+        return keep * layer.n_groups
+    if layer.layout == "own":
+        return keep * layer.n_groups * (layer.group_size + layer.other_dim)
+    return keep * layer.other_dim + keep * layer.n_groups * layer.group_size
