@@ -4,7 +4,9 @@ Task (dynarank.synthetic): frozen random base (d_in 64, 8 heads of 16), teacher 
 per-head changes of ranks [0,1,2,4,8,0,3,6], label noise 0.1, MSE, 2,000 steps, batch 64, lr 3e-3.
 Every method ends at the oracle's trainable budget (24 head-ranks = 1,920 adapter parameters):
 
-* ElaLoRA per head, r=3 (24 ranks from the start; rank and parameters conserved);
+* ElaLoRA per head, r=3 (24 ranks from the start; rank and parameters conserved), and ElaLoRA per head
+  r=8 -> target_rank 3, pruning into the budget on AdaLoRA's schedule while it reallocates (with and
+  without switch_off, which lets a head give up its last rank);
 * AdaLoRA on the engine ('adalora-physical'), per head, r=8 -> target_rank 3 (64 -> 24 ranks);
 * stock PEFT AdaLoRA per matrix, init_r 15 -> target_r 10 (10 x 192 = 1,920), same schedule, and its
   orthogonality penalty at dynarank's weight 0.1 (PEFT's default is 0.5);
@@ -51,6 +53,8 @@ def methods() -> dict[str, dict]:
         "ElaLoRA, ortho_weight=0": dict(ela, ortho_weight=0.0),
         "ElaLoRA, moments reset (authors')": dict(ela, reset_optimizer_on_resize=True),
         "ElaLoRA, b0=8 k=3": dict(ela, b_changes=8, k_candidates=3),
+        "ElaLoRA per head 8->3 (prunes into the budget)": dict(ela, r=8, target_rank=3),
+        "ElaLoRA 8->3, switch_off": dict(ela, r=8, target_rank=3, switch_off=True),
         "adalora-physical per head 8->3": dict(ada),
         "adalora-physical, ortho_weight=0": dict(ada, ortho_weight=0.0),
         "adalora-physical, budget 1920 params": dict(ada, target_rank=None, target_params=1920),
