@@ -14,7 +14,6 @@ from dynarank.checkpoint import CheckpointError
 from dynarank.loop import NonFiniteError, TrainSpec, nonfinite_gradients, train_classifier
 from tiny_models import WordTokenizer, examples, tiny_bert
 
-
 VARIANTS = {  # name -> (method, its options)
     "ard": ("ard", {"ard_lambda": 1e-4, "lambda_mode": "absolute"}),
     "elalora-shrinking": ("elalora", {"target_rank": 2}),  # prunes 4 -> 2 while reallocating

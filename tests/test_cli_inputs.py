@@ -164,10 +164,10 @@ def _rank_too_large_for_the_model():
     attach(tiny_bert(), DynaRankConfig(r=64, target_modules=["query"]))
 
 
-def _elalora_given_a_rank_budget():
+def _elalora_given_a_rank_budget_at_its_rank():
     from dynarank import DynaRankConfig
 
-    DynaRankConfig(method="elalora", target_rank=2)
+    DynaRankConfig(method="elalora", r=3, target_rank=3)
 
 
 def _floor_above_the_rank():
@@ -180,7 +180,7 @@ def _floor_above_the_rank():
     "fail, expected",
     [
         (_floor_above_the_rank, "--rank-floor must be an integer in [0, --r0 2], got 5."),
-        (_elalora_given_a_rank_budget, "set its size with --r0 (--target-rank is AdaLoRA's final budget)"),
+        (_elalora_given_a_rank_budget_at_its_rank, "--target-rank must be a number in (0, --r0 3) (the budget falls"),
         (_rank_too_large_for_the_model, "--r0 64 is larger than the model can use at "),
         (_rank_too_large_for_the_model, "Lower --r0."),
     ],

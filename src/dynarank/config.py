@@ -256,7 +256,8 @@ class DynaRankConfig:
         value = self.target_rank
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < self.r:
             raise ValueError(
-                f"target_rank must be a number in (0, r={self.r}) (the budget falls from r to it), got {value!r}."
+                f"target_rank must be a number in (0, r={self.r}) (the budget falls from the initial rank to it), "
+                f"got {value!r}."
                 + (" ElaLoRA without target_rank conserves the total rank." if self.method == "elalora" else "")
             )
         if value < self.rank_floor:

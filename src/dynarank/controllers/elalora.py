@@ -97,7 +97,7 @@ class ElaLoRAController(SVDController):
         keep = self.group_floor()
         lowest = max(1, sum(_floor_size(layer, keep, self.budget_unit) for layer in self.layers.values()))
         if target < lowest:
-            hint = "" if c.switch_off else " or switch_off=True (a group may then give up its last rank)"
+            hint = "" if c.switch_off else " (or let a group give up its last rank: switch_off=True)"
             raise ValueError(
                 f"ElaLoRA's budget ({target} {self.budget_unit}) is below {lowest}, the size with every group at its "
                 f"floor of {keep} rank(s): raise target_rank / target_params{hint}."
