@@ -273,6 +273,13 @@ class SVDController(RankController):
             for name, layer in self.layers.items()
         }
 
+    def prune_to_budget(self, t: int, record: BudgetRecord, floor: int | None = None) -> None:
+        """Remove the lowest-scoring ranks until ``budget_at(t)`` holds (no group below ``floor``)."""
+        record.budget = self.budget_at(t)
+        excess = self.budget_used() - record.budget
+        if excess > 0:
+            self.apply_plan(self.plan_pruning(self.triplet_scores(), excess, floor), {}, record)
+
     def plan_pruning(self, scores: dict[str, list[torch.Tensor]], excess: int, floor: int | None = None) -> Plan:
         """The lowest-scoring ranks whose removal frees at least ``excess`` (ranks or parameters).
 
@@ -478,11 +485,7 @@ class AdaLoRAController(SVDController):
 
     def reallocate_round(self, t: int, record: BudgetRecord) -> None:
         """AdaLoRA: prune the lowest-scoring ranks until ``budget(t)`` holds."""
-        budget = cubic_budget(self.schedule, t, self.start_budget, self.target_budget)
-        record.budget = budget
-        excess = self.budget_used() - budget
-        if excess > 0:
-            self.apply_plan(self.plan_pruning(self.triplet_scores(), excess), {}, record)
+        self.prune_to_budget(t, record)
 
     def budget_at(self, t: int) -> int:
         """The budget in force at step ``t`` (AdaLoRA: the cubic schedule)."""

@@ -117,10 +117,7 @@ class ElaLoRAController(SVDController):
     # ------------------------------------------------------------------ one round
     def reallocate_round(self, t: int, record: BudgetRecord) -> None:
         if self.shrinks:
-            record.budget = self.budget_at(t)
-            excess = self.budget_used() - record.budget
-            if excess > 0:
-                self.apply_plan(self.plan_pruning(self.triplet_scores(), excess, self.group_floor()), {}, record)
+            self.prune_to_budget(t, record, self.group_floor())
         b = cubic_changes(self.schedule, t, self.config.b_changes)
         if b > 0:
             self.reallocate(self.triplet_scores(), b, record)
@@ -153,6 +150,7 @@ class ElaLoRAController(SVDController):
             ranks[c.module][c.group] -= 1
         grow: dict[str, dict[int, int]] = {}
         size = {name: _size_after(layer, prune.get(name, {}), {}) for name, layer in self.layers.items()}
+        ceiling = self.budget_at(self.step)  # params: expansions stay within the budget in force
         added = 0
         for c in reversed(pool[b:]):  # highest first; the pruned ones are not offered
             if added == b:
@@ -164,7 +162,7 @@ class ElaLoRAController(SVDController):
             counts[c.group] = counts.get(c.group, 0) + 1
             if self.budget_unit == "params":
                 new_size = _size_after(layer, prune.get(c.module, {}), counts)
-                if sum(size.values()) - size[c.module] + new_size > self.budget_at(self.step):
+                if sum(size.values()) - size[c.module] + new_size > ceiling:
                     continue
                 size[c.module] = new_size
             grow[c.module] = counts
