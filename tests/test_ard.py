@@ -29,36 +29,102 @@ def mse_step(model, task, generator):
     return loss
 
 
-def test_regulariser_gradient_on_alpha_equals_the_analytic_value():
-    task, model = planted_model(
-        lambda_mode="absolute", ard_lambda=0.05, ard_beta=0.5, tv_form="step", warmup_frac=0.0, final_frac=0.0
-    )
-    ctrl = build_controller(model, total_steps=10)
-    opt = ctrl.build_optimizer(lr=1e-3)
+def _alpha_gradients_over_steps(model, task, ctrl, opt, steps: int):
+    """Run ``steps`` optimizer steps; per step: (alpha before the update, task gradient, gradient the update used)."""
     alpha = model.dynarank_ard.of("query")
-    with torch.no_grad():
-        alpha.copy_(torch.linspace(0.3, 1.0, 8))
-    ctrl._reference["query"] = torch.full((8,), 0.5)
-    mse_step(model, task, torch.Generator().manual_seed(0))
-    task_grad = alpha.grad.clone()
-    ctrl.before_step(opt)
-    expected = task_grad + 0.05 * (1.0 + 2 * 0.5 * (torch.linspace(0.3, 1.0, 8) - 0.5))
-    torch.testing.assert_close(alpha.grad, expected)
+    seen = []
+    # Registered after the controller's hook, so it runs after it: the gradient AdamW is about to use.
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(alpha.grad.clone()))
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(steps):
+        mse_step(model, task, g)
+        before, task_grad = alpha.detach().clone(), alpha.grad.clone()
+        opt.step()
+        opt.zero_grad()
+        rows.append((before, task_grad, seen[-1]))
+    return rows
 
 
-@pytest.mark.parametrize("beta", [0.0])
-def test_beta_zero_leaves_only_the_l1_gradient(beta):
+@pytest.mark.parametrize("tv_form", ["step", "anchor"])
+def test_regulariser_gradient_on_alpha_equals_l1_plus_the_tv_formula_at_every_step(tv_form):
+    """No reference set by hand: the controller's own bookkeeping must give 2 beta (alpha(t) - alpha(t-1))."""
+    lam, beta = 0.05, 0.5
     task, model = planted_model(
-        lambda_mode="absolute", ard_lambda=0.05, ard_beta=beta, tv_form="step", warmup_frac=0.0, final_frac=0.0
+        lambda_mode="absolute",
+        ard_lambda=lam,
+        ard_beta=beta,
+        tv_form=tv_form,
+        warmup_frac=0.0,
+        final_frac=0.0,
+        resize_every=1000,  # no resize in these steps: the anchor stays at the start
     )
-    ctrl = build_controller(model, total_steps=10)
+    ctrl = build_controller(model, total_steps=50)
     opt = ctrl.build_optimizer(lr=1e-3)
-    alpha = model.dynarank_ard.of("query")
-    ctrl._reference["query"] = torch.zeros(8)  # a TV term would now be large
-    mse_step(model, task, torch.Generator().manual_seed(0))
-    task_grad = alpha.grad.clone()
-    ctrl.before_step(opt)
-    torch.testing.assert_close(alpha.grad, task_grad + 0.05)
+    start = model.dynarank_ard.of("query").detach().clone()
+    rows = _alpha_gradients_over_steps(model, task, ctrl, opt, steps=4)
+    tv_parts = []
+    for t, (before, task_grad, used) in enumerate(rows):
+        reference = rows[t - 1][0] if (tv_form == "step" and t > 0) else (start if tv_form == "anchor" else before)
+        expected = task_grad + lam * torch.sign(before) + 2 * beta * (before - reference)
+        torch.testing.assert_close(used, expected)
+        tv_parts.append(used - task_grad - lam * torch.sign(before))
+    # The alphas moved, so the TV part is not zero (from the second step on for the step form).
+    assert tv_parts[-1].abs().max() > 1e-4
+
+
+def test_beta_zero_leaves_only_the_l1_gradient():
+    task, model = planted_model(
+        lambda_mode="absolute", ard_lambda=0.05, ard_beta=0.0, tv_form="step", warmup_frac=0.0, final_frac=0.0
+    )
+    ctrl = build_controller(model, total_steps=50)
+    opt = ctrl.build_optimizer(lr=1e-3)
+    for before, task_grad, used in _alpha_gradients_over_steps(model, task, ctrl, opt, steps=3):
+        torch.testing.assert_close(used, task_grad + 0.05 * torch.sign(before))
+
+
+def test_tv_acts_with_lambda_zero_and_is_not_scaled_by_lambda():
+    """TV only (ard_lambda=0) is regularised: the TV part is 2 beta (alpha(t) - alpha(t-1)) whatever lambda is."""
+    task, model = planted_model(
+        lambda_mode="absolute", ard_lambda=0.0, ard_beta=3.0, tv_form="step", warmup_frac=0.0, final_frac=0.0
+    )
+    ctrl = build_controller(model, total_steps=50)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    rows = _alpha_gradients_over_steps(model, task, ctrl, opt, steps=3)
+    for (a0, _, _), (a1, g1, used1) in zip(rows, rows[1:]):
+        torch.testing.assert_close(used1, g1 + 6.0 * (a1 - a0))
+    assert (rows[2][2] - rows[2][1]).abs().max() > 1e-4  # step 0 has no task gradient (B = 0); step 1 moved alpha
+
+
+def test_a_run_with_beta_ten_differs_from_beta_zero():
+    def final_alphas(beta: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        task, model = planted_model(seed=0, ard_beta=beta, warmup_frac=0.2, final_frac=0.0)
+        ctrl = build_controller(model, total_steps=40)
+        opt = ctrl.build_optimizer(lr=3e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(40):
+            mse_step(model, task, g)
+            opt.step()
+            opt.zero_grad()
+        return model.dynarank_ard.of("query").detach().clone()
+
+    assert not torch.equal(final_alphas(0.0), final_alphas(10.0))
+
+
+def test_a_skipped_step_leaves_no_tv_gradient_behind():
+    """alpha did not move across a skipped step, so the next step's TV term compares alpha with itself."""
+    task, model = planted_model(
+        lambda_mode="absolute", ard_lambda=0.0, ard_beta=3.0, tv_form="step", warmup_frac=0.0, final_frac=0.0
+    )
+    ctrl = build_controller(model, total_steps=50)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    _alpha_gradients_over_steps(model, task, ctrl, opt, steps=2)
+    mse_step(model, task, torch.Generator().manual_seed(5))
+    ctrl.skip_step(opt)
+    rows = _alpha_gradients_over_steps(model, task, ctrl, opt, steps=1)
+    before, task_grad, used = rows[0]
+    torch.testing.assert_close(used, task_grad)
 
 
 def test_regulariser_counts_once_per_optimizer_step_under_gradient_accumulation():
@@ -299,7 +365,7 @@ def test_a_budget_that_cannot_be_met_is_refused_with_what_to_change():
 def test_paper_preset_gives_the_seed_values():
     _, model = planted_model(preset="paper")
     s = build_controller(model, total_steps=100).settings
-    assert (s.ard_lambda, s.ard_beta, s.lr, s.lr_alpha) == (0.01, 0.1, 1e-4, 5e-5)
+    assert (s.ard_lambda, s.ard_beta, s.lr, s.lr_alpha) == (0.01, 0.01 * 0.1, 1e-4, 5e-5)
     assert (s.lambda_mode, s.tv_form, s.warmup_steps, s.final_start) == ("absolute", "step", 0, 100)
 
 

@@ -173,3 +173,18 @@ def test_a_folder_holding_one_gguf_file_trains_through_its_cached_fp32_copy(tmp_
     assert len(copies) == 1 and (copies[0] / "config.json").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"] == "causal-lm"
+
+
+def test_two_causal_lm_runs_of_the_same_command_are_bitwise_equal(tiny_llama_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.csv")
+
+    def run(out: Path) -> dict[str, bytes]:
+        argv = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(out), "--method", "ard"]
+        argv += ["--max-steps", "6", "--batch-size", "4", "--r", "2", "--max-length", "24", "--seed", "5"]
+        assert main(argv) == 0
+        names = ("metrics.jsonl", "ranks.jsonl", "adapter/adapter_model.safetensors")
+        return {name: (out / name).read_bytes() for name in names}
+
+    first = run(tmp_path / "one")
+    torch.manual_seed(777)
+    assert run(tmp_path / "two") == first

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import dynarank.commands as commands_module
@@ -336,3 +337,54 @@ def test_a_run_on_a_gguf_folder_records_the_folder_and_works_after_the_cache_is_
     assert json.loads(capsys.readouterr().out) == metrics
     # train; eval after the cache was cleared; export reuses eval's copy; eval of the export after a new clear
     assert conversions == ["tiny.gguf"] * 3
+
+
+# ---------------------------------------------------------------------------- reproducibility
+def _run_files(run: Path) -> dict[str, bytes]:
+    """What must be identical between two runs of the same command: logs and adapter tensors."""
+    names = ["metrics.jsonl", "ranks.jsonl", "adapter/adapter_model.safetensors"]
+    names += ["dynarank_adapter/dynarank_adapter.safetensors"] if (run / "dynarank_adapter").is_dir() else []
+    return {name: (run / name).read_bytes() for name in names if (run / name).is_file()}
+
+
+@pytest.mark.parametrize("method", ["ard", "elalora", "lora"])
+def test_two_runs_of_the_same_command_are_bitwise_equal_even_with_a_new_task_head(tiny_model_dir, tmp_path, method):
+    """Five labels: the saved two-label head does not fit, so loading draws a new head; it must follow --seed."""
+    data = write_csv(tmp_path / "five.csv", n=60, labels=("a", "b", "c", "d", "e"))
+    argv = ["--method", method, "--seed", "3", "--max-steps", "8"]
+    assert main(train_args(tiny_model_dir, data, tmp_path / "one", *argv)) == 0
+    torch.manual_seed(12345)  # whatever the process did in between must not matter
+    torch.rand(7)
+    assert main(train_args(tiny_model_dir, data, tmp_path / "two", *argv)) == 0
+    one, two = _run_files(tmp_path / "one"), _run_files(tmp_path / "two")
+    assert "metrics.jsonl" in one and "adapter/adapter_model.safetensors" in one
+    assert one == two
+    assert main(train_args(tiny_model_dir, data, tmp_path / "other-seed", "--method", method, "--max-steps", "8")) == 0
+    assert _run_files(tmp_path / "other-seed")["metrics.jsonl"] != one["metrics.jsonl"]
+
+
+def test_a_killed_five_label_run_resumed_equals_a_separately_launched_uninterrupted_run(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import dynarank.runs as runs_module
+
+    data = write_csv(tmp_path / "five.csv", n=60, labels=("a", "b", "c", "d", "e"))
+    argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]
+    real = runs_module.train_classifier
+
+    def killed(*args, **kwargs):  # the process dies after step 9 (checkpoint at 8)
+        def on_step(record, inner=kwargs["on_step"]):
+            inner(record)
+            if record["step"] == 9:
+                raise KeyboardInterrupt
+
+        return real(*args, **{**kwargs, "on_step": on_step})
+
+    monkeypatch.setattr(runs_module, "train_classifier", killed)
+    assert main(train_args(tiny_model_dir, data, tmp_path / "killed", *argv)) == 130
+    monkeypatch.setattr(runs_module, "train_classifier", real)
+    torch.manual_seed(999)  # a separately launched process starts from another RNG state
+    assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
+    torch.manual_seed(4321)
+    assert main(train_args(tiny_model_dir, data, tmp_path / "full", *argv)) == 0
+    assert _run_files(tmp_path / "killed") == _run_files(tmp_path / "full")

@@ -99,11 +99,17 @@ class DynaRankConfig:
         None,
     )
     lambda_mode: LambdaMode = _help("'relative' (calibrated to the run's loss), 'gradient' or 'absolute'.", "relative")
-    ard_beta: float = _help("Weight of the total-variation (stability) term, relative to lambda.", 0.1)
+    ard_beta: float | None = _help(
+        "Strength of the total-variation (rank stability) term, in the units of ard_lambda but independent of it "
+        "(ard_lambda=0 leaves TV acting alone): beta_g = ard_beta * p_g, lambda_g = ard_lambda * p_g, with p_g "
+        "the price lambda_mode gives a group. Default: a tenth of the mode's default lambda (relative: 0.1; "
+        "absolute: 0.001, the paper's lambda * beta).",
+        None,
+    )
     tv_form: TVForm = _help(
-        "'step': the paper's ||alpha(t) - alpha(t-1)||^2; 'anchor': ||alpha(t) - alpha(last resize)||^2, "
-        "which holds alpha near its value at the last cut (measured in docs/ard.md: neither form is needed "
-        "with the hard mask, where ranks do not oscillate).",
+        "'step': the paper's ||alpha(t) - alpha(t-1)||^2 (alpha(t-1): the value before the previous update); "
+        "'anchor': ||alpha(t) - alpha(last resize)||^2, which holds alpha near its value at the last cut "
+        "(docs/ard.md measures both).",
         "step",
     )
     lr_alpha: float | None = _help(
@@ -206,12 +212,12 @@ class DynaRankConfig:
             raise ValueError(f"rank_floor must be an integer in [0, r={self.r}], got {self.rank_floor!r}.")
         if self.resize_every is not None and (not isinstance(self.resize_every, int) or self.resize_every < 1):
             raise ValueError(f"resize_every must be a positive integer or None, got {self.resize_every!r}.")
-        for name in ("ard_lambda", "lr_alpha"):
+        for name in ("ard_lambda", "lr_alpha", "ard_beta"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}.")
-        if self.ard_beta < 0 or self.alpha_travel <= 0:
-            raise ValueError("ard_beta must be >= 0 and alpha_travel > 0.")
+        if self.alpha_travel <= 0:
+            raise ValueError(f"alpha_travel must be > 0, got {self.alpha_travel!r}.")
         if not (0 <= self.warmup_frac < 1 and 0 <= self.final_frac < 1 and self.warmup_frac + self.final_frac < 1):
             raise ValueError(
                 f"warmup_frac ({self.warmup_frac}) and final_frac ({self.final_frac}) must be in [0, 1) and leave "

@@ -75,6 +75,16 @@ def _resumed_options(opts: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every random stream a run draws from before training starts (Python's, torch's, every GPU's)."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group that torchrun / accelerate launch describe in the environment."""
     import os
@@ -116,6 +126,9 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
     model_dir = resolve_model_dir(opts.model)
     task = opts.task or infer_task(model_dir)
     out = _shared_run_dir(opts, rank, n_workers)
+    # What loading creates at random (a new task head for these labels) follows --seed too, so that two runs with
+    # the same options are the same run, and a resumed run can be checked against an uninterrupted one.
+    seed_everything(opts.seed)
     if task == "classify":
         train, held = classification_sets(
             opts.data, opts.eval_data, opts.eval_split, opts.text_column, opts.label_column, opts.n_train, opts.seed

@@ -14,12 +14,16 @@ down); just below, it is off and its gradient measures what turning it back on i
 pushes alpha up when the slot is useful. alpha therefore settles at (needed rank - 1/2), which
 ceil reads without bias, and the contested slot is kept for the final phase.
 
-    L = L_task + sum_g lambda_g * (|alpha_g| + beta * TV_g)
+    L = L_task + sum_g (lambda_g * |alpha_g| + beta_g * TV_g)
     TV_g = (alpha_g(t) - alpha_g(t-1))^2            # tv_form='step' (the paper)
          | (alpha_g(t) - alpha_g(last resize))^2    # tv_form='anchor'
 
-The regulariser's gradient is added to alpha.grad once per optimizer step (so gradient
-accumulation counts it once), never to the user's loss. Phases over T optimizer steps:
+alpha_g(t) is the value the update of optimizer step t starts from; alpha_g(t-1) the value the
+previous update started from (held since that step's pre-hook). lambda_g = ard_lambda * p_g and
+beta_g = ard_beta * p_g share the price p_g of the group (lambda_mode: the calibrated unit times
+the group's rank cost, or 1 in 'absolute'), so the TV strength does not depend on the l1 strength:
+ard_lambda = 0 leaves TV acting alone. The regulariser's gradient is added to alpha.grad once per
+optimizer step (so gradient accumulation counts it once), never to the user's loss. Phases over T optimizer steps:
 warm-up (alpha frozen; its task gradient is measured to calibrate lambda), active (alpha
 learns; every ``resize_every`` steps each group is physically cut to its rank), final (ranks
 fixed, A/B fine-tune).
@@ -106,12 +110,12 @@ class ARDController(RankController):
         if getattr(model, "dynarank_ard", None) is None:
             model.add_module("dynarank_ard", ARDGates(self.layers))
         self.gates: ARDGates = model.dynarank_ard
-        self.lambdas = {
-            name: torch.full((layer.n_groups,), self.settings.ard_lambda) for name, layer in self.layers.items()
-        }
+        # p_g, the price of a unit of |alpha_g| or of TV_g (1 until lambda_mode calibrates it at the end of warm-up)
+        self.prices = {name: torch.ones(layer.n_groups) for name, layer in self.layers.items()}
         self._grad_sums = {name: torch.zeros(layer.n_groups) for name, layer in self.layers.items()}
         self._grad_count = 0
-        self._reference = self._alpha_snapshot()  # TV reference (previous step or last resize)
+        self._previous = self._alpha_snapshot()  # alpha(t-1): the value the previous update started from
+        self._anchor = self._alpha_snapshot()  # alpha at the last resize (tv_form='anchor')
         self._start_alpha = self._alpha_snapshot()
         self.motion = RankMotion()  # read-out rank changes and reversals (oscillation alarm)
         for name, layer in self.layers.items():
@@ -224,10 +228,28 @@ class ARDController(RankController):
     def _alpha_snapshot(self) -> dict[str, torch.Tensor]:
         return {name: self.gates.of(name).detach().clone() for name in self.layers}
 
+    @property
+    def lambdas(self) -> dict[str, torch.Tensor]:
+        """lambda_g of every group, by module (the budget's steering factor included)."""
+        scale = self.settings.ard_lambda * self.lambda_scale
+        return {name: price * scale for name, price in self.prices.items()}
+
+    @property
+    def betas(self) -> dict[str, torch.Tensor]:
+        """beta_g, the TV strength of every group, by module."""
+        return {name: price * self.settings.ard_beta for name, price in self.prices.items()}
+
+    def tv_reference(self, name: str) -> torch.Tensor:
+        """alpha(t-1) ('step') or alpha at the last resize ('anchor') of a module's groups."""
+        return (self._previous if self.settings.tv_form == "step" else self._anchor)[name]
+
     # ------------------------------------------------------------------ the step protocol
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Add lambda_g * sign(alpha_g) + 2 beta_g (alpha_g - reference_g) to the alphas' gradients (active phase);
+        then remember alpha(t) as the next step's alpha(t-1)."""
         phase = self.phase()
         calibrating = phase == "warmup" and self.step >= self.settings.warmup_steps // 2
+        lambdas, betas = (self.lambdas, self.betas) if phase == "active" else ({}, {})
         for name in self.layers:
             alpha = self.gates.of(name)
             if alpha.grad is None:
@@ -241,14 +263,21 @@ class ARDController(RankController):
             if phase != "active":
                 alpha.grad = None  # frozen: AdamW skips parameters without a gradient
                 continue
-            lam = (self.lambdas[name] * self.lambda_scale).to(alpha.device, alpha.dtype)
-            tv = 2.0 * self.settings.ard_beta * (alpha.detach() - self._reference[name])
-            alpha.grad.add_(lam * (torch.sign(alpha.detach()) + tv))
+            value = alpha.detach()
+            l1 = lambdas[name].to(alpha.device, alpha.dtype) * torch.sign(value)
+            tv = 2.0 * betas[name].to(alpha.device, alpha.dtype) * (value - self.tv_reference(name))
+            alpha.grad.add_(l1 + tv)
         if calibrating:
             self._grad_count += 1
+        self._previous = self._alpha_snapshot()
         for group in optimizer.param_groups:
             if group.get("name") == "ard_alpha":
                 group["lr"] = self.settings.lr_alpha  # owned here: an LR scheduler must not decay it
+
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
+        """A step the loop skipped moves no alpha: the next step's alpha(t-1) is the current value."""
+        self._previous = self._alpha_snapshot()
+        return super().skip_step(optimizer)
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
         self.step += 1
@@ -257,8 +286,6 @@ class ARDController(RankController):
         self._project_alphas()
         if self.step == s.warmup_steps:
             self._calibrate(record)
-        if s.tv_form == "step":
-            self._reference = self._alpha_snapshot()
         in_active = s.warmup_steps < self.step <= s.final_start
         if in_active:
             self.motion.track({name: self.readout(name) for name in self.layers})
@@ -274,7 +301,7 @@ class ARDController(RankController):
         for name, layer in self.layers.items():
             alpha = self.gates.of(name)
             if not torch.isfinite(alpha).all():
-                alpha.copy_(self._reference[name])
+                alpha.copy_(self._previous[name])
                 self.warn_once("nonfinite-alpha", f"alphas of {name} became non-finite; restored their last value.")
             caps = torch.tensor(layer.ranks, device=alpha.device, dtype=alpha.dtype) / self.settings.r0
             alpha.copy_(torch.minimum(alpha.clamp(min=0.0), caps))
@@ -367,7 +394,7 @@ class ARDController(RankController):
                 unit = 0.0
         self.unit = unit
         for name, layer in self.layers.items():
-            self.lambdas[name] = torch.full((layer.n_groups,), self.settings.ard_lambda * unit * costs[name])
+            self.prices[name] = torch.full((layer.n_groups,), unit * costs[name])
         self._start_alpha = self._alpha_snapshot()
         if self._loss_hook is not None:
             self._loss_hook.remove()
@@ -410,8 +437,7 @@ class ARDController(RankController):
                 record.params_removed += layer.remove_slots(cut, optimizer=self.optimizers)
                 record.resized = True
         self._project_alphas()
-        if self.settings.tv_form == "anchor":
-            self._reference = self._alpha_snapshot()
+        self._anchor = self._alpha_snapshot()
         if self.step >= self.settings.final_start:
             # Ranks are fixed from here on: every physical slot is on, A and B fine-tune.
             for layer in self.layers.values():
@@ -481,12 +507,13 @@ class ARDController(RankController):
         state = super().state_dict()
         state.update(
             {
-                "lambdas": {k: v.tolist() for k, v in self.lambdas.items()},
+                "prices": {k: v.tolist() for k, v in self.prices.items()},
                 "grad_sums": {k: v.tolist() for k, v in self._grad_sums.items()},
                 "grad_count": self._grad_count,
                 "losses": self._losses,
                 "unit": self.unit,
-                "reference": {k: v.tolist() for k, v in self._reference.items()},
+                "previous": {k: v.tolist() for k, v in self._previous.items()},
+                "anchor": {k: v.tolist() for k, v in self._anchor.items()},
                 "start_alpha": {k: v.tolist() for k, v in self._start_alpha.items()},
                 **self.motion.state_dict(),
                 "lambda_scale": self.lambda_scale,
@@ -503,12 +530,13 @@ class ARDController(RankController):
             return {k: torch.tensor(v, dtype=torch.float32) for k, v in state[key].items()}
 
         device = next(iter(self.gates.parameters())).device
-        self.lambdas = tensors("lambdas")
+        self.prices = tensors("prices")
         self._grad_sums = tensors("grad_sums")
         self._grad_count = int(state["grad_count"])
         self._losses = [(int(t), float(v)) for t, v in state["losses"]]
         self.unit = state["unit"]
-        self._reference = {k: v.to(device) for k, v in tensors("reference").items()}
+        self._previous = {k: v.to(device) for k, v in tensors("previous").items()}
+        self._anchor = {k: v.to(device) for k, v in tensors("anchor").items()}
         self._start_alpha = {k: v.to(device) for k, v in tensors("start_alpha").items()}
         self.motion.load_state_dict(state)
         self.lambda_scale = float(state.get("lambda_scale", 1.0))

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 PAPER = {
     "ard_lambda": 0.01,
     "lambda_mode": "absolute",
-    "ard_beta": 0.1,
+    # The paper's objective L_task + lambda * (sum |alpha| + beta * sum TV) with lambda 0.01, beta 0.1: the TV
+    # term's own strength (ard_beta is not multiplied by ard_lambda) is lambda * beta.
+    "ard_beta": 0.01 * 0.1,
     "lr_alpha": 5e-5,
     "lr": 1e-4,
     "mask": "soft",
@@ -18,6 +20,8 @@ PAPER = {
     "tv_form": "step",
 }
 DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
+# ard_beta=None: a tenth of the mode's default l1 strength (absolute: the paper's lambda * beta = 0.01 * 0.1).
+DEFAULT_BETA = {mode: 0.1 * value for mode, value in DEFAULT_LAMBDA.items()}
 
 
 @dataclass
@@ -74,6 +78,8 @@ class ARDSettings:
             )
         if values["ard_lambda"] is None:
             values["ard_lambda"] = DEFAULT_LAMBDA[values["lambda_mode"]]
+        if values["ard_beta"] is None:
+            values["ard_beta"] = DEFAULT_BETA[values["lambda_mode"]]
         if values["lr_alpha"] is None:
             values["lr_alpha"] = config.alpha_travel / active
         resize_every = config.resize_every or max(1, active // 20)
