@@ -199,10 +199,46 @@ def first_nonfinite_module(model: nn.Module, inputs: dict) -> str | None:
     return found[0] if found else None
 
 
-def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the trainable parameters plus their optimizer state (what a resize can shrink)."""
+def training_state_bytes(
+    model: nn.Module, optimizer: torch.optim.Optimizer, controller: RankController | None = None
+) -> int:
+    """Bytes of the trainable parameters, their optimizer state and the rank controller's own tensors
+    (importance scores: dynarank's SVD methods, or stock PEFT AdaLoRA's allocator): what training holds
+    beyond the frozen model and the activations, and what a resize can shrink."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return sum(p.numel() * p.element_size() for p in params) + state_bytes(optimizer, params)
+    held = controller.held_bytes() if controller is not None else _peft_allocator_bytes(model)
+    return sum(p.numel() * p.element_size() for p in params) + state_bytes(optimizer, params) + held
+
+
+def _peft_allocator_bytes(model: nn.Module) -> int:
+    """Stock PEFT AdaLoRA's importance EMAs (three tensors per scored parameter), or 0."""
+    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
+    if allocator is None:
+        return 0
+    emas = (getattr(allocator, kind, {}) for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+    return sum(t.numel() * t.element_size() for ema in emas for t in ema.values())
+
+
+class TrainingFootprint:
+    """Trainable parameters and training-state bytes after every optimizer step: start, peak and mean."""
+
+    def __init__(self) -> None:
+        self.params: list[int] = []
+        self.bytes: list[int] = []
+
+    def add(self, params: int, state: int) -> None:
+        self.params.append(params)
+        self.bytes.append(state)
+
+    def summary(self) -> dict:
+        if not self.bytes:
+            return {}
+        return {
+            "state_bytes_peak": max(self.bytes),
+            "state_bytes_mean": sum(self.bytes) / len(self.bytes),
+            "trainable_parameters_peak": max(self.params),
+            "trainable_parameters_mean": sum(self.params) / len(self.params),
+        }
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -279,6 +315,7 @@ def train(
     start_params = count_trainable(model) if not resume else state["extra"].get("start_params", 0)
     state_bytes_start = None if not resume else state["extra"].get("state_bytes_start")
     per_epoch = math.ceil(n_examples / spec.batch_size)
+    footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
     skipped, t0 = 0, time.perf_counter()
     train_model = wrap(model)
     while step < total:
@@ -316,11 +353,12 @@ def train(
                     scheduler.step()
             else:
                 optimizer.step()
-                if state_bytes_start is None:  # after the first step AdamW's moments exist
-                    state_bytes_start = training_state_bytes(model, optimizer)
                 scheduler.step()
                 if spec.method == "adalora":
                     model.base_model.update_and_allocate(step)
+                footprint.add(count_trainable(model), training_state_bytes(model, optimizer, controller))
+                if state_bytes_start is None:  # after the first step AdamW's moments exist
+                    state_bytes_start = footprint.bytes[-1]
             if n_workers > 1 and controller is not None and controller.records[-1].resized:
                 # A resize (after an update or a skipped step alike) handed the adapters new tensors.
                 check_same_ranks(controller)
@@ -364,7 +402,8 @@ def train(
         "trainable_parameters_start": start_params,
         "trainable_parameters": count_trainable(model),
         "state_bytes_start": state_bytes_start,
-        "state_bytes_end": training_state_bytes(model, optimizer),
+        "state_bytes_end": training_state_bytes(model, optimizer, controller),
+        **footprint.summary(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if controller is not None:

@@ -392,6 +392,15 @@ class SVDController(RankController):
         self.finalized = True
 
     # ------------------------------------------------------------------ read-outs and state
+    def held_bytes(self) -> int:
+        """The importance EMAs (two per scored element while scores are kept)."""
+        return sum(
+            t.numel() * t.element_size()
+            for state in self.importance.carrier.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(

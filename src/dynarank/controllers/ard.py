@@ -124,6 +124,7 @@ class ARDController(RankController):
         self._loss_hook = model.register_forward_hook(self._observe_model_output)
         self.unit = None
         self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda
+        self.cuts = {"alpha": 0, "budget": 0}  # ranks removed over the run: by the alphas' read-out, by the cap
 
     # ------------------------------------------------------------------ mask
     def mask_gate(self, alpha: nn.Parameter):
@@ -410,10 +411,16 @@ class ARDController(RankController):
         """Cut every group to its read-out rank (and under the budget), carrying the optimizer state of
         the kept slots."""
         readouts = {name: self.readout(name) for name in self.layers}
+        live = sum(sum(layer.ranks) for layer in self.layers.values())
+        wanted = sum(sum(r) for r in readouts.values())
         budget = self.budget_at()
         if budget is not None:
             self._steer_lambda(self._cost(readouts), budget)
             self._cap_to_budget(readouts, budget)
+        kept = sum(sum(r) for r in readouts.values())
+        record.cut_by_alpha, record.cut_by_budget = live - wanted, wanted - kept  # ranks, before the collapse guard
+        self.cuts["alpha"] += record.cut_by_alpha
+        self.cuts["budget"] += record.cut_by_budget
         if not any(sum(r) for r in readouts.values()):
             # Nothing would be left to train (and a loss without a graph would crash the loop):
             # keep the one slot whose alpha is largest and report the collapse.
@@ -518,6 +525,7 @@ class ARDController(RankController):
                 **self.motion.state_dict(),
                 "lambda_scale": self.lambda_scale,
                 "start_params": self.start_params,
+                "cuts": dict(self.cuts),
             }
         )
         return state
@@ -540,6 +548,7 @@ class ARDController(RankController):
         self._start_alpha = {k: v.to(device) for k, v in tensors("start_alpha").items()}
         self.motion.load_state_dict(state)
         self.lambda_scale = float(state.get("lambda_scale", 1.0))
+        self.cuts = {"alpha": 0, "budget": 0, **state.get("cuts", {})}
         self.start_params = int(state.get("start_params", self.start_params))
         if self.step >= self.settings.warmup_steps and self._loss_hook is not None:
             self._loss_hook.remove()

@@ -44,6 +44,8 @@ class BudgetRecord(StepRecord):
         budget: the budget in force after this step, in ``budget_unit`` (None: no budget).
         adapter_parameters: A and B parameters of every adapted module (what the export costs).
         pruned / expanded: ranks removed / added by this step.
+        cut_by_alpha / cut_by_budget: ARD, at a resize: ranks its alphas' read-out removed, and ranks the
+            parameter cap removed on top of those.
     """
 
     budget_unit: str = "rank"
@@ -51,6 +53,8 @@ class BudgetRecord(StepRecord):
     adapter_parameters: int = 0
     pruned: int = 0
     expanded: int = 0
+    cut_by_alpha: int = 0
+    cut_by_budget: int = 0
 
 
 class RankController:
@@ -154,6 +158,10 @@ class RankController:
 
     def trainable_parameters(self) -> int:
         return count_trainable(self.model)
+
+    def held_bytes(self) -> int:
+        """Bytes of tensors the controller keeps beside the model and the optimizer (importance scores); none here."""
+        return 0
 
     def record_ranks(self) -> None:
         snapshot = {
