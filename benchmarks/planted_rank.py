@@ -45,7 +45,7 @@ def methods() -> dict[str, dict]:
         "ablation: TV only (lambda=0)": dict(ard, ard_lambda=0.0),
         "ablation: tv_form=step, beta=0.1": dict(ard, tv_form="step"),
         "ablation: tv_form=step, beta=10": dict(ard, tv_form="step", ard_beta=10.0),
-        "ablation: tv_form=anchor, beta=10": dict(ard, ard_beta=10.0),
+        "ablation: tv_form=anchor, beta=10": dict(ard, tv_form="anchor", ard_beta=10.0),
     }
 
 

@@ -64,6 +64,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import study_data  # noqa: E402
 from records import RecordStore, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -95,32 +96,76 @@ ABLATIONS = {
     "elalora-ortho0": ("elalora", {"ortho_weight": 0.0}),
     "elalora-switch-off": ("elalora", {"switch_off": True}),
     "elalora-from-above": ("elalora", from_above),
+    # ARD's total-variation strength (the default is ard_beta=0.1, the method "ard").
+    "ard-beta0": ("ard", {"ard_beta": 0.0}),
+    "ard-beta1": ("ard", {"ard_beta": 1.0}),
+    "ard-beta10": ("ard", {"ard_beta": 10.0}),
+    # ARD as the paper defines it: no parameter cap, the l1 strength alone sets the size (r0 from the budget's r).
+    "ard-free-x0.3": ("ard", {"target_params": None, "ard_lambda": 0.3}),
+    "ard-free": ("ard", {"target_params": None}),
+    "ard-free-x3": ("ard", {"target_params": None, "ard_lambda": 3.0}),
 }
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many
 # times, for every method alike: a best rate at the edge means the grid, not the method, set the result.
 GRID_EXTENSIONS = 2
+MINILM = {"model": "minilm", "model_params": 22_713_216}  # the encoder (sentence-embedding) parameters
+SMOLLM2 = {"model": "smollm2", "model_params": 134_515_008}
+CLASSIFY = {"metric": "accuracy", "higher_is_better": True}
+CAUSAL = {"metric": "loss", "higher_is_better": False}
 TASKS = {
+    # name: data set (study_data.py), model, budgets (LoRA ranks), the budget the learning rate is tuned at, schedule
     "minilm": {
+        **MINILM,
+        **CLASSIFY,
+        "data": "tweets2",
         "budgets": [1, 2, 6],
         "tune_budget": 2,
-        "metric": "accuracy",
-        "higher_is_better": True,
-        "model_params": 22_713_216,  # the encoder (sentence-embedding) parameters
         "steps": 126,
         "batch_size": 32,
         "max_length": 64,
     },
+    "minilm-tweets3": {
+        **MINILM,
+        **CLASSIFY,
+        "data": "tweets3",
+        "budgets": [1, 2, 6],
+        "tune_budget": 2,
+        "steps": 132,
+        "batch_size": 32,
+        "max_length": 64,
+    },
+    "minilm-topics": {
+        **MINILM,
+        **CLASSIFY,
+        "data": "topics",
+        "budgets": [1, 2, 6],
+        "tune_budget": 2,
+        "steps": 160,
+        "batch_size": 16,
+        "max_length": 64,
+    },
     "smollm2": {
+        **SMOLLM2,
+        **CAUSAL,
+        "data": "dialogs",
         "budgets": [1, 4, 12],
         "tune_budget": 4,
-        "metric": "loss",
-        "higher_is_better": False,
-        "model_params": 134_515_008,
         "steps": 60,
         "methods": ["full", "lora", "dora", "adalora", "adalora-physical", "elalora", "ard"],
         "batch_size": 8,
         "max_length": 64,
+    },
+    "smollm2-sentiment": {
+        **SMOLLM2,
+        **CAUSAL,
+        "data": "sentiment_lm",
+        "budgets": [1, 4, 12],
+        "tune_budget": 4,
+        "steps": 60,
+        "methods": ["full", "lora", "dora", "adalora", "adalora-physical", "elalora", "ard"],
+        "batch_size": 8,
+        "max_length": 96,
     },
 }
 SMOLLM2_TARGETS = r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
@@ -133,29 +178,6 @@ def base_method(method: str) -> str:
 
 def record_key(r: dict) -> tuple:
     return (r["task"], r["method"], r["budget_r"], r["lr"], r["seed"], r["steps"])
-
-
-# ---------------------------------------------------------------------------------------------- data
-def minilm_data():
-    from dynarank.data import packaged_sentiment
-
-    train, test = packaged_sentiment(2000, 500, seed=0)
-    _, wider = packaged_sentiment(2000, 1000, seed=0)  # the same train set; 500 more held-out tweets
-    seen = set(zip(test.texts, test.labels))
-    keep = [i for i, pair in enumerate(zip(wider.texts, wider.labels)) if pair not in seen]
-    val = type(test)([wider.texts[i] for i in keep], [wider.labels[i] for i in keep], wider.label_names)
-    return train, val, test
-
-
-def smollm2_data():
-    from dynarank.data import PairExamples, packaged_dialogs
-
-    train, held = packaged_dialogs(n_eval=300, seed=0)
-
-    def take(pairs, lo, hi):
-        return PairExamples(pairs.prompts[lo:hi], pairs.responses[lo:hi])
-
-    return take(train, 0, 480), take(held, 0, 100), take(held, 100, 300)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -211,13 +233,12 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
 
     torch.set_num_threads(threads)
     task = TASKS[task_name]
+    train, val, test = getattr(study_data, task["data"])()
     torch.manual_seed(seed)  # the classification head is initialised at load time: make it follow the seed
-    if task_name == "minilm":
-        train, val, test = minilm_data()
+    if task["model"] == "minilm":
         model, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
         target, fit, evaluate = BERT_ENCODER_LINEAR, train_classifier, evaluate_classifier
     else:
-        train, val, test = smollm2_data()
         model, tokenizer = load_causal_lm(packaged_smollm2_path())
         target, fit, evaluate = SMOLLM2_TARGETS, train_causal_lm, evaluate_causal_lm
     budget = lora_budget(model, target, r)
@@ -236,10 +257,19 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         if p.requires_grad and ("classifier" in n or "score" in n) and method != "full"
     )
     gates = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "dynarank_" in n)
+    motion = {}
     if controller is not None:
         adapter = controller.adapter_parameters()
         start = controller.history[0]["adapter_parameters"]
         ranks = controller.ranks()
+        motion["rank_changes"] = getattr(controller, "rank_changes", 0)
+        if hasattr(controller, "cuts"):  # ARD: who cut, per resize and in total; how often ranks reversed
+            motion["cuts"] = dict(controller.cuts)
+            motion["cuts_by_resize"] = [
+                (rec.step, rec.cut_by_alpha, rec.cut_by_budget) for rec in controller.records if rec.resized
+            ]
+            motion["reversals"] = sum(int(f.sum()) for f in controller.motion.flips.values())
+            motion["reversing_fraction"] = controller.motion.reversing_fraction()
     else:
         adapter = result["trainable_parameters"] - head
         start = result["trainable_parameters_start"] - head
@@ -260,8 +290,12 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         "adapter_parameters": adapter,
         "adapter_parameters_start": start,
         "adapter_parameters_mean_over_training": statistics.mean(t - extra for t in trajectory) if trajectory else 0,
+        "adapter_parameters_peak": max(t - extra for t in trajectory) if trajectory else 0,
         "state_bytes_start": result["state_bytes_start"],
         "state_bytes_end": result["state_bytes_end"],
+        "state_bytes_peak": result.get("state_bytes_peak"),
+        "state_bytes_mean": result.get("state_bytes_mean"),
+        **motion,
         "peak_rss_mb": result["peak_rss_mb"],
         "seconds_per_step": result["seconds_per_step"],
         "seconds": time.perf_counter() - t0,
