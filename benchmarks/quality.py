@@ -268,7 +268,7 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
             motion["cuts_by_resize"] = [
                 (rec.step, rec.cut_by_alpha, rec.cut_by_budget) for rec in controller.records if rec.resized
             ]
-            motion["reversals"] = sum(int(f.sum()) for f in controller.motion.flips.values())
+            motion["reversals"] = controller.motion.reversals()
             motion["reversing_fraction"] = controller.motion.reversing_fraction()
     else:
         adapter = result["trainable_parameters"] - head

@@ -55,3 +55,16 @@ def test_budgeted_ard_reports_how_many_ranks_its_alphas_and_its_budget_cut():
     }
     start = controller.history[0]["total_rank"]
     assert start - controller.total_rank() == controller.cuts["alpha"] + controller.cuts["budget"]
+
+
+def test_a_controller_counts_its_own_parameters_and_forgets_them_when_it_folds_them():
+    """The sizes are cached per layout; E (SVD methods) and the alphas (ARD) are counted while they exist."""
+    result = run("elalora", granularity="matrix")
+    controller, model = result["controller"], result["model"]
+    assert controller.finalized
+    assert controller.trainable_parameters() == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ard = run("ard")
+    assert ard["controller"].trainable_parameters() == sum(
+        p.numel() for p in ard["model"].parameters() if p.requires_grad
+    )
+    assert any("dynarank_ard" in n for n, p in ard["model"].named_parameters() if p.requires_grad)

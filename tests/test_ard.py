@@ -31,7 +31,7 @@ def mse_step(model, task, generator):
 
 def _alpha_gradients_over_steps(model, task, ctrl, opt, steps: int):
     """Run ``steps`` optimizer steps; per step: (alpha before the update, task gradient, gradient the update used)."""
-    alpha = model.dynarank_ard.of("query")
+    alpha = model.dynarank_ard.alpha  # one vector for every group; the planted model adapts one module
     seen = []
     # Registered after the controller's hook, so it runs after it: the gradient AdamW is about to use.
     opt.register_step_pre_hook(lambda o, a, k: seen.append(alpha.grad.clone()))
@@ -131,7 +131,7 @@ def test_regulariser_counts_once_per_optimizer_step_under_gradient_accumulation(
     task, model = planted_model(lambda_mode="absolute", ard_lambda=0.05, warmup_frac=0.0, final_frac=0.0)
     ctrl = build_controller(model, total_steps=10)
     opt = ctrl.build_optimizer(lr=1e-3)
-    alpha = model.dynarank_ard.of("query")
+    alpha = model.dynarank_ard.alpha  # one vector for every group; the planted model adapts one module
     g = torch.Generator().manual_seed(0)
     for _ in range(4):  # four micro-batches, one optimizer step
         mse_step(model, task, g)
@@ -144,7 +144,7 @@ def test_alpha_is_frozen_during_warm_up_and_the_final_phase():
     task, model = planted_model(warmup_frac=0.3, final_frac=0.3)
     ctrl = build_controller(model, total_steps=10)
     opt = ctrl.build_optimizer(lr=1e-2)
-    alpha = model.dynarank_ard.of("query")
+    alpha = model.dynarank_ard.alpha  # one vector for every group; the planted model adapts one module
     g = torch.Generator().manual_seed(0)
     values = []
     for _ in range(10):

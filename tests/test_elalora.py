@@ -70,9 +70,12 @@ def test_importance_scores_match_a_hand_computation_on_a_two_layer_toy():
         for p in tracked.values():
             p.copy_(torch.randn(p.shape, generator=g))
     grads = [{k: torch.randn(p.shape, generator=g) for k, p in tracked.items()} for _ in range(2)]
+    values = model.dynarank_svd  # E of every module is one vector: its gradient is set as one
     for step_grads in grads:  # two steps with known gradients
         for k, p in tracked.items():
-            p.grad = step_grads[k].clone()
+            if k[1] != "E":
+                p.grad = step_grads[k].clone()
+        values.values.grad = torch.cat([step_grads[name, "E"] for name in values.spans])
         ctrl.importance.update()
 
     def element_score(key, index):
@@ -138,7 +141,7 @@ def test_candidates_are_capped_at_rank_minus_one_and_rank_one_groups_offer_none(
     task, model, ctrl = planted(r=3, k_candidates=5)
     layer = elastic_layers(model)["query"]
     layer.remove_slots({0: [1, 2], 1: [2]})  # ranks [1, 2, 3, ...]; E is re-cut by the controller only
-    ctrl.values.replace("query", nn.Parameter(torch.zeros(sum(layer.ranks))))
+    ctrl.values.match_layout(ctrl.layers)
     scores = {"query": [torch.arange(r, dtype=torch.float32) for r in layer.ranks]}
     offered = {}
     for c in ctrl.candidates(scores):
@@ -243,7 +246,7 @@ def test_a_group_never_grows_beyond_its_orthogonal_capacity():
     assert ctrl.capacity(layer) == 16  # min(head size 16, d_in 64)
     scores = {"query": [torch.tensor([1.0, 2.0, 3.0]) * (h + 1) for h in range(8)]}
     layer.add_slots({7: 13})  # head 7 at its capacity (E re-cut to match)
-    ctrl.values.replace("query", nn.Parameter(torch.zeros(sum(layer.ranks))))
+    ctrl.values.match_layout(ctrl.layers)
     scores["query"][7] = torch.arange(16, dtype=torch.float32) + 100.0
     prune, grow = ctrl.plan(scores, b=2)
     assert 7 not in grow.get("query", {})  # its candidates are the highest, but it is full
@@ -274,13 +277,14 @@ def test_optimizer_moments_of_kept_ranks_survive_a_round_unless_the_reset_flag_i
     opt = ctrl.build_optimizer(lr=1e-2)
     train(model, task, opt, 4)
     layer = elastic_layers(model)["query"]
-    before = _moments_by_rank(opt, layer, model.dynarank_svd.of("query"))
+    values = model.dynarank_svd.values  # E of every module as one parameter (here: one module)
+    before = _moments_by_rank(opt, layer, values)
     ctrl.resize({"query": {0: [1], 5: [0, 2]}}, {"query": {2: 1, 7: 2}})
     assert layer.ranks == [2, 3, 4, 3, 3, 1, 3, 5]
     if reset:
-        assert all(not opt.state[p] for p in [*layer.adapter_parameters(), model.dynarank_svd.of("query")])
+        assert all(not opt.state[p] for p in [*layer.adapter_parameters(), model.dynarank_svd.values])
         return
-    after = _moments_by_rank(opt, layer, model.dynarank_svd.of("query"))
+    after = _moments_by_rank(opt, layer, model.dynarank_svd.values)
     kept = {0: [0, 2], 5: [1]}  # positions that survive in the pruned heads; other heads keep 0, 1, 2
     for (g, j), moments in after.items():
         source = kept.get(g, [0, 1, 2])

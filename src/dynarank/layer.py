@@ -169,6 +169,7 @@ class ElasticLoRALinear(nn.Module):
         slot_index[g, j]: shared slot of group g's j-th rank, or S (a zero pad) past r_g.
         column_index[g, j]: packed group-side column, or T (a zero pad) past r_g.
         """
+        self.layout_version = getattr(self, "layout_version", 0) + 1  # controllers cache sizes per version
         n_slots, n_cols = self.n_slots, self.group_weight.shape[1]
         r_max = self.max_rank
         slot_index = torch.full((self.n_groups, r_max), n_slots, dtype=torch.long)

@@ -6,10 +6,13 @@ from torch import nn
 
 from ..attach import ATTACHED_ATTR, elastic_layers
 from ..config import SVD_METHODS
-from .adalora import AdaLoRAController, ensure_svd_values
-from .ard import ARDController, ARDGates, ARDSettings
+from .adalora import AdaLoRAController
+from .ard import ARDController
+from .ard_gates import ARD_ATTR, ARDGates
+from .ard_settings import ARDSettings
 from .base import BudgetRecord, RankController, StepRecord
 from .elalora import ElaLoRAController
+from .svd import ensure_svd_values
 
 CONTROLLERS: dict[str, type[RankController]] = {
     "lora": RankController,
@@ -39,9 +42,9 @@ def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
     if config is None:
         raise ValueError("prepare_parameters() needs a model returned by dynarank.attach().")
     if config.method == "ard":
-        if getattr(model, "dynarank_ard", None) is None:
-            model.add_module("dynarank_ard", ARDGates(elastic_layers(model)))
-        return list(model.dynarank_ard.parameters())
+        if getattr(model, ARD_ATTR, None) is None:
+            model.add_module(ARD_ATTR, ARDGates(elastic_layers(model)))
+        return list(getattr(model, ARD_ATTR).parameters())
     if config.method in SVD_METHODS:
         ensure_svd_values(model, elastic_layers(model), config.seed)
     return []

@@ -1,11 +1,7 @@
 """ARD-LoRA: a learnable scale alpha per rank group sets its rank; l1 + total variation shrink it.
 
-Per group g (a head, or a whole matrix) with base rank r0 and slots j = 0..r_g-1:
+Per group g (a head, or a whole matrix) with base rank r0, the mask of ard_gates.py, and
 
-    x_gj   = r0 * alpha_g - j
-    soft   = clamp(x_gj, 0, 1)                      # the differentiable mask
-    hard   = [x_gj > 1/2]; slots j < floor always on
-    m_gj   = hard + soft - stop_grad(soft)          # mask='hard': straight-through
     rank_g = max(floor, ceil(r0 * alpha_g))         # readout='ceil' ('round': round(r0 * alpha_g))
 
 Why the switch sits at 1/2: the clamp passes gradient only to the slot with 0 <= x_gj <= 1.
@@ -23,10 +19,13 @@ previous update started from (held since that step's pre-hook). lambda_g = ard_l
 beta_g = ard_beta * p_g share the price p_g of the group (lambda_mode: the calibrated unit times
 the group's rank cost, or 1 in 'absolute'), so the TV strength does not depend on the l1 strength:
 ard_lambda = 0 leaves TV acting alone. The regulariser's gradient is added to alpha.grad once per
-optimizer step (so gradient accumulation counts it once), never to the user's loss. Phases over T optimizer steps:
-warm-up (alpha frozen; its task gradient is measured to calibrate lambda), active (alpha
-learns; every ``resize_every`` steps each group is physically cut to its rank), final (ranks
-fixed, A/B fine-tune).
+optimizer step (so gradient accumulation counts it once), never to the user's loss. Phases over T
+optimizer steps (a schedules.BudgetSchedule): warm-up (alpha frozen; its task gradient is measured to
+calibrate lambda), active (alpha learns; every ``resize_every`` steps each group is physically cut to
+its rank), final (ranks fixed, A/B fine-tune).
+
+Every per-step quantity is a flat (N,) tensor over all groups of the model, on the alphas' device: a
+step costs a few vector operations and one wait for the device, whatever the number of modules.
 
 With a parameter budget (``target_params``) the adapter's size is capped at every resize by
 
@@ -46,47 +45,15 @@ import math
 import torch
 from torch import nn
 
-from ..layer import ElasticLoRALinear
 from .ard_budget import cap_to_budget, prefix_cost, steer_factor
+from .ard_gates import ARD_ATTR, ARDGates, mask_gate, rank_cost
 from .ard_settings import ARDSettings
+from .ard_signatures import check_signatures
 from .base import BudgetRecord, RankController, StepRecord
 from .rank_motion import RankMotion
-from .schedules import BudgetSchedule, cubic_budget
+from .schedules import cubic_budget
 
-COLLAPSE_FRACTION = 0.8
-EXPLOSION_FRACTION = 0.8
-OSCILLATION_FRACTION = 0.25
 STEER_LIMIT = 2.0  # budget mode: the l1 strength changes by at most this factor per resize
-
-
-class ARDGates(nn.Module):
-    """The alphas, one (G,) vector per adapted module; a submodule of the model so that
-    ``.to(device)`` and distributed wrappers see them."""
-
-    def __init__(self, layers: dict[str, ElasticLoRALinear]) -> None:
-        super().__init__()
-        self.alpha = nn.ParameterDict(
-            {
-                _key(name): nn.Parameter(
-                    torch.ones(layer.n_groups, device=layer.shared_weight.device, dtype=layer.shared_weight.dtype)
-                )
-                for name, layer in layers.items()
-            }
-        )
-
-    def of(self, name: str) -> nn.Parameter:
-        return self.alpha[_key(name)]
-
-
-def _key(module_name: str) -> str:
-    return module_name.replace(".", "__")
-
-
-def rank_cost(layer: ElasticLoRALinear) -> float:
-    """Parameters one rank of one group costs (the l1 price of that group's alpha, per r0 unit)."""
-    if layer.layout == "shared":
-        return layer.group_size + layer.other_dim / layer.n_groups
-    return layer.group_size + layer.other_dim
 
 
 class ARDController(RankController):
@@ -105,51 +72,78 @@ class ARDController(RankController):
             )
         super().__init__(model, total_steps)
         self.settings = ARDSettings.resolve(self.config, total_steps)
+        self.schedule = self.settings.schedule
         self.start_params = self.adapter_parameters()
         self._check_budget()  # before the model is touched: a bad budget leaves it as it was
-        if getattr(model, "dynarank_ard", None) is None:
-            model.add_module("dynarank_ard", ARDGates(self.layers))
-        self.gates: ARDGates = model.dynarank_ard
+        if getattr(model, ARD_ATTR, None) is None:
+            model.add_module(ARD_ATTR, ARDGates(self.layers))
+        self.gates: ARDGates = getattr(model, ARD_ATTR)
+        self.forget_sizes()  # the alphas are trainable parameters of the model now
+        alpha = self.gates.alpha.detach()
+        n = alpha.numel()
         # p_g, the price of a unit of |alpha_g| or of TV_g (1 until lambda_mode calibrates it at the end of warm-up)
-        self.prices = {name: torch.ones(layer.n_groups) for name, layer in self.layers.items()}
-        self._grad_sums = {name: torch.zeros(layer.n_groups) for name, layer in self.layers.items()}
+        self.prices = torch.ones(n, dtype=alpha.dtype, device=alpha.device)
+        self.grad_sums = torch.zeros(n, dtype=torch.float32, device=alpha.device)  # sum of |dL/dalpha| to calibrate
         self._grad_count = 0
-        self._previous = self._alpha_snapshot()  # alpha(t-1): the value the previous update started from
-        self._anchor = self._alpha_snapshot()  # alpha at the last resize (tv_form='anchor')
-        self._start_alpha = self._alpha_snapshot()
+        self.previous = alpha.clone()  # alpha(t-1): the value the previous update started from
+        self.anchor = alpha.clone()  # alpha at the last resize (tv_form='anchor')
+        self.start_alpha = alpha.clone()
+        self._layout_changed()
         self.motion = RankMotion()  # read-out rank changes and reversals (oscillation alarm)
+        s = self.settings
         for name, layer in self.layers.items():
-            layer.set_gate(self.mask_gate(self.gates.of(name)))
+            layer.set_gate(mask_gate(self.gates, name, s.r0, s.rank_floor, soft_only=s.mask == "soft"))
         self._losses: list[tuple[int, float]] = []
         self._loss_hook = model.register_forward_hook(self._observe_model_output)
         self.unit = None
         self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda
         self.cuts = {"alpha": 0, "budget": 0}  # ranks removed over the run: by the alphas' read-out, by the cap
 
-    # ------------------------------------------------------------------ mask
-    def mask_gate(self, alpha: nn.Parameter):
-        """The gate of one module: its groups' rank masks from ``alpha`` (hard, straight-through gradient; or soft)."""
+    def _layout_changed(self) -> None:
+        """Per-group live ranks (CPU) and the alphas' caps (ranks / r0, on their device), after a resize."""
+        self.group_ranks = torch.tensor([r for layer in self.layers.values() for r in layer.ranks], dtype=torch.long)
+        alpha = self.gates.alpha
+        self.caps = (self.group_ranks.to(alpha.dtype) / self.settings.r0).to(alpha.device)
+
+    def _home(self) -> torch.Tensor:
+        """The alphas (detached); the controller's vectors follow them to their device (a model moved later)."""
+        alpha = self.gates.alpha.detach()
+        if self.prices.device != alpha.device:
+            for key in ("prices", "grad_sums", "previous", "anchor", "start_alpha", "caps"):
+                setattr(self, key, getattr(self, key).to(alpha.device))
+        return alpha
+
+    # ------------------------------------------------------------------ strengths and read-outs
+    @property
+    def lambdas(self) -> dict[str, torch.Tensor]:
+        """lambda_g of every group, by module (the budget's steering factor included)."""
+        return self.gates.split(self._lambda_vector())
+
+    @property
+    def betas(self) -> dict[str, torch.Tensor]:
+        """beta_g, the TV strength of every group, by module."""
+        return self.gates.split(self.prices * self.settings.ard_beta)
+
+    def _lambda_vector(self) -> torch.Tensor:
+        return self.prices * (self.settings.ard_lambda * self.lambda_scale)
+
+    def mask_gate(self, name: str):
+        """The rank mask of module ``name`` from its alphas (what the layers use until the final phase)."""
         s = self.settings
+        return mask_gate(self.gates, name, s.r0, s.rank_floor, soft_only=s.mask == "soft")
 
-        def gate(layer: ElasticLoRALinear) -> torch.Tensor:
-            j = torch.arange(layer.max_rank, device=alpha.device, dtype=alpha.dtype)
-            x = s.r0 * alpha.unsqueeze(1) - j  # (G, r_max)
-            floor = j < s.rank_floor
-            soft = torch.where(floor, torch.ones_like(x), x.clamp(0.0, 1.0))
-            if s.mask == "soft":
-                return soft
-            hard = (floor | (x > 0.5)).to(x.dtype)
-            return hard + soft - soft.detach()
-
-        return gate
+    def _readout_vector(self) -> torch.Tensor:
+        """Rank of every group as read from its alpha (before the physical cut), (N,) long, on the alphas' device."""
+        s, alpha = self.settings, self._home()
+        scaled = s.r0 * alpha.float()
+        raw = torch.ceil(scaled - 1e-6) if s.readout == "ceil" else torch.round(scaled)
+        caps = self.group_ranks.to(raw.device, raw.dtype)
+        return torch.minimum(raw.clamp(min=s.rank_floor), caps).long()
 
     def readout(self, name: str) -> list[int]:
         """Rank of every group of a module as read from its alphas (before the physical cut)."""
-        s, layer = self.settings, self.layers[name]
-        scaled = s.r0 * self.gates.of(name).detach().float().cpu()
-        raw = torch.ceil(scaled - 1e-6) if s.readout == "ceil" else torch.round(scaled)
-        caps = torch.tensor(layer.ranks, dtype=raw.dtype)
-        return torch.minimum(raw.clamp(min=s.rank_floor), caps).long().tolist()
+        start, stop = self.gates.spans[name]
+        return self._readout_vector()[start:stop].tolist()
 
     # ------------------------------------------------------------------ parameter budget
     def _check_budget(self) -> None:
@@ -168,16 +162,10 @@ class ARDController(RankController):
 
     def budget_at(self, t: int | None = None) -> int | None:
         """The parameter cap at step ``t`` (None without a budget): cubic from the start to the target."""
-        s = self.settings
-        if s.target_params is None:
+        target = self.settings.target_params
+        if target is None:
             return None
-        schedule = BudgetSchedule(
-            total_steps=self.total_steps,
-            t_init=s.warmup_steps,
-            t_final=self.total_steps - s.final_start,
-            interval=s.resize_every,
-        )
-        return cubic_budget(schedule, self.step if t is None else t, self.start_params, s.target_params)
+        return cubic_budget(self.schedule, self.step if t is None else t, self.start_params, target)
 
     def _cost(self, ranks: dict[str, list[int]]) -> int:
         return prefix_cost(self.layers, ranks)
@@ -188,9 +176,10 @@ class ARDController(RankController):
 
     def _cap_to_budget(self, readouts: dict[str, list[int]], budget: int) -> None:
         """Lower ``readouts`` in place to the budget, lowest-margin tail slots first (ard_budget.py)."""
-        r0 = self.settings.r0
-        scaled = {name: (r0 * self.gates.of(name).detach().float().cpu()).tolist() for name in self.layers}
-        cap_to_budget(self.layers, readouts, scaled, self.settings.rank_floor, budget)
+        scaled = self.gates.split(self.settings.r0 * self.gates.alpha.detach().float().cpu())
+        cap_to_budget(
+            self.layers, readouts, {n: v.tolist() for n, v in scaled.items()}, self.settings.rank_floor, budget
+        )
 
     # ------------------------------------------------------------------ optimizer groups
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -221,91 +210,66 @@ class ARDController(RankController):
 
     # ------------------------------------------------------------------ phases
     def phase(self, step: int | None = None) -> str:
-        t = self.step if step is None else step
-        if t < self.settings.warmup_steps:
-            return "warmup"
-        return "active" if t < self.settings.final_start else "final"
-
-    def _alpha_snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: self.gates.of(name).detach().clone() for name in self.layers}
-
-    @property
-    def lambdas(self) -> dict[str, torch.Tensor]:
-        """lambda_g of every group, by module (the budget's steering factor included)."""
-        scale = self.settings.ard_lambda * self.lambda_scale
-        return {name: price * scale for name, price in self.prices.items()}
-
-    @property
-    def betas(self) -> dict[str, torch.Tensor]:
-        """beta_g, the TV strength of every group, by module."""
-        return {name: price * self.settings.ard_beta for name, price in self.prices.items()}
-
-    def tv_reference(self, name: str) -> torch.Tensor:
-        """alpha(t-1) ('step') or alpha at the last resize ('anchor') of a module's groups."""
-        return (self._previous if self.settings.tv_form == "step" else self._anchor)[name]
+        """Phase of the optimizer step that starts after ``step`` completed steps (default: the current one)."""
+        return self.schedule.phase((self.step if step is None else step) + 1)
 
     # ------------------------------------------------------------------ the step protocol
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Add lambda_g * sign(alpha_g) + 2 beta_g (alpha_g - reference_g) to the alphas' gradients (active phase);
+        """Add lambda_g * sign(alpha_g) + 2 beta_g (alpha_g - reference_g) to the alphas' gradient (active phase);
         then remember alpha(t) as the next step's alpha(t-1)."""
         phase = self.phase()
-        calibrating = phase == "warmup" and self.step >= self.settings.warmup_steps // 2
-        lambdas, betas = (self.lambdas, self.betas) if phase == "active" else ({}, {})
-        for name in self.layers:
-            alpha = self.gates.of(name)
-            if alpha.grad is None:
-                continue
-            if not torch.isfinite(alpha.grad).all():
-                self.warn_once("nonfinite-grad", f"non-finite gradient on the alphas of {name}; step skipped for them.")
-                alpha.grad = None
-                continue
-            if calibrating:
-                self._grad_sums[name] += alpha.grad.detach().abs().float().cpu()
+        alpha = self._home()
+        grad = self.gates.alpha.grad
+        if grad is not None and not bool(torch.isfinite(grad).all()):  # the step's one wait for the device
+            self.warn_once("nonfinite-grad", "non-finite gradient on the alphas; this step leaves them as they are.")
+            grad = self.gates.alpha.grad = None
+        if grad is not None:
+            if phase == "warmup" and self.step >= self.settings.warmup_steps // 2:
+                self.grad_sums += grad.detach().abs().float()
+                self._grad_count += 1
             if phase != "active":
-                alpha.grad = None  # frozen: AdamW skips parameters without a gradient
-                continue
-            value = alpha.detach()
-            l1 = lambdas[name].to(alpha.device, alpha.dtype) * torch.sign(value)
-            tv = 2.0 * betas[name].to(alpha.device, alpha.dtype) * (value - self.tv_reference(name))
-            alpha.grad.add_(l1 + tv)
-        if calibrating:
-            self._grad_count += 1
-        self._previous = self._alpha_snapshot()
+                self.gates.alpha.grad = None  # frozen: AdamW skips parameters without a gradient
+            else:
+                reference = self.previous if self.settings.tv_form == "step" else self.anchor
+                l1 = self._lambda_vector() * torch.sign(alpha)
+                tv = 2.0 * (self.prices * self.settings.ard_beta) * (alpha - reference)
+                grad.add_(l1 + tv)
+        self.previous = alpha.clone()
         for group in optimizer.param_groups:
             if group.get("name") == "ard_alpha":
                 group["lr"] = self.settings.lr_alpha  # owned here: an LR scheduler must not decay it
 
     def skip_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
         """A step the loop skipped moves no alpha: the next step's alpha(t-1) is the current value."""
-        self._previous = self._alpha_snapshot()
+        self.previous = self._home().clone()
         return super().skip_step(optimizer)
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
         self.step += 1
-        s = self.settings
         record = BudgetRecord(step=self.step, phase=self.phase(self.step - 1), budget_unit="params")
         self._project_alphas()
-        if self.step == s.warmup_steps:
+        if self.step == self.settings.warmup_steps:
             self._calibrate(record)
-        in_active = s.warmup_steps < self.step <= s.final_start
-        if in_active:
-            self.motion.track({name: self.readout(name) for name in self.layers})
-        if in_active and ((self.step - s.warmup_steps) % s.resize_every == 0 or self.step == s.final_start):
+        if self.schedule.phase(self.step) == "active":
+            self.motion.track(self._readout_vector())
+        if self.schedule.is_round(self.step, force_end=True):
             self._resize(record)
-            self._check_signatures(record)
+            check_signatures(self, record)
         return self._finish(record)
 
     # ------------------------------------------------------------------ pieces of the step
     @torch.no_grad()
     def _project_alphas(self) -> None:
-        """Keep 0 <= alpha <= capacity / r0 (a rank can only be as large as its physical slots)."""
-        for name, layer in self.layers.items():
-            alpha = self.gates.of(name)
-            if not torch.isfinite(alpha).all():
-                alpha.copy_(self._previous[name])
-                self.warn_once("nonfinite-alpha", f"alphas of {name} became non-finite; restored their last value.")
-            caps = torch.tensor(layer.ranks, device=alpha.device, dtype=alpha.dtype) / self.settings.r0
-            alpha.copy_(torch.minimum(alpha.clamp(min=0.0), caps))
+        """Keep 0 <= alpha <= capacity / r0 (a rank can only be as large as its physical slots); an alpha an update
+        made non-finite goes back to its value before that update."""
+        alpha = self.gates.alpha
+        self._home()
+        finite = torch.isfinite(alpha)
+        if not bool(finite.all()):
+            alpha.copy_(torch.where(finite, alpha, self.previous))
+            bad = [name for name, part in self.gates.split(finite).items() if not bool(part.all())]
+            self.warn_once("nonfinite-alpha", f"alphas of {bad[0]} became non-finite; restored their last value.")
+        alpha.copy_(torch.minimum(alpha.clamp(min=0.0), self.caps))
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Record the task loss of a (micro-)batch; calibrates lambda_mode='relative'.
@@ -342,24 +306,26 @@ class ARDController(RankController):
 
     def _collective_device(self) -> torch.device:
         backend = torch.distributed.get_backend()
-        return next(iter(self.gates.parameters())).device if backend == "nccl" else torch.device("cpu")
+        return self.gates.alpha.device if backend == "nccl" else torch.device("cpu")
 
     def _calibrate(self, record: StepRecord) -> None:
-        """Turn the relative strength into one lambda per group.
+        """Turn the relative strength into a price per group: lambda_g = ard_lambda * p_g, beta_g = ard_beta * p_g.
 
-        'relative': lambda_g = strength * r0 * dL * cost_g / P. A switched-off slot pushes its
-        alpha up with about 2 * r0 * (the loss it carries); dL * cost_g / P is the loss
-        improvement of warm-up shared over the adapter's parameters (P at full rank), priced
-        at the group's cost per rank. So strength 1 keeps a slot when it carries about half
-        its parameter share of what warm-up gained.
-        'gradient': lambda_g = strength * median_g(|dL/dalpha_g| / cost_g) * cost_g, the task
-        gradient on alpha measured over the second half of warm-up (degenerates when warm-up
-        converges: the gradient of an on slot at its optimum is ~0).
+        'relative': p_g = r0 * dL * cost_g / P. A switched-off slot pushes its alpha up with about
+        2 * r0 * (the loss it carries); dL * cost_g / P is the loss improvement of warm-up shared over
+        the adapter's parameters (P at full rank), priced at the group's cost per rank. So strength 1
+        keeps a slot when it carries about half its parameter share of what warm-up gained.
+        'gradient': p_g = median_g(|dL/dalpha_g| / cost_g) * cost_g, the task gradient on alpha
+        measured over the second half of warm-up (degenerates when warm-up converges: the gradient of
+        an on slot at its optimum is ~0).
         """
         mode = self.settings.lambda_mode
         if mode == "absolute":
             return
-        costs = {name: rank_cost(layer) for name, layer in self.layers.items()}
+        per_layer = [rank_cost(layer) for layer in self.layers.values()]
+        costs = torch.tensor(
+            [c for c, layer in zip(per_layer, self.layers.values()) for _ in range(layer.n_groups)], dtype=torch.float64
+        )
         if mode == "relative":
             gained = self._loss_improvement()
             if gained is None:
@@ -371,7 +337,7 @@ class ARDController(RankController):
                 )
                 mode = "gradient"
             else:
-                total = sum(self.settings.r0 * c * self.layers[n].n_groups for n, c in costs.items())
+                total = sum(self.settings.r0 * c * layer.n_groups for c, layer in zip(per_layer, self.layers.values()))
                 unit = self.settings.r0 * max(gained, 0.0) / total
                 if gained <= 0:
                     self.warn_once(
@@ -383,7 +349,7 @@ class ARDController(RankController):
                     mode = "gradient"
         if mode == "gradient":
             count = max(self._grad_count, 1)
-            per_cost = torch.cat([self._grad_sums[n] / count / costs[n] for n in self.layers])
+            per_cost = self.grad_sums.detach().cpu() / count / costs.float()
             unit = float(per_cost.median())
             if unit == 0.0 or not math.isfinite(unit):
                 self.warn_once(
@@ -394,9 +360,9 @@ class ARDController(RankController):
                 )
                 unit = 0.0
         self.unit = unit
-        for name, layer in self.layers.items():
-            self.prices[name] = torch.full((layer.n_groups,), unit * costs[name])
-        self._start_alpha = self._alpha_snapshot()
+        alpha = self.gates.alpha
+        self.prices = torch.tensor([unit * float(c) for c in costs], dtype=alpha.dtype).to(alpha.device)
+        self.start_alpha = alpha.detach().clone()
         if self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None
@@ -407,11 +373,11 @@ class ARDController(RankController):
             record.budget = self.budget_at()
         return super()._finish(record)
 
-    def _resize(self, record: StepRecord) -> None:
+    def _resize(self, record: BudgetRecord) -> None:
         """Cut every group to its read-out rank (and under the budget), carrying the optimizer state of
         the kept slots."""
-        readouts = {name: self.readout(name) for name in self.layers}
-        live = sum(sum(layer.ranks) for layer in self.layers.values())
+        readouts = {name: part.tolist() for name, part in self.gates.split(self._readout_vector().cpu()).items()}
+        live = int(self.group_ranks.sum())
         wanted = sum(sum(r) for r in readouts.values())
         budget = self.budget_at()
         if budget is not None:
@@ -421,88 +387,37 @@ class ARDController(RankController):
         record.cut_by_alpha, record.cut_by_budget = live - wanted, wanted - kept  # ranks, before the collapse guard
         self.cuts["alpha"] += record.cut_by_alpha
         self.cuts["budget"] += record.cut_by_budget
-        if not any(sum(r) for r in readouts.values()):
-            # Nothing would be left to train (and a loss without a graph would crash the loop):
-            # keep the one slot whose alpha is largest and report the collapse.
-            alive = [
-                (float(self.gates.of(n).detach()[g]), n, g)
-                for n, layer in self.layers.items()
-                for g, r in enumerate(layer.ranks)
-                if r > 0
-            ]
-            _, best, group = max(alive)
-            readouts[best][group] = 1
-            self.warn_once(
-                "collapse-all",
-                "rank collapse: every group reached rank 0; one slot is kept. lambda is "
-                f"far too high (ard_lambda={self.settings.ard_lambda:g}): lower it.",
-                record,
-            )
+        if not kept:
+            self._keep_one_slot(readouts, record)
         for name, layer in self.layers.items():
             cut = {g: list(range(k, r)) for g, (k, r) in enumerate(zip(readouts[name], layer.ranks)) if k < r}
             if cut:
                 record.params_removed += layer.remove_slots(cut, optimizer=self.optimizers)
                 record.resized = True
+        self._layout_changed()
         self._project_alphas()
-        self._anchor = self._alpha_snapshot()
+        self.anchor = self.gates.alpha.detach().clone()
         if self.step >= self.settings.final_start:
             # Ranks are fixed from here on: every physical slot is on, A and B fine-tune.
             for layer in self.layers.values():
                 layer.set_gate(None)
 
-    # ------------------------------------------------------------------ failure signatures
-    def _check_signatures(self, record: StepRecord) -> None:
-        s = self.settings
-        progress = (self.step - s.warmup_steps) / max(1, s.final_start - s.warmup_steps)
-        ranks = [r for name in self.layers for r in self.layers[name].ranks]
-        n = max(1, len(ranks))
-        at_floor = sum(r <= s.rank_floor for r in ranks) / n
-        budgeted = s.target_params is not None  # the budget, not lambda, sets the size: no collapse/explosion
-        if not budgeted and progress <= 0.5 and at_floor >= COLLAPSE_FRACTION:
-            self.warn_once(
-                "collapse",
-                f"rank collapse: {at_floor:.0%} of groups at the floor ({s.rank_floor}) after "
-                f"{progress:.0%} of the active phase; lambda is too high (ard_lambda={s.ard_lambda:g}): "
-                "lower it.",
-                record,
-            )
-        pinned = 0
-        for name, layer in self.layers.items():
-            scaled = self.gates.of(name).detach().cpu() * s.r0
-            full = torch.tensor(layer.ranks) >= s.r0  # never cut and ...
-            pinned += int((full & (scaled > s.r0 - 0.5)).sum())  # ... its top slot still switched on
-        pinned /= n
-        if not budgeted and progress >= 0.5 and pinned >= EXPLOSION_FRACTION:
-            self.warn_once(
-                "explosion",
-                f"rank explosion: {pinned:.0%} of groups pinned at their capacity and pushing up after "
-                f"{progress:.0%} of the active phase; lambda is too low (ard_lambda={s.ard_lambda:g}) or "
-                "r too small: raise ard_lambda or r.",
-                record,
-            )
-        moved = max(float((self.gates.of(n_).detach() - self._start_alpha[n_]).abs().max()) for n_ in self.layers)
-        if progress >= 0.5 and moved * s.r0 < 1.0:
-            self.warn_once(
-                "frozen",
-                f"alpha has not moved one rank step after {progress:.0%} of the active phase "
-                f"(max change {moved:.2g}); lr_alpha={s.lr_alpha:g} is too small for this run: raise it "
-                "or leave lr_alpha=None.",
-                record,
-            )
-        flips = self.motion.reversing_fraction()
-        if flips >= OSCILLATION_FRACTION:
-            self.warn_once(
-                "oscillation",
-                f"oscillating ranks: {flips:.0%} of groups changed direction twice or more across "
-                f"resizes; "
-                + (
-                    "use mask='hard' (measured: no oscillation with the hard mask), or raise ard_beta by orders of "
-                    f"magnitude (now {s.ard_beta:g})."
-                    if s.mask == "soft"
-                    else f"raise ard_beta (now {s.ard_beta:g}) or lower lr_alpha."
-                ),
-                record,
-            )
+    def _keep_one_slot(self, readouts: dict[str, list[int]], record: StepRecord) -> None:
+        """Nothing would be left to train (and a loss without a graph would crash the loop): keep the one slot
+        whose alpha is largest and report the collapse."""
+        alpha = self.gates.alpha.detach().float().cpu().tolist()
+        ranks = self.group_ranks.tolist()
+        alive = [
+            (alpha[i], n, i - self.gates.spans[n][0]) for n, (a, b) in self.gates.spans.items() for i in range(a, b)
+        ]
+        _, best, group = max(entry for entry, r in zip(alive, ranks) if r > 0)
+        readouts[best][group] = 1
+        self.warn_once(
+            "collapse-all",
+            "rank collapse: every group reached rank 0; one slot is kept. lambda is "
+            f"far too high (ard_lambda={self.settings.ard_lambda:g}): lower it.",
+            record,
+        )
 
     @property
     def rank_changes(self) -> int:
@@ -514,14 +429,14 @@ class ARDController(RankController):
         state = super().state_dict()
         state.update(
             {
-                "prices": {k: v.tolist() for k, v in self.prices.items()},
-                "grad_sums": {k: v.tolist() for k, v in self._grad_sums.items()},
+                "prices": self.prices.tolist(),
+                "grad_sums": self.grad_sums.tolist(),
                 "grad_count": self._grad_count,
                 "losses": self._losses,
                 "unit": self.unit,
-                "previous": {k: v.tolist() for k, v in self._previous.items()},
-                "anchor": {k: v.tolist() for k, v in self._anchor.items()},
-                "start_alpha": {k: v.tolist() for k, v in self._start_alpha.items()},
+                "previous": self.previous.tolist(),
+                "anchor": self.anchor.tolist(),
+                "start_alpha": self.start_alpha.tolist(),
                 **self.motion.state_dict(),
                 "lambda_scale": self.lambda_scale,
                 "start_params": self.start_params,
@@ -533,23 +448,25 @@ class ARDController(RankController):
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (the alphas themselves are model parameters)."""
         super().load_state_dict(state)
+        alpha = self.gates.alpha
 
-        def tensors(key: str) -> dict[str, torch.Tensor]:
-            return {k: torch.tensor(v, dtype=torch.float32) for k, v in state[key].items()}
+        def vector(key: str, dtype: torch.dtype = alpha.dtype) -> torch.Tensor:
+            value = torch.tensor(state[key], dtype=dtype)
+            if value.shape != alpha.shape:
+                raise ValueError(f"controller state {key!r} has {value.numel()} groups, the model {alpha.numel()}.")
+            return value.to(alpha.device)
 
-        device = next(iter(self.gates.parameters())).device
-        self.prices = tensors("prices")
-        self._grad_sums = tensors("grad_sums")
+        self.prices = vector("prices")
+        self.grad_sums = vector("grad_sums", torch.float32)
         self._grad_count = int(state["grad_count"])
         self._losses = [(int(t), float(v)) for t, v in state["losses"]]
         self.unit = state["unit"]
-        self._previous = {k: v.to(device) for k, v in tensors("previous").items()}
-        self._anchor = {k: v.to(device) for k, v in tensors("anchor").items()}
-        self._start_alpha = {k: v.to(device) for k, v in tensors("start_alpha").items()}
+        self.previous, self.anchor, self.start_alpha = vector("previous"), vector("anchor"), vector("start_alpha")
         self.motion.load_state_dict(state)
         self.lambda_scale = float(state.get("lambda_scale", 1.0))
-        self.cuts = {"alpha": 0, "budget": 0, **state.get("cuts", {})}
         self.start_params = int(state.get("start_params", self.start_params))
+        self.cuts = {"alpha": 0, "budget": 0, **state.get("cuts", {})}
+        self._layout_changed()
         if self.step >= self.settings.warmup_steps and self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .schedules import ROUNDS_WHEN_UNSET, BudgetSchedule
+
 PAPER = {
     "ard_lambda": 0.01,
     "lambda_mode": "absolute",
@@ -38,10 +40,21 @@ class ARDSettings:
     mask: str
     readout: str
     rank_floor: int
-    warmup_steps: int
-    final_start: int
-    resize_every: int
+    schedule: BudgetSchedule  # warm-up = t_init, the final phase = t_final, resizes every ``interval`` steps
     target_params: int | None = None
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.schedule.t_init
+
+    @property
+    def final_start(self) -> int:
+        """T - t_final: the step of the last resize; ranks are fixed after it."""
+        return self.schedule.end
+
+    @property
+    def resize_every(self) -> int:
+        return self.schedule.interval
 
     @classmethod
     def resolve(cls, config, total_steps: int) -> ARDSettings:
@@ -82,12 +95,6 @@ class ARDSettings:
             values["ard_beta"] = DEFAULT_BETA[values["lambda_mode"]]
         if values["lr_alpha"] is None:
             values["lr_alpha"] = config.alpha_travel / active
-        resize_every = config.resize_every or max(1, active // 20)
-        return cls(
-            r0=config.r,
-            warmup_steps=warmup,
-            final_start=final_start,
-            resize_every=resize_every,
-            target_params=config.target_params,
-            **values,
-        )
+        interval = config.resize_every or max(1, active // ROUNDS_WHEN_UNSET)
+        schedule = BudgetSchedule(total_steps, t_init=warmup, t_final=total_steps - final_start, interval=interval)
+        return cls(r0=config.r, schedule=schedule, target_params=config.target_params, **values)

@@ -81,6 +81,7 @@ class RankController:
         self.optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list = []
         self._warned: set[str] = set()
+        self._sizes: tuple[int, dict] | None = None  # (layout version, cached sizes): read-outs of every step
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer
@@ -138,7 +139,7 @@ class RankController:
 
     def _finish(self, record: StepRecord) -> StepRecord:
         record.total_rank = self.total_rank()
-        record.trainable_parameters = count_trainable(self.model)
+        record.trainable_parameters = self.trainable_parameters()
         if record.resized or (self.total_steps is not None and self.step == self.total_steps):
             self.record_ranks()
         self.records.append(record)
@@ -149,15 +150,36 @@ class RankController:
         """Current rank of every group, by module."""
         return {name: layer.ranks for name, layer in self.layers.items()}
 
+    def _cached(self) -> dict:
+        """Sizes that change only when a layer's layout does (read at every step: computed once per layout).
+
+        The version is the sum of the layers' layout versions, which only ever grow."""
+        version = sum(layer.layout_version for layer in self.layers.values())
+        if self._sizes is None or self._sizes[0] != version:
+            self._sizes = (
+                version,
+                {
+                    "total_rank": sum(sum(layer.ranks) for layer in self.layers.values()),
+                    "adapter_parameters": sum(layer.num_adapter_parameters() for layer in self.layers.values()),
+                    "trainable_parameters": count_trainable(self.model),
+                },
+            )
+        return self._sizes[1]
+
+    def forget_sizes(self) -> None:
+        """Drop the cached sizes: call after changing the model's trainable parameters without a resize."""
+        self._sizes = None
+
     def total_rank(self) -> int:
-        return sum(sum(r) for r in self.ranks().values())
+        return self._cached()["total_rank"]
 
     def adapter_parameters(self) -> int:
         """A and B parameters of every adapted module (what an export costs; no task head, no gates)."""
-        return sum(layer.num_adapter_parameters() for layer in self.layers.values())
+        return self._cached()["adapter_parameters"]
 
     def trainable_parameters(self) -> int:
-        return count_trainable(self.model)
+        """Trainable parameters of the model (adapters, task head, the controller's own), as of the last resize."""
+        return self._cached()["trainable_parameters"]
 
     def held_bytes(self) -> int:
         """Bytes of tensors the controller keeps beside the model and the optimizer (importance scores); none here."""

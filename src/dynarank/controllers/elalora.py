@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from ..layer import ElasticLoRALinear
-from .adalora import Plan, SVDController
 from .base import BudgetRecord
 from .schedules import cubic_budget, cubic_changes
+from .svd import Plan, SVDController
 
 NEW_RANK_VALUE = 1e-13  # E of an expanded rank: the function is unchanged to ~1e-13
 

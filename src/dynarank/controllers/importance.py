@@ -45,6 +45,11 @@ class _StateCarrier(torch.optim.Optimizer):
 class ImportanceEMA:
     """Sensitivity and uncertainty moving averages of every element of the tracked parameters.
 
+    The EMAs of all parameters live in two flat buffers, and each parameter's state (in ``carrier``)
+    is a view into them: a step is a handful of operations over every element at once. A resize
+    re-indexes a parameter's state into a tensor of its own (``invalidate``); the next update packs
+    the buffers again.
+
     Args:
         params: parameters to score (A, B and E of every adapted module).
         beta1: EMA factor of the sensitivity (0.85 in AdaLoRA and ElaLoRA).
@@ -54,6 +59,7 @@ class ImportanceEMA:
     def __init__(self, params: Iterable[nn.Parameter], beta1: float = 0.85, beta2: float = 0.85) -> None:
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.carrier = _StateCarrier(list(params))
+        self._packed: tuple[list[nn.Parameter], torch.Tensor, torch.Tensor] | None = None
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -71,13 +77,56 @@ class ImportanceEMA:
                 self.carrier.state.pop(p, None)
         self.carrier.param_groups[0]["params"] = list(params)
         del self.carrier.param_groups[1:]
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """The states were re-indexed or replaced one by one: pack them again at the next update."""
+        self._packed = None
+
+    def _pack(self, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat (sensitivity, uncertainty) buffers over ``params``, each parameter's state a view into them."""
+        if self._packed is not None and len(self._packed[0]) == len(params):
+            if all(a is b for a, b in zip(self._packed[0], params)):
+                return self._packed[1], self._packed[2]
+        buffers = []
+        for key in ("sensitivity", "uncertainty"):
+            parts = [self.carrier.state[p].get(key, torch.zeros_like(p)).reshape(-1) for p in params]
+            buffers.append(torch.cat(parts))
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self.carrier.state[p] = {
+                "sensitivity": buffers[0][offset : offset + n].view_as(p),
+                "uncertainty": buffers[1][offset : offset + n].view_as(p),
+            }
+            offset += n
+        self._packed = (list(params), buffers[0], buffers[1])
+        return buffers[0], buffers[1]
 
     @torch.no_grad()
     def update(self) -> list[nn.Parameter]:
         """One EMA step from the current weights and gradients; returns the parameters skipped
-        (no gradient, or a non-finite one)."""
+        (no gradient, or a non-finite one). One wait for the device, to learn whether every gradient
+        is finite; the per-parameter path runs only when one is not, or one has no gradient."""
+        params = [p for p in self.params if p.numel()]
+        if not params:
+            return []
+        if any(p.grad is None for p in params):
+            return self._update_each(params)
+        grads = torch.cat([p.grad.reshape(-1) for p in params])
+        if not bool(grads.isfinite().all()):
+            return self._update_each(params)
+        ibar, ubar = self._pack(params)
+        sensitivity = (torch.cat([p.detach().reshape(-1) for p in params]) * grads).abs_()  # I = |w * g|
+        ibar.mul_(self.beta1).add_(sensitivity, alpha=1.0 - self.beta1)  # Ibar = b1 Ibar + (1 - b1) I
+        spread = (sensitivity - ibar).abs_()  # |I - Ibar|, with the new Ibar
+        ubar.mul_(self.beta2).add_(spread, alpha=1.0 - self.beta2)  # Ubar = b2 Ubar + (1 - b2) |I - Ibar|
+        return []
+
+    def _update_each(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The same update parameter by parameter, skipping those without a finite gradient."""
         skipped = []
-        for p in self.params:
+        for p in params:
             if p.grad is None or not torch.isfinite(p.grad).all():
                 skipped.append(p)
                 continue
@@ -100,6 +149,7 @@ class ImportanceEMA:
 
     def set_state(self, p: nn.Parameter, sensitivity: torch.Tensor, uncertainty: torch.Tensor) -> None:
         """Overwrite the EMAs of ``p`` (tests and checkpoint restores)."""
+        self.invalidate()
         self.carrier.state[p] = {
             "sensitivity": sensitivity.detach().to(p).clone(),
             "uncertainty": uncertainty.detach().to(p).clone(),
@@ -108,6 +158,7 @@ class ImportanceEMA:
     def clear(self) -> None:
         """Drop every EMA (frees their memory once ranks are final)."""
         self.carrier.state.clear()
+        self.invalidate()
 
 
 def triplet_scores(

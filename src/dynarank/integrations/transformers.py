@@ -53,7 +53,7 @@ from .. import checkpoint
 from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
 from ..controllers import ARDController, RankController, build_controller, prepare_parameters
-from ..controllers.adalora import SVD_ATTR, values_key
+from ..controllers.svd import SVD_ATTR
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..loop import nonfinite_gradients
 from ..report import split_name
@@ -147,7 +147,7 @@ class DynaRankCallback(TrainerCallback):
         self._sync: ResizedGradientSync | None = None  # under DDP, from on_train_begin
         self._synced_at: int | None = None  # the controller step whose gradients were last averaged
         self._order_warned = False
-        self._best_values: dict[str, torch.Tensor] | None = None  # E read while the best checkpoint loads
+        self._best_values: dict[str, torch.Tensor] | None = None  # E (one vector) read while the best checkpoint loads
         previous = _LOAD_CHECKS.pop(model, None)
         if previous is not None:  # the model's previous callback: this one takes over its check
             previous.remove()
@@ -265,15 +265,16 @@ class DynaRankCallback(TrainerCallback):
         """After the best checkpoint's weights are loaded: the gate it computed with, where the run has dropped
         its own since, goes into the group side, so the layers compute what the checkpoint computed."""
         layers = elastic_layers(self.model)
-        for name, layer in layers.items():  # ElaLoRA / AdaLoRA's E, when the run has folded its own
-            e = values.get(values_key(name))
-            if e is not None:
-                layer.group_weight.mul_(e.to(layer.group_weight).unsqueeze(0))
+        flat, offset = values.get("values"), 0  # ElaLoRA / AdaLoRA's E, when the run has folded its own
+        for layer in layers.values() if flat is not None else ():
+            width = layer.group_weight.shape[1]  # E runs over the modules in order, T entries each
+            layer.group_weight.mul_(flat[offset : offset + width].to(layer.group_weight).unsqueeze(0))
+            offset += width
         ard = self.controller
         if isinstance(ard, ARDController) and saved["step"] < ard.settings.final_start <= ard.step:
             # The checkpoint was masked by its alphas (now loaded); the run's final phase has no mask any more.
             for name, layer in layers.items():
-                layer.set_gate(ard.mask_gate(ard.gates.of(name)))
+                layer.set_gate(ard.mask_gate(name))
                 folded = layer.gated_group_weight()
                 layer.set_gate(None)
                 layer.group_weight.copy_(folded)
@@ -305,9 +306,9 @@ class DynaRankCallback(TrainerCallback):
         """Weights of a dynarank training state loaded before install(), or into layers of another layout: say how
         to resume (not 'size mismatch', nor a silent restart of the controller)."""
         if self._best_values is not None:  # E of a run that has folded its own: kept to fold into the loaded weights
-            svd = f"{prefix}{SVD_ATTR}.values."
-            for key in [k for k in state_dict if k.startswith(svd)]:
-                self._best_values[key[len(svd) :]] = state_dict.pop(key)
+            key = f"{prefix}{SVD_ATTR}.values"
+            if key in state_dict:
+                self._best_values["values"] = state_dict.pop(key)
         if self.trainer is None and self.controller is None:
             controller_keys = [
                 k for k in state_dict if k.startswith((f"{prefix}dynarank_ard.", f"{prefix}dynarank_svd."))

@@ -1,0 +1,83 @@
+"""ARD-LoRA's alphas and the rank mask they give each adapted module.
+
+Every rank group of the model (a head, or a whole matrix) has one alpha; all of them live in ONE
+(N,) parameter, module ``name`` owning ``alpha[start:stop]``. So the optimizer holds one tensor, and
+the per-step work of the controller (regulariser, projection, snapshots, read-outs) is a few
+vector operations whatever the number of modules.
+
+Per group g with base rank r0 and slots j = 0..r_g-1:
+
+    x_gj   = r0 * alpha_g - j
+    soft   = clamp(x_gj, 0, 1)                      # the differentiable mask
+    hard   = [x_gj > 1/2]; slots j < floor always on
+    m_gj   = hard + soft - stop_grad(soft)          # mask='hard': straight-through
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..layer import ElasticLoRALinear
+
+ARD_ATTR = "dynarank_ard"  # the model's submodule holding the alphas
+
+
+class ARDGates(nn.Module):
+    """The alphas of every group of every adapted module, as one vector; a submodule of the model so that
+    ``.to(device)`` and distributed wrappers see it."""
+
+    def __init__(self, layers: dict[str, ElasticLoRALinear]) -> None:
+        super().__init__()
+        self.spans: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, layer in layers.items():
+            self.spans[name] = (start, start + layer.n_groups)
+            start += layer.n_groups
+        first = next(iter(layers.values()))
+        self.alpha = nn.Parameter(torch.ones(start, device=first.shared_weight.device, dtype=first.shared_weight.dtype))
+
+    def of(self, name: str) -> torch.Tensor:
+        """Module ``name``'s alphas: a (G,) view of the vector (write to it under ``torch.no_grad()``)."""
+        start, stop = self.spans[name]
+        return self.alpha[start:stop]
+
+    def grad_of(self, name: str) -> torch.Tensor | None:
+        """Module ``name``'s part of the alphas' gradient (None before a backward pass)."""
+        if self.alpha.grad is None:
+            return None
+        start, stop = self.spans[name]
+        return self.alpha.grad[start:stop]
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A (N,) tensor laid out like the alphas, as one (G,) piece per module."""
+        return {name: flat[start:stop] for name, (start, stop) in self.spans.items()}
+
+
+def mask_gate(
+    gates: ARDGates, name: str, r0: int, rank_floor: int, soft_only: bool
+) -> Callable[[ElasticLoRALinear], torch.Tensor]:
+    """The gate of one module: its groups' rank masks (G, r_max) from their alphas (hard with the clamp's
+    gradient, or the soft clamp itself). The alphas are read at every call: the gate follows their updates."""
+
+    def gate(layer: ElasticLoRALinear) -> torch.Tensor:
+        alpha = gates.of(name)
+        j = torch.arange(layer.max_rank, device=alpha.device, dtype=alpha.dtype)
+        x = r0 * alpha.unsqueeze(1) - j  # (G, r_max)
+        floor = j < rank_floor
+        soft = torch.where(floor, torch.ones_like(x), x.clamp(0.0, 1.0))
+        if soft_only:
+            return soft
+        hard = (floor | (x > 0.5)).to(x.dtype)
+        return hard + soft - soft.detach()
+
+    return gate
+
+
+def rank_cost(layer: ElasticLoRALinear) -> float:
+    """Parameters one rank of one group costs (the l1 price of that group's alpha, per r0 unit)."""
+    if layer.layout == "shared":
+        return layer.group_size + layer.other_dim / layer.n_groups
+    return layer.group_size + layer.other_dim

@@ -1,0 +1,442 @@
+"""The SVD form ElaLoRA and AdaLoRA share: E as the gate, the orthogonality penalty, importance scores,
+physical resizing with every state carried.
+
+Per rank group g (an attention head, or the whole matrix) the update is AdaLoRA's SVD form
+
+    delta_g(x) = scaling * P_g diag(E_g) Q_g x        scaling = lora_alpha / r (never changes)
+
+with P = the layer's B side, Q = its A side (stored as docs/architecture.md says) and E a
+controller-owned vector, supplied to the layer as its gate (the gate multiplies each slot:
+exactly diag(E)). A fresh adapter starts as both papers' code: P, Q ~ N(0, 0.02), E = 0.
+
+``ortho_weight * dR/dw`` of the orthogonality penalty R (orthogonality.py) is added to the gradients
+in the optimizer's pre-step hook: once per optimizer step, whatever computed the loss (PEFT adds R
+inside ``forward`` and silently skips it when the loss is computed outside the model). Importance
+scores: importance.py. The methods' rounds: adalora.py, elalora.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layer import ElasticLoRALinear
+from ..optim_state import reindex_parameter
+from .base import BudgetRecord, RankController, StepRecord
+from .importance import ImportanceEMA, triplet_scores
+from .orthogonality import add_orthogonality_gradient
+from .schedules import BudgetSchedule
+
+INIT_STD = 0.02  # P, Q ~ N(0, 0.02) (AdaLoRA / ElaLoRA)
+SVD_ATTR = "dynarank_svd"
+
+Plan = dict[str, dict[int, list[int]]]  # module -> group -> rank positions
+
+
+class SVDValues(nn.Module):
+    """E of every adapted module, as ONE vector (one optimizer parameter, one score state): module ``name``
+    owns ``values[start:stop]``, aligned with its layer's packed group-side columns (T of them).
+
+    A submodule of the model (``model.dynarank_svd``) so that ``.to()`` and distributed wrappers
+    see it. Creating it initialises fresh adapters as AdaLoRA does (P, Q ~ N(0, 0.02), E = 0); an
+    adapter that already carries an update (a loaded one) keeps it, with E = 1.
+    """
+
+    def __init__(self, layers: dict[str, ElasticLoRALinear], generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        parts = []
+        for layer in layers.values():
+            fresh = init_svd_factors(layer, generator)
+            w = layer.group_weight
+            parts.append(torch.full((w.shape[1],), 0.0 if fresh else 1.0, dtype=w.dtype, device=w.device))
+        self.values = nn.Parameter(torch.cat(parts))
+        self.respan(layers)
+
+    def respan(self, layers: dict[str, ElasticLoRALinear]) -> None:
+        """Recompute every module's span from its layer's current width (after a resize)."""
+        self.spans: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, layer in layers.items():
+            self.spans[name] = (start, start + layer.group_weight.shape[1])
+            start += layer.group_weight.shape[1]
+
+    def of(self, name: str) -> torch.Tensor:
+        """Module ``name``'s E: a (T,) view of the vector."""
+        start, stop = self.spans[name]
+        return self.values[start:stop]
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A tensor laid out like E, as one piece per module."""
+        return {name: flat[start:stop] for name, (start, stop) in self.spans.items()}
+
+    def match_layout(self, layers: dict[str, ElasticLoRALinear]) -> None:
+        """Give E the size of the layers' current rank layout (values zero; a restore fills them).
+
+        For code that reshapes layers outside the controller (``set_slots`` when restoring a checkpoint).
+        """
+        total = sum(layer.group_weight.shape[1] for layer in layers.values())
+        if self.values.shape[0] != total:
+            self.values = nn.Parameter(self.values.new_zeros(total), requires_grad=self.values.requires_grad)
+        self.respan(layers)
+
+
+@torch.no_grad()
+def init_svd_factors(layer: ElasticLoRALinear, generator: torch.Generator | None = None) -> bool:
+    """Draw P and Q from N(0, 0.02) if the adapter is fresh (its B side is zero); returns whether it was."""
+    b_side = layer.group_weight if layer.split == "rows" else layer.shared_weight
+    if b_side.numel() and bool(b_side.any()):
+        return False
+    for p in layer.adapter_parameters():
+        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype) * INIT_STD
+        p.copy_(noise.to(p.device))
+    return True
+
+
+def ensure_svd_values(model: nn.Module, layers: dict[str, ElasticLoRALinear], seed: int | None) -> SVDValues:
+    """``model.dynarank_svd``, created (and the adapters initialised) on the first call."""
+    values = getattr(model, SVD_ATTR, None)
+    if values is None:
+        generator = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+        values = SVDValues(layers, generator)
+        model.add_module(SVD_ATTR, values)
+    return values
+
+
+class SVDController(RankController):
+    """What ElaLoRA and AdaLoRA share: E as the gate, the penalty, the scores, physical resizing.
+
+    Args:
+        model: a model returned by ``dynarank.attach`` with method 'elalora' or 'adalora'.
+        total_steps: optimizer steps of the run (required: the schedule is placed in it).
+    """
+
+    method_name = "SVD"
+    force_end_round = False  # a round at T - t_final even when the interval does not fall there
+    need_interior_round = True  # refuse an interval longer than the budgeting phase
+    new_rank_value = 0.0  # E of an appended rank
+
+    def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
+        super().__init__(model, total_steps)
+        c = self.config
+        self.schedule = BudgetSchedule.resolve(
+            total_steps,
+            warmup_frac=c.warmup_frac,
+            final_frac=c.final_frac,
+            t_init_steps=c.t_init_steps,
+            t_final_steps=c.t_final_steps,
+            interval=c.resize_every,
+            method=self.method_name,
+            need_interior_round=self.need_interior_round,
+        )
+        self.budget_unit = "params" if c.target_params is not None else "rank"
+        self.start_budget = self.budget_used()
+        self.target_budget = self._resolve_target()  # validated before the model is touched
+        self.values = ensure_svd_values(model, self.layers, c.seed)
+        self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
+        self.forget_sizes()  # E are trainable parameters of the model now
+        for name, layer in self.layers.items():
+            layer.set_gate(self._make_gate(name))
+        self.importance = ImportanceEMA(self._scored_parameters(), c.importance_beta1, c.importance_beta2)
+        self.finalized = False
+        self.rank_changes = 0  # ranks pruned plus ranks added, over the run
+        self._last_penalty: torch.Tensor | None = None
+        self.generator = torch.Generator().manual_seed(c.seed + 2) if c.seed is not None else None
+
+    def _scored_parameters(self) -> list[nn.Parameter]:
+        """A and B of every module, in a fixed order, then E (one vector for all modules)."""
+        return [p for layer in self.layers.values() for p in layer.adapter_parameters()] + [self.values.values]
+
+    # ------------------------------------------------------------------ E as the layer's gate
+    def _make_gate(self, name: str):
+        values = self.values
+
+        def gate(layer: ElasticLoRALinear) -> torch.Tensor:
+            e = values.of(name)  # (T,) one value per packed column
+            return F.pad(e, (0, 1))[layer.column_index]  # (G, r_max); padded slots read a zero
+
+        return gate
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if id(self.values.values) not in held:
+            raise ValueError(
+                f"the optimizer does not hold {self.method_name}'s singular values E (model.{SVD_ATTR}): build it "
+                "after dynarank.prepare_parameters(model) / DynaRankCallback(model), or with "
+                "controller.build_optimizer()."
+            )
+        super().bind(optimizer)
+
+    # ------------------------------------------------------------------ budgets
+    def budget_used(self) -> int:
+        """Current size in the budget's unit (total rank, or A and B parameters)."""
+        return self.adapter_parameters() if self.budget_unit == "params" else self.total_rank()
+
+    def _resolve_target(self) -> int:
+        """The final budget in ``budget_unit`` (validated against the start)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the step protocol
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Add ``ortho_weight * dR/dw`` to the gradients of A and B (once per optimizer step)."""
+        weight = self.config.ortho_weight
+        if self.finalized or weight == 0:
+            return
+        penalty = add_orthogonality_gradient(self.layers.values(), weight)
+        if penalty is not None:
+            self._last_penalty = penalty
+
+    @property
+    def last_penalty(self) -> float | None:
+        """R at the last step (read from the device only when asked for)."""
+        return None if self._last_penalty is None else float(self._last_penalty)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
+        """Scores (t < T - t_final), a round when the schedule says so, E folded at the last step."""
+        self.step += 1
+        t = self.step
+        record = BudgetRecord(step=t, phase=self.schedule.phase(t), budget_unit=self.budget_unit)
+        if not self.finalized:
+            if t < self.schedule.end:
+                self.importance.track(self._scored_parameters())  # layers reshaped elsewhere (a restore)
+                skipped = self.importance.update()
+                if any(p.grad is not None for p in skipped):
+                    self.warn_once(
+                        "nonfinite-grad", "non-finite gradients on the adapters; their scores skip this step.", record
+                    )
+            if self.schedule.is_round(t, force_end=self.force_end_round):
+                self.reallocate_round(t, record)
+            if t >= self.schedule.end:
+                self.importance.clear()  # ranks are final: the scores' memory is freed
+            if self.total_steps is not None and t >= self.total_steps:
+                self.finalize()
+        return self._finish(record)
+
+    def reallocate_round(self, t: int, record: BudgetRecord) -> None:
+        """One round of the method at step ``t``."""
+        raise NotImplementedError
+
+    def _finish(self, record: StepRecord) -> StepRecord:
+        if isinstance(record, BudgetRecord):
+            record.adapter_parameters = self.adapter_parameters()
+            if record.budget is None:
+                record.budget = self.budget_at(record.step)
+        return super()._finish(record)
+
+    def budget_at(self, t: int) -> int:
+        """The budget in force at step ``t``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ scores and pruning
+    def triplet_scores(self) -> dict[str, list[torch.Tensor]]:
+        """Score of every rank, by module and group (importance.triplet_scores)."""
+        score = self.importance.score
+        values = self.values.split(score(self.values.values))
+        return {
+            name: triplet_scores(layer, score(layer.shared_weight), score(layer.group_weight), values[name])
+            for name, layer in self.layers.items()
+        }
+
+    def prune_to_budget(self, t: int, record: BudgetRecord, floor: int | None = None) -> None:
+        """Remove the lowest-scoring ranks until ``budget_at(t)`` holds (no group below ``floor``)."""
+        record.budget = self.budget_at(t)
+        excess = self.budget_used() - record.budget
+        if excess > 0:
+            self.apply_plan(self.plan_pruning(self.triplet_scores(), excess, floor), {}, record)
+
+    def plan_pruning(self, scores: dict[str, list[torch.Tensor]], excess: int, floor: int | None = None) -> Plan:
+        """The lowest-scoring ranks whose removal frees at least ``excess`` (ranks or parameters).
+
+        No group goes below ``floor`` (default ``rank_floor``), and the model keeps at least one rank.
+        """
+        floor = self.config.rank_floor if floor is None else floor
+        order = list(self.layers)
+        ranked = sorted(
+            (float(v), order.index(name), g, j)
+            for name, groups in scores.items()
+            for g, s in enumerate(groups)
+            for j, v in enumerate(s.tolist())
+        )
+        ranks = {name: layer.ranks for name, layer in self.layers.items()}
+        usage = {name: _slot_usage(layer) for name, layer in self.layers.items()}
+        plan: Plan = {}
+        freed, left = 0, self.total_rank()
+        for _, i, g, j in ranked:
+            if freed >= excess or left <= 1:
+                break
+            name = order[i]
+            layer = self.layers[name]
+            if ranks[name][g] <= floor:
+                continue
+            slot = layer.slots[g][j]
+            usage[name][slot] -= 1
+            cost = layer.group_size + (layer.other_dim if usage[name][slot] == 0 else 0)
+            freed += cost if self.budget_unit == "params" else 1
+            ranks[name][g] -= 1
+            left -= 1
+            plan.setdefault(name, {}).setdefault(g, []).append(j)
+        return plan
+
+    # ------------------------------------------------------------------ physical resizing
+    def _carried(self) -> list[torch.optim.Optimizer]:
+        """Everything whose per-element state follows a resize: the optimizers and the score EMAs."""
+        return [*self.optimizers, self.importance.carrier]
+
+    def apply_plan(self, prune: Plan, grow: dict[str, dict[int, int]], record: BudgetRecord) -> dict:
+        """Remove ``prune`` positions, then append ``grow`` ranks; E and every state follow.
+
+        Returns {module: [(group, position), ...]} of the appended ranks (after the removal).
+        """
+        added: dict[str, list[tuple[int, int]]] = {}
+        sources: list[torch.Tensor] = []  # where each module's new E entries come from, in its old numbering
+        offset = fresh = 0  # the module's first entry in the old E; how many entries are appended so far
+        total = self.values.values.shape[0]
+        for name, layer in self.layers.items():
+            width = layer.group_weight.shape[1]
+            source = torch.arange(width)
+            positions = {g: js for g, js in prune.get(name, {}).items() if js}
+            if positions:
+                source = source[self._kept_columns(layer, positions)]
+                record.params_removed += layer.remove_slots(positions, optimizer=self._carried())
+                record.pruned += sum(len(js) for js in positions.values())
+            counts = {g: n for g, n in grow.get(name, {}).items() if n > 0}
+            if counts:
+                source, new = self._grown_columns(layer, counts, source, total - offset + fresh)
+                fresh += new
+                record.params_added += layer.add_slots(counts, optimizer=self._carried(), generator=self.generator)
+                record.expanded += sum(counts.values())
+                old = [r - counts.get(g, 0) for g, r in enumerate(layer.ranks)]
+                added[name] = [(g, j) for g in sorted(counts) for j in range(old[g], old[g] + counts[g])]
+            sources.append(source + offset)
+            offset += width
+        if record.pruned or record.expanded:
+            e = self.values.values
+            fill = torch.full((fresh,), self.new_rank_value, dtype=e.dtype) if fresh else None
+            self.values.values = reindex_parameter(e, 0, torch.cat(sources), fill, optimizer=self._carried())
+            self.values.respan(self.layers)
+            self.importance.invalidate()
+            record.resized = True
+            self.rank_changes += record.pruned + record.expanded
+            if self.config.reset_optimizer_on_resize:
+                for opt in self.optimizers:  # as the authors' code, which rebuilds its optimizer
+                    opt.state.clear()
+        return added
+
+    @staticmethod
+    def _kept_columns(layer: ElasticLoRALinear, positions: dict[int, list[int]]) -> torch.Tensor:
+        """Packed group-side columns that survive removing ``positions`` (in order)."""
+        kept, offset = [], 0
+        for g, r in enumerate(layer.ranks):
+            drop = set(positions.get(g, ()))
+            kept.extend(offset + j for j in range(r) if j not in drop)
+            offset += r
+        return torch.tensor(kept, dtype=torch.long)
+
+    @staticmethod
+    def _grown_columns(
+        layer: ElasticLoRALinear, counts: dict[int, int], source: torch.Tensor, appended_at: int
+    ) -> tuple[torch.Tensor, int]:
+        """``source`` after appending ``counts[g]`` columns to group g (add_slots appends each group's new
+        columns after its own); a new column points past the old E (``appended_at`` relative to this module's
+        start, counting the entries appended for earlier modules). Returns (source, columns appended)."""
+        out, offset, new = [], 0, 0
+        for g, r in enumerate(layer.ranks):  # ranks before the growth (after any removal)
+            out.append(source[offset : offset + r])
+            k = counts.get(g, 0)
+            out.append(torch.arange(appended_at + new, appended_at + new + k))
+            new += k
+            offset += r
+        return torch.cat(out), new
+
+    def finish(self) -> None:
+        self.finalize()
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Fold E into the group side (column c times E[c]) and drop the gate and ``model.dynarank_svd``.
+
+        Runs by itself after the last step; the function is unchanged, and the model is then a
+        plain elastic LoRA model that ``save_adapter``, ``unwrap`` and ``export_peft`` handle as
+        any other. Call it yourself when a run stops before ``total_steps``.
+        """
+        if self.finalized:
+            return
+        for name, layer in self.layers.items():
+            e = self.values.of(name).detach().to(layer.group_weight.dtype)
+            layer.group_weight.mul_(e.unsqueeze(0))  # (d_g, T) * (1, T)
+            layer.set_gate(None)
+        self.importance.clear()
+        if SVD_ATTR in dict(self.model.named_children()):
+            del self.model._modules[SVD_ATTR]
+        self.forget_sizes()
+        self.finalized = True
+
+    # ------------------------------------------------------------------ read-outs and state
+    def held_bytes(self) -> int:
+        """The importance EMAs (two per scored element while scores are kept)."""
+        return sum(
+            t.numel() * t.element_size()
+            for state in self.importance.carrier.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(
+            {
+                "rank_changes": self.rank_changes,
+                "finalized": self.finalized,
+                "start_budget": self.start_budget,
+                "target_budget": self.target_budget,
+                "budget_unit": self.budget_unit,
+            }
+        )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rank_changes = int(state.get("rank_changes", 0))
+        self.start_budget = state["start_budget"]
+        self.target_budget = state["target_budget"]
+        if state.get("finalized") and not self.finalized:
+            self.finalize()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The importance EMAs of every scored parameter, by position, and the new-rank generator."""
+        tensors = {}
+        for i, p in enumerate(self._scored_parameters()):
+            state = self.importance.carrier.state.get(p)
+            if state:
+                tensors[f"importance.{i}.sensitivity"] = state["sensitivity"]
+                tensors[f"importance.{i}.uncertainty"] = state["uncertainty"]
+        if self.generator is not None:
+            tensors["generator"] = self.generator.get_state()
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.finalized:
+            return
+        params = self._scored_parameters()  # the restored layers' parameters
+        self.importance.track(params)
+        self.importance.clear()
+        for i, p in enumerate(params):
+            key = f"importance.{i}."
+            if key + "sensitivity" in tensors:
+                sens, unc = tensors[key + "sensitivity"], tensors[key + "uncertainty"]
+                if sens.shape != p.shape:
+                    raise ValueError(
+                        f"importance state {i} has shape {tuple(sens.shape)}, the parameter {tuple(p.shape)}."
+                    )
+                self.importance.set_state(p, sens, unc)
+        if self.generator is not None and "generator" in tensors:
+            self.generator.set_state(tensors["generator"])
+
+
+def _slot_usage(layer: ElasticLoRALinear) -> dict[int, int]:
+    """How many groups use each shared slot (1 everywhere in the 'own' layout)."""
+    usage: dict[int, int] = {}
+    for slots in layer.slots:
+        for s in slots:
+            usage[s] = usage.get(s, 0) + 1
+    return usage
