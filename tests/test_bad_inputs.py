@@ -166,6 +166,12 @@ def _bad_yaml(command: str):
     return case
 
 
+def _mistyped_yaml(w, d, mp):
+    run = _copy_run(w.lora, d)
+    _write(run / "config.yaml", (run / "config.yaml").read_text().replace("lr: 0.001", "lr: fast"))
+    return ["train", "--resume", str(run)]
+
+
 def _bad_log(run_name: str, log: str):
     def case(w, d, mp):
         run = _copy_run(getattr(w, run_name), d)
@@ -253,6 +259,10 @@ CASES: dict[str, tuple[Case, str]] = {
     "9 summary.json naming no method": (_summary('{"method": 5}', "eval"), "summary.json is damaged: its method"),
     "9 dynarank_run.json holding a list": (_info_list, "dynarank_run.json must hold a JSON object"),
     "9 config.yaml that does not parse (--resume)": (_bad_yaml("resume"), "config.yaml is not valid YAML"),
+    "9 config.yaml with a value of the wrong type (--resume)": (
+        _mistyped_yaml,
+        "config.yaml: lr: 'fast' is not a positive number",
+    ),
     "9 config.yaml that does not parse (eval)": (_bad_yaml("eval"), "config.yaml is not valid YAML"),
     "9 config.yaml that does not parse (export)": (_bad_yaml("export"), "config.yaml is not valid YAML"),
     "9 damaged metrics.jsonl (report)": (_bad_log("lora", "metrics.jsonl"), "metrics.jsonl, line 1: not valid JSON"),
@@ -288,9 +298,14 @@ CASES: dict[str, tuple[Case, str]] = {
 IN_A_PROCESS = {  # run through `python -m dynarank.cli`: whatever the process prints counts
     "1 pickle and a decoy .safetensors in an adapter folder",
     "6 --target-modules '('",
+    "7 truncated PEFT adapter (eval)",  # fails after PEFT (and what it imports) is loaded
     "8 --resume with options that differ",
     "9 summary.json holding a list (eval)",
+    "--lr 1e30 (2 steps)",  # fails after training ran
 }
+# A run that fails because training went wrong has logged, while it trained, the steps it skipped: those warning
+# lines come before the one error line.
+WARNED_WHILE_TRAINING = {"--lr 1e30 (2 steps)": "dynarank: non-finite values at step "}
 
 
 def _snapshot(*roots: Path) -> dict[str, tuple[int, int] | str]:
@@ -327,6 +342,9 @@ def test_bad_input_is_one_line_exit_code_2_and_leaves_nothing_behind(world, tmp_
     else:
         code, err = main(argv), capsys.readouterr().err
     lines = err.strip().splitlines()
+    if case in WARNED_WHILE_TRAINING:
+        assert all(line.startswith(WARNED_WHILE_TRAINING[case]) for line in lines[:-1]), err
+        lines = lines[-1:]
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"dynarank {argv[0]}: error: ") and expected in lines[0], lines[0]

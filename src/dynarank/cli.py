@@ -292,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:
         # bitsandbytes (imported by PEFT when installed) warns at import time that it cannot download an optional
-        # CPU kernel from the hub; nothing the user can act on, and it would break the one-line error contract.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # CPU kernel from the hub, and the kernels package it asks that it skips a trust check offline; nothing the
+        # user can act on, and it would break the one-line error contract.
+        for noisy in ("bitsandbytes", "kernels"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             # transformers 5 warns from inside PEFT's model wrapper on every run; nothing the user can change.

@@ -192,6 +192,9 @@ def check_resumed_options(args: argparse.Namespace, actions: dict[str, argparse.
     to the run's are accepted)."""
     run = Path(args.resume)
     saved = read_run_config(run)
+    for key, value in saved.items():  # a damaged record is refused like a bad --config file, naming the key
+        if key in actions and key not in ("resume", "target_modules", "out"):
+            _coerce(run / RUN_CONFIG, key, value, actions[key])
     saved["out"] = str(run.resolve())  # the run continues in its own directory
     differ = []
     for dest in sorted(given):
