@@ -132,6 +132,15 @@ def test_spellings_of_one_number_are_one_class(spelling):
     assert label_name(spelling) == "1"
 
 
+def test_long_integer_labels_stay_distinct_classes():
+    assert label_name("12345678901234567") != label_name("12345678901234568")
+
+
+def test_label_order_never_depends_on_set_order():
+    rows = [{"text": str(i), "label": v} for i, v in enumerate(["nan", "2", "inf", "10", "nan", "-inf"])]
+    assert classification_examples(rows).label_names == ["-inf", "10", "2", "inf", "nan"]
+
+
 def test_numeric_labels_are_one_class_per_number_in_numeric_order(tmp_path):
     rows = [["a", "1"], ["b", "1.0"], ["c", " 1"], ["d", "10"], ["e", "2"], ["f", "0.50"]]
     examples = classification_examples(load_table(_csv(tmp_path / "data.csv", rows)))

@@ -133,6 +133,10 @@ def label_name(value) -> str:
     ``1``, ``1.0``, `` 1`` and ``01`` are the class ``1`` (``0.50`` is ``0.5``); anything else is kept as text."""
     text = str(value).strip()
     try:
+        return str(int(text))  # exact, however many digits
+    except ValueError:
+        pass
+    try:
         number = float(text)
     except ValueError:
         return text
@@ -142,11 +146,14 @@ def label_name(value) -> str:
 
 
 def _sorted_labels(names: set[str]) -> list[str]:
-    """Numeric labels in numeric order (2 before 10), others alphabetically."""
+    """Numeric labels in numeric order (2 before 10), others alphabetically (never in set order)."""
     try:
-        return sorted(names, key=float)
+        numbers = {name: float(name) for name in names}
     except ValueError:
         return sorted(names)
+    if not all(math.isfinite(v) for v in numbers.values()):
+        return sorted(names)
+    return sorted(names, key=lambda name: (numbers[name], name))
 
 
 def _shown(names: list[str], limit: int = 5) -> str:
