@@ -95,10 +95,11 @@ def test_export_refuses_an_existing_out_and_leaves_it_untouched(runs, tmp_path, 
     assert all((taken / name).read_text() == "{}" for name in held)
 
 
-def test_export_into_an_empty_directory_is_allowed(runs, tmp_path):
+def test_export_into_an_existing_empty_directory_is_refused_as_the_readme_says(runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert main(["export", str(runs["lora"]), "--out", str(tmp_path / "empty")]) == 0
-    assert (tmp_path / "empty" / "adapter_config.json").is_file()
+    err = refused(["export", str(runs["lora"]), "--out", str(tmp_path / "empty")], capsys)
+    assert "empty already exists" in err
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def _full_disk(path, *args, **kwargs):
@@ -121,7 +122,7 @@ def test_a_failed_export_leaves_nothing_behind(runs, tmp_path, monkeypatch, caps
     out = tmp_path / "exports" / "adapter"
     err = refused(["export", str(runs["lora"]), "--out", str(out), *(["--merged"] if merged else [])], capsys)
     assert "No space left on device" in err
-    assert not out.exists() and list((tmp_path / "exports").iterdir()) == []  # nor a staging directory
+    assert not (tmp_path / "exports").exists()  # nor a staging directory, nor the folder made to hold --out
 
 
 def test_export_server_safe_and_merged_together_are_refused(runs, tmp_path, capsys):

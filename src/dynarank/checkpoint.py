@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import nn
 
 from .attach import elastic_layers
@@ -172,8 +172,8 @@ def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if hashlib.sha256(blob).hexdigest() != state.get("sha256"):
         raise CheckpointError(f"{tensors_file} does not match its checksum: the file is truncated or was modified.")
     try:
-        tensors = load_file(str(tensors_file))
-    except (SafetensorError, OSError) as exc:
+        tensors = load(blob)  # the bytes that were verified, not a second read of the file
+    except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{tensors_file} is not readable ({exc}).") from None
     return state, tensors
 

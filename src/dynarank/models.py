@@ -17,28 +17,48 @@ class ModelError(ValueError):
     """A model directory is missing or does not load."""
 
 
-# Weight files that only a pickle loader (torch.load) reads: never opened here, whoever wrote them.
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+# Files that only a pickle loader (torch.load) reads: never opened here, whoever wrote them, and a folder that holds
+# one is refused whole (a loader that falls back to it, or a file renamed over it, would run its code).
+PICKLE_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+# The weights file of each kind of folder: the only one read (a sharded model is read through its index).
+SAFETENSORS_WEIGHTS = {
+    "model": ("model.safetensors", "model.safetensors.index.json"),
+    "adapter": ("adapter_model.safetensors",),
+}
+
+
+def pickle_files(folder: str | Path) -> list[str]:
+    """Names of the pickle files in ``folder`` (not in its subfolders), sorted."""
+    folder = Path(folder)
+    return sorted({p.name for pattern in PICKLE_FILES for p in folder.glob(pattern) if not p.is_dir()})
 
 
 def require_safetensors(folder: str | Path, what: str = "model") -> None:
-    """Refuse ``folder`` unless its weights are safetensors: a pickle can run any code when it is loaded.
+    """Refuse ``folder`` if it holds any pickle file (it can run code when loaded), or lacks its safetensors weights.
 
-    ``what`` is 'model' (a Hugging Face model directory) or 'adapter' (a PEFT adapter directory)."""
+    ``what`` is 'model' (a Hugging Face model directory: ``model.safetensors`` or its shard index) or 'adapter' (a
+    PEFT adapter directory: ``adapter_model.safetensors``)."""
     folder = Path(folder)
-    if any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
-    if what == "adapter":
-        how = "PeftModel.from_pretrained, then save_pretrained(dir), which writes adapter_model.safetensors"
-    else:
-        how = "from_pretrained, then save_pretrained(dir), which writes model.safetensors"
+    names = SAFETENSORS_WEIGHTS[what]
+    has_weights = any((folder / name).is_file() for name in names)
+    pickled = pickle_files(folder)
+    if pickled and has_weights:
+        raise ModelError(
+            f"{folder} holds {pickled[0]}, a pickle, beside its {names[0]}: dynarank never reads a folder with a "
+            "pickle in it (a loader that picks the pickle runs its code); delete it, or copy the safetensors files "
+            "to a folder of their own."
+        )
     if pickled:
+        if what == "adapter":
+            how = "PeftModel.from_pretrained, then save_pretrained(dir), which writes adapter_model.safetensors"
+        else:
+            how = "from_pretrained, then save_pretrained(dir), which writes model.safetensors"
         raise ModelError(
             f"{folder} holds its {what} weights as {pickled[0]}, a pickle, which dynarank never loads (it can run "
             f"code): convert it to safetensors where you trust the file ({how}) and pass that folder."
         )
-    raise ModelError(f"{folder} holds no .safetensors {what} weights; dynarank reads safetensors only.")
+    if not has_weights:
+        raise ModelError(f"{folder} holds no {names[0]}: dynarank reads {what} weights from safetensors only.")
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
@@ -105,6 +125,36 @@ def load_classifier(model_dir: str | Path, label_names: list[str]):
     return model, tokenizer
 
 
+# Models whose position table starts after the padding index (RoBERTa's position ids are pad_token_id + 1 + i).
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer")
+
+
+def position_limit(model, tokenizer) -> int | None:
+    """The longest input, in tokens, that ``model`` takes: its position table (less RoBERTa-style offsets) and the
+    tokenizer's ``model_max_length``, whichever is smaller; None when neither is known."""
+    config = getattr(model, "config", None)
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        pad = getattr(config, "pad_token_id", None)
+        offset = pad + 1 if getattr(config, "model_type", None) in OFFSET_POSITIONS and isinstance(pad, int) else 0
+        limits.append(positions - offset)
+    told = getattr(tokenizer, "model_max_length", None)
+    if isinstance(told, int) and 0 < told < 10**7:  # tokenizers that do not know say 1e30
+        limits.append(told)
+    return min(limits) if limits else None
+
+
+def check_max_length(model, tokenizer, max_length: int, model_dir: str | Path) -> None:
+    """Refuse a truncation length the model has no positions for (a longer input would crash the forward pass)."""
+    limit = position_limit(model, tokenizer)
+    if limit is not None and max_length > limit:
+        raise ModelError(
+            f"--max-length {max_length} is more than {model_dir} takes: at most {limit} tokens per example; "
+            f"give --max-length {limit} or less."
+        )
+
+
 def _check_only_the_head_is_new(model, model_dir: str, loading: dict) -> None:
     """Refuse a classifier whose base weights were re-initialised (a checkpoint that does not fit its
     config.json, or lacks weights): only the task head may be new. Logs the head weights that are."""
@@ -155,6 +205,12 @@ def gguf_copy_path(model_dir: Path, cache: str | Path | None = None) -> Path:
     import hashlib
 
     ggufs = sorted(model_dir.glob("*.gguf"))
+    pickled = pickle_files(model_dir)
+    if pickled:
+        raise ModelError(
+            f"{model_dir} holds {pickled[0]}, a pickle: dynarank never reads a model folder with a pickle in it (a "
+            "loader that picks the pickle runs its code); delete it, or move the .gguf file to a folder of its own."
+        )
     if len(ggufs) != 1:
         raise ModelError(
             f"{model_dir} has no config.json and {len(ggufs)} .gguf files: give a Hugging Face model directory, "

@@ -3,11 +3,12 @@ heatmaps and the ranks over training."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
 from pathlib import Path
+
+from .files import RunFileError, naming, read_jsonl
 
 HEATMAP = "ranks_heatmap.png"
 EVOLUTION = "ranks_over_time.png"
@@ -38,7 +39,7 @@ def _by_kind(ranks: dict[str, list[int]]) -> dict[str, dict[int, list[int]]]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_jsonl(path) if path.is_file() else []
 
 
 def draw(run_dir: str | Path) -> list[Path]:
@@ -64,7 +65,13 @@ def draw(run_dir: str | Path) -> list[Path]:
     written = []
     try:
         for name, panel, data in panels:
-            panel(plt, data).savefig(run_dir / name, dpi=100)
+            source = "ranks.jsonl" if data is not metrics else "metrics.jsonl"
+            try:
+                figure = panel(plt, data)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                raise RunFileError(f"{run_dir / source} is damaged: cannot draw {name} from it ({exc!r}).") from None
+            with naming(run_dir / name):
+                figure.savefig(run_dir / name, dpi=100)
             written.append(run_dir / name)
     finally:  # every figure drawn here is closed, also those of a panel that failed half-way
         for number in set(plt.get_fignums()) - already_open:

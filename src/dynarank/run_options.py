@@ -4,11 +4,12 @@ and the options each method may take."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-import yaml
-
+from .files import RunFileError, read_yaml
 from .loop import DYNARANK_METHODS
+from .models import model_record
 
 DYNARANK_KNOBS = (
     "granularity",
@@ -101,23 +102,27 @@ def resolve_train_options(
 ) -> argparse.Namespace:
     """Merge ``--config FILE.yaml`` under the command line: options typed on the command line win, the
     file's values are checked and converted like command-line values. A key is an option's flag (``r0``,
-    ``max-steps``) or destination (``max_steps``), with '-' or '_'."""
-    if not args.config:
-        return args
+    ``max-steps``) or destination (``max_steps``), with '-' or '_'. With ``--resume``, every option given (typed or
+    from the file) must equal the run's own (:func:`check_resumed_options`)."""
+    typed = _given_on_command_line(parser, argv)
+    given = typed | (_merge_config(args, parser, typed) if args.config else set())
+    parse_target_modules(args.target_modules)
+    if args.resume:
+        check_resumed_options(args, _train_actions(parser), given - {"resume"})
+    return args
+
+
+def _merge_config(args: argparse.Namespace, parser: argparse.ArgumentParser, typed: set[str]) -> set[str]:
+    """Set the options of the --config file that were not typed; returns the destinations the file gives."""
     path = Path(args.config)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-    except yaml.YAMLError as exc:
-        raise OptionError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    except UnicodeDecodeError:
-        raise OptionError(f"{path} is not UTF-8 text.") from None
-    if not isinstance(values, dict):
-        raise OptionError(f"{path} must hold a mapping of option: value.")
+        values = read_yaml(path)
+    except RunFileError as exc:
+        raise OptionError(str(exc)) from None
     actions = _train_actions(parser)
     keys = _config_keys(actions)
-    typed = _given_on_command_line(parser, argv)
     seen: dict[str, str] = {}
     for key, value in values.items():
         dest = keys.get(str(key).lstrip("-"))
@@ -131,7 +136,78 @@ def resolve_train_options(
         seen[dest] = str(key)
         if dest not in typed:
             setattr(args, dest, _coerce(path, str(key), value, actions[dest]))
-    return args
+    return set(seen)
+
+
+# ---------------------------------------------------------------------------- --target-modules
+_REGEX = re.compile(r"[\\.*()\[\]|^$+?]")  # a character only a regular expression has
+
+
+def parse_target_modules(spec: str | list[str] | None) -> str | list[str] | None:
+    """--target-modules as the loop takes it: 'all-linear', a regular expression (which must compile), or a comma
+    list of module-name suffixes; a list (YAML, or a run's record) is kept; None or '' is the default."""
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    if not spec:
+        return None
+    if spec == "all-linear" or not _REGEX.search(spec):
+        return spec if spec == "all-linear" else [s.strip() for s in spec.split(",") if s.strip()]
+    try:
+        re.compile(spec)
+    except re.error as exc:
+        raise OptionError(f"--target-modules {spec!r} is not a valid regular expression ({exc}).") from None
+    return spec
+
+
+# ---------------------------------------------------------------------------- --resume
+RUN_CONFIG = "config.yaml"
+
+
+def read_run_config(run: str | Path) -> dict:
+    """The options a run was started with (its config.yaml); errors name the file."""
+    config = Path(run) / RUN_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{run} is not a dynarank run directory (no {RUN_CONFIG}); nothing to resume.")
+    return read_yaml(config)
+
+
+def _comparable(dest: str, value, run: Path):
+    """An option's value as a run records it (absolute paths, the parsed module list)."""
+    if value is None:
+        return None
+    if dest == "model":
+        return model_record(value)
+    if dest in ("data", "eval_data", "config"):
+        return str(Path(value).resolve())
+    if dest == "target_modules":
+        return parse_target_modules(value)
+    if dest == "out":
+        return str(run.resolve()) if Path(value).resolve() == run.resolve() else str(Path(value).resolve())
+    return value
+
+
+def check_resumed_options(args: argparse.Namespace, actions: dict[str, argparse.Action], given: set[str]) -> None:
+    """A resumed run continues with the options it was started with: an option given with --resume that differs
+    from the run's config.yaml is refused, naming each (a run changed half-way would be neither run; options equal
+    to the run's are accepted)."""
+    run = Path(args.resume)
+    saved = read_run_config(run)
+    for key, value in saved.items():  # a damaged record is refused like a bad --config file, naming the key
+        if key in actions and key not in ("resume", "target_modules", "out"):
+            _coerce(run / RUN_CONFIG, key, value, actions[key])
+    saved["out"] = str(run.resolve())  # the run continues in its own directory
+    differ = []
+    for dest in sorted(given):
+        mine, theirs = _comparable(dest, getattr(args, dest), run), saved.get(dest)
+        if mine != theirs:
+            shown = ",".join(theirs) if isinstance(theirs, list) else theirs
+            differ.append(f"{actions[dest].option_strings[0]} {getattr(args, dest)} (the run's: {shown})")
+    if differ:
+        raise OptionError(
+            f"--resume continues {run} with the options it was started with, and {'; '.join(differ)} "
+            f"{'differs' if len(differ) == 1 else 'differ'}: drop {'it' if len(differ) == 1 else 'them'}, or "
+            "start a new run with another --out."
+        )
 
 
 def check_method_options(opts: argparse.Namespace) -> None:

@@ -16,6 +16,20 @@ from .data import Examples, PairExamples
 IGNORE_INDEX = -100
 
 
+class NonFiniteError(RuntimeError):
+    """NaN/inf where training or evaluation needs numbers: training stopped on a NaN/inf loss or gradient (policy
+    'stop', or too many skipped steps in a row; checkpoints already written are kept), or a model's outputs are
+    not finite, so no metric is reported from them."""
+
+
+def _check_finite(values: torch.Tensor, n_examples: int) -> None:
+    if not torch.isfinite(values).all():
+        raise NonFiniteError(
+            f"the model's outputs on the {n_examples} evaluation examples hold NaN/inf, so no metric is reported: its "
+            "weights diverged in training (train again with a lower learning rate)."
+        )
+
+
 def batches(enc: dict, order: list[int], batch_size: int, pad_id: int):
     """Padded (input_ids, attention_mask, labels, indices) batches in ``order``."""
     for start in range(0, len(order), batch_size):
@@ -55,6 +69,7 @@ def evaluate_classifier(
     with torch.no_grad():
         for ids, mask, _, _ in batches(enc, list(range(len(examples.texts))), batch_size, tokenizer.pad_token_id or 0):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            _check_finite(logits, len(examples.texts))
             preds.extend(logits.argmax(-1).tolist())
     model.train(was_training)
     return classification_metrics(preds, examples.labels, len(examples.label_names))
@@ -117,6 +132,7 @@ def evaluate_causal_lm(
                 ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
+            _check_finite(loss, len(pairs.prompts))
             total += float(loss)
             count += int((target != IGNORE_INDEX).sum())
     model.train(was_training)

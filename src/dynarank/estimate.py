@@ -1,0 +1,102 @@
+"""How much memory an adapter will take, known before anything is allocated: a rank that cannot fit is refused in
+one line instead of a process that tries to allocate tens of gigabytes."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+BYTES_PER_TRAINED_VALUE = 16  # fp32 value, its gradient, and AdamW's two moments
+
+
+class TooLargeError(ValueError):
+    """The adapter (with gradients and optimizer state) would not fit in this machine's memory."""
+
+
+def memory_limit_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _targets(model: nn.Module, target_modules) -> dict[str, nn.Linear] | None:
+    """The Linear modules the spec selects (dynarank's matching, which is PEFT's for Linear layers); None when it
+    selects none (the method's own code then says so)."""
+    from .attach import select_targets
+    from .config import DynaRankConfig
+
+    try:
+        names = select_targets(model, DynaRankConfig(target_modules=target_modules))
+    except ValueError:
+        return None
+    return {name: model.get_submodule(name) for name in names}
+
+
+def adapter_parameter_estimate(model: nn.Module, spec) -> int | None:
+    """Adapter parameters that ``spec`` (a loop.TrainSpec) would create on ``model``, from the targets' shapes alone.
+
+    Stock LoRA: r (d_in + d_out) per matrix; DoRA adds d_out; stock AdaLoRA starts at its initial rank 1.5 r (and
+    a singular value per rank). Dynarank methods: a per-head matrix in the own layout costs r (G d_in + d_out)
+    (each of its G heads has its own A rows), any other r (d_in + d_out); ARD adds an alpha per group, ElaLoRA and
+    AdaLoRA a singular value per rank. 'full': every parameter of the model.
+    """
+    from .loop import CONFIG_METHOD, DYNARANK_METHODS
+
+    if spec.method == "full":
+        return sum(p.numel() for p in model.parameters())
+    targets = _targets(model, spec.target_modules)
+    if targets is None:
+        return None
+    if spec.method not in DYNARANK_METHODS:
+        rank = max(spec.r + 1, round(1.5 * spec.r)) if spec.method == "adalora" else spec.r
+        extra = {"dora": lambda m: m.out_features, "adalora": lambda m: rank}.get(spec.method, lambda m: 0)
+        return sum(rank * (m.in_features + m.out_features) + extra(m) for m in targets.values())
+    return _dynarank_estimate(model, spec, targets, CONFIG_METHOD[spec.method])
+
+
+def _dynarank_estimate(model: nn.Module, spec, targets: dict[str, nn.Linear], method: str) -> int | None:
+    from .attach import head_geometry, layer_plan
+    from .config import DynaRankConfig
+
+    knobs = {k: v for k, v in spec.dynarank.items() if k in ("granularity", "head_layout")}
+    if method in ("elalora", "adalora"):
+        knobs.setdefault("granularity", "matrix")
+    rank = max(spec.r + 1, round(1.5 * spec.r)) if method == "adalora" else spec.r
+    try:
+        config = DynaRankConfig(method=method, target_modules=spec.target_modules, **knobs)
+        geometry = head_geometry(model, config) if config.granularity == "head" else None
+        total = 0
+        for name, m in targets.items():
+            plan = layer_plan(name, m, config, geometry)
+            own = plan["n_groups"] if config.head_layout == "own" else 1
+            rows = plan["split"] == "rows"
+            shared, grouped = (m.in_features, m.out_features) if rows else (m.out_features, m.in_features)
+            total += rank * (own * shared + grouped)  # the shared side (A, or B^T for cols) once per owning head
+            total += {"ard": 1, "elalora": rank, "adalora": rank}.get(method, 0) * plan["n_groups"]  # alphas, or E
+    except ValueError:
+        return None  # the method's own validation says what is wrong
+    return total
+
+
+def check_adapter_fits(model: nn.Module, spec, limit: int | None = None) -> None:
+    """Refuse (TooLargeError) an adapter whose values, gradients and optimizer state would exceed the machine's
+    memory (``limit`` bytes; default :func:`memory_limit_bytes`)."""
+    limit = memory_limit_bytes() if limit is None else limit
+    params = adapter_parameter_estimate(model, spec)
+    if limit is None or params is None:
+        return
+    needed = params * BYTES_PER_TRAINED_VALUE
+    if needed > limit:
+        what = "full fine-tuning" if spec.method == "full" else f"--r0 {spec.r} with --method {spec.method}"
+        raise TooLargeError(
+            f"{what} needs about {_size(needed)} for the adapter alone ({params:,} parameters, with their "
+            f"gradients and optimizer state), more than this machine's {_size(limit)} of memory: lower --r0, or "
+            "target fewer modules (--target-modules)."
+        )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:,.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:,.1f} MB"

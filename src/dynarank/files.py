@@ -1,0 +1,217 @@
+"""The files of a run, read and written with errors that name the file.
+
+JSON, JSON Lines and YAML are read with their path in every error (a damaged file is one line, never a
+traceback); JSON Lines logs tolerate the torn last line a kill leaves. Writes that fail (a full disk) say which
+path failed. ``MetricsLog`` keeps metrics.jsonl consistent with the checkpoints: synced to disk whenever one is
+written, cut back to the checkpoint's step when a run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class RunFileError(ValueError):
+    """A file of a run or adapter (written by dynarank, read back) is damaged or of the wrong shape."""
+
+
+def _kind(value) -> str:
+    return {list: "a list", str: "text", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON object held by ``path``; RunFileError names the file when it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RunFileError(f"{path} is not UTF-8 text: the file is damaged.") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunFileError(
+            f"{path} is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}): the file is damaged."
+        ) from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path} must hold a JSON object, not {_kind(value)}: the file is damaged.")
+    return value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping held by the YAML file ``path`` (safe loader: no tags, no objects); errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise RunFileError(f"{path} is not UTF-8 text.") from None
+    except yaml.YAMLError as exc:
+        raise RunFileError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path} must hold a mapping of option: value, not {_kind(value)}.")
+    return value
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSON Lines log, one per line (blank lines skipped).
+
+    A last line without its newline that does not parse is what a kill in the middle of a write leaves: it is
+    dropped with a warning. Any other line that is not a JSON object raises RunFileError naming file and line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise RunFileError(f"{path} is not UTF-8 text: the file is damaged.") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # no newline after it: a torn write
+                logger.warning("dynarank: %s: dropping its unfinished last line (cut off by a kill)", path)
+                break
+            raise RunFileError(f"{path}, line {number}: not valid JSON ({exc.msg}): the file is damaged.") from None
+        if not isinstance(record, dict):
+            raise RunFileError(f"{path}, line {number}: expected a JSON object, got {_kind(record)}.")
+        records.append(record)
+    return records
+
+
+def read_safetensors(path: str | os.PathLike, error: type[Exception], sha256: str | None = None) -> dict:
+    """The tensors of a safetensors file, read once: with ``sha256``, the bytes must match it before they are parsed,
+    so what is verified is what is loaded. ``error`` (an exception class) names the file when it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path} cannot be read ({exc.strerror or exc}).") from None
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise error(f"{path} does not match its recorded checksum: the file is truncated, damaged or was modified.")
+    try:
+        return load(blob)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise error(f"{path} is not a readable safetensors file ({' '.join(str(exc).split())}).") from None
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (what read_safetensors checks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- writing
+_OS_CODE = re.compile(r"code: (\d+)")
+
+
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Errors of the writes inside the block name ``path``: an OSError without a file name (a full disk is
+    reported by write(), which has none) gets it, and a safetensors write error becomes that OSError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from None
+    except SafetensorError as exc:  # e.g. 'IoError(Os { code: 28, kind: StorageFull, message: "No space ..." })'
+        code = _OS_CODE.search(str(exc))
+        if code is None:
+            raise OSError(0, f"cannot write it ({exc})", str(path)) from None
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def replace_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``path`` whole or not at all: ``data`` goes to a synced temporary sibling renamed over it, so a kill
+    leaves the previous content (or no file), never a torn one. A failure names the path."""
+    path = Path(path)
+    staged = path.with_name(f".{path.name}.tmp")
+    try:
+        write_synced(staged, data)
+        staged.replace(path)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        if exc.filename == str(staged):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
+
+
+def write_synced(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` and force it to disk (a rename is only as durable as the bytes it points at)."""
+    with naming(path), open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended as training goes.
+
+    ``sync()`` forces what was written to disk; the loop calls it before every checkpoint, so the log on disk
+    always reaches at least the newest checkpoint's step. ``resume_at(step)`` cuts the log back to the lines of
+    steps up to ``step`` (what the checkpoint holds; the final evaluation line and later steps are redone),
+    atomically, and tolerates the torn last line of a kill.
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self._file = None
+        self.enabled = enabled
+
+    def resume_at(self, step: int) -> None:
+        """Keep the training-step lines of steps 1..``step``; drop everything after."""
+        if not self.enabled:
+            return
+        kept = []
+        if self.path.is_file():
+            for record in read_jsonl(self.path):
+                logged = record.get("step", 0)
+                if not isinstance(logged, int) or isinstance(logged, bool):
+                    raise RunFileError(f"{self.path}: a line has step {logged!r}, not a step number: it is damaged.")
+                if logged <= step and "loss" in record:  # not the final evaluation line
+                    kept.append(record)
+        replace_file(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            with naming(self.path):
+                self._file = self.path.open("a", encoding="utf-8")
+        with naming(self.path):
+            self._file.write(json.dumps(record) + "\n")
+
+    def sync(self) -> None:
+        """Force every line written so far to disk."""
+        if self._file is not None:
+            with naming(self.path):
+                self._file.flush()
+                os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            with naming(self.path):
+                self._file.close()
+            self._file = None

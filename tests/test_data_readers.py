@@ -1,0 +1,189 @@
+"""The data readers: what a CSV or JSON Lines file holds is what training sees, exactly, or one clear refusal."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dynarank.data import (
+    DataError,
+    classification_examples,
+    classification_sets,
+    held_out_split,
+    label_name,
+    load_table,
+)
+
+
+def _csv(path: Path, rows: list[list[str]], header=("text", "label")) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------- line breaks inside fields
+def test_a_newline_inside_a_quoted_csv_field_is_kept(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_bytes(b'text,label\n"first line\nsecond line",pos\n"a\r\nb",neg\n')
+    rows = load_table(data)
+    assert [r["text"] for r in rows] == ["first line\nsecond line", "a\r\nb"]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e"])
+def test_a_csv_row_with_a_unicode_line_separator_in_an_unquoted_field_is_one_row(tmp_path, separator):
+    data = tmp_path / "data.csv"
+    data.write_text(f"text,label\ngood,pos\nbad,neg\nso{separator}so,pos\nfine,neg\n", encoding="utf-8", newline="")
+    rows = load_table(data)
+    assert len(rows) == 4 and rows[2] == {"text": f"so{separator}so", "label": "pos"}
+    assert classification_examples(rows).labels == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0c"])
+def test_a_json_lines_string_holding_a_unicode_line_separator_is_one_line(tmp_path, separator):
+    data = tmp_path / "data.jsonl"
+    lines = ['{"text": "good", "label": "pos"}', f'{{"text": "so{separator}so", "label": "neg"}}']
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
+    assert load_table(data) == [{"text": "good", "label": "pos"}, {"text": f"so{separator}so", "label": "neg"}]
+
+
+def test_json_lines_with_windows_line_ends_are_read(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"text": "good", "label": "pos"}\r\n{"text": "bad", "label": "neg"}\r\n')
+    assert [r["text"] for r in load_table(data)] == ["good", "bad"]
+
+
+# ---------------------------------------------------------------------------- fuzz: what goes in comes out
+TEXT = st.text(st.characters(codec="utf-8"), max_size=40)  # any Unicode scalar value (no lone surrogates)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=6))
+def test_any_unicode_in_quoted_csv_fields_round_trips_exactly(tmp_path, rows):
+    data = _csv(tmp_path / "fuzz.csv", [list(r) for r in rows])
+    assert [(r["text"], r["label"]) for r in load_table(data)] == rows
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {"text": TEXT, "label": TEXT}, optional={"n": st.integers() | st.floats(allow_nan=False)}
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_any_unicode_in_json_lines_strings_round_trips_exactly(tmp_path, rows):
+    data = _jsonl(tmp_path / "fuzz.jsonl", rows)
+    assert load_table(data) == rows
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(TEXT, min_size=2, max_size=8))
+def test_any_text_reaches_the_classifier_unchanged(tmp_path, texts):
+    rows = [[t, ("pos", "neg")[i % 2]] for i, t in enumerate(texts)]
+    examples = classification_examples(load_table(_csv(tmp_path / "fuzz.csv", rows)))
+    assert examples.texts == texts
+
+
+# ---------------------------------------------------------------------------- columns
+def test_a_column_named_twice_is_refused(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label,text\na,pos,b\nc,neg,d\n")
+    with pytest.raises(DataError, match="the header names the column 'text' 2 times"):
+        load_table(data)
+
+
+def test_empty_header_cells_are_not_a_repeated_name(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label,,\na,pos,,\nc,neg,,\n")
+    assert [r["label"] for r in load_table(data)] == ["pos", "neg"]
+
+
+def test_a_json_object_with_a_key_twice_is_refused(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg", "label": "pos"}\n')
+    with pytest.raises(DataError, match="line 2: the key 'label' appears twice"):
+        load_table(data)
+
+
+def test_the_text_column_cannot_be_the_label_column(tmp_path):
+    rows = load_table(_csv(tmp_path / "data.csv", [["a", "pos"], ["b", "neg"]]))
+    with pytest.raises(DataError, match="'label' cannot be both the text and the label column"):
+        classification_examples(rows, text_column="label", label_column="label")
+
+
+# ---------------------------------------------------------------------------- labels
+@pytest.mark.parametrize("spelling", ["1", "1.0", " 1", "01", "1.", "+1", 1, 1.0])
+def test_spellings_of_one_number_are_one_class(spelling):
+    assert label_name(spelling) == "1"
+
+
+def test_long_integer_labels_stay_distinct_classes():
+    assert label_name("12345678901234567") != label_name("12345678901234568")
+
+
+def test_label_order_never_depends_on_set_order():
+    rows = [{"text": str(i), "label": v} for i, v in enumerate(["nan", "2", "inf", "10", "nan", "-inf"])]
+    assert classification_examples(rows).label_names == ["-inf", "10", "2", "inf", "nan"]
+
+
+def test_numeric_labels_are_one_class_per_number_in_numeric_order(tmp_path):
+    rows = [["a", "1"], ["b", "1.0"], ["c", " 1"], ["d", "10"], ["e", "2"], ["f", "0.50"]]
+    examples = classification_examples(load_table(_csv(tmp_path / "data.csv", rows)))
+    assert examples.label_names == ["0.5", "1", "2", "10"]
+    assert examples.labels == [1, 1, 1, 3, 2, 0]
+
+
+def test_a_run_recorded_with_other_spellings_of_its_numeric_labels_still_evaluates(tmp_path):
+    rows = load_table(_csv(tmp_path / "data.csv", [["a", "1"], ["b", "2"]]))
+    assert classification_examples(rows, label_names=["1.0", "2.0"]).labels == [0, 1]
+
+
+def test_labels_missing_from_training_are_summarised_in_one_short_line(tmp_path):
+    train = _csv(tmp_path / "train.csv", [[f"t{i}", f"known-{i % 30}"] for i in range(60)])
+    held = _csv(tmp_path / "held.csv", [[f"h{i}", f"new-{i}"] for i in range(40)])
+    with pytest.raises(DataError) as info:
+        classification_sets(str(train), eval_data=str(held))
+    message = str(info.value)
+    assert "40 label(s) do not occur in the training data" in message and "(35 more)" in message
+    assert "(training has 30:" in message and "(25 more)" in message and len(message) < 400
+
+
+# ---------------------------------------------------------------------------- the held-out split
+def test_the_held_out_split_is_stratified_so_every_label_is_trained_on(tmp_path):
+    # 30 rows of 'common' and one row each of 10 rare labels: a plain shuffle holds some rare ones out.
+    rows = [[f"c{i}", "common"] for i in range(30)] + [[f"r{i}", f"rare-{i}"] for i in range(10)]
+    data = _csv(tmp_path / "data.csv", rows)
+    for seed in range(5):
+        train, held = classification_sets(str(data), eval_split=0.2, seed=seed)
+        assert set(train.label_names) == {"common", *(f"rare-{i}" for i in range(10))}
+        assert sorted(set(held.labels)) == [train.label_names.index("common")]
+        assert len(held.texts) == 8 and len(train.texts) == 32
+
+
+def test_the_stratified_split_holds_out_each_labels_share_and_is_deterministic():
+    strata = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
+    train, held = held_out_split(100, 0.2, 7, "data.csv", strata)
+    assert sorted(train + held) == list(range(100))
+    assert Counter(strata[i] for i in held) == {"a": 10, "b": 6, "c": 4}
+    assert (train, held) == held_out_split(100, 0.2, 7, "data.csv", strata)
+    assert held != held_out_split(100, 0.2, 8, "data.csv", strata)[1]
+
+
+def test_a_split_where_every_label_has_one_row_is_refused():
+    with pytest.raises(ValueError, match="every label has a single row"):
+        held_out_split(4, 0.5, 0, "data.csv", ["a", "b", "c", "d"])
