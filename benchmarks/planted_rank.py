@@ -31,9 +31,9 @@ def methods() -> dict[str, dict]:
     """name -> keyword arguments of DynaRankConfig (plus 'lr' / 'fixed' for the run)."""
     ard = {"method": "ard", "r": 8, "target_modules": TARGET}
     return {
-        "oracle (true ranks)": {"method": "lora", "r": 8, "target_modules": TARGET, "fixed": "truth"},
-        "LoRA per head r=3": {"method": "lora", "r": 3, "target_modules": TARGET},
-        "LoRA per matrix r=10": {"method": "lora", "r": 10, "target_modules": TARGET, "granularity": "matrix"},
+        "oracle (true ranks)": {"method": "dynarank-lora", "r": 8, "target_modules": TARGET, "fixed": "truth"},
+        "LoRA per head r=3": {"method": "dynarank-lora", "r": 3, "target_modules": TARGET},
+        "LoRA per matrix r=10": {"method": "dynarank-lora", "r": 10, "target_modules": TARGET, "granularity": "matrix"},
         "ARD default": dict(ard),
         "ARD floor 1": dict(ard, rank_floor=1),
         "ARD shared A": dict(ard, head_layout="shared"),

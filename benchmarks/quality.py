@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import study_data  # noqa: E402
 from records import RecordStore, run_pool  # noqa: E402
+from setups import stock_adalora_schedule  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = [
@@ -218,8 +219,12 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
             "ard-floor1": {"head_layout": "shared", "rank_floor": 1},
         }[method]
         return TrainSpec(method="ard", r=max(8, 2 * r), dynarank={**layout, "target_params": budget}, **common)
-    if method in ("elalora", "adalora-physical"):  # parameter budgets: a rank costs more in the MLP
+    if method == "elalora":  # a parameter budget: a rank costs more in the MLP
         return TrainSpec(method=method, r=r, dynarank={"target_params": budget}, **common)
+    if method == "adalora-physical":  # stock AdaLoRA's start and schedule, pruned to the parameter budget
+        knobs = {**stock_adalora_schedule(r, steps), "target_params": budget}
+        del knobs["target_rank"]
+        return TrainSpec(method=method, r=knobs.pop("r"), dynarank=knobs, **common)
     return TrainSpec(method=method, r=max(1, r), **common)  # full fine-tuning ignores r
 
 

@@ -22,7 +22,7 @@ from tiny_models import tiny_bert, tiny_llama, token_batch
 def planted(steps=100, **config):
     task = make_planted_task(seed=0)
     model = task.student()
-    fields = {"method": "adalora", "r": 8, "target_rank": 3, "target_modules": ["query"], "seed": 0, **config}
+    fields = {"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": ["query"], "seed": 0, **config}
     attach(model, DynaRankConfig(**fields))
     return task, model, build_controller(model, total_steps=steps)
 
@@ -200,7 +200,7 @@ def test_parity_with_stock_peft_adalora_on_the_same_model_data_and_schedule():
     # Ours: PEFT's step index s is our t - 1, hence t_init = tinit + 1 and t_final = tfinal - 1.
     model = ThreeMaps()
     config = DynaRankConfig(
-        method="adalora",
+        method="adalora-physical",
         r=4,
         target_rank=2,
         lora_alpha=4,
@@ -260,7 +260,7 @@ def test_parity_with_stock_peft_adalora_on_the_same_model_data_and_schedule():
 
 def test_export_after_adalora_reloads_in_stock_peft_with_the_same_logits(tmp_path):
     model = tiny_bert()
-    attach(model, DynaRankConfig(method="adalora", r=4, target_rank=1, target_modules=["query", "value"], seed=0))
+    attach(model, DynaRankConfig(method="adalora-physical", r=4, target_rank=1, target_modules=["query", "value"], seed=0))
     ctrl = build_controller(model, total_steps=40)
     opt = ctrl.build_optimizer(lr=1e-2)
     x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
@@ -283,7 +283,7 @@ def test_the_trainer_drives_adalora_with_no_manual_call(tmp_path):
 
     from test_trainer_callback import TokenDataset
 
-    model = attach(tiny_bert(), DynaRankConfig(method="adalora", r=4, target_rank=2, target_modules=["query"]))
+    model = attach(tiny_bert(), DynaRankConfig(method="adalora-physical", r=4, target_rank=2, target_modules=["query"]))
     callback = dynarank.DynaRankCallback(model)  # creates E before the Trainer builds its optimizer
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -320,7 +320,7 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
     # A bare PeftModel (no task type) calls the wrapped model directly and drops the penalty, so the
     # benchmark's "stock AdaLoRA" trained without it while ours trained with it. The loss the loop
     # back-propagates must be the task loss plus weight x mean of ||A A^T - I||_F, ||B^T B - I||_F.
-    model, _ = prepare_model(build(), TrainSpec(method="adalora", r=2, target_modules=["query", "q_proj"]), 100)
+    model, _ = prepare_model(build(), TrainSpec(method="adalora-physical", r=2, target_modules=["query", "q_proj"]), 100)
     ids = token_batch()
     labels = torch.tensor([0, 1, 0]) if build is tiny_bert else ids
     task_loss = model.get_base_model()(input_ids=ids, labels=labels).loss
@@ -335,7 +335,7 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
     expected = task_loss + DynaRankConfig.ortho_weight * penalty
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, expected)
     # The benchmark's ablation switches it off through the same key as ours.
-    spec = TrainSpec(method="adalora", r=2, target_modules=["query", "q_proj"], dynarank={"ortho_weight": 0.0})
+    spec = TrainSpec(method="adalora-physical", r=2, target_modules=["query", "q_proj"], dynarank={"ortho_weight": 0.0})
     assert prepare_model(build(), spec, 100)[0].peft_config["default"].orth_reg_weight == 0.0
 
 
@@ -353,7 +353,7 @@ def test_bad_schedules_and_budgets_are_refused_up_front(config, steps, message):
     task = make_planted_task(seed=0)
     model = task.student()
     attach(
-        model, DynaRankConfig(**{"method": "adalora", "r": 8, "target_rank": 3, "target_modules": ["query"], **config})
+        model, DynaRankConfig(**{"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": ["query"], **config})
     )
     with pytest.raises(ValueError, match=message):
         build_controller(model, total_steps=steps)
@@ -363,12 +363,12 @@ def test_bad_schedules_and_budgets_are_refused_up_front(config, steps, message):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"method": "adalora", "target_rank": 8}, r"target_rank must be a number in \(0, r=8\)"),
-        ({"method": "adalora", "target_rank": 2, "target_params": 100}, "not both"),
+        ({"method": "adalora-physical", "target_rank": 8}, r"target_rank must be a number in \(0, r=8\)"),
+        ({"method": "adalora-physical", "target_rank": 2, "target_params": 100}, "not both"),
         ({"method": "ard", "target_rank": 2}, "apply to method='elalora' or 'adalora'"),
-        ({"method": "adalora", "t_init_steps": -1}, "t_init_steps must be an integer >= 0"),
-        ({"method": "adalora", "importance_beta1": 1.0}, r"importance_beta1 must be in \(0, 1\)"),
-        ({"method": "adalora", "target_rank": 1, "rank_floor": 2}, "below rank_floor"),
+        ({"method": "adalora-physical", "t_init_steps": -1}, "t_init_steps must be an integer >= 0"),
+        ({"method": "adalora-physical", "importance_beta1": 1.0}, r"importance_beta1 must be in \(0, 1\)"),
+        ({"method": "adalora-physical", "target_rank": 1, "rank_floor": 2}, "below rank_floor"),
     ],
 )
 def test_bad_adalora_configs_are_refused_with_a_clear_message(fields, message):

@@ -227,7 +227,7 @@ def test_default_settings_recover_planted_ranks(seed):
     target = ["query"]
     ard = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=target), seed=seed)
     oracle = train_planted(
-        task, DynaRankConfig(method="lora", r=8, target_modules=target), fixed_ranks=task.true_ranks, seed=seed
+        task, DynaRankConfig(method="dynarank-lora", r=8, target_modules=target), fixed_ranks=task.true_ranks, seed=seed
     )
     assert within_one(ard["ranks"], task.true_ranks) >= 0.9, ard["ranks"]
     assert ard["mse"] <= 1.05 * oracle["mse"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dynarank
-import dynarank.io
+import dynarank.storage
 from dynarank import checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
 from dynarank.loop import NonFiniteError, TrainSpec, nonfinite_gradients, train_classifier
@@ -109,7 +109,7 @@ def test_a_baseline_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=run, save_every=5)
-    original = dynarank.io._write_synced
+    original = dynarank.storage._write_synced
 
     def dying_writer(path, data):
         if path.name == checkpoint.STATE_FILE:
@@ -117,7 +117,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
             raise KeyboardInterrupt  # the process is killed mid-write
         return original(path, data)
 
-    monkeypatch.setattr(dynarank.io, "_write_synced", dying_writer)
+    monkeypatch.setattr(dynarank.storage, "_write_synced", dying_writer)
     model = train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=tmp_path / "x")["model"]
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(run, model, torch.optim.AdamW(model.parameters()), None, None, step=15)

@@ -437,7 +437,7 @@ def test_an_adapter_whose_replacement_could_not_put_it_back_is_restored_by_the_n
 KILLED_BETWEEN_THE_RENAMES = """
 import os, sys
 from pathlib import Path
-from dynarank import io
+from dynarank import storage as io
 
 out, real = Path(sys.argv[1]), Path.rename
 def rename(self, target):
@@ -520,7 +520,7 @@ def test_a_pickled_adapter_is_rejected_without_being_unpickled(tmp_path, monkeyp
 
 
 def test_a_directory_moved_aside_is_found_by_its_full_name_even_with_dots(tmp_path):
-    from dynarank import io
+    from dynarank import storage as io
 
     (tmp_path / ".my.adapter.v2.k3_9xq.old").mkdir()  # .<name>.<random>.old, the random part without dots
     (tmp_path / ".step-6.ab12.old").mkdir()

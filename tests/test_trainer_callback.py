@@ -61,7 +61,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 
 def test_fixed_rank_lora_trains_through_the_callback(tmp_path):
-    model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query"]))
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
     callback = dynarank.DynaRankCallback(model)
     trainer = make_trainer(tmp_path, model, max_steps=4)
     trainer.add_callback(callback)
@@ -70,7 +70,7 @@ def test_fixed_rank_lora_trains_through_the_callback(tmp_path):
 
 
 def test_a_callback_checks_loads_into_its_model_until_another_callback_takes_over_or_training_ends(tmp_path):
-    model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query"]))
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
     hooks, before = model._load_state_dict_pre_hooks, len(model._load_state_dict_pre_hooks)
     dynarank.DynaRankCallback(model)
     assert len(hooks) == before + 1
@@ -107,7 +107,7 @@ def test_a_step_with_nan_gradients_is_skipped_and_the_schedule_keeps_time(tmp_pa
 
 
 def test_the_stop_policy_raises_on_nan_gradients(tmp_path):
-    model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query"]))
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
     callback = dynarank.DynaRankCallback(model, on_nonfinite="stop")
     trainer = make_trainer(tmp_path, model, max_steps=5)
     callback.install(trainer)
@@ -117,7 +117,7 @@ def test_the_stop_policy_raises_on_nan_gradients(tmp_path):
 
 
 def test_the_gradient_check_of_a_step_reads_one_value_however_many_parameters(count_host_reads):
-    model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query", "value"]))
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query", "value"]))
     guard = dynarank.DynaRankCallback(model).guard
     for p in model.parameters():
         if p.requires_grad:
@@ -133,7 +133,7 @@ def test_an_optimizer_built_where_a_discarded_one_lived_has_its_steps_guarded_to
 
     from transformers import TrainerControl, TrainerState
 
-    model = attach(tiny_bert(), DynaRankConfig(method="lora", r=2, target_modules=["query"]))
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
     callback = dynarank.DynaRankCallback(model)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     params = [p for p in model.parameters() if p.requires_grad]

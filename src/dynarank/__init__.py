@@ -4,8 +4,8 @@ from .attach import adapter_parameter_count, attach, count_trainable, elastic_la
 from .config import DynaRankConfig
 from .controllers import ARDController, RankController, StepRecord, build_controller, prepare_parameters
 from .export import export_peft
-from .io import AdapterFormatError, load_adapter, save_adapter
 from .layer import ElasticLoRALinear
+from .storage import AdapterFormatError, load_adapter, save_adapter
 
 __all__ = [
     "ARDController",

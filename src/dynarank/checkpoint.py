@@ -37,7 +37,7 @@ from safetensors.torch import load
 from torch import nn
 
 from .attach import elastic_layers
-from .io import interrupted_replacements, restore_interrupted, write_atomically
+from .storage import interrupted_replacements, restore_interrupted, write_atomically
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"

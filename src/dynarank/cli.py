@@ -16,9 +16,9 @@ from pathlib import Path
 
 from . import commands, run_options, runs
 from .data import DataError
-from .io import AdapterFormatError
 from .loop import ALL_METHODS, NonFiniteError
 from .models import ModelError
+from .storage import AdapterFormatError
 
 
 def _safetensors_error() -> type[BaseException]:

@@ -16,7 +16,6 @@ from .attach import elastic_layers, unwrap
 from .data import causal_examples, classification_examples, label_name, load_table
 from .export import export_peft
 from .files import RunFileError, naming, read_yaml
-from .io import load_adapter
 from .loop import DYNARANK_METHODS
 from .models import (
     check_max_length,
@@ -37,6 +36,7 @@ from .runs import (
     write_adapter_info,
 )
 from .safe_load import load_peft_adapter, peft_config
+from .storage import load_adapter
 from .tasks import evaluate_causal_lm, evaluate_classifier
 
 DEFAULT_MAX_LENGTH = 64  # eval's truncation when neither --max-length nor the run says

@@ -1,12 +1,27 @@
-"""Configuration of a dynarank adapter: one dataclass, validated on construction."""
+"""Configuration of a dynarank adapter: a small shared base and one dataclass per method.
+
+    DynaRankConfig(method="ard", r=8, ard_lambda=2.0)        # -> ARDConfig(r=8, ard_lambda=2.0)
+    DynaRankConfig(method="elalora", ard_lambda=2.0)         # ConfigError: ard_lambda is a knob of 'ard'
+
+Methods (the same names in the library, the CLI, YAML files, run records and the docs):
+
+    dynarank-lora      fixed per-group ranks (the engine without a controller)
+    ard                ARD-LoRA: a learned scale per group sets its rank (ARDConfig)
+    elalora            ElaLoRA: importance-scored prune AND expand (ElaLoRAConfig)
+    adalora-physical   AdaLoRA-style importance-scored pruning that frees memory as it prunes (AdaLoRAConfig)
+
+A knob the chosen method does not use is an error that names it: nothing is silently ignored. Each
+field carries its help text once (``metadata["help"]``); the CLI builds its flags from these fields.
+A validation error is a :class:`ConfigError` that carries the field(s) it is about, so an application
+can name its own spelling of them (the CLI names flags) without parsing the message.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-Method = Literal["lora", "ard", "elalora", "adalora"]
 Granularity = Literal["head", "matrix"]
 HeadLayout = Literal["own", "shared"]
 Preset = Literal["default", "paper"]
@@ -15,11 +30,6 @@ TVForm = Literal["step", "anchor"]
 Readout = Literal["ceil", "round"]
 MaskKind = Literal["hard", "soft"]
 
-METHODS: tuple[str, ...] = ("lora", "ard", "elalora", "adalora")
-SVD_METHODS: tuple[str, ...] = ("elalora", "adalora")  # the SVD form P diag(E) Q with importance scores
-GRANULARITIES: tuple[str, ...] = ("head", "matrix")
-HEAD_LAYOUTS: tuple[str, ...] = ("own", "shared")
-
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
 KEY_VALUE_SUFFIXES = ("key", "value", "k_proj", "v_proj", "k", "v", "k_lin", "v_lin")
@@ -27,247 +37,108 @@ OUTPUT_SUFFIXES = ("attention.output.dense", "o_proj", "out_proj", "o", "out_lin
 # Top-level task heads: trained in full (modules_to_save), never adapted. BART-style models call theirs
 # classification_head; DistilBERT's classifier is preceded by a freshly initialised pre_classifier.
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "classification_head", "pre_classifier")
+ORTHO_WEIGHT = 0.1  # the SVD methods' orthogonality penalty weight (both papers' code)
+LEGACY_METHODS = {"lora": "dynarank-lora", "adalora": "adalora-physical"}  # names in adapters saved before 0.2
+
+
+class ConfigError(ValueError):
+    """A configuration value the method refuses; ``fields`` names the field(s) it is about."""
+
+    def __init__(self, fields: str | tuple[str, ...], problem: str) -> None:
+        self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
+        self.problem = problem
+        super().__init__(f"{' / '.join(self.fields)}: {problem}")
+
+    def named(self, name_of) -> str:
+        """The message with every field spelled by ``name_of(field)`` (e.g. a command-line flag)."""
+        return f"{' / '.join(name_of(f) for f in self.fields)}: {self.problem}"
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field that carries its help text (used by the CLI and the docs)."""
+    """A dataclass field that carries its help text (the CLI's flags and the docs read it)."""
     if default is not dataclasses.MISSING:
         kw["default"] = default
     return field(metadata={"help": text}, **kw)
 
 
+def _choice(config: Any, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(config, name) not in allowed:
+        raise ConfigError(name, f"{getattr(config, name)!r} is not one of {', '.join(allowed)}.")
+
+
+def _count(config: Any, name: str, low: int, optional: bool = True) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(name, f"must be an integer >= {low}, got {value!r}.")
+
+
 @dataclass
 class DynaRankConfig:
-    """What to adapt, and how.
+    """What to adapt, and how: the fields every method shares.
 
     The low-rank update of a target ``W`` (d_out x d_in) is
     ``delta(x) = scaling * sum_g B_g (m_g * (A_g x))`` with ``scaling = lora_alpha / r``.
+    ``DynaRankConfig(method=..., **fields)`` builds the method's own config class.
     """
 
-    method: Method = _help(
-        "Rank method: 'lora' (fixed ranks), 'ard' (learned per-head ranks), 'elalora' (importance-scored "
-        "prune AND expand, total rank conserved) or 'adalora' (importance-scored pruning to a budget, "
-        "physically shrinking).",
-        "lora",
+    METHOD: ClassVar[str] = "dynarank-lora"  # the method this class configures
+    method: str = _help(
+        "Rank method: 'dynarank-lora' (fixed ranks), 'ard' (learned per-head ranks), 'elalora' (importance-scored "
+        "prune and expand) or 'adalora-physical' (importance-scored pruning that frees memory).",
+        "dynarank-lora",
     )
     target_modules: list[str] | str = _help(
-        "Modules to adapt: a list of name suffixes, a regex (string) matched against the full "
-        "name, or 'all-linear' (every Linear except the task head).",
+        "Modules to adapt: a list of name suffixes, a regex (string) matched against the full name, or "
+        "'all-linear' (every Linear except the task head).",
         default_factory=lambda: ["query", "value"],
     )
-    r: int = _help("Initial rank of every group (per head under granularity='head').", 8)
+    r: int = _help("Initial rank of every group (per head under granularity='head'); higher: more capacity.", 8)
     lora_alpha: float | None = _help("Output scale numerator; scaling = lora_alpha / r. Default: r.", None)
     lora_dropout: float = _help("Dropout on the adapter input (0 disables it).", 0.0)
     granularity: Granularity = _help(
-        "'head': one rank group per attention head in q/k/v/o projections; 'matrix': one per module.",
-        "head",
+        "'head': one rank group per attention head in q/k/v/o projections; 'matrix': one per module.", "head"
     )
     head_layout: HeadLayout = _help(
-        "'own': each head has its own A rows (a rank costs d_in + d_head); 'shared': the heads of a "
-        "projection share A's rows and each keeps its own B columns (plain LoRA's cost at full use).",
+        "'own': each head has its own A rows (a rank costs d_in + d_head); 'shared': the heads of a projection "
+        "share A's rows and each keeps its own B columns (plain LoRA's cost at full use).",
         "own",
     )
     num_heads: int | None = _help("Attention heads; default model.config.num_attention_heads.", None)
     num_kv_heads: int | None = _help("Key-value heads (GQA); default model.config.num_key_value_heads.", None)
     head_dim: int | None = _help("Head size; default model.config.head_dim or hidden_size / num_heads.", None)
     modules_to_save: list[str] | None = _help(
-        "Modules trained in full and saved with the adapter; default: the task head if there is one.",
-        None,
+        "Modules trained in full and saved with the adapter; default: the task head if there is one.", None
     )
     exclude_modules: list[str] = _help("Name suffixes never adapted.", default_factory=list)
-    seed: int | None = _help("Seed for the adapter's initialisation (None: the global torch RNG).", None)
+    seed: int | None = _help("Seed of everything the adapter draws at random (None: the global torch RNG).", None)
 
-    # --- rank control shared by the rank-changing methods
-    rank_floor: int = _help("Smallest rank a group can end at; 0 lets a head switch off.", 0)
-    resize_every: int | None = _help(
-        "Optimizer steps between physical resizes (ElaLoRA's interval, AdaLoRA's deltaT; None: about 20 "
-        "resizes over the active phase).",
-        None,
-    )
-
-    # --- ARD-LoRA (method='ard')
-    preset: Preset = _help(
-        "'default': settings calibrated to the run (warm-up, straight-through hard mask, relative lambda); "
-        "'paper': the seed paper's literal values (lambda 0.01, beta 0.1, lr 1e-4 / 5e-5, soft mask, round).",
-        "default",
-    )
-    ard_lambda: float | None = _help(
-        "l1 strength. lambda_mode='relative': in units of the loss improvement of warm-up per slot, priced "
-        "by each group's parameter cost (default 1.0; larger = smaller ranks); 'gradient': in units of the "
-        "median task gradient on alpha at the end of warm-up; 'absolute': the raw coefficient of "
-        "sum |alpha| (paper: 0.01).",
-        None,
-    )
-    lambda_mode: LambdaMode = _help("'relative' (calibrated to the run's loss), 'gradient' or 'absolute'.", "relative")
-    ard_beta: float | None = _help(
-        "Strength of the total-variation (rank stability) term, in the units of ard_lambda but independent of it "
-        "(ard_lambda=0 leaves TV acting alone): beta_g = ard_beta * p_g, lambda_g = ard_lambda * p_g, with p_g "
-        "the price lambda_mode gives a group. Default: a tenth of the mode's default lambda (relative: 0.1; "
-        "absolute: 0.001, the paper's lambda * beta).",
-        None,
-    )
-    tv_form: TVForm = _help(
-        "'step': the paper's ||alpha(t) - alpha(t-1)||^2 (alpha(t-1): the value before the previous update); "
-        "'anchor': ||alpha(t) - alpha(last resize)||^2, which holds alpha near its value at the last cut "
-        "(docs/ard.md measures both).",
-        "step",
-    )
-    lr_alpha: float | None = _help(
-        "Learning rate of the alphas (None: alpha_travel / active steps, so a head can cross its range).", None
-    )
-    alpha_travel: float = _help("How far (in alpha) a head can move over the active phase when lr_alpha=None.", 2.0)
-    warmup_frac: float = _help(
-        "Fraction of steps with alpha frozen at the start (its task gradient is 0 at t=0); ElaLoRA/AdaLoRA: "
-        "t_init, the steps before the first reallocation.",
-        0.2,
-    )
-    final_frac: float = _help(
-        "Fraction of steps at the end with ranks fixed, fine-tuning A and B (ElaLoRA/AdaLoRA: t_final).", 0.15
-    )
-    readout: Readout = _help("Rank read from alpha: 'ceil' (unbiased with the hard mask) or 'round'.", "ceil")
-    mask: MaskKind = _help(
-        "'hard': 0/1 mask in the forward pass with the clamp's gradient (straight-through); "
-        "'soft': the clamp mask itself (biased: B grows to compensate partly-on slots).",
-        "hard",
-    )
-
-    # --- ElaLoRA / AdaLoRA (method='elalora' / 'adalora'): update P diag(E) Q, ranks scored by importance
-    target_rank: float | None = _help(
-        "Final average rank per group (AdaLoRA's target_r); the total rank budget falls cubically from "
-        "r x groups to round(target_rank x groups). AdaLoRA's default (no target given): 2/3 of r, like PEFT's "
-        "12 -> 8; ElaLoRA's: none (the total rank is conserved), with one it prunes into the budget while "
-        "reallocating.",
-        None,
-    )
-    target_params: int | None = _help(
-        "Budget in adapter parameters (A and B, what the export costs) instead of ranks. AdaLoRA: the final "
-        "count; ElaLoRA: a ceiling that expansions never exceed (None: ElaLoRA conserves the total rank), or, "
-        "below the initial size, a budget it prunes into on AdaLoRA's cubic schedule while reallocating; "
-        "ARD: a ceiling that falls cubically from the start to this count over the active phase, with the "
-        "l1 strength steered so that the learned ranks follow it (None: the l1 strength alone sets the size).",
-        None,
-    )
-    t_init_steps: int | None = _help("ElaLoRA/AdaLoRA: exact t_init in optimizer steps (overrides warmup_frac).", None)
-    t_final_steps: int | None = _help("ElaLoRA/AdaLoRA: exact t_final in optimizer steps (overrides final_frac).", None)
-    k_candidates: int = _help("ElaLoRA: lowest-scoring ranks every group offers per round (capped at rank - 1).", 2)
-    b_changes: int = _help(
-        "ElaLoRA: ranks pruned and added in the first round (b0); later rounds use round(b0 (1 - p^3)).", 4
-    )
-    ortho_weight: float = _help(
-        "Weight of the orthogonality penalty, the mean over groups of ||A A^T - I||_F and ||B^T B - I||_F; its "
-        "gradient is added once per optimizer step (0 disables it).",
-        0.1,
-    )
-    importance_beta1: float = _help("EMA factor of the sensitivity I = |w * dL/dw| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
-    importance_beta2: float = _help("EMA factor of the uncertainty |I - Ibar| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
-    switch_off: bool = _help(
-        "ElaLoRA: a group may offer its last rank too, so a head or matrix can be switched off and its "
-        "parameters go to the others (rank_floor still applies). Default False keeps one rank in every group, "
-        "as the authors' code does.",
-        False,
-    )
-    reset_optimizer_on_resize: bool = _help(
-        "Reset every optimizer moment after a round that changed ranks, as the ElaLoRA authors' code does (it "
-        "rebuilds its optimizer); default False carries the moments of every kept rank.",
-        False,
-    )
+    def __new__(cls, method: str | None = None, **fields: Any):
+        """``DynaRankConfig(method=...)`` builds the method's class; a knob that class lacks is a ConfigError."""
+        if cls is DynaRankConfig:
+            cls = config_class(method if method is not None else DynaRankConfig.METHOD)
+        elif method is not None and method != cls.METHOD:
+            raise ConfigError("method", f"{cls.__name__} configures {cls.METHOD!r}, not {method!r}.")
+        _refuse_foreign(cls, fields)
+        return object.__new__(cls)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not known; choose one of {', '.join(METHODS)}.")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={self.granularity!r}; choose 'head' or 'matrix'.")
-        if self.head_layout not in HEAD_LAYOUTS:
-            raise ValueError(f"head_layout={self.head_layout!r}; choose 'own' or 'shared'.")
+        _choice(self, "granularity", ("head", "matrix"))
+        _choice(self, "head_layout", ("own", "shared"))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer (the initial rank per group), got {self.r!r}.")
+            raise ConfigError("r", f"must be a positive integer (the initial rank per group), got {self.r!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+            raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}.")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}.")
+            raise ConfigError("lora_alpha", f"must be positive, got {self.lora_alpha!r}.")
         for name in ("num_heads", "num_kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-        self._validate_rank_control()
-        self._validate_svd()
+            _count(self, name, 1)
         if isinstance(self.target_modules, str):
             if not self.target_modules:
-                raise ValueError("target_modules is empty: give names, a regex, or 'all-linear'.")
+                raise ConfigError("target_modules", "is empty: give names, a regex, or 'all-linear'.")
         elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}.")
-
-    def _validate_rank_control(self) -> None:
-        choices = {
-            "preset": ("default", "paper"),
-            "lambda_mode": ("relative", "gradient", "absolute"),
-            "tv_form": ("step", "anchor"),
-            "readout": ("ceil", "round"),
-            "mask": ("hard", "soft"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
-        if not isinstance(self.rank_floor, int) or not 0 <= self.rank_floor <= self.r:
-            raise ValueError(f"rank_floor must be an integer in [0, r={self.r}], got {self.rank_floor!r}.")
-        if self.resize_every is not None and (not isinstance(self.resize_every, int) or self.resize_every < 1):
-            raise ValueError(f"resize_every must be a positive integer or None, got {self.resize_every!r}.")
-        for name in ("ard_lambda", "lr_alpha", "ard_beta"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}.")
-        if self.alpha_travel <= 0:
-            raise ValueError(f"alpha_travel must be > 0, got {self.alpha_travel!r}.")
-        if not (0 <= self.warmup_frac < 1 and 0 <= self.final_frac < 1 and self.warmup_frac + self.final_frac < 1):
-            raise ValueError(
-                f"warmup_frac ({self.warmup_frac}) and final_frac ({self.final_frac}) must be in [0, 1) and leave "
-                "an active phase (their sum < 1)."
-            )
-
-    def _validate_svd(self) -> None:
-        for name in ("k_candidates", "b_changes", "t_init_steps", "t_final_steps", "target_params"):
-            value = getattr(self, name)
-            low = 1 if name in ("k_candidates", "target_params") else 0
-            if value is None and name not in ("k_candidates", "b_changes"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        for name in ("importance_beta1", "importance_beta2"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}.")
-        if self.ortho_weight < 0:
-            raise ValueError(f"ortho_weight must be >= 0, got {self.ortho_weight!r}.")
-        for name in ("switch_off", "reset_optimizer_on_resize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.switch_off and self.method != "elalora":
-            raise ValueError(
-                f"switch_off applies to method='elalora', not {self.method!r}: ARD and AdaLoRA switch groups off "
-                "whenever rank_floor is 0."
-            )
-        budget_fields = ("target_rank", "target_params", "t_init_steps", "t_final_steps")
-        if self.method not in SVD_METHODS:
-            # ARD takes a parameter budget too; the rank budget and the step counts are the SVD methods'.
-            allowed = ("target_params",) if self.method == "ard" else ()
-            given = [n for n in budget_fields if getattr(self, n) is not None and n not in allowed]
-            if given:
-                raise ValueError(f"{', '.join(given)} apply to method='elalora' or 'adalora', not {self.method!r}.")
-            return
-        if self.target_rank is not None and self.target_params is not None:
-            raise ValueError(
-                "give the budget either in ranks (target_rank) or in parameters (target_params), not both."
-            )
-        if self.target_rank is None:
-            return
-        value = self.target_rank
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < self.r:
-            raise ValueError(
-                f"target_rank must be a number in (0, r={self.r}) (the budget falls from the initial rank to it), "
-                f"got {value!r}."
-                + (" ElaLoRA without target_rank conserves the total rank." if self.method == "elalora" else "")
-            )
-        if value < self.rank_floor:
-            raise ValueError(f"target_rank ({value}) is below rank_floor ({self.rank_floor}): no group may go there.")
+            raise ConfigError("target_modules", f"must be a non-empty list of names, got {self.target_modules!r}.")
 
     @property
     def scaling(self) -> float:
@@ -279,8 +150,252 @@ class DynaRankConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DynaRankConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}.")
-        return cls(**data)
+        """The config a :meth:`to_dict` recorded (method names of earlier versions are understood; fields an
+        earlier version recorded for every method are dropped when the method does not use them)."""
+        data = dict(data)
+        method = data.get("method", DynaRankConfig.METHOD)
+        data["method"] = method = LEGACY_METHODS.get(method, method)
+        target = config_class(method)
+        if "k_candidates" in data and target is not ElaLoRAConfig:  # the flat config of version 0.1: every field
+            data = {k: v for k, v in data.items() if k in fields_of(target)}
+        return DynaRankConfig(**data)
+
+
+@dataclass
+class FixedRankConfig(DynaRankConfig):
+    """dynarank-lora: the engine at fixed per-group ranks."""
+
+    METHOD: ClassVar[str] = "dynarank-lora"
+    method: str = "dynarank-lora"
+
+
+@dataclass
+class RankControlConfig(DynaRankConfig):
+    """What every rank-changing method shares."""
+
+    rank_floor: int = _help("Smallest rank a group can end at; 0 lets a head switch off.", 0)
+    resize_every: int | None = _help(
+        "Optimizer steps between physical resizes (ElaLoRA's interval, AdaLoRA's deltaT; None: about 20 over the "
+        "active phase).",
+        None,
+    )
+    warmup_frac: float = _help(
+        "Fraction of steps before ranks may change (ARD: alpha frozen, its task gradient is 0 at t=0; "
+        "ElaLoRA/AdaLoRA: t_init).",
+        0.2,
+    )
+    final_frac: float = _help("Fraction of steps at the end with ranks fixed, fine-tuning A and B (t_final).", 0.15)
+    target_params: int | None = _help(
+        "Budget in adapter parameters (A and B, what the export costs); see each method for how it is held.", None
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.rank_floor, int) or not 0 <= self.rank_floor <= self.r:
+            raise ConfigError("rank_floor", f"must be an integer in [0, r={self.r}], got {self.rank_floor!r}.")
+        _count(self, "resize_every", 1)
+        _count(self, "target_params", 1)
+        if not (0 <= self.warmup_frac < 1 and 0 <= self.final_frac < 1 and self.warmup_frac + self.final_frac < 1):
+            raise ConfigError(
+                ("warmup_frac", "final_frac"),
+                f"must be in [0, 1) and leave an active phase (their sum < 1), got {self.warmup_frac} and "
+                f"{self.final_frac}.",
+            )
+
+
+@dataclass
+class ARDConfig(RankControlConfig):
+    """ARD-LoRA: a learnable alpha per group, rank = ceil(r0 * alpha); l1 + total variation shrink it.
+
+    ``target_params``: a ceiling that falls cubically from the start to this count over the active phase,
+    with the l1 strength steered so that the learned ranks follow it (None: the l1 strength alone sets
+    the size)."""
+
+    METHOD: ClassVar[str] = "ard"
+    method: str = "ard"
+    preset: Preset = _help(
+        "'default': settings calibrated to the run (warm-up, straight-through hard mask, relative lambda); "
+        "'paper': the seed paper's literal values (lambda 0.01, beta 0.1, lr 1e-4 / 5e-5, soft mask, round).",
+        "default",
+    )
+    ard_lambda: float | None = _help(
+        "l1 strength (larger: smaller ranks). lambda_mode='relative': in units of the loss improvement of warm-up "
+        "per slot, priced by each group's parameter cost (default 1.0); 'gradient': in units of the median task "
+        "gradient on alpha at the end of warm-up; 'absolute': the raw coefficient of sum |alpha| (paper: 0.01).",
+        None,
+    )
+    lambda_mode: LambdaMode = _help("How ard_lambda is read: 'relative', 'gradient' or 'absolute'.", "relative")
+    ard_beta: float | None = _help(
+        "Strength of the total-variation (rank stability) term, in the units of ard_lambda but independent of it "
+        "(ard_lambda=0 leaves TV acting alone): beta_g = ard_beta * p_g, lambda_g = ard_lambda * p_g, with p_g "
+        "the price lambda_mode gives a group. Default: a tenth of the mode's default lambda (relative: 0.1; "
+        "absolute: 0.001, the paper's lambda * beta).",
+        None,
+    )
+    tv_form: TVForm = _help(
+        "'step': the paper's ||alpha(t) - alpha(t-1)||^2 (alpha(t-1): the value before the previous update); "
+        "'anchor': ||alpha(t) - alpha(last resize)||^2 (docs/ard.md measures both).",
+        "step",
+    )
+    lr_alpha: float | None = _help(
+        "Learning rate of the alphas (None: alpha_travel / active steps, so a head can cross its range).", None
+    )
+    alpha_travel: float = _help("How far (in alpha) a head can move over the active phase when lr_alpha=None.", 2.0)
+    readout: Readout = _help("Rank read from alpha: 'ceil' (unbiased with the hard mask) or 'round'.", "ceil")
+    mask: MaskKind = _help(
+        "'hard': 0/1 mask in the forward pass with the clamp's gradient (straight-through); 'soft': the clamp mask "
+        "itself (biased: B grows to compensate partly-on slots).",
+        "hard",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, allowed in (
+            ("preset", ("default", "paper")),
+            ("lambda_mode", ("relative", "gradient", "absolute")),
+            ("tv_form", ("step", "anchor")),
+            ("readout", ("ceil", "round")),
+            ("mask", ("hard", "soft")),
+        ):
+            _choice(self, name, allowed)
+        for name in ("ard_lambda", "lr_alpha", "ard_beta"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(name, f"must be >= 0, got {value!r}.")
+        if self.alpha_travel <= 0:
+            raise ConfigError("alpha_travel", f"must be > 0, got {self.alpha_travel!r}.")
+
+
+@dataclass
+class SVDConfig(RankControlConfig):
+    """What ElaLoRA and AdaLoRA share: the update P diag(E) Q, ranks scored by importance, one group per matrix
+    by default (as both papers)."""
+
+    METHOD: ClassVar[str] = ""  # abstract: ElaLoRAConfig or AdaLoRAConfig
+    granularity: Granularity = _help(
+        "'matrix' (the papers' unit): one rank group per module; 'head': one per attention head in q/k/v/o.",
+        "matrix",
+    )
+    target_rank: float | None = _help(
+        "Final average rank per group (AdaLoRA's target_r): the total rank budget falls cubically from r x groups "
+        "to round(target_rank x groups).",
+        None,
+    )
+    t_init_steps: int | None = _help("Exact t_init in optimizer steps (overrides warmup_frac).", None)
+    t_final_steps: int | None = _help("Exact t_final in optimizer steps (overrides final_frac).", None)
+    ortho_weight: float = _help(
+        "Weight of the orthogonality penalty, the mean over groups of ||A A^T - I||_F and ||B^T B - I||_F; its "
+        "gradient is added once per optimizer step (0 disables it).",
+        ORTHO_WEIGHT,
+    )
+    importance_beta1: float = _help("EMA factor of the sensitivity I = |w * dL/dw| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
+    importance_beta2: float = _help("EMA factor of the uncertainty |I - Ibar| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
+    reset_optimizer_on_resize: bool = _help(
+        "Reset every optimizer moment after a round that changed ranks, as the ElaLoRA authors' code does (it "
+        "rebuilds its optimizer); default False carries the moments of every kept rank.",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _count(self, "t_init_steps", 0)
+        _count(self, "t_final_steps", 0)
+        for name in ("importance_beta1", "importance_beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(name, f"must be in (0, 1), got {getattr(self, name)!r}.")
+        if self.ortho_weight < 0:
+            raise ConfigError("ortho_weight", f"must be >= 0, got {self.ortho_weight!r}.")
+        if not isinstance(self.reset_optimizer_on_resize, bool):
+            raise ConfigError(
+                "reset_optimizer_on_resize", f"must be True or False, got {self.reset_optimizer_on_resize!r}."
+            )
+        if self.target_rank is not None and self.target_params is not None:
+            raise ConfigError(
+                ("target_rank", "target_params"), "give the budget either in ranks or in parameters, not both."
+            )
+        if self.target_rank is None:
+            return
+        value = self.target_rank
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < self.r:
+            raise ConfigError(
+                "target_rank",
+                f"must be a number in (0, r={self.r}) (the budget falls from the initial rank to it), got {value!r}.",
+            )
+        if value < self.rank_floor:
+            raise ConfigError(("target_rank", "rank_floor"), f"{value} is below the floor {self.rank_floor}.")
+
+
+@dataclass
+class ElaLoRAConfig(SVDConfig):
+    """ElaLoRA: each round prunes the lowest-scoring ranks and grows the groups whose weakest ranks score highest.
+
+    Without a budget the total rank is conserved; ``target_params`` at or above the initial size is a ceiling
+    that expansions never exceed; a budget below the start (``target_rank`` below r, or ``target_params`` below
+    the initial size) is reached on AdaLoRA's cubic schedule while the method goes on reallocating."""
+
+    METHOD: ClassVar[str] = "elalora"
+    method: str = "elalora"
+    k_candidates: int = _help("Lowest-scoring ranks every group offers per round (capped at rank - 1).", 2)
+    b_changes: int = _help("Ranks pruned and added in the first round (b0); later rounds use round(b0 (1 - p^3)).", 4)
+    switch_off: bool = _help(
+        "A group may offer its last rank too, so a head or matrix can be switched off and its parameters go to the "
+        "others (rank_floor still applies). Default False keeps one rank in every group, as the authors' code does.",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _count(self, "k_candidates", 1, optional=False)
+        _count(self, "b_changes", 0, optional=False)
+        if not isinstance(self.switch_off, bool):
+            raise ConfigError("switch_off", f"must be True or False, got {self.switch_off!r}.")
+
+
+@dataclass
+class AdaLoRAConfig(SVDConfig):
+    """AdaLoRA-style pruning: the lowest-scoring ranks are removed physically until a budget that falls cubically
+    holds (``target_rank``, default 2/3 of r as PEFT's 12 -> 8; or ``target_params``)."""
+
+    METHOD: ClassVar[str] = "adalora-physical"
+    method: str = "adalora-physical"
+
+
+CONFIG_CLASSES: dict[str, type[DynaRankConfig]] = {
+    c.METHOD: c for c in (FixedRankConfig, ARDConfig, ElaLoRAConfig, AdaLoRAConfig)
+}
+METHODS: tuple[str, ...] = tuple(CONFIG_CLASSES)
+
+
+def config_class(method: str) -> type[DynaRankConfig]:
+    """The config class of ``method`` (ConfigError naming the methods otherwise)."""
+    if method in LEGACY_METHODS:
+        raise ConfigError(
+            "method",
+            f"{method!r} is a stock PEFT baseline's name; dynarank's own method is {LEGACY_METHODS[method]!r}.",
+        )
+    if method not in CONFIG_CLASSES:
+        raise ConfigError("method", f"{method!r} is not known; choose one of {', '.join(METHODS)}.")
+    return CONFIG_CLASSES[method]
+
+
+def fields_of(cls: type[DynaRankConfig]) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def methods_using(name: str) -> list[str]:
+    """The methods whose config has field ``name``."""
+    return [m for m, c in CONFIG_CLASSES.items() if name in fields_of(c)]
+
+
+def _refuse_foreign(cls: type[DynaRankConfig], given: dict[str, Any]) -> None:
+    """ConfigError naming every field in ``given`` that ``cls`` does not have (and who uses it)."""
+    known = fields_of(cls)
+    foreign = [name for name in given if name not in known]
+    if not foreign:
+        return
+    users = {name: methods_using(name) for name in foreign}
+    detail = "; ".join(
+        f"{name} is a knob of {', '.join(repr(m) for m in who)}" if who else f"{name} is not a dynarank setting"
+        for name, who in users.items()
+    )
+    raise ConfigError(tuple(foreign), f"not used by method {cls.METHOD!r} ({detail}).")

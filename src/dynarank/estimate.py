@@ -43,7 +43,7 @@ def adapter_parameter_estimate(model: nn.Module, spec) -> int | None:
     (each of its G heads has its own A rows), any other r (d_in + d_out); ARD adds an alpha per group, ElaLoRA and
     AdaLoRA a singular value per rank. 'full': every parameter of the model.
     """
-    from .loop import CONFIG_METHOD, DYNARANK_METHODS
+    from .loop import DYNARANK_METHODS
 
     if spec.method == "full":
         return sum(p.numel() for p in model.parameters())
@@ -54,17 +54,15 @@ def adapter_parameter_estimate(model: nn.Module, spec) -> int | None:
         rank = max(spec.r + 1, round(1.5 * spec.r)) if spec.method == "adalora" else spec.r
         extra = {"dora": lambda m: m.out_features, "adalora": lambda m: rank}.get(spec.method, lambda m: 0)
         return sum(rank * (m.in_features + m.out_features) + extra(m) for m in targets.values())
-    return _dynarank_estimate(model, spec, targets, CONFIG_METHOD[spec.method])
+    return _dynarank_estimate(model, spec, targets, spec.method)
 
 
 def _dynarank_estimate(model: nn.Module, spec, targets: dict[str, nn.Linear], method: str) -> int | None:
     from .attach import head_geometry, layer_plan
     from .config import DynaRankConfig
 
-    knobs = {k: v for k, v in spec.dynarank.items() if k in ("granularity", "head_layout")}
-    if method in ("elalora", "adalora"):
-        knobs.setdefault("granularity", "matrix")
-    rank = max(spec.r + 1, round(1.5 * spec.r)) if method == "adalora" else spec.r
+    knobs = {k: v for k, v in spec.dynarank.items() if k in ("granularity", "head_layout", "r")}
+    rank = knobs.pop("r", spec.r)
     try:
         config = DynaRankConfig(method=method, target_modules=spec.target_modules, **knobs)
         geometry = head_geometry(model, config) if config.granularity == "head" else None
@@ -75,7 +73,7 @@ def _dynarank_estimate(model: nn.Module, spec, targets: dict[str, nn.Linear], me
             rows = plan["split"] == "rows"
             shared, grouped = (m.in_features, m.out_features) if rows else (m.out_features, m.in_features)
             total += rank * (own * shared + grouped)  # the shared side (A, or B^T for cols) once per owning head
-            total += {"ard": 1, "elalora": rank, "adalora": rank}.get(method, 0) * plan["n_groups"]  # alphas, or E
+            total += {"ard": 1, "elalora": rank, "adalora-physical": rank}.get(method, 0) * plan["n_groups"]  # alpha, E
     except ValueError:
         return None  # the method's own validation says what is wrong
     return total

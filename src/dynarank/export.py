@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .attach import ATTACHED_ATTR, elastic_layers
-from .io import write_atomically
+from .storage import write_atomically
 
 logger = logging.getLogger(__name__)
 

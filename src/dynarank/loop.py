@@ -12,7 +12,7 @@ import math
 import resource
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,11 @@ from torch import nn
 
 from . import checkpoint
 from .attach import adapter_parameter_count, attach, count_trainable
-from .config import DynaRankConfig
+from .config import METHODS, ORTHO_WEIGHT, DynaRankConfig
 from .controllers import RankController, build_controller
 from .data import Examples, PairExamples
 from .distributed import any_worker, check_same_ranks, default_device, world, wrap
+from .guards import first_nonfinite_module, nonfinite_gradients
 from .optim_state import state_bytes
 from .tasks import (
     NonFiniteError,
@@ -38,10 +39,8 @@ from .tasks import (
 
 logger = logging.getLogger(__name__)
 
-DYNARANK_METHODS = ("ard", "dynarank-lora", "elalora", "adalora-physical")
-# Loop method -> DynaRankConfig.method. The loop's 'adalora' is STOCK PEFT AdaLoRA; ours is 'adalora-physical'.
-CONFIG_METHOD = {"ard": "ard", "dynarank-lora": "lora", "elalora": "elalora", "adalora-physical": "adalora"}
-PEFT_METHODS = ("lora", "dora", "adalora")
+DYNARANK_METHODS = METHODS  # dynarank's own: dynarank-lora, ard, elalora, adalora-physical
+PEFT_METHODS = ("lora", "dora", "adalora")  # the stock PEFT baselines
 ALL_METHODS = DYNARANK_METHODS + PEFT_METHODS + ("full",)
 # Every attention and MLP Linear of a BERT-style encoder (not the pooler, not the classifier).
 BERT_ENCODER_LINEAR = r".*layer\.\d+\..*(query|key|value|dense)"
@@ -79,10 +78,8 @@ class TrainSpec:
 def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[nn.Module, RankController | None]:
     """Adapt ``model`` for ``spec.method``; returns (model to train, dynarank controller or None)."""
     if spec.method in DYNARANK_METHODS:
-        fields = {"r": spec.r, **_svd_defaults(spec, total_steps), **spec.dynarank}
-        config = DynaRankConfig(
-            method=CONFIG_METHOD[spec.method], target_modules=spec.target_modules, seed=spec.seed, **fields
-        )
+        fields = {"r": spec.r, "seed": spec.seed, **spec.dynarank}
+        config = DynaRankConfig(method=spec.method, target_modules=spec.target_modules, **fields)
         attach(model, config)
         return model, build_controller(model, total_steps)
     if spec.method == "full":
@@ -101,7 +98,7 @@ def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[
             init_r=max(spec.r + 1, round(1.5 * spec.r)),
             target_r=spec.r,
             lora_alpha=spec.r,
-            orth_reg_weight=spec.dynarank.get("ortho_weight", DynaRankConfig.ortho_weight),
+            orth_reg_weight=spec.dynarank.get("ortho_weight", ORTHO_WEIGHT),
             target_modules=spec.target_modules,
             total_step=total_steps,
             tinit=max(1, total_steps // 10),
@@ -120,26 +117,6 @@ def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[
     return get_peft_model(model, peft_config), None
 
 
-def _svd_defaults(spec: TrainSpec, total_steps: int) -> dict[str, Any]:
-    """Per-matrix ranks as the papers; 'adalora-physical' also takes the stock 'adalora' run's budget and
-    schedule below (PEFT's step index s is our t - 1: t_init = tinit + 1, t_final = tfinal - 1)."""
-    if spec.method == "elalora":
-        return {"granularity": "matrix"}
-    if spec.method != "adalora-physical":
-        return {}
-    budget = {} if "target_params" in spec.dynarank else {"target_rank": spec.r}  # a parameter budget replaces it
-    return {
-        **budget,
-        "granularity": "matrix",
-        "r": max(spec.r + 1, round(1.5 * spec.r)),
-        "lora_alpha": spec.r,
-        "t_init_steps": max(1, total_steps // 10) + 1,
-        "t_final_steps": max(1, total_steps // 5) - 1,
-        "resize_every": max(1, total_steps // 40),
-    }
-
-
-# Skipped steps in a row after which training stops: an update or a learning rate that makes every step non-finite.
 MAX_SKIPPED_IN_A_ROW = 10
 
 
@@ -149,61 +126,6 @@ def _kept_checkpoint(run_dir: str | Path | None) -> str:
     if saved:
         return f"The last checkpoint, {saved[-1]}, is kept: fix the cause and resume from it."
     return "No checkpoint was written (save with --save-every N / save_every to be able to resume)."
-
-
-@torch.no_grad()
-def nonfinite_gradients(model: nn.Module) -> list[str]:
-    """Names of the modules whose parameter gradients hold NaN or inf.
-
-    Runs at every step: the per-parameter checks stay on their device and are reduced to one flag, so
-    the common case (all finite) waits for the device once per device; modules are named only when
-    something is not finite.
-    """
-    grads: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            grads.setdefault(p.grad.device, []).append((name, p.grad))
-    bad = set()
-    for named in grads.values():
-        finite = torch.stack([torch.isfinite(g).all() for _, g in named])
-        if not finite.all():
-            bad.update(name.rsplit(".", 1)[0] for (name, _), ok in zip(named, finite.tolist()) if not ok)
-    return sorted(bad)
-
-
-@torch.no_grad()
-def first_nonfinite_module(model: nn.Module, inputs: dict) -> str | None:
-    """Name of the first module (in execution order) whose output holds NaN or inf on ``inputs``.
-
-    A diagnostic forward pass, run only after a non-finite loss; None if every module output is finite
-    (the loss computation itself went wrong).
-    """
-    found: list[str] = []
-
-    def tensors(output) -> list[torch.Tensor]:
-        if torch.is_tensor(output):
-            return [output]
-        if isinstance(output, Mapping):  # dicts and transformers' ModelOutput
-            output = list(output.values())
-        return [t for t in output if torch.is_tensor(t)] if isinstance(output, (tuple, list)) else []
-
-    def check(name):
-        def hook(module, args, output):
-            if not found and any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors(output)):
-                found.append(name)
-
-        return hook
-
-    handles = [m.register_forward_hook(check(n)) for n, m in model.named_modules() if n]
-    was_training = model.training
-    try:
-        model.eval()  # no dropout: the same function as the failed step, minus its randomness
-        model(**{k: v for k, v in inputs.items() if k != "labels"})
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return found[0] if found else None
 
 
 def training_state_bytes(

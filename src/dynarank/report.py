@@ -4,25 +4,17 @@ heatmaps and the ranks over training."""
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 
 from .files import RunFileError, naming, read_jsonl
+from .naming import split_name
 
 HEATMAP = "ranks_heatmap.png"
 EVOLUTION = "ranks_over_time.png"
 CURVES = "training_curves.png"
 MAX_TICKS = 12  # tick labels per axis before they are thinned (every k-th layer or head)
 MAX_ANNOTATED = 64  # cells per heatmap panel up to which each cell shows its rank as a number
-
-
-def split_name(module: str) -> tuple[int | None, str]:
-    """('bert.encoder.layer.3.attention.self.query') -> (3, 'attention.self.query')."""
-    match = re.search(r"\.(\d+)\.(.+)$", module)
-    if match is None:
-        return None, module
-    return int(match.group(1)), match.group(2)
 
 
 def rank_grid(ranks: dict[str, list[int]]) -> dict[str, list[list[int]]]:

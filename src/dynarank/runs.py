@@ -31,10 +31,10 @@ from .distributed import world
 from .estimate import check_adapter_fits
 from .export import export_peft
 from .files import MetricsLog, RunFileError, naming, read_json, replace_file, sha256_of
-from .io import save_adapter
 from .loop import ALL_METHODS, BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, train_causal_lm, train_classifier
 from .models import check_max_length, infer_task, load_causal_lm, load_classifier, model_record, resolve_model_dir
 from .run_options import DYNARANK_KNOBS, check_method_options, parse_target_modules, read_run_config
+from .storage import save_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 from .files import RunFileError, read_json, read_safetensors
-from .io import AdapterFormatError
 from .models import require_safetensors
+from .storage import AdapterFormatError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

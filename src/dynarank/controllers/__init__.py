@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..attach import ATTACHED_ATTR, elastic_layers
-from ..config import SVD_METHODS
+from ..config import SVDConfig
 from .adalora import AdaLoRAController
 from .ard import ARDController
 from .ard_gates import ARD_ATTR, ARDGates
@@ -15,10 +15,10 @@ from .elalora import ElaLoRAController
 from .svd import ensure_svd_values
 
 CONTROLLERS: dict[str, type[RankController]] = {
-    "lora": RankController,
+    "dynarank-lora": RankController,
     "ard": ARDController,
     "elalora": ElaLoRAController,
-    "adalora": AdaLoRAController,
+    "adalora-physical": AdaLoRAController,
 }
 
 
@@ -45,7 +45,7 @@ def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
         if getattr(model, ARD_ATTR, None) is None:
             model.add_module(ARD_ATTR, ARDGates(elastic_layers(model)))
         return list(getattr(model, ARD_ATTR).parameters())
-    if config.method in SVD_METHODS:
+    if isinstance(config, SVDConfig):
         ensure_svd_values(model, elastic_layers(model), config.seed)
     return []
 

@@ -22,7 +22,7 @@ class AdaLoRAController(SVDController):
     """AdaLoRA with physical pruning: ranks scored by importance fall to a budget on a cubic schedule.
 
     Args:
-        model: a model returned by ``dynarank.attach(model, DynaRankConfig(method="adalora", ...))``.
+        model: a model returned by ``dynarank.attach(model, DynaRankConfig(method="adalora-physical", ...))``.
         total_steps: optimizer steps of the run.
     """
 

@@ -55,8 +55,8 @@ from ..checkpoint import CheckpointError
 from ..controllers import ARDController, RankController, build_controller, prepare_parameters
 from ..controllers.svd import SVD_ATTR
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
-from ..loop import nonfinite_gradients
-from ..report import split_name
+from ..guards import nonfinite_gradients
+from ..naming import split_name
 
 logger = logging.getLogger(__name__)
 
