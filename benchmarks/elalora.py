@@ -44,8 +44,8 @@ ORACLE = "oracle (true ranks)"
 
 def methods() -> dict[str, dict]:
     """name -> DynaRankConfig keyword arguments ('fixed': cut to the true ranks; 'peft': stock PEFT AdaLoRA)."""
-    ela = {"method": "elalora", "r": 3, "target_modules": TARGET}
-    ada = {"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": TARGET}
+    ela = {"method": "elalora", "r": 3, "target_modules": TARGET, "granularity": "head"}
+    ada = {"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": TARGET, "granularity": "head"}
     return {
         ORACLE: {"method": "dynarank-lora", "r": 8, "target_modules": TARGET, "fixed": True},
         "ARD default (r=8)": {"method": "ard", "r": 8, "target_modules": TARGET},

@@ -12,6 +12,7 @@ from torch import nn
 
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
+from dynarank.config import ORTHO_WEIGHT
 from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_changes
 from dynarank.loop import TrainSpec, prepare_model
 from dynarank.optim_state import state_bytes
@@ -22,7 +23,8 @@ from tiny_models import tiny_bert, tiny_llama, token_batch
 def planted(steps=100, **config):
     task = make_planted_task(seed=0)
     model = task.student()
-    fields = {"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": ["query"], "seed": 0, **config}
+    fields = {"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": ["query"], "seed": 0}
+    fields.update({"granularity": "head", **config})  # one group per head of the planted projection
     attach(model, DynaRankConfig(**fields))
     return task, model, build_controller(model, total_steps=steps)
 
@@ -260,7 +262,9 @@ def test_parity_with_stock_peft_adalora_on_the_same_model_data_and_schedule():
 
 def test_export_after_adalora_reloads_in_stock_peft_with_the_same_logits(tmp_path):
     model = tiny_bert()
-    attach(model, DynaRankConfig(method="adalora-physical", r=4, target_rank=1, target_modules=["query", "value"], seed=0))
+    attach(
+        model, DynaRankConfig(method="adalora-physical", r=4, target_rank=1, target_modules=["query", "value"], seed=0)
+    )
     ctrl = build_controller(model, total_steps=40)
     opt = ctrl.build_optimizer(lr=1e-2)
     x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
@@ -283,7 +287,8 @@ def test_the_trainer_drives_adalora_with_no_manual_call(tmp_path):
 
     from test_trainer_callback import TokenDataset
 
-    model = attach(tiny_bert(), DynaRankConfig(method="adalora-physical", r=4, target_rank=2, target_modules=["query"]))
+    config = DynaRankConfig(method="adalora-physical", r=4, target_rank=2, target_modules=["query"], granularity="head")
+    model = attach(tiny_bert(), config)
     callback = dynarank.DynaRankCallback(model)  # creates E before the Trainer builds its optimizer
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -308,11 +313,12 @@ def test_an_optimizer_without_the_singular_values_is_refused():
         ctrl.bind(torch.optim.AdamW(adapters))
 
 
-def test_the_loop_runs_the_physical_adalora_with_the_stock_baseline_s_budget_and_schedule():
-    model, ctrl = prepare_model(tiny_bert(), TrainSpec(method="adalora-physical", r=4, target_modules=["query"]), 200)
+def test_the_loop_runs_adalora_physical_as_configured_with_no_silent_change_of_its_start_rank():
+    """--r is the start rank of every method: adalora-physical starts at it and prunes to 2/3 of it by default."""
+    model, ctrl = prepare_model(tiny_bert(), TrainSpec(method="adalora-physical", r=6, target_modules=["query"]), 200)
     c = ctrl.config
-    assert (c.method, c.granularity, c.r, c.target_rank, c.lora_alpha) == ("adalora", "matrix", 6, 4, 4)
-    assert (ctrl.schedule.t_init, ctrl.schedule.t_final, ctrl.schedule.interval) == (21, 39, 5)
+    assert (c.method, c.granularity, c.r, c.target_rank, c.lora_alpha) == ("adalora-physical", "matrix", 6, None, None)
+    assert ctrl.target_budget == 4 * 2 and ctrl.start_budget == 6 * 2  # 2/3 of the start, per matrix (2 layers)
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama], ids=["classifier", "causal-lm"])
@@ -320,7 +326,7 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
     # A bare PeftModel (no task type) calls the wrapped model directly and drops the penalty, so the
     # benchmark's "stock AdaLoRA" trained without it while ours trained with it. The loss the loop
     # back-propagates must be the task loss plus weight x mean of ||A A^T - I||_F, ||B^T B - I||_F.
-    model, _ = prepare_model(build(), TrainSpec(method="adalora-physical", r=2, target_modules=["query", "q_proj"]), 100)
+    model, _ = prepare_model(build(), TrainSpec(method="adalora", r=2, target_modules=["query", "q_proj"]), 100)
     ids = token_batch()
     labels = torch.tensor([0, 1, 0]) if build is tiny_bert else ids
     task_loss = model.get_base_model()(input_ids=ids, labels=labels).loss
@@ -332,10 +338,10 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
     assert len(norms) == 4  # A and B of two query modules
     penalty = torch.stack(norms).mean()
     assert float(penalty.detach()) > 0.5  # P, Q ~ N(0, 0.02) are far from orthonormal: a missing term shows
-    expected = task_loss + DynaRankConfig.ortho_weight * penalty
+    expected = task_loss + ORTHO_WEIGHT * penalty
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, expected)
     # The benchmark's ablation switches it off through the same key as ours.
-    spec = TrainSpec(method="adalora-physical", r=2, target_modules=["query", "q_proj"], dynarank={"ortho_weight": 0.0})
+    spec = TrainSpec(method="adalora", r=2, target_modules=["query", "q_proj"], dynarank={"ortho_weight": 0.0})
     assert prepare_model(build(), spec, 100)[0].peft_config["default"].orth_reg_weight == 0.0
 
 
@@ -346,14 +352,24 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
         ({"t_init_steps": 50, "t_final_steps": 50}, 100, "no budgeting phase"),
         ({"t_init_steps": 60, "t_final_steps": 40}, 100, r"t_init \(60\) \+ t_final \(40\) >= total_steps"),
         ({"target_rank": None, "target_params": 10_000}, 100, "must be below the start"),
-        ({"target_rank": None, "target_params": 10}, 100, "at least 80"),
+        ({"target_rank": None, "target_params": 10}, 100, "at least 80"),  # one rank in one head
     ],
 )
 def test_bad_schedules_and_budgets_are_refused_up_front(config, steps, message):
     task = make_planted_task(seed=0)
     model = task.student()
     attach(
-        model, DynaRankConfig(**{"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": ["query"], **config})
+        model,
+        DynaRankConfig(
+            **{
+                "method": "adalora-physical",
+                "r": 8,
+                "target_rank": 3,
+                "target_modules": ["query"],
+                "granularity": "head",
+            },
+            **config,
+        ),
     )
     with pytest.raises(ValueError, match=message):
         build_controller(model, total_steps=steps)
@@ -363,12 +379,12 @@ def test_bad_schedules_and_budgets_are_refused_up_front(config, steps, message):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"method": "adalora-physical", "target_rank": 8}, r"target_rank must be a number in \(0, r=8\)"),
+        ({"method": "adalora-physical", "target_rank": 8}, r"target_rank: must be a number in \(0, r=8\)"),
         ({"method": "adalora-physical", "target_rank": 2, "target_params": 100}, "not both"),
-        ({"method": "ard", "target_rank": 2}, "apply to method='elalora' or 'adalora'"),
-        ({"method": "adalora-physical", "t_init_steps": -1}, "t_init_steps must be an integer >= 0"),
-        ({"method": "adalora-physical", "importance_beta1": 1.0}, r"importance_beta1 must be in \(0, 1\)"),
-        ({"method": "adalora-physical", "target_rank": 1, "rank_floor": 2}, "below rank_floor"),
+        ({"method": "ard", "target_rank": 2}, "target_rank: not used by method 'ard'.*knob of 'elalora', 'adalora-"),
+        ({"method": "adalora-physical", "t_init_steps": -1}, "t_init_steps: must be an integer >= 0"),
+        ({"method": "adalora-physical", "importance_beta1": 1.0}, r"importance_beta1: must be in \(0, 1\)"),
+        ({"method": "adalora-physical", "target_rank": 1, "rank_floor": 2}, "below the floor 2"),
     ],
 )
 def test_bad_adalora_configs_are_refused_with_a_clear_message(fields, message):

@@ -358,7 +358,7 @@ def test_a_budget_that_cannot_be_met_is_refused_with_what_to_change():
     task, model = planted_model(target_params=5, rank_floor=0)
     with pytest.raises(ValueError, match="at least 80"):
         build_controller(model, total_steps=100)
-    with pytest.raises(ValueError, match="target_rank apply to method='elalora' or 'adalora'"):
+    with pytest.raises(ValueError, match="target_rank: not used by method 'ard'"):
         DynaRankConfig(method="ard", target_rank=2)
 
 

@@ -176,7 +176,7 @@ def test_a_gpt2_model_is_refused_with_the_reason_that_its_projections_are_conv1d
 
 @pytest.mark.parametrize("r", [0, -1, -8])
 def test_a_non_positive_rank_is_rejected(r):
-    with pytest.raises(ValueError, match="r must be a positive integer"):
+    with pytest.raises(ValueError, match="r: must be a positive integer"):
         DynaRankConfig(r=r)
 
 

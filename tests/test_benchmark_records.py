@@ -25,7 +25,7 @@ def test_a_fresh_store_forgets_earlier_runs_and_replaces_the_file_at_its_first_s
     RecordStore(tmp_path / "study.json", key).add({"method": "ard", "seed": 0, "loss": 1.0})
     fresh = RecordStore(tmp_path / "study.json", key, fresh=True)
     assert not fresh.has(("ard", 0))  # measured again, not taken from an earlier version of the code
-    fresh.add({"method": "dynarank-lora", "seed": 0, "loss": 2.0})
+    fresh.add({"method": "lora", "seed": 0, "loss": 2.0})
     assert [key(r) for r in RecordStore(tmp_path / "study.json", key).runs] == [("lora", 0)]
 
 
@@ -102,7 +102,7 @@ def test_for_a_loss_a_lower_value_counts_as_a_win():
     task = {**quality.TASKS["minilm"], "higher_is_better": False}
     rows = [
         {"method": "elalora", "budget_r": 4, "seeds": [0, 1], "by_seed": [1.20, 1.30]},
-        {"method": "adalora-physical", "budget_r": 4, "seeds": [0, 1], "by_seed": [1.25, 1.28]},
+        {"method": "adalora", "budget_r": 4, "seeds": [0, 1], "by_seed": [1.25, 1.28]},
     ]
     (pair,) = quality.paired(rows, task, baselines=("adalora",))
     assert (pair["won"], pair["lost"]) == (1, 1) and abs(pair["mean"] - 0.015) < 1e-9

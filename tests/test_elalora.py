@@ -18,6 +18,7 @@ def planted(r=3, steps=40, **config):
     """The planted-rank student (one 'query' projection, 8 heads of 16, d_in 64) with ElaLoRA attached."""
     task = make_planted_task(seed=0)
     model = task.student()
+    config = {"granularity": "head", **config}  # one group per head of the planted projection
     attach(model, DynaRankConfig(method="elalora", r=r, target_modules=["query"], seed=0, **config))
     return task, model, build_controller(model, total_steps=steps)
 
@@ -177,9 +178,9 @@ def test_switch_off_takes_a_whole_matrix_to_zero_and_the_export_still_reloads(tm
 
 
 def test_switch_off_is_elalora_s_option_only():
-    with pytest.raises(ValueError, match="switch_off applies to method='elalora'"):
+    with pytest.raises(ValueError, match="switch_off: not used by method 'ard'"):
         DynaRankConfig(method="ard", switch_off=True)
-    with pytest.raises(ValueError, match="switch_off must be True or False"):
+    with pytest.raises(ValueError, match="switch_off: must be True or False"):
         DynaRankConfig(method="elalora", switch_off="yes")
 
 
@@ -211,7 +212,10 @@ def test_the_number_of_changes_decays_cubically_and_rounds_follow_the_interval()
 def test_an_expansion_leaves_outputs_unchanged_and_the_new_rank_is_orthogonal(layout):
     model = tiny_bert()
     targets = ["query", "attention.output.dense"]  # rows (A shared) and cols (B shared)
-    attach(model, DynaRankConfig(method="elalora", r=2, target_modules=targets, head_layout=layout, seed=0))
+    config = DynaRankConfig(
+        method="elalora", r=2, target_modules=targets, granularity="head", head_layout=layout, seed=0
+    )
+    attach(model, config)
     ctrl = build_controller(model, total_steps=50)
     opt = ctrl.build_optimizer(lr=1e-2)
     x = train_classifier(model, opt, 5)
@@ -351,7 +355,10 @@ def test_a_conserving_elalora_never_forces_a_round_at_the_end_of_its_phase():
 
 def test_export_after_elalora_reloads_in_stock_peft_with_the_same_logits(tmp_path):
     model = tiny_bert()
-    attach(model, DynaRankConfig(method="elalora", r=3, target_modules=["query", "key", "value"], seed=0))
+    attach(
+        model,
+        DynaRankConfig(method="elalora", r=3, target_modules=["query", "key", "value"], granularity="head", seed=0),
+    )
     ctrl = build_controller(model, total_steps=40)
     opt = ctrl.build_optimizer(lr=1e-2)
     x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
@@ -394,13 +401,14 @@ def test_elalora_needs_total_steps_and_a_round_inside_the_budgeting_phase():
         BudgetSchedule.resolve(100, warmup_frac=0.2, final_frac=0.3, interval=50, method="ElaLoRA")
     with pytest.raises(ValueError, match=r"budget \(100 params\) is below 640, .* floor of 1 rank.*switch_off=True"):
         planted(target_params=100)  # 8 heads x 1 rank x 16 + 1 shared row x 64
-    with pytest.raises(ValueError, match=r"target_rank must be .* \(0, r=3\).*conserves the total rank"):
+    with pytest.raises(ValueError, match=r"target_rank: must be .* \(0, r=3\).*conserves the total rank"):
         DynaRankConfig(method="elalora", r=3, target_rank=3)
 
 
 def test_planted_ranks_move_towards_the_truth():
     task = make_planted_task(seed=0, noise=0.1)
-    out = train_planted(task, DynaRankConfig(method="elalora", r=3, target_modules=["query"], seed=0), steps=600)
+    config = DynaRankConfig(method="elalora", r=3, target_modules=["query"], granularity="head", seed=0)
+    out = train_planted(task, config, steps=600)
     ranks = out["ranks"]
     assert sum(ranks) == 24
     assert ranks[4] > 3 and ranks[0] < 3 and ranks[5] < 3  # true ranks 8, 0, 0 (from 3 each)

@@ -317,9 +317,11 @@ class SVDConfig(RankControlConfig):
             return
         value = self.target_rank
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < self.r:
+            conserving = " ElaLoRA without target_rank conserves the total rank." if self.METHOD == "elalora" else ""
             raise ConfigError(
                 "target_rank",
-                f"must be a number in (0, r={self.r}) (the budget falls from the initial rank to it), got {value!r}.",
+                f"must be a number in (0, r={self.r}) (the budget falls from the initial rank to it), got {value!r}."
+                + conserving,
             )
         if value < self.rank_floor:
             raise ConfigError(("target_rank", "rank_floor"), f"{value} is below the floor {self.rank_floor}.")
