@@ -367,8 +367,8 @@ def test_bad_schedules_and_budgets_are_refused_up_front(config, steps, message):
                 "target_rank": 3,
                 "target_modules": ["query"],
                 "granularity": "head",
-            },
-            **config,
+                **config,
+            }
         ),
     )
     with pytest.raises(ValueError, match=message):
