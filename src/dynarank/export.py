@@ -104,7 +104,9 @@ def peft_config_dict(
     return data
 
 
-def export_peft(model: nn.Module, out_dir: str | os.PathLike, server_safe: bool = False) -> Path:
+def export_peft(
+    model: nn.Module, out_dir: str | os.PathLike, server_safe: bool = False, companions: tuple[str, ...] = ()
+) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for plain PEFT LoRA.
 
     Args:
@@ -112,6 +114,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, server_safe: bool 
         out_dir: target directory; written to a temporary sibling and renamed into place.
         server_safe: bake each module's scale into B, set alpha = r everywhere, write only
             lora_A / lora_B tensors (no modules_to_save): what vLLM-style servers read.
+        companions: names of files an application keeps beside the adapter, which a replacement of
+            ``out_dir`` may remove (anything else there is the user's, and is never deleted).
 
     Returns:
         The output directory.
@@ -137,4 +141,5 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, server_safe: bool 
             ADAPTER_WEIGHTS: tensors,
         },
         marker=ADAPTER_CONFIG,
+        companions=companions,
     )

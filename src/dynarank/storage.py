@@ -65,9 +65,6 @@ def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 # Written beside a PEFT adapter by the CLI (runs.py): part of what dynarank puts in an adapter directory.
-COMPANION_FILES = ("dynarank_run.json",)
-
-
 _write_synced = write_synced  # the one writer of write_atomically (tests stand in for it to simulate a kill)
 
 
@@ -137,7 +134,12 @@ def restore_interrupted(out_dir: str | os.PathLike, marker: str) -> bool:
     return True
 
 
-def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict], marker: str | None = None) -> Path:
+def write_atomically(
+    out_dir: str | os.PathLike,
+    files: dict[str, bytes | dict],
+    marker: str | None = None,
+    companions: tuple[str, ...] = (),
+) -> Path:
     """Write ``files`` into a temporary sibling directory, then rename it to ``out_dir``.
 
     An existing ``out_dir`` is replaced only when it is empty or holds ``marker`` (a file the same kind of
@@ -162,7 +164,7 @@ def write_atomically(out_dir: str | os.PathLike, files: dict[str, bytes | dict],
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists()):
             raise FileExistsError(f"{out} exists and is not a directory this library wrote; refusing to overwrite it.")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in files and p.name not in COMPANION_FILES)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in files and p.name not in companions)
         if foreign:
             raise FileExistsError(
                 f"{out} holds files dynarank did not write ({', '.join(foreign[:3])}); refusing to replace the "
