@@ -23,7 +23,19 @@ from trainer_ddp_worker import print_every_workers_result_and_exit
 # Per method: TrainSpec fields. 51 examples: the last batch of every epoch splits unevenly (2 + 1).
 SPECS = {
     # AdaLoRA-style pruning on its schedule: cuts at steps 4-7, 9, 10 and 13, whether a step is skipped or not.
-    "adalora-physical": {"max_steps": 24, "target_modules": ["query", "value"]},
+    # Stock AdaLoRA's setup for r=4 over 24 steps: 6 -> 4 ranks per matrix, pruning at steps 4, 5, 6, ... 20.
+    "adalora-physical": {
+        "max_steps": 24,
+        "target_modules": ["query", "value"],
+        "dynarank": {
+            "r": 6,
+            "target_rank": 4,
+            "lora_alpha": 4,
+            "t_init_steps": 3,
+            "t_final_steps": 3,
+            "resize_every": 1,
+        },
+    },
     # ElaLoRA on every encoder matrix: prune-and-grow rounds at every step from 9 to 32.
     "elalora": {"max_steps": 40, "target_modules": BERT_ENCODER_LINEAR},
 }

@@ -33,8 +33,8 @@ def _alpha_gradients_over_steps(model, task, ctrl, opt, steps: int):
     """Run ``steps`` optimizer steps; per step: (alpha before the update, task gradient, gradient the update used)."""
     alpha = model.dynarank_ard.alpha  # one vector for every group; the planted model adapts one module
     seen = []
-    # Registered after the controller's hook, so it runs after it: the gradient AdamW is about to use.
-    opt.register_step_pre_hook(lambda o, a, k: seen.append(alpha.grad.clone()))
+    # The alphas' own optimizer (stepped inside opt.step()): the gradient it is about to use.
+    ctrl.alpha_optimizer.register_step_pre_hook(lambda o, a, k: seen.append(alpha.grad.clone()))
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(steps):
@@ -136,8 +136,11 @@ def test_regulariser_counts_once_per_optimizer_step_under_gradient_accumulation(
     for _ in range(4):  # four micro-batches, one optimizer step
         mse_step(model, task, g)
     accumulated = alpha.grad.clone()
-    ctrl.before_step(opt)
-    torch.testing.assert_close(alpha.grad, accumulated + 0.05)
+    used = []
+    ctrl.alpha_optimizer.register_step_pre_hook(lambda o, a, k: used.append(alpha.grad.clone()))
+    opt.step()
+    torch.testing.assert_close(used[0], accumulated + 0.05)
+    assert alpha.grad is None  # consumed: the caller's optimizer never steps the alphas
 
 
 def test_alpha_is_frozen_during_warm_up_and_the_final_phase():
@@ -158,11 +161,13 @@ def test_alpha_is_frozen_during_warm_up_and_the_final_phase():
     assert torch.equal(values[-1], values[-3])  # frozen again at the end
 
 
-def test_alpha_learning_rate_is_owned_by_the_controller_not_the_scheduler():
+def test_the_alphas_have_their_own_optimizer_which_no_schedule_or_weight_decay_of_the_caller_touches():
     task, model = planted_model(warmup_frac=0.2, final_frac=0.1)
     ctrl = build_controller(model, total_steps=20)
-    opt = ctrl.build_optimizer(lr=1e-2)
+    opt = ctrl.build_optimizer(lr=1e-2, weight_decay=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.0 if t > 5 else 1.0)
+    alpha = model.dynarank_ard.alpha
+    assert all(alpha is not p for group in opt.param_groups for p in group["params"])  # not the caller's
     g = torch.Generator().manual_seed(0)
     for _ in range(8):
         mse_step(model, task, g)
@@ -170,11 +175,29 @@ def test_alpha_learning_rate_is_owned_by_the_controller_not_the_scheduler():
         opt.zero_grad()
         sched.step()
         ctrl.observe_loss(1.0)
-    alpha_group = next(gr for gr in opt.param_groups if gr.get("name") == "ard_alpha")
-    adapter_group = next(gr for gr in opt.param_groups if gr.get("name") == "adapter")
-    assert alpha_group["weight_decay"] == 0.0
-    assert adapter_group["lr"] == 0.0  # the schedule applies to A/B ...
-    assert ctrl.before_step(opt) is None and alpha_group["lr"] == ctrl.settings.lr_alpha  # ... not to alpha
+    assert opt.param_groups[0]["lr"] == 0.0  # the schedule applies to A/B ...
+    (group,) = ctrl.alpha_optimizer.param_groups
+    assert group["lr"] == ctrl.settings.lr_alpha and group["weight_decay"] == 0.0  # ... not to alpha
+    before = alpha.detach().clone()
+    mse_step(model, task, g)
+    opt.step()
+    assert not torch.equal(alpha.detach(), before)  # alpha still learns while the caller's rate is 0
+
+
+def test_an_optimizer_that_holds_the_alphas_too_leaves_them_to_the_controller():
+    """A Trainer builds its optimizer from every trainable parameter: the alphas are in it, but without a gradient at
+    its step (the controller consumed it), so it neither decays nor moves them a second time."""
+    task, model = planted_model(lambda_mode="absolute", warmup_frac=0.0, final_frac=0.0)
+    ctrl = build_controller(model, total_steps=20)
+    everything = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+    ctrl.bind(everything)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        mse_step(model, task, g)
+        everything.step()
+        everything.zero_grad()
+    assert not everything.state.get(model.dynarank_ard.alpha)  # never stepped by the caller's optimizer
+    assert ctrl.alpha_optimizer.state[model.dynarank_ard.alpha]["step"] == 5
 
 
 def test_lambda_zero_keeps_every_rank():
@@ -386,10 +409,6 @@ def test_bad_ard_setups_are_refused_with_a_clear_message():
     _, model = planted_model(warmup_frac=0.0)
     with pytest.raises(ValueError, match="warm-up"):
         build_controller(model, total_steps=100)
-    _, model = planted_model()
-    ctrl = build_controller(model, total_steps=100)
-    with pytest.raises(ValueError, match="own optimizer group"):
-        ctrl.bind(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
     with pytest.raises(ValueError, match="warmup_frac"):
         DynaRankConfig(method="ard", warmup_frac=0.6, final_frac=0.5)
 

@@ -326,7 +326,9 @@ def test_the_stop_policy_does_not_claim_a_checkpoint_that_was_never_written(tmp_
 # ---------------------------------------------------------------- Trainer checkpoints' dynarank/ state
 
 
-def attached(method: str = "adalora", **options):
+def attached(method: str = "adalora-physical", **options):
+    """A tiny BERT with per-head groups (4 heads) on query and value."""
+    options = {"granularity": "head", **options}
     return dynarank.attach(
         tiny_bert(), dynarank.DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **options)
     )

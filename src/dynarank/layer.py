@@ -31,6 +31,34 @@ GateFn = Callable[["ElasticLoRALinear"], torch.Tensor]
 Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None
 
 
+def encode_slots(slots: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Slot lists as one long tensor: [G, r_0, slots of group 0..., r_1, slots of group 1..., ...]."""
+    flat = [len(slots)]
+    for group in slots:
+        flat.append(len(group))
+        flat.extend(int(s) for s in group)
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def decode_slots(encoded: torch.Tensor) -> list[list[int]]:
+    """The slot lists of :func:`encode_slots` (ValueError when the tensor is not such an encoding)."""
+    values = [int(v) for v in encoded.reshape(-1).tolist()]
+    if not values or values[0] < 0:
+        raise ValueError("not a slot layout (empty, or a negative group count).")
+    slots, i = [], 1
+    for _ in range(values[0]):
+        if i >= len(values) or values[i] < 0 or i + 1 + values[i] > len(values):
+            raise ValueError("not a slot layout (a group runs past the end).")
+        group = values[i + 1 : i + 1 + values[i]]
+        if any(s < 0 for s in group):
+            raise ValueError("not a slot layout (a negative slot).")
+        slots.append(group)
+        i += 1 + values[i]
+    if i != len(values):
+        raise ValueError("not a slot layout (values left over).")
+    return slots
+
+
 class ElasticLoRALinear(nn.Module):
     """A frozen linear layer with a low-rank update whose rank differs per group and can change.
 
@@ -109,6 +137,10 @@ class ElasticLoRALinear(nn.Module):
         self.group_weight = nn.Parameter(group)
         self.register_buffer("slot_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("column_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        # The slot lists, saved with the weights (a persistent buffer): a state dict of this layer says which
+        # layout its tensors have, so ANY loader (a Trainer resuming, load_best_model_at_end, load_state_dict)
+        # reshapes the layer first and then loads them (_load_from_state_dict).
+        self.register_buffer("slot_layout", torch.zeros(0, dtype=torch.long, device=device))
         self._rebuild_index()
 
     # ------------------------------------------------------------------ shape facts
@@ -170,6 +202,7 @@ class ElasticLoRALinear(nn.Module):
         column_index[g, j]: packed group-side column, or T (a zero pad) past r_g.
         """
         self.layout_version = getattr(self, "layout_version", 0) + 1  # controllers cache sizes per version
+        self.slot_layout = encode_slots(self._slots).to(self.shared_weight.device)
         n_slots, n_cols = self.n_slots, self.group_weight.shape[1]
         r_max = self.max_rank
         slot_index = torch.full((self.n_groups, r_max), n_slots, dtype=torch.long)
@@ -463,6 +496,25 @@ class ElasticLoRALinear(nn.Module):
         )
         self._slots = [list(map(int, g)) for g in slots]
         self._rebuild_index()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Take the saved slot layout first (``slot_layout``), so that the saved tensors fit; then load them."""
+        saved = state_dict.get(prefix + "slot_layout")
+        if saved is not None:
+            try:
+                slots = decode_slots(saved)
+            except ValueError as exc:
+                errors.append(f"{prefix}slot_layout: {exc}")
+                return
+            if len(slots) != self.n_groups:
+                errors.append(
+                    f"{prefix}slot_layout: the saved adapter has {len(slots)} rank groups, this layer {self.n_groups} "
+                    "(another granularity, head layout or model)."
+                )
+                return
+            if slots != self._slots:
+                self.set_slots(slots)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def extra_repr(self) -> str:
         return (

@@ -88,6 +88,9 @@ class ARDController(RankController):
         self.previous = alpha.clone()  # alpha(t-1): the value the previous update started from
         self.anchor = alpha.clone()  # alpha at the last resize (tv_form='anchor')
         self.start_alpha = alpha.clone()
+        # The alphas' own optimizer (the paper's dual optimizers): their gradient is consumed in the pre-step hook,
+        # so whatever optimizer the caller steps never sees it (no weight decay, no LR schedule, no group to set up).
+        self.alpha_optimizer = torch.optim.AdamW([self.gates.alpha], lr=self.settings.lr_alpha, weight_decay=0.0)
         self._layout_changed()
         self.motion = RankMotion()  # read-out rank changes and reversals (oscillation alarm)
         s = self.settings
@@ -186,27 +189,11 @@ class ARDController(RankController):
         return list(self.gates.parameters())
 
     def param_groups(self, lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
-        lr = lr if lr is not None else (self.settings.lr or 1e-3)
-        groups = super().param_groups(lr, weight_decay)
-        groups.append(
-            {"params": self.gate_parameters(), "lr": self.settings.lr_alpha, "weight_decay": 0.0, "name": "ard_alpha"}
-        )
-        return groups
+        """The caller's optimizer groups: adapters and task head. The alphas are stepped by the controller itself."""
+        return super().param_groups(lr if lr is not None else (self.settings.lr or 1e-3), weight_decay)
 
     def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
         return super().build_optimizer(lr if lr is not None else (self.settings.lr or 1e-3), weight_decay, **kwargs)
-
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        gate_ids = {id(p) for p in self.gate_parameters()}
-        for group in optimizer.param_groups:
-            ids = {id(p) for p in group["params"]}
-            if ids & gate_ids and ids - gate_ids:
-                raise ValueError("the ARD alphas must be in their own optimizer group: use controller.param_groups().")
-            if ids & gate_ids and group.get("weight_decay", 0.0):
-                raise ValueError("the ARD alpha group must have weight_decay=0 (decay would act as a second l1).")
-        if not any(id(p) in gate_ids for g in optimizer.param_groups for p in g["params"]):
-            raise ValueError("the optimizer does not hold the ARD alphas: build it from controller.param_groups().")
-        super().bind(optimizer)
 
     # ------------------------------------------------------------------ phases
     def phase(self, step: int | None = None) -> str:
@@ -215,33 +202,34 @@ class ARDController(RankController):
 
     # ------------------------------------------------------------------ the step protocol
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Add lambda_g * sign(alpha_g) + 2 beta_g (alpha_g - reference_g) to the alphas' gradient (active phase);
-        then remember alpha(t) as the next step's alpha(t-1)."""
+        """Update the alphas with their own optimizer from task gradient + lambda_g * sign(alpha_g)
+        + 2 beta_g (alpha_g - reference_g) (active phase), and remember alpha(t) as the next step's alpha(t-1);
+        the caller's optimizer then finds no gradient on them."""
         phase = self.phase()
         alpha = self._home()
+        current = alpha.clone()  # alpha(t): what this step's update starts from
         grad = self.gates.alpha.grad
         if grad is not None and not bool(torch.isfinite(grad).all()):  # the step's one wait for the device
             self.warn_once("nonfinite-grad", "non-finite gradient on the alphas; this step leaves them as they are.")
-            grad = self.gates.alpha.grad = None
-        if grad is not None:
-            if phase == "warmup" and self.step >= self.settings.warmup_steps // 2:
-                self.grad_sums += grad.detach().abs().float()
-                self._grad_count += 1
-            if phase != "active":
-                self.gates.alpha.grad = None  # frozen: AdamW skips parameters without a gradient
-            else:
-                reference = self.previous if self.settings.tv_form == "step" else self.anchor
-                l1 = self._lambda_vector() * torch.sign(alpha)
-                tv = 2.0 * (self.prices * self.settings.ard_beta) * (alpha - reference)
-                grad.add_(l1 + tv)
-        self.previous = alpha.clone()
-        for group in optimizer.param_groups:
-            if group.get("name") == "ard_alpha":
-                group["lr"] = self.settings.lr_alpha  # owned here: an LR scheduler must not decay it
+            grad = None
+        if grad is not None and phase == "warmup" and self.step >= self.settings.warmup_steps // 2:
+            self.grad_sums += grad.detach().abs().float()
+            self._grad_count += 1
+        if grad is not None and phase == "active":
+            reference = self.previous if self.settings.tv_form == "step" else self.anchor
+            l1 = self._lambda_vector() * torch.sign(alpha)
+            tv = 2.0 * (self.prices * self.settings.ard_beta) * (alpha - reference)
+            grad.add_(l1 + tv)
+            for group in self.alpha_optimizer.param_groups:
+                group["lr"] = self.settings.lr_alpha
+            self.alpha_optimizer.step()
+        self.gates.alpha.grad = None  # also when frozen: nothing for the caller's optimizer to step
+        self.previous = current
 
     def skip_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
         """A step the loop skipped moves no alpha: the next step's alpha(t-1) is the current value."""
         self.previous = self._home().clone()
+        self.gates.alpha.grad = None
         return super().skip_step(optimizer)
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
@@ -398,9 +386,7 @@ class ARDController(RankController):
         self._project_alphas()
         self.anchor = self.gates.alpha.detach().clone()
         if self.step >= self.settings.final_start:
-            # Ranks are fixed from here on: every physical slot is on, A and B fine-tune.
-            for layer in self.layers.values():
-                layer.set_gate(None)
+            self._drop_gates()  # ranks are fixed from here on: every physical slot is on, A and B fine-tune
 
     def _keep_one_slot(self, readouts: dict[str, list[int]], record: StepRecord) -> None:
         """Nothing would be left to train (and a loss without a graph would crash the loop): keep the one slot
@@ -418,6 +404,11 @@ class ARDController(RankController):
             f"far too high (ard_lambda={self.settings.ard_lambda:g}): lower it.",
             record,
         )
+
+    def _drop_gates(self) -> None:
+        for layer in self.layers.values():
+            layer.set_gate(None)
+        self.gates.gated.fill_(False)
 
     @property
     def rank_changes(self) -> int:
@@ -445,6 +436,21 @@ class ARDController(RankController):
         )
         return state
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The alphas' optimizer state (the alphas themselves are model parameters)."""
+        state = self.alpha_optimizer.state.get(self.gates.alpha, {})
+        return {f"alpha_optimizer.{k}": v.detach() for k, v in state.items() if torch.is_tensor(v)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        prefix = "alpha_optimizer."
+        saved = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        alpha = self.gates.alpha
+        self.alpha_optimizer = torch.optim.AdamW([alpha], lr=self.settings.lr_alpha, weight_decay=0.0)
+        if saved:
+            self.alpha_optimizer.state[alpha] = {
+                k: v.to(alpha.device) if v.dim() else v.clone() for k, v in saved.items()
+            }
+
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (the alphas themselves are model parameters)."""
         super().load_state_dict(state)
@@ -471,5 +477,4 @@ class ARDController(RankController):
             self._loss_hook.remove()
             self._loss_hook = None
         if self.step >= self.settings.final_start:
-            for layer in self.layers.values():
-                layer.set_gate(None)
+            self._drop_gates()

@@ -38,6 +38,9 @@ class ARDGates(nn.Module):
             start += layer.n_groups
         first = next(iter(layers.values()))
         self.alpha = nn.Parameter(torch.ones(start, device=first.shared_weight.device, dtype=first.shared_weight.dtype))
+        # Whether the layers compute with the alphas' masks (until the final phase), saved with the weights:
+        # a state dict of the model then says whether its group weights need the mask folded in.
+        self.register_buffer("gated", torch.ones((), dtype=torch.bool, device=first.shared_weight.device))
 
     def of(self, name: str) -> torch.Tensor:
         """Module ``name``'s alphas: a (G,) view of the vector (write to it under ``torch.no_grad()``)."""

@@ -51,6 +51,7 @@ class SVDValues(nn.Module):
             w = layer.group_weight
             parts.append(torch.full((w.shape[1],), 0.0 if fresh else 1.0, dtype=w.dtype, device=w.device))
         self.values = nn.Parameter(torch.cat(parts))
+        self._layers = layers  # plain dict, not submodules: the layers belong to the model
         self.respan(layers)
 
     def respan(self, layers: dict[str, ElasticLoRALinear]) -> None:
@@ -69,6 +70,16 @@ class SVDValues(nn.Module):
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A tensor laid out like E, as one piece per module."""
         return {name: flat[start:stop] for name, (start, stop) in self.spans.items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Saved E of another size (a run that resized since): take its size, then load it. The layers, loaded
+        before this module (they come first in the model), already have the saved layout."""
+        saved = state_dict.get(prefix + "values")
+        if saved is not None and saved.shape != self.values.shape:
+            self.values = nn.Parameter(self.values.new_zeros(saved.shape), requires_grad=self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        if self._layers is not None:
+            self.respan(self._layers)
 
     def match_layout(self, layers: dict[str, ElasticLoRALinear]) -> None:
         """Give E the size of the layers' current rank layout (values zero; a restore fills them).
