@@ -12,6 +12,7 @@ from .ard_gates import ARD_ATTR, ARDGates
 from .ard_settings import ARDSettings
 from .base import BudgetRecord, RankController, StepRecord
 from .elalora import ElaLoRAController
+from .load_folding import install_gate_folding
 from .svd import ensure_svd_values
 
 CONTROLLERS: dict[str, type[RankController]] = {
@@ -27,20 +28,23 @@ def build_controller(model: nn.Module, total_steps: int | None = None) -> RankCo
     config = getattr(model, ATTACHED_ATTR, None)
     if config is None:
         raise ValueError("build_controller() needs a model returned by dynarank.attach().")
-    return CONTROLLERS[config.method](model, total_steps)
+    controller = CONTROLLERS[config.method](model, total_steps)
+    install_gate_folding(model)
+    return controller
 
 
 def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Create the controller's own parameters now (before an optimizer or a distributed wrapper is
     built); the controller built later reuses them.
 
-    Returns the ones that need their own optimizer group (ARD's alphas). ElaLoRA / AdaLoRA's
-    singular values E (``model.dynarank_svd``, created here, and the adapters initialised as
-    AdaLoRA's) train with the adapters, in their group and on their schedule: none returned.
+    Returns ARD's alphas (model parameters, stepped by the controller's own optimizer); ElaLoRA /
+    AdaLoRA's singular values E (``model.dynarank_svd``, created here, and the adapters initialised as
+    AdaLoRA's) train with the adapters, in the caller's optimizer: none returned.
     """
     config = getattr(model, ATTACHED_ATTR, None)
     if config is None:
         raise ValueError("prepare_parameters() needs a model returned by dynarank.attach().")
+    install_gate_folding(model)
     if config.method == "ard":
         if getattr(model, ARD_ATTR, None) is None:
             model.add_module(ARD_ATTR, ARDGates(elastic_layers(model)))

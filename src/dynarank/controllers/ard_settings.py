@@ -26,6 +26,14 @@ DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
 DEFAULT_BETA = {mode: 0.1 * value for mode, value in DEFAULT_LAMBDA.items()}
 
 
+def mask_settings(config) -> tuple[int, int, bool]:
+    """(r0, rank_floor, soft mask) of an ARD config, its preset applied: what the rank mask is computed from."""
+    values = {"rank_floor": config.rank_floor, "mask": config.mask}
+    if config.preset == "paper":
+        values.update({k: PAPER[k] for k in values})
+    return config.r, values["rank_floor"], values["mask"] == "soft"
+
+
 @dataclass
 class ARDSettings:
     """The resolved knobs of one run (preset applied, defaults computed from the run length)."""

@@ -1,0 +1,71 @@
+"""Weights saved mid-run, loaded into a model whose controller has since dropped its gate.
+
+A rank-changing run computes with a gate until its controller drops it: ARD's mask until the final phase,
+the SVD methods' E until the end, when E is folded into the group side. A checkpoint saved before that
+point holds weights that are only right together with the gate. When such weights are loaded into a model
+that no longer applies the gate (``load_best_model_at_end`` after training, for one), this pre-hook of the
+model's ``load_state_dict`` folds the saved gate into the saved group-side weights first, so the model
+computes what the checkpoint computed, whatever loads it.
+
+The layers' own load hooks (layer.py) give each layer the saved slot layout; this hook only rewrites the
+state dict: the group-side columns of layer l are its slots in group order, as the saved ``slot_layout``
+says.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attach import elastic_layers
+from ..layer import decode_slots
+from .ard_gates import ARD_ATTR
+from .ard_settings import mask_settings
+from .svd import SVD_ATTR
+
+HOOK_ATTR = "_dynarank_fold_hook"
+
+
+def install_gate_folding(model: nn.Module) -> None:
+    """Register the pre-hook on ``model`` (once)."""
+    if getattr(model, HOOK_ATTR, None) is None:
+        setattr(model, HOOK_ATTR, model.register_load_state_dict_pre_hook(_fold_dropped_gates))
+
+
+@torch.no_grad()
+def _fold_dropped_gates(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    layers = elastic_layers(model)
+    values_key = f"{prefix}{SVD_ATTR}.values"
+    if values_key in state_dict and getattr(model, SVD_ATTR, None) is None:
+        values, offset = state_dict.pop(values_key), 0
+        for name in layers:
+            key = f"{prefix}{name}.group_weight"
+            width = state_dict[key].shape[1]
+            state_dict[key] = state_dict[key] * values[offset : offset + width].to(state_dict[key].dtype)
+            offset += width
+    gated_key = f"{prefix}{ARD_ATTR}.gated"
+    if (
+        gated_key in state_dict
+        and bool(state_dict[gated_key])
+        and all(layer.gate() is None for layer in layers.values())
+    ):
+        r0, floor, soft = mask_settings(model.dynarank_config)
+        alpha, start = state_dict[f"{prefix}{ARD_ATTR}.alpha"].float(), 0
+        for name, layer in layers.items():
+            key = f"{prefix}{name}.group_weight"
+            layout = state_dict.get(f"{prefix}{name}.slot_layout")
+            ranks = [len(g) for g in decode_slots(layout)] if layout is not None else layer.ranks
+            columns = [_mask(r0 * float(alpha[start + g]), r, floor, soft) for g, r in enumerate(ranks)]
+            start += layer.n_groups
+            if columns:
+                state_dict[key] = state_dict[key] * torch.cat(columns).to(state_dict[key])
+        state_dict[gated_key] = torch.zeros_like(state_dict[gated_key])
+
+
+def _mask(scaled: float, rank: int, floor: int, soft: bool) -> torch.Tensor:
+    """The forward value of one group's mask over its ``rank`` slots (ard_gates.mask_gate)."""
+    x = scaled - torch.arange(rank, dtype=torch.float32)
+    on = torch.arange(rank) < floor
+    if soft:
+        return torch.where(on, torch.ones_like(x), x.clamp(0.0, 1.0))
+    return (on | (x > 0.5)).float()
