@@ -8,10 +8,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import dynarank
 from dynarank import DynaRankConfig, attach
+from dynarank.guards import nonfinite_gradients
 from tiny_models import TokenDataset, tiny_bert
 
 
-def make_trainer(tmp_path, model, accumulation=1, max_steps=30, callbacks=None):
+def make_trainer(tmp_path, model, accumulation=1, max_steps=30, callbacks=None, trainer_class=Trainer, **arguments):
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=max_steps,
@@ -24,38 +25,47 @@ def make_trainer(tmp_path, model, accumulation=1, max_steps=30, callbacks=None):
         use_cpu=True,
         disable_tqdm=True,
         weight_decay=0.1,
+        **arguments,
     )
-    return Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
+    return trainer_class(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
 
 
-def test_ranks_change_during_train_with_no_manual_call(tmp_path):
-    model = attach(tiny_bert(), DynaRankConfig(method="ard", r=4, target_modules=["query", "value"], ard_lambda=5.0))
+def make(way: str, tmp_path, model, **kwargs):
+    """A Trainer that drives ``model``'s controller: 'callback' (a plain Trainer given DynaRankCallback) or 'trainer'
+    (DynaRankTrainer, which adds its own). Returns (trainer, callback)."""
+    if way == "trainer":
+        trainer = make_trainer(tmp_path, model, trainer_class=dynarank.DynaRankTrainer, **kwargs)
+        return trainer, trainer.dynarank
     callback = dynarank.DynaRankCallback(model)
-    trainer = make_trainer(tmp_path, model)
-    callback.install(trainer)
+    callbacks = kwargs.pop("callbacks", None) or []
+    return make_trainer(tmp_path, model, callbacks=[*callbacks, callback], **kwargs), callback
+
+
+@pytest.mark.parametrize("way", ["callback", "trainer"])
+def test_ranks_change_during_train_with_no_manual_call(tmp_path, way):
+    model = attach(tiny_bert(), DynaRankConfig(method="ard", r=4, target_modules=["query", "value"], ard_lambda=5.0))
+    trainer, callback = make(way, tmp_path, model)
     start = dynarank.adapter_parameter_count(model)
     trainer.train()
     ctrl = callback.controller
     assert ctrl.step == 30 and ctrl.total_steps == 30
     assert dynarank.adapter_parameter_count(model) < start
-    alpha_group = next(g for g in trainer.optimizer.param_groups if g.get("name") == "ard_alpha")
-    assert alpha_group["weight_decay"] == 0.0
-    assert all(
-        id(p) not in {id(a) for a in alpha_group["params"]}
-        for g in trainer.optimizer.param_groups
-        if g is not alpha_group
-        for p in g["params"]
-    )
+    # The Trainer's optimizer holds the alphas (it takes every trainable parameter) but never steps them: the
+    # controller's own optimizer does, without weight decay (the Trainer's is 0.1) and at its own rate.
+    alpha = model.dynarank_ard.alpha
+    assert any(p is alpha for g in trainer.optimizer.param_groups for p in g["params"])
+    assert not trainer.optimizer.state.get(alpha)
+    (group,) = ctrl.alpha_optimizer.param_groups
+    assert group["weight_decay"] == 0.0 and ctrl.alpha_optimizer.state[alpha]["step"] > 0
     logged = [entry for entry in trainer.state.log_history if "dynarank/total_rank" in entry]
     assert logged and logged[-1]["dynarank/total_rank"] == ctrl.total_rank()
     assert "dynarank/trainable_parameters" in logged[-1]
 
 
-def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+@pytest.mark.parametrize("way", ["callback", "trainer"])
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, way):
     model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
-    callback = dynarank.DynaRankCallback(model)
-    trainer = make_trainer(tmp_path, model, accumulation=4, max_steps=6)
-    callback.install(trainer)
+    trainer, callback = make(way, tmp_path, model, accumulation=4, max_steps=6)
     trainer.train()
     assert callback.controller.step == 6  # 24 micro-batches, 6 optimizer steps
 
@@ -67,19 +77,6 @@ def test_fixed_rank_lora_trains_through_the_callback(tmp_path):
     trainer.add_callback(callback)
     trainer.train()
     assert callback.controller.step == 4
-
-
-def test_a_callback_checks_loads_into_its_model_until_another_callback_takes_over_or_training_ends(tmp_path):
-    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
-    hooks, before = model._load_state_dict_pre_hooks, len(model._load_state_dict_pre_hooks)
-    dynarank.DynaRankCallback(model)
-    assert len(hooks) == before + 1
-    callback = dynarank.DynaRankCallback(model)  # replaces the first: one check, not two
-    assert len(hooks) == before + 1
-    trainer = make_trainer(tmp_path, model, max_steps=2)
-    callback.install(trainer)
-    trainer.train()
-    assert len(hooks) == before
 
 
 def _nan_gradient_at(model, bad_steps: set[int]):
@@ -95,22 +92,19 @@ def _nan_gradient_at(model, bad_steps: set[int]):
 
 def test_a_step_with_nan_gradients_is_skipped_and_the_schedule_keeps_time(tmp_path, caplog):
     model = attach(tiny_bert(), DynaRankConfig(method="elalora", r=4, target_modules=["query", "value"], seed=0))
-    callback = dynarank.DynaRankCallback(model)
-    trainer = make_trainer(tmp_path, model, max_steps=20)
-    callback.install(trainer)
+    trainer, callback = make("callback", tmp_path, model, max_steps=20)
     _nan_gradient_at(model, {3})
     with caplog.at_level("WARNING"):
         trainer.train()
-    assert callback.guard.skipped == 1 and "non-finite gradients in: " in caplog.text and "classifier" in caplog.text
-    assert callback.controller.step == 20 and callback.controller.finalized  # E folded at the end
+    assert callback.skipped == 1 and "non-finite gradients in: " in caplog.text and "classifier" in caplog.text
+    assert callback.controller.step == 20 and getattr(callback.controller, "finalized", True)  # E folded at the end
     assert all(p.isfinite().all() for p in model.parameters())
 
 
 def test_the_stop_policy_raises_on_nan_gradients(tmp_path):
     model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
     callback = dynarank.DynaRankCallback(model, on_nonfinite="stop")
-    trainer = make_trainer(tmp_path, model, max_steps=5)
-    callback.install(trainer)
+    trainer = make_trainer(tmp_path, model, max_steps=5, callbacks=[callback])
     _nan_gradient_at(model, {2})
     with pytest.raises(FloatingPointError, match="non-finite gradients in: .*classifier"):
         trainer.train()
@@ -118,46 +112,13 @@ def test_the_stop_policy_raises_on_nan_gradients(tmp_path):
 
 def test_the_gradient_check_of_a_step_reads_one_value_however_many_parameters(count_host_reads):
     model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query", "value"]))
-    guard = dynarank.DynaRankCallback(model).guard
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.ones_like(p)
     reads = count_host_reads()
-    assert guard.bad_modules() == [] and reads["n"] == 1
+    assert nonfinite_gradients(model) == [] and reads["n"] == 1
     model.classifier.bias.grad[1] = float("nan")
-    assert guard.bad_modules() == ["classifier"]
-
-
-def test_an_optimizer_built_where_a_discarded_one_lived_has_its_steps_guarded_too(tmp_path):
-    import gc
-
-    from transformers import TrainerControl, TrainerState
-
-    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
-    callback = dynarank.DynaRankCallback(model)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def train_with_a_first_optimizer() -> int:  # the optimizer goes with this frame
-        first = torch.optim.SGD(params, lr=0.1)
-        callback.on_train_begin(args, TrainerState(max_steps=5), TrainerControl(), optimizer=first)
-        callback.controller.unbind()
-        return id(first)
-
-    freed = train_with_a_first_optimizer()
-    gc.collect()
-    allocated = []  # kept alive, so that each new object takes another free place
-    while len(allocated) < 200_000 and id(allocated[-1] if allocated else None) != freed:
-        allocated.append(torch.optim.SGD.__new__(torch.optim.SGD))
-    if id(allocated[-1]) != freed:
-        pytest.skip("the allocator never reused the discarded optimizer's memory")
-    second = allocated.pop()
-    second.__init__(params, lr=0.1)
-    callback.on_train_begin(args, TrainerState(max_steps=5), TrainerControl(), optimizer=second)
-    for p in params:
-        p.grad = torch.full_like(p, float("nan"))
-    second.step()
-    assert callback.guard.skipped == 1 and all(p.isfinite().all() for p in params)
+    assert nonfinite_gradients(model) == ["classifier"]
 
 
 class StepProbe(TrainerCallback):
@@ -191,25 +152,26 @@ def _same(a, b) -> bool:
     return torch.equal(a, b) if torch.is_tensor(a) else a == b
 
 
-@pytest.mark.parametrize("method", ["elalora", "adalora"])
+@pytest.mark.parametrize("method", ["elalora", "adalora-physical", "ard"])
 def test_a_skipped_step_changes_nothing_and_the_schedule_keeps_time(tmp_path, method):
-    # The SVD methods add an orthogonality gradient and score importance inside the step: a skipped step
-    # must do neither, and must not let AdamW move anything.
-    model = attach(tiny_bert(), DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0))
-    callback = dynarank.DynaRankCallback(model)
-    trainer = make_trainer(tmp_path, model, max_steps=20)
-    callback.install(trainer)
+    # The SVD methods add an orthogonality gradient and score importance inside the step, ARD steps its alphas: a
+    # skipped step must do none of it, and must not let AdamW move anything.
+    options = {"lambda_mode": "absolute", "warmup_frac": 0.0} if method == "ard" else {}  # alphas learn from step 1
+    model = attach(
+        tiny_bert(), DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **options)
+    )
+    trainer, callback = make("trainer", tmp_path, model, max_steps=20)
     probe = StepProbe(model, callback)
     trainer.add_callback(probe)
     _nan_gradient_at(model, {3})
     trainer.train()
     (params, moments, scores, step), after = probe.steps[3]
-    assert callback.guard.skipped == 1 and scores, "the importance averages exist by step 3"
+    assert callback.skipped == 1 and scores, "the importance averages (ARD: the alphas' moments) exist by step 3"
     assert _same(after[0], params) and _same(after[1], moments) and _same(after[2], scores)
     assert after[3] == step + 1  # counted: the schedule stays in time with the Trainer
     (params4, *_), after4 = probe.steps[4]
     assert not _same(after4[0], params4)  # a normal step does update
-    assert callback.controller.step == 20 and callback.controller.finalized
+    assert callback.controller.step == 20 and getattr(callback.controller, "finalized", True)
 
 
 class Recorder(TrainerCallback):
@@ -222,19 +184,31 @@ class Recorder(TrainerCallback):
         self.logged.append(dict(logs))
 
 
-@pytest.mark.parametrize("how", ["callbacks", "add_callback"])
-def test_report_to_backends_see_the_ranks_without_install(tmp_path, how):
+def test_report_to_backends_see_the_ranks_through_the_dynarank_trainer(tmp_path):
     # The Trainer puts its report_to integrations before user callbacks: the recorder plays one of them.
+    # DynaRankTrainer puts its callback first, so they log the ranks.
     model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
-    callback, recorder = dynarank.DynaRankCallback(model), Recorder()
-    trainer = make_trainer(
-        tmp_path, model, max_steps=10, callbacks=[recorder, callback] if how == "callbacks" else [recorder]
-    )
-    if how == "add_callback":
-        trainer.add_callback(callback)
+    recorder = Recorder()
+    trainer, _ = make("trainer", tmp_path, model, max_steps=10, callbacks=[recorder])
     trainer.train()
     logged = [entry for entry in recorder.logged if "loss" in entry]
     assert logged and all("dynarank/total_rank" in entry for entry in logged)
+
+
+def test_the_plain_callback_logs_the_ranks_into_the_trainers_log_history(tmp_path):
+    model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
+    trainer, _ = make("callback", tmp_path, model, max_steps=10)
+    trainer.train()
+    assert all("dynarank/total_rank" in entry for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_with_dynarank_mixes_into_any_trainer_class_once():
+    class MyTrainer(Trainer):
+        pass
+
+    made = dynarank.with_dynarank(MyTrainer)
+    assert issubclass(made, MyTrainer) and issubclass(made, dynarank.DynaRankTrainerMixin)
+    assert dynarank.with_dynarank(MyTrainer) is made and dynarank.with_dynarank(made) is made
 
 
 @pytest.mark.parametrize(
@@ -251,11 +225,26 @@ def test_report_to_backends_see_the_ranks_without_install(tmp_path, how):
 )
 def test_sharded_training_is_refused_whichever_way_it_is_asked_for(tmp_path, monkeypatch, setting, named):
     model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
-    callback = dynarank.DynaRankCallback(model)
-    trainer = make_trainer(tmp_path, model, max_steps=2)
+    trainer, callback = make("trainer", tmp_path, model, max_steps=2)
     setting(trainer, monkeypatch)
     with pytest.raises(ValueError, match=f"FSDP and DeepSpeed ZeRO shard them .*{named}"):
-        callback.install(trainer)
-    if not named.startswith("trainer."):  # the Trainer's own flags are only seen through install()
+        trainer.train()
+    assert callback.controller is None
+    if not named.startswith("trainer."):  # a callback sees the arguments and the environment, not the Trainer
         with pytest.raises(ValueError, match=f"FSDP and DeepSpeed ZeRO shard them .*{named}"):
             callback.on_train_begin(trainer.args, trainer.state, trainer.control, optimizer=None)
+
+
+def test_the_plain_callback_refuses_clipping_under_ddp_and_names_the_trainer_that_can(tmp_path, monkeypatch):
+    """Resized tensors' gradients must be averaged before clipping, which only DynaRankTrainer can do."""
+    import dynarank.integrations.transformers as integration
+
+    monkeypatch.setattr(integration, "world", lambda: (0, 2))
+    model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
+    trainer, callback = make("callback", tmp_path, model, max_steps=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ValueError, match=r"max_grad_norm=1.0\).*DynaRankTrainer.*max_grad_norm=0"):
+        callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model, optimizer=optimizer)
+    trainer.args.max_grad_norm = 0.0
+    callback.controller = None
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model, optimizer=optimizer)

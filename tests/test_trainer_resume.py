@@ -1,4 +1,5 @@
-"""transformers Trainer resume_from_checkpoint of a rank-changing run: exact, or a clear error."""
+"""transformers Trainer resume_from_checkpoint and load_best_model_at_end of a rank-changing run: exact, or a clear
+error; through DynaRankTrainer and through the plain callback."""
 
 from __future__ import annotations
 
@@ -20,19 +21,18 @@ STEPS, SAVE = 24, 10
 METHODS = {
     "ard": {"ard_lambda": 0.02},  # lambda relative to the warm-up's loss gain: partial collapse, cuts to step 18
     "elalora": {},  # per head: ranks move between heads in rounds from step 6 to 19
-    "adalora": {"granularity": "matrix"},  # AdaLoRA-style pruning, last cut at step 12
+    "adalora-physical": {},  # AdaLoRA-style pruning per matrix, last cut at step 12
 }
+GROUPS = {"elalora": {"granularity": "head"}}  # ElaLoRA reallocates between the heads
 
 
-def build(method: str, out, save_steps: int | None = SAVE, install: str = "install", evaluate=None, **arguments):
-    """Model, callback and Trainer; ``install``: 'install' (callback.install), 'callbacks' (Trainer(callbacks=[...]))
-    or 'add_callback' (trainer.add_callback after the Trainer is built); ``evaluate``: the Trainer's
-    compute_metrics (evaluated on 16 examples); ``arguments``: more TrainingArguments."""
-    model = attach(
-        tiny_bert(),
-        DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **METHODS.get(method, {})),
-    )
-    callback = dynarank.DynaRankCallback(model)
+def build(method: str, out, save_steps: int | None = SAVE, way: str = "trainer", evaluate=None, **arguments):
+    """Model, callback and Trainer; ``way``: 'trainer' (DynaRankTrainer), 'callbacks' (Trainer(callbacks=[...])) or
+    'add_callback' (trainer.add_callback after the Trainer is built); ``evaluate``: the Trainer's compute_metrics
+    (evaluated on 16 examples); ``arguments``: more TrainingArguments."""
+    options = {**METHODS.get(method, {}), **GROUPS.get(method, {})}
+    config = DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **options)
+    model = attach(tiny_bert(), config)
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=STEPS,
@@ -48,19 +48,18 @@ def build(method: str, out, save_steps: int | None = SAVE, install: str = "insta
         seed=0,
         **arguments,
     )
-    trainer = Trainer(
+    callback = None if way == "trainer" else dynarank.DynaRankCallback(model)
+    trainer = (dynarank.DynaRankTrainer if way == "trainer" else Trainer)(
         model=model,
         args=args,
         train_dataset=TokenDataset(),
         eval_dataset=TokenDataset(16) if evaluate else None,
         compute_metrics=evaluate,
-        callbacks=[callback] if install == "callbacks" else None,
+        callbacks=[callback] if way == "callbacks" else None,
     )
-    if install == "install":
-        callback.install(trainer)
-    elif install == "add_callback":
+    if way == "add_callback":
         trainer.add_callback(callback)
-    return model, callback, trainer
+    return model, callback or trainer.dynarank, trainer
 
 
 def trained(model) -> dict[str, torch.Tensor]:
@@ -76,7 +75,9 @@ def uninterrupted(request, tmp_path_factory):
     return request.param, out, model, callback.controller
 
 
-def test_a_resumed_trainer_run_ends_bitwise_equal_to_the_uninterrupted_run(uninterrupted, tmp_path):
+@pytest.mark.parametrize("way", ["trainer", "callbacks"])
+def test_a_resumed_trainer_run_ends_bitwise_equal_to_the_uninterrupted_run(uninterrupted, tmp_path, way):
+    """The plain callback finds the checkpoint the Trainer resumed from in output_dir: resume from a copy there."""
     method, out, model, controller = uninterrupted
     history = [(h["step"], h["ranks"]) for h in controller.history]
     at_save = next(ranks for step, ranks in reversed(history) if step <= SAVE)
@@ -85,8 +86,9 @@ def test_a_resumed_trainer_run_ends_bitwise_equal_to_the_uninterrupted_run(unint
     saved = json.loads((out / f"checkpoint-{SAVE}" / "dynarank" / "state.json").read_text())
     assert saved["step"] == SAVE and saved["total_steps"] == STEPS
 
-    fresh, callback, trainer = build(method, tmp_path, save_steps=None)
-    trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+    fresh, callback, trainer = build(method, tmp_path, save_steps=None, way=way)
+    shutil.copytree(out / f"checkpoint-{SAVE}", tmp_path / f"checkpoint-{SAVE}")
+    trainer.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{SAVE}"))
     assert callback.controller.step == STEPS
     assert callback.controller.ranks() == controller.ranks()
     assert callback.controller.history == controller.history
@@ -97,10 +99,10 @@ def test_a_resumed_trainer_run_ends_bitwise_equal_to_the_uninterrupted_run(unint
 
 
 def test_resume_from_checkpoint_true_takes_the_newest_checkpoint_with_dynarank_state(tmp_path, caplog):
-    model, callback, trainer = build("adalora", tmp_path / "run", save_steps=8)
+    model, callback, trainer = build("adalora-physical", tmp_path / "run", save_steps=8)
     trainer.train()
     shutil.rmtree(tmp_path / "run" / "checkpoint-24" / "dynarank")  # killed between the Trainer's save and ours
-    fresh, callback, trainer = build("adalora", tmp_path / "run", save_steps=None)
+    fresh, callback, trainer = build("adalora-physical", tmp_path / "run", save_steps=None)
     with caplog.at_level(logging.WARNING):
         trainer.train(resume_from_checkpoint=True)
     assert "passing over checkpoint-24" in caplog.text
@@ -108,65 +110,34 @@ def test_resume_from_checkpoint_true_takes_the_newest_checkpoint_with_dynarank_s
     assert all(torch.equal(expected[name], got[name]) for name in expected)  # went on from checkpoint-16
 
 
-def test_a_checkpoint_without_dynarank_state_is_refused_with_what_to_do(tmp_path):
+@pytest.mark.parametrize("way", ["trainer", "callbacks"])
+def test_a_checkpoint_without_dynarank_state_is_refused_with_what_to_do(tmp_path, way):
     model, callback, trainer = build("ard", tmp_path / "run")
     trainer.train()
     shutil.rmtree(tmp_path / "run" / f"checkpoint-{SAVE}" / "dynarank")
-    fresh, callback, trainer = build("ard", tmp_path / "other", save_steps=None)
+    fresh, callback, trainer = build("ard", tmp_path / "run", save_steps=None, way=way)
     with pytest.raises(CheckpointError, match="holds no dynarank state .*cannot restart mid-run"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{SAVE}"))
-    assert callback.controller is None  # nothing was reshaped or built
 
 
-def test_a_failed_resume_leaves_model_and_callback_as_they_were_and_a_second_resume_is_exact(uninterrupted, tmp_path):
+def test_the_plain_callback_says_what_to_do_for_a_checkpoint_outside_output_dir(uninterrupted, tmp_path):
     method, out, model, controller = uninterrupted
-    # A copy of checkpoint-10 whose last module's layout has a group too few (its first modules would fit).
-    bad = tmp_path / "bad" / f"checkpoint-{SAVE}"
+    fresh, callback, trainer = build(method, tmp_path / "elsewhere", save_steps=None, way="add_callback")
+    with pytest.raises(CheckpointError, match=r"holds no dynarank state.*DynaRankTrainer or with_dynarank"):
+        trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+
+
+def test_a_checkpoint_whose_dynarank_state_does_not_match_its_weights_is_refused(uninterrupted, tmp_path):
+    method, out, model, controller = uninterrupted
+    bad = tmp_path / "bad" / f"checkpoint-{SAVE}"  # its dynarank state records another layout than its weights have
     shutil.copytree(out / f"checkpoint-{SAVE}", bad)
     state, tensors = checkpoint.read(bad / checkpoint.TRAINER_DIR)
     last = list(state["layout"])[-1]
-    groups = len(state["layout"][last])
     state["layout"][last] = state["layout"][last][:-1]
     checkpoint._write(bad / checkpoint.TRAINER_DIR, state, tensors)
-
     fresh, callback, trainer = build(method, tmp_path / "out", save_steps=None)
-    layers = elastic_layers(fresh)
-    before = {n: (layer.slots, layer.shared_weight, layer.group_weight) for n, layer in layers.items()}
-    refused = f"{last} has {groups - 1} rank groups in the checkpoint, {groups} in the model"
-    with pytest.raises(CheckpointError, match=refused):
+    with pytest.raises(CheckpointError, match="do not have the slot layout recorded in"):
         trainer.train(resume_from_checkpoint=str(bad))
-    assert callback.controller is None
-    assert all(
-        layer.slots == before[n][0] and layer.shared_weight is before[n][1] and layer.group_weight is before[n][2]
-        for n, layer in layers.items()
-    )
-
-    trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
-    assert callback.controller.history == controller.history
-    expected, got = trained(model), trained(fresh)
-    assert all(torch.equal(expected[name], got[name]) for name in expected)
-
-
-def test_a_trainer_given_the_callback_in_callbacks_resumes_as_well(uninterrupted, tmp_path):
-    # Trainer(callbacks=[callback]) installs the callback while the Trainer is built.
-    method, out, model, controller = uninterrupted
-    fresh, callback, trainer = build(method, tmp_path, save_steps=None, install="callbacks")
-    assert callback.trainer is trainer and trainer.callback_handler.callbacks[0] is callback
-    trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
-    assert callback.controller.ranks() == controller.ranks()
-    expected, got = trained(model), trained(fresh)
-    assert all(torch.equal(expected[name], got[name]) for name in expected)
-
-
-@pytest.mark.parametrize("method", ["ard", "lora"])
-@pytest.mark.parametrize("save_steps", [4, SAVE], ids=["before-any-resize", "after-resizes"])
-def test_a_resume_without_install_raises_instead_of_restarting_the_controller(tmp_path, method, save_steps):
-    build(method, tmp_path / "run", save_steps=save_steps)[2].train()
-    fresh, callback, trainer = build(method, tmp_path / "other", save_steps=None, install="add_callback")
-    # ARD's weights (they hold its alphas) are refused by the Trainer's load, before any callback runs;
-    # fixed ranks reach on_train_begin, which sees a Trainer past step 0 and no controller state.
-    with pytest.raises(CheckpointError, match=r"call callback.install\(trainer\) before trainer.train"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{save_steps}"))
 
 
 def test_a_resume_with_another_run_length_is_refused(tmp_path):
@@ -203,9 +174,10 @@ class StopAt(TrainerCallback):
         control.should_training_stop = state.global_step >= self.step
 
 
+@pytest.mark.parametrize("way", ["trainer", "callbacks"])
 @pytest.mark.parametrize("end", [STEPS, 12], ids=["run-to-its-end", "stopped-early"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_load_best_model_at_end_gives_the_model_the_best_checkpoints_layout_and_function(tmp_path, method, end):
+def test_load_best_model_at_end_gives_the_model_the_best_checkpoints_layout_and_function(tmp_path, method, end, way):
     # Run to its end, the run has dropped what the checkpoint computed with (ARD's mask in the final phase,
     # ElaLoRA / AdaLoRA's E once folded); stopped early (early stopping), it has not.
     best, evaluations = 8, []
@@ -218,6 +190,7 @@ def test_load_best_model_at_end_gives_the_model_the_best_checkpoints_layout_and_
         method,
         tmp_path,
         save_steps=4,
+        way=way,
         evaluate=pick,
         eval_strategy="steps",
         eval_steps=4,
@@ -246,9 +219,11 @@ class DeleteAt(TrainerCallback):
             shutil.rmtree(self.path)
 
 
-def test_load_best_model_at_end_without_the_best_checkpoints_dynarank_state_says_so_and_changes_nothing(tmp_path):
+def test_load_best_model_at_end_needs_nothing_but_the_best_checkpoints_weights(tmp_path):
+    """The weights carry their slot layout (and a gate the run dropped since is folded in on load): the best model
+    loads even when the best checkpoint's dynarank/ folder is gone."""
     model, callback, trainer = build(
-        "adalora",
+        "adalora-physical",
         tmp_path,
         save_steps=4,
         evaluate=lambda _: {"pick": 1.0},  # ties: the first evaluation, at step 4, stays the best
@@ -257,30 +232,12 @@ def test_load_best_model_at_end_without_the_best_checkpoints_dynarank_state_says
         load_best_model_at_end=True,
         metric_for_best_model="pick",
     )
+    logits = LogitsAtSave(model)
+    trainer.add_callback(logits)
     trainer.add_callback(DeleteAt(6, tmp_path / "checkpoint-4" / "dynarank"))
     trainer.add_callback(StopAt(12))
-    with pytest.raises(CheckpointError, match=r"best checkpoint, .*checkpoint-4, .*it has no dynarank/state.json"):
-        trainer.train()
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-4")
     saved = checkpoint.read_trainer_state(tmp_path / "checkpoint-12")[0]["layout"]
-    assert {name: layer.slots for name, layer in elastic_layers(model).items()} == saved
-
-
-def test_load_best_model_at_end_is_refused_up_front_by_a_trainer_whose_best_model_loading_cannot_be_wrapped(
-    tmp_path, monkeypatch
-):
-    monkeypatch.delattr(Trainer, "_load_best_model")  # another transformers version
-    model, callback, trainer = build(
-        "ard",
-        tmp_path,
-        save_steps=4,
-        install="later",
-        evaluate=lambda _: {"pick": 1.0},
-        eval_strategy="steps",
-        eval_steps=4,
-        load_best_model_at_end=True,
-        metric_for_best_model="pick",
-    )
-    train = trainer.train
-    with pytest.raises(ValueError, match="Set load_best_model_at_end=False"):
-        callback.install(trainer)
-    assert callback.trainer is None and trainer.train == train and callback not in trainer.callback_handler.callbacks
+    assert {name: layer.slots for name, layer in elastic_layers(model).items()} != saved  # step 4's layout
+    torch.testing.assert_close(logits(), logits.logits[4], rtol=0, atol=1e-6)

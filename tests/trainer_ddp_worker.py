@@ -14,7 +14,7 @@ import os
 import sys
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 import dynarank
 from dynarank import DynaRankConfig, attach
@@ -29,7 +29,6 @@ def train(out_dir: str, method: str, batch_size: int, **args) -> dict:
     for module in model.modules():  # no dropout: the workers' masks would differ
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    callback = dynarank.DynaRankCallback(model)
     arguments = TrainingArguments(
         output_dir=out_dir,
         max_steps=30,
@@ -48,9 +47,10 @@ def train(out_dir: str, method: str, batch_size: int, **args) -> dict:
         max_grad_norm=0.05,  # clipping on every step: its norm must include the resized tensors' averaged gradients
         **args,
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=TokenDataset(), callbacks=[callback])
+    # DynaRankTrainer averages the resized tensors' gradients before the Trainer clips them.
+    trainer = dynarank.DynaRankTrainer(model=model, args=arguments, train_dataset=TokenDataset())
     trainer.train()
-    controller = callback.controller
+    controller = trainer.dynarank.controller
     with torch.no_grad():
         logits = model.eval()(input_ids=torch.arange(1, 97).reshape(8, 12)).logits
     return {

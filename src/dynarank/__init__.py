@@ -10,6 +10,9 @@ from .storage import AdapterFormatError, load_adapter, save_adapter
 __all__ = [
     "ARDController",
     "DynaRankCallback",
+    "DynaRankTrainer",
+    "DynaRankTrainerMixin",
+    "with_dynarank",
     "AdapterFormatError",
     "RankController",
     "StepRecord",
@@ -31,10 +34,13 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # The Trainer callback imports transformers: load it only when asked for.
-    if name == "DynaRankCallback":
-        from .integrations.transformers import DynaRankCallback
+_TRAINER_NAMES = ("DynaRankCallback", "DynaRankTrainer", "DynaRankTrainerMixin", "with_dynarank")
 
-        return DynaRankCallback
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers: load it only when asked for.
+    if name in _TRAINER_NAMES:
+        from .integrations import transformers as integration
+
+        return getattr(integration, name)
     raise AttributeError(f"module 'dynarank' has no attribute {name!r}")

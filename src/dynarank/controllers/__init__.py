@@ -23,12 +23,13 @@ CONTROLLERS: dict[str, type[RankController]] = {
 }
 
 
-def build_controller(model: nn.Module, total_steps: int | None = None) -> RankController:
-    """The controller of the method the model was attached with."""
+def build_controller(model: nn.Module, total_steps: int | None = None, *, restoring: bool = False) -> RankController:
+    """The controller of the method the model was attached with (``restoring``: for a checkpoint's state, which
+    :func:`dynarank.checkpoint.restore_controller` gives it next; see RankController)."""
     config = getattr(model, ATTACHED_ATTR, None)
     if config is None:
         raise ValueError("build_controller() needs a model returned by dynarank.attach().")
-    controller = CONTROLLERS[config.method](model, total_steps)
+    controller = CONTROLLERS[config.method](model, total_steps, restoring=restoring)
     install_gate_folding(model)
     return controller
 

@@ -64,17 +64,18 @@ class ARDController(RankController):
         total_steps: optimizer steps of the run (the Trainer callback passes it).
     """
 
-    def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
+    def __init__(self, model: nn.Module, total_steps: int | None = None, *, restoring: bool = False) -> None:
         if total_steps is None:
             raise ValueError(
                 "ARD-LoRA needs total_steps (its warm-up, resize and final phases are fractions of the run). "
                 "Pass total_steps=..., or --max-steps for a data set of unknown length."
             )
-        super().__init__(model, total_steps)
+        super().__init__(model, total_steps, restoring=restoring)
         self.settings = ARDSettings.resolve(self.config, total_steps)
         self.schedule = self.settings.schedule
         self.start_params = self.adapter_parameters()
-        self._check_budget()  # before the model is touched: a bad budget leaves it as it was
+        if not restoring:
+            self._check_budget()  # before the model is touched: a bad budget leaves it as it was
         if getattr(model, ARD_ATTR, None) is None:
             model.add_module(ARD_ATTR, ARDGates(self.layers))
         self.gates: ARDGates = getattr(model, ARD_ATTR)

@@ -63,9 +63,12 @@ class RankController:
     Args:
         model: a model returned by :func:`dynarank.attach`.
         total_steps: optimizer steps the run will take (schedules need it).
+        restoring: the controller is built to take a checkpoint's state next (:func:`checkpoint.restore_controller`):
+            the model may already have the checkpoint's (resized) layout, so what is derived from the starting
+            size (budgets) is not validated here; the saved state brings it.
     """
 
-    def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
+    def __init__(self, model: nn.Module, total_steps: int | None = None, *, restoring: bool = False) -> None:
         config: DynaRankConfig | None = getattr(model, ATTACHED_ATTR, None)
         if config is None:
             raise ValueError("the controller needs a model returned by dynarank.attach().")
@@ -73,6 +76,7 @@ class RankController:
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
         self.model = model
         self.config = config
+        self.restoring = restoring
         self.total_steps = total_steps
         self.layers: dict[str, ElasticLoRALinear] = elastic_layers(model)
         self.step = 0
@@ -82,6 +86,7 @@ class RankController:
         self._hooks: list = []
         self._warned: set[str] = set()
         self._sizes: tuple[int, dict] | None = None  # (layout version, cached sizes): read-outs of every step
+        self._skipping = False  # the next optimizer step is one the caller skips
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer
@@ -106,8 +111,24 @@ class RankController:
         if any(o is optimizer for o in self.optimizers):
             return
         self.optimizers.append(optimizer)
-        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.before_step(opt)))
-        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step(opt)))
+        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step(opt)))
+        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step(opt)))
+
+    def skip_next_step(self) -> None:
+        """The next ``optimizer.step()`` is one the caller skips (it dropped the gradients): the controller counts
+        it (its schedule keeps time) and learns nothing from it, as :meth:`skip_step`."""
+        self._skipping = True
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._skipping:
+            self.before_step(optimizer)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skipping:
+            self._skipping = False
+            self.skip_step(optimizer)
+        else:
+            self.after_step(optimizer)
 
     def unbind(self) -> None:
         for hook in self._hooks:

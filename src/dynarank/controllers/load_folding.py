@@ -36,7 +36,7 @@ def install_gate_folding(model: nn.Module) -> None:
 def _fold_dropped_gates(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     layers = elastic_layers(model)
     values_key = f"{prefix}{SVD_ATTR}.values"
-    if values_key in state_dict and getattr(model, SVD_ATTR, None) is None:
+    if values_key in state_dict and getattr(model, SVD_ATTR, None) is None:  # this model's run has folded its E
         values, offset = state_dict.pop(values_key), 0
         for name in layers:
             key = f"{prefix}{name}.group_weight"
@@ -44,11 +44,9 @@ def _fold_dropped_gates(model: nn.Module, state_dict: dict, prefix: str, *args) 
             state_dict[key] = state_dict[key] * values[offset : offset + width].to(state_dict[key].dtype)
             offset += width
     gated_key = f"{prefix}{ARD_ATTR}.gated"
-    if (
-        gated_key in state_dict
-        and bool(state_dict[gated_key])
-        and all(layer.gate() is None for layer in layers.values())
-    ):
+    gates = getattr(model, ARD_ATTR, None)
+    dropped = gates is not None and not bool(gates.gated)  # this model's run has reached its final phase
+    if gated_key in state_dict and bool(state_dict[gated_key]) and dropped:
         r0, floor, soft = mask_settings(model.dynarank_config)
         alpha, start = state_dict[f"{prefix}{ARD_ATTR}.alpha"].float(), 0
         for name, layer in layers.items():

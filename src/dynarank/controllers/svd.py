@@ -127,8 +127,8 @@ class SVDController(RankController):
     need_interior_round = True  # refuse an interval longer than the budgeting phase
     new_rank_value = 0.0  # E of an appended rank
 
-    def __init__(self, model: nn.Module, total_steps: int | None = None) -> None:
-        super().__init__(model, total_steps)
+    def __init__(self, model: nn.Module, total_steps: int | None = None, *, restoring: bool = False) -> None:
+        super().__init__(model, total_steps, restoring=restoring)
         c = self.config
         self.schedule = BudgetSchedule.resolve(
             total_steps,
@@ -142,7 +142,8 @@ class SVDController(RankController):
         )
         self.budget_unit = "params" if c.target_params is not None else "rank"
         self.start_budget = self.budget_used()
-        self.target_budget = self._resolve_target()  # validated before the model is touched
+        # Validated before the model is touched; a restore brings the run's own (it started from another size).
+        self.target_budget = self.start_budget if restoring else self._resolve_target()
         self.values = ensure_svd_values(model, self.layers, c.seed)
         self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
         self.forget_sizes()  # E are trainable parameters of the model now
