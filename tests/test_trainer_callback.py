@@ -243,7 +243,7 @@ def test_the_plain_callback_refuses_clipping_under_ddp_and_names_the_trainer_tha
     model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
     trainer, callback = make("callback", tmp_path, model, max_steps=2)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    trainer.state.max_steps = 2
+    trainer.state.max_steps = 20
     with pytest.raises(ValueError, match=r"max_grad_norm=1.0\).*DynaRankTrainer.*max_grad_norm=0"):
         callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model, optimizer=optimizer)
     trainer.args.max_grad_norm = 0.0
