@@ -283,13 +283,12 @@ def test_export_after_adalora_reloads_in_stock_peft_with_the_same_logits(tmp_pat
 
 
 def test_the_trainer_drives_adalora_with_no_manual_call(tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     from test_trainer_callback import TokenDataset
 
     config = DynaRankConfig(method="adalora-physical", r=4, target_rank=2, target_modules=["query"], granularity="head")
     model = attach(tiny_bert(), config)
-    callback = dynarank.DynaRankCallback(model)  # creates E before the Trainer builds its optimizer
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=20,
@@ -300,9 +299,9 @@ def test_the_trainer_drives_adalora_with_no_manual_call(tmp_path):
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset())
-    callback.install(trainer)
+    trainer = dynarank.DynaRankTrainer(model=model, args=args, train_dataset=TokenDataset())
     trainer.train()
+    callback = trainer.dynarank
     assert callback.controller.step == 20 and callback.controller.total_rank() == 2 * 4 * 2
 
 
@@ -348,7 +347,7 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
 @pytest.mark.parametrize(
     ("config", "steps", "message"),
     [
-        ({}, None, "needs total_steps"),
+        ({}, None, "total_steps: AdaLoRA needs the run's length"),
         ({"t_init_steps": 50, "t_final_steps": 50}, 100, "no budgeting phase"),
         ({"t_init_steps": 60, "t_final_steps": 40}, 100, r"t_init \(60\) \+ t_final \(40\) >= total_steps"),
         ({"target_rank": None, "target_params": 10_000}, 100, "must be below the start"),

@@ -374,7 +374,7 @@ def test_the_l1_strength_is_steered_toward_the_budget():
 
 def test_a_budget_that_cannot_be_met_is_refused_with_what_to_change():
     task, model = planted_model(target_params=10_000)
-    with pytest.raises(ValueError, match="raise r"):
+    with pytest.raises(ValueError, match="raise the start rank"):
         build_controller(model, total_steps=100)
     assert not hasattr(model, "dynarank_ard")  # refused before the model was touched
     assert all(layer.gate() is None for layer in elastic_layers(model).values())

@@ -11,6 +11,7 @@ keeps every initial rank allocated). Optimizer moments of kept ranks are carried
 
 from __future__ import annotations
 
+from ..config import ConfigError
 from .base import BudgetRecord
 from .schedules import cubic_budget
 from .svd import SVDController
@@ -42,9 +43,11 @@ class AdaLoRAController(SVDController):
             target = c.target_params
             lowest = min(layer.group_size + layer.other_dim for layer in self.layers.values())
         if not lowest <= target < self.start_budget:
-            raise ValueError(
+            field = "target_rank" if self.budget_unit == "rank" else "target_params"
+            raise ConfigError(
+                (field, "r"),
                 f"AdaLoRA's target budget ({target} {self.budget_unit}) must be below the start ({self.start_budget}) "
-                f"and at least {lowest} (rank_floor and one rank): change target_rank / target_params or r."
+                f"and at least {lowest} (rank_floor and one rank): change the budget, or the start rank.",
             )
         return target
 

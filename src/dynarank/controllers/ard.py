@@ -45,6 +45,7 @@ import math
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from .ard_budget import cap_to_budget, prefix_cost, steer_factor
 from .ard_gates import ARD_ATTR, ARDGates, mask_gate, rank_cost
 from .ard_settings import ARDSettings
@@ -66,9 +67,10 @@ class ARDController(RankController):
 
     def __init__(self, model: nn.Module, total_steps: int | None = None, *, restoring: bool = False) -> None:
         if total_steps is None:
-            raise ValueError(
-                "ARD-LoRA needs total_steps (its warm-up, resize and final phases are fractions of the run). "
-                "Pass total_steps=..., or --max-steps for a data set of unknown length."
+            raise ConfigError(
+                "total_steps",
+                "ARD-LoRA needs the run's length in optimizer steps (its warm-up, resize and final phases are "
+                "fractions of the run); a data set of unknown length needs it given.",
             )
         super().__init__(model, total_steps, restoring=restoring)
         self.settings = ARDSettings.resolve(self.config, total_steps)
@@ -158,10 +160,11 @@ class ARDController(RankController):
         lowest = sum(layer.num_adapter_parameters_at([floor] * layer.n_groups) for layer in self.layers.values())
         lowest = max(lowest, min(layer.group_size + layer.other_dim for layer in self.layers.values()))
         if not lowest <= target < self.start_params:
-            raise ValueError(
-                f"ARD's target_params ({target:,}) must be below the adapter's size at r={self.settings.r0} "
+            raise ConfigError(
+                ("target_params", "r"),
+                f"ARD's budget ({target:,}) must be below the adapter's size at the start rank {self.settings.r0} "
                 f"({self.start_params:,}) and at least {lowest:,} (rank_floor={floor} everywhere, one rank in all): "
-                "change target_params, or raise r to start from more capacity."
+                "change the budget, or raise the start rank to start from more capacity.",
             )
 
     def budget_at(self, t: int | None = None) -> int | None:

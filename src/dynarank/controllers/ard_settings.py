@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import ConfigError
 from .schedules import ROUNDS_WHEN_UNSET, BudgetSchedule
 
 PAPER = {
@@ -90,12 +91,16 @@ class ARDSettings:
         final_start = total_steps - round(values.pop("final_frac") * total_steps)
         active = final_start - warmup
         if active < 1:
-            raise ValueError(f"total_steps={total_steps} leaves no active phase after warm-up and the final phase.")
+            raise ConfigError(
+                ("warmup_frac", "final_frac"),
+                f"leave no active phase in a run of {total_steps} steps: lower them, or train longer.",
+            )
         if values["lambda_mode"] != "absolute" and warmup < 2:
-            raise ValueError(
-                f"lambda_mode={values['lambda_mode']!r} calibrates lambda during warm-up, which has fewer than 2 "
-                "steps here: "
-                "raise warmup_frac or total_steps, or use lambda_mode='absolute'."
+            raise ConfigError(
+                ("warmup_frac", "lambda_mode"),
+                f"lambda_mode {values['lambda_mode']!r} calibrates lambda during the warm-up, which has fewer than 2 "
+                f"steps in a run of {total_steps}: raise the warm-up fraction, train longer, or use lambda_mode "
+                "'absolute'.",
             )
         if values["ard_lambda"] is None:
             values["ard_lambda"] = DEFAULT_LAMBDA[values["lambda_mode"]]

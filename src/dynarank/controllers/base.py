@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..attach import ATTACHED_ATTR, count_trainable, elastic_layers
-from ..config import DynaRankConfig
+from ..config import ConfigError, DynaRankConfig
 from ..layer import ElasticLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class RankController:
         if config is None:
             raise ValueError("the controller needs a model returned by dynarank.attach().")
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
+            raise ConfigError("total_steps", f"must be a positive integer, got {total_steps!r}.")
         self.model = model
         self.config = config
         self.restoring = restoring

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ConfigError
 from ..layer import ElasticLoRALinear
 from .base import BudgetRecord
 from .schedules import cubic_budget, cubic_changes
@@ -97,10 +98,12 @@ class ElaLoRAController(SVDController):
         keep = self.group_floor()
         lowest = max(1, sum(_floor_size(layer, keep, self.budget_unit) for layer in self.layers.values()))
         if target < lowest:
-            hint = "" if c.switch_off else " (or let a group give up its last rank: switch_off=True)"
-            raise ValueError(
+            field = "target_rank" if self.budget_unit == "rank" else "target_params"
+            hint = "" if c.switch_off else " (or let a group give up its last rank: switch_off)"
+            raise ConfigError(
+                field,
                 f"ElaLoRA's budget ({target} {self.budget_unit}) is below {lowest}, the size with every group at its "
-                f"floor of {keep} rank(s): raise target_rank / target_params{hint}."
+                f"floor of {keep} rank(s): raise it{hint}.",
             )
         return target
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..config import ConfigError
+
 ROUNDS_WHEN_UNSET = 20  # resize_every=None: about this many rounds over the budgeting phase
 
 
@@ -62,27 +64,31 @@ class BudgetSchedule:
                 then never reallocate; AdaLoRA still prunes once, at ``end``).
         """
         if total_steps is None:
-            raise ValueError(
-                f"{method} needs total_steps (its warm-up, reallocation rounds and final phase are placed in the "
-                "run). Pass total_steps=..., or --max-steps for a data set of unknown length."
+            raise ConfigError(
+                "total_steps",
+                f"{method} needs the run's length in optimizer steps (its warm-up, reallocation rounds and final "
+                "phase are placed in the run); a data set of unknown length needs it given.",
             )
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
+            raise ConfigError("total_steps", f"must be a positive integer, got {total_steps!r}.")
         t_init = t_init_steps if t_init_steps is not None else round(warmup_frac * total_steps)
         t_final = t_final_steps if t_final_steps is not None else round(final_frac * total_steps)
         phase = total_steps - t_final - t_init
         if phase < 1:
-            raise ValueError(
+            given = ("t_init_steps", "t_final_steps") if t_init_steps is not None or t_final_steps is not None else ()
+            raise ConfigError(
+                given or ("warmup_frac", "final_frac"),
                 f"{method} has no budgeting phase: t_init ({t_init}) + t_final ({t_final}) >= total_steps "
-                f"({total_steps}). Lower warmup_frac / final_frac (or t_init_steps / t_final_steps), or train longer."
+                f"({total_steps}). Lower them, or train longer.",
             )
         if interval is None:
             interval = max(1, phase // ROUNDS_WHEN_UNSET)
         if need_interior_round and interval >= phase:
-            raise ValueError(
-                f"resize_every={interval} is not shorter than {method}'s budgeting phase ({phase} steps between "
-                f"t_init={t_init} and T - t_final={total_steps - t_final}): no reallocation round would run. "
-                f"Lower resize_every (e.g. {max(1, phase // ROUNDS_WHEN_UNSET)}) or widen the phase."
+            raise ConfigError(
+                "resize_every",
+                f"{interval} is not shorter than {method}'s budgeting phase ({phase} steps between t_init={t_init} "
+                f"and T - t_final={total_steps - t_final}): no reallocation round would run. Lower it (e.g. "
+                f"{max(1, phase // ROUNDS_WHEN_UNSET)}) or widen the phase.",
             )
         return cls(total_steps=total_steps, t_init=t_init, t_final=t_final, interval=interval)
 
