@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import KEY_VALUE_SUFFIXES, OUTPUT_SUFFIXES, QUERY_SUFFIXES, TASK_HEAD_NAMES, DynaRankConfig
+from .config import KEY_VALUE_SUFFIXES, OUTPUT_SUFFIXES, QUERY_SUFFIXES, TASK_HEAD_NAMES, ConfigError, DynaRankConfig
 from .layer import ElasticLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,7 @@ def head_geometry(model: nn.Module, config: DynaRankConfig) -> HeadGeometry | No
     if head_dim is None:
         hidden = _cfg_get(model, "hidden_size", "d_model", "n_embd")
         if hidden is None or hidden % heads:
-            raise ValueError(
-                f"cannot infer head_dim: hidden size {hidden} and {heads} heads; set DynaRankConfig(head_dim=...)."
-            )
+            raise ConfigError("head_dim", f"cannot be inferred from hidden size {hidden} and {heads} heads: set it.")
         head_dim = hidden // heads
     return HeadGeometry(int(heads), int(kv), int(head_dim))
 
@@ -98,9 +96,10 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
                 f" Its projections are transformers Conv1D modules ({conv1d[0]}, ...), which dynarank does not adapt: "
                 "only nn.Linear is supported."
             )
-        raise ValueError(
-            f"target_modules={spec!r} matches no Linear module of {type(model).__name__}. "
-            f"Its Linear modules are: {', '.join(shown) or '(none)'}.{notes}"
+        raise ConfigError(
+            "target_modules",
+            f"{spec!r} matches no Linear module of {type(model).__name__}. "
+            f"Its Linear modules are: {', '.join(shown) or '(none)'}.{notes}",
         )
     return chosen
 
@@ -118,10 +117,11 @@ def layer_plan(name: str, module: nn.Linear, config: DynaRankConfig, geometry: H
     else:
         return {"n_groups": 1, "split": "rows"}
     if heads * geometry.head_dim != dim:
-        raise ValueError(
-            f"{name}: {heads} heads x head_dim {geometry.head_dim} = {heads * geometry.head_dim} does not "
-            f"match its {'output' if split == 'rows' else 'input'} size {dim}; set num_heads / num_kv_heads / "
-            "head_dim in DynaRankConfig, or use granularity='matrix'."
+        raise ConfigError(
+            ("num_heads", "num_kv_heads", "head_dim", "granularity"),
+            f"{name}: {heads} heads x head size {geometry.head_dim} = {heads * geometry.head_dim} does not match its "
+            f"{'output' if split == 'rows' else 'input'} size {dim}; set the head counts and size, or use one group "
+            "per matrix.",
         )
     return {"n_groups": heads, "split": split}
 
@@ -142,7 +142,7 @@ def resolve_modules_to_save(model: nn.Module, config: DynaRankConfig) -> list[st
         names = [n for n, _ in model.named_modules() if n and _has_suffix(n, config.modules_to_save)]
         missing = [s for s in config.modules_to_save if not any(_has_suffix(n, [s]) for n in names)]
         if missing:
-            raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}.")
+            raise ConfigError("modules_to_save", f"{missing} match no module of {type(model).__name__}.")
         return names
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return sorted(
@@ -212,9 +212,10 @@ def _build_layers(
         group_dim = (module.out_features if plan["split"] == "rows" else module.in_features) // plan["n_groups"]
         other_dim = module.in_features if plan["split"] == "rows" else module.out_features
         if config.r > min(group_dim, other_dim):
-            raise ValueError(
-                f"r={config.r} is larger than the model can use at {name}: a group there is {group_dim} x "
-                f"{other_dim}, so its rank cannot exceed {min(group_dim, other_dim)}. Lower r."
+            raise ConfigError(
+                "r",
+                f"{config.r} is larger than the model can use at {name}: a group there is {group_dim} x "
+                f"{other_dim}, so its rank cannot exceed {min(group_dim, other_dim)}. Lower it.",
             )
         built[name] = ElasticLoRALinear(
             module,
