@@ -24,6 +24,7 @@ from torch import nn
 
 from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, worth_bucketing
 from .optim_state import reindex_parameter
+from .slot_costs import SlotCosts
 
 Split = Literal["rows", "cols"]
 Layout = Literal["own", "shared"]
@@ -179,17 +180,16 @@ class ElasticLoRALinear(nn.Module):
     def num_adapter_parameters(self) -> int:
         return self.shared_weight.numel() + self.group_weight.numel()
 
-    def num_adapter_parameters_at(self, ranks: Sequence[int]) -> int:
-        """Parameters the layer would hold with group g cut to its first ``ranks[g]`` ranks.
+    @property
+    def costs(self) -> SlotCosts:
+        """What this layer's ranks cost in parameters (slot_costs.py)."""
+        return SlotCosts(self.group_size, self.other_dim, self.n_groups, self.layout)
 
-        A shared slot costs ``other_dim`` while any group still uses it; every group-side column
-        costs ``group_size``.
-        """
+    def num_adapter_parameters_at(self, ranks: Sequence[int]) -> int:
+        """Parameters the layer would hold with group g cut to its first ``ranks[g]`` ranks."""
         if len(ranks) != self.n_groups or any(not 0 <= k <= len(s) for k, s in zip(ranks, self._slots)):
             raise ValueError(f"ranks {list(ranks)} do not fit the live ranks {self.ranks}.")
-        kept = [slots[: int(k)] for k, slots in zip(ranks, self._slots)]
-        used = {slot for slots in kept for slot in slots}
-        return len(used) * self.other_dim + sum(len(slots) for slots in kept) * self.group_size
+        return self.costs.size([slots[: int(k)] for k, slots in zip(ranks, self._slots)])
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.shared_weight, self.group_weight]

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .ard_budget import cap_to_budget, prefix_cost, steer_factor
-from .ard_gates import ARD_ATTR, ARDGates, mask_gate, rank_cost
+from .ard_gates import ARD_ATTR, ARDGates, mask_gate
 from .ard_settings import ARDSettings
 from .ard_signatures import check_signatures
 from .base import BudgetRecord, RankController, StepRecord
@@ -314,7 +314,7 @@ class ARDController(RankController):
         mode = self.settings.lambda_mode
         if mode == "absolute":
             return
-        per_layer = [rank_cost(layer) for layer in self.layers.values()]
+        per_layer = [layer.costs.rank_price() for layer in self.layers.values()]
         costs = torch.tensor(
             [c for c, layer in zip(per_layer, self.layers.values()) for _ in range(layer.n_groups)], dtype=torch.float64
         )

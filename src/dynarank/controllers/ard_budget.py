@@ -8,7 +8,6 @@ removes tail slots, lowest margin first, until the prefix costs at most the budg
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from collections.abc import Mapping
 
 from ..layer import ElasticLoRALinear
@@ -40,8 +39,8 @@ def cap_to_budget(
         return
     order = list(layers)
     slots = {name: layers[name].slots for name in order}
-    # How many groups still use each shared slot: its A row (B^T row) is freed with its last user.
-    usage = {name: Counter(x for g, k in enumerate(ranks[name]) for x in slots[name][g][:k]) for name in order}
+    # Who still uses each shared slot: its A row (B^T row) is freed with its last user.
+    books = {name: layers[name].costs.book([s[:k] for s, k in zip(slots[name], ranks[name])]) for name in order}
     heap: list[tuple[float, int, int]] = []
 
     def push(i: int, g: int) -> None:
@@ -55,12 +54,10 @@ def cap_to_budget(
     left = sum(sum(r) for r in ranks.values())
     while cost > budget and heap and left > 1:
         _, i, g = heapq.heappop(heap)
-        name, layer = order[i], layers[order[i]]
+        name = order[i]
         k = ranks[name][g]
-        slot = slots[name][g][k - 1]
         ranks[name][g] = k - 1
-        usage[name][slot] -= 1
-        cost -= layer.group_size + (layer.other_dim if usage[name][slot] == 0 else 0)
+        cost -= books[name].remove(slots[name][g][k - 1])
         left -= 1
         push(i, g)
 

@@ -77,10 +77,3 @@ def mask_gate(
         return hard + soft - soft.detach()
 
     return gate
-
-
-def rank_cost(layer: ElasticLoRALinear) -> float:
-    """Parameters one rank of one group costs (the l1 price of that group's alpha, per r0 unit)."""
-    if layer.layout == "shared":
-        return layer.group_size + layer.other_dim / layer.n_groups
-    return layer.group_size + layer.other_dim

@@ -152,7 +152,9 @@ class ElaLoRAController(SVDController):
             prune.setdefault(c.module, {}).setdefault(c.group, []).append(c.position)
             ranks[c.module][c.group] -= 1
         grow: dict[str, dict[int, int]] = {}
-        size = {name: _size_after(layer, prune.get(name, {}), {}) for name, layer in self.layers.items()}
+        size = {
+            name: layer.costs.size_after(layer.slots, prune.get(name, {}), {}) for name, layer in self.layers.items()
+        }
         ceiling = self.budget_at(self.step)  # params: expansions stay within the budget in force
         added = 0
         for c in reversed(pool[b:]):  # highest first; the pruned ones are not offered
@@ -164,7 +166,7 @@ class ElaLoRAController(SVDController):
             counts = dict(grow.get(c.module, {}))
             counts[c.group] = counts.get(c.group, 0) + 1
             if self.budget_unit == "params":
-                new_size = _size_after(layer, prune.get(c.module, {}), counts)
+                new_size = layer.costs.size_after(layer.slots, prune.get(c.module, {}), counts)
                 if sum(size.values()) - size[c.module] + new_size > ceiling:
                     continue
                 size[c.module] = new_size
@@ -232,24 +234,8 @@ def _orthogonal_unit(rows: torch.Tensor, generator: torch.Generator | None) -> t
     return (v / v.norm()).to(rows.device, rows.dtype)
 
 
-def _size_after(layer: ElasticLoRALinear, prune: dict[int, list[int]], grow: dict[int, int]) -> int:
-    """A and B parameters of ``layer`` after removing ``prune`` positions and appending ``grow`` ranks.
-
-    own layout: sum_g r_g (d_g + d_other); shared: S d_other + sum_g r_g d_g with
-    S = max(slots still used, max_g r_g), since add_slots reuses a slot before creating one.
-    """
-    kept = [[s for j, s in enumerate(slots) if j not in prune.get(g, ())] for g, slots in enumerate(layer.slots)]
-    ranks = [len(k) + grow.get(g, 0) for g, k in enumerate(kept)]
-    if layer.layout == "own":
-        return sum(ranks) * (layer.group_size + layer.other_dim)
-    used = len({s for k in kept for s in k})
-    return max(used, max(ranks, default=0)) * layer.other_dim + sum(ranks) * layer.group_size
-
-
 def _floor_size(layer: ElasticLoRALinear, keep: int, unit: str) -> int:
     """Size of ``layer`` with every group at ``keep`` ranks, in ranks or A and B parameters."""
     if unit == "rank":
         return keep * layer.n_groups
-    if layer.layout == "own":
-        return keep * layer.n_groups * (layer.group_size + layer.other_dim)
-    return keep * layer.other_dim + keep * layer.n_groups * layer.group_size
+    return layer.costs.size_of_ranks([keep] * layer.n_groups)

@@ -270,7 +270,7 @@ class SVDController(RankController):
             for j, v in enumerate(s.tolist())
         )
         ranks = {name: layer.ranks for name, layer in self.layers.items()}
-        usage = {name: _slot_usage(layer) for name, layer in self.layers.items()}
+        books = {name: layer.costs.book(layer.slots) for name, layer in self.layers.items()}
         plan: Plan = {}
         freed, left = 0, self.total_rank()
         for _, i, g, j in ranked:
@@ -280,9 +280,7 @@ class SVDController(RankController):
             layer = self.layers[name]
             if ranks[name][g] <= floor:
                 continue
-            slot = layer.slots[g][j]
-            usage[name][slot] -= 1
-            cost = layer.group_size + (layer.other_dim if usage[name][slot] == 0 else 0)
+            cost = books[name].remove(layer.slots[g][j])
             freed += cost if self.budget_unit == "params" else 1
             ranks[name][g] -= 1
             left -= 1
@@ -443,12 +441,3 @@ class SVDController(RankController):
                 self.importance.set_state(p, sens, unc)
         if self.generator is not None and "generator" in tensors:
             self.generator.set_state(tensors["generator"])
-
-
-def _slot_usage(layer: ElasticLoRALinear) -> dict[int, int]:
-    """How many groups use each shared slot (1 everywhere in the 'own' layout)."""
-    usage: dict[int, int] = {}
-    for slots in layer.slots:
-        for s in slots:
-            usage[s] = usage.get(s, 0) + 1
-    return usage
