@@ -1,6 +1,6 @@
 """ElaLoRA and AdaLoRA (physical pruning) on the planted-rank task, against ARD, the oracle and stock PEFT.
 
-Task (dynarank.synthetic): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
+Task (planted_task.py): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
 per-head changes of ranks [0,1,2,4,8,0,3,6], label noise 0.1, MSE, 2,000 steps, batch 64, lr 3e-3.
 Every method ends at the oracle's trainable budget (24 head-ranks = 1,920 adapter parameters):
 
@@ -32,10 +32,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from planted_task import PlantedTask, make_planted_task, train_planted, within_one
 from torch import nn
 
 from dynarank import DynaRankConfig
-from dynarank.synthetic import PlantedTask, make_planted_task, train_planted, within_one
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = ["query"]

@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from setups import stock_adalora_schedule  # noqa: E402
 
-from dynarank.data import packaged_sentiment  # noqa: E402
-from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, prepare_model, training_state_bytes  # noqa: E402
-from dynarank.models import load_classifier, packaged_minilm_path  # noqa: E402
-from dynarank.tasks import batches, encode_classification  # noqa: E402
+from dynarank.training.data import packaged_sentiment  # noqa: E402
+from dynarank.training.loop import BERT_ENCODER_LINEAR, TrainSpec, prepare_model, training_state_bytes  # noqa: E402
+from dynarank.training.models import load_classifier, packaged_minilm_path  # noqa: E402
+from dynarank.training.tasks import batches, encode_classification  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["lora", "dora", "adalora", "dynarank-lora", "adalora-physical", "elalora", "ard", "ard-matrix"]

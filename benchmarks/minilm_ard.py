@@ -126,9 +126,9 @@ def run_one(name: str, seed: int, threads: int, command: str) -> dict:
     """Train and evaluate one (config, seed) in this process; returns the record."""
     import torch
 
-    from dynarank.data import packaged_sentiment
-    from dynarank.loop import TrainSpec, train_classifier
-    from dynarank.models import load_classifier, packaged_minilm_path
+    from dynarank.training.data import packaged_sentiment
+    from dynarank.training.loop import TrainSpec, train_classifier
+    from dynarank.training.models import load_classifier, packaged_minilm_path
 
     torch.set_num_threads(threads)
     cfg = parse_config(name)

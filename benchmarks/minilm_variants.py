@@ -21,9 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from dynarank.data import packaged_sentiment  # noqa: E402
-from dynarank.loop import TrainSpec, train_classifier  # noqa: E402
-from dynarank.models import load_classifier, packaged_minilm_path  # noqa: E402
+from dynarank.training.data import packaged_sentiment  # noqa: E402
+from dynarank.training.loop import TrainSpec, train_classifier  # noqa: E402
+from dynarank.training.models import load_classifier, packaged_minilm_path  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STEM = "minilm_variants"

@@ -1,6 +1,6 @@
 """Planted-rank oracle: does a method find the per-head ranks that are known to be right?
 
-Task (dynarank.synthetic): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
+Task (planted_task.py): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
 per-head changes of ranks [0,1,2,4,8,0,3,6], label noise 0.1, MSE, 2,000 steps, batch 64.
 Every method is compared with the oracle (per-head LoRA cut to the true ranks) and with plain
 LoRA at the same trainable parameters as the oracle (per head: rank 3 = 1,920 params; per matrix:
@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from planted_task import make_planted_task, train_planted, within_one
 
 from dynarank import DynaRankConfig
-from dynarank.synthetic import make_planted_task, train_planted, within_one
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = ["query"]

@@ -196,7 +196,7 @@ def lora_budget(model, target: str, r: int) -> int:
 
 
 def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: int, task: dict, target: str):
-    from dynarank.loop import TrainSpec
+    from dynarank.training.loop import TrainSpec
 
     if method in ABLATIONS:
         base, changed = ABLATIONS[method]
@@ -232,9 +232,9 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
     """Train and evaluate one (method, budget, lr, seed) in this process; returns the record."""
     import torch
 
-    from dynarank.loop import BERT_ENCODER_LINEAR, train_causal_lm, train_classifier
-    from dynarank.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
-    from dynarank.tasks import evaluate_causal_lm, evaluate_classifier
+    from dynarank.training.loop import BERT_ENCODER_LINEAR, train_causal_lm, train_classifier
+    from dynarank.training.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
+    from dynarank.training.tasks import evaluate_causal_lm, evaluate_classifier
 
     torch.set_num_threads(threads)
     task = TASKS[task_name]

@@ -1,4 +1,4 @@
-"""A worker script, not tests: ``dynarank.loop.train`` on a tiny model, for tests/test_distributed.py.
+"""A worker script, not tests: ``dynarank.training.loop.train`` on a tiny model, for tests/test_distributed.py.
 
     torchrun --nproc_per_node=2 tests/loop_ddp_worker.py METHOD NAN_STEP [NAN_WORKER]
 
@@ -16,7 +16,7 @@ import sys
 import torch
 
 from dynarank.attach import elastic_layers
-from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, train_classifier
+from dynarank.training.loop import BERT_ENCODER_LINEAR, TrainSpec, train_classifier
 from tiny_models import WordTokenizer, examples, tiny_bert
 from trainer_ddp_worker import print_every_workers_result_and_exit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dynarank.loop import TrainSpec, train_classifier, training_state_bytes
+from dynarank.training.loop import TrainSpec, train_classifier, training_state_bytes
 from tiny_models import WordTokenizer, examples, tiny_bert
 
 

@@ -8,15 +8,15 @@ import warnings
 import pytest
 import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
+from planted_task import make_planted_task
 from torch import nn
 
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.config import ORTHO_WEIGHT
 from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_changes
-from dynarank.loop import TrainSpec, prepare_model
 from dynarank.optim_state import state_bytes
-from dynarank.synthetic import make_planted_task
+from dynarank.training.loop import TrainSpec, prepare_model
 from tiny_models import tiny_bert, tiny_llama, token_batch
 
 

@@ -213,9 +213,11 @@ def _empty_out(command: str):
 
 
 def _too_large(w, d, mp):
-    import dynarank.estimate
+    import dynarank.training.estimate
 
-    mp.setattr(dynarank.estimate, "memory_limit_bytes", lambda: 10**9)  # were it allocated, 1.4 GB: no harm done
+    mp.setattr(
+        dynarank.training.estimate, "memory_limit_bytes", lambda: 10**9
+    )  # were it allocated, 1.4 GB: no harm done
     return [*_train(w, d / "run"), "--r", "100000"]
 
 

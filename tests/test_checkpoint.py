@@ -11,7 +11,7 @@ import dynarank
 import dynarank.storage
 from dynarank import checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
-from dynarank.loop import NonFiniteError, TrainSpec, nonfinite_gradients, train_classifier
+from dynarank.training.loop import NonFiniteError, TrainSpec, nonfinite_gradients, train_classifier
 from tiny_models import WordTokenizer, examples, tiny_bert
 
 VARIANTS = {  # name -> (method, its options)

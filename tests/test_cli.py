@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel
 
 from dynarank.cli import main
-from dynarank.commands import load_trained
-from dynarank.models import load_classifier
+from dynarank.cli.commands import load_trained
+from dynarank.training.models import load_classifier
 from tiny_models import save_tiny_model_dir
 
 WORDS = {"positive": ["great", "love", "happy", "good", "wonderful"], "negative": ["bad", "hate", "sad", "awful"]}
@@ -266,7 +266,7 @@ def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, 
     data = write_csv(tmp_path / "data.csv")
     argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]
     assert main([*train_args(tiny_model_dir, data, tmp_path / "full"), *argv]) == 0
-    import dynarank.runs as runs_module
+    import dynarank.cli.train as runs_module
 
     real = runs_module.train_classifier
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dynarank.run_options as run_options
-import dynarank.runs as runs_module
-from dynarank.cli import as_flags, build_parser, main
-from dynarank.data import classification_examples, load_table
+import dynarank.cli.train as runs_module
+import dynarank.cli.train_options as run_options
+from dynarank.cli.main import as_flags, build_parser, main
+from dynarank.training.data import classification_examples, load_table
 from test_cli import train_args, write_csv
 from tiny_models import save_tiny_model_dir
 
@@ -299,10 +299,11 @@ def test_a_model_whose_weights_are_a_pickle_is_refused_without_loading_it(tiny_m
 
 
 def test_a_causal_lm_whose_weights_are_a_pickle_is_refused_without_loading_it(tmp_path, unpickled):
-    from dynarank.models import ModelError, load_causal_lm
+    from dynarank.safe_load import UnsafeFolderError
+    from dynarank.training.models import load_causal_lm
 
     pickled = _with_pickled_weights(save_tiny_model_dir(tmp_path / "llama", kind="llama"), tmp_path / "pickled")
-    with pytest.raises(ModelError, match="pytorch_model.bin, a pickle, which dynarank never loads"):
+    with pytest.raises(UnsafeFolderError, match="pytorch_model.bin, a pickle, which dynarank never loads"):
         load_causal_lm(pickled)
     assert unpickled == []
 
@@ -325,7 +326,7 @@ def test_a_classifier_missing_base_weights_is_refused(tiny_model_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from dynarank.models import ModelError, load_classifier
+    from dynarank.training.models import ModelError, load_classifier
 
     partial = tmp_path / "partial"
     shutil.copytree(tiny_model_dir, partial)
@@ -340,9 +341,9 @@ def test_a_base_with_a_head_for_other_labels_gets_a_new_head_and_says_so(tiny_mo
     import torch
     from safetensors.torch import load_file
 
-    from dynarank.models import load_classifier
+    from dynarank.training.models import load_classifier
 
-    with caplog.at_level("INFO", logger="dynarank.models"):
+    with caplog.at_level("INFO", logger="dynarank.training.models"):
         model, _ = load_classifier(tiny_model_dir, ["a", "b", "c"])  # the tiny model was saved with 2 labels
     assert model.classifier.out_features == 3
     assert "new task head for 3 labels: classifier.bias, classifier.weight" in caplog.text

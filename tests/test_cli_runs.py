@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-import dynarank.commands as commands_module
-from dynarank import models
+import dynarank.cli.commands as commands_module
 from dynarank.cli import main
-from dynarank.models import load_classifier, resolve_model_dir
+from dynarank.training import models
+from dynarank.training.models import load_classifier, resolve_model_dir
 from test_cli import train_args, write_csv
 from test_cli_inputs import refused
 from tiny_models import save_tiny_model_dir
@@ -204,7 +204,7 @@ def test_trainable_parameters_are_drawn_once_in_the_training_curves(runs, monkey
 def test_a_picture_that_fails_to_draw_leaves_no_figure_open(runs, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from dynarank import report
+    from dynarank.cli import report
 
     def fails_half_way(plt, snapshot):
         plt.subplots()
@@ -367,7 +367,7 @@ def test_two_runs_of_the_same_command_are_bitwise_equal_even_with_a_new_task_hea
 def test_a_killed_five_label_run_resumed_equals_a_separately_launched_uninterrupted_run(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    import dynarank.runs as runs_module
+    import dynarank.cli.train as runs_module
 
     data = write_csv(tmp_path / "five.csv", n=60, labels=("a", "b", "c", "d", "e"))
     argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]

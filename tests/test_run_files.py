@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 import dynarank
-import dynarank.runs as runs_module
+import dynarank.cli.train as runs_module
 from dynarank.cli import main
-from dynarank.files import MetricsLog, RunFileError, read_jsonl, replace_file
-from dynarank.loop import MAX_SKIPPED_IN_A_ROW, NonFiniteError, train_classifier
+from dynarank.files import RunFileError, read_jsonl, replace_file
+from dynarank.training.loop import MAX_SKIPPED_IN_A_ROW, NonFiniteError, train_classifier
+from dynarank.training.metrics_log import MetricsLog
 from test_checkpoint import poison_loss_at, spec
 from test_cli import train_args, write_csv
 from test_cli_inputs import refused

@@ -16,10 +16,10 @@ from peft import PeftModel
 import dynarank
 from dynarank import AdapterFormatError
 from dynarank.cli import main
-from dynarank.estimate import adapter_parameter_estimate
-from dynarank.loop import TrainSpec, prepare_model
-from dynarank.models import load_classifier
 from dynarank.safe_load import load_peft_adapter
+from dynarank.training.estimate import adapter_parameter_estimate
+from dynarank.training.loop import TrainSpec, prepare_model
+from dynarank.training.models import load_classifier
 from test_cli import train_args, write_csv
 from test_cli_inputs import refused
 from tiny_models import save_tiny_model_dir, tiny_bert, token_batch
@@ -223,7 +223,7 @@ def test_the_adapter_size_is_known_before_it_is_allocated(method, knobs):
 def test_an_adapter_larger_than_the_memory_is_refused_before_it_is_allocated(
     tiny_model_dir, runs, tmp_path, capsys, monkeypatch
 ):
-    import dynarank.estimate as estimate
+    import dynarank.training.estimate as estimate
 
     monkeypatch.setattr(estimate, "memory_limit_bytes", lambda: 10**6)  # a machine with 1 MB
     argv = train_args(tiny_model_dir, runs["data"], tmp_path / "run", "--method", "lora", "--r", "100")

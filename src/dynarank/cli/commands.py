@@ -11,13 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report
-from .attach import elastic_layers, unwrap
-from .data import causal_examples, classification_examples, label_name, load_table
-from .export import export_peft
-from .files import RunFileError, naming, read_yaml
-from .loop import DYNARANK_METHODS
-from .models import (
+from ..attach import elastic_layers, unwrap
+from ..export import export_peft
+from ..files import RunFileError, naming, read_yaml
+from ..safe_load import load_peft_adapter, peft_config
+from ..storage import load_adapter
+from ..training.data import causal_examples, classification_examples, label_name, load_table
+from ..training.loop import DYNARANK_METHODS
+from ..training.models import (
     check_max_length,
     infer_task,
     load_causal_lm,
@@ -26,7 +27,9 @@ from .models import (
     require_safetensors,
     resolve_model_dir,
 )
-from .runs import (
+from ..training.tasks import evaluate_causal_lm, evaluate_classifier
+from . import report
+from .train import (
     ADAPTER_INFO,
     new_run_dir,
     read_adapter_info,
@@ -35,9 +38,6 @@ from .runs import (
     train_command,
     write_adapter_info,
 )
-from .safe_load import load_peft_adapter, peft_config
-from .storage import load_adapter
-from .tasks import evaluate_causal_lm, evaluate_classifier
 
 DEFAULT_MAX_LENGTH = 64  # eval's truncation when neither --max-length nor the run says
 
@@ -188,8 +188,8 @@ def inspect_command(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .attach import attach
-    from .config import DynaRankConfig
+    from ..attach import attach
+    from ..config import DynaRankConfig
 
     model_dir = Path(args.model) if args.model else packaged_minilm_path()
     model, _ = load_classifier(model_dir, ["0", "1"])
@@ -251,8 +251,8 @@ def demo_command(args: argparse.Namespace, train_defaults: dict) -> list[dict]:
 
 
 def _probe_layers(model_dir: str | None, target_modules):
-    from .attach import select_targets
-    from .config import DynaRankConfig
+    from ..attach import select_targets
+    from ..config import DynaRankConfig
 
     model, _ = load_classifier(model_dir or packaged_minilm_path(), ["0", "1"])
     names = select_targets(model, DynaRankConfig(target_modules=resolve_target_modules(target_modules, model)))

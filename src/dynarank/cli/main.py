@@ -14,11 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import commands, run_options, runs
-from .data import DataError
-from .loop import ALL_METHODS, NonFiniteError
-from .models import ModelError
-from .storage import AdapterFormatError
+from ..storage import AdapterFormatError
+from ..training.data import DataError
+from ..training.loop import ALL_METHODS, NonFiniteError
+from ..training.models import ModelError
+from . import commands, train, train_options
 
 
 def _safetensors_error() -> type[BaseException]:
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Library field names in validation messages, as the `train` flags that set them.
 FLAG_OF_FIELD = {
-    **{name: "--" + name.replace("_", "-") for name in run_options.DYNARANK_KNOBS},
+    **{name: "--" + name.replace("_", "-") for name in train_options.DYNARANK_KNOBS},
     **{name: "--" + name.replace("_", "-") for name in ("batch_size", "max_steps", "eval_every", "save_every")},
     "total_steps": "--max-steps",
     "r": "--r0",
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     if args.command == "train":
-        runs.train_command(run_options.resolve_train_options(args, parser, argv))
+        train.train_command(train_options.resolve_train_options(args, parser, argv))
     elif args.command == "eval":
         print(json.dumps(commands.eval_command(args), indent=1))
     elif args.command == "export":
@@ -338,7 +338,3 @@ def _leave_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint
-from .attach import adapter_parameter_count, attach, count_trainable
-from .config import METHODS, ORTHO_WEIGHT, DynaRankConfig
-from .controllers import RankController, build_controller
+from .. import checkpoint
+from ..attach import adapter_parameter_count, attach, count_trainable
+from ..config import METHODS, ORTHO_WEIGHT, DynaRankConfig
+from ..controllers import RankController, build_controller
+from ..distributed import any_worker, check_same_ranks, default_device, world, wrap
+from ..guards import first_nonfinite_module, nonfinite_gradients
+from ..optim_state import state_bytes
 from .data import Examples, PairExamples
-from .distributed import any_worker, check_same_ranks, default_device, world, wrap
-from .guards import first_nonfinite_module, nonfinite_gradients
-from .optim_state import state_bytes
 from .tasks import (
     NonFiniteError,
     batches,

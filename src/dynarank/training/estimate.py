@@ -25,8 +25,8 @@ def memory_limit_bytes() -> int | None:
 def _targets(model: nn.Module, target_modules) -> dict[str, nn.Linear] | None:
     """The Linear modules the spec selects (dynarank's matching, which is PEFT's for Linear layers); None when it
     selects none (the method's own code then says so)."""
-    from .attach import select_targets
-    from .config import DynaRankConfig
+    from ..attach import select_targets
+    from ..config import DynaRankConfig
 
     try:
         names = select_targets(model, DynaRankConfig(target_modules=target_modules))
@@ -58,8 +58,8 @@ def adapter_parameter_estimate(model: nn.Module, spec) -> int | None:
 
 
 def _dynarank_estimate(model: nn.Module, spec, targets: dict[str, nn.Linear], method: str) -> int | None:
-    from .attach import head_geometry, layer_plan
-    from .config import DynaRankConfig
+    from ..attach import head_geometry, layer_plan
+    from ..config import DynaRankConfig
 
     knobs = {k: v for k, v in spec.dynarank.items() if k in ("granularity", "head_layout", "r")}
     rank = knobs.pop("r", spec.r)

@@ -7,8 +7,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .files import RunFileError, naming, read_jsonl
-from .naming import split_name
+from ..files import RunFileError, naming, read_jsonl
+from ..naming import split_name
 
 HEATMAP = "ranks_heatmap.png"
 EVOLUTION = "ranks_over_time.png"

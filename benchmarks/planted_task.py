@@ -1,4 +1,5 @@
-"""A task whose right rank allocation is known: a frozen linear base plus planted per-head changes.
+"""The planted-rank task (a benchmark and test fixture, not part of the package): a task whose right rank
+allocation is known: a frozen linear base plus planted per-head changes.
 
 The teacher is ``W* = W0 + Delta`` where head h's output rows of Delta have rank ``true_ranks[h]``
 (orthonormal factors, unit singular values). A student adapts ``W0`` with per-head LoRA groups;
@@ -14,9 +15,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .attach import attach, elastic_layers
-from .config import DynaRankConfig
-from .controllers import build_controller
+from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 
 DEFAULT_TRUE_RANKS = (0, 1, 2, 4, 8, 0, 3, 6)
 

@@ -7,9 +7,9 @@ import argparse
 import re
 from pathlib import Path
 
-from .files import RunFileError, read_yaml
-from .loop import DYNARANK_METHODS
-from .models import model_record
+from ..files import RunFileError, read_yaml
+from ..training.loop import DYNARANK_METHODS
+from ..training.models import model_record
 
 DYNARANK_KNOBS = (
     "granularity",

@@ -24,17 +24,32 @@ from pathlib import Path
 
 import yaml
 
+from ..attach import linear_module_names
+from ..distributed import world
+from ..export import export_peft
+from ..files import RunFileError, naming, read_json, replace_file, sha256_of
+from ..storage import save_adapter
+from ..training.data import Examples, causal_sets, classification_sets
+from ..training.estimate import check_adapter_fits
+from ..training.loop import (
+    ALL_METHODS,
+    BERT_ENCODER_LINEAR,
+    DYNARANK_METHODS,
+    TrainSpec,
+    train_causal_lm,
+    train_classifier,
+)
+from ..training.metrics_log import MetricsLog
+from ..training.models import (
+    check_max_length,
+    infer_task,
+    load_causal_lm,
+    load_classifier,
+    model_record,
+    resolve_model_dir,
+)
 from . import report
-from .attach import linear_module_names
-from .data import Examples, causal_sets, classification_sets
-from .distributed import world
-from .estimate import check_adapter_fits
-from .export import export_peft
-from .files import MetricsLog, RunFileError, naming, read_json, replace_file, sha256_of
-from .loop import ALL_METHODS, BERT_ENCODER_LINEAR, DYNARANK_METHODS, TrainSpec, train_causal_lm, train_classifier
-from .models import check_max_length, infer_task, load_causal_lm, load_classifier, model_record, resolve_model_dir
-from .run_options import DYNARANK_KNOBS, check_method_options, parse_target_modules, read_run_config
-from .storage import save_adapter
+from .train_options import DYNARANK_KNOBS, check_method_options, parse_target_modules, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +186,7 @@ def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
     except BaseException:
         # A new run that failed (or was stopped) before its first checkpoint leaves nothing behind: the same
         # command can be run again. With a checkpoint, the directory stays for --resume.
-        from .checkpoint import list_checkpoints
+        from ..checkpoint import list_checkpoints
 
         if rank == 0 and not resume and not list_checkpoints(out):
             shutil.rmtree(created, ignore_errors=True)
@@ -219,7 +234,7 @@ def _train_into(opts, out: Path, model_dir, task, train, held, model, tokenizer,
 def _checkpoint_step(out: Path) -> int | None:
     """The step of the checkpoint a resumed run continues from; None when the run wrote none (it was stopped
     before its first save, or saves nothing): it then starts again from step 0, which gives the same run."""
-    from .checkpoint import latest, list_checkpoints
+    from ..checkpoint import latest, list_checkpoints
 
     if not list_checkpoints(out):
         logger.warning("dynarank: %s has no checkpoint (stopped before its first save): training it from step 0.", out)
