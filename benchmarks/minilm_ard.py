@@ -145,8 +145,8 @@ def run_one(name: str, seed: int, threads: int, command: str) -> dict:
             trajectory.append((info["step"], info["trainable_parameters"]))
 
     t0 = time.perf_counter()
-    result = train_classifier(model, tokenizer, train, spec, eval_set=held, on_step=on_step)
-    trained, controller = result.pop("model"), result.pop("controller")
+    done = train_classifier(model, tokenizer, train, spec, eval_set=held, on_step=on_step)
+    trained, controller, result = done.model, done.controller, done.metrics
     head = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "classifier" in n)
     gates = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "dynarank_ard" in n)
     if controller is not None:

@@ -55,9 +55,8 @@ def run(name: str, seed: int, out: Path) -> dict:
     model, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
     cfg = CONFIGS[name]
     spec = TrainSpec(method=cfg["method"], r=cfg["r"], seed=seed, dynarank=dict(cfg.get("dynarank", {})))
-    result = train_classifier(model, tokenizer, train, spec, eval_set=held)
-    trained = result.pop("model")
-    result.pop("controller")
+    done = train_classifier(model, tokenizer, train, spec, eval_set=held)
+    trained, result = done.model, done.metrics
     head = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "classifier" in n)
     by_kind: dict[str, list[int]] = {}
     for module, groups in (result.pop("ranks", None) or {}).items():

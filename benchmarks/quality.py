@@ -254,8 +254,8 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         trajectory.append(info["trainable_parameters"])
 
     t0 = time.perf_counter()
-    result = fit(model, tokenizer, train, spec, on_step=on_step)
-    trained, controller = result.pop("model"), result.pop("controller")
+    done = fit(model, tokenizer, train, spec, on_step=on_step)
+    trained, controller, result = done.model, done.controller, done.metrics
     head = sum(
         p.numel()
         for n, p in trained.named_parameters()

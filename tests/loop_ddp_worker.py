@@ -50,19 +50,19 @@ def run(method: str, nan_step: int = 0, nan_worker: int = 1) -> dict:
         model.forward = poisoned
     spec = TrainSpec(method=method, r=4, lr=1e-2, batch_size=8, seed=0, **SPECS[method])
     result = train_classifier(model, WordTokenizer(), examples(51), spec)
-    controller = result["controller"]
+    controller = result.controller
     ids = torch.arange(1, 97).reshape(8, 12)
     with torch.no_grad():
         logits = model.eval()(input_ids=ids).logits
     return {
         "logits": logits.double().flatten().tolist(),
-        "ranks": result["ranks"],
+        "ranks": result.metrics["ranks"],
         "tensors": {n: p.detach().double().flatten().tolist() for n, p in model.named_parameters() if p.requires_grad},
         # What each adapter computes, scaling * B diag(E) A: the function, whatever the factors.
         "deltas": {n: layer.delta_weight().double().flatten().tolist() for n, layer in elastic_layers(model).items()},
         "history": [(h["step"], h["ranks"]) for h in controller.history],
         "resized": [r.step for r in controller.records if r.resized],
-        "skipped": result["skipped_steps"],
+        "skipped": result.metrics["skipped_steps"],
     }
 
 

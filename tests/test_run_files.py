@@ -190,8 +190,8 @@ def test_training_stops_after_ten_skipped_steps_in_a_row():
 
 def test_occasional_skipped_steps_do_not_stop_training():
     model = poison_loss_at(tiny_bert(), 3)
-    result = train_classifier(model, WordTokenizer(), examples(), spec("lora", steps=12), eval_set=examples(8))
-    assert result["skipped_steps"] == 1 and result["steps"] == 12 and 0 <= result["eval"]["accuracy"] <= 1
+    metrics = train_classifier(model, WordTokenizer(), examples(), spec("lora", steps=12), eval_set=examples(8)).metrics
+    assert metrics["skipped_steps"] == 1 and metrics["steps"] == 12 and 0 <= metrics["eval"]["accuracy"] <= 1
 
 
 @pytest.mark.parametrize("steps, expected", [("30", "10 steps in a row"), ("2", "no metric is reported")])

@@ -1,8 +1,9 @@
-"""One training loop for every method: dynarank ARD / fixed-rank, and stock PEFT / full baselines.
+"""One training loop for every method: dynarank's, and the stock PEFT / full baselines (:mod:`.methods`).
 
 Used by the CLI and the benchmarks, so every method gets the same data order, schedule and
 evaluation. Dynarank methods are driven through the optimizer's step hooks (no per-method code
-in the loop); stock PEFT AdaLoRA needs its documented ``update_and_allocate`` call, done here.
+in the loop); a baseline's documented per-step call (stock AdaLoRA's ``update_and_allocate``) comes from
+:func:`.methods.stock_step`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from torch import nn
 
 from .. import checkpoint
 from ..attach import adapter_parameter_count, attach, count_trainable
-from ..config import METHODS, ORTHO_WEIGHT, DynaRankConfig
+from ..config import ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
 from ..distributed import any_worker, check_same_ranks, default_device, world, wrap
 from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
 from .data import Examples, PairExamples
+from .methods import ALL_METHODS, DYNARANK_METHODS, build_baseline, check_knobs, stock_allocator_bytes, stock_step
 from .tasks import (
     NonFiniteError,
     batches,
@@ -39,9 +41,6 @@ from .tasks import (
 
 logger = logging.getLogger(__name__)
 
-DYNARANK_METHODS = METHODS  # dynarank's own: dynarank-lora, ard, elalora, adalora-physical
-PEFT_METHODS = ("lora", "dora", "adalora")  # the stock PEFT baselines
-ALL_METHODS = DYNARANK_METHODS + PEFT_METHODS + ("full",)
 # Every attention and MLP Linear of a BERT-style encoder (not the pooler, not the classifier).
 BERT_ENCODER_LINEAR = r".*layer\.\d+\..*(query|key|value|dense)"
 
@@ -61,13 +60,22 @@ class TrainSpec:
     seed: int = 0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
-    dynarank: dict[str, Any] = field(default_factory=dict)  # extra DynaRankConfig fields
+    # Further config fields: a dynarank method's (DynaRankConfig fields), or those a baseline takes (ortho_weight for
+    # stock AdaLoRA); full fine-tuning ignores r and target_modules.
+    dynarank: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(ALL_METHODS)}.")
+            raise ConfigError("method", f"{self.method!r} is not known; choose one of {', '.join(ALL_METHODS)}.")
         if self.batch_size < 1 or self.lr <= 0 or self.r < 1:
             raise ValueError("batch_size and r must be positive integers and lr a positive number.")
+        check_knobs(self.method, self.config_fields())
+
+    def config_fields(self) -> dict[str, Any]:
+        """The config fields of the run: for a dynarank method, what its DynaRankConfig is built from."""
+        if self.method not in DYNARANK_METHODS:
+            return dict(self.dynarank)
+        return {"r": self.r, "seed": self.seed, "target_modules": self.target_modules, **self.dynarank}
 
     def total_steps(self, n_examples: int) -> int:
         if self.max_steps is not None:
@@ -78,43 +86,18 @@ class TrainSpec:
 def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[nn.Module, RankController | None]:
     """Adapt ``model`` for ``spec.method``; returns (model to train, dynarank controller or None)."""
     if spec.method in DYNARANK_METHODS:
-        fields = {"r": spec.r, "seed": spec.seed, **spec.dynarank}
-        config = DynaRankConfig(method=spec.method, target_modules=spec.target_modules, **fields)
-        attach(model, config)
+        attach(model, DynaRankConfig(method=spec.method, **spec.config_fields()))
         return model, build_controller(model, total_steps)
-    if spec.method == "full":
-        return model, None
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+    return build_baseline(model, spec.method, spec.r, spec.target_modules, total_steps, spec.dynarank), None
 
-    heads = [n for n in ("classifier", "score") if hasattr(model, n)]
-    if spec.method == "adalora":
-        # AdaLoRA's own schedule: prune from 1.5 r to r between 10% and 80% of the run. The task type
-        # matters: without one, get_peft_model returns a bare PeftModel whose forward calls the wrapped
-        # model directly and so never adds AdaLoRA's orthogonality penalty (AdaLoraModel.forward does).
-        # The penalty's weight is ours (the papers' 0.1, or spec.dynarank's "ortho_weight"), so that both
-        # implementations train alike.
-        peft_config = AdaLoraConfig(
-            task_type="SEQ_CLS" if heads else "CAUSAL_LM",
-            init_r=max(spec.r + 1, round(1.5 * spec.r)),
-            target_r=spec.r,
-            lora_alpha=spec.r,
-            orth_reg_weight=spec.dynarank.get("ortho_weight", ORTHO_WEIGHT),
-            target_modules=spec.target_modules,
-            total_step=total_steps,
-            tinit=max(1, total_steps // 10),
-            tfinal=max(1, total_steps // 5),
-            deltaT=max(1, total_steps // 40),
-            modules_to_save=heads or None,
-        )
-    else:
-        peft_config = LoraConfig(
-            r=spec.r,
-            lora_alpha=spec.r,
-            target_modules=spec.target_modules,
-            use_dora=spec.method == "dora",
-            modules_to_save=heads or None,
-        )
-    return get_peft_model(model, peft_config), None
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run's numbers (JSON-ready), and the trained model and its controller."""
+
+    metrics: dict[str, Any]
+    model: nn.Module
+    controller: RankController | None = None
 
 
 MAX_SKIPPED_IN_A_ROW = 10
@@ -135,17 +118,8 @@ def training_state_bytes(
     (importance scores: dynarank's SVD methods, or stock PEFT AdaLoRA's allocator): what training holds
     beyond the frozen model and the activations, and what a resize can shrink."""
     params = [p for p in model.parameters() if p.requires_grad]
-    held = controller.held_bytes() if controller is not None else _peft_allocator_bytes(model)
+    held = controller.held_bytes() if controller is not None else stock_allocator_bytes(model)
     return sum(p.numel() * p.element_size() for p in params) + state_bytes(optimizer, params) + held
-
-
-def _peft_allocator_bytes(model: nn.Module) -> int:
-    """Stock PEFT AdaLoRA's importance EMAs (three tensors per scored parameter), or 0."""
-    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
-    if allocator is None:
-        return 0
-    emas = (getattr(allocator, kind, {}) for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
-    return sum(t.numel() * t.element_size() for ema in emas for t in ema.values())
 
 
 class TrainingFootprint:
@@ -175,23 +149,23 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def _build_optimizer(model: nn.Module, controller: RankController | None, spec: TrainSpec):
+def build_optimizer(model: nn.Module, controller: RankController | None, spec: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW over what trains: the controller's parameter groups (ARD's alphas in their own), or every trainable
+    parameter of a baseline."""
     if controller is not None:
-        optimizer = controller.build_optimizer(lr=spec.lr, weight_decay=spec.weight_decay)
-    else:
-        if spec.method == "full":
-            for p in model.parameters():
-                p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=spec.weight_decay
-        )
-    return optimizer
+        return controller.build_optimizer(lr=spec.lr, weight_decay=spec.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def _linear_schedule(optimizer, total: int, warmup_ratio: float):
-    warm = max(1, round(warmup_ratio * total))
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The loop's learning-rate schedule: linear warm-up over ``warmup_ratio`` of the steps (at least one), then
+    linear decay to 0 at ``total_steps``: factor(t) = min((t + 1) / W, (T - t) / (T - W))."""
+    warm = max(1, round(warmup_ratio * total_steps))
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: min((t + 1) / warm, max(0.0, (total - t) / max(1, total - warm)))
+        optimizer, lambda t: min((t + 1) / warm, max(0.0, (total_steps - t) / max(1, total_steps - warm)))
     )
 
 
@@ -208,8 +182,8 @@ def train(
     on_nonfinite: str = "skip",
     eval_every: int | None = None,
     before_checkpoint: Callable[[], None] | None = None,
-) -> dict:
-    """Train ``model`` on an encoded data set (see :mod:`dynarank.tasks`) with ``spec``; returns a result record.
+) -> TrainResult:
+    """Train ``model`` on an encoded data set (see :mod:`dynarank.training.tasks`) with ``spec``.
 
     With ``run_dir`` and ``save_every``, the whole training state is checkpointed every
     ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete
@@ -238,8 +212,8 @@ def train(
         checkpoint.restore_model(model, state, tensors)
     model.train()
     device = next(model.parameters()).device
-    optimizer = _build_optimizer(model, controller, spec)
-    scheduler = _linear_schedule(optimizer, total, spec.warmup_ratio)
+    optimizer = build_optimizer(model, controller, spec)
+    scheduler = linear_schedule(optimizer, total, spec.warmup_ratio)
     step = 0
     if resume:
         checkpoint.restore_training(optimizer, scheduler, controller, state, tensors)
@@ -250,6 +224,7 @@ def train(
     footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
     skipped, in_a_row, t0 = 0, 0, time.perf_counter()
     train_model = wrap(model)
+    stock_update = stock_step(model, spec.method)
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         order = _epoch_order(n_examples, spec.seed, epoch)[offset * spec.batch_size :]
@@ -292,8 +267,8 @@ def train(
                 in_a_row = 0
                 optimizer.step()
                 scheduler.step()
-                if spec.method == "adalora":
-                    model.base_model.update_and_allocate(step)
+                if stock_update is not None:
+                    stock_update(step)
                 trainable = controller.trainable_parameters() if controller is not None else count_trainable(model)
                 footprint.add(trainable, training_state_bytes(model, optimizer, controller))
                 if state_bytes_start is None:  # after the first step AdamW's moments exist
@@ -351,15 +326,14 @@ def train(
         result["adapter_parameters"] = adapter_parameter_count(model)
         result["ranks"] = controller.ranks()
         result["warnings"] = [w for rec in controller.records for w in rec.warnings]
-    result["model"], result["controller"] = model, controller
     if evaluate is not None:
         result["eval"] = evaluate(model)
-    return result
+    return TrainResult(result, model, controller)
 
 
 def train_classifier(
     model: nn.Module, tokenizer, train_set: Examples, spec: TrainSpec, eval_set: Examples | None = None, **kwargs
-) -> dict:
+) -> TrainResult:
     """Fine-tune a sequence classifier; ``eval`` holds accuracy and macro-F1 on ``eval_set``."""
     encoded = encode_classification(tokenizer, train_set, spec.max_length)
     evaluate = None
@@ -375,7 +349,7 @@ def train_causal_lm(
     spec: TrainSpec,
     eval_set: PairExamples | None = None,
     **kwargs,
-) -> dict:
+) -> TrainResult:
     """Instruction-tune a causal LM on prompt/response pairs; ``eval`` holds response loss and perplexity."""
     encoded = encode_causal(tokenizer, train_set, spec.max_length)
     evaluate = None
