@@ -22,7 +22,7 @@ from trainer_ddp_worker import print_every_workers_result_and_exit
 
 # Per method: TrainSpec fields. 51 examples: the last batch of every epoch splits unevenly (2 + 1).
 SPECS = {
-    # AdaLoRA-style pruning on its schedule: cuts at steps 4-7, 9, 10 and 13, whether a step is skipped or not.
+    # AdaLoRA-style pruning per matrix on its schedule: cuts at steps 6-9 and 12, whether a step is skipped or not.
     "adalora-physical": {"max_steps": 24, "target_modules": ["query", "value"]},
     # ElaLoRA on every encoder matrix: prune-and-grow rounds at every step from 9 to 32.
     "elalora": {"max_steps": 40, "target_modules": BERT_ENCODER_LINEAR},

@@ -66,7 +66,5 @@ def test_a_controller_counts_its_own_parameters_and_forgets_them_when_it_folds_t
     assert controller.finalized
     assert controller.trainable_parameters() == sum(p.numel() for p in model.parameters() if p.requires_grad)
     ard = run("ard")
-    assert ard.controller.trainable_parameters() == sum(
-        p.numel() for p in ard.model.parameters() if p.requires_grad
-    )
+    assert ard.controller.trainable_parameters() == sum(p.numel() for p in ard.model.parameters() if p.requires_grad)
     assert any("dynarank_ard" in n for n, p in ard.model.named_parameters() if p.requires_grad)

@@ -252,7 +252,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "7 train --out on a full filesystem (lora)": (_full_disk, "run/adapter: No space left on device"),
     "8 --resume with options that differ": (
         lambda w, d, mp: ["train", "--resume", str(w.lora), "--r", "4", "--max-steps", "12", "--lr", "0.5"],
-        "--lr 0.5 (the run's: 0.001); --max-steps 12 (the run's: 2); --r0 4 (the run's: 8) differ",
+        "--lr 0.5 (the run's: 0.001); --max-steps 12 (the run's: 2); --r 4 (the run's: 8) differ",
     ),
     "9 summary.json holding a list (eval)": (_summary("[]", "eval"), "summary.json must hold a JSON object"),
     "9 summary.json holding a list (export)": (_summary("[]", "export"), "summary.json must hold a JSON object"),
@@ -294,7 +294,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "a run stopped before its first checkpoint as --out": (_stopped_run_as_out, "dynarank train --resume"),
     "--r 100000 on stock LoRA, on a machine with 1 GB": (
         _too_large,
-        "--r0 100000 with --method lora needs about 1.4 GB for the adapter alone (89,600,000 parameters",
+        "--r: 100000 with method 'lora' needs about 1.4 GB for the adapter alone (89,600,000 parameters",
     ),
 }
 IN_A_PROCESS = {  # run through `python -m dynarank.cli`: whatever the process prints counts

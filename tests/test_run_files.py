@@ -16,6 +16,7 @@ import pytest
 import dynarank
 import dynarank.cli.train as runs_module
 from dynarank.cli import main
+from dynarank.cli.run_dir import RunDir
 from dynarank.files import RunFileError, read_jsonl, replace_file
 from dynarank.training.loop import MAX_SKIPPED_IN_A_ROW, NonFiniteError, train_classifier
 from dynarank.training.metrics_log import MetricsLog
@@ -133,7 +134,7 @@ def test_resume_refuses_options_that_differ_from_the_runs_naming_each(tiny_model
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     err = refused(["train", "--resume", str(run), "--r", "4", "--max-steps", "12", "--lr", "0.5"], capsys)
     assert (
-        "--r0 4 (the run's: 2)" in err
+        "--r 4 (the run's: 2)" in err
         and "--max-steps 12 (the run's: 6)" in err
         and "--lr 0.5 (the run's: 0.001)" in err
     )
@@ -259,7 +260,7 @@ def test_a_full_disk_while_writing_a_lora_adapter_names_the_path_and_leaves_noth
 def test_damaged_json_names_its_file(tmp_path):
     (tmp_path / "summary.json").write_text("{\n")
     with pytest.raises(RunFileError, match=r"summary.json is not valid JSON \(Expecting property name"):
-        runs_module.read_summary(tmp_path)
+        RunDir(tmp_path).read_summary()
     (tmp_path / "summary.json").write_text("[1, 2]")
     with pytest.raises(RunFileError, match="summary.json must hold a JSON object, not a list"):
-        runs_module.read_summary(tmp_path)
+        RunDir(tmp_path).read_summary()

@@ -228,6 +228,6 @@ def test_an_adapter_larger_than_the_memory_is_refused_before_it_is_allocated(
     monkeypatch.setattr(estimate, "memory_limit_bytes", lambda: 10**6)  # a machine with 1 MB
     argv = train_args(tiny_model_dir, runs["data"], tmp_path / "run", "--method", "lora", "--r", "100")
     err = refused(argv, capsys)  # 100 x 896 (d_in + d_out of the 12 targets) parameters, 16 bytes each
-    assert "--r0 100 with --method lora needs about 1.4 MB for the adapter alone (89,600 parameters" in err
-    assert "more than this machine's 1.0 MB of memory: lower --r0" in err
+    assert "--r: 100 with method 'lora' needs about 1.4 MB for the adapter alone (89,600 parameters" in err
+    assert "more than this machine's 1.0 MB of memory: lower it, or adapt fewer modules" in err
     assert not (tmp_path / "run").exists()

@@ -1,6 +1,6 @@
-"""The CLI commands that work on a finished run: eval, export, report, inspect, demo, bench.
+"""The CLI commands that work on what ``dynarank train`` wrote: eval, export, report, inspect; and bench.
 
-``runs.py`` trains and writes run directories; this module reads them back (``load_trained``).
+``train.py`` trains and writes run directories; this module reads them back (``load_trained``).
 """
 
 from __future__ import annotations
@@ -8,36 +8,29 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from ..attach import elastic_layers, unwrap
+from ..attach import attach, elastic_layers, unwrap
+from ..config import DynaRankConfig
 from ..export import export_peft
-from ..files import RunFileError, naming, read_yaml
-from ..safe_load import load_peft_adapter, peft_config
+from ..files import naming
+from ..safe_load import load_peft_adapter, peft_config, require_safetensors
 from ..storage import load_adapter
 from ..training.data import causal_examples, classification_examples, label_name, load_table
-from ..training.loop import DYNARANK_METHODS
+from ..training.loop import default_target_modules
+from ..training.methods import DYNARANK_METHODS
 from ..training.models import (
     check_max_length,
     infer_task,
     load_causal_lm,
     load_classifier,
     packaged_minilm_path,
-    require_safetensors,
     resolve_model_dir,
 )
 from ..training.tasks import evaluate_causal_lm, evaluate_classifier
 from . import report
-from .train import (
-    ADAPTER_INFO,
-    new_run_dir,
-    read_adapter_info,
-    read_summary,
-    resolve_target_modules,
-    train_command,
-    write_adapter_info,
-)
+from .run_dir import ADAPTER_INFO, RunDir, first_missing, new_directory, read_adapter_info, write_adapter_info
+from .train_options import parse_target_modules
 
 DEFAULT_MAX_LENGTH = 64  # eval's truncation when neither --max-length nor the run says
 
@@ -76,9 +69,10 @@ def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
     return adapter, tokenizer, info
 
 
-def load_trained(run_dir: Path, merged: bool = False):
+def load_trained(run: RunDir | str | Path, merged: bool = False):
     """(model, tokenizer, summary) of a run, rebuilt from its saved files."""
-    summary = read_summary(run_dir)
+    run = RunDir.of(run)
+    summary = run.read_summary()
 
     def load(path):
         if summary.get("task") == "causal-lm":
@@ -86,42 +80,29 @@ def load_trained(run_dir: Path, merged: bool = False):
         return load_classifier(path, summary["label_names"])
 
     if summary["method"] == "full":
-        model, tokenizer = load(run_dir / "model")
+        model, tokenizer = load(run.full_model)
         return model, tokenizer, summary
     model, tokenizer = load(resolve_model_dir(summary["model"]))  # a GGUF folder's cached copy, made again if gone
     if summary["method"] in DYNARANK_METHODS:
-        load_adapter(model, run_dir / "dynarank_adapter")
+        load_adapter(model, run.native_adapter)
         return model, tokenizer, summary
-    adapter_dir = run_dir / "adapter"
-    sha256 = read_adapter_info(adapter_dir).get("adapter_sha256")
-    peft_model = load_peft_adapter(model, adapter_dir, summary.get("label_names"), sha256)
+    sha256 = read_adapter_info(run.adapter).get("adapter_sha256")
+    peft_model = load_peft_adapter(model, run.adapter, summary.get("label_names"), sha256)
     return (peft_model.merge_and_unload() if merged else peft_model), tokenizer, summary
 
 
-def recorded_max_length(run_dir: Path, summary: dict) -> int | None:
-    """The truncation a run trained with (summary.json; config.yaml of runs written before it was there)."""
-    if summary.get("max_length"):
-        return summary["max_length"]
-    config = Path(run_dir) / "config.yaml"
-    if not config.is_file():
-        return None
-    value = read_yaml(config).get("max_length")
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise RunFileError(f"{config} is damaged: its max_length is {value!r}.")
-    return value
-
-
 def eval_command(args: argparse.Namespace) -> dict:
-    path = Path(args.run_dir)
-    if (path / "adapter_config.json").is_file() and not (path / "summary.json").is_file():
-        model, tokenizer, summary = _load_adapter_dir(path, getattr(args, "model", None), args.labels)
+    run = RunDir(args.run_dir)
+    path = run.path
+    if run.is_bare_adapter():
+        model, tokenizer, summary = _load_adapter_dir(path, args.model, args.labels)
         max_length = args.max_length or summary.get("max_length") or DEFAULT_MAX_LENGTH
     else:
-        summary = read_summary(path)
+        summary = run.read_summary()
         if summary.get("task") != "causal-lm":
             _label_names(args.labels, summary.get("label_names"), path)
-        model, tokenizer, summary = load_trained(path)
-        max_length = args.max_length or recorded_max_length(path, summary) or DEFAULT_MAX_LENGTH
+        model, tokenizer, summary = load_trained(run)
+        max_length = args.max_length or run.recorded_max_length(summary) or DEFAULT_MAX_LENGTH
     check_max_length(model, tokenizer, max_length, getattr(model, "name_or_path", None) or path)
     rows = load_table(args.data)
     if summary.get("task") == "causal-lm":
@@ -134,9 +115,9 @@ def eval_command(args: argparse.Namespace) -> dict:
 
 
 def _write_new_dir(out: Path, write) -> Path:
-    """Call ``write(target)`` on a staging directory beside ``out``, then rename it to ``out`` (which new_run_dir
+    """Call ``write(target)`` on a staging directory beside ``out``, then rename it to ``out`` (which new_directory
     found absent): a failed export leaves nothing behind, nor any folder it had to create above ``out``."""
-    created = next((p for p in [*reversed(out.parents), out] if not p.exists()), out)
+    created = first_missing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -155,13 +136,13 @@ def _write_new_dir(out: Path, write) -> Path:
 def export_command(args: argparse.Namespace) -> Path:
     """A plain PEFT adapter (or, --merged, the full model) in a new directory --out; an existing one is
     never replaced, whatever it holds."""
-    run_dir = Path(args.run_dir)
-    out = new_run_dir(args.out, "export")
-    method = read_summary(run_dir)["method"]
+    run = RunDir(args.run_dir)
+    out = new_directory(args.out, "export")
+    method = run.read_summary()["method"]
     if not args.merged and (args.server_safe and method not in DYNARANK_METHODS or method == "full"):
         raise ValueError(f"a {method!r} run has no dynarank adapter to fold; export --merged instead.")
-    model, tokenizer, summary = load_trained(run_dir, merged=args.merged)
-    info = {**summary, "max_length": recorded_max_length(run_dir, summary)}
+    model, tokenizer, summary = load_trained(run, merged=args.merged)
+    info = {**summary, "max_length": run.recorded_max_length(summary)}
 
     def write(target: Path) -> None:
         if args.merged:
@@ -173,40 +154,33 @@ def export_command(args: argparse.Namespace) -> Path:
         if method in DYNARANK_METHODS:
             export_peft(model, target, server_safe=args.server_safe)
         else:
-            shutil.copytree(run_dir / "adapter", target)
+            shutil.copytree(run.adapter, target)
         write_adapter_info(target, info)
 
     return _write_new_dir(out, write)
 
 
-def report_command(run_dir: Path) -> list[Path]:
-    read_summary(run_dir)
-    return report.draw(run_dir)
+def report_command(run: RunDir) -> list[Path]:
+    run.read_summary()
+    return report.draw(run)
 
 
-def inspect_command(args: argparse.Namespace) -> None:
+def inspect_command(model: str | None, fields: dict) -> None:
+    """Attach a fixed-rank adapter with ``fields`` (config fields: r, target_modules, granularity, head_layout) to
+    ``model`` and print its modules, groups, ranks and parameters."""
     from rich.console import Console
     from rich.table import Table
 
-    from ..attach import attach
-    from ..config import DynaRankConfig
-
-    model_dir = Path(args.model) if args.model else packaged_minilm_path()
-    model, _ = load_classifier(model_dir, ["0", "1"])
-    attach(
-        model,
-        DynaRankConfig(
-            r=args.r,
-            target_modules=resolve_target_modules(args.target_modules, model),
-            granularity=args.granularity,
-            head_layout=args.head_layout,
-        ),
-    )
-    table = Table(title=f"{model_dir.name}: adapters (r={args.r}, {args.granularity}, {args.head_layout})")
+    modules = parse_target_modules(fields.pop("target_modules", None))
+    model_dir = Path(model) if model else packaged_minilm_path()
+    net, _ = load_classifier(model_dir, ["0", "1"])
+    config = DynaRankConfig(**fields, target_modules=modules or default_target_modules(net))
+    attach(net, config)
+    table = Table(title=f"{model_dir.name}: adapters (r={config.r}, {config.granularity}, {config.head_layout})")
     for column in ("module", "split", "groups x size", "ranks", "adapter params"):
         table.add_column(column)
     total = 0
-    for name, layer in elastic_layers(model).items():
+    for name, layer in elastic_layers(net).items():
         total += layer.num_adapter_parameters()
         ranks = layer.ranks
         shown = str(ranks[0]) + " each" if len(set(ranks)) == 1 else str(ranks)
@@ -215,76 +189,6 @@ def inspect_command(args: argparse.Namespace) -> None:
         )
     table.add_row("total", "", "", "", f"{total:,}")
     Console(width=150).print(table)
-
-
-DEMO_BUDGET_RANK = 2  # the demo's budget: the parameters of plain LoRA at this rank on the same modules
-DEMO_LR = 3e-3  # measured best for LoRA and ARD on the packaged tweets in ~100 steps (docs/benchmarks.md)
-
-
-def demo_command(args: argparse.Namespace, train_defaults: dict) -> list[dict]:
-    """ARD-LoRA and stock PEFT LoRA on the packaged MiniLM + tweets, at the same adapter-parameter budget.
-
-    ARD starts at r0=8 per head (A shared by the heads of a projection) and is held to the parameters
-    of plain LoRA at rank 2 (``target_params``); LoRA r=2 is the same budget from the first step.
-    ``train_defaults``: the ``train`` command's defaults (the CLI passes its parser's).
-    """
-    root = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    new_run_dir(str(root), "demo")
-    defaults = {k: v for k, v in train_defaults.items() if k not in ("command", "verbose", "method", "out", "r")}
-    defaults.update(max_steps=args.max_steps, n_train=args.n_train, lr=DEMO_LR)
-    budget = DEMO_BUDGET_RANK * sum(m.in_features + m.out_features for m in _probe_layers(None, None))
-    ard = train_command(
-        argparse.Namespace(
-            **{**defaults, "head_layout": "shared", "target_params": budget},
-            method="ard",
-            r=8,
-            out=str(root / "ard"),
-        ),
-        quiet=False,
-    )
-    lora = train_command(
-        argparse.Namespace(**defaults, method="lora", r=DEMO_BUDGET_RANK, out=str(root / f"lora-r{DEMO_BUDGET_RANK}")),
-        quiet=False,
-    )
-    _print_comparison(ard, lora, budget)
-    return [ard, lora]
-
-
-def _probe_layers(model_dir: str | None, target_modules):
-    from ..attach import select_targets
-    from ..config import DynaRankConfig
-
-    model, _ = load_classifier(model_dir or packaged_minilm_path(), ["0", "1"])
-    names = select_targets(model, DynaRankConfig(target_modules=resolve_target_modules(target_modules, model)))
-    return [model.get_submodule(n) for n in names]
-
-
-def _print_comparison(ard: dict, lora: dict, budget: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"ARD-LoRA vs plain LoRA (stock PEFT) at the same budget ({budget:,} adapter parameters)")
-    for column in ("method", "adapter params (start -> end)", "accuracy", "macro-F1", "seconds"):
-        table.add_column(column, justify="right")
-    ard_start = ard["trainable_parameters_start"] - (ard["trainable_parameters"] - ard["adapter_parameters"])
-    rows = (
-        ("ARD-LoRA (r0=8, per head)", ard, f"{ard_start:,} -> {ard['adapter_parameters']:,}"),
-        (f"LoRA r={lora['r']}", lora, f"{budget:,}"),
-    )
-    for name, run, params in rows:
-        table.add_row(
-            name,
-            params,
-            f"{run['eval']['accuracy']:.4f}",
-            f"{run['eval']['macro_f1']:.4f}",
-            f"{run['wall_seconds']:.0f}",
-        )
-    console = Console()
-    console.print(table)
-    console.print(
-        "One seed. The 3-seed study of every method at equal parameters is in docs/benchmarks.md "
-        "(python benchmarks/quality.py)."
-    )
 
 
 def bench_command(args: argparse.Namespace) -> int:

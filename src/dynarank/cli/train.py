@@ -1,113 +1,67 @@
-"""What the CLI commands do: a run directory that tells the whole story of one training run.
+"""``dynarank train``: load the model and data a run names, train it, and write its run directory (:class:`RunDir`).
 
-RUN_DIR/
-  config.yaml          resolved options
-  metrics.jsonl        per step: loss, lr, trainable parameters, total rank; last line: eval metrics
-  ranks.jsonl          rank of every group, at the start, at every resize and at the end
-  summary.json         method, parameters, metrics, final rank of every module, wall time, peak memory
-  adapter/             plain PEFT adapter (stock PeftModel.from_pretrained loads it)
-  dynarank_adapter/    native adapter with its rank layout (dynarank methods)
-  model/               the full model (method 'full')
-  ranks_heatmap.png, ranks_over_time.png
+A new run that fails (or is stopped) before its first checkpoint leaves nothing behind; with a checkpoint, its
+directory stays for ``--resume``. Under torchrun / accelerate every worker trains its shard; worker 0 writes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import yaml
+from torch import nn
 
-from ..attach import linear_module_names
 from ..distributed import world
 from ..export import export_peft
-from ..files import RunFileError, naming, read_json, replace_file, sha256_of
+from ..files import naming
 from ..storage import save_adapter
-from ..training.data import Examples, causal_sets, classification_sets
+from ..training.data import Examples, PairExamples, causal_sets, classification_sets
 from ..training.estimate import check_adapter_fits
-from ..training.loop import (
-    ALL_METHODS,
-    BERT_ENCODER_LINEAR,
-    DYNARANK_METHODS,
-    TrainSpec,
-    train_causal_lm,
-    train_classifier,
-)
-from ..training.metrics_log import MetricsLog
-from ..training.models import (
-    check_max_length,
-    infer_task,
-    load_causal_lm,
-    load_classifier,
-    model_record,
-    resolve_model_dir,
-)
+from ..training.loop import TrainResult, TrainSpec, default_target_modules, train_causal_lm, train_classifier
+from ..training.models import check_max_length, infer_task, load_causal_lm, load_classifier, resolve_model_dir
 from . import report
-from .train_options import DYNARANK_KNOBS, check_method_options, parse_target_modules, read_run_config
+from .run_dir import ADAPTER_INFO, RunDir, first_missing, new_directory, write_adapter_info
+from .train_options import TrainOptions
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_target_modules(spec: str | list[str] | None, model) -> list[str] | str:
-    """--target-modules parsed (:func:`parse_target_modules`), or the default for ``model``: every attention and
-    MLP Linear of a BERT-style encoder, else all-linear."""
-    parsed = parse_target_modules(spec)
-    if parsed is not None:
-        return parsed
-    names = linear_module_names(model)
-    return BERT_ENCODER_LINEAR if any(re.fullmatch(BERT_ENCODER_LINEAR, n) for n in names) else "all-linear"
+@dataclass
+class Worker:
+    """This process's place in the run: worker ``rank`` of ``n_workers``; only worker 0 writes and prints."""
+
+    rank: int = 0
+    n_workers: int = 1
+    quiet: bool = False
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
 
 
-def new_run_dir(out: str | None, method: str) -> Path:
-    """The directory to create: it must not exist (an existing directory is refused even when empty, so that
-    nothing of the user's is ever written into or removed), and no file may stand in its way."""
-    path = Path(out) if out else Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() or path.is_symlink():
-        hint = ""
-        if (path / "config.yaml").is_file() and not (path / "summary.json").is_file():
-            hint = (
-                f" It holds a run that stopped before it finished: `dynarank train --resume {path}` continues it "
-                "(from its last checkpoint, or from the start if it has none), or delete it."
-            )
-        raise FileExistsError(f"{path} already exists; choose another --out (nothing is written into it).{hint}")
-    blocker = next((p for p in path.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise NotADirectoryError(f"{path} cannot be created: {blocker} is a file, not a directory.")
-    return path
+@dataclass
+class Inputs:
+    """What a run trains: its task, the model and tokenizer loaded for it, its data and the training spec."""
 
+    task: str
+    model: nn.Module
+    tokenizer: Any
+    train_set: Examples | PairExamples
+    eval_set: Examples | PairExamples
+    spec: TrainSpec
 
-def _first_missing(path: Path) -> Path:
-    """The outermost directory that creating ``path`` creates (what a failed run removes)."""
-    missing = path
-    for parent in path.parents:
-        if parent.exists():
-            break
-        missing = parent
-    return missing
+    @property
+    def label_names(self) -> list[str] | None:
+        return getattr(self.train_set, "label_names", None)
 
-
-def absolute(path: str | None) -> str | None:
-    """``path`` resolved against the working directory (a run is used again from elsewhere)."""
-    return None if path is None else str(Path(path).resolve())
-
-
-# ---------------------------------------------------------------------------- train
-def _resumed_options(opts: argparse.Namespace) -> argparse.Namespace:
-    """The options a run was started with (its config.yaml), to continue it (the CLI has refused options given
-    with --resume that differ from them: run_options.check_resumed_options)."""
-    run = Path(opts.resume)
-    saved = read_run_config(run)
-    merged = {**vars(opts), **{k: v for k, v in saved.items() if k in vars(opts)}}
-    merged.update(resume=str(run), out=str(run))
-    if merged.get("method") not in ALL_METHODS or not isinstance(merged.get("r"), int):
-        raise RunFileError(f"{run / 'config.yaml'} does not describe a run (method {merged.get('method')!r}).")
-    return argparse.Namespace(**merged)
+    @property
+    def n_examples(self) -> int:
+        return len(self.train_set.texts if isinstance(self.train_set, Examples) else self.train_set.prompts)
 
 
 def seed_everything(seed: int) -> None:
@@ -140,123 +94,107 @@ def init_distributed() -> tuple[int, int]:
     return world()
 
 
-def _shared_run_dir(opts: argparse.Namespace, rank: int, n_workers: int) -> Path:
-    """Rank 0 chooses (and checks) the run directory; every worker gets the same path."""
-    if getattr(opts, "resume", None):
-        return Path(opts.resume)
-    chosen = [str(new_run_dir(opts.out, opts.method)) if rank == 0 else None]
-    if n_workers > 1:
+def _shared_run_dir(options: TrainOptions, worker: Worker) -> RunDir:
+    """Worker 0 chooses (and checks) the run directory; every worker gets the same path."""
+    if options.resume:
+        return RunDir(options.resume)
+    chosen = [str(new_directory(options.out, options.method)) if worker.writes else None]
+    if worker.n_workers > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(chosen, src=0)
-    return Path(chosen[0])
+    return RunDir(chosen[0])
 
 
-def train_command(opts: argparse.Namespace, quiet: bool = False) -> dict:
-    rank, n_workers = init_distributed()
-    quiet = quiet or rank != 0
-    resume = bool(getattr(opts, "resume", None))
-    if resume:
-        opts = _resumed_options(opts)
-    check_method_options(opts)
-    parse_target_modules(opts.target_modules)
-    model_dir = resolve_model_dir(opts.model)
-    task = opts.task or infer_task(model_dir)
-    out = _shared_run_dir(opts, rank, n_workers)
+def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
+    """The model (in ``model_dir``) and data ``options`` name, loaded for ``task``, and the spec to train them
+    with; refuses a ``--max-length`` beyond the model's positions and an adapter larger than the machine's memory."""
     # What loading creates at random (a new task head for these labels) follows --seed too, so that two runs with
     # the same options are the same run, and a resumed run can be checked against an uninterrupted one.
-    seed_everything(opts.seed)
+    seed_everything(options.seed)
+    o = options
     if task == "classify":
         train, held = classification_sets(
-            opts.data, opts.eval_data, opts.eval_split, opts.text_column, opts.label_column, opts.n_train, opts.seed
+            o.data, o.eval_data, o.eval_split, o.text_column, o.label_column, o.n_train, o.seed
         )
         model, tokenizer = load_classifier(model_dir, train.label_names)
     else:
-        prompt_col, response_col = getattr(opts, "prompt_column", None), getattr(opts, "response_column", None)
-        train, held = causal_sets(opts.data, opts.eval_data, opts.eval_split, prompt_col, response_col, opts.seed)
+        train, held = causal_sets(o.data, o.eval_data, o.eval_split, o.prompt_column, o.response_column, o.seed)
         model, tokenizer = load_causal_lm(model_dir)
-    check_max_length(model, tokenizer, opts.max_length, model_dir)
-    spec = _train_spec(opts, model)
+    check_max_length(model, tokenizer, o.max_length, model_dir)
+    spec = TrainSpec(
+        method=o.method,
+        r=o.r,
+        target_modules=o.target_modules or default_target_modules(model),
+        lr=o.lr,
+        epochs=o.epochs,
+        max_steps=o.max_steps,
+        batch_size=o.batch_size,
+        max_length=o.max_length,
+        seed=o.seed,
+        dynarank=o.method_knobs(),
+    )
     check_adapter_fits(model, spec)
-    created = _first_missing(out)
-    if rank == 0 and not resume:
-        out.mkdir(parents=True)
+    return Inputs(task, model, tokenizer, train, held, spec)
+
+
+def train_command(options: TrainOptions, quiet: bool = False) -> dict:
+    """Train the run ``options`` describe into its run directory; returns its summary."""
+    rank, n_workers = init_distributed()
+    worker = Worker(rank, n_workers, quiet or rank != 0)
+    model_dir = resolve_model_dir(options.model)
+    task = options.task or infer_task(model_dir)
+    run = _shared_run_dir(options, worker)
+    inputs = load_inputs(options, model_dir, task)
+    created = first_missing(run.path)
+    if worker.writes and not options.resume:
+        run.path.mkdir(parents=True)
     try:
-        return _train_into(opts, out, model_dir, task, train, held, model, tokenizer, spec, quiet, rank)
+        return _train_into(run, options, inputs, worker)
     except BaseException:
         # A new run that failed (or was stopped) before its first checkpoint leaves nothing behind: the same
         # command can be run again. With a checkpoint, the directory stays for --resume.
-        from ..checkpoint import list_checkpoints
-
-        if rank == 0 and not resume and not list_checkpoints(out):
+        if worker.writes and not options.resume and not run.has_checkpoints():
             shutil.rmtree(created, ignore_errors=True)
         raise
 
 
-def _train_spec(opts: argparse.Namespace, model) -> TrainSpec:
-    knobs = {k: getattr(opts, k) for k in DYNARANK_KNOBS if getattr(opts, k, None) is not None}
-    return TrainSpec(
-        method=opts.method,
-        r=opts.r,
-        target_modules=resolve_target_modules(opts.target_modules, model),
-        lr=opts.lr,
-        epochs=opts.epochs,
-        max_steps=opts.max_steps,
-        batch_size=opts.batch_size,
-        max_length=opts.max_length,
-        seed=opts.seed,
-        dynarank=knobs if opts.method in DYNARANK_METHODS else {},
-    )
-
-
-def _train_into(opts, out: Path, model_dir, task, train, held, model, tokenizer, spec, quiet, rank) -> dict:
-    resolved = {k: v for k, v in vars(opts).items() if k not in ("command", "verbose", "resume")}
-    resolved.update(
-        model=model_record(opts.model),  # a GGUF folder or 'smollm2', not its cached copy: resolved again on use
-        data=absolute(opts.data),
-        eval_data=absolute(opts.eval_data),
-        config=absolute(opts.config),
-        task=task,
-        label_names=getattr(train, "label_names", None),
-        target_modules=spec.target_modules,
-    )
-    if not getattr(opts, "resume", None) and rank == 0:
-        replace_file(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=True).encode())
-    result = _train_with_progress(model, tokenizer, train, held, spec, out, quiet, opts, rank)
-    if rank != 0:
-        return {k: v for k, v in result.items() if k not in ("model", "controller")}
-    summary = _write_outputs(result, tokenizer, spec, out, resolved)
-    if not quiet:
-        print_summary(summary, out)
+def _train_into(run: RunDir, options: TrainOptions, inputs: Inputs, worker: Worker) -> dict:
+    record = options.record(inputs.task, inputs.label_names, inputs.spec.target_modules)
+    if worker.writes and not options.resume:
+        run.write_options(record)
+    result = _train_with_progress(run, options, inputs, worker)
+    if not worker.writes:
+        return result.metrics
+    summary = _write_outputs(run, result, inputs, record)
+    if not worker.quiet:
+        print_summary(summary, run)
     return summary
 
 
-def _checkpoint_step(out: Path) -> int | None:
+def _resume_step(run: RunDir) -> int | None:
     """The step of the checkpoint a resumed run continues from; None when the run wrote none (it was stopped
     before its first save, or saves nothing): it then starts again from step 0, which gives the same run."""
-    from ..checkpoint import latest, list_checkpoints
-
-    if not list_checkpoints(out):
-        logger.warning("dynarank: %s has no checkpoint (stopped before its first save): training it from step 0.", out)
-        return None
-    return latest(out)[1]["step"]
+    step = run.checkpoint_step()
+    if step is None:
+        logger.warning("dynarank: %s has no checkpoint (stopped before its first save): training it from step 0.", run)
+    return step
 
 
-def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: bool, opts, rank: int = 0) -> dict:
+def _train_with_progress(run: RunDir, options: TrainOptions, inputs: Inputs, worker: Worker) -> TrainResult:
     from tqdm.auto import tqdm
 
-    done = _checkpoint_step(out) if getattr(opts, "resume", None) else None
-    total = spec.total_steps(len(train.texts) if isinstance(train, Examples) else len(train.prompts))
+    done = _resume_step(run) if options.resume else None
+    total = inputs.spec.total_steps(inputs.n_examples)
     bars: list = []  # created at the first step, so that an early error prints one line only
 
     def bar():
         if not bars:  # on a terminal only (disable=None): a log file gets no progress lines
-            bars.append(
-                tqdm(total=total, initial=done or 0, desc=f"train {spec.method}", disable=quiet or None, unit="step")
-            )
+            desc = f"train {inputs.spec.method}"
+            bars.append(tqdm(total=total, initial=done or 0, desc=desc, disable=worker.quiet or None, unit="step"))
         return bars[0]
 
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
+    metrics = run.metrics_log(enabled=worker.writes)
     metrics.resume_at(done or 0)  # the log holds what the checkpoint holds: later lines are redone
 
     def on_step(record: dict) -> None:
@@ -267,58 +205,59 @@ def _train_with_progress(model, tokenizer, train, held, spec, out: Path, quiet: 
 
     t0 = time.perf_counter()
     try:
-        fit = train_classifier if isinstance(train, Examples) else train_causal_lm
+        fit = train_classifier if isinstance(inputs.train_set, Examples) else train_causal_lm
         result = fit(
-            model,
-            tokenizer,
-            train,
-            spec,
-            eval_set=held,
+            inputs.model,
+            inputs.tokenizer,
+            inputs.train_set,
+            inputs.spec,
+            eval_set=inputs.eval_set,
             on_step=on_step,
-            run_dir=out,
-            save_every=getattr(opts, "save_every", None),
+            run_dir=run.path,
+            save_every=options.save_every,
             resume=done is not None,
-            on_nonfinite=getattr(opts, "on_nonfinite", "skip"),
-            eval_every=getattr(opts, "eval_every", None),
+            on_nonfinite=options.on_nonfinite,
+            eval_every=options.eval_every,
             before_checkpoint=metrics.sync,  # the log on disk reaches every checkpoint's step
         )
-        metrics.write({"step": result["steps"], "eval": result["eval"]})
+        metrics.write({"step": result.metrics["steps"], "eval": result.metrics["eval"]})
     finally:
         metrics.close()
         if bars:
             bars[0].close()
-    result["wall_seconds"] = time.perf_counter() - t0
+    result.metrics["wall_seconds"] = time.perf_counter() - t0
     return result
 
 
-def _write_outputs(result: dict, tokenizer, spec: TrainSpec, out: Path, resolved: dict) -> dict:
-    model, controller = result.pop("model"), result.pop("controller")
-    if controller is not None:
-        replace_file(out / "ranks.jsonl", "".join(json.dumps(s) + "\n" for s in controller.history).encode())
-        save_adapter(model, out / "dynarank_adapter")
-        export_peft(model, out / "adapter")
-        write_adapter_info(out / "adapter", {**resolved, "method": spec.method})
-    elif spec.method == "full":
-        with naming(out / "model"):  # a full disk names the folder (safetensors' own error names no file)
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
+def _write_outputs(run: RunDir, result: TrainResult, inputs: Inputs, record: dict) -> dict:
+    model, method = result.model, inputs.spec.method
+    if result.controller is not None:
+        run.write_ranks(result.controller.history)
+        save_adapter(model, run.native_adapter)
+        # A resumed run replaces the adapter a killed process may have written, with its dynarank_run.json.
+        export_peft(model, run.adapter, companions=(ADAPTER_INFO,))
+        write_adapter_info(run.adapter, {**record, "method": method})
+    elif method == "full":
+        with naming(run.full_model):  # a full disk names the folder (safetensors' own error names no file)
+            model.save_pretrained(run.full_model)
+            inputs.tokenizer.save_pretrained(run.full_model)
     else:
-        with naming(out / "adapter"):
-            model.save_pretrained(out / "adapter")
-        write_adapter_info(out / "adapter", {**resolved, "method": spec.method})
-    summary = {k: v for k, v in result.items() if k != "ranks"}
-    summary.update({k: resolved[k] for k in ("model", "label_names", "task", "max_length")})
-    summary["final_ranks"] = result.get("ranks")
-    replace_file(out / "summary.json", json.dumps(summary, indent=1).encode())
-    report.draw(out)
+        with naming(run.adapter):
+            model.save_pretrained(run.adapter)
+        write_adapter_info(run.adapter, {**record, "method": method})
+    summary = {k: v for k, v in result.metrics.items() if k != "ranks"}
+    summary.update({k: record[k] for k in ("model", "label_names", "task", "max_length")})
+    summary["final_ranks"] = result.metrics.get("ranks")
+    run.write_summary(summary)
+    report.draw(run)
     return summary
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def print_summary(summary: dict, run: RunDir) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dynarank run: {out}")
+    table = Table(title=f"dynarank run: {run.path}")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("method", summary["method"])
@@ -335,63 +274,3 @@ def print_summary(summary: dict, out: Path) -> None:
     for warning in summary.get("warnings") or []:
         table.add_row("warning", warning)
     Console().print(table)
-
-
-# ---------------------------------------------------------------------------- other commands
-def read_summary(run_dir: Path) -> dict:
-    """A run's summary.json, checked for what the commands read from it (errors name the file)."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a dynarank run directory (no summary.json).")
-    summary = read_json(path)
-    problem = None
-    if summary.get("method") not in ALL_METHODS:
-        problem = f"its method is {summary.get('method')!r}"
-    elif summary.get("task", "classify") not in ("classify", "causal-lm"):
-        problem = f"its task is {summary.get('task')!r}"
-    elif summary.get("task") != "causal-lm" and not _names(summary.get("label_names")):
-        problem = "it lists no label names"
-    elif summary["method"] != "full" and not isinstance(summary.get("model"), str):
-        problem = "it names no base model"
-    elif summary.get("max_length") is not None and not _positive_int(summary["max_length"]):
-        problem = f"its max_length is {summary['max_length']!r}"
-    if problem:
-        raise RunFileError(f"{path} is damaged: {problem}.")
-    return summary
-
-
-def _names(value) -> bool:
-    return isinstance(value, list) and len(value) >= 2 and all(isinstance(v, str) for v in value)
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-ADAPTER_INFO = "dynarank_run.json"  # base model, task and labels, written beside every PEFT adapter we write
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def write_adapter_info(adapter_dir: Path, summary: dict) -> None:
-    """dynarank_run.json beside a PEFT adapter: what to load it with, and the sha256 of its weights file."""
-    info = {k: summary.get(k) for k in ("model", "task", "label_names", "method", "max_length")}
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    info["adapter_sha256"] = sha256_of(weights) if weights.is_file() else None
-    replace_file(Path(adapter_dir) / ADAPTER_INFO, json.dumps(info, indent=1).encode())
-
-
-def read_adapter_info(adapter_dir: Path) -> dict:
-    """dynarank_run.json of a PEFT adapter directory ({} when there is none), checked (errors name the file)."""
-    path = Path(adapter_dir) / ADAPTER_INFO
-    if not path.is_file():
-        return {}
-    info = read_json(path)
-    kinds = {"model": str, "task": str, "method": str, "adapter_sha256": str, "max_length": int, "label_names": list}
-    wrong = next((k for k, kind in kinds.items() if info.get(k) is not None and not isinstance(info[k], kind)), None)
-    if wrong is None and info.get("task") not in (None, "classify", "causal-lm"):
-        wrong = "task"
-    if wrong is None and info.get("label_names") is not None and not _names(info["label_names"]):
-        wrong = "label_names"
-    if wrong is not None:
-        raise RunFileError(f"{path} is damaged: its {wrong} is {info[wrong]!r}.")
-    return info

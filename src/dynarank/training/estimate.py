@@ -37,6 +37,13 @@ def _targets(model: nn.Module, target_modules) -> dict[str, nn.Linear] | None:
     return {name: model.get_submodule(name) for name in names}
 
 
+def lora_parameters(model: nn.Module, target_modules, r: int) -> int:
+    """Adapter parameters of plain LoRA at rank ``r`` on the Linear modules ``target_modules`` selects: r (d_in +
+    d_out) per matrix. The budget the demo and the benchmarks hold every method to."""
+    targets = _targets(model, target_modules) or {}
+    return sum(r * (m.in_features + m.out_features) for m in targets.values())
+
+
 def adapter_parameter_estimate(model: nn.Module, spec) -> int | None:
     """Adapter parameters that ``spec`` (a ``TrainSpec``) would create on ``model``, from the targets' shapes alone.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import resource
 import time
 import warnings
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..attach import adapter_parameter_count, attach, count_trainable
+from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names
 from ..config import ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
 from ..distributed import any_worker, check_same_ranks, default_device, world, wrap
@@ -43,6 +44,13 @@ logger = logging.getLogger(__name__)
 
 # Every attention and MLP Linear of a BERT-style encoder (not the pooler, not the classifier).
 BERT_ENCODER_LINEAR = r".*layer\.\d+\..*(query|key|value|dense)"
+
+
+def default_target_modules(model: nn.Module) -> str:
+    """The modules to adapt when none are named: every attention and MLP Linear of a BERT-style encoder, else
+    'all-linear' (every Linear but the task head)."""
+    names = linear_module_names(model)
+    return BERT_ENCODER_LINEAR if any(re.fullmatch(BERT_ENCODER_LINEAR, n) for n in names) else "all-linear"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import METHODS, ORTHO_WEIGHT, ConfigError, DynaRankConfig, methods_using
+from ..config import CONFIG_CLASSES, METHODS, ORTHO_WEIGHT, ConfigError, DynaRankConfig, fields_of, methods_using
 
 DYNARANK_METHODS = METHODS  # dynarank's own: dynarank-lora, ard, elalora, adalora-physical
 PEFT_METHODS = ("lora", "dora", "adalora")  # the stock PEFT baselines
@@ -31,6 +31,13 @@ BASELINE_KNOBS: dict[str, tuple[str, ...]] = {
 }
 _IN_WORDS = {"r": "the rank", "target_modules": "the modules to adapt", "ortho_weight": "the orthogonality weight"}
 TASK_HEADS = ("classifier", "score")  # trained in full by the stock baselines (PEFT's modules_to_save)
+
+
+def knobs_of(method: str) -> tuple[str, ...]:
+    """The config fields ``method`` takes (a dynarank method: its config class's; a baseline: BASELINE_KNOBS)."""
+    if method in DYNARANK_METHODS:
+        return tuple(name for name in fields_of(CONFIG_CLASSES[method]) if name != "method")
+    return BASELINE_KNOBS[method]
 
 
 def knob_users(name: str) -> list[str]:
