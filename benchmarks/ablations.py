@@ -20,9 +20,9 @@ import statistics
 from pathlib import Path
 
 import torch
-from planted_task import make_planted_task, train_planted, within_one
 
 from dynarank import DynaRankConfig
+from planted_task import make_planted_task, train_planted, within_one
 
 RESULTS = Path(__file__).parent / "results"
 BASE = {"method": "ard", "r": 8, "target_modules": ["query"]}

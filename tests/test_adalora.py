@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
-from planted_task import make_planted_task
 from torch import nn
 
 import dynarank
@@ -17,6 +16,7 @@ from dynarank.config import ORTHO_WEIGHT
 from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_changes
 from dynarank.optim_state import state_bytes
 from dynarank.training.loop import TrainSpec, prepare_model
+from planted_task import make_planted_task
 from tiny_models import tiny_bert, tiny_llama, token_batch
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from planted_task import make_planted_task, train_planted
 from torch import nn
 
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.controllers.schedules import BudgetSchedule
+from planted_task import make_planted_task, train_planted
 from tiny_models import tiny_bert, token_batch
 
 
