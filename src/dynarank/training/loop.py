@@ -177,166 +177,200 @@ def linear_schedule(
     )
 
 
+@dataclass
+class RunControl:
+    """How :func:`train` checkpoints, evaluates and reacts to non-finite steps (all optional)."""
+
+    run_dir: str | Path | None = None  # where checkpoints go (``run_dir/checkpoints``)
+    save_every: int | None = None  # checkpoint the whole training state every that many optimizer steps
+    resume: bool = False  # continue from the newest complete checkpoint in run_dir
+    on_nonfinite: str = "skip"  # 'skip' a NaN/inf step, or 'stop' (NonFiniteError)
+    eval_every: int | None = None  # also evaluate every that many steps (the step record carries ``eval``)
+    on_step: Callable[[dict], None] | None = None  # called with every step's record
+    before_checkpoint: Callable[[], None] | None = None  # called before each checkpoint is written
+
+    def __post_init__(self) -> None:
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
+            raise ValueError(f"eval_every must be a positive number of steps, got {self.eval_every!r}.")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}.")
+        if (self.save_every or self.resume) and self.run_dir is None:
+            raise ValueError("checkpointing needs a run directory.")
+
+
 def train(
     model: nn.Module,
     encoded: dict,
     pad_id: int,
     spec: TrainSpec,
     evaluate: Callable[[nn.Module], dict] | None = None,
-    on_step: Callable[[dict], None] | None = None,
-    run_dir: str | Path | None = None,
-    save_every: int | None = None,
-    resume: bool = False,
-    on_nonfinite: str = "skip",
-    eval_every: int | None = None,
-    before_checkpoint: Callable[[], None] | None = None,
+    **control: Any,
 ) -> TrainResult:
     """Train ``model`` on an encoded data set (see :mod:`dynarank.training.tasks`) with ``spec``.
 
-    With ``run_dir`` and ``save_every``, the whole training state is checkpointed every
-    ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete
-    checkpoint and ends bitwise equal (CPU) to an uninterrupted run. ``on_nonfinite``: 'skip'
-    drops a step whose loss or gradient is NaN/inf (naming the modules), 'stop' raises
-    :class:`NonFiniteError` (naming the last checkpoint, if any, which is kept); under 'skip', MAX_SKIPPED_IN_A_ROW
-    skipped steps in a row stop training too. ``eval_every``: also evaluate every that many steps (the record passed
-    to ``on_step`` then carries ``eval``). ``before_checkpoint`` is called before each checkpoint is written (the CLI
-    syncs its log to disk, so that the log always reaches the newest checkpoint).
+    ``control``: the fields of :class:`RunControl`. With ``run_dir`` and ``save_every``, the whole training state is
+    checkpointed every ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete checkpoint
+    and ends bitwise equal (CPU) to an uninterrupted run. ``on_nonfinite``: 'skip' drops a step whose loss or
+    gradient is NaN/inf (naming the modules), 'stop' raises :class:`NonFiniteError` (naming the last checkpoint, if
+    any, which is kept); under 'skip', MAX_SKIPPED_IN_A_ROW skipped steps in a row stop training too. ``eval_every``:
+    also evaluate every that many steps (the record passed to ``on_step`` then carries ``eval``).
+    ``before_checkpoint`` is called before each checkpoint is written (the CLI syncs its log to disk, so that the log
+    always reaches the newest checkpoint).
     """
-    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
-        raise ValueError(f"eval_every must be a positive number of steps, got {eval_every!r}.")
-    if on_nonfinite not in ("skip", "stop"):
-        raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
-    if (save_every or resume) and run_dir is None:
-        raise ValueError("checkpointing needs a run directory.")
-    torch.manual_seed(spec.seed)
-    n_examples = len(encoded["input_ids"])
-    total = spec.total_steps(n_examples)
-    rank, n_workers = world()
-    model.to(default_device())
-    model, controller = prepare_model(model, spec, total)
-    state = tensors = None
-    if resume:
-        _, state, tensors = checkpoint.latest(run_dir)
-        checkpoint.restore_model(model, state, tensors)
-    model.train()
-    device = next(model.parameters()).device
-    optimizer = build_optimizer(model, controller, spec)
-    scheduler = linear_schedule(optimizer, total, spec.warmup_ratio)
-    step = 0
-    if resume:
-        checkpoint.restore_training(optimizer, scheduler, controller, state, tensors)
-        step = state["step"]
-    start_params = count_trainable(model) if not resume else state["extra"].get("start_params", 0)
-    state_bytes_start = None if not resume else state["extra"].get("state_bytes_start")
-    per_epoch = math.ceil(n_examples / spec.batch_size)
-    footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
-    skipped, in_a_row, t0 = 0, 0, time.perf_counter()
-    train_model = wrap(model)
-    stock_update = stock_step(model, spec.method)
-    while step < total:
-        epoch, offset = divmod(step, per_epoch)
-        order = _epoch_order(n_examples, spec.seed, epoch)[offset * spec.batch_size :]
-        for ids, mask, labels, idx in batches(encoded, order, spec.batch_size, pad_id):
-            # A distributed worker takes its shard of the global batch; DDP averages the gradients.
-            share = len(idx[rank::n_workers]) * n_workers / len(idx)  # DDP's mean of shard means = batch mean
-            ids, mask, labels, idx = (
-                ids[rank::n_workers],
-                mask[rank::n_workers],
-                labels[rank::n_workers],
-                idx[rank::n_workers],
+    loop = _Loop(model, encoded, pad_id, spec, RunControl(**control))
+    t0 = time.perf_counter()
+    loop.run(evaluate)
+    return loop.result(time.perf_counter() - t0, evaluate)
+
+
+class _Loop:
+    """One run of :func:`train`: the model, its optimizer, schedule and controller, and where the run stands."""
+
+    def __init__(self, model: nn.Module, encoded: dict, pad_id: int, spec: TrainSpec, control: RunControl) -> None:
+        self.encoded, self.pad_id, self.spec, self.control = encoded, pad_id, spec, control
+        torch.manual_seed(spec.seed)
+        self.n_examples = len(encoded["input_ids"])
+        self.total = spec.total_steps(self.n_examples)
+        self.rank, self.n_workers = world()
+        model.to(default_device())
+        self.model, self.controller = prepare_model(model, spec, self.total)
+        state = tensors = None
+        if control.resume:
+            _, state, tensors = checkpoint.latest(control.run_dir)
+            checkpoint.restore_model(self.model, state, tensors)
+        self.model.train()
+        self.device = next(self.model.parameters()).device
+        self.optimizer = build_optimizer(self.model, self.controller, spec)
+        self.scheduler = linear_schedule(self.optimizer, self.total, spec.warmup_ratio)
+        self.step = self.resumed_at = 0
+        extra = {}
+        if control.resume:
+            checkpoint.restore_training(self.optimizer, self.scheduler, self.controller, state, tensors)
+            self.step = self.resumed_at = state["step"]
+            extra = state["extra"]
+        self.start_params = extra.get("start_params", 0) if control.resume else count_trainable(self.model)
+        self.state_bytes_start = extra.get("state_bytes_start")
+        self.footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
+        self.skipped = self.in_a_row = 0
+        self.train_model = wrap(self.model)
+        self.stock_update = stock_step(self.model, spec.method)
+
+    def run(self, evaluate: Callable[[nn.Module], dict] | None) -> None:
+        per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
+        while self.step < self.total:
+            epoch, offset = divmod(self.step, per_epoch)
+            order = _epoch_order(self.n_examples, self.spec.seed, epoch)[offset * self.spec.batch_size :]
+            for batch in batches(self.encoded, order, self.spec.batch_size, self.pad_id):
+                out = self._take_step(*batch)
+                self.step += 1
+                self._after_step(out, evaluate)
+                if self.step >= self.total:
+                    break
+        if self.controller is not None:
+            self.controller.finish()
+
+    def _take_step(self, ids, mask, labels, idx):
+        """Forward, backward and the optimizer step of one global batch (or its skip); returns the outputs."""
+        # A distributed worker takes its shard of the global batch; DDP averages the gradients.
+        rank, n = self.rank, self.n_workers
+        share = len(idx[rank::n]) * n / len(idx)  # DDP's mean of shard means = batch mean
+        ids, mask, labels = ids[rank::n].to(self.device), mask[rank::n].to(self.device), labels[rank::n].to(self.device)
+        out = self.train_model(input_ids=ids, attention_mask=mask, labels=labels)
+        bad = ["loss"] if any_worker(not torch.isfinite(out.loss), self.device) else []
+        if bad:
+            culprit = first_nonfinite_module(self.model, {"input_ids": ids, "attention_mask": mask})
+            bad = [f"loss (first non-finite output: {culprit or 'none; the loss computation itself'})"]
+        if not bad:
+            (out.loss * share if n > 1 else out.loss).backward()
+            bad = nonfinite_gradients(self.model)
+        if bad:
+            self._skip(f"non-finite values at step {self.step + 1} in: {', '.join(bad[:5])}")
+        else:
+            self._update()
+        if n > 1 and self.controller is not None and self.controller.records[-1].resized:
+            # A resize (after an update or a skipped step alike) handed the adapters new tensors.
+            check_same_ranks(self.controller)
+            self.train_model = wrap(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def _skip(self, message: str) -> None:
+        """A non-finite step: stop, or skip it with the schedules keeping time (MAX_SKIPPED_IN_A_ROW in a row stop)."""
+        kept = _kept_checkpoint(self.control.run_dir)
+        if self.control.on_nonfinite == "stop":
+            raise NonFiniteError(f"{message}; training stopped. {kept}")
+        logger.warning("dynarank: %s; step skipped", message)
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteError(
+                f"{message}: {self.in_a_row} steps in a row were non-finite and skipped, so training stopped; the "
+                f"learning rate ({self.spec.lr:g}) is likely too high. {kept}"
             )
-            out = train_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
-            bad = ["loss"] if any_worker(not torch.isfinite(out.loss), device) else []
-            if bad:
-                culprit = first_nonfinite_module(
-                    model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-                )
-                bad = [f"loss (first non-finite output: {culprit or 'none; the loss computation itself'})"]
-            if not bad:
-                (out.loss * share if n_workers > 1 else out.loss).backward()
-                bad = nonfinite_gradients(model)
-            if bad:
-                message = f"non-finite values at step {step + 1} in: {', '.join(bad[:5])}"
-                if on_nonfinite == "stop":
-                    raise NonFiniteError(f"{message}; training stopped. {_kept_checkpoint(run_dir)}")
-                logger.warning("dynarank: %s; step skipped", message)
-                skipped, in_a_row = skipped + 1, in_a_row + 1
-                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                    raise NonFiniteError(
-                        f"{message}: {in_a_row} steps in a row were non-finite and skipped, so training stopped; the "
-                        f"learning rate ({spec.lr:g}) is likely too high. {_kept_checkpoint(run_dir)}"
-                    )
-                if controller is not None:  # the rank schedule keeps time with the loop (and may resize)
-                    controller.skip_step(optimizer)
-                with warnings.catch_warnings():  # the learning-rate schedule too, even before a first update
-                    warnings.filterwarnings("ignore", message="Detected call of")
-                    scheduler.step()
-            else:
-                in_a_row = 0
-                optimizer.step()
-                scheduler.step()
-                if stock_update is not None:
-                    stock_update(step)
-                trainable = controller.trainable_parameters() if controller is not None else count_trainable(model)
-                footprint.add(trainable, training_state_bytes(model, optimizer, controller))
-                if state_bytes_start is None:  # after the first step AdamW's moments exist
-                    state_bytes_start = footprint.bytes[-1]
-            if n_workers > 1 and controller is not None and controller.records[-1].resized:
-                # A resize (after an update or a skipped step alike) handed the adapters new tensors.
-                check_same_ranks(controller)
-                train_model = wrap(model)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if on_step is not None:
-                info = {
-                    "step": step,
-                    "loss": float(out.loss.detach()),
-                    "lr": scheduler.get_last_lr()[0],
-                    "trainable_parameters": count_trainable(model),
-                    "total_rank": controller.total_rank() if controller is not None else None,
-                }
-                if eval_every and evaluate is not None and step % eval_every == 0 and step < total:
-                    info["eval"] = evaluate(model)  # the last step's evaluation is the result's
-                on_step(info)
-            if save_every and step % save_every == 0 and rank == 0:
-                if before_checkpoint is not None:
-                    before_checkpoint()
-                checkpoint.save(
-                    run_dir,
-                    model,
-                    optimizer,
-                    scheduler,
-                    controller,
-                    step,
-                    extra={"start_params": start_params, "state_bytes_start": state_bytes_start},
-                )
-            if step >= total:
-                break
-    if controller is not None:
-        controller.finish()
-    seconds = time.perf_counter() - t0
-    result = {
-        "method": spec.method,
-        "r": spec.r,
-        "seed": spec.seed,
-        "steps": total,
-        "skipped_steps": skipped,
-        "seconds": seconds,
-        "seconds_per_step": seconds / max(1, total - (state["step"] if resume else 0)),
-        "trainable_parameters_start": start_params,
-        "trainable_parameters": count_trainable(model),
-        "state_bytes_start": state_bytes_start,
-        "state_bytes_end": training_state_bytes(model, optimizer, controller),
-        **footprint.summary(),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    if controller is not None:
-        result["adapter_parameters"] = adapter_parameter_count(model)
-        result["ranks"] = controller.ranks()
-        result["warnings"] = [w for rec in controller.records for w in rec.warnings]
-    if evaluate is not None:
-        result["eval"] = evaluate(model)
-    return TrainResult(result, model, controller)
+        if self.controller is not None:  # the rank schedule keeps time with the loop (and may resize)
+            self.controller.skip_step(self.optimizer)
+        with warnings.catch_warnings():  # the learning-rate schedule too, even before a first update
+            warnings.filterwarnings("ignore", message="Detected call of")
+            self.scheduler.step()
+
+    def _update(self) -> None:
+        self.in_a_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.stock_update is not None:
+            self.stock_update(self.step)
+        controller = self.controller
+        trainable = controller.trainable_parameters() if controller is not None else count_trainable(self.model)
+        self.footprint.add(trainable, training_state_bytes(self.model, self.optimizer, controller))
+        if self.state_bytes_start is None:  # after the first step AdamW's moments exist
+            self.state_bytes_start = self.footprint.bytes[-1]
+
+    def _after_step(self, out, evaluate: Callable[[nn.Module], dict] | None) -> None:
+        """The step's record for ``on_step`` (and an evaluation every ``eval_every`` steps), then a checkpoint."""
+        control = self.control
+        if control.on_step is not None:
+            info = {
+                "step": self.step,
+                "loss": float(out.loss.detach()),
+                "lr": self.scheduler.get_last_lr()[0],
+                "trainable_parameters": count_trainable(self.model),
+                "total_rank": self.controller.total_rank() if self.controller is not None else None,
+            }
+            every = control.eval_every
+            if every and evaluate is not None and self.step % every == 0 and self.step < self.total:
+                info["eval"] = evaluate(self.model)  # the last step's evaluation is the result's
+            control.on_step(info)
+        if control.save_every and self.step % control.save_every == 0 and self.rank == 0:
+            if control.before_checkpoint is not None:
+                control.before_checkpoint()
+            extra = {"start_params": self.start_params, "state_bytes_start": self.state_bytes_start}
+            checkpoint.save(
+                control.run_dir, self.model, self.optimizer, self.scheduler, self.controller, self.step, extra=extra
+            )
+
+    def result(self, seconds: float, evaluate: Callable[[nn.Module], dict] | None) -> TrainResult:
+        model, controller = self.model, self.controller
+        metrics = {
+            "method": self.spec.method,
+            "r": self.spec.r,
+            "seed": self.spec.seed,
+            "steps": self.total,
+            "skipped_steps": self.skipped,
+            "seconds": seconds,
+            "seconds_per_step": seconds / max(1, self.total - self.resumed_at),
+            "trainable_parameters_start": self.start_params,
+            "trainable_parameters": count_trainable(model),
+            "state_bytes_start": self.state_bytes_start,
+            "state_bytes_end": training_state_bytes(model, self.optimizer, controller),
+            **self.footprint.summary(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if controller is not None:
+            metrics["adapter_parameters"] = adapter_parameter_count(model)
+            metrics["ranks"] = controller.ranks()
+            metrics["warnings"] = [w for rec in controller.records for w in rec.warnings]
+        if evaluate is not None:
+            metrics["eval"] = evaluate(model)
+        return TrainResult(metrics, model, controller)
 
 
 def train_classifier(
