@@ -279,9 +279,9 @@ def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, 
     data = write_csv(tmp_path / "data.csv")
     argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]
     assert main([*train_args(tiny_model_dir, data, tmp_path / "full"), *argv]) == 0
-    import dynarank.cli.train as runs_module
+    import dynarank.cli.train as train_module
 
-    real = runs_module.train_classifier
+    real = train_module.train_classifier
 
     def killed(*args, **kwargs):  # the process dies after step 9 (checkpoint at 8)
         def on_step(record, inner=kwargs["on_step"]):
@@ -291,9 +291,9 @@ def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, 
 
         return real(*args, **{**kwargs, "on_step": on_step})
 
-    monkeypatch.setattr(runs_module, "train_classifier", killed)
+    monkeypatch.setattr(train_module, "train_classifier", killed)
     assert main([*train_args(tiny_model_dir, data, tmp_path / "killed"), *argv]) == 130
-    monkeypatch.setattr(runs_module, "train_classifier", real)
+    monkeypatch.setattr(train_module, "train_classifier", real)
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())

@@ -96,17 +96,17 @@ def test_missing_response_column_is_named(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_eval_data_without_data_is_the_held_out_set_of_the_packaged_dialogs(tiny_llama_dir, tmp_path, monkeypatch):
-    import dynarank.cli.train as runs_module
+    import dynarank.cli.train as train_module
 
     held = write_pairs(tmp_path / "held.csv", n=5)
     seen = {}
-    real = runs_module.train_causal_lm
+    real = train_module.train_causal_lm
 
     def spy(*args, **kwargs):
         seen["eval"] = kwargs["eval_set"]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runs_module, "train_causal_lm", spy)
+    monkeypatch.setattr(train_module, "train_causal_lm", spy)
     argv = ["train", "--model", str(tiny_llama_dir), "--eval-data", str(held), "--out", str(tmp_path / "run")]
     assert main([*argv, "--method", "lora", "--max-steps", "1", "--batch-size", "2", "--max-length", "16"]) == 0
     assert seen["eval"].prompts == [f"what is {i} plus one?" for i in range(5)]

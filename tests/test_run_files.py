@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import dynarank
-import dynarank.cli.train as runs_module
+import dynarank.cli.train as train_module
 from dynarank.cli import main
 from dynarank.cli.run_dir import RunDir
 from dynarank.files import RunFileError, read_jsonl, replace_file
@@ -43,7 +43,7 @@ def _steps(run: Path) -> list[int]:
 def _killed_at(monkeypatch, step: int, on_disk: dict) -> None:
     """The next CLI run dies after ``step`` as a SIGKILL would: the metrics it had not forced to disk are lost
     (``on_disk`` gets what the file held at that moment, which the run's closing then overwrites)."""
-    real = runs_module.train_classifier
+    real = train_module.train_classifier
 
     def killed(*args, **kwargs):
         def on_step(record, inner=kwargs["on_step"]):
@@ -54,7 +54,7 @@ def _killed_at(monkeypatch, step: int, on_disk: dict) -> None:
 
         return real(*args, **{**kwargs, "on_step": on_step})
 
-    monkeypatch.setattr(runs_module, "train_classifier", killed)
+    monkeypatch.setattr(train_module, "train_classifier", killed)
 
 
 # ---------------------------------------------------------------------------- metrics.jsonl and checkpoints

