@@ -173,6 +173,16 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_reused_but_resumes_fro
         assert (stopped / name).read_bytes() == (full / name).read_bytes(), name
 
 
+def test_a_run_killed_after_writing_its_adapter_resumes_and_writes_it_again(tiny_model_dir, data, tmp_path):
+    run = tmp_path / "run"
+    assert main([*train_args(tiny_model_dir, data, run, "--method", "ard"), "--save-every", "3"]) == 0
+    (run / "summary.json").unlink()  # killed after the adapter and its dynarank_run.json, before the summary
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"torn")
+    assert main(["train", "--resume", str(run)]) == 0  # the adapter directory and its companion file are replaced
+    assert json.loads((run / "adapter" / "dynarank_run.json").read_text())["method"] == "ard"
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 100 and (run / "summary.json").is_file()
+
+
 # ---------------------------------------------------------------------------- runs that cannot produce numbers
 def test_training_stops_after_ten_skipped_steps_in_a_row():
     model = tiny_bert()
