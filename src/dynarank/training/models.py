@@ -53,16 +53,23 @@ def infer_task(model_dir: str | Path) -> str:
     return "classify"
 
 
-def load_classifier(model_dir: str | Path, label_names: list[str]):
-    """(model, tokenizer) for sequence classification with ``label_names``."""
+def _checked_for_loading(model_dir: str | Path) -> str:
+    """``model_dir`` refused unless it is a Hugging Face model directory with safetensors weights and no pickle;
+    transformers' own load report and progress bars silenced (what the report says is checked by the loaders)."""
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    transformers.logging.set_verbosity_error()  # the load report: what it says is checked below instead
+    transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
-    model_dir = str(model_dir)
     infer_task(model_dir)
     require_safetensors(model_dir)
+    return str(model_dir)
+
+
+def load_classifier(model_dir: str | Path, label_names: list[str]):
+    """(model, tokenizer) for sequence classification with ``label_names``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = _checked_for_loading(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -221,14 +228,9 @@ def converted_gguf(source: Path, gguf_file: str, target: Path) -> Path:
 
 def load_causal_lm(model_dir: str | Path):
     """(model, tokenizer) of a local causal LM directory."""
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
-    model_dir = str(model_dir)
-    infer_task(model_dir)
-    require_safetensors(model_dir)
+    model_dir = _checked_for_loading(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
