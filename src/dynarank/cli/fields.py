@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 
 class UsageError(Exception):
@@ -75,6 +75,12 @@ def comma_list(text: str) -> list[str]:
     return names
 
 
+class AddsArguments(Protocol):
+    """A parser or an argument group."""
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> Any: ...
+
+
 def _kind(value) -> str:
     return {bool: "a boolean", int: "a number", float: "a number", str: "text"}.get(type(value), type(value).__name__)
 
@@ -90,7 +96,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     boolean: bool = False
     listed: bool = False  # a list in YAML; on the command line a comma list (or, with text too, kept as typed)
-    required: bool = False  # None refused in YAML (the field has a value by default)
+    accepts_none: bool = True  # YAML null allowed (the field's default is None)
     metavar: str | None = None
 
     @property
@@ -102,7 +108,7 @@ class Option:
         bare = {self.dest, *(flag.lstrip("-") for flag in self.flags)}
         return {spelling for name in bare for spelling in (name.replace("_", "-"), name.replace("-", "_"))}
 
-    def add_to(self, parser: argparse._ActionsContainer, help: str | None = None) -> None:
+    def add_to(self, parser: AddsArguments, help: str | None = None) -> None:
         kwargs: dict[str, Any] = {"dest": self.dest, "help": (help or self.help).replace("%", "%%")}
         if self.boolean:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -113,7 +119,7 @@ class Option:
     def coerce(self, value):
         """A YAML value checked and converted as the command line's text would be (ValueError says why not)."""
         if value is None:
-            if self.required:
+            if not self.accepts_none:
                 raise ValueError("has no value; give one or drop the key")
             return None
         if self.listed and isinstance(value, list):
@@ -171,9 +177,9 @@ def option_of(f: dataclasses.Field, hint, flags: tuple[str, ...] = (), help: str
         option["convert"] = Number(scalar[0], meta.get("low"), meta.get("inclusive", True))
     option["choices"] = tuple(meta["choices"]) if "choices" in meta else option.get("choices")
     default = default_of(f)
-    option["required"] = default is not dataclasses.MISSING and default is not None and not optional
+    option["accepts_none"] = default is dataclasses.MISSING or default is None or optional
     if help is None:
-        help = meta.get("help", "") + (f" (default: {default})" if option["required"] else "")
+        help = meta.get("help", "") + ("" if option["accepts_none"] else f" (default: {default})")
     return Option(f.name, ("--" + f.name.replace("_", "-"), *flags), help, **option)
 
 

@@ -55,6 +55,8 @@ def check_knobs(method: str, knobs: dict[str, Any]) -> None:
         return
     foreign = [name for name in knobs if name not in BASELINE_KNOBS[method]]
     if not foreign:
+        if knobs:  # the values, checked as the first dynarank method that has these fields checks them
+            next(c for c in CONFIG_CLASSES.values() if set(knobs) <= set(fields_of(c)))(**knobs)
         return
     takes = [_IN_WORDS[name] for name in BASELINE_KNOBS[method]]
     takes_text = " and ".join(filter(None, [", ".join(takes[:-1]), *takes[-1:]])) or "no adapter setting"
