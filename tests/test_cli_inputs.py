@@ -183,6 +183,14 @@ def test_library_validation_messages_name_the_cli_flags(tiny_model_dir, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_a_baseline_s_knobs_are_checked_before_anything_loads(tmp_path, capsys, method):
+    argv = ["train", "--model", str(tmp_path / "absent"), "--method", method, "--r", "0"]
+    assert refused(argv, capsys).endswith("error: --r: must be a positive integer (the initial rank per group), got 0.")
+    err = refused([*argv[:-1], "2", "--ortho-weight", "-1"], capsys)
+    assert err.endswith("--ortho-weight: must be >= 0, got -1.0.") if method == "adalora" else "not used by" in err
+
+
 def _floor_above_the_rank():
     from dynarank import DynaRankConfig
 
