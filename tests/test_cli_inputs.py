@@ -242,6 +242,17 @@ def test_any_other_library_error_is_printed_as_the_library_wrote_it(monkeypatch,
     assert err.endswith("error: the label r is not in held.csv; raise r to 8 or warmup_frac.")
 
 
+def test_bench_runs_the_benchmarks_of_the_checkout(monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command: commands.append(command) or SimpleNamespace(returncode=0))
+    assert main(["bench", "--quick", "--suite", "planted"]) == 0
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    assert commands[0][1:] == [str(script), "--suite", "planted", "--quick"]
+
+
 # ---------------------------------------------------------------------------- data files
 def test_a_csv_with_a_byte_order_mark_has_its_columns_guessed(tmp_path):
     path = tmp_path / "bom.csv"

@@ -196,7 +196,7 @@ def bench_command(args: argparse.Namespace) -> int:
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "run.py"  # src/dynarank/cli/ -> the checkout
     if not script.is_file():
         raise FileNotFoundError(
             "the benchmarks live in the source checkout (benchmarks/run.py); install dynarank "
