@@ -284,7 +284,7 @@ def test_loading_into_a_different_architecture_raises_a_format_error(tmp_path, b
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
-@pytest.mark.parametrize("method", ["ard", "elalora", "adalora"])
+@pytest.mark.parametrize("method", ["ard", "elalora", "adalora-physical"])
 def test_an_adapter_saved_in_the_middle_of_a_rank_changing_run_loads_with_the_same_outputs(tmp_path, method):
     # Mid-run, the controller's gate (ARD's hard mask, the SVD methods' E) still shapes the outputs.
     model = tiny_bert()
@@ -347,11 +347,12 @@ def test_saving_over_an_adapter_that_holds_a_users_file_refuses_and_deletes_noth
 
 
 def test_an_export_replaces_a_previous_export_with_its_run_record(tmp_path):
-    # The CLI writes dynarank_run.json beside every adapter it exports: that file is dynarank's, not the user's.
+    # The CLI writes dynarank_run.json beside every adapter it exports and names it as a companion file: that file
+    # is the application's, not the user's.
     dynarank.export_peft(_adapted("bert", "own"), tmp_path / "peft")
     (tmp_path / "peft" / "dynarank_run.json").write_text("{}")
     second = _adapted("bert", "shared", r=2)
-    dynarank.export_peft(second, tmp_path / "peft")
+    dynarank.export_peft(second, tmp_path / "peft", companions=("dynarank_run.json",))
     ids = token_batch()
     _assert_same_logits(
         _logits(PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "peft")), ids), _logits(second, ids)

@@ -19,8 +19,8 @@ STEPS, SAVE = 24, 10
 # Per method: the options, and the steps after the checkpoint at which its ranks still change.
 METHODS = {
     "ard": {"ard_lambda": 0.02},  # lambda relative to the warm-up's loss gain: partial collapse, cuts to step 18
-    "elalora": {},  # per head: ranks move between heads in rounds from step 6 to 19
-    "adalora": {"granularity": "matrix"},  # AdaLoRA-style pruning, last cut at step 12
+    "elalora": {"granularity": "head"},  # per head: ranks move between heads in rounds from step 6 to 19
+    "adalora-physical": {"granularity": "matrix"},  # AdaLoRA-style pruning, last cut at step 12
 }
 
 
@@ -97,10 +97,10 @@ def test_a_resumed_trainer_run_ends_bitwise_equal_to_the_uninterrupted_run(unint
 
 
 def test_resume_from_checkpoint_true_takes_the_newest_checkpoint_with_dynarank_state(tmp_path, caplog):
-    model, callback, trainer = build("adalora", tmp_path / "run", save_steps=8)
+    model, callback, trainer = build("adalora-physical", tmp_path / "run", save_steps=8)
     trainer.train()
     shutil.rmtree(tmp_path / "run" / "checkpoint-24" / "dynarank")  # killed between the Trainer's save and ours
-    fresh, callback, trainer = build("adalora", tmp_path / "run", save_steps=None)
+    fresh, callback, trainer = build("adalora-physical", tmp_path / "run", save_steps=None)
     with caplog.at_level(logging.WARNING):
         trainer.train(resume_from_checkpoint=True)
     assert "passing over checkpoint-24" in caplog.text
@@ -158,7 +158,7 @@ def test_a_trainer_given_the_callback_in_callbacks_resumes_as_well(uninterrupted
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
-@pytest.mark.parametrize("method", ["ard", "lora"])
+@pytest.mark.parametrize("method", ["ard", "dynarank-lora"])
 @pytest.mark.parametrize("save_steps", [4, SAVE], ids=["before-any-resize", "after-resizes"])
 def test_a_resume_without_install_raises_instead_of_restarting_the_controller(tmp_path, method, save_steps):
     build(method, tmp_path / "run", save_steps=save_steps)[2].train()
@@ -248,7 +248,7 @@ class DeleteAt(TrainerCallback):
 
 def test_load_best_model_at_end_without_the_best_checkpoints_dynarank_state_says_so_and_changes_nothing(tmp_path):
     model, callback, trainer = build(
-        "adalora",
+        "adalora-physical",
         tmp_path,
         save_steps=4,
         evaluate=lambda _: {"pick": 1.0},  # ties: the first evaluation, at step 4, stays the best
