@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dynarank import DynaRankConfig
-from dynarank.synthetic import make_planted_task, train_planted, within_one
+from planted_task import make_planted_task, train_planted, within_one
 
 RESULTS = Path(__file__).parent / "results"
 BASE = {"method": "ard", "r": 8, "target_modules": ["query"]}

@@ -1,6 +1,6 @@
 """ElaLoRA and AdaLoRA (physical pruning) on the planted-rank task, against ARD, the oracle and stock PEFT.
 
-Task (dynarank.synthetic): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
+Task (planted_task.py): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
 per-head changes of ranks [0,1,2,4,8,0,3,6], label noise 0.1, MSE, 2,000 steps, batch 64, lr 3e-3.
 Every method ends at the oracle's trainable budget (24 head-ranks = 1,920 adapter parameters):
 
@@ -23,21 +23,18 @@ its peak and averaged over the steps; PEFT keeps every initial rank (and E) allo
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from dynarank import DynaRankConfig
-from dynarank.synthetic import PlantedTask, make_planted_task, train_planted, within_one
+from dynarank.config import ORTHO_WEIGHT
+from planted_task import PlantedTask, make_planted_task, study_main, train_planted, within_one
 
-RESULTS = Path(__file__).parent / "results"
 TARGET = ["query"]
 ORACLE = "oracle (true ranks)"
 
@@ -93,7 +90,7 @@ def train_peft_adalora(task: PlantedTask, steps: int, lr: float, seed: int) -> d
                 init_r=15,
                 target_r=10,
                 lora_alpha=15,
-                orth_reg_weight=DynaRankConfig.ortho_weight,  # ours (0.1), not PEFT's default 0.5
+                orth_reg_weight=ORTHO_WEIGHT,  # ours (0.1), not PEFT's default 0.5
                 target_modules=TARGET,
                 total_step=steps,
                 tinit=t_init,
@@ -245,23 +242,5 @@ def markdown(table: list[dict], seeds: int, command: str) -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (tasks and runs)")
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
-    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    rows = run(args.seeds, args.steps, args.lr)
-    table = summarise(rows)
-    command = f"python benchmarks/elalora.py --seeds {args.seeds} --steps {args.steps} --lr {args.lr}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "elalora.json").write_text(json.dumps({"command": command, "runs": rows, "table": table}, indent=1))
-    (args.out / "elalora.md").write_text(markdown(table, args.seeds, command))
-    print(markdown(table, args.seeds, command))
-    print(f"results: {args.out / 'elalora.md'}")
-
-
 if __name__ == "__main__":
-    main()
+    study_main("elalora", __doc__, run, summarise, markdown)

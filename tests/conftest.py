@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from dynarank import ElasticLoRALinear
+
+# The benchmarks' fixtures (planted_task.py) and helpers are imported by the tests as top-level modules.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # The tensors are tiny: one thread is fastest and immune to OpenMP spin-waits on a busy 2-core machine.
 torch.set_num_threads(1)

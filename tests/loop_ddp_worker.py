@@ -1,4 +1,4 @@
-"""A worker script, not tests: ``dynarank.loop.train`` on a tiny model, for tests/test_distributed.py.
+"""A worker script, not tests: ``dynarank.training.loop.train`` on a tiny model, for tests/test_distributed.py.
 
     torchrun --nproc_per_node=2 tests/loop_ddp_worker.py METHOD NAN_STEP [NAN_WORKER]
 
@@ -16,13 +16,12 @@ import sys
 import torch
 
 from dynarank.attach import elastic_layers
-from dynarank.loop import BERT_ENCODER_LINEAR, TrainSpec, train_classifier
+from dynarank.training.loop import BERT_ENCODER_LINEAR, TrainSpec, train_classifier
 from tiny_models import WordTokenizer, examples, tiny_bert
 from trainer_ddp_worker import print_every_workers_result_and_exit
 
 # Per method: TrainSpec fields. 51 examples: the last batch of every epoch splits unevenly (2 + 1).
 SPECS = {
-    # AdaLoRA-style pruning on its schedule: cuts at steps 4-7, 9, 10 and 13, whether a step is skipped or not.
     # Stock AdaLoRA's setup for r=4 over 24 steps: 6 -> 4 ranks per matrix, pruning at steps 4, 5, 6, ... 20.
     "adalora-physical": {
         "max_steps": 24,
@@ -62,19 +61,19 @@ def run(method: str, nan_step: int = 0, nan_worker: int = 1) -> dict:
         model.forward = poisoned
     spec = TrainSpec(method=method, r=4, lr=1e-2, batch_size=8, seed=0, **SPECS[method])
     result = train_classifier(model, WordTokenizer(), examples(51), spec)
-    controller = result["controller"]
+    controller = result.controller
     ids = torch.arange(1, 97).reshape(8, 12)
     with torch.no_grad():
         logits = model.eval()(input_ids=ids).logits
     return {
         "logits": logits.double().flatten().tolist(),
-        "ranks": result["ranks"],
+        "ranks": result.metrics["ranks"],
         "tensors": {n: p.detach().double().flatten().tolist() for n, p in model.named_parameters() if p.requires_grad},
         # What each adapter computes, scaling * B diag(E) A: the function, whatever the factors.
         "deltas": {n: layer.delta_weight().double().flatten().tolist() for n, layer in elastic_layers(model).items()},
         "history": [(h["step"], h["ranks"]) for h in controller.history],
         "resized": [r.step for r in controller.records if r.resized],
-        "skipped": result["skipped_steps"],
+        "skipped": result.metrics["skipped_steps"],
     }
 
 

@@ -14,9 +14,9 @@ import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.config import ORTHO_WEIGHT
 from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_changes
-from dynarank.loop import TrainSpec, prepare_model
 from dynarank.optim_state import state_bytes
-from dynarank.synthetic import make_planted_task
+from dynarank.training.loop import TrainSpec, prepare_model
+from planted_task import make_planted_task
 from tiny_models import tiny_bert, tiny_llama, token_batch
 
 

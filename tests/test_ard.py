@@ -11,7 +11,7 @@ from peft import PeftModel
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.optim_state import state_bytes
-from dynarank.synthetic import make_planted_task, train_planted, within_one
+from planted_task import make_planted_task, train_planted, within_one
 from tiny_models import randomize_adapters, tiny_bert, token_batch
 
 

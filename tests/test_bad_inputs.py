@@ -213,9 +213,11 @@ def _empty_out(command: str):
 
 
 def _too_large(w, d, mp):
-    import dynarank.estimate
+    import dynarank.training.estimate
 
-    mp.setattr(dynarank.estimate, "memory_limit_bytes", lambda: 10**9)  # were it allocated, 1.4 GB: no harm done
+    mp.setattr(
+        dynarank.training.estimate, "memory_limit_bytes", lambda: 10**9
+    )  # were it allocated, 1.4 GB: no harm done
     return [*_train(w, d / "run"), "--r", "100000"]
 
 
@@ -250,7 +252,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "7 train --out on a full filesystem (lora)": (_full_disk, "run/adapter: No space left on device"),
     "8 --resume with options that differ": (
         lambda w, d, mp: ["train", "--resume", str(w.lora), "--r", "4", "--max-steps", "12", "--lr", "0.5"],
-        "--lr 0.5 (the run's: 0.001); --max-steps 12 (the run's: 2); --r0 4 (the run's: 8) differ",
+        "--lr 0.5 (the run's: 0.001); --max-steps 12 (the run's: 2); --r 4 (the run's: 8) differ",
     ),
     "9 summary.json holding a list (eval)": (_summary("[]", "eval"), "summary.json must hold a JSON object"),
     "9 summary.json holding a list (export)": (_summary("[]", "export"), "summary.json must hold a JSON object"),
@@ -292,7 +294,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "a run stopped before its first checkpoint as --out": (_stopped_run_as_out, "dynarank train --resume"),
     "--r 100000 on stock LoRA, on a machine with 1 GB": (
         _too_large,
-        "--r0 100000 with --method lora needs about 1.4 GB for the adapter alone (89,600,000 parameters",
+        "--r: 100000 with method 'lora' needs about 1.4 GB for the adapter alone (89,600,000 parameters",
     ),
 }
 IN_A_PROCESS = {  # run through `python -m dynarank.cli`: whatever the process prints counts

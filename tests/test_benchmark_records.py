@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from records import RecordStore  # noqa: E402
+from records import RecordStore
 
 
 def key(record: dict) -> tuple:

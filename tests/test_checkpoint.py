@@ -11,7 +11,7 @@ import dynarank
 import dynarank.storage
 from dynarank import checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
-from dynarank.loop import NonFiniteError, TrainSpec, nonfinite_gradients, train_classifier
+from dynarank.training.loop import NonFiniteError, TrainSpec, nonfinite_gradients, train_classifier
 from tiny_models import WordTokenizer, examples, tiny_bert
 
 VARIANTS = {  # name -> (method, its options)
@@ -70,16 +70,16 @@ def test_a_run_killed_mid_schedule_and_resumed_equals_the_uninterrupted_run(tmp_
     )
     # The interruption (step 23, checkpoint 20) falls inside the rank-change schedule.
     if method == "ard":
-        resize_steps = [h["step"] for h in full["controller"].history]
+        resize_steps = [h["step"] for h in full.controller.history]
         assert any(20 < s < 30 for s in resize_steps[1:-1]), resize_steps
     elif method != "dynarank-lora":  # ElaLoRA / AdaLoRA: scores and rounds still run after step 20
-        assert full["controller"].schedule.phase(21) == "active"
-    assert resumed["ranks"] == full["ranks"]
-    expected, got = trained_state(full["model"]), trained_state(resumed["model"])
+        assert full.controller.schedule.phase(21) == "active"
+    assert resumed.metrics["ranks"] == full.metrics["ranks"]
+    expected, got = trained_state(full.model), trained_state(resumed.model)
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
-    assert resumed["controller"].history == full["controller"].history
+    assert resumed.controller.history == full.controller.history
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full", "adalora"])
@@ -96,12 +96,12 @@ def test_a_baseline_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path
         run(tmp_path / "b", on_step=crash_at(13))
     assert checkpoint.list_checkpoints(tmp_path / "b")[-1].name == "step-10"
     resumed = run(tmp_path / "b", resume=True)
-    expected, got = trained_state(full["model"]), trained_state(resumed["model"])
+    expected, got = trained_state(full.model), trained_state(resumed.model)
     assert expected.keys() == got.keys() and expected
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     if method == "adalora":
-        allocators = [r["model"].base_model.rankallocator for r in (full, resumed)]
+        allocators = [r.model.base_model.rankallocator for r in (full, resumed)]
         assert allocators[0].peft_config.rank_pattern == allocators[1].peft_config.rank_pattern
         assert any(not kept for pattern in allocators[0].peft_config.rank_pattern.values() for kept in pattern)
 
@@ -118,7 +118,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, 
         return original(path, data)
 
     monkeypatch.setattr(dynarank.storage, "_write_synced", dying_writer)
-    model = train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=tmp_path / "x")["model"]
+    model = train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=10), run_dir=tmp_path / "x").model
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(run, model, torch.optim.AdamW(model.parameters()), None, None, step=15)
     monkeypatch.undo()
@@ -135,8 +135,8 @@ def test_temporary_folders_of_killed_saves_are_removed_by_the_next_save(tmp_path
         (run / "checkpoints" / orphan).mkdir()
         (run / "checkpoints" / orphan / checkpoint.TENSORS_FILE).write_bytes(b"half")
     (run / "checkpoints" / "user-notes").mkdir()  # not ours: left alone
-    model = result["model"]
-    checkpoint.save(run, model, torch.optim.AdamW(model.parameters()), None, result["controller"], step=10)
+    model = result.model
+    checkpoint.save(run, model, torch.optim.AdamW(model.parameters()), None, result.controller, step=10)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-5", "user-notes"]
 
 
@@ -221,16 +221,16 @@ def poison_loss_at(model, step: int):
 def test_a_nan_loss_skips_the_step_and_the_rank_schedule_keeps_time(caplog, method):
     with caplog.at_level(logging.WARNING):
         result = train_classifier(poison_loss_at(tiny_bert(), 3), WordTokenizer(), examples(), spec(method, steps=20))
-    ctrl = result["controller"]
-    assert result["skipped_steps"] == 1
+    ctrl = result.controller
+    assert result.metrics["skipped_steps"] == 1
     # The diagnostic pass finds no module output at fault: the NaN came from the loss itself.
     assert "non-finite values at step 3 in: loss (first non-finite output: none; the loss computation" in caplog.text
-    assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
     # The skipped step is counted: the schedule ends where total_steps puts it, with a final snapshot,
     # and ElaLoRA / AdaLoRA fold their E into the adapter (the model carries no controller state after).
     assert ctrl.step == 20 and ctrl.history[-1]["step"] == 20
     if method != "ard":
-        assert ctrl.finalized and not hasattr(result["model"], "dynarank_svd")
+        assert ctrl.finalized and not hasattr(result.model, "dynarank_svd")
 
 
 def test_a_nan_loss_names_the_first_module_whose_output_was_non_finite(caplog):
@@ -239,7 +239,7 @@ def test_a_nan_loss_names_the_first_module_whose_output_was_non_finite(caplog):
     value.register_forward_hook(lambda module, args, out: out * float("nan"))
     with caplog.at_level(logging.WARNING):
         result = train_classifier(model, WordTokenizer(), examples(), spec("dynarank-lora", steps=1))
-    assert result["skipped_steps"] == 1
+    assert result.metrics["skipped_steps"] == 1
     assert "first non-finite output: bert.encoder.layer.1.attention.self.value.base)" in caplog.text
 
 
@@ -248,7 +248,7 @@ def test_a_nan_gradient_names_the_module_that_produced_it(caplog):
     model.classifier.weight.register_hook(lambda grad: grad * float("nan"))  # the loss itself stays finite
     with caplog.at_level(logging.WARNING):
         result = train_classifier(model, WordTokenizer(), examples(), spec("dynarank-lora", steps=2))
-    assert result["skipped_steps"] == 2
+    assert result.metrics["skipped_steps"] == 2
     assert "non-finite values at step 1 in: classifier" in caplog.text
 
 
@@ -284,7 +284,7 @@ def test_the_stop_policy_raises_and_keeps_the_last_checkpoint(tmp_path):
 def test_the_controller_takes_no_rank_decision_from_non_finite_alpha_gradients(caplog):
     model = tiny_bert()
     result = train_classifier(model, WordTokenizer(), examples(), spec(steps=6))
-    ctrl = result["controller"]
+    ctrl = result.controller
     alpha = next(iter(model.dynarank_ard.parameters()))
     before = alpha.detach().clone()
     alpha.grad = torch.full_like(alpha, float("nan"))
@@ -297,7 +297,7 @@ def test_the_controller_takes_no_rank_decision_from_non_finite_alpha_gradients(c
 
 def test_alphas_an_update_made_non_finite_are_restored_to_their_last_value_with_a_warning(caplog):
     model = tiny_bert()
-    ctrl = train_classifier(model, WordTokenizer(), examples(), spec(steps=6))["controller"]
+    ctrl = train_classifier(model, WordTokenizer(), examples(), spec(steps=6)).controller
     alpha = next(iter(model.dynarank_ard.parameters()))
     before = alpha.detach().clone()
     with torch.no_grad():
@@ -372,7 +372,7 @@ def _damage_last(layout: dict, how: str) -> tuple[dict, str]:
 @pytest.mark.parametrize("how", ["groups", "slot", "names"])
 def test_a_layout_that_does_not_fit_is_refused_before_any_layer_changes(how):
     # The first modules would fit: none of them may be resized before the last one is found wrong.
-    model = attached()
+    model = attached(granularity="head")  # 4 heads: 4 rank groups per module
     layout, message = _damage_last({n: [g[:2] for g in layer.slots] for n, layer in elastic_layers(model).items()}, how)
     before = _layout_of(model)
     with pytest.raises(CheckpointError, match=message):

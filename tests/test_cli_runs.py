@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-import dynarank.commands as commands_module
-from dynarank import models
+import dynarank.cli.commands as commands_module
 from dynarank.cli import main
-from dynarank.models import load_classifier, resolve_model_dir
+from dynarank.training import models
+from dynarank.training.models import load_classifier, resolve_model_dir
 from test_cli import train_args, write_csv
 from test_cli_inputs import refused
 from tiny_models import save_tiny_model_dir
@@ -204,7 +204,7 @@ def test_trainable_parameters_are_drawn_once_in_the_training_curves(runs, monkey
 def test_a_picture_that_fails_to_draw_leaves_no_figure_open(runs, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from dynarank import report
+    from dynarank.cli import report
 
     def fails_half_way(plt, snapshot):
         plt.subplots()
@@ -367,11 +367,11 @@ def test_two_runs_of_the_same_command_are_bitwise_equal_even_with_a_new_task_hea
 def test_a_killed_five_label_run_resumed_equals_a_separately_launched_uninterrupted_run(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    import dynarank.runs as runs_module
+    import dynarank.cli.train as train_module
 
     data = write_csv(tmp_path / "five.csv", n=60, labels=("a", "b", "c", "d", "e"))
     argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]
-    real = runs_module.train_classifier
+    real = train_module.train_classifier
 
     def killed(*args, **kwargs):  # the process dies after step 9 (checkpoint at 8)
         def on_step(record, inner=kwargs["on_step"]):
@@ -381,9 +381,9 @@ def test_a_killed_five_label_run_resumed_equals_a_separately_launched_uninterrup
 
         return real(*args, **{**kwargs, "on_step": on_step})
 
-    monkeypatch.setattr(runs_module, "train_classifier", killed)
+    monkeypatch.setattr(train_module, "train_classifier", killed)
     assert main(train_args(tiny_model_dir, data, tmp_path / "killed", *argv)) == 130
-    monkeypatch.setattr(runs_module, "train_classifier", real)
+    monkeypatch.setattr(train_module, "train_classifier", real)
     torch.manual_seed(999)  # a separately launched process starts from another RNG state
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     torch.manual_seed(4321)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynarank.data import (
+from dynarank.training.data import (
     DataError,
     classification_examples,
     classification_sets,

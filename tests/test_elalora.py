@@ -10,7 +10,7 @@ from torch import nn
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.controllers.schedules import BudgetSchedule
-from dynarank.synthetic import make_planted_task, train_planted
+from planted_task import make_planted_task, train_planted
 from tiny_models import tiny_bert, token_batch
 
 

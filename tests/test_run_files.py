@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 import dynarank
-import dynarank.runs as runs_module
+import dynarank.cli.train as train_module
 from dynarank.cli import main
-from dynarank.files import MetricsLog, RunFileError, read_jsonl, replace_file
-from dynarank.loop import MAX_SKIPPED_IN_A_ROW, NonFiniteError, train_classifier
+from dynarank.cli.run_dir import RunDir
+from dynarank.files import RunFileError, read_jsonl, replace_file
+from dynarank.training.loop import MAX_SKIPPED_IN_A_ROW, NonFiniteError, train_classifier
+from dynarank.training.metrics_log import MetricsLog
 from test_checkpoint import poison_loss_at, spec
 from test_cli import train_args, write_csv
 from test_cli_inputs import refused
@@ -41,7 +43,7 @@ def _steps(run: Path) -> list[int]:
 def _killed_at(monkeypatch, step: int, on_disk: dict) -> None:
     """The next CLI run dies after ``step`` as a SIGKILL would: the metrics it had not forced to disk are lost
     (``on_disk`` gets what the file held at that moment, which the run's closing then overwrites)."""
-    real = runs_module.train_classifier
+    real = train_module.train_classifier
 
     def killed(*args, **kwargs):
         def on_step(record, inner=kwargs["on_step"]):
@@ -52,7 +54,7 @@ def _killed_at(monkeypatch, step: int, on_disk: dict) -> None:
 
         return real(*args, **{**kwargs, "on_step": on_step})
 
-    monkeypatch.setattr(runs_module, "train_classifier", killed)
+    monkeypatch.setattr(train_module, "train_classifier", killed)
 
 
 # ---------------------------------------------------------------------------- metrics.jsonl and checkpoints
@@ -132,7 +134,7 @@ def test_resume_refuses_options_that_differ_from_the_runs_naming_each(tiny_model
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     err = refused(["train", "--resume", str(run), "--r", "4", "--max-steps", "12", "--lr", "0.5"], capsys)
     assert (
-        "--r0 4 (the run's: 2)" in err
+        "--r 4 (the run's: 2)" in err
         and "--max-steps 12 (the run's: 6)" in err
         and "--lr 0.5 (the run's: 0.001)" in err
     )
@@ -171,6 +173,16 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_reused_but_resumes_fro
         assert (stopped / name).read_bytes() == (full / name).read_bytes(), name
 
 
+def test_a_run_killed_after_writing_its_adapter_resumes_and_writes_it_again(tiny_model_dir, data, tmp_path):
+    run = tmp_path / "run"
+    assert main([*train_args(tiny_model_dir, data, run, "--method", "ard"), "--save-every", "3"]) == 0
+    (run / "summary.json").unlink()  # killed after the adapter and its dynarank_run.json, before the summary
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"torn")
+    assert main(["train", "--resume", str(run)]) == 0  # the adapter directory and its companion file are replaced
+    assert json.loads((run / "adapter" / "dynarank_run.json").read_text())["method"] == "ard"
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 100 and (run / "summary.json").is_file()
+
+
 # ---------------------------------------------------------------------------- runs that cannot produce numbers
 def test_training_stops_after_ten_skipped_steps_in_a_row():
     model = tiny_bert()
@@ -189,8 +201,8 @@ def test_training_stops_after_ten_skipped_steps_in_a_row():
 
 def test_occasional_skipped_steps_do_not_stop_training():
     model = poison_loss_at(tiny_bert(), 3)
-    result = train_classifier(model, WordTokenizer(), examples(), spec("lora", steps=12), eval_set=examples(8))
-    assert result["skipped_steps"] == 1 and result["steps"] == 12 and 0 <= result["eval"]["accuracy"] <= 1
+    metrics = train_classifier(model, WordTokenizer(), examples(), spec("lora", steps=12), eval_set=examples(8)).metrics
+    assert metrics["skipped_steps"] == 1 and metrics["steps"] == 12 and 0 <= metrics["eval"]["accuracy"] <= 1
 
 
 @pytest.mark.parametrize("steps, expected", [("30", "10 steps in a row"), ("2", "no metric is reported")])
@@ -258,7 +270,7 @@ def test_a_full_disk_while_writing_a_lora_adapter_names_the_path_and_leaves_noth
 def test_damaged_json_names_its_file(tmp_path):
     (tmp_path / "summary.json").write_text("{\n")
     with pytest.raises(RunFileError, match=r"summary.json is not valid JSON \(Expecting property name"):
-        runs_module.read_summary(tmp_path)
+        RunDir(tmp_path).read_summary()
     (tmp_path / "summary.json").write_text("[1, 2]")
     with pytest.raises(RunFileError, match="summary.json must hold a JSON object, not a list"):
-        runs_module.read_summary(tmp_path)
+        RunDir(tmp_path).read_summary()

@@ -16,10 +16,10 @@ from peft import PeftModel
 import dynarank
 from dynarank import AdapterFormatError
 from dynarank.cli import main
-from dynarank.estimate import adapter_parameter_estimate
-from dynarank.loop import TrainSpec, prepare_model
-from dynarank.models import load_classifier
 from dynarank.safe_load import load_peft_adapter
+from dynarank.training.estimate import adapter_parameter_estimate
+from dynarank.training.loop import TrainSpec, prepare_model
+from dynarank.training.models import load_classifier
 from test_cli import train_args, write_csv
 from test_cli_inputs import refused
 from tiny_models import save_tiny_model_dir, tiny_bert, token_batch
@@ -223,11 +223,11 @@ def test_the_adapter_size_is_known_before_it_is_allocated(method, knobs):
 def test_an_adapter_larger_than_the_memory_is_refused_before_it_is_allocated(
     tiny_model_dir, runs, tmp_path, capsys, monkeypatch
 ):
-    import dynarank.estimate as estimate
+    import dynarank.training.estimate as estimate
 
     monkeypatch.setattr(estimate, "memory_limit_bytes", lambda: 10**6)  # a machine with 1 MB
     argv = train_args(tiny_model_dir, runs["data"], tmp_path / "run", "--method", "lora", "--r", "100")
     err = refused(argv, capsys)  # 100 x 896 (d_in + d_out of the 12 targets) parameters, 16 bytes each
-    assert "--r0 100 with --method lora needs about 1.4 MB for the adapter alone (89,600 parameters" in err
-    assert "more than this machine's 1.0 MB of memory: lower --r0" in err
+    assert "--r: 100 with method 'lora' needs about 1.4 MB for the adapter alone (89,600 parameters" in err
+    assert "more than this machine's 1.0 MB of memory: lower it, or adapt fewer modules" in err
     assert not (tmp_path / "run").exists()

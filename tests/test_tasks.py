@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dynarank.data import PairExamples
-from dynarank.tasks import IGNORE_INDEX, encode_causal
+from dynarank.training.data import PairExamples
+from dynarank.training.tasks import IGNORE_INDEX, encode_causal
 
 
 class CharTokenizer:

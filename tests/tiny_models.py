@@ -14,7 +14,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from dynarank.data import Examples
+from dynarank.training.data import Examples
 
 # The shape of every tiny encoder: 2 layers, 4 heads of 8 (hidden 32), FFN 64.
 TINY_ENCODER = dict(
@@ -78,7 +78,7 @@ def save_tiny_model_dir(path, kind: str = "bert", dropout: bool = True):
     tokenizes) into ``path``: a model directory the CLI can load. Returns ``path``."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from dynarank.models import packaged_minilm_path
+    from dynarank.training.models import packaged_minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
     torch.manual_seed(0)

@@ -1,9 +1,8 @@
-"""The files of a run, read and written with errors that name the file.
+"""Files dynarank reads and writes (runs, adapters, checkpoints), with errors that name the file.
 
 JSON, JSON Lines and YAML are read with their path in every error (a damaged file is one line, never a
 traceback); JSON Lines logs tolerate the torn last line a kill leaves. Writes that fail (a full disk) say which
-path failed. ``MetricsLog`` keeps metrics.jsonl consistent with the checkpoints: synced to disk whenever one is
-written, cut back to the checkpoint's step when a run resumes.
+path failed.
 """
 
 from __future__ import annotations
@@ -164,54 +163,3 @@ def write_synced(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended as training goes.
-
-    ``sync()`` forces what was written to disk; the loop calls it before every checkpoint, so the log on disk
-    always reaches at least the newest checkpoint's step. ``resume_at(step)`` cuts the log back to the lines of
-    steps up to ``step`` (what the checkpoint holds; the final evaluation line and later steps are redone),
-    atomically, and tolerates the torn last line of a kill.
-    """
-
-    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
-        self.path = Path(path)
-        self._file = None
-        self.enabled = enabled
-
-    def resume_at(self, step: int) -> None:
-        """Keep the training-step lines of steps 1..``step``; drop everything after."""
-        if not self.enabled:
-            return
-        kept = []
-        if self.path.is_file():
-            for record in read_jsonl(self.path):
-                logged = record.get("step", 0)
-                if not isinstance(logged, int) or isinstance(logged, bool):
-                    raise RunFileError(f"{self.path}: a line has step {logged!r}, not a step number: it is damaged.")
-                if logged <= step and "loss" in record:  # not the final evaluation line
-                    kept.append(record)
-        replace_file(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        if self._file is None:
-            with naming(self.path):
-                self._file = self.path.open("a", encoding="utf-8")
-        with naming(self.path):
-            self._file.write(json.dumps(record) + "\n")
-
-    def sync(self) -> None:
-        """Force every line written so far to disk."""
-        if self._file is not None:
-            with naming(self.path):
-                self._file.flush()
-                os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            with naming(self.path):
-                self._file.close()
-            self._file = None

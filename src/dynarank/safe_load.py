@@ -1,4 +1,7 @@
-"""Loading adapters a user hands dynarank: safetensors only, and exactly the file that was checked.
+"""Loading folders a user hands dynarank: safetensors only, and exactly the file that was checked.
+
+``require_safetensors`` refuses a model or adapter folder that holds any pickle file (or lacks its safetensors
+weights) before anything in it is opened.
 
 ``load_peft_adapter`` is stock PEFT's ``PeftModel.from_pretrained`` without
 its weight loader, which falls back to ``torch.load`` (a pickle) on ``adapter_model.bin``: the folder is refused if
@@ -12,12 +15,59 @@ import re
 from pathlib import Path
 
 from .files import RunFileError, read_json, read_safetensors
-from .models import require_safetensors
 from .storage import AdapterFormatError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"
+
+
+class UnsafeFolderError(ValueError):
+    """A model or adapter folder that holds a pickle file, or lacks its safetensors weights: never loaded."""
+
+
+# Files that only a pickle loader (torch.load) reads: never opened here, whoever wrote them, and a folder that holds
+# one is refused whole (a loader that falls back to it, or a file renamed over it, would run its code).
+PICKLE_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+# The weights file of each kind of folder: the only one read (a sharded model is read through its index).
+SAFETENSORS_WEIGHTS = {
+    "model": ("model.safetensors", "model.safetensors.index.json"),
+    "adapter": (ADAPTER_WEIGHTS,),
+}
+
+
+def pickle_files(folder: str | Path) -> list[str]:
+    """Names of the pickle files in ``folder`` (not in its subfolders), sorted."""
+    folder = Path(folder)
+    return sorted({p.name for pattern in PICKLE_FILES for p in folder.glob(pattern) if not p.is_dir()})
+
+
+def require_safetensors(folder: str | Path, what: str = "model") -> None:
+    """Refuse ``folder`` if it holds any pickle file (it can run code when loaded), or lacks its safetensors weights.
+
+    ``what`` is 'model' (a Hugging Face model directory: ``model.safetensors`` or its shard index) or 'adapter' (a
+    PEFT adapter directory: ``adapter_model.safetensors``)."""
+    folder = Path(folder)
+    names = SAFETENSORS_WEIGHTS[what]
+    has_weights = any((folder / name).is_file() for name in names)
+    pickled = pickle_files(folder)
+    if pickled and has_weights:
+        raise UnsafeFolderError(
+            f"{folder} holds {pickled[0]}, a pickle, beside its {names[0]}: dynarank never reads a folder with a "
+            "pickle in it (a loader that picks the pickle runs its code); delete it, or copy the safetensors files "
+            "to a folder of their own."
+        )
+    if pickled:
+        if what == "adapter":
+            how = "PeftModel.from_pretrained, then save_pretrained(dir), which writes adapter_model.safetensors"
+        else:
+            how = "from_pretrained, then save_pretrained(dir), which writes model.safetensors"
+        raise UnsafeFolderError(
+            f"{folder} holds its {what} weights as {pickled[0]}, a pickle, which dynarank never loads (it can run "
+            f"code): convert it to safetensors where you trust the file ({how}) and pass that folder."
+        )
+    if not has_weights:
+        raise UnsafeFolderError(f"{folder} holds no {names[0]}: dynarank reads {what} weights from safetensors only.")
 
 
 def peft_config(path: Path):

@@ -7,12 +7,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .files import RunFileError, naming, read_jsonl
-from .naming import split_name
+from ..files import RunFileError, naming
+from ..naming import split_name
+from .run_dir import RunDir
 
-HEATMAP = "ranks_heatmap.png"
-EVOLUTION = "ranks_over_time.png"
-CURVES = "training_curves.png"
 MAX_TICKS = 12  # tick labels per axis before they are thinned (every k-th layer or head)
 MAX_ANNOTATED = 64  # cells per heatmap panel up to which each cell shows its rank as a number
 
@@ -30,41 +28,35 @@ def _by_kind(ranks: dict[str, list[int]]) -> dict[str, dict[int, list[int]]]:
     return by_kind
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return read_jsonl(path) if path.is_file() else []
-
-
-def draw(run_dir: str | Path) -> list[Path]:
-    """(Re)draw the pictures of ``run_dir`` from what it holds: training curves from metrics.jsonl (every
-    method), rank heatmap and rank evolution from ranks.jsonl (the rank methods). Returns the files written."""
+def draw(run: RunDir | str | Path) -> list[Path]:
+    """(Re)draw the pictures of ``run`` from what it holds: training curves from its metrics log (every method),
+    rank heatmap and rank evolution from its rank log (the rank methods). Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    snapshots = _read_jsonl(run_dir / "ranks.jsonl")
+    run = RunDir.of(run)
+    metrics, snapshots = run.read_metrics(), run.read_ranks()
     if not metrics and not snapshots:
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl or ranks.jsonl: nothing to draw.")
-    panels = []
+        raise FileNotFoundError(f"{run.path} has no {run.METRICS} or {run.RANKS}: nothing to draw.")
+    panels = []  # (picture, how to draw it, from what, the log it comes from)
     if metrics:
-        panels.append((CURVES, _curves, metrics))
+        panels.append((run.CURVES, _curves, metrics, run.METRICS))
     if snapshots:
-        panels.append((HEATMAP, _heatmap, snapshots[-1]))
-        panels.append((EVOLUTION, _evolution, snapshots))
+        panels.append((run.HEATMAP, _heatmap, snapshots[-1], run.RANKS))
+        panels.append((run.EVOLUTION, _evolution, snapshots, run.RANKS))
     already_open = set(plt.get_fignums())
     written = []
     try:
-        for name, panel, data in panels:
-            source = "ranks.jsonl" if data is not metrics else "metrics.jsonl"
+        for name, panel, data, source in panels:
             try:
                 figure = panel(plt, data)
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                raise RunFileError(f"{run_dir / source} is damaged: cannot draw {name} from it ({exc!r}).") from None
-            with naming(run_dir / name):
-                figure.savefig(run_dir / name, dpi=100)
-            written.append(run_dir / name)
+                raise RunFileError(f"{run.file(source)} is damaged: cannot draw {name} from it ({exc!r}).") from None
+            with naming(run.file(name)):
+                figure.savefig(run.file(name), dpi=100)
+            written.append(run.file(name))
     finally:  # every figure drawn here is closed, also those of a panel that failed half-way
         for number in set(plt.get_fignums()) - already_open:
             plt.close(number)

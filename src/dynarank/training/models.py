@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..safe_load import pickle_files, require_safetensors
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on the machines this runs on; local dirs only
 
 
@@ -15,50 +17,6 @@ logger = logging.getLogger(__name__)
 
 class ModelError(ValueError):
     """A model directory is missing or does not load."""
-
-
-# Files that only a pickle loader (torch.load) reads: never opened here, whoever wrote them, and a folder that holds
-# one is refused whole (a loader that falls back to it, or a file renamed over it, would run its code).
-PICKLE_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
-# The weights file of each kind of folder: the only one read (a sharded model is read through its index).
-SAFETENSORS_WEIGHTS = {
-    "model": ("model.safetensors", "model.safetensors.index.json"),
-    "adapter": ("adapter_model.safetensors",),
-}
-
-
-def pickle_files(folder: str | Path) -> list[str]:
-    """Names of the pickle files in ``folder`` (not in its subfolders), sorted."""
-    folder = Path(folder)
-    return sorted({p.name for pattern in PICKLE_FILES for p in folder.glob(pattern) if not p.is_dir()})
-
-
-def require_safetensors(folder: str | Path, what: str = "model") -> None:
-    """Refuse ``folder`` if it holds any pickle file (it can run code when loaded), or lacks its safetensors weights.
-
-    ``what`` is 'model' (a Hugging Face model directory: ``model.safetensors`` or its shard index) or 'adapter' (a
-    PEFT adapter directory: ``adapter_model.safetensors``)."""
-    folder = Path(folder)
-    names = SAFETENSORS_WEIGHTS[what]
-    has_weights = any((folder / name).is_file() for name in names)
-    pickled = pickle_files(folder)
-    if pickled and has_weights:
-        raise ModelError(
-            f"{folder} holds {pickled[0]}, a pickle, beside its {names[0]}: dynarank never reads a folder with a "
-            "pickle in it (a loader that picks the pickle runs its code); delete it, or copy the safetensors files "
-            "to a folder of their own."
-        )
-    if pickled:
-        if what == "adapter":
-            how = "PeftModel.from_pretrained, then save_pretrained(dir), which writes adapter_model.safetensors"
-        else:
-            how = "from_pretrained, then save_pretrained(dir), which writes model.safetensors"
-        raise ModelError(
-            f"{folder} holds its {what} weights as {pickled[0]}, a pickle, which dynarank never loads (it can run "
-            f"code): convert it to safetensors where you trust the file ({how}) and pass that folder."
-        )
-    if not has_weights:
-        raise ModelError(f"{folder} holds no {names[0]}: dynarank reads {what} weights from safetensors only.")
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
@@ -95,16 +53,23 @@ def infer_task(model_dir: str | Path) -> str:
     return "classify"
 
 
-def load_classifier(model_dir: str | Path, label_names: list[str]):
-    """(model, tokenizer) for sequence classification with ``label_names``."""
+def _checked_for_loading(model_dir: str | Path) -> str:
+    """``model_dir`` refused unless it is a Hugging Face model directory with safetensors weights and no pickle;
+    transformers' own load report and progress bars silenced (what the report says is checked by the loaders)."""
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    transformers.logging.set_verbosity_error()  # the load report: what it says is checked below instead
+    transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
-    model_dir = str(model_dir)
     infer_task(model_dir)
     require_safetensors(model_dir)
+    return str(model_dir)
+
+
+def load_classifier(model_dir: str | Path, label_names: list[str]):
+    """(model, tokenizer) for sequence classification with ``label_names``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = _checked_for_loading(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -263,14 +228,9 @@ def converted_gguf(source: Path, gguf_file: str, target: Path) -> Path:
 
 def load_causal_lm(model_dir: str | Path):
     """(model, tokenizer) of a local causal LM directory."""
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # the CLI shows its own progress
-    model_dir = str(model_dir)
-    infer_task(model_dir)
-    require_safetensors(model_dir)
+    model_dir = _checked_for_loading(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)

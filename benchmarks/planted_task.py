@@ -1,4 +1,5 @@
-"""A task whose right rank allocation is known: a frozen linear base plus planted per-head changes.
+"""The planted-rank task (a benchmark and test fixture, not part of the package): a task whose right rank
+allocation is known: a frozen linear base plus planted per-head changes.
 
 The teacher is ``W* = W0 + Delta`` where head h's output rows of Delta have rank ``true_ranks[h]``
 (orthonormal factors, unit singular values). A student adapts ``W0`` with per-head LoRA groups;
@@ -8,15 +9,17 @@ given the true ranks.
 
 from __future__ import annotations
 
+import argparse
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from .attach import attach, elastic_layers
-from .config import DynaRankConfig
-from .controllers import build_controller
+from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 
 DEFAULT_TRUE_RANKS = (0, 1, 2, 4, 8, 0, 3, 6)
 
@@ -131,3 +134,24 @@ def train_planted(
 def within_one(ranks, truth) -> float:
     """Fraction of heads whose learned rank is within 1 of the planted one."""
     return sum(abs(a - b) <= 1 for a, b in zip(ranks, truth)) / len(truth)
+
+
+def study_main(stem: str, description: str, study: Callable, summarise: Callable, markdown: Callable) -> None:
+    """The command line of a planted-task study ``benchmarks/<stem>.py``: ``study(seeds, steps, lr)`` gives the runs,
+    ``summarise(runs)`` the table, ``markdown(table, seeds, command)`` its text; written to <out>/<stem>.json / .md."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (tasks and runs)")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of A and B")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runs = study(args.seeds, args.steps, args.lr)
+    table = summarise(runs)
+    command = f"python benchmarks/{stem}.py --seeds {args.seeds} --steps {args.steps} --lr {args.lr}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "runs": runs, "table": table}, indent=1))
+    text = markdown(table, args.seeds, command)
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+    print(f"results: {args.out / f'{stem}.md'}")

@@ -1,0 +1,1 @@
+"""The training layer: one loop for every method (dynarank's and the stock baselines), data, tasks, models."""

@@ -1,0 +1,400 @@
+"""One training loop for every method: dynarank's, and the stock PEFT / full baselines (:mod:`.methods`).
+
+Used by the CLI and the benchmarks, so every method gets the same data order, schedule and
+evaluation. Dynarank methods are driven through the optimizer's step hooks (no per-method code
+in the loop); a baseline's documented per-step call (stock AdaLoRA's ``update_and_allocate``) comes from
+:func:`.methods.stock_step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import resource
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names
+from ..config import ConfigError, DynaRankConfig
+from ..controllers import RankController, build_controller
+from ..distributed import any_worker, check_same_ranks, default_device, world, wrap
+from ..guards import first_nonfinite_module, nonfinite_gradients
+from ..optim_state import state_bytes
+from .data import Examples, PairExamples
+from .methods import ALL_METHODS, DYNARANK_METHODS, build_baseline, check_knobs, stock_allocator_bytes, stock_step
+from .tasks import (
+    NonFiniteError,
+    batches,
+    encode_causal,
+    encode_classification,
+    evaluate_causal_lm,
+    evaluate_classifier,
+)
+
+logger = logging.getLogger(__name__)
+
+# Every attention and MLP Linear of a BERT-style encoder (not the pooler, not the classifier).
+BERT_ENCODER_LINEAR = r".*layer\.\d+\..*(query|key|value|dense)"
+
+
+def default_target_modules(model: nn.Module) -> str:
+    """The modules to adapt when none are named: every attention and MLP Linear of a BERT-style encoder, else
+    'all-linear' (every Linear but the task head)."""
+    names = linear_module_names(model)
+    return BERT_ENCODER_LINEAR if any(re.fullmatch(BERT_ENCODER_LINEAR, n) for n in names) else "all-linear"
+
+
+@dataclass
+class TrainSpec:
+    """What to train and how; the same fields for every method."""
+
+    method: str = "ard"
+    r: int = 8
+    target_modules: list[str] | str = BERT_ENCODER_LINEAR
+    lr: float = 1e-3
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    max_length: int = 64
+    seed: int = 0
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    # Further config fields: a dynarank method's (DynaRankConfig fields), or those a baseline takes (ortho_weight for
+    # stock AdaLoRA); full fine-tuning ignores r and target_modules.
+    dynarank: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in ALL_METHODS:
+            raise ConfigError("method", f"{self.method!r} is not known; choose one of {', '.join(ALL_METHODS)}.")
+        if self.batch_size < 1 or self.lr <= 0 or self.r < 1:
+            raise ValueError("batch_size and r must be positive integers and lr a positive number.")
+        check_knobs(self.method, self.config_fields())
+
+    def config_fields(self) -> dict[str, Any]:
+        """The config fields of the run: for a dynarank method, what its DynaRankConfig is built from."""
+        if self.method not in DYNARANK_METHODS:
+            return dict(self.dynarank)
+        return {"r": self.r, "seed": self.seed, "target_modules": self.target_modules, **self.dynarank}
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * math.ceil(n_examples / self.batch_size)))
+
+
+def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[nn.Module, RankController | None]:
+    """Adapt ``model`` for ``spec.method``; returns (model to train, dynarank controller or None)."""
+    if spec.method in DYNARANK_METHODS:
+        attach(model, DynaRankConfig(method=spec.method, **spec.config_fields()))
+        return model, build_controller(model, total_steps)
+    return build_baseline(model, spec.method, spec.r, spec.target_modules, total_steps, spec.dynarank), None
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run's numbers (JSON-ready), and the trained model and its controller."""
+
+    metrics: dict[str, Any]
+    model: nn.Module
+    controller: RankController | None = None
+
+
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+def _kept_checkpoint(run_dir: str | Path | None) -> str:
+    """What a stopped run leaves to resume from, for the stop message."""
+    saved = checkpoint.list_checkpoints(run_dir) if run_dir is not None else []
+    if saved:
+        return f"The last checkpoint, {saved[-1]}, is kept: fix the cause and resume from it."
+    return "No checkpoint was written (save with --save-every N / save_every to be able to resume)."
+
+
+def training_state_bytes(
+    model: nn.Module, optimizer: torch.optim.Optimizer, controller: RankController | None = None
+) -> int:
+    """Bytes of the trainable parameters, their optimizer state and the rank controller's own tensors
+    (importance scores: dynarank's SVD methods, or stock PEFT AdaLoRA's allocator): what training holds
+    beyond the frozen model and the activations, and what a resize can shrink."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    held = controller.held_bytes() if controller is not None else stock_allocator_bytes(model)
+    return sum(p.numel() * p.element_size() for p in params) + state_bytes(optimizer, params) + held
+
+
+class TrainingFootprint:
+    """Trainable parameters and training-state bytes after every optimizer step: start, peak and mean."""
+
+    def __init__(self) -> None:
+        self.params: list[int] = []
+        self.bytes: list[int] = []
+
+    def add(self, params: int, state: int) -> None:
+        self.params.append(params)
+        self.bytes.append(state)
+
+    def summary(self) -> dict:
+        if not self.bytes:
+            return {}
+        return {
+            "state_bytes_peak": max(self.bytes),
+            "state_bytes_mean": sum(self.bytes) / len(self.bytes),
+            "trainable_parameters_peak": max(self.params),
+            "trainable_parameters_mean": sum(self.params) / len(self.params),
+        }
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    # Each epoch's order follows from (seed, epoch) alone, so a resumed run finds its place by step.
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def build_optimizer(model: nn.Module, controller: RankController | None, spec: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW over what trains: the controller's parameter groups (ARD's alphas in their own), or every trainable
+    parameter of a baseline."""
+    if controller is not None:
+        return controller.build_optimizer(lr=spec.lr, weight_decay=spec.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The loop's learning-rate schedule: linear warm-up over ``warmup_ratio`` of the steps (at least one), then
+    linear decay to 0 at ``total_steps``: factor(t) = min((t + 1) / W, (T - t) / (T - W))."""
+    warm = max(1, round(warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: min((t + 1) / warm, max(0.0, (total_steps - t) / max(1, total_steps - warm)))
+    )
+
+
+@dataclass
+class RunControl:
+    """How :func:`train` checkpoints, evaluates and reacts to non-finite steps (all optional)."""
+
+    run_dir: str | Path | None = None  # where checkpoints go (``run_dir/checkpoints``)
+    save_every: int | None = None  # checkpoint the whole training state every that many optimizer steps
+    resume: bool = False  # continue from the newest complete checkpoint in run_dir
+    on_nonfinite: str = "skip"  # 'skip' a NaN/inf step, or 'stop' (NonFiniteError)
+    eval_every: int | None = None  # also evaluate every that many steps (the step record carries ``eval``)
+    on_step: Callable[[dict], None] | None = None  # called with every step's record
+    before_checkpoint: Callable[[], None] | None = None  # called before each checkpoint is written
+
+    def __post_init__(self) -> None:
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
+            raise ValueError(f"eval_every must be a positive number of steps, got {self.eval_every!r}.")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}.")
+        if (self.save_every or self.resume) and self.run_dir is None:
+            raise ValueError("checkpointing needs a run directory.")
+
+
+def train(
+    model: nn.Module,
+    encoded: dict,
+    pad_id: int,
+    spec: TrainSpec,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    **control: Any,
+) -> TrainResult:
+    """Train ``model`` on an encoded data set (see :mod:`dynarank.training.tasks`) with ``spec``.
+
+    ``control``: the fields of :class:`RunControl`. With ``run_dir`` and ``save_every``, the whole training state is
+    checkpointed every ``save_every`` optimizer steps; ``resume=True`` continues from the newest complete checkpoint
+    and ends bitwise equal (CPU) to an uninterrupted run. ``on_nonfinite``: 'skip' drops a step whose loss or
+    gradient is NaN/inf (naming the modules), 'stop' raises :class:`NonFiniteError` (naming the last checkpoint, if
+    any, which is kept); under 'skip', MAX_SKIPPED_IN_A_ROW skipped steps in a row stop training too. ``eval_every``:
+    also evaluate every that many steps (the record passed to ``on_step`` then carries ``eval``).
+    ``before_checkpoint`` is called before each checkpoint is written (the CLI syncs its log to disk, so that the log
+    always reaches the newest checkpoint).
+    """
+    loop = _Loop(model, encoded, pad_id, spec, RunControl(**control))
+    t0 = time.perf_counter()
+    loop.run(evaluate)
+    return loop.result(time.perf_counter() - t0, evaluate)
+
+
+class _Loop:
+    """One run of :func:`train`: the model, its optimizer, schedule and controller, and where the run stands."""
+
+    def __init__(self, model: nn.Module, encoded: dict, pad_id: int, spec: TrainSpec, control: RunControl) -> None:
+        self.encoded, self.pad_id, self.spec, self.control = encoded, pad_id, spec, control
+        torch.manual_seed(spec.seed)
+        self.n_examples = len(encoded["input_ids"])
+        self.total = spec.total_steps(self.n_examples)
+        self.rank, self.n_workers = world()
+        model.to(default_device())
+        self.model, self.controller = prepare_model(model, spec, self.total)
+        state = tensors = None
+        if control.resume:
+            _, state, tensors = checkpoint.latest(control.run_dir)
+            checkpoint.restore_model(self.model, state, tensors)
+        self.model.train()
+        self.device = next(self.model.parameters()).device
+        self.optimizer = build_optimizer(self.model, self.controller, spec)
+        self.scheduler = linear_schedule(self.optimizer, self.total, spec.warmup_ratio)
+        self.step = self.resumed_at = 0
+        extra = {}
+        if control.resume:
+            checkpoint.restore_training(self.optimizer, self.scheduler, self.controller, state, tensors)
+            self.step = self.resumed_at = state["step"]
+            extra = state["extra"]
+        self.start_params = extra.get("start_params", 0) if control.resume else count_trainable(self.model)
+        self.state_bytes_start = extra.get("state_bytes_start")
+        self.footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
+        self.skipped = self.in_a_row = 0
+        self.train_model = wrap(self.model)
+        self.stock_update = stock_step(self.model, spec.method)
+
+    def run(self, evaluate: Callable[[nn.Module], dict] | None) -> None:
+        per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
+        while self.step < self.total:
+            epoch, offset = divmod(self.step, per_epoch)
+            order = _epoch_order(self.n_examples, self.spec.seed, epoch)[offset * self.spec.batch_size :]
+            for batch in batches(self.encoded, order, self.spec.batch_size, self.pad_id):
+                out = self._take_step(*batch)
+                self.step += 1
+                self._after_step(out, evaluate)
+                if self.step >= self.total:
+                    break
+        if self.controller is not None:
+            self.controller.finish()
+
+    def _take_step(self, ids, mask, labels, idx):
+        """Forward, backward and the optimizer step of one global batch (or its skip); returns the outputs."""
+        # A distributed worker takes its shard of the global batch; DDP averages the gradients.
+        rank, n = self.rank, self.n_workers
+        share = len(idx[rank::n]) * n / len(idx)  # DDP's mean of shard means = batch mean
+        ids, mask, labels = ids[rank::n].to(self.device), mask[rank::n].to(self.device), labels[rank::n].to(self.device)
+        out = self.train_model(input_ids=ids, attention_mask=mask, labels=labels)
+        bad = ["loss"] if any_worker(not torch.isfinite(out.loss), self.device) else []
+        if bad:
+            culprit = first_nonfinite_module(self.model, {"input_ids": ids, "attention_mask": mask})
+            bad = [f"loss (first non-finite output: {culprit or 'none; the loss computation itself'})"]
+        if not bad:
+            (out.loss * share if n > 1 else out.loss).backward()
+            bad = nonfinite_gradients(self.model)
+        if bad:
+            self._skip(f"non-finite values at step {self.step + 1} in: {', '.join(bad[:5])}")
+        else:
+            self._update()
+        if n > 1 and self.controller is not None and self.controller.records[-1].resized:
+            # A resize (after an update or a skipped step alike) handed the adapters new tensors.
+            check_same_ranks(self.controller)
+            self.train_model = wrap(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def _skip(self, message: str) -> None:
+        """A non-finite step: stop, or skip it with the schedules keeping time (MAX_SKIPPED_IN_A_ROW in a row stop)."""
+        kept = _kept_checkpoint(self.control.run_dir)
+        if self.control.on_nonfinite == "stop":
+            raise NonFiniteError(f"{message}; training stopped. {kept}")
+        logger.warning("dynarank: %s; step skipped", message)
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteError(
+                f"{message}: {self.in_a_row} steps in a row were non-finite and skipped, so training stopped; the "
+                f"learning rate ({self.spec.lr:g}) is likely too high. {kept}"
+            )
+        if self.controller is not None:  # the rank schedule keeps time with the loop (and may resize)
+            self.controller.skip_step(self.optimizer)
+        with warnings.catch_warnings():  # the learning-rate schedule too, even before a first update
+            warnings.filterwarnings("ignore", message="Detected call of")
+            self.scheduler.step()
+
+    def _update(self) -> None:
+        self.in_a_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.stock_update is not None:
+            self.stock_update(self.step)
+        controller = self.controller
+        trainable = controller.trainable_parameters() if controller is not None else count_trainable(self.model)
+        self.footprint.add(trainable, training_state_bytes(self.model, self.optimizer, controller))
+        if self.state_bytes_start is None:  # after the first step AdamW's moments exist
+            self.state_bytes_start = self.footprint.bytes[-1]
+
+    def _after_step(self, out, evaluate: Callable[[nn.Module], dict] | None) -> None:
+        """The step's record for ``on_step`` (and an evaluation every ``eval_every`` steps), then a checkpoint."""
+        control = self.control
+        if control.on_step is not None:
+            info = {
+                "step": self.step,
+                "loss": float(out.loss.detach()),
+                "lr": self.scheduler.get_last_lr()[0],
+                "trainable_parameters": count_trainable(self.model),
+                "total_rank": self.controller.total_rank() if self.controller is not None else None,
+            }
+            every = control.eval_every
+            if every and evaluate is not None and self.step % every == 0 and self.step < self.total:
+                info["eval"] = evaluate(self.model)  # the last step's evaluation is the result's
+            control.on_step(info)
+        if control.save_every and self.step % control.save_every == 0 and self.rank == 0:
+            if control.before_checkpoint is not None:
+                control.before_checkpoint()
+            extra = {"start_params": self.start_params, "state_bytes_start": self.state_bytes_start}
+            checkpoint.save(
+                control.run_dir, self.model, self.optimizer, self.scheduler, self.controller, self.step, extra=extra
+            )
+
+    def result(self, seconds: float, evaluate: Callable[[nn.Module], dict] | None) -> TrainResult:
+        model, controller = self.model, self.controller
+        metrics = {
+            "method": self.spec.method,
+            "r": self.spec.r,
+            "seed": self.spec.seed,
+            "steps": self.total,
+            "skipped_steps": self.skipped,
+            "seconds": seconds,
+            "seconds_per_step": seconds / max(1, self.total - self.resumed_at),
+            "trainable_parameters_start": self.start_params,
+            "trainable_parameters": count_trainable(model),
+            "state_bytes_start": self.state_bytes_start,
+            "state_bytes_end": training_state_bytes(model, self.optimizer, controller),
+            **self.footprint.summary(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if controller is not None:
+            metrics["adapter_parameters"] = adapter_parameter_count(model)
+            metrics["ranks"] = controller.ranks()
+            metrics["warnings"] = [w for rec in controller.records for w in rec.warnings]
+        if evaluate is not None:
+            metrics["eval"] = evaluate(model)
+        return TrainResult(metrics, model, controller)
+
+
+def train_classifier(
+    model: nn.Module, tokenizer, train_set: Examples, spec: TrainSpec, eval_set: Examples | None = None, **kwargs
+) -> TrainResult:
+    """Fine-tune a sequence classifier; ``eval`` holds accuracy and macro-F1 on ``eval_set``."""
+    encoded = encode_classification(tokenizer, train_set, spec.max_length)
+    evaluate = None
+    if eval_set is not None:
+        evaluate = lambda m: evaluate_classifier(m, tokenizer, eval_set, spec.max_length)  # noqa: E731
+    return train(model, encoded, tokenizer.pad_token_id or 0, spec, evaluate, **kwargs)
+
+
+def train_causal_lm(
+    model: nn.Module,
+    tokenizer,
+    train_set: PairExamples,
+    spec: TrainSpec,
+    eval_set: PairExamples | None = None,
+    **kwargs,
+) -> TrainResult:
+    """Instruction-tune a causal LM on prompt/response pairs; ``eval`` holds response loss and perplexity."""
+    encoded = encode_causal(tokenizer, train_set, spec.max_length)
+    evaluate = None
+    if eval_set is not None:
+        evaluate = lambda m: evaluate_causal_lm(m, tokenizer, eval_set, spec.max_length)  # noqa: E731
+    return train(model, encoded, tokenizer.pad_token_id, spec, evaluate, **kwargs)

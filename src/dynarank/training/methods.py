@@ -1,0 +1,126 @@
+"""The methods a run can train: dynarank's own, and the baselines it is compared with in the same harness.
+
+    dynarank-lora, ard, elalora, adalora-physical   dynarank's methods (``dynarank.config.METHODS``)
+    lora, dora, adalora                              stock PEFT LoRA, DoRA and AdaLoRA
+    full                                             full fine-tuning
+
+A baseline takes the knobs listed in :data:`BASELINE_KNOBS` and refuses every other (:func:`check_knobs`), as a
+dynarank method's config refuses the knobs of other methods: nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..config import CONFIG_CLASSES, METHODS, ORTHO_WEIGHT, ConfigError, DynaRankConfig, fields_of, methods_using
+
+DYNARANK_METHODS = METHODS  # dynarank's own: dynarank-lora, ard, elalora, adalora-physical
+PEFT_METHODS = ("lora", "dora", "adalora")  # the stock PEFT baselines
+BASELINES = PEFT_METHODS + ("full",)
+ALL_METHODS = DYNARANK_METHODS + BASELINES
+# The config fields each baseline takes. Stock PEFT LoRA and DoRA: the rank and the modules to adapt; stock AdaLoRA
+# also the orthogonality penalty's weight (PEFT's orth_reg_weight, dynarank's ortho_weight). Full fine-tuning trains
+# every weight: it has no adapter, so no rank and no target modules.
+BASELINE_KNOBS: dict[str, tuple[str, ...]] = {
+    "lora": ("r", "target_modules"),
+    "dora": ("r", "target_modules"),
+    "adalora": ("r", "target_modules", "ortho_weight"),
+    "full": (),
+}
+_IN_WORDS = {"r": "the rank", "target_modules": "the modules to adapt", "ortho_weight": "the orthogonality weight"}
+TASK_HEADS = ("classifier", "score")  # trained in full by the stock baselines (PEFT's modules_to_save)
+
+
+def knobs_of(method: str) -> tuple[str, ...]:
+    """The config fields ``method`` takes (a dynarank method: its config class's; a baseline: BASELINE_KNOBS)."""
+    if method in DYNARANK_METHODS:
+        return tuple(name for name in fields_of(CONFIG_CLASSES[method]) if name != "method")
+    return BASELINE_KNOBS[method]
+
+
+def knob_users(name: str) -> list[str]:
+    """Every method (dynarank's and the baselines) that takes config field ``name``."""
+    return methods_using(name) + [m for m in BASELINES if name in BASELINE_KNOBS[m]]
+
+
+def check_knobs(method: str, knobs: dict[str, Any]) -> None:
+    """Refuse (ConfigError naming the fields) a method that is unknown, a knob ``method`` does not use, or (dynarank
+    methods) a value its config refuses."""
+    if method not in ALL_METHODS:
+        raise ConfigError("method", f"{method!r} is not known; choose one of {', '.join(ALL_METHODS)}.")
+    if method in DYNARANK_METHODS:
+        DynaRankConfig(method=method, **knobs)
+        return
+    foreign = [name for name in knobs if name not in BASELINE_KNOBS[method]]
+    if not foreign:
+        if knobs:  # the values, checked as the first dynarank method that has these fields checks them
+            next(c for c in CONFIG_CLASSES.values() if set(knobs) <= set(fields_of(c)))(**knobs)
+        return
+    takes = [_IN_WORDS[name] for name in BASELINE_KNOBS[method]]
+    takes_text = " and ".join(filter(None, [", ".join(takes[:-1]), *takes[-1:]])) or "no adapter setting"
+    users = sorted({m for name in foreign for m in knob_users(name)}, key=ALL_METHODS.index)
+    it = "them" if len(foreign) > 1 else "it"
+    raise ConfigError(
+        tuple(foreign),
+        f"not used by method {method!r}, a baseline that takes {takes_text} "
+        f"({'used by ' + ', '.join(users) if users else 'no method uses ' + it}): drop {it}, or choose a method that "
+        f"uses {it}.",
+    )
+
+
+def stock_adalora_schedule(r: int, total_steps: int) -> dict[str, int]:
+    """Stock PEFT AdaLoRA as the loop builds it: ranks pruned from 1.5 r to r per matrix on average, between 10% and
+    80% of the run (PEFT's init_r, target_r, tinit, tfinal, deltaT)."""
+    return {
+        "init_r": max(r + 1, round(1.5 * r)),
+        "target_r": r,
+        "tinit": max(1, total_steps // 10),
+        "tfinal": max(1, total_steps // 5),
+        "deltaT": max(1, total_steps // 40),
+    }
+
+
+def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_steps: int, knobs: dict) -> nn.Module:
+    """``model`` prepared for a baseline: every weight trainable ('full'), or wrapped by stock PEFT."""
+    check_knobs(method, knobs)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    heads = [n for n in TASK_HEADS if hasattr(model, n)]
+    if method == "adalora":
+        # The task type matters: without one, get_peft_model returns a bare PeftModel whose forward calls the wrapped
+        # model directly and so never adds AdaLoRA's orthogonality penalty (AdaLoraModel.forward does). The penalty's
+        # weight is dynarank's (the papers' 0.1, or the ortho_weight knob), so that both implementations train alike.
+        config = AdaLoraConfig(
+            task_type="SEQ_CLS" if heads else "CAUSAL_LM",
+            lora_alpha=r,
+            orth_reg_weight=knobs.get("ortho_weight", ORTHO_WEIGHT),
+            target_modules=target_modules,
+            total_step=total_steps,
+            modules_to_save=heads or None,
+            **stock_adalora_schedule(r, total_steps),
+        )
+    else:
+        config = LoraConfig(
+            r=r, lora_alpha=r, target_modules=target_modules, use_dora=method == "dora", modules_to_save=heads or None
+        )
+    return get_peft_model(model, config)
+
+
+def stock_step(model: nn.Module, method: str):
+    """The per-step call a baseline documents (stock AdaLoRA's ``update_and_allocate(step)``), or None."""
+    return model.base_model.update_and_allocate if method == "adalora" else None
+
+
+def stock_allocator_bytes(model: nn.Module) -> int:
+    """Stock PEFT AdaLoRA's importance EMAs (three tensors per scored parameter), or 0."""
+    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
+    if allocator is None:
+        return 0
+    emas = (getattr(allocator, kind, {}) for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+    return sum(t.numel() * t.element_size() for ema in emas for t in ema.values())
