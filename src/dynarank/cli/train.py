@@ -161,6 +161,7 @@ def train_command(options: TrainOptions, quiet: bool = False) -> dict:
 
 def _train_into(run: RunDir, options: TrainOptions, inputs: Inputs, worker: Worker) -> dict:
     record = options.record(inputs.task, inputs.label_names, inputs.spec.target_modules)
+    record.update(lr=inputs.spec.lr, lr_source=inputs.spec.lr_source)  # the rate used, and whether it was given
     if worker.writes and not options.resume:
         run.write_options(record)
     result = _train_with_progress(run, options, inputs, worker)

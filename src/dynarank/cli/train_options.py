@@ -62,7 +62,9 @@ class TrainOptions:
     epochs: float = _option("passes over the training data", 2.0, **POSITIVE)
     max_steps: int | None = _option("optimizer steps (overrides --epochs)", **POSITIVE)
     batch_size: int = _option("examples per optimizer step", 32, **POSITIVE)
-    lr: float = _option("learning rate of the adapters (and the task head)", 1e-3, **POSITIVE)
+    lr: float | None = _option(
+        "learning rate of the adapters (and the task head); default: the method's own (docs/defaults.md)", **POSITIVE
+    )
     max_length: int = _option("tokens per example after truncation", 64, **POSITIVE)
     seed: int = _option("random seed (data order, initialisation, what the adapter draws)", 0)
     eval_split: float = _option("fraction of --data held out for evaluation", 0.2)

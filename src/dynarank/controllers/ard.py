@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..defaults import default_lr
 from .ard_budget import cap_to_budget, prefix_cost, steer_factor
 from .ard_gates import ARD_ATTR, ARDGates, mask_gate
 from .ard_settings import ARDSettings
@@ -55,6 +56,7 @@ from .rank_motion import RankMotion
 from .schedules import cubic_budget
 
 STEER_LIMIT = 2.0  # budget mode: the l1 strength changes by at most this factor per resize
+MIN_ACTIVE_STEPS = 30  # fewer active steps than this: warned before training (docs/ard.md)
 
 
 class ARDController(RankController):
@@ -78,6 +80,7 @@ class ARDController(RankController):
         self.start_params = self.adapter_parameters()
         if not restoring:
             self._check_budget()  # before the model is touched: a bad budget leaves it as it was
+            self._check_run_length()
         if getattr(model, ARD_ATTR, None) is None:
             model.add_module(ARD_ATTR, ARDGates(self.layers))
         self.gates: ARDGates = getattr(model, ARD_ATTR)
@@ -167,6 +170,18 @@ class ARDController(RankController):
                 "change the budget, or raise the start rank to start from more capacity.",
             )
 
+    def _check_run_length(self) -> None:
+        """Warn when the active phase is too short for the alphas to learn ranks (docs/ard.md)."""
+        s = self.settings
+        active = s.final_start - s.warmup_steps
+        if active < MIN_ACTIVE_STEPS:
+            self.warn_before_training(
+                f"ARD-LoRA's active phase is {active} optimizer steps (warm-up {s.warmup_steps}, final phase "
+                f"{self.total_steps - s.final_start} of {self.total_steps}): with fewer than {MIN_ACTIVE_STEPS} the "
+                f"alphas have {s.resize_every}-step resizes to learn the ranks in and the cut is abrupt; train longer, "
+                "or start nearer the answer (a smaller r)."
+            )
+
     def budget_at(self, t: int | None = None) -> int | None:
         """The parameter cap at step ``t`` (None without a budget): cubic from the start to the target."""
         target = self.settings.target_params
@@ -194,10 +209,14 @@ class ARDController(RankController):
 
     def param_groups(self, lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
         """The caller's optimizer groups: adapters and task head. The alphas are stepped by the controller itself."""
-        return super().param_groups(lr if lr is not None else (self.settings.lr or 1e-3), weight_decay)
+        return super().param_groups(lr if lr is not None else self._default_lr(), weight_decay)
 
     def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
-        return super().build_optimizer(lr if lr is not None else (self.settings.lr or 1e-3), weight_decay, **kwargs)
+        return super().build_optimizer(lr if lr is not None else self._default_lr(), weight_decay, **kwargs)
+
+    def _default_lr(self) -> float:
+        """The paper preset's 1e-4, else the method's default (dynarank.defaults)."""
+        return self.settings.lr if self.settings.lr is not None else default_lr(self.config.method)
 
     # ------------------------------------------------------------------ phases
     def phase(self, step: int | None = None) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..attach import ATTACHED_ATTR, count_trainable, elastic_layers
 from ..config import ConfigError, DynaRankConfig
+from ..defaults import default_lr
 from ..layer import ElasticLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class RankController:
         self._warned: set[str] = set()
         self._sizes: tuple[int, dict] | None = None  # (layout version, cached sizes): read-outs of every step
         self._skipping = False  # the next optimizer step is one the caller skips
+        self.setup_warnings: list[str] = []  # what the run's length or settings make doubtful, said before training
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer
@@ -100,8 +102,10 @@ class RankController:
         main = [p for p in self.model.parameters() if p.requires_grad and id(p) not in gate_ids]
         return [{"params": main, "lr": lr, "weight_decay": weight_decay, "name": "adapter"}]
 
-    def build_optimizer(self, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
-        """AdamW over :meth:`param_groups`, already bound to this controller."""
+    def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
+        """AdamW over :meth:`param_groups`, already bound to this controller (``lr`` None: the method's default,
+        dynarank.defaults)."""
+        lr = default_lr(self.config.method) if lr is None else lr
         optimizer = torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, **kwargs)
         self.bind(optimizer)
         return optimizer
@@ -217,6 +221,11 @@ class RankController:
             self.history[-1] = snapshot
         else:
             self.history.append(snapshot)
+
+    def warn_before_training(self, message: str) -> None:
+        """A warning about the run as configured (logged now, before the first step; kept in ``setup_warnings``)."""
+        self.setup_warnings.append(message)
+        logger.warning("dynarank: %s", message)
 
     def warn_once(self, key: str, message: str, record: StepRecord | None = None) -> None:
         if key in self._warned:

@@ -29,6 +29,7 @@ from .orthogonality import add_orthogonality_gradient
 from .schedules import BudgetSchedule
 
 INIT_STD = 0.02  # P, Q ~ N(0, 0.02) (AdaLoRA / ElaLoRA)
+MIN_ROUNDS = 3  # fewer reallocation rounds than this in a run: warned before training
 SVD_ATTR = "dynarank_svd"
 
 Plan = dict[str, dict[int, list[int]]]  # module -> group -> rank positions
@@ -144,6 +145,15 @@ class SVDController(RankController):
         self.start_budget = self.budget_used()
         # Validated before the model is touched; a restore brings the run's own (it started from another size).
         self.target_budget = self.start_budget if restoring else self._resolve_target()
+        if not restoring:
+            rounds = len(self.schedule.rounds(force_end=self.force_end_round))
+            if rounds < MIN_ROUNDS:
+                self.warn_before_training(
+                    f"{self.method_name} runs {rounds} reallocation round(s) in this run (budgeting phase of "
+                    f"{self.schedule.end - self.schedule.t_init} steps between t_init={self.schedule.t_init} and "
+                    f"T - t_final={self.schedule.end}, one every {self.schedule.interval}): fewer than {MIN_ROUNDS} "
+                    "leave the ranks almost where they started; train longer or resize more often."
+                )
         self.values = ensure_svd_values(model, self.layers, c.seed)
         self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
         self.forget_sizes()  # E are trainable parameters of the model now

@@ -26,6 +26,7 @@ from .. import checkpoint
 from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names
 from ..config import ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
+from ..defaults import SOURCE, default_lr
 from ..distributed import any_worker, check_same_ranks, default_device, world, wrap
 from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
@@ -60,7 +61,7 @@ class TrainSpec:
     method: str = "ard"
     r: int = 8
     target_modules: list[str] | str = BERT_ENCODER_LINEAR
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's default (dynarank.defaults); lr_source says which it was
     epochs: float = 2.0
     max_steps: int | None = None
     batch_size: int = 32
@@ -75,6 +76,9 @@ class TrainSpec:
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
             raise ConfigError("method", f"{self.method!r} is not known; choose one of {', '.join(ALL_METHODS)}.")
+        self.lr_source = "given" if self.lr is not None else SOURCE
+        if self.lr is None:
+            self.lr = default_lr(self.method)
         if self.batch_size < 1 or self.lr <= 0 or self.r < 1:
             raise ValueError("batch_size and r must be positive integers and lr a positive number.")
         check_knobs(self.method, self.config_fields())
@@ -351,6 +355,8 @@ class _Loop:
         model, controller = self.model, self.controller
         metrics = {
             "method": self.spec.method,
+            "lr": self.spec.lr,
+            "lr_source": self.spec.lr_source,
             "r": self.spec.r,
             "seed": self.spec.seed,
             "steps": self.total,
@@ -367,7 +373,7 @@ class _Loop:
         if controller is not None:
             metrics["adapter_parameters"] = adapter_parameter_count(model)
             metrics["ranks"] = controller.ranks()
-            metrics["warnings"] = [w for rec in controller.records for w in rec.warnings]
+            metrics["warnings"] = controller.setup_warnings + [w for rec in controller.records for w in rec.warnings]
         if evaluate is not None:
             metrics["eval"] = evaluate(model)
         return TrainResult(metrics, model, controller)
