@@ -620,6 +620,11 @@ def main() -> None:
     )
     parser.add_argument("--budgets", type=int, nargs="+", help="LoRA ranks that define the budgets")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help="run the methods at this rate (no tuning); a record at another rate is another configuration",
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the task's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one process each)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: 2 // jobs)")
@@ -668,11 +673,14 @@ def main() -> None:
         if args.quick:
             submit([(m, 0 if m == "full" else budgets[0], 5e-5 if m == "full" else 1e-3, 0) for m in args.methods])
         else:
-            while jobs := tuning_jobs(store, args.task, args.methods, steps):
-                if not submit(jobs):
-                    break  # every run of this round failed: do not loop on it
-            if not args.tune_only:
-                submit(main_jobs(store, args.task, args.methods, seeds, steps, budgets))
+            if args.lr is not None:
+                submit([(m, 0 if m == "full" else r, args.lr, s) for s in seeds for m in args.methods for r in budgets])
+            else:
+                while jobs := tuning_jobs(store, args.task, args.methods, steps):
+                    if not submit(jobs):
+                        break  # every run of this round failed: do not loop on it
+                if not args.tune_only:
+                    submit(main_jobs(store, args.task, args.methods, seeds, steps, budgets))
     if args.quick:
         runs = [r for r in store.runs if r["steps"] == steps]
         rows = summarise(runs, args.task, None)

@@ -1,0 +1,243 @@
+"""How dynarank's default learning rates are chosen, and how they do on data they were not chosen on.
+
+Every task of the quality study (quality.py: tweets-2, tweets-3 and topics on MiniLM; dialogs and sentiment-lm
+on SmolLM2) has, per method, a learning-rate grid at its middle budget, seed 0, scored on its validation split
+(quality.py's tuning runs). A rate's score on a task is relative to the best rate of that task's grid
+(accuracy / best accuracy; best loss / loss; a diverged run scores 0), so tasks with different metrics count
+alike.
+
+Leave one task out: for each task, the rate with the best mean score over the OTHER tasks is the rate the
+method would ship without having seen that task. It is then run there (3 seeds, test split, the middle budget)
+against stock LoRA and stock AdaLoRA at THEIR best rate on that task's validation split (3 seeds; LoRA's grid is
+1e-3 / 3e-3 / 1e-2 / 3e-2), at equal final adapter parameters, paired by seed. The shipped default
+(dynarank.defaults.DEFAULT_LR) is the rate best over all tasks; tests/test_defaults_study.py holds the two in
+agreement.
+
+    python benchmarks/defaults.py                # choices from the grids on record, table (no training)
+    python benchmarks/defaults.py --validate     # also run the left-out checks still missing (hours)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality  # noqa: E402
+
+from records import RecordStore, run_pool  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+STUDY_TASKS = ["minilm", "minilm-tweets3", "minilm-topics", "smollm2", "smollm2-sentiment"]
+CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose default rate the study sets
+# Settings tried beside the rate: a candidate is (variant, rate), a variant being the method or one of these
+# (quality.py's ablations: the SVD methods without their orthogonality penalty, run at 3e-2 on every task).
+VARIANTS = {"elalora": ["elalora-ortho0"], "adalora-physical": ["adalora-physical-ortho0"]}
+BASELINES = ["lora", "adalora"]  # stock PEFT, each at its best rate per task
+SEEDS = [0, 1, 2]
+
+
+def store_of(task: str, results: Path = RESULTS) -> RecordStore:
+    return RecordStore(results / f"quality_{task}.json", quality.record_key)
+
+
+def grid(store: RecordStore, task: str, method: str) -> dict[float, float]:
+    """Validation metric per rate of ``method``'s tuning runs on ``task`` (middle budget, seed 0)."""
+    spec = quality.TASKS[task]
+    runs = [
+        r
+        for r in store.runs
+        if r["task"] == task
+        and r["method"] == method
+        and r["budget_r"] == spec["tune_budget"]
+        and r["seed"] == 0
+        and r["steps"] == spec["steps"]
+    ]
+    return {r["lr"]: r["val"][spec["metric"]] for r in runs}
+
+
+def candidates(store: RecordStore, task: str, method: str) -> dict[tuple[str, float], float]:
+    """Validation metric per (variant, rate) of ``method`` on ``task``."""
+    return {
+        (variant, lr): value
+        for variant in [method, *VARIANTS.get(method, [])]
+        for lr, value in grid(store, task, variant).items()
+    }
+
+
+def relative(scores: dict, higher_is_better: bool) -> dict:
+    """Each rate's score relative to the task's best rate (1 = the best; a non-finite result scores 0)."""
+    finite = {lr: v for lr, v in scores.items() if math.isfinite(v)}
+    if not finite:
+        return {lr: 0.0 for lr in scores}
+    best = max(finite.values()) if higher_is_better else min(finite.values())
+    return {
+        lr: (0.0 if not math.isfinite(v) else (v / best if higher_is_better else best / v)) for lr, v in scores.items()
+    }
+
+
+def choose(scores: dict[str, dict], tasks: list[str]) -> tuple[tuple | None, dict]:
+    """The (variant, rate) with the best mean relative score over ``tasks`` (among those every one of them ran)."""
+    common = set.intersection(*(set(scores[t]) for t in tasks)) if tasks else set()
+    means = {lr: statistics.mean(scores[t][lr] for t in tasks) for lr in sorted(common)}
+    return (max(means, key=means.get) if means else None), means
+
+
+def study(stores: dict[str, RecordStore]) -> dict:
+    """Per method: relative scores per task, the left-out choices and the shipped rate."""
+    out = {}
+    for method in CHOSEN:
+        scores = {}
+        for task, store in stores.items():
+            found = candidates(store, task, method)
+            if found:
+                scores[task] = relative(found, quality.TASKS[task]["higher_is_better"])
+        tasks = sorted(scores)
+        left_out = {t: choose(scores, [u for u in tasks if u != t])[0] for t in tasks}
+        shipped, means = choose(scores, tasks)
+        out[method] = {"scores": scores, "left_out": left_out, "shipped": shipped, "mean_relative": means}
+    return out
+
+
+def baseline_rate(store: RecordStore, task: str, method: str) -> float | None:
+    """A stock baseline's rate on ``task``: the best of its grid on the validation split (quality.chosen_lr)."""
+    return quality.chosen_lr(store, task, method, quality.TASKS[task]["steps"])
+
+
+def validation_jobs(choices: dict, stores: dict[str, RecordStore]) -> dict[str, list[tuple]]:
+    """Per task, the (method, budget, lr, seed) runs of the left-out checks (recorded or not)."""
+    jobs: dict[str, list[tuple]] = {}
+    for task, store in stores.items():
+        budget = quality.TASKS[task]["tune_budget"]
+        wanted = [choices[m]["left_out"].get(task) for m in CHOSEN]
+        wanted += [(b, baseline_rate(store, task, b)) for b in BASELINES]
+        jobs[task] = [
+            (c[0], budget, c[1], seed) for c in wanted if c is not None and c[1] is not None for seed in SEEDS
+        ]
+    return jobs
+
+
+def paired(store: RecordStore, task: str, jobs: list[tuple]) -> list[dict]:
+    """Each chosen method at its left-out rate minus each baseline at its best rate, paired by seed (test split)."""
+    spec = quality.TASKS[task]
+    sign = 1 if spec["higher_is_better"] else -1
+    runs = {}
+    for method, budget, lr, seed in jobs:
+        record = store.get((task, method, budget, lr, seed, spec["steps"]))
+        if record is not None:
+            runs[quality.base_method(method), seed] = record  # a variant stands for its method
+    rows = []
+    for method in CHOSEN:
+        for base in BASELINES:
+            diffs = [
+                sign * (runs[method, s]["test"][spec["metric"]] - runs[base, s]["test"][spec["metric"]])
+                for s in SEEDS
+                if (method, s) in runs and (base, s) in runs
+            ]
+            if len(diffs) >= 2:
+                rows.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "baseline": base,
+                        "n": len(diffs),
+                        "mean": statistics.mean(diffs),
+                        "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5,
+                        "params": statistics.mean(
+                            runs[method, s]["adapter_parameters"] for s in SEEDS if (method, s) in runs
+                        ),
+                        "baseline_params": statistics.mean(
+                            runs[base, s]["adapter_parameters"] for s in SEEDS if (base, s) in runs
+                        ),
+                    }
+                )
+    return rows
+
+
+def _name(candidate: tuple | None) -> str:
+    return "-" if candidate is None else f"{candidate[0]} {candidate[1]:g}"
+
+
+def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[str]) -> str:
+    lines = [
+        "# Default learning rates: chosen on some tasks, checked on the others",
+        "",
+        "Commands:",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+        "## Relative validation score per rate (1 = the task's best rate), seed 0, middle budget",
+        "",
+    ]
+    for method, found in choices.items():
+        keys = sorted({key for s in found["scores"].values() for key in s})
+        lines += [f"### {method}", "", "| task | " + " | ".join(_name(k) for k in keys) + " | left-out choice |"]
+        lines.append("|---|" + "---|" * (len(keys) + 1))
+        for task, scores in found["scores"].items():
+            cells = [f"{scores[k]:.3f}" if k in scores else "-" for k in keys]
+            choice = found["left_out"].get(task)
+            lines.append(f"| {task} | " + " | ".join(cells) + f" | {_name(choice)} |")
+        lines += ["", f"Shipped default: **{_name(found['shipped'])}**", ""]
+    lines += [
+        "## Left-out checks (test split, 3 seeds, paired by seed; positive = the method is better)",
+        "",
+        "| task | method (left-out rate) | vs | difference (mean ± s.e.) | params (method / baseline) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        choice = _name(choices[c["method"]]["left_out"][c["task"]])
+        lines.append(
+            f"| {c['task']} | {c['method']} ({choice}) | {c['baseline']} | {c['mean']:+.4f} ± {c['stderr']:.4f} "
+            f"(n={c['n']}) | {c['params']:,.0f} / {c['baseline_params']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value):
+    """Tuple keys ((variant, rate) candidates) as 'variant@rate' strings."""
+    if isinstance(value, dict):
+        return {(f"{k[0]}@{k[1]:g}" if isinstance(k, tuple) else k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--validate", action="store_true", help="run the left-out checks still missing")
+    parser.add_argument("--tasks", nargs="+", default=STUDY_TASKS, choices=STUDY_TASKS)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the quality records (and outputs)")
+    args = parser.parse_args()
+    stores = {t: store_of(t, args.results) for t in args.tasks if (args.results / f"quality_{t}.json").is_file()}
+    choices = study(stores)
+    jobs = validation_jobs(choices, stores)
+    command = "python benchmarks/defaults.py " + shlex.join(sys.argv[1:])
+    if args.validate:
+        for task, wanted in jobs.items():
+            store, steps = stores[task], quality.TASKS[task]["steps"]
+            todo = [j for j in wanted if not store.has((task, *j, steps))]
+            store.note_command(command)
+            print(f"{task}: {len(todo)} runs to do", flush=True)
+            run_pool(
+                quality.run_one,
+                [(task, *j, steps, 1, command) for j in todo],
+                args.jobs,
+                lambda job, record, store=store: store.add(record),
+            )
+    comparisons = [row for task, wanted in jobs.items() for row in paired(stores[task], task, wanted)]
+    record = {"choices": _jsonable(choices), "jobs": jobs, "comparisons": comparisons, "commands": [command]}
+    (args.results / "defaults.json").write_text(json.dumps(record, indent=1))
+    text = markdown(choices, jobs, comparisons, [command])
+    (args.results / "defaults.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
