@@ -105,6 +105,7 @@ ABLATIONS = {
     "ard-free-x0.3": ("ard", {"target_params": None, "ard_lambda": 0.3}),
     "ard-free": ("ard", {"target_params": None}),
     "ard-free-x3": ("ard", {"target_params": None, "ard_lambda": 3.0}),
+    "ard-free-x10": ("ard", {"target_params": None, "ard_lambda": 10.0}),
 }
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many
