@@ -20,8 +20,15 @@ time over the run and over its last quarter (after the rank changes), the ratio 
 (median of per-round ratios), the controller's share of the step, and the bytes of trainable
 parameters + AdamW state after the first step and at the end.
 
-    python benchmarks/method_overhead.py             # T = 60 steps per method
-    python benchmarks/method_overhead.py --steps 20  # a quick look
+Settings (``--setting``): ``minilm-32x64`` (the above), ``minilm-16x16`` (batch 16 x 16 tokens: a small step,
+where a per-module cost of the controller shows), and ``decoder-224`` (a decoder built from a config: 32 layers x
+7 Linear = 224 target modules, hidden 128, 4 query / 2 key-value heads of 32, batch 16 x 16 tokens of random ids,
+causal-LM loss; the budget is plain LoRA r=2 on all of them). Besides the step, the controller's hooks are timed
+per step and set beside stock PEFT AdaLoRA's ``update_and_allocate``.
+
+    python benchmarks/method_overhead.py                          # T = 60 steps per method, MiniLM 32 x 64
+    python benchmarks/method_overhead.py --setting decoder-224    # the many-module decoder
+    python benchmarks/method_overhead.py --steps 20               # a quick look
 """
 
 from __future__ import annotations
@@ -60,8 +67,52 @@ METHODS = ["lora", "dora", "adalora", "dynarank-lora", "adalora-physical", "elal
 BUDGET_R = 2
 
 
-def spec_for(method: str, steps: int, budget: int) -> TrainSpec:
-    common = dict(target_modules=BERT_ENCODER_LINEAR, lr=3e-3, max_steps=steps, seed=0)
+SETTINGS = {  # name: (batch size, tokens per example)
+    "minilm-32x64": (32, 64),
+    "minilm-16x16": (16, 16),
+    "decoder-224": (16, 16),
+}
+
+
+def decoder_224():
+    """(model, budget) of the many-module setting: a Llama of 32 layers built from a config (224 targets)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config)
+    return model, lora_parameters(model, r".*layers\.\d+\..*_proj", BUDGET_R)
+
+
+def setting_data(setting: str):
+    """(base model, budget, target modules, batches) of a setting."""
+    batch, length = SETTINGS[setting]
+    if setting == "decoder-224":
+        base, budget = decoder_224()
+        g = torch.Generator().manual_seed(0)
+        ids = [torch.randint(0, 512, (batch, length), generator=g) for _ in range(32)]
+        return base, budget, "all-linear", [{"input_ids": i, "labels": i} for i in ids]
+    train, _ = packaged_sentiment(2000, 500, seed=0)
+    base, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
+    budget = lora_parameters(base, BERT_ENCODER_LINEAR, BUDGET_R)
+    enc = encode_classification(tokenizer, train, length)
+    data = [
+        {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for ids, mask, labels, _ in batches(enc, list(range(len(train.texts))), batch, tokenizer.pad_token_id or 0)
+    ]
+    return base, budget, BERT_ENCODER_LINEAR, data
+
+
+def spec_for(method: str, steps: int, budget: int, target=BERT_ENCODER_LINEAR) -> TrainSpec:
+    common = dict(target_modules=target, lr=3e-3, max_steps=steps, seed=0)
     if method == "ard":
         return TrainSpec(method="ard", r=8, dynarank={"head_layout": "shared", "target_params": budget}, **common)
     if method == "ard-matrix":
@@ -96,9 +147,9 @@ class Timed:
 class Run:
     """One method's model, optimizer, scheduler and controller, stepped on demand."""
 
-    def __init__(self, method: str, base, steps: int, budget: int) -> None:
+    def __init__(self, method: str, base, steps: int, budget: int, target=BERT_ENCODER_LINEAR) -> None:
         self.method, self.steps, self.step_index = method, steps, 0
-        self.spec = spec_for(method, steps, budget)
+        self.spec = spec_for(method, steps, budget, target)
         torch.manual_seed(0)
         self.model, self.controller = prepare_model(copy.deepcopy(base), self.spec, steps)
         self.model.train()
@@ -147,18 +198,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per method (its whole schedule)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="minilm-32x64")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train, _ = packaged_sentiment(2000, 500, seed=0)
-    base, tokenizer = load_classifier(packaged_minilm_path(), train.label_names)
-    budget = lora_parameters(base, BERT_ENCODER_LINEAR, BUDGET_R)
-    enc = encode_classification(tokenizer, train, 64)
-    data = [
-        {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        for ids, mask, labels, _ in batches(enc, list(range(len(train.texts))), 32, tokenizer.pad_token_id or 0)
-    ]
-    runs = {m: Run(m, base, args.steps, budget) for m in args.methods}
+    base, budget, target, data = setting_data(args.setting)
+    runs = {m: Run(m, base, args.steps, budget, target) for m in args.methods}
     order = list(runs)
     per_round: dict[str, list[float]] = {m: [] for m in order}
     t_start = time.perf_counter()
@@ -186,6 +231,8 @@ def main() -> None:
             "ratio_to_lora": ratio,
             "ratio_to_lora_last_quarter": tail_ratio,
             "controller_share": sum(run.hook_times) / sum(run.times),
+            "hooks_per_step_ms": 1e3 * statistics.median(run.hook_times),
+            "hooks_per_step_mean_ms": 1e3 * statistics.mean(run.hook_times),
             "bytes_start": run.bytes_start,
             "bytes_end": run.state_bytes(),
             "adapter_parameters_end": run.adapter_parameters(),
@@ -194,6 +241,8 @@ def main() -> None:
     record = {
         "command": command,
         "steps": args.steps,
+        "setting": args.setting,
+        "batch": SETTINGS[args.setting],
         "budget_parameters": budget,
         "threads": args.threads,
         "timed_seconds": elapsed,
@@ -201,22 +250,25 @@ def main() -> None:
         "methods": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "method_overhead.json").write_text(json.dumps(record, indent=1))
+    stem = "method_overhead" if args.setting == "minilm-32x64" else f"method_overhead_{args.setting}"
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    batch, length = SETTINGS[args.setting]
     lines = [
-        "# Step time and memory of every method (MiniLM, batch 32 x 64, budget = LoRA r=2)",
+        f"# Step time and memory of every method ({args.setting}: batch {batch} x {length}, budget = LoRA r=2)",
         "",
         f"Command: `{command}` ({args.steps} optimizer steps per method, rounds of 2 steps, order rotated; "
         f"{elapsed:.0f} s; {args.threads} threads; 1-minute load average at the end "
         f"{record['load_average_1min_end']:.1f} on {os.cpu_count()} cores).",
         "",
         "| method | median step | last quarter | / LoRA (paired) | / LoRA, last quarter | controller share | "
-        "params + AdamW state: after step 1 -> end | change | adapter params at end |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "hooks per step (median / mean) | params + AdamW state: after step 1 -> end | change | adapter params at end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, r in results.items():
         lines.append(
             f"| {m} | {r['median_step_s'] * 1e3:.0f} ms | {r['median_step_last_quarter_s'] * 1e3:.0f} ms | "
             f"{r['ratio_to_lora']:.3f} | {r['ratio_to_lora_last_quarter']:.3f} | {100 * r['controller_share']:.1f}% | "
+            f"{r['hooks_per_step_ms']:.1f} / {r['hooks_per_step_mean_ms']:.1f} ms | "
             f"{r['bytes_start'] / 1e6:.2f} MB -> {r['bytes_end'] / 1e6:.2f} MB | "
             f"{100 * (r['bytes_end'] / r['bytes_start'] - 1):+.0f}% | {r['adapter_parameters_end']:,} |"
         )
@@ -228,7 +280,7 @@ def main() -> None:
         "step (when the moments exist) and after the last.",
     ]
     text = "\n".join(lines) + "\n"
-    (args.out / "method_overhead.md").write_text(text)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
 
 

@@ -76,7 +76,10 @@ def make_planted_task(
     seed: int = 0,
     n_eval: int = 2048,
     noise: float = 0.0,
+    spread: float = 1.0,
 ) -> PlantedTask:
+    """``spread``: the planted singular values of a head fall geometrically from 1 to 1/spread over its rank
+    (1: every singular value 1, as in the original task)."""
     g = torch.Generator().manual_seed(seed)
     n_heads = len(true_ranks)
     base = torch.randn(n_heads * head_size, d_in, generator=g) / d_in**0.5
@@ -86,7 +89,8 @@ def make_planted_task(
             continue
         u, _ = torch.linalg.qr(torch.randn(head_size, r, generator=g))  # (d_h, r) orthonormal columns
         v, _ = torch.linalg.qr(torch.randn(d_in, r, generator=g))  # (d_in, r)
-        delta[h * head_size : (h + 1) * head_size] = u @ v.t()
+        values = spread ** (-torch.arange(r, dtype=torch.float32) / max(1, r - 1))  # (r,) from 1 to 1/spread
+        delta[h * head_size : (h + 1) * head_size] = (u * values) @ v.t()
     eval_x = torch.randn(n_eval, d_in, generator=g)
     eval_noise = noise * torch.randn(n_eval, n_heads * head_size, generator=g)
     return PlantedTask(base, base + delta, tuple(true_ranks), head_size, eval_x, noise, eval_noise)
