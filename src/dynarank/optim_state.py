@@ -64,6 +64,21 @@ def reindex_parameter(
     return new_param
 
 
+def _position(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> tuple[int, int] | None:
+    """(group, index) of ``param`` in ``opt``, from a table kept on the optimizer and rebuilt when stale: a resize
+    replaces hundreds of parameters, and scanning every group for each would cost the square of their number."""
+    table = getattr(opt, "_dynarank_positions", None)
+    found = table.get(id(param)) if table is not None else None
+    groups = opt.param_groups
+    if found is not None and found[0] < len(groups) and found[1] < len(groups[found[0]]["params"]):
+        if groups[found[0]]["params"][found[1]] is param:
+            return found
+    table = {id(p): (g, i) for g, group in enumerate(groups) for i, p in enumerate(group["params"])}
+    opt._dynarank_positions = table
+    found = table.get(id(param))
+    return found if found is not None and groups[found[0]]["params"][found[1]] is param else None
+
+
 def replace_in_optimizer(
     opt: torch.optim.Optimizer,
     old: torch.nn.Parameter,
@@ -72,8 +87,11 @@ def replace_in_optimizer(
     source: torch.Tensor,
     n_appended: int,
 ) -> None:
-    for group in opt.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
+    where = _position(opt, old)
+    if where is not None:
+        g, i = where
+        opt.param_groups[g]["params"][i] = new
+        opt._dynarank_positions[id(new)] = where
     state = opt.state.pop(old, None)
     if not state:
         return

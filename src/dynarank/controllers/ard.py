@@ -207,6 +207,10 @@ class ARDController(RankController):
     def gate_parameters(self) -> list[nn.Parameter]:
         return list(self.gates.parameters())
 
+    def _own_parameter_count(self) -> int:
+        gates = getattr(self, "gates", None)
+        return gates.alpha.numel() if gates is not None else 0
+
     def param_groups(self, lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
         """The caller's optimizer groups: adapters and task head. The alphas are stepped by the controller itself."""
         return super().param_groups(lr if lr is not None else self._default_lr(), weight_decay)

@@ -87,6 +87,7 @@ class RankController:
         self._hooks: list = []
         self._warned: set[str] = set()
         self._sizes: tuple[int, dict] | None = None  # (layout version, cached sizes): read-outs of every step
+        self._other_trainable: int | None = None  # trainable parameters that are neither adapters nor the controller's
         self._skipping = False  # the next optimizer step is one the caller skips
         self.setup_warnings: list[str] = []  # what the run's length or settings make doubtful, said before training
         self.record_ranks()
@@ -178,22 +179,31 @@ class RankController:
     def _cached(self) -> dict:
         """Sizes that change only when a layer's layout does (read at every step: computed once per layout).
 
-        The version is the sum of the layers' layout versions, which only ever grow."""
+        The version is the sum of the layers' layout versions, which only ever grow. The trainable count is the
+        adapters' and the controller's own parameters plus the rest of the model's, counted once (forget_sizes)."""
         version = sum(layer.layout_version for layer in self.layers.values())
         if self._sizes is None or self._sizes[0] != version:
+            adapters = sum(layer.num_adapter_parameters() for layer in self.layers.values())
+            if self._other_trainable is None:
+                self._other_trainable = count_trainable(self.model) - adapters - self._own_parameter_count()
             self._sizes = (
                 version,
                 {
                     "total_rank": sum(sum(layer.ranks) for layer in self.layers.values()),
-                    "adapter_parameters": sum(layer.num_adapter_parameters() for layer in self.layers.values()),
-                    "trainable_parameters": count_trainable(self.model),
+                    "adapter_parameters": adapters,
+                    "trainable_parameters": self._other_trainable + adapters + self._own_parameter_count(),
                 },
             )
         return self._sizes[1]
 
+    def _own_parameter_count(self) -> int:
+        """Trainable parameters the controller keeps in the model besides the adapters (ARD's alphas, E)."""
+        return 0
+
     def forget_sizes(self) -> None:
         """Drop the cached sizes: call after changing the model's trainable parameters without a resize."""
         self._sizes = None
+        self._other_trainable = None
 
     def total_rank(self) -> int:
         return self._cached()["total_rank"]

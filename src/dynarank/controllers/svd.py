@@ -165,6 +165,10 @@ class SVDController(RankController):
         self._last_penalty: torch.Tensor | None = None
         self.generator = torch.Generator().manual_seed(c.seed + 2) if c.seed is not None else None
 
+    def _own_parameter_count(self) -> int:
+        values = getattr(self.model, SVD_ATTR, None)
+        return values.values.numel() if values is not None else 0
+
     def _scored_parameters(self) -> list[nn.Parameter]:
         """A and B of every module, in a fixed order, then E (one vector for all modules)."""
         return [p for layer in self.layers.values() for p in layer.adapter_parameters()] + [self.values.values]
