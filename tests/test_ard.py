@@ -46,6 +46,30 @@ def _alpha_gradients_over_steps(model, task, ctrl, opt, steps: int):
     return rows
 
 
+def test_the_hard_mask_is_exactly_zero_or_one_with_the_clamps_gradient():
+    from dynarank.controllers.ard_gates import mask_gate
+
+    _, model = planted_model(mask="hard")
+    build_controller(model, total_steps=50)
+    gates = model.dynarank_ard
+    ((name, layer),) = elastic_layers(model).items()
+    r0 = layer.max_rank
+    with torch.no_grad():  # slots of every kind: off, in (0, 1/2], in (1/2, 1), on, and x exactly 0 and 1
+        gates.of(name).copy_(torch.tensor([0.0, 0.3, 0.5 + 0.5 / r0, 1.0, 1.0 / r0, 0.77, 0.1, 0.63])[: layer.n_groups])
+    mask = mask_gate(gates, name, r0, rank_floor=1, soft_only=False)(layer)  # (G, r_max)
+    j = torch.arange(r0, dtype=torch.float32)
+    floor = j < 1
+    alpha = gates.alpha.detach().clone().requires_grad_(True)
+    x = r0 * alpha.unsqueeze(1) - j
+    assert torch.equal(mask, (floor | (x > 0.5)).float())  # exact 0/1 forward: what an export folds in
+    weights = torch.randn_like(mask)
+    (mask * weights).sum().backward()
+    soft = torch.where(floor, torch.ones_like(x), x.clamp(0.0, 1.0))
+    (soft * weights).sum().backward()
+    assert torch.equal(gates.alpha.grad, alpha.grad)  # backward: the clamp's gradient, ends included
+    assert gates.alpha.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("tv_form", ["step", "anchor"])
 def test_regulariser_gradient_on_alpha_equals_l1_plus_the_tv_formula_at_every_step(tv_form):
     """No reference set by hand: the controller's own bookkeeping must give 2 beta (alpha(t) - alpha(t-1))."""

@@ -10,7 +10,10 @@ Per group g with base rank r0 and slots j = 0..r_g-1:
     x_gj   = r0 * alpha_g - j
     soft   = clamp(x_gj, 0, 1)                      # the differentiable mask
     hard   = [x_gj > 1/2]; slots j < floor always on
-    m_gj   = hard + soft - stop_grad(soft)          # mask='hard': straight-through
+    m_gj   = hard, with the gradient of soft        # mask='hard': straight-through
+
+The straight-through mask is one autograd function: its forward value is exactly 0 or 1 (what an
+exported adapter folds in), and its backward pass is the clamp's gradient, 1 where 0 <= x_gj <= 1.
 """
 
 from __future__ import annotations
@@ -59,21 +62,42 @@ class ARDGates(nn.Module):
         return {name: flat[start:stop] for name, (start, stop) in self.spans.items()}
 
 
+class _StraightThroughMask(torch.autograd.Function):
+    """m = [x > 1/2] (slots below the floor: 1) forward; dL/dx = dL/dm where 0 <= x <= 1 (and not floor) backward,
+    the clamp's gradient, ends included as torch's clamp has them (a fresh alpha of 1 puts the last slot at x = 1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:  # x: (G, r_max); floor: (r_max,) bool
+        ctx.save_for_backward((x >= 0) & (x <= 1) & ~floor)
+        return ((x > 0.5) | floor).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
 def mask_gate(
     gates: ARDGates, name: str, r0: int, rank_floor: int, soft_only: bool
 ) -> Callable[[ElasticLoRALinear], torch.Tensor]:
     """The gate of one module: its groups' rank masks (G, r_max) from their alphas (hard with the clamp's
     gradient, or the soft clamp itself). The alphas are read at every call: the gate follows their updates."""
+    slots: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (r_max, device, dtype) -> (j, j < floor)
+
+    def slot_index(r_max: int, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (r_max, alpha.device, alpha.dtype)
+        if key not in slots:
+            j = torch.arange(r_max, device=alpha.device, dtype=alpha.dtype)
+            slots.clear()  # one live shape at a time: the cache follows resizes and moves
+            slots[key] = (j, j < rank_floor)
+        return slots[key]
 
     def gate(layer: ElasticLoRALinear) -> torch.Tensor:
         alpha = gates.of(name)
-        j = torch.arange(layer.max_rank, device=alpha.device, dtype=alpha.dtype)
+        j, floor = slot_index(layer.max_rank, alpha)
         x = r0 * alpha.unsqueeze(1) - j  # (G, r_max)
-        floor = j < rank_floor
-        soft = torch.where(floor, torch.ones_like(x), x.clamp(0.0, 1.0))
         if soft_only:
-            return soft
-        hard = (floor | (x > 0.5)).to(x.dtype)
-        return hard + soft - soft.detach()
+            return torch.where(floor, torch.ones_like(x), x.clamp(0.0, 1.0))
+        return _StraightThroughMask.apply(x, floor)
 
     return gate
