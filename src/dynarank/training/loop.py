@@ -26,7 +26,8 @@ from .. import checkpoint
 from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names
 from ..config import ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
-from ..distributed import any_worker, check_same_ranks, default_device, world, wrap
+from ..distributed import ResizedGradientSync, any_worker, check_same_ranks, default_device, world, wrap
+from ..fsdp import shard_base
 from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
 from .data import Examples, PairExamples
@@ -188,6 +189,7 @@ class RunControl:
     eval_every: int | None = None  # also evaluate every that many steps (the step record carries ``eval``)
     on_step: Callable[[dict], None] | None = None  # called with every step's record
     before_checkpoint: Callable[[], None] | None = None  # called before each checkpoint is written
+    fsdp: bool = False  # shard the frozen base over the workers (FSDP2, dynarank.fsdp); one worker: nothing to shard
 
     def __post_init__(self) -> None:
         if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
@@ -215,7 +217,9 @@ def train(
     any, which is kept); under 'skip', MAX_SKIPPED_IN_A_ROW skipped steps in a row stop training too. ``eval_every``:
     also evaluate every that many steps (the record passed to ``on_step`` then carries ``eval``).
     ``before_checkpoint`` is called before each checkpoint is written (the CLI syncs its log to disk, so that the log
-    always reaches the newest checkpoint).
+    always reaches the newest checkpoint). ``fsdp``: with several workers, shard the frozen base over them
+    (:func:`dynarank.fsdp.shard_base`) instead of wrapping the model in DDP; what trains stays replicated, and its
+    gradients are averaged once per step, before anything reads them.
     """
     loop = _Loop(model, encoded, pad_id, spec, RunControl(**control))
     t0 = time.perf_counter()
@@ -252,8 +256,18 @@ class _Loop:
         self.state_bytes_start = extra.get("state_bytes_start")
         self.footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
         self.skipped = self.in_a_row = 0
-        self.train_model = wrap(self.model)
+        self.sync = None  # under FSDP: averages the replicated (trainable) parameters' gradients, once per step
+        if control.fsdp and self.n_workers == 1:
+            logger.info("dynarank: fsdp in one process: nothing to shard, the model trains whole")
+        elif control.fsdp:
+            shard_base(self.model)
+            self.sync = ResizedGradientSync(self.model, layout_version=self._layout_version, known=())
+        self.train_model = self.model if self.sync is not None else wrap(self.model)
         self.stock_update = stock_step(self.model, spec.method)
+
+    def _layout_version(self) -> int:
+        """Changes whenever a resize replaced parameters (the controller records a snapshot at every resize)."""
+        return len(self.controller.history) if self.controller is not None else 0
 
     def run(self, evaluate: Callable[[nn.Module], dict] | None) -> None:
         per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
@@ -282,6 +296,8 @@ class _Loop:
             bad = [f"loss (first non-finite output: {culprit or 'none; the loss computation itself'})"]
         if not bad:
             (out.loss * share if n > 1 else out.loss).backward()
+            if self.sync is not None:  # before anything reads a gradient: every worker then holds the same ones
+                self.sync()
             bad = nonfinite_gradients(self.model)
         if bad:
             self._skip(f"non-finite values at step {self.step + 1} in: {', '.join(bad[:5])}")
@@ -290,7 +306,8 @@ class _Loop:
         if n > 1 and self.controller is not None and self.controller.records[-1].resized:
             # A resize (after an update or a skipped step alike) handed the adapters new tensors.
             check_same_ranks(self.controller)
-            self.train_model = wrap(self.model)
+            if self.sync is None:  # FSDP never held the adapters: nothing to rebuild
+                self.train_model = wrap(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         return out
 
