@@ -87,6 +87,10 @@ class RankController:
         self._warned: set[str] = set()
         self._sizes: tuple[int, dict] | None = None  # (layout version, cached sizes): read-outs of every step
         self._skipping = False  # the next optimizer step is one the caller skips
+        # A data-parallel worker's weight of its shard's loss (n x its share of the global batch, set by the loop at
+        # every step): the losses a controller records are weighted by it, so their mean over workers is the global
+        # batch's loss. 1 in one process, and where the caller does not weight (DDP averages the shard means).
+        self.loss_weight = 1.0
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer

@@ -33,6 +33,7 @@ from ..optim_state import state_bytes
 from .data import Examples, PairExamples
 from .methods import ALL_METHODS, DYNARANK_METHODS, build_baseline, check_knobs, stock_allocator_bytes, stock_step
 from .tasks import (
+    IGNORE_INDEX,
     NonFiniteError,
     batches,
     encode_causal,
@@ -151,6 +152,17 @@ class TrainingFootprint:
             "trainable_parameters_peak": max(self.params),
             "trainable_parameters_mean": sum(self.params) / len(self.params),
         }
+
+
+def shard_share(labels: torch.Tensor, rank: int, n: int) -> float:
+    """Worker ``rank``'s weight for its shard's mean loss, so that the mean over the ``n`` workers of the weighted
+    losses is the global batch's mean loss: n x (its part of what the loss averages over). A classifier's loss
+    averages over examples (labels (B,)); a causal LM's over the label tokens it predicts (labels (B, T): positions
+    1.. that are not -100), whose number differs between shards of the same number of examples."""
+    if labels.dim() == 1:
+        return len(labels[rank::n]) * n / len(labels)
+    counted = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the tokens a shifted causal-LM loss averages over
+    return float(counted[rank::n].sum()) * n / max(1, float(counted.sum()))
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -285,9 +297,11 @@ class _Loop:
 
     def _take_step(self, ids, mask, labels, idx):
         """Forward, backward and the optimizer step of one global batch (or its skip); returns the outputs."""
-        # A distributed worker takes its shard of the global batch; DDP averages the gradients.
+        # A distributed worker takes its shard of the global batch; DDP (or, under FSDP, the sync) averages gradients.
         rank, n = self.rank, self.n_workers
-        share = len(idx[rank::n]) * n / len(idx)  # DDP's mean of shard means = batch mean
+        share = shard_share(labels, rank, n)
+        if self.controller is not None:
+            self.controller.loss_weight = share  # ARD's calibration then averages the global batch's loss
         ids, mask, labels = ids[rank::n].to(self.device), mask[rank::n].to(self.device), labels[rank::n].to(self.device)
         out = self.train_model(input_ids=ids, attention_mask=mask, labels=labels)
         bad = ["loss"] if any_worker(not torch.isfinite(out.loss), self.device) else []
