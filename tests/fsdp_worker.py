@@ -7,6 +7,10 @@ TASK is ``loop-ard``, ``loop-elalora`` (``dynarank.training.loop`` on a tiny Lla
 (resizes by hand between steps, down to rank 0 and back). Every task runs in the same launch; worker 0 prints
 ``RESULT {json}`` with every worker's results by task. ``run_loop`` is also called in one process by the tests, for
 the single-process reference (there ``fsdp=True`` has nothing to shard).
+
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py --kill-after STEP train ARGS...
+
+runs ``dynarank train ARGS...`` and kills every worker (``os._exit``, no clean-up) once step STEP is logged.
 """
 
 from __future__ import annotations
@@ -132,7 +136,30 @@ TASKS = {
     "resize": run_resize,
 }
 
-if __name__ == "__main__":
+
+def train_killed_after(step: int, argv: list[str]) -> None:
+    """``dynarank train`` whose workers die, as if killed, right after step ``step``."""
+    import dynarank.cli.train as command
+    from dynarank.cli import main
+
+    real = command.train_causal_lm
+
+    def killed(*args, **kwargs):
+        def on_step(record, inner=kwargs["on_step"]):
+            inner(record)
+            if record["step"] == step:
+                os._exit(9)
+
+        return real(*args, **{**kwargs, "on_step": on_step})
+
+    command.train_causal_lm = killed
+    main(argv)
+    os._exit(1)  # never reached: the run dies first
+
+
+if __name__ == "__main__" and sys.argv[1] == "--kill-after":
+    train_killed_after(int(sys.argv[2]), sys.argv[3:])
+elif __name__ == "__main__":
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
