@@ -58,12 +58,29 @@ def _tensors(model) -> dict[str, list[float]]:
     return {n: p.detach().double().flatten().tolist() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def run_loop(method: str, fsdp: bool = True) -> dict:
+def poison(model: torch.nn.Module, call: int) -> None:
+    """Make ``model``'s loss NaN at its ``call``-th forward pass."""
+    forward, calls = model.forward, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == call:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+
+
+def run_loop(method: str, fsdp: bool = True, nan_step: int = 0, nan_worker: int = 1) -> dict:
     """Train a tiny Llama with ``fsdp`` (else DDP); returns this worker's rank history, adapter tensors, logits and
-    the bytes of the frozen base it holds."""
+    the bytes of the frozen base it holds. ``nan_step``: the loss of that step is NaN on ``nan_worker`` only."""
     torch.set_num_threads(1)
     spec = TrainSpec(method=method, r=4, lr=1e-2, batch_size=8, seed=0, target_modules="all-linear", **SPECS[method])
-    result = train_causal_lm(tiny_llama(), Tokenizer(), pairs(), spec, fsdp=fsdp)
+    model = tiny_llama()
+    if nan_step and int(os.environ.get("RANK", "0")) == nan_worker:
+        poison(model, nan_step)
+    result = train_causal_lm(model, Tokenizer(), pairs(), spec, fsdp=fsdp)
     model, controller = result.model, result.controller
     with torch.no_grad():
         logits = model.eval()(input_ids=PROBE).logits
@@ -75,6 +92,7 @@ def run_loop(method: str, fsdp: bool = True) -> dict:
         "base_bytes": list(base_bytes(model)),
         "replicated_are_plain": all(type(p) is torch.nn.Parameter for p in replicated_parameters(model)),
         "sharded": is_sharded(model),
+        "skipped": result.metrics["skipped_steps"],
     }
 
 
@@ -133,6 +151,7 @@ TASKS = {
     "loop-ard": lambda: run_loop("ard"),
     "loop-ard-ddp": lambda: run_loop("ard", fsdp=False),
     "loop-elalora": lambda: run_loop("elalora"),
+    "loop-ard-nan": lambda: run_loop("ard", nan_step=9),  # a forward pass with no backward under FSDP, at a resize
     "resize": run_resize,
 }
 

@@ -170,12 +170,16 @@ def test_fsdp_with_full_fine_tuning_is_refused_in_one_line(cli_setup, tmp_path, 
 # ---------------------------------------------------------------------------- two workers: the loop, resizes
 
 
+def fsdp_worker_tasks() -> list[str]:
+    import fsdp_worker
+
+    return list(fsdp_worker.TASKS)
+
+
 @pytest.fixture(scope="module")
 def workers():
     """One launch of tests/fsdp_worker.py with every task; each worker's results by task."""
-    first, second = result_of(
-        torchrun(str(HERE / "fsdp_worker.py"), "loop-ard", "loop-ard-ddp", "loop-elalora", "resize")
-    )
+    first, second = result_of(torchrun(str(HERE / "fsdp_worker.py"), *fsdp_worker_tasks()))
     return first, second
 
 
@@ -220,6 +224,19 @@ def test_fsdp_elalora_takes_the_one_process_rank_decisions_at_every_resize(worke
     # same holds under DDP); measured 5e-6 in the factors, 4.9e-7 in the logits.
     assert biggest_difference(first["tensors"], single["tensors"]) < 1e-4
     assert biggest_difference({"": first["logits"]}, {"": single["logits"]}) < 1e-5
+
+
+@needs_torchrun
+def test_a_nan_on_one_worker_at_a_resize_step_under_fsdp_skips_it_everywhere_and_training_goes_on(workers):
+    # The skipped step ran a forward pass and no backward: FSDP must take the next step as usual.
+    import fsdp_worker
+
+    first, second = (w["loop-ard-nan"] for w in workers)
+    assert first["skipped"] == second["skipped"] == 1 and 9 in first["resized"]
+    assert first["history"] == second["history"] and first["tensors"] == second["tensors"]
+    single = fsdp_worker.run_loop("ard", nan_step=9, nan_worker=0)
+    assert first["history"] == single["history"]
+    assert biggest_difference(first["tensors"], single["tensors"], skip=("dynarank_ard.alpha",)) < 1e-6
 
 
 @needs_torchrun
@@ -337,3 +354,19 @@ def test_a_trainer_trains_a_model_whose_base_shard_base_sharded_as_one_process_d
     single = trainer_ddp_worker.train(str(tmp_path / "single"), method, batch_size=8)
     assert first["history"] == single["history"]
     assert biggest_difference({"": first["logits"]}, {"": single["logits"]}) < 1e-6  # measured 4.5e-8 / 1.5e-8
+
+
+# ---------------------------------------------------------------------------- SmolLM2 (slow)
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_smollm2_with_fsdp_on_two_workers_takes_the_one_process_rank_decisions(cli_setup, tmp_path):
+    from dynarank.training.models import packaged_smollm2_path
+
+    packaged_smollm2_path()  # converted once, before the workers would race to do it
+    argv = ["train", "--model", "smollm2", "--data", str(cli_setup / "pairs.csv"), "--eval-split", "0.1"]
+    argv += ["--method", "ard", "--max-steps", "12", "--batch-size", "4", "--r0", "4", "--max-length", "32"]
+    torchrun("-m", "dynarank.cli", *argv, "--out", str(tmp_path / "fsdp"), "--fsdp")
+    assert main([*argv, "--out", str(tmp_path / "single")]) == 0
+    assert_same_run_within(tmp_path / "fsdp", tmp_path / "single", 1e-5)

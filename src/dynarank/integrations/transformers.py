@@ -28,6 +28,11 @@ created by resizes (which the Trainer's DDP wrapper, built once, does not know) 
 pass, before the Trainer clips them. With the plain callback under DDP, that averaging happens in
 ``on_pre_optimizer_step``, after clipping: exact only without clipping, so the callback refuses
 ``max_grad_norm > 0`` there and names the mixin.
+
+A model whose frozen base :func:`dynarank.shard_base` sharded (FSDP2, adapters replicated) trains under either:
+under a CPU launch accelerate wraps it in DDP, which leaves the shards alone; under accelerate's FSDP2 (GPUs) no
+wrapper reduces the adapters and the callback averages every trainable gradient. Its Trainer checkpoints (the whole
+model) are refused before training: docs/distributed.md.
 """
 
 from __future__ import annotations
