@@ -8,8 +8,9 @@ trained three ways with ``dynarank.training.loop.train_causal_lm``:
   ddp      two processes, one thread each, the whole base on each (the existing DDP path), for reference
 
 Every process reports (from itself): the bytes of the frozen base it holds (a sharded weight counts its local
-shard), its RSS after the model is loaded and at the end, its peak RSS (``ru_maxrss``), and the median time of
-its optimizer steps (the first step, FSDP's lazy initialisation, left out). Worker 0 saves the trained tensors;
+shard), its RSS after the model is loaded and at the end, the RSS at the end once glibc has returned the free
+memory it keeps (``malloc_trim(0)``: what the process still uses), its peak RSS (``ru_maxrss``), and the median
+time of its optimizer steps (the first step, FSDP's lazy initialisation, left out). Worker 0 saves the trained tensors;
 the final ranks, the rank history and the largest tensor difference are compared with the one-process run.
 
 Models: ``tiny-llama`` (a Llama built from a config: 4 layers, hidden 64, grouped-query attention, the packaged
@@ -18,6 +19,12 @@ Data: the packaged English dialog pairs. Run under the timing lock:
 
   flock /tmp/dynarank-timing.lock python benchmarks/fsdp_memory.py
   flock /tmp/dynarank-timing.lock python benchmarks/fsdp_memory.py --models tiny-llama --steps 20   # quick
+  flock /tmp/dynarank-timing.lock python benchmarks/fsdp_memory.py --malloc-threshold 1048576
+
+``--malloc-threshold N`` sets glibc's MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ to N bytes in every
+process: buffers above N are mapped and unmapped one by one instead of being kept for reuse. FSDP gathers and frees
+each block's weights twice per step, and by default glibc keeps those freed buffers (RSS then overstates what the
+process uses).
 """
 
 from __future__ import annotations
@@ -43,6 +50,19 @@ SETTINGS = {  # per model: optimizer steps, global batch, tokens per example
     "tiny-llama": {"steps": 60, "batch": 8, "max_length": 64},
     "smollm2": {"steps": 40, "batch": 8, "max_length": 64},
 }
+
+
+def trimmed_rss_mb() -> float:
+    """RSS once the garbage is collected and glibc has returned the free memory it keeps (what is in use)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to return
+        pass
+    return rss_mb()
 
 
 def rss_mb() -> float:
@@ -144,6 +164,7 @@ def worker(model_name: str, mode: str, out_dir: Path, steps: int) -> None:
         "base_bytes": base[0],
         "rss_loaded_mb": loaded_rss,
         "rss_end_mb": rss_mb(),
+        "rss_end_trimmed_mb": trimmed_rss_mb(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "median_step_s": statistics.median(steps),
         "ranks": result.metrics["ranks"],
@@ -160,10 +181,12 @@ def worker(model_name: str, mode: str, out_dir: Path, steps: int) -> None:
         dist.destroy_process_group()
 
 
-def launch(model_name: str, mode: str, out_dir: Path) -> None:
+def launch(model_name: str, mode: str, out_dir: Path, malloc_threshold: int | None) -> None:
     """Run ``mode`` of ``model_name`` in fresh processes (one, or two under torchrun)."""
     here = str(Path(__file__).resolve())
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if malloc_threshold is not None:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(malloc_threshold), MALLOC_TRIM_THRESHOLD_=str(malloc_threshold))
     args = ["--worker", model_name, mode, str(out_dir), str(SETTINGS[model_name]["steps"])]
     if mode == "single":
         cmd = [sys.executable, here, *args]
@@ -202,10 +225,13 @@ def compare(out_dir: Path, model_name: str) -> dict:
             "largest_diffs": dict(sorted(diff.items(), key=lambda kv: -kv[1])[:3]),
             "step_time_vs_single": statistics.median(p["median_step_s"] for p in procs) / single["median_step_s"],
         }
-    return {"settings": SETTINGS[model_name], "modes": rows}
+    final_ranks = single["ranks"]
+    for row in rows.values():  # histories were compared above; the record keeps the final ranks once (MBs otherwise)
+        row["processes"] = [{k: v for k, v in p.items() if k not in ("history", "ranks")} for p in row["processes"]]
+    return {"settings": SETTINGS[model_name], "final_ranks_single": final_ranks, "modes": rows}
 
 
-def markdown(results: dict, command: str) -> str:
+def markdown(results: dict, command: str, context: dict) -> str:
     import torch
     import transformers
 
@@ -216,11 +242,13 @@ def markdown(results: dict, command: str) -> str:
         "",
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__} (1 thread per process), transformers "
         f"{transformers.__version__}, Python {platform.python_version()}; gloo. ARD-LoRA (r=8, all-linear), seed 0, "
-        "the packaged dialog pairs; every mode the same global batch (two workers: half each).",
+        "the packaged dialog pairs; every mode the same global batch (two workers: half each). glibc thresholds: "
+        f"{context['malloc_threshold'] or 'default'}. 1-minute load average on the 2 cores, at the start and after "
+        f"each run: {', '.join(f'{v:.1f}' for v in context['load_average_1min'])} (other jobs shared the machine).",
         "",
-        "| model | mode | processes | base MiB held / process | RSS loaded MiB | RSS end MiB | peak RSS MiB | "
-        "median step s | step time / single | ranks = single | max adapter diff | max alpha diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| model | mode | processes | base MiB held / process | RSS loaded MiB | RSS end MiB | RSS end in use MiB "
+        "| peak RSS MiB | median step s | step time / single | ranks = single | max adapter diff | max alpha diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for model_name, result in results.items():
         for mode, row in result["modes"].items():
@@ -230,7 +258,7 @@ def markdown(results: dict, command: str) -> str:
                 return " / ".join(fmt.format(p[key]) for p in procs)
 
             held = " / ".join(f"{p['base_bytes'] / 2**20:.2f}" for p in procs)
-            rss = f"{each('rss_loaded_mb')} | {each('rss_end_mb')} | {each('peak_rss_mb')}"
+            rss = " | ".join(each(k) for k in ("rss_loaded_mb", "rss_end_mb", "rss_end_trimmed_mb", "peak_rss_mb"))
             lines.append(
                 f"| {model_name} | {mode} | {len(procs)} | {held} | {rss} | "
                 f"{each('median_step_s', '{:.3f}')} | {row['step_time_vs_single']:.2f} | "
@@ -240,8 +268,9 @@ def markdown(results: dict, command: str) -> str:
     lines += [
         "",
         "Per-process values are listed worker 0 / worker 1. `base MiB held`: the frozen weights in the process "
-        "(a sharded weight counts its local shard). Peak RSS includes loading the whole model in every process "
-        "before it is sharded (`from_pretrained` loads it whole); the base held afterwards is what sharding frees.",
+        "(a sharded weight counts its local shard). `RSS end in use`: the RSS at the end once glibc has returned "
+        "the free memory it keeps (`malloc_trim(0)`); `RSS end` and `peak RSS` include what glibc keeps for reuse, "
+        "which under FSDP holds the buffers of the weights it gathers and frees for every block, twice per step.",
     ]
     for model_name, result in results.items():
         single = result["modes"]["single"]["processes"][0]
@@ -257,8 +286,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny-llama,smollm2")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per model)")
-    parser.add_argument("--out", default=str(RESULTS / "fsdp_memory"))
+    parser.add_argument("--out", default=None, help="results path without suffix (default: results/fsdp_memory...)")
+    parser.add_argument("--malloc-threshold", type=int, default=None, help="glibc mmap / trim threshold, bytes")
     args = parser.parse_args()
+    suffix = "" if args.malloc_threshold is None else f"_malloc{args.malloc_threshold}"
+    args.out = args.out or str(RESULTS / f"fsdp_memory{suffix}")
     models = args.models.split(",")
     if args.steps is not None:
         for name in models:
@@ -266,16 +298,19 @@ def main() -> None:
     command = "flock /tmp/dynarank-timing.lock python benchmarks/fsdp_memory.py" + "".join(
         f" {a}" for a in sys.argv[1:]
     )
-    results = {}
+    results: dict = {}
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             for mode in MODES:
                 print(f"{name} {mode} ...", flush=True)
-                launch(name, mode, Path(tmp))
+                launch(name, mode, Path(tmp), args.malloc_threshold)
+                load.append(os.getloadavg()[0])
             results[name] = compare(Path(tmp), name)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=1))
-    out.with_suffix(".md").write_text(markdown(results, command))
+    context = {"malloc_threshold": args.malloc_threshold, "load_average_1min": load}
+    out.with_suffix(".json").write_text(json.dumps({"command": command, **context, "results": results}, indent=1))
+    out.with_suffix(".md").write_text(markdown(results, command, context))
     print(out.with_suffix(".md").read_text())
 
 
