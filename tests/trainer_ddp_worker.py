@@ -1,10 +1,11 @@
 """A transformers Trainer run, for tests/test_distributed.py.
 
-    torchrun --nproc_per_node=2 tests/trainer_ddp_worker.py OUT_DIR METHOD
+    torchrun --nproc_per_node=2 tests/trainer_ddp_worker.py OUT_DIR METHOD [sharded]
 
 Each worker takes 4 examples of every global batch of 8; worker 0 prints ``RESULT {json}`` with
 every worker's ranks, rank history (a snapshot at every resize), parameter sums and logits. The
-tests call ``train`` in one process with a batch of 8 for the single-process reference.
+tests call ``train`` in one process with a batch of 8 for the single-process reference. ``sharded``:
+the frozen base is sharded by ``dynarank.shard_base`` before the Trainer is built.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from transformers import TrainingArguments
 
 import dynarank
 from dynarank import DynaRankConfig, attach
+from dynarank.fsdp import base_bytes
 from tiny_models import TokenDataset, tiny_bert
 
 
-def train(out_dir: str, method: str, batch_size: int, **args) -> dict:
+def train(out_dir: str, method: str, batch_size: int, sharded: bool = False, **args) -> dict:
     """Train ARD or ElaLoRA for 30 steps; returns this process's result."""
     torch.set_num_threads(1)
     extra = {"ard_lambda": 5.0} if method == "ard" else {"granularity": "matrix"}
@@ -29,6 +31,9 @@ def train(out_dir: str, method: str, batch_size: int, **args) -> dict:
     for module in model.modules():  # no dropout: the workers' masks would differ
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    if sharded:  # the controller's own parameters first, then the base into shards: both stay as the Trainer finds them
+        dynarank.prepare_parameters(model)
+        dynarank.shard_base(model)
     arguments = TrainingArguments(
         output_dir=out_dir,
         max_steps=30,
@@ -59,6 +64,7 @@ def train(out_dir: str, method: str, batch_size: int, **args) -> dict:
         "resizes": sum(r.resized for r in controller.records),
         "sums": {n: float(p.detach().double().sum()) for n, p in model.named_parameters() if p.requires_grad},
         "logits": logits.double().flatten().tolist(),
+        "base_bytes": list(base_bytes(model)),
     }
 
 
@@ -79,6 +85,9 @@ def print_every_workers_result_and_exit(mine: dict) -> None:
 
 
 if __name__ == "__main__":
-    print_every_workers_result_and_exit(
-        train(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ard", batch_size=4, ddp_backend="gloo")
-    )
+    method, sharded = sys.argv[2] if len(sys.argv) > 2 else "ard", sys.argv[3:] == ["sharded"]
+    if sharded:  # shard_base needs the process group before the Trainer would create it
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    print_every_workers_result_and_exit(train(sys.argv[1], method, batch_size=4, sharded=sharded, ddp_backend="gloo"))

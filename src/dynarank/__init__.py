@@ -4,6 +4,7 @@ from .attach import adapter_parameter_count, attach, count_trainable, elastic_la
 from .config import DynaRankConfig
 from .controllers import ARDController, RankController, StepRecord, build_controller, prepare_parameters
 from .export import export_peft
+from .fsdp import shard_base
 from .layer import ElasticLoRALinear
 from .storage import AdapterFormatError, load_adapter, save_adapter
 
@@ -28,6 +29,7 @@ __all__ = [
     "merge",
     "prepare_parameters",
     "save_adapter",
+    "shard_base",
     "unmerge",
 ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -12,8 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .controllers import RankController
-
-SHARDING_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")  # set by accelerate launch --use_fsdp / ...
+from .fsdp import is_sharded
 
 
 def world() -> tuple[int, int]:
@@ -58,22 +57,55 @@ def wrap(model: nn.Module) -> nn.Module:
     return DistributedDataParallel(model, find_unused_parameters=True)
 
 
+SUPPORTED_SHARDING = (
+    "shard only the frozen base with FSDP2: `dynarank train --fsdp` under torchrun, or dynarank.shard_base(model) "
+    "before the Trainer is built (docs/distributed.md); or train with plain data parallelism (DDP)"
+)
+
+
+def _launch_setting(name: str) -> list[str]:
+    """``["NAME=value"]`` if the launch variable ``name`` is set to a true value, else ``[]``."""
+    value = os.environ.get(name, "")
+    return [f"{name}={value}"] if value.lower() in ("1", "true", "yes") else []
+
+
+def _fsdp_version(args, trainer) -> int:
+    """The FSDP version a Trainer / accelerate launch asks for: the Trainer's plugin, ``args.fsdp_config`` (whose
+    default is 2) or accelerate's FSDP_VERSION launch variable (whose default is 1)."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    if plugin is not None:
+        return int(getattr(plugin, "fsdp_version", 1))
+    if getattr(args, "fsdp", None):
+        config = getattr(args, "fsdp_config", None) or {}
+        return int(config.get("version", config.get("fsdp_version", 2)))
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
 def refuse_sharding(args, trainer=None, model: nn.Module | None = None) -> None:
-    """ValueError if the run shards parameters (FSDP, DeepSpeed ZeRO), by any of the ways it can be asked for."""
-    found = [f"args.{a}" for a in ("fsdp", "deepspeed", "deepspeed_plugin") if getattr(args, a, None)]
-    found += [f"{v}={os.environ[v]}" for v in SHARDING_ENV if os.environ.get(v, "").lower() in ("1", "true", "yes")]
-    found += [f"trainer.{a}" for a in ("is_fsdp_enabled", "is_deepspeed_enabled") if getattr(trainer, a, False)]
+    """ValueError if the run shards the adapters (FSDP1, FSDP2 over the whole model, DeepSpeed ZeRO), by any of the
+    ways it can be asked for. FSDP2 is accepted for a model whose frozen base :func:`dynarank.fsdp.shard_base`
+    sharded: accelerate's FSDP2 preparation leaves a model that is already an FSDP module as it is."""
+    base_only = model is not None and is_sharded(model)
+    found = [f"args.{a}" for a in ("deepspeed", "deepspeed_plugin") if getattr(args, a, None)]
+    found += _launch_setting("ACCELERATE_USE_DEEPSPEED")
+    found += ["trainer.is_deepspeed_enabled"] * bool(getattr(trainer, "is_deepspeed_enabled", False))
+    asked = ["args.fsdp"] * bool(getattr(args, "fsdp", None))
+    asked += _launch_setting("ACCELERATE_USE_FSDP")
+    asked += ["trainer.is_fsdp_enabled"] * bool(getattr(trainer, "is_fsdp_enabled", False))
+    version = _fsdp_version(args, trainer)
+    if asked and not (base_only and version == 2):
+        found += [f"{a} (FSDP{version}{'' if base_only else ' of the whole model'})" for a in asked]
     if model is not None:
         from torch.distributed import fsdp
 
-        sharded = tuple(getattr(fsdp, n) for n in ("FullyShardedDataParallel", "FSDPModule") if hasattr(fsdp, n))
-        if any(isinstance(m, sharded) for m in model.modules()):
-            found.append("the model is wrapped by FSDP")
+        if any(isinstance(m, fsdp.FullyShardedDataParallel) for m in model.modules()):
+            found.append("the model is wrapped by FSDP1 (FullyShardedDataParallel)")
+        elif not base_only and any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
+            found.append("the model is sharded by FSDP2, adapters included")
     if found:
         raise ValueError(
-            f"dynarank resizes adapter tensors while training; FSDP and DeepSpeed ZeRO shard them into flat buffers "
-            f"that cannot be resized ({', '.join(found)}). Use plain data parallelism (DDP: torchrun, or accelerate "
-            "launch without FSDP / DeepSpeed)."
+            f"dynarank resizes adapter tensors while training; FSDP1, FSDP2 over the adapters and DeepSpeed ZeRO shard "
+            f"them into buffers that a resize cannot edit ({', '.join(found)}). Instead, {SUPPORTED_SHARDING}."
         )
 
 
@@ -86,12 +118,22 @@ class ResizedGradientSync:
     unknown. ``layout_version`` (called every step) returns a value that changes whenever parameters
     were replaced (a resize); the list of unknown parameters is rebuilt only then. Without it the
     model's parameters are walked at every call.
+
+    ``known``: the parameters the wrapper reduces itself (default: every trainable parameter of the model now, which
+    a DDP wrapper built now holds). Under :func:`dynarank.fsdp.shard_base` no wrapper reduces the replicated
+    parameters: pass ``known=()`` and every trainable parameter's gradient is averaged here.
     """
 
-    def __init__(self, model: nn.Module, layout_version: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layout_version: Callable[[], object] | None = None,
+        known: Iterable[nn.Parameter] | None = None,
+    ) -> None:
         self.model = model
         self.layout_version = layout_version
-        self.known = {id(p): weakref.ref(p) for p in model.parameters() if p.requires_grad}
+        known = [p for p in model.parameters() if p.requires_grad] if known is None else known
+        self.known = {id(p): weakref.ref(p) for p in known}
         self._unknown: list[nn.Parameter] | None = None
         self._version: object = None
 

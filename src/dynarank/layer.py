@@ -344,9 +344,19 @@ class ElasticLoRALinear(nn.Module):
         """
         if self.merged:
             return
+        self._check_base_whole()
         w = self.base.weight
         w.add_(self.delta_weight().to(w.dtype))
         self.merged = True
+
+    def _check_base_whole(self) -> None:
+        """RuntimeError if FSDP manages the base (dynarank.shard_base): at rest this process holds a shard of its
+        weight, and FSDP would overwrite a merge into the gathered copy at its next gather."""
+        if getattr(self.base, "_is_fsdp_managed_module", False):
+            raise RuntimeError(
+                "the base weight is sharded by FSDP (dynarank.shard_base): an adapter cannot be merged into it. Export "
+                "the adapter (dynarank.export_peft) and merge it into an unsharded base."
+            )
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..distributed import world
+from ..distributed import refuse_sharding, world
 from ..export import export_peft
 from ..files import naming
 from ..storage import save_adapter
@@ -81,14 +81,9 @@ def init_distributed() -> tuple[int, int]:
     import torch
     import torch.distributed as dist
 
-    if (
-        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    ):
-        raise ValueError(
-            "FSDP and DeepSpeed ZeRO shard parameters into flat buffers, which dynarank cannot resize; "
-            "launch with plain data parallelism (torchrun, or accelerate launch without FSDP/DeepSpeed)."
-        )
+    # accelerate launch --use_fsdp / --use_deepspeed would shard the adapters (or, on CPU, silently run DDP): refused,
+    # naming --fsdp, which shards the frozen base only.
+    refuse_sharding(None)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return world()
@@ -220,6 +215,7 @@ def _train_with_progress(run: RunDir, options: TrainOptions, inputs: Inputs, wor
             on_nonfinite=options.on_nonfinite,
             eval_every=options.eval_every,
             before_checkpoint=metrics.sync,  # the log on disk reaches every checkpoint's step
+            fsdp=options.fsdp,
         )
         metrics.write({"step": result.metrics["steps"], "eval": result.metrics["eval"]})
     finally:

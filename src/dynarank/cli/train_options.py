@@ -78,9 +78,21 @@ class TrainOptions:
     on_nonfinite: Literal["skip", "stop"] = _option(
         "NaN/inf loss or gradient: skip the step, or stop (the last checkpoint is kept)", "skip"
     )
+    fsdp: bool = _option(
+        "shard the frozen base model over the workers of a torchrun launch (FSDP2) instead of copying it to each; "
+        "the adapters stay whole on every worker and resize as without it. In one process there is nothing to "
+        "shard: the model trains whole (so a --fsdp run resumes on one process). A launch setting, like the number "
+        "of workers: --resume takes it as given, else as the run was started",
+        False,
+    )
     knobs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.fsdp and self.method == "full":
+            raise OptionError(
+                "--fsdp shards the frozen base model, and --method full freezes nothing: drop --fsdp (plain data "
+                "parallelism)."
+            )
         if "target_modules" in self.knobs:  # '' or None: the default for the model
             modules = parse_target_modules(self.knobs.pop("target_modules"))
             self.knobs.update({"target_modules": modules} if modules is not None else {})
@@ -143,6 +155,7 @@ def _absolute(path: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------- the options, from the fields
+LAUNCH_SETTINGS = ("fsdp",)  # options a resumed run may change: they change how it runs, not what it computes
 RUN_OWN = ("method", "seed")  # config fields that are the run's own options (TrainOptions fields)
 ALIASES = {"r": ("--r0",)}  # torchrun's own parser refuses --r as an ambiguous prefix of its own options
 CLI_HELP = {
@@ -249,9 +262,11 @@ def resumed(run: RunDir, given: dict[str, Any]) -> TrainOptions:
     from the run's is refused, naming each (a run changed half-way would be neither run; options equal to the run's
     are accepted)."""
     options = TrainOptions.from_record(run)
+    if "fsdp" in given:  # how the workers hold the base, not what the run computes: it may change on resume
+        options = dataclasses.replace(options, fsdp=given["fsdp"])
     recorded = run.read_options()
     differ = []
-    for dest in sorted(set(given) - {"resume"}):
+    for dest in sorted(set(given) - {"resume", *LAUNCH_SETTINGS}):
         mine, theirs = _comparable(dest, given[dest], run), _recorded(dest, recorded, options.method, run)
         if mine != theirs:
             shown = ",".join(theirs) if isinstance(theirs, list) else theirs

@@ -293,7 +293,7 @@ class ARDController(RankController):
         computes its own loss calls this once per forward pass.
         """
         if self.step < self.settings.warmup_steps:
-            value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+            value = (float(loss.detach()) if torch.is_tensor(loss) else float(loss)) * self.loss_weight
             if math.isfinite(value):
                 self._losses.append((self.step, value))
 

@@ -90,6 +90,10 @@ class RankController:
         self._other_trainable: int | None = None  # trainable parameters that are neither adapters nor the controller's
         self._skipping = False  # the next optimizer step is one the caller skips
         self.setup_warnings: list[str] = []  # what the run's length or settings make doubtful, said before training
+        # A data-parallel worker's weight of its shard's loss (n x its share of the global batch, set by the loop at
+        # every step): the losses a controller records are weighted by it, so their mean over workers is the global
+        # batch's loss. 1 in one process, and where the caller does not weight (DDP averages the shard means).
+        self.loss_weight = 1.0
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer

@@ -28,6 +28,11 @@ created by resizes (which the Trainer's DDP wrapper, built once, does not know) 
 pass, before the Trainer clips them. With the plain callback under DDP, that averaging happens in
 ``on_pre_optimizer_step``, after clipping: exact only without clipping, so the callback refuses
 ``max_grad_norm > 0`` there and names the mixin.
+
+A model whose frozen base :func:`dynarank.shard_base` sharded (FSDP2, adapters replicated) trains under either:
+under a CPU launch accelerate wraps it in DDP, which leaves the shards alone; under accelerate's FSDP2 (GPUs) no
+wrapper reduces the adapters and the callback averages every trainable gradient. Its Trainer checkpoints (the whole
+model) are refused before training: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
+from ..fsdp import is_sharded
 from ..guards import nonfinite_gradients
 from ..naming import split_name
 
@@ -57,6 +63,31 @@ def _inner(optimizer):
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _no_wrapper_reduces(model: nn.Module) -> bool:
+    """Whether nothing reduces the trainable gradients of ``model`` for the Trainer: a base sharded by shard_base
+    under accelerate's FSDP2, which takes the model as it is (no DDP wrapper). On a CPU launch accelerate wraps the
+    sharded model in DDP instead (shard_base told DDP to leave the shards alone), which reduces what it was built
+    with, as for any model."""
+    if not is_sharded(model):
+        return False
+    from accelerate.state import AcceleratorState, DistributedType
+
+    return AcceleratorState().distributed_type == DistributedType.FSDP
+
+
+def refuse_sharded_checkpoints(args, model: nn.Module) -> None:
+    """ValueError if a Trainer would checkpoint a model whose base shard_base sharded: its checkpoints hold the whole
+    model, and each process holds a shard of the base (the save fails mid-run: refused before training)."""
+    strategy = getattr(args, "save_strategy", "no")
+    if is_sharded(model) and str(getattr(strategy, "value", strategy)) != "no":
+        raise ValueError(
+            "a Trainer checkpoints the whole model, and this model's frozen base is sharded (dynarank.shard_base): "
+            "set save_strategy='no' and save the adapter at the end (dynarank.save_adapter / export_peft on worker 0; "
+            "every worker holds it whole), or train with `dynarank train --fsdp`, whose checkpoints hold the "
+            "adapters and resume on any number of workers."
+        )
 
 
 class DynaRankCallback(TrainerCallback):
@@ -79,7 +110,8 @@ class DynaRankCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ start, resume
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_sharding(args, model=model)
+        refuse_sharding(args, model=self.model if model is None else model)
+        refuse_sharded_checkpoints(args, self.model)
         if optimizer is None:
             raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
         if self.controller is not None and self.controller.step != state.global_step:
@@ -92,7 +124,10 @@ class DynaRankCallback(TrainerCallback):
         self.controller.bind(_inner(optimizer))
         if world()[1] > 1:
             # The controller records a rank snapshot at every resize: the parameters change only then.
-            self._sync = ResizedGradientSync(self.model, layout_version=lambda: len(self.controller.history))
+            known = () if _no_wrapper_reduces(self.model) else None  # None: what the DDP wrapper was built with
+            self._sync = ResizedGradientSync(
+                self.model, layout_version=lambda: len(self.controller.history), known=known
+            )
             if args.max_grad_norm and not self.syncs_before_clipping:
                 raise ValueError(
                     "under multi-process training the gradients of resized adapter tensors must be averaged before "
@@ -211,6 +246,7 @@ class DynaRankTrainerMixin:
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         refuse_sharding(self.args, self, self.model)
+        refuse_sharded_checkpoints(self.args, self.model)
         if resume_from_checkpoint is True:
             found = checkpoint.latest_trainer_checkpoint(self.args.output_dir)
             if found is None and any(Path(self.args.output_dir).glob("checkpoint-*")):

@@ -27,12 +27,14 @@ from ..attach import adapter_parameter_count, attach, count_trainable, linear_mo
 from ..config import ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
 from ..defaults import SOURCE, default_lr
-from ..distributed import any_worker, check_same_ranks, default_device, world, wrap
+from ..distributed import ResizedGradientSync, any_worker, check_same_ranks, default_device, world, wrap
+from ..fsdp import shard_base
 from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
 from .data import Examples, PairExamples
 from .methods import ALL_METHODS, DYNARANK_METHODS, build_baseline, check_knobs, stock_allocator_bytes, stock_step
 from .tasks import (
+    IGNORE_INDEX,
     NonFiniteError,
     batches,
     encode_causal,
@@ -156,6 +158,17 @@ class TrainingFootprint:
         }
 
 
+def shard_share(labels: torch.Tensor, rank: int, n: int) -> float:
+    """Worker ``rank``'s weight for its shard's mean loss, so that the mean over the ``n`` workers of the weighted
+    losses is the global batch's mean loss: n x (its part of what the loss averages over). A classifier's loss
+    averages over examples (labels (B,)); a causal LM's over the label tokens it predicts (labels (B, T): positions
+    1.. that are not -100), whose number differs between shards of the same number of examples."""
+    if labels.dim() == 1:
+        return len(labels[rank::n]) * n / len(labels)
+    counted = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the tokens a shifted causal-LM loss averages over
+    return float(counted[rank::n].sum()) * n / max(1, float(counted.sum()))
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     # Each epoch's order follows from (seed, epoch) alone, so a resumed run finds its place by step.
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -192,6 +205,7 @@ class RunControl:
     eval_every: int | None = None  # also evaluate every that many steps (the step record carries ``eval``)
     on_step: Callable[[dict], None] | None = None  # called with every step's record
     before_checkpoint: Callable[[], None] | None = None  # called before each checkpoint is written
+    fsdp: bool = False  # shard the frozen base over the workers (FSDP2, dynarank.fsdp); one worker: nothing to shard
 
     def __post_init__(self) -> None:
         if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
@@ -219,7 +233,9 @@ def train(
     any, which is kept); under 'skip', MAX_SKIPPED_IN_A_ROW skipped steps in a row stop training too. ``eval_every``:
     also evaluate every that many steps (the record passed to ``on_step`` then carries ``eval``).
     ``before_checkpoint`` is called before each checkpoint is written (the CLI syncs its log to disk, so that the log
-    always reaches the newest checkpoint).
+    always reaches the newest checkpoint). ``fsdp``: with several workers, shard the frozen base over them
+    (:func:`dynarank.fsdp.shard_base`) instead of wrapping the model in DDP; what trains stays replicated, and its
+    gradients are averaged once per step, before anything reads them.
     """
     loop = _Loop(model, encoded, pad_id, spec, RunControl(**control))
     t0 = time.perf_counter()
@@ -256,8 +272,18 @@ class _Loop:
         self.state_bytes_start = extra.get("state_bytes_start")
         self.footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
         self.skipped = self.in_a_row = 0
-        self.train_model = wrap(self.model)
+        self.sync = None  # under FSDP: averages the replicated (trainable) parameters' gradients, once per step
+        if control.fsdp and self.n_workers == 1:
+            logger.info("dynarank: fsdp in one process: nothing to shard, the model trains whole")
+        elif control.fsdp:
+            shard_base(self.model)
+            self.sync = ResizedGradientSync(self.model, layout_version=self._layout_version, known=())
+        self.train_model = self.model if self.sync is not None else wrap(self.model)
         self.stock_update = stock_step(self.model, spec.method)
+
+    def _layout_version(self) -> int:
+        """Changes whenever a resize replaced parameters (the controller records a snapshot at every resize)."""
+        return len(self.controller.history) if self.controller is not None else 0
 
     def run(self, evaluate: Callable[[nn.Module], dict] | None) -> None:
         per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
@@ -275,9 +301,11 @@ class _Loop:
 
     def _take_step(self, ids, mask, labels, idx):
         """Forward, backward and the optimizer step of one global batch (or its skip); returns the outputs."""
-        # A distributed worker takes its shard of the global batch; DDP averages the gradients.
+        # A distributed worker takes its shard of the global batch; DDP (or, under FSDP, the sync) averages gradients.
         rank, n = self.rank, self.n_workers
-        share = len(idx[rank::n]) * n / len(idx)  # DDP's mean of shard means = batch mean
+        share = shard_share(labels, rank, n)
+        if self.controller is not None:
+            self.controller.loss_weight = share  # ARD's calibration then averages the global batch's loss
         ids, mask, labels = ids[rank::n].to(self.device), mask[rank::n].to(self.device), labels[rank::n].to(self.device)
         out = self.train_model(input_ids=ids, attention_mask=mask, labels=labels)
         bad = ["loss"] if any_worker(not torch.isfinite(out.loss), self.device) else []
@@ -286,6 +314,8 @@ class _Loop:
             bad = [f"loss (first non-finite output: {culprit or 'none; the loss computation itself'})"]
         if not bad:
             (out.loss * share if n > 1 else out.loss).backward()
+            if self.sync is not None:  # before anything reads a gradient: every worker then holds the same ones
+                self.sync()
             bad = nonfinite_gradients(self.model)
         if bad:
             self._skip(f"non-finite values at step {self.step + 1} in: {', '.join(bad[:5])}")
@@ -294,7 +324,8 @@ class _Loop:
         if n > 1 and self.controller is not None and self.controller.records[-1].resized:
             # A resize (after an update or a skipped step alike) handed the adapters new tensors.
             check_same_ranks(self.controller)
-            self.train_model = wrap(self.model)
+            if self.sync is None:  # FSDP never held the adapters: nothing to rebuild
+                self.train_model = wrap(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         return out
 
