@@ -168,6 +168,9 @@ def test_chat_jsonl_trains_evaluates_and_exports_to_stock_peft(chat_dir, tmp_pat
     model.eval(), stock.eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+    if quantize:  # merged into the float base it was made from: an update cannot be added into quantized bytes
+        assert main(["export", str(run), "--merged", "--out", str(tmp_path / "merged")]) == 0
+        assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
 
 
 def test_a_killed_4bit_chat_run_resumed_equals_the_uninterrupted_run(chat_dir, tmp_path, monkeypatch):

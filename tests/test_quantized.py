@@ -180,6 +180,20 @@ def test_merging_into_a_quantized_base_is_refused_and_changes_nothing(llama_dir,
     torch.testing.assert_close(logits(model, train=True), before, atol=0, rtol=0)
 
 
+def test_a_trainer_accepts_the_quantized_model_while_it_carries_adapters(llama_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    base = stock_quantized(llama_dir, "nf4")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
+    with pytest.raises(ValueError, match="purely quantized"):  # transformers' own guard, without adapters
+        Trainer(model=base, args=args)
+    model = attach(base, CONFIG(r=2))
+    Trainer(model=model, args=args, callbacks=[dynarank.DynaRankCallback(model)])
+    assert model.is_quantized is False
+    unwrap(model, merge=False)
+    assert model.is_quantized is True
+
+
 # ---------------------------------------------------------------------------- the CPU repacking trap
 def test_bitsandbytes_repacks_a_4bit_layer_in_eval_and_then_passes_no_gradient_unless_kept_in_training_layout():
     """The trap itself (REFERENCE.md section 8), on one layer: what keep_training_layout prevents."""

@@ -276,4 +276,6 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     for gates in ("dynarank_ard", "dynarank_svd"):  # controller parameters live beside the adapters
         if gates in dict(model.named_children()):
             del model._modules[gates]
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.is_quantized = True  # purely quantized again (the Trainer integration clears it while adapters are on)
     return model

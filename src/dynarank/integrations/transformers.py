@@ -137,6 +137,7 @@ class DynaRankCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_sharding(args, model=model)
+        undo_dtype_casts(self.model)  # a callback added after the Trainer was built saw no on_init_end
         if optimizer is None:
             raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
         if self.controller is not None and self.controller.step != state.global_step:
