@@ -73,3 +73,21 @@ def test_the_core_is_what_the_architecture_says():
     names = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in CORE}
     assert "synthetic" not in names and "report" not in names  # a benchmark fixture and the CLI's pictures
     assert {"config", "layer", "attach", "controllers", "storage", "checkpoint", "safe_load", "files"} <= names
+
+
+def test_every_module_imports_without_the_optional_trl_and_bitsandbytes():
+    """trl and bitsandbytes are extras ([trl], [quant]): a process where importing them fails imports all of dynarank
+    (and loads neither)."""
+    script = (
+        "import importlib, pkgutil, sys\n"
+        "sys.modules['trl'] = sys.modules['bitsandbytes'] = None  # importing them now fails\n"
+        "import dynarank\n"
+        "for m in pkgutil.walk_packages(dynarank.__path__, 'dynarank.'):\n"
+        "    if not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('trl', 'bitsandbytes')) and sys.modules[m]))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

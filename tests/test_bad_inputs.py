@@ -8,6 +8,7 @@ A few cases run through a real ``python -m dynarank.cli`` process, so that anyth
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +34,8 @@ def world(tmp_path_factory) -> SimpleNamespace:
     run with a native adapter. No case may change any of it."""
     root = tmp_path_factory.mktemp("world")
     w = SimpleNamespace(root=root, model=save_tiny_model_dir(root / "tiny"), data=write_csv(root / "train_ok.csv", 40))
+    w.llama = save_tiny_model_dir(root / "llama", kind="llama")  # a causal LM without a chat template
+    w.chat = save_tiny_model_dir(root / "chat", kind="llama", chat=True)
     w.lora, w.native = root / "lora", root / "native"
     assert main(_train(w, w.lora, "--save-every", "1")) == 0
     assert main(_train(w, w.native, "--method", "dynarank-lora")) == 0
@@ -227,6 +230,34 @@ def _stopped_run_as_out(w, d, mp):
     return _train(w, d / "stopped")
 
 
+def _chat(rows: list, model: str = "chat", *extra: str):
+    """A causal-LM run on a JSON Lines file of ``rows`` (20 good conversations, then ``rows``)."""
+
+    def case(w, d, mp):
+        good = [_turns(("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(20)]
+        lines = [json.dumps(row) for row in good + rows]
+        data = _write(d / "chat.jsonl", "\n".join(lines) + "\n")
+        argv = ["train", "--model", str(getattr(w, model)), "--data", str(data), "--out", str(d / "run"), *QUICK]
+        return [*argv, *extra]
+
+    return case
+
+
+def _turns(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def _mixed_prompt_completion(w, d, mp):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": [{"role": "user", "content": "a"}], "completion": "b"}]
+    data = _write(d / "pc.jsonl", "".join(json.dumps(row) + "\n" for row in rows * 10))
+    return ["train", "--model", str(w.chat), "--data", str(data), "--out", str(d / "run"), *QUICK]
+
+
+def _without_bitsandbytes(w, d, mp):
+    mp.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails, as where it is not installed
+    return _chat([], "chat", "--quantize", "nf4")(w, d, mp)
+
+
 Case = Callable[[SimpleNamespace, Path, pytest.MonkeyPatch], list[str]]
 CASES: dict[str, tuple[Case, str]] = {
     "1 pickle and a decoy .safetensors in an adapter folder": (_decoy, "adapter_model.bin, a pickle"),
@@ -292,6 +323,43 @@ CASES: dict[str, tuple[Case, str]] = {
     "an existing empty --out (train)": (_empty_out("train"), "empty already exists"),
     "an existing empty --out (export)": (_empty_out("export"), "empty already exists"),
     "a run stopped before its first checkpoint as --out": (_stopped_run_as_out, "dynarank train --resume"),
+    "chat: a turn with an unknown role": (
+        _chat([_turns(("user", "hi"), ("bot", "hello"))]),
+        "chat.jsonl, row 21, turn 2: unknown role 'bot'; the roles are system, user, assistant",
+    ),
+    "chat: a turn with empty content": (
+        _chat([_turns(("user", "hi"), ("assistant", "  "))]),
+        "chat.jsonl, row 21, turn 2 (assistant): empty content",
+    ),
+    "chat: a conversation that ends without an assistant turn": (
+        _chat([_turns(("user", "hi"), ("assistant", "hello"), ("user", "and?"))]),
+        "chat.jsonl, row 21: the conversation ends with a user turn; it must end with the assistant's",
+    ),
+    "chat: the assistant speaks first": (
+        _chat([_turns(("system", "be kind"), ("assistant", "hello"))]),
+        "chat.jsonl, row 21: the conversation has no user turn before the assistant's first",
+    ),
+    "chat: a turn that is not an object": (
+        _chat([{"messages": ["hello"]}]),
+        "chat.jsonl, row 21, turn 1: a turn is an object with a 'role' and a 'content'",
+    ),
+    "chat: a model without a chat template": (_chat([], "llama"), "has no chat template"),
+    "prompt / completion rows of both forms": (
+        _mixed_prompt_completion,
+        "pc.jsonl, row 2: 'prompt' and 'completion' are text in row 1 and not here",
+    ),
+    "--quantize where bitsandbytes is not installed": (
+        _without_bitsandbytes,
+        "--quantize nf4 needs bitsandbytes, which is not installed: pip install 'dynarank[quant]'",
+    ),
+    "--quantize with full fine-tuning": (
+        lambda w, d, mp: [*_chat([], "chat")(w, d, mp), "--quantize", "nf4", "--method", "full"],
+        "full fine-tuning trains every weight, and quantized weights cannot be trained",
+    ),
+    "--quantize on a classifier": (
+        lambda w, d, mp: [*_train(w, d / "run"), "--quantize", "int8"],
+        "--quantize int8 is for causal LMs (--task causal-lm)",
+    ),
     "--r 100000 on stock LoRA, on a machine with 1 GB": (
         _too_large,
         "--r: 100000 with method 'lora' needs about 1.4 GB for the adapter alone (89,600,000 parameters",

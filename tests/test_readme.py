@@ -33,8 +33,13 @@ def blocks(language: str) -> dict[str, str]:
     return found
 
 
+SFT = "TRL SFTTrainer on chat data, 4-bit base (QLoRA with learned per-head ranks)"
+
+
 def test_the_readme_has_the_snippets_this_file_runs():
-    assert {"Plain PyTorch loop", "transformers Trainer", "Export and load with stock PEFT"} <= set(blocks("python"))
+    assert {"Plain PyTorch loop", "transformers Trainer", "Export and load with stock PEFT", SFT} <= set(
+        blocks("python")
+    )
     assert "CLI on your own CSV" in blocks("bash")
 
 
@@ -86,6 +91,48 @@ def test_cli_snippet(tmp_path, monkeypatch):
         if argv[0] == "train":
             argv += ["--max-steps", "6", "--batch-size", "4"]  # the snippet as written, shortened for the test
         assert main(argv) == 0, command
+
+
+def run_sft_snippet(tmp_path, monkeypatch, steps: int, model_dir=None) -> dict:
+    """The SFTTrainer snippet as written, with ``steps`` optimizer steps (on ``model_dir`` instead of SmolLM2);
+    checks that the stock PEFT model it ends with gives the trained model's logits."""
+    pytest.importorskip("trl")
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    import dynarank.training.models as models
+
+    if model_dir is not None:
+        monkeypatch.setattr(models, "packaged_smollm2_path", lambda: model_dir)
+    monkeypatch.chdir(tmp_path)
+    code = blocks("python")[SFT]
+    assert "max_steps=60" in code
+    scope: dict = {}
+    exec(code.replace("max_steps=60", f"max_steps={steps}"), scope)
+    assert scope["trainer"].dynarank.controller.step == steps
+    model, stock = scope["model"], scope["stock"]
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    model.eval(), stock.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+    return scope
+
+
+def test_sft_snippet_on_a_tiny_llama(tmp_path, monkeypatch):
+    from tiny_models import save_tiny_model_dir
+
+    tiny = save_tiny_model_dir(tmp_path / "tiny", kind="llama", chat=True)
+    scope = run_sft_snippet(tmp_path, monkeypatch, steps=10, model_dir=tiny)
+    assert (tmp_path / "sft-adapter" / "adapter_model.safetensors").is_file()
+    assert (
+        scope["trainer"].dynarank.controller.history[-1]["total_rank"]
+        < scope["trainer"].dynarank.controller.history[0]["total_rank"]
+    )
+
+
+@pytest.mark.slow
+def test_sft_snippet_on_the_packaged_smollm2(tmp_path, monkeypatch):
+    run_sft_snippet(tmp_path, monkeypatch, steps=10)
 
 
 @pytest.mark.parametrize("line", [0, 1])

@@ -73,14 +73,25 @@ def randomize_adapters(model, seed: int = 0, scale: float = 0.3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def save_tiny_model_dir(path, kind: str = "bert", dropout: bool = True):
+# A chat template for the MiniLM tokenizer: every turn "<role> content [SEP]" ([SEP] ends a turn, and is the EOS).
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' [SEP] ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}"
+)
+
+
+def save_tiny_model_dir(path, kind: str = "bert", dropout: bool = True, chat: bool = False):
     """Save a tiny BERT classifier or Llama causal LM with the packaged MiniLM tokenizer (real text
-    tokenizes) into ``path``: a model directory the CLI can load. Returns ``path``."""
+    tokenizes) into ``path``: a model directory the CLI can load. ``chat``: the tokenizer gets TINY_CHAT_TEMPLATE and
+    [SEP] as its end-of-sequence token. Returns ``path``."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from dynarank.training.models import packaged_minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+    if chat:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+        tokenizer.eos_token = "[SEP]"
     torch.manual_seed(0)
     if kind == "bert":
         p = 0.1 if dropout else 0.0

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import KEY_VALUE_SUFFIXES, OUTPUT_SUFFIXES, QUERY_SUFFIXES, TASK_HEAD_NAMES, ConfigError, DynaRankConfig
 from .layer import ElasticLoRALinear
+from .quantized import keep_training_layout, refuse_merge
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
             p.requires_grad_(True)
     setattr(model, ATTACHED_ATTR, config)
     model.dynarank_modules_to_save = save_names
+    keep_training_layout(model)  # a 4-bit base computes in eval as in training (quantized.py: the repacking trap)
     logger.info("dynarank: %d adapted modules, %d trainable parameters", len(built), count_trainable(model))
     return model
 
@@ -239,7 +241,14 @@ def adapter_parameter_count(model: nn.Module) -> int:
     return sum(layer.num_adapter_parameters() for layer in elastic_layers(model).values())
 
 
+def _refuse_quantized_merge(model: nn.Module) -> None:
+    """Refuse before anything is merged when any adapted module has a quantized base (quantized.py)."""
+    for name, layer in elastic_layers(model).items():
+        refuse_merge(name, layer.base)
+
+
 def merge(model: nn.Module) -> None:
+    _refuse_quantized_merge(model)
     for layer in elastic_layers(model).values():
         layer.merge()
 
@@ -255,6 +264,8 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     The result is an ordinary transformers model (no dynarank modules or attributes) that
     ``save_pretrained`` writes as a full model.
     """
+    if merge:
+        _refuse_quantized_merge(model)
     for name, layer in elastic_layers(model).items():
         if merge:
             layer.merge()
@@ -265,4 +276,6 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     for gates in ("dynarank_ard", "dynarank_svd"):  # controller parameters live beside the adapters
         if gates in dict(model.named_children()):
             del model._modules[gates]
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.is_quantized = True  # purely quantized again (the Trainer integration clears it while adapters are on)
     return model

@@ -24,6 +24,7 @@ from torch import nn
 
 from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, worth_bucketing
 from .optim_state import reindex_parameter
+from .quantized import refuse_merge
 from .slot_costs import SlotCosts
 
 Split = Literal["rows", "cols"]
@@ -72,7 +73,7 @@ class ElasticLoRALinear(nn.Module):
         scaling: output scale of the update (lora_alpha / r), never changed by resizing.
         dropout: dropout probability on the adapter input.
         dtype: dtype of the adapter parameters (default: float32, or the base's if floating
-            and at least 32 bits). The base is never upcast.
+            and at least 32 bits; a quantized base's weight holds bytes: float32). The base is never upcast.
         generator: RNG for the initialisation of A.
     """
 
@@ -116,7 +117,12 @@ class ElasticLoRALinear(nn.Module):
 
         device = base.weight.device
         if dtype is None:
-            dtype = base.weight.dtype if base.weight.element_size() >= 4 else torch.float32
+            dtype = (
+                base.weight.dtype
+                if base.weight.is_floating_point() and base.weight.element_size() >= 4
+                else torch.float32
+            )
+        self.adapter_dtype = dtype  # what a Trainer that casts trainable parameters is undone to (integrations)
         if layout == "own":
             n_slots = n_groups * r
             self._slots = [list(range(g * r, (g + 1) * r)) for g in range(n_groups)]
@@ -345,6 +351,7 @@ class ElasticLoRALinear(nn.Module):
         if self.merged:
             return
         self._check_base_whole()
+        refuse_merge("", self.base)
         w = self.base.weight
         w.add_(self.delta_weight().to(w.dtype))
         self.merged = True

@@ -61,7 +61,7 @@ def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
     model_dir = resolve_model_dir(base)
     info.setdefault("task", infer_task(model_dir))
     if info["task"] == "causal-lm":
-        model, tokenizer = load_causal_lm(model_dir)
+        model, tokenizer = load_causal_lm(model_dir, quantize=info.get("quantize"))
     else:
         info["label_names"] = _label_names(labels, info.get("label_names"), path)
         model, tokenizer = load_classifier(model_dir, info["label_names"])
@@ -70,13 +70,16 @@ def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
 
 
 def load_trained(run: RunDir | str | Path, merged: bool = False):
-    """(model, tokenizer, summary) of a run, rebuilt from its saved files."""
+    """(model, tokenizer, summary) of a run, rebuilt from its saved files: on its base loaded as it trained
+    (``--quantize``), or for ``merged``, on the base in float precision (an update cannot be added into quantized
+    weights; a QLoRA adapter is merged into the float base it was made from)."""
     run = RunDir.of(run)
     summary = run.read_summary()
+    quantize = None if merged else summary.get("quantize")
 
     def load(path):
         if summary.get("task") == "causal-lm":
-            return load_causal_lm(path)
+            return load_causal_lm(path, quantize=quantize)
         return load_classifier(path, summary["label_names"])
 
     if summary["method"] == "full":

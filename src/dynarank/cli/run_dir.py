@@ -27,11 +27,20 @@ from ..files import RunFileError, read_json, read_jsonl, read_yaml, replace_file
 from ..safe_load import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..training.methods import ALL_METHODS
 from ..training.metrics_log import MetricsLog
+from ..training.models import QUANTIZATIONS
 
 # Beside every PEFT adapter dynarank writes (a run's, or an export): the base model, task, labels and method to load
 # it with, and the sha256 of its weights file.
 ADAPTER_INFO = "dynarank_run.json"
-_INFO_TYPES = {"model": str, "task": str, "method": str, "adapter_sha256": str, "max_length": int, "label_names": list}
+_INFO_TYPES = {
+    "model": str,
+    "task": str,
+    "method": str,
+    "adapter_sha256": str,
+    "max_length": int,
+    "label_names": list,
+    "quantize": str,
+}
 TASKS = ("classify", "causal-lm")
 
 
@@ -173,6 +182,8 @@ class RunDir:
             problem = "it lists no label names"
         elif summary["method"] != "full" and not isinstance(summary.get("model"), str):
             problem = "it names no base model"
+        elif summary.get("quantize") not in (None, *QUANTIZATIONS):
+            problem = f"its quantize is {summary.get('quantize')!r}"
         elif summary.get("max_length") is not None and not _positive_int(summary["max_length"]):
             problem = f"its max_length is {summary['max_length']!r}"
         if problem:
@@ -225,6 +236,8 @@ def read_adapter_info(adapter_dir: Path) -> dict:
     wrong = next(mistyped, None)
     if wrong is None and info.get("task") not in (None, *TASKS):
         wrong = "task"
+    if wrong is None and info.get("quantize") not in (None, *QUANTIZATIONS):
+        wrong = "quantize"
     if wrong is None and info.get("label_names") is not None and not _names(info["label_names"]):
         wrong = "label_names"
     if wrong is not None:

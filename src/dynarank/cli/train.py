@@ -20,10 +20,19 @@ from ..distributed import refuse_sharding, world
 from ..export import export_peft
 from ..files import naming
 from ..storage import save_adapter
-from ..training.data import Examples, PairExamples, causal_sets, classification_sets
+from ..training.chat import ChatExamples, require_chat_template
+from ..training.data import Examples, causal_sets, classification_sets
 from ..training.estimate import check_adapter_fits
 from ..training.loop import TrainResult, TrainSpec, default_target_modules, train_causal_lm, train_classifier
-from ..training.models import check_max_length, infer_task, load_causal_lm, load_classifier, resolve_model_dir
+from ..training.models import (
+    ModelError,
+    check_max_length,
+    infer_task,
+    load_causal_lm,
+    load_classifier,
+    resolve_model_dir,
+)
+from ..training.tasks import CausalExamples
 from . import report
 from .run_dir import ADAPTER_INFO, RunDir, first_missing, new_directory, write_adapter_info
 from .train_options import TrainOptions
@@ -51,8 +60,8 @@ class Inputs:
     task: str
     model: nn.Module
     tokenizer: Any
-    train_set: Examples | PairExamples
-    eval_set: Examples | PairExamples
+    train_set: Examples | CausalExamples
+    eval_set: Examples | CausalExamples
     spec: TrainSpec
 
     @property
@@ -61,7 +70,7 @@ class Inputs:
 
     @property
     def n_examples(self) -> int:
-        return len(self.train_set.texts if isinstance(self.train_set, Examples) else self.train_set.prompts)
+        return len(self.train_set.texts if isinstance(self.train_set, Examples) else self.train_set)
 
 
 def seed_everything(seed: int) -> None:
@@ -108,6 +117,11 @@ def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
     # the same options are the same run, and a resumed run can be checked against an uninterrupted one.
     seed_everything(options.seed)
     o = options
+    if task == "classify" and o.quantize is not None:
+        raise ModelError(
+            f"--quantize {o.quantize} is for causal LMs (--task causal-lm): {model_dir} is loaded as a classifier, "
+            "whose task head cannot train quantized; drop --quantize."
+        )
     if task == "classify":
         train, held = classification_sets(
             o.data, o.eval_data, o.eval_split, o.text_column, o.label_column, o.n_train, o.seed
@@ -115,7 +129,9 @@ def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
         model, tokenizer = load_classifier(model_dir, train.label_names)
     else:
         train, held = causal_sets(o.data, o.eval_data, o.eval_split, o.prompt_column, o.response_column, o.seed)
-        model, tokenizer = load_causal_lm(model_dir)
+        model, tokenizer = load_causal_lm(model_dir, quantize=o.quantize)
+        if any(isinstance(part, ChatExamples) for part in (train, held)):
+            require_chat_template(tokenizer, str(model_dir))
     check_max_length(model, tokenizer, o.max_length, model_dir)
     spec = TrainSpec(
         method=o.method,
@@ -243,7 +259,7 @@ def _write_outputs(run: RunDir, result: TrainResult, inputs: Inputs, record: dic
             model.save_pretrained(run.adapter)
         write_adapter_info(run.adapter, {**record, "method": method})
     summary = {k: v for k, v in result.metrics.items() if k != "ranks"}
-    summary.update({k: record[k] for k in ("model", "label_names", "task", "max_length")})
+    summary.update({k: record[k] for k in ("model", "label_names", "task", "max_length", "quantize")})
     summary["final_ranks"] = result.metrics.get("ranks")
     run.write_summary(summary)
     report.draw(run)

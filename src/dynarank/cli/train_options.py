@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import CONFIG_CLASSES, DynaRankConfig, fields_of
+from ..config import CONFIG_CLASSES, ConfigError, DynaRankConfig, fields_of
 from ..files import RunFileError, read_yaml
 from ..training.methods import ALL_METHODS, DYNARANK_METHODS, check_knobs, knob_users, knobs_of
 from ..training.models import model_record
@@ -48,6 +48,10 @@ class TrainOptions:
         "packaged English dialog pairs)"
     )
     task: Literal["classify", "causal-lm"] | None = _option("task (default: inferred from the model)")
+    quantize: Literal["nf4", "int8"] | None = _option(
+        "causal-lm: load the base quantized with bitsandbytes, 4-bit NF4 (QLoRA) or 8-bit; the adapter stays float32 "
+        "(default: the base as saved)"
+    )
     text_column: str | None = _option("text column (default: guessed: text, sentence, ...)")
     label_column: str | None = _option("label column (default: guessed: label, sentiment, ...)")
     prompt_column: str | None = _option("causal-lm: prompt column (default: guessed: prompt, question, ...)")
@@ -97,6 +101,12 @@ class TrainOptions:
             modules = parse_target_modules(self.knobs.pop("target_modules"))
             self.knobs.update({"target_modules": modules} if modules is not None else {})
         check_knobs(self.method, self.knobs)
+        if self.quantize is not None and self.method == "full":
+            raise ConfigError(
+                ("quantize", "method"),
+                "full fine-tuning trains every weight, and quantized weights cannot be trained: drop --quantize, or "
+                "train an adapter (any other method).",
+            )
 
     @property
     def r(self) -> int:

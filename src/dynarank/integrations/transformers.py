@@ -21,6 +21,17 @@ What the callback relies on (each is checked by a test against the installed tra
   from the weights themselves, and a gate the run has dropped since is folded in (load_folding.py), so
   ``resume_from_checkpoint`` and ``load_best_model_at_end`` need no help from the Trainer.
 
+A quantized base (bitsandbytes 4-bit / 8-bit) needs two things from a Trainer that a PEFT model gets by name:
+
+* transformers' Trainer refuses a model with ``is_quantized`` set unless it is a PEFT model ("cannot perform
+  fine-tuning on purely quantized models"); a model carrying dynarank adapters is not purely quantized, so the callback
+  (built before the Trainer) and the mixin clear that flag on it (:func:`accept_quantized_base`).
+* TRL's SFTTrainer casts every trainable parameter of a 4-bit / 8-bit model to bfloat16 (QLoRA's recipe), in its
+  ``__init__``. ARD's alphas move by about their learning rate per step, far less than bfloat16 resolves near 1
+  (2**-7): cast, they would never move. The callback's ``on_init_end`` (and the mixin, after its Trainer is built)
+  puts dynarank's parameters back in the dtype ``attach`` gave them (:func:`undo_dtype_casts`), before any optimizer
+  state exists.
+
 What only the mixin does: it puts the callback ahead of the ``report_to`` integrations (so they log the
 ranks); it tells the callback which checkpoint a resume starts from (a callback only learns the step,
 and looks for ``output_dir/checkpoint-<step>``); and under DDP it averages the gradients of tensors
@@ -49,12 +60,53 @@ from .. import checkpoint
 from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
+from ..controllers.ard_gates import ARD_ATTR
+from ..controllers.svd import SVD_ATTR
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..fsdp import is_sharded
 from ..guards import nonfinite_gradients
 from ..naming import split_name
 
 logger = logging.getLogger(__name__)
+
+
+def accept_quantized_base(model: nn.Module) -> None:
+    """Let transformers' Trainer take a quantized model that carries dynarank adapters (see the module docstring)."""
+    if getattr(model, "is_quantized", False) and elastic_layers(model):
+        model.is_quantized = False  # read by the Trainer's guard and by .half()/.float() only
+        logger.info("dynarank: the quantized base carries trainable dynarank adapters; the Trainer may train it.")
+
+
+def undo_dtype_casts(model: nn.Module) -> list[str]:
+    """Put every dynarank parameter (adapters, ARD's alphas, the SVD methods' values) back in the dtype ``attach``
+    gave it, where something cast it since (TRL's SFTTrainer on a quantized base); returns the names changed."""
+    layers = elastic_layers(model)
+    if not layers:
+        return []
+    owned = [
+        (f"{name}.{pname}", p, layer.adapter_dtype)
+        for name, layer in layers.items()
+        for pname, p in layer.named_parameters(recurse=False)
+    ]
+    dtype = next(iter(layers.values())).adapter_dtype  # the controller's parameters were made like the adapters
+    for attr in (ARD_ATTR, SVD_ATTR):
+        holder = getattr(model, attr, None)
+        if holder is not None:
+            owned += [(f"{attr}.{pname}", p, dtype) for pname, p in holder.named_parameters()]
+    changed = []
+    for name, param, wanted in owned:
+        if param.dtype != wanted:
+            param.data = param.data.to(wanted)
+            changed.append(name)
+    if changed:
+        logger.warning(
+            "dynarank: the Trainer cast %d dynarank parameters (%s, ...) to another dtype; put back to %s (ARD's "
+            "alphas would not move in bfloat16).",
+            len(changed),
+            changed[0],
+            dtype,
+        )
+    return changed
 
 
 def _inner(optimizer):
@@ -101,6 +153,7 @@ class DynaRankCallback(TrainerCallback):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
         self.model = model
         self.on_nonfinite = on_nonfinite
+        accept_quantized_base(model)  # built before the Trainer, whose __init__ refuses a quantized model
         prepare_parameters(model)  # the controller's parameters exist before the Trainer builds its optimizer
         self.controller: RankController | None = None
         self.skipped = 0
@@ -109,9 +162,14 @@ class DynaRankCallback(TrainerCallback):
         self._sync: ResizedGradientSync | None = None
 
     # ------------------------------------------------------------------ start, resume
+    def on_init_end(self, args, state, control, **kwargs):
+        undo_dtype_casts(self.model)  # the Trainer's __init__ is over: nothing casts after this
+        return control
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_sharding(args, model=self.model if model is None else model)
         refuse_sharded_checkpoints(args, self.model)
+        undo_dtype_casts(self.model)  # a callback added after the Trainer was built saw no on_init_end
         if optimizer is None:
             raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
         if self.controller is not None and self.controller.step != state.global_step:
@@ -235,7 +293,11 @@ class DynaRankTrainerMixin:
     under DDP averages the resized tensors' gradients right after each backward pass, before clipping."""
 
     def __init__(self, *args, dynarank_on_nonfinite: str = "skip", **kwargs) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, nn.Module):
+            accept_quantized_base(model)
         super().__init__(*args, **kwargs)
+        undo_dtype_casts(self.model)
         handler = self.callback_handler
         callback = next((cb for cb in handler.callbacks if isinstance(cb, DynaRankCallback)), None)
         if callback is None:

@@ -252,10 +252,24 @@ class PairExamples:
     prompts: list[str]
     responses: list[str]
 
+    def __len__(self) -> int:
+        return len(self.prompts)
+
 
 def causal_examples(
     rows: list[dict], prompt_column: str | None = None, response_column: str | None = None, path: str = ""
-) -> PairExamples:
+):
+    """Causal-LM examples of ``rows``: with neither column named, a ``messages`` column is conversations and
+    ``prompt`` + ``completion`` columns are TRL's prompt / completion rows (training/chat.py); otherwise prompt /
+    response pairs (columns named or guessed), the prompt rendered with the chat template."""
+    if prompt_column is None and response_column is None:
+        from .chat import chat_examples, prompt_completion_examples
+
+        columns = {key for row in rows for key in row}
+        if "messages" in columns:
+            return chat_examples(rows, path)
+        if {"prompt", "completion"} <= columns:
+            return prompt_completion_examples(rows, path)
     prompt_col = pick_column(rows, prompt_column, PROMPT_GUESSES, "prompt", path)
     response_col = pick_column(rows, response_column, RESPONSE_GUESSES, "response", path)
     if prompt_col == response_col:
@@ -382,15 +396,16 @@ def causal_sets(
     prompt_column: str | None = None,
     response_column: str | None = None,
     seed: int = 0,
-) -> tuple[PairExamples, PairExamples]:
-    """(train, held out) prompt / response pairs: ``data`` (default: the packaged dialogs) and
-    ``eval_data``, or a seeded ``eval_split`` of ``data``."""
+):
+    """(train, held out) causal-LM examples (:func:`causal_examples`: pairs, conversations or prompt / completion
+    rows): ``data`` (default: the packaged dialog pairs) and ``eval_data``, or a seeded ``eval_split`` of ``data``."""
     if data is None:
         train, held = packaged_dialogs(n_eval=200, seed=seed)
     elif eval_data:
         train = causal_examples(load_table(data), prompt_column, response_column, path=data)
     else:
         rows = load_table(data)
+        causal_examples(rows, prompt_column, response_column, path=data)  # names a bad row by its place
         train_idx, held_idx = held_out_split(len(rows), eval_split, seed, data)
         train = causal_examples([rows[i] for i in train_idx], prompt_column, response_column, path=data)
         held = causal_examples([rows[i] for i in held_idx], prompt_column, response_column, path=data)

@@ -31,9 +31,10 @@ from ..distributed import ResizedGradientSync, any_worker, check_same_ranks, def
 from ..fsdp import shard_base
 from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
-from .data import Examples, PairExamples
+from .data import Examples
 from .methods import ALL_METHODS, DYNARANK_METHODS, build_baseline, check_knobs, stock_allocator_bytes, stock_step
 from .tasks import (
+    CausalExamples,
     IGNORE_INDEX,
     NonFiniteError,
     batches,
@@ -424,12 +425,13 @@ def train_classifier(
 def train_causal_lm(
     model: nn.Module,
     tokenizer,
-    train_set: PairExamples,
+    train_set: CausalExamples,
     spec: TrainSpec,
-    eval_set: PairExamples | None = None,
+    eval_set: CausalExamples | None = None,
     **kwargs,
 ) -> TrainResult:
-    """Instruction-tune a causal LM on prompt/response pairs; ``eval`` holds response loss and perplexity."""
+    """Instruction-tune a causal LM on prompt/response pairs, conversations or prompt/completion rows (tasks.py);
+    ``eval`` holds the loss on the responses and its perplexity."""
     encoded = encode_causal(tokenizer, train_set, spec.max_length)
     evaluate = None
     if eval_set is not None:

@@ -226,16 +226,53 @@ def converted_gguf(source: Path, gguf_file: str, target: Path) -> Path:
     return target
 
 
-def load_causal_lm(model_dir: str | Path):
-    """(model, tokenizer) of a local causal LM directory."""
+QUANTIZATIONS = ("nf4", "int8")  # --quantize: bitsandbytes 4-bit NormalFloat, or 8-bit (LLM.int8)
+
+
+def bitsandbytes_config(quantize: str):
+    """The BitsAndBytesConfig of ``--quantize``: QLoRA's NF4 with double quantization, or int8; computing in float32
+    (exact on CPU, where bitsandbytes has no fast half-precision path). ModelError when bitsandbytes is missing."""
+    if quantize not in QUANTIZATIONS:
+        raise ModelError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            f"--quantize {quantize} needs bitsandbytes, which is not installed: pip install 'dynarank[quant]'"
+        ) from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+def load_causal_lm(model_dir: str | Path, quantize: str | None = None):
+    """(model, tokenizer) of a local causal LM directory; ``quantize`` ('nf4' / 'int8') loads its Linear layers
+    quantized with bitsandbytes (the output head and embeddings stay as saved), on this worker's device, with the
+    4-bit layers kept in their training layout (dynarank.quantized)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..distributed import default_device
+    from ..quantized import keep_training_layout
+
     model_dir = _checked_for_loading(model_dir)
+    extra = {}
+    if quantize is not None:
+        extra = {"quantization_config": bitsandbytes_config(quantize), "device_map": {"": default_device()}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **extra)
     except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load {model_dir} as a causal LM: {str(exc).splitlines()[0]}") from None
+    if quantize is not None:
+        keep_training_layout(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -11,7 +11,10 @@ import math
 import torch
 from torch import nn
 
+from .chat import ChatExamples, CompletionExamples, encode_chats, encode_completions
 from .data import Examples, PairExamples
+
+CausalExamples = PairExamples | ChatExamples | CompletionExamples  # what data.causal_examples reads
 
 IGNORE_INDEX = -100
 
@@ -95,8 +98,13 @@ def _prompt_text(tokenizer, prompt: str) -> str:
     return prompt + "\n"
 
 
-def encode_causal(tokenizer, pairs: PairExamples, max_length: int) -> dict:
-    """Prompt (chat template when the tokenizer has one) + response; the loss is on the response only."""
+def encode_causal(tokenizer, pairs: CausalExamples, max_length: int) -> dict:
+    """Prompt (chat template when the tokenizer has one) + response; the loss is on the response only. Conversations
+    and TRL's prompt / completion rows: training/chat.py."""
+    if isinstance(pairs, ChatExamples):
+        return encode_chats(tokenizer, pairs, max_length)
+    if isinstance(pairs, CompletionExamples):
+        return encode_completions(tokenizer, pairs, max_length)
     input_ids, labels = [], []
     eos = tokenizer.eos_token or ""
     for prompt, response in zip(pairs.prompts, pairs.responses):
@@ -114,16 +122,16 @@ def encode_causal(tokenizer, pairs: PairExamples, max_length: int) -> dict:
 
 
 def evaluate_causal_lm(
-    model: nn.Module, tokenizer, pairs: PairExamples, max_length: int = 128, batch_size: int = 8
+    model: nn.Module, tokenizer, pairs: CausalExamples, max_length: int = 128, batch_size: int = 8
 ) -> dict[str, float]:
-    """Mean token loss on the responses and its perplexity."""
+    """Mean token loss on the responses (the assistant's turns, the completions) and its perplexity."""
     enc = encode_causal(tokenizer, pairs, max_length)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for ids, mask, labels, _ in batches(enc, list(range(len(pairs.prompts))), batch_size, tokenizer.pad_token_id):
+        for ids, mask, labels, _ in batches(enc, list(range(len(pairs))), batch_size, tokenizer.pad_token_id):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
             target = labels[:, 1:].to(device)
             loss = nn.functional.cross_entropy(
@@ -132,7 +140,7 @@ def evaluate_causal_lm(
                 ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
-            _check_finite(loss, len(pairs.prompts))
+            _check_finite(loss, len(pairs))
             total += float(loss)
             count += int((target != IGNORE_INDEX).sum())
     model.train(was_training)
