@@ -5,6 +5,7 @@ from .config import DynaRankConfig
 from .controllers import ARDController, RankController, StepRecord, build_controller, prepare_parameters
 from .export import export_peft
 from .layer import ElasticLoRALinear
+from .rank_init import init_ranks
 from .storage import AdapterFormatError, load_adapter, save_adapter
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "count_trainable",
     "elastic_layers",
     "export_peft",
+    "init_ranks",
     "load_adapter",
     "merge",
     "prepare_parameters",
