@@ -12,6 +12,10 @@ per-head ranks are known, and on the real models of the quality study.
 
     python benchmarks/rank_init.py --part planted --seeds 3
     python benchmarks/rank_init.py --part real --task minilm --budgets 1 2 --seeds 0 1 2 --lr 3e-3
+    python benchmarks/rank_init.py --part stability --task smollm2 --budgets 1 4 12
+
+* ``--part stability`` (minutes): how many batches the init needs: the allocation from the first K batches against
+  the one from 16 (the quality study's ARD setup), and the seconds one batch of the pass costs.
 """
 
 from __future__ import annotations
@@ -244,9 +248,85 @@ def real_markdown(task_name: str, store, lora_runs: list[dict], out: Path) -> st
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------- how many batches
+CHECKPOINTS = (1, 2, 4, 8, 16)
+
+
+def stability(task_name: str, budgets: list[int], seed: int = 0) -> list[dict]:
+    """The allocation from the first K batches against the one from 16, for K in CHECKPOINTS: the share of the
+    16-batch start's ranks (summed over groups, min of the two per group) that K batches reproduce. One pass of 16
+    batches: the statistic is a sum over batches, so K batches' statistic is a prefix sum."""
+    import time
+
+    import quality
+
+    import study_data
+    from dynarank.rank_init import collect_statistics
+    from dynarank.rank_spectra import allocate, layer_spectrum
+    from dynarank.training.estimate import lora_parameters
+    from dynarank.training.loop import BERT_ENCODER_LINEAR, _epoch_order
+    from dynarank.training.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
+    from dynarank.training.tasks import batches, encode_causal, encode_classification
+
+    task = quality.TASKS[task_name]
+    train_set, _, _ = getattr(study_data, task["data"])()
+    out = []
+    for r in budgets:
+        torch.manual_seed(seed)
+        if task["model"] == "minilm":
+            model, tokenizer = load_classifier(packaged_minilm_path(), train_set.label_names)
+            target, encoded = BERT_ENCODER_LINEAR, encode_classification(tokenizer, train_set, task["max_length"])
+        else:
+            model, tokenizer = load_causal_lm(packaged_smollm2_path())
+            target, encoded = quality.SMOLLM2_TARGETS, encode_causal(tokenizer, train_set, task["max_length"])
+        budget = lora_parameters(model, target, r)
+        spec = quality.train_spec("ard-data", r, budget, 1e-3, seed, task["steps"], task, target)
+        attach(model, DynaRankConfig(method="ard", **spec.config_fields()))
+        order = _epoch_order(len(encoded["input_ids"]), seed, 0)
+        stream = batches(encoded, order, task["batch_size"], tokenizer.pad_token_id or 0)
+        layers, sums, seconds, found = elastic_layers(model), None, 0.0, {}
+        for k in range(1, max(CHECKPOINTS) + 1):
+            ids, mask, labels, _ = next(stream)
+            t0 = time.perf_counter()
+            stats, _, _ = collect_statistics(
+                model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}], 1, "gradient"
+            )
+            seconds += time.perf_counter() - t0
+            sums = stats if sums is None else {n: sums[n] + stats[n] for n in sums}
+            if k in CHECKPOINTS:
+                spectra = {n: layer_spectrum(layer, sums[n], False) for n, layer in layers.items()}
+                keep, size = allocate(layers, spectra, int(1.5 * budget), 0)
+                found[k] = {n: [len(g) for g in groups] for n, groups in keep.items()}
+        reference = found[max(CHECKPOINTS)]
+        total = sum(sum(v) for v in reference.values())
+        for k, ranks in found.items():
+            kept = sum(min(a, b) for n in ranks for a, b in zip(ranks[n], reference[n]))
+            out.append({"task": task_name, "budget_r": r, "batches": k, "reproduced": kept / total, "ranks": ranks})
+        out.append({"task": task_name, "budget_r": r, "seconds_per_batch": seconds / max(CHECKPOINTS)})
+    return out
+
+
+def stability_markdown(runs: list[dict], command: str) -> str:
+    lines = [
+        "# How many batches the data init needs\n",
+        f"    {command}\n",
+        "Share of the 16-batch start's ranks (per group, the smaller of the two ranks, summed) that the first K "
+        "batches reproduce; gradient statistic, the quality study's ARD setup (shared A, start 1.5x the budget), "
+        "seed 0.\n",
+        "| task | budget (LoRA r) | " + " | ".join(f"K={k}" for k in CHECKPOINTS) + " | seconds per batch |",
+        "|---|---|" + "---|" * (len(CHECKPOINTS) + 1),
+    ]
+    for key in dict.fromkeys((r["task"], r["budget_r"]) for r in runs):
+        group = [r for r in runs if (r["task"], r["budget_r"]) == key]
+        cells = [f"{100 * r['reproduced']:.0f}%" for r in group if "reproduced" in r]
+        per_batch = next(r["seconds_per_batch"] for r in group if "seconds_per_batch" in r)
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {per_batch:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("planted", "real"), default="planted")
+    parser.add_argument("--part", choices=("planted", "real", "stability"), default="planted")
     parser.add_argument("--seeds", type=int, nargs="+", default=[3], help="planted: the number; real: the seeds")
     parser.add_argument("--task", default="minilm", help="real: the quality study's task")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2])
@@ -263,6 +343,15 @@ def main() -> None:
         (args.out / "rank_init_planted.json").write_text(json.dumps({"command": command, "runs": runs}, indent=1))
         text = planted_markdown(runs, command)
         (args.out / "rank_init_planted.md").write_text(text)
+    elif args.part == "stability":
+        torch.set_num_threads(2)
+        runs = stability(args.task, args.budgets)
+        path = args.out / "rank_init_stability.json"
+        previous = json.loads(path.read_text())["runs"] if path.is_file() else []
+        runs = [r for r in previous if r["task"] != args.task] + runs
+        path.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
+        text = stability_markdown(runs, command)
+        (args.out / "rank_init_stability.md").write_text(text)
     else:
         methods = args.methods or list(REAL_METHODS)
         store, lora = real_runs(args.task, methods, args.budgets, args.seeds, args.lr, args.jobs, args.out, command)

@@ -399,3 +399,53 @@ def test_statistics_on_two_gloo_workers_equal_one_process_with_the_same_global_b
         # Float summation order differs across the all-reduce (measured: 3.6e-7 gradient, 1.8e-7 activation).
         assert biggest_difference(first[kind]["stats"], single["stats"]) < 1e-5 * scale
         assert first[kind]["ranks"] == second[kind]["ranks"] == single["ranks"]
+
+
+def test_on_train_begin_receives_the_train_dataloader_whose_batches_the_model_takes(tmp_path):
+    from transformers import TrainerCallback
+
+    class Seen(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+            self.batch = next(iter(train_dataloader))
+            self.loss = model(**self.batch).loss
+
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
+    trainer, _ = make_trainer(tmp_path, model, steps=1)
+    seen = Seen()
+    trainer.add_callback(seen)
+    trainer.train()
+    assert seen.batch["input_ids"].shape == (8, 8) and torch.isfinite(seen.loss)
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_starts_ard_from_data_ranks(tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tiny_models import save_tiny_model_dir
+
+    path = save_tiny_model_dir(tmp_path / "model", kind="llama")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.eos_token = "[SEP]"  # the packaged BERT tokenizer names none; TRL appends it to every text
+    model = AutoModelForCausalLM.from_pretrained(path)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    attach(model, DynaRankConfig(method="ard", r=4, target_modules=targets, rank_init="data", target_params=800))
+    callback = dynarank.DynaRankCallback(model)
+    data = Dataset.from_dict({"text": [f"this is sentence number {i} about cats" for i in range(64)]})
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        max_length=32,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+    )
+    SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback]).train()
+    ctrl = callback.controller
+    assert ctrl.step == 8 and ctrl.history[0]["ranks"] == ctrl.rank_init["ranks"]
+    assert ctrl.start_params == ctrl.rank_init["start_params"] > 800 >= ctrl.adapter_parameters()
