@@ -3,6 +3,7 @@ way of training (a plain loop, the training loop, the Trainer, a resumed run) st
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -449,3 +450,25 @@ def test_trl_sft_trainer_starts_ard_from_data_ranks(tmp_path):
     ctrl = callback.controller
     assert ctrl.step == 8 and ctrl.history[0]["ranks"] == ctrl.rank_init["ranks"]
     assert ctrl.start_params == ctrl.rank_init["start_params"] > 800 >= ctrl.adapter_parameters()
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+def test_dynarank_train_starts_from_data_ranks_and_refuses_them_without_a_budget(tmp_path, capsys):
+    from dynarank.cli import main
+    from test_cli import train_args, write_csv
+    from test_cli_inputs import refused
+    from tiny_models import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    data = write_csv(tmp_path / "data.csv")
+    err = refused(train_args(model_dir, data, tmp_path / "no-budget", "--rank-init", "data"), capsys)
+    assert "--rank-init / --target-params" in err and "give target_params" in err
+    assert not (tmp_path / "no-budget").exists()
+    run = tmp_path / "run"
+    argv = train_args(model_dir, data, run, "--rank-init", "data", "--target-params", "1200", "--init-batches", "2")
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rank_init"]["batches"] == 2 and summary["rank_init"]["start_params"] > 1200
+    assert summary["adapter_parameters"] <= 1200
