@@ -14,6 +14,8 @@ per-head ranks are known, and on the real models of the quality study.
     python benchmarks/rank_init.py --part real --task minilm --budgets 1 2 --seeds 0 1 2 --lr 3e-3
     python benchmarks/rank_init.py --part stability --task smollm2 --budgets 1 4 12
 
+* ``--part timing``: one ARD-data run at the task's full length; the data pass's share of its wall time (run it
+  under ``flock /tmp/dynarank-timing.lock``).
 * ``--part stability`` (minutes): how many batches the init needs: the allocation from the first K batches against
   the one from 16 (the quality study's ARD setup), and the seconds one batch of the pass costs.
 """
@@ -324,9 +326,32 @@ def stability_markdown(runs: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------- what the pass costs
+def timing(task_name: str, budget: int, lr: float, command: str) -> dict:
+    """One ARD-data run in this process (2 threads): the data pass's seconds against the run's. Run it under
+    ``flock /tmp/dynarank-timing.lock`` so that no other timing run shares the machine."""
+    import quality
+
+    steps = quality.TASKS[task_name]["steps"]
+    record = quality.run_one(task_name, "ard-data", budget, lr, 0, steps, 2, command)
+    init = record["rank_init"]
+    return {
+        "task": task_name,
+        "budget_r": budget,
+        "steps": steps,
+        "init_batches": init["batches"],
+        "init_seconds": init["seconds"],
+        "setup_seconds": record["init_seconds"],
+        "run_seconds": record["seconds"],
+        "seconds_per_step": record["seconds_per_step"],
+        "share": init["seconds"] / record["seconds"],
+        "command": command,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("planted", "real", "stability"), default="planted")
+    parser.add_argument("--part", choices=("planted", "real", "stability", "timing"), default="planted")
     parser.add_argument("--seeds", type=int, nargs="+", default=[3], help="planted: the number; real: the seeds")
     parser.add_argument("--task", default="minilm", help="real: the quality study's task")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2])
@@ -352,6 +377,17 @@ def main() -> None:
         path.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
         text = stability_markdown(runs, command)
         (args.out / "rank_init_stability.md").write_text(text)
+    elif args.part == "timing":
+        path = args.out / "rank_init_timing.json"
+        runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+        runs.append(timing(args.task, args.budgets[0], args.lr, command))
+        path.write_text(json.dumps({"runs": runs}, indent=1))
+        text = "\n".join(
+            f"{r['task']} r={r['budget_r']}: data pass {r['init_seconds']:.1f} s of a {r['run_seconds']:.0f} s run "
+            f"({100 * r['share']:.1f}%, {r['init_batches']} batches; {r['steps']} steps, "
+            f"{r['seconds_per_step']:.2f} s each)"
+            for r in runs
+        )
     else:
         methods = args.methods or list(REAL_METHODS)
         store, lora = real_runs(args.task, methods, args.budgets, args.seeds, args.lr, args.jobs, args.out, command)
