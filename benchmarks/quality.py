@@ -28,6 +28,9 @@ A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 
     ard-floor1             per head, shared A, no head below rank 1 (does not fit MiniLM's r=1 budget:
                            one rank in every head and matrix already costs more)
     full                   full fine-tuning (no budget; run once per seed)
+    eva                    stock PEFT LoRA with EVA's data-driven init (init_lora_weights="eva", rho 2): the total
+                           rank of LoRA at r, redistributed over the modules by explained variance; its final
+                           parameter count is what it kept (a rank costs more in some modules than in others)
 
 Ablations, run only when named, each at its base method's chosen learning rate:
 
@@ -36,6 +39,9 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     elalora-switch-off     ElaLoRA whose groups may give up their last rank (switch_off=True)
     elalora-from-above     ElaLoRA started at stock AdaLoRA's 1.5r ranks per matrix and pruned into the
                            budget on the cubic schedule while it reallocates (target_params below the start)
+    ard-data               ARD (per head, shared A) whose starting ranks come from the data (rank_init='data':
+                           gradient statistic, 4 batches, start at 1.5x the budget), at ARD's learning rate
+    ard-data-activation    the same with the activation statistic; ard-data-rho1.25 / -rho2: other starts
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
@@ -80,6 +86,7 @@ METHODS = [
     "ard-matrix",
     "ard-own",
     "ard-floor1",
+    "eva",
 ]
 
 
@@ -106,6 +113,11 @@ ABLATIONS = {
     "ard-free": ("ard", {"target_params": None}),
     "ard-free-x3": ("ard", {"target_params": None, "ard_lambda": 3.0}),
     "ard-free-x10": ("ard", {"target_params": None, "ard_lambda": 10.0}),
+    # ARD started from data-driven ranks (rank_init='data'; docs/ard.md), and its statistic and start size.
+    "ard-data": ("ard", {"rank_init": "data"}),
+    "ard-data-activation": ("ard", {"rank_init": "data", "init_statistic": "activation"}),
+    "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_rho": 1.25}),
+    "ard-data-rho2": ("ard", {"rank_init": "data", "init_rho": 2.0}),
 }
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many
@@ -154,7 +166,7 @@ TASKS = {
         "budgets": [1, 4, 12],
         "tune_budget": 4,
         "steps": 60,
-        "methods": ["full", "lora", "dora", "adalora", "adalora-physical", "elalora", "ard"],
+        "methods": ["full", "lora", "dora", "adalora", "adalora-physical", "elalora", "ard", "eva"],
         "batch_size": 8,
         "max_length": 64,
     },
@@ -294,7 +306,9 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         "seconds_per_step": result["seconds_per_step"],
         "seconds": time.perf_counter() - t0,
         "threads": threads,
-        "ranks": ranks,
+        "ranks": ranks if ranks is not None else peft_ranks(trained),
+        "init_seconds": result.get("init_seconds"),
+        "rank_init": {k: v for k, v in result["rank_init"].items() if k != "ranks"} if "rank_init" in result else None,
         "warnings": sorted(set(result.get("warnings", []))),
         "command": command,
     }
@@ -302,6 +316,18 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         record["adapter_parameters_allocated"] = adapter
         record["adapter_parameters"] = peft_adalora_surviving_parameters(trained)
     return record
+
+
+def peft_ranks(model) -> dict[str, list[int]] | None:
+    """Rank of every stock PEFT LoRA module (EVA changes them), as one group per module; None for other models."""
+    import torch
+
+    found = {}
+    for name, module in model.named_modules():
+        a = getattr(module, "lora_A", None)
+        if isinstance(a, torch.nn.ModuleDict) and "default" in a and getattr(module, "lora_E", None) is None:
+            found[name] = [a["default"].weight.shape[0]]
+    return found or None
 
 
 def peft_adalora_surviving_parameters(model) -> int:
@@ -606,9 +632,59 @@ def write_tables(store: RecordStore, task_name: str, steps: int, stem: str, meth
     text = (
         markdown(rows, task_name, store.data["commands"], lrs) + paired_table(pairs, task_name) + rank_table(runs, lrs)
     )
+    text += data_init_table(rows, runs, task_name, lrs)
     (out / f"{stem}.md").write_text(text)
     plot(rows, task_name, out / f"{stem}.png")
     return text
+
+
+def data_init_table(rows: list[dict], runs: list[dict], task_name: str, lrs: dict[str, float]) -> str:
+    """ARD from data-driven ranks (and stock EVA): paired by seed against LoRA, EVA and uniform-start ARD; the
+    adapter + AdamW state at its peak and averaged over the run, as multiples of plain LoRA's at the same budget;
+    the init pass's share of the run's time."""
+    ours = [r for r in rows if r["method"].startswith("ard-data") or r["method"] in ("eva", "ard")]
+    if not any(r["method"] != "ard" for r in ours):
+        return ""
+    pairs = [
+        p for p in paired(rows, TASKS[task_name], ("lora", "eva", "ard")) if p["method"] in {r["method"] for r in ours}
+    ]
+    lines = [
+        "\n## Data-driven starting ranks\n\nState = adapter + task head + AdamW moments (+ ARD's alphas), in "
+        "multiples of plain LoRA's at the same budget (LoRA's is constant). Init share: the data pass's seconds "
+        "over the run's (two runs shared the cores).\n",
+        "| budget (LoRA r) | method | seeds | params end / budget | params mean / budget | state peak / LoRA | "
+        "state mean / LoRA | init share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ours:
+        lora = next((r for r in rows if r["method"] == "lora" and r["budget_r"] == row["budget_r"]), None)
+        group = [g for g in runs if g["method"] == row["method"] and g["budget_r"] == row["budget_r"]]
+        group = [g for g in group if g["lr"] == lrs.get(row["method"], g["lr"])]
+        peak = statistics.mean(g["state_bytes_peak"] or 0 for g in group)
+        mean = statistics.mean(g["state_bytes_mean"] or 0 for g in group)
+        # the data pass itself (ARD's rank init); EVA's is inside its setup time
+        share = statistics.mean(
+            ((g.get("rank_init") or {}).get("seconds", g.get("init_seconds")) or 0) / g["seconds"] for g in group
+        )
+        base = lora["state_bytes_end"] if lora else float("nan")
+        lines.append(
+            f"| {row['budget_r']} | {row['method']} | {len(group)} | "
+            f"{row['adapter_parameters'] / row['budget_parameters']:.2f} | "
+            f"{row['adapter_parameters_mean'] / row['budget_parameters']:.2f} | {peak / base:.2f} | "
+            f"{mean / base:.2f} | {100 * share:.1f}% |"
+        )
+    if pairs:
+        lines += [
+            "",
+            "| budget (LoRA r) | method | vs | seeds | difference (mean ± s.e.) | won / tied / lost |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['budget_r']} | {p['method']} | {p['baseline']} | {p['n']} | {p['mean']:+.4f} ± {p['stderr']:.4f} | "
+            f"{p['won']} / {p['tied']} / {p['lost']} |"
+            for p in pairs
+        ]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -685,7 +761,7 @@ def main() -> None:
     if args.quick:
         runs = [r for r in store.runs if r["steps"] == steps]
         rows = summarise(runs, args.task, None)
-        text = markdown(rows, args.task, store.data["commands"], {})
+        text = markdown(rows, args.task, store.data["commands"], {}) + data_init_table(rows, runs, args.task, {})
         (args.out / f"{stem}.md").write_text(text)
         plot(rows, args.task, args.out / f"{stem}.png")
     else:

@@ -8,7 +8,8 @@ Suites: planted (ARD on the planted-rank oracle), methods-planted (every method 
 ablations (ARD-LoRA ablations on the planted task), quality (MiniLM quality vs parameters, every
 method), quality-smollm2 (SmolLM2 quality vs parameters; hours), overhead (engine step time and memory
 against stock PEFT LoRA), method-overhead (every method's step time and memory over its whole
-schedule), buckets (when rank buckets beat the padded product). The quick forms (fewer steps, one
+schedule), buckets (when rank buckets beat the padded product), rank-init (which statistic sets ARD's
+data-driven starting ranks, on the planted task). The quick forms (fewer steps, one
 seed, no learning-rate search) write to results/quick/ and never touch the committed full results.
 """
 
@@ -36,6 +37,7 @@ SUITES = {
     "overhead": ("engine_overhead.py", ["--rounds", "2"], []),
     "method-overhead": ("method_overhead.py", ["--steps", "12"], []),
     "buckets": ("bucket_threshold.py", ["--rounds", "3"], []),
+    "rank-init": ("rank_init.py", ["--part", "planted", "--seeds", "1"], ["--part", "planted", "--seeds", "3"]),
 }
 QUICK_OUT = HERE / "results" / "quick"
 LONG = ("quality-smollm2",)  # hours on 2 cores: run only when named with --suite

@@ -6,6 +6,7 @@ from .controllers import ARDController, RankController, StepRecord, build_contro
 from .export import export_peft
 from .fsdp import shard_base
 from .layer import ElasticLoRALinear
+from .rank_init import init_ranks
 from .storage import AdapterFormatError, load_adapter, save_adapter
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "count_trainable",
     "elastic_layers",
     "export_peft",
+    "init_ranks",
     "load_adapter",
     "merge",
     "prepare_parameters",

@@ -29,6 +29,8 @@ LambdaMode = Literal["relative", "gradient", "absolute"]
 TVForm = Literal["step", "anchor"]
 Readout = Literal["ceil", "round"]
 MaskKind = Literal["hard", "soft"]
+RankInit = Literal["uniform", "data"]
+InitStatistic = Literal["gradient", "activation"]
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
@@ -247,6 +249,23 @@ class ARDConfig(RankControlConfig):
         "itself (biased: B grows to compensate partly-on slots).",
         "hard",
     )
+    rank_init: RankInit = _help(
+        "Starting ranks: 'uniform' (every group at r) or 'data' (a pass over init_batches batches before training "
+        "measures each group, gives the groups whose statistics promise most per parameter their ranks until the "
+        "adapter holds init_rho x target_params, and points A at the measured directions; needs target_params).",
+        "uniform",
+    )
+    init_rho: float = _help(
+        "rank_init='data': the adapter starts at init_rho x target_params (higher: more room to learn the "
+        "allocation, more memory early on).",
+        1.5,
+    )
+    init_batches: int = _help("rank_init='data': batches of training data the statistics are measured on.", 4)
+    init_statistic: InitStatistic = _help(
+        "rank_init='data': 'gradient' (the loss gradient at each group's outputs against its inputs) or "
+        "'activation' (each group's outputs against its inputs, normalised per module).",
+        "gradient",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -256,8 +275,19 @@ class ARDConfig(RankControlConfig):
             ("tv_form", ("step", "anchor")),
             ("readout", ("ceil", "round")),
             ("mask", ("hard", "soft")),
+            ("rank_init", ("uniform", "data")),
+            ("init_statistic", ("gradient", "activation")),
         ):
             _choice(self, name, allowed)
+        _count(self, "init_batches", 1, optional=False)
+        rho = self.init_rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 1:
+            raise ConfigError("init_rho", f"must be a number > 1 (the start is init_rho x the budget), got {rho!r}.")
+        if self.rank_init == "data" and self.target_params is None:
+            raise ConfigError(
+                ("rank_init", "target_params"),
+                "'data' starts the adapter at init_rho x the parameter budget: give target_params.",
+            )
         for name in ("ard_lambda", "lr_alpha", "ard_beta"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -208,6 +208,14 @@ def _train_with_progress(run: RunDir, options: TrainOptions, inputs: Inputs, wor
 
     metrics = run.metrics_log(enabled=worker.writes)
     metrics.resume_at(done or 0)  # the log holds what the checkpoint holds: later lines are redone
+    init_bars: list = []
+
+    def on_init_batch(measured: int, planned: int) -> None:  # rank_init='data': the data pass before training
+        if not init_bars:
+            init_bars.append(tqdm(total=planned, desc="init ranks", disable=worker.quiet or None, unit="batch"))
+        init_bars[0].update(1)
+        if measured == planned:
+            init_bars[0].close()
 
     def on_step(record: dict) -> None:
         finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -225,6 +233,7 @@ def _train_with_progress(run: RunDir, options: TrainOptions, inputs: Inputs, wor
             inputs.spec,
             eval_set=inputs.eval_set,
             on_step=on_step,
+            on_init_batch=on_init_batch,
             run_dir=run.path,
             save_every=options.save_every,
             resume=done is not None,
@@ -236,8 +245,8 @@ def _train_with_progress(run: RunDir, options: TrainOptions, inputs: Inputs, wor
         metrics.write({"step": result.metrics["steps"], "eval": result.metrics["eval"]})
     finally:
         metrics.close()
-        if bars:
-            bars[0].close()
+        for progress in bars + init_bars:
+            progress.close()
     result.metrics["wall_seconds"] = time.perf_counter() - t0
     return result
 

@@ -58,8 +58,8 @@ class TrainOptions:
     response_column: str | None = _option("causal-lm: response column (default: guessed: response, answer, ...)")
     method: str = _option(
         "ard: learned per-head ranks; elalora: importance-scored prune and expand; adalora-physical: "
-        "importance-scored pruning that frees memory; dynarank-lora: fixed per-head ranks; lora / dora / adalora: "
-        "stock PEFT baselines; full: full fine-tuning",
+        "importance-scored pruning that frees memory; dynarank-lora: fixed per-head ranks; lora / dora / adalora / "
+        "eva: stock PEFT baselines (eva: LoRA with PEFT's data-driven ranks); full: full fine-tuning",
         "ard",
         choices=ALL_METHODS,
     )

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..defaults import default_lr
+from ..rank_init import RANK_INIT_ATTR
 from .ard_budget import cap_to_budget, prefix_cost, steer_factor
 from .ard_gates import ARD_ATTR, ARDGates, mask_gate
 from .ard_settings import ARDSettings
@@ -75,8 +76,15 @@ class ARDController(RankController):
                 "fractions of the run); a data set of unknown length needs it given.",
             )
         super().__init__(model, total_steps, restoring=restoring)
-        self.settings = ARDSettings.resolve(self.config, total_steps)
-        self.schedule = self.settings.schedule
+        # rank_init='data': the ranks the init set (dynarank.rank_init), recorded with the controller's state
+        self.rank_init: dict | None = getattr(model, RANK_INIT_ATTR, None)
+        if self.config.rank_init == "data" and self.rank_init is None and not restoring:
+            raise ConfigError(
+                "rank_init",
+                "'data' needs the starting ranks measured before the controller is built: call "
+                "dynarank.init_ranks(model, batches) first (dynarank train and DynaRankCallback do it).",
+            )
+        self._resolve_settings()
         self.start_params = self.adapter_parameters()
         if not restoring:
             self._check_budget()  # before the model is touched: a bad budget leaves it as it was
@@ -107,6 +115,15 @@ class ARDController(RankController):
         self.unit = None
         self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda
         self.cuts = {"alpha": 0, "budget": 0}  # ranks removed over the run: by the alphas' read-out, by the cap
+
+    def _resolve_settings(self) -> None:
+        """The run's settings; after a data init lr_alpha follows the alphas' starting range (ARDSettings.resolve)."""
+        alpha_range = 1.0
+        if self.rank_init is not None:
+            started = [r for ranks in self.rank_init["ranks"].values() for r in ranks if r > 0]
+            alpha_range = sum(started) / len(started) / self.config.r if started else 1.0
+        self.settings = ARDSettings.resolve(self.config, self.total_steps, alpha_range)
+        self.schedule = self.settings.schedule
 
     def _layout_changed(self) -> None:
         """Per-group live ranks (CPU) and the alphas' caps (ranks / r0, on their device), after a resize."""
@@ -459,6 +476,7 @@ class ARDController(RankController):
                 "lambda_scale": self.lambda_scale,
                 "start_params": self.start_params,
                 "cuts": dict(self.cuts),
+                "rank_init": self.rank_init,
             }
         )
         return state
@@ -481,6 +499,10 @@ class ARDController(RankController):
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (the alphas themselves are model parameters)."""
         super().load_state_dict(state)
+        if state.get("rank_init") is not None:  # the starting ranks came from data: lr_alpha follows them
+            self.rank_init = state["rank_init"]
+            setattr(self.model, RANK_INIT_ATTR, self.rank_init)  # the init has run: nothing runs it again
+            self._resolve_settings()
         alpha = self.gates.alpha
 
         def vector(key: str, dtype: torch.dtype = alpha.dtype) -> torch.Tensor:

@@ -66,7 +66,10 @@ class ARDSettings:
         return self.schedule.interval
 
     @classmethod
-    def resolve(cls, config, total_steps: int) -> ARDSettings:
+    def resolve(cls, config, total_steps: int, alpha_range: float = 1.0) -> ARDSettings:
+        """``alpha_range``: the mean starting alpha of the groups that start with ranks (1 for the uniform start at
+        r0; ranks / r0 after ``rank_init='data'``). lr_alpha=None scales with it, so that a head crosses its own
+        range ``alpha_travel`` times over the active phase, whichever rank it starts at."""
         values = {
             k: getattr(config, k)
             for k in (
@@ -107,7 +110,7 @@ class ARDSettings:
         if values["ard_beta"] is None:
             values["ard_beta"] = DEFAULT_BETA[values["lambda_mode"]]
         if values["lr_alpha"] is None:
-            values["lr_alpha"] = config.alpha_travel / active
+            values["lr_alpha"] = config.alpha_travel * alpha_range / active
         interval = config.resize_every or max(1, active // ROUNDS_WHEN_UNSET)
         schedule = BudgetSchedule(total_steps, t_init=warmup, t_final=total_steps - final_start, interval=interval)
         return cls(r0=config.r, schedule=schedule, target_params=config.target_params, **values)

@@ -10,6 +10,9 @@ What the callback relies on (each is checked by a test against the installed tra
 * ``on_train_begin`` receives the optimizer, after the Trainer built it and loaded a resumed run's state
   into it: the controller is built with the Trainer's step count (or restored from the checkpoint's
   ``dynarank/`` folder) and bound to the optimizer's step hooks, so it runs inside every optimizer step.
+  ARD with ``rank_init='data'`` first measures its starting ranks on the first ``init_batches`` batches of the
+  ``train_dataloader`` it receives (this worker's shards; the resized tensors replace the old ones in the
+  optimizer); a resumed run takes them from the checkpoint instead.
   The alphas (ARD) are stepped by the controller's own optimizer, so the Trainer's optimizer needs no
   group of theirs, whatever it holds.
 * ``on_pre_optimizer_step`` runs with the gradients, after clipping and before ``optimizer.step()``: the
@@ -66,6 +69,7 @@ from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, worl
 from ..fsdp import is_sharded
 from ..guards import nonfinite_gradients
 from ..naming import split_name
+from ..rank_init import default_loss, init_ranks, needs_rank_init
 
 logger = logging.getLogger(__name__)
 
@@ -145,15 +149,17 @@ def refuse_sharded_checkpoints(args, model: nn.Module) -> None:
 class DynaRankCallback(TrainerCallback):
     """Drive a dynarank controller from any ``transformers.Trainer`` (TRL's trainers included); no manual call."""
 
-    def __init__(self, model: nn.Module, on_nonfinite: str = "skip") -> None:
+    def __init__(self, model: nn.Module, on_nonfinite: str = "skip", init_loss=None) -> None:
         """``on_nonfinite``: 'skip' drops an optimizer step whose gradients hold NaN/inf (naming the modules; nothing
         is updated, the rank schedule counts the step), 'stop' raises FloatingPointError (the Trainer's checkpoints
-        are what a stopped run keeps)."""
+        are what a stopped run keeps). ``init_loss(model, batch)``: the loss a ``rank_init='data'`` pass measures
+        its gradients with (default ``model(**batch).loss``; a Trainer whose loss is computed elsewhere gives it)."""
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
         self.model = model
         self.on_nonfinite = on_nonfinite
         accept_quantized_base(model)  # built before the Trainer, whose __init__ refuses a quantized model
+        self.init_loss = init_loss
         prepare_parameters(model)  # the controller's parameters exist before the Trainer builds its optimizer
         self.controller: RankController | None = None
         self.skipped = 0
@@ -174,25 +180,36 @@ class DynaRankCallback(TrainerCallback):
             raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
         if self.controller is not None and self.controller.step != state.global_step:
             raise ValueError("this DynaRankCallback has trained already: build the model, callback and Trainer again.")
-        if self.controller is None:
-            resumed = self._read_resumed_state(args, state) if state.global_step > 0 else None
-            self.controller = build_controller(self.model, total_steps=state.max_steps, restoring=resumed is not None)
-            if resumed is not None:
-                checkpoint.restore_controller(self.controller, *resumed)
-        self.controller.bind(_inner(optimizer))
         if world()[1] > 1:
-            # The controller records a rank snapshot at every resize: the parameters change only then.
-            known = () if _no_wrapper_reduces(self.model) else None  # None: what the DDP wrapper was built with
-            self._sync = ResizedGradientSync(
-                self.model, layout_version=lambda: len(self.controller.history), known=known
-            )
             if args.max_grad_norm and not self.syncs_before_clipping:
                 raise ValueError(
                     "under multi-process training the gradients of resized adapter tensors must be averaged before "
                     f"the Trainer clips them (max_grad_norm={args.max_grad_norm}), which a callback cannot do: use "
                     "dynarank.DynaRankTrainer, or with_dynarank(YourTrainerClass), or set max_grad_norm=0."
                 )
+            # Built before a rank init resizes anything: it knows the tensors the Trainer's wrapper knows. The
+            # controller records a rank snapshot at every resize: the parameters change only then.
+            known = () if _no_wrapper_reduces(self.model) else None  # None: what the DDP wrapper was built with
+            self._sync = ResizedGradientSync(
+                self.model, layout_version=lambda: len(self.controller.history), known=known
+            )
+        if self.controller is None:
+            resumed = self._read_resumed_state(args, state) if state.global_step > 0 else None
+            if resumed is None and needs_rank_init(self.model):
+                self._init_ranks(kwargs.get("train_dataloader"), _inner(optimizer))
+            self.controller = build_controller(self.model, total_steps=state.max_steps, restoring=resumed is not None)
+            if resumed is not None:
+                checkpoint.restore_controller(self.controller, *resumed)
+        self.controller.bind(_inner(optimizer))
         return control
+
+    def _init_ranks(self, dataloader, optimizer) -> None:
+        """ARD's starting ranks from the first batches of the Trainer's data loader (rank_init='data')."""
+        if dataloader is None:
+            raise ValueError("rank_init='data' needs the Trainer's train_dataloader, which it did not pass.")
+        loss = self.init_loss or default_loss
+        n = world()[1]  # a worker's loss is its shard's mean: its share of the batch mean is 1 / n
+        init_ranks(self.model, iter(dataloader), loss_fn=lambda m, b: loss(m, b) / n, optimizer=optimizer)
 
     def _read_resumed_state(self, args, state) -> tuple[dict, dict]:
         """The dynarank state of the checkpoint the Trainer resumed from (its weights, with their slot layout, are

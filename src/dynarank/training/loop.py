@@ -14,7 +14,7 @@ import re
 import resource
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,21 @@ from ..distributed import ResizedGradientSync, any_worker, check_same_ranks, def
 from ..fsdp import shard_base
 from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
+from ..rank_init import init_ranks, needs_rank_init
 from .data import Examples
-from .methods import ALL_METHODS, DYNARANK_METHODS, build_baseline, check_knobs, stock_allocator_bytes, stock_step
+from .methods import (
+    ALL_METHODS,
+    DATA_INIT_BASELINES,
+    DYNARANK_METHODS,
+    build_baseline,
+    check_knobs,
+    data_init_baseline,
+    stock_allocator_bytes,
+    stock_step,
+)
 from .tasks import (
-    CausalExamples,
     IGNORE_INDEX,
+    CausalExamples,
     NonFiniteError,
     batches,
     encode_causal,
@@ -98,12 +108,41 @@ class TrainSpec:
         return max(1, math.ceil(self.epochs * math.ceil(n_examples / self.batch_size)))
 
 
-def prepare_model(model: nn.Module, spec: TrainSpec, total_steps: int) -> tuple[nn.Module, RankController | None]:
-    """Adapt ``model`` for ``spec.method``; returns (model to train, dynarank controller or None)."""
+SHARE = "dynarank_share"  # key of an init batch: the worker's shard's share of the global batch (not a model input)
+
+
+def _weighted_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """A shard's loss scaled as training scales it (DDP's mean of shard means is the batch mean)."""
+    return model(**{k: v for k, v in batch.items() if k != SHARE}).loss * batch.get(SHARE, 1.0)
+
+
+def prepare_model(
+    model: nn.Module,
+    spec: TrainSpec,
+    total_steps: int,
+    *,
+    init_batches: Callable[[], Iterable[Mapping]] | None = None,
+    restoring: bool = False,
+    on_init_batch: Callable[[int, int], None] | None = None,
+) -> tuple[nn.Module, RankController | None]:
+    """Adapt ``model`` for ``spec.method``; returns (model to train, dynarank controller or None).
+
+    ``init_batches()`` gives the training batches (dicts, key SHARE optional) of a method that starts from data:
+    ARD with ``rank_init='data'`` (measured once: ``restoring`` a checkpoint takes its layout instead) or stock EVA
+    (run again on a resume: deterministic, and it sets the adapter's shapes)."""
     if spec.method in DYNARANK_METHODS:
         attach(model, DynaRankConfig(method=spec.method, **spec.config_fields()))
-        return model, build_controller(model, total_steps)
-    return build_baseline(model, spec.method, spec.r, spec.target_modules, total_steps, spec.dynarank), None
+        if needs_rank_init(model) and not restoring:
+            if init_batches is None:
+                raise ConfigError("rank_init", "'data' needs the training batches to measure the starting ranks on.")
+            init_ranks(model, init_batches(), loss_fn=_weighted_loss, on_batch=on_init_batch)
+        return model, build_controller(model, total_steps, restoring=restoring)
+    model = build_baseline(model, spec.method, spec.r, spec.target_modules, total_steps, spec.dynarank)
+    if spec.method in DATA_INIT_BASELINES:
+        if init_batches is None:
+            raise ConfigError("method", f"{spec.method!r} initialises from the training batches: give them.")
+        data_init_baseline(model, spec.method, init_batches())
+    return model, None
 
 
 @dataclass
@@ -205,6 +244,7 @@ class RunControl:
     on_nonfinite: str = "skip"  # 'skip' a NaN/inf step, or 'stop' (NonFiniteError)
     eval_every: int | None = None  # also evaluate every that many steps (the step record carries ``eval``)
     on_step: Callable[[dict], None] | None = None  # called with every step's record
+    on_init_batch: Callable[[int, int], None] | None = None  # (done, total) per batch of a rank init's data pass
     before_checkpoint: Callable[[], None] | None = None  # called before each checkpoint is written
     fsdp: bool = False  # shard the frozen base over the workers (FSDP2, dynarank.fsdp); one worker: nothing to shard
 
@@ -254,7 +294,18 @@ class _Loop:
         self.total = spec.total_steps(self.n_examples)
         self.rank, self.n_workers = world()
         model.to(default_device())
-        self.model, self.controller = prepare_model(model, spec, self.total)
+        t0 = time.perf_counter()
+        self.model, self.controller = prepare_model(
+            model,
+            spec,
+            self.total,
+            init_batches=self.init_batches,
+            restoring=control.resume,
+            on_init_batch=control.on_init_batch,
+        )
+        self.init_seconds = time.perf_counter() - t0  # attaching, and the data pass of a method that starts from data
+        if self.n_workers > 1 and getattr(self.controller, "rank_init", None) is not None and not control.resume:
+            check_same_ranks(self.controller)  # the statistics were reduced: every worker must have set the same ranks
         state = tensors = None
         if control.resume:
             _, state, tensors = checkpoint.latest(control.run_dir)
@@ -285,6 +336,22 @@ class _Loop:
     def _layout_version(self) -> int:
         """Changes whenever a resize replaced parameters (the controller records a snapshot at every resize)."""
         return len(self.controller.history) if self.controller is not None else 0
+
+    def init_batches(self) -> Iterator[dict]:
+        """This worker's shard of each global batch the run trains on, in its order, as model inputs (+ SHARE)."""
+        rank, n = self.rank, self.n_workers
+        per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
+        for epoch in range(math.ceil(self.total / per_epoch)):
+            order = _epoch_order(self.n_examples, self.spec.seed, epoch)
+            limit = (self.total - epoch * per_epoch) * self.spec.batch_size  # the last epoch may be cut short
+            for ids, mask, labels, idx in batches(self.encoded, order[:limit], self.spec.batch_size, self.pad_id):
+                share = shard_share(labels, rank, n)  # as training weighs this worker's loss
+                yield {
+                    "input_ids": ids[rank::n],
+                    "attention_mask": mask[rank::n],
+                    "labels": labels[rank::n],
+                    SHARE: share,
+                }
 
     def run(self, evaluate: Callable[[nn.Module], dict] | None) -> None:
         per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
@@ -395,6 +462,7 @@ class _Loop:
             "skipped_steps": self.skipped,
             "seconds": seconds,
             "seconds_per_step": seconds / max(1, self.total - self.resumed_at),
+            "init_seconds": self.init_seconds,
             "trainable_parameters_start": self.start_params,
             "trainable_parameters": count_trainable(model),
             "state_bytes_start": self.state_bytes_start,
@@ -406,6 +474,8 @@ class _Loop:
             metrics["adapter_parameters"] = adapter_parameter_count(model)
             metrics["ranks"] = controller.ranks()
             metrics["warnings"] = controller.setup_warnings + [w for rec in controller.records for w in rec.warnings]
+            if getattr(controller, "rank_init", None) is not None:
+                metrics["rank_init"] = controller.rank_init
         if evaluate is not None:
             metrics["eval"] = evaluate(model)
         return TrainResult(metrics, model, controller)

@@ -2,6 +2,7 @@
 
     dynarank-lora, ard, elalora, adalora-physical   dynarank's methods (``dynarank.config.METHODS``)
     lora, dora, adalora                              stock PEFT LoRA, DoRA and AdaLoRA
+    eva                                              stock PEFT LoRA with EVA's data-driven ranks and init
     full                                             full fine-tuning
 
 A baseline takes the knobs listed in :data:`BASELINE_KNOBS` and refuses every other (:func:`check_knobs`), as a
@@ -10,6 +11,8 @@ dynarank method's config refuses the knobs of other methods: nothing is silently
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from itertools import islice
 from typing import Any
 
 from torch import nn
@@ -17,7 +20,10 @@ from torch import nn
 from ..config import CONFIG_CLASSES, METHODS, ORTHO_WEIGHT, ConfigError, DynaRankConfig, fields_of, methods_using
 
 DYNARANK_METHODS = METHODS  # dynarank's own: dynarank-lora, ard, elalora, adalora-physical
-PEFT_METHODS = ("lora", "dora", "adalora")  # the stock PEFT baselines
+PEFT_METHODS = ("lora", "dora", "adalora", "eva")  # the stock PEFT baselines
+DATA_INIT_BASELINES = ("eva",)  # baselines whose adapter is set from the training data before the first step
+EVA_RHO = 2.0  # PEFT's default: a module may take up to rho * r ranks
+EVA_MAX_BATCHES = 1000  # EVA cycles the batches until its components converge; at most this many distinct ones
 BASELINES = PEFT_METHODS + ("full",)
 ALL_METHODS = DYNARANK_METHODS + BASELINES
 # The config fields each baseline takes. Stock PEFT LoRA and DoRA: the rank and the modules to adapt; stock AdaLoRA
@@ -27,6 +33,7 @@ BASELINE_KNOBS: dict[str, tuple[str, ...]] = {
     "lora": ("r", "target_modules"),
     "dora": ("r", "target_modules"),
     "adalora": ("r", "target_modules", "ortho_weight"),
+    "eva": ("r", "target_modules"),
     "full": (),
 }
 _IN_WORDS = {"r": "the rank", "target_modules": "the modules to adapt", "ortho_weight": "the orthogonality weight"}
@@ -105,11 +112,52 @@ def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_
             modules_to_save=heads or None,
             **stock_adalora_schedule(r, total_steps),
         )
+    elif method == "eva":
+        from peft import EvaConfig
+
+        # EVA's budget is the total rank r x modules, redistributed by explained variance (each module up to
+        # EVA_RHO x r, some to 0); lora_alpha follows each module's new rank (adjust_scaling_factors).
+        config = LoraConfig(
+            r=r,
+            lora_alpha=r,
+            target_modules=target_modules,
+            modules_to_save=heads or None,
+            init_lora_weights="eva",
+            eva_config=EvaConfig(rho=EVA_RHO),
+        )
     else:
         config = LoraConfig(
             r=r, lora_alpha=r, target_modules=target_modules, use_dora=method == "dora", modules_to_save=heads or None
         )
     return get_peft_model(model, config)
+
+
+def data_init_baseline(model: nn.Module, method: str, batches: Iterable[Mapping]) -> None:
+    """Set a data-initialised baseline's adapter from the training batches (stock EVA: ranks and A from an
+    incremental PCA of each module's inputs, cycling the batches until the components converge)."""
+    from peft import initialize_lora_eva_weights
+
+    if method not in DATA_INIT_BASELINES:
+        raise ValueError(f"{method!r} does not initialise from data.")
+    loader = []
+    for batch in islice(batches, EVA_MAX_BATCHES):
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        if batch.get("labels") is not None and batch["labels"].dim() < 2:  # a class per example: no token mask
+            del batch["labels"]
+        loader.append(batch)
+    initialize_lora_eva_weights(
+        model, dataloader=loader, prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False
+    )
+
+
+def _eva_layer_inputs(layer_input, positions, layer_name: str):
+    """A module's input rows for EVA's PCA: the counted token positions (PEFT's default, ``positions`` = (N, 2)
+    indices of the attention mask and labels) of a (B, T, d) input; every row of an input of another shape (a pooled
+    (B, d) one, which PEFT's default cannot index)."""
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if x.dim() == 3:
+        return x[positions.T.unbind()]
+    return x.reshape(-1, x.shape[-1]).contiguous()  # PEFT hashes it with view(-1)
 
 
 def stock_step(model: nn.Module, method: str):

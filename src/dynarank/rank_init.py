@@ -1,0 +1,276 @@
+"""Data-driven starting ranks for ARD-LoRA (``ARDConfig(rank_init="data")``).
+
+Before training, a bounded pass over K batches of the training data measures, for every adapted module, a matrix
+
+    M = sum over tokens of  s x^T      # (d_out, d_in); x: the module's input
+    s = -dL/dy                         # init_statistic='gradient': the loss gradient at the module's output
+      | y                              # init_statistic='activation': the output itself (padding masked out)
+
+(B = 0 on a fresh adapter, so y and dL/dy are the frozen base model's). ``rank_spectra.py`` turns M into candidate
+ranks per group with their gains (singular values of the group's slice, or its share of the whole M's under shared
+A), keeps the best candidates per parameter until the adapter holds ``init_rho x target_params``, points A at the
+kept directions (B stays 0: the function at step 0 is the base model's), and cuts the rest physically. ARD's alphas
+start at their ranks / r0, and ARD's budget then falls from this start to ``target_params``.
+
+Under torch.distributed every worker measures its shard of each global batch and the statistics are summed across
+workers (gradients then divided by the world size: a worker's loss is its shard's share of the batch mean, as DDP
+training assumes), so every worker takes the same ranks.
+
+The init runs once per run: it is recorded on the model (``RANK_INIT_ATTR``); the ARD controller keeps the record in
+its checkpointed state, and a resumed run takes the layout from the checkpoint instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .attach import ATTACHED_ATTR, elastic_layers
+from .config import ConfigError
+from .layer import ElasticLoRALinear
+from .rank_spectra import allocate, cut_to, layer_spectrum, write_directions
+
+logger = logging.getLogger(__name__)
+
+RANK_INIT_ATTR = "dynarank_rank_init"  # the model attribute holding the init's record (a dict)
+IGNORE_INDEX = -100
+LossFn = Callable[[nn.Module, Mapping], torch.Tensor]
+
+
+@dataclass
+class RankInitRecord:
+    """What the init did: how it measured, the budget it filled and the ranks it set."""
+
+    statistic: str
+    batches: int  # batches measured (per worker)
+    tokens: int  # token positions the statistic summed over (all workers)
+    rho: float
+    target_params: int
+    start_budget: int  # floor(rho * target_params)
+    start_params: int  # the adapter's size after the init (at most start_budget, or the floor's size)
+    ranks: dict[str, list[int]]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """``model(**batch).loss``: a Hugging Face model given its labels."""
+    return model(**batch).loss
+
+
+def needs_rank_init(model: nn.Module) -> bool:
+    """True if ``model`` was attached with ``rank_init='data'`` and its ranks have not been initialised yet."""
+    config = getattr(model, ATTACHED_ATTR, None)
+    return getattr(config, "rank_init", "uniform") == "data" and getattr(model, RANK_INIT_ATTR, None) is None
+
+
+def init_ranks(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    loss_fn: LossFn = default_loss,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> RankInitRecord:
+    """Measure the statistic on the first ``init_batches`` of ``batches``, then set every group's starting rank and
+    A directions (see the module docstring). Call it once, after ``attach`` and before ``build_controller``.
+
+    Args:
+        model: attached with ``DynaRankConfig(method="ard", rank_init="data", target_params=N, ...)``.
+        batches: dicts the model accepts (with labels, for the default loss); under torch.distributed, this
+            worker's shard of each global batch.
+        loss_fn: the loss of a batch (gradient statistic), default ``model(**batch).loss``.
+        optimizer: an optimizer that already holds the adapters (a Trainer's): the resized tensors replace the old
+            ones in it.
+        on_batch: called with (batches done, batches to do) after each batch (a progress bar).
+    """
+    config = getattr(model, ATTACHED_ATTR, None)
+    if getattr(config, "rank_init", None) != "data":
+        raise ConfigError("rank_init", "init_ranks() needs a model attached with rank_init='data'.")
+    if getattr(model, RANK_INIT_ATTR, None) is not None:
+        raise ValueError("this model's ranks were initialised from data already; the init runs once per run.")
+    layers = elastic_layers(model)
+    if any(len(set(layer.ranks)) != 1 or layer.max_rank != config.r for layer in layers.values()):
+        raise ValueError("data-driven ranks start from a fresh adapter (every group at rank r): initialise first.")
+    start = time.perf_counter()
+    stats, tokens, done = collect_statistics(
+        model, batches, config.init_batches, config.init_statistic, loss_fn, on_batch
+    )
+    stats, tokens = _reduce(stats, tokens, config.init_statistic)
+    if tokens == 0 or not any(bool(m.any()) for m in stats.values()):
+        raise ValueError(
+            f"the {config.init_statistic} statistic is zero for every adapted module over {done} batch(es): the data "
+            "gives no signal to set ranks from (empty batches? a loss that does not depend on the adapted modules?)."
+        )
+    spectra = {
+        name: layer_spectrum(layer, stats[name], config.init_statistic == "activation")
+        for name, layer in layers.items()
+    }
+    budget = int(config.init_rho * config.target_params)
+    keep, _ = allocate(layers, spectra, budget, config.rank_floor)
+    for name, layer in layers.items():
+        write_directions(layer, spectra[name])
+        cut_to(layer, keep[name], optimizer)
+    _set_alphas(model, layers, config.r)
+    record = RankInitRecord(
+        statistic=config.init_statistic,
+        batches=done,
+        tokens=tokens,
+        rho=config.init_rho,
+        target_params=config.target_params,
+        start_budget=budget,
+        start_params=sum(layer.num_adapter_parameters() for layer in layers.values()),
+        ranks={name: layer.ranks for name, layer in layers.items()},
+        seconds=time.perf_counter() - start,
+    )
+    setattr(model, RANK_INIT_ATTR, record.to_dict())
+    logger.info(
+        "dynarank: ranks initialised from %d batch(es) (%s statistic): %d adapter parameters (%.2fx the budget) in "
+        "%.1f s",
+        done,
+        config.init_statistic,
+        record.start_params,
+        record.start_params / config.target_params,
+        record.seconds,
+    )
+    return record
+
+
+def _set_alphas(model: nn.Module, layers: dict[str, ElasticLoRALinear], r0: int) -> None:
+    """ARD's alphas at the starting ranks: alpha_g = r_g / r0 (every rank on, as alpha = 1 is at rank r0)."""
+    from .controllers import prepare_parameters  # the controllers import this module's record name
+
+    prepare_parameters(model)
+    gates = model.dynarank_ard
+    with torch.no_grad():
+        for name, layer in layers.items():
+            ranks = torch.tensor(layer.ranks, dtype=gates.alpha.dtype, device=gates.alpha.device)
+            gates.of(name).copy_(ranks / r0)
+
+
+def _token_mask(batch: Mapping) -> torch.Tensor | None:
+    """(B, T) bool: the positions that count (attention mask, and labels != -100 where labels are per token)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return None
+    mask = mask.bool()
+    labels = batch.get("labels")
+    if torch.is_tensor(labels) and labels.shape == mask.shape:
+        mask = mask & (labels != IGNORE_INDEX)
+    return mask
+
+
+def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(..., d) -> (N, d) float32, keeping the masked positions when ``t`` is laid out like the mask."""
+    if mask is not None and t.shape[:-1] == mask.shape:
+        t = t[mask.to(t.device)]
+    return t.reshape(-1, t.shape[-1]).float()
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    n_batches: int,
+    statistic: str,
+    loss_fn: LossFn = default_loss,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], int, int]:
+    """(M per module (d_out, d_in) float32, token positions used, batches used) over the first ``n_batches``.
+
+    Runs in eval mode (no dropout, no randomness drawn) and leaves no gradient on any parameter: the gradient at the
+    outputs is taken with ``torch.autograd.grad``. A batch whose loss is not finite is skipped (logged).
+    """
+    layers = elastic_layers(model)
+    device = next(model.parameters()).device
+    stats = {n: torch.zeros(l.out_features, l.in_features, device=l.shared_weight.device) for n, l in layers.items()}
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module, input, output) of this batch's forward
+    state = {"mask": None, "tokens": 0, "batch_tokens": 0}
+
+    first = next(iter(layers), None)
+
+    def capture(name: str):
+        def hook(module, args, output):
+            x = args[0].detach()
+            mask = state["mask"] if statistic == "activation" else None
+            if name == first:  # positions measured: what the first adapted module sees
+                state["batch_tokens"] += _rows(x, mask).shape[0]
+            if statistic == "activation":
+                stats[name].addmm_(_rows(output.detach(), mask).t(), _rows(x, mask))
+                return None
+            if not output.requires_grad:  # nothing upstream needs a gradient: a leaf of its own is enough
+                output = output.detach().requires_grad_()
+            seen.append((name, x, output))
+            return output
+
+        return hook
+
+    handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
+    was_training, done = model.training, 0
+    model.eval()
+    try:
+        for i, batch in enumerate(islice(batches, n_batches)):
+            batch = _to_device(batch, device)
+            state["mask"], state["batch_tokens"] = _token_mask(batch), 0
+            if _measure(model, batch, statistic, loss_fn, seen, stats):
+                done += 1
+                state["tokens"] += state["batch_tokens"]
+            else:
+                logger.warning("dynarank: rank init: batch %d has a non-finite loss; skipped.", i + 1)
+            seen.clear()
+            if on_batch is not None:
+                on_batch(i + 1, n_batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return stats, state["tokens"], done
+
+
+def _measure(model, batch, statistic, loss_fn, seen, stats) -> bool:
+    """One batch: the forward (the hooks accumulate activations) or forward + gradients at the outputs."""
+    if statistic == "activation":
+        with torch.no_grad():
+            loss_fn(model, batch)  # the forward is what counts: the hooks sum y x^T
+        return True
+    with torch.enable_grad():
+        loss = loss_fn(model, batch)
+        if not bool(torch.isfinite(loss)):
+            return False
+        if not loss.requires_grad:
+            raise ValueError("the loss does not depend on the adapted modules: no gradient statistic to measure.")
+        grads = torch.autograd.grad(loss, [out for _, _, out in seen], allow_unused=True)
+    for (name, x, _), grad in zip(seen, grads):
+        if grad is not None:
+            # s = -dL/dy; the sign does not change M's singular values or vectors' spans.
+            stats[name].addmm_(_rows(grad, None).t(), _rows(x, None), alpha=-1.0)
+    return True
+
+
+def _reduce(stats: dict[str, torch.Tensor], tokens: int, statistic: str) -> tuple[dict[str, torch.Tensor], int]:
+    """Sum every worker's statistics (gradients: their mean, DDP's convention); a no-op in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats, tokens
+    nccl = dist.get_backend() == "nccl"
+    n = dist.get_world_size()
+    for name, m in stats.items():  # the same order on every worker
+        buffer = m if nccl or m.device.type == "cpu" else m.cpu()
+        dist.all_reduce(buffer)
+        if statistic == "gradient":
+            buffer /= n
+        stats[name] = buffer.to(m.device)
+    count = torch.tensor([tokens], dtype=torch.long, device=next(iter(stats.values())).device if nccl else "cpu")
+    dist.all_reduce(count)
+    return stats, int(count.item())

@@ -1,0 +1,474 @@
+"""Data-driven starting ranks for ARD-LoRA (rank_init='data'): what the init measures, what it sets, and that every
+way of training (a plain loop, the training loop, the Trainer, a resumed run) starts from it exactly once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import dynarank
+from dynarank import DynaRankConfig, attach, build_controller, elastic_layers, init_ranks
+from dynarank.config import ConfigError
+from dynarank.rank_init import RANK_INIT_ATTR, collect_statistics
+from dynarank.training.loop import TrainSpec, train, train_classifier
+from planted_task import DEFAULT_TRUE_RANKS, make_planted_task
+from tiny_models import TokenDataset, WordTokenizer, examples, tiny_bert, tiny_llama, token_batch
+
+MODELS = {"bert": tiny_bert, "llama": tiny_llama}  # llama: grouped-query attention, 4 query and 2 key-value heads
+
+
+def token_batches(n: int = 4, seed: int = 1) -> list[dict]:
+    """Batches a tiny model takes: next-token labels (llama) work as class labels' stand-in for bert below."""
+    return [{"input_ids": token_batch(4, 9, seed=seed + i)} for i in range(n)]
+
+
+def labelled(kind: str, batches: list[dict]) -> list[dict]:
+    if kind == "llama":
+        return [{**b, "labels": b["input_ids"]} for b in batches]
+    return [{**b, "labels": (b["input_ids"][:, 0] > 50).long()} for b in batches]
+
+
+def data_model(kind: str = "bert", layout: str = "own", budget: int = 1500, seed: int = 0, **options):
+    options = {"target_modules": "all-linear", **options}
+    config = DynaRankConfig(
+        method="ard", r=4, head_layout=layout, rank_init="data", target_params=budget, seed=seed, **options
+    )
+    return attach(MODELS[kind](seed=seed), config)
+
+
+def rank_prices(model) -> list[int]:
+    """What one rank of one group of each layer can cost (the first user of a shared slot pays its A row)."""
+    return [layer.group_size + layer.other_dim for layer in elastic_layers(model).values()]
+
+
+# ---------------------------------------------------------------------------------------------- what it sets
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_the_starting_ranks_fill_the_requested_start_budget(kind, layout):
+    model = data_model(kind, layout, init_rho=1.5)
+    record = init_ranks(model, labelled(kind, token_batches()))
+    size = dynarank.adapter_parameter_count(model)
+    assert record.start_budget == int(1.5 * 1500)
+    assert record.start_params == size
+    # Filled to within one rank's price: the greedy stops only when nothing more fits.
+    assert record.start_budget - max(rank_prices(model)) < size <= record.start_budget
+    assert record.ranks == {name: layer.ranks for name, layer in elastic_layers(model).items()}
+    assert len({tuple(r) for r in record.ranks.values()}) > 1  # not a uniform allocation
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("layout", ["own", "shared"])
+@pytest.mark.parametrize("statistic", ["gradient", "activation"])
+def test_the_function_at_step_0_is_the_base_models(kind, layout, statistic):
+    ids = token_batch(3, 7, seed=5)
+    with torch.no_grad():
+        base = MODELS[kind]()(input_ids=ids).logits
+    model = data_model(kind, layout, init_statistic=statistic)
+    init_ranks(model, labelled(kind, token_batches()))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base)  # B = 0 everywhere: not one bit differs
+
+
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_the_init_is_deterministic_for_a_seed(layout):
+    first, second = data_model("llama", layout), data_model("llama", layout)
+    init_ranks(first, labelled("llama", token_batches()))
+    init_ranks(second, labelled("llama", token_batches()))
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert getattr(first, RANK_INIT_ATTR)["ranks"] == getattr(second, RANK_INIT_ATTR)["ranks"]
+
+
+def test_the_alphas_start_at_the_ranks_over_r0_and_every_live_rank_is_on():
+    model = data_model("llama", "shared")
+    init_ranks(model, labelled("llama", token_batches()))
+    gates = model.dynarank_ard
+    for name, layer in elastic_layers(model).items():
+        assert gates.of(name).tolist() == [r / 4 for r in layer.ranks]
+        gate = layer.gate()  # ARD's mask, from the alphas
+        if gate is not None and layer.max_rank:
+            on = [int(gate[g, : layer.ranks[g]].sum()) for g in range(layer.n_groups)]
+            assert on == layer.ranks
+
+
+def test_a_directions_are_unit_vectors_at_the_norm_of_the_default_draw():
+    model = data_model("bert", "own", target_modules=["query"])
+    init_ranks(model, labelled("bert", token_batches()))
+    for layer in elastic_layers(model).values():
+        norms = layer.shared_weight.norm(dim=1)
+        torch.testing.assert_close(norms, torch.full_like(norms, (1 / 3) ** 0.5))
+
+
+# ---------------------------------------------------------------------------------------------- the statistic
+
+
+def planted(floor: int = 0, statistic: str = "gradient", noise: float = 0.0):
+    task = make_planted_task(seed=0, noise=noise)
+    model = task.student()
+    attach(
+        model,
+        DynaRankConfig(
+            method="ard",
+            r=8,
+            target_modules=["query"],
+            rank_init="data",
+            target_params=1920,  # the oracle's size: the planted ranks cost exactly this
+            init_rho=1.0001,
+            rank_floor=floor,
+            init_statistic=statistic,
+        ),
+    )
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(64, 64, generator=g) for _ in range(4)]
+    batches = [{"x": x, "y": task.targets(x, g)} for x in xs]
+    init_ranks(model, batches, loss_fn=lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean())
+    return elastic_layers(model)["query"].ranks
+
+
+def test_the_gradient_statistic_finds_the_planted_ranks():
+    # Each head's loss gradient is -Delta_h x: its rank is the head's planted rank, whatever the base.
+    assert planted() == list(DEFAULT_TRUE_RANKS)
+
+
+def test_the_activation_statistic_cannot_see_the_planted_change():
+    # The outputs are those of the frozen random base: every head looks alike (docs/ard.md, the measurement).
+    ranks = planted(statistic="activation")
+    assert ranks != list(DEFAULT_TRUE_RANKS) and max(ranks) - min(ranks) <= 2
+
+
+def test_a_head_whose_statistics_are_all_zero_gets_rank_zero_or_the_floor():
+    # Heads 0 and 5 have no planted change: with noiseless targets their gradient is exactly zero.
+    assert [planted()[h] for h in (0, 5)] == [0, 0]
+    assert [planted(floor=1)[h] for h in (0, 5)] == [1, 1]
+
+
+def test_statistics_that_are_zero_everywhere_are_refused_with_the_reason():
+    model = data_model("bert", target_modules=["query"])
+    with pytest.raises(ValueError, match="zero for every adapted module"):
+        init_ranks(model, labelled("bert", token_batches()), loss_fn=lambda m, b: m(**b).logits.sum() * 0.0)
+
+
+def test_the_pass_reads_the_first_k_batches_and_leaves_no_gradient_and_no_training_mode_behind():
+    model = data_model("bert", init_batches=2)
+    model.train()
+    seen = []
+
+    def batches():
+        for i, batch in enumerate(labelled("bert", token_batches(5))):
+            seen.append(i)
+            yield batch
+
+    record = init_ranks(model, batches())
+    assert record.batches == 2 and seen == [0, 1]
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_activation_statistics_skip_padding():
+    model = data_model("bert", init_statistic="activation")
+    batch = token_batches(1)[0]
+    mask = torch.ones_like(batch["input_ids"])
+    mask[:, 5:] = 0
+    padded = {"input_ids": batch["input_ids"].clone(), "attention_mask": mask}
+    padded["input_ids"][:, 5:] = 7  # what padding holds must not count
+    other = {"input_ids": padded["input_ids"].clone(), "attention_mask": mask}
+    other["input_ids"][:, 5:] = 42
+    a, tokens, _ = collect_statistics(model, [padded], 1, "activation", lambda m, b: m(**b).logits)
+    b, _, _ = collect_statistics(model, [other], 1, "activation", lambda m, b: m(**b).logits)
+    assert tokens == 4 * 5
+    name = "bert.encoder.layer.0.attention.self.query"
+    torch.testing.assert_close(a[name], b[name])
+
+
+# ---------------------------------------------------------------------------------------------- ARD from there
+
+
+def test_ard_starts_its_budget_from_the_init_and_scales_the_alpha_speed_to_the_start():
+    model = data_model("bert", "shared")
+    record = init_ranks(model, labelled("bert", token_batches()))
+    ctrl = build_controller(model, total_steps=40)
+    assert ctrl.start_params == record.start_params == ctrl.budget_at(0)
+    assert ctrl.budget_at(40) == 1500
+    started = [r for ranks in record.ranks.values() for r in ranks if r > 0]
+    active = ctrl.settings.final_start - ctrl.settings.warmup_steps
+    assert ctrl.settings.lr_alpha == pytest.approx(2.0 * (sum(started) / len(started) / 4) / active)
+    assert ctrl.state_dict()["rank_init"] == getattr(model, RANK_INIT_ATTR)
+
+
+def test_a_controller_built_before_the_init_is_refused_with_what_to_call():
+    model = data_model("bert")
+    with pytest.raises(ConfigError, match=r"dynarank.init_ranks\(model, batches\)"):
+        build_controller(model, total_steps=40)
+
+
+def test_the_init_runs_once_and_only_on_a_fresh_adapter():
+    model = data_model("bert")
+    init_ranks(model, labelled("bert", token_batches()))
+    with pytest.raises(ValueError, match="once per run"):
+        init_ranks(model, labelled("bert", token_batches()))
+    uniform = attach(tiny_bert(), DynaRankConfig(method="ard", r=4, target_params=1500))
+    with pytest.raises(ConfigError, match="rank_init='data'"):
+        init_ranks(uniform, labelled("bert", token_batches()))
+
+
+@pytest.mark.parametrize(
+    "options, fields",
+    [
+        ({"rank_init": "data"}, "rank_init / target_params"),
+        ({"init_rho": 1.0, "target_params": 100}, "init_rho"),
+        ({"init_batches": 0}, "init_batches"),
+        ({"init_statistic": "weights"}, "init_statistic"),
+        ({"rank_init": "svd"}, "rank_init"),
+    ],
+)
+def test_bad_init_settings_are_refused_naming_the_fields(options, fields):
+    with pytest.raises(ConfigError) as info:
+        DynaRankConfig(method="ard", **options)
+    assert str(info.value).startswith(fields + ":")
+
+
+def test_a_plain_loop_trains_from_the_init(tmp_path):
+    model = data_model("bert", "shared")
+    batches = labelled("bert", token_batches(8))
+    init_ranks(model, batches)
+    controller = build_controller(model, total_steps=16)
+    optimizer = controller.build_optimizer(lr=1e-2)
+    for batch in batches * 2:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert controller.step == 16 and controller.adapter_parameters() <= 1500
+
+
+# ---------------------------------------------------------------------------------------------- the training loop
+
+
+def loop_spec(steps: int = 24, **options) -> TrainSpec:
+    return TrainSpec(
+        method="ard",
+        r=4,
+        target_modules=["query", "key", "value", "dense"],
+        lr=1e-2,
+        max_steps=steps,
+        batch_size=8,
+        dynarank={"rank_init": "data", "target_params": 1500, "head_layout": "shared", **options},
+    )
+
+
+def test_the_training_loop_measures_the_first_batches_it_trains_on(monkeypatch):
+    import dynarank.training.loop as loop
+
+    measured = []
+    original = loop.init_ranks
+    monkeypatch.setattr(
+        loop, "init_ranks", lambda model, batches, **kw: original(model, measured.append(1) or batches, **kw)
+    )
+    done = train_classifier(tiny_bert(), WordTokenizer(), examples(), loop_spec())
+    assert measured == [1]
+    record = done.metrics["rank_init"]
+    assert record["batches"] == 4 and record["start_params"] == done.controller.history[0]["adapter_parameters"]
+    assert done.controller.history[0]["ranks"] == record["ranks"]
+    assert done.metrics["adapter_parameters"] <= 1500
+
+
+def test_resume_after_the_init_restores_the_same_ranks_without_measuring_again(tmp_path, monkeypatch):
+    import dynarank.training.loop as loop
+
+    class Crash(Exception):
+        pass
+
+    def crash(record):
+        if record["step"] == 13:
+            raise Crash
+
+    def run(path, **control):
+        return train_classifier(
+            tiny_bert(), WordTokenizer(), examples(), loop_spec(), run_dir=path, save_every=5, **control
+        )
+
+    full = run(tmp_path / "a")
+    with pytest.raises(Crash):
+        run(tmp_path / "b", on_step=crash)
+
+    def no_second_init(*args, **kwargs):
+        raise AssertionError("a resumed run measured its starting ranks again")
+
+    monkeypatch.setattr(loop, "init_ranks", no_second_init)
+    resumed = run(tmp_path / "b", resume=True)
+    timeless = [{k: v for k, v in c.rank_init.items() if k != "seconds"} for c in (resumed.controller, full.controller)]
+    assert timeless[0] == timeless[1]  # the record of the killed run's init, restored; the same ranks as run a's
+    assert resumed.controller.settings.lr_alpha == full.controller.settings.lr_alpha
+    assert resumed.controller.history == full.controller.history
+    expected, got = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_loop_trains_a_gqa_causal_lm_from_the_init():
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 100, (int(n),), generator=g).tolist() for n in torch.randint(5, 12, (24,), generator=g)]
+    encoded = {"input_ids": ids, "labels": [[-100] * 3 + s[3:] for s in ids]}  # the loss on all but a prompt
+    spec = TrainSpec(
+        method="ard",
+        r=4,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        lr=1e-2,
+        max_steps=12,
+        batch_size=8,
+        dynarank={"rank_init": "data", "target_params": 800},
+    )
+    done = train(tiny_llama(), encoded, 0, spec)
+    ranks = done.metrics["rank_init"]["ranks"]
+    assert len(ranks["model.layers.0.self_attn.k_proj"]) == 2  # one group per key-value head
+    assert done.metrics["adapter_parameters"] <= 800
+
+
+# ---------------------------------------------------------------------------------------------- the Trainer
+
+
+def make_trainer(tmp_path, model, steps: int = 12, **arguments):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **{"save_strategy": "no", **arguments},
+    )
+    callback = dynarank.DynaRankCallback(model)
+    return Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]), callback
+
+
+def test_the_trainer_callback_measures_on_its_train_dataloader_and_rebinds_the_optimizer(tmp_path):
+    model = attach(
+        tiny_bert(),
+        DynaRankConfig(method="ard", r=4, target_modules=["query", "value"], rank_init="data", target_params=900),
+    )
+    trainer, callback = make_trainer(tmp_path, model)
+    trainer.train()
+    ctrl = callback.controller
+    assert ctrl.rank_init is not None and ctrl.history[0]["ranks"] == ctrl.rank_init["ranks"]
+    assert ctrl.start_params == ctrl.rank_init["start_params"] and ctrl.adapter_parameters() <= 900
+    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in model.parameters() if p.requires_grad)  # no stale tensor trains instead
+
+
+def test_a_trainer_run_resumed_from_a_checkpoint_does_not_measure_again(tmp_path, monkeypatch):
+    import dynarank.integrations.transformers as integration
+
+    def build():
+        config = DynaRankConfig(
+            method="ard", r=4, target_modules=["query", "value"], rank_init="data", target_params=900, seed=0
+        )
+        return attach(tiny_bert(), config)
+
+    full_model = build()
+    trainer, callback = make_trainer(tmp_path / "a", full_model, save_strategy="steps", save_steps=6)
+    trainer.train()
+    monkeypatch.setattr(integration, "init_ranks", lambda *a, **k: pytest.fail("measured again on resume"))
+    model = build()
+    resumed, again = make_trainer(tmp_path / "a", model, save_strategy="steps", save_steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert again.controller.rank_init == callback.controller.rank_init
+    assert again.controller.ranks() == callback.controller.ranks()
+
+
+# ---------------------------------------------------------------------------------------------- two workers
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_statistics_on_two_gloo_workers_equal_one_process_with_the_same_global_batches():
+    import rank_init_ddp_worker
+    from test_distributed import biggest_difference, torchrun
+
+    first, second = torchrun("rank_init_ddp_worker.py")["workers"]
+    for kind in ("gradient", "activation"):
+        single = rank_init_ddp_worker.run(kind)
+        assert first[kind]["stats"] == second[kind]["stats"]  # the all-reduce gives both workers the same bits
+        assert first[kind]["tokens"] == single["tokens"]
+        scale = max(max(abs(v) for v in m) for m in single["stats"].values())
+        # Float summation order differs across the all-reduce (measured: 3.6e-7 gradient, 1.8e-7 activation).
+        assert biggest_difference(first[kind]["stats"], single["stats"]) < 1e-5 * scale
+        assert first[kind]["ranks"] == second[kind]["ranks"] == single["ranks"]
+
+
+def test_on_train_begin_receives_the_train_dataloader_whose_batches_the_model_takes(tmp_path):
+    from transformers import TrainerCallback
+
+    class Seen(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+            self.batch = next(iter(train_dataloader))
+            self.loss = model(**self.batch).loss
+
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
+    trainer, _ = make_trainer(tmp_path, model, steps=1)
+    seen = Seen()
+    trainer.add_callback(seen)
+    trainer.train()
+    assert seen.batch["input_ids"].shape == (8, 8) and torch.isfinite(seen.loss)
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_starts_ard_from_data_ranks(tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tiny_models import save_tiny_model_dir
+
+    path = save_tiny_model_dir(tmp_path / "model", kind="llama")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.eos_token = "[SEP]"  # the packaged BERT tokenizer names none; TRL appends it to every text
+    model = AutoModelForCausalLM.from_pretrained(path)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    attach(model, DynaRankConfig(method="ard", r=4, target_modules=targets, rank_init="data", target_params=800))
+    callback = dynarank.DynaRankCallback(model)
+    data = Dataset.from_dict({"text": [f"this is sentence number {i} about cats" for i in range(64)]})
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        max_length=32,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+    )
+    SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback]).train()
+    ctrl = callback.controller
+    assert ctrl.step == 8 and ctrl.history[0]["ranks"] == ctrl.rank_init["ranks"]
+    assert ctrl.start_params == ctrl.rank_init["start_params"] > 800 >= ctrl.adapter_parameters()
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+def test_dynarank_train_starts_from_data_ranks_and_refuses_them_without_a_budget(tmp_path, capsys):
+    from dynarank.cli import main
+    from test_cli import train_args, write_csv
+    from test_cli_inputs import refused
+    from tiny_models import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    data = write_csv(tmp_path / "data.csv")
+    err = refused(train_args(model_dir, data, tmp_path / "no-budget", "--rank-init", "data"), capsys)
+    assert "--rank-init / --target-params" in err and "give target_params" in err
+    assert not (tmp_path / "no-budget").exists()
+    run = tmp_path / "run"
+    argv = train_args(model_dir, data, run, "--rank-init", "data", "--target-params", "1200", "--init-batches", "2")
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rank_init"]["batches"] == 2 and summary["rank_init"]["start_params"] > 1200
+    assert summary["adapter_parameters"] <= 1200
