@@ -40,6 +40,11 @@ CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose defa
 # (quality.py's ablations: the SVD methods without their orthogonality penalty, run at 3e-2 on every task).
 VARIANTS = {"elalora": ["elalora-ortho0"], "adalora-physical": ["adalora-physical-ortho0"]}
 BASELINES = ["lora", "adalora"]  # stock PEFT, each at its best rate per task
+# Stock baselines get a default too (a user's `--method lora` untuned): the rate best over all tasks, no left-out
+# check (they are what dynarank's methods are compared with, each at its best rate per task). dynarank-lora (fixed
+# ranks, no controller) is plain LoRA in dynarank's layer, and eva stock LoRA with another init: both take LoRA's rate.
+STOCK = ["lora", "dora", "adalora", "full"]
+FOLLOWS = {"dynarank-lora": "lora", "eva": "lora"}
 SEEDS = [0, 1, 2]
 
 
@@ -50,12 +55,13 @@ def store_of(task: str, results: Path = RESULTS) -> RecordStore:
 def grid(store: RecordStore, task: str, method: str) -> dict[float, float]:
     """Validation metric per rate of ``method``'s tuning runs on ``task`` (middle budget, seed 0)."""
     spec = quality.TASKS[task]
+    budget = 0 if method == "full" else spec["tune_budget"]  # full fine-tuning has no budget
     runs = [
         r
         for r in store.runs
         if r["task"] == task
         and r["method"] == method
-        and r["budget_r"] == spec["tune_budget"]
+        and r["budget_r"] == budget
         and r["seed"] == 0
         and r["steps"] == spec["steps"]
     ]
@@ -92,7 +98,7 @@ def choose(scores: dict[str, dict], tasks: list[str]) -> tuple[tuple | None, dic
 def study(stores: dict[str, RecordStore]) -> dict:
     """Per method: relative scores per task, the left-out choices and the shipped rate."""
     out = {}
-    for method in CHOSEN:
+    for method in CHOSEN + STOCK:
         scores = {}
         for task, store in stores.items():
             found = candidates(store, task, method)
@@ -103,6 +109,12 @@ def study(stores: dict[str, RecordStore]) -> dict:
         shipped, means = choose(scores, tasks)
         out[method] = {"scores": scores, "left_out": left_out, "shipped": shipped, "mean_relative": means}
     return out
+
+
+def shipped_rates(choices: dict) -> dict[str, float]:
+    """The table dynarank.defaults.DEFAULT_LR should hold: each method's rate best over all tasks."""
+    rates = {m: found["shipped"][1] for m, found in choices.items() if found["shipped"] is not None}
+    return {**rates, **{m: rates[source] for m, source in FOLLOWS.items() if source in rates}}
 
 
 def baseline_rate(store: RecordStore, task: str, method: str) -> float | None:
@@ -232,7 +244,13 @@ def main() -> None:
                 lambda job, record, store=store: store.add(record),
             )
     comparisons = [row for task, wanted in jobs.items() for row in paired(stores[task], task, wanted)]
-    record = {"choices": _jsonable(choices), "jobs": jobs, "comparisons": comparisons, "commands": [command]}
+    record = {
+        "shipped": shipped_rates(choices),
+        "choices": _jsonable(choices),
+        "jobs": jobs,
+        "comparisons": comparisons,
+        "commands": [command],
+    }
     (args.results / "defaults.json").write_text(json.dumps(record, indent=1))
     text = markdown(choices, jobs, comparisons, [command])
     (args.results / "defaults.md").write_text(text)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 
 from dynarank.cli import main
 from dynarank.cli.commands import load_trained
+from dynarank.defaults import SOURCE, default_lr
 from dynarank.training.models import load_classifier
 from tiny_models import save_tiny_model_dir
 
@@ -272,7 +274,9 @@ def test_demo_fast_path_compares_ard_with_lora_at_equal_parameters(tmp_path, cap
     assert main(["demo", "--max-steps", "5", "--n-train", "64", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "ARD-LoRA vs plain LoRA" in out and "LoRA r=" in out
-    assert (tmp_path / "demo" / "ard" / "summary.json").is_file()
+    for method, folder in (("ard", "ard"), ("lora", "lora-r2")):  # each at its own default rate, none hand-picked
+        record = yaml.safe_load((tmp_path / "demo" / folder / "config.yaml").read_text())
+        assert (record["lr"], record["lr_source"]) == (default_lr(method), SOURCE)
 
 
 def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):

@@ -24,6 +24,19 @@ from tiny_models import tiny_bert
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+def test_the_table_is_the_one_the_defaults_study_chose():
+    record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/defaults.json").read_text())
+    assert DEFAULT_LR == record["shipped"]
+
+
+def test_the_study_ships_the_rate_best_on_average_over_every_task():
+    import defaults as study
+
+    scores = {"a": {("m", 1e-3): 0.9, ("m", 1e-2): 1.0}, "b": {("m", 1e-3): 1.0, ("m", 1e-2): 0.5}}
+    assert study.choose(scores, ["a", "b"])[0] == ("m", 1e-3)  # 0.95 on average against 0.75
+    assert study.choose(scores, ["a"])[0] == ("m", 1e-2)  # b left out
+
+
 def test_every_run_method_has_a_default_rate_and_only_those_do():
     assert set(DEFAULT_LR) == set(ALL_METHODS)
 

