@@ -21,6 +21,7 @@ import pytest
 
 import dynarank
 from dynarank.cli import main
+from dynarank.defaults import default_lr
 from test_cli import write_csv
 from tiny_models import save_tiny_model_dir
 
@@ -171,7 +172,7 @@ def _bad_yaml(command: str):
 
 def _mistyped_yaml(w, d, mp):
     run = _copy_run(w.lora, d)
-    _write(run / "config.yaml", (run / "config.yaml").read_text().replace("lr: 0.001", "lr: fast"))
+    _write(run / "config.yaml", (run / "config.yaml").read_text().replace(f"lr: {default_lr('lora')}", "lr: fast"))
     return ["train", "--resume", str(run)]
 
 
@@ -283,7 +284,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "7 train --out on a full filesystem (lora)": (_full_disk, "run/adapter: No space left on device"),
     "8 --resume with options that differ": (
         lambda w, d, mp: ["train", "--resume", str(w.lora), "--r", "4", "--max-steps", "12", "--lr", "0.5"],
-        "--lr 0.5 (the run's: 0.001); --max-steps 12 (the run's: 2); --r 4 (the run's: 8) differ",
+        f"--lr 0.5 (the run's: {default_lr('lora'):g}); --max-steps 12 (the run's: 2); --r 4 (the run's: 8) differ",
     ),
     "9 summary.json holding a list (eval)": (_summary("[]", "eval"), "summary.json must hold a JSON object"),
     "9 summary.json holding a list (export)": (_summary("[]", "export"), "summary.json must hold a JSON object"),

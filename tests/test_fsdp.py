@@ -231,8 +231,9 @@ def test_a_nan_on_one_worker_at_a_resize_step_under_fsdp_skips_it_everywhere_and
     # The skipped step ran a forward pass and no backward: FSDP must take the next step as usual.
     import fsdp_worker
 
+    assert 9 in workers[0]["loop-ard"]["resized"]  # without the NaN, step 9 changes ranks
     first, second = (w["loop-ard-nan"] for w in workers)
-    assert first["skipped"] == second["skipped"] == 1 and 9 in first["resized"]
+    assert first["skipped"] == second["skipped"] == 1
     assert first["history"] == second["history"] and first["tensors"] == second["tensors"]
     single = fsdp_worker.run_loop("ard", nan_step=9, nan_worker=0)
     assert first["history"] == single["history"]

@@ -143,3 +143,17 @@ def test_first_screen_commands_are_the_setup_and_the_test_command(line):
     assert commands[0].startswith("pip install torch==2.13.0") if line == 0 else True
     ci = (README.parent / ".ci" / "run").read_text()
     assert "python -m pytest" in ci and "torch==2.13.0" in ci
+
+
+def test_every_figure_the_readme_quotes_from_the_benchmarks_is_the_records():
+    import sys
+
+    sys.path.insert(0, str(README.parent / "benchmarks"))
+    import claims
+
+    text = README.read_text()
+    section = text[text.index("## What the benchmarks show") : text.index("## Developers")]
+    section = " ".join(section.split())  # the prose wraps lines anywhere
+    figures = claims.figures()
+    missing = {name: value for name, value in figures.items() if value not in section}
+    assert len(figures) > 20 and not missing, f"README figures that differ from the records: {missing}"

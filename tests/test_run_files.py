@@ -17,6 +17,7 @@ import dynarank
 import dynarank.cli.train as train_module
 from dynarank.cli import main
 from dynarank.cli.run_dir import RunDir
+from dynarank.defaults import default_lr
 from dynarank.files import RunFileError, read_jsonl, replace_file
 from dynarank.training.loop import MAX_SKIPPED_IN_A_ROW, NonFiniteError, train_classifier
 from dynarank.training.metrics_log import MetricsLog
@@ -136,7 +137,7 @@ def test_resume_refuses_options_that_differ_from_the_runs_naming_each(tiny_model
     assert (
         "--r 4 (the run's: 2)" in err
         and "--max-steps 12 (the run's: 6)" in err
-        and "--lr 0.5 (the run's: 0.001)" in err
+        and f"--lr 0.5 (the run's: {default_lr('lora'):g})" in err
     )
     assert "drop them, or start a new run" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing touched

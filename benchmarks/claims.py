@@ -1,0 +1,105 @@
+"""The figures the README quotes, recomputed from the committed records (benchmarks/results/*.json).
+
+Each figure is a string exactly as the README prints it; tests/test_readme.py checks that every one appears there,
+so the prose cannot drift from the records. Paired differences are by seed, each method at the learning rate it
+ran most seeds with at that budget (the rate its study chose), positive when the first method is better (higher
+accuracy, lower loss); "± x" is one standard error of the mean difference.
+
+    python benchmarks/claims.py        # every figure, with where it comes from
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from functools import cache
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRIC = {"minilm": ("accuracy", 1), "smollm2": ("loss", -1)}  # the test metric, and its sign (+1: higher better)
+
+
+@cache
+def _record(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+@cache
+def _runs(task: str) -> dict:
+    """(method, budget) -> {seed: record} at the rate with the most seeds (ties: the lower rate)."""
+    by_rate: dict = defaultdict(dict)
+    for run in _record(f"quality_{task}.json")["runs"]:
+        by_rate[run["method"], run["budget_r"], run["lr"]][run["seed"]] = run
+    chosen: dict = {}
+    for (method, budget, _lr), seeds in sorted(by_rate.items()):
+        if len(seeds) > len(chosen.get((method, budget), {})):
+            chosen[method, budget] = seeds
+    return chosen
+
+
+def paired(task: str, method: str, baseline: str, budget: int) -> tuple[float, float, int]:
+    """Mean and standard error of (method - baseline) on the test metric, paired by seed; positive = better."""
+    metric, sign = METRIC[task]
+    ours, theirs = _runs(task)[method, budget], _runs(task)[baseline, budget]
+    diffs = [sign * (ours[s]["test"][metric] - theirs[s]["test"][metric]) for s in sorted(ours) if s in theirs]
+    return statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5, len(diffs)
+
+
+def _diff(task: str, method: str, baseline: str, budget: int) -> str:
+    mean, se, n = paired(task, method, baseline, budget)
+    return f"{mean:+.3f} ± {se:.3f}"
+
+
+def _planted(method: str) -> float:
+    return next(row for row in _record("elalora.json")["table"] if row["method"] == method)["loss / oracle"]
+
+
+def figures() -> dict[str, str]:
+    """Every figure the README quotes, by name, formatted as printed there."""
+    out: dict[str, str] = {}
+    planted = next(r for r in _record("planted_rank.json")["table"] if r["method"] == "ARD default")
+    out["planted ARD exact seeds"] = f"{planted['exact seeds']} of 3 seeds"
+    out["planted ARD loss"] = f"{planted['loss / oracle']:.3f}x"
+    for name, row in [
+        ("LoRA", "LoRA per matrix r=10"),
+        ("DoRA", "stock PEFT DoRA per matrix r=10"),
+        ("stock AdaLoRA", "stock PEFT AdaLoRA per matrix 15->10"),
+        ("ElaLoRA", "ElaLoRA per head r=3"),
+    ]:
+        out[f"planted {name} loss"] = f"{_planted(row):.1f}x"
+
+    for budget in (1, 2, 6):
+        out[f"minilm elalora - adalora r={budget}"] = _diff("minilm", "elalora", "adalora", budget)
+        out[f"minilm adalora-physical - adalora r={budget}"] = _diff("minilm", "adalora-physical", "adalora", budget)
+        out[f"minilm elalora - lora r={budget}"] = _diff("minilm", "elalora", "lora", budget)
+    out["minilm ard - lora r=2"] = _diff("minilm", "ard", "lora", 2)
+    out["minilm ard - adalora r=2"] = _diff("minilm", "ard", "adalora", 2)
+    for budget in (1, 2):
+        out[f"minilm elalora-ortho0 - elalora r={budget}"] = _diff("minilm", "elalora-ortho0", "elalora", budget)
+    ard = list(_runs("minilm")["ard", 2].values())
+    final = statistics.mean(r["adapter_parameters"] for r in ard)
+    out["minilm ard peak / final"] = f"{statistics.mean(r['adapter_parameters_peak'] for r in ard) / final:.1f}x"
+    out["minilm ard mean / final"] = (
+        f"{statistics.mean(r['adapter_parameters_mean_over_training'] for r in ard) / final:.1f}x"
+    )
+    out["minilm ard state fall"] = (
+        f"{1 - statistics.mean(r['state_bytes_end'] / r['state_bytes_peak'] for r in ard):.0%}"
+    )
+
+    for budget in (1, 4, 12):
+        out[f"smollm2 elalora - lora r={budget}"] = _diff("smollm2", "elalora", "lora", budget)
+        out[f"smollm2 elalora-from-above - adalora r={budget}"] = _diff(
+            "smollm2", "elalora-from-above", "adalora", budget
+        )
+    out["smollm2 adalora-physical - lora r=12"] = _diff("smollm2", "adalora-physical", "lora", 12)
+    return out
+
+
+def main() -> None:
+    for name, value in figures().items():
+        print(f"{name:45s} {value}")
+
+
+if __name__ == "__main__":
+    main()
