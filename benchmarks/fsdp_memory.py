@@ -201,6 +201,8 @@ def compare(out_dir: Path, model_name: str) -> dict:
     """Every mode's per-process numbers, and its ranks and tensors against the one-process run."""
     from safetensors.torch import load_file
 
+    from dynarank.naming import ARD_ATTR
+
     reports = {
         m: sorted(
             (json.loads(p.read_text()) for p in out_dir.glob(f"{model_name}-{m}-*.json")), key=lambda r: r["rank"]
@@ -220,8 +222,8 @@ def compare(out_dir: Path, model_name: str) -> dict:
             "same_ranks_as_single": procs[0]["ranks"] == single["ranks"],
             "same_history_as_single": procs[0]["history"] == single["history"],
             "workers_agree": all(p["history"] == procs[0]["history"] for p in procs),
-            "max_adapter_diff": max((v for k, v in diff.items() if "dynarank_ard" not in k), default=0.0),
-            "max_alpha_diff": max((v for k, v in diff.items() if "dynarank_ard" in k), default=0.0),
+            "max_adapter_diff": max((v for k, v in diff.items() if ARD_ATTR not in k), default=0.0),
+            "max_alpha_diff": max((v for k, v in diff.items() if ARD_ATTR in k), default=0.0),
             "largest_diffs": dict(sorted(diff.items(), key=lambda kv: -kv[1])[:3]),
             "step_time_vs_single": statistics.median(p["median_step_s"] for p in procs) / single["median_step_s"],
         }

@@ -119,6 +119,7 @@ def run_one(name: str, seed: int, threads: int, command: str) -> dict:
     """Train and evaluate one (config, seed) in this process; returns the record."""
     import torch
 
+    from dynarank.naming import ARD_ATTR
     from dynarank.training.data import packaged_sentiment
     from dynarank.training.loop import TrainSpec, train_classifier
     from dynarank.training.models import load_classifier, packaged_minilm_path
@@ -141,7 +142,7 @@ def run_one(name: str, seed: int, threads: int, command: str) -> dict:
     done = train_classifier(model, tokenizer, train, spec, eval_set=held, on_step=on_step)
     trained, controller, result = done.model, done.controller, done.metrics
     head = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "classifier" in n)
-    gates = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "dynarank_ard" in n)
+    gates = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and ARD_ATTR in n)
     if controller is not None:
         ranks = result["ranks"]
         adapter = result["adapter_parameters"]

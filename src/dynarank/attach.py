@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import KEY_VALUE_SUFFIXES, OUTPUT_SUFFIXES, QUERY_SUFFIXES, TASK_HEAD_NAMES, ConfigError, DynaRankConfig
 from .layer import ElasticLoRALinear
+from .naming import ARD_ATTR, SVD_ATTR
 from .quantized import keep_training_layout, refuse_merge
 
 logger = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     for attr in (ATTACHED_ATTR, "dynarank_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)
-    for gates in ("dynarank_ard", "dynarank_svd"):  # controller parameters live beside the adapters
+    for gates in (ARD_ATTR, SVD_ATTR):  # controller parameters live beside the adapters
         if gates in dict(model.named_children()):
             del model._modules[gates]
     if getattr(model, "hf_quantizer", None) is not None:

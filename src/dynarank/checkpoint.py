@@ -37,6 +37,7 @@ from safetensors.torch import load
 from torch import nn
 
 from .attach import elastic_layers
+from .naming import SVD_ATTR
 from .storage import interrupted_replacements, restore_interrupted, write_atomically
 
 STATE_FILE = "state.json"
@@ -228,8 +229,9 @@ def restore_layout(model: nn.Module, layout: dict[str, list[list[int]]]) -> None
     for name, slots in layout.items():
         if layers[name].slots != slots:
             layers[name].set_slots(slots)
-    if hasattr(model, "dynarank_svd"):  # ElaLoRA / AdaLoRA singular values follow the restored layout
-        model.dynarank_svd.match_layout(layers)
+    values = getattr(model, SVD_ATTR, None)
+    if values is not None:  # ElaLoRA / AdaLoRA singular values follow the restored layout
+        values.match_layout(layers)
 
 
 def restore_model(model: nn.Module, state: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -29,11 +29,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .attach import elastic_layers
+from .naming import ARD_ATTR, SVD_ATTR
 
 logger = logging.getLogger(__name__)
 
 SHARDED_ATTR = "dynarank_sharded"  # set on the model by shard_base: its ShardedBase record
-CONTROLLER_MODULES = ("dynarank_ard", "dynarank_svd")  # ARD's alphas, the SVD methods' E: always replicated
+CONTROLLER_MODULES = (ARD_ATTR, SVD_ATTR)  # ARD's alphas, the SVD methods' E: always replicated
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from torch import nn
 from .attach import ATTACHED_ATTR, elastic_layers
 from .config import ConfigError
 from .layer import ElasticLoRALinear
+from .naming import ARD_ATTR
 from .rank_spectra import allocate, cut_to, layer_spectrum, write_directions
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def _set_alphas(model: nn.Module, layers: dict[str, ElasticLoRALinear], r0: int)
     from .controllers import prepare_parameters  # the controllers import this module's record name
 
     prepare_parameters(model)
-    gates = model.dynarank_ard
+    gates = getattr(model, ARD_ATTR)
     with torch.no_grad():
         for name, layer in layers.items():
             ranks = torch.tensor(layer.ranks, dtype=gates.alpha.dtype, device=gates.alpha.device)

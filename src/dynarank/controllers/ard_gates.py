@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from ..layer import ElasticLoRALinear
-
-ARD_ATTR = "dynarank_ard"  # the model's submodule holding the alphas
+from ..naming import ARD_ATTR as ARD_ATTR  # the model's submodule holding the alphas (re-exported)
 
 
 class ARDGates(nn.Module):

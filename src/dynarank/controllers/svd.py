@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import ElasticLoRALinear
+from ..naming import SVD_ATTR
 from ..optim_state import reindex_parameter
 from .base import BudgetRecord, RankController, StepRecord
 from .importance import ImportanceEMA, triplet_scores
@@ -30,7 +31,6 @@ from .schedules import BudgetSchedule
 
 INIT_STD = 0.02  # P, Q ~ N(0, 0.02) (AdaLoRA / ElaLoRA)
 MIN_ROUNDS = 3  # fewer reallocation rounds than this in a run: warned before training
-SVD_ATTR = "dynarank_svd"
 
 Plan = dict[str, dict[int, list[int]]]  # module -> group -> rank positions
 
