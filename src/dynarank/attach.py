@@ -13,6 +13,7 @@ from .config import KEY_VALUE_SUFFIXES, OUTPUT_SUFFIXES, QUERY_SUFFIXES, TASK_HE
 from .layer import ElasticLoRALinear
 from .naming import ARD_ATTR, SVD_ATTR
 from .quantized import keep_training_layout, refuse_merge
+from .slot_costs import SlotCosts
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,15 @@ def layer_plan(name: str, module: nn.Linear, config: DynaRankConfig, geometry: H
     return {"n_groups": heads, "split": split}
 
 
+def plan_costs(module: nn.Linear, plan: dict, head_layout: str) -> SlotCosts:
+    """What ranks of the layer :func:`layer_plan` planned for ``module`` will cost (its group and shared-side sizes;
+    a single group is always the 'own' layout)."""
+    rows = plan["split"] == "rows"
+    grouped, other = (module.out_features, module.in_features) if rows else (module.in_features, module.out_features)
+    layout = head_layout if plan["n_groups"] > 1 else "own"
+    return SlotCosts(grouped // plan["n_groups"], other, plan["n_groups"], layout)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -212,8 +222,8 @@ def _build_layers(
     for name in targets:
         module = model.get_submodule(name)
         plan = layer_plan(name, module, config, geometry)
-        group_dim = (module.out_features if plan["split"] == "rows" else module.in_features) // plan["n_groups"]
-        other_dim = module.in_features if plan["split"] == "rows" else module.out_features
+        costs = plan_costs(module, plan, config.head_layout)
+        group_dim, other_dim = costs.group_size, costs.other_dim
         if config.r > min(group_dim, other_dim):
             raise ConfigError(
                 "r",
@@ -224,7 +234,7 @@ def _build_layers(
             module,
             n_groups=plan["n_groups"],
             split=plan["split"],
-            layout=config.head_layout if plan["n_groups"] > 1 else "own",
+            layout=costs.layout,
             r=config.r,
             scaling=config.scaling,
             dropout=config.lora_dropout,

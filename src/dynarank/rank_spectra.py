@@ -119,10 +119,7 @@ def allocate(
     size = 0
 
     def cost(name: str, k: int) -> int:
-        c = layers[name].costs
-        if c.layout == "own" or c.n_groups == 1:
-            return c.group_size + c.other_dim
-        return c.group_size + (0 if k in used[name] else c.other_dim)
+        return layers[name].costs.added_rank(k in used[name])
 
     def take(name: str, g: int, k: int) -> None:
         nonlocal size

@@ -13,7 +13,7 @@ and removing one rank frees ``group_size``, plus ``other_dim`` when its slot had
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -26,6 +26,18 @@ class SlotCosts:
     n_groups: int
     layout: str  # "own" or "shared"
 
+    def one_rank(self) -> int:
+        """What a rank with a slot of its own costs: one shared-side row and one group-side column (every rank of
+        the 'own' layout; the smallest adapter there is)."""
+        return self.group_size + self.other_dim
+
+    def added_rank(self, slot_in_use: bool) -> int:
+        """What one more rank costs: its group-side column, and its shared-side row unless (the 'shared' layout,
+        more than one group) another group already uses that slot."""
+        if self.layout == "own" or self.n_groups == 1 or not slot_in_use:
+            return self.one_rank()
+        return self.group_size
+
     def size(self, slots: Sequence[Sequence[int]]) -> int:
         """Parameters of an adapter whose group g uses the slots ``slots[g]``."""
         used = {s for group in slots for s in group}
@@ -34,7 +46,7 @@ class SlotCosts:
     def size_of_ranks(self, ranks: Sequence[int]) -> int:
         """Parameters of a fresh adapter with these ranks: own slots per group, or (shared) the first max(r) slots."""
         if self.layout == "own":
-            return sum(ranks) * (self.group_size + self.other_dim)
+            return sum(ranks) * self.one_rank()
         return max(ranks, default=0) * self.other_dim + sum(ranks) * self.group_size
 
     def size_after(
@@ -47,7 +59,7 @@ class SlotCosts:
         kept = [[s for j, s in enumerate(group) if j not in prune.get(g, ())] for g, group in enumerate(slots)]
         ranks = [len(k) + grow.get(g, 0) for g, k in enumerate(kept)]
         if self.layout == "own":
-            return sum(ranks) * (self.group_size + self.other_dim)
+            return sum(ranks) * self.one_rank()
         used = len({s for k in kept for s in k})
         return max(used, max(ranks, default=0)) * self.other_dim + sum(ranks) * self.group_size
 
@@ -56,11 +68,16 @@ class SlotCosts:
         between the groups that use it."""
         if self.layout == "shared":
             return self.group_size + self.other_dim / self.n_groups
-        return self.group_size + self.other_dim
+        return self.one_rank()
 
     def book(self, slots: Sequence[Sequence[int]]) -> SlotBook:
         """A ledger of ``slots`` that says what each removal frees."""
         return SlotBook(self, slots)
+
+
+def smallest_adapter(costs: Iterable[SlotCosts]) -> int:
+    """Parameters of the smallest adapter that is not empty: one rank in one group of the cheapest layer."""
+    return min(c.one_rank() for c in costs)
 
 
 class SlotBook:

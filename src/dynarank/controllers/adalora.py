@@ -12,6 +12,7 @@ keeps every initial rank allocated). Optimizer moments of kept ranks are carried
 from __future__ import annotations
 
 from ..config import ConfigError
+from ..slot_costs import smallest_adapter
 from .base import BudgetRecord
 from .schedules import cubic_budget
 from .svd import SVDController
@@ -41,7 +42,7 @@ class AdaLoRAController(SVDController):
             lowest = max(1, floor_ranks)
         else:
             target = c.target_params
-            lowest = min(layer.group_size + layer.other_dim for layer in self.layers.values())
+            lowest = smallest_adapter(layer.costs for layer in self.layers.values())
         if not lowest <= target < self.start_budget:
             field = "target_rank" if self.budget_unit == "rank" else "target_params"
             raise ConfigError(

@@ -48,6 +48,7 @@ from torch import nn
 from ..config import ConfigError
 from ..defaults import default_lr
 from ..rank_init import RANK_INIT_ATTR
+from ..slot_costs import smallest_adapter
 from .ard_budget import cap_to_budget, prefix_cost, steer_factor
 from .ard_gates import ARD_ATTR, ARDGates, mask_gate
 from .ard_settings import ARDSettings
@@ -178,7 +179,7 @@ class ARDController(RankController):
             return
         floor = self.settings.rank_floor
         lowest = sum(layer.num_adapter_parameters_at([floor] * layer.n_groups) for layer in self.layers.values())
-        lowest = max(lowest, min(layer.group_size + layer.other_dim for layer in self.layers.values()))
+        lowest = max(lowest, smallest_adapter(layer.costs for layer in self.layers.values()))
         if not lowest <= target < self.start_params:
             raise ConfigError(
                 ("target_params", "r"),

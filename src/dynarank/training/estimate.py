@@ -7,7 +7,7 @@ import os
 
 from torch import nn
 
-from ..attach import head_geometry, layer_plan, select_targets
+from ..attach import head_geometry, layer_plan, plan_costs, select_targets
 from ..config import ConfigError, DynaRankConfig
 from .methods import DYNARANK_METHODS, stock_adalora_schedule
 
@@ -73,10 +73,7 @@ def _dynarank_estimate(model: nn.Module, spec, targets: dict[str, nn.Linear], me
         total = 0
         for name, m in targets.items():
             plan = layer_plan(name, m, config, geometry)
-            own = plan["n_groups"] if config.head_layout == "own" else 1
-            rows = plan["split"] == "rows"
-            shared, grouped = (m.in_features, m.out_features) if rows else (m.out_features, m.in_features)
-            total += rank * (own * shared + grouped)  # the shared side (A, or B^T for cols) once per owning head
+            total += plan_costs(m, plan, config.head_layout).size_of_ranks([rank] * plan["n_groups"])
             total += {"ard": 1, "elalora": rank, "adalora-physical": rank}.get(method, 0) * plan["n_groups"]  # alpha, E
     except ValueError:
         return None  # the method's own validation says what is wrong
