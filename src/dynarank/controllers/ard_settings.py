@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from ..config import ConfigError
+from ..config import ARDConfig, ConfigError
 from .schedules import ROUNDS_WHEN_UNSET, BudgetSchedule
 
 PAPER = {
@@ -22,6 +22,7 @@ PAPER = {
     "final_frac": 0.0,
     "tv_form": "step",
 }
+PHASES = ("warmup_frac", "final_frac")  # knobs of the ARD config that the settings turn into the schedule
 DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
 # ard_beta=None: a tenth of the mode's default l1 strength (absolute: the paper's lambda * beta = 0.01 * 0.1).
 DEFAULT_BETA = {mode: 0.1 * value for mode, value in DEFAULT_LAMBDA.items()}
@@ -70,21 +71,7 @@ class ARDSettings:
         """``alpha_range``: the mean starting alpha of the groups that start with ranks (1 for the uniform start at
         r0; ranks / r0 after ``rank_init='data'``). lr_alpha=None scales with it, so that a head crosses its own
         range ``alpha_travel`` times over the active phase, whichever rank it starts at."""
-        values = {
-            k: getattr(config, k)
-            for k in (
-                "ard_lambda",
-                "lambda_mode",
-                "ard_beta",
-                "tv_form",
-                "lr_alpha",
-                "mask",
-                "readout",
-                "rank_floor",
-                "warmup_frac",
-                "final_frac",
-            )
-        }
+        values = {k: getattr(config, k) for k in _config_knobs()}
         values["lr"] = None
         if config.preset == "paper":
             values.update(PAPER)
@@ -113,4 +100,11 @@ class ARDSettings:
             values["lr_alpha"] = config.alpha_travel * alpha_range / active
         interval = config.resize_every or max(1, active // ROUNDS_WHEN_UNSET)
         schedule = BudgetSchedule(total_steps, t_init=warmup, t_final=total_steps - final_start, interval=interval)
-        return cls(r0=config.r, schedule=schedule, target_params=config.target_params, **values)
+        return cls(r0=config.r, schedule=schedule, **values)
+
+
+def _config_knobs() -> list[str]:
+    """The fields of ARDConfig that :meth:`ARDSettings.resolve` reads as they are: those the settings carry under
+    the same name and the phases (``PHASES``)."""
+    carried = {f.name for f in fields(ARDSettings)} | set(PHASES)
+    return [f.name for f in fields(ARDConfig) if f.name in carried]
