@@ -10,12 +10,16 @@ group-side columns; r_max = max_g r_g.
 
 The update is ``delta(x) = scaling * sum_g B_g (m_g * (A_g x))`` where ``m_g`` is the
 optional gate of the group's slots, supplied by a controller through :meth:`set_gate`.
+
+This module is the layer itself (its construction, the forward pass, its weights as matrices, merging);
+how it changes shape (remove_slots, add_slots, loading a saved layout) is ``layer_resize.py``, and the
+slot lists' own bookkeeping (encoding, gather indices, removal and growth plans) is ``slot_layout.py``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -23,45 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, worth_bucketing
-from .optim_state import reindex_parameter
+from .layer_resize import Optimizers as Optimizers  # re-exported: the type of the resizes' optimizer argument
+from .layer_resize import SlotResizing
 from .quantized import refuse_merge
 from .slot_costs import SlotCosts
+from .slot_layout import decode_slots as decode_slots  # re-exported (the layout's decoding lives in slot_layout)
+from .slot_layout import encode_slots, gather_indices, is_dense
 
 Split = Literal["rows", "cols"]
 Layout = Literal["own", "shared"]
 GateFn = Callable[["ElasticLoRALinear"], torch.Tensor]
-Optimizers = torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None
 
 
-def encode_slots(slots: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Slot lists as one long tensor: [G, r_0, slots of group 0..., r_1, slots of group 1..., ...]."""
-    flat = [len(slots)]
-    for group in slots:
-        flat.append(len(group))
-        flat.extend(int(s) for s in group)
-    return torch.tensor(flat, dtype=torch.long)
-
-
-def decode_slots(encoded: torch.Tensor) -> list[list[int]]:
-    """The slot lists of :func:`encode_slots` (ValueError when the tensor is not such an encoding)."""
-    values = [int(v) for v in encoded.reshape(-1).tolist()]
-    if not values or values[0] < 0:
-        raise ValueError("not a slot layout (empty, or a negative group count).")
-    slots, i = [], 1
-    for _ in range(values[0]):
-        if i >= len(values) or values[i] < 0 or i + 1 + values[i] > len(values):
-            raise ValueError("not a slot layout (a group runs past the end).")
-        group = values[i + 1 : i + 1 + values[i]]
-        if any(s < 0 for s in group):
-            raise ValueError("not a slot layout (a negative slot).")
-        slots.append(group)
-        i += 1 + values[i]
-    if i != len(values):
-        raise ValueError("not a slot layout (values left over).")
-    return slots
-
-
-class ElasticLoRALinear(nn.Module):
+class ElasticLoRALinear(SlotResizing, nn.Module):
     """A frozen linear layer with a low-rank update whose rank differs per group and can change.
 
     Args:
@@ -209,25 +187,12 @@ class ElasticLoRALinear(nn.Module):
         """
         self.layout_version = getattr(self, "layout_version", 0) + 1  # controllers cache sizes per version
         self.slot_layout = encode_slots(self._slots).to(self.shared_weight.device)
-        n_slots, n_cols = self.n_slots, self.group_weight.shape[1]
-        r_max = self.max_rank
-        slot_index = torch.full((self.n_groups, r_max), n_slots, dtype=torch.long)
-        column_index = torch.full((self.n_groups, r_max), n_cols, dtype=torch.long)
-        offset = 0
-        for g, slots in enumerate(self._slots):
-            slot_index[g, : len(slots)] = torch.tensor(slots, dtype=torch.long)
-            column_index[g, : len(slots)] = torch.arange(offset, offset + len(slots))
-            offset += len(slots)
+        slot_index, column_index = gather_indices(self._slots, self.n_slots, self.group_weight.shape[1])
         device = self.shared_weight.device
         self.slot_index = slot_index.to(device)
         self.column_index = column_index.to(device)
         ranks = self.ranks
-        # Equal ranks in the own layout: every gather below is a plain view.
-        self._dense = (
-            self.layout == "own"
-            and len(set(ranks)) == 1
-            and all(s == list(range(g * ranks[0], (g + 1) * ranks[0])) for g, s in enumerate(self._slots))
-        )
+        self._dense = is_dense(self._slots, self.layout)  # every gather of the forward pass is a view
         # Uneven ranks: the padded product costs G * r_max * d_g per token on the group side, the rank
         # buckets T * d_g (T = sum_g r_g; groups at rank 0 cost nothing) plus a few extra passes over the
         # (N, d) activations. Buckets pay off only when the padding is large (BUCKET_MIN_WASTE).
@@ -373,165 +338,6 @@ class ElasticLoRALinear(nn.Module):
         w = self.base.weight
         w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
-
-    # ------------------------------------------------------------------ resizing
-    def _check_resizable(self) -> None:
-        if self.merged:
-            raise RuntimeError("unmerge() the adapter before resizing it.")
-
-    def _apply_layout(
-        self,
-        new_slots: list[list[int]],
-        slot_source: torch.Tensor,
-        new_shared: torch.Tensor | None,
-        column_source: torch.Tensor,
-        new_group: torch.Tensor | None,
-        optimizer: Optimizers,
-    ) -> None:
-        self.shared_weight = reindex_parameter(self.shared_weight, 0, slot_source, new_shared, optimizer)
-        self.group_weight = reindex_parameter(self.group_weight, 1, column_source, new_group, optimizer)
-        self._slots = new_slots
-        self._rebuild_index()
-
-    def remove_slots(self, positions: Mapping[int, Sequence[int]], optimizer: Optimizers = None) -> int:
-        """Physically remove ranks: ``positions[g]`` lists positions (0..r_g-1) in group g.
-
-        Kept ranks keep their order, values and optimizer state; a shared slot that no group
-        uses any more is dropped. Returns the number of parameters removed.
-
-        The resized weights are new Parameter objects: pass EVERY optimizer that holds this layer's
-        parameters (the controllers pass the ones they are bound to), or it keeps stepping the old ones.
-        """
-        self._check_resizable()
-        before = self.num_adapter_parameters()
-        drop = {g: set(int(p) for p in ps) for g, ps in positions.items()}
-        for g, ps in drop.items():
-            if not 0 <= g < self.n_groups or any(not 0 <= p < len(self._slots[g]) for p in ps):
-                raise IndexError(
-                    f"group {g} has rank {len(self._slots[g]) if 0 <= g < self.n_groups else '?'}; "
-                    f"cannot remove positions {sorted(ps)}."
-                )
-        columns, kept_slots, offset = [], [], 0
-        for g, slots in enumerate(self._slots):
-            keep = [j for j in range(len(slots)) if j not in drop.get(g, ())]
-            columns.extend(offset + j for j in keep)
-            kept_slots.append([slots[j] for j in keep])
-            offset += len(slots)
-        used = sorted({s for slots in kept_slots for s in slots})
-        remap = {old: new for new, old in enumerate(used)}
-        new_slots = [[remap[s] for s in slots] for slots in kept_slots]
-        self._apply_layout(
-            new_slots,
-            torch.tensor(used, dtype=torch.long),
-            None,
-            torch.tensor(columns, dtype=torch.long),
-            None,
-            optimizer,
-        )
-        return before - self.num_adapter_parameters()
-
-    def add_slots(
-        self,
-        counts: Mapping[int, int],
-        optimizer: Optimizers = None,
-        generator: torch.Generator | None = None,
-    ) -> int:
-        """Append ``counts[g]`` ranks to group g without changing the layer's function.
-
-        The new B entries are zero; the new A entries are random (so B receives gradient),
-        except where a shared slot already carries a non-zero B. New entries start with zero
-        optimizer moments. Returns the number of parameters added.
-        """
-        self._check_resizable()
-        before = self.num_adapter_parameters()
-        if any(not 0 <= g < self.n_groups or n < 0 for g, n in counts.items()):
-            raise IndexError(f"invalid growth request {dict(counts)} for {self.n_groups} groups.")
-        n_slots, n_cols = self.n_slots, self.group_weight.shape[1]
-        new_slots = [list(s) for s in self._slots]
-        fresh_slot_of: list[int] = []  # new shared slots, in order of creation
-        new_columns: list[tuple[int, bool]] = []  # (group, slot is fresh) per appended column
-        column_order: list[list[int]] = [[] for _ in range(self.n_groups)]
-        offset = 0
-        for g, slots in enumerate(self._slots):
-            column_order[g] = list(range(offset, offset + len(slots)))
-            offset += len(slots)
-        for g in range(self.n_groups):
-            for _ in range(int(counts.get(g, 0))):
-                reusable = (
-                    []
-                    if self.layout == "own"
-                    else [s for s in range(n_slots + len(fresh_slot_of)) if s not in new_slots[g]]
-                )
-                if reusable:
-                    slot, fresh = reusable[0], reusable[0] >= n_slots
-                else:
-                    slot, fresh = n_slots + len(fresh_slot_of), True
-                    fresh_slot_of.append(slot)
-                new_slots[g].append(slot)
-                column_order[g].append(n_cols + len(new_columns))
-                new_columns.append((g, fresh))
-        if not new_columns:
-            return 0
-        dtype, device = self.shared_weight.dtype, self.shared_weight.device
-        bound = 1.0 / math.sqrt(self.in_features)
-
-        def _random(*shape: int) -> torch.Tensor:
-            t = torch.empty(*shape, dtype=dtype)
-            return t.uniform_(-bound, bound, generator=generator).to(device)
-
-        n_fresh = len(fresh_slot_of)
-        if self.split == "rows":  # shared = A (random), group = B (zero)
-            shared_new = _random(n_fresh, self.other_dim)
-            group_new = torch.zeros(self.group_size, len(new_columns), dtype=dtype, device=device)
-        else:  # shared = B^T (zero), group = A^T (random where its slot is fresh)
-            shared_new = torch.zeros(n_fresh, self.other_dim, dtype=dtype, device=device)
-            group_new = _random(self.group_size, len(new_columns))
-            keep_random = torch.tensor([fresh for _, fresh in new_columns], device=device)
-            group_new = group_new * keep_random.to(dtype)
-        self._apply_layout(
-            new_slots,
-            torch.arange(n_slots + n_fresh),
-            shared_new,
-            torch.tensor([c for cols in column_order for c in cols], dtype=torch.long),
-            group_new,
-            optimizer,
-        )
-        return self.num_adapter_parameters() - before
-
-    def set_slots(self, slots: Sequence[Sequence[int]]) -> None:
-        """Reshape (uninitialised values) to a saved slot layout; used by loading only."""
-        self._check_resizable()
-        if len(slots) != self.n_groups:
-            raise ValueError(f"layout has {len(slots)} groups, this layer has {self.n_groups}.")
-        n_slots = 1 + max((s for g in slots for s in g), default=-1)
-        n_cols = sum(len(g) for g in slots)
-        self.shared_weight = nn.Parameter(
-            self.shared_weight.new_zeros(n_slots, self.other_dim), requires_grad=self.shared_weight.requires_grad
-        )
-        self.group_weight = nn.Parameter(
-            self.group_weight.new_zeros(self.group_size, n_cols), requires_grad=self.group_weight.requires_grad
-        )
-        self._slots = [list(map(int, g)) for g in slots]
-        self._rebuild_index()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        """Take the saved slot layout first (``slot_layout``), so that the saved tensors fit; then load them."""
-        saved = state_dict.get(prefix + "slot_layout")
-        if saved is not None:
-            try:
-                slots = decode_slots(saved)
-            except ValueError as exc:
-                errors.append(f"{prefix}slot_layout: {exc}")
-                return
-            if len(slots) != self.n_groups:
-                errors.append(
-                    f"{prefix}slot_layout: the saved adapter has {len(slots)} rank groups, this layer {self.n_groups} "
-                    "(another granularity, head layout or model)."
-                )
-                return
-            if slots != self._slots:
-                self.set_slots(slots)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def extra_repr(self) -> str:
         return (
