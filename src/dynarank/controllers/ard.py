@@ -36,11 +36,13 @@ alpha most wants to drop it) until the cap holds; and the l1 strength is steered
 budget: lambda_scale *= clip(wanted / budget(t), 1/2, 2), where ``wanted`` is the size the
 alphas' read-out asks for. So the alphas keep ranking the slots, and the budget decides how
 many survive.
+
+This module is the controller and its step protocol (the regulariser's gradient on alpha, the projection, the
+phases, the read-outs and the checkpoint state); the calibration of lambda at the end of warm-up is
+ard_calibration.py, the resize step under the budget ard_resize.py.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -48,20 +50,19 @@ from torch import nn
 from ..config import ConfigError
 from ..defaults import default_lr
 from ..rank_init import RANK_INIT_ATTR
-from ..slot_costs import smallest_adapter
-from .ard_budget import cap_to_budget, prefix_cost, steer_factor
+from .ard_calibration import ARDCalibration
 from .ard_gates import ARD_ATTR, ARDGates, mask_gate
+from .ard_resize import STEER_LIMIT as STEER_LIMIT  # re-exported: the steering's limit lives with the resize
+from .ard_resize import ARDResizing
 from .ard_settings import ARDSettings
 from .ard_signatures import check_signatures
 from .base import BudgetRecord, RankController, StepRecord
 from .rank_motion import RankMotion
-from .schedules import cubic_budget
 
-STEER_LIMIT = 2.0  # budget mode: the l1 strength changes by at most this factor per resize
 MIN_ACTIVE_STEPS = 30  # fewer active steps than this: warned before training (docs/ard.md)
 
 
-class ARDController(RankController):
+class ARDController(ARDCalibration, ARDResizing, RankController):
     """Learn per-group ranks with ARD-LoRA and resize the adapters as they fall.
 
     Args:
@@ -172,22 +173,7 @@ class ARDController(RankController):
         start, stop = self.gates.spans[name]
         return self._readout_vector()[start:stop].tolist()
 
-    # ------------------------------------------------------------------ parameter budget
-    def _check_budget(self) -> None:
-        target = self.settings.target_params
-        if target is None:
-            return
-        floor = self.settings.rank_floor
-        lowest = sum(layer.num_adapter_parameters_at([floor] * layer.n_groups) for layer in self.layers.values())
-        lowest = max(lowest, smallest_adapter(layer.costs for layer in self.layers.values()))
-        if not lowest <= target < self.start_params:
-            raise ConfigError(
-                ("target_params", "r"),
-                f"ARD's budget ({target:,}) must be below the adapter's size at the start rank {self.settings.r0} "
-                f"({self.start_params:,}) and at least {lowest:,} (rank_floor={floor} everywhere, one rank in all): "
-                "change the budget, or raise the start rank to start from more capacity.",
-            )
-
+    # ------------------------------------------------------------------ checks before training
     def _check_run_length(self) -> None:
         """Warn when the active phase is too short for the alphas to learn ranks (docs/ard.md)."""
         s = self.settings
@@ -199,27 +185,6 @@ class ARDController(RankController):
                 f"alphas have {s.resize_every}-step resizes to learn the ranks in and the cut is abrupt; train longer, "
                 "or start nearer the answer (a smaller r)."
             )
-
-    def budget_at(self, t: int | None = None) -> int | None:
-        """The parameter cap at step ``t`` (None without a budget): cubic from the start to the target."""
-        target = self.settings.target_params
-        if target is None:
-            return None
-        return cubic_budget(self.schedule, self.step if t is None else t, self.start_params, target)
-
-    def _cost(self, ranks: dict[str, list[int]]) -> int:
-        return prefix_cost(self.layers, ranks)
-
-    def _steer_lambda(self, wanted: int, budget: int) -> None:
-        """Scale every lambda by the size the alphas ask for over the budget (clipped per resize)."""
-        self.lambda_scale *= steer_factor(wanted, budget, STEER_LIMIT)
-
-    def _cap_to_budget(self, readouts: dict[str, list[int]], budget: int) -> None:
-        """Lower ``readouts`` in place to the budget, lowest-margin tail slots first (ard_budget.py)."""
-        scaled = self.gates.split(self.settings.r0 * self.gates.alpha.detach().float().cpu())
-        cap_to_budget(
-            self.layers, readouts, {n: v.tolist() for n, v in scaled.items()}, self.settings.rank_floor, budget
-        )
 
     # ------------------------------------------------------------------ optimizer groups
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -304,156 +269,11 @@ class ARDController(RankController):
             self.warn_once("nonfinite-alpha", f"alphas of {bad[0]} became non-finite; restored their last value.")
         alpha.copy_(torch.minimum(alpha.clamp(min=0.0), self.caps))
 
-    def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """Record the task loss of a (micro-)batch; calibrates lambda_mode='relative'.
-
-        Hugging Face models that return ``outputs.loss`` are observed automatically; a loop that
-        computes its own loss calls this once per forward pass.
-        """
-        if self.step < self.settings.warmup_steps:
-            value = (float(loss.detach()) if torch.is_tensor(loss) else float(loss)) * self.loss_weight
-            if math.isfinite(value):
-                self._losses.append((self.step, value))
-
-    def _observe_model_output(self, module: nn.Module, args, output) -> None:
-        loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")
-        if torch.is_tensor(loss) and loss.dim() == 0:
-            self.observe_loss(loss)
-
-    def _loss_improvement(self) -> float | None:
-        """Task loss at the start of warm-up minus at its end (means over a tenth of warm-up each)."""
-        if not self._losses:
-            return None
-        k = max(1, self.settings.warmup_steps // 10)
-        first = [v for t, v in self._losses if t < k]
-        last = [v for t, v in self._losses if t >= self.settings.warmup_steps - k]
-        if not first or not last:
-            return None
-        gained = sum(first) / len(first) - sum(last) / len(last)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Every worker saw its own shard's losses: agree on the mean, so all take the same lambda.
-            value = torch.tensor([gained], dtype=torch.float64, device=self._collective_device())
-            torch.distributed.all_reduce(value)
-            gained = float(value) / torch.distributed.get_world_size()
-        return gained
-
-    def _collective_device(self) -> torch.device:
-        backend = torch.distributed.get_backend()
-        return self.gates.alpha.device if backend == "nccl" else torch.device("cpu")
-
-    def _calibrate(self, record: StepRecord) -> None:
-        """Turn the relative strength into a price per group: lambda_g = ard_lambda * p_g, beta_g = ard_beta * p_g.
-
-        'relative': p_g = r0 * dL * cost_g / P. A switched-off slot pushes its alpha up with about
-        2 * r0 * (the loss it carries); dL * cost_g / P is the loss improvement of warm-up shared over
-        the adapter's parameters (P at full rank), priced at the group's cost per rank. So strength 1
-        keeps a slot when it carries about half its parameter share of what warm-up gained.
-        'gradient': p_g = median_g(|dL/dalpha_g| / cost_g) * cost_g, the task gradient on alpha
-        measured over the second half of warm-up (degenerates when warm-up converges: the gradient of
-        an on slot at its optimum is ~0).
-        """
-        mode = self.settings.lambda_mode
-        if mode == "absolute":
-            return
-        per_layer = [layer.costs.rank_price() for layer in self.layers.values()]
-        costs = torch.tensor(
-            [c for c, layer in zip(per_layer, self.layers.values()) for _ in range(layer.n_groups)], dtype=torch.float64
-        )
-        if mode == "relative":
-            gained = self._loss_improvement()
-            if gained is None:
-                self.warn_once(
-                    "no-loss",
-                    "no task loss was observed during warm-up (call controller.observe_loss"
-                    "(loss) in a custom loop); lambda is calibrated on the alpha gradient instead.",
-                    record,
-                )
-                mode = "gradient"
-            else:
-                total = sum(self.settings.r0 * c * layer.n_groups for c, layer in zip(per_layer, self.layers.values()))
-                unit = self.settings.r0 * max(gained, 0.0) / total
-                if gained <= 0:
-                    self.warn_once(
-                        "no-progress",
-                        f"the task loss did not fall during warm-up ({gained:+.3g}); lambda is calibrated on the "
-                        "alpha gradient instead. Check the learning rate.",
-                        record,
-                    )
-                    mode = "gradient"
-        if mode == "gradient":
-            count = max(self._grad_count, 1)
-            per_cost = self.grad_sums.detach().cpu() / count / costs.float()
-            unit = float(per_cost.median())
-            if unit == 0.0 or not math.isfinite(unit):
-                self.warn_once(
-                    "no-alpha-gradient",
-                    "the alphas received no task gradient during warm-up: ranks cannot be learned "
-                    "(is the adapter trained? is warmup_frac too short?).",
-                    record,
-                )
-                unit = 0.0
-        self.unit = unit
-        alpha = self.gates.alpha
-        self.prices = torch.tensor([unit * float(c) for c in costs], dtype=alpha.dtype).to(alpha.device)
-        self.start_alpha = alpha.detach().clone()
-        if self._loss_hook is not None:
-            self._loss_hook.remove()
-            self._loss_hook = None
-
     def _finish(self, record: StepRecord) -> StepRecord:
         if isinstance(record, BudgetRecord):
             record.adapter_parameters = self.adapter_parameters()
             record.budget = self.budget_at()
         return super()._finish(record)
-
-    def _resize(self, record: BudgetRecord) -> None:
-        """Cut every group to its read-out rank (and under the budget), carrying the optimizer state of
-        the kept slots."""
-        readouts = {name: part.tolist() for name, part in self.gates.split(self._readout_vector().cpu()).items()}
-        live = int(self.group_ranks.sum())
-        wanted = sum(sum(r) for r in readouts.values())
-        budget = self.budget_at()
-        if budget is not None:
-            self._steer_lambda(self._cost(readouts), budget)
-            self._cap_to_budget(readouts, budget)
-        kept = sum(sum(r) for r in readouts.values())
-        record.cut_by_alpha, record.cut_by_budget = live - wanted, wanted - kept  # ranks, before the collapse guard
-        self.cuts["alpha"] += record.cut_by_alpha
-        self.cuts["budget"] += record.cut_by_budget
-        if not kept:
-            self._keep_one_slot(readouts, record)
-        for name, layer in self.layers.items():
-            cut = {g: list(range(k, r)) for g, (k, r) in enumerate(zip(readouts[name], layer.ranks)) if k < r}
-            if cut:
-                record.params_removed += layer.remove_slots(cut, optimizer=self.optimizers)
-                record.resized = True
-        self._layout_changed()
-        self._project_alphas()
-        self.anchor = self.gates.alpha.detach().clone()
-        if self.step >= self.settings.final_start:
-            self._drop_gates()  # ranks are fixed from here on: every physical slot is on, A and B fine-tune
-
-    def _keep_one_slot(self, readouts: dict[str, list[int]], record: StepRecord) -> None:
-        """Nothing would be left to train (and a loss without a graph would crash the loop): keep the one slot
-        whose alpha is largest and report the collapse."""
-        alpha = self.gates.alpha.detach().float().cpu().tolist()
-        ranks = self.group_ranks.tolist()
-        alive = [
-            (alpha[i], n, i - self.gates.spans[n][0]) for n, (a, b) in self.gates.spans.items() for i in range(a, b)
-        ]
-        _, best, group = max(entry for entry, r in zip(alive, ranks) if r > 0)
-        readouts[best][group] = 1
-        self.warn_once(
-            "collapse-all",
-            "rank collapse: every group reached rank 0; one slot is kept. lambda is "
-            f"far too high (ard_lambda={self.settings.ard_lambda:g}): lower it.",
-            record,
-        )
-
-    def _drop_gates(self) -> None:
-        for layer in self.layers.values():
-            layer.set_gate(None)
-        self.gates.gated.fill_(False)
 
     @property
     def rank_changes(self) -> int:

@@ -1,0 +1,105 @@
+"""ARD-LoRA's resize step: every group cut to the rank its alpha reads, under the parameter budget when there is
+one (the cap on the cubic schedule, the l1 strength steered toward it), one slot kept if all would go, and the
+gates dropped when the final phase begins. The budget's arithmetic is ard_budget.py.
+
+:class:`ARDResizing` is a part of ``ARDController`` (ard.py), which owns the alphas, the settings and the step.
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+from ..slot_costs import smallest_adapter
+from .ard_budget import cap_to_budget, prefix_cost, steer_factor
+from .base import BudgetRecord, StepRecord
+from .schedules import cubic_budget
+
+STEER_LIMIT = 2.0  # budget mode: the l1 strength changes by at most this factor per resize
+
+
+class ARDResizing:
+    """The budget (its check, its schedule, the steering and the cap) and the physical cut at every resize."""
+
+    def _check_budget(self) -> None:
+        target = self.settings.target_params
+        if target is None:
+            return
+        floor = self.settings.rank_floor
+        lowest = sum(layer.num_adapter_parameters_at([floor] * layer.n_groups) for layer in self.layers.values())
+        lowest = max(lowest, smallest_adapter(layer.costs for layer in self.layers.values()))
+        if not lowest <= target < self.start_params:
+            raise ConfigError(
+                ("target_params", "r"),
+                f"ARD's budget ({target:,}) must be below the adapter's size at the start rank {self.settings.r0} "
+                f"({self.start_params:,}) and at least {lowest:,} (rank_floor={floor} everywhere, one rank in all): "
+                "change the budget, or raise the start rank to start from more capacity.",
+            )
+
+    def budget_at(self, t: int | None = None) -> int | None:
+        """The parameter cap at step ``t`` (None without a budget): cubic from the start to the target."""
+        target = self.settings.target_params
+        if target is None:
+            return None
+        return cubic_budget(self.schedule, self.step if t is None else t, self.start_params, target)
+
+    def _cost(self, ranks: dict[str, list[int]]) -> int:
+        return prefix_cost(self.layers, ranks)
+
+    def _steer_lambda(self, wanted: int, budget: int) -> None:
+        """Scale every lambda by the size the alphas ask for over the budget (clipped per resize)."""
+        self.lambda_scale *= steer_factor(wanted, budget, STEER_LIMIT)
+
+    def _cap_to_budget(self, readouts: dict[str, list[int]], budget: int) -> None:
+        """Lower ``readouts`` in place to the budget, lowest-margin tail slots first (ard_budget.py)."""
+        scaled = self.gates.split(self.settings.r0 * self.gates.alpha.detach().float().cpu())
+        cap_to_budget(
+            self.layers, readouts, {n: v.tolist() for n, v in scaled.items()}, self.settings.rank_floor, budget
+        )
+
+    def _resize(self, record: BudgetRecord) -> None:
+        """Cut every group to its read-out rank (and under the budget), carrying the optimizer state of
+        the kept slots."""
+        readouts = {name: part.tolist() for name, part in self.gates.split(self._readout_vector().cpu()).items()}
+        live = int(self.group_ranks.sum())
+        wanted = sum(sum(r) for r in readouts.values())
+        budget = self.budget_at()
+        if budget is not None:
+            self._steer_lambda(self._cost(readouts), budget)
+            self._cap_to_budget(readouts, budget)
+        kept = sum(sum(r) for r in readouts.values())
+        record.cut_by_alpha, record.cut_by_budget = live - wanted, wanted - kept  # ranks, before the collapse guard
+        self.cuts["alpha"] += record.cut_by_alpha
+        self.cuts["budget"] += record.cut_by_budget
+        if not kept:
+            self._keep_one_slot(readouts, record)
+        for name, layer in self.layers.items():
+            cut = {g: list(range(k, r)) for g, (k, r) in enumerate(zip(readouts[name], layer.ranks)) if k < r}
+            if cut:
+                record.params_removed += layer.remove_slots(cut, optimizer=self.optimizers)
+                record.resized = True
+        self._layout_changed()
+        self._project_alphas()
+        self.anchor = self.gates.alpha.detach().clone()
+        if self.step >= self.settings.final_start:
+            self._drop_gates()  # ranks are fixed from here on: every physical slot is on, A and B fine-tune
+
+    def _keep_one_slot(self, readouts: dict[str, list[int]], record: StepRecord) -> None:
+        """Nothing would be left to train (and a loss without a graph would crash the loop): keep the one slot
+        whose alpha is largest and report the collapse."""
+        alpha = self.gates.alpha.detach().float().cpu().tolist()
+        ranks = self.group_ranks.tolist()
+        alive = [
+            (alpha[i], n, i - self.gates.spans[n][0]) for n, (a, b) in self.gates.spans.items() for i in range(a, b)
+        ]
+        _, best, group = max(entry for entry, r in zip(alive, ranks) if r > 0)
+        readouts[best][group] = 1
+        self.warn_once(
+            "collapse-all",
+            "rank collapse: every group reached rank 0; one slot is kept. lambda is "
+            f"far too high (ard_lambda={self.settings.ard_lambda:g}): lower it.",
+            record,
+        )
+
+    def _drop_gates(self) -> None:
+        for layer in self.layers.values():
+            layer.set_gate(None)
+        self.gates.gated.fill_(False)
