@@ -10,116 +10,151 @@ module. Padded rows are zero and outside the identity, so they add nothing.
 
 In the engine's storage (docs/architecture.md) the rows of a group's factors are gathered from the
 shared side (rows ``slot_index[g]``) and the group side (columns ``column_index[g]``); the gradient of
-each row goes back to where it was read from.
+each row goes back to where it was read from. The gathers of a width are one concatenation of its modules'
+tensors and one index, and the gradients one index_add_ into a flat tensor split into a view per parameter;
+the indices are built once per layout (``OrthogonalityPlan``, rebuilt when a layer's ``layout_version`` or
+tensors change), so a step does no per-module work beyond listing the tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from ..layer import ElasticLoRALinear
 
 
-@dataclass
-class _Rows:
-    """One factor of one module as row stacks: rows (G, r_max, d) (the dense case: (r, d) for G = 1), and every
-    group's true rank (rows past it are zero)."""
+class _Width:
+    """The row stacks of one factor side (shared: Q_g, group: P_g^T) of every module whose rows have width d,
+    as one gather: the modules' tensors concatenated along their rows (the group side transposed, a column per
+    row) with a zero row after them, and ``index`` (B, R) picking every group's rows from it (past a group's rank:
+    the zero row). B = sum of the modules' groups, R = the largest rank among them."""
 
-    layer: ElasticLoRALinear
-    side: str  # "shared" or "group"
-    rows: torch.Tensor
-    ranks: list[int]
+    def __init__(self, side: str, params: list[torch.Tensor], layers: list[ElasticLoRALinear]) -> None:
+        self.side, self.params = side, params
+        self.sizes = [p.shape[0] if side == "shared" else p.shape[1] for p in params]
+        self.total = sum(self.sizes)
+        width = params[0].shape[1] if side == "shared" else params[0].shape[0]
+        r_max = max(layer.slot_index.shape[1] for layer in layers)
+        rows, ranks, offset = [], [], 0
+        for layer, size in zip(layers, self.sizes):
+            local = layer.slot_index if side == "shared" else layer.column_index  # (G, r), past r_g: size
+            local = local.to("cpu")
+            index = torch.where(local < size, local + offset, self.total)
+            rows.append(F.pad(index, (0, r_max - index.shape[1]), value=self.total))
+            ranks.extend(layer.ranks)
+            offset += size
+        device, dtype = params[0].device, params[0].dtype
+        self.index = torch.cat(rows).to(device)  # (B, R)
+        self.flat_index = self.index.flatten()
+        ranks_t = torch.tensor(ranks, device=device)
+        valid = torch.arange(r_max, device=device) < ranks_t[:, None]  # (B, R)
+        self.eye = torch.diag_embed(valid.to(dtype))  # I on each group's true rank
+        self.live = ranks_t > 0
+        self.zero = torch.zeros(1, width, dtype=dtype, device=device)
+
+    @torch.no_grad()
+    def rows(self) -> torch.Tensor:
+        """(B, R, d): every group's rows, zero past its rank."""
+        if self.side == "shared":
+            return torch.cat([*self.params, self.zero])[self.index]  # rows of (sum S + 1, d)
+        return torch.cat([*self.params, self.zero.t()], dim=1).t()[self.index]  # columns of (d_g, sum T + 1)
+
+    @torch.no_grad()
+    def scatter(self, grad_rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(parameter, its gradient)] from the gradient of the row stack: one index_add_, views per parameter."""
+        d = grad_rows.shape[-1]
+        if self.side == "shared":
+            out = grad_rows.new_zeros(self.total + 1, d).index_add_(0, self.flat_index, grad_rows.reshape(-1, d))
+            return list(zip(self.params, out[: self.total].split(self.sizes)))
+        out = grad_rows.new_zeros(d, self.total + 1).index_add_(1, self.flat_index, grad_rows.reshape(-1, d).t())
+        return list(zip(self.params, out[:, : self.total].split(self.sizes, dim=1)))
 
 
-def factor_rows(layer: ElasticLoRALinear) -> tuple[_Rows, _Rows]:
-    """Every group's factors as row stacks: shared (G, r_max, d_other) and group (G, r_max, d_g).
-
-    Rows: shared = Q_g (A rows), group = P_g^T (B columns); cols: shared = P_g^T, group = Q_g.
-    """
-    g, d_g, ranks = layer.n_groups, layer.group_size, layer.ranks
-    if layer._dense:  # equal ranks, own slots: plain views of the storage
-        r = layer.max_rank
-        shared = layer.shared_weight.detach().view(g, r, layer.other_dim)
-        group = layer.group_weight.detach().view(d_g, g, r).permute(1, 2, 0)
-    else:
-        shared = F.pad(layer.shared_weight.detach(), (0, 0, 0, 1))[layer.slot_index]
-        group = F.pad(layer.group_weight.detach(), (0, 1))[:, layer.column_index].permute(1, 2, 0)
-    return _Rows(layer, "shared", shared, ranks), _Rows(layer, "group", group, ranks)
+def _signature(layers: list[ElasticLoRALinear]) -> list[tuple]:
+    """What a cached plan depends on: every layer's layout version and its two tensors (identity, dtype, device)."""
+    out = []
+    for layer in layers:
+        shared, group = layer.shared_weight, layer.group_weight
+        out.append((layer, shared, group, layer.layout_version, shared.dtype, group.dtype, shared.device))
+    return out
 
 
-def _scatter_back(part: _Rows, grad_rows: torch.Tensor) -> torch.Tensor:
-    """The gradient of the stored tensor from the gradient of its row stack (G, r_max, d)."""
-    layer = part.layer
-    if part.side == "shared":
-        if layer._dense:
-            return grad_rows.reshape(layer.n_slots, layer.other_dim)
-        out = grad_rows.new_zeros(layer.n_slots + 1, layer.other_dim)
-        out.index_add_(0, layer.slot_index.flatten(), grad_rows.reshape(-1, layer.other_dim))
-        return out[: layer.n_slots]
-    if layer._dense:
-        return grad_rows.permute(2, 0, 1).reshape(layer.group_size, -1)
-    n_cols = layer.group_weight.shape[1]
-    out = grad_rows.new_zeros(layer.group_size, n_cols + 1)
-    out.index_add_(1, layer.column_index.flatten(), grad_rows.reshape(-1, layer.group_size).t())
-    return out[:, :n_cols]
+def _same(a: list[tuple], b: list[tuple]) -> bool:
+    """Same layers, the same tensor objects (``is``), the same versions, dtypes and device."""
+    return len(a) == len(b) and all(all(x is y for x, y in zip(p[:3], q[:3])) and p[3:] == q[3:] for p, q in zip(a, b))
 
 
-def orthogonality_gradients(
-    layers: Iterable[ElasticLoRALinear], weight: float
-) -> tuple[torch.Tensor | None, list[tuple[torch.nn.Parameter, torch.Tensor]]]:
-    """(R, [(parameter, weight * dR/dparameter), ...]); (None, []) when no module has a rank left.
+class OrthogonalityPlan:
+    """The gathers of :func:`orthogonality_gradients`, built once per layout (every layer's ``layout_version``
+    and tensors) and reused while it holds: a step then costs one concatenation and one index per width, one
+    batched product, and one index_add_ per width for the gradients."""
 
-    R stays on the device (no wait for it)."""
-    by_width: dict[tuple, list[_Rows]] = {}
+    def __init__(self) -> None:
+        self._signature: list[tuple] = []
+        self.widths: list[_Width] = []
+
+    def widths_for(self, layers: Iterable[ElasticLoRALinear]) -> list[_Width]:
+        layers = list(layers)
+        signature = _signature(layers)
+        if not _same(signature, self._signature):
+            self.widths = _plan(layers)
+            self._signature = signature
+        return self.widths
+
+
+def _plan(layers: list[ElasticLoRALinear]) -> list[_Width]:
+    by_width: dict[tuple, tuple[list, list]] = {}
     for layer in layers:
         if layer.max_rank == 0:
             continue
-        for part in factor_rows(layer):
-            key = (part.side, part.rows.shape[-1], part.rows.dtype, part.rows.device)
-            by_width.setdefault(key, []).append(part)
-    if not by_width:
+        shared, group = layer.shared_weight, layer.group_weight
+        for side, p, width in (("shared", shared, shared.shape[1]), ("group", group, group.shape[0])):
+            params, owners = by_width.setdefault((side, width, p.dtype, p.device), ([], []))
+            params.append(p)
+            owners.append(layer)
+    return [_Width(key[0], params, owners) for key, (params, owners) in by_width.items()]
+
+
+def orthogonality_gradients(
+    layers: Iterable[ElasticLoRALinear], weight: float, plan: OrthogonalityPlan | None = None
+) -> tuple[torch.Tensor | None, list[tuple[torch.nn.Parameter, torch.Tensor]]]:
+    """(R, [(parameter, weight * dR/dparameter), ...]); (None, []) when no module has a rank left.
+
+    R stays on the device (no wait for it). ``plan`` keeps the gathers from one call to the next (rebuilt when
+    a layout changed); without one they are built for this call."""
+    widths = (plan or OrthogonalityPlan()).widths_for(layers)
+    if not widths:
         return None, []
     batches = []
-    for parts in by_width.values():
-        # Every group of every module of this width, padded to a common rank: (B, R, d), B = sum of groups.
-        items = [row for part in parts for row in part.rows.unbind(0)]
-        rows = pad_sequence(items, batch_first=True)
-        ranks = torch.tensor([r for part in parts for r in part.ranks], device=rows.device)
-        valid = torch.arange(rows.shape[1], device=rows.device) < ranks[:, None]  # (B, R)
-        diff = rows @ rows.transpose(1, 2) - torch.diag_embed(valid.to(rows.dtype))  # D = X X^T - I  (B, R, R)
+    for w in widths:
+        rows = w.rows()  # every group of every module of this width, padded to a common rank: (B, R, d)
+        diff = rows @ rows.transpose(1, 2) - w.eye  # D = X X^T - I  (B, R, R)
         norms = torch.linalg.matrix_norm(diff)  # (B,)
-        batches.append((parts, rows, diff, norms, ranks > 0))
+        batches.append((w, rows, diff, norms, w.live))
     n_terms = torch.stack([live.sum() for *_, live in batches]).sum()  # a device scalar: no wait for the device
     penalty = torch.stack([torch.where(live, norms, 0.0).sum() for *_, norms, live in batches]).sum() / n_terms
     updates = []
-    for parts, rows, diff, norms, live in batches:
+    for w, rows, diff, norms, live in batches:
         scale = torch.where(live & (norms > 0), 2.0 * weight / (n_terms * norms.clamp(min=1e-30)), 0.0)
-        grad_rows = (diff @ rows) * scale[:, None, None]  # (B, R, d)
-        start = 0
-        for part in parts:
-            g, r = part.rows.shape[:2]
-            grad = _scatter_back(part, grad_rows[start : start + g, :r])
-            param = part.layer.shared_weight if part.side == "shared" else part.layer.group_weight
-            updates.append((param, grad))
-            start += g
+        updates.extend(w.scatter((diff @ rows) * scale[:, None, None]))  # (B, R, d) -> each parameter
     return penalty, updates
 
 
-def add_orthogonality_gradient(layers: Iterable[ElasticLoRALinear], weight: float) -> torch.Tensor | None:
+def add_orthogonality_gradient(
+    layers: Iterable[ElasticLoRALinear], weight: float, plan: OrthogonalityPlan | None = None
+) -> torch.Tensor | None:
     """Add ``weight * dR/dw`` to the gradient of every factor; returns R, a device scalar (None: no rank left)."""
-    penalty, updates = orthogonality_gradients(layers, weight)
+    penalty, updates = orthogonality_gradients(layers, weight, plan)
     if penalty is None:
         return None
     with torch.no_grad():
         accumulate = [(p, g) for p, g in updates if p.grad is not None]
         for p, g in updates:
             if p.grad is None:
-                p.grad = g.clone()
+                p.grad = g.clone(memory_format=torch.contiguous_format)
         if accumulate:
             torch._foreach_add_([p.grad for p, _ in accumulate], [g for _, g in accumulate])
     return penalty.detach()

@@ -27,7 +27,7 @@ from ..naming import SVD_ATTR
 from ..optim_state import reindex_parameter
 from .base import BudgetRecord, RankController, StepRecord
 from .importance import ImportanceEMA, triplet_scores
-from .orthogonality import add_orthogonality_gradient
+from .orthogonality import OrthogonalityPlan, add_orthogonality_gradient
 from .schedules import BudgetSchedule
 from .svd_values import INIT_STD as INIT_STD  # re-exported: E's module and the initialisation are svd_values.py
 from .svd_values import SVDValues as SVDValues
@@ -87,6 +87,7 @@ class SVDController(RankController):
         self.finalized = False
         self.rank_changes = 0  # ranks pruned plus ranks added, over the run
         self._last_penalty: torch.Tensor | None = None
+        self._orthogonality = OrthogonalityPlan()  # the penalty's gathers, rebuilt when a layout changes
         self.generator = torch.Generator().manual_seed(c.seed + 2) if c.seed is not None else None
 
     def _own_parameter_count(self) -> int:
@@ -132,7 +133,7 @@ class SVDController(RankController):
         weight = self.config.ortho_weight
         if self.finalized or weight == 0:
             return
-        penalty = add_orthogonality_gradient(self.layers.values(), weight)
+        penalty = add_orthogonality_gradient(self.layers.values(), weight, self._orthogonality)
         if penalty is not None:
             self._last_penalty = penalty
 

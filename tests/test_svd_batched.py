@@ -1,0 +1,69 @@
+"""The SVD methods' batched per-step work against straightforward references, through resizes.
+
+The orthogonality gradient (one gather per width, indices cached per layout) against autograd of
+``orthogonality_penalty``; the plan is kept across a resize, which must rebuild it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
+from dynarank.controllers.orthogonality import OrthogonalityPlan, orthogonality_gradients, orthogonality_penalty
+from tiny_models import randomize_adapters, tiny_bert
+
+TARGETS = ["query", "value", "attention.output.dense", "intermediate.dense"]  # rows and cols splits, two widths
+
+
+def _model(layout: str):
+    model = tiny_bert()
+    config = DynaRankConfig(
+        method="elalora", r=3, target_modules=TARGETS, granularity="head", head_layout=layout, seed=0
+    )
+    attach(model, config)
+    ctrl = build_controller(model, total_steps=50)
+    randomize_adapters(model, seed=1)
+    return model, ctrl
+
+
+def _reference(layers, weight):
+    params = [p for layer in layers for p in layer.adapter_parameters()]
+    for p in params:
+        p.grad = None
+    penalty = orthogonality_penalty(layers)
+    (weight * penalty).backward()
+    grads = {id(p): p.grad.clone() for p in params}
+    for p in params:
+        p.grad = None
+    return penalty.detach(), grads
+
+
+def _check(layers, plan, weight=0.1):
+    expected_penalty, expected = _reference(layers, weight)
+    penalty, updates = orthogonality_gradients(layers, weight, plan)
+    torch.testing.assert_close(penalty, expected_penalty)
+    assert len(updates) == 2 * sum(layer.max_rank > 0 for layer in layers)
+    for p, grad in updates:
+        assert grad.shape == p.shape
+        torch.testing.assert_close(grad, expected[id(p)])
+
+
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_the_orthogonality_gradient_is_autograd_of_the_penalty_before_and_after_resizes(layout):
+    model, ctrl = _model(layout)
+    layers = list(elastic_layers(model).values())
+    plan = OrthogonalityPlan()
+    _check(layers, plan)  # equal ranks: the dense case
+    widths = plan.widths
+    _check(layers, plan)
+    assert plan.widths is widths  # the same layout: the gathers are reused
+
+    # Uneven ranks (some groups down to one, others grown): every gather goes through the padded indices.
+    names = list(elastic_layers(model))
+    prune = {names[0]: {0: [0, 2], 1: [1]}, names[2]: {2: [0]}, names[3]: {0: [1]}}
+    ctrl.resize(prune, {names[1]: {0: 2}, names[2]: {1: 1}, names[4]: {0: 1, 3: 2}})
+    randomize_adapters(model, seed=2)
+    layers = list(elastic_layers(model).values())
+    _check(layers, plan)
+    assert plan.widths is not widths  # the resize bumped the layouts: rebuilt
