@@ -1,13 +1,15 @@
 """The SVD methods' batched per-step work against straightforward references, through resizes.
 
 The orthogonality gradient (one gather per width, indices cached per layout) against autograd of
-``orthogonality_penalty``; the plan is kept across a resize, which must rebuild it.
+``orthogonality_penalty``; the plan is kept across a resize, which must rebuild it. The gate (a view of E, or one
+index into E, worked out once per layout) against the module's span of E gathered by ``column_index``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.controllers.orthogonality import OrthogonalityPlan, orthogonality_gradients, orthogonality_penalty
@@ -67,3 +69,33 @@ def test_the_orthogonality_gradient_is_autograd_of_the_penalty_before_and_after_
     layers = list(elastic_layers(model).values())
     _check(layers, plan)
     assert plan.widths is not widths  # the resize bumped the layouts: rebuilt
+
+
+def _check_gates(model):
+    values = model.dynarank_svd
+    x = {name: torch.randn(layer.column_index.shape) for name, layer in elastic_layers(model).items()}
+    values.values.grad = None
+    sum((layer.gate() * x[name]).sum() for name, layer in elastic_layers(model).items()).backward()
+    got = values.values.grad.clone()
+    values.values.grad = None
+    expected = 0
+    for name, layer in elastic_layers(model).items():
+        reference = F.pad(values.of(name), (0, 1))[layer.column_index]  # padded slots read a zero
+        assert torch.equal(layer.gate(), reference)
+        expected = expected + (reference * x[name]).sum()
+    expected.backward()
+    assert torch.equal(got, values.values.grad)
+    values.values.grad = None
+
+
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_the_gate_reads_each_module_s_span_of_e_before_and_after_resizes(layout):
+    model, ctrl = _model(layout)
+    with torch.no_grad():
+        model.dynarank_svd.values.copy_(torch.randn(model.dynarank_svd.values.shape))
+    _check_gates(model)
+    names = list(elastic_layers(model))
+    ctrl.resize({names[0]: {0: [0, 2], 1: [1]}, names[5]: {2: [0]}}, {names[1]: {0: 2}, names[4]: {0: 1, 3: 2}})
+    with torch.no_grad():
+        model.dynarank_svd.values.copy_(torch.randn(model.dynarank_svd.values.shape))
+    _check_gates(model)

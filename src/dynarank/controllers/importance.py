@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..layer import ElasticLoRALinear
 
@@ -46,7 +47,8 @@ class ImportanceEMA:
     """Sensitivity and uncertainty moving averages of every element of the tracked parameters.
 
     The EMAs of all parameters live in two flat buffers, and each parameter's state (in ``carrier``)
-    is a view into them: a step is a handful of operations over every element at once. A resize
+    is a view into them: a step is a handful of operations over every element at once (the weights and
+    gradients are flattened by one C++ call, ``_flatten_dense_tensors``, not one operation per parameter). A resize
     re-indexes a parameter's state into a tensor of its own (``invalidate``); the next update packs
     the buffers again.
 
@@ -88,18 +90,14 @@ class ImportanceEMA:
         if self._packed is not None and len(self._packed[0]) == len(params):
             if all(a is b for a, b in zip(self._packed[0], params)):
                 return self._packed[1], self._packed[2]
-        buffers = []
+        buffers, views = [], []
         for key in ("sensitivity", "uncertainty"):
-            parts = [self.carrier.state[p].get(key, torch.zeros_like(p)).reshape(-1) for p in params]
-            buffers.append(torch.cat(parts))
-        offset = 0
-        for p in params:
-            n = p.numel()
-            self.carrier.state[p] = {
-                "sensitivity": buffers[0][offset : offset + n].view_as(p),
-                "uncertainty": buffers[1][offset : offset + n].view_as(p),
-            }
-            offset += n
+            parts = [self.carrier.state[p].get(key) for p in params]
+            parts = [t if t is not None else torch.zeros_like(p) for t, p in zip(parts, params)]
+            buffers.append(_flatten_dense_tensors(parts))
+            views.append(_unflatten_dense_tensors(buffers[-1], parts))
+        for p, ibar, ubar in zip(params, *views):
+            self.carrier.state[p] = {"sensitivity": ibar, "uncertainty": ubar}
         self._packed = (list(params), buffers[0], buffers[1])
         return buffers[0], buffers[1]
 
@@ -111,13 +109,14 @@ class ImportanceEMA:
         params = [p for p in self.params if p.numel()]
         if not params:
             return []
-        if any(p.grad is None for p in params):
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
             return self._update_each(params)
-        grads = torch.cat([p.grad.reshape(-1) for p in params])
+        grads = _flatten_dense_tensors(grads)  # one concatenation, no per-parameter operation
         if not bool(grads.isfinite().all()):
             return self._update_each(params)
         ibar, ubar = self._pack(params)
-        sensitivity = (torch.cat([p.detach().reshape(-1) for p in params]) * grads).abs_()  # I = |w * g|
+        sensitivity = (_flatten_dense_tensors(params) * grads).abs_()  # I = |w * g|
         ibar.mul_(self.beta1).add_(sensitivity, alpha=1.0 - self.beta1)  # Ibar = b1 Ibar + (1 - b1) I
         spread = (sensitivity - ibar).abs_()  # |I - Ibar|, with the new Ibar
         ubar.mul_(self.beta2).add_(spread, alpha=1.0 - self.beta2)  # Ubar = b2 Ubar + (1 - b2) |I - Ibar|

@@ -37,17 +37,21 @@ class _Width:
         self.sizes = [p.shape[0] if side == "shared" else p.shape[1] for p in params]
         self.total = sum(self.sizes)
         width = params[0].shape[1] if side == "shared" else params[0].shape[0]
-        r_max = max(layer.slot_index.shape[1] for layer in layers)
-        rows, ranks, offset = [], [], 0
+        r_max = max(layer.max_rank for layer in layers)
+        index, ranks, offset = [], [], 0  # built from the slot lists: no tensor operation per module
         for layer, size in zip(layers, self.sizes):
-            local = layer.slot_index if side == "shared" else layer.column_index  # (G, r), past r_g: size
-            local = local.to("cpu")
-            index = torch.where(local < size, local + offset, self.total)
-            rows.append(F.pad(index, (0, r_max - index.shape[1]), value=self.total))
-            ranks.extend(layer.ranks)
+            column = offset
+            for slots in layer.slots:
+                if side == "shared":
+                    row = [offset + s for s in slots]
+                else:
+                    row = list(range(column, column + len(slots)))
+                    column += len(slots)
+                index.append(row + [self.total] * (r_max - len(slots)))  # past the rank: the zero row
+                ranks.append(len(slots))
             offset += size
         device, dtype = params[0].device, params[0].dtype
-        self.index = torch.cat(rows).to(device)  # (B, R)
+        self.index = torch.tensor(index, dtype=torch.long, device=device)  # (B, R)
         self.flat_index = self.index.flatten()
         ranks_t = torch.tensor(ranks, device=device)
         valid = torch.arange(r_max, device=device) < ranks_t[:, None]  # (B, R)
