@@ -2,7 +2,9 @@
 
 The orthogonality gradient (one gather per width, indices cached per layout) against autograd of
 ``orthogonality_penalty``; the plan is kept across a resize, which must rebuild it. The gate (a view of E, or one
-index into E, worked out once per layout) against the module's span of E gathered by ``column_index``.
+index into E, worked out once per layout) against the module's span of E gathered by ``column_index``. The rank
+scores of every module at once (``TripletPlan``) against ``importance.triplet_scores`` module by module, bitwise;
+ElaLoRA's candidates (two stable sorts over every rank) against each group's own stable argsort, ties included.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
+from dynarank.controllers.importance import triplet_scores
 from dynarank.controllers.orthogonality import OrthogonalityPlan, orthogonality_gradients, orthogonality_penalty
 from tiny_models import randomize_adapters, tiny_bert
 
@@ -99,3 +102,56 @@ def test_the_gate_reads_each_module_s_span_of_e_before_and_after_resizes(layout)
     with torch.no_grad():
         model.dynarank_svd.values.copy_(torch.randn(model.dynarank_svd.values.shape))
     _check_gates(model)
+
+
+def _set_random_importance(ctrl, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in ctrl._scored_parameters():
+        ctrl.importance.set_state(p, torch.rand(p.shape, generator=g), torch.rand(p.shape, generator=g))
+
+
+def _check_triplets(ctrl):
+    got = ctrl.triplet_scores()
+    score = ctrl.importance.score
+    values = ctrl.values.split(score(ctrl.values.values))
+    for name, layer in ctrl.layers.items():
+        expected = triplet_scores(layer, score(layer.shared_weight), score(layer.group_weight), values[name])
+        assert len(got[name]) == len(expected)
+        for a, b in zip(got[name], expected):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_the_batched_rank_scores_are_bitwise_the_module_by_module_ones_before_and_after_resizes(layout):
+    model, ctrl = _model(layout)
+    _set_random_importance(ctrl, 0)
+    _check_triplets(ctrl)
+    names = list(elastic_layers(model))
+    ctrl.resize({names[0]: {0: [0, 2], 1: [1]}, names[3]: {0: [1]}}, {names[2]: {1: 1}, names[4]: {0: 1, 3: 2}})
+    _set_random_importance(ctrl, 1)
+    _check_triplets(ctrl)
+    # the packed path: every parameter has EMAs in the flat buffers, the scores are views of one product
+    for p in ctrl._scored_parameters():
+        p.grad = torch.randn(p.shape)
+    ctrl.importance.update()
+    _check_triplets(ctrl)
+
+
+def test_elalora_candidates_are_each_group_s_lowest_by_a_stable_argsort_ties_included():
+    model, ctrl = _model("own")
+    names = list(elastic_layers(model))
+    ctrl.resize({names[0]: {0: [0, 1, 2]}}, {names[2]: {1: 2}}, None)  # a group at 1 rank, one at 5
+    g = torch.Generator().manual_seed(3)
+    scores = {
+        name: [torch.randint(0, 4, (r,), generator=g).float() for r in layer.ranks]  # many ties
+        for name, layer in elastic_layers(model).items()
+    }
+    order = {name: i for i, name in enumerate(scores)}
+    expected = []
+    for name, groups in scores.items():
+        for group, s in enumerate(groups):
+            k = min(ctrl.config.k_candidates, len(s) - ctrl.group_floor())
+            for j in torch.argsort(s, stable=True)[: max(k, 0)].tolist():
+                expected.append((float(s[j]), order[name], group, j))
+    got = [(c.score, order[c.module], c.group, c.position) for c in ctrl.candidates(scores)]
+    assert got == sorted(expected)

@@ -43,7 +43,7 @@ from ..config import ConfigError
 from ..layer import ElasticLoRALinear
 from .base import BudgetRecord
 from .schedules import cubic_budget, cubic_changes
-from .svd import Plan, SVDController
+from .svd import Plan, SVDController, _flat_scores
 
 NEW_RANK_VALUE = 1e-13  # E of an expanded rank: the function is unchanged to ~1e-13
 
@@ -131,15 +131,24 @@ class ElaLoRAController(SVDController):
         the last rank is offered too: k_g = min(k, r_g - rank_floor). A group at rank 0 offers nothing and
         so is never grown again."""
         keep = self.group_floor()
-        found = []
-        for name, groups in scores.items():
-            for g, s in enumerate(groups):
-                k = min(self.config.k_candidates, len(s) - keep)
-                if k < 1:
-                    continue
-                for j in torch.argsort(s, stable=True)[:k].tolist():
-                    found.append(Candidate(float(s[j]), name, g, j))
         order = {name: i for i, name in enumerate(self.layers)}
+        values, modules, groups, positions = _flat_scores(scores, order)
+        if not values:
+            return []
+        # Every group's ranks by ascending score (ties by position): one stable sort by score, then one by group.
+        group_of = torch.tensor([0] + [int(p == 0) for p in positions[1:]]).cumsum(0)
+        by_score = torch.argsort(torch.tensor(values, dtype=torch.float64), stable=True)
+        ranked = by_score[torch.argsort(group_of[by_score], stable=True)].tolist()
+        names = list(self.layers)
+        found, start = [], 0
+        while start < len(ranked):
+            size = 1
+            while start + size < len(positions) and positions[start + size] != 0:
+                size += 1
+            k = min(self.config.k_candidates, size - keep)
+            for idx in ranked[start : start + max(k, 0)]:
+                found.append(Candidate(values[idx], names[modules[idx]], groups[idx], positions[idx]))
+            start += size
         return sorted(found, key=lambda c: (c.score, order[c.module], c.group, c.position))
 
     def plan(self, scores: dict[str, list[torch.Tensor]], b: int) -> tuple[Plan, dict[str, dict[int, int]]]:
@@ -152,8 +161,9 @@ class ElaLoRAController(SVDController):
             prune.setdefault(c.module, {}).setdefault(c.group, []).append(c.position)
             ranks[c.module][c.group] -= 1
         grow: dict[str, dict[int, int]] = {}
-        size = {
-            name: layer.costs.size_after(layer.slots, prune.get(name, {}), {}) for name, layer in self.layers.items()
+        size = {  # parameters after the pruning (only the budget in parameters reads them)
+            name: layer.costs.size_after(layer.slots, prune[name], {}) if name in prune else self.module_size(name)
+            for name, layer in self.layers.items()
         }
         ceiling = self.budget_at(self.step)  # params: expansions stay within the budget in force
         added = 0

@@ -146,6 +146,15 @@ class ImportanceEMA:
             return torch.zeros_like(p, dtype=torch.float32).detach()
         return (state["sensitivity"] * state["uncertainty"]).float()
 
+    def scores(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """``score(p)`` of every parameter of ``params``: one product over the packed EMAs when every parameter has
+        them (views of one flat vector), else parameter by parameter."""
+        state = self.carrier.state
+        if params and all(p.numel() and state.get(p) for p in params):
+            ibar, ubar = self._pack(params)
+            return list(_unflatten_dense_tensors((ibar * ubar).float(), params))
+        return [self.score(p) for p in params]
+
     def set_state(self, p: nn.Parameter, sensitivity: torch.Tensor, uncertainty: torch.Tensor) -> None:
         """Overwrite the EMAs of ``p`` (tests and checkpoint restores)."""
         self.invalidate()
@@ -183,3 +192,75 @@ def triplet_scores(
         out.append(column[offset : offset + r] + row_mean[index])
         offset += r
     return out
+
+
+class TripletPlan:
+    """:func:`triplet_scores` of every module at once, its indices built once per layout.
+
+    The row means of the shared sides are taken over one concatenation per width, the column means of the group
+    sides over one stack per shape (d_g, T): a reduction over the rows of a stack sums each element in the same
+    order as over each tensor alone, so every score is bitwise the one module-by-module code gives.
+    """
+
+    def __init__(self) -> None:
+        self._key: list | None = None
+
+    def _build(self, layers: list[ElasticLoRALinear], shared: list[torch.Tensor], group: list[torch.Tensor]) -> None:
+        device = shared[0].device if shared else None
+        self.row_batches: dict[int, list[int]] = {}  # width -> modules
+        for i, t in enumerate(shared):
+            self.row_batches.setdefault(t.shape[1], []).append(i)
+        row_offset, offset = [0] * len(layers), 0
+        for members in self.row_batches.values():
+            for i in members:
+                row_offset[i] = offset
+                offset += shared[i].shape[0]
+        self.col_batches: dict[tuple, list[int]] = {}  # (d_g, T) -> modules
+        for i, t in enumerate(group):
+            if t.shape[1]:
+                self.col_batches.setdefault(tuple(t.shape), []).append(i)
+        piece_start, offset = [0] * len(layers), 0
+        for members in self.col_batches.values():
+            for i in members:
+                piece_start[i] = offset
+                offset += group[i].shape[1]
+        column_order, row_of_column, self.ranks, self.n_groups = [], [], [], []
+        for i, layer in enumerate(layers):
+            slots = layer.slots
+            column_order.extend(range(piece_start[i], piece_start[i] + group[i].shape[1]))
+            row_of_column.extend(row_offset[i] + s for g in slots for s in g)
+            self.ranks.extend(len(g) for g in slots)
+            self.n_groups.append(len(slots))
+        self.column_order = torch.tensor(column_order, dtype=torch.long, device=device)
+        self.row_of_column = torch.tensor(row_of_column, dtype=torch.long, device=device)
+
+    def scores(
+        self, layers: dict[str, ElasticLoRALinear], shared: list[torch.Tensor], group: list[torch.Tensor], values
+    ) -> dict[str, list[torch.Tensor]]:
+        """{module: [S_g (r_g,) per group]} from the element scores of every module's shared and group sides (in
+        ``layers``' order) and of E (one vector over every module)."""
+        modules = list(layers.values())
+        key = [(layer, layer.layout_version) for layer in modules] + [(t.shape, t.device) for t in shared + group]
+        if (
+            self._key is None
+            or len(key) != len(self._key)
+            or any(a[0] is not b[0] or a[1] != b[1] for a, b in zip(key, self._key))
+        ):
+            self._build(modules, shared, group)
+            self._key = key
+        row_means = [
+            torch.cat([shared[i] for i in members]).mean(dim=1)
+            if width
+            else values.new_zeros(sum(shared[i].shape[0] for i in members))
+            for width, members in self.row_batches.items()
+        ]
+        col_means = [
+            torch.stack([group[i] for i in members]).mean(dim=1).flatten() for members in self.col_batches.values()
+        ]
+        column = values + (torch.cat(col_means)[self.column_order] if col_means else values.new_zeros(0))
+        scores = (column + torch.cat(row_means)[self.row_of_column]).split(self.ranks)
+        out, k = {}, 0
+        for name, n in zip(layers, self.n_groups):
+            out[name] = list(scores[k : k + n])
+            k += n
+        return out

@@ -26,7 +26,7 @@ from ..layer import ElasticLoRALinear
 from ..naming import SVD_ATTR
 from ..optim_state import reindex_parameter
 from .base import BudgetRecord, RankController, StepRecord
-from .importance import ImportanceEMA, triplet_scores
+from .importance import ImportanceEMA, TripletPlan
 from .orthogonality import OrthogonalityPlan, add_orthogonality_gradient
 from .schedules import BudgetSchedule
 from .svd_values import INIT_STD as INIT_STD  # re-exported: E's module and the initialisation are svd_values.py
@@ -88,6 +88,8 @@ class SVDController(RankController):
         self.rank_changes = 0  # ranks pruned plus ranks added, over the run
         self._last_penalty: torch.Tensor | None = None
         self._orthogonality = OrthogonalityPlan()  # the penalty's gathers, rebuilt when a layout changes
+        self._triplets = TripletPlan()  # the score's gathers, likewise
+        self._module_sizes: dict[str, tuple[int, int]] = {}  # name -> (layout version, size)
         self.generator = torch.Generator().manual_seed(c.seed + 2) if c.seed is not None else None
 
     def _own_parameter_count(self) -> int:
@@ -198,13 +200,10 @@ class SVDController(RankController):
 
     # ------------------------------------------------------------------ scores and pruning
     def triplet_scores(self) -> dict[str, list[torch.Tensor]]:
-        """Score of every rank, by module and group (importance.triplet_scores)."""
-        score = self.importance.score
-        values = self.values.split(score(self.values.values))
-        return {
-            name: triplet_scores(layer, score(layer.shared_weight), score(layer.group_weight), values[name])
-            for name, layer in self.layers.items()
-        }
+        """Score of every rank, by module and group (importance.triplet_scores, for every module at once)."""
+        params = self._scored_parameters()
+        scores = self.importance.scores(params)
+        return self._triplets.scores(self.layers, scores[0:-1:2], scores[1:-1:2], scores[-1])
 
     def prune_to_budget(self, t: int, record: BudgetRecord, floor: int | None = None) -> None:
         """Remove the lowest-scoring ranks until ``budget_at(t)`` holds (no group below ``floor``)."""
@@ -220,14 +219,9 @@ class SVDController(RankController):
         """
         floor = self.config.rank_floor if floor is None else floor
         order = list(self.layers)
-        ranked = sorted(
-            (float(v), order.index(name), g, j)
-            for name, groups in scores.items()
-            for g, s in enumerate(groups)
-            for j, v in enumerate(s.tolist())
-        )
-        ranks = {name: layer.ranks for name, layer in self.layers.items()}
-        books = {name: layer.costs.book(layer.slots) for name, layer in self.layers.items()}
+        ranked = sorted(zip(*_flat_scores(scores, {name: i for i, name in enumerate(order)})))
+        ranks: dict[str, list[int]] = {}  # of the modules the plan touches, read when first reached
+        books = {}
         plan: Plan = {}
         freed, left = 0, self.total_rank()
         for _, i, g, j in ranked:
@@ -235,6 +229,8 @@ class SVDController(RankController):
                 break
             name = order[i]
             layer = self.layers[name]
+            if name not in ranks:
+                ranks[name], books[name] = layer.ranks, layer.costs.book(layer.slots)
             if ranks[name][g] <= floor:
                 continue
             cost = books[name].remove(layer.slots[g][j])
@@ -243,6 +239,15 @@ class SVDController(RankController):
             left -= 1
             plan.setdefault(name, {}).setdefault(g, []).append(j)
         return plan
+
+    def module_size(self, name: str) -> int:
+        """``costs.size_after(slots, {}, {})`` of module ``name``, computed once per layout."""
+        layer = self.layers[name]
+        cached = self._module_sizes.get(name)
+        if cached is None or cached[0] != layer.layout_version:
+            cached = (layer.layout_version, layer.costs.size_after(layer.slots, {}, {}))
+            self._module_sizes[name] = cached
+        return cached[1]
 
     # ------------------------------------------------------------------ physical resizing
     def _carried(self) -> list[torch.optim.Optimizer]:
@@ -398,3 +403,19 @@ class SVDController(RankController):
                 self.importance.set_state(p, sens, unc)
         if self.generator is not None and "generator" in tensors:
             self.generator.set_state(tensors["generator"])
+
+
+def _flat_scores(
+    scores: dict[str, list[torch.Tensor]], order: dict[str, int]
+) -> tuple[list[float], list[int], list[int], list[int]]:
+    """Every rank's (score, module index, group, position) as four lists, the scores read with one transfer."""
+    tensors, modules, groups, positions = [], [], [], []
+    for name, per_group in scores.items():
+        i = order[name]
+        for g, s in enumerate(per_group):
+            tensors.append(s.reshape(-1))
+            modules.extend([i] * s.numel())
+            groups.extend([g] * s.numel())
+            positions.extend(range(s.numel()))
+    values = [float(v) for v in torch.cat(tensors).tolist()] if tensors else []
+    return values, modules, groups, positions
