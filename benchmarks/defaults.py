@@ -15,6 +15,7 @@ agreement.
 
     python benchmarks/defaults.py                # choices from the grids on record, table (no training)
     python benchmarks/defaults.py --validate     # also run the left-out checks still missing (hours)
+    python benchmarks/defaults.py --validate --check smollm2   # only those of one task (chosen on all of them)
 """
 
 from __future__ import annotations
@@ -224,6 +225,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--validate", action="store_true", help="run the left-out checks still missing")
     parser.add_argument("--tasks", nargs="+", default=STUDY_TASKS, choices=STUDY_TASKS)
+    parser.add_argument(
+        "--check", nargs="+", choices=STUDY_TASKS, help="with --validate: run the left-out checks of these tasks only"
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the quality records (and outputs)")
     args = parser.parse_args()
@@ -233,6 +237,8 @@ def main() -> None:
     command = "python benchmarks/defaults.py " + shlex.join(sys.argv[1:])
     if args.validate:
         for task, wanted in jobs.items():
+            if args.check and task not in args.check:
+                continue
             store, steps = stores[task], quality.TASKS[task]["steps"]
             todo = [j for j in wanted if not store.has((task, *j, steps))]
             store.note_command(command)
