@@ -93,6 +93,25 @@ def figures() -> dict[str, str]:
             "smollm2", "elalora-from-above", "adalora", budget
         )
     out["smollm2 adalora-physical - lora r=12"] = _diff("smollm2", "adalora-physical", "lora", 12)
+    for budget in (1, 2, 4, 6):
+        out[f"minilm ard-data - lora r={budget}"] = _diff("minilm", "ard-data", "lora", budget)
+    for budget in (1, 4):
+        out[f"smollm2 ard-data - lora r={budget}"] = _diff("smollm2", "ard-data", "lora", budget)
+    data_start = [r for budget in (1, 2, 4, 6) for r in _runs("minilm")["ard-data", budget].values()]
+    out["minilm ard-data peak / budget"] = (
+        f"{max(r['adapter_parameters_peak'] / r['budget_parameters'] for r in data_start):.1f}x"
+    )
+    out["minilm ard-data mean / budget"] = (
+        f"{max(r['adapter_parameters_mean_over_training'] / r['budget_parameters'] for r in data_start):.1f}x"
+    )
+
+    for setting in ("minilm-16x16", "decoder-224"):
+        methods = _record(f"method_overhead_{setting}.json")["methods"]
+        for method in ("ard", "elalora", "adalora-physical"):
+            out[f"{setting} {method} step / lora"] = f"{methods[method]['ratio_to_lora']:.2f}"
+        out[f"{setting} hooks adalora"] = f"{methods['adalora']['hooks_per_step_ms']:.1f} ms"
+        worst = max(methods[m]["hooks_per_step_ms"] for m in ("ard", "elalora", "adalora-physical"))
+        out[f"{setting} hooks ours at most"] = f"{worst:.1f} ms"
     return out
 
 
