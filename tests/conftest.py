@@ -23,6 +23,14 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT classifier with the packaged MiniLM tokenizer (so real text tokenizes), saved once per module."""
+    from tiny_models import save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
+
+
 @pytest.fixture(params=["rows", "cols"])
 def split(request) -> str:
     return request.param

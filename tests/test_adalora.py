@@ -17,7 +17,7 @@ from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_c
 from dynarank.optim_state import state_bytes
 from dynarank.training.loop import TrainSpec, prepare_model
 from planted_task import make_planted_task
-from tiny_models import tiny_bert, tiny_llama, token_batch
+from tiny_models import tiny_bert, tiny_llama, token_batch, train_on_one_batch, training_args
 
 
 def planted(steps=100, **config):
@@ -267,38 +267,23 @@ def test_export_after_adalora_reloads_in_stock_peft_with_the_same_logits(tmp_pat
     )
     ctrl = build_controller(model, total_steps=40)
     opt = ctrl.build_optimizer(lr=1e-2)
-    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
-    for step in range(40):
-        model(input_ids=x, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step in (19, 39):  # mid-run (E is the live gate, folded by the export) and after the fold
-            assert ctrl.finalized == (step == 39) and ctrl.total_rank() < 32
-            with torch.no_grad():
-                expected = model(input_ids=x).logits
-            dynarank.export_peft(model, tmp_path / str(step))
-            loaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / str(step))).eval()
-            with torch.no_grad():
-                torch.testing.assert_close(loaded(input_ids=x).logits, expected, atol=1e-4, rtol=0)
+    for step in (19, 39):  # mid-run (E is the live gate, folded by the export) and after the fold
+        x = train_on_one_batch(model, opt, 20)
+        assert ctrl.finalized == (step == 39) and ctrl.total_rank() < 32
+        with torch.no_grad():
+            expected = model(input_ids=x).logits
+        dynarank.export_peft(model, tmp_path / str(step))
+        loaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / str(step))).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=x).logits, expected, atol=1e-4, rtol=0)
 
 
 def test_the_trainer_drives_adalora_with_no_manual_call(tmp_path):
-    from transformers import TrainingArguments
-
     from test_trainer_callback import TokenDataset
 
     config = DynaRankConfig(method="adalora-physical", r=4, target_rank=2, target_modules=["query"], granularity="head")
     model = attach(tiny_bert(), config)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=20,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = training_args(tmp_path, max_steps=20)
     trainer = dynarank.DynaRankTrainer(model=model, args=args, train_dataset=TokenDataset())
     trainer.train()
     callback = trainer.dynarank

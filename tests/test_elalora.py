@@ -11,7 +11,7 @@ import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.controllers.schedules import BudgetSchedule
 from planted_task import make_planted_task, train_planted
-from tiny_models import tiny_bert, token_batch
+from tiny_models import tiny_bert, train_on_one_batch
 
 
 def planted(r=3, steps=40, **config):
@@ -30,16 +30,6 @@ def train(model, task, opt, steps, seed=0):
         ((model(x) - task.targets(x)) ** 2).mean().backward()
         opt.step()
         opt.zero_grad()
-
-
-def train_classifier(model, opt, steps):
-    """``steps`` optimizer steps of the tiny classifier on one fixed batch; returns its input ids."""
-    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
-    for _ in range(steps):
-        model(input_ids=x, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return x
 
 
 class TwoLayer(nn.Module):
@@ -173,7 +163,7 @@ def test_switch_off_takes_a_whole_matrix_to_zero_and_the_export_still_reloads(tm
     ctrl.reallocate({name: [torch.tensor([float(i)])] for i, name in enumerate(names)}, b=1)
     assert [sum(elastic_layers(model)[n].ranks) for n in names] == [0, 1, 1, 2]  # 2 layers x query, key
     opt = ctrl.build_optimizer(lr=1e-2)
-    x = train_classifier(model, opt, 5)
+    x = train_on_one_batch(model, opt, 5)
     _assert_export_matches(model, x, tmp_path / "adapter")
 
 
@@ -218,7 +208,7 @@ def test_an_expansion_leaves_outputs_unchanged_and_the_new_rank_is_orthogonal(la
     attach(model, config)
     ctrl = build_controller(model, total_steps=50)
     opt = ctrl.build_optimizer(lr=1e-2)
-    x = train_classifier(model, opt, 5)
+    x = train_on_one_batch(model, opt, 5)
     with torch.no_grad():
         before = model(input_ids=x).logits
     grow = {name: {0: 2, 3: 1} for name in elastic_layers(model)}
@@ -308,12 +298,8 @@ def test_elalora_trains_per_head_or_per_matrix_and_conserves_the_total_rank(gran
     attach(model, DynaRankConfig(method="elalora", r=3, target_modules=["query", "value"], granularity=granularity))
     ctrl = build_controller(model, total_steps=30)
     opt = ctrl.build_optimizer(lr=1e-2)
-    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
     start = ctrl.total_rank()
-    for _ in range(30):
-        model(input_ids=x, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_on_one_batch(model, opt, 30)
     assert ctrl.total_rank() == start
     assert ctrl.rank_changes > 0
     assert {"total_rank", "adapter_parameters", "ranks"} <= set(ctrl.history[-1])
@@ -361,14 +347,10 @@ def test_export_after_elalora_reloads_in_stock_peft_with_the_same_logits(tmp_pat
     )
     ctrl = build_controller(model, total_steps=40)
     opt = ctrl.build_optimizer(lr=1e-2)
-    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
-    for step in range(40):
-        model(input_ids=x, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step == 19:  # mid-run: E is a live gate, folded by the export
-            assert ctrl.rank_changes > 0 and not ctrl.finalized
-            _assert_export_matches(model, x, tmp_path / "mid")
+    x = train_on_one_batch(model, opt, 20)  # mid-run: E is a live gate, folded by the export
+    assert ctrl.rank_changes > 0 and not ctrl.finalized
+    _assert_export_matches(model, x, tmp_path / "mid")
+    train_on_one_batch(model, opt, 20)
     assert ctrl.finalized  # after the last step: E folded into B, plain elastic LoRA
     _assert_export_matches(model, x, tmp_path / "end")
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import BertConfig, BertForSequenceClassification
 
 import dynarank
 from dynarank import AdapterFormatError, DynaRankConfig
@@ -233,39 +232,11 @@ def test_save_then_load_restores_ranks_and_outputs_exactly(tmp_path, kind, layou
     assert dynarank.count_trainable(fresh) == dynarank.count_trainable(model)
 
 
-def _bert_hidden_48():
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
-def _bert_three_layers():
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
 @pytest.mark.parametrize(
     "build, named",
     [
-        (_bert_hidden_48, ["bert.encoder.layer.0.attention.self.query", "48"]),
-        (_bert_three_layers, ["bert.encoder.layer.2."]),
+        (lambda: tiny_bert(hidden_size=48), ["bert.encoder.layer.0.attention.self.query", "48"]),
+        (lambda: tiny_bert(num_hidden_layers=3), ["bert.encoder.layer.2."]),
         (lambda: tiny_bert(num_labels=3), ["classifier.weight", "(3, 32)"]),
         (tiny_llama, ["query"]),
     ],

@@ -15,7 +15,7 @@ from dynarank.config import ConfigError
 from dynarank.rank_init import RANK_INIT_ATTR, collect_statistics
 from dynarank.training.loop import TrainSpec, train, train_classifier
 from planted_task import DEFAULT_TRUE_RANKS, make_planted_task
-from tiny_models import TokenDataset, WordTokenizer, examples, tiny_bert, tiny_llama, token_batch
+from tiny_models import TokenDataset, WordTokenizer, examples, tiny_bert, tiny_llama, token_batch, training_args
 
 MODELS = {"bert": tiny_bert, "llama": tiny_llama}  # llama: grouped-query attention, 4 query and 2 key-value heads
 
@@ -332,19 +332,9 @@ def test_the_loop_trains_a_gqa_causal_lm_from_the_init():
 
 
 def make_trainer(tmp_path, model, steps: int = 12, **arguments):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **{"save_strategy": "no", **arguments},
-    )
+    args = training_args(tmp_path, max_steps=steps, seed=0, **arguments)
     callback = dynarank.DynaRankCallback(model)
     return Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback]), callback
 

@@ -6,27 +6,17 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 import dynarank
 from dynarank import DynaRankConfig, attach
 from dynarank.layer import ElasticLoRALinear
-from tiny_models import TokenDataset, tiny_bert
+from tiny_models import TokenDataset, tiny_bert, training_args
 
 
 def trainer_for(tmp_path, callbacks=(), trainer_class=Trainer, eval_dataset=None, **arguments):
     model = attach(tiny_bert(), DynaRankConfig(r=2, target_modules=["query"]))
-    settings = dict(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    args = TrainingArguments(**{**settings, **arguments})
+    args = training_args(tmp_path, **{"max_steps": 4, **arguments})
     trainer = trainer_class(
         model=model, args=args, train_dataset=TokenDataset(), eval_dataset=eval_dataset, callbacks=list(callbacks)
     )

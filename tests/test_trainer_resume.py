@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 import dynarank
 from dynarank import DynaRankConfig, attach, checkpoint, elastic_layers
 from dynarank.checkpoint import CheckpointError
-from tiny_models import TokenDataset, tiny_bert
+from tiny_models import TokenDataset, tiny_bert, training_args
 
 STEPS, SAVE = 24, 10
 # Per method: the options, and the steps after the checkpoint at which its ranks still change.
@@ -26,6 +26,10 @@ METHODS = {
 GROUPS = {"elalora": {"granularity": "head"}}  # ElaLoRA reallocates between the heads
 
 
+# Evaluate every 4 steps and load the checkpoint of the best 'pick' (the metric the test's evaluate returns) at the end.
+BEST_AT_END = dict(eval_strategy="steps", eval_steps=4, load_best_model_at_end=True, metric_for_best_model="pick")
+
+
 def build(method: str, out, save_steps: int | None = SAVE, way: str = "trainer", evaluate=None, **arguments):
     """Model, callback and Trainer; ``way``: 'trainer' (DynaRankTrainer), 'callbacks' (Trainer(callbacks=[...])) or
     'add_callback' (trainer.add_callback after the Trainer is built); ``evaluate``: the Trainer's compute_metrics
@@ -33,16 +37,11 @@ def build(method: str, out, save_steps: int | None = SAVE, way: str = "trainer",
     options = {**METHODS.get(method, {}), **GROUPS.get(method, {})}
     config = DynaRankConfig(method=method, r=4, target_modules=["query", "value"], seed=0, **options)
     model = attach(tiny_bert(), config)
-    args = TrainingArguments(
-        output_dir=str(out),
+    args = training_args(
+        out,
         max_steps=STEPS,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
-        use_cpu=True,
-        disable_tqdm=True,
         dataloader_num_workers=0,
         logging_steps=1000,
         seed=0,
@@ -192,10 +191,7 @@ def test_load_best_model_at_end_gives_the_model_the_best_checkpoints_layout_and_
         save_steps=4,
         way=way,
         evaluate=pick,
-        eval_strategy="steps",
-        eval_steps=4,
-        load_best_model_at_end=True,
-        metric_for_best_model="pick",
+        **BEST_AT_END,
     )
     logits = LogitsAtSave(model)
     trainer.add_callback(logits)
@@ -227,10 +223,7 @@ def test_load_best_model_at_end_needs_nothing_but_the_best_checkpoints_weights(t
         tmp_path,
         save_steps=4,
         evaluate=lambda _: {"pick": 1.0},  # ties: the first evaluation, at step 4, stays the best
-        eval_strategy="steps",
-        eval_steps=4,
-        load_best_model_at_end=True,
-        metric_for_best_model="pick",
+        **BEST_AT_END,
     )
     logits = LogitsAtSave(model)
     trainer.add_callback(logits)

@@ -26,11 +26,22 @@ TINY_ENCODER = dict(
     max_position_embeddings=64,
 )
 
+# The shape of every tiny decoder: 2 layers, grouped-query attention with 4 query and 2 key-value heads of 8.
+TINY_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+)
 
-def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
-    """BERT classifier of the TINY_ENCODER shape."""
+
+def tiny_bert(num_labels: int = 2, seed: int = 0, **shape) -> BertForSequenceClassification:
+    """BERT classifier of the TINY_ENCODER shape; ``shape`` overrides some of it (e.g. hidden_size=48)."""
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(**TINY_ENCODER, num_labels=num_labels)).eval()
+    return BertForSequenceClassification(BertConfig(**{**TINY_ENCODER, **shape}, num_labels=num_labels)).eval()
 
 
 def tiny_roberta(num_labels: int = 2, seed: int = 0) -> RobertaForSequenceClassification:
@@ -41,20 +52,9 @@ def tiny_roberta(num_labels: int = 2, seed: int = 0) -> RobertaForSequenceClassi
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """Llama decoder with grouped-query attention: 4 query heads, 2 key-value heads of 8."""
+    """Llama decoder of the TINY_DECODER shape (grouped-query attention: 4 query heads, 2 key-value heads of 8)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY_DECODER, vocab_size=100, tie_word_embeddings=False)).eval()
 
 
 def token_batch(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
@@ -71,6 +71,34 @@ def randomize_adapters(model, seed: int = 0, scale: float = 0.3) -> None:
         for layer in elastic_layers(model).values():
             for p in layer.adapter_parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def train_on_one_batch(model, opt, steps: int) -> torch.Tensor:
+    """``steps`` optimizer steps of a tiny classifier on one fixed batch (token_batch(8, 6), labels 0, 1, ...);
+    returns its input ids."""
+    x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
+    for _ in range(steps):
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return x
+
+
+def training_args(output_dir, **arguments):
+    """TrainingArguments of a short CPU run of a tiny model: batches of 8, learning rate 1e-2, no reports, no saves,
+    no progress bars; ``arguments`` add to or override these."""
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**settings, **arguments})
 
 
 # A chat template for the MiniLM tokenizer: every turn "<role> content [SEP]" ([SEP] ends a turn, and is the EOS).
@@ -96,26 +124,15 @@ def save_tiny_model_dir(path, kind: str = "bert", dropout: bool = True, chat: bo
     if kind == "bert":
         p = 0.1 if dropout else 0.0
         config = BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
+            **{**TINY_ENCODER, "vocab_size": tokenizer.vocab_size},
             hidden_dropout_prob=p,
             attention_probs_dropout_prob=p,
         )
         model = BertForSequenceClassification(config)
     else:
         config = LlamaConfig(
+            **TINY_DECODER,
             vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=64,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True,
         )
