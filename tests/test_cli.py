@@ -16,15 +16,8 @@ from dynarank.cli import main
 from dynarank.cli.commands import load_trained
 from dynarank.defaults import SOURCE, default_lr
 from dynarank.training.models import load_classifier
-from tiny_models import save_tiny_model_dir
 
 WORDS = {"positive": ["great", "love", "happy", "good", "wonderful"], "negative": ["bad", "hate", "sad", "awful"]}
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer BERT with the packaged MiniLM tokenizer (so real text tokenizes)."""
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def write_csv(path: Path, n: int = 48, labels=("positive", "negative"), header=("text", "label")) -> Path:
@@ -57,6 +50,26 @@ def train_args(model_dir, data, out, *extra):
         "16",
         *extra,
     ]
+
+
+def kill_after(monkeypatch, step: int, before_dying=None) -> None:
+    """The next CLI training run dies after ``step`` (a KeyboardInterrupt: exit code 130), as a killed process would;
+    ``before_dying(kwargs)`` sees the run's train_classifier arguments at that moment. monkeypatch.undo() ends it."""
+    import dynarank.cli.train as train_module
+
+    real = train_module.train_classifier
+
+    def killed(*args, **kwargs):
+        def on_step(record, inner=kwargs["on_step"]):
+            inner(record)
+            if record["step"] == step:
+                if before_dying is not None:
+                    before_dying(kwargs)
+                raise KeyboardInterrupt
+
+        return real(*args, **{**kwargs, "on_step": on_step})
+
+    monkeypatch.setattr(train_module, "train_classifier", killed)
 
 
 def test_train_eval_export_report_end_to_end(tiny_model_dir, tmp_path, capsys):
@@ -283,21 +296,9 @@ def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, 
     data = write_csv(tmp_path / "data.csv")
     argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]
     assert main([*train_args(tiny_model_dir, data, tmp_path / "full"), *argv]) == 0
-    import dynarank.cli.train as train_module
-
-    real = train_module.train_classifier
-
-    def killed(*args, **kwargs):  # the process dies after step 9 (checkpoint at 8)
-        def on_step(record, inner=kwargs["on_step"]):
-            inner(record)
-            if record["step"] == 9:
-                raise KeyboardInterrupt
-
-        return real(*args, **{**kwargs, "on_step": on_step})
-
-    monkeypatch.setattr(train_module, "train_classifier", killed)
+    kill_after(monkeypatch, 9)  # the process dies after step 9 (checkpoint at 8)
     assert main([*train_args(tiny_model_dir, data, tmp_path / "killed"), *argv]) == 130
-    monkeypatch.setattr(train_module, "train_classifier", real)
+    monkeypatch.undo()
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())

@@ -31,17 +31,17 @@ def write_pairs(path: Path, n: int = 40) -> Path:
     return path
 
 
+def train_args(model_dir, data, out, *extra):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), *extra]
+
+
 def test_causal_lm_train_eval_export(tiny_llama_dir, tmp_path, capsys):
     data = write_pairs(tmp_path / "pairs.csv")
     run = tmp_path / "run"
-    argv = [
-        "train",
-        "--model",
-        str(tiny_llama_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(run),
+    argv = train_args(
+        tiny_llama_dir,
+        data,
+        run,
         "--method",
         "ard",
         "--max-steps",
@@ -54,7 +54,7 @@ def test_causal_lm_train_eval_export(tiny_llama_dir, tmp_path, capsys):
         "24",
         "--lr",
         "1e-2",
-    ]
+    )
     assert main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "causal-lm" and set(summary["eval"]) == {"loss", "perplexity"}
@@ -78,19 +78,7 @@ def test_causal_lm_train_eval_export(tiny_llama_dir, tmp_path, capsys):
 
 def test_missing_response_column_is_named(tiny_llama_dir, tmp_path, capsys):
     data = write_pairs(tmp_path / "pairs.csv")
-    argv = [
-        "train",
-        "--model",
-        str(tiny_llama_dir),
-        "--data",
-        str(data),
-        "--response-column",
-        "reply",
-        "--max-steps",
-        "2",
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    argv = train_args(tiny_llama_dir, data, tmp_path / "run", "--response-column", "reply", "--max-steps", "2")
     assert main(argv) == 2
     assert "no response column 'reply'; columns found: question, answer" in capsys.readouterr().err
 

@@ -20,11 +20,6 @@ from test_cli import train_args, write_csv
 from tiny_models import save_tiny_model_dir
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
-
-
 def refused(argv: list[str], capsys) -> str:
     """Run the command; it must exit with code 2 and one line on stderr, which is returned."""
     capsys.readouterr()

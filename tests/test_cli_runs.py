@@ -15,14 +15,8 @@ import dynarank.cli.commands as commands_module
 from dynarank.cli import main
 from dynarank.training import models
 from dynarank.training.models import load_classifier, resolve_model_dir
-from test_cli import train_args, write_csv
+from test_cli import kill_after, train_args, write_csv
 from test_cli_inputs import refused
-from tiny_models import save_tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
@@ -367,23 +361,11 @@ def test_two_runs_of_the_same_command_are_bitwise_equal_even_with_a_new_task_hea
 def test_a_killed_five_label_run_resumed_equals_a_separately_launched_uninterrupted_run(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    import dynarank.cli.train as train_module
-
     data = write_csv(tmp_path / "five.csv", n=60, labels=("a", "b", "c", "d", "e"))
     argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]
-    real = train_module.train_classifier
-
-    def killed(*args, **kwargs):  # the process dies after step 9 (checkpoint at 8)
-        def on_step(record, inner=kwargs["on_step"]):
-            inner(record)
-            if record["step"] == 9:
-                raise KeyboardInterrupt
-
-        return real(*args, **{**kwargs, "on_step": on_step})
-
-    monkeypatch.setattr(train_module, "train_classifier", killed)
+    kill_after(monkeypatch, 9)  # the process dies after step 9 (checkpoint at 8)
     assert main(train_args(tiny_model_dir, data, tmp_path / "killed", *argv)) == 130
-    monkeypatch.setattr(train_module, "train_classifier", real)
+    monkeypatch.undo()
     torch.manual_seed(999)  # a separately launched process starts from another RNG state
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     torch.manual_seed(4321)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import dynarank
-import dynarank.cli.train as train_module
 from dynarank.cli import main
 from dynarank.cli.run_dir import RunDir
 from dynarank.defaults import default_lr
@@ -22,14 +21,9 @@ from dynarank.files import RunFileError, read_jsonl, replace_file
 from dynarank.training.loop import MAX_SKIPPED_IN_A_ROW, NonFiniteError, train_classifier
 from dynarank.training.metrics_log import MetricsLog
 from test_checkpoint import poison_loss_at, spec
-from test_cli import train_args, write_csv
+from test_cli import kill_after, train_args, write_csv
 from test_cli_inputs import refused
-from tiny_models import WordTokenizer, examples, save_tiny_model_dir, tiny_bert
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
+from tiny_models import WordTokenizer, examples, tiny_bert
 
 
 @pytest.fixture
@@ -44,18 +38,11 @@ def _steps(run: Path) -> list[int]:
 def _killed_at(monkeypatch, step: int, on_disk: dict) -> None:
     """The next CLI run dies after ``step`` as a SIGKILL would: the metrics it had not forced to disk are lost
     (``on_disk`` gets what the file held at that moment, which the run's closing then overwrites)."""
-    real = train_module.train_classifier
 
-    def killed(*args, **kwargs):
-        def on_step(record, inner=kwargs["on_step"]):
-            inner(record)
-            if record["step"] == step:
-                on_disk["metrics"] = (kwargs["run_dir"] / "metrics.jsonl").read_bytes()
-                raise KeyboardInterrupt
+    def lose_the_unforced_metrics(kwargs):
+        on_disk["metrics"] = (kwargs["run_dir"] / "metrics.jsonl").read_bytes()
 
-        return real(*args, **{**kwargs, "on_step": on_step})
-
-    monkeypatch.setattr(train_module, "train_classifier", killed)
+    kill_after(monkeypatch, step, lose_the_unforced_metrics)
 
 
 # ---------------------------------------------------------------------------- metrics.jsonl and checkpoints

@@ -22,14 +22,9 @@ from dynarank.training.loop import TrainSpec, prepare_model
 from dynarank.training.models import load_classifier
 from test_cli import train_args, write_csv
 from test_cli_inputs import refused
-from tiny_models import save_tiny_model_dir, tiny_bert, token_batch
+from tiny_models import tiny_bert, token_batch
 
 LABELS = "negative,positive"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
