@@ -29,6 +29,15 @@ def mse_step(model, task, generator):
     return loss
 
 
+def mse_steps(model, task, opt, steps: int, seed: int = 0) -> None:
+    """``steps`` optimizer steps of mse_step on batches drawn from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        mse_step(model, task, g)
+        opt.step()
+        opt.zero_grad()
+
+
 def _alpha_gradients_over_steps(model, task, ctrl, opt, steps: int):
     """Run ``steps`` optimizer steps; per step: (alpha before the update, task gradient, gradient the update used)."""
     alpha = model.dynarank_ard.alpha  # one vector for every group; the planted model adapts one module
@@ -126,11 +135,7 @@ def test_a_run_with_beta_ten_differs_from_beta_zero():
         task, model = planted_model(seed=0, ard_beta=beta, warmup_frac=0.2, final_frac=0.0)
         ctrl = build_controller(model, total_steps=40)
         opt = ctrl.build_optimizer(lr=3e-3)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(40):
-            mse_step(model, task, g)
-            opt.step()
-            opt.zero_grad()
+        mse_steps(model, task, opt, 40, seed=1)
         return model.dynarank_ard.of("query").detach().clone()
 
     assert not torch.equal(final_alphas(0.0), final_alphas(10.0))
@@ -285,11 +290,7 @@ def test_resize_only_removes_switched_off_slots_and_keeps_optimizer_state():
     task, model = planted_model(lambda_mode="absolute", ard_lambda=0.0, warmup_frac=0.0, final_frac=0.0)
     ctrl = build_controller(model, total_steps=100)
     opt = ctrl.build_optimizer(lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        mse_step(model, task, g)
-        opt.step()
-        opt.zero_grad()
+    mse_steps(model, task, opt, 3)
     layer = elastic_layers(model)["query"]
     with torch.no_grad():
         model.dynarank_ard.of("query").copy_(torch.tensor([0.0, 0.1, 0.3, 0.5, 1.0, 0.2, 0.4, 0.9]))
