@@ -337,33 +337,32 @@ class _Loop:
         """Changes whenever a resize replaced parameters (the controller records a snapshot at every resize)."""
         return len(self.controller.history) if self.controller is not None else 0
 
+    def global_batches(self, start: int) -> Iterator[tuple]:
+        """The run's global batches (ids, mask, labels, idx) from optimizer step ``start`` to its end, in order:
+        each epoch's order follows from (seed, epoch), so any step finds its batch."""
+        per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
+        step = start
+        while step < self.total:
+            epoch, offset = divmod(step, per_epoch)
+            order = _epoch_order(self.n_examples, self.spec.seed, epoch)[offset * self.spec.batch_size :]
+            for batch in batches(self.encoded, order, self.spec.batch_size, self.pad_id):
+                yield batch
+                step += 1
+                if step >= self.total:
+                    return
+
     def init_batches(self) -> Iterator[dict]:
         """This worker's shard of each global batch the run trains on, in its order, as model inputs (+ SHARE)."""
         rank, n = self.rank, self.n_workers
-        per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
-        for epoch in range(math.ceil(self.total / per_epoch)):
-            order = _epoch_order(self.n_examples, self.spec.seed, epoch)
-            limit = (self.total - epoch * per_epoch) * self.spec.batch_size  # the last epoch may be cut short
-            for ids, mask, labels, _ in batches(self.encoded, order[:limit], self.spec.batch_size, self.pad_id):
-                share = shard_share(labels, rank, n)  # as training weighs this worker's loss
-                yield {
-                    "input_ids": ids[rank::n],
-                    "attention_mask": mask[rank::n],
-                    "labels": labels[rank::n],
-                    SHARE: share,
-                }
+        for ids, mask, labels, _ in self.global_batches(0):
+            share = shard_share(labels, rank, n)  # as training weighs this worker's loss
+            yield {"input_ids": ids[rank::n], "attention_mask": mask[rank::n], "labels": labels[rank::n], SHARE: share}
 
     def run(self, evaluate: Callable[[nn.Module], dict] | None) -> None:
-        per_epoch = math.ceil(self.n_examples / self.spec.batch_size)
-        while self.step < self.total:
-            epoch, offset = divmod(self.step, per_epoch)
-            order = _epoch_order(self.n_examples, self.spec.seed, epoch)[offset * self.spec.batch_size :]
-            for batch in batches(self.encoded, order, self.spec.batch_size, self.pad_id):
-                out = self._take_step(*batch)
-                self.step += 1
-                self._after_step(out, evaluate)
-                if self.step >= self.total:
-                    break
+        for batch in self.global_batches(self.step):
+            out = self._take_step(*batch)
+            self.step += 1
+            self._after_step(out, evaluate)
         if self.controller is not None:
             self.controller.finish()
 
