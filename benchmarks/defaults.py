@@ -6,16 +6,18 @@ on SmolLM2) has, per method, a learning-rate grid at its middle budget, seed 0, 
 (accuracy / best accuracy; best loss / loss; a diverged run scores 0), so tasks with different metrics count
 alike.
 
-Leave one task out: for each task, the rate with the best mean score over the OTHER tasks is the rate the
-method would ship without having seen that task. It is then run there (3 seeds, test split, the middle budget)
-against stock LoRA and stock AdaLoRA at THEIR best rate on that task's validation split (3 seeds; LoRA's grid is
-1e-3 / 3e-3 / 1e-2 / 3e-2), at equal final adapter parameters, paired by seed. The shipped default
-(dynarank.defaults.DEFAULT_LR) is the rate best over all tasks; tests/test_defaults_study.py holds the two in
-agreement.
+Defaults are per kind of task (dynarank.defaults: 'classify', 'causal-lm'), because the grids differ between
+the kinds. Leave one task out: for each task, the rate with the best mean score over the OTHER tasks of its kind
+is the rate the method would ship without having seen that task (a task alone of its kind gets the choice over
+all other tasks, and the check says so). It is then run there (3 seeds, test split, the middle budget) against
+stock LoRA and stock AdaLoRA at THEIR best rate on that task's validation split (3 seeds; LoRA's grid is
+1e-3 / 3e-3 / 1e-2 / 3e-2), at equal final adapter parameters, paired by seed. The shipped default of a kind
+(dynarank.defaults.DEFAULT_LR[kind]) is the rate best over that kind's tasks; ties go to the lower rate;
+tests/test_defaults.py holds the two in agreement.
 
     python benchmarks/defaults.py                # choices from the grids on record, table (no training)
     python benchmarks/defaults.py --validate     # also run the left-out checks still missing (hours)
-    python benchmarks/defaults.py --validate --check smollm2   # only those of one task (chosen on all of them)
+    python benchmarks/defaults.py --validate --check smollm2   # only the checks of one task
 """
 
 from __future__ import annotations
@@ -89,15 +91,33 @@ def relative(scores: dict, higher_is_better: bool) -> dict:
     }
 
 
-def choose(scores: dict[str, dict], tasks: list[str]) -> tuple[tuple | None, dict]:
-    """The (variant, rate) with the best mean relative score over ``tasks`` (among those every one of them ran)."""
-    common = set.intersection(*(set(scores[t]) for t in tasks)) if tasks else set()
-    means = {lr: statistics.mean(scores[t][lr] for t in tasks) for lr in sorted(common)}
+def common(scores: dict[str, dict], tasks: list[str]) -> set:
+    """The candidates every one of ``tasks`` ran."""
+    return set.intersection(*(set(scores[t]) for t in tasks)) if tasks else set()
+
+
+def choose(scores: dict[str, dict], tasks: list[str], allowed: set | None = None) -> tuple[tuple | None, dict]:
+    """The (variant, rate) with the best mean relative score over ``tasks`` (among those every one of them ran, and
+    ``allowed``); a tie goes to the lower rate."""
+    found = common(scores, tasks) if allowed is None else common(scores, tasks) & allowed
+    means = {lr: statistics.mean(scores[t][lr] for t in tasks) for lr in sorted(found)}
     return (max(means, key=means.get) if means else None), means
 
 
+def kind(task: str) -> str:
+    """The table of defaults a task's runs belong to ('classify' or 'causal-lm')."""
+    return quality.TASKS[task]["kind"]
+
+
+def left_out_tasks(task: str, tasks: list[str]) -> tuple[list[str], bool]:
+    """The tasks a rate for ``task`` is chosen on without it: the others of its kind, else (alone of its kind) all
+    others; and whether they are of its kind."""
+    same = [u for u in tasks if u != task and kind(u) == kind(task)]
+    return (same, True) if same else ([u for u in tasks if u != task], False)
+
+
 def study(stores: dict[str, RecordStore]) -> dict:
-    """Per method: relative scores per task, the left-out choices and the shipped rate."""
+    """Per method: relative scores per task, the left-out choices and the shipped rate of each kind."""
     out = {}
     for method in CHOSEN + STOCK:
         scores = {}
@@ -106,16 +126,37 @@ def study(stores: dict[str, RecordStore]) -> dict:
             if found:
                 scores[task] = relative(found, quality.TASKS[task]["higher_is_better"])
         tasks = sorted(scores)
-        left_out = {t: choose(scores, [u for u in tasks if u != t])[0] for t in tasks}
-        shipped, means = choose(scores, tasks)
-        out[method] = {"scores": scores, "left_out": left_out, "shipped": shipped, "mean_relative": means}
+        left_out, same_kind = {}, {}
+        for t in tasks:
+            # What could ship for t's kind: the candidates all its tasks ran (a variant tried on one task alone
+            # cannot be a kind's default, so it is not a left-out choice either).
+            others, same_kind[t] = left_out_tasks(t, tasks)
+            shippable = common(scores, [u for u in tasks if kind(u) == kind(t)] if same_kind[t] else tasks)
+            left_out[t] = choose(scores, others, shippable)[0]
+        shipped, means = {}, {}
+        for k in sorted({kind(t) for t in tasks}):
+            shipped[k], means[k] = choose(scores, [t for t in tasks if kind(t) == k])
+        out[method] = {
+            "scores": scores,
+            "left_out": left_out,
+            "left_out_same_kind": same_kind,
+            "shipped": shipped,
+            "mean_relative": means,
+        }
     return out
 
 
-def shipped_rates(choices: dict) -> dict[str, float]:
-    """The table dynarank.defaults.DEFAULT_LR should hold: each method's rate best over all tasks."""
-    rates = {m: found["shipped"][1] for m, found in choices.items() if found["shipped"] is not None}
-    return {**rates, **{m: rates[source] for m, source in FOLLOWS.items() if source in rates}}
+def shipped_rates(choices: dict) -> dict[str, dict[str, float]]:
+    """The tables dynarank.defaults.DEFAULT_LR should hold: per kind, each method's rate best over its tasks."""
+    tables: dict[str, dict[str, float]] = {}
+    for method, found in choices.items():
+        for k, candidate in found["shipped"].items():
+            if candidate is not None:
+                assert candidate[0] == method, f"a variant cannot ship as {method}'s default: {candidate}"
+                tables.setdefault(k, {})[method] = candidate[1]
+    for rates in tables.values():
+        rates.update({m: rates[source] for m, source in FOLLOWS.items() if source in rates})
+    return tables
 
 
 def baseline_rate(store: RecordStore, task: str, method: str) -> float | None:
@@ -196,7 +237,8 @@ def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[
             cells = [f"{scores[k]:.3f}" if k in scores else "-" for k in keys]
             choice = found["left_out"].get(task)
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {_name(choice)} |")
-        lines += ["", f"Shipped default: **{_name(found['shipped'])}**", ""]
+        shipped = "; ".join(f"{k}: **{_name(c)}**" for k, c in found["shipped"].items())
+        lines += ["", f"Shipped defaults: {shipped}", ""]
     lines += [
         "## Left-out checks (test split, 3 seeds, paired by seed; positive = the method is better)",
         "",
@@ -205,6 +247,8 @@ def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[
     ]
     for c in comparisons:
         choice = _name(choices[c["method"]]["left_out"][c["task"]])
+        if not choices[c["method"]]["left_out_same_kind"][c["task"]]:
+            choice += ", chosen on the other kind"
         lines.append(
             f"| {c['task']} | {c['method']} ({choice}) | {c['baseline']} | {c['mean']:+.4f} ± {c['stderr']:.4f} "
             f"(n={c['n']}) | {c['params']:,.0f} / {c['baseline_params']:,.0f} |"

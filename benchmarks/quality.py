@@ -125,8 +125,8 @@ ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 GRID_EXTENSIONS = 2
 MINILM = {"model": "minilm", "model_params": 22_713_216}  # the encoder (sentence-embedding) parameters
 SMOLLM2 = {"model": "smollm2", "model_params": 134_515_008}
-CLASSIFY = {"metric": "accuracy", "higher_is_better": True}
-CAUSAL = {"metric": "loss", "higher_is_better": False}
+CLASSIFY = {"kind": "classify", "metric": "accuracy", "higher_is_better": True}
+CAUSAL = {"kind": "causal-lm", "metric": "loss", "higher_is_better": False}  # kind: dynarank.defaults' tables
 TASKS = {
     # name: data set (study_data.py), model, budgets (LoRA ranks), the budget the learning rate is tuned at, schedule
     "minilm": {

@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from dynarank.cli import main
 from dynarank.cli.commands import load_trained
-from dynarank.defaults import SOURCE, default_lr
+from dynarank.defaults import default_lr, source
 from dynarank.training.models import load_classifier
 
 WORDS = {"positive": ["great", "love", "happy", "good", "wonderful"], "negative": ["bad", "hate", "sad", "awful"]}
@@ -289,7 +289,7 @@ def test_demo_fast_path_compares_ard_with_lora_at_equal_parameters(tmp_path, cap
     assert "ARD-LoRA vs plain LoRA" in out and "LoRA r=" in out
     for method, folder in (("ard", "ard"), ("lora", "lora-r2")):  # each at its own default rate, none hand-picked
         record = yaml.safe_load((tmp_path / "demo" / folder / "config.yaml").read_text())
-        assert (record["lr"], record["lr_source"]) == (default_lr(method), SOURCE)
+        assert (record["lr"], record["lr_source"]) == (default_lr(method), source("classify"))
 
 
 def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
-"""The defaults a user gets without setting anything: one table, read by the library, the loop, the CLI and the
-benchmarks; every run says which rate it used and where it came from; a run too short for a method's schedule is
-said so, with its numbers, before training."""
+"""The defaults a user gets without setting anything: one table per kind of task (classifiers, causal LMs), read
+by the library, the loop, the CLI and the benchmarks; a model trains with its kind's rates; every run says which
+rate it used and where it came from; a run too short for a method's schedule is said so, with its numbers, before
+training."""
 
 from __future__ import annotations
 
@@ -10,16 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import dynarank
 from dynarank import DynaRankConfig, attach
 from dynarank.cli import main
-from dynarank.defaults import DEFAULT_LR, SOURCE, default_lr
+from dynarank.defaults import DEFAULT_LR, TASKS, default_lr, source, task_of
 from dynarank.training.loop import TrainSpec
 from dynarank.training.methods import ALL_METHODS
 from test_cli import train_args, write_csv
-from tiny_models import tiny_bert
+from tiny_models import tiny_bert, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -35,32 +37,75 @@ def test_the_study_ships_the_rate_best_on_average_over_every_task():
     scores = {"a": {("m", 1e-3): 0.9, ("m", 1e-2): 1.0}, "b": {("m", 1e-3): 1.0, ("m", 1e-2): 0.5}}
     assert study.choose(scores, ["a", "b"])[0] == ("m", 1e-3)  # 0.95 on average against 0.75
     assert study.choose(scores, ["a"])[0] == ("m", 1e-2)  # b left out
+    tied = {"a": {("m", 1e-3): 0.9, ("m", 1e-2): 1.0}, "b": {("m", 1e-3): 1.0, ("m", 1e-2): 0.9}}
+    assert study.choose(tied, ["a", "b"])[0] == ("m", 1e-3)  # a tie goes to the lower rate
 
 
-def test_every_run_method_has_a_default_rate_and_only_those_do():
-    assert set(DEFAULT_LR) == set(ALL_METHODS)
+def test_the_study_chooses_each_kind_s_rate_on_that_kind_s_tasks_and_leaves_out_within_the_kind(monkeypatch):
+    import defaults as study
+    import quality
+
+    kinds = {"c1": "classify", "c2": "classify", "lm": "causal-lm"}
+    monkeypatch.setattr(quality, "TASKS", {t: {"kind": k, "higher_is_better": True} for t, k in kinds.items()})
+    grids = {  # validation accuracy per rate of method m on each task
+        "c1": {1e-3: 0.90, 1e-2: 0.80},
+        "c2": {1e-3: 0.85, 1e-2: 0.70},
+        "lm": {1e-3: 0.50, 1e-2: 0.90},
+    }
+    grid_of = lambda store, task, method: {(method, lr): v for lr, v in grids[task].items()}  # noqa: E731
+    monkeypatch.setattr(study, "candidates", grid_of)
+    found = study.study({t: None for t in kinds})["lora"]
+    assert found["shipped"] == {"classify": ("lora", 1e-3), "causal-lm": ("lora", 1e-2)}
+    assert found["left_out"] == {"c1": ("lora", 1e-3), "c2": ("lora", 1e-3), "lm": ("lora", 1e-3)}
+    assert found["left_out_same_kind"] == {"c1": True, "c2": True, "lm": False}  # lm alone: chosen on the others
 
 
+def test_every_run_method_has_a_default_rate_for_every_task_and_only_those_do():
+    assert set(DEFAULT_LR) == set(TASKS)
+    assert all(set(table) == set(ALL_METHODS) for table in DEFAULT_LR.values())
+
+
+@pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_a_spec_without_a_rate_takes_the_table_s_and_says_so(method):
-    spec = TrainSpec(method=method, r=2)
-    assert (spec.lr, spec.lr_source) == (default_lr(method), SOURCE)
-    given = TrainSpec(method=method, r=2, lr=0.123)
+def test_a_spec_without_a_rate_takes_its_task_s_table_and_says_so(method, task):
+    spec = TrainSpec(method=method, r=2, task=task)
+    assert (spec.lr, spec.lr_source) == (default_lr(method, task), source(task))
+    given = TrainSpec(method=method, r=2, lr=0.123, task=task)
     assert (given.lr, given.lr_source) == (0.123, "given")
 
 
+def test_a_spec_follows_the_kind_of_model_it_trains_unless_its_rate_was_given():
+    spec = TrainSpec(method="ard", r=2)  # a classifier's default ...
+    lm = spec.for_task("causal-lm")  # ... handed a causal LM (what train() does with the model it is given)
+    assert (lm.lr, lm.lr_source) == (default_lr("ard", "causal-lm"), source("causal-lm"))
+    assert default_lr("ard", "causal-lm") != default_lr("ard", "classify")  # so the switch matters
+    given = TrainSpec(method="ard", r=2, lr=0.5).for_task("causal-lm")
+    assert (given.lr, given.lr_source) == (0.5, "given")
+
+
+def test_a_model_s_kind_is_whether_it_generates_text_bare_or_inside_peft():
+    from peft import LoraConfig, get_peft_model
+
+    assert task_of(tiny_bert()) == "classify"
+    assert task_of(tiny_llama()) == "causal-lm"
+    assert task_of(get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))) == "causal-lm"
+    assert task_of(torch.nn.Linear(2, 2)) == "classify"  # anything else: the classifiers' table
+
+
 @pytest.mark.parametrize("method", ["dynarank-lora", "ard", "elalora", "adalora-physical"])
-def test_the_library_s_optimizer_takes_the_table_s_rate(method):
-    model = attach(tiny_bert(), DynaRankConfig(method=method, r=2, target_modules=["query"]))
+@pytest.mark.parametrize("task", TASKS)
+def test_the_library_s_optimizer_takes_the_rate_of_the_model_s_kind(method, task):
+    base, target = (tiny_bert(), "query") if task == "classify" else (tiny_llama(), "q_proj")
+    model = attach(base, DynaRankConfig(method=method, r=2, target_modules=[target]))
     controller = dynarank.build_controller(model, total_steps=100)
-    assert {g["lr"] for g in controller.build_optimizer().param_groups} == {default_lr(method)}
+    assert {g["lr"] for g in controller.build_optimizer().param_groups} == {default_lr(method, task)}
 
 
 def test_the_benchmarks_take_the_table_s_rate_when_they_run_a_method_on_its_defaults():
     import quality
 
     spec = quality.train_spec("elalora", 2, 80_000, None, 0, 100, quality.TASKS["minilm"], "query")
-    assert spec.lr == default_lr("elalora") and spec.lr_source == SOURCE
+    assert spec.lr == default_lr("elalora") and spec.lr_source == source("classify")
 
 
 def test_a_cli_run_records_the_rate_it_used_and_where_it_came_from(tmp_path):
@@ -70,7 +115,7 @@ def test_a_cli_run_records_the_rate_it_used_and_where_it_came_from(tmp_path):
     data = write_csv(tmp_path / "data.csv")
     assert main(train_args(model_dir, data, tmp_path / "default", "--method", "lora")) == 0
     record = yaml.safe_load((tmp_path / "default" / "config.yaml").read_text())
-    assert (record["lr"], record["lr_source"]) == (default_lr("lora"), SOURCE)
+    assert (record["lr"], record["lr_source"]) == (default_lr("lora"), source("classify"))
     assert json.loads((tmp_path / "default" / "summary.json").read_text())["lr"] == default_lr("lora")
     assert main(train_args(model_dir, data, tmp_path / "given", "--method", "lora", "--lr", "0.05")) == 0
     record = yaml.safe_load((tmp_path / "given" / "config.yaml").read_text())
@@ -94,3 +139,19 @@ def test_a_run_with_too_few_reallocation_rounds_is_warned_with_its_numbers(metho
         controller = dynarank.build_controller(model, total_steps=100)
     assert controller.setup_warnings and "reallocation round(s) in this run" in caplog.text
     assert "one every 60" in caplog.text
+
+
+def test_a_causal_lm_cli_run_trains_and_records_the_causal_lm_default(tmp_path):
+    from test_cli_causal_lm import train_args as causal_args
+    from test_cli_causal_lm import write_pairs
+    from tiny_models import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "llama", kind="llama")
+    pairs = write_pairs(tmp_path / "pairs.csv", n=16)
+    run = tmp_path / "run"
+    options = ["--method", "ard", "--max-steps", "6", "--batch-size", "4", "--r0", "2", "--max-length", "24"]
+    assert main(causal_args(model_dir, pairs, run, *options)) == 0
+    record = yaml.safe_load((run / "config.yaml").read_text())
+    assert (record["lr"], record["lr_source"]) == (default_lr("ard", "causal-lm"), source("causal-lm"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["lr"], summary["lr_source"]) == (default_lr("ard", "causal-lm"), source("causal-lm"))

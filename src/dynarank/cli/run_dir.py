@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import yaml
 
 from .. import checkpoint
+from ..defaults import TASKS
 from ..files import RunFileError, read_json, read_jsonl, read_yaml, replace_file, sha256_of
 from ..safe_load import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..training.methods import ALL_METHODS
@@ -41,7 +42,6 @@ _INFO_TYPES = {
     "label_names": list,
     "quantize": str,
 }
-TASKS = ("classify", "causal-lm")
 
 
 def new_directory(out: str | Path | None, prefix: str) -> Path:

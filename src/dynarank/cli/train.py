@@ -135,6 +135,7 @@ def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
     check_max_length(model, tokenizer, o.max_length, model_dir)
     spec = TrainSpec(
         method=o.method,
+        task=task,
         r=o.r,
         target_modules=o.target_modules or default_target_modules(model),
         lr=o.lr,

@@ -67,7 +67,8 @@ class TrainOptions:
     max_steps: int | None = _option("optimizer steps (overrides --epochs)", **POSITIVE)
     batch_size: int = _option("examples per optimizer step", 32, **POSITIVE)
     lr: float | None = _option(
-        "learning rate of the adapters (and the task head); default: the method's own (docs/defaults.md)", **POSITIVE
+        "learning rate of the adapters (and the task head); default: the method's own for the task (docs/defaults.md)",
+        **POSITIVE,
     )
     max_length: int = _option("tokens per example after truncation", 64, **POSITIVE)
     seed: int = _option("random seed (data order, initialisation, what the adapter draws)", 0)

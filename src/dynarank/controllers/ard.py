@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..defaults import default_lr
+from ..defaults import default_lr, task_of
 from ..rank_init import RANK_INIT_ATTR
 from .ard_calibration import ARDCalibration
 from .ard_gates import ARD_ATTR, ARDGates, mask_gate
@@ -203,7 +203,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
 
     def _default_lr(self) -> float:
         """The paper preset's 1e-4, else the method's default (dynarank.defaults)."""
-        return self.settings.lr if self.settings.lr is not None else default_lr(self.config.method)
+        return self.settings.lr if self.settings.lr is not None else default_lr(self.config.method, task_of(self.model))
 
     # ------------------------------------------------------------------ phases
     def phase(self, step: int | None = None) -> str:

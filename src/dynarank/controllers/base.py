@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attach import ATTACHED_ATTR, count_trainable, elastic_layers
 from ..config import ConfigError, DynaRankConfig
-from ..defaults import default_lr
+from ..defaults import default_lr, task_of
 from ..layer import ElasticLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -109,8 +109,8 @@ class RankController:
 
     def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
         """AdamW over :meth:`param_groups`, already bound to this controller (``lr`` None: the method's default,
-        dynarank.defaults)."""
-        lr = default_lr(self.config.method) if lr is None else lr
+        dynarank.defaults, for the kind of model this is)."""
+        lr = default_lr(self.config.method, task_of(self.model)) if lr is None else lr
         optimizer = torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, **kwargs)
         self.bind(optimizer)
         return optimizer

@@ -15,7 +15,7 @@ import resource
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from .. import checkpoint
 from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names
 from ..config import ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
-from ..defaults import SOURCE, default_lr
+from ..defaults import TASKS, default_lr, source, task_of
 from ..distributed import ResizedGradientSync, any_worker, check_same_ranks, default_device, world, wrap
 from ..fsdp import shard_base
 from ..guards import first_nonfinite_module, nonfinite_gradients
@@ -74,7 +74,7 @@ class TrainSpec:
     method: str = "ard"
     r: int = 8
     target_modules: list[str] | str = BERT_ENCODER_LINEAR
-    lr: float | None = None  # None: the method's default (dynarank.defaults); lr_source says which it was
+    lr: float | None = None  # None: the method's default for `task` (dynarank.defaults); lr_source says which
     epochs: float = 2.0
     max_steps: int | None = None
     batch_size: int = 32
@@ -85,16 +85,31 @@ class TrainSpec:
     # Further config fields: a dynarank method's (DynaRankConfig fields), or those a baseline takes (ortho_weight for
     # stock AdaLoRA); full fine-tuning ignores r and target_modules.
     dynarank: dict[str, Any] = field(default_factory=dict)
+    # What kind of model trains: it picks the table of default rates. train() follows the model it is given
+    # (for_task), so only a spec whose rate is read before training (the CLI's record) needs to set it.
+    task: str = "classify"
+    lr_source: str | None = None  # set here: 'given', or which table of defaults the rate came from
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
             raise ConfigError("method", f"{self.method!r} is not known; choose one of {', '.join(ALL_METHODS)}.")
-        self.lr_source = "given" if self.lr is not None else SOURCE
+        if self.task not in TASKS:
+            raise ConfigError("task", f"{self.task!r} is not known; choose one of {', '.join(TASKS)}.")
         if self.lr is None:
-            self.lr = default_lr(self.method)
+            self.lr, self.lr_source = default_lr(self.method, self.task), source(self.task)
+        elif self.lr_source is None:
+            self.lr_source = "given"
         if self.batch_size < 1 or self.lr <= 0 or self.r < 1:
             raise ValueError("batch_size and r must be positive integers and lr a positive number.")
         check_knobs(self.method, self.config_fields())
+
+    def for_task(self, task: str) -> TrainSpec:
+        """This spec for a model of ``task``: a given rate stays, a default one becomes that task's default."""
+        if task == self.task:
+            return self
+        if self.lr_source == "given":
+            return replace(self, task=task)
+        return replace(self, task=task, lr=None, lr_source=None)
 
     def config_fields(self) -> dict[str, Any]:
         """The config fields of the run: for a dynarank method, what its DynaRankConfig is built from."""
@@ -278,7 +293,7 @@ def train(
     (:func:`dynarank.fsdp.shard_base`) instead of wrapping the model in DDP; what trains stays replicated, and its
     gradients are averaged once per step, before anything reads them.
     """
-    loop = _Loop(model, encoded, pad_id, spec, RunControl(**control))
+    loop = _Loop(model, encoded, pad_id, spec.for_task(task_of(model)), RunControl(**control))
     t0 = time.perf_counter()
     loop.run(evaluate)
     return loop.result(time.perf_counter() - t0, evaluate)
