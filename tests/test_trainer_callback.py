@@ -79,6 +79,31 @@ def test_fixed_rank_lora_trains_through_the_callback(tmp_path):
     assert callback.controller.step == 4
 
 
+@pytest.mark.parametrize("kind", ["classify", "causal-lm"])
+def test_a_trainer_left_at_transformers_default_rate_is_warned_with_the_method_s_default(tmp_path, caplog, kind):
+    from tiny_models import tiny_llama
+
+    base, target = (tiny_bert(), "query") if kind == "classify" else (tiny_llama(), "q_proj")
+    model = attach(base, DynaRankConfig(method="ard", r=2, target_modules=[target]))
+    data = TokenDataset()
+    if kind == "causal-lm":  # next-token labels
+        data = [{"input_ids": ids, "labels": ids} for ids in data.ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[dynarank.DynaRankCallback(model)])
+    with caplog.at_level("WARNING", logger="dynarank"):
+        trainer.train()
+    expected = f"ard on a {kind} model trains at {dynarank.default_lr('ard', kind):g} by default"
+    assert "transformers' default (5e-05)" in caplog.text and expected in caplog.text
+
+
+def test_a_trainer_given_its_own_rate_is_not_warned(tmp_path, caplog):
+    model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
+    trainer, _ = make("callback", tmp_path, model, max_steps=10)  # learning_rate=1e-2
+    with caplog.at_level("WARNING", logger="dynarank"):
+        trainer.train()
+    assert "transformers' default" not in caplog.text
+
+
 def _nan_gradient_at(model, bad_steps: set[int]):
     """Make the classifier's gradient NaN on the given optimizer steps (1-based; one micro-batch each)."""
     calls = {"n": 0}

@@ -3,6 +3,7 @@
 from .attach import adapter_parameter_count, attach, count_trainable, elastic_layers, merge, unmerge
 from .config import DynaRankConfig
 from .controllers import ARDController, RankController, StepRecord, build_controller, prepare_parameters
+from .defaults import default_lr
 from .export import export_peft
 from .fsdp import shard_base
 from .layer import ElasticLoRALinear
@@ -24,6 +25,7 @@ __all__ = [
     "adapter_parameter_count",
     "attach",
     "count_trainable",
+    "default_lr",
     "elastic_layers",
     "export_peft",
     "init_ranks",

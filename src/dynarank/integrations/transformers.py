@@ -65,6 +65,7 @@ from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
 from ..controllers.ard_gates import ARD_ATTR
 from ..controllers.svd import SVD_ATTR
+from ..defaults import default_lr, task_of
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..fsdp import is_sharded
 from ..guards import nonfinite_gradients
@@ -146,6 +147,26 @@ def refuse_sharded_checkpoints(args, model: nn.Module) -> None:
         )
 
 
+def warn_of_transformers_default_lr(args, controller: RankController) -> str | None:
+    """Warn (and return the warning) when the Trainer trains at transformers' default learning rate: almost always
+    a rate nobody chose, and one or two decades below the rates dynarank's methods train well at
+    (docs/defaults.md). A warning, not a change: the Trainer's arguments are the user's."""
+    from transformers import TrainingArguments
+
+    transformers_default = TrainingArguments.__dataclass_fields__["learning_rate"].default
+    if args.learning_rate != transformers_default:
+        return None
+    method, task = controller.config.method, task_of(controller.model)
+    rate = default_lr(method, task)
+    warning = (
+        f"the Trainer's learning_rate is transformers' default ({transformers_default:g}); {method} on a {task} "
+        f"model trains at {rate:g} by default (docs/defaults.md): set learning_rate="
+        f"dynarank.default_lr({method!r}, {task!r}) unless {transformers_default:g} is your choice."
+    )
+    logger.warning(warning)
+    return warning
+
+
 class DynaRankCallback(TrainerCallback):
     """Drive a dynarank controller from any ``transformers.Trainer`` (TRL's trainers included); no manual call."""
 
@@ -200,6 +221,8 @@ class DynaRankCallback(TrainerCallback):
             self.controller = build_controller(self.model, total_steps=state.max_steps, restoring=resumed is not None)
             if resumed is not None:
                 checkpoint.restore_controller(self.controller, *resumed)
+            else:
+                warn_of_transformers_default_lr(args, self.controller)
         self.controller.bind(_inner(optimizer))
         return control
 
