@@ -10,6 +10,8 @@ all six Linear types of every layer, every method held to the same final budget 
     elalora               dynarank ElaLoRA, r=2 per matrix, the budget as its ceiling
     ard                   dynarank ARD per head (shared A), r0=8, target_params = the budget
     ard-matrix            the same, one group per matrix
+    ard-data              ARD per head with the data-driven start (rank_init='data': ranks measured on the first
+                          training batches, the adapter starting at 1.5x the budget); the pass is timed apart
 
 Every method trains its own copy of the model for the same T optimizer steps (its whole schedule:
 warm-up, rank changes, final phase) in one process; they take turns in rounds of 2 steps, the order
@@ -63,7 +65,7 @@ from dynarank.training.tasks import batches, encode_classification  # noqa: E402
 from setups import stock_adalora_schedule  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["lora", "dora", "adalora", "dynarank-lora", "adalora-physical", "elalora", "ard", "ard-matrix"]
+METHODS = ["lora", "dora", "adalora", "dynarank-lora", "adalora-physical", "elalora", "ard", "ard-matrix", "ard-data"]
 BUDGET_R = 2
 
 
@@ -115,6 +117,9 @@ def spec_for(method: str, steps: int, budget: int, target=BERT_ENCODER_LINEAR) -
     common = dict(target_modules=target, lr=3e-3, max_steps=steps, seed=0)
     if method == "ard":
         return TrainSpec(method="ard", r=8, dynarank={"head_layout": "shared", "target_params": budget}, **common)
+    if method == "ard-data":
+        knobs = {"head_layout": "shared", "target_params": budget, "rank_init": "data"}
+        return TrainSpec(method="ard", r=8, dynarank=knobs, **common)
     if method == "ard-matrix":
         return TrainSpec(method="ard", r=8, dynarank={"granularity": "matrix", "target_params": budget}, **common)
     if method == "elalora":
@@ -147,11 +152,15 @@ class Timed:
 class Run:
     """One method's model, optimizer, scheduler and controller, stepped on demand."""
 
-    def __init__(self, method: str, base, steps: int, budget: int, target=BERT_ENCODER_LINEAR) -> None:
+    def __init__(self, method: str, base, steps: int, budget: int, target=BERT_ENCODER_LINEAR, data=()) -> None:
         self.method, self.steps, self.step_index = method, steps, 0
         self.spec = spec_for(method, steps, budget, target)
         torch.manual_seed(0)
-        self.model, self.controller = prepare_model(copy.deepcopy(base), self.spec, steps)
+        t0 = time.perf_counter()  # a data-driven start measures its ranks on the first batches here
+        self.model, self.controller = prepare_model(
+            copy.deepcopy(base), self.spec, steps, init_batches=lambda: iter(data)
+        )
+        self.prepare_seconds = time.perf_counter() - t0
         self.model.train()
         self.hooks = Timed()
         if self.controller is not None:
@@ -203,7 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base, budget, target, data = setting_data(args.setting)
-    runs = {m: Run(m, base, args.steps, budget, target) for m in args.methods}
+    runs = {m: Run(m, base, args.steps, budget, target, data) for m in args.methods}
     order = list(runs)
     per_round: dict[str, list[float]] = {m: [] for m in order}
     t_start = time.perf_counter()
@@ -236,6 +245,8 @@ def main() -> None:
             "bytes_start": run.bytes_start,
             "bytes_end": run.state_bytes(),
             "adapter_parameters_end": run.adapter_parameters(),
+            "prepare_s": run.prepare_seconds,  # attach (and a data-driven start's pass), before any step
+            "prepare_share": run.prepare_seconds / (run.prepare_seconds + sum(run.times)),
         }
     command = "python benchmarks/method_overhead.py " + " ".join(sys.argv[1:])
     record = {
@@ -261,8 +272,9 @@ def main() -> None:
         f"{record['load_average_1min_end']:.1f} on {os.cpu_count()} cores).",
         "",
         "| method | median step | last quarter | / LoRA (paired) | / LoRA, last quarter | controller share | "
-        "hooks per step (median / mean) | params + AdamW state: after step 1 -> end | change | adapter params at end |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "hooks per step (median / mean) | params + AdamW state: after step 1 -> end | change | adapter params at end | "
+        "before step 1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, r in results.items():
         lines.append(
@@ -270,14 +282,16 @@ def main() -> None:
             f"{r['ratio_to_lora']:.3f} | {r['ratio_to_lora_last_quarter']:.3f} | {100 * r['controller_share']:.1f}% | "
             f"{r['hooks_per_step_ms']:.1f} / {r['hooks_per_step_mean_ms']:.1f} ms | "
             f"{r['bytes_start'] / 1e6:.2f} MB -> {r['bytes_end'] / 1e6:.2f} MB | "
-            f"{100 * (r['bytes_end'] / r['bytes_start'] - 1):+.0f}% | {r['adapter_parameters_end']:,} |"
+            f"{100 * (r['bytes_end'] / r['bytes_start'] - 1):+.0f}% | {r['adapter_parameters_end']:,} | "
+            f"{r['prepare_s']:.2f} s ({100 * r['prepare_share']:.1f}%) |"
         )
     lines += [
         "",
         "Controller share: time in the controller's optimizer hooks (and in PEFT AdaLoRA's update_and_allocate) "
         "over the whole step time. Bytes: trainable parameters (adapters, task head, ARD's alphas, E) plus AdamW's "
         "two moments and the importance scores of the SVD methods (dynarank's and stock AdaLoRA's), after the first "
-        "step (when the moments exist) and after the last.",
+        "step (when the moments exist) and after the last. Before step 1: attaching the method, and for ard-data its "
+        "pass over the first training batches (the share is of that plus every step; not in the step ratios).",
     ]
     text = "\n".join(lines) + "\n"
     (args.out / f"{stem}.md").write_text(text)
