@@ -177,8 +177,8 @@ class RankControlConfig(DynaRankConfig):
 
     rank_floor: int = _help("Smallest rank a group can end at; 0 lets a head switch off.", 0)
     resize_every: int | None = _help(
-        "Optimizer steps between physical resizes (ElaLoRA's interval, AdaLoRA's deltaT; None: about 20 over the "
-        "active phase).",
+        "Optimizer steps between physical resizes (ElaLoRA's interval, AdaLoRA's deltaT; None: the active phase // "
+        "20, at least 1: 20 to 39 rounds, a round every step when the phase is under 40 steps).",
         None,
     )
     warmup_frac: float = _help(

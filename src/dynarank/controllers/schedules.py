@@ -58,7 +58,7 @@ class BudgetSchedule:
             total_steps: T; None raises (a data set of unknown length needs ``max_steps``).
             warmup_frac, final_frac: t_init and t_final as fractions of T (used when the steps are None).
             t_init_steps, t_final_steps: exact step counts (override the fractions).
-            interval: steps between rounds (None: about 20 rounds over the budgeting phase).
+            interval: steps between rounds (None: phase // 20, at least 1: 20 to 39 rounds).
             method: name used in the messages.
             need_interior_round: refuse an interval longer than the budgeting phase (ElaLoRA would
                 then never reallocate; AdaLoRA still prunes once, at ``end``).
