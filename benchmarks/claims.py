@@ -109,6 +109,8 @@ def figures() -> dict[str, str]:
         methods = _record(f"method_overhead_{setting}.json")["methods"]
         for method in ("ard", "elalora", "adalora-physical"):
             out[f"{setting} {method} step / lora"] = f"{methods[method]['ratio_to_lora']:.2f}"
+        if "ard-data" in methods:  # ARD with the data-driven start (recorded in the decoder setting)
+            out[f"{setting} ard-data step / lora"] = f"{methods['ard-data']['ratio_to_lora']:.2f}"
         out[f"{setting} hooks adalora"] = f"{methods['adalora']['hooks_per_step_ms']:.1f} ms"
         worst = max(methods[m]["hooks_per_step_ms"] for m in ("ard", "elalora", "adalora-physical"))
         out[f"{setting} hooks ours at most"] = f"{worst:.1f} ms"
