@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, worth_bucketing
+from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, take_columns, worth_bucketing
 from .layer_resize import Optimizers as Optimizers  # re-exported: the type of the resizes' optimizer argument
 from .layer_resize import SlotResizing
 from .quantized import refuse_merge
@@ -222,7 +222,7 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         w = self.group_weight
         if self._dense:
             return w.view(self.group_size, self.n_groups, -1)
-        return F.pad(w, (0, 1))[:, self.column_index]
+        return take_columns(F.pad(w, (0, 1)), self.column_index)  # padding positions read the zero column
 
     def _low_rank_update(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d_in) -> (N, d_out), without the scaling."""
@@ -233,7 +233,7 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         gate = self.gate()
         if self.split == "rows":
             z = x @ self.shared_weight.t()  # (N, S)
-            zp = z.view(n, self.n_groups, -1) if self._dense else F.pad(z, (0, 1))[:, self.slot_index]
+            zp = z.view(n, self.n_groups, -1) if self._dense else take_columns(F.pad(z, (0, 1)), self.slot_index)
             if gate is not None:
                 zp = zp * gate  # (N, G, r_max)
             if self.n_groups == 1:

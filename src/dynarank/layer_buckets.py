@@ -80,6 +80,17 @@ def rank_buckets(slots: Sequence[Sequence[int]], device: torch.device) -> Bucket
     return BucketPlan(buckets, torch.cat([b.slots.reshape(-1) for b in buckets]))
 
 
+def take_columns(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[:, index]`` for a 2-D ``t`` (rows, C) and an index of any shape: (rows, *index.shape).
+
+    The same values as advanced indexing, with a reproducible backward: advanced indexing's gradient is an
+    accumulating index_put, which on a CPU with several threads adds repeated indices (a shared slot read by
+    every group) with atomic adds in a racing order once the work is large enough (32,768 elements), so the same
+    seed gave different gradients run to run. index_select's gradient is index_add, which adds the repeats in
+    index order."""
+    return t.index_select(1, index.reshape(-1)).view(t.shape[0], *index.shape)
+
+
 def bucketed_update(layer, x: torch.Tensor, plan: BucketPlan) -> torch.Tensor:
     """``layer``'s low-rank update of x (N, d_in) -> (N, d_out), without the scaling, one batched product
     per distinct live rank: the same result as the padded product.
@@ -94,10 +105,10 @@ def bucketed_update(layer, x: torch.Tensor, plan: BucketPlan) -> torch.Tensor:
         z = x @ layer.shared_weight.t()  # (N, S)
         y = None
         for b in plan.buckets:
-            zb = z[:, b.slots]  # (N, n_b, r_b)
+            zb = take_columns(z, b.slots)  # (N, n_b, r_b); slots repeat across groups under a shared layout
             if gate is not None:
-                zb = zb * gate[b.groups, : b.rank]
-            yb = torch.einsum("ngr,dgr->ngd", zb, w[:, b.columns])  # (N, n_b, d_g)
+                zb = zb * gate.index_select(0, b.groups)[:, : b.rank]
+            yb = torch.einsum("ngr,dgr->ngd", zb, take_columns(w, b.columns))  # (N, n_b, d_g)
             if y is None:  # in the dtype the products come in (autocast may lower it); rank-0 groups stay 0
                 y = yb.new_zeros(n, layer.n_groups, layer.group_size)
             y.index_copy_(1, b.groups, yb)
@@ -105,9 +116,9 @@ def bucketed_update(layer, x: torch.Tensor, plan: BucketPlan) -> torch.Tensor:
     xg = x.view(n, layer.n_groups, layer.group_size)  # (N, G, d_g)
     parts = []
     for b in plan.buckets:
-        zb = torch.einsum("ngd,dgr->ngr", xg[:, b.groups], w[:, b.columns])  # (N, n_b, r_b)
+        zb = torch.einsum("ngd,dgr->ngr", xg.index_select(1, b.groups), take_columns(w, b.columns))  # (N, n_b, r_b)
         if gate is not None:
-            zb = zb * gate[b.groups, : b.rank]
+            zb = zb * gate.index_select(0, b.groups)[:, : b.rank]
         parts.append(zb.reshape(n, -1))
     values = torch.cat(parts, dim=1)  # (N, sum_b n_b r_b) in plan.slots order
     z = values.new_zeros(n, layer.n_slots).index_add(1, plan.slots, values)  # (N, S)
