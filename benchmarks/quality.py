@@ -40,7 +40,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     elalora-from-above     ElaLoRA started at stock AdaLoRA's 1.5r ranks per matrix and pruned into the
                            budget on the cubic schedule while it reallocates (target_params below the start)
     ard-data               ARD (per head, shared A) whose starting ranks come from the data (rank_init='data':
-                           gradient statistic, 4 batches, start at 1.5x the budget), at ARD's learning rate
+                           gradient statistic, init_batches unset: one per 20 steps, 1 to 4, so 4 on
+                           MiniLM and 3 on SmolLM2; start at 1.5x the budget), at ARD's learning rate
     ard-data-activation    the same with the activation statistic; ard-data-rho1.25 / -rho2: other starts
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full

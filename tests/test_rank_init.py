@@ -12,7 +12,7 @@ import torch
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers, init_ranks
 from dynarank.config import ConfigError
-from dynarank.rank_init import RANK_INIT_ATTR, collect_statistics
+from dynarank.rank_init import RANK_INIT_ATTR, collect_statistics, init_batch_count
 from dynarank.training.loop import TrainSpec, train, train_classifier
 from planted_task import DEFAULT_TRUE_RANKS, make_planted_task
 from tiny_models import TokenDataset, WordTokenizer, examples, tiny_bert, tiny_llama, token_batch, training_args
@@ -272,9 +272,36 @@ def test_the_training_loop_measures_the_first_batches_it_trains_on(monkeypatch):
     done = train_classifier(tiny_bert(), WordTokenizer(), examples(), loop_spec())
     assert measured == [1]
     record = done.metrics["rank_init"]
-    assert record["batches"] == 4 and record["start_params"] == done.controller.history[0]["adapter_parameters"]
+    assert record["batches"] == 1  # 24 steps: one measured batch (init_batches=None: total_steps // 20, 1 to 4)
+    assert record["start_params"] == done.controller.history[0]["adapter_parameters"]
     assert done.controller.history[0]["ranks"] == record["ranks"]
     assert done.metrics["adapter_parameters"] <= 1500
+
+
+@pytest.mark.parametrize(
+    ("init_batches", "total_steps", "measured"),
+    [
+        (None, 10, 1),
+        (None, 24, 1),
+        (None, 60, 3),
+        (None, 79, 3),
+        (None, 80, 4),
+        (None, 5000, 4),
+        (None, None, 4),
+        (2, 5000, 2),
+        (7, 10, 7),
+    ],
+)
+def test_unset_init_batches_scale_with_the_run_so_the_pass_stays_near_a_twentieth_of_it(
+    init_batches, total_steps, measured
+):
+    assert init_batch_count(init_batches, total_steps) == measured
+
+
+def test_an_unset_init_batches_measures_one_batch_per_twenty_steps_of_the_run():
+    model = data_model("bert")
+    record = init_ranks(model, labelled("bert", token_batches(5)), total_steps=40)
+    assert record.batches == 2
 
 
 def test_resume_after_the_init_restores_the_same_ranks_without_measuring_again(tmp_path, monkeypatch):
@@ -438,6 +465,7 @@ def test_trl_sft_trainer_starts_ard_from_data_ranks(tmp_path):
     )
     SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback]).train()
     ctrl = callback.controller
+    assert ctrl.rank_init["batches"] == 1  # max_steps=8 reached the init: one batch per 20 steps, at least 1
     assert ctrl.step == 8 and ctrl.history[0]["ranks"] == ctrl.rank_init["ranks"]
     assert ctrl.start_params == ctrl.rank_init["start_params"] > 800 >= ctrl.adapter_parameters()
 

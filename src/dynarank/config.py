@@ -260,7 +260,11 @@ class ARDConfig(RankControlConfig):
         "allocation, more memory early on).",
         1.5,
     )
-    init_batches: int = _help("rank_init='data': batches of training data the statistics are measured on.", 4)
+    init_batches: int | None = _help(
+        "rank_init='data': batches of training data the statistics are measured on (None: total_steps // 20, "
+        "between 1 and 4: a measured batch costs about one training step, so the pass stays near 5% of the run).",
+        None,
+    )
     init_statistic: InitStatistic = _help(
         "rank_init='data': 'gradient' (the loss gradient at each group's outputs against its inputs) or "
         "'activation' (each group's outputs against its inputs, normalised per module).",
@@ -279,7 +283,7 @@ class ARDConfig(RankControlConfig):
             ("init_statistic", ("gradient", "activation")),
         ):
             _choice(self, name, allowed)
-        _count(self, "init_batches", 1, optional=False)
+        _count(self, "init_batches", 1)
         rho = self.init_rho
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 1:
             raise ConfigError("init_rho", f"must be a number > 1 (the start is init_rho x the budget), got {rho!r}.")

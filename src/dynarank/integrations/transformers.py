@@ -217,7 +217,7 @@ class DynaRankCallback(TrainerCallback):
         if self.controller is None:
             resumed = self._read_resumed_state(args, state) if state.global_step > 0 else None
             if resumed is None and needs_rank_init(self.model):
-                self._init_ranks(kwargs.get("train_dataloader"), _inner(optimizer))
+                self._init_ranks(kwargs.get("train_dataloader"), _inner(optimizer), state.max_steps)
             self.controller = build_controller(self.model, total_steps=state.max_steps, restoring=resumed is not None)
             if resumed is not None:
                 checkpoint.restore_controller(self.controller, *resumed)
@@ -226,13 +226,19 @@ class DynaRankCallback(TrainerCallback):
         self.controller.bind(_inner(optimizer))
         return control
 
-    def _init_ranks(self, dataloader, optimizer) -> None:
+    def _init_ranks(self, dataloader, optimizer, total_steps: int | None) -> None:
         """ARD's starting ranks from the first batches of the Trainer's data loader (rank_init='data')."""
         if dataloader is None:
             raise ValueError("rank_init='data' needs the Trainer's train_dataloader, which it did not pass.")
         loss = self.init_loss or default_loss
         n = world()[1]  # a worker's loss is its shard's mean: its share of the batch mean is 1 / n
-        init_ranks(self.model, iter(dataloader), loss_fn=lambda m, b: loss(m, b) / n, optimizer=optimizer)
+        init_ranks(
+            self.model,
+            iter(dataloader),
+            loss_fn=lambda m, b: loss(m, b) / n,
+            optimizer=optimizer,
+            total_steps=total_steps or None,
+        )
 
     def _read_resumed_state(self, args, state) -> tuple[dict, dict]:
         """The dynarank state of the checkpoint the Trainer resumed from (its weights, with their slot layout, are

@@ -150,7 +150,7 @@ def prepare_model(
         if needs_rank_init(model) and not restoring:
             if init_batches is None:
                 raise ConfigError("rank_init", "'data' needs the training batches to measure the starting ranks on.")
-            init_ranks(model, init_batches(), loss_fn=_weighted_loss, on_batch=on_init_batch)
+            init_ranks(model, init_batches(), loss_fn=_weighted_loss, on_batch=on_init_batch, total_steps=total_steps)
         return model, build_controller(model, total_steps, restoring=restoring)
     model = build_baseline(model, spec.method, spec.r, spec.target_modules, total_steps, spec.dynarank)
     if spec.method in DATA_INIT_BASELINES:
