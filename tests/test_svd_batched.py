@@ -104,6 +104,71 @@ def test_the_gate_reads_each_module_s_span_of_e_before_and_after_resizes(layout)
     _check_gates(model)
 
 
+def _gated_loss(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    loss = 0.0
+    for layer in elastic_layers(model).values():
+        loss = loss + (layer(torch.randn(2, 3, layer.in_features, generator=g)) ** 2).mean()
+    return loss
+
+
+def _reference_e_grad(model, seed=0):
+    """E's gradient with every module reading its own slice of E (no shared split)."""
+    values = model.dynarank_svd
+    values.pieces = lambda: {n: values.values[a:b] for n, (a, b) in values.spans.items()}
+    try:
+        values.values.grad = None
+        _gated_loss(model, seed).backward()
+        return values.values.grad.clone()
+    finally:
+        del values.pieces
+        values.values.grad = None
+
+
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_e_s_gradient_through_the_shared_split_is_bitwise_the_slices_before_and_after_resizes(layout):
+    model, ctrl = _model(layout)
+    with torch.no_grad():
+        model.dynarank_svd.values.copy_(torch.randn(model.dynarank_svd.values.shape))
+    names = list(elastic_layers(model))
+    for resize in (None, ({names[0]: {0: [0, 2], 1: [1]}}, {names[1]: {0: 2}, names[4]: {0: 1, 3: 2}})):
+        if resize is not None:
+            ctrl.resize(*resize)
+        expected = _reference_e_grad(model)
+        e = model.dynarank_svd.values
+        e.grad = None
+        _gated_loss(model).backward()
+        assert torch.equal(e.grad, expected)
+
+
+def test_the_split_serves_micro_batches_and_is_cut_anew_after_a_step_an_eval_or_a_resize():
+    model, ctrl = _model("shared")
+    values = model.dynarank_svd
+    e = values.values
+    first = values.pieces()
+    assert values.pieces() is first  # one split per version of E
+    _gated_loss(model, 0).backward()  # two micro-batches of one step: the second backward goes through the same split
+    _gated_loss(model, 1).backward()
+    accumulated = e.grad.clone()
+    e.grad = None
+    expected = _reference_e_grad(model, 0) + _reference_e_grad(model, 1)
+    assert torch.equal(accumulated, expected)
+    with torch.no_grad():
+        evaluated = values.pieces()
+        e.add_(0.1)  # an optimizer step
+    assert evaluated is not first  # cut under no_grad: its own pieces
+    stepped = values.pieces()
+    assert stepped is not first and stepped is not evaluated
+    _gated_loss(model).backward()  # after a forward under no_grad, E still gets its gradient
+    assert e.grad is not None and bool(e.grad.any())
+    names = list(elastic_layers(model))
+    ctrl.resize({names[0]: {0: [0]}}, {})
+    resized = values.pieces()
+    assert (
+        values.values is not e and resized[names[0]].shape[0] == elastic_layers(model)[names[0]].group_weight.shape[1]
+    )
+
+
 def _set_random_importance(ctrl, seed):
     g = torch.Generator().manual_seed(seed)
     for p in ctrl._scored_parameters():
@@ -155,3 +220,14 @@ def test_elalora_candidates_are_each_group_s_lowest_by_a_stable_argsort_ties_inc
                 expected.append((float(s[j]), order[name], group, j))
     got = [(c.score, order[c.module], c.group, c.position) for c in ctrl.candidates(scores)]
     assert got == sorted(expected)
+
+
+def test_the_views_follow_a_move_of_the_flat_tensor_to_another_dtype():
+    model, _ = _model("shared")
+    values = model.dynarank_svd
+    before = values.pieces()
+    model.to(torch.float64)
+    after = values.pieces()
+    assert after is not before and all(v.dtype == torch.float64 for v in after.values())
+    name = next(iter(after))
+    assert after[name].data_ptr() == values.values.data_ptr()

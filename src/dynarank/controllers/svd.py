@@ -102,28 +102,27 @@ class SVDController(RankController):
 
     # ------------------------------------------------------------------ E as the layer's gate
     def _make_gate(self, name: str):
-        """Module ``name``'s E as its layer's gate (G, r_max), padded slots reading a zero. Where every group has
-        the same rank the packed columns are g * r + j: the gate is a view of E. Otherwise one index into E padded
-        with a zero. What the gate reads is worked out once per layout (the layer's version, its span, E's size)."""
+        """Module ``name``'s E as its layer's gate (G, r_max), padded slots reading a zero. The module's part of E
+        comes from ``SVDValues.pieces`` (one split of E for all modules). Where every group has the same rank the
+        packed columns are g * r + j: the gate is a view of that part. Otherwise one index into it padded with a
+        zero. What the gate reads is worked out once per layout (the layer's version, its width, E's device)."""
         values = self.values
-        cached: list = [None, None]  # [key, (start, G, r) of the view, or the index into E padded]
+        cached: list = [None, None]  # [key, (G, r) of the view, or the index into the part padded]
 
         def gate(layer: ElasticLoRALinear) -> torch.Tensor:
-            e = values.values
-            start = values.spans[name][0]
-            key = (layer.layout_version, start, e.shape[0], e.device)
+            e = values.pieces()[name]  # (T,)
+            key = (layer.layout_version, e.shape[0], e.device)
             if cached[0] != key:
                 ranks, index = layer.ranks, layer.column_index
                 if len(set(ranks)) <= 1:
-                    cached[1] = (start, index.shape[0], index.shape[1])
+                    cached[1] = (index.shape[0], index.shape[1])
                 else:
                     width = layer.group_weight.shape[1]
-                    cached[1] = torch.where(index < width, index + start, e.shape[0]).to(e.device)
+                    cached[1] = torch.where(index < width, index, width).to(e.device)
                 cached[0] = key
             read = cached[1]
             if isinstance(read, tuple):
-                start, g, r = read
-                return e.narrow(0, start, g * r).view(g, r)
+                return e.view(*read)
             return F.pad(e, (0, 1))[read]  # (G, r_max); padded slots read a zero
 
         return gate

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..layer import ElasticLoRALinear
 from ..naming import SVD_ATTR
+from .flat_views import FlatViews
 
 INIT_STD = 0.02  # P, Q ~ N(0, 0.02) (AdaLoRA / ElaLoRA)
 
@@ -33,15 +34,22 @@ class SVDValues(nn.Module):
             parts.append(torch.full((w.shape[1],), 0.0 if fresh else 1.0, dtype=w.dtype, device=w.device))
         self.values = nn.Parameter(torch.cat(parts))
         self._layers = layers  # plain dict, not submodules: the layers belong to the model
+        self._views = FlatViews()
         self.respan(layers)
 
     def respan(self, layers: dict[str, ElasticLoRALinear]) -> None:
         """Recompute every module's span from its layer's current width (after a resize)."""
         self.spans: dict[str, tuple[int, int]] = {}
+        self._spans_version = getattr(self, "_spans_version", 0) + 1  # the pieces are cut anew
         start = 0
         for name, layer in layers.items():
             self.spans[name] = (start, start + layer.group_weight.shape[1])
             start += layer.group_weight.shape[1]
+
+    def pieces(self) -> dict[str, torch.Tensor]:
+        """Every module's E as a view of the vector, cut by one split per version of E (flat_views.py): what the
+        layers' gates read in a forward pass."""
+        return self._views.of(self.values, self.spans, self._spans_version)
 
     def of(self, name: str) -> torch.Tensor:
         """Module ``name``'s E: a (T,) view of the vector."""
