@@ -654,8 +654,8 @@ def data_init_table(rows: list[dict], runs: list[dict], task_name: str, lrs: dic
         "multiples of plain LoRA's at the same budget (LoRA's is constant). Init share: the data pass's seconds "
         "over the run's (two runs shared the cores).\n",
         "| budget (LoRA r) | method | seeds | params end / budget | params mean / budget | state peak / LoRA | "
-        "state mean / LoRA | init share |",
-        "|---|---|---|---|---|---|---|---|",
+        "state mean / LoRA | init share | batches measured |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in ours:
         lora = next((r for r in rows if r["method"] == "lora" and r["budget_r"] == row["budget_r"]), None)
@@ -672,7 +672,7 @@ def data_init_table(rows: list[dict], runs: list[dict], task_name: str, lrs: dic
             f"| {row['budget_r']} | {row['method']} | {len(group)} | "
             f"{row['adapter_parameters'] / row['budget_parameters']:.2f} | "
             f"{row['adapter_parameters_mean'] / row['budget_parameters']:.2f} | {peak / base:.2f} | "
-            f"{mean / base:.2f} | {100 * share:.1f}% |"
+            f"{mean / base:.2f} | {100 * share:.1f}% | {_batches_measured(group)} |"
         )
     if pairs:
         lines += [
@@ -686,6 +686,12 @@ def data_init_table(rows: list[dict], runs: list[dict], task_name: str, lrs: dic
             for p in pairs
         ]
     return "\n".join(lines) + "\n"
+
+
+def _batches_measured(group: list[dict]) -> str:
+    """The data pass's batch counts of a group of runs ('-' for a method without one)."""
+    counts = sorted({(g.get("rank_init") or {}).get("batches") for g in group} - {None})
+    return " / ".join(str(c) for c in counts) or "-"
 
 
 # ---------------------------------------------------------------------------------------------- main
