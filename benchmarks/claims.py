@@ -27,14 +27,20 @@ def _record(name: str) -> dict:
 
 @cache
 def _runs(task: str) -> dict:
-    """(method, budget) -> {seed: record} at the rate with the most seeds (ties: the lower rate)."""
+    """(method, budget) -> {seed: record} at the rate the study chose for the method, else (a rate run only as a
+    check) at the rate with the most seeds (ties: the lower rate)."""
+    record = _record(f"quality_{task}.json")
+    study_rate = record.get("chosen_lr", {})
     by_rate: dict = defaultdict(dict)
-    for run in _record(f"quality_{task}.json")["runs"]:
+    for run in record["runs"]:
         by_rate[run["method"], run["budget_r"], run["lr"]][run["seed"]] = run
     chosen: dict = {}
-    for (method, budget, _lr), seeds in sorted(by_rate.items()):
-        if len(seeds) > len(chosen.get((method, budget), {})):
+    for (method, budget, lr), seeds in sorted(by_rate.items()):
+        if study_rate.get(method) == lr:
             chosen[method, budget] = seeds
+        elif study_rate.get(method) not in {r for m, b, r in by_rate if (m, b) == (method, budget)}:
+            if len(seeds) > len(chosen.get((method, budget), {})):
+                chosen[method, budget] = seeds
     return chosen
 
 
@@ -95,8 +101,12 @@ def figures() -> dict[str, str]:
     out["smollm2 adalora-physical - lora r=12"] = _diff("smollm2", "adalora-physical", "lora", 12)
     for budget in (1, 2, 4, 6):
         out[f"minilm ard-data - lora r={budget}"] = _diff("minilm", "ard-data", "lora", budget)
-    for budget in (1, 4):
+    for budget in (1, 4, 12):
         out[f"smollm2 ard-data - lora r={budget}"] = _diff("smollm2", "ard-data", "lora", budget)
+        out[f"smollm2 ard-data - eva r={budget}"] = _diff("smollm2", "ard-data", "eva", budget)
+        out[f"smollm2 eva - lora r={budget}"] = _diff("smollm2", "eva", "lora", budget)
+    out["smollm2 ard - lora r=4"] = _diff("smollm2", "ard", "lora", 4)
+    out["smollm2 ard-data - ard r=4"] = _diff("smollm2", "ard-data", "ard", 4)
     data_start = [r for budget in (1, 2, 4, 6) for r in _runs("minilm")["ard-data", budget].values()]
     out["minilm ard-data peak / budget"] = (
         f"{max(r['adapter_parameters_peak'] / r['budget_parameters'] for r in data_start):.1f}x"

@@ -663,7 +663,7 @@ def data_init_table(rows: list[dict], runs: list[dict], task_name: str, lrs: dic
         group = [g for g in group if g["lr"] == lrs.get(row["method"], g["lr"])]
         peak = statistics.mean(g["state_bytes_peak"] or 0 for g in group)
         mean = statistics.mean(g["state_bytes_mean"] or 0 for g in group)
-        # the data pass itself (ARD's rank init); EVA's is inside its setup time
+        # the data pass itself (ARD's rank init); EVA's: its setup, attaching included
         share = statistics.mean(
             ((g.get("rank_init") or {}).get("seconds", g.get("init_seconds")) or 0) / g["seconds"] for g in group
         )
