@@ -261,7 +261,7 @@ class ARDConfig(RankControlConfig):
         1.5,
     )
     init_batches: int | None = _help(
-        "rank_init='data': batches of training data the statistics are measured on (None: total_steps // 20, "
+        "rank_init='data': batches of training data the statistics are measured on (unset: total_steps // 20, "
         "between 1 and 4: a measured batch costs about one training step, so the pass stays near 5% of the run).",
         None,
     )
