@@ -36,11 +36,11 @@ def _runs(task: str) -> dict:
         by_rate[run["method"], run["budget_r"], run["lr"]][run["seed"]] = run
     chosen: dict = {}
     for (method, budget, lr), seeds in sorted(by_rate.items()):
-        if study_rate.get(method) == lr:
-            chosen[method, budget] = seeds
-        elif study_rate.get(method) not in {r for m, b, r in by_rate if (m, b) == (method, budget)}:
-            if len(seeds) > len(chosen.get((method, budget), {})):
+        if (method, budget, study_rate.get(method)) in by_rate:
+            if lr == study_rate[method]:
                 chosen[method, budget] = seeds
+        elif len(seeds) > len(chosen.get((method, budget), {})):
+            chosen[method, budget] = seeds
     return chosen
 
 

@@ -125,22 +125,6 @@ def _reference_e_grad(model, seed=0):
         values.values.grad = None
 
 
-@pytest.mark.parametrize("layout", ["own", "shared"])
-def test_e_s_gradient_through_the_shared_split_is_bitwise_the_slices_before_and_after_resizes(layout):
-    model, ctrl = _model(layout)
-    with torch.no_grad():
-        model.dynarank_svd.values.copy_(torch.randn(model.dynarank_svd.values.shape))
-    names = list(elastic_layers(model))
-    for resize in (None, ({names[0]: {0: [0, 2], 1: [1]}}, {names[1]: {0: 2}, names[4]: {0: 1, 3: 2}})):
-        if resize is not None:
-            ctrl.resize(*resize)
-        expected = _reference_e_grad(model)
-        e = model.dynarank_svd.values
-        e.grad = None
-        _gated_loss(model).backward()
-        assert torch.equal(e.grad, expected)
-
-
 def test_the_split_serves_micro_batches_and_is_cut_anew_after_a_step_an_eval_or_a_resize():
     model, ctrl = _model("shared")
     values = model.dynarank_svd

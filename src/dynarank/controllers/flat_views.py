@@ -25,21 +25,15 @@ class FlatViews:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._flat: torch.Tensor | None = None
+        self._spans: dict[str, tuple[int, int]] | None = None
         self._views: dict[str, torch.Tensor] = {}
 
-    def of(self, flat: torch.Tensor, spans: dict[str, tuple[int, int]], layout: int = 0) -> dict[str, torch.Tensor]:
-        """{name: flat[start:stop]} for contiguous ``spans`` covering ``flat`` in order; ``layout`` changes when the
-        spans do."""
-        key = (
-            flat._version,
-            flat.data_ptr(),
-            flat.device,
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-            layout,
-        )
-        if self._flat is not flat or self._key != key:
+    def of(self, flat: torch.Tensor, spans: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """{name: flat[start:stop]} for contiguous ``spans`` covering ``flat`` in order (a new layout comes as a new
+        ``spans`` dict)."""
+        key = (flat._version, flat.data_ptr(), flat.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        if self._flat is not flat or self._spans is not spans or self._key != key:
             widths = [stop - start for start, stop in spans.values()]
             self._views = dict(zip(spans, torch.split(flat, widths)))
-            self._flat, self._key = flat, key
+            self._flat, self._spans, self._key = flat, spans, key
         return self._views

@@ -40,7 +40,6 @@ class SVDValues(nn.Module):
     def respan(self, layers: dict[str, ElasticLoRALinear]) -> None:
         """Recompute every module's span from its layer's current width (after a resize)."""
         self.spans: dict[str, tuple[int, int]] = {}
-        self._spans_version = getattr(self, "_spans_version", 0) + 1  # the pieces are cut anew
         start = 0
         for name, layer in layers.items():
             self.spans[name] = (start, start + layer.group_weight.shape[1])
@@ -49,7 +48,7 @@ class SVDValues(nn.Module):
     def pieces(self) -> dict[str, torch.Tensor]:
         """Every module's E as a view of the vector, cut by one split per version of E (flat_views.py): what the
         layers' gates read in a forward pass."""
-        return self._views.of(self.values, self.spans, self._spans_version)
+        return self._views.of(self.values, self.spans)  # respan() makes a new spans dict
 
     def of(self, name: str) -> torch.Tensor:
         """Module ``name``'s E: a (T,) view of the vector."""
