@@ -54,6 +54,7 @@ def test_budgeted_ard_reports_how_many_ranks_its_alphas_and_its_budget_cut():
     assert controller.cuts == {
         "alpha": sum(r.cut_by_alpha for r in controller.records),
         "budget": sum(r.cut_by_budget for r in controller.records),
+        "held": sum(r.held_by_budget for r in controller.records),
     }
     start = controller.history[0]["total_rank"]
     assert start - controller.total_rank() == controller.cuts["alpha"] + controller.cuts["budget"]

@@ -388,6 +388,39 @@ def test_the_budget_cut_removes_the_tail_slots_with_the_lowest_margin_first():
     assert readouts["query"] == [8, 7, 8, 8, 8, 8, 8, 6]
 
 
+def test_a_budget_above_what_the_alphas_want_is_still_reached_at_the_end():
+    """The budget is the adapter's size, not only its ceiling: removed slots never return, so the floor holds the
+    read-out's cuts back while the adapter would fall below the target."""
+    task = make_planted_task(seed=0, noise=0.1)
+    per_rank = 64 + 16
+    oracle_params = sum(task.true_ranks) * per_rank  # what the alphas ask for alone (the test above)
+    target = oracle_params + 12 * per_rank
+    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], target_params=target))
+    ctrl = out["controller"]
+    assert target - per_rank < out["params"] <= target
+    assert ctrl.cuts["held"] > 0 and sum(rec.held_by_budget for rec in ctrl.records) == ctrl.cuts["held"]
+    # every planted rank is inside what is kept: the held slots are extra, not instead
+    assert all(k >= true for k, true in zip(out["ranks"], task.true_ranks))
+
+
+def test_the_floor_holds_the_cut_slots_with_the_highest_margin_first():
+    task, model = planted_model(target_params=2000)
+    ctrl = build_controller(model, total_steps=100)
+    with torch.no_grad():  # r0 * alpha: 2, 1, 3, 0.5, 2, 2, 2, 2.9
+        model.dynarank_ard.of("query").copy_(torch.tensor([0.25, 0.125, 0.375, 0.0625, 0.25, 0.25, 0.25, 0.3625]))
+    readouts = {"query": ctrl.readout("query")}
+    assert readouts["query"] == [2, 1, 3, 1, 2, 2, 2, 3]  # 16 ranks, 1,280 parameters
+    ctrl._hold_to_target(readouts)  # 2,000 holds 9 more ranks (25 x 80); the next slots' margins r0 * alpha - k:
+    # groups 0, 1, 2, 4, 5, 6: 0, then -1; group 7: -0.1; group 3: -0.5. Ties go to the first group.
+    assert readouts["query"] == [4, 2, 4, 2, 3, 3, 3, 4]  # the six 0s, -0.1, -0.5, and group 0's -1
+    held = dict(readouts)
+    ctrl._hold_to_target(held)
+    assert held == readouts  # at the target: nothing more to hold
+    readouts = {"query": [8] * 8}
+    ctrl._hold_to_target(readouts)  # above the target the floor does nothing (the cap's job)
+    assert readouts["query"] == [8] * 8
+
+
 def test_the_l1_strength_is_steered_toward_the_budget():
     task, model = planted_model(target_params=2000)
     ctrl = build_controller(model, total_steps=100)

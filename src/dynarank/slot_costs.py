@@ -91,3 +91,13 @@ class SlotBook:
         """Remove one use of ``slot``; returns the parameters that frees."""
         self.usage[slot] -= 1
         return self.costs.group_size + (self.costs.other_dim if self.usage[slot] == 0 else 0)
+
+    def price_of_adding(self, slot: int) -> int:
+        """What one more use of ``slot`` would cost: its group-side column, and its row when no group uses it."""
+        return self.costs.group_size + (self.costs.other_dim if self.usage[slot] == 0 else 0)
+
+    def add(self, slot: int) -> int:
+        """Add one use of ``slot``; returns the parameters that costs."""
+        price = self.price_of_adding(slot)
+        self.usage[slot] += 1
+        return price

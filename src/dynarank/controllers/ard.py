@@ -32,10 +32,12 @@ With a parameter budget (``target_params``) the adapter's size is capped at ever
     budget(t) = floor(target + (start - target) * (1 - p)^3),   p = progress of the active phase,
 
 removing the ranks with the lowest margin r0 * alpha_g - j (the tail slot of the group whose
-alpha most wants to drop it) until the cap holds; and the l1 strength is steered toward the
-budget: lambda_scale *= clip(wanted / budget(t), 1/2, 2), where ``wanted`` is the size the
-alphas' read-out asks for. So the alphas keep ranking the slots, and the budget decides how
-many survive.
+alpha most wants to drop it) until the cap holds; it is held at the target from below, keeping
+the slots the read-out would cut, highest margin first, while the adapter fits under the target
+(a removed slot never returns, so without the floor a read-out that fell below the target ended
+the run there); and the l1 strength is steered toward the budget: lambda_scale *=
+clip(wanted / budget(t), 1/2, 2), where ``wanted`` is the size the alphas' read-out asks for. So
+the alphas rank the slots, and the budget decides how many survive.
 
 This module is the controller and its step protocol (the regulariser's gradient on alpha, the projection, the
 phases, the read-outs and the checkpoint state); the calibration of lambda at the end of warm-up is
@@ -116,7 +118,8 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         self._loss_hook = model.register_forward_hook(self._observe_model_output)
         self.unit = None
         self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda
-        self.cuts = {"alpha": 0, "budget": 0}  # ranks removed over the run: by the alphas' read-out, by the cap
+        # ranks over the run: removed by the alphas' read-out, removed by the cap, held by the floor at the target
+        self.cuts = {"alpha": 0, "budget": 0, "held": 0}
 
     def _resolve_settings(self) -> None:
         """The run's settings; after a data init lr_alpha follows the alphas' starting range (ARDSettings.resolve)."""
@@ -341,7 +344,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         self.motion.load_state_dict(state)
         self.lambda_scale = float(state.get("lambda_scale", 1.0))
         self.start_params = int(state.get("start_params", self.start_params))
-        self.cuts = {"alpha": 0, "budget": 0, **state.get("cuts", {})}
+        self.cuts = {"alpha": 0, "budget": 0, "held": 0, **state.get("cuts", {})}
         self._layout_changed()
         if self.step >= self.settings.warmup_steps and self._loss_hook is not None:
             self._loss_hook.remove()

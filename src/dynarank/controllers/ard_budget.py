@@ -1,8 +1,11 @@
-"""ARD-LoRA under a parameter budget: which slots a cap removes, and how the l1 strength is steered.
+"""ARD-LoRA under a parameter budget: which slots a cap removes, which a floor holds, and how the l1 strength is
+steered.
 
-A group g keeps a prefix of its slots (positions 0..k_g-1). The margin of its tail slot is
-``r0 * alpha_g - (k_g - 1)``: how far alpha sits above the point where that slot switches off. A cap
-removes tail slots, lowest margin first, until the prefix costs at most the budget.
+A group g keeps a prefix of its slots (positions 0..k_g-1). The margin of slot j is ``r0 * alpha_g - j``: how far
+alpha sits above the point where that slot switches off. A cap removes tail slots, lowest margin first, until the
+prefix costs at most the budget; a floor holds back the slots the read-out would cut, highest margin first, while
+the prefix still fits under the target. Both go by the same order, so the alphas rank the slots and the budget
+decides how many survive.
 """
 
 from __future__ import annotations
@@ -60,6 +63,54 @@ def cap_to_budget(
         cost -= books[name].remove(slots[name][g][k - 1])
         left -= 1
         push(i, g)
+
+
+def hold_to_budget(
+    layers: Mapping[str, ElasticLoRALinear],
+    ranks: dict[str, list[int]],
+    scaled_alpha: Mapping[str, list[float]],
+    budget: int,
+) -> int:
+    """Raise ``ranks`` in place, back toward the live ranks, while they cost at most ``budget``.
+
+    The slot held next is the one the alphas would keep next: the highest margin r0 * alpha_g - k_g among the
+    groups' first cut slots. A slot that does not fit is passed over (a cheaper one, e.g. a shared row still in
+    use, may). Returns the ranks held.
+
+    Args:
+        layers: the adapted modules, in a fixed order (ties between equal margins go to the first).
+        ranks: prefix length per module and group (the read-out, at most the group's live rank).
+        scaled_alpha: r0 * alpha per module and group.
+        budget: adapter parameters the held ranks may bring the adapter up to.
+    """
+    cost = prefix_cost(layers, ranks)
+    if cost >= budget:
+        return 0
+    order = list(layers)
+    slots = {name: layers[name].slots for name in order}
+    books = {name: layers[name].costs.book([s[:k] for s, k in zip(slots[name], ranks[name])]) for name in order}
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int, g: int) -> None:
+        k = ranks[order[i]][g]
+        if k < len(slots[order[i]][g]):
+            heapq.heappush(heap, (-(scaled_alpha[order[i]][g] - k), i, g))
+
+    for i, name in enumerate(order):
+        for g in range(layers[name].n_groups):
+            push(i, g)
+    held = 0
+    while heap:
+        _, i, g = heapq.heappop(heap)
+        name = order[i]
+        slot = slots[name][g][ranks[name][g]]
+        if cost + books[name].price_of_adding(slot) > budget:
+            continue  # does not fit; the group's later slots need this one first (a prefix), so it is done
+        cost += books[name].add(slot)
+        ranks[name][g] += 1
+        held += 1
+        push(i, g)
+    return held
 
 
 def steer_factor(wanted: int, budget: int, limit: float = 2.0) -> float:

@@ -1,6 +1,6 @@
 """ARD-LoRA's resize step: every group cut to the rank its alpha reads, under the parameter budget when there is
-one (the cap on the cubic schedule, the l1 strength steered toward it), one slot kept if all would go, and the
-gates dropped when the final phase begins. The budget's arithmetic is ard_budget.py.
+one (the cap on the cubic schedule, the floor at the target, the l1 strength steered toward it), one slot kept if
+all would go, and the gates dropped when the final phase begins. The budget's arithmetic is ard_budget.py.
 
 :class:`ARDResizing` is a part of ``ARDController`` (ard.py), which owns the alphas, the settings and the step.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..slot_costs import smallest_adapter
-from .ard_budget import cap_to_budget, prefix_cost, steer_factor
+from .ard_budget import cap_to_budget, hold_to_budget, prefix_cost, steer_factor
 from .base import BudgetRecord, StepRecord
 from .schedules import cubic_budget
 
@@ -50,10 +50,18 @@ class ARDResizing:
 
     def _cap_to_budget(self, readouts: dict[str, list[int]], budget: int) -> None:
         """Lower ``readouts`` in place to the budget, lowest-margin tail slots first (ard_budget.py)."""
+        cap_to_budget(self.layers, readouts, self._scaled_alphas(), self.settings.rank_floor, budget)
+
+    def _hold_to_target(self, readouts: dict[str, list[int]]) -> None:
+        """Keep ``readouts`` at the target at least: the slots the read-out would cut below it are held, highest
+        margin first (ard_budget.py). Slots removed are gone for good, so a read-out that fell below the target
+        would otherwise end the run under the budget the user asked for; held slots stay masked while their alphas
+        read them off, and train from the final phase on."""
+        hold_to_budget(self.layers, readouts, self._scaled_alphas(), self.settings.target_params)
+
+    def _scaled_alphas(self) -> dict[str, list[float]]:
         scaled = self.gates.split(self.settings.r0 * self.gates.alpha.detach().float().cpu())
-        cap_to_budget(
-            self.layers, readouts, {n: v.tolist() for n, v in scaled.items()}, self.settings.rank_floor, budget
-        )
+        return {n: v.tolist() for n, v in scaled.items()}
 
     def _resize(self, record: BudgetRecord) -> None:
         """Cut every group to its read-out rank (and under the budget), carrying the optimizer state of
@@ -65,10 +73,14 @@ class ARDResizing:
         if budget is not None:
             self._steer_lambda(self._cost(readouts), budget)
             self._cap_to_budget(readouts, budget)
+            self._hold_to_target(readouts)
         kept = sum(sum(r) for r in readouts.values())
-        record.cut_by_alpha, record.cut_by_budget = live - wanted, wanted - kept  # ranks, before the collapse guard
+        # ranks, before the collapse guard: the read-out's cuts, the cap's on top, the floor's holds against them
+        record.cut_by_alpha, record.cut_by_budget = live - max(wanted, kept), max(wanted - kept, 0)
+        record.held_by_budget = max(kept - wanted, 0)
         self.cuts["alpha"] += record.cut_by_alpha
         self.cuts["budget"] += record.cut_by_budget
+        self.cuts["held"] += record.held_by_budget
         if not kept:
             self._keep_one_slot(readouts, record)
         for name, layer in self.layers.items():

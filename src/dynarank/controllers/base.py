@@ -47,6 +47,7 @@ class BudgetRecord(StepRecord):
         pruned / expanded: ranks removed / added by this step.
         cut_by_alpha / cut_by_budget: ARD, at a resize: ranks its alphas' read-out removed, and ranks the
             parameter cap removed on top of those.
+        held_by_budget: ARD, at a resize: ranks the read-out would remove that the floor at the target kept.
     """
 
     budget_unit: str = "rank"
@@ -56,6 +57,7 @@ class BudgetRecord(StepRecord):
     expanded: int = 0
     cut_by_alpha: int = 0
     cut_by_budget: int = 0
+    held_by_budget: int = 0
 
 
 class RankController:
