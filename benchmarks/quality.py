@@ -717,6 +717,14 @@ def main() -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="forget this study's earlier records (default: resume, skipping them)"
     )
+    parser.add_argument(
+        "--supersede",
+        nargs="+",
+        choices=[*METHODS, *ABLATIONS],
+        help="move these methods' earlier records to quality_<task>_superseded.json and run them again "
+        "(after a change to the method; --reason says which)",
+    )
+    parser.add_argument("--reason", default="", help="with --supersede: what changed (kept with the old records)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     task = TASKS[args.task]
@@ -728,6 +736,13 @@ def main() -> None:
     stem = f"quality_{args.task}" + ("_quick" if args.quick else "")
     store = RecordStore(args.out / f"{stem}.json", record_key, fresh=args.fresh)
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    if args.supersede:
+        if not args.reason:
+            parser.error("--supersede needs --reason: what changed in the method")
+        moved = store.move_out(
+            lambda r: r["method"] in args.supersede, args.out / f"{stem}_superseded.json", args.reason
+        )
+        print(f"{moved} earlier records of {', '.join(args.supersede)} moved to {stem}_superseded.json", flush=True)
 
     def done(job: tuple, record: dict) -> None:
         store.add(record)

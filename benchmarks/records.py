@@ -61,6 +61,19 @@ class RecordStore:
         self.data["runs"] = [r for r in self.runs if self.key(r) != key] + [record]
         self.save()
 
+    def move_out(self, which: Callable[[dict], bool], archive: Path, reason: str) -> int:
+        """Move the records ``which`` picks to ``archive`` (another store's file, appended to, with ``reason``):
+        kept for comparison, no longer part of this study. Returns how many moved."""
+        moving = [r for r in self.runs if which(r)]
+        if not moving:
+            return 0
+        old = RecordStore(archive, self.key)
+        for record in moving:
+            old.add({**record, "superseded": reason})
+        self.data["runs"] = [r for r in self.runs if not which(r)]
+        self.save()
+        return len(moving)
+
     def note_command(self, command: str) -> None:
         if command not in self.data["commands"]:
             self.data["commands"].append(command)
