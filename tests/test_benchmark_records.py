@@ -31,6 +31,21 @@ def test_a_record_with_the_same_key_replaces_the_earlier_one(tmp_path):
     assert [r["loss"] for r in RecordStore(tmp_path / "study.json", key).runs] == [0.5]
 
 
+def test_superseded_records_leave_the_study_for_an_archive_that_says_why(tmp_path):
+    store = RecordStore(tmp_path / "study.json", key)
+    for method, seed in [("ard", 0), ("ard", 1), ("lora", 0)]:
+        store.add({"method": method, "seed": seed, "loss": 1.0})
+    archive = tmp_path / "study_superseded.json"
+    assert store.move_out(lambda r: r["method"] == "ard", archive, "the method changed") == 2
+    assert [key(r) for r in RecordStore(tmp_path / "study.json", key).runs] == [("lora", 0)]  # so they run again
+    kept = RecordStore(archive, key).runs
+    assert [key(r) for r in kept] == [("ard", 0), ("ard", 1)] and {r["superseded"] for r in kept} == {
+        "the method changed"
+    }
+    assert store.move_out(lambda r: r["method"] == "ard", archive, "again") == 0  # nothing left to move
+    assert len(RecordStore(archive, key).runs) == 2
+
+
 def test_an_ablation_runs_at_its_base_method_s_learning_rate_with_only_its_setting_changed(tmp_path):
     import quality
 

@@ -209,9 +209,9 @@ class RankControlConfig(DynaRankConfig):
 class ARDConfig(RankControlConfig):
     """ARD-LoRA: a learnable alpha per group, rank = ceil(r0 * alpha); l1 + total variation shrink it.
 
-    ``target_params``: a ceiling that falls cubically from the start to this count over the active phase,
-    with the l1 strength steered so that the learned ranks follow it (None: the l1 strength alone sets
-    the size)."""
+    ``target_params``: the adapter's final size. A ceiling falls cubically from the start to this count over the
+    active phase, a floor at it holds back the read-out's cuts that would go below it, and the l1 strength is
+    steered so that the learned ranks follow (None: the l1 strength alone sets the size)."""
 
     METHOD: ClassVar[str] = "ard"
     method: str = "ard"
