@@ -421,6 +421,42 @@ def test_the_floor_holds_the_cut_slots_with_the_highest_margin_first():
     assert readouts["query"] == [8] * 8
 
 
+def test_held_slots_come_on_without_changing_the_function_and_their_group_keeps_its_rank():
+    """A held slot was off: it restarts from a zero group-side column (its stale values would change the output at
+    once), every slot of its group is on from then on, and the group's alpha stays at its cap."""
+    from dynarank.controllers.base import BudgetRecord
+
+    task, model = planted_model(target_params=2000)
+    randomize_adapters(model, seed=1)  # stale, non-zero values behind the slots that are off
+    ctrl = build_controller(model, total_steps=100)
+    alpha = model.dynarank_ard.of("query")
+    with torch.no_grad():  # r0 * alpha: 2, 1, 3, 0.5, 2, 2, 2, 2.9 -> read-out 16 ranks, the floor holds 9 more
+        alpha.copy_(torch.tensor([0.25, 0.125, 0.375, 0.0625, 0.25, 0.25, 0.25, 0.3625]))
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+    ctrl._resize(BudgetRecord(step=ctrl.step, phase="active"))
+    layer = elastic_layers(model)["query"]
+    assert layer.ranks == [4, 2, 4, 2, 3, 3, 3, 4]  # as the floor's order says (the test above)
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    held = ctrl.held.tolist()
+    assert held == [True, True, True, True, True, True, True, True]  # every group got a slot back
+    assert (8 * alpha.detach()).tolist() == [4.0, 2.0, 4.0, 2.0, 3.0, 3.0, 3.0, 4.0]  # every slot on
+    gate = layer.gate()
+    assert all(bool((gate[g, :r] == 1).all()) for g, r in enumerate(layer.ranks))
+    # group 3 read 0.5: its slot 0 was off, kept only as the contested slot; it restarts from zero too
+    start = sum(layer.ranks[:3])
+    assert layer.group_weight[:, start : start + 2].abs().sum() == 0
+    with torch.no_grad():
+        alpha.sub_(0.2)  # an update that would pull them down
+    ctrl._project_alphas()
+    assert (8 * alpha.detach()).tolist() == [4.0, 2.0, 4.0, 2.0, 3.0, 3.0, 3.0, 4.0]
+    assert ctrl.readout("query") == layer.ranks  # never cut again
+    assert ctrl.state_dict()["held"] == held  # checkpointed with the controller
+
+
 def test_the_l1_strength_is_steered_toward_the_budget():
     task, model = planted_model(target_params=2000)
     ctrl = build_controller(model, total_steps=100)

@@ -35,7 +35,8 @@ removing the ranks with the lowest margin r0 * alpha_g - j (the tail slot of the
 alpha most wants to drop it) until the cap holds; it is held at the target from below, keeping
 the slots the read-out would cut, highest margin first, while the adapter fits under the target
 (a removed slot never returns, so without the floor a read-out that fell below the target ended
-the run there); and the l1 strength is steered toward the budget: lambda_scale *=
+the run there): a group with a held slot keeps its rank to the end, every slot on, those that
+were off restarting from a zero group-side column; and the l1 strength is steered toward the budget: lambda_scale *=
 clip(wanted / budget(t), 1/2, 2), where ``wanted`` is the size the alphas' read-out asks for. So
 the alphas rank the slots, and the budget decides how many survive.
 
@@ -106,6 +107,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         self.previous = alpha.clone()  # alpha(t-1): the value the previous update started from
         self.anchor = alpha.clone()  # alpha at the last resize (tv_form='anchor')
         self.start_alpha = alpha.clone()
+        self.held = torch.zeros(n, dtype=torch.bool, device=alpha.device)  # groups whose rank the budget's floor fixed
         # The alphas' own optimizer (the paper's dual optimizers): their gradient is consumed in the pre-step hook,
         # so whatever optimizer the caller steps never sees it (no weight decay, no LR schedule, no group to set up).
         self.alpha_optimizer = torch.optim.AdamW([self.gates.alpha], lr=self.settings.lr_alpha, weight_decay=0.0)
@@ -140,7 +142,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         """The alphas (detached); the controller's vectors follow them to their device (a model moved later)."""
         alpha = self.gates.alpha.detach()
         if self.prices.device != alpha.device:
-            for key in ("prices", "grad_sums", "previous", "anchor", "start_alpha", "caps"):
+            for key in ("prices", "grad_sums", "previous", "anchor", "start_alpha", "caps", "held"):
                 setattr(self, key, getattr(self, key).to(alpha.device))
         return alpha
 
@@ -261,8 +263,9 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
     # ------------------------------------------------------------------ pieces of the step
     @torch.no_grad()
     def _project_alphas(self) -> None:
-        """Keep 0 <= alpha <= capacity / r0 (a rank can only be as large as its physical slots); an alpha an update
-        made non-finite goes back to its value before that update."""
+        """Keep 0 <= alpha <= capacity / r0 (a rank can only be as large as its physical slots), and at it for a
+        group whose rank the budget's floor fixed; an alpha an update made non-finite goes back to its value before
+        that update."""
         alpha = self.gates.alpha
         self._home()
         finite = torch.isfinite(alpha)
@@ -270,7 +273,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
             alpha.copy_(torch.where(finite, alpha, self.previous))
             bad = [name for name, part in self.gates.split(finite).items() if not bool(part.all())]
             self.warn_once("nonfinite-alpha", f"alphas of {bad[0]} became non-finite; restored their last value.")
-        alpha.copy_(torch.minimum(alpha.clamp(min=0.0), self.caps))
+        alpha.copy_(torch.where(self.held, self.caps, torch.minimum(alpha.clamp(min=0.0), self.caps)))
 
     def _finish(self, record: StepRecord) -> StepRecord:
         if isinstance(record, BudgetRecord):
@@ -296,6 +299,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
                 "previous": self.previous.tolist(),
                 "anchor": self.anchor.tolist(),
                 "start_alpha": self.start_alpha.tolist(),
+                "held": self.held.tolist(),
                 **self.motion.state_dict(),
                 "lambda_scale": self.lambda_scale,
                 "start_params": self.start_params,
@@ -341,6 +345,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         self._losses = [(int(t), float(v)) for t, v in state["losses"]]
         self.unit = state["unit"]
         self.previous, self.anchor, self.start_alpha = vector("previous"), vector("anchor"), vector("start_alpha")
+        self.held = vector("held", torch.bool) if "held" in state else torch.zeros_like(self.held)
         self.motion.load_state_dict(state)
         self.lambda_scale = float(state.get("lambda_scale", 1.0))
         self.start_params = int(state.get("start_params", self.start_params))
