@@ -67,7 +67,7 @@ class RecordStore:
         moving = [r for r in self.runs if which(r)]
         if not moving:
             return 0
-        old = RecordStore(archive, self.key)
+        old = RecordStore(archive, lambda r: (*self.key(r), r.get("superseded")))  # one version per reason
         for record in moving:
             old.add({**record, "superseded": reason})
         self.data["runs"] = [r for r in self.runs if not which(r)]

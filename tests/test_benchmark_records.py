@@ -43,7 +43,10 @@ def test_superseded_records_leave_the_study_for_an_archive_that_says_why(tmp_pat
         "the method changed"
     }
     assert store.move_out(lambda r: r["method"] == "ard", archive, "again") == 0  # nothing left to move
-    assert len(RecordStore(archive, key).runs) == 2
+    store.add({"method": "ard", "seed": 0, "loss": 0.5})  # run again after the change, then changed once more
+    assert store.move_out(lambda r: r["method"] == "ard", archive, "a second change") == 1
+    kept = RecordStore(archive, key).runs
+    assert [(key(r), r["loss"]) for r in kept] == [(("ard", 0), 1.0), (("ard", 1), 1.0), (("ard", 0), 0.5)]
 
 
 def test_an_ablation_runs_at_its_base_method_s_learning_rate_with_only_its_setting_changed(tmp_path):
