@@ -403,11 +403,19 @@ def test_a_budget_above_what_the_alphas_want_is_still_reached_at_the_end():
     assert all(k >= true for k, true in zip(out["ranks"], task.true_ranks))
 
 
+def _read_16_ranks(model) -> torch.Tensor:
+    """Set the planted model's alphas to r0 * alpha = 2, 1, 3, 0.5, 2, 2, 2, 2.9 (a read-out of 16 ranks, 1,280
+    parameters); returns them."""
+    alpha = model.dynarank_ard.of("query")
+    with torch.no_grad():
+        alpha.copy_(torch.tensor([0.25, 0.125, 0.375, 0.0625, 0.25, 0.25, 0.25, 0.3625]))
+    return alpha
+
+
 def test_the_floor_holds_the_cut_slots_with_the_highest_margin_first():
     task, model = planted_model(target_params=2000)
     ctrl = build_controller(model, total_steps=100)
-    with torch.no_grad():  # r0 * alpha: 2, 1, 3, 0.5, 2, 2, 2, 2.9
-        model.dynarank_ard.of("query").copy_(torch.tensor([0.25, 0.125, 0.375, 0.0625, 0.25, 0.25, 0.25, 0.3625]))
+    _read_16_ranks(model)
     readouts = {"query": ctrl.readout("query")}
     assert readouts["query"] == [2, 1, 3, 1, 2, 2, 2, 3]  # 16 ranks, 1,280 parameters
     ctrl._hold_to_target(readouts)  # 2,000 holds 9 more ranks (25 x 80); the next slots' margins r0 * alpha - k:
@@ -429,9 +437,7 @@ def test_held_slots_come_on_without_changing_the_function_and_their_group_keeps_
     task, model = planted_model(target_params=2000)
     randomize_adapters(model, seed=1)  # stale, non-zero values behind the slots that are off
     ctrl = build_controller(model, total_steps=100)
-    alpha = model.dynarank_ard.of("query")
-    with torch.no_grad():  # r0 * alpha: 2, 1, 3, 0.5, 2, 2, 2, 2.9 -> read-out 16 ranks, the floor holds 9 more
-        alpha.copy_(torch.tensor([0.25, 0.125, 0.375, 0.0625, 0.25, 0.25, 0.25, 0.3625]))
+    alpha = _read_16_ranks(model)  # the floor holds 9 more
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(x)

@@ -14,11 +14,23 @@ import heapq
 from collections.abc import Mapping
 
 from ..layer import ElasticLoRALinear
+from ..slot_costs import SlotBook
 
 
 def prefix_cost(layers: Mapping[str, ElasticLoRALinear], ranks: Mapping[str, list[int]]) -> int:
     """Adapter parameters with every group cut to its first ``ranks[module][g]`` slots."""
     return sum(layer.num_adapter_parameters_at(ranks[name]) for name, layer in layers.items())
+
+
+def _ledgers(
+    layers: Mapping[str, ElasticLoRALinear], ranks: Mapping[str, list[int]]
+) -> tuple[list[str], dict[str, list[list[int]]], dict[str, SlotBook]]:
+    """(the modules in order, their groups' live slots, a ledger per module of the slots the prefixes ``ranks``
+    use): who still uses each shared slot, as its A row (B^T row) is freed with its last user and paid by its first."""
+    order = list(layers)
+    slots = {name: layers[name].slots for name in order}
+    books = {name: layers[name].costs.book([s[:k] for s, k in zip(slots[name], ranks[name])]) for name in order}
+    return order, slots, books
 
 
 def cap_to_budget(
@@ -40,10 +52,7 @@ def cap_to_budget(
     cost = prefix_cost(layers, ranks)
     if cost <= budget:
         return
-    order = list(layers)
-    slots = {name: layers[name].slots for name in order}
-    # Who still uses each shared slot: its A row (B^T row) is freed with its last user.
-    books = {name: layers[name].costs.book([s[:k] for s, k in zip(slots[name], ranks[name])]) for name in order}
+    order, slots, books = _ledgers(layers, ranks)
     heap: list[tuple[float, int, int]] = []
 
     def push(i: int, g: int) -> None:
@@ -70,12 +79,12 @@ def hold_to_budget(
     ranks: dict[str, list[int]],
     scaled_alpha: Mapping[str, list[float]],
     budget: int,
-) -> int:
+) -> None:
     """Raise ``ranks`` in place, back toward the live ranks, while they cost at most ``budget``.
 
     The slot held next is the one the alphas would keep next: the highest margin r0 * alpha_g - k_g among the
     groups' first cut slots. A slot that does not fit is passed over (a cheaper one, e.g. a shared row still in
-    use, may). Returns the ranks held.
+    use, may).
 
     Args:
         layers: the adapted modules, in a fixed order (ties between equal margins go to the first).
@@ -85,10 +94,8 @@ def hold_to_budget(
     """
     cost = prefix_cost(layers, ranks)
     if cost >= budget:
-        return 0
-    order = list(layers)
-    slots = {name: layers[name].slots for name in order}
-    books = {name: layers[name].costs.book([s[:k] for s, k in zip(slots[name], ranks[name])]) for name in order}
+        return
+    order, slots, books = _ledgers(layers, ranks)
     heap: list[tuple[float, int, int]] = []
 
     def push(i: int, g: int) -> None:
@@ -99,7 +106,6 @@ def hold_to_budget(
     for i, name in enumerate(order):
         for g in range(layers[name].n_groups):
             push(i, g)
-    held = 0
     while heap:
         _, i, g = heapq.heappop(heap)
         name = order[i]
@@ -108,9 +114,7 @@ def hold_to_budget(
             continue  # does not fit; the group's later slots need this one first (a prefix), so it is done
         cost += books[name].add(slot)
         ranks[name][g] += 1
-        held += 1
         push(i, g)
-    return held
 
 
 def steer_factor(wanted: int, budget: int, limit: float = 2.0) -> float:
