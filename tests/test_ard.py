@@ -463,6 +463,45 @@ def test_held_slots_come_on_without_changing_the_function_and_their_group_keeps_
     assert ctrl.state_dict()["held"] == held  # checkpointed with the controller
 
 
+def test_held_slots_restart_with_zero_momentum_but_keep_their_second_moment():
+    """Late in a run Adam's bias correction is ~1: a held slot restarted with a zeroed second moment would take
+    first updates of ~3x the learning rate. Its momentum is zeroed (the column restarts from zero), its second
+    moment is carried, and its first update stays within the learning rate."""
+    from dynarank.controllers.base import BudgetRecord
+
+    task, model = planted_model(target_params=2000)
+    randomize_adapters(model, seed=1)
+    ctrl = build_controller(model, total_steps=100)
+    lr = 1e-2
+    opt = ctrl.build_optimizer(lr=lr)
+    mse_steps(model, task, opt, 5)  # every slot on: each column has a momentum and a second moment
+    for p_state in opt.state.values():  # as late in a run: the same averages, bias corrections ~1
+        if "step" in p_state:
+            steps = float(p_state["step"])
+            p_state["exp_avg"].div_(1 - 0.9**steps)
+            p_state["exp_avg_sq"].div_(1 - 0.999**steps)
+            p_state["step"].fill_(10_000)
+    layer = elastic_layers(model)["query"]
+    state = opt.state[layer.group_weight]
+    old_columns = layer.column_index.clone()
+    sq_before, avg_before = state["exp_avg_sq"].clone(), state["exp_avg"].clone()
+    assert bool((sq_before > 0).all())
+    _read_16_ranks(model)  # the floor holds 9 more: [2, 1, 3, 1, 2, 2, 2, 3] -> [4, 2, 4, 2, 3, 3, 3, 4]
+    ctrl._resize(BudgetRecord(step=ctrl.step, phase="active"))
+    restarted = [(g, j) for g, (a, b) in enumerate(zip([2, 1, 3, 0, 2, 2, 2, 3], layer.ranks)) for j in range(a, b)]
+    assert len(restarted) == 10  # the 9 held and group 3's slot 0 (read 1 with r0 * alpha = 1/2: off)
+    for g, j in restarted:
+        new, old = int(layer.column_index[g, j]), int(old_columns[g, j])
+        assert state["exp_avg"][:, new].abs().sum() == 0 and avg_before[:, old].abs().sum() > 0
+        torch.testing.assert_close(state["exp_avg_sq"][:, new], sq_before[:, old], rtol=0, atol=0)
+    columns = torch.tensor([int(layer.column_index[g, j]) for g, j in restarted])
+    before = layer.group_weight.detach()[:, columns].clone()
+    mse_steps(model, task, opt, 1, seed=7)
+    moved = (layer.group_weight.detach()[:, columns] - before).abs()
+    assert moved.max() > 0  # the restarted slots train
+    assert moved.max() <= lr  # a zeroed second moment: 0.1 g / sqrt(0.001 g^2) = 3.2x lr
+
+
 def test_the_l1_strength_is_steered_toward_the_budget():
     task, model = planted_model(target_params=2000)
     ctrl = build_controller(model, total_steps=100)
