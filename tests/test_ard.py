@@ -464,7 +464,7 @@ def test_held_slots_come_on_without_changing_the_function_and_their_group_keeps_
 
 
 def test_held_slots_restart_with_zero_momentum_but_keep_their_second_moment():
-    """Late in a run Adam's bias correction is ~1: a held slot restarted with a zeroed second moment would take
+    """Late in a long run Adam's bias correction is ~1: a held slot restarted with a zeroed second moment would take
     first updates of ~3x the learning rate. Its momentum is zeroed (the column restarts from zero), its second
     moment is carried, and its first update stays within the learning rate."""
     from dynarank.controllers.base import BudgetRecord

@@ -67,11 +67,11 @@ class ARDResizing:
         A held slot was off (its alpha read it off), so its group-side column is stale: switched back on as it is,
         it would change the function at once (measured: that cost SmolLM2 0.015 of test loss at r=4). Each slot
         that was off restarts from a zero group-side column with zero momentum (the function is unchanged; the
-        slot trains from there, as a new LoRA rank does from B = 0). Its second moment (``exp_avg_sq``) is kept:
-        late in a run Adam's bias correction is ~1, so a zeroed second moment would make the slot's first hundred
-        updates 3-6x the learning rate (0.1 g / sqrt(0.001 g^2) = 3.2x at the first). The group's alpha is set to
-        its cap and kept there (``_project_alphas``): its read-out keeps every slot, so the group is never cut
-        again.
+        slot trains from there, as a new LoRA rank does from B = 0). Its second moment (``exp_avg_sq``) is kept: a
+        zeroed one makes the slot's next updates larger than the rate by a factor growing with Adam's step count t
+        (at most 1.4x after t = 30, 2.0x after 80, 5.2x after 1,000, 6.6x after 5,000: 0.1 g / sqrt(0.001 g^2)
+        once the bias corrections are ~1). The group's alpha is set to its cap and kept there (``_project_alphas``):
+        its read-out keeps every slot, so the group is never cut again.
 
         Args:
             held: per module, the groups whose rank the floor raised (after the cut: their live rank is final).
