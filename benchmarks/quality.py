@@ -42,7 +42,9 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     ard-data               ARD (per head, shared A) whose starting ranks come from the data (rank_init='data':
                            gradient statistic, init_batches unset: one per 20 steps, 1 to 4, so 4 on
                            MiniLM and 3 on SmolLM2; start at 1.5x the budget), at ARD's learning rate
-    ard-data-activation    the same with the activation statistic; ard-data-rho1.25 / -rho2: other starts
+    ard-data-activation    the same with the activation statistic; ard-data-relative: with the gradient statistic
+                           normalised per module (init_statistic='gradient-relative'); ard-data-rho1.25 / -rho2:
+                           other starts
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
@@ -117,6 +119,7 @@ ABLATIONS = {
     # ARD started from data-driven ranks (rank_init='data'; docs/ard.md), and its statistic and start size.
     "ard-data": ("ard", {"rank_init": "data"}),
     "ard-data-activation": ("ard", {"rank_init": "data", "init_statistic": "activation"}),
+    "ard-data-relative": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative"}),
     "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_rho": 1.25}),
     "ard-data-rho2": ("ard", {"rank_init": "data", "init_rho": 2.0}),
 }

@@ -12,7 +12,8 @@ import torch
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers, init_ranks
 from dynarank.config import ConfigError
-from dynarank.rank_init import RANK_INIT_ATTR, collect_statistics, init_batch_count
+from dynarank.rank_init import RANK_INIT_ATTR, RELATIVE_STATISTICS, collect_statistics, init_batch_count
+from dynarank.rank_spectra import allocate, layer_spectrum
 from dynarank.training.loop import TrainSpec, train, train_classifier
 from planted_task import DEFAULT_TRUE_RANKS, make_planted_task
 from tiny_models import TokenDataset, WordTokenizer, examples, tiny_bert, tiny_llama, token_batch, training_args
@@ -63,7 +64,7 @@ def test_the_starting_ranks_fill_the_requested_start_budget(kind, layout):
 
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("layout", ["own", "shared"])
-@pytest.mark.parametrize("statistic", ["gradient", "activation"])
+@pytest.mark.parametrize("statistic", ["gradient", "gradient-relative", "activation"])
 def test_the_function_at_step_0_is_the_base_models(kind, layout, statistic):
     ids = token_batch(3, 7, seed=5)
     with torch.no_grad():
@@ -134,6 +135,31 @@ def planted(floor: int = 0, statistic: str = "gradient", noise: float = 0.0):
 def test_the_gradient_statistic_finds_the_planted_ranks():
     # Each head's loss gradient is -Delta_h x: its rank is the head's planted rank, whatever the base.
     assert planted() == list(DEFAULT_TRUE_RANKS)
+
+
+def test_the_relative_gradient_statistic_finds_the_planted_ranks_too():
+    # One module: dividing its gains by its own norm changes no comparison between its heads.
+    assert planted(statistic="gradient-relative") == list(DEFAULT_TRUE_RANKS)
+
+
+@pytest.mark.parametrize("statistic, moves", [("gradient", True), ("gradient-relative", False)])
+def test_relative_gains_do_not_see_a_modules_scale(statistic, moves):
+    # The same two modules' statistics, one of them scaled by 100: the absolute gradient gives the loud module
+    # more ranks; the relative one compares how concentrated each module's statistic is, and does not move.
+    model = data_model("bert", "own", target_modules=["query", "value"], init_statistic=statistic)
+    layers = elastic_layers(model)
+    stats, _, _ = collect_statistics(model, labelled("bert", token_batches()), 4, "gradient")
+    loud = next(name for name in layers if name.endswith("value"))
+
+    def ranks(scale: float) -> dict:
+        spectra = {
+            n: layer_spectrum(layer, stats[n] * (scale if n == loud else 1.0), statistic in RELATIVE_STATISTICS)
+            for n, layer in layers.items()
+        }
+        keep, _ = allocate(layers, spectra, 1500, 0)
+        return {n: [len(k) for k in groups] for n, groups in keep.items()}
+
+    assert (ranks(1.0) != ranks(100.0)) is moves
 
 
 def test_the_activation_statistic_cannot_see_the_planted_change():

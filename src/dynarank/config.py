@@ -30,7 +30,7 @@ TVForm = Literal["step", "anchor"]
 Readout = Literal["ceil", "round"]
 MaskKind = Literal["hard", "soft"]
 RankInit = Literal["uniform", "data"]
-InitStatistic = Literal["gradient", "activation"]
+InitStatistic = Literal["gradient", "gradient-relative", "activation"]
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
@@ -266,8 +266,10 @@ class ARDConfig(RankControlConfig):
         None,
     )
     init_statistic: InitStatistic = _help(
-        "rank_init='data': 'gradient' (the loss gradient at each group's outputs against its inputs) or "
-        "'activation' (each group's outputs against its inputs, normalised per module).",
+        "rank_init='data': 'gradient' (the loss gradient at each group's outputs against its inputs), "
+        "'gradient-relative' (the same, its gains normalised per module: modules compete by how concentrated their "
+        "gradient is, not by its scale) or 'activation' (each group's outputs against its inputs, normalised per "
+        "module).",
         "gradient",
     )
 
@@ -280,7 +282,7 @@ class ARDConfig(RankControlConfig):
             ("readout", ("ceil", "round")),
             ("mask", ("hard", "soft")),
             ("rank_init", ("uniform", "data")),
-            ("init_statistic", ("gradient", "activation")),
+            ("init_statistic", ("gradient", "gradient-relative", "activation")),
         ):
             _choice(self, name, allowed)
         _count(self, "init_batches", 1)

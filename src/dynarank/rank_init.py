@@ -3,14 +3,17 @@
 Before training, a bounded pass over K batches of the training data measures, for every adapted module, a matrix
 
     M = sum over tokens of  s x^T      # (d_out, d_in); x: the module's input
-    s = -dL/dy                         # init_statistic='gradient': the loss gradient at the module's output
+    s = -dL/dy                         # init_statistic='gradient' (or 'gradient-relative'): the loss gradient at
+                                       #   the module's output
       | y                              # init_statistic='activation': the output itself (padding masked out)
 
 (B = 0 on a fresh adapter, so y and dL/dy are the frozen base model's). ``rank_spectra.py`` turns M into candidate
 ranks per group with their gains (singular values of the group's slice, or its share of the whole M's under shared
-A), keeps the best candidates per parameter until the adapter holds ``init_rho x target_params``, points A at the
-kept directions (B stays 0: the function at step 0 is the base model's), and cuts the rest physically. ARD's alphas
-start at their ranks / r0, and ARD's budget then falls from this start to ``target_params``.
+A; for 'gradient-relative' and 'activation' divided by the module's ||M||_F, so that modules compete by how
+concentrated their statistic is rather than by its scale), keeps the best candidates per parameter until the
+adapter holds ``init_rho x target_params``, points A at the kept directions (B stays 0: the function at step 0 is the
+base model's), and cuts the rest physically. ARD's alphas start at their ranks / r0, and ARD's budget then falls from
+this start to ``target_params``.
 
 Under torch.distributed every worker measures its shard of each global batch and the statistics are summed across
 workers (gradients then divided by the world size: a worker's loss is its shard's share of the batch mean, as DDP
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 RANK_INIT_ATTR = "dynarank_rank_init"  # the model attribute holding the init's record (a dict)
 IGNORE_INDEX = -100
 LossFn = Callable[[nn.Module, Mapping], torch.Tensor]
+RELATIVE_STATISTICS = ("gradient-relative", "activation")  # gains divided by their module's ||M||_F
 
 
 @dataclass
@@ -132,7 +136,7 @@ def init_ranks(
             "gives no signal to set ranks from (empty batches? a loss that does not depend on the adapted modules?)."
         )
     spectra = {
-        name: layer_spectrum(layer, stats[name], config.init_statistic == "activation")
+        name: layer_spectrum(layer, stats[name], config.init_statistic in RELATIVE_STATISTICS)
         for name, layer in layers.items()
     }
     budget = int(config.init_rho * config.target_params)
@@ -288,7 +292,7 @@ def _reduce(stats: dict[str, torch.Tensor], tokens: int, statistic: str) -> tupl
     for name, m in stats.items():  # the same order on every worker
         buffer = m if nccl or m.device.type == "cpu" else m.cpu()
         dist.all_reduce(buffer)
-        if statistic == "gradient":
+        if statistic != "activation":  # a gradient statistic
             buffer /= n
         stats[name] = buffer.to(m.device)
     count = torch.tensor([tokens], dtype=torch.long, device=next(iter(stats.values())).device if nccl else "cpu")
