@@ -39,12 +39,14 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     elalora-switch-off     ElaLoRA whose groups may give up their last rank (switch_off=True)
     elalora-from-above     ElaLoRA started at stock AdaLoRA's 1.5r ranks per matrix and pruned into the
                            budget on the cubic schedule while it reallocates (target_params below the start)
-    ard-data               ARD (per head, shared A) whose starting ranks come from the data (rank_init='data':
-                           gradient statistic, init_batches unset: one per 20 steps, 1 to 4, so 4 on
-                           MiniLM and 3 on SmolLM2; start at 1.5x the budget), at ARD's learning rate
-    ard-data-activation    the same with the activation statistic; ard-data-relative: with the gradient statistic
-                           normalised per module (init_statistic='gradient-relative'); ard-data-rho1.25 / -rho2:
-                           other starts
+    ard-data-relative      ARD (per head, shared A) whose starting ranks come from the data with the defaults
+                           (rank_init='data': the gradient statistic normalised per module, init_statistic=
+                           'gradient-relative'; init_batches unset: one per 20 steps, 1 to 4, so 4 on MiniLM and 3
+                           on SmolLM2; start at 1.5x the budget), at ARD's learning rate
+    ard-data               the same with the gradient statistic not normalised (init_statistic='gradient', the
+                           default before 'gradient-relative'); ard-data-activation: with the activation
+                           statistic; ard-data-rho1.25 / -rho2: the gradient statistic from other starts;
+                           ard-data-relative-rho2: the default statistic from 2x the budget
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
@@ -117,11 +119,12 @@ ABLATIONS = {
     "ard-free-x3": ("ard", {"target_params": None, "ard_lambda": 3.0}),
     "ard-free-x10": ("ard", {"target_params": None, "ard_lambda": 10.0}),
     # ARD started from data-driven ranks (rank_init='data'; docs/ard.md), and its statistic and start size.
-    "ard-data": ("ard", {"rank_init": "data"}),
+    "ard-data": ("ard", {"rank_init": "data", "init_statistic": "gradient"}),
     "ard-data-activation": ("ard", {"rank_init": "data", "init_statistic": "activation"}),
     "ard-data-relative": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative"}),
-    "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_rho": 1.25}),
-    "ard-data-rho2": ("ard", {"rank_init": "data", "init_rho": 2.0}),
+    "ard-data-relative-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 2.0}),
+    "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 1.25}),
+    "ard-data-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 2.0}),
 }
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many

@@ -16,6 +16,9 @@ per-head ranks are known, and on the real models of the quality study.
 
 * ``--part timing``: one ARD-data run at the task's full length; the data pass's share of its wall time (run it
   under ``flock /tmp/dynarank-timing.lock``).
+* ``--part starts`` (a minute): where each statistic puts the starting ranks (by projection type, by sixth of the
+  layers) in the quality study's init, no training:
+  ``python benchmarks/rank_init.py --part starts --task smollm2 --budgets 1``.
 * ``--part stability`` (minutes): how many batches the init needs: the allocation from the first K batches against
   the one from 16 (the quality study's ARD setup), and the seconds one batch of the pass costs.
 """
@@ -24,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import sys
+from collections import defaultdict
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -349,9 +355,84 @@ def timing(task_name: str, budget: int, lr: float, command: str) -> dict:
     }
 
 
+STARTS = ("ard-data", "ard-data-relative", "ard-data-activation")  # each statistic, as the quality study runs it
+
+
+def starts(task_name: str, budgets: list[int], seed: int = 0) -> list[dict]:
+    """Where each statistic puts the starting ranks: the init of the quality study's run (same model, batches, K and
+    start size), summed by projection type and by a sixth of the layers. No training."""
+    import quality
+
+    import study_data
+    from dynarank.rank_init import init_batch_count
+    from dynarank.training.estimate import lora_parameters
+    from dynarank.training.loop import BERT_ENCODER_LINEAR, _epoch_order
+    from dynarank.training.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
+    from dynarank.training.tasks import batches, encode_causal, encode_classification
+
+    task = quality.TASKS[task_name]
+    train_set, _, _ = getattr(study_data, task["data"])()
+    out = []
+    for r in budgets:
+        for method in STARTS:
+            torch.manual_seed(seed)
+            if task["model"] == "minilm":
+                model, tokenizer = load_classifier(packaged_minilm_path(), train_set.label_names)
+                target, encoded = BERT_ENCODER_LINEAR, encode_classification(tokenizer, train_set, task["max_length"])
+            else:
+                model, tokenizer = load_causal_lm(packaged_smollm2_path())
+                target, encoded = quality.SMOLLM2_TARGETS, encode_causal(tokenizer, train_set, task["max_length"])
+            budget = lora_parameters(model, target, r)
+            spec = quality.train_spec(method, r, budget, 1e-3, seed, task["steps"], task, target)
+            attach(model, DynaRankConfig(method="ard", **spec.config_fields()))
+            order = _epoch_order(len(encoded["input_ids"]), seed, 0)
+            stream = batches(encoded, order, task["batch_size"], tokenizer.pad_token_id or 0)
+            k = init_batch_count(None, task["steps"])
+            feed = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y, _ in islice(stream, k)]
+            record = init_ranks(model, feed).to_dict()
+            n_layers = 1 + max(int(re.search(r"layers?\.(\d+)\.", n).group(1)) for n in record["ranks"])
+            by_kind, by_layers = defaultdict(int), [0] * 6
+            for name, ranks in record["ranks"].items():
+                by_kind[name.rsplit(".", 1)[-1]] += sum(ranks)
+                by_layers[6 * int(re.search(r"layers?\.(\d+)\.", name).group(1)) // n_layers] += sum(ranks)
+            out.append(
+                {
+                    "task": task_name,
+                    "budget_r": r,
+                    "method": method,
+                    "statistic": record["statistic"],
+                    "start_params": record["start_params"],
+                    "head_ranks": sum(sum(v) for v in record["ranks"].values()),
+                    "by_kind": dict(by_kind),
+                    "by_sixth_of_layers": by_layers,
+                    "ranks": record["ranks"],
+                }
+            )
+    return out
+
+
+def starts_markdown(runs: list[dict], command: str) -> str:
+    lines = [
+        "# Where each statistic starts the ranks\n",
+        f"    {command}\n",
+        "Starting head-ranks (a rank of one group; shared A slots counted once per group using them) of the quality "
+        "study's ARD data start, seed 0, by projection type and by sixth of the layers (first to last).\n",
+        "| task | budget (LoRA r) | statistic | start params | head-ranks | by type | by sixth of the layers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        kinds = ", ".join(f"{k} {v}" for k, v in r["by_kind"].items())
+        sixths = " / ".join(str(v) for v in r["by_sixth_of_layers"])
+        lines.append(
+            f"| {r['task']} | {r['budget_r']} | {r['statistic']} | {r['start_params']:,} | {r['head_ranks']} | "
+            f"{kinds} | {sixths} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("planted", "real", "stability", "timing"), default="planted")
+    parser.add_argument("--part", choices=("planted", "real", "stability", "timing", "starts"), default="planted")
     parser.add_argument("--seeds", type=int, nargs="+", default=[3], help="planted: the number; real: the seeds")
     parser.add_argument("--task", default="minilm", help="real: the quality study's task")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2])
@@ -377,6 +458,15 @@ def main() -> None:
         path.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
         text = stability_markdown(runs, command)
         (args.out / "rank_init_stability.md").write_text(text)
+    elif args.part == "starts":
+        torch.set_num_threads(2)
+        runs = starts(args.task, args.budgets)
+        path = args.out / "rank_init_starts.json"
+        previous = json.loads(path.read_text())["runs"] if path.is_file() else []
+        keep = [r for r in previous if (r["task"], r["budget_r"]) not in {(n["task"], n["budget_r"]) for n in runs}]
+        path.write_text(json.dumps({"command": command, "runs": keep + runs}, indent=1))
+        text = starts_markdown(keep + runs, command)
+        (args.out / "rank_init_starts.md").write_text(text)
     elif args.part == "timing":
         path = args.out / "rank_init_timing.json"
         runs = json.loads(path.read_text())["runs"] if path.is_file() else []

@@ -266,11 +266,11 @@ class ARDConfig(RankControlConfig):
         None,
     )
     init_statistic: InitStatistic = _help(
-        "rank_init='data': 'gradient' (the loss gradient at each group's outputs against its inputs), "
-        "'gradient-relative' (the same, its gains normalised per module: modules compete by how concentrated their "
-        "gradient is, not by its scale) or 'activation' (each group's outputs against its inputs, normalised per "
-        "module).",
-        "gradient",
+        "rank_init='data': 'gradient-relative' (the loss gradient at each group's outputs against its inputs, its "
+        "gains normalised per module: modules compete by how concentrated their gradient is, not by its scale), "
+        "'gradient' (the same, not normalised) or 'activation' (each group's outputs against its inputs, normalised "
+        "per module).",
+        "gradient-relative",
     )
 
     def __post_init__(self) -> None:
