@@ -260,17 +260,12 @@ def real_markdown(task_name: str, store, lora_runs: list[dict], out: Path) -> st
 CHECKPOINTS = (1, 2, 4, 8, 16)
 
 
-def stability(task_name: str, budgets: list[int], seed: int = 0) -> list[dict]:
-    """The allocation from the first K batches against the one from 16, for K in CHECKPOINTS: the share of the
-    16-batch start's ranks (summed over groups, min of the two per group) that K batches reproduce. One pass of 16
-    batches: the statistic is a sum over batches, so K batches' statistic is a prefix sum."""
-    import time
-
+def study_start(task_name: str, method: str, r: int, seed: int = 0):
+    """The quality study's ARD data-start run up to its init: (model attached with ``method``'s settings at budget r,
+    the run's training batches in order as (ids, mask, labels, idx)). Seeds torch as the study's run does."""
     import quality
 
     import study_data
-    from dynarank.rank_init import collect_statistics
-    from dynarank.rank_spectra import allocate, layer_spectrum
     from dynarank.training.estimate import lora_parameters
     from dynarank.training.loop import BERT_ENCODER_LINEAR, _epoch_order
     from dynarank.training.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
@@ -278,20 +273,32 @@ def stability(task_name: str, budgets: list[int], seed: int = 0) -> list[dict]:
 
     task = quality.TASKS[task_name]
     train_set, _, _ = getattr(study_data, task["data"])()
+    torch.manual_seed(seed)
+    if task["model"] == "minilm":
+        model, tokenizer = load_classifier(packaged_minilm_path(), train_set.label_names)
+        target, encoded = BERT_ENCODER_LINEAR, encode_classification(tokenizer, train_set, task["max_length"])
+    else:
+        model, tokenizer = load_causal_lm(packaged_smollm2_path())
+        target, encoded = quality.SMOLLM2_TARGETS, encode_causal(tokenizer, train_set, task["max_length"])
+    budget = lora_parameters(model, target, r)
+    spec = quality.train_spec(method, r, budget, 1e-3, seed, task["steps"], task, target)
+    attach(model, DynaRankConfig(method="ard", **spec.config_fields()))
+    order = _epoch_order(len(encoded["input_ids"]), seed, 0)
+    return model, batches(encoded, order, task["batch_size"], tokenizer.pad_token_id or 0)
+
+
+def stability(task_name: str, budgets: list[int], seed: int = 0) -> list[dict]:
+    """The allocation from the first K batches against the one from 16, for K in CHECKPOINTS: the share of the
+    16-batch start's ranks (summed over groups, min of the two per group) that K batches reproduce. One pass of 16
+    batches: the statistic is a sum over batches, so K batches' statistic is a prefix sum."""
+    import time
+
+    from dynarank.rank_init import collect_statistics
+    from dynarank.rank_spectra import allocate, layer_spectrum
+
     out = []
     for r in budgets:
-        torch.manual_seed(seed)
-        if task["model"] == "minilm":
-            model, tokenizer = load_classifier(packaged_minilm_path(), train_set.label_names)
-            target, encoded = BERT_ENCODER_LINEAR, encode_classification(tokenizer, train_set, task["max_length"])
-        else:
-            model, tokenizer = load_causal_lm(packaged_smollm2_path())
-            target, encoded = quality.SMOLLM2_TARGETS, encode_causal(tokenizer, train_set, task["max_length"])
-        budget = lora_parameters(model, target, r)
-        spec = quality.train_spec("ard-data", r, budget, 1e-3, seed, task["steps"], task, target)
-        attach(model, DynaRankConfig(method="ard", **spec.config_fields()))
-        order = _epoch_order(len(encoded["input_ids"]), seed, 0)
-        stream = batches(encoded, order, task["batch_size"], tokenizer.pad_token_id or 0)
+        model, stream = study_start(task_name, "ard-data", r, seed)
         layers, sums, seconds, found = elastic_layers(model), None, 0.0, {}
         for k in range(1, max(CHECKPOINTS) + 1):
             ids, mask, labels, _ = next(stream)
@@ -303,7 +310,8 @@ def stability(task_name: str, budgets: list[int], seed: int = 0) -> list[dict]:
             sums = stats if sums is None else {n: sums[n] + stats[n] for n in sums}
             if k in CHECKPOINTS:
                 spectra = {n: layer_spectrum(layer, sums[n], False) for n, layer in layers.items()}
-                keep, size = allocate(layers, spectra, int(1.5 * budget), 0)
+                config = model.dynarank_config  # the study's: start at init_rho (1.5) x the budget
+                keep, size = allocate(layers, spectra, int(config.init_rho * config.target_params), 0)
                 found[k] = {n: [len(g) for g in groups] for n, groups in keep.items()}
         reference = found[max(CHECKPOINTS)]
         total = sum(sum(v) for v in reference.values())
@@ -363,38 +371,21 @@ def starts(task_name: str, budgets: list[int], seed: int = 0) -> list[dict]:
     start size), summed by projection type and by a sixth of the layers. No training."""
     import quality
 
-    import study_data
     from dynarank.rank_init import init_batch_count
-    from dynarank.training.estimate import lora_parameters
-    from dynarank.training.loop import BERT_ENCODER_LINEAR, _epoch_order
-    from dynarank.training.models import load_causal_lm, load_classifier, packaged_minilm_path, packaged_smollm2_path
-    from dynarank.training.tasks import batches, encode_causal, encode_classification
 
-    task = quality.TASKS[task_name]
-    train_set, _, _ = getattr(study_data, task["data"])()
+    k = init_batch_count(None, quality.TASKS[task_name]["steps"])
     out = []
     for r in budgets:
         for method in STARTS:
-            torch.manual_seed(seed)
-            if task["model"] == "minilm":
-                model, tokenizer = load_classifier(packaged_minilm_path(), train_set.label_names)
-                target, encoded = BERT_ENCODER_LINEAR, encode_classification(tokenizer, train_set, task["max_length"])
-            else:
-                model, tokenizer = load_causal_lm(packaged_smollm2_path())
-                target, encoded = quality.SMOLLM2_TARGETS, encode_causal(tokenizer, train_set, task["max_length"])
-            budget = lora_parameters(model, target, r)
-            spec = quality.train_spec(method, r, budget, 1e-3, seed, task["steps"], task, target)
-            attach(model, DynaRankConfig(method="ard", **spec.config_fields()))
-            order = _epoch_order(len(encoded["input_ids"]), seed, 0)
-            stream = batches(encoded, order, task["batch_size"], tokenizer.pad_token_id or 0)
-            k = init_batch_count(None, task["steps"])
+            model, stream = study_start(task_name, method, r, seed)
             feed = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y, _ in islice(stream, k)]
             record = init_ranks(model, feed).to_dict()
-            n_layers = 1 + max(int(re.search(r"layers?\.(\d+)\.", n).group(1)) for n in record["ranks"])
+            layer_of = {n: int(re.search(r"layers?\.(\d+)\.", n).group(1)) for n in record["ranks"]}
+            n_layers = 1 + max(layer_of.values())
             by_kind, by_layers = defaultdict(int), [0] * 6
             for name, ranks in record["ranks"].items():
                 by_kind[name.rsplit(".", 1)[-1]] += sum(ranks)
-                by_layers[6 * int(re.search(r"layers?\.(\d+)\.", name).group(1)) // n_layers] += sum(ranks)
+                by_layers[6 * layer_of[name] // n_layers] += sum(ranks)
             out.append(
                 {
                     "task": task_name,
