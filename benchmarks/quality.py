@@ -47,6 +47,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
                            default before 'gradient-relative'); ard-data-activation: with the activation
                            statistic; ard-data-rho1.25 / -rho2: the gradient statistic from other starts;
                            ard-data-relative-rho2: the default statistic from 2x the budget
+    ard-data-margins       ard-data-relative with init_margin='gains': each group's alpha starts inside its rank's
+                           interval, ordered by the measured gain of its last rank (the budget cuts the weakest first)
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
@@ -123,6 +125,7 @@ ABLATIONS = {
     "ard-data-activation": ("ard", {"rank_init": "data", "init_statistic": "activation"}),
     "ard-data-relative": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative"}),
     "ard-data-relative-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 2.0}),
+    "ard-data-margins": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"}),
     "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 1.25}),
     "ard-data-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 2.0}),
 }

@@ -31,6 +31,7 @@ Readout = Literal["ceil", "round"]
 MaskKind = Literal["hard", "soft"]
 RankInit = Literal["uniform", "data"]
 InitStatistic = Literal["gradient", "gradient-relative", "activation"]
+InitMargin = Literal["gains", "equal"]
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
@@ -272,6 +273,13 @@ class ARDConfig(RankControlConfig):
         "per module).",
         "gradient-relative",
     )
+    init_margin: InitMargin = _help(
+        "rank_init='data': where each group's alpha starts inside its rank's interval (r0 * alpha in (r - 1, r]). "
+        "'gains': ordered by the measured gain per parameter of the group's last rank, from r - 1/4 (the weakest) "
+        "to r (the strongest), so that the budget's first cuts take the ranks the data rated lowest; 'equal': every "
+        "group at r (alpha = r / r0), the cuts' order then left to the alphas' first updates.",
+        "equal",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -283,6 +291,7 @@ class ARDConfig(RankControlConfig):
             ("mask", ("hard", "soft")),
             ("rank_init", ("uniform", "data")),
             ("init_statistic", ("gradient", "gradient-relative", "activation")),
+            ("init_margin", ("gains", "equal")),
         ):
             _choice(self, name, allowed)
         _count(self, "init_batches", 1)

@@ -12,8 +12,9 @@ ranks per group with their gains (singular values of the group's slice, or its s
 A; for 'gradient-relative' and 'activation' divided by the module's ||M||_F, so that modules compete by how
 concentrated their statistic is rather than by its scale), keeps the best candidates per parameter until the
 adapter holds ``init_rho x target_params``, points A at the kept directions (B stays 0: the function at step 0 is the
-base model's), and cuts the rest physically. ARD's alphas start at their ranks / r0, and ARD's budget then falls from
-this start to ``target_params``.
+base model's), and cuts the rest physically. ARD's alphas start at their ranks / r0 (``init_margin='equal'``), or
+inside their rank's interval ordered by the measured gain of each group's last rank (``'gains'``: the budget's first
+cuts then take the ranks the data rated lowest), and ARD's budget then falls from this start to ``target_params``.
 
 Under torch.distributed every worker measures its shard of each global batch and the statistics are summed across
 workers (gradients then divided by the world size: a worker's loss is its shard's share of the batch mean, as DDP
@@ -39,7 +40,7 @@ from .attach import ATTACHED_ATTR, elastic_layers
 from .config import ConfigError
 from .layer import ElasticLoRALinear
 from .naming import ARD_ATTR
-from .rank_spectra import allocate, cut_to, layer_spectrum, write_directions
+from .rank_spectra import LayerSpectrum, allocate, cut_to, layer_spectrum, write_directions
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def init_ranks(
     for name, layer in layers.items():
         write_directions(layer, spectra[name])
         cut_to(layer, keep[name], optimizer)
-    _set_alphas(model, layers, config.r)
+    margins = tail_margins(layers, spectra, keep) if config.init_margin == "gains" else None
+    _set_alphas(model, layers, config.r, margins)
     record = RankInitRecord(
         statistic=config.init_statistic,
         batches=done,
@@ -169,16 +171,47 @@ def init_ranks(
     return record
 
 
-def _set_alphas(model: nn.Module, layers: dict[str, ElasticLoRALinear], r0: int) -> None:
-    """ARD's alphas at the starting ranks: alpha_g = r_g / r0 (every rank on, as alpha = 1 is at rank r0)."""
+# init_margin='gains': the weakest last rank starts at r0 * alpha = r - 1/4. ARD's hard mask has a slot on while
+# r0 * alpha - j > 1/2 (and the soft mask scales it by that clamped to [0, 1]), so every started rank is on, at
+# least a quarter of a rank above its switch-off point; the ceil and round read-outs both give r.
+MIN_MARGIN = 0.75
+
+
+def tail_margins(
+    layers: dict[str, ElasticLoRALinear], spectra: dict[str, LayerSpectrum], keep: dict[str, list[list[int]]]
+) -> dict[str, list[float]]:
+    """init_margin='gains': each group's margin r0 * alpha - (r - 1) in [MIN_MARGIN, 1], from where the measured gain
+    per parameter of its last kept rank (the one ARD's budget cuts first; gain / ``rank_price``, as ``allocate``
+    ranks candidates) stands among all groups' last ranks: the weakest at MIN_MARGIN, the strongest at 1, equal
+    gains at equal margins. Groups without a rank get 0 (their alpha stays 0)."""
+    tails = []  # (module, group, gain per parameter of the group's last kept candidate)
+    for name, layer in layers.items():
+        gains, price = spectra[name].gains, layer.costs.rank_price()
+        tails += [(name, g, float(gains[g, kept[-1]]) / price) for g, kept in enumerate(keep[name]) if kept]
+    values = torch.tensor([v for *_, v in tails], dtype=torch.float64)
+    below = (values[None, :] < values[:, None]).sum(dim=1).double()  # how many last ranks are weaker
+    share = below / max(1, len(tails) - 1)
+    margins = {name: [0.0] * layer.n_groups for name, layer in layers.items()}
+    for (name, g, _), q in zip(tails, share.tolist()):
+        margins[name][g] = MIN_MARGIN + (1.0 - MIN_MARGIN) * q
+    return margins
+
+
+def _set_alphas(
+    model: nn.Module, layers: dict[str, ElasticLoRALinear], r0: int, margins: dict[str, list[float]] | None = None
+) -> None:
+    """ARD's alphas at the starting ranks: r0 * alpha_g = r_g - 1 + margin_g (margin 1 without ``margins``: alpha_g
+    = r_g / r0, every rank on, as alpha = 1 is at rank r0). The ceil read-out gives r_g for any margin in (0, 1]."""
     from .controllers import prepare_parameters  # the controllers import this module's record name
 
     prepare_parameters(model)
     gates = getattr(model, ARD_ATTR)
     with torch.no_grad():
         for name, layer in layers.items():
-            ranks = torch.tensor(layer.ranks, dtype=gates.alpha.dtype, device=gates.alpha.device)
-            gates.of(name).copy_(ranks / r0)
+            ranks = torch.tensor(layer.ranks, dtype=torch.float64)
+            if margins is not None:
+                ranks = torch.where(ranks > 0, ranks - 1 + torch.tensor(margins[name], dtype=torch.float64), ranks)
+            gates.of(name).copy_((ranks / r0).to(dtype=gates.alpha.dtype, device=gates.alpha.device))
 
 
 def _token_mask(batch: Mapping) -> torch.Tensor | None:
