@@ -33,6 +33,12 @@ per step and set beside stock PEFT AdaLoRA's ``update_and_allocate``.
     python benchmarks/method_overhead.py                          # T = 60 steps per method, MiniLM 32 x 64
     python benchmarks/method_overhead.py --setting decoder-224    # the many-module decoder
     python benchmarks/method_overhead.py --steps 20               # a quick look
+    python benchmarks/method_overhead.py --setting decoder-224 --steps 240   # rounds every 7 steps, not every step
+
+Run length: the methods' phases are fractions of the run, and with fewer than 40 steps in the SVD methods'
+budgeting phase (60 steps: 39) they reallocate at every step of it, so the 60-step records time a resize at
+almost every step; at 240 steps a round comes every 7 steps, as in longer runs (records of another length are
+written to ``method_overhead_<setting>_<T>steps``).
 """
 
 from __future__ import annotations
@@ -264,6 +270,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "method_overhead" if args.setting == "minilm-32x64" else f"method_overhead_{args.setting}"
+    if args.steps != 60:  # 60 steps: the records' standard run (a round every step of the SVD methods' phase)
+        stem += f"_{args.steps}steps"
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     batch, length = SETTINGS[args.setting]
     lines = [

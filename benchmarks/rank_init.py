@@ -341,16 +341,19 @@ def stability_markdown(runs: list[dict], command: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- what the pass costs
-def timing(task_name: str, budget: int, lr: float, command: str) -> dict:
-    """One ARD-data run in this process (2 threads): the data pass's seconds against the run's. Run it under
-    ``flock /tmp/dynarank-timing.lock`` so that no other timing run shares the machine."""
+def timing(task_name: str, budget: int, lr: float, command: str, method: str = "ard-data-relative") -> dict:
+    """One ARD data-start run in this process (2 threads; ``method`` a quality.py variant, by default the default
+    statistic's): the data pass's seconds against the run's. Run it under ``flock /tmp/dynarank-timing.lock`` so
+    that no other timing run shares the machine."""
     import quality
 
     steps = quality.TASKS[task_name]["steps"]
-    record = quality.run_one(task_name, "ard-data", budget, lr, 0, steps, 2, command)
+    record = quality.run_one(task_name, method, budget, lr, 0, steps, 2, command)
     init = record["rank_init"]
     return {
         "task": task_name,
+        "method": method,
+        "statistic": record["rank_init"]["statistic"],
         "budget_r": budget,
         "steps": steps,
         "init_batches": init["batches"],
@@ -463,12 +466,15 @@ def main() -> None:
         runs = json.loads(path.read_text())["runs"] if path.is_file() else []
         runs.append(timing(args.task, args.budgets[0], args.lr, command))
         path.write_text(json.dumps({"runs": runs}, indent=1))
-        text = "\n".join(
-            f"{r['task']} r={r['budget_r']}: data pass {r['init_seconds']:.1f} s of a {r['run_seconds']:.0f} s run "
-            f"({100 * r['share']:.1f}%, {r['init_batches']} batches; {r['steps']} steps, "
-            f"{r['seconds_per_step']:.2f} s each)"
+        lines = ["# What the data pass costs (one run alone on the machine, 2 threads)", ""]
+        lines += [
+            f"- {r['task']} r={r['budget_r']} ({r.get('statistic', 'gradient')} statistic): data pass "
+            f"{r['init_seconds']:.1f} s of a {r['run_seconds']:.0f} s run ({100 * r['share']:.1f}%, "
+            f"{r['init_batches']} batches; {r['steps']} steps, {r['seconds_per_step']:.2f} s each); `{r['command']}`"
             for r in runs
-        )
+        ]
+        text = "\n".join(lines) + "\n"
+        (args.out / "rank_init_timing.md").write_text(text)
     else:
         methods = args.methods or list(REAL_METHODS)
         store, lora = real_runs(args.task, methods, args.budgets, args.seeds, args.lr, args.jobs, args.out, command)

@@ -214,6 +214,53 @@ def test_activation_statistics_skip_padding():
 # ---------------------------------------------------------------------------------------------- ARD from there
 
 
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_gain_margins_order_the_alphas_by_the_measured_gain_of_each_groups_last_rank(layout):
+    model = data_model("llama", layout, init_margin="gains")
+    batches = labelled("llama", token_batches())
+    init_ranks(model, batches)
+    # The same measurement on a twin, done by hand: each group's last kept rank and its gain per parameter.
+    twin = data_model("llama", layout)
+    layers = elastic_layers(twin)
+    stats, _, _ = collect_statistics(twin, batches, init_batch_count(None, None), "gradient-relative")
+    spectra = {name: layer_spectrum(layer, stats[name], True) for name, layer in layers.items()}
+    keep, _ = allocate(layers, spectra, int(1.5 * 1500), 0)
+    tails, margins = [], []
+    ctrl = build_controller(model, total_steps=40)
+    for name, layer in elastic_layers(model).items():
+        scaled = (4 * model.dynarank_ard.of(name)).tolist()
+        for g, kept in enumerate(keep[name]):
+            if kept:
+                tails.append(float(spectra[name].gains[g, kept[-1]]) / layers[name].costs.rank_price())
+                margins.append(scaled[g] - (layer.ranks[g] - 1))
+            else:
+                assert scaled[g] == 0.0
+        assert ctrl.readout(name) == layer.ranks  # every started rank reads as started...
+        gate = layer.gate()
+        if layer.max_rank:
+            assert [int(gate[g, : layer.ranks[g]].sum()) for g in range(layer.n_groups)] == layer.ranks  # ...and is on
+    assert min(margins) == pytest.approx(0.75) and max(margins) == pytest.approx(1.0)
+    by_gain = [m for _, m in sorted(zip(tails, margins))]
+    assert by_gain == sorted(by_gain)  # a stronger last rank never starts nearer its switch-off point
+    assert len(set(margins)) > 2
+
+
+def test_the_budgets_first_cut_takes_the_last_rank_the_data_rated_lowest():
+    from dynarank.controllers.ard_budget import cap_to_budget, prefix_cost
+
+    model = data_model("llama", "shared", init_margin="gains")
+    init_ranks(model, labelled("llama", token_batches()))
+    layers = elastic_layers(model)
+    scaled = {name: (4 * model.dynarank_ard.of(name)).tolist() for name in layers}
+    ranks = {name: list(layer.ranks) for name, layer in layers.items()}
+    cap_to_budget(layers, ranks, scaled, 0, prefix_cost(layers, ranks) - 1)
+    cut = [(name, g) for name, layer in layers.items() for g in range(layer.n_groups) if ranks[name][g] < layer.ranks[g]]
+    assert len(cut) == 1
+    name, g = cut[0]
+    lowest = min(s - (layers[n].ranks[i] - 1) for n in layers for i, s in enumerate(scaled[n]) if layers[n].ranks[i])
+    assert scaled[name][g] - (layers[name].ranks[g] - 1) == lowest == pytest.approx(0.75)
+
+
 def test_ard_starts_its_budget_from_the_init_and_scales_the_alpha_speed_to_the_start():
     model = data_model("bert", "shared")
     record = init_ranks(model, labelled("bert", token_batches()))
@@ -249,6 +296,7 @@ def test_the_init_runs_once_and_only_on_a_fresh_adapter():
         ({"init_rho": 1.0, "target_params": 100}, "init_rho"),
         ({"init_batches": 0}, "init_batches"),
         ({"init_statistic": "weights"}, "init_statistic"),
+        ({"init_margin": "random"}, "init_margin"),
         ({"rank_init": "svd"}, "rank_init"),
     ],
 )
