@@ -254,7 +254,7 @@ def test_the_budgets_first_cut_takes_the_last_rank_the_data_rated_lowest():
     scaled = {name: (4 * model.dynarank_ard.of(name)).tolist() for name in layers}
     ranks = {name: list(layer.ranks) for name, layer in layers.items()}
     cap_to_budget(layers, ranks, scaled, 0, prefix_cost(layers, ranks) - 1)
-    cut = [(name, g) for name, layer in layers.items() for g in range(layer.n_groups) if ranks[name][g] < layer.ranks[g]]
+    cut = [(n, g) for n, layer in layers.items() for g in range(layer.n_groups) if ranks[n][g] < layer.ranks[g]]
     assert len(cut) == 1
     name, g = cut[0]
     lowest = min(s - (layers[n].ranks[i] - 1) for n in layers for i, s in enumerate(scaled[n]) if layers[n].ranks[i])
