@@ -49,6 +49,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
                            ard-data-relative-rho2: the default statistic from 2x the budget
     ard-data-margins       ard-data-relative with init_margin='gains': each group's alpha starts inside its rank's
                            interval, ordered by the measured gain of its last rank (the budget cuts the weakest first)
+    ard-data-knapsack      ard-data-relative whose budget cap cuts by margin per parameter freed
+                           (cap_order='margin-per-parameter': a shared slot's last user before its co-users)
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
@@ -126,6 +128,10 @@ ABLATIONS = {
     "ard-data-relative": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative"}),
     "ard-data-relative-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 2.0}),
     "ard-data-margins": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"}),
+    "ard-data-knapsack": (
+        "ard",
+        {"rank_init": "data", "init_statistic": "gradient-relative", "cap_order": "margin-per-parameter"},
+    ),
     "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 1.25}),
     "ard-data-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 2.0}),
 }

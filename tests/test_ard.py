@@ -388,6 +388,28 @@ def test_the_budget_cut_removes_the_tail_slots_with_the_lowest_margin_first():
     assert readouts["query"] == [8, 7, 8, 8, 8, 8, 8, 6]
 
 
+@pytest.mark.parametrize("per_parameter, cut_group, freed", [(False, 0, 8), (True, 1, 8 + 32)])
+def test_the_cap_by_margin_per_parameter_cuts_a_shared_slots_last_user_before_its_co_users(
+    per_parameter, cut_group, freed
+):
+    from dynarank.controllers.ard_budget import cap_to_budget, prefix_cost
+
+    config = DynaRankConfig(method="ard", r=4, head_layout="shared", target_modules=["query"], target_params=500)
+    model = attach(tiny_bert(), config)
+    layers = {name: layer for name, layer in elastic_layers(model).items() if name.endswith("0.attention.self.query")}
+    ((name, layer),) = layers.items()
+    # 4 heads of 8 on a width of 32. Group 1 alone uses slots 2 and 3; every other group uses slots 0 and 1, shared.
+    # Every tail at margin 1.
+    ranks = {name: [4 if g == 1 else 2 for g in range(layer.n_groups)]}
+    scaled = {name: [float(r) for r in ranks[name]]}
+    before = prefix_cost(layers, ranks)
+    cap_to_budget(layers, ranks, scaled, 0, before - 1, per_parameter=per_parameter)
+    expected = [4 if g == 1 else 2 for g in range(layer.n_groups)]
+    expected[cut_group] -= 1
+    assert ranks[name] == expected  # by margin: the tie goes to group 0 (one column freed); per parameter: the row too
+    assert before - prefix_cost(layers, ranks) == freed
+
+
 def test_a_budget_above_what_the_alphas_want_is_still_reached_at_the_end():
     """The budget is the adapter's size, not only its ceiling: removed slots never return, so the floor holds the
     read-out's cuts back while the adapter would fall below the target."""

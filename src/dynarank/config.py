@@ -32,6 +32,7 @@ MaskKind = Literal["hard", "soft"]
 RankInit = Literal["uniform", "data"]
 InitStatistic = Literal["gradient", "gradient-relative", "activation"]
 InitMargin = Literal["gains", "equal"]
+CapOrder = Literal["margin", "margin-per-parameter"]
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
@@ -250,6 +251,12 @@ class ARDConfig(RankControlConfig):
         "itself (biased: B grows to compensate partly-on slots).",
         "hard",
     )
+    cap_order: CapOrder = _help(
+        "With target_params: which ranks the falling budget cap cuts first. 'margin': the tail rank whose alpha is "
+        "nearest its switch-off point; 'margin-per-parameter': that margin over the parameters the cut frees (a "
+        "shared slot's last user frees its A row too, so whole slots go before co-users at equal margins).",
+        "margin",
+    )
     rank_init: RankInit = _help(
         "Starting ranks: 'uniform' (every group at r) or 'data' (a pass over init_batches batches before training "
         "measures each group, gives the groups whose statistics promise most per parameter their ranks until the "
@@ -292,6 +299,7 @@ class ARDConfig(RankControlConfig):
             ("rank_init", ("uniform", "data")),
             ("init_statistic", ("gradient", "gradient-relative", "activation")),
             ("init_margin", ("gains", "equal")),
+            ("cap_order", ("margin", "margin-per-parameter")),
         ):
             _choice(self, name, allowed)
         _count(self, "init_batches", 1)

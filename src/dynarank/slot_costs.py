@@ -92,6 +92,10 @@ class SlotBook:
         self.usage[slot] -= 1
         return self.costs.group_size + (self.costs.other_dim if self.usage[slot] == 0 else 0)
 
+    def price_of_removing(self, slot: int) -> int:
+        """What removing one use of ``slot`` would free: its group-side column, and its row with its last user."""
+        return self.costs.group_size + (self.costs.other_dim if self.usage[slot] == 1 else 0)
+
     def price_of_adding(self, slot: int) -> int:
         """What one more use of ``slot`` would cost: its group-side column, and its row when no group uses it."""
         return self.costs.group_size + (self.costs.other_dim if self.usage[slot] == 0 else 0)

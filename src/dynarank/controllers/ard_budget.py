@@ -39,6 +39,7 @@ def cap_to_budget(
     scaled_alpha: Mapping[str, list[float]],
     floor: int,
     budget: int,
+    per_parameter: bool = False,
 ) -> None:
     """Lower ``ranks`` in place until they cost at most ``budget``.
 
@@ -48,30 +49,46 @@ def cap_to_budget(
         scaled_alpha: r0 * alpha per module and group.
         floor: no group goes below it; one rank is kept in all.
         budget: adapter parameters allowed.
+        per_parameter: order the cuts by margin per parameter the cut frees (a knapsack's greedy: a shared slot's
+            last user frees its row too, so it goes before a co-user at the same margin) instead of by margin.
     """
     cost = prefix_cost(layers, ranks)
     if cost <= budget:
         return
     order, slots, books = _ledgers(layers, ranks)
-    heap: list[tuple[float, int, int]] = []
+    heap: list[tuple[float, int, int, int]] = []
+
+    def key(i: int, g: int) -> float:
+        name = order[i]
+        k = ranks[name][g]
+        margin = scaled_alpha[name][g] - (k - 1)
+        if not per_parameter:
+            return margin
+        return margin / books[name].price_of_removing(slots[name][g][k - 1])
 
     def push(i: int, g: int) -> None:
         k = ranks[order[i]][g]
         if k > floor:
-            heapq.heappush(heap, (scaled_alpha[order[i]][g] - (k - 1), i, g))
+            heapq.heappush(heap, (key(i, g), i, g, k))
 
     for i, name in enumerate(order):
         for g in range(layers[name].n_groups):
             push(i, g)
     left = sum(sum(r) for r in ranks.values())
     while cost > budget and heap and left > 1:
-        _, i, g = heapq.heappop(heap)
+        value, i, g, k = heapq.heappop(heap)
         name = order[i]
-        k = ranks[name][g]
+        if ranks[name][g] != k or value != key(i, g):
+            continue  # stale: the group was cut since, or its tail's price changed (re-pushed then)
         ranks[name][g] = k - 1
-        cost -= books[name].remove(slots[name][g][k - 1])
+        slot = slots[name][g][k - 1]
+        cost -= books[name].remove(slot)
         left -= 1
         push(i, g)
+        if per_parameter and books[name].usage[slot] == 1:  # its last user now frees the row too: re-rank it
+            for h, group in enumerate(slots[name]):
+                if h != g and ranks[name][h] > 0 and group[ranks[name][h] - 1] == slot:
+                    push(i, h)
 
 
 def hold_to_budget(

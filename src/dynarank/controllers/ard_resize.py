@@ -52,7 +52,8 @@ class ARDResizing:
 
     def _cap_to_budget(self, readouts: dict[str, list[int]], budget: int) -> None:
         """Lower ``readouts`` in place to the budget, lowest-margin tail slots first (ard_budget.py)."""
-        cap_to_budget(self.layers, readouts, self._scaled_alphas(), self.settings.rank_floor, budget)
+        per_parameter = self.config.cap_order == "margin-per-parameter"
+        cap_to_budget(self.layers, readouts, self._scaled_alphas(), self.settings.rank_floor, budget, per_parameter)
 
     def _hold_to_target(self, readouts: dict[str, list[int]]) -> None:
         """Keep ``readouts`` at the target at least: the slots the read-out would cut below it are held, highest
