@@ -46,7 +46,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     ard-data               the same with the gradient statistic not normalised (init_statistic='gradient', the
                            default before 'gradient-relative'); ard-data-activation: with the activation
                            statistic; ard-data-rho1.25 / -rho2: the gradient statistic from other starts;
-                           ard-data-relative-rho2: the default statistic from 2x the budget
+                           ard-data-relative-rho2: the default statistic from 2x the budget; -rho1.01: from
+                           just above it (almost nothing left to cut: the data's allocation, trained)
     ard-data-margins       ard-data-relative with init_margin='gains': each group's alpha starts inside its rank's
                            interval, ordered by the measured gain of its last rank (the budget cuts the weakest first)
     ard-data-knapsack      ard-data-relative whose budget cap cuts by margin per parameter freed
@@ -127,6 +128,10 @@ ABLATIONS = {
     "ard-data-activation": ("ard", {"rank_init": "data", "init_statistic": "activation"}),
     "ard-data-relative": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative"}),
     "ard-data-relative-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 2.0}),
+    "ard-data-relative-rho1.01": (
+        "ard",
+        {"rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 1.01},
+    ),
     "ard-data-margins": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"}),
     "ard-data-knapsack": (
         "ard",
