@@ -117,7 +117,7 @@ def figures() -> dict[str, str]:
         f"{max(r['adapter_parameters_mean_over_training'] / r['budget_parameters'] for r in data_start):.1f}x"
     )
 
-    for setting in ("minilm-16x16", "decoder-224"):
+    for setting in ("minilm-16x16", "decoder-224", "decoder-224_240steps"):
         methods = _record(f"method_overhead_{setting}.json")["methods"]
         for method in ("ard", "elalora", "adalora-physical"):
             out[f"{setting} {method} step / lora"] = f"{methods[method]['ratio_to_lora']:.2f}"
