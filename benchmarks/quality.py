@@ -47,7 +47,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
                            default before 'gradient-relative'); ard-data-activation: with the activation
                            statistic; ard-data-rho1.25 / -rho2: the gradient statistic from other starts;
                            ard-data-relative-rho2: the default statistic from 2x the budget; -rho1.01: from
-                           just above it (almost nothing left to cut: the data's allocation, trained)
+                           just above it (almost nothing left to cut: the data's allocation, trained);
+                           -l1-0: without the l1 term (ard_lambda=0: the budget's cap alone cuts)
     ard-data-margins       ard-data-relative with init_margin='gains': each group's alpha starts inside its rank's
                            interval, ordered by the measured gain of its last rank (the budget cuts the weakest first)
     ard-data-knapsack      ard-data-relative whose budget cap cuts by margin per parameter freed
@@ -131,6 +132,10 @@ ABLATIONS = {
     "ard-data-relative-rho1.01": (
         "ard",
         {"rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 1.01},
+    ),
+    "ard-data-relative-l1-0": (
+        "ard",
+        {"rank_init": "data", "init_statistic": "gradient-relative", "ard_lambda": 0.0},
     ),
     "ard-data-margins": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"}),
     "ard-data-knapsack": (
