@@ -189,8 +189,8 @@ def tail_margins(
         gains, price = spectra[name].gains, layer.costs.rank_price()
         tails += [(name, g, float(gains[g, kept[-1]]) / price) for g, kept in enumerate(keep[name]) if kept]
     values = torch.tensor([v for *_, v in tails], dtype=torch.float64)
-    below = (values[None, :] < values[:, None]).sum(dim=1).double()  # how many last ranks are weaker
-    share = below / max(1, len(tails) - 1)
+    below = torch.searchsorted(values.sort().values, values)  # how many last ranks are weaker (ties: equal counts)
+    share = below.double() / max(1, len(tails) - 1)
     margins = {name: [0.0] * layer.n_groups for name, layer in layers.items()}
     for (name, g, _), q in zip(tails, share.tolist()):
         margins[name][g] = MIN_MARGIN + (1.0 - MIN_MARGIN) * q
@@ -211,7 +211,7 @@ def _set_alphas(
             ranks = torch.tensor(layer.ranks, dtype=torch.float64)
             if margins is not None:
                 ranks = torch.where(ranks > 0, ranks - 1 + torch.tensor(margins[name], dtype=torch.float64), ranks)
-            gates.of(name).copy_((ranks / r0).to(dtype=gates.alpha.dtype, device=gates.alpha.device))
+            gates.of(name).copy_(ranks.to(dtype=gates.alpha.dtype, device=gates.alpha.device) / r0)
 
 
 def _token_mask(batch: Mapping) -> torch.Tensor | None:

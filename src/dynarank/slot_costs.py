@@ -89,8 +89,9 @@ class SlotBook:
 
     def remove(self, slot: int) -> int:
         """Remove one use of ``slot``; returns the parameters that frees."""
+        freed = self.price_of_removing(slot)
         self.usage[slot] -= 1
-        return self.costs.group_size + (self.costs.other_dim if self.usage[slot] == 0 else 0)
+        return freed
 
     def price_of_removing(self, slot: int) -> int:
         """What removing one use of ``slot`` would free: its group-side column, and its row with its last user."""
