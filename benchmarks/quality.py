@@ -53,6 +53,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
                            interval, ordered by the measured gain of its last rank (the budget cuts the weakest first)
     ard-data-knapsack      ard-data-relative whose budget cap cuts by margin per parameter freed
                            (cap_order='margin-per-parameter': a shared slot's last user before its co-users)
+    ard-lora-start         ARD (per head, shared A) from plain LoRA's start: every head at the budget's rank, r0 = r,
+                           random A (ARD's machinery with LoRA's allocation)
 
 The learning rate is chosen per method from the same grid (adapters 1e-3 / 3e-3 / 1e-2 / 3e-2, full
 fine-tuning 3e-5 / 1e-4 / 3e-4) on the validation set, at the middle budget and seed 0; a method whose best rate
@@ -142,6 +144,9 @@ ABLATIONS = {
         "ard",
         {"rank_init": "data", "init_statistic": "gradient-relative", "cap_order": "margin-per-parameter"},
     ),
+    # ARD from plain LoRA's start: every head at the budget's rank r (r0 = r, random A, nothing to cut): what ARD's
+    # alphas, priors and floor cost or give against LoRA when the allocation is LoRA's.
+    "ard-lora-start": ("ard", lambda r: {"r": max(1, r)}),
     "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 1.25}),
     "ard-data-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 2.0}),
 }
