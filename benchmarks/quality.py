@@ -103,13 +103,13 @@ METHODS = [
 ]
 
 
-def from_above(r: int) -> dict:
+def from_above(r: int, budget: int) -> dict:
     """Start at stock AdaLoRA's initial rank (the budget stays the plain-LoRA count at r)."""
     return {"r": peft_adalora_schedule(r, 1)["init_r"]}
 
 
-# Ablation -> (base method, changed settings, or a function of the budget's r that gives them). The SVD
-# methods share the key "ortho_weight": dynarank's config field, and the loop hands it to stock PEFT
+# Ablation -> (base method, changed settings, or a function of the budget (its r, its parameters) that gives them).
+# The SVD methods share the key "ortho_weight": dynarank's config field, and the loop hands it to stock PEFT
 # AdaLoRA as orth_reg_weight.
 ABLATIONS = {
     "adalora-ortho0": ("adalora", {"ortho_weight": 0.0}),
@@ -144,9 +144,10 @@ ABLATIONS = {
         "ard",
         {"rank_init": "data", "init_statistic": "gradient-relative", "cap_order": "margin-per-parameter"},
     ),
-    # ARD from plain LoRA's start: every head at the budget's rank r (r0 = r, random A, nothing to cut): what ARD's
-    # alphas, priors and floor cost or give against LoRA when the allocation is LoRA's.
-    "ard-lora-start": ("ard", lambda r: {"r": max(1, r)}),
+    # ARD from plain LoRA's start: every head at the budget's rank r (r0 = r, random A), held one parameter below
+    # LoRA's size (ARD's budget must be below its start: the cap cuts one rank of one head): what ARD's alphas,
+    # priors and floor cost or give against LoRA when the allocation is LoRA's.
+    "ard-lora-start": ("ard", lambda r, budget: {"r": max(1, r), "target_params": budget - 1}),
     "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 1.25}),
     "ard-data-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 2.0}),
 }
@@ -232,7 +233,7 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
     if method in ABLATIONS:
         base, changed = ABLATIONS[method]
         spec = train_spec(base, r, budget, lr, seed, steps, task, target)
-        spec.dynarank = {**spec.dynarank, **(changed(r) if callable(changed) else changed)}
+        spec.dynarank = {**spec.dynarank, **(changed(r, budget) if callable(changed) else changed)}
         return spec
     common = dict(
         lr=lr,
