@@ -53,6 +53,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
                            interval, ordered by the measured gain of its last rank (the budget cuts the weakest first)
     ard-data-knapsack      ard-data-relative whose budget cap cuts by margin per parameter freed
                            (cap_order='margin-per-parameter': a shared slot's last user before its co-users)
+    ard-data-scaled        ard-data-relative whose A rows read from the inputs what a random row reads
+                           (init_scale='input': rms(A x) of the default draw, not its norm)
     ard-data-uniform1      ard-data-relative whose start is plain LoRA's allocation at the budget (every head at the
                            budget's rank on each module's top measured directions, init_uniform=1) plus 0.5x the
                            budget allocated by the data
@@ -142,6 +144,7 @@ ABLATIONS = {
         "ard",
         {"rank_init": "data", "init_statistic": "gradient-relative", "ard_lambda": 0.0},
     ),
+    "ard-data-scaled": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_scale": "input"}),
     "ard-data-uniform1": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_uniform": 1.0}),
     "ard-data-margins": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"}),
     "ard-data-knapsack": (

@@ -33,6 +33,7 @@ RankInit = Literal["uniform", "data"]
 InitStatistic = Literal["gradient", "gradient-relative", "activation"]
 InitMargin = Literal["gains", "equal"]
 CapOrder = Literal["margin", "margin-per-parameter"]
+InitScale = Literal["norm", "input"]
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
@@ -287,6 +288,13 @@ class ARDConfig(RankControlConfig):
         "group at r (alpha = r / r0), the cuts' order then left to the alphas' first updates.",
         "equal",
     )
+    init_scale: InitScale = _help(
+        "rank_init='data': the size of the A rows written along the measured directions. 'norm': the norm of PEFT's "
+        "default draw; 'input': what a default-drawn row reads from the measured inputs (rms of A x), so that B's "
+        "steps move the output as far as from a random A (a measured direction often lines up with the few input "
+        "channels that carry most of the activation, and at equal norm reads 10-30x more).",
+        "norm",
+    )
     init_uniform: float = _help(
         "rank_init='data': the share of target_params first spread evenly (every group at the largest common rank "
         "that fits in init_uniform x target_params, on the measured top directions: plain LoRA's allocation) before "
@@ -306,6 +314,7 @@ class ARDConfig(RankControlConfig):
             ("rank_init", ("uniform", "data")),
             ("init_statistic", ("gradient", "gradient-relative", "activation")),
             ("init_margin", ("gains", "equal")),
+            ("init_scale", ("norm", "input")),
             ("cap_order", ("margin", "margin-per-parameter")),
         ):
             _choice(self, name, allowed)

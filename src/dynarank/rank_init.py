@@ -42,7 +42,16 @@ from .attach import ATTACHED_ATTR, elastic_layers
 from .config import ConfigError
 from .layer import ElasticLoRALinear
 from .naming import ARD_ATTR
-from .rank_spectra import LayerSpectrum, allocate, cut_to, layer_spectrum, uniform_rank, write_directions
+from .rank_spectra import (
+    LayerSpectrum,
+    allocate,
+    cut_to,
+    input_energy,
+    layer_spectrum,
+    match_input_scale,
+    uniform_rank,
+    write_directions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +139,10 @@ def init_ranks(
     if any(len(set(layer.ranks)) != 1 or layer.max_rank != config.r for layer in layers.values()):
         raise ValueError("data-driven ranks start from a fresh adapter (every group at rank r): initialise first.")
     start = time.perf_counter()
+    inputs: dict[str, torch.Tensor] | None = {} if config.init_scale == "input" else None
+    n_batches = init_batch_count(config.init_batches, total_steps)
     stats, tokens, done = collect_statistics(
-        model, batches, init_batch_count(config.init_batches, total_steps), config.init_statistic, loss_fn, on_batch
+        model, batches, n_batches, config.init_statistic, loss_fn, on_batch, inputs=inputs
     )
     stats, tokens = _reduce(stats, tokens, config.init_statistic)
     if tokens == 0 or not any(bool(m.any()) for m in stats.values()):
@@ -148,6 +159,9 @@ def init_ranks(
     keep, _ = allocate(layers, spectra, budget, config.rank_floor, base)
     for name, layer in layers.items():
         write_directions(layer, spectra[name])
+    if inputs is not None:
+        _match_input_scales(layers, inputs)
+    for name, layer in layers.items():
         cut_to(layer, keep[name], optimizer)
     margins = tail_margins(layers, spectra, keep) if config.init_margin == "gains" else None
     _set_alphas(model, layers, config.r, margins)
@@ -238,6 +252,19 @@ def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).float()
 
 
+INPUT_SAMPLE = 128  # input rows per module kept for init_scale='input' (a scale, not a spectrum: a sample will do)
+
+
+def _sample_rows(x: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+    """(n <= INPUT_SAMPLE, d) float32: evenly spaced rows of ``x`` among the positions that are not padding (a fixed
+    choice, no randomness; a copy, so the batch's activations are not kept alive)."""
+    laid_out = attention is not None and x.shape[:-1] == attention.shape
+    rows = x[attention.to(x.device)] if laid_out else x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > INPUT_SAMPLE:
+        rows = rows[torch.linspace(0, rows.shape[0] - 1, INPUT_SAMPLE, device=rows.device).long()]
+    return rows.float().clone()
+
+
 def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -249,23 +276,28 @@ def collect_statistics(
     statistic: str,
     loss_fn: LossFn = default_loss,
     on_batch: Callable[[int, int], None] | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, int]:
     """(M per module (d_out, d_in) float32, token positions used, batches used) over the first ``n_batches``.
 
     Runs in eval mode (no dropout, no randomness drawn) and leaves no gradient on any parameter: the gradient at the
-    outputs is taken with ``torch.autograd.grad``. A batch whose loss is not finite is skipped (logged).
+    outputs is taken with ``torch.autograd.grad``. A batch whose loss is not finite is skipped (logged). ``inputs``,
+    if given, receives per module a sample of the last batch's input rows (:data:`INPUT_SAMPLE` evenly spaced
+    positions that are not padding, float32 (n, d_in)): what ``init_scale='input'`` measures the directions on.
     """
     layers = elastic_layers(model)
     device = next(model.parameters()).device
     stats = {n: torch.zeros(l.out_features, l.in_features, device=l.shared_weight.device) for n, l in layers.items()}
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module, input, output) of this batch's forward
-    state = {"mask": None, "tokens": 0, "batch_tokens": 0}
+    state = {"mask": None, "attention": None, "tokens": 0, "batch_tokens": 0}
 
     first = next(iter(layers), None)
 
     def capture(name: str):
         def hook(module, args, output):
             x = args[0].detach()
+            if inputs is not None:
+                inputs[name] = _sample_rows(x, state["attention"])
             mask = state["mask"] if statistic == "activation" else None
             if name == first:  # positions measured: what the first adapted module sees
                 state["batch_tokens"] += _rows(x, mask).shape[0]
@@ -286,6 +318,8 @@ def collect_statistics(
         for i, batch in enumerate(islice(batches, n_batches)):
             batch = _to_device(batch, device)
             state["mask"], state["batch_tokens"] = _token_mask(batch), 0
+            attention = batch.get("attention_mask")
+            state["attention"] = attention.bool() if torch.is_tensor(attention) else None
             if _measure(model, batch, statistic, loss_fn, seen, stats):
                 done += 1
                 state["tokens"] += state["batch_tokens"]
@@ -319,6 +353,29 @@ def _measure(model, batch, statistic, loss_fn, seen, stats) -> bool:
             # s = -dL/dy; the sign does not change M's singular values or vectors' spans.
             stats[name].addmm_(_rows(grad, None).t(), _rows(x, None), alpha=-1.0)
     return True
+
+
+def _match_input_scales(layers: dict[str, ElasticLoRALinear], inputs: dict[str, torch.Tensor]) -> None:
+    """init_scale='input': every written direction rescaled to read what a default-drawn A row reads
+    (``rank_spectra.match_input_scale``), from the sampled inputs of every worker (their sums reduced: every worker
+    writes the same factors)."""
+    energies = {}
+    for name, layer in layers.items():
+        x = inputs.get(name)
+        if x is None:  # a module the last batch did not reach
+            x = torch.zeros(0, layer.in_features)
+        energies[name] = input_energy(layer, x)
+    flat = torch.cat([torch.cat(pair) for pair in energies.values()])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        buffer = flat.to("cuda") if dist.get_backend() == "nccl" else flat
+        dist.all_reduce(buffer)
+        flat = buffer.cpu()
+    offset = 0
+    for name, layer in layers.items():
+        n = energies[name][0].numel()
+        proj, norm = flat[offset : offset + n], flat[offset + n : offset + 2 * n]
+        match_input_scale(layer, proj, norm)
+        offset += 2 * n
 
 
 def _reduce(stats: dict[str, torch.Tensor], tokens: int, statistic: str) -> tuple[dict[str, torch.Tensor], int]:

@@ -196,6 +196,40 @@ def write_directions(layer: ElasticLoRALinear, spectrum: LayerSpectrum) -> None:
         offset += len(group)
 
 
+@torch.no_grad()
+def input_energy(layer: ElasticLoRALinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each A-side vector w of a fresh layer reads from inputs ``x`` (N, d_in): per vector, in the layer's
+    order (rows split: its slots; cols split: group g's rank k at column g * r + k), the sums over the rows of
+    (w . x_w)^2 and of ||x_w||^2, x_w the part of x the vector reads (all of it, or group g's columns). float64 (V,)
+    each, on the CPU: sums, so that workers' shares add up."""
+    x = x.to(layer.shared_weight.device, torch.float64)
+    if layer.split == "rows":
+        proj = (x @ layer.shared_weight.double().t()).pow(2).sum(0)  # (S,)
+        return proj.cpu(), x.pow(2).sum().expand_as(proj).cpu()
+    d_g, r = layer.group_size, layer.max_rank
+    xg = x.view(-1, layer.n_groups, d_g)  # (N, G, d_g)
+    w = layer.group_weight.double().view(d_g, layer.n_groups, r)  # fresh: group g's ranks at columns g*r .. g*r+r-1
+    proj = torch.einsum("ngd,dgr->ngr", xg, w).pow(2).sum(0)  # (G, r)
+    norm = xg.pow(2).sum(dim=(0, 2))[:, None].expand_as(proj)  # (G, r): ||x_g||^2 summed
+    return proj.reshape(-1).cpu(), norm.reshape(-1).cpu()
+
+
+@torch.no_grad()
+def match_input_scale(layer: ElasticLoRALinear, proj: torch.Tensor, norm: torch.Tensor) -> None:
+    """Rescale each A-side vector of a fresh layer so that what it reads, rms(w . x_w) over the measured inputs, is
+    what a vector of PEFT's default draw reads on average: entries of variance 1 / (3 d_in) give
+    E (w . x_w)^2 = ||x_w||^2 / (3 d_in). A measured direction often lines up with the few input channels that carry
+    most of the activation (a direction of unit norm can read 10-30x what a random one does), and B's steps, about
+    the learning rate each under Adam, then move the output 10-30x further than for a random A. ``proj``, ``norm``:
+    :func:`input_energy`'s sums (reduced across workers). A vector that reads nothing keeps its norm."""
+    target = norm / (3 * layer.in_features)
+    factor = torch.where(proj > 0, (target / proj.clamp_min(1e-300)).sqrt(), torch.ones_like(proj))
+    if layer.split == "rows":
+        layer.shared_weight.mul_(factor.to(layer.shared_weight)[:, None])
+    else:
+        layer.group_weight.mul_(factor.to(layer.group_weight)[None, :])
+
+
 def cut_to(layer: ElasticLoRALinear, keep: list[list[int]], optimizer=None) -> None:
     """Remove every rank position of the layer that ``keep`` does not list (kept ranks keep their order)."""
     drop = {g: [k for k in range(r) if k not in set(kept)] for g, (r, kept) in enumerate(zip(layer.ranks, keep))}
