@@ -107,12 +107,13 @@ def test_a_uniform_share_below_one_rank_everywhere_changes_nothing(layout):
 
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("layout", ["own", "shared"])
-@pytest.mark.parametrize("statistic", ["gradient", "gradient-relative", "activation"])
+@pytest.mark.parametrize("statistic", ["gradient", "gradient-relative", "activation", "gradient-relative, input scale"])
 def test_the_function_at_step_0_is_the_base_models(kind, layout, statistic):
     ids = token_batch(3, 7, seed=5)
     with torch.no_grad():
         base = MODELS[kind]()(input_ids=ids).logits
-    model = data_model(kind, layout, init_statistic=statistic)
+    statistic, _, scale = statistic.partition(", ")
+    model = data_model(kind, layout, init_statistic=statistic, init_scale="input" if scale else "norm")
     init_ranks(model, labelled(kind, token_batches()))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, base)  # B = 0 everywhere: not one bit differs
@@ -139,6 +140,59 @@ def test_the_alphas_start_at_the_ranks_over_r0_and_every_live_rank_is_on():
         if gate is not None and layer.max_rank:
             on = [int(gate[g, : layer.ranks[g]].sum()) for g in range(layer.n_groups)]
             assert on == layer.ranks
+
+
+def outlier_llama(channel: int = 3, gain: float = 40.0):
+    """Tiny llama whose attention inputs carry one channel ``gain`` times the others (real LMs' massive
+    activations): the norm before every attention block scales that channel up."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[channel] *= gain
+    return model
+
+
+def inputs_of(model, batch: dict, suffix: str) -> torch.Tensor:
+    """(tokens, d_in) the inputs of the first module named ``...suffix`` on ``batch``."""
+    seen = []
+    module = next(m for n, m in model.named_modules() if n.endswith(suffix))
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().reshape(-1, m.in_features)))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    handle.remove()
+    return seen[0].double()
+
+
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_the_input_scale_makes_each_direction_read_what_a_default_row_reads(layout):
+    batches = labelled("llama", token_batches(1))  # one batch: the sample the scale is measured on
+    reads = {}
+    for scale in ("norm", "input"):
+        model = attach(outlier_llama(), data_config(layout, init_scale=scale, target_modules=["q_proj", "o_proj"]))
+        init_ranks(model, batches)
+        for name, layer in elastic_layers(model).items():
+            x = inputs_of(model, batches[0], name)  # the fresh adapter's B = 0: the base model's inputs
+            if layer.split == "rows":
+                read = (x @ layer.shared_weight.double().t()).pow(2).mean(0)  # (S,)
+                default = x.pow(2).sum(1).mean() / (3 * layer.in_features)
+            else:  # o_proj: group g's columns read x's g-th slice
+                d_g, offset, read, default = layer.group_size, 0, [], []
+                for g, rank in enumerate(layer.ranks):
+                    xg = x[:, g * d_g : (g + 1) * d_g]
+                    read += (xg @ layer.group_weight.double()[:, offset : offset + rank]).pow(2).mean(0).tolist()
+                    default += [xg.pow(2).sum(1).mean() / (3 * layer.in_features)] * rank
+                    offset += rank
+                read, default = torch.tensor(read), torch.tensor(default)
+            reads[scale, name] = (read / default).sqrt()  # rms(w . x) over a default row's expected rms
+    q_norm = torch.cat([v for (s, n), v in reads.items() if s == "norm" and n.endswith("q_proj")])
+    assert q_norm.max() > 5  # at the default draw's norm, the top direction reads the outlier channel
+    for (scale, _), ratio in reads.items():
+        if scale == "input":
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=1e-4, atol=0.0)
+
+
+def data_config(layout: str, budget: int = 1500, **options) -> DynaRankConfig:
+    return DynaRankConfig(method="ard", r=4, head_layout=layout, rank_init="data", target_params=budget, **options)
 
 
 def test_a_directions_are_unit_vectors_at_the_norm_of_the_default_draw():
@@ -340,6 +394,7 @@ def test_the_init_runs_once_and_only_on_a_fresh_adapter():
         ({"init_batches": 0}, "init_batches"),
         ({"init_statistic": "weights"}, "init_statistic"),
         ({"init_margin": "random"}, "init_margin"),
+        ({"init_scale": "rms"}, "init_scale"),
         ({"init_uniform": 1.5}, "init_uniform"),
         ({"init_uniform": -0.5}, "init_uniform"),
         ({"init_uniform": True}, "init_uniform"),
@@ -536,6 +591,17 @@ def test_statistics_on_two_gloo_workers_equal_one_process_with_the_same_global_b
         # Float summation order differs across the all-reduce (measured: 3.6e-7 gradient, 1.8e-7 activation).
         assert biggest_difference(first[kind]["stats"], single["stats"]) < 1e-5 * scale
         assert first[kind]["ranks"] == second[kind]["ranks"] == single["ranks"]
+    # init_scale='input': the last batch's sampled inputs (every row: the tiny batch holds fewer than the sample)
+    # are reduced, so every worker rescales its directions by the same factors, those of one process.
+    kind = "gradient, input scale"
+    single = rank_init_ddp_worker.run("gradient", "input")
+    assert first[kind]["energies"] == second[kind]["energies"]
+    assert len(single["energies"]) == len(single["ranks"])  # one rescale per adapted module
+    for ours, theirs in zip(first[kind]["energies"], single["energies"]):
+        # Float rounding of the shards' forward passes (measured: at most 6e-6 of the layer's largest sum).
+        ours, theirs = torch.tensor(ours), torch.tensor(theirs)
+        assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
+    assert first[kind]["ranks"] == single["ranks"]
 
 
 def test_on_train_begin_receives_the_train_dataloader_whose_batches_the_model_takes(tmp_path):
