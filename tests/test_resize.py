@@ -226,7 +226,28 @@ def test_adamw_moments_of_kept_slots_are_carried_over_exactly(make_layer, split,
     assert float(new["group_weight"]["step"]) == 3.0
 
 
-def test_new_slots_start_with_zero_moments(make_layer, split, layout):
+@pytest.mark.parametrize("steps", [1, 50, 1000, 5000])
+def test_an_appended_entrys_first_adamw_update_is_the_learning_rate_however_long_the_run(steps):
+    # Appended entries share the tensor's step count: with zero moments their first update would be 2.5x the rate
+    # after 1,000 steps (3.2x in the limit), against a fresh parameter's exactly-the-rate first step.
+    p = torch.nn.Parameter(torch.zeros(4, 8))
+    opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    g = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).sign() * 0.5  # a steady gradient, |g| = 0.5
+    for _ in range(steps):
+        p.grad = g.clone()
+        opt.step()
+    grown = reindex_parameter(p, 0, torch.arange(6), appended=torch.zeros(2, 8), optimizer=opt)
+    before = grown.detach().clone()
+    grown.grad = torch.cat([g, g[:2]])
+    opt.step()
+    first = (grown.detach() - before)[4:].abs()
+    if steps < 100:  # early in a run zeros give no more than the rate (and are what the entries start with)
+        assert float(first.max()) <= 1e-3 * (1 + 1e-5)
+    else:
+        torch.testing.assert_close(first, torch.full_like(first, 1e-3), rtol=1e-4, atol=0.0)
+
+
+def test_new_slots_start_with_zero_moments_early_in_a_run(make_layer, split, layout):
     layer = make_layer(split, layout)
     opt = torch.optim.AdamW(layer.adapter_parameters(), lr=1e-2, weight_decay=0.1)
     layer.remove_slots({0: [1]}, optimizer=opt)

@@ -2,7 +2,8 @@
 
 A resize is a *re-index*: the new tensor is ``cat([old, appended], dim)[source]`` along one
 dimension. Kept entries keep their optimizer moments bit for bit, appended entries start
-with zero moments, scalar state (Adam's ``step``) is left alone.
+with zero momentum and (Adam) a second moment that makes their first update the learning rate
+(zero early in a run), scalar state (Adam's ``step``) is left alone.
 
 The resized tensor goes into a NEW Parameter, and every optimizer given is rebound to it
 (its param group entry and its state). Swapping ``param.data`` to a new shape in place would
@@ -95,10 +96,41 @@ def replace_in_optimizer(
     state = opt.state.pop(old, None)
     if not state:
         return
+    group = opt.param_groups[where[0]] if where is not None else {}
     for key, value in list(state.items()):
         if torch.is_tensor(value) and value.shape == old.shape and value.dim() > 0:
-            state[key] = _reindex(value, dim, source, n_appended)
+            fill = None
+            if n_appended and "sq" in str(key):  # Adam's exp_avg_sq / max_exp_avg_sq
+                fill = _fresh_second_moment(value, state.get("step"), group.get("betas"), dim, n_appended)
+            state[key] = _reindex(value, dim, source, n_appended, fill=fill)
     opt.state[new] = state
+
+
+def _fresh_second_moment(
+    second: torch.Tensor, step, betas: tuple[float, float] | None, dim: int, n_appended: int
+) -> torch.Tensor | None:
+    """The second moment appended entries start with, so that their first update is the learning rate, as a fresh
+    Adam parameter's is, however long the run has been going (None: zeros).
+
+    Appended entries share the tensor's step count t but start with zero moments. Their next update is then
+    (1 - b1) g / bc1 over sqrt((b2 v0 + (1 - b2) g^2) / bc2) (bc_i = 1 - b_i^(t+1)): with v0 = 0 that is at most the
+    learning rate while t < ~100 (for b2 = 0.999) and grows to 2.5x after 1,000 steps, 3.2x in the limit. v0 is set
+    so that it is the rate, v0 = g^2 ((1 - b1)^2 bc2 / bc1^2 - (1 - b2)) / b2 (clamped at 0: early in a run zeros
+    already give no more than the rate), g^2 estimated by the existing entries' mean bias-corrected second moment."""
+    if betas is None or step is None or second.numel() == 0:
+        return None
+    t = float(step)
+    b1, b2 = float(betas[0]), float(betas[1])
+    if t < 1 or not (0 < b1 < 1 and 0 < b2 < 1):
+        return None
+    bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+    share = ((1 - b1) ** 2 * bc2 / bc1**2 - (1 - b2)) / b2
+    if share <= 0:
+        return None
+    g2 = second.float().mean() / (1 - b2**t)  # the existing entries' mean bias-corrected second moment
+    shape = list(second.shape)
+    shape[dim] = n_appended
+    return torch.full(shape, float(share * g2), dtype=second.dtype, device=second.device)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter]) -> int:

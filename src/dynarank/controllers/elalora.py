@@ -18,7 +18,9 @@ passed over for the next highest.
 Deliberate difference from the authors' code: their loop rebuilds the optimizer after every
 round, which resets every Adam moment (and leaves the learning-rate scheduler driving the old
 optimizer). Here A, E and B are resized in place through the engine: kept ranks keep their
-moments, new ranks start at zero, the scheduler is untouched. ``reset_optimizer_on_resize=True``
+moments, new ranks start with zero momentum and a second moment that makes their first update the
+learning rate (``optim_state``: zero early in a run; a zeroed one would inflate it to 2.5x after 1,000
+steps), the scheduler is untouched. ``reset_optimizer_on_resize=True``
 resets the moments after each round that changed ranks, for exact reproduction.
 
 Budget: the total rank is conserved (the papers' unit). With ``target_params`` the budget is
