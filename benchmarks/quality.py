@@ -55,6 +55,8 @@ Ablations, run only when named, each at its base method's chosen learning rate:
                            (cap_order='margin-per-parameter': a shared slot's last user before its co-users)
     ard-data-scaled        ard-data-relative whose A rows read from the inputs what a random row reads
                            (init_scale='input': rms(A x) of the default draw, not its norm)
+    ard-data-scaled-gains  ard-data-scaled whose candidates are rated by what their rescaled rows deliver (gain x
+                           the row's factor, init_scale='input-gains')
     ard-data-uniform1      ard-data-relative whose start is plain LoRA's allocation at the budget (every head at the
                            budget's rank on each module's top measured directions, init_uniform=1) plus 0.5x the
                            budget allocated by the data
@@ -145,6 +147,10 @@ ABLATIONS = {
         {"rank_init": "data", "init_statistic": "gradient-relative", "ard_lambda": 0.0},
     ),
     "ard-data-scaled": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_scale": "input"}),
+    "ard-data-scaled-gains": (
+        "ard",
+        {"rank_init": "data", "init_statistic": "gradient-relative", "init_scale": "input-gains"},
+    ),
     "ard-data-uniform1": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_uniform": 1.0}),
     "ard-data-margins": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"}),
     "ard-data-knapsack": (

@@ -191,6 +191,38 @@ def test_the_input_scale_makes_each_direction_read_what_a_default_row_reads(layo
             torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=1e-4, atol=0.0)
 
 
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_input_gains_rate_each_candidate_by_what_its_rescaled_row_delivers(layout, monkeypatch):
+    import dynarank.rank_init as rank_init
+
+    batches = labelled("llama", token_batches(1))
+    seen = {}
+    allocate_, rescale = rank_init.allocate, rank_init.match_input_scale
+
+    def spy_allocate(layers, spectra, *args):
+        seen["gains"] = {name: sp.gains.clone() for name, sp in spectra.items()}
+        return allocate_(layers, spectra, *args)
+
+    def spy_rescale(layer, proj, norm):
+        factor = rescale(layer, proj, norm)
+        seen.setdefault("factors", []).append(factor)
+        return factor
+
+    monkeypatch.setattr(rank_init, "allocate", spy_allocate)
+    monkeypatch.setattr(rank_init, "match_input_scale", spy_rescale)
+    rated = {}
+    for scale in ("input", "input-gains"):
+        seen.clear()
+        config = data_config(layout, budget=500, init_scale=scale, target_modules=["q_proj", "o_proj"])
+        record = init_ranks(attach(outlier_llama(), config), batches)
+        rated[scale] = (seen["gains"], seen["factors"], record.ranks)
+    plain, factors, _ = rated["input"]
+    for (name, gains), factor in zip(plain.items(), factors):
+        expected = gains * factor.view(-1, gains.shape[1])  # shared q_proj: one factor per slot, for every head
+        torch.testing.assert_close(rated["input-gains"][0][name], expected, rtol=1e-12, atol=0.0)
+    assert rated["input"][2] != rated["input-gains"][2]  # the outlier-reading directions lose ranks
+
+
 def data_config(layout: str, budget: int = 1500, **options) -> DynaRankConfig:
     return DynaRankConfig(method="ard", r=4, head_layout=layout, rank_init="data", target_params=budget, **options)
 
@@ -395,6 +427,7 @@ def test_the_init_runs_once_and_only_on_a_fresh_adapter():
         ({"init_statistic": "weights"}, "init_statistic"),
         ({"init_margin": "random"}, "init_margin"),
         ({"init_scale": "rms"}, "init_scale"),
+        ({"init_scale": "gains"}, "init_scale"),
         ({"init_uniform": 1.5}, "init_uniform"),
         ({"init_uniform": -0.5}, "init_uniform"),
         ({"init_uniform": True}, "init_uniform"),

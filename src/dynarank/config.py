@@ -33,7 +33,7 @@ RankInit = Literal["uniform", "data"]
 InitStatistic = Literal["gradient", "gradient-relative", "activation"]
 InitMargin = Literal["gains", "equal"]
 CapOrder = Literal["margin", "margin-per-parameter"]
-InitScale = Literal["norm", "input"]
+InitScale = Literal["norm", "input", "input-gains"]
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
@@ -292,7 +292,9 @@ class ARDConfig(RankControlConfig):
         "rank_init='data': the size of the A rows written along the measured directions. 'norm': the norm of PEFT's "
         "default draw; 'input': what a default-drawn row reads from the measured inputs (rms of A x), so that B's "
         "steps move the output as far as from a random A (a measured direction often lines up with the few input "
-        "channels that carry most of the activation, and at equal norm reads 10-30x more).",
+        "channels that carry most of the activation, and at equal norm reads 10-30x more); 'input-gains': the same, "
+        "and each candidate's gain multiplied by its row's factor before the allocation (what the rescaled row can "
+        "move the loss by).",
         "norm",
     )
     init_uniform: float = _help(
@@ -314,7 +316,7 @@ class ARDConfig(RankControlConfig):
             ("rank_init", ("uniform", "data")),
             ("init_statistic", ("gradient", "gradient-relative", "activation")),
             ("init_margin", ("gains", "equal")),
-            ("init_scale", ("norm", "input")),
+            ("init_scale", ("norm", "input", "input-gains")),
             ("cap_order", ("margin", "margin-per-parameter")),
         ):
             _choice(self, name, allowed)

@@ -139,7 +139,7 @@ def init_ranks(
     if any(len(set(layer.ranks)) != 1 or layer.max_rank != config.r for layer in layers.values()):
         raise ValueError("data-driven ranks start from a fresh adapter (every group at rank r): initialise first.")
     start = time.perf_counter()
-    inputs: dict[str, torch.Tensor] | None = {} if config.init_scale == "input" else None
+    inputs: dict[str, torch.Tensor] | None = {} if config.init_scale != "norm" else None
     n_batches = init_batch_count(config.init_batches, total_steps)
     stats, tokens, done = collect_statistics(
         model, batches, n_batches, config.init_statistic, loss_fn, on_batch, inputs=inputs
@@ -154,13 +154,16 @@ def init_ranks(
         name: layer_spectrum(layer, stats[name], config.init_statistic in RELATIVE_STATISTICS)
         for name, layer in layers.items()
     }
-    budget = int(config.init_rho * config.target_params)
-    base = uniform_rank(layers, config.init_uniform * config.target_params)
-    keep, _ = allocate(layers, spectra, budget, config.rank_floor, base)
     for name, layer in layers.items():
         write_directions(layer, spectra[name])
     if inputs is not None:
-        _match_input_scales(layers, inputs)
+        factors = _match_input_scales(layers, inputs)
+        if config.init_scale == "input-gains":  # a candidate promises what its rescaled row can deliver
+            for name, spectrum in spectra.items():
+                spectrum.gains = spectrum.gains * factors[name].view(-1, spectrum.gains.shape[1])
+    budget = int(config.init_rho * config.target_params)
+    base = uniform_rank(layers, config.init_uniform * config.target_params)
+    keep, _ = allocate(layers, spectra, budget, config.rank_floor, base)
     for name, layer in layers.items():
         cut_to(layer, keep[name], optimizer)
     margins = tail_margins(layers, spectra, keep) if config.init_margin == "gains" else None
@@ -355,10 +358,12 @@ def _measure(model, batch, statistic, loss_fn, seen, stats) -> bool:
     return True
 
 
-def _match_input_scales(layers: dict[str, ElasticLoRALinear], inputs: dict[str, torch.Tensor]) -> None:
+def _match_input_scales(
+    layers: dict[str, ElasticLoRALinear], inputs: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """init_scale='input': every written direction rescaled to read what a default-drawn A row reads
     (``rank_spectra.match_input_scale``), from the sampled inputs of every worker (their sums reduced: every worker
-    writes the same factors)."""
+    writes the same factors). Returns each layer's factors (float64, in ``input_energy``'s order)."""
     energies = {}
     for name, layer in layers.items():
         x = inputs.get(name)
@@ -370,12 +375,13 @@ def _match_input_scales(layers: dict[str, ElasticLoRALinear], inputs: dict[str, 
         buffer = flat.to("cuda") if dist.get_backend() == "nccl" else flat
         dist.all_reduce(buffer)
         flat = buffer.cpu()
-    offset = 0
+    offset, factors = 0, {}
     for name, layer in layers.items():
         n = energies[name][0].numel()
         proj, norm = flat[offset : offset + n], flat[offset + n : offset + 2 * n]
-        match_input_scale(layer, proj, norm)
+        factors[name] = match_input_scale(layer, proj, norm)
         offset += 2 * n
+    return factors
 
 
 def _reduce(stats: dict[str, torch.Tensor], tokens: int, statistic: str) -> tuple[dict[str, torch.Tensor], int]:
