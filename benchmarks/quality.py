@@ -57,9 +57,6 @@ Ablations, run only when named, each at its base method's chosen learning rate:
                            (init_scale='input': rms(A x) of the default draw, not its norm)
     ard-data-scaled-gains  ard-data-scaled whose candidates are rated by what their rescaled rows deliver (gain x
                            the row's factor, init_scale='input-gains')
-    ard-data-uniform1      ard-data-relative whose start is plain LoRA's allocation at the budget (every head at the
-                           budget's rank on each module's top measured directions, init_uniform=1) plus 0.5x the
-                           budget allocated by the data
     ard-lora-start         ARD (per head, shared A) from plain LoRA's start: every head at the budget's rank, r0 = r,
                            random A (ARD's machinery with LoRA's allocation)
 
@@ -151,7 +148,6 @@ ABLATIONS = {
         "ard",
         {"rank_init": "data", "init_statistic": "gradient-relative", "init_scale": "input-gains"},
     ),
-    "ard-data-uniform1": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_uniform": 1.0}),
     "ard-data-margins": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"}),
     "ard-data-knapsack": (
         "ard",

@@ -62,49 +62,6 @@ def test_the_starting_ranks_fill_the_requested_start_budget(kind, layout):
     assert len({tuple(r) for r in record.ranks.values()}) > 1  # not a uniform allocation
 
 
-def lora_size(model, rank: int) -> int:
-    """Plain LoRA's adapter at ``rank`` on every adapted module: rank x (d_in + d_out) each."""
-    return sum(rank * (layer.in_features + layer.out_features) for layer in elastic_layers(model).values())
-
-
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_a_uniform_share_starts_every_group_at_loras_rank_and_lets_the_data_place_the_rest(kind):
-    probe = data_model(kind, "shared")
-    budget = lora_size(probe, 1) * 3 // 2  # LoRA r=1 fits, r=2 does not
-    model = data_model(kind, "shared", budget=budget, init_uniform=1.0, init_rho=1.5)
-    record = init_ranks(model, labelled(kind, token_batches()))
-    assert record.uniform_rank == 1
-    for name, layer in elastic_layers(model).items():
-        assert min(layer.ranks) >= 1, name  # every head holds LoRA's rank...
-        common = set.intersection(*(set(slots) for slots in layer.slots))
-        assert len(common) >= 1, name  # ...on a slot all its heads share (LoRA's size, not one A row per head)
-    size = dynarank.adapter_parameter_count(model)
-    assert lora_size(model, 1) < size <= record.start_budget == int(1.5 * budget)  # the data placed the rest
-    assert record.start_budget - max(rank_prices(model)) < size
-    assert len({tuple(r) for r in record.ranks.values()}) > 1  # not LoRA's allocation alone
-
-
-def test_without_the_uniform_share_the_data_alone_place_every_rank():
-    # Tiny llama's gradient concentrates on some modules: alone, the data leave heads without a rank there.
-    budget = lora_size(data_model("llama", "shared"), 1) * 3 // 2
-    alone = data_model("llama", "shared", budget=budget, init_rho=1.5)
-    assert init_ranks(alone, labelled("llama", token_batches())).uniform_rank == 0
-    assert any(min(layer.ranks) == 0 for layer in elastic_layers(alone).values())
-
-
-@pytest.mark.parametrize("layout", ["own", "shared"])
-def test_a_uniform_share_below_one_rank_everywhere_changes_nothing(layout):
-    budget = 1500
-    share = (lora_size(data_model("llama", layout), 1) - 1) / budget  # just short of rank 1 everywhere (shared)
-    if layout == "own":  # own slots: one rank in every head costs more than LoRA r=1
-        share = min(share, 1.0)
-    plain = data_model("llama", layout, budget=budget)
-    shared = data_model("llama", layout, budget=budget, init_uniform=share)
-    batches = labelled("llama", token_batches())
-    assert init_ranks(shared, batches).uniform_rank == 0
-    assert init_ranks(plain, batches).ranks == getattr(shared, RANK_INIT_ATTR)["ranks"]
-
-
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("layout", ["own", "shared"])
 @pytest.mark.parametrize("statistic", ["gradient", "gradient-relative", "activation", "gradient-relative, input scale"])
@@ -428,9 +385,6 @@ def test_the_init_runs_once_and_only_on_a_fresh_adapter():
         ({"init_margin": "random"}, "init_margin"),
         ({"init_scale": "rms"}, "init_scale"),
         ({"init_scale": "gains"}, "init_scale"),
-        ({"init_uniform": 1.5}, "init_uniform"),
-        ({"init_uniform": -0.5}, "init_uniform"),
-        ({"init_uniform": True}, "init_uniform"),
         ({"rank_init": "svd"}, "rank_init"),
     ],
 )

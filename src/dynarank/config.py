@@ -297,13 +297,6 @@ class ARDConfig(RankControlConfig):
         "move the loss by).",
         "norm",
     )
-    init_uniform: float = _help(
-        "rank_init='data': the share of target_params first spread evenly (every group at the largest common rank "
-        "that fits in init_uniform x target_params, on the measured top directions: plain LoRA's allocation) before "
-        "the data allocates the rest of the start. 0: the data allocate it all; 1: LoRA's rank at the budget plus "
-        "(init_rho - 1) x the budget by the data.",
-        0.0,
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -324,9 +317,6 @@ class ARDConfig(RankControlConfig):
         rho = self.init_rho
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 1:
             raise ConfigError("init_rho", f"must be a number > 1 (the start is init_rho x the budget), got {rho!r}.")
-        share = self.init_uniform
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise ConfigError("init_uniform", f"must be a number in [0, 1] (a share of the budget), got {share!r}.")
         if self.rank_init == "data" and self.target_params is None:
             raise ConfigError(
                 ("rank_init", "target_params"),

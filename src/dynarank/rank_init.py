@@ -10,13 +10,12 @@ Before training, a bounded pass over K batches of the training data measures, fo
 (B = 0 on a fresh adapter, so y and dL/dy are the frozen base model's). ``rank_spectra.py`` turns M into candidate
 ranks per group with their gains (singular values of the group's slice, or its share of the whole M's under shared
 A; for 'gradient-relative' and 'activation' divided by the module's ||M||_F, so that modules compete by how
-concentrated their statistic is rather than by its scale), gives every group the same first ranks where
-``init_uniform`` asks for a share of the budget spread evenly (plain LoRA's allocation), keeps the best remaining
-candidates per parameter until the adapter holds ``init_rho x target_params``, points A at the kept directions (B
-stays 0: the function at step 0 is the base model's), and cuts the rest physically. ARD's alphas start at their
-ranks / r0 (``init_margin='equal'``), or inside their rank's interval ordered by the measured gain of each group's
-last rank (``'gains'``: the budget's first cuts then take the ranks the data rated lowest), and ARD's budget then
-falls from this start to ``target_params``.
+concentrated their statistic is rather than by its scale), keeps the best candidates per parameter until the
+adapter holds ``init_rho x target_params``, points A at the kept directions (at the norm of PEFT's default draw, or
+with ``init_scale='input'`` at what a default-drawn row reads from the inputs; B stays 0: the function at step 0 is
+the base model's), and cuts the rest physically. ARD's alphas start at their ranks / r0 (``init_margin='equal'``), or
+inside their rank's interval ordered by the measured gain of each group's last rank (``'gains'``: the budget's first
+cuts then take the ranks the data rated lowest), and ARD's budget then falls from this start to ``target_params``.
 
 Under torch.distributed every worker measures its shard of each global batch and the statistics are summed across
 workers (gradients then divided by the world size: a worker's loss is its shard's share of the batch mean, as DDP
@@ -49,7 +48,6 @@ from .rank_spectra import (
     input_energy,
     layer_spectrum,
     match_input_scale,
-    uniform_rank,
     write_directions,
 )
 
@@ -72,7 +70,6 @@ class RankInitRecord:
     target_params: int
     start_budget: int  # floor(rho * target_params)
     start_params: int  # the adapter's size after the init (at most start_budget, or the floor's size)
-    uniform_rank: int  # the rank every group got first (init_uniform's share of the budget, spread evenly)
     ranks: dict[str, list[int]]
     seconds: float
 
@@ -162,8 +159,7 @@ def init_ranks(
             for name, spectrum in spectra.items():
                 spectrum.gains = spectrum.gains * factors[name].view(-1, spectrum.gains.shape[1])
     budget = int(config.init_rho * config.target_params)
-    base = uniform_rank(layers, config.init_uniform * config.target_params)
-    keep, _ = allocate(layers, spectra, budget, config.rank_floor, base)
+    keep, _ = allocate(layers, spectra, budget, config.rank_floor)
     for name, layer in layers.items():
         cut_to(layer, keep[name], optimizer)
     margins = tail_margins(layers, spectra, keep) if config.init_margin == "gains" else None
@@ -176,7 +172,6 @@ def init_ranks(
         target_params=config.target_params,
         start_budget=budget,
         start_params=sum(layer.num_adapter_parameters() for layer in layers.values()),
-        uniform_rank=base,
         ranks={name: layer.ranks for name, layer in layers.items()},
         seconds=time.perf_counter() - start,
     )

@@ -19,9 +19,8 @@ a singular value of M (not its square). Per rank group g:
 
 The allocation is a greedy water-filling: candidates sorted by gain per parameter (``SlotCosts.rank_price``), each
 taken while the adapter's exact size (a shared slot's A row is paid by its first user) stays within the budget.
-Every group first gets its ``floor`` best candidates (and, with ``base``, the top ``base`` directions of its layer:
-plain LoRA's allocation under the data's); a candidate with zero gain (below ``RELATIVE_ZERO`` of the largest) is
-never taken beyond the floor.
+Every group first gets its ``floor`` best candidates; a candidate with zero gain (below ``RELATIVE_ZERO`` of the
+largest) is never taken.
 """
 
 from __future__ import annotations
@@ -103,36 +102,16 @@ def layer_spectrum(layer: ElasticLoRALinear, stat: torch.Tensor, normalise: bool
     return LayerSpectrum(gains.contiguous(), vectors.contiguous())
 
 
-def uniform_rank(layers: dict[str, ElasticLoRALinear], budget: float) -> int:
-    """The largest rank u (at most the layers' rank) that every group of every layer can hold within ``budget``
-    parameters (the shared layout: one set of u slots per layer, plain LoRA's rank-u size), or 0."""
-    top = min((layer.max_rank for layer in layers.values()), default=0)
-    fits = [
-        u
-        for u in range(1, top + 1)
-        if sum(layer.costs.size_of_ranks([u] * layer.n_groups) for layer in layers.values()) <= budget
-    ]
-    return max(fits, default=0)
-
-
 def allocate(
-    layers: dict[str, ElasticLoRALinear],
-    spectra: dict[str, LayerSpectrum],
-    budget: int,
-    floor: int,
-    base: int = 0,
+    layers: dict[str, ElasticLoRALinear], spectra: dict[str, LayerSpectrum], budget: int, floor: int
 ) -> tuple[dict[str, list[list[int]]], int]:
     """The candidates each group keeps, and the adapter's size with them.
 
     Args:
         layers: the adapted modules (their order breaks ties between equal gains per parameter).
         spectra: each module's candidates.
-        budget: adapter parameters the kept candidates may cost at most (the floor and the base are kept even
-            beyond it).
+        budget: adapter parameters the kept candidates may cost at most (the floor is kept even beyond it).
         floor: candidates every group keeps first (its best ones).
-        base: candidates 0..base-1 every group keeps first, where their gain is not zero (in the shared layout
-            the layer's top ``base`` directions, one set of slots for all its groups: plain LoRA's rank-``base``
-            allocation; in the own layout each group's best ``base``).
     """
     names = list(layers)
     chosen = {name: [set() for _ in range(layers[name].n_groups)] for name in names}
@@ -155,14 +134,10 @@ def allocate(
         gains = spectra[name].gains.tolist()
         price = layers[name].costs.rank_price()
         for g, row in enumerate(gains):
-            for k in range(min(base, len(row))):
-                if row[k] > tiny:
-                    take(name, g, k)
-            best = [k for k in sorted(range(len(row)), key=lambda k: (-row[k], k)) if k not in chosen[name][g]]
-            kept = len(chosen[name][g])
-            for k in best[: max(0, floor - kept)]:
+            best = sorted(range(len(row)), key=lambda k: (-row[k], k))
+            for k in best[:floor]:
                 take(name, g, k)
-            candidates += [(-row[k] / price, i, g, k) for k in best[max(0, floor - kept) :] if row[k] > tiny]
+            candidates += [(-row[k] / price, i, g, k) for k in best[floor:] if row[k] > tiny]
     for _, i, g, k in sorted(candidates):
         name = names[i]
         if size + cost(name, k) <= budget:
