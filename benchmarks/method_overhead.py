@@ -13,7 +13,9 @@ all six Linear types of every layer, every method held to the same final budget 
     ard-data              ARD per head with the data-driven start (rank_init='data': ranks measured on the first
                           training batches, the adapter starting at 1.5x the budget; the gradient statistic as
                           recorded, init_statistic='gradient'; the default 'gradient-relative' measures the same
-                          pass and only divides each module's gains by a norm); the pass is timed apart
+                          pass and only divides each module's gains by a norm; A rows at the default draw's norm,
+                          init_scale='norm', as recorded: the default 'input' rescales them, which changes no
+                          shape); the pass is timed apart
 
 Every method trains its own copy of the model for the same T optimizer steps (its whole schedule:
 warm-up, rank changes, final phase) in one process; they take turns in rounds of 2 steps, the order
@@ -127,6 +129,7 @@ def spec_for(method: str, steps: int, budget: int, target=BERT_ENCODER_LINEAR) -
         return TrainSpec(method="ard", r=8, dynarank={"head_layout": "shared", "target_params": budget}, **common)
     if method == "ard-data":
         knobs = {"head_layout": "shared", "target_params": budget, "rank_init": "data", "init_statistic": "gradient"}
+        knobs["init_scale"] = "norm"  # as recorded (the rows' scale changes no shapes, and the pass by < 1%)
         return TrainSpec(method="ard", r=8, dynarank=knobs, **common)
     if method == "ard-matrix":
         return TrainSpec(method="ard", r=8, dynarank={"granularity": "matrix", "target_params": budget}, **common)

@@ -39,10 +39,13 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     elalora-switch-off     ElaLoRA whose groups may give up their last rank (switch_off=True)
     elalora-from-above     ElaLoRA started at stock AdaLoRA's 1.5r ranks per matrix and pruned into the
                            budget on the cubic schedule while it reallocates (target_params below the start)
-    ard-data-relative      ARD (per head, shared A) whose starting ranks come from the data with the defaults
+    ard-data-scaled        ARD (per head, shared A) whose starting ranks come from the data with the defaults
                            (rank_init='data': the gradient statistic normalised per module, init_statistic=
                            'gradient-relative'; init_batches unset: one per 20 steps, 1 to 4, so 4 on MiniLM and 3
-                           on SmolLM2; start at 1.5x the budget), at ARD's learning rate
+                           on SmolLM2; start at 1.5x the budget; A rows that read from the inputs what a default-drawn
+                           row reads, init_scale='input'), at ARD's learning rate
+    ard-data-relative      the same with A rows at the default draw's norm (init_scale='norm', the default before
+                           5 Dec; every ard-data variant below but -scaled-gains has it)
     ard-data               the same with the gradient statistic not normalised (init_statistic='gradient', the
                            default before 'gradient-relative'); ard-data-activation: with the activation
                            statistic; ard-data-rho1.25 / -rho2: the gradient statistic from other starts;
@@ -53,8 +56,6 @@ Ablations, run only when named, each at its base method's chosen learning rate:
                            interval, ordered by the measured gain of its last rank (the budget cuts the weakest first)
     ard-data-knapsack      ard-data-relative whose budget cap cuts by margin per parameter freed
                            (cap_order='margin-per-parameter': a shared slot's last user before its co-users)
-    ard-data-scaled        ard-data-relative whose A rows read from the inputs what a random row reads
-                           (init_scale='input': rms(A x) of the default draw, not its norm)
     ard-data-scaled-gains  ard-data-scaled whose candidates are rated by what their rescaled rows deliver (gain x
                            the row's factor, init_scale='input-gains')
     ard-lora-start         ARD (per head, shared A) from plain LoRA's start: every head at the budget's rank, r0 = r,
@@ -131,34 +132,51 @@ ABLATIONS = {
     "ard-free-x3": ("ard", {"target_params": None, "ard_lambda": 3.0}),
     "ard-free-x10": ("ard", {"target_params": None, "ard_lambda": 10.0}),
     # ARD started from data-driven ranks (rank_init='data'; docs/ard.md), and its statistic and start size.
-    "ard-data": ("ard", {"rank_init": "data", "init_statistic": "gradient"}),
-    "ard-data-activation": ("ard", {"rank_init": "data", "init_statistic": "activation"}),
-    "ard-data-relative": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative"}),
-    "ard-data-relative-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 2.0}),
+    "ard-data": ("ard", {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient"}),
+    "ard-data-activation": ("ard", {"init_scale": "norm", "rank_init": "data", "init_statistic": "activation"}),
+    "ard-data-relative": ("ard", {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative"}),
+    "ard-data-relative-rho2": (
+        "ard",
+        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 2.0},
+    ),
     "ard-data-relative-rho1.01": (
         "ard",
-        {"rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 1.01},
+        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 1.01},
     ),
     "ard-data-relative-l1-0": (
         "ard",
-        {"rank_init": "data", "init_statistic": "gradient-relative", "ard_lambda": 0.0},
+        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative", "ard_lambda": 0.0},
     ),
     "ard-data-scaled": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_scale": "input"}),
     "ard-data-scaled-gains": (
         "ard",
         {"rank_init": "data", "init_statistic": "gradient-relative", "init_scale": "input-gains"},
     ),
-    "ard-data-margins": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"}),
+    "ard-data-margins": (
+        "ard",
+        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"},
+    ),
     "ard-data-knapsack": (
         "ard",
-        {"rank_init": "data", "init_statistic": "gradient-relative", "cap_order": "margin-per-parameter"},
+        {
+            "init_scale": "norm",
+            "rank_init": "data",
+            "init_statistic": "gradient-relative",
+            "cap_order": "margin-per-parameter",
+        },
     ),
     # ARD from plain LoRA's start: every head at the budget's rank r (r0 = r, random A), held one parameter below
     # LoRA's size (ARD's budget must be below its start: the cap cuts one rank of one head): what ARD's alphas,
     # priors and floor cost or give against LoRA when the allocation is LoRA's.
     "ard-lora-start": ("ard", lambda r, budget: {"r": max(1, r), "target_params": budget - 1}),
-    "ard-data-rho1.25": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 1.25}),
-    "ard-data-rho2": ("ard", {"rank_init": "data", "init_statistic": "gradient", "init_rho": 2.0}),
+    "ard-data-rho1.25": (
+        "ard",
+        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient", "init_rho": 1.25},
+    ),
+    "ard-data-rho2": (
+        "ard",
+        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient", "init_rho": 2.0},
+    ),
 }
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many

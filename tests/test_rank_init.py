@@ -184,8 +184,8 @@ def data_config(layout: str, budget: int = 1500, **options) -> DynaRankConfig:
     return DynaRankConfig(method="ard", r=4, head_layout=layout, rank_init="data", target_params=budget, **options)
 
 
-def test_a_directions_are_unit_vectors_at_the_norm_of_the_default_draw():
-    model = data_model("bert", "own", target_modules=["query"])
+def test_with_the_norm_scale_a_directions_are_unit_vectors_at_the_norm_of_the_default_draw():
+    model = data_model("bert", "own", target_modules=["query"], init_scale="norm")
     init_ranks(model, labelled("bert", token_batches()))
     for layer in elastic_layers(model).values():
         norms = layer.shared_weight.norm(dim=1)
