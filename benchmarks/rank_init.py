@@ -341,10 +341,10 @@ def stability_markdown(runs: list[dict], command: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- what the pass costs
-def timing(task_name: str, budget: int, lr: float, command: str, method: str = "ard-data-relative") -> dict:
-    """One ARD data-start run in this process (2 threads; ``method`` a quality.py variant, by default the default
-    statistic's): the data pass's seconds against the run's. Run it under ``flock /tmp/dynarank-timing.lock`` so
-    that no other timing run shares the machine."""
+def timing(task_name: str, budget: int, lr: float, command: str, method: str = "ard-data-scaled") -> dict:
+    """One ARD data-start run in this process (2 threads; ``method`` a quality.py variant, by default the shipped
+    defaults'; until 5 Dec 'ard-data-relative', whose rows were not rescaled): the data pass's seconds against the
+    run's. Run it under ``flock /tmp/dynarank-timing.lock`` so that no other timing run shares the machine."""
     import quality
 
     steps = quality.TASKS[task_name]["steps"]
@@ -468,7 +468,8 @@ def main() -> None:
         path.write_text(json.dumps({"runs": runs}, indent=1))
         lines = ["# What the data pass costs (one run alone on the machine, 2 threads)", ""]
         lines += [
-            f"- {r['task']} r={r['budget_r']} ({r.get('statistic', 'gradient')} statistic): data pass "
+            f"- {r['task']} r={r['budget_r']} ({r.get('statistic', 'gradient')} statistic, "
+            f"{r.get('method', 'ard-data-relative')}): data pass "
             f"{r['init_seconds']:.1f} s of a {r['run_seconds']:.0f} s run ({100 * r['share']:.1f}%, "
             f"{r['init_batches']} batches; {r['steps']} steps, {r['seconds_per_step']:.2f} s each); `{r['command']}`"
             for r in runs
