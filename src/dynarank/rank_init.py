@@ -11,11 +11,12 @@ Before training, a bounded pass over K batches of the training data measures, fo
 ranks per group with their gains (singular values of the group's slice, or its share of the whole M's under shared
 A; for 'gradient-relative' and 'activation' divided by the module's ||M||_F, so that modules compete by how
 concentrated their statistic is rather than by its scale), keeps the best candidates per parameter until the
-adapter holds ``init_rho x target_params``, points A at the kept directions (at the norm of PEFT's default draw, or
-with ``init_scale='input'`` at what a default-drawn row reads from the inputs; B stays 0: the function at step 0 is
-the base model's), and cuts the rest physically. ARD's alphas start at their ranks / r0 (``init_margin='equal'``), or
-inside their rank's interval ordered by the measured gain of each group's last rank (``'gains'``: the budget's first
-cuts then take the ranks the data rated lowest), and ARD's budget then falls from this start to ``target_params``.
+adapter holds ``init_rho x target_params``, points A at the kept directions (each row scaled to read from the inputs
+what a default-drawn row reads, ``init_scale='input'``, or at the default draw's norm, ``'norm'``; B stays 0: the
+function at step 0 is the base model's), and cuts the rest physically. ARD's alphas start at their ranks / r0
+(``init_margin='equal'``), or inside their rank's interval ordered by the measured gain of each group's last rank
+(``'gains'``: the budget's first cuts then take the ranks the data rated lowest), and ARD's budget then falls from this
+start to ``target_params``.
 
 Under torch.distributed every worker measures its shard of each global batch and the statistics are summed across
 workers (gradients then divided by the world size: a worker's loss is its shard's share of the batch mean, as DDP
