@@ -113,6 +113,12 @@ def from_above(r: int, budget: int) -> dict:
     return {"r": peft_adalora_schedule(r, 1)["init_r"]}
 
 
+def data_start(statistic: str = "gradient-relative", scale: str = "norm", **changed) -> dict:
+    """ARD's data-driven start with this statistic and rows' scale (the variants before 5 Dec pin 'norm', the
+    default then, so that their records stay what they ran)."""
+    return {"rank_init": "data", "init_statistic": statistic, "init_scale": scale, **changed}
+
+
 # Ablation -> (base method, changed settings, or a function of the budget (its r, its parameters) that gives them).
 # The SVD methods share the key "ortho_weight": dynarank's config field, and the loop hands it to stock PEFT
 # AdaLoRA as orth_reg_weight.
@@ -131,52 +137,23 @@ ABLATIONS = {
     "ard-free": ("ard", {"target_params": None}),
     "ard-free-x3": ("ard", {"target_params": None, "ard_lambda": 3.0}),
     "ard-free-x10": ("ard", {"target_params": None, "ard_lambda": 10.0}),
-    # ARD started from data-driven ranks (rank_init='data'; docs/ard.md), and its statistic and start size.
-    "ard-data": ("ard", {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient"}),
-    "ard-data-activation": ("ard", {"init_scale": "norm", "rank_init": "data", "init_statistic": "activation"}),
-    "ard-data-relative": ("ard", {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative"}),
-    "ard-data-relative-rho2": (
-        "ard",
-        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 2.0},
-    ),
-    "ard-data-relative-rho1.01": (
-        "ard",
-        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative", "init_rho": 1.01},
-    ),
-    "ard-data-relative-l1-0": (
-        "ard",
-        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative", "ard_lambda": 0.0},
-    ),
-    "ard-data-scaled": ("ard", {"rank_init": "data", "init_statistic": "gradient-relative", "init_scale": "input"}),
-    "ard-data-scaled-gains": (
-        "ard",
-        {"rank_init": "data", "init_statistic": "gradient-relative", "init_scale": "input-gains"},
-    ),
-    "ard-data-margins": (
-        "ard",
-        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient-relative", "init_margin": "gains"},
-    ),
-    "ard-data-knapsack": (
-        "ard",
-        {
-            "init_scale": "norm",
-            "rank_init": "data",
-            "init_statistic": "gradient-relative",
-            "cap_order": "margin-per-parameter",
-        },
-    ),
+    # ARD started from data-driven ranks (rank_init='data'; docs/ard.md), and its statistic, rows' scale and start size.
+    "ard-data": ("ard", data_start("gradient")),
+    "ard-data-activation": ("ard", data_start("activation")),
+    "ard-data-relative": ("ard", data_start()),
+    "ard-data-relative-rho2": ("ard", data_start(init_rho=2.0)),
+    "ard-data-relative-rho1.01": ("ard", data_start(init_rho=1.01)),
+    "ard-data-relative-l1-0": ("ard", data_start(ard_lambda=0.0)),
+    "ard-data-scaled": ("ard", data_start(scale="input")),
+    "ard-data-scaled-gains": ("ard", data_start(scale="input-gains")),
+    "ard-data-margins": ("ard", data_start(init_margin="gains")),
+    "ard-data-knapsack": ("ard", data_start(cap_order="margin-per-parameter")),
+    "ard-data-rho1.25": ("ard", data_start("gradient", init_rho=1.25)),
+    "ard-data-rho2": ("ard", data_start("gradient", init_rho=2.0)),
     # ARD from plain LoRA's start: every head at the budget's rank r (r0 = r, random A), held one parameter below
     # LoRA's size (ARD's budget must be below its start: the cap cuts one rank of one head): what ARD's alphas,
     # priors and floor cost or give against LoRA when the allocation is LoRA's.
     "ard-lora-start": ("ard", lambda r, budget: {"r": max(1, r), "target_params": budget - 1}),
-    "ard-data-rho1.25": (
-        "ard",
-        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient", "init_rho": 1.25},
-    ),
-    "ard-data-rho2": (
-        "ard",
-        {"init_scale": "norm", "rank_init": "data", "init_statistic": "gradient", "init_rho": 2.0},
-    ),
 }
 ADAPTER_LRS, FULL_LRS = [1e-3, 3e-3, 1e-2, 3e-2], [3e-5, 1e-4, 3e-4]
 # A grid whose best point is its largest rate is extended by one half-decade (x ~3.16), at most this many

@@ -20,7 +20,8 @@ a singular value of M (not its square). Per rank group g:
 The allocation is a greedy water-filling: candidates sorted by gain per parameter (``SlotCosts.rank_price``), each
 taken while the adapter's exact size (a shared slot's A row is paid by its first user) stays within the budget.
 Every group first gets its ``floor`` best candidates; a candidate with zero gain (below ``RELATIVE_ZERO`` of the
-largest) is never taken.
+largest) is never taken. The kept directions are written into A (``write_directions``), and rescaled to read from the
+measured inputs what a default-drawn row reads (``input_energy``, ``match_input_scale``).
 """
 
 from __future__ import annotations
