@@ -19,6 +19,9 @@ per-head ranks are known, and on the real models of the quality study.
 * ``--part starts`` (a minute): where each statistic puts the starting ranks (by projection type, by sixth of the
   layers) in the quality study's init, no training:
   ``python benchmarks/rank_init.py --part starts --task smollm2 --budgets 1``.
+* ``--part scale`` (a minute): why the data start rescales its A rows: on SmolLM2 and MiniLM, how concentrated the
+  measured top directions are and what rows along them at the default draw's norm read from the inputs against a
+  default-drawn row: ``python benchmarks/rank_init.py --part scale --budgets 1``.
 * ``--part stability`` (minutes): how many batches the init needs: the allocation from the first K batches against
   the one from 16 (the quality study's ARD setup), and the seconds one batch of the pass costs.
 """
@@ -405,6 +408,43 @@ def starts(task_name: str, budgets: list[int], seed: int = 0) -> list[dict]:
     return out
 
 
+def row_scale(task_name: str, r: int, seed: int = 0) -> dict:
+    """Why the data start rescales its A rows: the quality study's init pass (same model, batches and K), and per
+    module the top right singular vector v of the statistic M (its participation ratio 1 / sum v_i^4 and its largest
+    channel), and what the written rows at the default draw's norm read from the sampled inputs over what a
+    default-drawn row reads (1 / init_scale='input''s factor): the top slot's, and every slot's median."""
+    import quality
+
+    from dynarank.rank_init import RELATIVE_STATISTICS, collect_statistics, init_batch_count
+    from dynarank.rank_spectra import input_energy, layer_spectrum, write_directions
+
+    model, stream = study_start(task_name, "ard-data-scaled", r, seed)
+    k = init_batch_count(None, quality.TASKS[task_name]["steps"])
+    feed = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y, _ in islice(stream, k)]
+    inputs: dict = {}
+    stats, _, _ = collect_statistics(model, feed, k, "gradient-relative", inputs=inputs)
+    ratios, top_reads, all_reads, channels = [], [], [], defaultdict(int)
+    for name, layer in elastic_layers(model).items():
+        v = torch.linalg.svd(stats[name].double(), full_matrices=False).Vh[0]
+        ratios.append(float(1 / v.pow(4).sum()))
+        channels[int(v.abs().argmax())] += 1
+        write_directions(layer, layer_spectrum(layer, stats[name], "gradient-relative" in RELATIVE_STATISTICS))
+        proj, norm = input_energy(layer, inputs[name])
+        reads = (proj / (norm / (3 * layer.in_features))).sqrt()  # rms(w . x) over a default row's
+        top_reads.append(float(reads[0]))
+        all_reads += reads.tolist()
+    return {
+        "task": task_name,
+        "budget_r": r,
+        "modules": len(ratios),
+        "d_in": sorted({layer.in_features for layer in elastic_layers(model).values()}),
+        "participation_ratio_median": statistics.median(ratios),
+        "top_channel_most_common": max(channels.items(), key=lambda kv: kv[1]),
+        "top_row_reads": [min(top_reads), statistics.median(top_reads), max(top_reads)],
+        "every_row_reads_median": statistics.median(all_reads),
+    }
+
+
 def starts_markdown(runs: list[dict], command: str) -> str:
     lines = [
         "# Where each statistic starts the ranks\n",
@@ -426,7 +466,9 @@ def starts_markdown(runs: list[dict], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("planted", "real", "stability", "timing", "starts"), default="planted")
+    parser.add_argument(
+        "--part", choices=("planted", "real", "stability", "timing", "starts", "scale"), default="planted"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[3], help="planted: the number; real: the seeds")
     parser.add_argument("--task", default="minilm", help="real: the quality study's task")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2])
@@ -452,6 +494,27 @@ def main() -> None:
         path.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
         text = stability_markdown(runs, command)
         (args.out / "rank_init_stability.md").write_text(text)
+    elif args.part == "scale":
+        torch.set_num_threads(2)
+        runs = [row_scale(task, args.budgets[0]) for task in ("smollm2", "minilm")]
+        (args.out / "rank_init_scale.json").write_text(json.dumps({"command": command, "runs": runs}, indent=1))
+        lines = [
+            "# What a measured A row reads at the default draw's norm (the data start's pass, seed 0)\n",
+            f"    {command}\n",
+            "| task | modules (d_in) | top direction's participation ratio, median | most common top channel "
+            "(modules) | top row reads / a default row's: min, median, max | every row's, median |",
+            "|---|---|---|---|---|---|",
+        ]
+        for run in runs:
+            lo, mid, hi = run["top_row_reads"]
+            channel, count = run["top_channel_most_common"]
+            lines.append(
+                f"| {run['task']} | {run['modules']} ({', '.join(map(str, run['d_in']))}) | "
+                f"{run['participation_ratio_median']:.1f} | {channel} ({count}) | {lo:.1f}x, {mid:.1f}x, {hi:.1f}x | "
+                f"{run['every_row_reads_median']:.2f}x |"
+            )
+        text = "\n".join(lines) + "\n"
+        (args.out / "rank_init_scale.md").write_text(text)
     elif args.part == "starts":
         torch.set_num_threads(2)
         runs = starts(args.task, args.budgets)

@@ -292,7 +292,7 @@ class ARDConfig(RankControlConfig):
         "rank_init='data': the size of the A rows written along the measured directions. 'input' (default): what a "
         "default-drawn row reads from the measured inputs (rms of A x), so that B's "
         "steps move the output as far as from a random A (a measured direction often lines up with the few input "
-        "channels that carry most of the activation, and at equal norm reads 10-30x more); 'norm': the norm of "
+        "channels that carry most of the activation, and at equal norm reads up to ~20x more); 'norm': the norm of "
         "PEFT's default draw (the default before 5 Dec); 'input-gains': as 'input', "
         "and each candidate's gain multiplied by its row's factor before the allocation (what the rescaled row can "
         "move the loss by).",

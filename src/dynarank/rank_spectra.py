@@ -195,8 +195,8 @@ def match_input_scale(layer: ElasticLoRALinear, proj: torch.Tensor, norm: torch.
     """Rescale each A-side vector of a fresh layer so that what it reads, rms(w . x_w) over the measured inputs, is
     what a vector of PEFT's default draw reads on average: entries of variance 1 / (3 d_in) give
     E (w . x_w)^2 = ||x_w||^2 / (3 d_in). A measured direction often lines up with the few input channels that carry
-    most of the activation (a direction of unit norm can read 10-30x what a random one does), and B's steps, about
-    the learning rate each under Adam, then move the output 10-30x further than for a random A. ``proj``, ``norm``:
+    most of the activation (on SmolLM2 the top one reads up to ~20x what a random one does), and B's steps, about
+    the learning rate each under Adam, then move the output that much further than for a random A. ``proj``, ``norm``:
     :func:`input_energy`'s sums (reduced across workers). A vector that reads nothing keeps its norm. Returns the
     factors (float64, in ``input_energy``'s order)."""
     target = norm / (3 * layer.in_features)
