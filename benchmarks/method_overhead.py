@@ -126,13 +126,15 @@ def setting_data(setting: str):
 def spec_for(method: str, steps: int, budget: int, target=BERT_ENCODER_LINEAR) -> TrainSpec:
     common = dict(target_modules=target, lr=3e-3, max_steps=steps, seed=0)
     if method == "ard":
-        return TrainSpec(method="ard", r=8, dynarank={"head_layout": "shared", "target_params": budget}, **common)
+        knobs = {"head_layout": "shared", "target_params": budget, "rank_init": "uniform"}  # as recorded
+        return TrainSpec(method="ard", r=8, dynarank=knobs, **common)
     if method == "ard-data":
         knobs = {"head_layout": "shared", "target_params": budget, "rank_init": "data", "init_statistic": "gradient"}
         knobs["init_scale"] = "norm"  # as recorded (the rows' scale changes no shapes, and the pass by < 1%)
         return TrainSpec(method="ard", r=8, dynarank=knobs, **common)
     if method == "ard-matrix":
-        return TrainSpec(method="ard", r=8, dynarank={"granularity": "matrix", "target_params": budget}, **common)
+        knobs = {"granularity": "matrix", "target_params": budget, "rank_init": "uniform"}
+        return TrainSpec(method="ard", r=8, dynarank=knobs, **common)
     if method == "elalora":
         return TrainSpec(method="elalora", r=BUDGET_R, dynarank={"target_params": budget}, **common)
     if method == "dynarank-lora":

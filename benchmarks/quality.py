@@ -254,7 +254,10 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
             "ard-own": {},
             "ard-floor1": {"head_layout": "shared", "rank_floor": 1},
         }[method]
-        return TrainSpec(method="ard", r=max(8, 2 * r), dynarank={**layout, "target_params": budget}, **common)
+        # the uniform start (r0 for every head), pinned: what these records ran before 'auto' made the data start
+        # the default with a budget (ard-data-scaled is that default)
+        knobs = {**layout, "target_params": budget, "rank_init": "uniform"}
+        return TrainSpec(method="ard", r=max(8, 2 * r), dynarank=knobs, **common)
     if method == "elalora":  # a parameter budget: a rank costs more in the MLP
         return TrainSpec(method=method, r=r, dynarank={"target_params": budget}, **common)
     if method == "adalora-physical":  # stock AdaLoRA's start and schedule, pruned to the parameter budget

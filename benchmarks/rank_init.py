@@ -57,7 +57,7 @@ def mse(model, task, x, generator):
 def planted_model(task, rank_init: str, statistic: str = "gradient", rho: float = 1.5, n_batches: int = 4):
     model = task.student()
     knobs = {"rank_init": "data", "init_statistic": statistic, "init_rho": rho, "init_batches": n_batches}
-    knobs = knobs if rank_init == "data" else {}
+    knobs = knobs if rank_init == "data" else {"rank_init": "uniform"}
     attach(model, DynaRankConfig(method="ard", r=8, target_modules=["query"], target_params=ORACLE_PARAMS, **knobs))
     return model
 

@@ -370,7 +370,7 @@ def test_the_init_runs_once_and_only_on_a_fresh_adapter():
     init_ranks(model, labelled("bert", token_batches()))
     with pytest.raises(ValueError, match="once per run"):
         init_ranks(model, labelled("bert", token_batches()))
-    uniform = attach(tiny_bert(), DynaRankConfig(method="ard", r=4, target_params=1500))
+    uniform = attach(tiny_bert(), DynaRankConfig(method="ard", r=4, target_params=1500, rank_init="uniform"))
     with pytest.raises(ConfigError, match="rank_init='data'"):
         init_ranks(uniform, labelled("bert", token_batches()))
 
@@ -418,7 +418,7 @@ def loop_spec(steps: int = 24, **options) -> TrainSpec:
         lr=1e-2,
         max_steps=steps,
         batch_size=8,
-        dynarank={"rank_init": "data", "target_params": 1500, "head_layout": "shared", **options},
+        dynarank={"target_params": 1500, "head_layout": "shared", "rank_init": "data", **options},
     )
 
 
@@ -437,6 +437,33 @@ def test_the_training_loop_measures_the_first_batches_it_trains_on(monkeypatch):
     assert record["start_params"] == done.controller.history[0]["adapter_parameters"]
     assert done.controller.history[0]["ranks"] == record["ranks"]
     assert done.metrics["adapter_parameters"] <= 1500
+
+
+@pytest.mark.parametrize(
+    ("options", "starts_from_data"),
+    [
+        ({"target_params": 1500}, True),  # the default, rank_init='auto', with a budget
+        ({"target_params": None}, False),  # without a budget there is no start size to fill
+        ({"target_params": 1500, "preset": "paper"}, False),  # the paper's uniform start
+        ({"target_params": 1500, "rank_init": "uniform"}, False),
+        ({"target_params": 1500, "rank_init": "data"}, True),
+    ],
+)
+def test_the_default_start_is_measured_from_data_when_there_is_a_budget(options, starts_from_data):
+    config = DynaRankConfig(method="ard", r=4, **options)
+    assert config.data_start is starts_from_data
+    done = train_classifier(tiny_bert(), WordTokenizer(), examples(), loop_spec(**{"rank_init": "auto", **options}))
+    assert ("rank_init" in done.metrics) is starts_from_data
+    first = done.controller.history[0]["ranks"]
+    assert (set(first["bert.encoder.layer.0.attention.self.query"]) == {4}) is not starts_from_data
+
+
+def test_auto_without_the_data_pass_starts_uniform_and_says_so():
+    model = attach(tiny_bert(), DynaRankConfig(method="ard", r=4, target_params=800, head_layout="shared"))
+    controller = build_controller(model, total_steps=40)
+    assert controller.rank_init is None
+    assert all(set(layer.ranks) == {4} for layer in elastic_layers(model).values())
+    assert any("init_ranks" in w and "r = 4" in w for w in controller.setup_warnings)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ LambdaMode = Literal["relative", "gradient", "absolute"]
 TVForm = Literal["step", "anchor"]
 Readout = Literal["ceil", "round"]
 MaskKind = Literal["hard", "soft"]
-RankInit = Literal["uniform", "data"]
+RankInit = Literal["auto", "uniform", "data"]
 InitStatistic = Literal["gradient", "gradient-relative", "activation"]
 InitMargin = Literal["gains", "equal"]
 CapOrder = Literal["margin", "margin-per-parameter"]
@@ -259,10 +259,12 @@ class ARDConfig(RankControlConfig):
         "margin",
     )
     rank_init: RankInit = _help(
-        "Starting ranks: 'uniform' (every group at r) or 'data' (a pass over init_batches batches before training "
+        "Starting ranks: 'uniform' (every group at r), 'data' (a pass over init_batches batches before training "
         "measures each group, gives the groups whose statistics promise most per parameter their ranks until the "
-        "adapter holds init_rho x target_params, and points A at the measured directions; needs target_params).",
-        "uniform",
+        "adapter holds init_rho x target_params, and points A at the measured directions; needs target_params) or "
+        "'auto' (default: 'data' with a target_params, 'uniform' without one; a controller built by hand without "
+        "dynarank.init_ranks starts uniform, with a warning).",
+        "auto",
     )
     init_rho: float = _help(
         "rank_init='data': the adapter starts at init_rho x target_params (higher: more room to learn the "
@@ -307,7 +309,7 @@ class ARDConfig(RankControlConfig):
             ("tv_form", ("step", "anchor")),
             ("readout", ("ceil", "round")),
             ("mask", ("hard", "soft")),
-            ("rank_init", ("uniform", "data")),
+            ("rank_init", ("auto", "uniform", "data")),
             ("init_statistic", ("gradient", "gradient-relative", "activation")),
             ("init_margin", ("gains", "equal")),
             ("init_scale", ("norm", "input", "input-gains")),
@@ -329,6 +331,14 @@ class ARDConfig(RankControlConfig):
                 raise ConfigError(name, f"must be >= 0, got {value!r}.")
         if self.alpha_travel <= 0:
             raise ConfigError("alpha_travel", f"must be > 0, got {self.alpha_travel!r}.")
+
+    @property
+    def data_start(self) -> bool:
+        """Whether the run starts from measured ranks: 'data', or 'auto' with a budget (the paper preset keeps the
+        paper's uniform start)."""
+        if self.rank_init == "auto":
+            return self.target_params is not None and self.preset != "paper"
+        return self.rank_init == "data"
 
 
 @dataclass

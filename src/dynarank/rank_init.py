@@ -100,9 +100,10 @@ def default_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
 
 
 def needs_rank_init(model: nn.Module) -> bool:
-    """True if ``model`` was attached with ``rank_init='data'`` and its ranks have not been initialised yet."""
+    """True if ``model`` was attached to start from measured ranks (``rank_init='data'``, or ``'auto'`` with a
+    budget) and its ranks have not been initialised yet."""
     config = getattr(model, ATTACHED_ATTR, None)
-    return getattr(config, "rank_init", "uniform") == "data" and getattr(model, RANK_INIT_ATTR, None) is None
+    return bool(getattr(config, "data_start", False)) and getattr(model, RANK_INIT_ATTR, None) is None
 
 
 def init_ranks(
@@ -118,7 +119,7 @@ def init_ranks(
     A directions (see the module docstring). Call it once, after ``attach`` and before ``build_controller``.
 
     Args:
-        model: attached with ``DynaRankConfig(method="ard", rank_init="data", target_params=N, ...)``.
+        model: attached with ``DynaRankConfig(method="ard", target_params=N, ...)`` (rank_init 'auto' or 'data').
         batches: dicts the model accepts (with labels, for the default loss); under torch.distributed, this
             worker's shard of each global batch.
         loss_fn: the loss of a batch (gradient statistic), default ``model(**batch).loss``.
@@ -129,8 +130,10 @@ def init_ranks(
             (:func:`init_batch_count`).
     """
     config = getattr(model, ATTACHED_ATTR, None)
-    if getattr(config, "rank_init", None) != "data":
-        raise ConfigError("rank_init", "init_ranks() needs a model attached with rank_init='data'.")
+    if not getattr(config, "data_start", False):
+        raise ConfigError(
+            "rank_init", "init_ranks() needs a model attached with rank_init='data' (or 'auto' with target_params)."
+        )
     if getattr(model, RANK_INIT_ATTR, None) is not None:
         raise ValueError("this model's ranks were initialised from data already; the init runs once per run.")
     layers = elastic_layers(model)

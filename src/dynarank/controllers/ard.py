@@ -83,7 +83,8 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         super().__init__(model, total_steps, restoring=restoring)
         # rank_init='data': the ranks the init set (dynarank.rank_init), recorded with the controller's state
         self.rank_init: dict | None = getattr(model, RANK_INIT_ATTR, None)
-        if self.config.rank_init == "data" and self.rank_init is None and not restoring:
+        unmeasured = self.config.data_start and self.rank_init is None and not restoring
+        if unmeasured and self.config.rank_init == "data":
             raise ConfigError(
                 "rank_init",
                 "'data' needs the starting ranks measured before the controller is built: call "
@@ -94,6 +95,12 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         if not restoring:
             self._check_budget()  # before the model is touched: a bad budget leaves it as it was
             self._check_run_length()
+        if unmeasured:  # 'auto' with a budget, built by hand without the data pass: the uniform start
+            self.warn_before_training(
+                f"rank_init='auto' starts from measured ranks when dynarank.init_ranks(model, batches) runs before "
+                f"the controller is built; it did not, so every group starts at r = {self.config.r} (rank_init="
+                f"'uniform'; dynarank train and DynaRankCallback run the pass)."
+            )
         if getattr(model, ARD_ATTR, None) is None:
             model.add_module(ARD_ATTR, ARDGates(self.layers))
         self.gates: ARDGates = getattr(model, ARD_ATTR)

@@ -229,6 +229,8 @@ class DynaRankCallback(TrainerCallback):
     def _init_ranks(self, dataloader, optimizer, total_steps: int | None) -> None:
         """ARD's starting ranks from the first batches of the Trainer's data loader (rank_init='data')."""
         if dataloader is None:
+            if self.model.dynarank_config.rank_init == "auto":
+                return  # the controller starts uniform and says why
             raise ValueError("rank_init='data' needs the Trainer's train_dataloader, which it did not pass.")
         loss = self.init_loss or default_loss
         n = world()[1]  # a worker's loss is its shard's mean: its share of the batch mean is 1 / n
