@@ -17,7 +17,12 @@ from functools import cache
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METRIC = {"minilm": ("accuracy", 1), "smollm2": ("loss", -1)}  # the test metric, and its sign (+1: higher better)
+METRIC = {
+    "minilm": ("accuracy", 1),
+    "minilm-tweets3": ("accuracy", 1),
+    "smollm2": ("loss", -1),
+    "smollm2-sentiment": ("loss", -1),
+}  # the test metric, and its sign (+1: higher better)
 
 
 @cache
@@ -111,6 +116,11 @@ def figures() -> dict[str, str]:
         out[f"smollm2 ard-data-scaled - eva r={budget}"] = _diff("smollm2", "ard-data-scaled", "eva", budget)
         out[f"smollm2 eva - lora r={budget}"] = _diff("smollm2", "eva", "lora", budget)
     out["smollm2 ard - lora r=4"] = _diff("smollm2", "ard", "lora", 4)
+    # ARD's default with a budget (the data start) against its uniform start and LoRA, at each study task's middle
+    # budget (the defaults study's tasks: benchmarks/defaults.py)
+    for task, budget in (("minilm", 2), ("minilm-tweets3", 2), ("smollm2", 4), ("smollm2-sentiment", 4)):
+        for baseline in ("ard", "lora"):
+            out[f"{task} ard-data-scaled - {baseline} r={budget}"] = _diff(task, "ard-data-scaled", baseline, budget)
     data_start = [r for budget in (1, 2, 4, 6) for r in _runs("minilm")["ard-data-scaled", budget].values()]
     out["minilm ard-data-scaled peak / budget"] = (
         f"{max(r['adapter_parameters_peak'] / r['budget_parameters'] for r in data_start):.1f}x"

@@ -42,6 +42,13 @@ CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose defa
 # Settings tried beside the rate: a candidate is (variant, rate), a variant being the method or one of these
 # (quality.py's ablations: the SVD methods without their orthogonality penalty, run at 3e-2 on every task).
 VARIANTS = {"elalora": ["elalora-ortho0"], "adalora-physical": ["adalora-physical-ortho0"]}
+# Methods whose configuration is chosen too, not only the rate: quality.py's "ard" is ARD's uniform start (every
+# head at r0, pinned: what its records ran), "ard-data-scaled" its data start (the library's rank_init='auto' with a
+# budget). Seed-0 grids tell rates apart, not two configurations whose best points lie within a percent of each
+# other, so the configuration is chosen on the validation split over every seed run at the middle budget (each at
+# its own rate choice, paired by seed), and the rate then among that configuration's candidates.
+# tests/test_defaults.py holds the choice equal to what the library does.
+CONFIGURATIONS = {"ard": ["ard", "ard-data-scaled"]}
 BASELINES = ["lora", "adalora"]  # stock PEFT, each at its best rate per task
 # Stock baselines get a default too (a user's `--method lora` untuned): the rate best over all tasks, no left-out
 # check (they are what dynarank's methods are compared with, each at its best rate per task). dynarank-lora (fixed
@@ -75,7 +82,7 @@ def candidates(store: RecordStore, task: str, method: str) -> dict[tuple[str, fl
     """Validation metric per (variant, rate) of ``method`` on ``task``."""
     return {
         (variant, lr): value
-        for variant in [method, *VARIANTS.get(method, [])]
+        for variant in [*CONFIGURATIONS.get(method, [method]), *VARIANTS.get(method, [])]
         for lr, value in grid(store, task, variant).items()
     }
 
@@ -116,8 +123,66 @@ def left_out_tasks(task: str, tasks: list[str]) -> tuple[list[str], bool]:
     return (same, True) if same else ([u for u in tasks if u != task], False)
 
 
+def seed_mean(store: RecordStore, task: str, variant: str, lr: float, seeds: set[int]) -> float:
+    """Validation metric of ``variant`` at ``lr``, middle budget, averaged over ``seeds``."""
+    spec = quality.TASKS[task]
+    return statistics.mean(
+        store.get((task, variant, spec["tune_budget"], lr, s, spec["steps"]))["val"][spec["metric"]] for s in seeds
+    )
+
+
+def common_seeds(store: RecordStore, task: str, runs: list[tuple[str, float]]) -> set[int]:
+    """The seeds every (variant, rate) of ``runs`` ran at ``task``'s middle budget."""
+    spec = quality.TASKS[task]
+    found = [
+        {
+            r["seed"]
+            for r in store.runs
+            if (r["task"], r["method"], r["lr"], r["budget_r"], r["steps"])
+            == (task, v, lr, spec["tune_budget"], spec["steps"])
+        }
+        for v, lr in runs
+    ]
+    return set.intersection(*found) if found else set()
+
+
+def choose_configuration(
+    scores: dict[str, dict], stores: dict[str, RecordStore], configurations: list[str], tasks: list[str]
+) -> tuple[str, dict]:
+    """The configuration with the best mean relative validation score over ``tasks``, each configuration at its
+    rate choice on ``tasks``, averaged over the seeds all of them ran (at least 2; a task with fewer does not
+    vote). A tie, or no task that votes, goes to the first configuration."""
+    rates = {c: choose(scores, tasks, {k for t in tasks for k in scores[t] if k[0] == c})[0] for c in configurations}
+    if any(rate is None for rate in rates.values()):
+        return configurations[0], {}
+    votes: dict[str, list[float]] = {c: [] for c in configurations}
+    for task in tasks:
+        seeds = common_seeds(stores[task], task, list(rates.values()))
+        if len(seeds) < 2:
+            continue
+        means = {c: seed_mean(stores[task], task, *rates[c], seeds) for c in configurations}
+        for c, score in relative(means, quality.TASKS[task]["higher_is_better"]).items():
+            votes[c].append(score)
+    means = {c: statistics.mean(v) for c, v in votes.items() if v}
+    if not means:
+        return configurations[0], {}
+    return max(configurations, key=lambda c: means.get(c, -1.0)), means
+
+
+def configuration_candidates(
+    scores: dict, stores: dict, configurations: list[str] | None, tasks: list[str], votes: dict
+) -> set | None:
+    """The candidates of the configuration chosen on ``tasks`` (None: no configuration to choose, every candidate);
+    the votes are kept in ``votes`` under the tasks' names."""
+    if configurations is None:
+        return None
+    chosen, votes[",".join(tasks)] = choose_configuration(scores, stores, configurations, tasks)
+    return {k for t in tasks for k in scores[t] if k[0] == chosen}
+
+
 def study(stores: dict[str, RecordStore]) -> dict:
-    """Per method: relative scores per task, the left-out choices and the shipped rate of each kind."""
+    """Per method: relative scores per task, the left-out choices and the shipped rate of each kind (and, for a
+    method in CONFIGURATIONS, the configuration)."""
     out = {}
     for method in CHOSEN + STOCK:
         scores = {}
@@ -126,22 +191,27 @@ def study(stores: dict[str, RecordStore]) -> dict:
             if found:
                 scores[task] = relative(found, quality.TASKS[task]["higher_is_better"])
         tasks = sorted(scores)
-        left_out, same_kind = {}, {}
+        configurations = CONFIGURATIONS.get(method)
+        left_out, same_kind, configuration_votes = {}, {}, {}
         for t in tasks:
             # What could ship for t's kind: the candidates all its tasks ran (a variant tried on one task alone
             # cannot be a kind's default, so it is not a left-out choice either).
             others, same_kind[t] = left_out_tasks(t, tasks)
             shippable = common(scores, [u for u in tasks if kind(u) == kind(t)] if same_kind[t] else tasks)
-            left_out[t] = choose(scores, others, shippable)[0]
+            allowed = configuration_candidates(scores, stores, configurations, others, configuration_votes)
+            left_out[t] = choose(scores, others, shippable if allowed is None else shippable & allowed)[0]
         shipped, means = {}, {}
         for k in sorted({kind(t) for t in tasks}):
-            shipped[k], means[k] = choose(scores, [t for t in tasks if kind(t) == k])
+            of_kind = [t for t in tasks if kind(t) == k]
+            allowed = configuration_candidates(scores, stores, configurations, of_kind, configuration_votes)
+            shipped[k], means[k] = choose(scores, of_kind, allowed)
         out[method] = {
             "scores": scores,
             "left_out": left_out,
             "left_out_same_kind": same_kind,
             "shipped": shipped,
             "mean_relative": means,
+            "configuration_votes": configuration_votes,
         }
     return out
 
@@ -152,7 +222,8 @@ def shipped_rates(choices: dict) -> dict[str, dict[str, float]]:
     for method, found in choices.items():
         for k, candidate in found["shipped"].items():
             if candidate is not None:
-                assert candidate[0] == method, f"a variant cannot ship as {method}'s default: {candidate}"
+                shippable = CONFIGURATIONS.get(method, [method])
+                assert candidate[0] in shippable, f"{candidate} cannot ship as {method}'s default"
                 tables.setdefault(k, {})[method] = candidate[1]
     for rates in tables.values():
         rates.update({m: rates[source] for m, source in FOLLOWS.items() if source in rates})
@@ -239,6 +310,18 @@ def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {_name(choice)} |")
         shipped = "; ".join(f"{k}: **{_name(c)}**" for k, c in found["shipped"].items())
         lines += ["", f"Shipped defaults: {shipped}", ""]
+        if found.get("configuration_votes"):
+            lines += [
+                "Configuration, chosen on the validation split over the seeds every configuration ran at the middle "
+                "budget (each at its rate choice on the same tasks; relative, 1 = the better):",
+                "",
+                *(
+                    f"- on {on.replace(',', ', ')}: "
+                    + (", ".join(f"{c} {v:.4f}" for c, v in votes.items()) or "no task with 2+ seeds (the first)")
+                    for on, votes in sorted(found["configuration_votes"].items())
+                ),
+                "",
+            ]
     lines += [
         "## Left-out checks (test split, 3 seeds, paired by seed; positive = the method is better)",
         "",

@@ -287,6 +287,9 @@ def test_demo_fast_path_compares_ard_with_lora_at_equal_parameters(tmp_path, cap
     assert main(["demo", "--max-steps", "5", "--n-train", "64", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "ARD-LoRA vs plain LoRA" in out and "LoRA r=" in out
+    ard = json.loads((tmp_path / "demo" / "ard" / "summary.json").read_text())
+    assert ard["rank_init"]["start_params"] < ard["trainable_parameters_start"]  # the default start: from data
+    assert "ARD-LoRA (data start)" in " ".join(out.split())
     for method, folder in (("ard", "ard"), ("lora", "lora-r2")):  # each at its own default rate, none hand-picked
         record = yaml.safe_load((tmp_path / "demo" / folder / "config.yaml").read_text())
         assert (record["lr"], record["lr_source"]) == (default_lr(method), source("classify"))

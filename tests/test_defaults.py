@@ -31,6 +31,57 @@ def test_the_table_is_the_one_the_defaults_study_chose():
     assert DEFAULT_LR == record["shipped"]
 
 
+def test_ard_with_a_budget_starts_as_the_configuration_the_study_chose_for_each_kind():
+    import quality
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/defaults.json").read_text())
+    config = DynaRankConfig(method="ard", target_params=10_000)
+    data_start = quality.ABLATIONS["ard-data-scaled"][1]  # the data start's settings, as the benchmarks run it
+    assert all(getattr(config, k) == v for k, v in data_start.items() if k != "rank_init")
+    for kind, (variant, _rate) in record["choices"]["ard"]["shipped"].items():
+        assert variant in ("ard", "ard-data-scaled"), kind  # quality.py's uniform start, or the data start
+        assert config.data_start is (variant == "ard-data-scaled"), kind
+
+
+def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_grid(tmp_path, monkeypatch):
+    import defaults as study
+    import quality
+
+    from records import RecordStore
+
+    monkeypatch.setattr(
+        quality,
+        "TASKS",
+        {
+            t: {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
+            for t in "ab"
+        },
+    )
+    store = RecordStore(tmp_path / "runs.json", quality.record_key)
+    # seed 0 rates "u" a hair above "d" on both tasks; over seeds 0-2 "d" is ahead on a; b ran one seed of "d"
+    val = {("a", "u"): [0.80, 0.70, 0.70], ("a", "d"): [0.79, 0.80, 0.80], ("b", "u"): [0.90], ("b", "d"): [0.89]}
+    for (task, variant), accs in val.items():
+        for seed, acc in enumerate(accs):
+            store.add(
+                {
+                    "task": task,
+                    "method": variant,
+                    "budget_r": 2,
+                    "lr": 1e-3,
+                    "seed": seed,
+                    "steps": 10,
+                    "val": {"acc": acc},
+                }
+            )
+    monkeypatch.setattr(study, "CONFIGURATIONS", {"m": ["u", "d"]})
+    scores = {t: study.relative({(v, 1e-3): val[t, v][0] for v in "ud"}, True) for t in "ab"}
+    stores = {"a": store, "b": store}
+    chosen, votes = study.choose_configuration(scores, stores, ["u", "d"], ["a", "b"])
+    assert chosen == "d" and set(votes) == {"u", "d"}  # b (one seed) does not vote
+    assert study.choose_configuration(scores, stores, ["u", "d"], ["b"]) == ("u", {})  # nobody votes: the first
+    assert study.choose(scores, ["a", "b"])[0] == ("u", 1e-3)  # what seed 0 alone would have shipped
+
+
 def test_the_study_ships_the_rate_best_on_average_over_every_task():
     import defaults as study
 

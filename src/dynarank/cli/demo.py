@@ -13,14 +13,15 @@ from .train import train_command
 from .train_options import TrainOptions
 
 DEMO_BUDGET_RANK = 2  # the demo's budget: the parameters of plain LoRA at this rank on the same modules
-DEMO_R0 = 8  # ARD's initial rank per head
+DEMO_R0 = 8  # ARD's largest rank per head (every head's start without a budget)
 
 
 def demo_command(out: str | None = None, **run: Any) -> list[dict]:
     """ARD-LoRA and stock PEFT LoRA on the packaged MiniLM + tweets, at the same adapter-parameter budget.
 
-    ARD starts at r0=8 per head (A shared by the heads of a projection) and is held to the parameters of plain LoRA
-    at rank 2 (``target_params``); LoRA r=2 is the same budget from the first step. ``run``: ``train`` options of
+    ARD (per head, A shared by the heads of a projection; ranks up to r0=8) is held to the parameters of plain LoRA
+    at rank 2 (``target_params``) and, with that budget, starts from ranks measured on the first training batches
+    (``rank_init='auto'``); LoRA r=2 is the same budget from the first step. ``run``: ``train`` options of
     both runs (``max_steps``, ``n_train``); ``out``: the folder of the two run directories.
     """
     root = new_directory(out, "demo")
@@ -46,6 +47,11 @@ def _budget() -> int:
     return lora_parameters(model, default_target_modules(model), DEMO_BUDGET_RANK)
 
 
+def _start_of(ard: dict) -> str:
+    """How ARD's run started: measured ranks (the default with a budget) or every head at r0."""
+    return "data start" if ard.get("rank_init") else f"r0={DEMO_R0}"
+
+
 def _print_comparison(ard: dict, lora: dict, budget: int) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -55,7 +61,7 @@ def _print_comparison(ard: dict, lora: dict, budget: int) -> None:
         table.add_column(column, justify="right")
     ard_start = ard["trainable_parameters_start"] - (ard["trainable_parameters"] - ard["adapter_parameters"])
     rows = (
-        (f"ARD-LoRA (r0={DEMO_R0}, per head)", ard, f"{ard_start:,} -> {ard['adapter_parameters']:,}"),
+        (f"ARD-LoRA ({_start_of(ard)})", ard, f"{ard_start:,} -> {ard['adapter_parameters']:,}"),
         (f"LoRA r={lora['r']}", lora, f"{budget:,}"),
     )
     for name, run, params in rows:
