@@ -462,6 +462,8 @@ def summarise(runs: list[dict], task_name: str, lrs: dict[str, float] | None) ->
             "adapter_parameters": statistics.mean(g["adapter_parameters"] for g in group),
             "adapter_parameters_start": statistics.mean(g["adapter_parameters_start"] for g in group),
             "adapter_parameters_mean": statistics.mean(g["adapter_parameters_mean_over_training"] for g in group),
+            "adapter_parameters_peak": statistics.mean(g.get("adapter_parameters_peak", 0) for g in group),
+            "final_by_seed": [g["adapter_parameters"] for g in group],
             "allocated": statistics.mean(g.get("adapter_parameters_allocated", g["adapter_parameters"]) for g in group),
             "budget_parameters": group[0]["budget_parameters"],
             "state_bytes_start": statistics.mean(g["state_bytes_start"] for g in group),
@@ -671,10 +673,76 @@ def write_tables(store: RecordStore, task_name: str, steps: int, stem: str, meth
     text = (
         markdown(rows, task_name, store.data["commands"], lrs) + paired_table(pairs, task_name) + rank_table(runs, lrs)
     )
-    text += data_init_table(rows, runs, task_name, lrs)
+    text += data_init_table(rows, runs, task_name, lrs) + free_table(rows, runs, task_name)
     (out / f"{stem}.md").write_text(text)
     plot(rows, task_name, out / f"{stem}.png")
     return text
+
+
+def lora_points(runs: list[dict], task_name: str) -> list[tuple[int, float, float, float]]:
+    """Plain LoRA's curve: per budget, (mean adapter parameters, mean test metric, its rate, seeds) at the rate
+    with the best mean validation score among the rates run with 2+ seeds there (the study tunes LoRA at its
+    middle budget only, and that rate can diverge at a larger one)."""
+    task = TASKS[task_name]
+    sign = 1 if task["higher_is_better"] else -1
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r["method"] == "lora":
+            groups.setdefault((r["budget_r"], r["lr"]), []).append(r)
+    best: dict[int, list[dict]] = {}
+    for (budget, _lr), group in groups.items():
+        if len(group) < 2:
+            continue
+        score = sign * statistics.mean(g["val"][task["metric"]] for g in group)
+        if budget not in best or score > sign * statistics.mean(g["val"][task["metric"]] for g in best[budget]):
+            best[budget] = group
+    return sorted(
+        (
+            statistics.mean(g["adapter_parameters"] for g in group),
+            statistics.mean(g["test"][task["metric"]] for g in group),
+            group[0]["lr"],
+            len(group),
+        )
+        for group in best.values()
+    )
+
+
+def lora_curve(points: list[tuple], params: float) -> float | None:
+    """The LoRA curve at ``params`` adapter parameters, linear between its points (None outside them)."""
+    for (x0, y0, *_), (x1, y1, *_) in zip(points, points[1:]):
+        if x0 <= params <= x1:
+            return y0 + (y1 - y0) * (params - x0) / (x1 - x0)
+    return None
+
+
+def free_table(rows: list[dict], runs: list[dict], task_name: str) -> str:
+    """ARD without a budget (the ard-free variants): where each strength lands against plain LoRA's accuracy- or
+    loss-vs-parameters curve at its mean final size (positive: above the curve, i.e. better at that size)."""
+    free = [r for r in rows if r["method"].startswith("ard-free")]
+    if not free:
+        return ""
+    sign = 1 if TASKS[task_name]["higher_is_better"] else -1
+    points = lora_points(runs, task_name)
+    curve_text = "; ".join(f"{y:.4f} at {x:,.0f} (lr {lr:g}, {n} seeds)" for x, y, lr, n in points)
+    lines = [
+        "\n## ARD without a budget\n\nEach strength's mean final size against plain LoRA's curve (test "
+        f"{TASKS[task_name]['metric']}, linear between LoRA's budgets, each at its best validation rate among those "
+        f"run: {curve_text}); positive = better than LoRA at that size.\n",
+        "| method | lr | seeds | test (mean ± s.e.) | final params (range) | mean over the run | peak | "
+        "LoRA curve there | difference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in free:
+        n = len(r["seeds"])
+        curve = lora_curve(points, r["adapter_parameters"])
+        there = "outside LoRA's budgets run" if curve is None else f"{curve:.4f}"
+        diff = "-" if curve is None else f"{sign * (r['mean'] - curve):+.4f}"
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {n} | {r['mean']:.4f} ± {r['std'] / n**0.5:.4f} | "
+            f"{r['adapter_parameters']:,.0f} ({min(r['final_by_seed']):,}-{max(r['final_by_seed']):,}) | "
+            f"{r['adapter_parameters_mean']:,.0f} | {r['adapter_parameters_peak']:,.0f} | {there} | {diff} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def data_init_table(rows: list[dict], runs: list[dict], task_name: str, lrs: dict[str, float]) -> str:

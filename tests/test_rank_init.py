@@ -639,7 +639,8 @@ def test_on_train_begin_receives_the_train_dataloader_whose_batches_the_model_ta
 
 
 @pytest.mark.slow
-def test_trl_sft_trainer_starts_ard_from_data_ranks(tmp_path):
+@pytest.mark.parametrize("start", [{"rank_init": "data"}, {}])  # asked for, and the default with a budget
+def test_trl_sft_trainer_starts_ard_from_data_ranks(tmp_path, start):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -651,7 +652,7 @@ def test_trl_sft_trainer_starts_ard_from_data_ranks(tmp_path):
     tokenizer.eos_token = "[SEP]"  # the packaged BERT tokenizer names none; TRL appends it to every text
     model = AutoModelForCausalLM.from_pretrained(path)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    attach(model, DynaRankConfig(method="ard", r=4, target_modules=targets, rank_init="data", target_params=800))
+    attach(model, DynaRankConfig(method="ard", r=4, target_modules=targets, target_params=800, **start))
     callback = dynarank.DynaRankCallback(model)
     data = Dataset.from_dict({"text": [f"this is sentence number {i} about cats" for i in range(64)]})
     args = SFTConfig(
