@@ -289,6 +289,9 @@ def test_demo_fast_path_compares_ard_with_lora_at_equal_parameters(tmp_path, cap
     assert "ARD-LoRA vs plain LoRA" in out and "LoRA r=" in out
     ard = json.loads((tmp_path / "demo" / "ard" / "summary.json").read_text())
     assert ard["rank_init"]["start_params"] < ard["trainable_parameters_start"]  # the default start: from data
+    used = ard["settings"]  # every setting the run used, defaults included, and what ARD resolved from them
+    assert used["start"] == "data" and used["config"]["init_rho"] == 1.5
+    assert used["resolved"]["schedule"]["t_init"] >= 1 and used["resolved"]["lr_alpha"] > 0
     assert "ARD-LoRA (data start)" in " ".join(out.split())
     for method, folder in (("ard", "ard"), ("lora", "lora-r2")):  # each at its own default rate, none hand-picked
         record = yaml.safe_load((tmp_path / "demo" / folder / "config.yaml").read_text())

@@ -454,6 +454,9 @@ def test_the_default_start_is_measured_from_data_when_there_is_a_budget(options,
     assert config.data_start is starts_from_data
     done = train_classifier(tiny_bert(), WordTokenizer(), examples(), loop_spec(**{"rank_init": "auto", **options}))
     assert ("rank_init" in done.metrics) is starts_from_data
+    used = done.metrics["settings"]  # what the run records: the config as attached, the start it took
+    assert used["config"]["rank_init"] == options.get("rank_init", "auto")
+    assert used["start"] == ("data" if starts_from_data else "uniform")
     first = done.controller.history[0]["ranks"]
     assert (set(first["bert.encoder.layer.0.attention.self.query"]) == {4}) is not starts_from_data
 

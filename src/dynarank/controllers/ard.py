@@ -47,6 +47,8 @@ ard_calibration.py, the resize step under the budget ard_resize.py.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torch import nn
 
@@ -294,6 +296,11 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         return self.motion.rank_changes
 
     # ------------------------------------------------------------------ checkpoint state
+    def _resolved(self) -> dict:
+        """The start the run took ('data' after the pass, else 'uniform') and the resolved settings (the preset
+        applied; warm-up, final phase and resize interval in steps; the alphas' rate)."""
+        return {"start": "data" if self.rank_init is not None else "uniform", "resolved": asdict(self.settings)}
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(

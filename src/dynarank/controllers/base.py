@@ -251,6 +251,14 @@ class RankController:
         if record is not None:
             record.warnings.append(message)
 
+    def settings_used(self) -> dict:
+        """Every setting the run trains with: the config's fields (defaults included, as attached) and what the
+        controller resolved from them and the run's length (JSON-ready; a run's summary records it)."""
+        return {"config": self.config.to_dict(), **self._resolved()}
+
+    def _resolved(self) -> dict:
+        return {}
+
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "warned": sorted(self._warned)}

@@ -488,6 +488,7 @@ class _Loop:
             metrics["adapter_parameters"] = adapter_parameter_count(model)
             metrics["ranks"] = controller.ranks()
             metrics["warnings"] = controller.setup_warnings + [w for rec in controller.records for w in rec.warnings]
+            metrics["settings"] = controller.settings_used()
             if getattr(controller, "rank_init", None) is not None:
                 metrics["rank_init"] = controller.rank_init
         if evaluate is not None:
