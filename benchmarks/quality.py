@@ -736,6 +736,9 @@ def free_table(rows: list[dict], runs: list[dict], task_name: str) -> str:
         n = len(r["seeds"])
         curve = lora_curve(points, r["adapter_parameters"])
         there = "outside LoRA's budgets run" if curve is None else f"{curve:.4f}"
+        if curve is None and points and r["adapter_parameters"] < points[0][0]:  # below LoRA's smallest budget:
+            curve = points[0][1]  # against that larger LoRA (doing as well with less is above the curve)
+            there = f"{curve:.4f} (LoRA's smallest budget, {points[0][0]:,.0f} parameters)"
         diff = "-" if curve is None else f"{sign * (r['mean'] - curve):+.4f}"
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {n} | {r['mean']:.4f} ± {r['std'] / n**0.5:.4f} | "
