@@ -150,9 +150,12 @@ def choose_configuration(
     scores: dict[str, dict], stores: dict[str, RecordStore], configurations: list[str], tasks: list[str]
 ) -> tuple[str, dict]:
     """The configuration with the best mean relative validation score over ``tasks``, each configuration at its
-    rate choice on ``tasks``, averaged over the seeds all of them ran (at least 2; a task with fewer does not
-    vote). A tie, or no task that votes, goes to the first configuration."""
-    rates = {c: choose(scores, tasks, {k for t in tasks for k in scores[t] if k[0] == c})[0] for c in configurations}
+    rate choice on ``tasks`` (none that failed there), averaged over the seeds all of them ran (at least 2; a task
+    with fewer does not vote). A tie, or no task that votes, goes to the first configuration."""
+    rates = {
+        c: choose(scores, tasks, safe(scores, stores, tasks, {k for t in tasks for k in scores[t] if k[0] == c}))[0]
+        for c in configurations
+    }
     if any(rate is None for rate in rates.values()):
         return configurations[0], {}
     votes: dict[str, list[float]] = {c: [] for c in configurations}
@@ -180,6 +183,45 @@ def configuration_candidates(
     return {k for t in tasks for k in scores[t] if k[0] == chosen}
 
 
+# A run "failed" when its validation score is below this share of the best one recorded at its task and budget (any
+# method): a diverged classifier sits at the accuracy of one class (0.50 of 0.87 on the binary tweets), a diverged
+# LM's loss is several times the best, and a rate far too low for the run ends below it too. A rate that failed
+# anywhere on a kind's tasks does not ship for it, however it scores at the middle budget: the grids are run there,
+# and a rate can diverge at two or three times that budget (docs/defaults.md).
+FAILED_BELOW = 0.7
+
+
+def failed(stores: dict[str, RecordStore], tasks: list[str]) -> dict[tuple[str, float], list[str]]:
+    """(variant, rate) -> the runs of ``tasks`` (any budget and seed) where it failed."""
+    out: dict[tuple[str, float], list[str]] = {}
+    for task in tasks:
+        if stores.get(task) is None:  # no records (a study run on given scores)
+            continue
+        spec = quality.TASKS[task]
+        metric, higher = spec["metric"], spec["higher_is_better"]
+        by_budget: dict[int, list[dict]] = {}
+        for r in stores[task].runs:
+            if r["task"] == task and r["steps"] == spec["steps"]:
+                by_budget.setdefault(r["budget_r"], []).append(r)
+        for budget, group in by_budget.items():
+            values = [r["val"][metric] for r in group if math.isfinite(r["val"][metric])]
+            if not values:
+                continue
+            best = max(values) if higher else min(values)
+            for r in group:
+                v = r["val"][metric]
+                share = 0.0 if not math.isfinite(v) else (v / best if higher else best / v)
+                if share < FAILED_BELOW:
+                    out.setdefault((r["method"], r["lr"]), []).append(f"{task} r={budget} seed {r['seed']}")
+    return out
+
+
+def safe(scores: dict, stores: dict, tasks: list[str], allowed: set | None) -> set:
+    """``allowed`` (None: every candidate the tasks all ran) without what failed on them."""
+    bad = failed(stores, tasks)
+    return {c for c in (common(scores, tasks) if allowed is None else allowed) if c not in bad}
+
+
 def study(stores: dict[str, RecordStore]) -> dict:
     """Per method: relative scores per task, the left-out choices and the shipped rate of each kind (and, for a
     method in CONFIGURATIONS, the configuration)."""
@@ -199,12 +241,13 @@ def study(stores: dict[str, RecordStore]) -> dict:
             others, same_kind[t] = left_out_tasks(t, tasks)
             shippable = common(scores, [u for u in tasks if kind(u) == kind(t)] if same_kind[t] else tasks)
             allowed = configuration_candidates(scores, stores, configurations, others, configuration_votes)
-            left_out[t] = choose(scores, others, shippable if allowed is None else shippable & allowed)[0]
+            allowed = safe(scores, stores, others, shippable if allowed is None else shippable & allowed)
+            left_out[t] = choose(scores, others, allowed)[0]
         shipped, means = {}, {}
         for k in sorted({kind(t) for t in tasks}):
             of_kind = [t for t in tasks if kind(t) == k]
             allowed = configuration_candidates(scores, stores, configurations, of_kind, configuration_votes)
-            shipped[k], means[k] = choose(scores, of_kind, allowed)
+            shipped[k], means[k] = choose(scores, of_kind, safe(scores, stores, of_kind, allowed))
         out[method] = {
             "scores": scores,
             "left_out": left_out,

@@ -82,6 +82,32 @@ def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_gr
     assert study.choose(scores, ["a", "b"])[0] == ("u", 1e-3)  # what seed 0 alone would have shipped
 
 
+def test_a_rate_that_failed_at_another_budget_does_not_ship_however_it_scores_at_the_middle(tmp_path, monkeypatch):
+    import defaults as study
+    import quality
+
+    from records import RecordStore
+
+    spec = {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
+    monkeypatch.setattr(quality, "TASKS", {"a": spec})
+    store = RecordStore(tmp_path / "runs.json", quality.record_key)
+    runs = [  # (method, budget, rate, validation accuracy): 1e-2 is best at the middle budget and diverges at r=6
+        ("lora", 2, 1e-2, 0.86),
+        ("lora", 2, 3e-3, 0.85),
+        ("lora", 6, 1e-2, 0.50),
+        ("lora", 6, 3e-3, 0.87),
+        ("adalora", 6, 3e-2, 0.62),  # 0.71 of the best at r=6: poor, not failed
+    ]
+    for method, budget, lr, acc in runs:
+        store.add(
+            {"task": "a", "method": method, "budget_r": budget, "lr": lr, "seed": 0, "steps": 10, "val": {"acc": acc}}
+        )
+    assert study.failed({"a": store}, ["a"]) == {("lora", 1e-2): ["a r=6 seed 0"]}
+    found = study.study({"a": store})["lora"]
+    assert found["scores"]["a"][("lora", 1e-2)] == 1.0  # the middle budget's best...
+    assert found["shipped"] == {"classify": ("lora", 3e-3)}  # ...does not ship
+
+
 def test_the_study_ships_the_rate_best_on_average_over_every_task():
     import defaults as study
 
