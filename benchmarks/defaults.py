@@ -146,6 +146,11 @@ def common_seeds(store: RecordStore, task: str, runs: list[tuple[str, float]]) -
     return set.intersection(*found) if found else set()
 
 
+def candidates_of(configuration: str, scores: dict[str, dict], tasks: list[str]) -> set:
+    """The (variant, rate) candidates of one configuration that any of ``tasks`` scored."""
+    return {k for t in tasks for k in scores[t] if k[0] == configuration}
+
+
 def choose_configuration(
     scores: dict[str, dict], stores: dict[str, RecordStore], configurations: list[str], tasks: list[str]
 ) -> tuple[str, dict]:
@@ -153,7 +158,7 @@ def choose_configuration(
     rate choice on ``tasks`` (none that failed there), averaged over the seeds all of them ran (at least 2; a task
     with fewer does not vote). A tie, or no task that votes, goes to the first configuration."""
     rates = {
-        c: choose(scores, tasks, safe(scores, stores, tasks, {k for t in tasks for k in scores[t] if k[0] == c}))[0]
+        c: choose(scores, tasks, safe(scores, stores, tasks, candidates_of(c, scores, tasks)))[0]
         for c in configurations
     }
     if any(rate is None for rate in rates.values()):
@@ -180,7 +185,7 @@ def configuration_candidates(
     if configurations is None:
         return None
     chosen, votes[",".join(tasks)] = choose_configuration(scores, stores, configurations, tasks)
-    return {k for t in tasks for k in scores[t] if k[0] == chosen}
+    return candidates_of(chosen, scores, tasks)
 
 
 # A run "failed" when its validation score is below this share of the best one recorded at its task and budget (any

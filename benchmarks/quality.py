@@ -462,7 +462,12 @@ def summarise(runs: list[dict], task_name: str, lrs: dict[str, float] | None) ->
             "adapter_parameters": statistics.mean(g["adapter_parameters"] for g in group),
             "adapter_parameters_start": statistics.mean(g["adapter_parameters_start"] for g in group),
             "adapter_parameters_mean": statistics.mean(g["adapter_parameters_mean_over_training"] for g in group),
-            "adapter_parameters_peak": statistics.mean(g.get("adapter_parameters_peak", 0) for g in group),
+            # None where a record predates the peak's recording (not counted as 0)
+            "adapter_parameters_peak": (
+                statistics.mean(g["adapter_parameters_peak"] for g in group)
+                if all("adapter_parameters_peak" in g for g in group)
+                else None
+            ),
             "final_by_seed": [g["adapter_parameters"] for g in group],
             "allocated": statistics.mean(g.get("adapter_parameters_allocated", g["adapter_parameters"]) for g in group),
             "budget_parameters": group[0]["budget_parameters"],
@@ -679,7 +684,7 @@ def write_tables(store: RecordStore, task_name: str, steps: int, stem: str, meth
     return text
 
 
-def lora_points(runs: list[dict], task_name: str) -> list[tuple[int, float, float, float]]:
+def lora_points(runs: list[dict], task_name: str) -> list[tuple[float, float, float, int]]:
     """Plain LoRA's curve: per budget, (mean adapter parameters, mean test metric, its rate, seeds) at the rate
     with the best mean validation score among the rates run with 2+ seeds there (the study tunes LoRA at its
     middle budget only, and that rate can diverge at a larger one)."""
@@ -740,10 +745,11 @@ def free_table(rows: list[dict], runs: list[dict], task_name: str) -> str:
             curve = points[0][1]  # against that larger LoRA (doing as well with less is above the curve)
             there = f"{curve:.4f} (LoRA's smallest budget, {points[0][0]:,.0f} parameters)"
         diff = "-" if curve is None else f"{sign * (r['mean'] - curve):+.4f}"
+        peak = "-" if r["adapter_parameters_peak"] is None else f"{r['adapter_parameters_peak']:,.0f}"
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {n} | {r['mean']:.4f} ± {r['std'] / n**0.5:.4f} | "
             f"{r['adapter_parameters']:,.0f} ({min(r['final_by_seed']):,}-{max(r['final_by_seed']):,}) | "
-            f"{r['adapter_parameters_mean']:,.0f} | {r['adapter_parameters_peak']:,.0f} | {there} | {diff} |"
+            f"{r['adapter_parameters_mean']:,.0f} | {peak} | {there} | {diff} |"
         )
     return "\n".join(lines) + "\n"
 
