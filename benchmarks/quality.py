@@ -221,9 +221,37 @@ TASKS = {
 SMOLLM2_TARGETS = r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
 
 
+# Training-loop variants: a method (or ablation) with one of these suffixes trains with the loop's setting changed.
+CLIPPED = "+clip"  # the gradient norm clipped to 1 before each update (TrainSpec.max_grad_norm; no clipping without)
+AUTO = "+auto"  # lr='auto': the range test picks the rate around the method's default (the record's lr is that default)
+LOOP_VARIANTS = (CLIPPED, AUTO)
+
+
+def loop_variant(method: str) -> tuple[str, str | None]:
+    """(the method or ablation, its loop variant's suffix or None)."""
+    for suffix in LOOP_VARIANTS:
+        if method.endswith(suffix):
+            return method.removesuffix(suffix), suffix
+    return method, None
+
+
 def base_method(method: str) -> str:
-    """The method an ablation changes (a method is its own base)."""
+    """The method an ablation or a loop variant changes (a method is its own base)."""
+    method = loop_variant(method)[0]
     return ABLATIONS[method][0] if method in ABLATIONS else method
+
+
+def auto_centre(method: str, task_name: str) -> float:
+    """The rate a '+auto' run searches around: its method's default for the task's kind (the record's lr)."""
+    from dynarank.defaults import default_lr
+
+    return default_lr(base_method(method), TASKS[task_name]["kind"])
+
+
+def variants() -> list[str]:
+    """Every name --methods takes: the methods, their ablations, and each of those with the loop's variants."""
+    names = [*METHODS, *ABLATIONS]
+    return [*names, *(n + suffix for suffix in LOOP_VARIANTS for n in names)]
 
 
 def record_key(r: dict) -> tuple:
@@ -234,6 +262,14 @@ def record_key(r: dict) -> tuple:
 def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: int, task: dict, target: str):
     from dynarank.training.loop import TrainSpec
 
+    plain, suffix = loop_variant(method)
+    if suffix is not None:
+        spec = train_spec(plain, r, budget, lr, seed, steps, task, target)
+        if suffix == CLIPPED:
+            spec.max_grad_norm = 1.0
+        else:
+            spec.lr, spec.lr_source = "auto", "auto"
+        return spec
     if method in ABLATIONS:
         base, changed = ABLATIONS[method]
         spec = train_spec(base, r, budget, lr, seed, steps, task, target)
@@ -348,6 +384,8 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         "ranks": ranks if ranks is not None else peft_ranks(trained),
         "init_seconds": result.get("init_seconds"),
         "rank_init": {k: v for k, v in result["rank_init"].items() if k != "ranks"} if "rank_init" in result else None,
+        "lr_used": result["lr"],
+        "lr_search": result.get("lr_search"),
         "warnings": sorted(set(result.get("warnings", []))),
         "command": command,
     }
@@ -814,9 +852,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="minilm")
     parser.add_argument("--quick", action="store_true", help="minilm, r=2, seed 0, 60 steps, lr 1e-3 (no tuning)")
-    parser.add_argument(
-        "--methods", nargs="+", choices=[*METHODS, *ABLATIONS], help="default: the task's methods (no ablations)"
-    )
+    parser.add_argument("--methods", nargs="+", choices=variants(), help="default: the task's methods (no ablations)")
     parser.add_argument("--budgets", type=int, nargs="+", help="LoRA ranks that define the budgets")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
@@ -835,7 +871,7 @@ def main() -> None:
     parser.add_argument(
         "--supersede",
         nargs="+",
-        choices=[*METHODS, *ABLATIONS],
+        choices=variants(),
         help="move these methods' earlier records to quality_<task>_superseded.json and run them again "
         "(after a change to the method; --reason says which)",
     )
@@ -888,7 +924,8 @@ def main() -> None:
             submit([(m, 0 if m == "full" else budgets[0], 5e-5 if m == "full" else 1e-3, 0) for m in args.methods])
         else:
             if args.lr is not None:
-                submit([(m, 0 if m == "full" else r, args.lr, s) for s in seeds for m in args.methods for r in budgets])
+                rate = {m: auto_centre(m, args.task) if loop_variant(m)[1] == AUTO else args.lr for m in args.methods}
+                submit([(m, 0 if m == "full" else r, rate[m], s) for s in seeds for m in args.methods for r in budgets])
             else:
                 while jobs := tuning_jobs(store, args.task, args.methods, steps):
                     if not submit(jobs):
@@ -902,7 +939,7 @@ def main() -> None:
         (args.out / f"{stem}.md").write_text(text)
         plot(rows, args.task, args.out / f"{stem}.png")
     else:
-        text = write_tables(store, args.task, steps, stem, [*METHODS, *ABLATIONS], args.out)  # all recorded
+        text = write_tables(store, args.task, steps, stem, variants(), args.out)  # all recorded
     print(text)
     print(f"results: {args.out / (stem + '.md')}")
 

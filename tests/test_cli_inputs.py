@@ -419,3 +419,23 @@ def test_a_run_stopped_on_a_non_finite_loss_is_one_line_and_exit_code_2(tiny_mod
     last = err.strip().splitlines()[-1]  # after the progress bar: the one line of the error
     assert last.startswith("dynarank train: error:") and "non-finite" in last.lower(), last
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- --lr auto
+def test_lr_takes_a_positive_number_or_auto_and_refuses_anything_else_in_one_line(tmp_path, capsys):
+    assert _resolved(tmp_path, "lr: auto\n").lr == "auto"
+    assert build_parser().parse_args(["train", "--lr", "AUTO"]).lr == "auto"
+    err = refused(["train", "--lr", "fast"], capsys)
+    assert "--lr" in err and "'fast' is not a positive number or 'auto'" in err
+
+
+def test_lr_auto_records_the_search_and_the_rate_it_chose(tiny_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "data.csv", n=120)
+    args = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora", "--lr", "auto")
+    assert main(args) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    search = summary["lr_search"]
+    assert summary["lr"] == search["chosen"] in search["candidates"] and summary["lr_source"].startswith("auto:")
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == "auto"  # what was asked
+    assert "learning rate" in capsys.readouterr().out

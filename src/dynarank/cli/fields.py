@@ -67,6 +67,23 @@ class Number:
         return number
 
 
+class NumberOrWord:
+    """A :class:`Number`, or one of ``words`` (matched without case): ``--lr 3e-3`` or ``--lr auto``."""
+
+    def __init__(self, number: Number, *words: str) -> None:
+        self.number, self.words = number, words
+        self.description = f"{number.description} or {' or '.join(repr(w) for w in words)}"
+        self.__name__ = self.description
+
+    def __call__(self, value):
+        if isinstance(value, str) and value.strip().lower() in self.words:
+            return value.strip().lower()
+        try:
+            return self.number(value)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {self.description}") from None
+
+
 def comma_list(text: str) -> list[str]:
     """'a, b,c' -> ['a', 'b', 'c']."""
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -175,6 +192,8 @@ def option_of(f: dataclasses.Field, hint, flags: tuple[str, ...] = (), help: str
         option["boolean"] = True
     elif scalar in ([int], [float]):
         option["convert"] = Number(scalar[0], meta.get("low"), meta.get("inclusive", True))
+    if "convert" in meta:  # a field's own conversion (e.g. a number or a word)
+        option["convert"] = meta["convert"]
     option["choices"] = tuple(meta["choices"]) if "choices" in meta else option.get("choices")
     default = default_of(f)
     option["accepts_none"] = default is dataclasses.MISSING or default is None or optional

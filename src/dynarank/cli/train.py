@@ -290,6 +290,12 @@ def print_summary(summary: dict, run: RunDir) -> None:
     )
     if summary.get("adapter_parameters") is not None:
         table.add_row("adapter parameters", f"{summary['adapter_parameters']:,}")
+    search = summary.get("lr_search")
+    rate = f"{summary['lr']:g}"
+    if search:  # --lr auto: what the range test tried
+        tried = ", ".join(f"{lr:g}" for lr in search["candidates"])
+        rate += f" (auto: of {tried}, by {search['probe_steps']}-step probes)"
+    table.add_row("learning rate", rate)
     for key, value in summary.get("eval", {}).items():
         table.add_row(key, f"{value:.4f}")
     table.add_row("steps / wall time", f"{summary['steps']} / {summary['wall_seconds']:.0f} s")

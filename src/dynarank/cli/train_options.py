@@ -17,7 +17,7 @@ from ..config import CONFIG_CLASSES, ConfigError, DynaRankConfig, fields_of
 from ..files import RunFileError, read_yaml
 from ..training.methods import ALL_METHODS, DYNARANK_METHODS, check_knobs, knob_users, knobs_of
 from ..training.models import model_record
-from .fields import Option, default_of, option_of, options_of
+from .fields import Number, NumberOrWord, Option, default_of, option_of, options_of
 from .run_dir import RunDir
 
 
@@ -66,9 +66,11 @@ class TrainOptions:
     epochs: float = _option("passes over the training data", 2.0, **POSITIVE)
     max_steps: int | None = _option("optimizer steps (overrides --epochs)", **POSITIVE)
     batch_size: int = _option("examples per optimizer step", 32, **POSITIVE)
-    lr: float | None = _option(
-        "learning rate of the adapters (and the task head); default: the method's own for the task (docs/defaults.md)",
-        **POSITIVE,
+    lr: float | str | None = _option(
+        "learning rate of the adapters (and the task head); default: the method's own for the task "
+        "(docs/defaults.md); 'auto': a short range test around that default on the training data picks it (about "
+        "0.75x the run's time more; docs/defaults.md)",
+        convert=NumberOrWord(Number(float, 0, inclusive=False), "auto"),
     )
     max_length: int = _option("tokens per example after truncation", 64, **POSITIVE)
     seed: int = _option("random seed (data order, initialisation, what the adapter draws)", 0)

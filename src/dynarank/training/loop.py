@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import clip_grad_norm_
 
 from .. import checkpoint
 from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names
@@ -33,6 +34,7 @@ from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
 from ..rank_init import init_ranks, needs_rank_init
 from .data import Examples
+from .lr_search import AUTO, RateSearch, search_rate
 from .methods import (
     ALL_METHODS,
     DATA_INIT_BASELINES,
@@ -74,7 +76,9 @@ class TrainSpec:
     method: str = "ard"
     r: int = 8
     target_modules: list[str] | str = BERT_ENCODER_LINEAR
-    lr: float | None = None  # None: the method's default for `task` (dynarank.defaults); lr_source says which
+    # None: the method's default for `task` (dynarank.defaults); 'auto': a range test around it on the training data
+    # before the run (lr_search.py); lr_source says which
+    lr: float | str | None = None
     epochs: float = 2.0
     max_steps: int | None = None
     batch_size: int = 32
@@ -82,6 +86,10 @@ class TrainSpec:
     seed: int = 0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
+    # Clip the total gradient norm of the trainable parameters to this before each update (None: no clipping). It
+    # clips the loss's gradients only: a controller's own terms (ARD's priors, the SVD methods' orthogonality) join
+    # in the optimizer's pre-step hook, after the clip, as in transformers' Trainer with DynaRankTrainer.
+    max_grad_norm: float | None = None
     # Further config fields: a dynarank method's (DynaRankConfig fields), or those a baseline takes (ortho_weight for
     # stock AdaLoRA); full fine-tuning ignores r and target_modules.
     dynarank: dict[str, Any] = field(default_factory=dict)
@@ -97,17 +105,24 @@ class TrainSpec:
             raise ConfigError("task", f"{self.task!r} is not known; choose one of {', '.join(TASKS)}.")
         if self.lr is None:
             self.lr, self.lr_source = default_lr(self.method, self.task), source(self.task)
+        elif self.lr == AUTO:
+            default_lr(self.method, self.task)  # a method without a default has nothing to search around
+            self.lr_source = AUTO
+        elif isinstance(self.lr, str) or isinstance(self.lr, bool):
+            raise ValueError(f"lr must be a positive number, 'auto' or None, not {self.lr!r}.")
         elif self.lr_source is None:
             self.lr_source = "given"
-        if self.batch_size < 1 or self.lr <= 0 or self.r < 1:
+        if self.batch_size < 1 or (self.lr != AUTO and self.lr <= 0) or self.r < 1:
             raise ValueError("batch_size and r must be positive integers and lr a positive number.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be a positive number or None, not {self.max_grad_norm!r}.")
         check_knobs(self.method, self.config_fields())
 
     def for_task(self, task: str) -> TrainSpec:
         """This spec for a model of ``task``: a given rate stays, a default one becomes that task's default."""
         if task == self.task:
             return self
-        if self.lr_source == "given":
+        if self.lr_source == "given" or self.lr == AUTO:
             return replace(self, task=task)
         return replace(self, task=task, lr=None, lr_source=None)
 
@@ -293,17 +308,53 @@ def train(
     (:func:`dynarank.fsdp.shard_base`) instead of wrapping the model in DDP; what trains stays replicated, and its
     gradients are averaged once per step, before anything reads them.
     """
-    loop = _Loop(model, encoded, pad_id, spec.for_task(task_of(model)), RunControl(**control))
+    run_control = RunControl(**control)
+    spec, search = _resolve_rate(model, encoded, pad_id, spec.for_task(task_of(model)), run_control)
+    loop = _Loop(model, encoded, pad_id, spec, run_control, search)
     t0 = time.perf_counter()
     loop.run(evaluate)
     return loop.result(time.perf_counter() - t0, evaluate)
 
 
+def _resolve_rate(
+    model: nn.Module, encoded: dict, pad_id: int, spec: TrainSpec, control: RunControl
+) -> tuple[TrainSpec, RateSearch | None]:
+    """``spec`` with a number for its rate: lr='auto' runs the range test (lr_search.py) on copies of ``model``, or,
+    resuming, reads the choice from the checkpoint the run continues from."""
+    if spec.lr != AUTO:
+        return spec, None
+    if control.resume:
+        _, state, _ = checkpoint.latest(control.run_dir)
+        found = state.get("extra", {}).get("lr_search")
+        if found is None:
+            raise ConfigError("lr", "'auto': the checkpoint holds no rate search to continue with; give the rate.")
+        search = RateSearch(**found)
+    else:
+
+        def train_probe(probe: nn.Module, probe_set: dict, probe_spec: TrainSpec) -> nn.Module:
+            loop = _Loop(probe, probe_set, pad_id, probe_spec, RunControl(on_nonfinite=control.on_nonfinite))
+            loop.run(None)
+            return loop.model
+
+        total = spec.total_steps(len(encoded["input_ids"]))
+        search = search_rate(model, encoded, pad_id, spec, train_probe, total)
+    return replace(spec, lr=search.chosen, lr_source=search.lr_source), search
+
+
 class _Loop:
     """One run of :func:`train`: the model, its optimizer, schedule and controller, and where the run stands."""
 
-    def __init__(self, model: nn.Module, encoded: dict, pad_id: int, spec: TrainSpec, control: RunControl) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        encoded: dict,
+        pad_id: int,
+        spec: TrainSpec,
+        control: RunControl,
+        lr_search: RateSearch | None = None,
+    ) -> None:
         self.encoded, self.pad_id, self.spec, self.control = encoded, pad_id, spec, control
+        self.lr_search = lr_search
         torch.manual_seed(spec.seed)
         self.n_examples = len(encoded["input_ids"])
         self.total = spec.total_steps(self.n_examples)
@@ -431,6 +482,8 @@ class _Loop:
 
     def _update(self) -> None:
         self.in_a_row = 0
+        if self.spec.max_grad_norm is not None:  # every worker holds the same (synced) gradients: the same clip
+            clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.spec.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         if self.stock_update is not None:
@@ -460,6 +513,8 @@ class _Loop:
             if control.before_checkpoint is not None:
                 control.before_checkpoint()
             extra = {"start_params": self.start_params, "state_bytes_start": self.state_bytes_start}
+            if self.lr_search is not None:  # a resume continues at the searched rate without searching again
+                extra["lr_search"] = self.lr_search.to_dict()
             checkpoint.save(
                 control.run_dir, self.model, self.optimizer, self.scheduler, self.controller, self.step, extra=extra
             )
@@ -470,6 +525,7 @@ class _Loop:
             "method": self.spec.method,
             "lr": self.spec.lr,
             "lr_source": self.spec.lr_source,
+            "lr_search": self.lr_search.to_dict() if self.lr_search is not None else None,
             "r": self.spec.r,
             "seed": self.spec.seed,
             "steps": self.total,
