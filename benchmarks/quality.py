@@ -858,7 +858,8 @@ def main() -> None:
     parser.add_argument(
         "--lr",
         type=float,
-        help="run the methods at this rate (no tuning); a record at another rate is another configuration",
+        help="run the methods at this rate (no tuning); a record at another rate is another configuration. A '+auto' "
+        "variant ignores it (its record's rate is the default it searched around), and needs none",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the task's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one process each)")
@@ -923,7 +924,7 @@ def main() -> None:
         if args.quick:
             submit([(m, 0 if m == "full" else budgets[0], 5e-5 if m == "full" else 1e-3, 0) for m in args.methods])
         else:
-            if args.lr is not None:
+            if args.lr is not None or all(loop_variant(m)[1] == AUTO for m in args.methods):
                 rate = {m: auto_centre(m, args.task) if loop_variant(m)[1] == AUTO else args.lr for m in args.methods}
                 submit([(m, 0 if m == "full" else r, rate[m], s) for s in seeds for m in args.methods for r in budgets])
             else:

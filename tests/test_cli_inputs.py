@@ -439,3 +439,20 @@ def test_lr_auto_records_the_search_and_the_rate_it_chose(tiny_model_dir, tmp_pa
     assert summary["lr"] == search["chosen"] in search["candidates"] and summary["lr_source"].startswith("auto:")
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == "auto"  # what was asked
     assert "learning rate" in capsys.readouterr().out
+
+
+def test_max_grad_norm_is_a_positive_number_handed_to_the_loop(tmp_path, capsys, monkeypatch):
+    assert _resolved(tmp_path, "max_grad_norm: 1\n").max_grad_norm == 1.0
+    assert "--max-grad-norm" in refused(["train", "--max-grad-norm", "0"], capsys)
+    seen = {}
+    real = train_module.TrainSpec
+
+    def spying(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(train_module, "TrainSpec", spying)
+    data = write_csv(tmp_path / "data.csv")
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    assert main(train_args(model_dir, data, tmp_path / "run", "--method", "lora", "--max-grad-norm", "0.5")) == 0
+    assert seen["max_grad_norm"] == 0.5

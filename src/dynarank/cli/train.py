@@ -144,6 +144,7 @@ def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
         batch_size=o.batch_size,
         max_length=o.max_length,
         seed=o.seed,
+        max_grad_norm=o.max_grad_norm,
         dynarank=o.method_knobs(),
     )
     check_adapter_fits(model, spec)

@@ -72,6 +72,9 @@ class TrainOptions:
         "0.75x the run's time more; docs/defaults.md)",
         convert=NumberOrWord(Number(float, 0, inclusive=False), "auto"),
     )
+    max_grad_norm: float | None = _option(
+        "clip the gradient norm of what trains to this before each update (default: no clipping)", **POSITIVE
+    )
     max_length: int = _option("tokens per example after truncation", 64, **POSITIVE)
     seed: int = _option("random seed (data order, initialisation, what the adapter draws)", 0)
     eval_split: float = _option("fraction of --data held out for evaluation", 0.2)
