@@ -196,3 +196,11 @@ def test_clipping_bounds_the_gradient_norm_the_optimizer_sees(monkeypatch):
 def test_a_clip_norm_that_is_not_positive_is_refused(bad):
     with pytest.raises(ValueError, match="max_grad_norm must be a positive number"):
         spec("lora", lr=1e-2, max_grad_norm=bad)
+
+
+def test_a_setting_the_short_probes_cannot_run_is_refused_naming_the_probe_and_the_setting():
+    """A resize interval that fits the run but not a probe a quarter of its length."""
+    with pytest.raises(ConfigError, match=r"resize_every / lr: 30 is not shorter .* \(in lr 'auto''s 40-step probes"):
+        train_classifier(
+            tiny_bert(), WordTokenizer(), examples(96), spec("elalora", steps=160, dynarank={"resize_every": 30})
+        )

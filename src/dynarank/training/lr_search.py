@@ -167,6 +167,12 @@ def search_rate(
                 losses.append(held_out_loss(trained, encoded, held, pad_id, max(spec.batch_size, 32)))
             except NonFiniteError:  # the probe stopped on non-finite steps: this rate diverges
                 losses.append(math.inf)
+            except ConfigError as exc:  # e.g. a resize interval longer than the probe's schedule
+                raise ConfigError(
+                    (*exc.fields, "lr"),
+                    f"{exc.problem} (in lr 'auto''s {steps}-step probes, a quarter of the run: give a rate, or train "
+                    "longer)",
+                ) from None
             trained = None
     finally:
         quiet.setLevel(level)
