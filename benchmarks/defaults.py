@@ -333,11 +333,80 @@ def paired(store: RecordStore, task: str, jobs: list[tuple]) -> list[dict]:
     return rows
 
 
+def auto_comparisons(choices: dict, stores: dict[str, RecordStore]) -> list[dict]:
+    """``lr='auto'`` (quality.py's '+auto' runs of each method's shipped configuration, searched around its shipped
+    rate) against the same configuration at the shipped rate, and against stock LoRA and stock AdaLoRA at their best
+    rate on the task: paired by seed at the middle budget (test split; positive = auto is better). Only tasks where
+    auto ran on at least two seeds."""
+    rows = []
+    for task, store in stores.items():
+        spec = quality.TASKS[task]
+        sign, metric, steps = (1 if spec["higher_is_better"] else -1), spec["metric"], spec["steps"]
+        budget = spec["tune_budget"]
+        for method in CHOSEN:
+            shipped = choices[method]["shipped"].get(kind(task))
+            if shipped is None:
+                continue
+            variant, rate = shipped
+            auto = {s: store.get((task, variant + quality.AUTO, budget, rate, s, steps)) for s in SEEDS}
+            auto = {s: r for s, r in auto.items() if r is not None}
+            if len(auto) < 2:
+                continue
+            against = [(f"{variant} {rate:g} (the default)", variant, rate)]
+            against += [(b, b, baseline_rate(store, task, b)) for b in BASELINES]
+            for label, other, other_rate in against:
+                pairs = [(auto[s], store.get((task, other, budget, other_rate, s, steps))) for s in auto]
+                pairs = [(a, b) for a, b in pairs if b is not None]
+                if len(pairs) < 2:
+                    continue
+                diffs = [sign * (a["test"][metric] - b["test"][metric]) for a, b in pairs]
+                rows.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "vs": label,
+                        "n": len(diffs),
+                        "mean": statistics.mean(diffs),
+                        "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5,
+                        "chosen": [a["lr_used"] for a, _ in pairs],
+                        "params": statistics.mean(a["adapter_parameters"] for a, _ in pairs),
+                        "other_params": statistics.mean(b["adapter_parameters"] for _, b in pairs),
+                        "seconds_ratio": statistics.mean(a["seconds"] / b["seconds"] for a, b in pairs)
+                        if other == variant
+                        else None,
+                    }
+                )
+    return rows
+
+
 def _name(candidate: tuple | None) -> str:
     return "-" if candidate is None else f"{candidate[0]} {candidate[1]:g}"
 
 
-def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[str]) -> str:
+def auto_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## lr='auto' (test split, paired by seed, middle budget; positive = auto is better)",
+        "",
+        "The range test (dynarank/training/lr_search.py) around the shipped default, against the shipped default "
+        "itself and against stock LoRA and stock AdaLoRA each at its best rate on the task (quality.py's '+auto' "
+        "runs). Rates chosen: per seed. Time: auto's whole run (probes included) over the default's.",
+        "",
+        "| task | method | vs | difference (mean ± s.e.) | rates chosen | params (auto / other) | time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        chosen = ", ".join(f"{lr:g}" for lr in r["chosen"])
+        time = f"{r['seconds_ratio']:.2f}x" if r["seconds_ratio"] is not None else ""
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['vs']} | {r['mean']:+.4f} ± {r['stderr']:.4f} (n={r['n']}) | "
+            f"{chosen} | {r['params']:,.0f} / {r['other_params']:,.0f} | {time} |"
+        )
+    return [*lines, ""]
+
+
+def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[str], auto: list[dict] = ()) -> str:
     lines = [
         "# Default learning rates: chosen on some tasks, checked on the others",
         "",
@@ -384,7 +453,8 @@ def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[
             f"| {c['task']} | {c['method']} ({choice}) | {c['baseline']} | {c['mean']:+.4f} ± {c['stderr']:.4f} "
             f"(n={c['n']}) | {c['params']:,.0f} / {c['baseline_params']:,.0f} |"
         )
-    return "\n".join(lines) + "\n"
+    lines += ["", *auto_markdown(list(auto))]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _jsonable(value):
@@ -425,15 +495,17 @@ def main() -> None:
                 lambda job, record, store=store: store.add(record),
             )
     comparisons = [row for task, wanted in jobs.items() for row in paired(stores[task], task, wanted)]
+    auto = auto_comparisons(choices, stores)
     record = {
         "shipped": shipped_rates(choices),
         "choices": _jsonable(choices),
         "jobs": jobs,
         "comparisons": comparisons,
+        "auto": auto,
         "commands": [command],
     }
     (args.results / "defaults.json").write_text(json.dumps(record, indent=1))
-    text = markdown(choices, jobs, comparisons, [command])
+    text = markdown(choices, jobs, comparisons, [command], auto)
     (args.results / "defaults.md").write_text(text)
     print(text)
 
