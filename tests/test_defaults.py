@@ -232,3 +232,47 @@ def test_a_causal_lm_cli_run_trains_and_records_the_causal_lm_default(tmp_path):
     assert (record["lr"], record["lr_source"]) == (default_lr("ard", "causal-lm"), source("causal-lm"))
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["lr"], summary["lr_source"]) == (default_lr("ard", "causal-lm"), source("causal-lm"))
+
+
+def test_lr_auto_is_compared_with_the_shipped_default_and_the_tuned_baselines_paired_by_seed(tmp_path, monkeypatch):
+    import defaults as study
+    import quality
+
+    from records import RecordStore
+
+    spec = {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
+    monkeypatch.setattr(quality, "TASKS", {"a": spec})
+    monkeypatch.setattr(study, "CHOSEN", ["m"])
+    monkeypatch.setattr(study, "BASELINES", ["lora"])
+    monkeypatch.setattr(study, "baseline_rate", lambda store, task, method: 1e-2)
+    store = RecordStore(tmp_path / "runs.json", quality.record_key)
+    runs = [  # (method, rate, seed, test accuracy, lr used, seconds)
+        ("m+auto", 3e-3, 0, 0.82, 1e-2, 30.0),
+        ("m+auto", 3e-3, 1, 0.84, 3e-3, 30.0),
+        ("m", 3e-3, 0, 0.80, 3e-3, 20.0),
+        ("m", 3e-3, 1, 0.84, 3e-3, 15.0),
+        ("m", 3e-3, 2, 0.10, 3e-3, 15.0),  # no auto run of seed 2: not paired
+        ("lora", 1e-2, 0, 0.83, 1e-2, 10.0),
+        ("lora", 1e-2, 1, 0.81, 1e-2, 10.0),
+    ]
+    for method, lr, seed, acc, used, seconds in runs:
+        store.add(
+            {
+                "task": "a",
+                "method": method,
+                "budget_r": 2,
+                "lr": lr,
+                "seed": seed,
+                "steps": 10,
+                "test": {"acc": acc},
+                "lr_used": used,
+                "seconds": seconds,
+                "adapter_parameters": 100,
+            }
+        )
+    choices = {"m": {"shipped": {"classify": ("m", 3e-3)}}}
+    default, lora = study.auto_comparisons(choices, {"a": store})
+    assert default["vs"] == "m 0.003 (the default)" and default["n"] == 2
+    assert default["mean"] == pytest.approx(0.01) and default["chosen"] == [1e-2, 3e-3]
+    assert default["seconds_ratio"] == pytest.approx((1.5 + 2.0) / 2)
+    assert lora["vs"] == "lora" and lora["mean"] == pytest.approx(0.01) and lora["seconds_ratio"] is None
