@@ -67,8 +67,8 @@ class FakeProbes:
     def __init__(self, loss_of_rate: dict[float, float]) -> None:
         self.loss_of_rate, self.seen = loss_of_rate, []
 
-    def __call__(self, model, probe_set, probe_spec):
-        self.seen.append((probe_spec.lr, probe_spec.max_steps, len(probe_set["input_ids"])))
+    def __call__(self, model, probe_set, probe_spec, stop_after):
+        self.seen.append((probe_spec.lr, probe_spec.max_steps, stop_after, len(probe_set["input_ids"])))
         loss = self.loss_of_rate[probe_spec.lr]
         if loss is None:
             raise NonFiniteError("diverged")
@@ -96,7 +96,8 @@ def test_the_rate_whose_probe_scores_the_lowest_held_out_loss_is_chosen():
     assert found.chosen == 1e-2 and found.candidates == pytest.approx([1e-3, 3e-3, 1e-2])
     assert found.held_out_loss == pytest.approx([0.9, 0.7, 0.5])
     assert found.centre == default_lr("ard", "classify")
-    assert [s[1:] for s in probes.seen] == [(50, 68)] * 3  # a quarter of 200 steps, on the 100 - 32 not held out
+    # the run's 200-step schedule stopped after a quarter of it, on the 100 - 32 examples not held out
+    assert [s[1:] for s in probes.seen] == [(200, 50, 68)] * 3
 
 
 def test_a_probe_that_diverges_scores_infinity_and_is_not_chosen():
@@ -198,9 +199,9 @@ def test_a_clip_norm_that_is_not_positive_is_refused(bad):
         spec("lora", lr=1e-2, max_grad_norm=bad)
 
 
-def test_a_setting_the_short_probes_cannot_run_is_refused_naming_the_probe_and_the_setting():
-    """A resize interval that fits the run but not a probe a quarter of its length."""
-    with pytest.raises(ConfigError, match=r"resize_every / lr: 30 is not shorter .* \(in lr 'auto''s 40-step probes"):
+def test_a_setting_the_run_cannot_take_is_refused_as_itself_before_any_probe_trains():
+    """The probes run the run's own schedule: its errors are the run's, named as without 'auto'."""
+    with pytest.raises(ConfigError, match=r"^resize_every: 100 is not shorter than ElaLoRA's budgeting phase"):
         train_classifier(
-            tiny_bert(), WordTokenizer(), examples(96), spec("elalora", steps=160, dynarank={"resize_every": 30})
+            tiny_bert(), WordTokenizer(), examples(96), spec("elalora", steps=40, dynarank={"resize_every": 100})
         )

@@ -331,9 +331,9 @@ def _resolve_rate(
         search = RateSearch(**found)
     else:
 
-        def train_probe(probe: nn.Module, probe_set: dict, probe_spec: TrainSpec) -> nn.Module:
+        def train_probe(probe: nn.Module, probe_set: dict, probe_spec: TrainSpec, stop_after: int) -> nn.Module:
             loop = _Loop(probe, probe_set, pad_id, probe_spec, RunControl(on_nonfinite=control.on_nonfinite))
-            loop.run(None)
+            loop.run(None, stop_after=stop_after)
             return loop.model
 
         total = spec.total_steps(len(encoded["input_ids"]))
@@ -424,8 +424,11 @@ class _Loop:
             share = shard_share(labels, rank, n)  # as training weighs this worker's loss
             yield {"input_ids": ids[rank::n], "attention_mask": mask[rank::n], "labels": labels[rank::n], SHARE: share}
 
-    def run(self, evaluate: Callable[[nn.Module], dict] | None) -> None:
+    def run(self, evaluate: Callable[[nn.Module], dict] | None, stop_after: int | None = None) -> None:
+        """Train to the end of the schedule, or stop after ``stop_after`` steps of it (lr='auto''s probes)."""
         for batch in self.global_batches(self.step):
+            if stop_after is not None and self.step >= stop_after:
+                break
             out = self._take_step(*batch)
             self.step += 1
             self._after_step(out, evaluate)

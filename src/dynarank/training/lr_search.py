@@ -10,11 +10,17 @@ user's own data:
     held out    HOLDOUT_FRACTION of the training examples (MIN_HOLDOUT..MAX_HOLDOUT), drawn with the run's seed;
                 the user's evaluation data is never read
     probe       each candidate trains a copy of the model from the same start (seed, initialisation, data order) on
-                the other training examples for PROBE_FRACTION of the run's steps (at least MIN_PROBE_STEPS, at most
-                the run), with the run's schedule placed in the probe's steps (warm-up, a controller's phases, the
-                decay to 0)
+                the other training examples for the first PROBE_FRACTION of the run's steps (at least
+                MIN_PROBE_STEPS, at most the run): the run's own schedule (its length, warm-up, a controller's
+                phases), stopped there, the rate still high
     choice      the lowest mean loss on the held-out examples (a probe that diverges scores +inf); ties go to the
                 lower rate. The run then trains from the same start on every training example at that rate.
+
+Why the run's schedule stopped early, not the whole schedule squeezed into the probe: a squeezed schedule decays the
+rate to 0 within the probe, which hides what a rate too high does over a longer run. Measured on the dialogs (SmolLM2,
+ARD, 60 steps, seed 1): 20-step squeezed probes scored 3e-2 best (held-out loss 1.271 against 1.362 at 1e-2), and the
+run at 3e-2 diverged (test loss 7.80); the first 20 steps of the run's own schedule score 3e-2 at 2.867 and 1e-2 at
+1.385, and choose 1e-2.
 
 Cost: about len(candidates) x PROBE_FRACTION of the run (0.75x with the values below), all before the first step.
 The search is deterministic (bitwise on CPU): the same seed picks the same rate; a resumed run reads the choice from
@@ -140,7 +146,7 @@ def search_rate(
     encoded: dict,
     pad_id: int,
     spec,
-    train_probe: Callable[[nn.Module, dict, object], nn.Module],
+    train_probe: Callable[[nn.Module, dict, object, int], nn.Module],
     total_steps: int,
 ) -> RateSearch:
     """Run the range test for ``spec`` (a TrainSpec whose lr is 'auto') on copies of ``model``.
@@ -159,20 +165,15 @@ def search_rate(
     quiet.setLevel(logging.ERROR)  # a probe's schedule warnings describe the probe, not the run
     try:
         for lr in rates:
-            probe_spec = replace(spec, lr=lr, lr_source="probe", max_steps=steps)
+            # The run's own schedule (its length, warm-up, a controller's phases), stopped after the probe's steps.
+            probe_spec = replace(spec, lr=lr, lr_source="probe", max_steps=total_steps)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    trained = train_probe(copy.deepcopy(model), fit_set, probe_spec)
+                    trained = train_probe(copy.deepcopy(model), fit_set, probe_spec, steps)
                 losses.append(held_out_loss(trained, encoded, held, pad_id, max(spec.batch_size, 32)))
             except NonFiniteError:  # the probe stopped on non-finite steps: this rate diverges
                 losses.append(math.inf)
-            except ConfigError as exc:  # e.g. a resize interval longer than the probe's schedule
-                raise ConfigError(
-                    (*exc.fields, "lr"),
-                    f"{exc.problem} (in lr 'auto''s {steps}-step probes, a quarter of the run: give a rate, or train "
-                    "longer)",
-                ) from None
             trained = None
     finally:
         quiet.setLevel(level)
