@@ -37,6 +37,8 @@ SPECS = {
     },
     # ElaLoRA on every encoder matrix: prune-and-grow rounds at every step from 9 to 32.
     "elalora": {"max_steps": 40, "target_modules": BERT_ENCODER_LINEAR},
+    # ARD with lr='auto': the range test's probes on every worker (96 examples: 32 held out, 64 to probe on).
+    "ard-auto": {"method": "ard", "lr": "auto", "max_steps": 24, "target_modules": ["query", "value"], "examples": 96},
 }
 
 
@@ -59,8 +61,9 @@ def run(method: str, nan_step: int = 0, nan_worker: int = 1) -> dict:
             return out
 
         model.forward = poisoned
-    spec = TrainSpec(method=method, r=4, lr=1e-2, batch_size=8, seed=0, **SPECS[method])
-    result = train_classifier(model, WordTokenizer(), examples(51), spec)
+    fields = {"method": method, "r": 4, "lr": 1e-2, "batch_size": 8, "seed": 0, **SPECS[method]}
+    n_examples = fields.pop("examples", 51)
+    result = train_classifier(model, WordTokenizer(), examples(n_examples), TrainSpec(**fields))
     controller = result.controller
     ids = torch.arange(1, 97).reshape(8, 12)
     with torch.no_grad():
@@ -74,6 +77,7 @@ def run(method: str, nan_step: int = 0, nan_worker: int = 1) -> dict:
         "history": [(h["step"], h["ranks"]) for h in controller.history],
         "resized": [r.step for r in controller.records if r.resized],
         "skipped": result.metrics["skipped_steps"],
+        "lr_search": result.metrics["lr_search"],
     }
 
 

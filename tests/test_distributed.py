@@ -178,6 +178,18 @@ def test_elalora_on_two_workers_takes_the_single_process_decisions_and_computes_
     assert biggest_difference(first["deltas"], single["deltas"]) < 1e-4
 
 
+@needs_torchrun
+def test_lr_auto_on_two_workers_chooses_one_rate_everywhere_the_one_a_single_process_chooses():
+    import loop_ddp_worker
+
+    first, second = torchrun("loop_ddp_worker.py", "ard-auto", "0")["workers"]
+    assert first["lr_search"] == {**second["lr_search"], "seconds": first["lr_search"]["seconds"]}
+    assert first["history"] == second["history"] and biggest_difference(first["tensors"], second["tensors"]) == 0.0
+    single = loop_ddp_worker.run("ard-auto")["lr_search"]
+    assert first["lr_search"]["chosen"] == single["chosen"]
+    assert first["lr_search"]["held_out_loss"] == pytest.approx(single["held_out_loss"], rel=1e-4)
+
+
 def test_fsdp_and_deepspeed_launches_are_refused_with_a_clear_message(setup, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert main(argv(setup, "fsdp")) == 2

@@ -332,7 +332,8 @@ def _resolve_rate(
     else:
 
         def train_probe(probe: nn.Module, probe_set: dict, probe_spec: TrainSpec, stop_after: int) -> nn.Module:
-            loop = _Loop(probe, probe_set, pad_id, probe_spec, RunControl(on_nonfinite=control.on_nonfinite))
+            probe_control = RunControl(on_nonfinite=control.on_nonfinite, fsdp=control.fsdp)  # sharded as the run is
+            loop = _Loop(probe, probe_set, pad_id, probe_spec, probe_control)
             loop.run(None, stop_after=stop_after)
             return loop.model
 
