@@ -248,7 +248,7 @@ def test_lr_auto_is_compared_with_the_shipped_default_and_the_tuned_baselines_pa
     store = RecordStore(tmp_path / "runs.json", quality.record_key)
     runs = [  # (method, rate, seed, test accuracy, lr used, seconds)
         ("m+auto", 3e-3, 0, 0.82, 1e-2, 30.0),
-        ("m+auto", 3e-3, 1, 0.84, 3e-3, 30.0),
+        ("m+auto", 3e-3, 1, 0.84, 3e-3, 40.0),
         ("m", 3e-3, 0, 0.80, 3e-3, 20.0),
         ("m", 3e-3, 1, 0.84, 3e-3, 15.0),
         ("m", 3e-3, 2, 0.10, 3e-3, 15.0),  # no auto run of seed 2: not paired
@@ -268,11 +268,12 @@ def test_lr_auto_is_compared_with_the_shipped_default_and_the_tuned_baselines_pa
                 "lr_used": used,
                 "seconds": seconds,
                 "adapter_parameters": 100,
+                "lr_search": {"seconds": 12.0} if method.endswith("+auto") else None,
             }
         )
     choices = {"m": {"shipped": {"classify": ("m", 3e-3)}}}
     default, lora = study.auto_comparisons(choices, {"a": store})
     assert default["vs"] == "m 0.003 (the default)" and default["n"] == 2
     assert default["mean"] == pytest.approx(0.01) and default["chosen"] == [1e-2, 3e-3]
-    assert default["seconds_ratio"] == pytest.approx((1.5 + 2.0) / 2)
-    assert lora["vs"] == "lora" and lora["mean"] == pytest.approx(0.01) and lora["seconds_ratio"] is None
+    assert default["search_share"] == pytest.approx((12 / 30 + 12 / 40) / 2)  # the search's share of each auto run
+    assert lora["vs"] == "lora" and lora["mean"] == pytest.approx(0.01)
