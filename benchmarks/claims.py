@@ -129,6 +129,10 @@ def figures() -> dict[str, str]:
         f"{max(r['adapter_parameters_mean_over_training'] / r['budget_parameters'] for r in data_start):.1f}x"
     )
 
+    # lr='auto' against the shipped default and the tuned stock baselines (benchmarks/defaults.py's auto table)
+    for row in _record("defaults.json").get("auto", []):
+        against = "default" if row["vs"].endswith("(the default)") else row["vs"]
+        out[f"auto {row['task']} {row['method']} - {against}"] = f"{row['mean']:+.3f} ± {row['stderr']:.3f}"
     for setting in ("minilm-16x16", "decoder-224", "decoder-224_240steps"):
         methods = _record(f"method_overhead_{setting}.json")["methods"]
         for method in ("ard", "elalora", "adalora-physical"):
