@@ -618,6 +618,11 @@ def markdown(rows: list[dict], task_name: str, commands: list[str], lrs: dict[st
         "the allocated count in memory. s/step: two runs shared the 2 cores, one thread each. Peak RSS: the "
         "largest peak resident memory of the run's process over the seeds (model, data, activations and all).",
     ]
+    if any(r["method"].endswith(AUTO) for r in rows):
+        lines[-1] += (
+            f" A '{AUTO}' row's lr is the default its range test searched around (lr='auto'), not the rate it trained"
+            " at: the rates chosen per seed are in defaults.md's lr='auto' table and the records' lr_used."
+        )
     cmd = "\n".join(f"    {c}" for c in commands)
     chosen = ", ".join(f"{m} {lr:g}" for m, lr in lrs.items())
     return (
@@ -940,7 +945,9 @@ def main() -> None:
         (args.out / f"{stem}.md").write_text(text)
         plot(rows, args.task, args.out / f"{stem}.png")
     else:
-        text = write_tables(store, args.task, steps, stem, variants(), args.out)  # all recorded
+        recorded = {r["method"] for r in store.runs}  # loop variants only where they ran
+        names = [m for m in variants() if loop_variant(m)[1] is None or m in recorded]
+        text = write_tables(store, args.task, steps, stem, names, args.out)  # all recorded
     print(text)
     print(f"results: {args.out / (stem + '.md')}")
 
