@@ -69,7 +69,7 @@ class TrainOptions:
     lr: float | str | None = _option(
         "learning rate of the adapters (and the task head); default: the method's own for the task "
         "(docs/defaults.md); 'auto': a short range test around that default on the training data picks it (about "
-        "0.75x the run's time more; docs/defaults.md)",
+        "as long again as the run; docs/defaults.md)",
         convert=NumberOrWord(Number(float, 0, inclusive=False), "auto"),
     )
     max_grad_norm: float | None = _option(

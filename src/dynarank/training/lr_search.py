@@ -22,7 +22,8 @@ ARD, 60 steps, seed 1): 20-step squeezed probes scored 3e-2 best (held-out loss 
 run at 3e-2 diverged (test loss 7.80); the first 20 steps of the run's own schedule score 3e-2 at 2.867 and 1e-2 at
 1.385, and choose 1e-2.
 
-Cost: about len(candidates) x PROBE_FRACTION of the run (0.75x with the values below), all before the first step.
+Cost: about len(candidates) x PROBE_FRACTION of the run's steps (0.75x with the values below; more for a run under
+4 x MIN_PROBE_STEPS), all before the first step; measured: 44-57% of the whole run's time (docs/defaults.md).
 The search is deterministic (bitwise on CPU): the same seed picks the same rate; a resumed run reads the choice from
 its checkpoint instead of searching again.
 """
