@@ -296,6 +296,11 @@ def validation_jobs(choices: dict, stores: dict[str, RecordStore]) -> dict[str, 
     return jobs
 
 
+def mean_and_stderr(diffs: list[float]) -> dict[str, float]:
+    """{'n', 'mean', 'stderr'} of paired differences (stderr: the sample deviation over sqrt(n))."""
+    return {"n": len(diffs), "mean": statistics.mean(diffs), "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5}
+
+
 def paired(store: RecordStore, task: str, jobs: list[tuple]) -> list[dict]:
     """Each chosen method at its left-out rate minus each baseline at its best rate, paired by seed (test split)."""
     spec = quality.TASKS[task]
@@ -319,9 +324,7 @@ def paired(store: RecordStore, task: str, jobs: list[tuple]) -> list[dict]:
                         "task": task,
                         "method": method,
                         "baseline": base,
-                        "n": len(diffs),
-                        "mean": statistics.mean(diffs),
-                        "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5,
+                        **mean_and_stderr(diffs),
                         "params": statistics.mean(
                             runs[method, s]["adapter_parameters"] for s in SEEDS if (method, s) in runs
                         ),
@@ -365,9 +368,7 @@ def auto_comparisons(choices: dict, stores: dict[str, RecordStore]) -> list[dict
                         "task": task,
                         "method": method,
                         "vs": label,
-                        "n": len(diffs),
-                        "mean": statistics.mean(diffs),
-                        "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5,
+                        **mean_and_stderr(diffs),
                         "chosen": [a["lr_used"] for a, _ in pairs],
                         "params": statistics.mean(a["adapter_parameters"] for a, _ in pairs),
                         "other_params": statistics.mean(b["adapter_parameters"] for _, b in pairs),

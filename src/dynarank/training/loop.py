@@ -108,7 +108,7 @@ class TrainSpec:
         elif self.lr == AUTO:
             default_lr(self.method, self.task)  # a method without a default has nothing to search around
             self.lr_source = AUTO
-        elif isinstance(self.lr, str) or isinstance(self.lr, bool):
+        elif isinstance(self.lr, (str, bool)):
             raise ValueError(f"lr must be a positive number, 'auto' or None, not {self.lr!r}.")
         elif self.lr_source is None:
             self.lr_source = "given"
@@ -309,23 +309,23 @@ def train(
     gradients are averaged once per step, before anything reads them.
     """
     run_control = RunControl(**control)
-    spec, search = _resolve_rate(model, encoded, pad_id, spec.for_task(task_of(model)), run_control)
-    loop = _Loop(model, encoded, pad_id, spec, run_control, search)
+    restored = checkpoint.latest(run_control.run_dir) if run_control.resume else None  # read once, used twice
+    spec, search = _resolve_rate(model, encoded, pad_id, spec.for_task(task_of(model)), run_control, restored)
+    loop = _Loop(model, encoded, pad_id, spec, run_control, search, restored)
     t0 = time.perf_counter()
     loop.run(evaluate)
     return loop.result(time.perf_counter() - t0, evaluate)
 
 
 def _resolve_rate(
-    model: nn.Module, encoded: dict, pad_id: int, spec: TrainSpec, control: RunControl
+    model: nn.Module, encoded: dict, pad_id: int, spec: TrainSpec, control: RunControl, restored: tuple | None
 ) -> tuple[TrainSpec, RateSearch | None]:
     """``spec`` with a number for its rate: lr='auto' runs the range test (lr_search.py) on copies of ``model``, or,
-    resuming, reads the choice from the checkpoint the run continues from."""
+    resuming, reads the choice from the checkpoint the run continues from (``restored``: checkpoint.latest's)."""
     if spec.lr != AUTO:
         return spec, None
-    if control.resume:
-        _, state, _ = checkpoint.latest(control.run_dir)
-        found = state.get("extra", {}).get("lr_search")
+    if restored is not None:
+        found = restored[1].get("extra", {}).get("lr_search")
         if found is None:
             raise ConfigError("lr", "'auto': the checkpoint holds no rate search to continue with; give the rate.")
         search = RateSearch(**found)
@@ -353,6 +353,7 @@ class _Loop:
         spec: TrainSpec,
         control: RunControl,
         lr_search: RateSearch | None = None,
+        restored: tuple | None = None,
     ) -> None:
         self.encoded, self.pad_id, self.spec, self.control = encoded, pad_id, spec, control
         self.lr_search = lr_search
@@ -375,7 +376,7 @@ class _Loop:
             check_same_ranks(self.controller)  # the statistics were reduced: every worker must have set the same ranks
         state = tensors = None
         if control.resume:
-            _, state, tensors = checkpoint.latest(control.run_dir)
+            _, state, tensors = restored or checkpoint.latest(control.run_dir)
             checkpoint.restore_model(self.model, state, tensors)
         self.model.train()
         self.device = next(self.model.parameters()).device

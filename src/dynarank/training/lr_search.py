@@ -17,10 +17,9 @@ user's own data:
                 lower rate. The run then trains from the same start on every training example at that rate.
 
 Why the run's schedule stopped early, not the whole schedule squeezed into the probe: a squeezed schedule decays the
-rate to 0 within the probe, which hides what a rate too high does over a longer run. Measured on the dialogs (SmolLM2,
-ARD, 60 steps, seed 1): 20-step squeezed probes scored 3e-2 best (held-out loss 1.271 against 1.362 at 1e-2), and the
-run at 3e-2 diverged (test loss 7.80); the first 20 steps of the run's own schedule score 3e-2 at 2.867 and 1e-2 at
-1.385, and choose 1e-2.
+rate to 0 within the probe, which hides what a rate too high does over a longer run: on the dialogs (SmolLM2, ARD, 60
+steps), where a run at 3e-2 diverges, squeezed probes chose 3e-2 for seed 1; the first 20 steps of the run's own
+schedule score 3e-2 at 2.867 and 1e-2 at 1.385 and choose 1e-2 (docs/defaults.md).
 
 Cost: about len(candidates) x PROBE_FRACTION of the run's steps (0.75x with the values below; more for a run under
 4 x MIN_PROBE_STEPS), all before the first step; measured: 44-57% of the whole run's time (docs/defaults.md).
@@ -152,8 +151,8 @@ def search_rate(
 ) -> RateSearch:
     """Run the range test for ``spec`` (a TrainSpec whose lr is 'auto') on copies of ``model``.
 
-    ``train_probe(model, encoded, spec)`` trains one probe (the training loop, without checkpoints or evaluation)
-    and returns the trained model."""
+    ``train_probe(model, encoded, spec, stop_after)`` trains one probe (the training loop on the run's schedule,
+    stopped after ``stop_after`` steps; no checkpoints, no evaluation) and returns the trained model."""
     t0 = time.perf_counter()
     centre = default_lr(spec.method, spec.task)
     rates = candidates_around(centre)
@@ -196,8 +195,3 @@ def search_rate(
         probe_examples=len(fit),
         seconds=time.perf_counter() - t0,
     )
-
-
-def from_record(record: dict) -> RateSearch:
-    """A RateSearch from its ``to_dict()`` (a checkpoint's)."""
-    return RateSearch(**record)
