@@ -38,7 +38,7 @@ def _reference(layers, weight):
         p.grad = None
     penalty = orthogonality_penalty(layers)
     (weight * penalty).backward()
-    grads = {id(p): p.grad.clone() for p in params}
+    grads = {id(p): p.grad.clone() for p in params if p.grad is not None}  # none for a module without ranks
     for p in params:
         p.grad = None
     return penalty.detach(), grads
@@ -72,6 +72,44 @@ def test_the_orthogonality_gradient_is_autograd_of_the_penalty_before_and_after_
     layers = list(elastic_layers(model).values())
     _check(layers, plan)
     assert plan.widths is not widths  # the resize bumped the layouts: rebuilt
+
+
+def _widths_equal(a, b):
+    return (
+        a.side == b.side
+        and torch.equal(a.index, b.index)
+        and torch.equal(a.eye, b.eye)
+        and torch.equal(a.live, b.live)
+        and len(a.params) == len(b.params)
+        and all(x is y for x, y in zip(a.params, b.params))
+    )
+
+
+def test_a_resize_rebuilds_only_the_widths_it_touches_and_a_module_without_ranks_leaves_its_widths():
+    model, ctrl = _model("own")
+    names = list(elastic_layers(model))
+    layers = list(elastic_layers(model).values())
+    plan = OrthogonalityPlan()
+    _check(layers, plan)
+    before = list(plan.widths)
+
+    ctrl.resize({names[0]: {0: [1]}}, {})  # one module: only the widths holding it are gathered again
+    layers = list(elastic_layers(model).values())
+    _check(layers, plan)
+    touched = elastic_layers(model)[names[0]]
+    for old, new in zip(before, plan.widths):
+        assert (new is old) != any(layer is touched for layer in new.layers)
+
+    # A module loses its last rank: it leaves its widths, also the ones no other change touched.
+    emptied = elastic_layers(model)[names[1]]
+    ctrl.resize({names[1]: {g: list(range(r)) for g, r in enumerate(emptied.ranks)}}, {})
+    assert emptied.max_rank == 0
+    layers = list(elastic_layers(model).values())
+    _check(layers, plan)
+    fresh = OrthogonalityPlan().widths_for(layers)
+    assert len(plan.widths) == len(fresh)
+    assert all(_widths_equal(a, b) for a, b in zip(plan.widths, fresh))
+    assert not any(layer is emptied for w in plan.widths for layer in w.layers)
 
 
 def _check_gates(model):
@@ -184,6 +222,15 @@ def test_the_batched_rank_scores_are_bitwise_the_module_by_module_ones_before_an
         p.grad = torch.randn(p.shape)
     ctrl.importance.update()
     _check_triplets(ctrl)
+    # a module without ranks (its A and B empty) leaves the others' scores on the packed path, bitwise the same
+    emptied = elastic_layers(model)[names[1]]
+    ctrl.resize({names[1]: {g: list(range(r)) for g, r in enumerate(emptied.ranks)}}, {})
+    for p in ctrl._scored_parameters():
+        p.grad = torch.randn(p.shape)
+    ctrl.importance.update()
+    packed = ctrl.importance._packed
+    _check_triplets(ctrl)
+    assert packed is not None and ctrl.importance._packed is packed  # read from the packed EMAs, not rebuilt
 
 
 def test_elalora_candidates_are_each_group_s_lowest_by_a_stable_argsort_ties_included():

@@ -145,7 +145,12 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
     @property
     def ranks(self) -> list[int]:
         """Live rank of every group."""
-        return [len(s) for s in self._slots]
+        return list(self._rank_tuple)
+
+    @property
+    def slot_tuple(self) -> tuple[tuple[int, ...], ...]:
+        """The slot lists as they stand, immutable (no copy: what per-step code reads; ``slots`` copies)."""
+        return self._slot_tuple
 
     @property
     def slots(self) -> list[list[int]]:
@@ -159,7 +164,7 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
 
     @property
     def max_rank(self) -> int:
-        return max(self.ranks, default=0)
+        return max(self._rank_tuple, default=0)
 
     def num_adapter_parameters(self) -> int:
         return self.shared_weight.numel() + self.group_weight.numel()
@@ -176,7 +181,13 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         return self.costs.size([slots[: int(k)] for k, slots in zip(ranks, self._slots)])
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [self.shared_weight, self.group_weight]
+        return list(self.factors())
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(shared side, group side), read from the parameter store directly: what per-step code over every module
+        reads (``nn.Module.__getattr__`` costs ten times as much, which a model of hundreds of modules feels)."""
+        params = self._parameters
+        return params["shared_weight"], params["group_weight"]
 
     # ------------------------------------------------------------------ index bookkeeping
     def _rebuild_index(self) -> None:
@@ -186,6 +197,8 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         column_index[g, j]: packed group-side column, or T (a zero pad) past r_g.
         """
         self.layout_version = getattr(self, "layout_version", 0) + 1  # controllers cache sizes per version
+        self._slot_tuple = tuple(tuple(s) for s in self._slots)
+        self._rank_tuple = tuple(len(s) for s in self._slot_tuple)
         self.slot_layout = encode_slots(self._slots).to(self.shared_weight.device)
         slot_index, column_index = gather_indices(self._slots, self.n_slots, self.group_weight.shape[1])
         device = self.shared_weight.device

@@ -90,6 +90,7 @@ class RankController:
         self._warned: set[str] = set()
         self._sizes: tuple[int, dict] | None = None  # (layout version, cached sizes): read-outs of every step
         self._other_trainable: int | None = None  # trainable parameters that are neither adapters nor the controller's
+        self._layer_sizes: dict[nn.Module, tuple[int, int, int]] = {}  # layer -> (layout version, parameters, rank)
         self._skipping = False  # the next optimizer step is one the caller skips
         self.setup_warnings: list[str] = []  # what the run's length or settings make doubtful, said before training
         # A data-parallel worker's weight of its shard's loss (n x its share of the global batch, set by the loop at
@@ -187,15 +188,23 @@ class RankController:
 
         The version is the sum of the layers' layout versions, which only ever grow. The trainable count is the
         adapters' and the controller's own parameters plus the rest of the model's, counted once (forget_sizes)."""
-        version = sum(layer.layout_version for layer in self.layers.values())
+        layers = self.layers.values()
+        version = sum(layer.layout_version for layer in layers)
         if self._sizes is None or self._sizes[0] != version:
-            adapters = sum(layer.num_adapter_parameters() for layer in self.layers.values())
+            adapters = rank = 0
+            for layer in layers:  # a resize touches a few layers: the others' sizes are their last ones
+                entry = self._layer_sizes.get(layer)
+                if entry is None or entry[0] != layer.layout_version:
+                    entry = (layer.layout_version, layer.num_adapter_parameters(), sum(layer.ranks))
+                    self._layer_sizes[layer] = entry
+                adapters += entry[1]
+                rank += entry[2]
             if self._other_trainable is None:
                 self._other_trainable = count_trainable(self.model) - adapters - self._own_parameter_count()
             self._sizes = (
                 version,
                 {
-                    "total_rank": sum(sum(layer.ranks) for layer in self.layers.values()),
+                    "total_rank": rank,
                     "adapter_parameters": adapters,
                     "trainable_parameters": self._other_trainable + adapters + self._own_parameter_count(),
                 },
@@ -210,6 +219,7 @@ class RankController:
         """Drop the cached sizes: call after changing the model's trainable parameters without a resize."""
         self._sizes = None
         self._other_trainable = None
+        self._layer_sizes = {}
 
     def total_rank(self) -> int:
         return self._cached()["total_rank"]

@@ -147,13 +147,18 @@ class ImportanceEMA:
         return (state["sensitivity"] * state["uncertainty"]).float()
 
     def scores(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
-        """``score(p)`` of every parameter of ``params``: one product over the packed EMAs when every parameter has
-        them (views of one flat vector), else parameter by parameter."""
+        """``score(p)`` of every parameter of ``params``."""
+        return list(_unflatten_dense_tensors(self.flat_scores(params), params))
+
+    def flat_scores(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The scores of ``params`` laid end to end (float32): one product over the packed EMAs when every parameter
+        has them (empty ones aside), else the parameters' scores concatenated."""
         state = self.carrier.state
-        if params and all(p.numel() and state.get(p) for p in params):
-            ibar, ubar = self._pack(params)
-            return list(_unflatten_dense_tensors((ibar * ubar).float(), params))
-        return [self.score(p) for p in params]
+        held = [p for p in params if p.numel()]  # as update() packs them: an empty parameter adds nothing
+        if held and all(state.get(p) for p in held):
+            ibar, ubar = self._pack(held)
+            return (ibar * ubar).float()
+        return _flatten_dense_tensors([self.score(p) for p in params])
 
     def set_state(self, p: nn.Parameter, sensitivity: torch.Tensor, uncertainty: torch.Tensor) -> None:
         """Overwrite the EMAs of ``p`` (tests and checkpoint restores)."""
@@ -195,68 +200,77 @@ def triplet_scores(
 
 
 class TripletPlan:
-    """:func:`triplet_scores` of every module at once, its indices built once per layout.
+    """:func:`triplet_scores` of every module at once, from the element scores of every A, B and E laid end to end
+    (``ImportanceEMA.flat_scores``), its gathers built once per layout.
 
-    The row means of the shared sides are taken over one concatenation per width, the column means of the group
-    sides over one stack per shape (d_g, T): a reduction over the rows of a stack sums each element in the same
-    order as over each tensor alone, so every score is bitwise the one module-by-module code gives.
+    The row means of the shared sides are taken over one gather per width, the column means of the group sides
+    over one gather per shape (d_g, T): a gather lays the modules' scores out as a concatenation (or a stack) of
+    them would, and a reduction over the rows of that sums each element in the same order as over each tensor
+    alone, so every score is bitwise the one module-by-module code gives.
     """
 
     def __init__(self) -> None:
         self._key: list | None = None
 
-    def _build(self, layers: list[ElasticLoRALinear], shared: list[torch.Tensor], group: list[torch.Tensor]) -> None:
-        device = shared[0].device if shared else None
-        self.row_batches: dict[int, list[int]] = {}  # width -> modules
+    def _build(self, layers: list[ElasticLoRALinear], params: list[torch.Tensor], device) -> None:
+        sizes = [p.numel() for p in params]
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        shared, group = params[0:-1:2], params[1:-1:2]  # in the flat vector: A / B of module i at 2i / 2i + 1
+        rows: dict[int, list[int]] = {}  # width -> modules
         for i, t in enumerate(shared):
-            self.row_batches.setdefault(t.shape[1], []).append(i)
+            rows.setdefault(t.shape[1], []).append(i)
         row_offset, offset = [0] * len(layers), 0
-        for members in self.row_batches.values():
+        self.row_batches = []  # (width, number of rows, gather of their scores or None when the width is 0)
+        for width, members in rows.items():
+            n_rows = sum(shared[i].shape[0] for i in members)
+            gather = _segments([starts[2 * i] for i in members], [sizes[2 * i] for i in members], device)
+            self.row_batches.append((width, n_rows, gather if width else None))
             for i in members:
                 row_offset[i] = offset
                 offset += shared[i].shape[0]
-        self.col_batches: dict[tuple, list[int]] = {}  # (d_g, T) -> modules
+        cols: dict[tuple, list[int]] = {}  # (d_g, T) -> modules
         for i, t in enumerate(group):
             if t.shape[1]:
-                self.col_batches.setdefault(tuple(t.shape), []).append(i)
+                cols.setdefault(tuple(t.shape), []).append(i)
         piece_start, offset = [0] * len(layers), 0
-        for members in self.col_batches.values():
+        self.col_batches = []  # ((modules, d_g, T), gather of their scores)
+        for shape, members in cols.items():
+            gather = _segments([starts[2 * i + 1] for i in members], [sizes[2 * i + 1] for i in members], device)
+            self.col_batches.append(((len(members), *shape), gather))
             for i in members:
                 piece_start[i] = offset
                 offset += group[i].shape[1]
-        column_order, row_of_column, self.ranks, self.n_groups = [], [], [], []
-        for i, layer in enumerate(layers):
-            slots = layer.slots
-            column_order.extend(range(piece_start[i], piece_start[i] + group[i].shape[1]))
-            row_of_column.extend(row_offset[i] + s for g in slots for s in g)
-            self.ranks.extend(len(g) for g in slots)
-            self.n_groups.append(len(slots))
+        self.values_start = starts[-1]
+        layouts = [layer.slot_tuple for layer in layers]
+        column_order = [c for i, t in enumerate(group) for c in range(piece_start[i], piece_start[i] + t.shape[1])]
+        row_of_column = [row_offset[i] + s for i, layout in enumerate(layouts) for g in layout for s in g]
+        self.ranks = [len(g) for layout in layouts for g in layout]
+        self.n_groups = [len(layout) for layout in layouts]
         self.column_order = torch.tensor(column_order, dtype=torch.long, device=device)
         self.row_of_column = torch.tensor(row_of_column, dtype=torch.long, device=device)
 
     def scores(
-        self, layers: dict[str, ElasticLoRALinear], shared: list[torch.Tensor], group: list[torch.Tensor], values
+        self, layers: dict[str, ElasticLoRALinear], params: list[torch.Tensor], flat: torch.Tensor
     ) -> dict[str, list[torch.Tensor]]:
-        """{module: [S_g (r_g,) per group]} from the element scores of every module's shared and group sides (in
-        ``layers``' order) and of E (one vector over every module)."""
+        """{module: [S_g (r_g,) per group]} from ``flat``, the element scores of ``params`` (every module's shared
+        and group side in ``layers``' order, then E) laid end to end."""
         modules = list(layers.values())
-        key = [(layer, layer.layout_version) for layer in modules] + [(t.shape, t.device) for t in shared + group]
+        key = [(layer, layer.layout_version) for layer in modules] + [(p.shape, p.device) for p in params]
         if (
             self._key is None
             or len(key) != len(self._key)
             or any(a[0] is not b[0] or a[1] != b[1] for a, b in zip(key, self._key))
         ):
-            self._build(modules, shared, group)
+            self._build(modules, params, flat.device)
             self._key = key
+        values = flat[self.values_start :]
         row_means = [
-            torch.cat([shared[i] for i in members]).mean(dim=1)
-            if width
-            else values.new_zeros(sum(shared[i].shape[0] for i in members))
-            for width, members in self.row_batches.items()
+            flat[gather].view(n_rows, width).mean(dim=1) if gather is not None else values.new_zeros(n_rows)
+            for width, n_rows, gather in self.row_batches
         ]
-        col_means = [
-            torch.stack([group[i] for i in members]).mean(dim=1).flatten() for members in self.col_batches.values()
-        ]
+        col_means = [flat[gather].view(shape).mean(dim=1).flatten() for shape, gather in self.col_batches]
         column = values + (torch.cat(col_means)[self.column_order] if col_means else values.new_zeros(0))
         scores = (column + torch.cat(row_means)[self.row_of_column]).split(self.ranks)
         out, k = {}, 0
@@ -264,3 +278,11 @@ class TripletPlan:
             out[name] = list(scores[k : k + n])
             k += n
         return out
+
+
+def _segments(starts: list[int], lengths: list[int], device) -> torch.Tensor:
+    """The positions of the segments [start, start + length) one after another, as one index (no loop per
+    segment)."""
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    shift = torch.tensor(starts, dtype=torch.long) - (lengths_t.cumsum(0) - lengths_t)
+    return (torch.arange(int(lengths_t.sum())) + shift.repeat_interleave(lengths_t)).to(device)

@@ -12,8 +12,8 @@ In the engine's storage (docs/architecture.md) the rows of a group's factors are
 shared side (rows ``slot_index[g]``) and the group side (columns ``column_index[g]``); the gradient of
 each row goes back to where it was read from. The gathers of a width are one concatenation of its modules'
 tensors and one index, and the gradients one index_add_ into a flat tensor split into a view per parameter;
-the indices are built once per layout (``OrthogonalityPlan``, rebuilt when a layer's ``layout_version`` or
-tensors change), so a step does no per-module work beyond listing the tensors.
+the indices are built once per layout (``OrthogonalityPlan``: after a layer's ``layout_version`` or tensors change,
+only the widths holding it are built again), so a step does no per-module work beyond checking the layers.
 """
 
 from __future__ import annotations
@@ -33,30 +33,36 @@ class _Width:
     the zero row). B = sum of the modules' groups, R = the largest rank among them."""
 
     def __init__(self, side: str, params: list[torch.Tensor], layers: list[ElasticLoRALinear]) -> None:
-        self.side, self.params = side, params
-        self.sizes = [p.shape[0] if side == "shared" else p.shape[1] for p in params]
+        self.side, self.params, self.layers = side, params, layers
+        shared = side == "shared"
+        self.sizes = [p.shape[0] if shared else p.shape[1] for p in params]
         self.total = sum(self.sizes)
-        width = params[0].shape[1] if side == "shared" else params[0].shape[0]
-        r_max = max(layer.max_rank for layer in layers)
-        index, ranks, offset = [], [], 0  # built from the slot lists: no tensor operation per module
-        for layer, size in zip(layers, self.sizes):
-            column = offset
-            for slots in layer.slots:
-                if side == "shared":
-                    row = [offset + s for s in slots]
-                else:
-                    row = list(range(column, column + len(slots)))
-                    column += len(slots)
-                index.append(row + [self.total] * (r_max - len(slots)))  # past the rank: the zero row
-                ranks.append(len(slots))
-            offset += size
+        width = params[0].shape[1] if shared else params[0].shape[0]
+        layouts = [layer.slot_tuple for layer in layers]
+        ranks = [len(slots) for layout in layouts for slots in layout]  # one per group, modules in order
+        r_max = max(ranks)
+        # The valid entries of the index, row by row: a shared-side row is its slot plus the module's first row;
+        # the group side packs every group's columns in order and the modules one after another, so its valid
+        # entries are 0, 1, ..., total - 1 in that order.
+        if shared:
+            starts = [0]
+            for size in self.sizes[:-1]:
+                starts.append(starts[-1] + size)
+            valid_entries = torch.tensor(
+                [start + s for layout, start in zip(layouts, starts) for slots in layout for s in slots],
+                dtype=torch.long,
+            )
+        else:
+            valid_entries = torch.arange(self.total)
+        ranks_t = torch.tensor(ranks)
+        valid = torch.arange(r_max) < ranks_t[:, None]  # (B, R)
+        index = torch.full(valid.shape, self.total, dtype=torch.long)  # past a group's rank: the zero row
+        index[valid] = valid_entries  # row-major: every group's rows in order
         device, dtype = params[0].device, params[0].dtype
-        self.index = torch.tensor(index, dtype=torch.long, device=device)  # (B, R)
+        self.index = index.to(device)  # (B, R)
         self.flat_index = self.index.flatten()
-        ranks_t = torch.tensor(ranks, device=device)
-        valid = torch.arange(r_max, device=device) < ranks_t[:, None]  # (B, R)
-        self.eye = torch.diag_embed(valid.to(dtype))  # I on each group's true rank
-        self.live = ranks_t > 0
+        self.eye = torch.diag_embed(valid.to(device=device, dtype=dtype))  # I on each group's true rank
+        self.live = (ranks_t > 0).to(device)
         self.zero = torch.zeros(1, width, dtype=dtype, device=device)
 
     @torch.no_grad()
@@ -77,49 +83,77 @@ class _Width:
         return list(zip(self.params, out[:, : self.total].split(self.sizes, dim=1)))
 
 
-def _signature(layers: list[ElasticLoRALinear]) -> list[tuple]:
-    """What a cached plan depends on: every layer's layout version and its two tensors (identity, dtype, device)."""
-    out = []
-    for layer in layers:
-        shared, group = layer.shared_weight, layer.group_weight
-        out.append((layer, shared, group, layer.layout_version, shared.dtype, group.dtype, shared.device))
-    return out
+def _signature(layer: ElasticLoRALinear) -> tuple:
+    """What a layer's part of a cached plan depends on: its layout version and its two tensors (identity, dtype,
+    device)."""
+    shared, group = layer.factors()
+    return (shared, group, layer.layout_version, shared.dtype, group.dtype, shared.device)
 
 
-def _same(a: list[tuple], b: list[tuple]) -> bool:
-    """Same layers, the same tensor objects (``is``), the same versions, dtypes and device."""
-    return len(a) == len(b) and all(all(x is y for x, y in zip(p[:3], q[:3])) and p[3:] == q[3:] for p, q in zip(a, b))
+def _same(a: tuple | None, b: tuple) -> bool:
+    """The same tensor objects (``is``), the same version, dtypes and device."""
+    return a is not None and a[0] is b[0] and a[1] is b[1] and a[2:] == b[2:]
 
 
 class OrthogonalityPlan:
-    """The gathers of :func:`orthogonality_gradients`, built once per layout (every layer's ``layout_version``
-    and tensors) and reused while it holds: a step then costs one concatenation and one index per width, one
-    batched product, and one index_add_ per width for the gradients."""
+    """The gathers of :func:`orthogonality_gradients`, built once per layout and reused while it holds: a step then
+    costs one concatenation and one index per width, one batched product, and one index_add_ per width for the
+    gradients. When layers change (a resize touches a few modules), only the widths holding one of them are built
+    again, and the modules are sorted into widths again only when one joins or leaves a width (its last rank gone,
+    a new dtype or device)."""
 
     def __init__(self) -> None:
-        self._signature: list[tuple] = []
+        self._signatures: dict[ElasticLoRALinear, tuple] = {}  # layer -> its signature when the plan was built
+        self._keys: dict[ElasticLoRALinear, tuple] = {}  # layer -> the widths it belongs to
+        self._layers: list[ElasticLoRALinear] = []
+        self._members: dict[tuple, list[ElasticLoRALinear]] = {}  # (side, width, dtype, device) -> its layers
+        self._by_key: dict[tuple, _Width] = {}
         self.widths: list[_Width] = []
 
     def widths_for(self, layers: Iterable[ElasticLoRALinear]) -> list[_Width]:
         layers = list(layers)
-        signature = _signature(layers)
-        if not _same(signature, self._signature):
-            self.widths = _plan(layers)
-            self._signature = signature
+        signatures = [_signature(layer) for layer in layers]
+        same_layers = len(layers) == len(self._layers) and all(a is b for a, b in zip(layers, self._layers))
+        changed = {
+            layer
+            for layer, signature in zip(layers, signatures)
+            if not same_layers or not _same(self._signatures.get(layer), signature)
+        }
+        if not changed:
+            return self.widths
+        if not same_layers or any(_keys(layer) != self._keys[layer] for layer in changed):
+            self._keys = {layer: _keys(layer) for layer in layers}
+            self._members = {}
+            for layer in layers:
+                for key in self._keys[layer]:
+                    self._members.setdefault(key, []).append(layer)
+        by_key = {}
+        for key, owners in self._members.items():
+            width = self._by_key.get(key)
+            if (
+                width is None
+                or len(width.layers) != len(owners)
+                or any(a is not b for a, b in zip(width.layers, owners))
+                or any(owner in changed for owner in owners)
+            ):
+                side = key[0]
+                params = [owner.factors()[0 if side == "shared" else 1] for owner in owners]
+                width = _Width(side, params, owners)
+            by_key[key] = width
+        self._by_key, self.widths = by_key, list(by_key.values())
+        self._layers, self._signatures = layers, dict(zip(layers, signatures))
         return self.widths
 
 
-def _plan(layers: list[ElasticLoRALinear]) -> list[_Width]:
-    by_width: dict[tuple, tuple[list, list]] = {}
-    for layer in layers:
-        if layer.max_rank == 0:
-            continue
-        shared, group = layer.shared_weight, layer.group_weight
-        for side, p, width in (("shared", shared, shared.shape[1]), ("group", group, group.shape[0])):
-            params, owners = by_width.setdefault((side, width, p.dtype, p.device), ([], []))
-            params.append(p)
-            owners.append(layer)
-    return [_Width(key[0], params, owners) for key, (params, owners) in by_width.items()]
+def _keys(layer: ElasticLoRALinear) -> tuple:
+    """The widths (side, width, dtype, device) a layer's factors belong to; none once it has no rank left."""
+    if layer.max_rank == 0:
+        return ()
+    shared, group = layer.factors()
+    return (
+        ("shared", shared.shape[1], shared.dtype, shared.device),
+        ("group", group.shape[0], group.dtype, group.device),
+    )
 
 
 def orthogonality_gradients(

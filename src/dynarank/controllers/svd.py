@@ -78,6 +78,7 @@ class SVDController(RankController):
                     f"T - t_final={self.schedule.end}, one every {self.schedule.interval}): fewer than {MIN_ROUNDS} "
                     "leave the ranks almost where they started; train longer or resize more often."
                 )
+        self._scored: tuple | None = None  # ((layout versions' sum, E), the scored parameters)
         self.values = ensure_svd_values(model, self.layers, c.seed)
         self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
         self.forget_sizes()  # E are trainable parameters of the model now
@@ -97,8 +98,16 @@ class SVDController(RankController):
         return values.values.numel() if values is not None else 0
 
     def _scored_parameters(self) -> list[nn.Parameter]:
-        """A and B of every module, in a fixed order, then E (one vector for all modules)."""
-        return [p for layer in self.layers.values() for p in layer.adapter_parameters()] + [self.values.values]
+        """A and B of every module, in a fixed order, then E (one vector for all modules). Listed again only when a
+        layout changed (a layer's factors are replaced only by a resize or a load, which bump its version) or E was
+        replaced."""
+        e = self.values.values
+        key = (sum(layer.layout_version for layer in self.layers.values()), e)
+        cached = self._scored
+        if cached is None or cached[0][0] != key[0] or cached[0][1] is not e:
+            listed = [p for layer in self.layers.values() for p in layer.adapter_parameters()] + [e]
+            cached = self._scored = (key, listed)
+        return cached[1]
 
     # ------------------------------------------------------------------ E as the layer's gate
     def _make_gate(self, name: str):
@@ -201,8 +210,7 @@ class SVDController(RankController):
     def triplet_scores(self) -> dict[str, list[torch.Tensor]]:
         """Score of every rank, by module and group (importance.triplet_scores, for every module at once)."""
         params = self._scored_parameters()
-        scores = self.importance.scores(params)
-        return self._triplets.scores(self.layers, scores[0:-1:2], scores[1:-1:2], scores[-1])
+        return self._triplets.scores(self.layers, params, self.importance.flat_scores(params))
 
     def prune_to_budget(self, t: int, record: BudgetRecord, floor: int | None = None) -> None:
         """Remove the lowest-scoring ranks until ``budget_at(t)`` holds (no group below ``floor``)."""
@@ -259,18 +267,25 @@ class SVDController(RankController):
         Returns {module: [(group, position), ...]} of the appended ranks (after the removal).
         """
         added: dict[str, list[tuple[int, int]]] = {}
-        sources: list[torch.Tensor] = []  # where each module's new E entries come from, in its old numbering
+        # Where each entry of the new E comes from, in the old numbering: a module the plan leaves alone keeps its
+        # entries in place, so a run of such modules is one range; only a touched module's entries are worked out.
+        sources: list[torch.Tensor] = []
         offset = fresh = 0  # the module's first entry in the old E; how many entries are appended so far
+        kept_from = 0  # start of the current run of untouched modules' entries
         total = self.values.values.shape[0]
         for name, layer in self.layers.items():
             width = layer.group_weight.shape[1]
+            positions = {g: js for g, js in prune[name].items() if js} if name in prune else {}
+            counts = {g: n for g, n in grow[name].items() if n > 0} if name in grow else {}
+            if not positions and not counts:
+                offset += width
+                continue
+            sources.append(torch.arange(kept_from, offset))
             source = torch.arange(width)
-            positions = {g: js for g, js in prune.get(name, {}).items() if js}
             if positions:
                 source = source[self._kept_columns(layer, positions)]
                 record.params_removed += layer.remove_slots(positions, optimizer=self._carried())
                 record.pruned += sum(len(js) for js in positions.values())
-            counts = {g: n for g, n in grow.get(name, {}).items() if n > 0}
             if counts:
                 source, new = self._grown_columns(layer, counts, source, total - offset + fresh)
                 fresh += new
@@ -280,6 +295,8 @@ class SVDController(RankController):
                 added[name] = [(g, j) for g in sorted(counts) for j in range(old[g], old[g] + counts[g])]
             sources.append(source + offset)
             offset += width
+            kept_from = offset
+        sources.append(torch.arange(kept_from, offset))
         if record.pruned or record.expanded:
             e = self.values.values
             fill = torch.full((fresh,), self.new_rank_value, dtype=e.dtype) if fresh else None
