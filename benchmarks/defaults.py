@@ -336,46 +336,69 @@ def paired(store: RecordStore, task: str, jobs: list[tuple]) -> list[dict]:
     return rows
 
 
+def baseline_rate_at(store: RecordStore, task: str, method: str, budget: int) -> tuple[float | None, list[float]]:
+    """(a stock baseline's rate at ``budget``, the rates it was chosen from): at the middle budget its grid's choice
+    (baseline_rate); at another budget the best validation score of seed 0 among the rates run there (the grid was
+    run at the middle budget only: the rates tried at another budget are listed beside the result)."""
+    steps = quality.TASKS[task]["steps"]
+    if budget == quality.TASKS[task]["tune_budget"]:
+        rate = baseline_rate(store, task, method)
+        return rate, [] if rate is None else ["grid"]
+    sign = 1 if quality.TASKS[task]["higher_is_better"] else -1
+    metric = quality.TASKS[task]["metric"]
+    key = (task, method, budget, 0, steps)
+    tried = [r for r in store.runs if (r["task"], r["method"], r["budget_r"], r["seed"], r["steps"]) == key]
+    if not tried:
+        return None, []
+    best = max(tried, key=lambda r: sign * r["val"][metric])
+    return best["lr"], sorted(r["lr"] for r in tried)
+
+
 def auto_comparisons(choices: dict, stores: dict[str, RecordStore]) -> list[dict]:
     """``lr='auto'`` (quality.py's '+auto' runs of each method's shipped configuration, searched around its shipped
     rate) against the same configuration at the shipped rate, and against stock LoRA and stock AdaLoRA at their best
-    rate on the task: paired by seed at the middle budget (test split; positive = auto is better). Only tasks where
-    auto ran on at least two seeds."""
+    rate on the task (baseline_rate_at): paired by seed at every budget where auto ran on at least two seeds (test
+    split; positive = auto is better)."""
     rows = []
     for task, store in stores.items():
         spec = quality.TASKS[task]
         sign, metric, steps = (1 if spec["higher_is_better"] else -1), spec["metric"], spec["steps"]
-        budget = spec["tune_budget"]
         for method in CHOSEN:
             shipped = choices[method]["shipped"].get(kind(task))
             if shipped is None:
                 continue
             variant, rate = shipped
-            auto = {s: store.get((task, variant + quality.AUTO, budget, rate, s, steps)) for s in SEEDS}
-            auto = {s: r for s, r in auto.items() if r is not None}
-            if len(auto) < 2:
-                continue
-            against = [(f"{variant} {rate:g} (the default)", variant, rate)]
-            against += [(b, b, baseline_rate(store, task, b)) for b in BASELINES]
-            for label, other, other_rate in against:
-                pairs = [(auto[s], store.get((task, other, budget, other_rate, s, steps))) for s in auto]
-                pairs = [(a, b) for a, b in pairs if b is not None]
-                if len(pairs) < 2:
+            budgets = sorted({r["budget_r"] for r in store.runs if r["method"] == variant + quality.AUTO})
+            budgets.sort(key=lambda b: b != spec["tune_budget"])  # the middle budget first
+            for budget in budgets:
+                auto = {s: store.get((task, variant + quality.AUTO, budget, rate, s, steps)) for s in SEEDS}
+                auto = {s: r for s, r in auto.items() if r is not None}
+                if len(auto) < 2:
                     continue
-                diffs = [sign * (a["test"][metric] - b["test"][metric]) for a, b in pairs]
-                rows.append(
-                    {
-                        "task": task,
-                        "method": method,
-                        "vs": label,
-                        **mean_and_stderr(diffs),
-                        "chosen": [a["lr_used"] for a, _ in pairs],
-                        "params": statistics.mean(a["adapter_parameters"] for a, _ in pairs),
-                        "other_params": statistics.mean(b["adapter_parameters"] for _, b in pairs),
-                        # the range test's share of the auto run's own time (the same process, the same load)
-                        "search_share": statistics.mean(a["lr_search"]["seconds"] / a["seconds"] for a, _ in pairs),
-                    }
-                )
+                against = [(f"{variant} {rate:g} (the default)", variant, rate, [])]
+                against += [(b, b, *baseline_rate_at(store, task, b, budget)) for b in BASELINES]
+                for label, other, other_rate, tried in against:
+                    pairs = [(auto[s], store.get((task, other, budget, other_rate, s, steps))) for s in auto]
+                    pairs = [(a, b) for a, b in pairs if b is not None]
+                    if len(pairs) < 2:
+                        continue
+                    diffs = [sign * (a["test"][metric] - b["test"][metric]) for a, b in pairs]
+                    rows.append(
+                        {
+                            "task": task,
+                            "budget": budget,
+                            "middle_budget": budget == spec["tune_budget"],
+                            "method": method,
+                            "vs": label if not tried or tried == ["grid"] else f"{label} {other_rate:g}",
+                            "vs_rates_tried": tried,
+                            **mean_and_stderr(diffs),
+                            "chosen": [a["lr_used"] for a, _ in pairs],
+                            "params": statistics.mean(a["adapter_parameters"] for a, _ in pairs),
+                            "other_params": statistics.mean(b["adapter_parameters"] for _, b in pairs),
+                            # the range test's share of the auto run's own time (the same process, the same load)
+                            "search_share": statistics.mean(a["lr_search"]["seconds"] / a["seconds"] for a, _ in pairs),
+                        }
+                    )
     return rows
 
 
@@ -387,21 +410,27 @@ def auto_markdown(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = [
-        "## lr='auto' (test split, paired by seed, middle budget; positive = auto is better)",
+        "## lr='auto' (test split, paired by seed; positive = auto is better)",
         "",
         "The range test (dynarank/training/lr_search.py) around the shipped default, against the shipped default "
         "itself and against stock LoRA and stock AdaLoRA each at its best rate on the task (quality.py's '+auto' "
-        "runs). Rates chosen: per seed. Search: the range test's share of the auto run's time (its probes, before "
-        "training; the run's time includes its evaluation).",
+        "runs), at every budget where auto ran on two seeds or more (r: the budget as plain LoRA's rank; the middle "
+        "budget is the study's). At the middle budget a baseline's rate is its grid's choice; at another budget the "
+        "best validation score of seed 0 among the rates run there, which the row names (and the 'vs rates tried' "
+        "column lists). Rates chosen: per seed. Search: the range test's share of the auto run's time (its probes, "
+        "before training; the run's time includes its evaluation).",
         "",
-        "| task | method | vs | difference (mean ± s.e.) | rates chosen | params (auto / other) | search |",
-        "|---|---|---|---|---|---|---|",
+        "| task | r | method | vs | vs rates tried | difference (mean ± s.e.) | rates chosen | params (auto / other) "
+        "| search |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         chosen = ", ".join(f"{lr:g}" for lr in r["chosen"])
+        tried = "grid" if r["vs_rates_tried"] == ["grid"] else ", ".join(f"{lr:g}" for lr in r["vs_rates_tried"]) or "-"
         lines.append(
-            f"| {r['task']} | {r['method']} | {r['vs']} | {r['mean']:+.4f} ± {r['stderr']:.4f} (n={r['n']}) | "
-            f"{chosen} | {r['params']:,.0f} / {r['other_params']:,.0f} | {r['search_share']:.0%} |"
+            f"| {r['task']} | {r['budget']} | {r['method']} | {r['vs']} | {tried} | {r['mean']:+.4f} ± "
+            f"{r['stderr']:.4f} (n={r['n']}) | {chosen} | {r['params']:,.0f} / {r['other_params']:,.0f} | "
+            f"{r['search_share']:.0%} |"
         )
     return [*lines, ""]
 

@@ -277,3 +277,51 @@ def test_lr_auto_is_compared_with_the_shipped_default_and_the_tuned_baselines_pa
     assert default["mean"] == pytest.approx(0.01) and default["chosen"] == [1e-2, 3e-3]
     assert default["search_share"] == pytest.approx((12 / 30 + 12 / 40) / 2)  # the search's share of each auto run
     assert lora["vs"] == "lora" and lora["mean"] == pytest.approx(0.01)
+
+
+def test_lr_auto_at_another_budget_meets_the_baseline_at_its_best_rate_of_those_run_there(tmp_path, monkeypatch):
+    import defaults as study
+    import quality
+
+    from records import RecordStore
+
+    spec = {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
+    monkeypatch.setattr(quality, "TASKS", {"a": spec})
+    monkeypatch.setattr(study, "CHOSEN", ["m"])
+    monkeypatch.setattr(study, "BASELINES", ["lora"])
+    store = RecordStore(tmp_path / "runs.json", quality.record_key)
+    runs = [  # (method, budget, rate, seed, validation, test, lr used)
+        ("m+auto", 6, 3e-3, 0, 0.9, 0.86, 1e-3),
+        ("m+auto", 6, 3e-3, 1, 0.9, 0.88, 3e-3),
+        ("m", 6, 3e-3, 0, 0.9, 0.87, 3e-3),
+        ("m", 6, 3e-3, 1, 0.9, 0.86, 3e-3),
+        ("lora", 6, 3e-3, 0, 0.88, 0.85, 3e-3),  # seed 0's best validation at r=6: the rate compared
+        ("lora", 6, 3e-3, 1, 0.88, 0.84, 3e-3),
+        ("lora", 6, 1e-2, 0, 0.50, 0.50, 1e-2),  # diverged: not the baseline's rate
+        ("lora", 6, 1e-2, 1, 0.50, 0.50, 1e-2),
+    ]
+    for method, budget, lr, seed, val, test, used in runs:
+        store.add(
+            {
+                "task": "a",
+                "method": method,
+                "budget_r": budget,
+                "lr": lr,
+                "seed": seed,
+                "steps": 10,
+                "val": {"acc": val},
+                "test": {"acc": test},
+                "lr_used": used,
+                "seconds": 10.0,
+                "adapter_parameters": 100,
+                "lr_search": {"seconds": 5.0} if method.endswith("+auto") else None,
+            }
+        )
+    choices = {"m": {"shipped": {"classify": ("m", 3e-3)}}}
+    default, lora = study.auto_comparisons(choices, {"a": store})
+    assert default["budget"] == 6 and not default["middle_budget"]
+    assert default["mean"] == pytest.approx(0.005) and default["chosen"] == [1e-3, 3e-3]
+    assert lora["vs"] == "lora 0.003" and lora["vs_rates_tried"] == [3e-3, 1e-2]
+    assert lora["mean"] == pytest.approx(0.025)
+    table = "\n".join(study.auto_markdown([default, lora]))
+    assert "| a | 6 | m | lora 0.003 | 0.003, 0.01 | +0.0250 ± 0.0150 (n=2) |" in table
