@@ -131,9 +131,10 @@ def figures() -> dict[str, str]:
 
     # lr='auto' against the shipped default and the tuned stock baselines (benchmarks/defaults.py's auto table)
     for row in _record("defaults.json").get("auto", []):
-        against = "default" if row["vs"].endswith("(the default)") else row["vs"]
-        if row["method"] == "ard" and against in ("default", "lora") and row.get("middle_budget", True):  # quoted
-            out[f"auto {row['task']} ard - {against}"] = f"{row['mean']:+.3f} ± {row['stderr']:.3f}"
+        against = "default" if row["vs"].endswith("(the default)") else row["vs"].split()[0]
+        if row["method"] == "ard" and against in ("default", "lora"):  # what the README quotes
+            at = "" if row.get("middle_budget", True) else f" r={row['budget']}"
+            out[f"auto {row['task']}{at} ard - {against}"] = f"{row['mean']:+.3f} ± {row['stderr']:.3f}"
     for setting in ("minilm-16x16", "decoder-224", "decoder-224_240steps"):
         methods = _record(f"method_overhead_{setting}.json")["methods"]
         for method in ("ard", "elalora", "adalora-physical"):
