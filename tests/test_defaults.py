@@ -325,3 +325,32 @@ def test_lr_auto_at_another_budget_meets_the_baseline_at_its_best_rate_of_those_
     assert lora["mean"] == pytest.approx(0.025)
     table = "\n".join(study.auto_markdown([default, lora]))
     assert "| a | 6 | m | lora 0.003 | 0.003, 0.01 | +0.0250 ± 0.0150 (n=2) |" in table
+
+
+@pytest.mark.parametrize(
+    "budget_r, lr, warned",
+    [(1.0, None, True), (0.5, None, True), (2.0, None, False), (1.0, 3e-3, False)],
+    ids=["lora-r1-budget", "below-it", "twice-it", "rate-given"],
+)
+def test_ard_on_a_classifier_at_a_budget_of_lora_r1_or_less_warns_before_training_when_the_rate_is_the_default(
+    budget_r, lr, warned
+):
+    from dynarank.training.loop import TrainSpec, train_classifier
+    from tiny_models import WordTokenizer, examples, tiny_bert
+
+    model = tiny_bert()
+    lora_r1 = sum(m.in_features + m.out_features for n, m in model.named_modules() if n.endswith(("query", "value")))
+    spec = TrainSpec(
+        method="ard",
+        r=4,
+        target_modules=["query", "value"],
+        lr=lr,
+        max_steps=4,
+        batch_size=8,
+        dynarank={"target_params": int(budget_r * lora_r1)},
+    )
+    result = train_classifier(model, WordTokenizer(), examples(32), spec)
+    said = [w for w in result.metrics["warnings"] if "plain LoRA r=1" in w]
+    assert bool(said) == warned
+    if warned:
+        assert f"({lora_r1:,})" in said[0] and "default rate 0.003" in said[0] and "--lr auto" in said[0]
