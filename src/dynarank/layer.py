@@ -249,8 +249,8 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
             zp = z.view(n, self.n_groups, -1) if self._dense else take_columns(F.pad(z, (0, 1)), self.slot_index)
             if gate is not None:
                 zp = zp * gate  # (N, G, r_max)
-            if self.n_groups == 1:
-                return zp[:, 0] @ w[:, 0].t()  # (N, d_out)
+            if self.n_groups == 1:  # a reshape, not zp[:, 0]: a select's backward allocates and fills a zero tensor
+                return zp.reshape(n, -1) @ w.reshape(w.shape[0], -1).t()  # (N, d_out)
             return torch.einsum("ngr,dgr->ngd", zp, w).reshape(n, self.out_features)
         xg = x.view(n, self.n_groups, self.group_size)  # (N, G, d_g)
         zp = torch.einsum("ngd,dgr->ngr", xg, w)  # (N, G, r_max)
