@@ -354,11 +354,14 @@ def baseline_rate_at(store: RecordStore, task: str, method: str, budget: int) ->
     return best["lr"], sorted(r["lr"] for r in tried)
 
 
-def auto_comparisons(choices: dict, stores: dict[str, RecordStore]) -> list[dict]:
+def auto_comparisons(choices: dict, stores: dict[str, RecordStore], fixed: bool = False) -> list[dict]:
     """``lr='auto'`` (quality.py's '+auto' runs of each method's shipped configuration, searched around its shipped
     rate) against the same configuration at the shipped rate, and against stock LoRA and stock AdaLoRA at their best
     rate on the task (baseline_rate_at): paired by seed at every budget where auto ran on at least two seeds (test
-    split; positive = auto is better)."""
+    split; positive = auto is better).
+
+    ``fixed``: the shipped configuration at its shipped rate instead, against the baselines, at the budgets other
+    than the middle one (the middle budget's are the left-out checks) where it ran on at least two seeds."""
     rows = []
     for task, store in stores.items():
         spec = quality.TASKS[task]
@@ -368,38 +371,68 @@ def auto_comparisons(choices: dict, stores: dict[str, RecordStore]) -> list[dict
             if shipped is None:
                 continue
             variant, rate = shipped
-            budgets = sorted({r["budget_r"] for r in store.runs if r["method"] == variant + quality.AUTO})
+            subject = variant if fixed else variant + quality.AUTO
+            budgets = sorted({r["budget_r"] for r in store.runs if r["method"] == subject and r["lr"] == rate})
             budgets.sort(key=lambda b: b != spec["tune_budget"])  # the middle budget first
+            if fixed:
+                budgets = [b for b in budgets if b != spec["tune_budget"]]
             for budget in budgets:
-                auto = {s: store.get((task, variant + quality.AUTO, budget, rate, s, steps)) for s in SEEDS}
-                auto = {s: r for s, r in auto.items() if r is not None}
-                if len(auto) < 2:
+                runs = {s: store.get((task, subject, budget, rate, s, steps)) for s in SEEDS}
+                runs = {s: r for s, r in runs.items() if r is not None}
+                if len(runs) < 2:
                     continue
-                against = [(f"{variant} {rate:g} (the default)", variant, rate, [])]
+                against = [] if fixed else [(f"{variant} {rate:g} (the default)", variant, rate, [])]
                 against += [(b, b, *baseline_rate_at(store, task, b, budget)) for b in BASELINES]
                 for label, other, other_rate, tried in against:
-                    pairs = [(auto[s], store.get((task, other, budget, other_rate, s, steps))) for s in auto]
+                    pairs = [(runs[s], store.get((task, other, budget, other_rate, s, steps))) for s in runs]
                     pairs = [(a, b) for a, b in pairs if b is not None]
                     if len(pairs) < 2:
                         continue
                     diffs = [sign * (a["test"][metric] - b["test"][metric]) for a, b in pairs]
-                    rows.append(
-                        {
-                            "task": task,
-                            "budget": budget,
-                            "middle_budget": budget == spec["tune_budget"],
-                            "method": method,
-                            "vs": label if not tried or tried == ["grid"] else f"{label} {other_rate:g}",
-                            "vs_rates_tried": tried,
-                            **mean_and_stderr(diffs),
-                            "chosen": [a["lr_used"] for a, _ in pairs],
-                            "params": statistics.mean(a["adapter_parameters"] for a, _ in pairs),
-                            "other_params": statistics.mean(b["adapter_parameters"] for _, b in pairs),
-                            # the range test's share of the auto run's own time (the same process, the same load)
-                            "search_share": statistics.mean(a["lr_search"]["seconds"] / a["seconds"] for a, _ in pairs),
-                        }
-                    )
+                    row = {
+                        "task": task,
+                        "budget": budget,
+                        "middle_budget": budget == spec["tune_budget"],
+                        "method": method,
+                        "vs": label if not tried or tried == ["grid"] else f"{label} {other_rate:g}",
+                        "vs_rates_tried": tried,
+                        **mean_and_stderr(diffs),
+                        "params": statistics.mean(a["adapter_parameters"] for a, _ in pairs),
+                        "other_params": statistics.mean(b["adapter_parameters"] for _, b in pairs),
+                    }
+                    if fixed:
+                        row["rate"] = rate
+                    else:
+                        row["chosen"] = [a["lr_used"] for a, _ in pairs]
+                        # the range test's share of the auto run's own time (the same process, the same load)
+                        row["search_share"] = statistics.mean(
+                            a["lr_search"]["seconds"] / a["seconds"] for a, _ in pairs
+                        )
+                    rows.append(row)
     return rows
+
+
+def fixed_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## The shipped default away from the middle budget (test split, paired by seed; positive = the default is "
+        "better)",
+        "",
+        "Each method's shipped configuration at its shipped rate, at the budgets other than the study's middle one "
+        "where it ran on two seeds or more, against stock LoRA and stock AdaLoRA at their best rate there (as in the "
+        "lr='auto' table below: seed 0's best validation score among the rates run at that budget).",
+        "",
+        "| task | r | method (rate) | vs | vs rates tried | difference (mean ± s.e.) | params (default / other) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tried = ", ".join(f"{lr:g}" for lr in r["vs_rates_tried"]) or "-"
+        lines.append(
+            f"| {r['task']} | {r['budget']} | {r['method']} ({r['rate']:g}) | {r['vs']} | {tried} | "
+            f"{r['mean']:+.4f} ± {r['stderr']:.4f} (n={r['n']}) | {r['params']:,.0f} / {r['other_params']:,.0f} |"
+        )
+    return [*lines, ""]
 
 
 def _name(candidate: tuple | None) -> str:
@@ -435,7 +468,14 @@ def auto_markdown(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[str], auto: list[dict] = ()) -> str:
+def markdown(
+    choices: dict,
+    jobs: dict,
+    comparisons: list[dict],
+    commands: list[str],
+    auto: list[dict] = (),
+    fixed: list[dict] = (),
+) -> str:
     lines = [
         "# Default learning rates: chosen on some tasks, checked on the others",
         "",
@@ -482,7 +522,7 @@ def markdown(choices: dict, jobs: dict, comparisons: list[dict], commands: list[
             f"| {c['task']} | {c['method']} ({choice}) | {c['baseline']} | {c['mean']:+.4f} ± {c['stderr']:.4f} "
             f"(n={c['n']}) | {c['params']:,.0f} / {c['baseline_params']:,.0f} |"
         )
-    lines += ["", *auto_markdown(list(auto))]
+    lines += ["", *fixed_markdown(list(fixed)), *auto_markdown(list(auto))]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -525,16 +565,18 @@ def main() -> None:
             )
     comparisons = [row for task, wanted in jobs.items() for row in paired(stores[task], task, wanted)]
     auto = auto_comparisons(choices, stores)
+    fixed = auto_comparisons(choices, stores, fixed=True)
     record = {
         "shipped": shipped_rates(choices),
         "choices": _jsonable(choices),
         "jobs": jobs,
         "comparisons": comparisons,
         "auto": auto,
+        "default_away_from_the_middle": fixed,
         "commands": [command],
     }
     (args.results / "defaults.json").write_text(json.dumps(record, indent=1))
-    text = markdown(choices, jobs, comparisons, [command], auto)
+    text = markdown(choices, jobs, comparisons, [command], auto, fixed)
     (args.results / "defaults.md").write_text(text)
     print(text)
 

@@ -325,6 +325,13 @@ def test_lr_auto_at_another_budget_meets_the_baseline_at_its_best_rate_of_those_
     assert lora["mean"] == pytest.approx(0.025)
     table = "\n".join(study.auto_markdown([default, lora]))
     assert "| a | 6 | m | lora 0.003 | 0.003, 0.01 | +0.0250 ± 0.0150 (n=2) |" in table
+    # the shipped default itself against the baselines, away from the middle budget
+    (fixed,) = study.auto_comparisons(choices, {"a": store}, fixed=True)
+    assert (fixed["budget"], fixed["vs"], fixed["rate"]) == (6, "lora 0.003", 3e-3)
+    assert fixed["mean"] == pytest.approx(0.02) and "search_share" not in fixed
+    assert "| a | 6 | m (0.003) | lora 0.003 | 0.003, 0.01 | +0.0200 ± 0.0000 (n=2) |" in "\n".join(
+        study.fixed_markdown([fixed])
+    )
 
 
 @pytest.mark.parametrize(

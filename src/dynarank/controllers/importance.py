@@ -18,6 +18,7 @@ or B, the triplet score is ``s(E)[c] + mean(s(shared)[slot, :]) + mean(s(group)[
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -214,9 +215,7 @@ class TripletPlan:
 
     def _build(self, layers: list[ElasticLoRALinear], params: list[torch.Tensor], device) -> None:
         sizes = [p.numel() for p in params]
-        starts = [0]
-        for size in sizes[:-1]:
-            starts.append(starts[-1] + size)
+        starts = list(itertools.accumulate(sizes[:-1], initial=0))  # each parameter's first element in the vector
         shared, group = params[0:-1:2], params[1:-1:2]  # in the flat vector: A / B of module i at 2i / 2i + 1
         rows: dict[int, list[int]] = {}  # width -> modules
         for i, t in enumerate(shared):

@@ -18,6 +18,7 @@ only the widths holding it are built again), so a step does no per-module work b
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -45,9 +46,7 @@ class _Width:
         # the group side packs every group's columns in order and the modules one after another, so its valid
         # entries are 0, 1, ..., total - 1 in that order.
         if shared:
-            starts = [0]
-            for size in self.sizes[:-1]:
-                starts.append(starts[-1] + size)
+            starts = itertools.accumulate(self.sizes[:-1], initial=0)  # each module's first row
             valid_entries = torch.tensor(
                 [start + s for layout, start in zip(layouts, starts) for slots in layout for s in slots],
                 dtype=torch.long,

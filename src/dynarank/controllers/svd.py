@@ -78,7 +78,7 @@ class SVDController(RankController):
                     f"T - t_final={self.schedule.end}, one every {self.schedule.interval}): fewer than {MIN_ROUNDS} "
                     "leave the ranks almost where they started; train longer or resize more often."
                 )
-        self._scored: tuple | None = None  # ((layout versions' sum, E), the scored parameters)
+        self._scored: tuple | None = None  # (layout versions' sum, E, the scored parameters)
         self.values = ensure_svd_values(model, self.layers, c.seed)
         self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
         self.forget_sizes()  # E are trainable parameters of the model now
@@ -102,12 +102,11 @@ class SVDController(RankController):
         layout changed (a layer's factors are replaced only by a resize or a load, which bump its version) or E was
         replaced."""
         e = self.values.values
-        key = (sum(layer.layout_version for layer in self.layers.values()), e)
-        cached = self._scored
-        if cached is None or cached[0][0] != key[0] or cached[0][1] is not e:
+        version = sum(layer.layout_version for layer in self.layers.values())
+        if self._scored is None or self._scored[0] != version or self._scored[1] is not e:
             listed = [p for layer in self.layers.values() for p in layer.adapter_parameters()] + [e]
-            cached = self._scored = (key, listed)
-        return cached[1]
+            self._scored = (version, e, listed)
+        return self._scored[2]
 
     # ------------------------------------------------------------------ E as the layer's gate
     def _make_gate(self, name: str):

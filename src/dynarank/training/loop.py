@@ -186,7 +186,7 @@ def warn_of_a_small_budget_at_the_default_rate(spec: TrainSpec, controller: Rank
         return
     controller.warn_before_training(
         f"ARD's budget, {budget:,} adapter parameters, is at most plain LoRA r=1's on these targets ({lora_r1:,}), "
-        f"and it trains at the classifiers' default rate {spec.lr:g}, chosen at twice that budget: at r=1, 1e-2 "
+        f"and it trains at the classifiers' default rate {spec.lr:g}, chosen at plain LoRA r=2's budget: at r=1, 1e-2 "
         "trained better on every classification data set measured (docs/defaults.md). Try --lr auto or --lr 0.01."
     )
 
