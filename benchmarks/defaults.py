@@ -196,8 +196,10 @@ def configuration_candidates(
 FAILED_BELOW = 0.7
 
 
-def failed(stores: dict[str, RecordStore], tasks: list[str]) -> dict[tuple[str, float], list[str]]:
-    """(variant, rate) -> the runs of ``tasks`` (any budget and seed) where it failed."""
+def failed(
+    stores: dict[str, RecordStore], tasks: list[str], budget: int | None = None
+) -> dict[tuple[str, float], list[str]]:
+    """(variant, rate) -> the runs of ``tasks`` (any seed; any budget, or only ``budget``) where it failed."""
     out: dict[tuple[str, float], list[str]] = {}
     for task in tasks:
         if stores.get(task) is None:  # no records (a study run on given scores)
@@ -208,7 +210,9 @@ def failed(stores: dict[str, RecordStore], tasks: list[str]) -> dict[tuple[str, 
         for r in stores[task].runs:
             if r["task"] == task and r["steps"] == spec["steps"]:
                 by_budget.setdefault(r["budget_r"], []).append(r)
-        for budget, group in by_budget.items():
+        for at, group in by_budget.items():
+            if budget is not None and at != budget:
+                continue
             values = [r["val"][metric] for r in group if math.isfinite(r["val"][metric])]
             if not values:
                 continue
@@ -217,7 +221,7 @@ def failed(stores: dict[str, RecordStore], tasks: list[str]) -> dict[tuple[str, 
                 v = r["val"][metric]
                 share = 0.0 if not math.isfinite(v) else (v / best if higher else best / v)
                 if share < FAILED_BELOW:
-                    out.setdefault((r["method"], r["lr"]), []).append(f"{task} r={budget} seed {r['seed']}")
+                    out.setdefault((r["method"], r["lr"]), []).append(f"{task} r={at} seed {r['seed']}")
     return out
 
 
@@ -276,6 +280,120 @@ def shipped_rates(choices: dict) -> dict[str, dict[str, float]]:
     for rates in tables.values():
         rates.update({m: rates[source] for m, source in FOLLOWS.items() if source in rates})
     return tables
+
+
+def middle_budget(k: str) -> int:
+    """The study's middle budget of kind ``k`` (plain LoRA's rank): every task of the kind tunes at the same one."""
+    found = {spec["tune_budget"] for spec in quality.TASKS.values() if spec["kind"] == k}
+    assert len(found) == 1, f"the {k} tasks tune at different budgets: {sorted(found)}"
+    return found.pop()
+
+
+def budget_grid(store: RecordStore, task: str, variant: str, budget: int) -> dict[tuple[str, float], float]:
+    """Validation metric per (variant, rate) of ``variant``'s seed-0 runs on ``task`` at ``budget``."""
+    steps = quality.TASKS[task]["steps"]
+    return {
+        (variant, r["lr"]): r["val"][quality.TASKS[task]["metric"]]
+        for r in store.runs
+        if (r["task"], r["method"], r["budget_r"], r["seed"], r["steps"]) == (task, variant, budget, 0, steps)
+    }
+
+
+def budget_study(choices: dict, stores: dict[str, RecordStore]) -> dict:
+    """Per kind and method: the rates chosen at budgets other than the middle one, where every task of the kind ran
+    a grid (two rates or more, seed 0) of the method's shipped configuration there. The same procedure as the
+    middle budget's: relative validation scores, the best mean over the kind's tasks among the rates all of them ran
+    and none failed at that budget (ties to the lower rate), and each task's choice without it."""
+    out: dict = {}
+    for method in CHOSEN:
+        for k, shipped in choices[method]["shipped"].items():
+            if shipped is None:
+                continue
+            variant = shipped[0]
+            tasks = sorted(t for t in stores if kind(t) == k)
+            budgets = {
+                r["budget_r"] for t in tasks for r in stores[t].runs if r["method"] == variant and r["seed"] == 0
+            } - {middle_budget(k)}
+            for budget in sorted(budgets):
+                grids = {t: budget_grid(stores[t], t, variant, budget) for t in tasks}
+                if not tasks or any(len(g) < 2 for g in grids.values()):
+                    continue  # not every task of the kind ran a grid here
+                scores = {t: relative(g, quality.TASKS[t]["higher_is_better"]) for t, g in grids.items()}
+                bad = failed(stores, tasks, budget)
+                allowed = {c for c in common(scores, tasks) if c not in bad}
+                chosen, means = choose(scores, tasks, allowed)
+                left_out = {}
+                for t in tasks:  # chosen on the others alone: what failed on t itself is not known there
+                    others = [u for u in tasks if u != t]
+                    bad_elsewhere = failed(stores, others, budget)
+                    left_out[t] = choose(scores, others, {c for c in common(scores, others) if c not in bad_elsewhere})[
+                        0
+                    ]
+                out.setdefault(k, {}).setdefault(method, {})[budget] = {
+                    "scores": scores,
+                    "mean_relative": means,
+                    "failed": {c: bad[c] for c in common(scores, tasks) if c in bad},
+                    "shipped": chosen,
+                    "left_out": left_out,
+                }
+    return out
+
+
+def budget_rates(by_budget: dict) -> dict[str, dict[str, dict[int, float]]]:
+    """The tables dynarank.defaults.BUDGET_LR should hold: per kind and method, the rate chosen at each budget."""
+    return {
+        k: {m: {b: found["shipped"][1] for b, found in budgets.items()} for m, budgets in methods.items()}
+        for k, methods in by_budget.items()
+    }
+
+
+def shipped_rate_at(choices: dict, by_budget: dict, method: str, task: str, budget: int) -> tuple[str, float] | None:
+    """(variant, rate) ``method`` ships with on ``task``'s kind at ``budget``: the rate chosen at the studied budget
+    nearest on a log scale (a tie: the middle one), as dynarank.defaults.default_lr takes it."""
+    shipped = choices[method]["shipped"].get(kind(task))
+    if shipped is None:
+        return None
+    middle = middle_budget(kind(task))
+    studied = {middle: shipped, **{b: f["shipped"] for b, f in by_budget.get(kind(task), {}).get(method, {}).items()}}
+    nearest = min(sorted(studied), key=lambda b: (abs(math.log(b / budget)), b != middle))
+    return studied[nearest]
+
+
+def budget_markdown(by_budget: dict) -> list[str]:
+    if not by_budget:
+        return []
+    lines = [
+        "## Rates at other budgets (relative validation score per rate, seed 0; 1 = the task's best rate there)",
+        "",
+        "Where every task of a kind ran a grid of a method's shipped configuration at a budget other than the middle "
+        "one (r: plain LoRA's rank), its rate there is chosen as at the middle budget: the best mean relative score "
+        "over the kind's tasks among the rates all ran and none failed at that budget; the left-out choice is each "
+        "task's without it. dynarank.defaults.BUDGET_LR holds these; a run takes the rate of the studied budget "
+        "nearest its own on a log scale.",
+        "",
+    ]
+    for k, methods in by_budget.items():
+        for method, budgets in methods.items():
+            for budget, found in budgets.items():
+                keys = sorted({c for sc in found["scores"].values() for c in sc})
+                lines += [
+                    f"### {method}, {k}, r={budget}",
+                    "",
+                    "| task | " + " | ".join(_name(c) for c in keys) + " | left-out choice |",
+                    "|---|" + "---|" * (len(keys) + 1),
+                ]
+                for task, scores in found["scores"].items():
+                    cells = [f"{scores[c]:.3f}" if c in scores else "-" for c in keys]
+                    lines.append(f"| {task} | " + " | ".join(cells) + f" | {_name(found['left_out'][task])} |")
+                means = ", ".join(f"{_name(c)} {v:.3f}" for c, v in found["mean_relative"].items())
+                lines += ["", f"Mean over the tasks: {means}. Chosen: **{_name(found['shipped'])}**"]
+                if found["failed"]:
+                    lines.append(
+                        "Failed there: "
+                        + "; ".join(f"{_name(c)} ({', '.join(where)})" for c, where in found["failed"].items())
+                    )
+                lines.append("")
+    return lines
 
 
 def baseline_rate(store: RecordStore, task: str, method: str) -> float | None:
@@ -354,29 +472,40 @@ def baseline_rate_at(store: RecordStore, task: str, method: str, budget: int) ->
     return best["lr"], sorted(r["lr"] for r in tried)
 
 
-def auto_comparisons(choices: dict, stores: dict[str, RecordStore], fixed: bool = False) -> list[dict]:
+def auto_comparisons(
+    choices: dict, stores: dict[str, RecordStore], fixed: bool = False, by_budget: dict | None = None
+) -> list[dict]:
     """``lr='auto'`` (quality.py's '+auto' runs of each method's shipped configuration, searched around its shipped
     rate) against the same configuration at the shipped rate, and against stock LoRA and stock AdaLoRA at their best
     rate on the task (baseline_rate_at): paired by seed at every budget where auto ran on at least two seeds (test
     split; positive = auto is better).
 
     ``fixed``: the shipped configuration at its shipped rate instead, against the baselines, at the budgets other
-    than the middle one (the middle budget's are the left-out checks) where it ran on at least two seeds."""
+    than the middle one (the middle budget's are the left-out checks) where it ran on at least two seeds.
+
+    The shipped rate at a budget (auto's centre there) is the one the library takes there (shipped_rate_at, with
+    ``by_budget``: budget_study's choices; without it, the middle budget's rate everywhere)."""
     rows = []
     for task, store in stores.items():
         spec = quality.TASKS[task]
         sign, metric, steps = (1 if spec["higher_is_better"] else -1), spec["metric"], spec["steps"]
         for method in CHOSEN:
-            shipped = choices[method]["shipped"].get(kind(task))
-            if shipped is None:
+            if choices[method]["shipped"].get(kind(task)) is None:
                 continue
-            variant, rate = shipped
+            variant = choices[method]["shipped"][kind(task)][0]
             subject = variant if fixed else variant + quality.AUTO
-            budgets = sorted({r["budget_r"] for r in store.runs if r["method"] == subject and r["lr"] == rate})
+            rate_at = {
+                b: shipped_rate_at(choices, by_budget or {}, method, task, b)[1]
+                for b in {r["budget_r"] for r in store.runs if r["method"] == subject}
+            }
+            budgets = sorted(
+                b for b in rate_at if any(store.has((task, subject, b, rate_at[b], s, steps)) for s in SEEDS)
+            )
             budgets.sort(key=lambda b: b != spec["tune_budget"])  # the middle budget first
             if fixed:
                 budgets = [b for b in budgets if b != spec["tune_budget"]]
             for budget in budgets:
+                rate = rate_at[budget]
                 runs = {s: store.get((task, subject, budget, rate, s, steps)) for s in SEEDS}
                 runs = {s: r for s, r in runs.items() if r is not None}
                 if len(runs) < 2:
@@ -475,6 +604,7 @@ def markdown(
     commands: list[str],
     auto: list[dict] = (),
     fixed: list[dict] = (),
+    by_budget: dict | None = None,
 ) -> str:
     lines = [
         "# Default learning rates: chosen on some tasks, checked on the others",
@@ -508,6 +638,7 @@ def markdown(
                 ),
                 "",
             ]
+    lines += budget_markdown(by_budget or {})
     lines += [
         "## Left-out checks (test split, 3 seeds, paired by seed; positive = the method is better)",
         "",
@@ -564,10 +695,14 @@ def main() -> None:
                 lambda job, record, store=store: store.add(record),
             )
     comparisons = [row for task, wanted in jobs.items() for row in paired(stores[task], task, wanted)]
-    auto = auto_comparisons(choices, stores)
-    fixed = auto_comparisons(choices, stores, fixed=True)
+    by_budget = budget_study(choices, stores)
+    auto = auto_comparisons(choices, stores, by_budget=by_budget)
+    fixed = auto_comparisons(choices, stores, fixed=True, by_budget=by_budget)
     record = {
         "shipped": shipped_rates(choices),
+        "middle_budget": {k: middle_budget(k) for k in sorted({kind(t) for t in stores})},
+        "shipped_by_budget": budget_rates(by_budget),
+        "budgets": _jsonable(by_budget),
         "choices": _jsonable(choices),
         "jobs": jobs,
         "comparisons": comparisons,
@@ -576,7 +711,7 @@ def main() -> None:
         "commands": [command],
     }
     (args.results / "defaults.json").write_text(json.dumps(record, indent=1))
-    text = markdown(choices, jobs, comparisons, [command], auto, fixed)
+    text = markdown(choices, jobs, comparisons, [command], auto, fixed, by_budget)
     (args.results / "defaults.md").write_text(text)
     print(text)
 

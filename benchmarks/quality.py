@@ -241,11 +241,13 @@ def base_method(method: str) -> str:
     return ABLATIONS[method][0] if method in ABLATIONS else method
 
 
-def auto_centre(method: str, task_name: str) -> float:
-    """The rate a '+auto' run searches around: its method's default for the task's kind (the record's lr)."""
+def auto_centre(method: str, task_name: str, budget_r: int) -> float:
+    """The rate a '+auto' run searches around: its method's default for the task's kind at the budget (plain LoRA's
+    rank; the record's lr). Full fine-tuning has no budget."""
     from dynarank.defaults import default_lr
 
-    return default_lr(base_method(method), TASKS[task_name]["kind"])
+    base = base_method(method)
+    return default_lr(base, TASKS[task_name]["kind"], None if base == "full" else budget_r)
 
 
 def variants() -> list[str]:
@@ -930,8 +932,12 @@ def main() -> None:
             submit([(m, 0 if m == "full" else budgets[0], 5e-5 if m == "full" else 1e-3, 0) for m in args.methods])
         else:
             if args.lr is not None or all(loop_variant(m)[1] == AUTO for m in args.methods):
-                rate = {m: auto_centre(m, args.task) if loop_variant(m)[1] == AUTO else args.lr for m in args.methods}
-                submit([(m, 0 if m == "full" else r, rate[m], s) for s in seeds for m in args.methods for r in budgets])
+                def rate(m: str, r: int) -> float:
+                    return auto_centre(m, args.task, r) if loop_variant(m)[1] == AUTO else args.lr
+
+                submit(
+                    [(m, 0 if m == "full" else r, rate(m, r), s) for s in seeds for m in args.methods for r in budgets]
+                )
             else:
                 while jobs := tuning_jobs(store, args.task, args.methods, steps):
                     if not submit(jobs):

@@ -17,7 +17,7 @@ import yaml
 import dynarank
 from dynarank import DynaRankConfig, attach
 from dynarank.cli import main
-from dynarank.defaults import DEFAULT_LR, TASKS, default_lr, source, task_of
+from dynarank.defaults import BUDGET_LR, DEFAULT_LR, MIDDLE_BUDGET, TASKS, default_lr, source, task_of
 from dynarank.training.loop import TrainSpec
 from dynarank.training.methods import ALL_METHODS
 from test_cli import train_args, write_csv
@@ -29,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 def test_the_table_is_the_one_the_defaults_study_chose():
     record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/defaults.json").read_text())
     assert DEFAULT_LR == record["shipped"]
+    assert MIDDLE_BUDGET == record["middle_budget"]
+    by_budget = record["shipped_by_budget"]  # JSON keys: the budgets as strings
+    assert BUDGET_LR == {
+        k: {m: {int(b): lr for b, lr in rates.items()} for m, rates in t.items()} for k, t in by_budget.items()
+    }
 
 
 def test_ard_with_a_budget_starts_as_the_configuration_the_study_chose_for_each_kind():
@@ -334,19 +339,71 @@ def test_lr_auto_at_another_budget_meets_the_baseline_at_its_best_rate_of_those_
     )
 
 
+# ------------------------------------------------------------------------------------------- rates per budget
+@pytest.fixture
+def budget_tables(monkeypatch):
+    """A table with rates chosen at r=1 and r=8 beside the middle budget's (r=2)."""
+    import dynarank.defaults as defaults
+
+    monkeypatch.setitem(defaults.DEFAULT_LR, "classify", {**defaults.DEFAULT_LR["classify"], "ard": 3e-3})
+    monkeypatch.setattr(defaults, "MIDDLE_BUDGET", {"classify": 2, "causal-lm": 4})
+    monkeypatch.setattr(defaults, "BUDGET_LR", {"classify": {"ard": {1: 1e-2, 8: 1e-3}}})
+    return defaults
+
+
 @pytest.mark.parametrize(
-    "budget_r, lr, warned",
-    [(1.0, None, True), (0.5, None, True), (2.0, None, False), (1.0, 3e-3, False)],
-    ids=["lora-r1-budget", "below-it", "twice-it", "rate-given"],
+    "budget, rate",
+    [(None, 3e-3), (0.25, 1e-2), (1, 1e-2), (1.4, 1e-2), (1.5, 3e-3), (2, 3e-3), (4, 3e-3), (4.5, 1e-3), (32, 1e-3)],
 )
-def test_ard_on_a_classifier_at_a_budget_of_lora_r1_or_less_warns_before_training_when_the_rate_is_the_default(
-    budget_r, lr, warned
+def test_a_budget_takes_the_rate_chosen_at_the_studied_budget_nearest_on_a_log_scale(budget_tables, budget, rate):
+    assert budget_tables.default_lr("ard", "classify", budget) == rate
+    assert budget_tables.default_lr("elalora", "classify", budget) == DEFAULT_LR["classify"]["elalora"]  # none studied
+
+
+def test_a_tie_between_two_studied_budgets_goes_to_the_middle_one(budget_tables):
+    assert budget_tables.default_lr("ard", "classify", 2**0.5) == 3e-3  # as far from r=1 as from r=2 (log scale)
+    assert budget_tables.default_lr("ard", "classify", 4) == 3e-3  # as far from r=8 as from r=2
+
+
+def test_a_budget_s_rate_says_where_it_came_from(budget_tables):
+    assert budget_tables.source("classify", 1.0, "ard") == (
+        "dynarank.defaults (docs/defaults.md), classify, chosen at plain LoRA r=1's budget (this run's: r=1)"
+    )
+    assert budget_tables.source("classify", 2.5, "ard") == source("classify")  # the middle table's
+    with pytest.raises(ValueError, match="positive number of plain LoRA ranks"):
+        budget_tables.default_lr("ard", "classify", 0)
+
+
+def lora_r1_parameters(model, suffixes=("query", "value")) -> int:
+    return sum(m.in_features + m.out_features for n, m in model.named_modules() if n.endswith(suffixes))
+
+
+@pytest.mark.parametrize("budget_r", [1, 2], ids=["lora-r1-budget", "middle-budget"])
+def test_the_library_s_optimizer_takes_the_rate_of_the_adapter_s_budget(budget_r):
+    model = tiny_bert()
+    target_params = budget_r * lora_r1_parameters(model)
+    model = attach(
+        model, DynaRankConfig(method="ard", r=4, target_modules=["query", "value"], target_params=target_params)
+    )
+    controller = dynarank.build_controller(model, total_steps=100)
+    assert controller.budget_in_lora_ranks() == budget_r
+    assert {g["lr"] for g in controller.build_optimizer().param_groups} == {default_lr("ard", "classify", budget_r)}
+    assert default_lr("ard", "classify", 1) != default_lr("ard", "classify", 2)  # so the budget matters
+
+
+@pytest.mark.parametrize(
+    "budget_r, lr, expected",
+    [(1.0, None, "r1"), (0.5, None, "r1"), (2.0, None, "middle"), (1.0, 3e-3, "given")],
+    ids=["lora-r1-budget", "below-it", "the-middle-budget", "rate-given"],
+)
+def test_a_run_with_a_budget_trains_at_the_rate_chosen_at_that_budget_and_records_where_it_came_from(
+    budget_r, lr, expected
 ):
-    from dynarank.training.loop import TrainSpec, train_classifier
-    from tiny_models import WordTokenizer, examples, tiny_bert
+    from dynarank.training.loop import train_classifier
+    from tiny_models import WordTokenizer, examples
 
     model = tiny_bert()
-    lora_r1 = sum(m.in_features + m.out_features for n, m in model.named_modules() if n.endswith(("query", "value")))
+    lora_r1 = lora_r1_parameters(model)
     spec = TrainSpec(
         method="ard",
         r=4,
@@ -356,8 +413,64 @@ def test_ard_on_a_classifier_at_a_budget_of_lora_r1_or_less_warns_before_trainin
         batch_size=8,
         dynarank={"target_params": int(budget_r * lora_r1)},
     )
-    result = train_classifier(model, WordTokenizer(), examples(32), spec)
-    said = [w for w in result.metrics["warnings"] if "plain LoRA r=1" in w]
-    assert bool(said) == warned
-    if warned:
-        assert f"({lora_r1:,})" in said[0] and "default rate 0.003" in said[0] and "--lr auto" in said[0]
+    metrics = train_classifier(model, WordTokenizer(), examples(32), spec).metrics
+    rate = {"r1": BUDGET_LR["classify"]["ard"][1], "middle": DEFAULT_LR["classify"]["ard"], "given": lr}[expected]
+    assert metrics["lr"] == rate
+    if expected == "r1":
+        assert metrics["lr_source"].endswith(f"chosen at plain LoRA r=1's budget (this run's: r={budget_r:.3g})")
+    else:
+        assert metrics["lr_source"] == ("given" if expected == "given" else source("classify"))
+
+
+def test_a_cli_run_with_a_budget_records_the_rate_chosen_at_that_budget(tmp_path):
+    from tiny_models import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    data = write_csv(tmp_path / "data.csv")
+    model = dynarank.training.models.load_classifier(model_dir, ["neg", "pos"])[0]
+    from dynarank.training.estimate import lora_parameters
+    from dynarank.training.loop import default_target_modules
+
+    lora_r1 = lora_parameters(model, default_target_modules(model), 1)
+    options = ["--method", "ard", "--target-params", str(lora_r1), "--r0", "4"]
+    assert main(train_args(model_dir, data, tmp_path / "run", *options)) == 0
+    record = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert record["lr"] == default_lr("ard", "classify", 1) == BUDGET_LR["classify"]["ard"][1]
+    assert "chosen at plain LoRA r=1's budget" in record["lr_source"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["lr"], summary["lr_source"]) == (record["lr"], record["lr_source"])
+
+
+def test_the_study_chooses_a_rate_at_a_budget_where_every_task_of_the_kind_ran_a_grid(tmp_path, monkeypatch):
+    import defaults as study
+    import quality
+
+    from records import RecordStore
+
+    spec = {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
+    monkeypatch.setattr(quality, "TASKS", {t: spec for t in "abc"})
+    monkeypatch.setattr(study, "CHOSEN", ["m"])
+    store = RecordStore(tmp_path / "runs.json", quality.record_key)
+    runs = {  # (task, budget): validation accuracy per rate of m's shipped configuration, seed 0
+        ("a", 1): {3e-3: 0.70, 1e-2: 0.80, 3e-2: 0.30},  # 3e-2 fails on a (0.375 of the best)
+        ("b", 1): {3e-3: 0.75, 1e-2: 0.78, 3e-2: 0.79},
+        ("c", 1): {3e-3: 0.60, 1e-2: 0.70, 3e-2: 0.72},
+        ("a", 6): {3e-3: 0.90, 1e-2: 0.50},  # only a ran a grid at r=6: no choice there
+        ("b", 6): {3e-3: 0.90},
+    }
+    for (task, budget), grid in runs.items():
+        for lr, acc in grid.items():
+            store.add(
+                {"task": task, "method": "m", "budget_r": budget, "lr": lr, "seed": 0, "steps": 10, "val": {"acc": acc}}
+            )
+    stores = {t: store for t in "abc"}
+    choices = {"m": {"shipped": {"classify": ("m", 3e-3)}}}
+    found = study.budget_study(choices, stores)
+    assert set(found["classify"]["m"]) == {1}
+    at_r1 = found["classify"]["m"][1]
+    assert at_r1["shipped"] == ("m", 1e-2)  # 3e-2 failed on a, so it cannot ship however it scores elsewhere
+    # without a, its failure is unknown: b and c alone choose 3e-2; a and b, or a and c, choose 1e-2
+    assert at_r1["left_out"] == {"a": ("m", 3e-2), "b": ("m", 1e-2), "c": ("m", 1e-2)}
+    assert study.budget_rates(found) == {"classify": {"m": {1: 1e-2}}}
+    assert study.shipped_rate_at(choices, found, "m", "a", 1) == ("m", 1e-2)
+    assert study.shipped_rate_at(choices, found, "m", "a", 6) == ("m", 3e-3)  # nearer the middle budget

@@ -121,6 +121,16 @@ def test_the_causal_lm_search_is_centred_on_the_causal_lm_default():
     assert found.centre == default_lr("ard", "causal-lm") == 1e-2 and found.chosen == 1e-2
 
 
+def test_the_search_is_centred_on_the_default_at_the_run_s_budget():
+    from dynarank.defaults import BUDGET_LR
+
+    probes = FakeProbes({3e-3: 0.9, 1e-2: 0.8, 3e-2: 0.85})
+    found = search_rate(Scored(), encoded(), 0, spec(budget_r=1.0), probes, 80)
+    assert found.centre == default_lr("ard", "classify", 1.0) == BUDGET_LR["classify"]["ard"][1]
+    assert found.centre != default_lr("ard", "classify")  # the middle budget's: so the budget moved the centre
+    assert found.candidates == pytest.approx([3e-3, 1e-2, 3e-2])
+
+
 # ------------------------------------------------------------------------------------------- a real run
 @pytest.fixture(scope="module")
 def auto_run():

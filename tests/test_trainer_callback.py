@@ -96,6 +96,20 @@ def test_a_trainer_left_at_transformers_default_rate_is_warned_with_the_method_s
     assert "transformers' default (5e-05)" in caplog.text and expected in caplog.text
 
 
+def test_the_trainer_s_warning_gives_the_rate_at_the_adapter_s_budget(tmp_path, caplog):
+    base = tiny_bert()
+    lora_r1 = sum(m.in_features + m.out_features for n, m in base.named_modules() if n.endswith("query"))
+    model = attach(base, DynaRankConfig(method="ard", r=4, target_modules=["query"], target_params=lora_r1))
+    data = TokenDataset()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[dynarank.DynaRankCallback(model)])
+    with caplog.at_level("WARNING", logger="dynarank"):
+        trainer.train()
+    rate = dynarank.default_lr("ard", "classify", budget=1)
+    assert rate != dynarank.default_lr("ard", "classify")  # the budget's rate, not the middle one's
+    assert f"set learning_rate={rate:g} (dynarank.default_lr('ard', 'classify', budget=1))" in caplog.text
+
+
 def test_a_trainer_given_its_own_rate_is_not_warned(tmp_path, caplog):
     model = attach(tiny_bert(), DynaRankConfig(method="ard", r=2, target_modules=["query"]))
     trainer, _ = make("callback", tmp_path, model, max_steps=10)  # learning_rate=1e-2

@@ -10,13 +10,20 @@ How the values were chosen (benchmarks/defaults.py): a learning-rate grid per me
 budget, each rate scored relative to that data set's best; the rate best on average over the data sets of the kind
 is shipped, unless it failed (diverged, or ended far below the best) in a run at any budget of those data sets, and
 each data set is checked with the rate chosen without it. tests/test_defaults.py holds this table
-equal to the study's record. Every run records the rate it used and where it came from.
+equal to the study's record.
+
+Why per budget too, where the study measured it: the rate that trains best moves with the adapter's size. ARD on the
+classifiers held to plain LoRA r=1's budget trains best at 1e-2 on all three data sets, where r=2's budget takes 3e-3
+and 1e-2 diverges at r=6 (BUDGET_LR; a run's budget is its ``target_params`` as plain LoRA's rank on its targets). Every run records the rate it used and where it came from.
 
 The names are the run vocabulary: dynarank's methods and the stock baselines (``lora``, ``dora``, ``adalora``,
 ``full``) that the application trains beside them.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 TASKS = ("classify", "causal-lm")  # the CLI's --task values
 DEFAULT_LR: dict[str, dict[str, float]] = {
@@ -47,21 +54,59 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
         "full": 1e-4,
     },
 }
+# The budget DEFAULT_LR was chosen at, per kind: the adapter size of plain LoRA at this rank on the same targets
+# (the study's middle budget).
+MIDDLE_BUDGET: dict[str, float] = {"classify": 2, "causal-lm": 4}
+# Rates chosen at other budgets (plain LoRA ranks -> rate), where the study ran a rate grid at that budget on every
+# data set of the kind (benchmarks/defaults.py, "Rates at other budgets"). A run with a budget takes the rate of the
+# studied budget nearest to its own on a log scale (DEFAULT_LR's at the middle one); a run without one, DEFAULT_LR's.
+BUDGET_LR: dict[str, dict[str, dict[float, float]]] = {
+    "classify": {"ard": {1: 1e-2}},
+    "causal-lm": {"ard": {1: 1e-2}},
+}
 SOURCE = "dynarank.defaults (docs/defaults.md)"
 
 
-def source(task: str) -> str:
-    """What a run records as the origin of a default rate (``lr_source``)."""
-    return f"{SOURCE}, {task}"
+def source(task: str, budget: float | None = None, method: str | None = None) -> str:
+    """What a run records as the origin of a default rate (``lr_source``): the table, and the studied budget the
+    rate was chosen at when it is not the middle one."""
+    studied = None if budget is None or method is None else studied_budget(method, task, budget)
+    if studied is None or studied == MIDDLE_BUDGET[task]:
+        return f"{SOURCE}, {task}"
+    return f"{SOURCE}, {task}, chosen at plain LoRA r={studied:g}'s budget (this run's: r={budget:.3g})"
 
 
-def default_lr(method: str, task: str = "classify") -> float:
-    """The learning rate ``method`` trains with on ``task`` when none is given (KeyError naming the choices)."""
+def studied_budget(method: str, task: str, budget: float) -> float:
+    """The budget (plain LoRA ranks) whose rate a run of ``method`` with ``budget`` takes: the studied one nearest
+    on a log scale (a tie goes to the middle one)."""
+    middle = MIDDLE_BUDGET[task]
+    studied = {middle, *BUDGET_LR.get(task, {}).get(method, {})}
+    return min(sorted(studied), key=lambda b: (abs(math.log(b / budget)), b != middle))
+
+
+def default_lr(method: str, task: str = "classify", budget: float | None = None) -> float:
+    """The learning rate ``method`` trains with on ``task`` when none is given (KeyError naming the choices).
+
+    ``budget``: the run's adapter budget as plain LoRA's rank on the same targets (:func:`budget_in_lora_ranks`),
+    None for a run without one: the rate chosen at the studied budget nearest to it."""
     if task not in DEFAULT_LR:
         raise KeyError(f"no default learning rates for task {task!r}; tasks: {', '.join(DEFAULT_LR)}.")
     if method not in DEFAULT_LR[task]:
         raise KeyError(f"no default learning rate for {method!r}; methods: {', '.join(DEFAULT_LR[task])}.")
-    return DEFAULT_LR[task][method]
+    if budget is None:
+        return DEFAULT_LR[task][method]
+    if not budget > 0:
+        raise ValueError(f"budget must be a positive number of plain LoRA ranks, not {budget!r}.")
+    studied = studied_budget(method, task, budget)
+    return BUDGET_LR[task][method][studied] if studied != MIDDLE_BUDGET[task] else DEFAULT_LR[task][method]
+
+
+def budget_in_lora_ranks(target_params: int | None, shapes: Iterable[tuple[int, int]]) -> float | None:
+    """An adapter budget of ``target_params`` parameters as plain LoRA's rank on the target matrices of ``shapes``
+    ((d_in, d_out) each; a rank of LoRA costs d_in + d_out per matrix): the scale the defaults were chosen on.
+    None without a budget or targets."""
+    per_rank = sum(d_in + d_out for d_in, d_out in shapes)
+    return None if target_params is None or per_rank == 0 else target_params / per_rank
 
 
 def task_of(model) -> str:

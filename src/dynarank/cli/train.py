@@ -146,7 +146,7 @@ def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
         seed=o.seed,
         max_grad_norm=o.max_grad_norm,
         dynarank=o.method_knobs(),
-    )
+    ).for_model(model)  # the default rate of this model's kind at this adapter's budget, before config.yaml says it
     check_adapter_fits(model, spec)
     return Inputs(task, model, tokenizer, train, held, spec)
 

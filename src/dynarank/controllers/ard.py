@@ -53,7 +53,6 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..defaults import default_lr, task_of
 from ..rank_init import RANK_INIT_ATTR
 from .ard_calibration import ARDCalibration
 from .ard_gates import ARD_ATTR, ARDGates, mask_gate
@@ -210,14 +209,14 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
 
     def param_groups(self, lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
         """The caller's optimizer groups: adapters and task head. The alphas are stepped by the controller itself."""
-        return super().param_groups(lr if lr is not None else self._default_lr(), weight_decay)
+        return super().param_groups(lr if lr is not None else self.default_lr(), weight_decay)
 
     def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
-        return super().build_optimizer(lr if lr is not None else self._default_lr(), weight_decay, **kwargs)
+        return super().build_optimizer(lr if lr is not None else self.default_lr(), weight_decay, **kwargs)
 
-    def _default_lr(self) -> float:
-        """The paper preset's 1e-4, else the method's default (dynarank.defaults)."""
-        return self.settings.lr if self.settings.lr is not None else default_lr(self.config.method, task_of(self.model))
+    def default_lr(self) -> float:
+        """The paper preset's 1e-4, else the method's default (dynarank.defaults, at this adapter's budget)."""
+        return self.settings.lr if self.settings.lr is not None else super().default_lr()
 
     # ------------------------------------------------------------------ phases
     def phase(self, step: int | None = None) -> str:

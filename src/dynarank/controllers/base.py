@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attach import ATTACHED_ATTR, count_trainable, elastic_layers
 from ..config import ConfigError, DynaRankConfig
-from ..defaults import default_lr, task_of
+from ..defaults import budget_in_lora_ranks, default_lr, task_of
 from ..layer import ElasticLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -110,10 +110,20 @@ class RankController:
         main = [p for p in self.model.parameters() if p.requires_grad and id(p) not in gate_ids]
         return [{"params": main, "lr": lr, "weight_decay": weight_decay, "name": "adapter"}]
 
+    def budget_in_lora_ranks(self) -> float | None:
+        """The adapter budget (``target_params``) as plain LoRA's rank on these targets; None without one (fixed
+        ranks have none)."""
+        shapes = ((layer.in_features, layer.out_features) for layer in self.layers.values())
+        return budget_in_lora_ranks(getattr(self.config, "target_params", None), shapes)
+
+    def default_lr(self) -> float:
+        """The rate this method trains with when none is given (dynarank.defaults): the table of this kind of model,
+        at the studied budget nearest this adapter's."""
+        return default_lr(self.config.method, task_of(self.model), self.budget_in_lora_ranks())
+
     def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
-        """AdamW over :meth:`param_groups`, already bound to this controller (``lr`` None: the method's default,
-        dynarank.defaults, for the kind of model this is)."""
-        lr = default_lr(self.config.method, task_of(self.model)) if lr is None else lr
+        """AdamW over :meth:`param_groups`, already bound to this controller (``lr`` None: :meth:`default_lr`)."""
+        lr = self.default_lr() if lr is None else lr
         optimizer = torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, **kwargs)
         self.bind(optimizer)
         return optimizer

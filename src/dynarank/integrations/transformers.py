@@ -65,7 +65,7 @@ from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
 from ..controllers.ard_gates import ARD_ATTR
 from ..controllers.svd import SVD_ATTR
-from ..defaults import default_lr, task_of
+from ..defaults import task_of
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..fsdp import is_sharded
 from ..guards import nonfinite_gradients
@@ -156,12 +156,13 @@ def warn_of_transformers_default_lr(args, controller: RankController) -> str | N
     transformers_default = TrainingArguments.__dataclass_fields__["learning_rate"].default
     if args.learning_rate != transformers_default:
         return None
-    method, task = controller.config.method, task_of(controller.model)
-    rate = default_lr(method, task)
+    method, task, budget = controller.config.method, task_of(controller.model), controller.budget_in_lora_ranks()
+    rate = controller.default_lr()
+    at = "" if budget is None else f", budget={budget:.3g}"  # the adapter's budget as plain LoRA's rank
     warning = (
         f"the Trainer's learning_rate is transformers' default ({transformers_default:g}); {method} on a {task} "
-        f"model trains at {rate:g} by default (docs/defaults.md): set learning_rate="
-        f"dynarank.default_lr({method!r}, {task!r}) unless {transformers_default:g} is your choice."
+        f"model trains at {rate:g} by default (docs/defaults.md): set learning_rate={rate:g} "
+        f"(dynarank.default_lr({method!r}, {task!r}{at})) unless {transformers_default:g} is your choice."
     )
     logger.warning(warning)
     return warning

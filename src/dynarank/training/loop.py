@@ -34,6 +34,7 @@ from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
 from ..rank_init import init_ranks, needs_rank_init
 from .data import Examples
+from .estimate import lora_parameters
 from .lr_search import AUTO, RateSearch, search_rate
 from .methods import (
     ALL_METHODS,
@@ -94,9 +95,12 @@ class TrainSpec:
     # stock AdaLoRA); full fine-tuning ignores r and target_modules.
     dynarank: dict[str, Any] = field(default_factory=dict)
     # What kind of model trains: it picks the table of default rates. train() follows the model it is given
-    # (for_task), so only a spec whose rate is read before training (the CLI's record) needs to set it.
+    # (for_model), so only a spec whose rate is read before training (the CLI's record) needs to set it.
     task: str = "classify"
     lr_source: str | None = None  # set here: 'given', or which table of defaults the rate came from
+    # The adapter budget (dynarank's target_params) as plain LoRA's rank on the targets, which a default rate follows
+    # (dynarank.defaults.BUDGET_LR); None: no budget. Set by for_model from the model's targets.
+    budget_r: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
@@ -104,7 +108,8 @@ class TrainSpec:
         if self.task not in TASKS:
             raise ConfigError("task", f"{self.task!r} is not known; choose one of {', '.join(TASKS)}.")
         if self.lr is None:
-            self.lr, self.lr_source = default_lr(self.method, self.task), source(self.task)
+            self.lr = default_lr(self.method, self.task, self.budget_r)
+            self.lr_source = source(self.task, self.budget_r, self.method)
         elif self.lr == AUTO:
             default_lr(self.method, self.task)  # a method without a default has nothing to search around
             self.lr_source = AUTO
@@ -118,13 +123,26 @@ class TrainSpec:
             raise ValueError(f"max_grad_norm must be a positive number or None, not {self.max_grad_norm!r}.")
         check_knobs(self.method, self.config_fields())
 
-    def for_task(self, task: str) -> TrainSpec:
-        """This spec for a model of ``task``: a given rate stays, a default one becomes that task's default."""
-        if task == self.task:
+    def for_model(self, model: nn.Module) -> TrainSpec:
+        """This spec for ``model``: its kind of task (:func:`dynarank.defaults.task_of`) and the budget as plain
+        LoRA's rank on its targets. A given rate stays; a default one becomes the default of that kind and budget."""
+        return self.for_task(task_of(model), self.budget_on(model))
+
+    def budget_on(self, model: nn.Module) -> float | None:
+        """A dynarank method's ``target_params`` as plain LoRA's rank on the Linear modules it targets in ``model``."""
+        if self.method not in DYNARANK_METHODS:
+            return None
+        target_params = self.dynarank.get("target_params")
+        return None if target_params is None else target_params / max(1, lora_parameters(model, self.target_modules, 1))
+
+    def for_task(self, task: str, budget_r: float | None = None) -> TrainSpec:
+        """This spec for a model of ``task`` and an adapter budget of ``budget_r`` plain LoRA ranks: a given rate
+        stays, a default one becomes that task's default at that budget."""
+        if (task, budget_r) == (self.task, self.budget_r):
             return self
         if self.lr_source == "given" or self.lr == AUTO:
-            return replace(self, task=task)
-        return replace(self, task=task, lr=None, lr_source=None)
+            return replace(self, task=task, budget_r=budget_r)
+        return replace(self, task=task, budget_r=budget_r, lr=None, lr_source=None)
 
     def config_fields(self) -> dict[str, Any]:
         """The config fields of the run: for a dynarank method, what its DynaRankConfig is built from."""
@@ -173,22 +191,6 @@ def prepare_model(
             raise ConfigError("method", f"{spec.method!r} initialises from the training batches: give them.")
         data_init_baseline(model, spec.method, init_batches())
     return model, None
-
-
-def warn_of_a_small_budget_at_the_default_rate(spec: TrainSpec, controller: RankController | None) -> None:
-    """ARD on a classifier, held to plain LoRA r=1's budget or less, at the table's rate (chosen at r=2's budget):
-    a warning before training with what was measured there (docs/defaults.md, "the rate and the budget")."""
-    if controller is None or spec.method != "ard" or spec.task != "classify" or spec.lr_source != source(spec.task):
-        return
-    budget = controller.config.target_params
-    lora_r1 = sum(layer.in_features + layer.out_features for layer in controller.layers.values())
-    if budget is None or budget > lora_r1:
-        return
-    controller.warn_before_training(
-        f"ARD's budget, {budget:,} adapter parameters, is at most plain LoRA r=1's on these targets ({lora_r1:,}), "
-        f"and it trains at the classifiers' default rate {spec.lr:g}, chosen at plain LoRA r=2's budget: at r=1, 1e-2 "
-        "trained better on every classification data set measured (docs/defaults.md). Try --lr auto or --lr 0.01."
-    )
 
 
 @dataclass
@@ -326,7 +328,7 @@ def train(
     """
     run_control = RunControl(**control)
     restored = checkpoint.latest(run_control.run_dir) if run_control.resume else None  # read once, used twice
-    spec, search = _resolve_rate(model, encoded, pad_id, spec.for_task(task_of(model)), run_control, restored)
+    spec, search = _resolve_rate(model, encoded, pad_id, spec.for_model(model), run_control, restored)
     loop = _Loop(model, encoded, pad_id, spec, run_control, search, restored)
     t0 = time.perf_counter()
     loop.run(evaluate)
@@ -390,8 +392,6 @@ class _Loop:
         self.init_seconds = time.perf_counter() - t0  # attaching, and the data pass of a method that starts from data
         if self.n_workers > 1 and getattr(self.controller, "rank_init", None) is not None and not control.resume:
             check_same_ranks(self.controller)  # the statistics were reduced: every worker must have set the same ranks
-        if not control.resume:
-            warn_of_a_small_budget_at_the_default_rate(spec, self.controller)
         state = tensors = None
         if control.resume:
             _, state, tensors = restored or checkpoint.latest(control.run_dir)

@@ -154,7 +154,7 @@ def search_rate(
     ``train_probe(model, encoded, spec, stop_after)`` trains one probe (the training loop on the run's schedule,
     stopped after ``stop_after`` steps; no checkpoints, no evaluation) and returns the trained model."""
     t0 = time.perf_counter()
-    centre = default_lr(spec.method, spec.task)
+    centre = default_lr(spec.method, spec.task, spec.budget_r)
     rates = candidates_around(centre)
     steps = probe_steps(total_steps)
     fit, held = split_held_out(len(encoded["input_ids"]), spec.seed, spec.batch_size)
