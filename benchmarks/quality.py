@@ -932,6 +932,7 @@ def main() -> None:
             submit([(m, 0 if m == "full" else budgets[0], 5e-5 if m == "full" else 1e-3, 0) for m in args.methods])
         else:
             if args.lr is not None or all(loop_variant(m)[1] == AUTO for m in args.methods):
+
                 def rate(m: str, r: int) -> float:
                     return auto_centre(m, args.task, r) if loop_variant(m)[1] == AUTO else args.lr
 
