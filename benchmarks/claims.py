@@ -135,6 +135,10 @@ def figures() -> dict[str, str]:
         if row["method"] == "ard" and against in ("default", "lora"):  # what the README quotes
             at = "" if row.get("middle_budget", True) else f" r={row['budget']}"
             out[f"auto {row['task']}{at} ard - {against}"] = f"{row['mean']:+.3f} ± {row['stderr']:.3f}"
+    # the shipped default at r=1, where it follows the budget (the defaults study's table away from the middle budget)
+    for row in _record("defaults.json").get("default_away_from_the_middle", []):
+        if row["method"] == "ard" and row["budget"] == 1 and row["vs"].startswith("lora"):
+            out[f"default {row['task']} r=1 ard - lora"] = f"{row['mean']:+.3f} ± {row['stderr']:.3f}"
     for setting in ("minilm-16x16", "decoder-224", "decoder-224_240steps"):
         methods = _record(f"method_overhead_{setting}.json")["methods"]
         for method in ("ard", "elalora", "adalora-physical"):

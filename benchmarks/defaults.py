@@ -305,15 +305,15 @@ def budget_study(choices: dict, stores: dict[str, RecordStore]) -> dict:
     middle budget's: relative validation scores, the best mean over the kind's tasks among the rates all of them ran
     and none failed at that budget (ties to the lower rate), and each task's choice without it."""
     out: dict = {}
-    for method in CHOSEN:
-        for k, shipped in choices[method]["shipped"].items():
+    for method, found in choices.items():  # dynarank's methods and the stock baselines (study())
+        for k, shipped in found["shipped"].items():
             if shipped is None:
                 continue
             variant = shipped[0]
             tasks = sorted(t for t in stores if kind(t) == k)
             budgets = {
                 r["budget_r"] for t in tasks for r in stores[t].runs if r["method"] == variant and r["seed"] == 0
-            } - {middle_budget(k)}
+            } - {middle_budget(k), 0}  # 0: full fine-tuning, which has no budget
             for budget in sorted(budgets):
                 grids = {t: budget_grid(stores[t], t, variant, budget) for t in tasks}
                 if not tasks or any(len(g) < 2 for g in grids.values()):
@@ -340,11 +340,15 @@ def budget_study(choices: dict, stores: dict[str, RecordStore]) -> dict:
 
 
 def budget_rates(by_budget: dict) -> dict[str, dict[str, dict[int, float]]]:
-    """The tables dynarank.defaults.BUDGET_LR should hold: per kind and method, the rate chosen at each budget."""
-    return {
+    """The tables dynarank.defaults.BUDGET_LR should hold: per kind and method, the rate chosen at each budget (the
+    methods that take another's rate, FOLLOWS, take its rates per budget too)."""
+    tables = {
         k: {m: {b: found["shipped"][1] for b, found in budgets.items()} for m, budgets in methods.items()}
         for k, methods in by_budget.items()
     }
+    for rates in tables.values():
+        rates.update({m: dict(rates[source]) for m, source in FOLLOWS.items() if source in rates})
+    return tables
 
 
 def shipped_rate_at(choices: dict, by_budget: dict, method: str, task: str, budget: int) -> tuple[str, float] | None:

@@ -19,7 +19,7 @@ from dynarank import DynaRankConfig, attach
 from dynarank.cli import main
 from dynarank.defaults import BUDGET_LR, DEFAULT_LR, MIDDLE_BUDGET, TASKS, default_lr, source, task_of
 from dynarank.training.loop import TrainSpec
-from dynarank.training.methods import ALL_METHODS
+from dynarank.training.methods import ALL_METHODS, DYNARANK_METHODS
 from test_cli import train_args, write_csv
 from tiny_models import tiny_bert, tiny_llama
 
@@ -420,6 +420,51 @@ def test_a_run_with_a_budget_trains_at_the_rate_chosen_at_that_budget_and_record
         assert metrics["lr_source"].endswith(f"chosen at plain LoRA r=1's budget (this run's: r={budget_r:.3g})")
     else:
         assert metrics["lr_source"] == ("given" if expected == "given" else source("classify"))
+
+
+@pytest.mark.parametrize(
+    "method, knobs, budget",
+    [
+        ("lora", {}, "r"),  # a fixed rank: r itself
+        ("dora", {}, "r"),
+        ("eva", {}, "r"),
+        ("dynarank-lora", {}, "r"),
+        ("adalora", {}, "r"),  # stock AdaLoRA prunes to r on average
+        ("elalora", {}, "r"),  # ElaLoRA conserves its total rank
+        ("adalora-physical", {"target_rank": 0.5}, 0.5),  # ends at target_rank per matrix
+        ("ard", {}, None),  # ARD's r is where it starts, not a budget
+        ("ard", {"target_params": "lora r=1"}, 1.0),
+        ("elalora", {"target_params": "lora r=1"}, 1.0),
+        ("elalora", {"granularity": "head"}, None),  # a rank per head is not plain LoRA's rank
+        ("full", {}, None),
+    ],
+)
+@pytest.mark.parametrize("r", [1, 2])
+def test_a_run_s_budget_is_its_fixed_rank_or_its_controller_s_target_in_plain_lora_ranks(method, knobs, budget, r):
+    model = tiny_bert()
+    lora_r1 = lora_r1_parameters(model)
+    knobs = {k: lora_r1 if v == "lora r=1" else v for k, v in knobs.items()}
+    spec = TrainSpec(method=method, r=r, target_modules=["query", "value"], dynarank=knobs)
+    expected = float(r) if budget == "r" else budget
+    assert spec.budget_on(model) == expected
+    trained = spec.for_model(model)
+    assert (trained.lr, trained.budget_r) == (default_lr(method, "classify", expected), expected)
+    if method == "lora":  # stock LoRA at r=1 takes the rate chosen there (BUDGET_LR), at r=2 the middle one
+        assert trained.lr == (BUDGET_LR["classify"]["lora"][1] if r == 1 else DEFAULT_LR["classify"]["lora"])
+    if method in DYNARANK_METHODS:  # the controller of the attached adapter says the same
+        attach(model, DynaRankConfig(method=method, **trained.config_fields()))
+        assert dynarank.build_controller(model, total_steps=100).budget_in_lora_ranks() == expected
+
+
+def test_a_fixed_rank_controller_s_budget_is_its_rank():
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=1, target_modules=["query"]))
+    controller = dynarank.build_controller(model, total_steps=10)
+    assert controller.budget_in_lora_ranks() == 1.0
+    assert (
+        controller.default_lr()
+        == default_lr("dynarank-lora", "classify", 1)
+        == BUDGET_LR["classify"]["dynarank-lora"][1]
+    )
 
 
 def test_a_cli_run_with_a_budget_records_the_rate_chosen_at_that_budget(tmp_path):

@@ -24,7 +24,8 @@ The names are the run vocabulary: dynarank's methods and the stock baselines (``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 TASKS = ("classify", "causal-lm")  # the CLI's --task values
 DEFAULT_LR: dict[str, dict[str, float]] = {
@@ -62,9 +63,12 @@ MIDDLE_BUDGET: dict[str, float] = {"classify": 2, "causal-lm": 4}
 # data set of the kind (benchmarks/defaults.py, "Rates at other budgets"). A run with a budget takes the rate of the
 # studied budget nearest to its own on a log scale (DEFAULT_LR's at the middle one); a run without one, DEFAULT_LR's.
 BUDGET_LR: dict[str, dict[str, dict[float, float]]] = {
-    "classify": {"ard": {1: 1e-2}},
+    # stock LoRA (and the methods that take its rate) at r=1 on the classifiers: 1e-2 best on all three data sets
+    "classify": {"ard": {1: 1e-2}, "lora": {1: 1e-2}, "dynarank-lora": {1: 1e-2}, "eva": {1: 1e-2}},
     "causal-lm": {"ard": {1: 1e-2}},
 }
+# Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
+RANK_BUDGET_METHODS = ("dynarank-lora", "lora", "dora", "eva", "adalora")
 SOURCE = "dynarank.defaults (docs/defaults.md)"
 
 
@@ -108,6 +112,21 @@ def budget_in_lora_ranks(target_params: int | None, shapes: Iterable[tuple[int, 
     None without a budget or targets."""
     per_rank = sum(d_in + d_out for d_in, d_out in shapes)
     return None if target_params is None or per_rank == 0 else target_params / per_rank
+
+
+def budget_of(method: str, r: int, knobs: Mapping[str, Any], shapes: Iterable[tuple[int, int]]) -> float | None:
+    """A run's adapter budget as plain LoRA's rank (what default_lr's ``budget`` takes), from its method, rank and
+    config fields: r for a fixed rank (and stock AdaLoRA, which prunes to r on average); ``target_params`` over LoRA
+    r=1's parameters on the targets (``shapes``) for a rank controller held to one; an SVD method per matrix without
+    one ends at ``target_rank`` per matrix, or keeps r (ElaLoRA conserves it). None: no budget (ARD without
+    ``target_params``, whose r is only where it starts; full fine-tuning; an SVD method per head)."""
+    if method in RANK_BUDGET_METHODS:
+        return float(r)
+    if knobs.get("target_params") is not None:
+        return budget_in_lora_ranks(knobs["target_params"], shapes)
+    if method in ("elalora", "adalora-physical") and knobs.get("granularity", "matrix") == "matrix":
+        return float(knobs.get("target_rank") or r)
+    return None
 
 
 def task_of(model) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..attach import ATTACHED_ATTR, count_trainable, elastic_layers
 from ..config import ConfigError, DynaRankConfig
-from ..defaults import budget_in_lora_ranks, default_lr, task_of
+from ..defaults import budget_of, default_lr, task_of
 from ..layer import ElasticLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -111,10 +111,10 @@ class RankController:
         return [{"params": main, "lr": lr, "weight_decay": weight_decay, "name": "adapter"}]
 
     def budget_in_lora_ranks(self) -> float | None:
-        """The adapter budget (``target_params``) as plain LoRA's rank on these targets; None without one (fixed
-        ranks have none)."""
-        shapes = ((layer.in_features, layer.out_features) for layer in self.layers.values())
-        return budget_in_lora_ranks(getattr(self.config, "target_params", None), shapes)
+        """This adapter's budget as plain LoRA's rank on its targets (dynarank.defaults.budget_of); None without one."""
+        c = self.config
+        knobs = {k: getattr(c, k, None) for k in ("target_params", "target_rank", "granularity")}
+        return budget_of(c.method, c.r, knobs, ((m.in_features, m.out_features) for m in self.layers.values()))
 
     def default_lr(self) -> float:
         """The rate this method trains with when none is given (dynarank.defaults): the table of this kind of model,

@@ -37,6 +37,11 @@ def _targets(model: nn.Module, target_modules) -> dict[str, nn.Linear] | None:
     return {name: model.get_submodule(name) for name in names}
 
 
+def linear_targets(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
+    """The Linear modules ``target_modules`` selects in ``model`` (none: an empty dict)."""
+    return _targets(model, target_modules) or {}
+
+
 def lora_parameters(model: nn.Module, target_modules, r: int) -> int:
     """Adapter parameters of plain LoRA at rank ``r`` on the Linear modules ``target_modules`` selects: r (d_in +
     d_out) per matrix. The budget the demo and the benchmarks hold every method to."""

@@ -27,14 +27,14 @@ from .. import checkpoint
 from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names
 from ..config import ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
-from ..defaults import TASKS, default_lr, source, task_of
+from ..defaults import RANK_BUDGET_METHODS, TASKS, budget_of, default_lr, source, task_of
 from ..distributed import ResizedGradientSync, any_worker, check_same_ranks, default_device, world, wrap
 from ..fsdp import shard_base
 from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
 from ..rank_init import init_ranks, needs_rank_init
 from .data import Examples
-from .estimate import lora_parameters
+from .estimate import linear_targets
 from .lr_search import AUTO, RateSearch, search_rate
 from .methods import (
     ALL_METHODS,
@@ -129,11 +129,13 @@ class TrainSpec:
         return self.for_task(task_of(model), self.budget_on(model))
 
     def budget_on(self, model: nn.Module) -> float | None:
-        """A dynarank method's ``target_params`` as plain LoRA's rank on the Linear modules it targets in ``model``."""
-        if self.method not in DYNARANK_METHODS:
-            return None
-        target_params = self.dynarank.get("target_params")
-        return None if target_params is None else target_params / max(1, lora_parameters(model, self.target_modules, 1))
+        """The adapter budget as plain LoRA's rank on the Linear modules the spec targets in ``model``
+        (dynarank.defaults.budget_of: r for a fixed rank, a rank controller's target; None without one)."""
+        if self.method not in RANK_BUDGET_METHODS + DYNARANK_METHODS:
+            return None  # full fine-tuning
+        knobs = self.config_fields() if self.method in DYNARANK_METHODS else {}
+        shapes = [(m.in_features, m.out_features) for m in linear_targets(model, self.target_modules).values()]
+        return budget_of(self.method, knobs.get("r", self.r), knobs, shapes)
 
     def for_task(self, task: str, budget_r: float | None = None) -> TrainSpec:
         """This spec for a model of ``task`` and an adapter budget of ``budget_r`` plain LoRA ranks: a given rate
