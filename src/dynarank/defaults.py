@@ -64,7 +64,14 @@ MIDDLE_BUDGET: dict[str, float] = {"classify": 2, "causal-lm": 4}
 # studied budget nearest to its own on a log scale (DEFAULT_LR's at the middle one); a run without one, DEFAULT_LR's.
 BUDGET_LR: dict[str, dict[str, dict[float, float]]] = {
     # stock LoRA (and the methods that take its rate) at r=1 on the classifiers: 1e-2 best on all three data sets
-    "classify": {"ard": {1: 1e-2}, "lora": {1: 1e-2}, "dynarank-lora": {1: 1e-2}, "eva": {1: 1e-2}},
+    "classify": {
+        "ard": {1: 1e-2},
+        "elalora": {1: 3e-2},
+        "adalora-physical": {1: 3e-2},  # the same as at r=2
+        "lora": {1: 1e-2},
+        "dynarank-lora": {1: 1e-2},
+        "eva": {1: 1e-2},
+    },
     "causal-lm": {"ard": {1: 1e-2}},
 }
 # Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
