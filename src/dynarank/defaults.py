@@ -14,8 +14,8 @@ equal to the study's record.
 
 Why per budget too, where the study measured it: the rate that trains best moves with the adapter's size. ARD on the
 classifiers held to plain LoRA r=1's budget trains best at 1e-2 on all three data sets, where r=2's budget takes 3e-3
-and 1e-2 diverges at r = 4 and 6 on the binary tweets (BUDGET_LR; a run's budget is its ``target_params`` as plain
-LoRA's rank on its targets). Every run records the rate it used and where it came from.
+and 1e-2 diverges at r = 4 and 6 on the binary tweets (BUDGET_LR; a run's budget, :func:`budget_of`, is its size as
+plain LoRA's rank on its targets: a fixed rank's r, a rank controller's target). Every run records the rate it used and where it came from.
 
 The names are the run vocabulary: dynarank's methods and the stock baselines (``lora``, ``dora``, ``adalora``,
 ``full``) that the application trains beside them.
@@ -63,13 +63,13 @@ MIDDLE_BUDGET: dict[str, float] = {"classify": 2, "causal-lm": 4}
 # data set of the kind (benchmarks/defaults.py, "Rates at other budgets"). A run with a budget takes the rate of the
 # studied budget nearest to its own on a log scale (DEFAULT_LR's at the middle one); a run without one, DEFAULT_LR's.
 BUDGET_LR: dict[str, dict[str, dict[float, float]]] = {
-    # stock LoRA (and the methods that take its rate) at r=1 on the classifiers: 1e-2 best on all three data sets
+    # r=1 on the classifiers: a grid on all three data sets (tweets-2, tweets-3, topics) for every entry
     "classify": {
         "ard": {1: 1e-2},
         "elalora": {1: 3e-2},
         "adalora-physical": {1: 3e-2},  # the same as at r=2
         "lora": {1: 1e-2},
-        "dynarank-lora": {1: 1e-2},
+        "dynarank-lora": {1: 1e-2},  # LoRA's rate, as in DEFAULT_LR
         "eva": {1: 1e-2},
     },
     "causal-lm": {"ard": {1: 1e-2}},
@@ -99,8 +99,8 @@ def studied_budget(method: str, task: str, budget: float) -> float:
 def default_lr(method: str, task: str = "classify", budget: float | None = None) -> float:
     """The learning rate ``method`` trains with on ``task`` when none is given (KeyError naming the choices).
 
-    ``budget``: the run's adapter budget as plain LoRA's rank on the same targets (:func:`budget_in_lora_ranks`),
-    None for a run without one: the rate chosen at the studied budget nearest to it."""
+    ``budget``: the run's adapter budget as plain LoRA's rank on the same targets (:func:`budget_of`): the rate
+    chosen at the studied budget nearest to it; None (a run without one): DEFAULT_LR's."""
     if task not in DEFAULT_LR:
         raise KeyError(f"no default learning rates for task {task!r}; tasks: {', '.join(DEFAULT_LR)}.")
     if method not in DEFAULT_LR[task]:

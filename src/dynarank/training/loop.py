@@ -98,7 +98,7 @@ class TrainSpec:
     # (for_model), so only a spec whose rate is read before training (the CLI's record) needs to set it.
     task: str = "classify"
     lr_source: str | None = None  # set here: 'given', or which table of defaults the rate came from
-    # The adapter budget (dynarank's target_params) as plain LoRA's rank on the targets, which a default rate follows
+    # The adapter budget as plain LoRA's rank on the targets (budget_on), which a default rate follows
     # (dynarank.defaults.BUDGET_LR); None: no budget. Set by for_model from the model's targets.
     budget_r: float | None = None
 
