@@ -15,7 +15,8 @@ equal to the study's record.
 Why per budget too, where the study measured it: the rate that trains best moves with the adapter's size. ARD on the
 classifiers held to plain LoRA r=1's budget trains best at 1e-2 on all three data sets, where r=2's budget takes 3e-3
 and 1e-2 diverges at r = 4 and 6 on the binary tweets (BUDGET_LR; a run's budget, :func:`budget_of`, is its size as
-plain LoRA's rank on its targets: a fixed rank's r, a rank controller's target). Every run records the rate it used and where it came from.
+plain LoRA's rank on its targets: a fixed rank's r, a rank controller's target). Every run records the rate it used
+and where it came from.
 
 The names are the run vocabulary: dynarank's methods and the stock baselines (``lora``, ``dora``, ``adalora``,
 ``full``) that the application trains beside them.
