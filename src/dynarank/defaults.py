@@ -73,7 +73,8 @@ BUDGET_LR: dict[str, dict[str, dict[float, float]]] = {
         "dynarank-lora": {1: 1e-2},  # LoRA's rate, as in DEFAULT_LR
         "eva": {1: 1e-2},
     },
-    "causal-lm": {"ard": {1: 1e-2}},
+    # r=1 on the causal LMs: a grid on both data sets (dialogs, sentiment LM); the middle budget's rates again
+    "causal-lm": {"ard": {1: 1e-2}, "lora": {1: 1e-2}, "dynarank-lora": {1: 1e-2}, "eva": {1: 1e-2}},
 }
 # Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
 RANK_BUDGET_METHODS = ("dynarank-lora", "lora", "dora", "eva", "adalora")
