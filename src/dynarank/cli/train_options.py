@@ -67,9 +67,9 @@ class TrainOptions:
     max_steps: int | None = _option("optimizer steps (overrides --epochs)", **POSITIVE)
     batch_size: int = _option("examples per optimizer step", 32, **POSITIVE)
     lr: float | str | None = _option(
-        "learning rate of the adapters (and the task head); default: the method's own for the task "
-        "(docs/defaults.md); 'auto': a short range test around that default on the training data picks it (about "
-        "as long again as the run; docs/defaults.md)",
+        "learning rate of the adapters (and the task head); default: the method's own for the task and the "
+        "adapter's budget in plain LoRA ranks (docs/defaults.md); 'auto': a short range test around that default on "
+        "the training data picks it (about as long again as the run; docs/defaults.md)",
         convert=NumberOrWord(Number(float, 0, inclusive=False), "auto"),
     )
     max_grad_norm: float | None = _option(
