@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402
 
+from dynarank.defaults import nearest_budget  # noqa: E402
 from records import RecordStore, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -326,9 +327,8 @@ def budget_study(choices: dict, stores: dict[str, RecordStore]) -> dict:
                 for t in tasks:  # chosen on the others alone: what failed on t itself is not known there
                     others = [u for u in tasks if u != t]
                     bad_elsewhere = failed(stores, others, budget)
-                    left_out[t] = choose(scores, others, {c for c in common(scores, others) if c not in bad_elsewhere})[
-                        0
-                    ]
+                    allowed_elsewhere = {c for c in common(scores, others) if c not in bad_elsewhere}
+                    left_out[t] = choose(scores, others, allowed_elsewhere)[0]
                 out.setdefault(k, {}).setdefault(method, {})[budget] = {
                     "scores": scores,
                     "mean_relative": means,
@@ -359,8 +359,7 @@ def shipped_rate_at(choices: dict, by_budget: dict, method: str, task: str, budg
         return None
     middle = middle_budget(kind(task))
     studied = {middle: shipped, **{b: f["shipped"] for b, f in by_budget.get(kind(task), {}).get(method, {}).items()}}
-    nearest = min(sorted(studied), key=lambda b: (abs(math.log(b / budget)), b != middle))
-    return studied[nearest]
+    return studied[nearest_budget(studied, middle, budget)]
 
 
 def budget_markdown(by_budget: dict) -> list[str]:

@@ -90,12 +90,17 @@ def source(task: str, budget: float | None = None, method: str | None = None) ->
     return f"{SOURCE}, {task}, chosen at plain LoRA r={studied:g}'s budget (this run's: r={budget:.3g})"
 
 
-def studied_budget(method: str, task: str, budget: float) -> float:
-    """The budget (plain LoRA ranks) whose rate a run of ``method`` with ``budget`` takes: the studied one nearest
-    on a log scale (a tie goes to the middle one)."""
-    middle = MIDDLE_BUDGET[task]
-    studied = {middle, *BUDGET_LR.get(task, {}).get(method, {})}
+def nearest_budget(studied: Iterable[float], middle: float, budget: float) -> float:
+    """Of the ``studied`` budgets (``middle`` among them), the one nearest ``budget`` on a log scale (a tie goes to
+    the middle one): whose rate a run with ``budget`` takes. benchmarks/defaults.py applies the same rule."""
     return min(sorted(studied), key=lambda b: (abs(math.log(b / budget)), b != middle))
+
+
+def studied_budget(method: str, task: str, budget: float) -> float:
+    """The budget (plain LoRA ranks) whose rate a run of ``method`` with ``budget`` takes (:func:`nearest_budget`
+    among the middle one and BUDGET_LR's)."""
+    middle = MIDDLE_BUDGET[task]
+    return nearest_budget({middle, *BUDGET_LR.get(task, {}).get(method, {})}, middle, budget)
 
 
 def default_lr(method: str, task: str = "classify", budget: float | None = None) -> float:
