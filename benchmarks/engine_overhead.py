@@ -477,6 +477,7 @@ def profile(args) -> None:
     from torch.profiler import profile as tprofile
 
     from dynarank import ElasticLoRALinear
+    from dynarank import layer as layer_module
 
     torch.set_num_threads(args.threads)
     tok, base = load_base()
@@ -508,6 +509,8 @@ def profile(args) -> None:
 
     orig = ElasticLoRALinear._low_rank_update
     ElasticLoRALinear._low_rank_update = ranged("dynarank.low_rank_update", orig)
+    orig_dense = layer_module.dense_update  # a dense layout's update (one autograd node, layer_fused.py)
+    layer_module.dense_update = ranged("dynarank.low_rank_update", orig_dense)
     peft_patched = []
     if name == "a":
         for m in model.modules():
@@ -525,6 +528,7 @@ def profile(args) -> None:
                     train_step(model, opt, batches[i % 2])
     finally:
         ElasticLoRALinear._low_rank_update = orig
+        layer_module.dense_update = orig_dense
     print(f"== {name}: {args.profile_steps} steps; by total CPU time (ranges included)")
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.profile_rows))
     print(f"== {name}: by self CPU time and input shapes")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, take_columns, worth_bucketing
+from .layer_fused import dense_update, fused_update_applies
 from .layer_resize import Optimizers as Optimizers  # re-exported: the type of the resizes' optimizer argument
 from .layer_resize import SlotResizing
 from .quantized import refuse_merge
@@ -54,6 +55,10 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
             and at least 32 bits; a quantized base's weight holds bytes: float32). The base is never upcast.
         generator: RNG for the initialisation of A.
     """
+
+    # A dense layout's update runs as one autograd node (layer_fused.py); False: the plain autograd path (the
+    # reference the tests hold the fused node to; the same values up to rounding).
+    fused: bool = True
 
     def __init__(
         self,
@@ -238,12 +243,15 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         return take_columns(F.pad(w, (0, 1)), self.column_index)  # padding positions read the zero column
 
     def _low_rank_update(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d_in) -> (N, d_out), without the scaling."""
+        """(N, d_in) -> (N, d_out), without the scaling, as plain autograd (rank buckets or padded products)."""
         if self._buckets is not None:
             return bucketed_update(self, x, self._buckets_on(x.device))
+        return self._padded_update(x, self.gate())
+
+    def _padded_update(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """(N, d_in) -> (N, d_out), without the scaling: every group padded to r_max (a view when dense)."""
         n = x.shape[0]
         w = self._group_side_padded()  # (d_g, G, r_max)
-        gate = self.gate()
         if self.split == "rows":
             z = x @ self.shared_weight.t()  # (N, S)
             zp = z.view(n, self.n_groups, -1) if self._dense else take_columns(F.pad(z, (0, 1)), self.slot_index)
@@ -267,8 +275,18 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         out = self.base(x)
         if self.merged or self.n_slots == 0:
             return out
-        h = self.dropout(x.to(self.shared_weight.dtype)).reshape(-1, self.in_features)
-        delta = self._low_rank_update(h) * self.scaling
+        h = self.dropout(x.to(self.shared_weight.dtype))
+        if self._buckets is not None:
+            delta = self._low_rank_update(h.reshape(-1, self.in_features)) * self.scaling
+        else:
+            gate = self.gate()
+            shared, group = self.factors()
+            if self._dense and self.fused and fused_update_applies(h, shared, group, gate):
+                # one autograd node for the update (layer_fused.py), the base's output added in it when it can be
+                same = out.dtype == h.dtype
+                y = dense_update(h, shared, group, gate, self.scaling, self.split, self.n_groups, out if same else None)
+                return y if same else out + y.to(out.dtype)
+            delta = self._padded_update(h.reshape(-1, self.in_features), gate) * self.scaling
         return out + delta.view(*out.shape[:-1], self.out_features).to(out.dtype)
 
     def _buckets_on(self, device: torch.device) -> BucketPlan:
