@@ -509,8 +509,8 @@ def profile(args) -> None:
 
     orig = ElasticLoRALinear._low_rank_update
     ElasticLoRALinear._low_rank_update = ranged("dynarank.low_rank_update", orig)
-    orig_dense = layer_module.dense_update  # a dense layout's update (one autograd node, layer_fused.py)
-    layer_module.dense_update = ranged("dynarank.low_rank_update", orig_dense)
+    orig_fused = layer_module.low_rank_update  # the fused update (one autograd node, layer_fused.py)
+    layer_module.low_rank_update = ranged("dynarank.low_rank_update", orig_fused)
     peft_patched = []
     if name == "a":
         for m in model.modules():
@@ -528,7 +528,7 @@ def profile(args) -> None:
                     train_step(model, opt, batches[i % 2])
     finally:
         ElasticLoRALinear._low_rank_update = orig
-        layer_module.dense_update = orig_dense
+        layer_module.low_rank_update = orig_fused
     print(f"== {name}: {args.profile_steps} steps; by total CPU time (ranges included)")
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.profile_rows))
     print(f"== {name}: by self CPU time and input shapes")

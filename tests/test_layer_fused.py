@@ -1,5 +1,6 @@
-"""Specification of the fused update of a dense layer (layer_fused.py): one autograd node with the gradients autograd
-gives, used exactly where it applies, and training runs that take the same decisions with it as without it."""
+"""Specification of the fused update (layer_fused.py): one autograd node with the gradients of finite differences and
+of the plain autograd path, for every split and layout (dense, uneven ranks, slots shared by the groups), used exactly
+where it applies, and training runs that take the same decisions with it as without it."""
 
 from __future__ import annotations
 
@@ -10,20 +11,36 @@ import torch
 from torch import nn
 
 from dynarank import DynaRankConfig, ElasticLoRALinear, attach, build_controller, elastic_layers
-from dynarank.layer_fused import dense_update
+from dynarank.layer_fused import low_rank_update
 from tiny_models import tiny_llama, token_batch
 
-CASES = list(itertools.product(["rows", "cols"], [1, 4]))  # split, groups
+FUSED = "LowRankUpdateBackward"
+UNEVEN = {0: [0], 1: [0, 2], 3: [1]}  # r=3, G=4 -> ranks [2, 1, 3, 2]
+LAYOUTS = {  # name: (groups, layout, removal): dense, dense with one group, and two gathered layouts
+    "dense": (4, "own", None),
+    "one-group": (1, "own", None),
+    "uneven": (4, "own", UNEVEN),
+    "shared-uneven": (4, "shared", UNEVEN),
+    "shared-full": (4, "shared", None),
+}
+CASES = list(itertools.product(["rows", "cols"], LAYOUTS))
 
 
-def _layer(split, groups, dtype=torch.float64, r=3, seed=0):
+def _layer(split, case, dtype=torch.float64, seed=0):
+    groups, layout, removal = LAYOUTS[case]
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(16, 24, dtype=dtype) if split == "rows" else nn.Linear(24, 16, dtype=dtype)
-    layer = ElasticLoRALinear(base, n_groups=groups, split=split, r=r, scaling=0.7, dtype=dtype)
+    layer = ElasticLoRALinear(base, n_groups=groups, split=split, layout=layout, r=3, scaling=0.7, dtype=dtype)
+    if removal:
+        layer.remove_slots(removal)
     with torch.no_grad():
         for p in layer.factors():
             p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
     return layer
+
+
+def _index(layer):
+    return None if layer._dense else (layer.slot_index.reshape(-1), layer.column_index.reshape(-1))
 
 
 def _outputs_and_grads(layer, x, gate, fused: bool):
@@ -36,76 +53,89 @@ def _outputs_and_grads(layer, x, gate, fused: bool):
     return y, [y.detach().clone()] + [t.grad.clone() for t in tensors if t.requires_grad]
 
 
-@pytest.mark.parametrize("split,groups", CASES)
+@pytest.mark.parametrize("split,case", CASES)
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("with_base", [False, True])
-def test_the_fused_update_has_the_gradients_of_finite_differences(split, groups, gated, with_base):
-    layer = _layer(split, groups)
+def test_the_fused_update_has_the_gradients_of_finite_differences(split, case, gated, with_base):
+    layer = _layer(split, case)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, layer.in_features, generator=g, dtype=torch.float64, requires_grad=True)
     shared, group = (p.detach().clone().requires_grad_() for p in layer.factors())
-    gate = torch.randn(groups, 3, generator=g, dtype=torch.float64, requires_grad=True) if gated else None
+    shape = layer.slot_index.shape  # (G, r_max)
+    gate = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True) if gated else None
     base = torch.randn(2, 3, layer.out_features, generator=g, dtype=torch.float64, requires_grad=True)
+    index = _index(layer)
 
     def update(x, shared, group, gate, base):
-        return dense_update(x, shared, group, gate, 0.7, split, groups, base if with_base else None)
+        return low_rank_update(x, shared, group, gate, 0.7, split, layer.n_groups, base if with_base else None, index)
 
     assert torch.autograd.gradcheck(update, (x, shared, group, gate, base))
 
 
-@pytest.mark.parametrize("split,groups", CASES)
+@pytest.mark.parametrize("split,case", CASES)
 @pytest.mark.parametrize("gated", [False, True])
-def test_a_dense_layer_runs_one_node_with_the_outputs_and_gradients_of_plain_autograd(split, groups, gated):
-    layer = _layer(split, groups, dtype=torch.float32)
-    assert layer._dense
+def test_a_layer_runs_one_node_with_the_outputs_and_gradients_of_plain_autograd(split, case, gated):
+    layer = _layer(split, case, dtype=torch.float32)
+    assert layer._dense == (case in ("dense", "one-group"))
     x = torch.randn(2, 5, layer.in_features, requires_grad=True)
-    gate = torch.rand(groups, 3, requires_grad=True) if gated else None
+    gate = torch.rand(layer.slot_index.shape, requires_grad=True) if gated else None
     if gated:
         layer.set_gate(lambda _: gate)
     fused_y, fused = _outputs_and_grads(layer, x, gate, fused=True)
     plain_y, plain = _outputs_and_grads(layer, x, gate, fused=False)
-    assert type(fused_y.grad_fn).__name__ == "DenseLowRankUpdateBackward"
-    assert type(plain_y.grad_fn).__name__ != "DenseLowRankUpdateBackward"
+    assert type(fused_y.grad_fn).__name__ == FUSED
+    assert type(plain_y.grad_fn).__name__ != FUSED
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_the_gradient_of_a_shared_slot_adds_its_groups_in_a_fixed_order():
+    layer = _layer("cols", "shared-full", dtype=torch.float32)
+    x = torch.randn(64, 40, layer.in_features)  # every group reads every slot: the scatter adds repeats
+    grads = []
+    for _ in range(2):
+        _, out = _outputs_and_grads(layer, x, None, fused=True)
+        grads.append(out)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_an_input_without_gradient_and_a_non_contiguous_input_are_served():
-    layer = _layer("cols", 4, dtype=torch.float32)
+    layer = _layer("cols", "dense", dtype=torch.float32)
     x = torch.randn(5, 2, layer.in_features).transpose(0, 1)  # (2, 5, d_in), not contiguous, no gradient
     assert not x.is_contiguous()
     fused_y, fused = _outputs_and_grads(layer, x.detach(), None, fused=True)
     plain_y, plain = _outputs_and_grads(layer, x.detach(), None, fused=False)
-    torch.testing.assert_close(fused_y, plain_y)
     assert len(fused) == 3  # the output and the factors' gradients (x has none)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_other_layouts_dtypes_and_autocast_keep_the_autograd_path():
-    uneven = _layer("rows", 4, dtype=torch.float32)
-    uneven.remove_slots({0: [0]})  # ranks 2, 3, 3, 3: gathered, not dense
-    x = torch.randn(3, uneven.in_features, requires_grad=True)
-    assert type(uneven(x).grad_fn).__name__ != "DenseLowRankUpdateBackward"
+def test_rank_buckets_mixed_dtypes_and_autocast_keep_the_autograd_path():
+    base = nn.Linear(16, 256)
+    lopsided = ElasticLoRALinear(base, n_groups=4, split="rows", r=64)
+    lopsided.remove_slots({g: list(range(60)) for g in range(1, 4)})  # ranks 64, 4, 4, 4: rank buckets
+    assert lopsided._buckets is not None
+    assert type(lopsided(torch.randn(3, 16, requires_grad=True)).grad_fn).__name__ != FUSED
 
     bf16 = nn.Linear(16, 24).to(torch.bfloat16)  # the base's output in bf16, the adapter in fp32
     layer = ElasticLoRALinear(bf16, r=2)
     y = layer(torch.randn(3, 16, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16  # fused update, then added in the base's dtype
-    assert type(y.grad_fn).__name__ != "DenseLowRankUpdateBackward"
+    assert y.dtype == torch.bfloat16  # the update fused, then added in the base's dtype
+    assert type(y.grad_fn).__name__ != FUSED
 
-    dense = _layer("rows", 1, dtype=torch.float32)
+    dense = _layer("rows", "dense", dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = dense(torch.randn(3, dense.in_features, requires_grad=True))
-    assert type(z.grad_fn).__name__ != "DenseLowRankUpdateBackward"
+    assert type(z.grad_fn).__name__ != FUSED
 
 
-def _train_elalora(steps=24, fused=True):
+def _train(method, knobs, steps=24, fused=True):
+    """A short run of ``method`` on a tiny decoder in float64 (float32 rounding is amplified by AdamW's division):
+    the final ranks and update matrices."""
     ElasticLoRALinear.fused = fused
     try:
-        model = tiny_llama().double()  # float64: float32 rounding is amplified by AdamW's division
-        config = DynaRankConfig(method="elalora", r=2, target_modules="all-linear", seed=0)
-        attach(model, config)
+        model = tiny_llama().double()
+        attach(model, DynaRankConfig(method=method, target_modules="all-linear", seed=0, **knobs))
         ctrl = build_controller(model, total_steps=steps)
         opt = ctrl.build_optimizer(lr=3e-2)
         for step in range(steps):
@@ -114,17 +144,20 @@ def _train_elalora(steps=24, fused=True):
             opt.step()
             opt.zero_grad()
         layers = elastic_layers(model)
-        return {n: layer.ranks for n, layer in layers.items()}, {
-            n: layer.delta_weight().detach() for n, layer in layers.items()
-        }
+        ranks = {n: layer.ranks for n, layer in layers.items()}
+        return ranks, {n: layer.delta_weight().detach() for n, layer in layers.items()}
     finally:
         ElasticLoRALinear.fused = True
 
 
-def test_elalora_on_a_tiny_decoder_takes_the_same_rank_decisions_and_weights_with_the_fused_update():
-    fused_ranks, fused_weights = _train_elalora(fused=True)
-    plain_ranks, plain_weights = _train_elalora(fused=False)
+@pytest.mark.parametrize(
+    "method,knobs",
+    [("elalora", {"r": 2}), ("ard", {"r": 4, "rank_init": "uniform", "warmup_frac": 0.2, "resize_every": 4})],
+)
+def test_a_run_on_a_tiny_decoder_takes_the_same_rank_decisions_and_weights_with_the_fused_update(method, knobs):
+    fused_ranks, fused_weights = _train(method, knobs, fused=True)
+    plain_ranks, plain_weights = _train(method, knobs, fused=False)
     assert fused_ranks == plain_ranks
-    assert len({tuple(r) for r in fused_ranks.values()}) > 1  # the rounds moved ranks between modules
+    assert len({tuple(r) for r in fused_ranks.values()}) > 1  # the run moved ranks
     for name, w in fused_weights.items():  # 24 steps on, in float64: equal up to rounding
         assert float((w - plain_weights[name]).norm()) <= 1e-10 * float(plain_weights[name].norm())

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, take_columns, worth_bucketing
-from .layer_fused import dense_update, fused_update_applies
+from .layer_fused import fused_update_applies, low_rank_update
 from .layer_resize import Optimizers as Optimizers  # re-exported: the type of the resizes' optimizer argument
 from .layer_resize import SlotResizing
 from .quantized import refuse_merge
@@ -56,8 +56,8 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         generator: RNG for the initialisation of A.
     """
 
-    # A dense layout's update runs as one autograd node (layer_fused.py); False: the plain autograd path (the
-    # reference the tests hold the fused node to; the same values up to rounding).
+    # The update runs as one autograd node (layer_fused.py; not for rank buckets); False: the plain autograd path
+    # (the reference the tests hold the fused node to; the same values up to rounding).
     fused: bool = True
 
     def __init__(
@@ -281,10 +281,13 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         else:
             gate = self.gate()
             shared, group = self.factors()
-            if self._dense and self.fused and fused_update_applies(h, shared, group, gate):
+            if self.fused and fused_update_applies(h, shared, group, gate):
                 # one autograd node for the update (layer_fused.py), the base's output added in it when it can be
+                index = None if self._dense else (self.slot_index.reshape(-1), self.column_index.reshape(-1))
                 same = out.dtype == h.dtype
-                y = dense_update(h, shared, group, gate, self.scaling, self.split, self.n_groups, out if same else None)
+                y = low_rank_update(
+                    h, shared, group, gate, self.scaling, self.split, self.n_groups, out if same else None, index
+                )
                 return y if same else out + y.to(out.dtype)
             delta = self._padded_update(h.reshape(-1, self.in_features), gate) * self.scaling
         return out + delta.view(*out.shape[:-1], self.out_features).to(out.dtype)

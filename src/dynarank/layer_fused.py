@@ -1,30 +1,35 @@
-"""The update of a dense layer as one autograd node: products, gate and scaling, with a hand-written backward.
+"""A layer's update as one autograd node: gathers, products, gate, scaling and the base's output, with a hand-written
+backward.
 
-A dense layer (own layout, every group at the same rank r, slots in order; ``slot_layout.is_dense``) computes, with
-S = T = G * r and the gate folded with the scaling into c = scaling * gate (S,):
+With the gate folded in (m = gate, (G*R,)) and every group padded to R ranks (a dense layout: R = r, nothing padded,
+every gather a view), the layer computes
 
-    split="rows":  z = x A^T (N, S);              out[:, g] = (z c)[:, g] B_g^T      B packed as (d_g, T)
-    split="cols":  z[:, g] = x[:, g] A_g^T (N, S); out = (z c) B                     B^T shared as (S, d_out)
+    split="rows":  z = x A^T (N, S);  zp = z[:, slots];             out = base + scaling * [(zp m)_g B_g^T]_g
+    split="cols":  zp_g = x_g A_g^T;  z = scatter_slots(zp m);       out = base + scaling * z B^T
 
-As plain autograd this is five to eight nodes per module (products, views, the gate's multiply, the scaling); each
-node's backward costs the autograd engine a few microseconds whatever the tensor size, which on a model of hundreds
-of adapted modules and a small batch is a tenth of the step (the SVD methods' gate alone cost their forward and
-backward 5-6 ms a step on the 224-module decoder of benchmarks/method_overhead.py). Here the whole update is one
-node: the forward runs the same products, the backward the closed-form gradients
+(A / B^T the shared side (S, other), B / A^T the group side (d_g, T) read through ``columns``; the layer's
+``slot_index`` / ``column_index``, where S and T read a zero). As plain autograd that is five to a dozen nodes per
+module (pads, gathers, products, views, the gate's multiply, the scaling, the residual add); each node's backward costs
+the autograd engine a few microseconds whatever the tensor size, which on a model of hundreds of adapted modules and a
+small batch is a tenth of the step. Here the update is one node: the forward runs the same products, the backward the
+closed-form gradients (the adjoint of a gather is an index_add, repeated slots summed in index order, as the autograd
+path's index_select backward does), and only those the inputs need (``ctx.needs_input_grad``). The scaling rides on
+the products (addmm's alpha) and the base's output is added by the last product, so neither costs a pass of its own.
+It saves x, zp and zm (rows) / z (cols), no more than the autograd path keeps.
 
-    d(zc) = dout B (rows) | dout B^T... per side,   dz = d(zc) c,   dc_gate = scaling * sum_n d(zc) z,
+Measured on the 224-module decoder of benchmarks/method_overhead.py (batch 16 x 16): see
+benchmarks/results/method_overhead_decoder-224.md (the ratios before this node are in
+docs/benchmarks.md's step-time section).
 
-and only the gradients the inputs need (``ctx.needs_input_grad``). It saves x and z (N, S), less than the autograd
-path keeps (which also holds z c).
-
-Not used (``fused_update_applies``): under autocast (the products' dtypes are autocast's choice there), when the
-factors, the input and the gate differ in dtype, and on non-dense layouts (gathers and rank buckets: the autograd
-path of ``ElasticLoRALinear._low_rank_update``). Double backward is not supported (``once_differentiable``).
+Not used (``fused_update_applies``; the autograd path of ``ElasticLoRALinear`` then runs): under autocast (the
+products' dtypes are autocast's choice there), when the factors, the input and the gate differ in dtype, and for rank
+buckets (layer_buckets.py). Double backward is not supported (``once_differentiable``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
@@ -84,65 +89,89 @@ def _grouped_outer(a: torch.Tensor, b: torch.Tensor, groups: int, scale: float =
     return out if scale == 1.0 else out.mul_(scale)
 
 
-class DenseLowRankUpdate(torch.autograd.Function):
-    """``base_out + scaling * update(x)`` of a dense layer (base_out None: zero): (..., d_in) -> (..., d_out).
-    Arguments: x, shared (S, other), group (d_g, T), gate (G, r) or None, scaling, split, groups, base_out (the
-    base layer's output, x's leading shape)."""
+def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(rows, C) -> (rows, len(index)): the columns ``index`` of t, where index C reads a zero (the padding)."""
+    return F.pad(t, (0, 1)).index_select(1, index)
+
+
+def _scatter(t: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """The adjoint of :func:`_gather`: (rows, len(index)) -> (rows, width), column k of t added into column
+    ``index[k]`` (index_add: repeated indices summed in index order, the same on every run), the padding's dropped."""
+    return t.new_zeros(t.shape[0], width + 1).index_add_(1, index, t)[:, :width]
+
+
+class LowRankUpdate(torch.autograd.Function):
+    """``base_out + scaling * update(x)`` (base_out None: zero): (..., d_in) -> (..., d_out). Arguments: x, shared
+    (S, other), group (d_g, T), gate (G, R) or None, scaling, split, groups, base_out (the base layer's output, x's
+    leading shape), index: None for a dense layout, else (slots, columns), the layer's padded gather indices
+    flattened (G*R,) each (``slot_index`` / ``column_index``: S and T read the zero padding)."""
 
     @staticmethod
-    def forward(ctx, x, shared, group, gate, scaling: float, split: str, groups: int, base_out):  # noqa: D102
+    def forward(ctx, x, shared, group, gate, scaling: float, split: str, groups: int, base_out, index):  # noqa: D102
         ctx.x_shape = x.shape
         x = x.reshape(-1, x.shape[-1])  # (N, d_in)
         d_out = shared.shape[1] if split == "cols" else group.shape[0] * groups
         if base_out is not None:
             base_out = base_out.reshape(-1, d_out)
-        m = gate.reshape(-1) if gate is not None else None  # (S,)
-        z = x @ shared.t() if split == "rows" else _grouped_in(x, group, groups)  # (N, S)
-        zm = z * m if m is not None else z
+        slots, columns = index if index is not None else (None, None)
+        m = gate.reshape(-1) if gate is not None else None  # (G*R,)
+        wp = group if index is None else _gather(group, columns)  # (d_g, G*R): every group padded to R
         if split == "rows":
-            out = _grouped_out(zm, group, groups, scaling, base_out)
+            z = x @ shared.t()  # (N, S)
+            zp = z if index is None else _gather(z, slots)  # (N, G*R)
+            zm = zp * m if m is not None else zp
+            out = _grouped_out(zm, wp, groups, scaling, base_out)
+            kept = zm  # what the factors' gradients read
         else:
-            out = _scaled_mm(zm, shared, scaling, base_out)
-        # z only for the gate's gradient; zm (N, S) kept rather than made again in the backward pass
-        ctx.save_for_backward(x, shared, group, z if m is not None else None, zm, m)
-        ctx.scaling, ctx.split, ctx.groups = scaling, split, groups
+            zp = _grouped_in(x, wp, groups)  # (N, G*R)
+            zm = zp * m if m is not None else zp
+            z = zm if index is None else _scatter(zm, slots, shared.shape[0])  # (N, S)
+            out = _scaled_mm(z, shared, scaling, base_out)
+            kept = z
+        # zp only for the gate's gradient; zm (rows) / z (cols) kept rather than made again in the backward pass
+        ctx.save_for_backward(x, shared, wp, zp if m is not None else None, kept, m, slots, columns)
+        ctx.scaling, ctx.split, ctx.groups, ctx.widths = scaling, split, groups, (shared.shape[0], group.shape[1])
         ctx.gate_shape = None if gate is None else gate.shape
         return out.view(*ctx.x_shape[:-1], d_out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        x, shared, group, z, zm, m = ctx.saved_tensors
-        scaling, groups = ctx.scaling, ctx.groups
-        need_x, need_shared, need_group, need_gate, *_, need_base = ctx.needs_input_grad
+        x, shared, wp, zp, kept, m, slots, columns = ctx.saved_tensors
+        scaling, groups, (n_slots, n_columns) = ctx.scaling, ctx.groups, ctx.widths
+        need_x, need_shared, need_group, need_gate, *_, need_base, _ = ctx.needs_input_grad
         grad_base = grad_out if need_base else None
         grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # (N, d_out)
-        grad_x = grad_shared = grad_group = grad_gate = None
+        grad_x = grad_shared = grad_group = grad_gate = grad_wp = None
         if ctx.split == "rows":
-            grad_zm = _grouped_in(grad_out, group, groups, scaling)  # (N, S), the scaling folded in
+            grad_zm = _grouped_in(grad_out, wp, groups, scaling)  # (N, G*R), the scaling folded in
             if need_group:
-                grad_group = _grouped_outer(grad_out, zm, groups, scaling)  # (d_g, T)
+                grad_wp = _grouped_outer(grad_out, kept, groups, scaling)  # (d_g, G*R)
         else:
-            grad_zm = _scaled_mm(grad_out, shared.t(), scaling)  # (N, S)
+            grad_z = _scaled_mm(grad_out, shared.t(), scaling)  # (N, S)
             if need_shared:
-                grad_shared = _scaled_mm(zm.t(), grad_out, scaling)  # (S, d_out)
-        if need_gate:  # d/dgate = sum_n d(zm) z
-            grad_gate = torch.linalg.vecdot(grad_zm, z, dim=0).reshape(ctx.gate_shape)
-        grad_z = grad_zm * m if m is not None else grad_zm
+                grad_shared = _scaled_mm(kept.t(), grad_out, scaling)  # (S, d_out)
+            grad_zm = grad_z if slots is None else _gather(grad_z, slots)  # (N, G*R)
+        if need_gate:  # d/dgate = sum_n d(zm) zp
+            grad_gate = torch.linalg.vecdot(grad_zm, zp, dim=0).reshape(ctx.gate_shape)
+        grad_zp = grad_zm * m if m is not None else grad_zm
         if ctx.split == "rows":
+            grad_z = grad_zp if slots is None else _scatter(grad_zp, slots, n_slots)  # (N, S)
             if need_shared:
                 grad_shared = grad_z.t() @ x  # (S, d_in)
             if need_x:
                 grad_x = (grad_z @ shared).view(ctx.x_shape)  # (..., d_in)
         else:
             if need_group:
-                grad_group = _grouped_outer(x, grad_z, groups)  # (d_g, T)
+                grad_wp = _grouped_outer(x, grad_zp, groups)  # (d_g, G*R)
             if need_x:
-                grad_x = _grouped_out(grad_z, group, groups).view(ctx.x_shape)  # (..., d_in)
-        return grad_x, grad_shared, grad_group, grad_gate, None, None, None, grad_base
+                grad_x = _grouped_out(grad_zp, wp, groups).view(ctx.x_shape)  # (..., d_in)
+        if grad_wp is not None:
+            grad_group = grad_wp if columns is None else _scatter(grad_wp, columns, n_columns)  # (d_g, T)
+        return grad_x, grad_shared, grad_group, grad_gate, None, None, None, grad_base, None
 
 
-def dense_update(
+def low_rank_update(
     x: torch.Tensor,
     shared: torch.Tensor,
     group: torch.Tensor,
@@ -151,7 +180,8 @@ def dense_update(
     split: str,
     groups: int,
     base_out: torch.Tensor | None = None,
+    index: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``base_out + scaling * update(x)`` of a dense layer as one autograd node (base_out None: the update alone;
-    see the module's docstring)."""
-    return DenseLowRankUpdate.apply(x, shared, group, gate, scaling, split, groups, base_out)
+    """``base_out + scaling * update(x)`` as one autograd node (base_out None: the update alone; index None: a
+    dense layout, else the padded gather indices flattened; see the module's docstring)."""
+    return LowRankUpdate.apply(x, shared, group, gate, scaling, split, groups, base_out, index)
