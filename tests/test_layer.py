@@ -424,3 +424,18 @@ def test_a_bf16_model_keeps_fp32_adapters_and_a_bf16_base(layout):
     logits = model(token_batch()).logits
     assert logits.dtype == torch.bfloat16
     assert torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("slots", [[[0, 1, 2], [3], [], [4, 5]], [[2, 0], [1, 2, 0], [0]], [], [[], []]])
+def test_the_padded_gather_indices_point_past_each_group_s_rank_at_the_padding(slots):
+    n_slots, n_cols = 6, sum(len(s) for s in slots)
+    slot_index, column_index = dynarank.slot_layout.gather_indices(slots, n_slots, n_cols)
+    r_max = max((len(s) for s in slots), default=0)
+    assert slot_index.shape == column_index.shape == (len(slots), r_max)
+    assert slot_index.dtype == column_index.dtype == torch.long
+    offset = 0
+    for g, group in enumerate(slots):
+        pad = r_max - len(group)
+        assert slot_index[g].tolist() == group + [n_slots] * pad  # group g's slots, then the zero row S
+        assert column_index[g].tolist() == list(range(offset, offset + len(group))) + [n_cols] * pad
+        offset += len(group)

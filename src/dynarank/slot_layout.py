@@ -47,13 +47,15 @@ def gather_indices(slots: Sequence[Sequence[int]], n_slots: int, n_cols: int) ->
     column_index[g, j]: packed group-side column, or T = ``n_cols`` (a zero pad) past r_g.
     """
     r_max = max((len(s) for s in slots), default=0)
-    slot_index = torch.full((len(slots), r_max), n_slots, dtype=torch.long)
-    column_index = torch.full((len(slots), r_max), n_cols, dtype=torch.long)
-    offset = 0
-    for g, group in enumerate(slots):
-        slot_index[g, : len(group)] = torch.tensor(group, dtype=torch.long)
-        column_index[g, : len(group)] = torch.arange(offset, offset + len(group))
+    slot_rows, column_rows, offset = [], [], 0
+    for group in slots:  # built as lists, then one tensor each: a resize rebuilds these for every module it touches
+        pad = r_max - len(group)
+        slot_rows.extend([*map(int, group), *[n_slots] * pad])
+        column_rows.extend([*range(offset, offset + len(group)), *[n_cols] * pad])
         offset += len(group)
+    shape = (len(slots), r_max)
+    slot_index = torch.tensor(slot_rows, dtype=torch.long).reshape(shape)
+    column_index = torch.tensor(column_rows, dtype=torch.long).reshape(shape)
     return slot_index, column_index
 
 
