@@ -135,6 +135,7 @@ ABLATIONS = {
     # ARD as the paper defines it: no parameter cap, the l1 strength alone sets the size (r0 from the budget's r).
     "ard-free-x0.3": ("ard", {"target_params": None, "ard_lambda": 0.3}),
     "ard-free": ("ard", {"target_params": None}),
+    "ard-free-data": ("ard", {"target_params": None, "rank_init": "data"}),
     "ard-free-x3": ("ard", {"target_params": None, "ard_lambda": 3.0}),
     "ard-free-x10": ("ard", {"target_params": None, "ard_lambda": 10.0}),
     # ARD started from data-driven ranks (rank_init='data'; docs/ard.md), and its statistic, rows' scale and start size.

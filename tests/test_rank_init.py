@@ -76,6 +76,22 @@ def test_the_function_at_step_0_is_the_base_models(kind, layout, statistic):
         assert torch.equal(model(input_ids=ids).logits, base)  # B = 0 everywhere: not one bit differs
 
 
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("layout", ["own", "shared"])
+def test_without_a_budget_every_rank_stays_and_a_points_along_the_measured_directions(kind, layout):
+    model = data_model(kind, layout, budget=None)
+    fresh = {n: layer.shared_weight.detach().clone() for n, layer in elastic_layers(model).items()}
+    uniform_size = dynarank.adapter_parameter_count(model)
+    record = init_ranks(model, labelled(kind, token_batches()))
+    assert record.target_params is None and record.start_budget == record.start_params == uniform_size
+    layers = elastic_layers(model)
+    assert all(layer.ranks == [4] * layer.n_groups for layer in layers.values())  # the alphas decide the size
+    moved = [not torch.allclose(layer.shared_weight, fresh[n]) for n, layer in layers.items()]
+    assert any(moved)  # A rows written along the measured directions
+    ctrl = build_controller(model, total_steps=40)
+    assert ctrl.rank_init["start_params"] == uniform_size
+
+
 @pytest.mark.parametrize("layout", ["own", "shared"])
 def test_the_init_is_deterministic_for_a_seed(layout):
     first, second = data_model("llama", layout), data_model("llama", layout)
@@ -378,7 +394,6 @@ def test_the_init_runs_once_and_only_on_a_fresh_adapter():
 @pytest.mark.parametrize(
     "options, fields",
     [
-        ({"rank_init": "data"}, "rank_init / target_params"),
         ({"init_rho": 1.0, "target_params": 100}, "init_rho"),
         ({"init_batches": 0}, "init_batches"),
         ({"init_statistic": "weights"}, "init_statistic"),
@@ -680,17 +695,19 @@ def test_trl_sft_trainer_starts_ard_from_data_ranks(tmp_path, start):
 # ---------------------------------------------------------------------------------------------- the command line
 
 
-def test_dynarank_train_starts_from_data_ranks_and_refuses_them_without_a_budget(tmp_path, capsys):
+def test_dynarank_train_starts_from_data_ranks_with_and_without_a_budget(tmp_path):
     from dynarank.cli import main
     from test_cli import train_args, write_csv
-    from test_cli_inputs import refused
     from tiny_models import save_tiny_model_dir
 
     model_dir = save_tiny_model_dir(tmp_path / "model")
     data = write_csv(tmp_path / "data.csv")
-    err = refused(train_args(model_dir, data, tmp_path / "no-budget", "--rank-init", "data"), capsys)
-    assert "--rank-init / --target-params" in err and "give target_params" in err
-    assert not (tmp_path / "no-budget").exists()
+    free = tmp_path / "no-budget"
+    assert main(train_args(model_dir, data, free, "--rank-init", "data", "--init-batches", "1")) == 0
+    measured = json.loads((free / "summary.json").read_text())["rank_init"]
+    assert measured["target_params"] is None
+    # One small batch measures fewer directions than r in some groups: those keep what was measured.
+    assert 0 < measured["start_params"] <= measured["start_budget"]
     run = tmp_path / "run"
     argv = train_args(model_dir, data, run, "--rank-init", "data", "--target-params", "1200", "--init-batches", "2")
     assert main(argv) == 0

@@ -261,7 +261,9 @@ class ARDConfig(RankControlConfig):
     rank_init: RankInit = _help(
         "Starting ranks: 'uniform' (every group at r), 'data' (a pass over init_batches batches before training "
         "measures each group, gives the groups whose statistics promise most per parameter their ranks until the "
-        "adapter holds init_rho x target_params, and points A at the measured directions; needs target_params) or "
+        "adapter holds init_rho x target_params, and points A at the measured directions; without target_params "
+        "every group keeps rank r (or the directions measured, if fewer) and only A is pointed, the alphas then "
+        "deciding the size) or "
         "'auto' (default: 'data' with a target_params, 'uniform' without one; a controller built by hand without "
         "dynarank.init_ranks starts uniform, with a warning).",
         "auto",
@@ -320,11 +322,6 @@ class ARDConfig(RankControlConfig):
         rho = self.init_rho
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 1:
             raise ConfigError("init_rho", f"must be a number > 1 (the start is init_rho x the budget), got {rho!r}.")
-        if self.rank_init == "data" and self.target_params is None:
-            raise ConfigError(
-                ("rank_init", "target_params"),
-                "'data' starts the adapter at init_rho x the parameter budget: give target_params.",
-            )
         for name in ("ard_lambda", "lr_alpha", "ard_beta"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -16,7 +16,9 @@ what a default-drawn row reads, ``init_scale='input'``, or at the default draw's
 function at step 0 is the base model's), and cuts the rest physically. ARD's alphas start at their ranks / r0
 (``init_margin='equal'``), or inside their rank's interval ordered by the measured gain of each group's last rank
 (``'gains'``: the budget's first cuts then take the ranks the data rated lowest), and ARD's budget then falls from this
-start to ``target_params``.
+start to ``target_params``. Without a budget there is no size to allocate: every group keeps its r ranks (the uniform
+start's size; fewer where the statistic has fewer directions than r, as on a few short batches), A points along each
+group's measured directions, and the alphas alone decide the size.
 
 Under torch.distributed every worker measures its shard of each global batch and the statistics are summed across
 workers (gradients then divided by the world size: a worker's loss is its shard's share of the batch mean, as DDP
@@ -68,8 +70,8 @@ class RankInitRecord:
     batches: int  # batches measured (per worker)
     tokens: int  # token positions the statistic summed over (all workers)
     rho: float
-    target_params: int
-    start_budget: int  # floor(rho * target_params)
+    target_params: int | None
+    start_budget: int  # floor(rho * target_params); without a budget, the uniform start's size
     start_params: int  # the adapter's size after the init (at most start_budget, or the floor's size)
     ranks: dict[str, list[int]]
     seconds: float
@@ -162,7 +164,10 @@ def init_ranks(
         if config.init_scale == "input-gains":  # a candidate promises what its rescaled row can deliver
             for name, spectrum in spectra.items():
                 spectrum.gains = spectrum.gains * factors[name].view(-1, spectrum.gains.shape[1])
-    budget = int(config.init_rho * config.target_params)
+    if config.target_params is not None:
+        budget = int(config.init_rho * config.target_params)
+    else:  # no budget: every rank kept, A along the measured directions (the alphas decide the size)
+        budget = sum(layer.num_adapter_parameters() for layer in layers.values())
     keep, _ = allocate(layers, spectra, budget, config.rank_floor)
     for name, layer in layers.items():
         cut_to(layer, keep[name], optimizer)
@@ -186,7 +191,7 @@ def init_ranks(
         done,
         config.init_statistic,
         record.start_params,
-        record.start_params / config.target_params,
+        record.start_params / (config.target_params or record.start_params),
         record.seconds,
     )
     return record
