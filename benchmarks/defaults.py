@@ -332,7 +332,7 @@ def budget_study(choices: dict, stores: dict[str, RecordStore]) -> dict:
                 out.setdefault(k, {}).setdefault(method, {})[budget] = {
                     "scores": scores,
                     "mean_relative": means,
-                    "failed": {c: bad[c] for c in common(scores, tasks) if c in bad},
+                    "failed": {c: bad[c] for c in sorted(common(scores, tasks)) if c in bad},
                     "shipped": chosen,
                     "left_out": left_out,
                 }
