@@ -161,3 +161,29 @@ def test_a_run_on_a_tiny_decoder_takes_the_same_rank_decisions_and_weights_with_
     assert len({tuple(r) for r in fused_ranks.values()}) > 1  # the run moved ranks
     for name, w in fused_weights.items():  # 24 steps on, in float64: equal up to rounding
         assert float((w - plain_weights[name]).norm()) <= 1e-10 * float(plain_weights[name].norm())
+
+
+def test_evaluation_under_no_grad_and_inference_mode_gives_the_training_forward_s_values():
+    layer = _layer("rows", "shared-uneven", dtype=torch.float32)
+    x = torch.randn(2, 5, layer.in_features)
+    expected = layer(x).detach()
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_node_with_the_same_gradients(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _layer("cols", "uneven", dtype=torch.float64)
+    x = torch.randn(3, 4, layer.in_features, dtype=torch.float64, requires_grad=True)
+    expected_y, expected = _outputs_and_grads(layer, x, None, fused=True)
+    for t in [x, *layer.factors()]:
+        t.grad = None
+    y = checkpoint(layer, x, use_reentrant=reentrant)
+    (y.sin() * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+    got = [y.detach()] + [t.grad for t in [x, *layer.factors()]]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
