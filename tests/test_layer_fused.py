@@ -39,6 +39,27 @@ def _layer(split, case, dtype=torch.float64, seed=0):
     return layer
 
 
+def _fused(y) -> bool:
+    """Whether the update of ``y`` ran as the fused node (the output is a view of it, or it directly)."""
+    fn = y.grad_fn
+    while fn is not None and type(fn).__name__ == "ViewBackward0":
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__ == FUSED
+
+
+def _graph(y) -> set[str]:
+    """The names of every node of y's backward graph."""
+    names, stack, seen = set(), [y.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
 def _index(layer):
     return None if layer._dense else (layer.slot_index.reshape(-1), layer.column_index.reshape(-1))
 
@@ -83,8 +104,7 @@ def test_a_layer_runs_one_node_with_the_outputs_and_gradients_of_plain_autograd(
         layer.set_gate(lambda _: gate)
     fused_y, fused = _outputs_and_grads(layer, x, gate, fused=True)
     plain_y, plain = _outputs_and_grads(layer, x, gate, fused=False)
-    assert type(fused_y.grad_fn).__name__ == FUSED
-    assert type(plain_y.grad_fn).__name__ != FUSED
+    assert _fused(fused_y) and not _fused(plain_y)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -115,18 +135,19 @@ def test_rank_buckets_mixed_dtypes_and_autocast_keep_the_autograd_path():
     lopsided = ElasticLoRALinear(base, n_groups=4, split="rows", r=64)
     lopsided.remove_slots({g: list(range(60)) for g in range(1, 4)})  # ranks 64, 4, 4, 4: rank buckets
     assert lopsided._buckets is not None
-    assert type(lopsided(torch.randn(3, 16, requires_grad=True)).grad_fn).__name__ != FUSED
+    assert not _fused(lopsided(torch.randn(3, 16, requires_grad=True)))
 
     bf16 = nn.Linear(16, 24).to(torch.bfloat16)  # the base's output in bf16, the adapter in fp32
     layer = ElasticLoRALinear(bf16, r=2)
     y = layer(torch.randn(3, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16  # the update fused, then added in the base's dtype
-    assert type(y.grad_fn).__name__ != FUSED
+    assert type(y.grad_fn).__name__ == "AddBackward0"  # added outside the node, in the base's dtype
+    assert FUSED in _graph(y)  # the update itself is fused
 
     dense = _layer("rows", "dense", dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = dense(torch.randn(3, dense.in_features, requires_grad=True))
-    assert type(z.grad_fn).__name__ != FUSED
+    assert not _fused(z)
 
 
 def _train(method, knobs, steps=24, fused=True):
@@ -187,3 +208,18 @@ def test_activation_checkpointing_recomputes_the_node_with_the_same_gradients(re
     got = [y.detach()] + [t.grad for t in [x, *layer.factors()]]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_the_output_may_be_modified_in_place_as_a_plain_linear_s_may():
+    layer = _layer("rows", "dense", dtype=torch.float64)
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert _fused(y)
+    y.mul_(2.0)  # e.g. a model scaling its queries in place
+    y.sum().backward()
+    grads = [t.grad.clone() for t in (x, *layer.factors())]
+    for t in (x, *layer.factors()):
+        t.grad = None
+    (2.0 * layer(x)).sum().backward()
+    for a, t in zip(grads, (x, *layer.factors())):
+        torch.testing.assert_close(a, t.grad)

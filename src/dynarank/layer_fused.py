@@ -101,7 +101,7 @@ def _scatter(t: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class LowRankUpdate(torch.autograd.Function):
-    """``base_out + scaling * update(x)`` (base_out None: zero): (..., d_in) -> (..., d_out). Arguments: x, shared
+    """``base_out + scaling * update(x)`` (base_out None: zero): (..., d_in) -> (N, d_out). Arguments: x, shared
     (S, other), group (d_g, T), gate (G, R) or None, scaling, split, groups, base_out (the base layer's output, x's
     leading shape), index: None for a dense layout, else (slots, columns), the layer's padded gather indices
     flattened (G*R,) each (``slot_index`` / ``column_index``: S and T read the zero padding)."""
@@ -111,6 +111,7 @@ class LowRankUpdate(torch.autograd.Function):
         ctx.x_shape = x.shape
         x = x.reshape(-1, x.shape[-1])  # (N, d_in)
         d_out = shared.shape[1] if split == "cols" else group.shape[0] * groups
+        ctx.base_shape = None if base_out is None else base_out.shape
         if base_out is not None:
             base_out = base_out.reshape(-1, d_out)
         slots, columns = index if index is not None else (None, None)
@@ -132,7 +133,8 @@ class LowRankUpdate(torch.autograd.Function):
         ctx.save_for_backward(x, shared, wp, zp if m is not None else None, kept, m, slots, columns)
         ctx.scaling, ctx.split, ctx.groups, ctx.widths = scaling, split, groups, (shared.shape[0], group.shape[1])
         ctx.gate_shape = None if gate is None else gate.shape
-        return out.view(*ctx.x_shape[:-1], d_out)
+        # (N, d_out), not a view: a view made inside a Function cannot be modified in place by the caller
+        return out
 
     @staticmethod
     @once_differentiable
@@ -140,8 +142,8 @@ class LowRankUpdate(torch.autograd.Function):
         x, shared, wp, zp, kept, m, slots, columns = ctx.saved_tensors
         scaling, groups, (n_slots, n_columns) = ctx.scaling, ctx.groups, ctx.widths
         need_x, need_shared, need_group, need_gate, *_, need_base, _ = ctx.needs_input_grad
-        grad_base = grad_out if need_base else None
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # (N, d_out)
+        grad_out = grad_out.contiguous()  # (N, d_out)
+        grad_base = grad_out.view(ctx.base_shape) if need_base else None
         grad_x = grad_shared = grad_group = grad_gate = grad_wp = None
         if ctx.split == "rows":
             grad_zm = _grouped_in(grad_out, wp, groups, scaling)  # (N, G*R), the scaling folded in
@@ -182,6 +184,7 @@ def low_rank_update(
     base_out: torch.Tensor | None = None,
     index: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``base_out + scaling * update(x)`` as one autograd node (base_out None: the update alone; index None: a
-    dense layout, else the padded gather indices flattened; see the module's docstring)."""
-    return LowRankUpdate.apply(x, shared, group, gate, scaling, split, groups, base_out, index)
+    """``base_out + scaling * update(x)`` as one autograd node, shaped (..., d_out) like x (base_out None: the update
+    alone; index None: a dense layout, else the padded gather indices flattened; see the module's docstring)."""
+    out = LowRankUpdate.apply(x, shared, group, gate, scaling, split, groups, base_out, index)  # (N, d_out)
+    return out.view(*x.shape[:-1], out.shape[-1])  # a view outside the Function: the caller may write to it
