@@ -18,8 +18,8 @@ the products (addmm's alpha) and the base's output is added by the last product,
 It saves x, zp and zm (rows) / z (cols), no more than the autograd path keeps.
 
 Measured (benchmarks/method_overhead.py, docs/benchmarks.md's step-time section, before -> with the node): ElaLoRA's
-step over stock LoRA's 1.173 -> 1.048 at MiniLM 16 x 16 and 1.135 -> 1.095 on the 224-module decoder over 240 steps;
-the engine at a fixed rank 1.004 -> 0.979 and 1.036 -> 0.999.
+step over stock LoRA's 1.173 -> 1.051 at MiniLM 16 x 16 and 1.135 -> 1.092 on the 224-module decoder over 240 steps;
+the engine at a fixed rank 1.004 -> 0.974 and 1.036 -> 0.987.
 
 Not used (``fused_update_applies``; the autograd path of ``ElasticLoRALinear`` then runs): under autocast (the
 products' dtypes are autocast's choice there), when the factors, the input and the gate differ in dtype, and for rank
