@@ -12,6 +12,7 @@ from torch import nn
 
 from dynarank import DynaRankConfig, ElasticLoRALinear, attach, build_controller, elastic_layers
 from dynarank.layer_fused import low_rank_update
+from test_layer import _backward_ops
 from tiny_models import tiny_llama, token_batch
 
 FUSED = "LowRankUpdateBackward"
@@ -45,19 +46,6 @@ def _fused(y) -> bool:
     while fn is not None and type(fn).__name__ == "ViewBackward0":
         fn = fn.next_functions[0][0]
     return type(fn).__name__ == FUSED
-
-
-def _graph(y) -> set[str]:
-    """The names of every node of y's backward graph."""
-    names, stack, seen = set(), [y.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
 
 
 def _index(layer):
@@ -142,7 +130,7 @@ def test_rank_buckets_mixed_dtypes_and_autocast_keep_the_autograd_path():
     y = layer(torch.randn(3, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16  # the update fused, then added in the base's dtype
     assert type(y.grad_fn).__name__ == "AddBackward0"  # added outside the node, in the base's dtype
-    assert FUSED in _graph(y)  # the update itself is fused
+    assert FUSED in _backward_ops(y)  # the update itself is fused
 
     dense = _layer("rows", "dense", dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
