@@ -78,12 +78,14 @@ def test_the_function_at_step_0_is_the_base_models(kind, layout, statistic):
 
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("layout", ["own", "shared"])
-def test_without_a_budget_every_rank_stays_and_a_points_along_the_measured_directions(kind, layout):
+def test_without_a_budget_every_rank_stays_and_a_points_along_the_measured_directions(kind, layout, caplog):
     model = data_model(kind, layout, budget=None)
     fresh = {n: layer.shared_weight.detach().clone() for n, layer in elastic_layers(model).items()}
     uniform_size = dynarank.adapter_parameter_count(model)
-    record = init_ranks(model, labelled(kind, token_batches()))
+    with caplog.at_level("INFO", logger="dynarank.rank_init"):
+        record = init_ranks(model, labelled(kind, token_batches()))
     assert record.target_params is None and record.start_budget == record.start_params == uniform_size
+    assert f"{uniform_size} adapter parameters (no budget)" in caplog.text  # not a ratio to a budget it does not have
     layers = elastic_layers(model)
     assert all(layer.ranks == [4] * layer.n_groups for layer in layers.values())  # the alphas decide the size
     moved = [not torch.allclose(layer.shared_weight, fresh[n]) for n, layer in layers.items()]

@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .layer_buckets import take_columns
+
 
 def fused_update_applies(x: torch.Tensor, shared: torch.Tensor, group: torch.Tensor, gate: torch.Tensor | None) -> bool:
-    """Whether the dense update may run as one node: one dtype everywhere and no autocast on x's device."""
+    """Whether the update may run as one node: one dtype everywhere and no autocast on x's device."""
     dtype = shared.dtype
     if x.dtype != dtype or group.dtype != dtype or (gate is not None and gate.dtype != dtype):
         return False
@@ -90,8 +92,9 @@ def _grouped_outer(a: torch.Tensor, b: torch.Tensor, groups: int, scale: float =
 
 
 def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(rows, C) -> (rows, len(index)): the columns ``index`` of t, where index C reads a zero (the padding)."""
-    return F.pad(t, (0, 1)).index_select(1, index)
+    """(rows, C) -> (rows, len(index)): the columns ``index`` of t, where index C reads a zero (the padding), as the
+    autograd path gathers them."""
+    return take_columns(F.pad(t, (0, 1)), index)
 
 
 def _scatter(t: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:

@@ -185,13 +185,15 @@ def init_ranks(
         seconds=time.perf_counter() - start,
     )
     setattr(model, RANK_INIT_ATTR, record.to_dict())
+    size = (
+        "no budget" if config.target_params is None else f"{record.start_params / config.target_params:.2f}x the budget"
+    )
     logger.info(
-        "dynarank: ranks initialised from %d batch(es) (%s statistic): %d adapter parameters (%.2fx the budget) in "
-        "%.1f s",
+        "dynarank: ranks initialised from %d batch(es) (%s statistic): %d adapter parameters (%s) in %.1f s",
         done,
         config.init_statistic,
         record.start_params,
-        record.start_params / (config.target_params or record.start_params),
+        size,
         record.seconds,
     )
     return record
