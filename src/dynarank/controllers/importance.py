@@ -62,7 +62,8 @@ class ImportanceEMA:
     def __init__(self, params: Iterable[nn.Parameter], beta1: float = 0.85, beta2: float = 0.85) -> None:
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.carrier = _StateCarrier(list(params))
-        self._packed: tuple[list[nn.Parameter], torch.Tensor, torch.Tensor] | None = None
+        self._packed: _Packing | None = None  # the last packing (kept when stale: its untouched parts are reused)
+        self._stale = False
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -83,23 +84,44 @@ class ImportanceEMA:
         self.invalidate()
 
     def invalidate(self) -> None:
-        """The states were re-indexed or replaced one by one: pack them again at the next update."""
-        self._packed = None
+        """The states were re-indexed or replaced one by one: pack them again at the next update (the states
+        still held as views of the last packing are copied from it in runs, not one by one)."""
+        self._stale = True
 
     def _pack(self, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat (sensitivity, uncertainty) buffers over ``params``, each parameter's state a view into them."""
-        if self._packed is not None and len(self._packed[0]) == len(params):
-            if all(a is b for a, b in zip(self._packed[0], params)):
-                return self._packed[1], self._packed[2]
+        """Flat (sensitivity, uncertainty) buffers over ``params``, each parameter's state a view into them.
+
+        After a resize most parameters still hold the views of the last packing: their values are copied from the
+        old buffers as contiguous runs (one slice per run of such parameters), and only the states a resize made
+        anew (or none: zeros) are copied one by one. Every parameter then gets views of the new buffers."""
+        packed = self._packed
+        if packed is not None and not self._stale and packed.holds(params):
+            return packed.buffers
+        state = self.carrier.state
+        reused = [packed.offset_of(p, state.get(p)) if packed is not None else None for p in params]
         buffers, views = [], []
-        for key in ("sensitivity", "uncertainty"):
-            parts = [self.carrier.state[p].get(key) for p in params]
-            parts = [t if t is not None else torch.zeros_like(p) for t, p in zip(parts, params)]
-            buffers.append(_flatten_dense_tensors(parts))
-            views.append(_unflatten_dense_tensors(buffers[-1], parts))
+        for k, key in enumerate(("sensitivity", "uncertainty")):
+            pieces: list[torch.Tensor] = []
+            run: list[int] | None = None  # [start, stop) in the old buffer of the current run of reused states
+            for p, start in zip(params, reused):
+                if start is not None and run is not None and run[1] == start:
+                    run[1] += p.numel()
+                    continue
+                if run is not None:
+                    pieces.append(packed.buffers[k][run[0] : run[1]])
+                    run = None
+                if start is not None:
+                    run = [start, start + p.numel()]
+                    continue
+                t = state[p].get(key) if p in state else None
+                pieces.append((t if t is not None else torch.zeros_like(p)).reshape(-1))
+            if run is not None:
+                pieces.append(packed.buffers[k][run[0] : run[1]])
+            buffers.append(torch.cat(pieces) if len(pieces) != 1 else pieces[0].clone())
+            views.append(_unflatten_dense_tensors(buffers[-1], params))
         for p, ibar, ubar in zip(params, *views):
-            self.carrier.state[p] = {"sensitivity": ibar, "uncertainty": ubar}
-        self._packed = (list(params), buffers[0], buffers[1])
+            state[p] = {"sensitivity": ibar, "uncertainty": ubar}
+        self._packed, self._stale = _Packing(params, views, (buffers[0], buffers[1])), False
         return buffers[0], buffers[1]
 
     @torch.no_grad()
@@ -172,7 +194,30 @@ class ImportanceEMA:
     def clear(self) -> None:
         """Drop every EMA (frees their memory once ranks are final)."""
         self.carrier.state.clear()
-        self.invalidate()
+        self._packed, self._stale = None, False
+
+
+class _Packing:
+    """Where one packing put every parameter's EMAs: the two flat buffers, and per parameter its first element in
+    them and the views its state was given (to tell a state still held as that view from one a resize replaced)."""
+
+    def __init__(
+        self, params: list[nn.Parameter], views: list[list[torch.Tensor]], buffers: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        self.params, self.buffers = list(params), buffers
+        starts = itertools.accumulate((p.numel() for p in params[:-1]), initial=0)
+        self._where = {id(p): (p, start, ibar, ubar) for p, start, ibar, ubar in zip(params, starts, *views)}
+
+    def holds(self, params: list[nn.Parameter]) -> bool:
+        """Whether ``params`` are exactly the parameters packed, in order."""
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def offset_of(self, p: nn.Parameter, state: dict | None) -> int | None:
+        """``p``'s first element in the buffers if its state is still the views this packing gave it, else None."""
+        entry = self._where.get(id(p))
+        if entry is None or entry[0] is not p or not state:
+            return None
+        return entry[1] if state.get("sensitivity") is entry[2] and state.get("uncertainty") is entry[3] else None
 
 
 def triplet_scores(
@@ -204,10 +249,11 @@ class TripletPlan:
     """:func:`triplet_scores` of every module at once, from the element scores of every A, B and E laid end to end
     (``ImportanceEMA.flat_scores``), its gathers built once per layout.
 
-    The row means of the shared sides are taken over one gather per width, the column means of the group sides
-    over one gather per shape (d_g, T): a gather lays the modules' scores out as a concatenation (or a stack) of
-    them would, and a reduction over the rows of that sums each element in the same order as over each tensor
-    alone, so every score is bitwise the one module-by-module code gives.
+    The row means of the shared sides are taken width by width, the column means of the group sides shape (d_g, T)
+    by shape, each over a piece of one gather (one for the shared sides, one for the group sides, the modules
+    ordered by width or shape): a piece lays the modules' scores out as a concatenation (or a stack) of them would,
+    and a reduction over the rows of that sums each element in the same order as over each tensor alone, so every
+    score is bitwise the one module-by-module code gives.
     """
 
     def __init__(self) -> None:
@@ -221,26 +267,33 @@ class TripletPlan:
         for i, t in enumerate(shared):
             rows.setdefault(t.shape[1], []).append(i)
         row_offset, offset = [0] * len(layers), 0
-        self.row_batches = []  # (width, number of rows, gather of their scores or None when the width is 0)
+        self.row_batches = []  # (width, number of rows): consecutive pieces of the row gather, width by width
+        by_width = []
         for width, members in rows.items():
-            n_rows = sum(shared[i].shape[0] for i in members)
-            gather = _segments([starts[2 * i] for i in members], [sizes[2 * i] for i in members], device)
-            self.row_batches.append((width, n_rows, gather if width else None))
+            start = offset
             for i in members:
                 row_offset[i] = offset
                 offset += shared[i].shape[0]
+            self.row_batches.append((width, offset - start))
+            by_width.extend(members)
+        self.row_split = [width * n for width, n in self.row_batches]
+        # every shared side's scores, the modules ordered by width: one index for all widths
+        self.row_gather = _segments([starts[2 * i] for i in by_width], [sizes[2 * i] for i in by_width], device)
         cols: dict[tuple, list[int]] = {}  # (d_g, T) -> modules
         for i, t in enumerate(group):
             if t.shape[1]:
                 cols.setdefault(tuple(t.shape), []).append(i)
         piece_start, offset = [0] * len(layers), 0
-        self.col_batches = []  # ((modules, d_g, T), gather of their scores)
+        self.col_batches = []  # (modules, d_g, T): consecutive pieces of the column gather, shape by shape
+        by_shape = []
         for shape, members in cols.items():
-            gather = _segments([starts[2 * i + 1] for i in members], [sizes[2 * i + 1] for i in members], device)
-            self.col_batches.append(((len(members), *shape), gather))
+            self.col_batches.append((len(members), *shape))
+            by_shape.extend(members)
             for i in members:
                 piece_start[i] = offset
                 offset += group[i].shape[1]
+        self.col_split = [n * d * t for n, d, t in self.col_batches]
+        self.col_gather = _segments([starts[2 * i + 1] for i in by_shape], [sizes[2 * i + 1] for i in by_shape], device)
         self.values_start = starts[-1]
         layouts = [layer.slot_tuple for layer in layers]
         column_order = [c for i, t in enumerate(group) for c in range(piece_start[i], piece_start[i] + t.shape[1])]
@@ -266,10 +319,13 @@ class TripletPlan:
             self._key = key
         values = flat[self.values_start :]
         row_means = [
-            flat[gather].view(n_rows, width).mean(dim=1) if gather is not None else values.new_zeros(n_rows)
-            for width, n_rows, gather in self.row_batches
+            piece.view(n_rows, width).mean(dim=1) if width else values.new_zeros(n_rows)
+            for (width, n_rows), piece in zip(self.row_batches, flat[self.row_gather].split(self.row_split))
         ]
-        col_means = [flat[gather].view(shape).mean(dim=1).flatten() for shape, gather in self.col_batches]
+        col_means = [
+            piece.view(shape).mean(dim=1).flatten()
+            for shape, piece in zip(self.col_batches, flat[self.col_gather].split(self.col_split))
+        ]
         column = values + (torch.cat(col_means)[self.column_order] if col_means else values.new_zeros(0))
         scores = (column + torch.cat(row_means)[self.row_of_column]).split(self.ranks)
         out, k = {}, 0
