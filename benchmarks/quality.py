@@ -89,6 +89,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import study_data  # noqa: E402
+from dynarank.config import ORTHO_WEIGHT  # noqa: E402
 from records import PROJECTIONS, RecordStore, projection, run_pool  # noqa: E402
 from setups import peft_adalora_schedule, stock_adalora_schedule  # noqa: E402
 
@@ -297,10 +298,12 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
         # the default with a budget (ard-data-scaled is that default)
         knobs = {**layout, "target_params": budget, "rank_init": "uniform"}
         return TrainSpec(method="ard", r=max(8, 2 * r), dynarank=knobs, **common)
+    # The SVD methods with the orthogonality penalty at the papers' weight, pinned: what their records ran (the
+    # library's default weight is the defaults study's choice between this and the "-ortho0" ablation, per kind).
     if method == "elalora":  # a parameter budget: a rank costs more in the MLP
-        return TrainSpec(method=method, r=r, dynarank={"target_params": budget}, **common)
+        return TrainSpec(method=method, r=r, dynarank={"target_params": budget, "ortho_weight": ORTHO_WEIGHT}, **common)
     if method == "adalora-physical":  # stock AdaLoRA's start and schedule, pruned to the parameter budget
-        knobs = {**stock_adalora_schedule(r, steps), "target_params": budget}
+        knobs = {**stock_adalora_schedule(r, steps), "target_params": budget, "ortho_weight": ORTHO_WEIGHT}
         del knobs["target_rank"]
         return TrainSpec(method=method, r=knobs.pop("r"), dynarank=knobs, **common)
     return TrainSpec(method=method, r=max(1, r), **common)  # full fine-tuning ignores r

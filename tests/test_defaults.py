@@ -17,7 +17,19 @@ import yaml
 import dynarank
 from dynarank import DynaRankConfig, attach
 from dynarank.cli import main
-from dynarank.defaults import BUDGET_LR, DEFAULT_LR, MIDDLE_BUDGET, TASKS, default_lr, source, task_of
+from dynarank.config import ORTHO_WEIGHT
+from dynarank.defaults import (
+    BUDGET_LR,
+    DEFAULT_LR,
+    DEFAULT_ORTHO_WEIGHT,
+    MIDDLE_BUDGET,
+    SOURCE,
+    TASKS,
+    default_lr,
+    default_ortho_weight,
+    source,
+    task_of,
+)
 from dynarank.training.loop import TrainSpec
 from dynarank.training.methods import ALL_METHODS, DYNARANK_METHODS
 from test_cli import train_args, write_csv
@@ -46,6 +58,37 @@ def test_ard_with_a_budget_starts_as_the_configuration_the_study_chose_for_each_
     for kind, (variant, _rate) in record["choices"]["ard"]["shipped"].items():
         assert variant in ("ard", "ard-data-scaled"), kind  # quality.py's uniform start, or the data start
         assert config.data_start is (variant == "ard-data-scaled"), kind
+
+
+def test_the_svd_methods_orthogonality_weight_is_the_configuration_the_study_chose_for_each_kind():
+    import quality
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/defaults.json").read_text())
+    for method in ("elalora", "adalora-physical"):
+        for kind, (variant, _rate) in record["choices"][method]["shipped"].items():
+            # quality.py's method pins the papers' weight, its "-ortho0" ablation none
+            settings = quality.ABLATIONS[variant][1] if variant in quality.ABLATIONS else {"ortho_weight": ORTHO_WEIGHT}
+            assert variant in (method, f"{method}-ortho0"), kind
+            assert DEFAULT_ORTHO_WEIGHT[kind][method] == settings["ortho_weight"], (method, kind)
+
+
+@pytest.mark.parametrize("method", ["elalora", "adalora-physical"])
+@pytest.mark.parametrize(
+    "build,kind,targets", [(tiny_bert, "classify", ["query", "value"]), (tiny_llama, "causal-lm", ["q_proj", "v_proj"])]
+)
+def test_an_svd_method_trains_with_its_kind_s_orthogonality_weight_unless_the_config_gives_one(
+    method, build, kind, targets
+):
+    model = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets))
+    controller = dynarank.build_controller(model, total_steps=40)
+    assert controller.ortho_weight == default_ortho_weight(method, kind)
+    resolved = controller.settings_used()
+    assert resolved["ortho_weight"] == controller.ortho_weight
+    assert resolved["ortho_weight_source"] == f"{SOURCE}, {kind}"
+    assert resolved["config"]["ortho_weight"] is None  # what was asked: the default
+    given = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets, ortho_weight=0.25))
+    controller = dynarank.build_controller(given, total_steps=40)
+    assert controller.ortho_weight == 0.25 and controller.settings_used()["ortho_weight_source"] == "config"
 
 
 def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_grid(tmp_path, monkeypatch):

@@ -411,4 +411,4 @@ def test_scores_and_gates_follow_layers_reshaped_outside_the_controller():
     opt = ctrl.build_optimizer(lr=1e-2)
     train(model, task, opt, 2)
     assert ctrl.importance.score(layer.group_weight).sum() > 0
-    assert ctrl.importance.params[1] is layer.group_weight and len(ctrl.importance.carrier.state) == 3
+    assert ctrl.importance.params[1] is layer.group_weight and len(ctrl.importance.held()) == 3

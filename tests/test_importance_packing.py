@@ -28,9 +28,9 @@ def _random_grads(ctrl, seed):
 
 
 def _states(ctrl):
-    state = ctrl.importance.carrier.state
     params = [p for p in ctrl._scored_parameters() if p.numel()]
-    return [(state[p]["sensitivity"].clone(), state[p]["uncertainty"].clone()) for p in params]
+    states = [ctrl.importance.state_of(p) for p in params]
+    return [(state["sensitivity"].clone(), state["uncertainty"].clone()) for state in states]
 
 
 def _expected_update(ctrl, before):
@@ -45,11 +45,11 @@ def _expected_update(ctrl, before):
 
 
 def _assert_packed(ctrl):
-    """Every state is a view of one of the two buffers (one storage per kind)."""
-    state = ctrl.importance.carrier.state
+    """Every state is a view of one of the two buffers (one storage per kind), none held apart by the carrier."""
     params = [p for p in ctrl._scored_parameters() if p.numel()]
+    assert not ctrl.importance.carrier.state
     for key in ("sensitivity", "uncertainty"):
-        storages = {state[p][key].untyped_storage().data_ptr() for p in params}
+        storages = {ctrl.importance.state_of(p)[key].untyped_storage().data_ptr() for p in params}
         assert len(storages) == 1, key
 
 
@@ -90,11 +90,12 @@ def test_packing_is_a_copy_states_replaced_or_new_included():
         assert torch.equal(a_i, b_i) and torch.equal(a_u, b_u)
     # a parameter no longer tracked drops out; the others keep their values
     kept = [p for p in ctrl._scored_parameters() if p.numel()][2:]
-    snapshot = [ctrl.importance.carrier.state[p]["sensitivity"].clone() for p in kept]
+    snapshot = [ctrl.importance.state_of(p)["sensitivity"].clone() for p in kept]
     ctrl.importance.track(kept)
     ctrl.importance._pack(kept)
+    assert ctrl.importance.held() == kept
     for p, want in zip(kept, snapshot):
-        assert torch.equal(ctrl.importance.carrier.state[p]["sensitivity"], want)
+        assert torch.equal(ctrl.importance.state_of(p)["sensitivity"], want)
 
 
 def test_clearing_the_scores_frees_the_buffers_and_the_next_update_starts_from_zero():
@@ -102,11 +103,13 @@ def test_clearing_the_scores_frees_the_buffers_and_the_next_update_starts_from_z
     _random_grads(ctrl, 0)
     ctrl.importance.update()
     ctrl.importance.clear()
-    assert ctrl.importance._packed is None and not ctrl.importance.carrier.state
+    assert ctrl.importance._packed is None and not ctrl.importance.carrier.state and not ctrl.importance.held()
+    assert ctrl.held_bytes() == 0
     ctrl.importance.update()
     for p in ctrl._scored_parameters():
         if p.numel():
             sensitivity = (p.detach() * p.grad).abs()
             torch.testing.assert_close(
-                ctrl.importance.carrier.state[p]["sensitivity"], sensitivity * (1 - ctrl.importance.beta1)
+                ctrl.importance.state_of(p)["sensitivity"], sensitivity * (1 - ctrl.importance.beta1)
             )
+    assert ctrl.held_bytes() == sum(2 * 4 * p.numel() for p in ctrl._scored_parameters())

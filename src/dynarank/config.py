@@ -42,7 +42,7 @@ OUTPUT_SUFFIXES = ("attention.output.dense", "o_proj", "out_proj", "o", "out_lin
 # Top-level task heads: trained in full (modules_to_save), never adapted. BART-style models call theirs
 # classification_head; DistilBERT's classifier is preceded by a freshly initialised pre_classifier.
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "classification_head", "pre_classifier")
-ORTHO_WEIGHT = 0.1  # the SVD methods' orthogonality penalty weight (both papers' code)
+ORTHO_WEIGHT = 0.1  # the papers' orthogonality weight (both papers' code): stock PEFT AdaLoRA's in the application
 LEGACY_METHODS = {"lora": "dynarank-lora", "adalora": "adalora-physical"}  # names in adapters saved before 0.2
 
 
@@ -355,10 +355,11 @@ class SVDConfig(RankControlConfig):
     )
     t_init_steps: int | None = _help("Exact t_init in optimizer steps (overrides warmup_frac).", None)
     t_final_steps: int | None = _help("Exact t_final in optimizer steps (overrides final_frac).", None)
-    ortho_weight: float = _help(
+    ortho_weight: float | None = _help(
         "Weight of the orthogonality penalty, the mean over groups of ||A A^T - I||_F and ||B^T B - I||_F; its "
-        "gradient is added once per optimizer step (0 disables it).",
-        ORTHO_WEIGHT,
+        "gradient is added once per optimizer step (0 disables it). None: the weight the defaults study chose for "
+        "the method and the model's kind of task (dynarank.defaults.DEFAULT_ORTHO_WEIGHT; docs/defaults.md).",
+        None,
     )
     importance_beta1: float = _help("EMA factor of the sensitivity I = |w * dL/dw| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
     importance_beta2: float = _help("EMA factor of the uncertainty |I - Ibar| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
@@ -375,7 +376,7 @@ class SVDConfig(RankControlConfig):
         for name in ("importance_beta1", "importance_beta2"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in (0, 1), got {getattr(self, name)!r}.")
-        if self.ortho_weight < 0:
+        if self.ortho_weight is not None and not self.ortho_weight >= 0:
             raise ConfigError("ortho_weight", f"must be >= 0, got {self.ortho_weight!r}.")
         if not isinstance(self.reset_optimizer_on_resize, bool):
             raise ConfigError(

@@ -78,6 +78,13 @@ BUDGET_LR: dict[str, dict[str, dict[float, float]]] = {
     # r=1 on the causal LMs: a grid on both data sets (dialogs, sentiment LM); the middle budget's rates again
     "causal-lm": {"ard": {1: 1e-2}, "lora": {1: 1e-2}, "dynarank-lora": {1: 1e-2}, "eva": {1: 1e-2}},
 }
+# The SVD methods' orthogonality penalty weight when the config gives none (``ortho_weight=None``), per kind of task:
+# the configuration the defaults study chose for each (benchmarks/defaults.py, CONFIGURATIONS: the papers' 0.1, or
+# no penalty), pinned to its record by tests/test_defaults.py.
+DEFAULT_ORTHO_WEIGHT: dict[str, dict[str, float]] = {
+    "classify": {"elalora": 0.1, "adalora-physical": 0.1},
+    "causal-lm": {"elalora": 0.1, "adalora-physical": 0.1},
+}
 # Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
 RANK_BUDGET_METHODS = ("dynarank-lora", "lora", "dora", "eva", "adalora")
 SOURCE = "dynarank.defaults (docs/defaults.md)"
@@ -128,6 +135,18 @@ def budget_in_lora_ranks(target_params: int | None, shapes: Iterable[tuple[int, 
     None without a budget or targets."""
     per_rank = sum(d_in + d_out for d_in, d_out in shapes)
     return None if target_params is None or per_rank == 0 else target_params / per_rank
+
+
+def default_ortho_weight(method: str, task: str = "classify") -> float:
+    """The orthogonality penalty weight an SVD method (``elalora``, ``adalora-physical``) trains with on ``task`` when
+    its config gives none (KeyError naming the choices)."""
+    if task not in DEFAULT_ORTHO_WEIGHT:
+        raise KeyError(f"no default orthogonality weights for task {task!r}; tasks: {', '.join(DEFAULT_ORTHO_WEIGHT)}.")
+    if method not in DEFAULT_ORTHO_WEIGHT[task]:
+        raise KeyError(
+            f"no default orthogonality weight for {method!r}; methods: {', '.join(DEFAULT_ORTHO_WEIGHT[task])}."
+        )
+    return DEFAULT_ORTHO_WEIGHT[task][method]
 
 
 def budget_of(method: str, r: int, knobs: Mapping[str, Any], shapes: Iterable[tuple[int, int]]) -> float | None:

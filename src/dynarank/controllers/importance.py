@@ -29,9 +29,10 @@ from ..layer import ElasticLoRALinear
 
 
 class _StateCarrier(torch.optim.Optimizer):
-    """Holds the EMAs as optimizer state so that every resize re-indexes them like Adam's moments.
+    """Holds EMAs as optimizer state so that a resize re-indexes them like Adam's moments.
 
-    ``layer.remove_slots`` / ``add_slots`` / ``optim_state.reindex_parameter`` rebind every
+    It holds the states handed over before a resize (``ImportanceEMA.hand_over``), and those a resize or a
+    restore made, until the next update packs them into the flat buffers. ``layer.remove_slots`` / ``add_slots`` / ``optim_state.reindex_parameter`` rebind every
     optimizer they are given and slice every state tensor shaped like the parameter with the
     same index: passing this carrier along keeps the scores of kept ranks and gives new ranks
     zero scores, with no index bookkeeping of our own. It never steps.
@@ -47,11 +48,13 @@ class _StateCarrier(torch.optim.Optimizer):
 class ImportanceEMA:
     """Sensitivity and uncertainty moving averages of every element of the tracked parameters.
 
-    The EMAs of all parameters live in two flat buffers, and each parameter's state (in ``carrier``)
-    is a view into them: a step is a handful of operations over every element at once (the weights and
-    gradients are flattened by one C++ call, ``_flatten_dense_tensors``, not one operation per parameter). A resize
-    re-indexes a parameter's state into a tensor of its own (``invalidate``); the next update packs
-    the buffers again.
+    The EMAs of all parameters live in two flat buffers: a step is a handful of operations over every element at once
+    (the weights and gradients are flattened by one C++ call, ``_flatten_dense_tensors``, not one operation per
+    parameter). A parameter's state is read as views of the buffers (:meth:`state_of`); the carrier holds states of
+    its own only where the buffers do not: those a resize re-indexed (:meth:`hand_over` first gives the carrier the
+    states of the parameters a resize will touch, as views), or :meth:`set_state` gave. The next update packs the
+    buffers again: the states still in the old buffers are copied from them in runs (one slice per run of such
+    parameters), the carrier's one by one, which then leave it.
 
     Args:
         params: parameters to score (A, B and E of every adapted module).
@@ -62,8 +65,7 @@ class ImportanceEMA:
     def __init__(self, params: Iterable[nn.Parameter], beta1: float = 0.85, beta2: float = 0.85) -> None:
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.carrier = _StateCarrier(list(params))
-        self._packed: _Packing | None = None  # the last packing (kept when stale: its untouched parts are reused)
-        self._stale = False
+        self._packed: _Packing | None = None  # the buffers, and where each parameter's EMAs are in them
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -81,29 +83,49 @@ class ImportanceEMA:
                 self.carrier.state.pop(p, None)
         self.carrier.param_groups[0]["params"] = list(params)
         del self.carrier.param_groups[1:]
-        self.invalidate()
 
-    def invalidate(self) -> None:
-        """The states were re-indexed or replaced one by one: pack them again at the next update (the states
-        still held as views of the last packing are copied from it in runs, not one by one)."""
-        self._stale = True
+    # ------------------------------------------------------------------ each parameter's state
+    def has_state(self, p: nn.Parameter) -> bool:
+        """Whether ``p`` has EMAs (it had an update, or was given them)."""
+        return bool(self.carrier.state.get(p)) or (self._packed is not None and self._packed.start_of(p) is not None)
+
+    def state_of(self, p: nn.Parameter) -> dict[str, torch.Tensor] | None:
+        """{'sensitivity': Ibar, 'uncertainty': Ubar} of ``p``, shaped like it (views of the buffers, or the carrier's
+        own tensors); None before its first update."""
+        own = self.carrier.state.get(p)
+        if own:
+            return own
+        return self._packed.views_of(p) if self._packed is not None else None
+
+    def held(self) -> list[nn.Parameter]:
+        """The tracked parameters that have EMAs."""
+        return [p for p in self.params if self.has_state(p)]
+
+    def hand_over(self, params: Iterable[nn.Parameter]) -> None:
+        """Give the carrier the states of ``params`` (views of the buffers), so that a resize passing the carrier
+        (``remove_slots``, ``add_slots``, ``reindex_parameter``) re-indexes them as it does the optimizer's
+        moments."""
+        for p in params:
+            if not self.carrier.state.get(p):
+                views = self._packed.views_of(p) if self._packed is not None else None
+                if views is not None:
+                    self.carrier.state[p] = views
 
     def _pack(self, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat (sensitivity, uncertainty) buffers over ``params``, each parameter's state a view into them.
-
-        After a resize most parameters still hold the views of the last packing: their values are copied from the
-        old buffers as contiguous runs (one slice per run of such parameters), and only the states a resize made
-        anew (or none: zeros) are copied one by one. Every parameter then gets views of the new buffers."""
-        packed = self._packed
-        if packed is not None and not self._stale and packed.holds(params):
+        """The flat (sensitivity, uncertainty) buffers over ``params``: the current ones while they hold exactly
+        ``params`` and the carrier holds no state of its own; else packed again from the old buffers (runs of the
+        states still there) and the carrier's states (copied one by one; zeros for a parameter without any)."""
+        packed, state = self._packed, self.carrier.state
+        own = [p for p in params if state.get(p)] if state else []
+        if packed is not None and not own and packed.holds(params):
             return packed.buffers
-        state = self.carrier.state
-        reused = [packed.offset_of(p, state.get(p)) if packed is not None else None for p in params]
-        buffers, views = [], []
+        own_ids = {id(p) for p in own}
+        starts = [None if id(p) in own_ids or packed is None else packed.start_of(p) for p in params]
+        buffers = []
         for k, key in enumerate(("sensitivity", "uncertainty")):
             pieces: list[torch.Tensor] = []
-            run: list[int] | None = None  # [start, stop) in the old buffer of the current run of reused states
-            for p, start in zip(params, reused):
+            run: list[int] | None = None  # [start, stop) in the old buffer of the current run of states kept there
+            for p, start in zip(params, starts):
                 if start is not None and run is not None and run[1] == start:
                     run[1] += p.numel()
                     continue
@@ -113,17 +135,16 @@ class ImportanceEMA:
                 if start is not None:
                     run = [start, start + p.numel()]
                     continue
-                t = state[p].get(key) if p in state else None
+                t = state[p].get(key) if id(p) in own_ids else None
                 pieces.append((t if t is not None else torch.zeros_like(p)).reshape(-1))
             if run is not None:
                 pieces.append(packed.buffers[k][run[0] : run[1]])
             buffers.append(torch.cat(pieces) if len(pieces) != 1 else pieces[0].clone())
-            views.append(_unflatten_dense_tensors(buffers[-1], params))
-        for p, ibar, ubar in zip(params, *views):
-            state[p] = {"sensitivity": ibar, "uncertainty": ubar}
-        self._packed, self._stale = _Packing(params, views, (buffers[0], buffers[1])), False
+        state.clear()  # every state is in the buffers now
+        self._packed = _Packing(params, (buffers[0], buffers[1]))
         return buffers[0], buffers[1]
 
+    # ------------------------------------------------------------------ the EMA step
     @torch.no_grad()
     def update(self) -> list[nn.Parameter]:
         """One EMA step from the current weights and gradients; returns the parameters skipped
@@ -153,18 +174,18 @@ class ImportanceEMA:
                 skipped.append(p)
                 continue
             sensitivity = (p.detach() * p.grad).abs()
-            state = self.carrier.state[p]
-            if not state:
-                state["sensitivity"] = torch.zeros_like(p)
-                state["uncertainty"] = torch.zeros_like(p)
+            state = self.state_of(p)  # views of the buffers are updated in place
+            if state is None:
+                state = self.carrier.state[p] = {"sensitivity": torch.zeros_like(p), "uncertainty": torch.zeros_like(p)}
             ibar, ubar = state["sensitivity"], state["uncertainty"]
             ibar.mul_(self.beta1).add_(sensitivity, alpha=1.0 - self.beta1)
             ubar.mul_(self.beta2).add_((sensitivity - ibar).abs(), alpha=1.0 - self.beta2)
         return skipped
 
+    # ------------------------------------------------------------------ scores
     def score(self, p: nn.Parameter) -> torch.Tensor:
         """s = Ibar * Ubar, shaped like ``p`` (zeros before the first update)."""
-        state = self.carrier.state.get(p)
+        state = self.state_of(p)
         if not state:
             return torch.zeros_like(p, dtype=torch.float32).detach()
         return (state["sensitivity"] * state["uncertainty"]).float()
@@ -176,16 +197,14 @@ class ImportanceEMA:
     def flat_scores(self, params: list[nn.Parameter]) -> torch.Tensor:
         """The scores of ``params`` laid end to end (float32): one product over the packed EMAs when every parameter
         has them (empty ones aside), else the parameters' scores concatenated."""
-        state = self.carrier.state
         held = [p for p in params if p.numel()]  # as update() packs them: an empty parameter adds nothing
-        if held and all(state.get(p) for p in held):
+        if held and all(self.has_state(p) for p in held):
             ibar, ubar = self._pack(held)
             return (ibar * ubar).float()
         return _flatten_dense_tensors([self.score(p) for p in params])
 
     def set_state(self, p: nn.Parameter, sensitivity: torch.Tensor, uncertainty: torch.Tensor) -> None:
         """Overwrite the EMAs of ``p`` (tests and checkpoint restores)."""
-        self.invalidate()
         self.carrier.state[p] = {
             "sensitivity": sensitivity.detach().to(p).clone(),
             "uncertainty": uncertainty.detach().to(p).clone(),
@@ -194,30 +213,41 @@ class ImportanceEMA:
     def clear(self) -> None:
         """Drop every EMA (frees their memory once ranks are final)."""
         self.carrier.state.clear()
-        self._packed, self._stale = None, False
+        self._packed = None
+
+    def held_bytes(self) -> int:
+        """Bytes of the EMAs (two per scored element that has them)."""
+        return sum(2 * p.numel() * p.element_size() for p in self.held())
 
 
 class _Packing:
-    """Where one packing put every parameter's EMAs: the two flat buffers, and per parameter its first element in
-    them and the views its state was given (to tell a state still held as that view from one a resize replaced)."""
+    """Where one packing put every parameter's EMAs: the two flat buffers, and each parameter's first element in them
+    (the parameter kept beside it, so that an id reused by a new tensor is not taken for it)."""
 
-    def __init__(
-        self, params: list[nn.Parameter], views: list[list[torch.Tensor]], buffers: tuple[torch.Tensor, torch.Tensor]
-    ) -> None:
+    def __init__(self, params: list[nn.Parameter], buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.params, self.buffers = list(params), buffers
         starts = itertools.accumulate((p.numel() for p in params[:-1]), initial=0)
-        self._where = {id(p): (p, start, ibar, ubar) for p, start, ibar, ubar in zip(params, starts, *views)}
+        self._where = {id(p): (p, start) for p, start in zip(params, starts)}
 
     def holds(self, params: list[nn.Parameter]) -> bool:
         """Whether ``params`` are exactly the parameters packed, in order."""
         return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
-    def offset_of(self, p: nn.Parameter, state: dict | None) -> int | None:
-        """``p``'s first element in the buffers if its state is still the views this packing gave it, else None."""
+    def start_of(self, p: nn.Parameter) -> int | None:
+        """``p``'s first element in the buffers (None: not packed)."""
         entry = self._where.get(id(p))
-        if entry is None or entry[0] is not p or not state:
+        return entry[1] if entry is not None and entry[0] is p else None
+
+    def views_of(self, p: nn.Parameter) -> dict[str, torch.Tensor] | None:
+        """``p``'s EMAs as views of the buffers, shaped like it (None: not packed)."""
+        start = self.start_of(p)
+        if start is None:
             return None
-        return entry[1] if state.get("sensitivity") is entry[2] and state.get("uncertainty") is entry[3] else None
+        stop = start + p.numel()
+        return {
+            "sensitivity": self.buffers[0][start:stop].view(p.shape),
+            "uncertainty": self.buffers[1][start:stop].view(p.shape),
+        }
 
 
 def triplet_scores(

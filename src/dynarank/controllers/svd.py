@@ -9,7 +9,8 @@ with P = the layer's B side, Q = its A side (stored as docs/architecture.md says
 controller-owned vector, supplied to the layer as its gate (the gate multiplies each slot:
 exactly diag(E)). A fresh adapter starts as both papers' code: P, Q ~ N(0, 0.02), E = 0.
 
-``ortho_weight * dR/dw`` of the orthogonality penalty R (orthogonality.py) is added to the gradients
+``ortho_weight * dR/dw`` of the orthogonality penalty R (orthogonality.py; the weight the config gives, else the
+defaults study's for the method and the model's kind of task) is added to the gradients
 in the optimizer's pre-step hook: once per optimizer step, whatever computed the loss (PEFT adds R
 inside ``forward`` and silently skips it when the loss is computed outside the model). Importance
 scores: importance.py. E's module and the initialisation of fresh adapters: svd_values.py. The methods'
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..defaults import SOURCE, default_ortho_weight, task_of
 from ..layer import ElasticLoRALinear
 from ..naming import SVD_ATTR
 from ..optim_state import reindex_parameter
@@ -78,6 +80,12 @@ class SVDController(RankController):
                     f"T - t_final={self.schedule.end}, one every {self.schedule.interval}): fewer than {MIN_ROUNDS} "
                     "leave the ranks almost where they started; train longer or resize more often."
                 )
+        task = task_of(model)
+        if c.ortho_weight is None:  # the study's choice for the method and the model's kind of task
+            self.ortho_weight = default_ortho_weight(c.method, task)
+            self.ortho_weight_source = f"{SOURCE}, {task}"
+        else:
+            self.ortho_weight, self.ortho_weight_source = float(c.ortho_weight), "config"
         self._scored: tuple | None = None  # (layout versions' sum, E, the scored parameters)
         self.values = ensure_svd_values(model, self.layers, c.seed)
         self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
@@ -157,12 +165,16 @@ class SVDController(RankController):
     # ------------------------------------------------------------------ the step protocol
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Add ``ortho_weight * dR/dw`` to the gradients of A and B (once per optimizer step)."""
-        weight = self.config.ortho_weight
+        weight = self.ortho_weight
         if self.finalized or weight == 0:
             return
         penalty = add_orthogonality_gradient(self.layers.values(), weight, self._orthogonality)
         if penalty is not None:
             self._last_penalty = penalty
+
+    def _resolved(self) -> dict:
+        """The orthogonality weight the run trains with and where it came from (the config, or the defaults)."""
+        return {"ortho_weight": self.ortho_weight, "ortho_weight_source": self.ortho_weight_source}
 
     @property
     def last_penalty(self) -> float | None:
@@ -273,13 +285,14 @@ class SVDController(RankController):
         kept_from = 0  # start of the current run of untouched modules' entries
         total = self.values.values.shape[0]
         for name, layer in self.layers.items():
-            width = layer.group_weight.shape[1]
+            width = layer.factors()[1].shape[1]
             positions = {g: js for g, js in prune[name].items() if js} if name in prune else {}
             counts = {g: n for g, n in grow[name].items() if n > 0} if name in grow else {}
             if not positions and not counts:
                 offset += width
                 continue
             sources.append(torch.arange(kept_from, offset))
+            self.importance.hand_over(layer.adapter_parameters())  # its score EMAs follow the resize
             source = torch.arange(width)
             if positions:
                 source = source[self._kept_columns(layer, positions)]
@@ -299,9 +312,9 @@ class SVDController(RankController):
         if record.pruned or record.expanded:
             e = self.values.values
             fill = torch.full((fresh,), self.new_rank_value, dtype=e.dtype) if fresh else None
+            self.importance.hand_over([e])
             self.values.values = reindex_parameter(e, 0, torch.cat(sources), fill, optimizer=self._carried())
             self.values.respan(self.layers)
-            self.importance.invalidate()
             record.resized = True
             self.rank_changes += record.pruned + record.expanded
             if self.config.reset_optimizer_on_resize:
@@ -361,12 +374,7 @@ class SVDController(RankController):
     # ------------------------------------------------------------------ read-outs and state
     def held_bytes(self) -> int:
         """The importance EMAs (two per scored element while scores are kept)."""
-        return sum(
-            t.numel() * t.element_size()
-            for state in self.importance.carrier.state.values()
-            for t in state.values()
-            if torch.is_tensor(t)
-        )
+        return self.importance.held_bytes()
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -393,7 +401,7 @@ class SVDController(RankController):
         """The importance EMAs of every scored parameter, by position, and the new-rank generator."""
         tensors = {}
         for i, p in enumerate(self._scored_parameters()):
-            state = self.importance.carrier.state.get(p)
+            state = self.importance.state_of(p)
             if state:
                 tensors[f"importance.{i}.sensitivity"] = state["sensitivity"]
                 tensors[f"importance.{i}.uncertainty"] = state["uncertainty"]
