@@ -35,7 +35,7 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
     "classify": {
         "dynarank-lora": 3e-3,  # plain LoRA in dynarank's layer: LoRA's rate
         "ard": 3e-3,
-        "elalora": 1e-2,
+        "elalora": 3e-2,
         "adalora-physical": 3e-2,
         # stock baselines (a user's untuned `--method lora`; the benchmarks tune them per data set). LoRA and DoRA
         # score best at 1e-2 on some middle-budget grids, but 1e-2 diverged at r=6 (tweets-3, tweets-2): it cannot ship
@@ -49,7 +49,7 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
     "causal-lm": {
         "dynarank-lora": 1e-2,
         "ard": 1e-2,
-        "elalora": 3e-2,
+        "elalora": 1e-2,  # without the orthogonality penalty (DEFAULT_ORTHO_WEIGHT)
         "adalora-physical": 3e-2,
         "lora": 1e-2,
         "dora": 1e-2,
@@ -83,7 +83,7 @@ BUDGET_LR: dict[str, dict[str, dict[float, float]]] = {
 # no penalty), pinned to its record by tests/test_defaults.py.
 DEFAULT_ORTHO_WEIGHT: dict[str, dict[str, float]] = {
     "classify": {"elalora": 0.1, "adalora-physical": 0.1},
-    "causal-lm": {"elalora": 0.1, "adalora-physical": 0.1},
+    "causal-lm": {"elalora": 0.0, "adalora-physical": 0.1},
 }
 # Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
 RANK_BUDGET_METHODS = ("dynarank-lora", "lora", "dora", "eva", "adalora")
