@@ -32,9 +32,9 @@ class _StateCarrier(torch.optim.Optimizer):
     """Holds EMAs as optimizer state so that a resize re-indexes them like Adam's moments.
 
     It holds the states handed over before a resize (``ImportanceEMA.hand_over``), and those a resize or a
-    restore made, until the next update packs them into the flat buffers. ``layer.remove_slots`` / ``add_slots`` / ``optim_state.reindex_parameter`` rebind every
-    optimizer they are given and slice every state tensor shaped like the parameter with the
-    same index: passing this carrier along keeps the scores of kept ranks and gives new ranks
+    restore made, until the next update packs them into the flat buffers. ``layer.remove_slots`` / ``add_slots`` /
+    ``optim_state.reindex_parameter`` rebind every optimizer they are given and slice every state tensor shaped like
+    the parameter with the same index: passing this carrier along keeps the scores of kept ranks and gives new ranks
     zero scores, with no index bookkeeping of our own. It never steps.
     """
 
