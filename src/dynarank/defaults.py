@@ -14,8 +14,8 @@ equal to the study's record.
 
 Why per budget too, where the study measured it: the rate that trains best moves with the adapter's size. ARD on the
 classifiers held to plain LoRA r=1's budget trains best at 1e-2 on all three data sets, where r=2's budget takes 3e-3;
-at r=4 1e-2 diverges on all three, so 3e-3 again, and at r=6 on the binary tweets too; AdaLoRA-style takes 3e-2 at
-r = 1 and 2 and 1e-2 at r=4 (BUDGET_LR; a run's budget,
+at r=4 1e-2 diverges on all three, so 3e-3 again, and at r=6 on the binary tweets too; ElaLoRA and AdaLoRA-style
+take 3e-2 at r = 1 and 2 and 1e-2 at r=4 (BUDGET_LR; a run's budget,
 :func:`budget_of`, is its size as plain LoRA's rank on its targets: a fixed rank's r, a rank controller's target).
 Every run records the rate it used and where it came from.
 
