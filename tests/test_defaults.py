@@ -562,3 +562,10 @@ def test_the_study_chooses_a_rate_at_a_budget_where_every_task_of_the_kind_ran_a
     assert study.budget_rates(found) == {"classify": {"m": {1: 1e-2}}}
     assert study.shipped_rate_at(choices, found, "m", "a", 1) == ("m", 1e-2)
     assert study.shipped_rate_at(choices, found, "m", "a", 6) == ("m", 3e-3)  # nearer the middle budget
+
+
+def test_the_orthogonality_default_names_the_choices_for_an_unknown_method_or_task():
+    with pytest.raises(KeyError, match="elalora"):
+        dynarank.default_ortho_weight("ard", "classify")  # not an SVD method: the message lists the ones there are
+    with pytest.raises(KeyError, match="causal-lm"):
+        dynarank.default_ortho_weight("elalora", "regression")

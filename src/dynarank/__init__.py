@@ -3,7 +3,7 @@
 from .attach import adapter_parameter_count, attach, count_trainable, elastic_layers, merge, unmerge
 from .config import DynaRankConfig
 from .controllers import ARDController, RankController, StepRecord, build_controller, prepare_parameters
-from .defaults import default_lr
+from .defaults import default_lr, default_ortho_weight
 from .export import export_peft
 from .fsdp import shard_base
 from .layer import ElasticLoRALinear
@@ -26,6 +26,7 @@ __all__ = [
     "attach",
     "count_trainable",
     "default_lr",
+    "default_ortho_weight",
     "elastic_layers",
     "export_peft",
     "init_ranks",
