@@ -62,10 +62,13 @@ def test_after_a_resize_the_update_repacks_every_state_unchanged_and_steps_as_pa
     ctrl.resize({names[0]: {0: [0, 2], 1: [1]}, names[3]: {0: [1]}}, {names[2]: {1: 1}, names[5]: {0: 1, 3: 2}})
     _random_grads(ctrl, 2)
     before = _states(ctrl)  # the re-indexed states of the touched modules, the views of the others
+    held = sum(2 * 4 * p.numel() for p in ctrl._scored_parameters())  # two float32 EMAs per element
+    assert ctrl.held_bytes() == held  # the carrier's states and the buffers' share, each counted once
     old = ctrl.importance._packed
     ctrl.importance.update()
     assert ctrl.importance._packed is not old
     _assert_packed(ctrl)
+    assert ctrl.held_bytes() == held
     for (ibar, ubar), (want_i, want_u) in zip(_states(ctrl), _expected_update(ctrl, before)):
         torch.testing.assert_close(ibar, want_i, rtol=1e-6, atol=0)  # float32 rounding of the fused update only
         torch.testing.assert_close(ubar, want_u, rtol=1e-6, atol=1e-12)

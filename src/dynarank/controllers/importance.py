@@ -216,8 +216,15 @@ class ImportanceEMA:
         self._packed = None
 
     def held_bytes(self) -> int:
-        """Bytes of the EMAs (two per scored element that has them)."""
-        return sum(2 * p.numel() * p.element_size() for p in self.held())
+        """Bytes of the EMAs held for the tracked parameters (the carrier's own states, and the buffers' share)."""
+        total, packed = 0, self._packed
+        for p in self.params:
+            own = self.carrier.state.get(p)
+            if own:
+                total += sum(t.numel() * t.element_size() for t in own.values() if torch.is_tensor(t))
+            elif packed is not None and packed.start_of(p) is not None:
+                total += p.numel() * sum(b.element_size() for b in packed.buffers)
+        return total
 
 
 class _Packing:
