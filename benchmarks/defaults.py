@@ -40,9 +40,6 @@ from records import RecordStore, run_pool  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 STUDY_TASKS = ["minilm", "minilm-tweets3", "minilm-topics", "smollm2", "smollm2-sentiment"]
 CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose default rate the study sets
-# Settings tried beside the rate that are not configurations to ship: a candidate is (variant, rate), a variant being
-# the method or one of these (none today).
-VARIANTS: dict[str, list[str]] = {}
 # Methods whose configuration is chosen too, not only the rate: quality.py's "ard" is ARD's uniform start (every
 # head at r0, pinned: what its records ran), "ard-data-scaled" its data start (the library's rank_init='auto' with a
 # budget). Seed-0 grids tell rates apart, not two configurations whose best points lie within a percent of each
@@ -89,7 +86,7 @@ def candidates(store: RecordStore, task: str, method: str) -> dict[tuple[str, fl
     """Validation metric per (variant, rate) of ``method`` on ``task``."""
     return {
         (variant, lr): value
-        for variant in [*CONFIGURATIONS.get(method, [method]), *VARIANTS.get(method, [])]
+        for variant in CONFIGURATIONS.get(method, [method])
         for lr, value in grid(store, task, variant).items()
     }
 

@@ -116,11 +116,10 @@ class ImportanceEMA:
         ``params`` and the carrier holds no state of its own; else packed again from the old buffers (runs of the
         states still there) and the carrier's states (copied one by one; zeros for a parameter without any)."""
         packed, state = self._packed, self.carrier.state
-        own = [p for p in params if state.get(p)] if state else []
+        own = {id(p) for p in params if state.get(p)} if state else set()  # states the carrier holds
         if packed is not None and not own and packed.holds(params):
             return packed.buffers
-        own_ids = {id(p) for p in own}
-        starts = [None if id(p) in own_ids or packed is None else packed.start_of(p) for p in params]
+        starts = [None if id(p) in own or packed is None else packed.start_of(p) for p in params]
         buffers = []
         for k, key in enumerate(("sensitivity", "uncertainty")):
             pieces: list[torch.Tensor] = []
@@ -135,7 +134,7 @@ class ImportanceEMA:
                 if start is not None:
                     run = [start, start + p.numel()]
                     continue
-                t = state[p].get(key) if id(p) in own_ids else None
+                t = state[p].get(key) if id(p) in own else None
                 pieces.append((t if t is not None else torch.zeros_like(p)).reshape(-1))
             if run is not None:
                 pieces.append(packed.buffers[k][run[0] : run[1]])
