@@ -117,6 +117,43 @@ def test_a_budget_in_parameters_is_honoured_and_both_counts_are_reported():
     assert last.total_rank == last.adapter_parameters // 80
 
 
+@pytest.mark.parametrize("floor", [0, 1])
+def test_pruning_takes_the_lowest_scores_first_ties_by_module_group_and_position_and_keeps_the_floor(floor):
+    """The plan, against the rule written out as one sort of (score, module, group, position) tuples; scores drawn
+    from a few values so that ties fall within and across groups and modules."""
+    model = tiny_bert()
+    fields = {"r": 3, "target_rank": 2, "target_modules": ["query", "value"], "granularity": "head"}
+    attach(model, DynaRankConfig(method="adalora-physical", **fields))
+    ctrl = build_controller(model, total_steps=60)
+    first = next(iter(ctrl.layers.values()))
+    first.remove_slots({0: [0, 1], 1: [0]})  # group 0 at rank 1, ranks uneven
+    assert len(ctrl.layers) > 2
+    g = torch.Generator().manual_seed(3)
+    order = list(ctrl.layers)
+    for excess in (1, 5, 40, 10_000):
+        scores = {
+            name: [torch.randint(0, 4, (r,), generator=g).float() / 4 for r in layer.ranks]
+            for name, layer in reversed(ctrl.layers.items())  # handed over in another order than the layers'
+        }
+        ranked = sorted(
+            (float(s[j]), order.index(name), k, j)
+            for name, groups in scores.items()
+            for k, s in enumerate(groups)
+            for j in range(s.numel())
+        )
+        ranks = {name: layer.ranks for name, layer in ctrl.layers.items()}
+        expected, freed, left = {}, 0, sum(map(sum, ranks.values()))
+        for _, i, k, j in ranked:
+            if freed >= excess or left <= 1:
+                break
+            if ranks[order[i]][k] <= floor:
+                continue
+            ranks[order[i]][k] -= 1
+            freed, left = freed + 1, left - 1
+            expected.setdefault(order[i], {}).setdefault(k, []).append(j)
+        assert ctrl.plan_pruning(scores, excess, floor) == expected
+
+
 # ---------------------------------------------------------------- orthogonality penalty
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dynarank import DynaRankConfig, ElasticLoRALinear, attach, build_controller, elastic_layers
+from dynarank.layer import GateGather
 from dynarank.layer_fused import low_rank_update
 from test_layer import _backward_ops
 from tiny_models import tiny_llama, token_batch
@@ -79,6 +80,60 @@ def test_the_fused_update_has_the_gradients_of_finite_differences(split, case, g
         return low_rank_update(x, shared, group, gate, 0.7, split, layer.n_groups, base if with_base else None, index)
 
     assert torch.autograd.gradcheck(update, (x, shared, group, gate, base))
+
+
+def _gathered_gate(layer, generator) -> tuple[torch.Tensor, GateGather]:
+    """A gate read from a flat vector (T,) as the SVD methods read E: a view of it where the layout is dense, else
+    a gather in which padded slots read a zero."""
+    width = layer.group_weight.shape[1]
+    source = torch.randn(width, generator=generator, dtype=layer.group_weight.dtype, requires_grad=True)
+    index = None if layer._dense else torch.where(layer.column_index < width, layer.column_index, width)
+    return source, GateGather(source, index, tuple(layer.column_index.shape))
+
+
+@pytest.mark.parametrize("split,case", CASES)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_a_gate_gathered_inside_the_node_has_the_gradients_of_finite_differences(split, case, with_base):
+    layer = _layer(split, case)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, layer.in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    shared, group = (p.detach().clone().requires_grad_() for p in layer.factors())
+    source, gather = _gathered_gate(layer, g)
+    gate_index = None if gather.index is None else gather.index.reshape(-1)
+    base = torch.randn(2, 3, layer.out_features, generator=g, dtype=torch.float64, requires_grad=True)
+    index = _index(layer)
+
+    def update(x, shared, group, source, base):
+        base = base if with_base else None
+        return low_rank_update(x, shared, group, source, 0.7, split, layer.n_groups, base, index, gate_index)
+
+    assert torch.autograd.gradcheck(update, (x, shared, group, source, base))
+
+
+@pytest.mark.parametrize("split,case", CASES)
+def test_a_gathered_gate_runs_no_node_of_its_own_and_gives_the_values_of_the_gate_as_a_tensor(split, case):
+    """The SVD methods' gate is each module's part of one vector E; read inside the fused node, the view or the
+    gather costs no autograd node per module, and the outputs and every gradient are bitwise those of the same gate
+    handed over as a (G, R) tensor (the gather's adjoint adds one value into each position, as autograd's does)."""
+    layer = _layer(split, case, dtype=torch.float32)
+    source, gather = _gathered_gate(layer, torch.Generator().manual_seed(3))
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    results = []
+    for read in (lambda _: gather, lambda _: gather.tensor()):
+        layer.set_gate(read)
+        y, grads = _outputs_and_grads(layer, x, source, fused=True)
+        results.append(grads)
+        assert _fused(y)
+        if read(layer) is gather:  # the node's gate input is the source itself: no view, pad or gather before it
+            node = y.grad_fn if type(y.grad_fn).__name__ == FUSED else y.grad_fn.next_functions[0][0]
+            gate_edge = node.next_functions[3][0]
+            assert type(gate_edge).__name__ == "AccumulateGrad" and gate_edge.variable is source
+            assert not _backward_ops(y) & {"IndexBackward0", "ConstantPadNdBackward0"}
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    plain_y, plain = _outputs_and_grads(layer, x, source, fused=False)  # the autograd path reads gate() as a tensor
+    for a, b in zip(results[0], plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("split,case", CASES)

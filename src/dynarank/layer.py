@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,26 @@ from .slot_layout import encode_slots, gather_indices, is_dense
 
 Split = Literal["rows", "cols"]
 Layout = Literal["own", "shared"]
-GateFn = Callable[["ElasticLoRALinear"], torch.Tensor]
+
+
+class GateGather(NamedTuple):
+    """A gate (G, R) read from a flat vector of multipliers ``source`` (T,): ``source.view(shape)`` where ``index``
+    is None, else ``F.pad(source, (0, 1))[index]`` (index (G, R) into source; T reads the zero padding). A gate fn
+    may return one instead of the (G, R) tensor: the fused update (layer_fused.py) then reads the gate from
+    ``source`` inside its own node, so the view or the gather costs the autograd engine no node of its own."""
+
+    source: torch.Tensor
+    index: torch.Tensor | None
+    shape: tuple[int, int]
+
+    def tensor(self) -> torch.Tensor:
+        """The (G, R) gate as plain autograd (a view of the source, or a gather from it)."""
+        if self.index is None:
+            return self.source.view(self.shape)
+        return F.pad(self.source, (0, 1))[self.index]
+
+
+GateFn = Callable[["ElasticLoRALinear"], "torch.Tensor | GateGather"]
 
 
 class ElasticLoRALinear(SlotResizing, nn.Module):
@@ -220,7 +239,8 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
 
     # ------------------------------------------------------------------ gate hook
     def set_gate(self, fn: GateFn | None) -> None:
-        """Install the controller's gate: ``fn(layer)`` returns (G, r_max) multipliers of the slots.
+        """Install the controller's gate: ``fn(layer)`` returns (G, r_max) multipliers of the slots (a tensor, or a
+        :class:`GateGather` reading them from a flat vector).
 
         Refused while merged: :meth:`unmerge` subtracts the update as it is then, so a gate changed in
         between would leave the base weight wrong.
@@ -230,9 +250,9 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         self._gate_fn = fn
 
     def gate(self) -> torch.Tensor | None:
-        if self._gate_fn is None:
-            return None
-        return self._gate_fn(self)
+        """The (G, r_max) multipliers of the slots (None: no gate)."""
+        read = self._gate_fn(self) if self._gate_fn is not None else None
+        return read.tensor() if isinstance(read, GateGather) else read
 
     # ------------------------------------------------------------------ forward
     def _group_side_padded(self) -> torch.Tensor:
@@ -279,16 +299,29 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         if self._buckets is not None:
             delta = self._low_rank_update(h.reshape(-1, self.in_features)) * self.scaling
         else:
-            gate = self.gate()
+            read = self._gate_fn(self) if self._gate_fn is not None else None
+            gather = isinstance(read, GateGather)
+            gate = read.source if gather else read  # gather: the flat source, read inside the fused node
             shared, group = self.factors()
             if self.fused and fused_update_applies(h, shared, group, gate):
                 # one autograd node for the update (layer_fused.py), the base's output added in it when it can be
                 index = None if self._dense else (self.slot_index.reshape(-1), self.column_index.reshape(-1))
+                gate_index = read.index.reshape(-1) if gather and read.index is not None else None
                 same = out.dtype == h.dtype
                 y = low_rank_update(
-                    h, shared, group, gate, self.scaling, self.split, self.n_groups, out if same else None, index
+                    h,
+                    shared,
+                    group,
+                    gate,
+                    self.scaling,
+                    self.split,
+                    self.n_groups,
+                    out if same else None,
+                    index,
+                    gate_index,
                 )
                 return y if same else out + y.to(out.dtype)
+            gate = read.tensor() if gather else read
             delta = self._padded_update(h.reshape(-1, self.in_features), gate) * self.scaling
         return out + delta.view(*out.shape[:-1], self.out_features).to(out.dtype)
 

@@ -105,12 +105,14 @@ def _scatter(t: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
 
 class LowRankUpdate(torch.autograd.Function):
     """``base_out + scaling * update(x)`` (base_out None: zero): (..., d_in) -> (N, d_out). Arguments: x, shared
-    (S, other), group (d_g, T), gate (G, R) or None, scaling, split, groups, base_out (the base layer's output, x's
+    (S, other), group (d_g, T), gate or None, scaling, split, groups, base_out (the base layer's output, x's
     leading shape), index: None for a dense layout, else (slots, columns), the layer's padded gather indices
-    flattened (G*R,) each (``slot_index`` / ``column_index``: S and T read the zero padding)."""
+    flattened (G*R,) each (``slot_index`` / ``column_index``: S and T read the zero padding), gate_index: None (the
+    gate is (G, R), or its G*R values laid flat), else (G*R,) positions in the flat gate (its length reads a zero):
+    a gate read from a controller's vector (layer.GateGather), its gather and the gather's adjoint done here."""
 
     @staticmethod
-    def forward(ctx, x, shared, group, gate, scaling: float, split: str, groups: int, base_out, index):  # noqa: D102
+    def forward(ctx, x, shared, group, gate, scaling: float, split: str, groups: int, base_out, index, gate_index):  # noqa: D102
         ctx.x_shape = x.shape
         x = x.reshape(-1, x.shape[-1])  # (N, d_in)
         d_out = shared.shape[1] if split == "cols" else group.shape[0] * groups
@@ -118,7 +120,9 @@ class LowRankUpdate(torch.autograd.Function):
         if base_out is not None:
             base_out = base_out.reshape(-1, d_out)
         slots, columns = index if index is not None else (None, None)
-        m = gate.reshape(-1) if gate is not None else None  # (G*R,)
+        m = None  # (G*R,): the gate of every group's padded ranks
+        if gate is not None:
+            m = gate.reshape(-1) if gate_index is None else F.pad(gate, (0, 1))[gate_index]
         wp = group if index is None else _gather(group, columns)  # (d_g, G*R): every group padded to R
         if split == "rows":
             z = x @ shared.t()  # (N, S)
@@ -133,7 +137,7 @@ class LowRankUpdate(torch.autograd.Function):
             out = _scaled_mm(z, shared, scaling, base_out)
             kept = z
         # zp only for the gate's gradient; zm (rows) / z (cols) kept rather than made again in the backward pass
-        ctx.save_for_backward(x, shared, wp, zp if m is not None else None, kept, m, slots, columns)
+        ctx.save_for_backward(x, shared, wp, zp if m is not None else None, kept, m, slots, columns, gate_index)
         ctx.scaling, ctx.split, ctx.groups, ctx.widths = scaling, split, groups, (shared.shape[0], group.shape[1])
         ctx.gate_shape = None if gate is None else gate.shape
         # (N, d_out), not a view: a view made inside a Function cannot be modified in place by the caller
@@ -142,9 +146,9 @@ class LowRankUpdate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
-        x, shared, wp, zp, kept, m, slots, columns = ctx.saved_tensors
+        x, shared, wp, zp, kept, m, slots, columns, gate_index = ctx.saved_tensors
         scaling, groups, (n_slots, n_columns) = ctx.scaling, ctx.groups, ctx.widths
-        need_x, need_shared, need_group, need_gate, *_, need_base, _ = ctx.needs_input_grad
+        need_x, need_shared, need_group, need_gate, *_, need_base, _, _ = ctx.needs_input_grad
         grad_out = grad_out.contiguous()  # (N, d_out)
         grad_base = grad_out.view(ctx.base_shape) if need_base else None
         grad_x = grad_shared = grad_group = grad_gate = grad_wp = None
@@ -157,8 +161,12 @@ class LowRankUpdate(torch.autograd.Function):
             if need_shared:
                 grad_shared = _scaled_mm(kept.t(), grad_out, scaling)  # (S, d_out)
             grad_zm = grad_z if slots is None else _gather(grad_z, slots)  # (N, G*R)
-        if need_gate:  # d/dgate = sum_n d(zm) zp
-            grad_gate = torch.linalg.vecdot(grad_zm, zp, dim=0).reshape(ctx.gate_shape)
+        if need_gate:  # d/dm = sum_n d(zm) zp, then back to where m was read from
+            grad_m = torch.linalg.vecdot(grad_zm, zp, dim=0)  # (G*R,)
+            if gate_index is None:
+                grad_gate = grad_m.reshape(ctx.gate_shape)
+            else:  # the gather's adjoint; the padding's position dropped
+                grad_gate = grad_m.new_zeros(ctx.gate_shape[0] + 1).index_add_(0, gate_index, grad_m)[:-1]
         grad_zp = grad_zm * m if m is not None else grad_zm
         if ctx.split == "rows":
             grad_z = grad_zp if slots is None else _scatter(grad_zp, slots, n_slots)  # (N, S)
@@ -173,7 +181,7 @@ class LowRankUpdate(torch.autograd.Function):
                 grad_x = _grouped_out(grad_zp, wp, groups).view(ctx.x_shape)  # (..., d_in)
         if grad_wp is not None:
             grad_group = grad_wp if columns is None else _scatter(grad_wp, columns, n_columns)  # (d_g, T)
-        return grad_x, grad_shared, grad_group, grad_gate, None, None, None, grad_base, None
+        return grad_x, grad_shared, grad_group, grad_gate, None, None, None, grad_base, None, None
 
 
 def low_rank_update(
@@ -186,8 +194,10 @@ def low_rank_update(
     groups: int,
     base_out: torch.Tensor | None = None,
     index: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gate_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base_out + scaling * update(x)`` as one autograd node, shaped (..., d_out) like x (base_out None: the update
-    alone; index None: a dense layout, else the padded gather indices flattened; see the module's docstring)."""
-    out = LowRankUpdate.apply(x, shared, group, gate, scaling, split, groups, base_out, index)  # (N, d_out)
+    alone; index None: a dense layout, else the padded gather indices flattened; gate_index None: the gate is (G, R)
+    or laid flat, else where each of its G*R values is read from the flat gate; see LowRankUpdate)."""
+    out = LowRankUpdate.apply(x, shared, group, gate, scaling, split, groups, base_out, index, gate_index)
     return out.view(*x.shape[:-1], out.shape[-1])  # a view outside the Function: the caller may write to it

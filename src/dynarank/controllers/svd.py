@@ -19,12 +19,13 @@ rounds: adalora.py, elalora.py.
 
 from __future__ import annotations
 
+import bisect
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..defaults import SOURCE, default_ortho_weight, task_of
-from ..layer import ElasticLoRALinear
+from ..layer import ElasticLoRALinear, GateGather
 from ..naming import SVD_ATTR
 from ..optim_state import reindex_parameter
 from .base import BudgetRecord, RankController, StepRecord
@@ -121,25 +122,24 @@ class SVDController(RankController):
         """Module ``name``'s E as its layer's gate (G, r_max), padded slots reading a zero. The module's part of E
         comes from ``SVDValues.pieces`` (one split of E for all modules). Where every group has the same rank the
         packed columns are g * r + j: the gate is a view of that part. Otherwise one index into it padded with a
-        zero. What the gate reads is worked out once per layout (the layer's version, its width, E's device)."""
+        zero. The gate is handed over as that part and how to read it (``GateGather``): the fused update reads it
+        inside its own node. What the gate reads is worked out once per layout (the layer's version, its width, E's
+        device)."""
         values = self.values
-        cached: list = [None, None]  # [key, (G, r) of the view, or the index into the part padded]
+        cached: list = [None, None, None]  # [key, the index into the part padded (None: a view), (G, r_max)]
 
-        def gate(layer: ElasticLoRALinear) -> torch.Tensor:
+        def gate(layer: ElasticLoRALinear) -> GateGather:
             e = values.pieces()[name]  # (T,)
             key = (layer.layout_version, e.shape[0], e.device)
             if cached[0] != key:
                 ranks, index = layer.ranks, layer.column_index
                 if len(set(ranks)) <= 1:
-                    cached[1] = (index.shape[0], index.shape[1])
+                    cached[1] = None
                 else:
                     width = layer.group_weight.shape[1]
-                    cached[1] = torch.where(index < width, index, width).to(e.device)
-                cached[0] = key
-            read = cached[1]
-            if isinstance(read, tuple):
-                return e.view(*read)
-            return F.pad(e, (0, 1))[read]  # (G, r_max); padded slots read a zero
+                    cached[1] = torch.where(index < width, index, width).to(e.device)  # padded slots read a zero
+                cached[0], cached[2] = key, (index.shape[0], index.shape[1])
+            return GateGather(e, cached[1], cached[2])
 
         return gate
 
@@ -236,16 +236,25 @@ class SVDController(RankController):
         No group goes below ``floor`` (default ``rank_floor``), and the model keeps at least one rank.
         """
         floor = self.config.rank_floor if floor is None else floor
-        order = list(self.layers)
-        ranked = sorted(zip(*_flat_scores(scores, {name: i for i, name in enumerate(order)})))
+        # Every rank by ascending score, ties by (module, group, position): one stable sort of the scores laid end
+        # to end in that order; a rank's group is found from its place only for the ranks the loop reaches.
+        pieces, starts, owners, n = [], [], [], 0
+        for name in self.layers:
+            for g, s in enumerate(scores.get(name, ())):  # s: (r_g,)
+                pieces.append(s)
+                starts.append(n)
+                owners.append((name, g))
+                n += len(s)
+        ranked = torch.argsort(torch.cat(pieces).float().cpu(), stable=True).tolist() if pieces else []
         ranks: dict[str, list[int]] = {}  # of the modules the plan touches, read when first reached
         books = {}
         plan: Plan = {}
         freed, left = 0, self.total_rank()
-        for _, i, g, j in ranked:
+        for k in ranked:
             if freed >= excess or left <= 1:
                 break
-            name = order[i]
+            piece = bisect.bisect_right(starts, k) - 1
+            (name, g), j = owners[piece], k - starts[piece]
             layer = self.layers[name]
             if name not in ranks:
                 ranks[name], books[name] = layer.ranks, layer.costs.book(layer.slots)
