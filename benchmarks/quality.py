@@ -208,6 +208,17 @@ TASKS = {
         "batch_size": 8,
         "max_length": 64,
     },
+    "smollm2-italian": {
+        **SMOLLM2,
+        **CAUSAL,
+        "data": "dialogs_italian",
+        "budgets": [1, 4, 12],
+        "tune_budget": 4,
+        "steps": 60,
+        "methods": ["lora", "adalora", "adalora-physical", "elalora", "ard"],
+        "batch_size": 8,
+        "max_length": 64,
+    },
     "smollm2-sentiment": {
         **SMOLLM2,
         **CAUSAL,

@@ -6,6 +6,7 @@
 * topics: which packaged chatterbot-corpus file an utterance comes from, over the files with at least 70
   distinct utterances (7 topics), at most 220 per topic: 60% / 20% / 20% of each topic.
 * dialogs: the packaged English dialog pairs (question -> answer): 480 / 100 / 200 (the original SmolLM2 study).
+* dialogs-italian: the packaged Italian dialog pairs, split as the English ones: 480 / 100 / 200.
 * sentiment-lm: the tweets-3 task as generation: the prompt holds the tweet, the response is the label word;
   480 / 100 / 200, balanced.
 """
@@ -121,15 +122,19 @@ def topics():
     return tuple(_examples(p, names) for p in parts)
 
 
-def dialogs():
+def dialogs(language: str = "english"):
     from dynarank.training.data import PairExamples, packaged_dialogs
 
-    train, held = packaged_dialogs(n_eval=300, seed=0)
+    train, held = packaged_dialogs(n_eval=300, seed=0, language=language)
 
     def take(pairs, lo, hi):
         return PairExamples(pairs.prompts[lo:hi], pairs.responses[lo:hi])
 
     return take(train, 0, 480), take(held, 0, 100), take(held, 100, 300)
+
+
+def dialogs_italian():
+    return dialogs("italian")
 
 
 SENTIMENT_PROMPT = "Is the sentiment of this tweet negative, neutral or positive?\n\n{tweet}"

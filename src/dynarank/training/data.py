@@ -283,14 +283,18 @@ def causal_examples(
     return PairExamples([p for p, _ in pairs], [a for _, a in pairs])
 
 
-def packaged_dialogs(n_eval: int = 200, seed: int = 0) -> tuple[PairExamples, PairExamples]:
-    """(question, answer) pairs from the English conversations of the packaged chatterbot corpus."""
+def packaged_dialogs(n_eval: int = 200, seed: int = 0, language: str = "english") -> tuple[PairExamples, PairExamples]:
+    """(question, answer) pairs from the conversations of the packaged chatterbot corpus in ``language`` (the name
+    of one of its folders: english, italian, spanish, ...), shuffled by ``seed``; the first ``n_eval`` held out."""
     import yaml
 
     root = _package_dir("chatterbot_corpus")
-    folder = root / "data" / "english" if root else None
-    if folder is None or not folder.is_dir():
+    if root is None or not (root / "data").is_dir():
         raise DataError("the packaged dialogs are not installed: pip install --no-deps chatterbot-corpus")
+    folder = root / "data" / language
+    if not folder.is_dir():
+        known = ", ".join(sorted(p.name for p in (root / "data").iterdir() if p.is_dir()))
+        raise DataError(f"the packaged dialogs have no language {language!r}; they have: {known}")
     pairs = []
     for file in sorted(folder.glob("*.yml")):
         data = yaml.safe_load(file.read_text(encoding="utf-8", errors="replace")) or {}
