@@ -22,6 +22,7 @@ METRIC = {
     "minilm-tweets3": ("accuracy", 1),
     "smollm2": ("loss", -1),
     "smollm2-sentiment": ("loss", -1),
+    "smollm2-italian": ("loss", -1),
 }  # the test metric, and its sign (+1: higher better)
 
 
@@ -121,6 +122,7 @@ def figures() -> dict[str, str]:
     for task, budget in (("minilm", 2), ("minilm-tweets3", 2), ("smollm2", 4), ("smollm2-sentiment", 4)):
         for baseline in ("ard", "lora"):
             out[f"{task} ard-data-scaled - {baseline} r={budget}"] = _diff(task, "ard-data-scaled", baseline, budget)
+    out["smollm2-italian ard-data-scaled - lora r=4"] = _diff("smollm2-italian", "ard-data-scaled", "lora", 4)
     data_start = [r for budget in (1, 2, 4, 6) for r in _runs("minilm")["ard-data-scaled", budget].values()]
     out["minilm ard-data-scaled peak / budget"] = (
         f"{max(r['adapter_parameters_peak'] / r['budget_parameters'] for r in data_start):.1f}x"

@@ -1,7 +1,7 @@
 """How dynarank's default learning rates are chosen, and how they do on data they were not chosen on.
 
-Every task of the quality study (quality.py: tweets-2, tweets-3 and topics on MiniLM; dialogs and sentiment-lm
-on SmolLM2) has, per method, a learning-rate grid at its middle budget, seed 0, scored on its validation split
+Every task of the quality study (quality.py: tweets-2, tweets-3 and topics on MiniLM; dialogs, sentiment-lm and
+the Italian dialogs on SmolLM2) has, per method, a learning-rate grid at its middle budget, seed 0, scored on its validation split
 (quality.py's tuning runs). A rate's score on a task is relative to the best rate of that task's grid
 (accuracy / best accuracy; best loss / loss; a diverged run scores 0), so tasks with different metrics count
 alike.
@@ -38,7 +38,7 @@ from dynarank.defaults import nearest_budget  # noqa: E402
 from records import RecordStore, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-STUDY_TASKS = ["minilm", "minilm-tweets3", "minilm-topics", "smollm2", "smollm2-sentiment"]
+STUDY_TASKS = ["minilm", "minilm-tweets3", "minilm-topics", "smollm2", "smollm2-sentiment", "smollm2-italian"]
 CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose default rate the study sets
 # Methods whose configuration is chosen too, not only the rate: quality.py's "ard" is ARD's uniform start (every
 # head at r0, pinned: what its records ran), "ard-data-scaled" its data start (the library's rank_init='auto' with a

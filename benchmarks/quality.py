@@ -11,6 +11,9 @@ Tasks (real packaged models and data, ../shared/DATA.md):
   480 train pairs, 100 validation, 200 test), adapters on q/k/v/o of every layer, 1 epoch (60
   steps) of batch 8, length 64. Quality is the test loss (lower is better) and its perplexity.
   ARD's per-matrix and own-A variants are left out here (each SmolLM2 run costs ~5 minutes on 2 cores).
+* ``smollm2-sentiment``: the same model generating the tweets' sentiment word (three-way; 480 / 100 / 200), length 96.
+* ``smollm2-italian``: the same model on the packaged Italian dialog pairs, split and trained as the English ones
+  (a causal-LM data set of the defaults study: benchmarks/defaults.py).
 
 A budget is the adapter size of plain LoRA at rank r on the targets (MiniLM r = 1, 2, 6: 0.18%, 0.37%,
 1.1% of the model; SmolLM2 r = 1, 4, 12: 0.09%, 0.34%, 1.0%). Every method is held to it:

@@ -18,6 +18,7 @@ from dynarank.training.data import (
     held_out_split,
     label_name,
     load_table,
+    packaged_dialogs,
 )
 
 
@@ -187,3 +188,13 @@ def test_the_stratified_split_holds_out_each_labels_share_and_is_deterministic()
 def test_a_split_where_every_label_has_one_row_is_refused():
     with pytest.raises(ValueError, match="every label has a single row"):
         held_out_split(4, 0.5, 0, "data.csv", ["a", "b", "c", "d"])
+
+
+def test_the_packaged_dialogs_come_in_the_corpus_s_languages_and_an_unknown_one_is_refused():
+    english, _ = packaged_dialogs(n_eval=10)
+    italian, held = packaged_dialogs(n_eval=10, language="italian")
+    assert len(held.prompts) == 10 and len(italian.prompts) > 700
+    shared = set(italian.prompts) & set(english.prompts)  # a few words the languages share ("ok"), no more
+    assert len(shared) < 0.05 * len(set(italian.prompts))
+    with pytest.raises(DataError, match="no language 'klingon'; they have: .*italian"):
+        packaged_dialogs(language="klingon")
