@@ -1,8 +1,8 @@
 """How dynarank's default learning rates are chosen, and how they do on data they were not chosen on.
 
 Every task of the quality study (quality.py: tweets-2, tweets-3 and topics on MiniLM; dialogs, sentiment-lm and
-the Italian dialogs on SmolLM2) has, per method, a learning-rate grid at its middle budget, seed 0, scored on its validation split
-(quality.py's tuning runs). A rate's score on a task is relative to the best rate of that task's grid
+the Italian dialogs on SmolLM2) has, per method, a learning-rate grid at its middle budget, seed 0, scored on its
+validation split (quality.py's tuning runs). A rate's score on a task is relative to the best rate of that task's grid
 (accuracy / best accuracy; best loss / loss; a diverged run scores 0), so tasks with different metrics count
 alike.
 
