@@ -45,7 +45,7 @@ from ..config import ConfigError
 from ..layer import ElasticLoRALinear
 from .base import BudgetRecord
 from .schedules import cubic_budget, cubic_changes
-from .svd import Plan, SVDController, _flat_scores
+from .svd import Plan, SVDController, _laid_out
 
 NEW_RANK_VALUE = 1e-13  # E of an expanded rank: the function is unchanged to ~1e-13
 
@@ -133,24 +133,21 @@ class ElaLoRAController(SVDController):
         the last rank is offered too: k_g = min(k, r_g - rank_floor). A group at rank 0 offers nothing and
         so is never grown again."""
         keep = self.group_floor()
-        order = {name: i for i, name in enumerate(self.layers)}
-        values, modules, groups, positions = _flat_scores(scores, order)
-        if not values:
+        flat, starts, owners = _laid_out(self.layers, scores)
+        if flat is None:
             return []
+        values = flat.tolist()
+        sizes = [stop - start for start, stop in zip(starts, [*starts[1:], len(values)])]
         # Every group's ranks by ascending score (ties by position): one stable sort by score, then one by group.
-        group_of = torch.tensor([0] + [int(p == 0) for p in positions[1:]]).cumsum(0)
-        by_score = torch.argsort(torch.tensor(values, dtype=torch.float64), stable=True)
+        group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        by_score = torch.argsort(flat, stable=True)
         ranked = by_score[torch.argsort(group_of[by_score], stable=True)].tolist()
-        names = list(self.layers)
-        found, start = [], 0
-        while start < len(ranked):
-            size = 1
-            while start + size < len(positions) and positions[start + size] != 0:
-                size += 1
+        order = {name: i for i, name in enumerate(self.layers)}
+        found = []
+        for (name, g), start, size in zip(owners, starts, sizes):
             k = min(self.config.k_candidates, size - keep)
             for idx in ranked[start : start + max(k, 0)]:
-                found.append(Candidate(values[idx], names[modules[idx]], groups[idx], positions[idx]))
-            start += size
+                found.append(Candidate(values[idx], name, g, idx - start))
         return sorted(found, key=lambda c: (c.score, order[c.module], c.group, c.position))
 
     def plan(self, scores: dict[str, list[torch.Tensor]], b: int) -> tuple[Plan, dict[str, dict[int, int]]]:

@@ -20,6 +20,7 @@ rounds: adalora.py, elalora.py.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -238,14 +239,8 @@ class SVDController(RankController):
         floor = self.config.rank_floor if floor is None else floor
         # Every rank by ascending score, ties by (module, group, position): one stable sort of the scores laid end
         # to end in that order; a rank's group is found from its place only for the ranks the loop reaches.
-        pieces, starts, owners, n = [], [], [], 0
-        for name in self.layers:
-            for g, s in enumerate(scores.get(name, ())):  # s: (r_g,)
-                pieces.append(s)
-                starts.append(n)
-                owners.append((name, g))
-                n += len(s)
-        ranked = torch.argsort(torch.cat(pieces).float().cpu(), stable=True).tolist() if pieces else []
+        flat, starts, owners = _laid_out(self.layers, scores)
+        ranked = torch.argsort(flat, stable=True).tolist() if flat is not None else []
         ranks: dict[str, list[int]] = {}  # of the modules the plan touches, read when first reached
         books = {}
         plan: Plan = {}
@@ -437,17 +432,18 @@ class SVDController(RankController):
             self.generator.set_state(tensors["generator"])
 
 
-def _flat_scores(
-    scores: dict[str, list[torch.Tensor]], order: dict[str, int]
-) -> tuple[list[float], list[int], list[int], list[int]]:
-    """Every rank's (score, module index, group, position) as four lists, the scores read with one transfer."""
-    tensors, modules, groups, positions = [], [], [], []
-    for name, per_group in scores.items():
-        i = order[name]
-        for g, s in enumerate(per_group):
-            tensors.append(s.reshape(-1))
-            modules.extend([i] * s.numel())
-            groups.extend([g] * s.numel())
-            positions.extend(range(s.numel()))
-    values = [float(v) for v in torch.cat(tensors).tolist()] if tensors else []
-    return values, modules, groups, positions
+def _laid_out(
+    names: Iterable[str], scores: dict[str, list[torch.Tensor]]
+) -> tuple[torch.Tensor | None, list[int], list[tuple[str, int]]]:
+    """Every rank's score laid end to end in (module in ``names``' order, group, position) order, on the CPU in the
+    scores' dtype: (scores (n,), each group's first place, each group's (module, group)). A group without ranks takes
+    no place; None: no rank at all."""
+    pieces, starts, owners, n = [], [], [], 0
+    for name in names:
+        for g, s in enumerate(scores.get(name, ())):  # s: (r_g,)
+            if s.numel():
+                pieces.append(s.reshape(-1))
+                starts.append(n)
+                owners.append((name, g))
+                n += s.numel()
+    return (torch.cat(pieces).cpu() if pieces else None), starts, owners
