@@ -112,6 +112,22 @@ def test_a_resize_rebuilds_only_the_widths_it_touches_and_a_module_without_ranks
     assert not any(layer is emptied for w in plan.widths for layer in w.layers)
 
 
+
+def test_a_move_to_another_dtype_that_keeps_the_parameters_rebuilds_the_plans():
+    model, ctrl = _model("own")
+    layers = list(elastic_layers(model).values())
+    plan = OrthogonalityPlan()
+    _check(layers, plan)
+    _set_random_importance(ctrl, 0)
+    _check_triplets(ctrl)
+    shared = layers[0].shared_weight
+    model.double()  # the same Parameter objects, their data now float64
+    assert layers[0].shared_weight is shared and shared.dtype == torch.float64
+    _check(layers, plan)  # gathers of float32 would not match the float64 factors
+    assert all(w.eye.dtype == torch.float64 for w in plan.widths)
+    _set_random_importance(ctrl, 1)
+    _check_triplets(ctrl)
+
 def _check_gates(model):
     values = model.dynarank_svd
     x = {name: torch.randn(layer.column_index.shape) for name, layer in elastic_layers(model).items()}
@@ -213,10 +229,14 @@ def test_the_batched_rank_scores_are_bitwise_the_module_by_module_ones_before_an
     model, ctrl = _model(layout)
     _set_random_importance(ctrl, 0)
     _check_triplets(ctrl)
+    gathers = ctrl._triplets.row_gather
+    _check_triplets(ctrl)
+    assert ctrl._triplets.row_gather is gathers  # the same layout: the gathers are reused, not built again
     names = list(elastic_layers(model))
     ctrl.resize({names[0]: {0: [0, 2], 1: [1]}, names[3]: {0: [1]}}, {names[2]: {1: 1}, names[4]: {0: 1, 3: 2}})
     _set_random_importance(ctrl, 1)
     _check_triplets(ctrl)
+    assert ctrl._triplets.row_gather is not gathers  # the resize bumped the layouts: built again
     # the packed path: every parameter has EMAs in the flat buffers, the scores are views of one product
     for p in ctrl._scored_parameters():
         p.grad = torch.randn(p.shape)

@@ -19,6 +19,7 @@ or B, the triplet score is ``s(E)[c] + mean(s(shared)[slot, :]) + mean(s(group)[
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -299,45 +300,45 @@ class TripletPlan:
         sizes = [p.numel() for p in params]
         starts = list(itertools.accumulate(sizes[:-1], initial=0))  # each parameter's first element in the vector
         shared, group = params[0:-1:2], params[1:-1:2]  # in the flat vector: A / B of module i at 2i / 2i + 1
-        rows: dict[int, list[int]] = {}  # width -> modules
+        rows: dict[int, list[int]] = {}  # width -> modules, widths in order of first appearance
         for i, t in enumerate(shared):
             rows.setdefault(t.shape[1], []).append(i)
-        row_offset, offset = [0] * len(layers), 0
+        by_width = list(itertools.chain.from_iterable(rows.values()))
+        firsts = list(itertools.accumulate((shared[i].shape[0] for i in by_width), initial=0))  # first rows
+        row_offset = [0] * len(layers)  # each module's first row among the row means
+        for i, first in zip(by_width, firsts):
+            row_offset[i] = first
         self.row_batches = []  # (width, number of rows): consecutive pieces of the row gather, width by width
-        by_width = []
+        k = 0
         for width, members in rows.items():
-            start = offset
-            for i in members:
-                row_offset[i] = offset
-                offset += shared[i].shape[0]
-            self.row_batches.append((width, offset - start))
-            by_width.extend(members)
+            self.row_batches.append((width, firsts[k + len(members)] - firsts[k]))
+            k += len(members)
         self.row_split = [width * n for width, n in self.row_batches]
         # every shared side's scores, the modules ordered by width: one index for all widths
         self.row_gather = _segments([starts[2 * i] for i in by_width], [sizes[2 * i] for i in by_width], device)
-        cols: dict[tuple, list[int]] = {}  # (d_g, T) -> modules
+        cols: dict[tuple, list[int]] = {}  # (d_g, T) -> modules with columns, shapes in order of first appearance
         for i, t in enumerate(group):
             if t.shape[1]:
                 cols.setdefault(tuple(t.shape), []).append(i)
-        piece_start, offset = [0] * len(layers), 0
-        self.col_batches = []  # (modules, d_g, T): consecutive pieces of the column gather, shape by shape
-        by_shape = []
-        for shape, members in cols.items():
-            self.col_batches.append((len(members), *shape))
-            by_shape.extend(members)
-            for i in members:
-                piece_start[i] = offset
-                offset += group[i].shape[1]
+        by_shape = list(itertools.chain.from_iterable(cols.values()))
+        self.col_batches = [(len(members), *shape) for shape, members in cols.items()]  # (modules, d_g, T)
         self.col_split = [n * d * t for n, d, t in self.col_batches]
         self.col_gather = _segments([starts[2 * i + 1] for i in by_shape], [sizes[2 * i + 1] for i in by_shape], device)
         self.values_start = starts[-1]
+        # Column c of module i is at piece_start[i] + c among the column means (the modules ordered by shape); its
+        # row is the module's first row plus its slot. One entry per rank, modules in order, groups, positions.
+        widths = [group[i].shape[1] for i in by_shape]
+        piece_start = dict(zip(by_shape, itertools.accumulate(widths[:-1], initial=0)))
+        in_order = sorted(by_shape)
+        self.column_order = _segments([piece_start[i] for i in in_order], [group[i].shape[1] for i in in_order], device)
         layouts = [layer.slot_tuple for layer in layers]
-        column_order = [c for i, t in enumerate(group) for c in range(piece_start[i], piece_start[i] + t.shape[1])]
-        row_of_column = [row_offset[i] + s for i, layout in enumerate(layouts) for g in layout for s in g]
+        slots = [list(itertools.chain.from_iterable(layout)) for layout in layouts]  # every rank's slot, per module
+        offsets = torch.tensor(row_offset, dtype=torch.long).repeat_interleave(torch.tensor([len(s) for s in slots]))
+        self.row_of_column = (torch.tensor(list(itertools.chain.from_iterable(slots)), dtype=torch.long) + offsets).to(
+            device
+        )
         self.ranks = [len(g) for layout in layouts for g in layout]
         self.n_groups = [len(layout) for layout in layouts]
-        self.column_order = torch.tensor(column_order, dtype=torch.long, device=device)
-        self.row_of_column = torch.tensor(row_of_column, dtype=torch.long, device=device)
 
     def scores(
         self, layers: dict[str, ElasticLoRALinear], params: list[torch.Tensor], flat: torch.Tensor
@@ -345,12 +346,17 @@ class TripletPlan:
         """{module: [S_g (r_g,) per group]} from ``flat``, the element scores of ``params`` (every module's shared
         and group side in ``layers``' order, then E) laid end to end."""
         modules = list(layers.values())
-        key = [(layer, layer.layout_version) for layer in modules] + [(p.shape, p.device) for p in params]
-        if (
-            self._key is None
-            or len(key) != len(self._key)
-            or any(a[0] is not b[0] or a[1] != b[1] for a, b in zip(key, self._key))
-        ):
+        # What the gathers depend on: the layers (identity and layout version), the parameters (identity and
+        # shape) and the device. Compared element by element in C (``map``): a step that changed nothing costs
+        # no Python loop over the modules.
+        key = (
+            modules,
+            [layer.layout_version for layer in modules],
+            list(params),
+            [p.shape for p in params],
+            flat.device,
+        )
+        if self._key is None or not _same_key(key, self._key):
             self._build(modules, params, flat.device)
             self._key = key
         values = flat[self.values_start :]
@@ -369,6 +375,20 @@ class TripletPlan:
             out[name] = list(scores[k : k + n])
             k += n
         return out
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two keys of :meth:`TripletPlan.scores` are equal: the same objects (``is``) in the lists of layers and
+    of parameters, equal versions, shapes and device."""
+    return (
+        len(a[0]) == len(b[0])
+        and len(a[2]) == len(b[2])
+        and all(map(operator.is_, a[0], b[0]))
+        and all(map(operator.is_, a[2], b[2]))
+        and a[1] == b[1]
+        and a[3] == b[3]
+        and a[4] == b[4]
+    )
 
 
 def _segments(starts: list[int], lengths: list[int], device) -> torch.Tensor:
