@@ -121,24 +121,25 @@ class ImportanceEMA:
         if packed is not None and not own and packed.holds(params):
             return packed.buffers
         starts = [None if id(p) in own or packed is None else packed.start_of(p) for p in params]
+        # What the new buffers are made of, in order: (start, stop) runs of states still in the old buffers, or a
+        # parameter whose state the carrier holds (or that has none: zeros). Worked out once for both buffers.
+        parts: list = []
+        for p, start in zip(params, starts):
+            if start is None:
+                parts.append(p)
+            elif parts and isinstance(parts[-1], list) and parts[-1][1] == start:
+                parts[-1][1] += p.numel()
+            else:
+                parts.append([start, start + p.numel()])
         buffers = []
         for k, key in enumerate(("sensitivity", "uncertainty")):
             pieces: list[torch.Tensor] = []
-            run: list[int] | None = None  # [start, stop) in the old buffer of the current run of states kept there
-            for p, start in zip(params, starts):
-                if start is not None and run is not None and run[1] == start:
-                    run[1] += p.numel()
+            for part in parts:
+                if isinstance(part, list):
+                    pieces.append(packed.buffers[k][part[0] : part[1]])
                     continue
-                if run is not None:
-                    pieces.append(packed.buffers[k][run[0] : run[1]])
-                    run = None
-                if start is not None:
-                    run = [start, start + p.numel()]
-                    continue
-                t = state[p].get(key) if id(p) in own else None
-                pieces.append((t if t is not None else torch.zeros_like(p)).reshape(-1))
-            if run is not None:
-                pieces.append(packed.buffers[k][run[0] : run[1]])
+                t = state[part].get(key) if id(part) in own else None
+                pieces.append((t if t is not None else torch.zeros_like(part)).reshape(-1))
             buffers.append(torch.cat(pieces) if len(pieces) != 1 else pieces[0].clone())
         state.clear()  # every state is in the buffers now
         self._packed = _Packing(params, (buffers[0], buffers[1]))
