@@ -17,7 +17,7 @@ import yaml
 import dynarank
 from dynarank import DynaRankConfig, attach
 from dynarank.cli import main
-from dynarank.config import ORTHO_WEIGHT
+from dynarank.config import ORTHO_WEIGHT, ConfigError
 from dynarank.defaults import (
     BUDGET_LR,
     DEFAULT_LR,
@@ -27,6 +27,7 @@ from dynarank.defaults import (
     TASKS,
     default_lr,
     default_ortho_weight,
+    default_values_lr_ratio,
     source,
     task_of,
 )
@@ -89,6 +90,41 @@ def test_an_svd_method_trains_with_its_kind_s_orthogonality_weight_unless_the_co
     given = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets, ortho_weight=0.25))
     controller = dynarank.build_controller(given, total_steps=40)
     assert controller.ortho_weight == 0.25 and controller.settings_used()["ortho_weight_source"] == "config"
+
+
+@pytest.mark.parametrize("method", ["elalora", "adalora-physical"])
+@pytest.mark.parametrize(
+    "build,kind,targets", [(tiny_bert, "classify", ["query", "value"]), (tiny_llama, "causal-lm", ["q_proj", "v_proj"])]
+)
+def test_the_singular_values_train_at_their_kind_s_ratio_of_the_adapters_rate_unless_the_config_gives_one(
+    method, build, kind, targets
+):
+    model = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets))
+    controller = dynarank.build_controller(model, total_steps=40)
+    ratio = default_values_lr_ratio(method, kind)
+    resolved = controller.settings_used()
+    assert resolved["values_lr_ratio"] == controller.values_lr_ratio == ratio
+    assert resolved["values_lr_ratio_source"] == f"{SOURCE}, {kind}"
+    assert resolved["config"]["values_lr_ratio"] is None  # what was asked: the default
+    e = model.dynarank_svd.values
+    groups = controller.build_optimizer(lr=1e-3).param_groups
+    held = [g for g in groups if any(p is e for p in g["params"])]
+    assert len(held) == 1 and held[0]["lr"] == pytest.approx(1e-3 * ratio)
+    assert (len(held[0]["params"]) == 1) == (ratio != 1.0)  # a group of its own only at another rate
+
+    given = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets, values_lr_ratio=30))
+    controller = dynarank.build_controller(given, total_steps=40)
+    assert controller.settings_used()["values_lr_ratio_source"] == "config"
+    groups = controller.param_groups(1e-3)
+    e = given.dynarank_svd.values
+    assert [(g["name"], g["lr"]) for g in groups] == [("adapter", 1e-3), ("E", pytest.approx(3e-2))]
+    assert groups[1]["params"] == [e] and not any(p is e for p in groups[0]["params"])
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "10"])
+def test_a_ratio_of_the_singular_values_rate_that_is_not_a_finite_positive_number_is_refused(bad):
+    with pytest.raises(ConfigError, match="values_lr_ratio"):
+        DynaRankConfig(method="elalora", r=2, values_lr_ratio=bad)
 
 
 def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_grid(tmp_path, monkeypatch):

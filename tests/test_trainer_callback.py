@@ -288,3 +288,35 @@ def test_the_plain_callback_refuses_clipping_under_ddp_and_names_the_trainer_tha
     trainer.args.max_grad_norm = 0.0
     callback.controller = None
     callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model, optimizer=optimizer)
+
+
+def test_the_dynarank_trainer_gives_the_singular_values_their_rate_and_the_schedule_follows(tmp_path):
+    config = DynaRankConfig(method="elalora", r=2, target_modules=["query", "value"], values_lr_ratio=30.0, seed=0)
+    model = attach(tiny_bert(), config)
+    trainer, callback = make("trainer", tmp_path, model, max_steps=6)
+    trainer.train()
+    e = model.dynarank_svd.values if hasattr(model, "dynarank_svd") else None
+    groups = trainer.optimizer.param_groups
+    (alone,) = [g for g in groups if g.get("name") == "E"]
+    others = [g for g in groups if g is not alone]
+    assert len(alone["params"]) == 1 and all(len(g["params"]) for g in others)
+    assert e is None or alone["params"][0] is e  # E folded away at the end: its group stays
+    # the Trainer's schedule, built after the group, scales it as the others: 30x their rate at every step
+    assert alone["initial_lr"] == pytest.approx(30 * 1e-2)
+    assert all(alone["lr"] == pytest.approx(30 * g["lr"]) for g in others)
+    assert callback.controller.settings_used()["values_lr_ratio"] == 30.0
+
+
+def test_a_plain_trainer_training_the_singular_values_at_the_adapters_rate_is_warned(tmp_path, caplog):
+    config = DynaRankConfig(method="elalora", r=2, target_modules=["query", "value"], values_lr_ratio=30.0, seed=0)
+    trainer, _ = make("callback", tmp_path, attach(tiny_bert(), config), max_steps=4)
+    with caplog.at_level("WARNING", logger="dynarank"):
+        trainer.train()
+    assert "train at the adapters' learning rate in this Trainer's optimizer" in caplog.text
+    assert "30 times it (values_lr_ratio, config)" in caplog.text
+    caplog.clear()
+    same = DynaRankConfig(method="elalora", r=2, target_modules=["query", "value"], values_lr_ratio=1.0, seed=0)
+    trainer, _ = make("callback", tmp_path, attach(tiny_bert(), same), max_steps=4)
+    with caplog.at_level("WARNING", logger="dynarank"):
+        trainer.train()
+    assert "values_lr_ratio" not in caplog.text

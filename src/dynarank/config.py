@@ -361,6 +361,14 @@ class SVDConfig(RankControlConfig):
         "the method and the model's kind of task (dynarank.defaults.DEFAULT_ORTHO_WEIGHT; docs/defaults.md).",
         None,
     )
+    values_lr_ratio: float | None = _help(
+        "The singular values E's learning rate as a multiple of the adapters' (one scalar per rank scales that "
+        "rank's whole update, where the factors move element by element). None: the ratio the defaults study chose "
+        "for the method and the model's kind of task (dynarank.defaults.DEFAULT_VALUES_LR_RATIO; docs/defaults.md). "
+        "Applies to optimizers dynarank builds (controller.build_optimizer / param_groups, the CLI, "
+        "DynaRankTrainer); an optimizer built elsewhere trains E at its group's rate.",
+        None,
+    )
     importance_beta1: float = _help("EMA factor of the sensitivity I = |w * dL/dw| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
     importance_beta2: float = _help("EMA factor of the uncertainty |I - Ibar| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
     reset_optimizer_on_resize: bool = _help(
@@ -378,6 +386,11 @@ class SVDConfig(RankControlConfig):
                 raise ConfigError(name, f"must be in (0, 1), got {getattr(self, name)!r}.")
         if self.ortho_weight is not None and not self.ortho_weight >= 0:
             raise ConfigError("ortho_weight", f"must be >= 0, got {self.ortho_weight!r}.")
+        ratio = self.values_lr_ratio
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf")
+        ):
+            raise ConfigError("values_lr_ratio", f"must be a finite number > 0, got {ratio!r}.")
         if not isinstance(self.reset_optimizer_on_resize, bool):
             raise ConfigError(
                 "reset_optimizer_on_resize", f"must be True or False, got {self.reset_optimizer_on_resize!r}."

@@ -85,6 +85,13 @@ DEFAULT_ORTHO_WEIGHT: dict[str, dict[str, float]] = {
     "classify": {"elalora": 0.1, "adalora-physical": 0.1},
     "causal-lm": {"elalora": 0.0, "adalora-physical": 0.1},
 }
+# How many times the adapters' learning rate the SVD methods' singular values E train with when the config gives no
+# ratio (``values_lr_ratio=None``), per kind of task: the configuration the defaults study chose for each
+# (benchmarks/defaults.py), pinned to its record by tests/test_defaults.py.
+DEFAULT_VALUES_LR_RATIO: dict[str, dict[str, float]] = {
+    "classify": {"elalora": 1.0, "adalora-physical": 1.0},
+    "causal-lm": {"elalora": 1.0, "adalora-physical": 1.0},
+}
 # Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
 RANK_BUDGET_METHODS = ("dynarank-lora", "lora", "dora", "eva", "adalora")
 SOURCE = "dynarank.defaults (docs/defaults.md)"
@@ -140,13 +147,21 @@ def budget_in_lora_ranks(target_params: int | None, shapes: Iterable[tuple[int, 
 def default_ortho_weight(method: str, task: str = "classify") -> float:
     """The orthogonality penalty weight an SVD method (``elalora``, ``adalora-physical``) trains with on ``task`` when
     its config gives none (KeyError naming the choices)."""
-    if task not in DEFAULT_ORTHO_WEIGHT:
-        raise KeyError(f"no default orthogonality weights for task {task!r}; tasks: {', '.join(DEFAULT_ORTHO_WEIGHT)}.")
-    if method not in DEFAULT_ORTHO_WEIGHT[task]:
-        raise KeyError(
-            f"no default orthogonality weight for {method!r}; methods: {', '.join(DEFAULT_ORTHO_WEIGHT[task])}."
-        )
-    return DEFAULT_ORTHO_WEIGHT[task][method]
+    return _svd_default(DEFAULT_ORTHO_WEIGHT, "orthogonality weight", method, task)
+
+
+def default_values_lr_ratio(method: str, task: str = "classify") -> float:
+    """How many times the adapters' learning rate an SVD method's singular values E train with on ``task`` when its
+    config gives no ratio (KeyError naming the choices)."""
+    return _svd_default(DEFAULT_VALUES_LR_RATIO, "singular values' rate ratio", method, task)
+
+
+def _svd_default(table: dict[str, dict[str, float]], what: str, method: str, task: str) -> float:
+    if task not in table:
+        raise KeyError(f"no default {what}s for task {task!r}; tasks: {', '.join(table)}.")
+    if method not in table[task]:
+        raise KeyError(f"no default {what} for {method!r}; methods: {', '.join(table[task])}.")
+    return table[task][method]
 
 
 def budget_of(method: str, r: int, knobs: Mapping[str, Any], shapes: Iterable[tuple[int, int]]) -> float | None:

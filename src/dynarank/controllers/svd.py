@@ -25,7 +25,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..defaults import SOURCE, default_ortho_weight, task_of
+from ..attach import ATTACHED_ATTR
+from ..defaults import SOURCE, default_ortho_weight, default_values_lr_ratio, task_of
 from ..layer import ElasticLoRALinear, GateGather
 from ..naming import SVD_ATTR
 from ..optim_state import reindex_parameter
@@ -88,6 +89,7 @@ class SVDController(RankController):
             self.ortho_weight_source = f"{SOURCE}, {task}"
         else:
             self.ortho_weight, self.ortho_weight_source = float(c.ortho_weight), "config"
+        self.values_lr_ratio, self.values_lr_ratio_source = values_lr_ratio_of(model)
         self._scored: tuple | None = None  # (layout versions' sum, E, the scored parameters)
         self.values = ensure_svd_values(model, self.layers, c.seed)
         self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
@@ -144,6 +146,16 @@ class SVDController(RankController):
 
         return gate
 
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """The adapters and task head at ``lr``; E in a group of its own at ``values_lr_ratio`` times it (in the
+        adapters' group when the ratio is 1)."""
+        groups = super().param_groups(lr, weight_decay)
+        if self.values_lr_ratio != 1.0:
+            e = self.values.values
+            groups[0]["params"] = [p for p in groups[0]["params"] if p is not e]
+            groups.append({"params": [e], "lr": lr * self.values_lr_ratio, "weight_decay": weight_decay, "name": "E"})
+        return groups
+
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if id(self.values.values) not in held:
@@ -174,8 +186,14 @@ class SVDController(RankController):
             self._last_penalty = penalty
 
     def _resolved(self) -> dict:
-        """The orthogonality weight the run trains with and where it came from (the config, or the defaults)."""
-        return {"ortho_weight": self.ortho_weight, "ortho_weight_source": self.ortho_weight_source}
+        """The orthogonality weight and E's rate ratio the run trains with and where they came from (the config, or
+        the defaults)."""
+        return {
+            "ortho_weight": self.ortho_weight,
+            "ortho_weight_source": self.ortho_weight_source,
+            "values_lr_ratio": self.values_lr_ratio,
+            "values_lr_ratio_source": self.values_lr_ratio_source,
+        }
 
     @property
     def last_penalty(self) -> float | None:
@@ -430,6 +448,41 @@ class SVDController(RankController):
                 self.importance.set_state(p, sens, unc)
         if self.generator is not None and "generator" in tensors:
             self.generator.set_state(tensors["generator"])
+
+
+def values_lr_ratio_of(model: nn.Module) -> tuple[float, str]:
+    """(E's learning rate over the adapters', where it came from) for a model attached with an SVD method: the
+    config's ``values_lr_ratio``, else the defaults study's for the method and the model's kind of task."""
+    config = getattr(model, ATTACHED_ATTR)
+    if config.values_lr_ratio is not None:
+        return float(config.values_lr_ratio), "config"
+    task = task_of(model)
+    return default_values_lr_ratio(config.method, task), f"{SOURCE}, {task}"
+
+
+def separate_values(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Give E (``model.dynarank_svd``) a group of its own in ``optimizer`` at ``values_lr_ratio`` times the rate of the
+    group that held it (its other settings copied), for an optimizer built elsewhere (a Trainer's) before its
+    learning-rate schedule is. Returns whether a group was made (not when the ratio is 1, E is not held, or already
+    alone in its group)."""
+    values = getattr(model, SVD_ATTR, None)
+    if values is None:
+        return False
+    ratio, _ = values_lr_ratio_of(model)
+    e = values.values
+    for group in optimizer.param_groups:
+        if not any(p is e for p in group["params"]):
+            continue
+        if ratio == 1.0 or len(group["params"]) == 1:
+            return False
+        group["params"] = [p for p in group["params"] if p is not e]
+        alone = {k: v for k, v in group.items() if k != "params"}
+        for key in ("lr", "initial_lr"):
+            if key in alone:
+                alone[key] = alone[key] * ratio
+        optimizer.add_param_group({**alone, "params": [e], "name": "E"})
+        return True
+    return False
 
 
 def _laid_out(

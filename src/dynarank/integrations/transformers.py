@@ -64,7 +64,7 @@ from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
 from ..controllers.ard_gates import ARD_ATTR
-from ..controllers.svd import SVD_ATTR
+from ..controllers.svd import SVD_ATTR, separate_values, values_lr_ratio_of
 from ..defaults import task_of
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..fsdp import is_sharded
@@ -168,6 +168,26 @@ def warn_of_transformers_default_lr(args, controller: RankController) -> str | N
     return warning
 
 
+def warn_of_shared_values_rate(optimizer: torch.optim.Optimizer, model: nn.Module) -> str | None:
+    """Warn (and return the warning) when an SVD method's singular values E share a group with other parameters in
+    the Trainer's optimizer while the method trains them at another rate (``values_lr_ratio`` != 1): a Trainer that
+    is not DynaRankTrainer built that optimizer, and E trains at the adapters' rate."""
+    values = getattr(model, SVD_ATTR, None)
+    if values is None:
+        return None
+    ratio, source = values_lr_ratio_of(model)
+    group = next((g for g in optimizer.param_groups if any(p is values.values for p in g["params"])), None)
+    if ratio == 1.0 or group is None or len(group["params"]) == 1:
+        return None
+    warning = (
+        f"the singular values E train at the adapters' learning rate in this Trainer's optimizer, where the method "
+        f"trains them at {ratio:g} times it (values_lr_ratio, {source}): use dynarank.DynaRankTrainer or "
+        "with_dynarank(YourTrainerClass), which give E its group, or set values_lr_ratio=1 to silence this."
+    )
+    logger.warning(warning)
+    return warning
+
+
 class DynaRankCallback(TrainerCallback):
     """Drive a dynarank controller from any ``transformers.Trainer`` (TRL's trainers included); no manual call."""
 
@@ -224,6 +244,7 @@ class DynaRankCallback(TrainerCallback):
                 checkpoint.restore_controller(self.controller, *resumed)
             else:
                 warn_of_transformers_default_lr(args, self.controller)
+            warn_of_shared_values_rate(_inner(optimizer), self.model)
         self.controller.bind(_inner(optimizer))
         return control
 
@@ -370,6 +391,13 @@ class DynaRankTrainerMixin:
             checkpoint.read_trainer_state(resume_from_checkpoint)  # refused before the Trainer touches anything
             self.dynarank.resume_from = Path(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer, with an SVD method's singular values E in a group of their own at
+        ``values_lr_ratio`` times their group's rate (before the Trainer builds its schedule over the groups)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        separate_values(_inner(optimizer), self.model)
+        return optimizer
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
