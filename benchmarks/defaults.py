@@ -47,11 +47,18 @@ CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose defa
 # its own rate choice, paired by seed), and the rate then among that configuration's candidates.
 # tests/test_defaults.py holds the choice equal to what the library does.
 # The SVD methods' configurations: with the orthogonality penalty at the papers' weight (0.1, quality.py's "elalora",
-# "adalora-physical") or without it ("-ortho0"); the library's ortho_weight default follows the choice.
+# "adalora-physical") or without it ("-ortho0"), E at the adapters' rate or 30 times it ("-e30"); the library's
+# ortho_weight and values_lr_ratio defaults follow the choice. A configuration is chosen among those the tasks of the
+# choice ran (the "-e30" ones ran on the causal LMs).
 CONFIGURATIONS = {
     "ard": ["ard", "ard-data-scaled"],
-    "elalora": ["elalora", "elalora-ortho0"],
-    "adalora-physical": ["adalora-physical", "adalora-physical-ortho0"],
+    "elalora": ["elalora", "elalora-ortho0", "elalora-e30", "elalora-ortho0-e30"],
+    "adalora-physical": [
+        "adalora-physical",
+        "adalora-physical-ortho0",
+        "adalora-physical-e30",
+        "adalora-physical-ortho0-e30",
+    ],
 }
 BASELINES = ["lora", "adalora"]  # stock PEFT, each at its best rate per task
 # Stock baselines get a default too (a user's `--method lora` untuned): the rate best over all tasks, no left-out
@@ -165,8 +172,10 @@ def choose_configuration(
         c: choose(scores, tasks, safe(scores, stores, tasks, candidates_of(c, scores, tasks)))[0]
         for c in configurations
     }
-    if any(rate is None for rate in rates.values()):
-        return configurations[0], {}
+    ran = {c: rate for c, rate in rates.items() if rate is not None}  # the configurations the tasks ran (not failed)
+    if len(ran) < 2:
+        return next(iter(ran or rates)), {}
+    configurations, rates = list(ran), ran
     votes: dict[str, list[float]] = {c: [] for c in configurations}
     for task in tasks:
         seeds = common_seeds(stores[task], task, list(rates.values()))

@@ -22,6 +22,7 @@ from dynarank.defaults import (
     BUDGET_LR,
     DEFAULT_LR,
     DEFAULT_ORTHO_WEIGHT,
+    DEFAULT_VALUES_LR_RATIO,
     MIDDLE_BUDGET,
     SOURCE,
     TASKS,
@@ -61,16 +62,20 @@ def test_ard_with_a_budget_starts_as_the_configuration_the_study_chose_for_each_
         assert config.data_start is (variant == "ard-data-scaled"), kind
 
 
-def test_the_svd_methods_orthogonality_weight_is_the_configuration_the_study_chose_for_each_kind():
+def test_the_svd_methods_orthogonality_weight_and_values_rate_are_the_configuration_the_study_chose_for_each_kind():
+    import defaults as study
     import quality
 
     record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/defaults.json").read_text())
     for method in ("elalora", "adalora-physical"):
         for kind, (variant, _rate) in record["choices"][method]["shipped"].items():
-            # quality.py's method pins the papers' weight, its "-ortho0" ablation none
-            settings = quality.ABLATIONS[variant][1] if variant in quality.ABLATIONS else {"ortho_weight": ORTHO_WEIGHT}
-            assert variant in (method, f"{method}-ortho0"), kind
+            assert variant in study.CONFIGURATIONS[method], kind
+            # quality.py's method pins the papers' weight and E at the adapters' rate; its ablations change them
+            pinned = {"ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0}
+            settings = {**pinned, **(quality.ABLATIONS[variant][1] if variant in quality.ABLATIONS else {})}
+            assert quality.ABLATIONS.get(variant, (method,))[0] == method, (variant, kind)
             assert DEFAULT_ORTHO_WEIGHT[kind][method] == settings["ortho_weight"], (method, kind)
+            assert DEFAULT_VALUES_LR_RATIO[kind][method] == settings["values_lr_ratio"], (method, kind)
 
 
 @pytest.mark.parametrize("method", ["elalora", "adalora-physical"])
