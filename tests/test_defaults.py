@@ -264,7 +264,11 @@ def test_the_library_s_optimizer_takes_the_rate_of_the_model_s_kind(method, task
     base, target = (tiny_bert(), "query") if task == "classify" else (tiny_llama(), "q_proj")
     model = attach(base, DynaRankConfig(method=method, r=2, target_modules=[target]))
     controller = dynarank.build_controller(model, total_steps=100)
-    assert {g["lr"] for g in controller.build_optimizer().param_groups} == {default_lr(method, task)}
+    rates = {g.get("name"): g["lr"] for g in controller.build_optimizer().param_groups}
+    assert rates.pop("adapter") == default_lr(method, task)
+    if method in ("elalora", "adalora-physical") and default_values_lr_ratio(method, task) != 1.0:
+        assert rates.pop("E") == pytest.approx(default_lr(method, task) * default_values_lr_ratio(method, task))
+    assert all(rate == default_lr(method, task) for rate in rates.values())  # any other group (ARD's alphas: none)
 
 
 def test_the_benchmarks_take_the_table_s_rate_when_they_run_a_method_on_its_defaults():

@@ -49,7 +49,7 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
     "causal-lm": {
         "dynarank-lora": 1e-2,
         "ard": 1e-2,
-        "elalora": 1e-2,  # without the orthogonality penalty (DEFAULT_ORTHO_WEIGHT)
+        "elalora": 1e-2,  # without the orthogonality penalty (DEFAULT_ORTHO_WEIGHT), E at 30x (DEFAULT_VALUES_LR_RATIO)
         "adalora-physical": 3e-2,
         "lora": 1e-2,
         "dora": 1e-2,
@@ -89,8 +89,8 @@ DEFAULT_ORTHO_WEIGHT: dict[str, dict[str, float]] = {
 # ratio (``values_lr_ratio=None``), per kind of task: the configuration the defaults study chose for each
 # (benchmarks/defaults.py), pinned to its record by tests/test_defaults.py.
 DEFAULT_VALUES_LR_RATIO: dict[str, dict[str, float]] = {
-    "classify": {"elalora": 1.0, "adalora-physical": 1.0},
-    "causal-lm": {"elalora": 1.0, "adalora-physical": 1.0},
+    "classify": {"elalora": 1.0, "adalora-physical": 1.0},  # the 30x configurations ran on the causal LMs only
+    "causal-lm": {"elalora": 30.0, "adalora-physical": 1.0},
 }
 # Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
 RANK_BUDGET_METHODS = ("dynarank-lora", "lora", "dora", "eva", "adalora")
