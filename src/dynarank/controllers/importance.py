@@ -301,45 +301,45 @@ class TripletPlan:
         sizes = [p.numel() for p in params]
         starts = list(itertools.accumulate(sizes[:-1], initial=0))  # each parameter's first element in the vector
         shared, group = params[0:-1:2], params[1:-1:2]  # in the flat vector: A / B of module i at 2i / 2i + 1
-        rows: dict[int, list[int]] = {}  # width -> modules, widths in order of first appearance
+        rows: dict[int, list[int]] = {}  # width -> modules
         for i, t in enumerate(shared):
             rows.setdefault(t.shape[1], []).append(i)
-        by_width = list(itertools.chain.from_iterable(rows.values()))
-        firsts = list(itertools.accumulate((shared[i].shape[0] for i in by_width), initial=0))  # first rows
-        row_offset = [0] * len(layers)  # each module's first row among the row means
-        for i, first in zip(by_width, firsts):
-            row_offset[i] = first
+        row_offset, offset = [0] * len(layers), 0
         self.row_batches = []  # (width, number of rows): consecutive pieces of the row gather, width by width
-        k = 0
+        by_width = []
         for width, members in rows.items():
-            self.row_batches.append((width, firsts[k + len(members)] - firsts[k]))
-            k += len(members)
+            start = offset
+            for i in members:
+                row_offset[i] = offset
+                offset += shared[i].shape[0]
+            self.row_batches.append((width, offset - start))
+            by_width.extend(members)
         self.row_split = [width * n for width, n in self.row_batches]
         # every shared side's scores, the modules ordered by width: one index for all widths
         self.row_gather = _segments([starts[2 * i] for i in by_width], [sizes[2 * i] for i in by_width], device)
-        cols: dict[tuple, list[int]] = {}  # (d_g, T) -> modules with columns, shapes in order of first appearance
+        cols: dict[tuple, list[int]] = {}  # (d_g, T) -> modules
         for i, t in enumerate(group):
             if t.shape[1]:
                 cols.setdefault(tuple(t.shape), []).append(i)
-        by_shape = list(itertools.chain.from_iterable(cols.values()))
-        self.col_batches = [(len(members), *shape) for shape, members in cols.items()]  # (modules, d_g, T)
+        piece_start, offset = [0] * len(layers), 0
+        self.col_batches = []  # (modules, d_g, T): consecutive pieces of the column gather, shape by shape
+        by_shape = []
+        for shape, members in cols.items():
+            self.col_batches.append((len(members), *shape))
+            by_shape.extend(members)
+            for i in members:
+                piece_start[i] = offset
+                offset += group[i].shape[1]
         self.col_split = [n * d * t for n, d, t in self.col_batches]
         self.col_gather = _segments([starts[2 * i + 1] for i in by_shape], [sizes[2 * i + 1] for i in by_shape], device)
         self.values_start = starts[-1]
-        # Column c of module i is at piece_start[i] + c among the column means (the modules ordered by shape); its
-        # row is the module's first row plus its slot. One entry per rank, modules in order, groups, positions.
-        widths = [group[i].shape[1] for i in by_shape]
-        piece_start = dict(zip(by_shape, itertools.accumulate(widths[:-1], initial=0)))
-        in_order = sorted(by_shape)
-        self.column_order = _segments([piece_start[i] for i in in_order], [group[i].shape[1] for i in in_order], device)
         layouts = [layer.slot_tuple for layer in layers]
-        slots = [list(itertools.chain.from_iterable(layout)) for layout in layouts]  # every rank's slot, per module
-        offsets = torch.tensor(row_offset, dtype=torch.long).repeat_interleave(torch.tensor([len(s) for s in slots]))
-        self.row_of_column = (torch.tensor(list(itertools.chain.from_iterable(slots)), dtype=torch.long) + offsets).to(
-            device
-        )
+        column_order = [c for i, t in enumerate(group) for c in range(piece_start[i], piece_start[i] + t.shape[1])]
+        row_of_column = [row_offset[i] + s for i, layout in enumerate(layouts) for g in layout for s in g]
         self.ranks = [len(g) for layout in layouts for g in layout]
         self.n_groups = [len(layout) for layout in layouts]
+        self.column_order = torch.tensor(column_order, dtype=torch.long, device=device)
+        self.row_of_column = torch.tensor(row_of_column, dtype=torch.long, device=device)
 
     def scores(
         self, layers: dict[str, ElasticLoRALinear], params: list[torch.Tensor], flat: torch.Tensor

@@ -47,10 +47,11 @@ class _Width:
         # the group side packs every group's columns in order and the modules one after another, so its valid
         # entries are 0, 1, ..., total - 1 in that order.
         if shared:
-            slots = [list(itertools.chain.from_iterable(layout)) for layout in layouts]  # every rank's slot
-            starts = torch.tensor(list(itertools.accumulate(self.sizes[:-1], initial=0)))  # each module's first row
-            valid_entries = torch.tensor(list(itertools.chain.from_iterable(slots)), dtype=torch.long)
-            valid_entries += starts.repeat_interleave(torch.tensor([len(s) for s in slots]))
+            starts = itertools.accumulate(self.sizes[:-1], initial=0)  # each module's first row
+            valid_entries = torch.tensor(
+                [start + s for layout, start in zip(layouts, starts) for slots in layout for s in slots],
+                dtype=torch.long,
+            )
         else:
             valid_entries = torch.arange(self.total)
         ranks_t = torch.tensor(ranks)
