@@ -82,44 +82,29 @@ def test_the_svd_methods_orthogonality_weight_and_values_rate_are_the_configurat
 @pytest.mark.parametrize(
     "build,kind,targets", [(tiny_bert, "classify", ["query", "value"]), (tiny_llama, "causal-lm", ["q_proj", "v_proj"])]
 )
-def test_an_svd_method_trains_with_its_kind_s_orthogonality_weight_unless_the_config_gives_one(
-    method, build, kind, targets
-):
-    model = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets))
-    controller = dynarank.build_controller(model, total_steps=40)
-    assert controller.ortho_weight == default_ortho_weight(method, kind)
-    resolved = controller.settings_used()
-    assert resolved["ortho_weight"] == controller.ortho_weight
-    assert resolved["ortho_weight_source"] == f"{SOURCE}, {kind}"
-    assert resolved["config"]["ortho_weight"] is None  # what was asked: the default
-    given = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets, ortho_weight=0.25))
-    controller = dynarank.build_controller(given, total_steps=40)
-    assert controller.ortho_weight == 0.25 and controller.settings_used()["ortho_weight_source"] == "config"
-
-
-@pytest.mark.parametrize("method", ["elalora", "adalora-physical"])
-@pytest.mark.parametrize(
-    "build,kind,targets", [(tiny_bert, "classify", ["query", "value"]), (tiny_llama, "causal-lm", ["q_proj", "v_proj"])]
-)
-def test_the_singular_values_train_at_their_kind_s_ratio_of_the_adapters_rate_unless_the_config_gives_one(
+def test_an_svd_method_trains_with_its_kind_s_penalty_and_values_rate_unless_the_config_gives_them(
     method, build, kind, targets
 ):
     model = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets))
     controller = dynarank.build_controller(model, total_steps=40)
     ratio = default_values_lr_ratio(method, kind)
+    assert controller.ortho_weight == default_ortho_weight(method, kind) and controller.values_lr_ratio == ratio
     resolved = controller.settings_used()
-    assert resolved["values_lr_ratio"] == controller.values_lr_ratio == ratio
-    assert resolved["values_lr_ratio_source"] == f"{SOURCE}, {kind}"
-    assert resolved["config"]["values_lr_ratio"] is None  # what was asked: the default
+    for name, value in (("ortho_weight", controller.ortho_weight), ("values_lr_ratio", ratio)):
+        assert resolved[name] == value and resolved[f"{name}_source"] == f"{SOURCE}, {kind}"
+        assert resolved["config"][name] is None  # what was asked: the default
+    # E trains at the ratio times the adapters' rate: in a group of its own only at another rate
     e = model.dynarank_svd.values
-    groups = controller.build_optimizer(lr=1e-3).param_groups
-    held = [g for g in groups if any(p is e for p in g["params"])]
+    held = [g for g in controller.build_optimizer(lr=1e-3).param_groups if any(p is e for p in g["params"])]
     assert len(held) == 1 and held[0]["lr"] == pytest.approx(1e-3 * ratio)
-    assert (len(held[0]["params"]) == 1) == (ratio != 1.0)  # a group of its own only at another rate
+    assert (len(held[0]["params"]) == 1) == (ratio != 1.0)
 
-    given = attach(build(), DynaRankConfig(method=method, r=2, seed=0, target_modules=targets, values_lr_ratio=30))
+    config = DynaRankConfig(method=method, r=2, seed=0, target_modules=targets, ortho_weight=0.25, values_lr_ratio=30)
+    given = attach(build(), config)
     controller = dynarank.build_controller(given, total_steps=40)
-    assert controller.settings_used()["values_lr_ratio_source"] == "config"
+    resolved = controller.settings_used()
+    assert controller.ortho_weight == 0.25 and resolved["ortho_weight_source"] == "config"
+    assert resolved["values_lr_ratio_source"] == "config"
     groups = controller.param_groups(1e-3)
     e = given.dynarank_svd.values
     assert [(g["name"], g["lr"]) for g in groups] == [("adapter", 1e-3), ("E", pytest.approx(3e-2))]

@@ -112,7 +112,6 @@ def test_a_resize_rebuilds_only_the_widths_it_touches_and_a_module_without_ranks
     assert not any(layer is emptied for w in plan.widths for layer in w.layers)
 
 
-
 def test_a_move_to_another_dtype_that_keeps_the_parameters_rebuilds_the_plans():
     model, ctrl = _model("own")
     layers = list(elastic_layers(model).values())
@@ -127,6 +126,7 @@ def test_a_move_to_another_dtype_that_keeps_the_parameters_rebuilds_the_plans():
     assert all(w.eye.dtype == torch.float64 for w in plan.widths)
     _set_random_importance(ctrl, 1)
     _check_triplets(ctrl)
+
 
 def _check_gates(model):
     values = model.dynarank_svd
