@@ -282,3 +282,21 @@ def test_the_views_follow_a_move_of_the_flat_tensor_to_another_dtype():
     assert after is not before and all(v.dtype == torch.float64 for v in after.values())
     name = next(iter(after))
     assert after[name].data_ptr() == values.values.data_ptr()
+
+
+def test_a_resize_keeps_e_in_its_own_group_at_its_rate():
+    model = tiny_bert()
+    attach(model, DynaRankConfig(method="elalora", r=3, target_modules=TARGETS, values_lr_ratio=30.0, seed=0))
+    ctrl = build_controller(model, total_steps=50)
+    optimizer = ctrl.build_optimizer(lr=1e-3)
+    names = list(elastic_layers(model))
+    ctrl.resize({names[0]: {0: [0]}}, {names[1]: {0: 1}})
+    e = model.dynarank_svd.values
+    adapters, values = optimizer.param_groups
+    assert (
+        values["name"] == "E"
+        and len(values["params"]) == 1
+        and values["params"][0] is e
+        and values["lr"] == pytest.approx(3e-2)
+    )
+    assert not any(p is e for p in adapters["params"]) and adapters["lr"] == 1e-3
