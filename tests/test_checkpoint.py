@@ -17,6 +17,7 @@ from tiny_models import WordTokenizer, examples, tiny_bert
 VARIANTS = {  # name -> (method, its options)
     "ard": ("ard", {"ard_lambda": 1e-4, "lambda_mode": "absolute"}),
     "elalora-shrinking": ("elalora", {"target_rank": 2}),  # prunes 4 -> 2 while reallocating
+    "elalora-values-30x": ("elalora", {"values_lr_ratio": 30.0}),  # E in an optimizer group of its own
 }
 
 
@@ -49,7 +50,9 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("method", ["ard", "dynarank-lora", "elalora", "elalora-shrinking", "adalora-physical"])
+@pytest.mark.parametrize(
+    "method", ["ard", "dynarank-lora", "elalora", "elalora-shrinking", "elalora-values-30x", "adalora-physical"]
+)
 def test_a_run_killed_mid_schedule_and_resumed_equals_the_uninterrupted_run(tmp_path, method):
     full = train_classifier(
         tiny_bert(), WordTokenizer(), examples(), spec(method), run_dir=tmp_path / "a", save_every=5
