@@ -83,12 +83,7 @@ class SVDController(RankController):
                     f"T - t_final={self.schedule.end}, one every {self.schedule.interval}): fewer than {MIN_ROUNDS} "
                     "leave the ranks almost where they started; train longer or resize more often."
                 )
-        task = task_of(model)
-        if c.ortho_weight is None:  # the study's choice for the method and the model's kind of task
-            self.ortho_weight = default_ortho_weight(c.method, task)
-            self.ortho_weight_source = f"{SOURCE}, {task}"
-        else:
-            self.ortho_weight, self.ortho_weight_source = float(c.ortho_weight), "config"
+        self.ortho_weight, self.ortho_weight_source = _setting(model, "ortho_weight", default_ortho_weight)
         self.values_lr_ratio, self.values_lr_ratio_source = values_lr_ratio_of(model)
         self._scored: tuple | None = None  # (layout versions' sum, E, the scored parameters)
         self.values = ensure_svd_values(model, self.layers, c.seed)
@@ -151,9 +146,7 @@ class SVDController(RankController):
         adapters' group when the ratio is 1)."""
         groups = super().param_groups(lr, weight_decay)
         if self.values_lr_ratio != 1.0:
-            e = self.values.values
-            groups[0]["params"] = [p for p in groups[0]["params"] if p is not e]
-            groups.append({"params": [e], "lr": lr * self.values_lr_ratio, "weight_decay": weight_decay, "name": "E"})
+            groups.append(_split_off_values(groups[0], self.values.values, self.values_lr_ratio))
         return groups
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
@@ -450,39 +443,56 @@ class SVDController(RankController):
             self.generator.set_state(tensors["generator"])
 
 
-def values_lr_ratio_of(model: nn.Module) -> tuple[float, str]:
-    """(E's learning rate over the adapters', where it came from) for a model attached with an SVD method: the
-    config's ``values_lr_ratio``, else the defaults study's for the method and the model's kind of task."""
+def _setting(model: nn.Module, name: str, default) -> tuple[float, str]:
+    """(An SVD setting's value, where it came from): the attached config's ``name``, else ``default(method, task)``,
+    the defaults study's choice for the method and the model's kind of task."""
     config = getattr(model, ATTACHED_ATTR)
-    if config.values_lr_ratio is not None:
-        return float(config.values_lr_ratio), "config"
+    if getattr(config, name) is not None:
+        return float(getattr(config, name)), "config"
     task = task_of(model)
-    return default_values_lr_ratio(config.method, task), f"{SOURCE}, {task}"
+    return default(config.method, task), f"{SOURCE}, {task}"
+
+
+def values_lr_ratio_of(model: nn.Module) -> tuple[float, str]:
+    """(E's learning rate over the adapters', where it came from) for a model attached with an SVD method."""
+    return _setting(model, "values_lr_ratio", default_values_lr_ratio)
+
+
+def shared_values_group(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[dict, float, str] | None:
+    """(The group of ``optimizer`` that holds E beside other parameters, E's rate ratio, its source) when the method
+    trains E at another rate than that group's (``values_lr_ratio`` != 1); None otherwise (no E, not held, the ratio
+    1, or E already alone in its group)."""
+    values = getattr(model, SVD_ATTR, None)
+    if values is None:
+        return None
+    ratio, source = values_lr_ratio_of(model)
+    group = next((g for g in optimizer.param_groups if any(p is values.values for p in g["params"])), None)
+    if ratio == 1.0 or group is None or len(group["params"]) == 1:
+        return None
+    return group, ratio, source
 
 
 def separate_values(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
     """Give E (``model.dynarank_svd``) a group of its own in ``optimizer`` at ``values_lr_ratio`` times the rate of the
     group that held it (its other settings copied), for an optimizer built elsewhere (a Trainer's) before its
-    learning-rate schedule is. Returns whether a group was made (not when the ratio is 1, E is not held, or already
-    alone in its group)."""
-    values = getattr(model, SVD_ATTR, None)
-    if values is None:
+    learning-rate schedule is. Returns whether a group was made (:func:`shared_values_group`)."""
+    found = shared_values_group(optimizer, model)
+    if found is None:
         return False
-    ratio, _ = values_lr_ratio_of(model)
-    e = values.values
-    for group in optimizer.param_groups:
-        if not any(p is e for p in group["params"]):
-            continue
-        if ratio == 1.0 or len(group["params"]) == 1:
-            return False
-        group["params"] = [p for p in group["params"] if p is not e]
-        alone = {k: v for k, v in group.items() if k != "params"}
-        for key in ("lr", "initial_lr"):
-            if key in alone:
-                alone[key] = alone[key] * ratio
-        optimizer.add_param_group({**alone, "params": [e], "name": "E"})
-        return True
-    return False
+    group, ratio, _ = found
+    optimizer.add_param_group(_split_off_values(group, getattr(model, SVD_ATTR).values, ratio))
+    return True
+
+
+def _split_off_values(group: dict, e: nn.Parameter, ratio: float) -> dict:
+    """Take E out of ``group`` (in place) and return E's own group: ``group``'s settings, its rates (``lr``, and a
+    scheduler's ``initial_lr``) times ``ratio``."""
+    group["params"] = [p for p in group["params"] if p is not e]
+    alone = {k: v for k, v in group.items() if k != "params"}
+    for key in ("lr", "initial_lr"):
+        if key in alone:
+            alone[key] = alone[key] * ratio
+    return {**alone, "params": [e], "name": "E"}
 
 
 def _laid_out(

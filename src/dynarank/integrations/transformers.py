@@ -64,7 +64,7 @@ from ..attach import elastic_layers
 from ..checkpoint import CheckpointError
 from ..controllers import RankController, build_controller, prepare_parameters
 from ..controllers.ard_gates import ARD_ATTR
-from ..controllers.svd import SVD_ATTR, separate_values, values_lr_ratio_of
+from ..controllers.svd import SVD_ATTR, separate_values, shared_values_group
 from ..defaults import task_of
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
 from ..fsdp import is_sharded
@@ -172,13 +172,10 @@ def warn_of_shared_values_rate(optimizer: torch.optim.Optimizer, model: nn.Modul
     """Warn (and return the warning) when an SVD method's singular values E share a group with other parameters in
     the Trainer's optimizer while the method trains them at another rate (``values_lr_ratio`` != 1): a Trainer that
     is not DynaRankTrainer built that optimizer, and E trains at the adapters' rate."""
-    values = getattr(model, SVD_ATTR, None)
-    if values is None:
+    found = shared_values_group(optimizer, model)
+    if found is None:
         return None
-    ratio, source = values_lr_ratio_of(model)
-    group = next((g for g in optimizer.param_groups if any(p is values.values for p in g["params"])), None)
-    if ratio == 1.0 or group is None or len(group["params"]) == 1:
-        return None
+    _, ratio, source = found
     warning = (
         f"the singular values E train at the adapters' learning rate in this Trainer's optimizer, where the method "
         f"trains them at {ratio:g} times it (values_lr_ratio, {source}): use dynarank.DynaRankTrainer or "
