@@ -167,12 +167,20 @@ def choose_configuration(
 ) -> tuple[str, dict]:
     """The configuration with the best mean relative validation score over ``tasks``, each configuration at its
     rate choice on ``tasks`` (none that failed there), averaged over the seeds all of them ran (at least 2; a task
-    with fewer does not vote). A tie, or no task that votes, goes to the first configuration."""
+    with fewer does not vote). A configuration run at fewer than 2 seeds (at its rate) on a task where another ran
+    at 2 or more is not yet weighed and does not vote: a grid at seed 0 alone neither wins nor silences the tasks'
+    votes of the configurations run in full. A tie, or no task that votes, goes to the first configuration."""
     rates = {
         c: choose(scores, tasks, safe(scores, stores, tasks, candidates_of(c, scores, tasks)))[0]
         for c in configurations
     }
     ran = {c: rate for c, rate in rates.items() if rate is not None}  # the configurations the tasks ran (not failed)
+    under_run = set()
+    for task in tasks:
+        seeds = {c: len(common_seeds(stores[task], task, [rate])) for c, rate in ran.items()}
+        if any(n >= 2 for n in seeds.values()):
+            under_run |= {c for c, n in seeds.items() if n < 2}
+    ran = {c: rate for c, rate in ran.items() if c not in under_run} or ran
     if len(ran) < 2:
         return next(iter(ran or rates)), {}
     configurations, rates = list(ran), ran

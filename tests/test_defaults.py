@@ -158,6 +158,40 @@ def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_gr
     assert study.choose(scores, ["a", "b"])[0] == ("u", 1e-3)  # what seed 0 alone would have shipped
 
 
+def test_a_configuration_run_at_one_seed_neither_wins_nor_silences_the_votes_of_those_run_in_full(
+    tmp_path, monkeypatch
+):
+    import defaults as study
+    import quality
+
+    from records import RecordStore
+
+    spec = {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
+    monkeypatch.setattr(quality, "TASKS", {t: spec for t in "ab"})
+    store = RecordStore(tmp_path / "runs.json", quality.record_key)
+    # "u" and "d" ran seeds 0-2 on both tasks ("d" ahead over the seeds); "new" ran seed 0 alone, best of all there
+    val = {"u": [0.80, 0.70, 0.70], "d": [0.79, 0.80, 0.80], "new": [0.95]}
+    for task in "ab":
+        for variant, accs in val.items():
+            for seed, acc in enumerate(accs):
+                store.add(
+                    {
+                        "task": task,
+                        "method": variant,
+                        "budget_r": 2,
+                        "lr": 1e-3,
+                        "seed": seed,
+                        "steps": 10,
+                        "val": {"acc": acc},
+                    }
+                )
+    scores = {t: study.relative({(v, 1e-3): accs[0] for v, accs in val.items()}, True) for t in "ab"}
+    stores = {"a": store, "b": store}
+    chosen, votes = study.choose_configuration(scores, stores, ["u", "d", "new"], ["a", "b"])
+    assert chosen == "d" and set(votes) == {"u", "d"}
+    assert study.choose_configuration(scores, stores, ["u", "new"], ["a", "b"]) == ("u", {})  # the only one in full
+
+
 def test_a_rate_that_failed_at_another_budget_does_not_ship_however_it_scores_at_the_middle(tmp_path, monkeypatch):
     import defaults as study
     import quality
