@@ -175,12 +175,13 @@ def choose_configuration(
         for c in configurations
     }
     ran = {c: rate for c, rate in rates.items() if rate is not None}  # the configurations the tasks ran (not failed)
-    under_run = set()
-    for task in tasks:
-        seeds = {c: len(common_seeds(stores[task], task, [rate])) for c, rate in ran.items()}
-        if any(n >= 2 for n in seeds.values()):
-            under_run |= {c for c, n in seeds.items() if n < 2}
-    ran = {c: rate for c, rate in ran.items() if c not in under_run} or ran
+    if len(ran) >= 2:
+        under_run = set()
+        for task in tasks:
+            seeds = {c: len(common_seeds(stores[task], task, [rate])) for c, rate in ran.items()}
+            if any(n >= 2 for n in seeds.values()):
+                under_run |= {c for c, n in seeds.items() if n < 2}
+        ran = {c: rate for c, rate in ran.items() if c not in under_run} or ran
     if len(ran) < 2:
         return next(iter(ran or rates)), {}
     configurations, rates = list(ran), ran
