@@ -119,11 +119,23 @@ def test_a_ratio_of_the_singular_values_rate_that_is_not_a_finite_positive_numbe
         DynaRankConfig(method="elalora", r=2, values_lr_ratio=bad)
 
 
-def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_grid(tmp_path, monkeypatch):
-    import defaults as study
+def _validation_runs(tmp_path, val: dict):
+    """A record store of runs at 1e-3 and budget 2: {(task, variant): [validation accuracy of seed 0, 1, ...]}."""
     import quality
 
     from records import RecordStore
+
+    store = RecordStore(tmp_path / "runs.json", quality.record_key)
+    for (task, variant), accs in val.items():
+        for seed, acc in enumerate(accs):
+            run = {"task": task, "method": variant, "budget_r": 2, "lr": 1e-3, "seed": seed, "steps": 10}
+            store.add({**run, "val": {"acc": acc}})
+    return store
+
+
+def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_grid(tmp_path, monkeypatch):
+    import defaults as study
+    import quality
 
     monkeypatch.setattr(
         quality,
@@ -133,22 +145,9 @@ def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_gr
             for t in "ab"
         },
     )
-    store = RecordStore(tmp_path / "runs.json", quality.record_key)
     # seed 0 rates "u" a hair above "d" on both tasks; over seeds 0-2 "d" is ahead on a; b ran one seed of "d"
     val = {("a", "u"): [0.80, 0.70, 0.70], ("a", "d"): [0.79, 0.80, 0.80], ("b", "u"): [0.90], ("b", "d"): [0.89]}
-    for (task, variant), accs in val.items():
-        for seed, acc in enumerate(accs):
-            store.add(
-                {
-                    "task": task,
-                    "method": variant,
-                    "budget_r": 2,
-                    "lr": 1e-3,
-                    "seed": seed,
-                    "steps": 10,
-                    "val": {"acc": acc},
-                }
-            )
+    store = _validation_runs(tmp_path, val)
     monkeypatch.setattr(study, "CONFIGURATIONS", {"m": ["u", "d"]})
     scores = {t: study.relative({(v, 1e-3): val[t, v][0] for v in "ud"}, True) for t in "ab"}
     stores = {"a": store, "b": store}
@@ -164,27 +163,11 @@ def test_a_configuration_run_at_one_seed_neither_wins_nor_silences_the_votes_of_
     import defaults as study
     import quality
 
-    from records import RecordStore
-
     spec = {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
     monkeypatch.setattr(quality, "TASKS", {t: spec for t in "ab"})
-    store = RecordStore(tmp_path / "runs.json", quality.record_key)
     # "u" and "d" ran seeds 0-2 on both tasks ("d" ahead over the seeds); "new" ran seed 0 alone, best of all there
     val = {"u": [0.80, 0.70, 0.70], "d": [0.79, 0.80, 0.80], "new": [0.95]}
-    for task in "ab":
-        for variant, accs in val.items():
-            for seed, acc in enumerate(accs):
-                store.add(
-                    {
-                        "task": task,
-                        "method": variant,
-                        "budget_r": 2,
-                        "lr": 1e-3,
-                        "seed": seed,
-                        "steps": 10,
-                        "val": {"acc": acc},
-                    }
-                )
+    store = _validation_runs(tmp_path, {(task, v): accs for task in "ab" for v, accs in val.items()})
     scores = {t: study.relative({(v, 1e-3): accs[0] for v, accs in val.items()}, True) for t in "ab"}
     stores = {"a": store, "b": store}
     chosen, votes = study.choose_configuration(scores, stores, ["u", "d", "new"], ["a", "b"])
