@@ -427,10 +427,22 @@ def baseline_rate(store: RecordStore, task: str, method: str) -> float | None:
 
 def validation_jobs(choices: dict, stores: dict[str, RecordStore]) -> dict[str, list[tuple]]:
     """Per task, the (method, budget, lr, seed) runs of the left-out checks (recorded or not)."""
+    return _check_jobs(choices, stores, lambda found, task: found["left_out"].get(task))
+
+
+def shipped_jobs(choices: dict, stores: dict[str, RecordStore]) -> dict[str, list[tuple]]:
+    """Per task, the (method, budget, lr, seed) runs of each method's shipped configuration and rate for the task's
+    kind (chosen with the task among the others: not a left-out check) and of the stock baselines."""
+    return _check_jobs(choices, stores, lambda found, task: found["shipped"].get(kind(task)))
+
+
+def _check_jobs(choices: dict, stores: dict[str, RecordStore], pick) -> dict[str, list[tuple]]:
+    """Per task, the runs of ``pick(choices[method], task)`` (a (variant, rate) or None) for every chosen method and of
+    each stock baseline at its best validation rate, at the middle budget, seeds SEEDS."""
     jobs: dict[str, list[tuple]] = {}
     for task, store in stores.items():
         budget = quality.TASKS[task]["tune_budget"]
-        wanted = [choices[m]["left_out"].get(task) for m in CHOSEN]
+        wanted = [pick(choices[m], task) for m in CHOSEN]
         wanted += [(b, baseline_rate(store, task, b)) for b in BASELINES]
         jobs[task] = [
             (c[0], budget, c[1], seed) for c in wanted if c is not None and c[1] is not None for seed in SEEDS
@@ -444,7 +456,7 @@ def mean_and_stderr(diffs: list[float]) -> dict[str, float]:
 
 
 def paired(store: RecordStore, task: str, jobs: list[tuple]) -> list[dict]:
-    """Each chosen method at its left-out rate minus each baseline at its best rate, paired by seed (test split)."""
+    """Each chosen method at its rate in ``jobs`` minus each baseline at its best rate, paired by seed (test split)."""
     spec = quality.TASKS[task]
     sign = 1 if spec["higher_is_better"] else -1
     runs = {}
@@ -629,6 +641,7 @@ def markdown(
     auto: list[dict] = (),
     fixed: list[dict] = (),
     by_budget: dict | None = None,
+    shipped_rows: list[dict] = (),
 ) -> str:
     lines = [
         "# Default learning rates: chosen on some tasks, checked on the others",
@@ -677,6 +690,22 @@ def markdown(
             f"| {c['task']} | {c['method']} ({choice}) | {c['baseline']} | {c['mean']:+.4f} ± {c['stderr']:.4f} "
             f"(n={c['n']}) | {c['params']:,.0f} / {c['baseline_params']:,.0f} |"
         )
+    lines += [
+        "",
+        "## The shipped defaults at the middle budget (test split, paired by seed; positive = the method is better)",
+        "",
+        "Each method at the configuration and rate shipped for the task's kind, chosen with this task among the "
+        "others (not a left-out check); only where every seed ran.",
+        "",
+        "| task | method (shipped) | vs | difference (mean ± s.e.) | params (method / baseline) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in shipped_rows:
+        choice = _name(choices[c["method"]]["shipped"][kind(c["task"])])
+        lines.append(
+            f"| {c['task']} | {c['method']} ({choice}) | {c['baseline']} | {c['mean']:+.4f} ± {c['stderr']:.4f} "
+            f"(n={c['n']}) | {c['params']:,.0f} / {c['baseline_params']:,.0f} |"
+        )
     lines += ["", *fixed_markdown(list(fixed)), *auto_markdown(list(auto))]
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -719,6 +748,9 @@ def main() -> None:
                 lambda job, record, store=store: store.add(record),
             )
     comparisons = [row for task, wanted in jobs.items() for row in paired(stores[task], task, wanted)]
+    shipped = [
+        row for task, wanted in shipped_jobs(choices, stores).items() for row in paired(stores[task], task, wanted)
+    ]
     by_budget = budget_study(choices, stores)
     auto = auto_comparisons(choices, stores, by_budget=by_budget)
     fixed = auto_comparisons(choices, stores, fixed=True, by_budget=by_budget)
@@ -730,12 +762,13 @@ def main() -> None:
         "choices": _jsonable(choices),
         "jobs": jobs,
         "comparisons": comparisons,
+        "shipped_comparisons": shipped,
         "auto": auto,
         "default_away_from_the_middle": fixed,
         "commands": [command],
     }
     (args.results / "defaults.json").write_text(json.dumps(record, indent=1))
-    text = markdown(choices, jobs, comparisons, [command], auto, fixed, by_budget)
+    text = markdown(choices, jobs, comparisons, [command], auto, fixed, by_budget, shipped)
     (args.results / "defaults.md").write_text(text)
     print(text)
 

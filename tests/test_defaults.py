@@ -133,6 +133,23 @@ def _validation_runs(tmp_path, val: dict):
     return store
 
 
+def test_the_shipped_checks_take_each_method_s_choice_for_the_task_s_kind_and_the_left_out_checks_its_own(
+    tmp_path, monkeypatch
+):
+    import defaults as study
+    import quality
+
+    spec = {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
+    monkeypatch.setattr(quality, "TASKS", {"a": spec, "lm": {**spec, "kind": "causal-lm", "tune_budget": 4}})
+    monkeypatch.setattr(study, "CHOSEN", ["m"])
+    monkeypatch.setattr(study, "BASELINES", [])
+    choices = {"m": {"shipped": {"classify": ("m-x", 3e-2), "causal-lm": ("m", 1e-2)}, "left_out": {"a": ("m", 1e-3)}}}
+    stores = {"a": None, "lm": None}
+    shipped = study.shipped_jobs(choices, stores)
+    assert shipped == {"a": [("m-x", 2, 3e-2, s) for s in study.SEEDS], "lm": [("m", 4, 1e-2, s) for s in study.SEEDS]}
+    assert study.validation_jobs(choices, stores) == {"a": [("m", 2, 1e-3, s) for s in study.SEEDS], "lm": []}
+
+
 def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_grid(tmp_path, monkeypatch):
     import defaults as study
     import quality
