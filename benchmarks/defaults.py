@@ -162,6 +162,36 @@ def candidates_of(configuration: str, scores: dict[str, dict], tasks: list[str])
     return {k for t in tasks for k in scores[t] if k[0] == configuration}
 
 
+def penalised(configuration: str) -> bool:
+    """Whether an SVD configuration trains with the orthogonality penalty: its gradient is work every step (the
+    decoder's step-time records: ElaLoRA's hooks 14.6 ms a step with it, 8.4 without), so a configuration with it
+    must win its vote by more than the vote's noise (``choose_configuration``)."""
+    base, changed = quality.ABLATIONS.get(configuration, (configuration, {}))
+    weight = changed.get("ortho_weight", quality.ORTHO_WEIGHT) if isinstance(changed, dict) else quality.ORTHO_WEIGHT
+    return base in ("elalora", "adalora-physical", "adalora") and weight > 0
+
+
+def _per_seed_relative(store: RecordStore, task: str, variant: str, lr: float, seeds: list[int], best: float):
+    """Each seed's validation metric relative to ``best`` (1 = as good; higher is better either way)."""
+    spec = quality.TASKS[task]
+    values = [
+        store.get((task, variant, spec["tune_budget"], lr, s, spec["steps"]))["val"][spec["metric"]] for s in seeds
+    ]
+    if spec["higher_is_better"]:
+        return [v / best if math.isfinite(v) else 0.0 for v in values]
+    return [best / v if math.isfinite(v) else 0.0 for v in values]
+
+
+def gap_standard_error(per_seed: dict[str, dict[str, list[float]]], a: str, b: str) -> float:
+    """The standard error of the vote gap between configurations ``a`` and ``b``: per voting task, the paired
+    per-seed differences' standard error; the vote is the mean over tasks, so the errors add in quadrature / tasks."""
+    errors = []
+    for by_configuration in per_seed.values():
+        gaps = [x - y for x, y in zip(by_configuration[a], by_configuration[b], strict=True)]
+        errors.append(statistics.stdev(gaps) / math.sqrt(len(gaps)))
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
 def choose_configuration(
     scores: dict[str, dict], stores: dict[str, RecordStore], configurations: list[str], tasks: list[str]
 ) -> tuple[str, dict]:
@@ -169,7 +199,13 @@ def choose_configuration(
     rate choice on ``tasks`` (none that failed there), averaged over the seeds all of them ran (at least 2; a task
     with fewer does not vote). A configuration run at fewer than 2 seeds (at its rate) on a task where another ran
     at 2 or more is not yet weighed and does not vote: a grid at seed 0 alone neither wins nor silences the tasks'
-    votes of the configurations run in full. A tie, or no task that votes, goes to the first configuration."""
+    votes of the configurations run in full. A tie, or no task that votes, goes to the first configuration.
+
+    A configuration with the orthogonality penalty (``penalised``: a cost every step) wins only by more than one
+    standard error of its vote gap (over the seeds, paired) to the best configuration without it; within that, the
+    best one without it is chosen. Returns the choice and the vote: {"votes": configuration -> mean relative score,
+    "standard_error": configuration -> standard error of its gap to the best vote, "chosen": the choice} (empty when
+    no task votes)."""
     rates = {
         c: choose(scores, tasks, safe(scores, stores, tasks, candidates_of(c, scores, tasks)))[0]
         for c in configurations
@@ -186,17 +222,27 @@ def choose_configuration(
         return next(iter(ran or rates)), {}
     configurations, rates = list(ran), ran
     votes: dict[str, list[float]] = {c: [] for c in configurations}
+    per_seed: dict[str, dict[str, list[float]]] = {}  # voting task -> configuration -> relative score per seed
     for task in tasks:
-        seeds = common_seeds(stores[task], task, list(rates.values()))
+        seeds = sorted(common_seeds(stores[task], task, list(rates.values())))
         if len(seeds) < 2:
             continue
-        means = {c: seed_mean(stores[task], task, *rates[c], seeds) for c in configurations}
-        for c, score in relative(means, quality.TASKS[task]["higher_is_better"]).items():
+        higher = quality.TASKS[task]["higher_is_better"]
+        means = {c: seed_mean(stores[task], task, *rates[c], set(seeds)) for c in configurations}
+        for c, score in relative(means, higher).items():
             votes[c].append(score)
+        best = max(means.values()) if higher else min(means.values())
+        per_seed[task] = {c: _per_seed_relative(stores[task], task, *rates[c], seeds, best) for c in configurations}
     means = {c: statistics.mean(v) for c, v in votes.items() if v}
     if not means:
         return configurations[0], {}
-    return max(configurations, key=lambda c: means.get(c, -1.0)), means
+    best = max(configurations, key=lambda c: means.get(c, -1.0))
+    errors = {c: gap_standard_error(per_seed, best, c) for c in configurations if c != best}
+    chosen = best
+    if penalised(best):
+        level = [c for c in configurations if not penalised(c) and means[best] - means[c] <= errors[c]]
+        chosen = max(level, key=lambda c: means[c], default=best)
+    return chosen, {"votes": means, "standard_error": errors, "chosen": chosen}
 
 
 def configuration_candidates(
@@ -668,11 +714,7 @@ def markdown(
                 "Configuration, chosen on the validation split over the seeds every configuration ran at the middle "
                 "budget (each at its rate choice on the same tasks; relative, 1 = the better):",
                 "",
-                *(
-                    f"- on {on.replace(',', ', ')}: "
-                    + (", ".join(f"{c} {v:.4f}" for c, v in votes.items()) or "no task with 2+ seeds (the first)")
-                    for on, votes in sorted(found["configuration_votes"].items())
-                ),
+                *(_vote_line(on, vote) for on, vote in sorted(found["configuration_votes"].items())),
                 "",
             ]
     lines += budget_markdown(by_budget or {})
@@ -708,6 +750,21 @@ def markdown(
         )
     lines += ["", *fixed_markdown(list(fixed)), *auto_markdown(list(auto))]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _vote_line(on: str, vote: dict) -> str:
+    """One configuration vote: each configuration's mean relative score, the standard error of its gap to the best,
+    and the choice (when the penalty's cost moved it off the best vote, why)."""
+    if not vote:
+        return f"- on {on.replace(',', ', ')}: no task with 2+ seeds (the first)"
+    best = max(vote["votes"], key=vote["votes"].get)
+    cells = ", ".join(
+        f"{c} {v:.4f}"
+        + (f" (gap {vote['votes'][best] - v:.4f} ± {vote['standard_error'][c]:.4f})" if c != best else "")
+        for c, v in vote["votes"].items()
+    )
+    why = "" if vote["chosen"] == best else " (without the penalty, within one standard error of the best)"
+    return f"- on {on.replace(',', ', ')}: {cells}; chosen **{vote['chosen']}**{why}"
 
 
 def _jsonable(value):

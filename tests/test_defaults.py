@@ -168,8 +168,8 @@ def test_a_configuration_is_chosen_on_validation_over_seeds_not_on_one_seed_s_gr
     monkeypatch.setattr(study, "CONFIGURATIONS", {"m": ["u", "d"]})
     scores = {t: study.relative({(v, 1e-3): val[t, v][0] for v in "ud"}, True) for t in "ab"}
     stores = {"a": store, "b": store}
-    chosen, votes = study.choose_configuration(scores, stores, ["u", "d"], ["a", "b"])
-    assert chosen == "d" and set(votes) == {"u", "d"}  # b (one seed) does not vote
+    chosen, vote = study.choose_configuration(scores, stores, ["u", "d"], ["a", "b"])
+    assert chosen == "d" and set(vote["votes"]) == {"u", "d"}  # b (one seed) does not vote
     assert study.choose_configuration(scores, stores, ["u", "d"], ["b"]) == ("u", {})  # nobody votes: the first
     assert study.choose(scores, ["a", "b"])[0] == ("u", 1e-3)  # what seed 0 alone would have shipped
 
@@ -187,9 +187,42 @@ def test_a_configuration_run_at_one_seed_neither_wins_nor_silences_the_votes_of_
     store = _validation_runs(tmp_path, {(task, v): accs for task in "ab" for v, accs in val.items()})
     scores = {t: study.relative({(v, 1e-3): accs[0] for v, accs in val.items()}, True) for t in "ab"}
     stores = {"a": store, "b": store}
-    chosen, votes = study.choose_configuration(scores, stores, ["u", "d", "new"], ["a", "b"])
-    assert chosen == "d" and set(votes) == {"u", "d"}
+    chosen, vote = study.choose_configuration(scores, stores, ["u", "d", "new"], ["a", "b"])
+    assert chosen == "d" and set(vote["votes"]) == {"u", "d"}
     assert study.choose_configuration(scores, stores, ["u", "new"], ["a", "b"]) == ("u", {})  # the only one in full
+
+
+def test_a_configuration_with_the_penalty_wins_only_by_more_than_its_vote_s_standard_error(tmp_path, monkeypatch):
+    import defaults as study
+    import quality
+
+    spec = {"kind": "classify", "higher_is_better": True, "tune_budget": 2, "steps": 10, "metric": "acc"}
+    monkeypatch.setattr(quality, "TASKS", {t: spec for t in "ab"})
+    monkeypatch.setattr(study, "penalised", lambda c: c.startswith("p"))  # "p...": the penalty's step cost
+    # "p" ahead of "f" by 0.005 on average, seeds scattered by 0.03: level; "p-far" ahead by 0.05 on every seed
+    val = {"p": [0.80, 0.86, 0.83], "f": [0.83, 0.80, 0.845], "p-far": [0.88, 0.85, 0.90]}
+    store = _validation_runs(tmp_path, {(task, v): accs for task in "ab" for v, accs in val.items()})
+    scores = {t: study.relative({(v, 1e-3): accs[0] for v, accs in val.items()}, True) for t in "ab"}
+    stores = {"a": store, "b": store}
+    chosen, vote = study.choose_configuration(scores, stores, ["p", "f"], ["a", "b"])
+    gap = vote["votes"]["p"] - vote["votes"]["f"]
+    assert 0 < gap <= vote["standard_error"]["f"] and chosen == vote["chosen"] == "f"
+    chosen, vote = study.choose_configuration(scores, stores, ["p-far", "f"], ["a", "b"])
+    assert vote["votes"]["p-far"] - vote["votes"]["f"] > vote["standard_error"]["f"] and chosen == "p-far"
+    # without a cost to weigh, the better vote wins however small its lead
+    monkeypatch.setattr(study, "penalised", lambda c: False)
+    assert study.choose_configuration(scores, stores, ["p", "f"], ["a", "b"])[0] == "p"
+
+
+def test_the_penalised_configurations_are_those_that_train_with_the_orthogonality_penalty():
+    import defaults as study
+
+    assert [c for c in study.CONFIGURATIONS["elalora"] if study.penalised(c)] == ["elalora", "elalora-e30"]
+    assert [c for c in study.CONFIGURATIONS["adalora-physical"] if study.penalised(c)] == [
+        "adalora-physical",
+        "adalora-physical-e30",
+    ]
+    assert not any(study.penalised(c) for c in study.CONFIGURATIONS["ard"])
 
 
 def test_a_rate_that_failed_at_another_budget_does_not_ship_however_it_scores_at_the_middle(tmp_path, monkeypatch):
