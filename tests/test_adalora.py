@@ -248,6 +248,7 @@ def test_parity_with_stock_peft_adalora_on_the_same_model_data_and_schedule():
         t_init_steps=tinit + 1,
         t_final_steps=tfinal - 1,
         resize_every=delta_t,
+        ortho_weight=0.1,  # stock PEFT's penalty at the same weight (not a default of either: pinned on both sides)
     )
     attach(model, config)
     ctrl = build_controller(model, total_steps=T)

@@ -221,10 +221,10 @@ def test_fsdp_elalora_takes_the_one_process_rank_decisions_at_every_resize(worke
     single = fsdp_worker.run_loop("elalora")
     assert first["history"] == single["history"]
     # ElaLoRA's late-grown ranks turn float rounding into larger factor differences (docs/distributed.md: the
-    # same holds under DDP); measured 5e-6 in the factors, 4.9e-7 in the logits without the orthogonality penalty,
-    # 4.7e-5 in the logits with it and E at 30x (ElaLoRA's causal-LM default since the ninth 6 Dec session).
+    # same holds under DDP); measured 5e-6 in the factors, 4.9e-7 in the logits without the orthogonality penalty
+    # (ElaLoRA's default), 4.7e-5 with it and E at 30x (its causal-LM default in the ninth 6 Dec session).
     assert biggest_difference(first["tensors"], single["tensors"]) < 1e-4
-    assert biggest_difference({"": first["logits"]}, {"": single["logits"]}) < 1e-4
+    assert biggest_difference({"": first["logits"]}, {"": single["logits"]}) < 1e-5
 
 
 @needs_torchrun
