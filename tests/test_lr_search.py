@@ -154,6 +154,25 @@ def test_an_auto_run_equals_a_run_given_the_chosen_rate(auto_run):
         assert torch.equal(a, b), name
 
 
+def test_a_causal_lm_auto_run_of_elalora_s_default_equals_a_run_given_the_chosen_rate():
+    """The causal-LM loop with ElaLoRA's own defaults there (E in a group of its own at a multiple of the rate)."""
+    import fsdp_worker
+    from dynarank.training.loop import train_causal_lm
+    from tiny_models import tiny_llama
+
+    def run(lr):
+        knobs = {"t_init_steps": 6, "t_final_steps": 4, "resize_every": 1}
+        spec = TrainSpec(
+            method="elalora", r=2, target_modules="all-linear", lr=lr, max_steps=24, batch_size=4, dynarank=knobs
+        )
+        return train_causal_lm(tiny_llama(), fsdp_worker.Tokenizer(), fsdp_worker.pairs(120), spec)
+
+    auto = run("auto")
+    given = run(auto.metrics["lr"])
+    for (name, a), b in zip(auto.model.named_parameters(), given.model.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_the_same_seed_searches_to_the_same_losses_bitwise(auto_run):
     again = train_classifier(tiny_bert(), WordTokenizer(), examples(96), spec())
     assert again.metrics["lr_search"]["held_out_loss"] == auto_run.metrics["lr_search"]["held_out_loss"]
