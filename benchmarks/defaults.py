@@ -134,12 +134,10 @@ def left_out_tasks(task: str, tasks: list[str]) -> tuple[list[str], bool]:
     return (same, True) if same else ([u for u in tasks if u != task], False)
 
 
-def seed_mean(store: RecordStore, task: str, variant: str, lr: float, seeds: set[int]) -> float:
-    """Validation metric of ``variant`` at ``lr``, middle budget, averaged over ``seeds``."""
+def seed_values(store: RecordStore, task: str, variant: str, lr: float, seeds: list[int]) -> list[float]:
+    """Validation metric of ``variant`` at ``lr``, middle budget, one per seed of ``seeds`` (in their order)."""
     spec = quality.TASKS[task]
-    return statistics.mean(
-        store.get((task, variant, spec["tune_budget"], lr, s, spec["steps"]))["val"][spec["metric"]] for s in seeds
-    )
+    return [store.get((task, variant, spec["tune_budget"], lr, s, spec["steps"]))["val"][spec["metric"]] for s in seeds]
 
 
 def common_seeds(store: RecordStore, task: str, runs: list[tuple[str, float]]) -> set[int]:
@@ -171,17 +169,6 @@ def penalised(configuration: str) -> bool:
     return base in ("elalora", "adalora-physical", "adalora") and weight > 0
 
 
-def _per_seed_relative(store: RecordStore, task: str, variant: str, lr: float, seeds: list[int], best: float):
-    """Each seed's validation metric relative to ``best`` (1 = as good; higher is better either way)."""
-    spec = quality.TASKS[task]
-    values = [
-        store.get((task, variant, spec["tune_budget"], lr, s, spec["steps"]))["val"][spec["metric"]] for s in seeds
-    ]
-    if spec["higher_is_better"]:
-        return [v / best if math.isfinite(v) else 0.0 for v in values]
-    return [best / v if math.isfinite(v) else 0.0 for v in values]
-
-
 def gap_standard_error(per_seed: dict[str, dict[str, list[float]]], a: str, b: str) -> float:
     """The standard error of the vote gap between configurations ``a`` and ``b``: per voting task, the paired
     per-seed differences' standard error; the vote is the mean over tasks, so the errors add in quadrature / tasks."""
@@ -211,7 +198,7 @@ def choose_configuration(
         for c in configurations
     }
     ran = {c: rate for c, rate in rates.items() if rate is not None}  # the configurations the tasks ran (not failed)
-    if len(ran) >= 2:
+    if len(ran) >= 2:  # one configuration needs no seeds counted (nor records: a study run on given scores)
         under_run = set()
         for task in tasks:
             seeds = {c: len(common_seeds(stores[task], task, [rate])) for c, rate in ran.items()}
@@ -228,11 +215,16 @@ def choose_configuration(
         if len(seeds) < 2:
             continue
         higher = quality.TASKS[task]["higher_is_better"]
-        means = {c: seed_mean(stores[task], task, *rates[c], set(seeds)) for c in configurations}
+        values = {c: seed_values(stores[task], task, *rates[c], seeds) for c in configurations}
+        means = {c: statistics.mean(v) for c, v in values.items()}
         for c, score in relative(means, higher).items():
             votes[c].append(score)
+        # each seed relative to the best mean, as the vote is (non-finite: 0, as in relative)
         best = max(means.values()) if higher else min(means.values())
-        per_seed[task] = {c: _per_seed_relative(stores[task], task, *rates[c], seeds, best) for c in configurations}
+        per_seed[task] = {
+            c: [0.0 if not math.isfinite(v) else (v / best if higher else best / v) for v in vs]
+            for c, vs in values.items()
+        }
     means = {c: statistics.mean(v) for c, v in votes.items() if v}
     if not means:
         return configurations[0], {}
