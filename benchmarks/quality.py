@@ -42,6 +42,9 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     elalora-e30, elalora-ortho0-e30, adalora-physical-e30, adalora-physical-ortho0-e30
                            the singular values E trained at 30 times the adapters' rate (values_lr_ratio=30),
                            with the penalty and without it
+    elalora-ortho0-lora, adalora-physical-ortho0-lora
+                           without the penalty, the adapters started as plain LoRA's (A kaiming-uniform, B = 0)
+                           with E = 1 (svd_init='lora') instead of P, Q ~ N(0, 0.02) and E = 0
     elalora-switch-off     ElaLoRA whose groups may give up their last rank (switch_off=True)
     elalora-from-above     ElaLoRA started at stock AdaLoRA's 1.5r ranks per matrix and pruned into the
                            budget on the cubic schedule while it reallocates (target_params below the start)
@@ -142,6 +145,9 @@ ABLATIONS = {
     "elalora-ortho0-e30": ("elalora", {"ortho_weight": 0.0, "values_lr_ratio": VALUES_RATIO}),
     "adalora-physical-e30": ("adalora-physical", {"values_lr_ratio": VALUES_RATIO}),
     "adalora-physical-ortho0-e30": ("adalora-physical", {"ortho_weight": 0.0, "values_lr_ratio": VALUES_RATIO}),
+    # The adapters started as plain LoRA's (A kaiming-uniform, B = 0) with E = 1 (svd_init='lora'), no penalty.
+    "elalora-ortho0-lora": ("elalora", {"ortho_weight": 0.0, "svd_init": "lora"}),
+    "adalora-physical-ortho0-lora": ("adalora-physical", {"ortho_weight": 0.0, "svd_init": "lora"}),
     "elalora-switch-off": ("elalora", {"switch_off": True}),
     "elalora-from-above": ("elalora", from_above),
     # ARD's total-variation strength (the default is ard_beta=0.1, the method "ard").
@@ -326,13 +332,14 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
         return TrainSpec(method="ard", r=max(8, 2 * r), dynarank=knobs, **common)
     # The SVD methods with the orthogonality penalty at the papers' weight, pinned: what their records ran (the
     # library's default weight is the defaults study's choice between this and the "-ortho0" ablation, per kind).
-    # E at the adapters' rate (values_lr_ratio 1), pinned likewise: the "-e30" ablations train it 30 times faster.
+    # E at the adapters' rate (values_lr_ratio 1), pinned likewise: the "-e30" ablations train it 30 times faster;
+    # and the papers' start (svd_init 'adalora'), pinned likewise: the "-lora" ablations start as plain LoRA.
     if method == "elalora":  # a parameter budget: a rank costs more in the MLP
-        knobs = {"target_params": budget, "ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0}
+        knobs = {"target_params": budget, "ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0, "svd_init": "adalora"}
         return TrainSpec(method=method, r=r, dynarank=knobs, **common)
     if method == "adalora-physical":  # stock AdaLoRA's start and schedule, pruned to the parameter budget
         knobs = {**stock_adalora_schedule(r, steps), "target_params": budget, "ortho_weight": ORTHO_WEIGHT}
-        knobs["values_lr_ratio"] = 1.0
+        knobs["values_lr_ratio"], knobs["svd_init"] = 1.0, "adalora"
         del knobs["target_rank"]
         return TrainSpec(method=method, r=knobs.pop("r"), dynarank=knobs, **common)
     return TrainSpec(method=method, r=max(1, r), **common)  # full fine-tuning ignores r

@@ -22,6 +22,7 @@ from dynarank.defaults import (
     BUDGET_LR,
     DEFAULT_LR,
     DEFAULT_ORTHO_WEIGHT,
+    DEFAULT_SVD_INIT,
     DEFAULT_VALUES_LR_RATIO,
     MIDDLE_BUDGET,
     SOURCE,
@@ -71,11 +72,12 @@ def test_the_svd_methods_orthogonality_weight_and_values_rate_are_the_configurat
         for kind, (variant, _rate) in record["choices"][method]["shipped"].items():
             assert variant in study.CONFIGURATIONS[method], kind
             # quality.py's method pins the papers' weight and E at the adapters' rate; its ablations change them
-            pinned = {"ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0}
+            pinned = {"ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0, "svd_init": "adalora"}
             settings = {**pinned, **(quality.ABLATIONS[variant][1] if variant in quality.ABLATIONS else {})}
             assert quality.ABLATIONS.get(variant, (method,))[0] == method, (variant, kind)
             assert DEFAULT_ORTHO_WEIGHT[kind][method] == settings["ortho_weight"], (method, kind)
             assert DEFAULT_VALUES_LR_RATIO[kind][method] == settings["values_lr_ratio"], (method, kind)
+            assert DEFAULT_SVD_INIT[kind][method] == settings["svd_init"], (method, kind)
 
 
 @pytest.mark.parametrize("method", ["elalora", "adalora-physical"])

@@ -34,6 +34,7 @@ InitStatistic = Literal["gradient", "gradient-relative", "activation"]
 InitMargin = Literal["gains", "equal"]
 CapOrder = Literal["margin", "margin-per-parameter"]
 InitScale = Literal["norm", "input", "input-gains"]
+SVDInit = Literal["adalora", "lora"]
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
@@ -369,6 +370,13 @@ class SVDConfig(RankControlConfig):
         "DynaRankTrainer); an optimizer built elsewhere trains E at its group's rate.",
         None,
     )
+    svd_init: SVDInit | None = _help(
+        "How a fresh adapter starts. 'adalora' (the papers): P and Q drawn from N(0, 0.02), E = 0, so at first only E "
+        "learns; 'lora': the factors as plain LoRA draws them (A kaiming-uniform, B = 0) and E = 1, so the first steps "
+        "are plain LoRA's. Both start from the base model's function. None: the start the defaults study chose for "
+        "the method and the model's kind of task (dynarank.defaults.DEFAULT_SVD_INIT; docs/defaults.md).",
+        None,
+    )
     importance_beta1: float = _help("EMA factor of the sensitivity I = |w * dL/dw| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
     importance_beta2: float = _help("EMA factor of the uncertainty |I - Ibar| (AdaLoRA/ElaLoRA: 0.85).", 0.85)
     reset_optimizer_on_resize: bool = _help(
@@ -384,6 +392,8 @@ class SVDConfig(RankControlConfig):
         for name in ("importance_beta1", "importance_beta2"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in (0, 1), got {getattr(self, name)!r}.")
+        if self.svd_init is not None:
+            _choice(self, "svd_init", ("adalora", "lora"))
         if self.ortho_weight is not None and not self.ortho_weight >= 0:
             raise ConfigError("ortho_weight", f"must be >= 0, got {self.ortho_weight!r}.")
         ratio = self.values_lr_ratio

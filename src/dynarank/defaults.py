@@ -94,6 +94,13 @@ DEFAULT_VALUES_LR_RATIO: dict[str, dict[str, float]] = {
     "classify": {"elalora": 1.0, "adalora-physical": 1.0},  # 30x ran on the classifiers too, and lost the vote
     "causal-lm": {"elalora": 30.0, "adalora-physical": 1.0},
 }
+# How a fresh SVD adapter starts when the config does not say (``svd_init=None``), per kind of task: 'adalora' (P, Q
+# ~ N(0, 0.02), E = 0: the papers') or 'lora' (plain LoRA's draw and E = 1); the configuration the defaults study
+# chose for each (benchmarks/defaults.py), pinned to its record by tests/test_defaults.py.
+DEFAULT_SVD_INIT: dict[str, dict[str, str]] = {
+    "classify": {"elalora": "adalora", "adalora-physical": "adalora"},
+    "causal-lm": {"elalora": "adalora", "adalora-physical": "adalora"},
+}
 # Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
 RANK_BUDGET_METHODS = ("dynarank-lora", "lora", "dora", "eva", "adalora")
 SOURCE = "dynarank.defaults (docs/defaults.md)"
@@ -158,7 +165,13 @@ def default_values_lr_ratio(method: str, task: str = "classify") -> float:
     return _svd_default(DEFAULT_VALUES_LR_RATIO, "singular values' rate ratio", method, task)
 
 
-def _svd_default(table: dict[str, dict[str, float]], what: str, method: str, task: str) -> float:
+def default_svd_init(method: str, task: str = "classify") -> str:
+    """How a fresh adapter of an SVD method starts on ``task`` when its config does not say: 'adalora' or 'lora'
+    (KeyError naming the choices)."""
+    return _svd_default(DEFAULT_SVD_INIT, "start", method, task)
+
+
+def _svd_default(table: dict[str, dict[str, Any]], what: str, method: str, task: str) -> Any:
     if task not in table:
         raise KeyError(f"no default {what}s for task {task!r}; tasks: {', '.join(table)}.")
     if method not in table[task]:

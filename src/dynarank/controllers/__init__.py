@@ -13,7 +13,7 @@ from .ard_settings import ARDSettings
 from .base import BudgetRecord, RankController, StepRecord
 from .elalora import ElaLoRAController
 from .load_folding import install_gate_folding
-from .svd import ensure_svd_values
+from .svd import ensure_svd_values, svd_init_of
 
 CONTROLLERS: dict[str, type[RankController]] = {
     "dynarank-lora": RankController,
@@ -39,8 +39,8 @@ def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
     built); the controller built later reuses them.
 
     Returns ARD's alphas (model parameters, stepped by the controller's own optimizer); ElaLoRA /
-    AdaLoRA's singular values E (``model.dynarank_svd``, created here, and the adapters initialised as
-    AdaLoRA's) train with the adapters, in the caller's optimizer: none returned.
+    AdaLoRA's singular values E (``model.dynarank_svd``, created here, and fresh adapters started as the config's
+    ``svd_init`` says) train with the adapters, in the caller's optimizer: none returned.
     """
     config = getattr(model, ATTACHED_ATTR, None)
     if config is None:
@@ -51,7 +51,7 @@ def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
             model.add_module(ARD_ATTR, ARDGates(elastic_layers(model)))
         return list(getattr(model, ARD_ATTR).parameters())
     if isinstance(config, SVDConfig):
-        ensure_svd_values(model, elastic_layers(model), config.seed)
+        ensure_svd_values(model, elastic_layers(model), config.seed, svd_init_of(model)[0])
     return []
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..attach import ATTACHED_ATTR
-from ..defaults import SOURCE, default_ortho_weight, default_values_lr_ratio, task_of
+from ..defaults import SOURCE, default_ortho_weight, default_svd_init, default_values_lr_ratio, task_of
 from ..layer import ElasticLoRALinear, GateGather
 from ..naming import SVD_ATTR
 from ..optim_state import reindex_parameter
@@ -86,7 +86,8 @@ class SVDController(RankController):
         self.ortho_weight, self.ortho_weight_source = _setting(model, "ortho_weight", default_ortho_weight)
         self.values_lr_ratio, self.values_lr_ratio_source = values_lr_ratio_of(model)
         self._scored: tuple | None = None  # (layout versions' sum, E, the scored parameters)
-        self.values = ensure_svd_values(model, self.layers, c.seed)
+        self.svd_init, self.svd_init_source = svd_init_of(model)
+        self.values = ensure_svd_values(model, self.layers, c.seed, self.svd_init)
         self.values.match_layout(self.layers)  # layers reshaped since E was created (a load)
         self.forget_sizes()  # E are trainable parameters of the model now
         for name, layer in self.layers.items():
@@ -179,13 +180,15 @@ class SVDController(RankController):
             self._last_penalty = penalty
 
     def _resolved(self) -> dict:
-        """The orthogonality weight and E's rate ratio the run trains with and where they came from (the config, or
-        the defaults)."""
+        """The orthogonality weight, E's rate ratio and the adapters' start the run trains with and where they came
+        from (the config, or the defaults)."""
         return {
             "ortho_weight": self.ortho_weight,
             "ortho_weight_source": self.ortho_weight_source,
             "values_lr_ratio": self.values_lr_ratio,
             "values_lr_ratio_source": self.values_lr_ratio_source,
+            "svd_init": self.svd_init,
+            "svd_init_source": self.svd_init_source,
         }
 
     @property
@@ -443,14 +446,19 @@ class SVDController(RankController):
             self.generator.set_state(tensors["generator"])
 
 
-def _setting(model: nn.Module, name: str, default) -> tuple[float, str]:
-    """(An SVD setting's value, where it came from): the attached config's ``name``, else ``default(method, task)``,
-    the defaults study's choice for the method and the model's kind of task."""
+def _setting(model: nn.Module, name: str, default, kind=float) -> tuple:
+    """(An SVD setting's value, where it came from): the attached config's ``name`` (as ``kind``), else
+    ``default(method, task)``, the defaults study's choice for the method and the model's kind of task."""
     config = getattr(model, ATTACHED_ATTR)
     if getattr(config, name) is not None:
-        return float(getattr(config, name)), "config"
+        return kind(getattr(config, name)), "config"
     task = task_of(model)
     return default(config.method, task), f"{SOURCE}, {task}"
+
+
+def svd_init_of(model: nn.Module) -> tuple[str, str]:
+    """(How fresh adapters start, 'adalora' or 'lora'; where it came from) for a model attached with an SVD method."""
+    return _setting(model, "svd_init", default_svd_init, str)
 
 
 def values_lr_ratio_of(model: nn.Module) -> tuple[float, str]:

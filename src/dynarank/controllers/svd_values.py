@@ -21,15 +21,21 @@ class SVDValues(nn.Module):
     owns ``values[start:stop]``, aligned with its layer's packed group-side columns (T of them).
 
     A submodule of the model (``model.dynarank_svd``) so that ``.to()`` and distributed wrappers
-    see it. Creating it initialises fresh adapters as AdaLoRA does (P, Q ~ N(0, 0.02), E = 0); an
-    adapter that already carries an update (a loaded one) keeps it, with E = 1.
+    see it. Creating it starts fresh adapters as ``start`` says: 'adalora' draws P, Q ~ N(0, 0.02) with E = 0
+    (AdaLoRA / ElaLoRA); 'lora' keeps the factors as the layer drew them, plain LoRA's (A kaiming-uniform, B = 0),
+    with E = 1, so the update is plain LoRA's until the ranks move. An adapter that already carries an update (a
+    loaded one) keeps it, with E = 1.
     """
 
-    def __init__(self, layers: dict[str, ElasticLoRALinear], generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, layers: dict[str, ElasticLoRALinear], generator: torch.Generator | None = None, start: str = "adalora"
+    ) -> None:
         super().__init__()
+        if start not in ("adalora", "lora"):
+            raise ValueError(f"start must be 'adalora' or 'lora', not {start!r}.")
         parts = []
         for layer in layers.values():
-            fresh = init_svd_factors(layer, generator)
+            fresh = start == "adalora" and init_svd_factors(layer, generator)
             w = layer.group_weight
             parts.append(torch.full((w.shape[1],), 0.0 if fresh else 1.0, dtype=w.dtype, device=w.device))
         self.values = nn.Parameter(torch.cat(parts))
@@ -92,11 +98,13 @@ def init_svd_factors(layer: ElasticLoRALinear, generator: torch.Generator | None
     return True
 
 
-def ensure_svd_values(model: nn.Module, layers: dict[str, ElasticLoRALinear], seed: int | None) -> SVDValues:
-    """``model.dynarank_svd``, created (and the adapters initialised) on the first call."""
+def ensure_svd_values(
+    model: nn.Module, layers: dict[str, ElasticLoRALinear], seed: int | None, start: str = "adalora"
+) -> SVDValues:
+    """``model.dynarank_svd``, created (and fresh adapters started as ``start`` says: SVDValues) on the first call."""
     values = getattr(model, SVD_ATTR, None)
     if values is None:
         generator = torch.Generator().manual_seed(seed + 1) if seed is not None else None
-        values = SVDValues(layers, generator)
+        values = SVDValues(layers, generator, start)
         model.add_module(SVD_ATTR, values)
     return values
