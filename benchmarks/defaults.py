@@ -48,16 +48,18 @@ CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose defa
 # tests/test_defaults.py holds the choice equal to what the library does.
 # The SVD methods' configurations: with the orthogonality penalty at the papers' weight (0.1, quality.py's "elalora",
 # "adalora-physical") or without it ("-ortho0"), E at the adapters' rate or 30 times it ("-e30"); the library's
-# ortho_weight and values_lr_ratio defaults follow the choice. A configuration is chosen among those the tasks of the
-# choice ran (the "-e30" ones ran on the causal LMs).
+# ortho_weight and values_lr_ratio defaults follow the choice; without the penalty, the adapters started as plain
+# LoRA's with E = 1 ("-lora", svd_init='lora'; the library's svd_init default follows the choice too). A
+# configuration is chosen among those the tasks of the choice ran (the "-e30" and "-lora" ones ran on the causal LMs).
 CONFIGURATIONS = {
     "ard": ["ard", "ard-data-scaled"],
-    "elalora": ["elalora", "elalora-ortho0", "elalora-e30", "elalora-ortho0-e30"],
+    "elalora": ["elalora", "elalora-ortho0", "elalora-e30", "elalora-ortho0-e30", "elalora-ortho0-lora"],
     "adalora-physical": [
         "adalora-physical",
         "adalora-physical-ortho0",
         "adalora-physical-e30",
         "adalora-physical-ortho0-e30",
+        "adalora-physical-ortho0-lora",
     ],
 }
 BASELINES = ["lora", "adalora"]  # stock PEFT, each at its best rate per task
