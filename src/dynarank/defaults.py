@@ -49,7 +49,7 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
     "causal-lm": {
         "dynarank-lora": 1e-2,
         "ard": 1e-2,
-        "elalora": 1e-2,  # without the orthogonality penalty (DEFAULT_ORTHO_WEIGHT), E at 30x (DEFAULT_VALUES_LR_RATIO)
+        "elalora": 1e-2,  # no orthogonality penalty, started as plain LoRA (DEFAULT_SVD_INIT), E at the factors' rate
         "adalora-physical": 3e-2,
         "lora": 1e-2,
         "dora": 1e-2,
