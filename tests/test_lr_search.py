@@ -154,14 +154,16 @@ def test_an_auto_run_equals_a_run_given_the_chosen_rate(auto_run):
         assert torch.equal(a, b), name
 
 
-def test_a_causal_lm_auto_run_of_elalora_s_default_equals_a_run_given_the_chosen_rate():
-    """The causal-LM loop with ElaLoRA's own defaults there (E in a group of its own at a multiple of the rate)."""
+@pytest.mark.parametrize("changed", [{}, {"values_lr_ratio": 30.0}], ids=["default", "values-30x"])
+def test_a_causal_lm_auto_run_of_elalora_equals_a_run_given_the_chosen_rate(changed):
+    """The causal-LM loop with ElaLoRA's defaults there (the LoRA start), and with E in an optimizer group of its
+    own at a multiple of the rate."""
     import fsdp_worker
     from dynarank.training.loop import train_causal_lm
     from tiny_models import tiny_llama
 
     def run(lr):
-        knobs = {"t_init_steps": 6, "t_final_steps": 4, "resize_every": 1}
+        knobs = {"t_init_steps": 6, "t_final_steps": 4, "resize_every": 1, **changed}
         spec = TrainSpec(
             method="elalora", r=2, target_modules="all-linear", lr=lr, max_steps=24, batch_size=4, dynarank=knobs
         )
