@@ -91,6 +91,7 @@ import os
 import shlex
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -701,6 +702,7 @@ def plot(rows: list[dict], task_name: str, path: Path) -> None:
         )
     # A run that diverged would squash the rest: keep the axis on the working runs and name the others.
     full = next((r["mean"] for r in rows if r["method"] == "full"), None)
+    footnote: list[str] = []  # the diverged runs, wrapped below the axes (inside them, a long list squashed them)
     if full is not None and task["higher_is_better"]:
         working = [r["mean"] - r["std"] for r in rows if r["mean"] >= 0.9 * full]
         low = min(working) - 0.01
@@ -708,14 +710,16 @@ def plot(rows: list[dict], task_name: str, path: Path) -> None:
         ax.set_ylim(bottom=low)
         if off:
             text = "; ".join(f"{r['method']} r={r['budget_r']}: {r['mean']:.3f}" for r in off)
-            ax.text(0.99, 0.02, f"below the axis (diverged): {text}", transform=ax.transAxes, ha="right", fontsize=7)
+            footnote = textwrap.wrap(f"below the axis (diverged): {text}", 150)
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters at the end of training (log)")
     ax.set_ylabel(f"test {task['metric']} (mean ± std over seeds)")
     ax.set_title(f"{task_name}: quality vs parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    if footnote:
+        fig.text(0.01, 0.01, "\n".join(footnote), fontsize=6, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0.02 + 0.022 * len(footnote), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

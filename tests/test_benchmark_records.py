@@ -129,3 +129,31 @@ def test_elalora_from_above_starts_at_stock_adalora_s_rank_with_the_same_paramet
         base = quality.train_spec("elalora", r, 1000 * r, 3e-2, 0, 126, task, "query")
         above = quality.train_spec("elalora-from-above", r, 1000 * r, 3e-2, 0, 126, task, "query")
         assert above.dynarank == {**base.dynarank, "r": start} and base.dynarank["target_params"] == 1000 * r
+
+
+def test_a_long_list_of_diverged_runs_is_named_below_the_plot_without_squashing_it(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    import quality
+
+    rows = [{"method": "full", "mean": 0.87, "std": 0.0, "adapter_parameters": 1, "budget_r": 0}]
+    rows += [
+        {"method": "lora", "mean": 0.86, "std": 0.01, "adapter_parameters": 41_472 * r, "budget_r": r} for r in (1, 2)
+    ]
+    rows += [  # twelve diverged variants: the note naming them runs far wider than the figure
+        {"method": f"elalora-variant-{i}", "mean": 0.5, "std": 0.0, "adapter_parameters": 82_944, "budget_r": 2}
+        for i in range(12)
+    ]
+    heights = []
+    original = matplotlib.figure.Figure.savefig
+
+    def record_axes(figure, *args, **kwargs):
+        heights.append(figure.axes[0].get_position().height)
+        texts = [t.get_text() for t in figure.texts]
+        assert any("elalora-variant-11" in t for t in texts)  # every diverged run is still named
+        return original(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record_axes)
+    quality.plot(rows, "minilm", tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").exists()
+    assert heights and heights[0] > 0.6  # the axes keep most of the figure (squashed to a sliver before)
