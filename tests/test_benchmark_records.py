@@ -133,7 +133,6 @@ def test_elalora_from_above_starts_at_stock_adalora_s_rank_with_the_same_paramet
 
 def test_a_long_list_of_diverged_runs_is_named_below_the_plot_without_squashing_it(tmp_path, monkeypatch):
     import matplotlib.figure
-
     import quality
 
     rows = [{"method": "full", "mean": 0.87, "std": 0.0, "adapter_parameters": 1, "budget_r": 0}]
