@@ -50,7 +50,7 @@ CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose defa
 # "adalora-physical") or without it ("-ortho0"), E at the adapters' rate or 30 times it ("-e30"); the library's
 # ortho_weight and values_lr_ratio defaults follow the choice; without the penalty, the adapters started as plain
 # LoRA's with E = 1 ("-lora", svd_init='lora'; the library's svd_init default follows the choice too). A
-# configuration is chosen among those the tasks of the choice ran (the "-e30" and "-lora" ones ran on the causal LMs).
+# configuration is chosen among those the tasks of the choice ran (every one of them ran on both kinds of task).
 CONFIGURATIONS = {
     "ard": ["ard", "ard-data-scaled"],
     "elalora": ["elalora", "elalora-ortho0", "elalora-e30", "elalora-ortho0-e30", "elalora-ortho0-lora"],
