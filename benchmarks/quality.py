@@ -100,7 +100,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import study_data  # noqa: E402
 from dynarank.config import ORTHO_WEIGHT  # noqa: E402
-from records import PROJECTIONS, RecordStore, projection, run_pool  # noqa: E402
+from records import PROJECTIONS, RecordStore, machine_info, projection, run_pool  # noqa: E402
 from setups import peft_adalora_schedule, stock_adalora_schedule  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -431,6 +431,7 @@ def run_one(task_name: str, method: str, r: int, lr: float, seed: int, steps: in
         "lr_search": result.get("lr_search"),
         "warnings": sorted(set(result.get("warnings", []))),
         "command": command,
+        "machine": machine_info(),  # records from other kinds of host agree to noise, not bitwise
     }
     if base_method(method) == "adalora":  # stock PEFT masks E: its allocated parameters never fall
         record["adapter_parameters_allocated"] = adapter

@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures as futures
 import json
 import multiprocessing
+import os
+import platform
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -33,6 +35,32 @@ PROJECTIONS = tuple(dict.fromkeys(PROJECTION_OF.values()))  # query, key, value,
 def projection(module: str) -> str:
     """The projection type of an adapted module ('bert.encoder.layer.3.attention.output.dense' -> 'attn-out')."""
     return next(kind for fragment, kind in PROJECTION_OF.items() if fragment in module)
+
+
+def machine_info(**extra) -> dict:
+    """What a record's numbers depend on beyond the code: the CPU (its model, and the vector instructions torch's
+    kernels dispatch to: AVX2 and AVX512 round sums differently, so the same seed gives bitwise-equal runs on one kind
+    of host but not across kinds), core count and library versions; ``extra`` is added as given."""
+    import peft
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        **extra,
+    }
 
 
 class RecordStore:

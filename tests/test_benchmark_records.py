@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from records import RecordStore
+import torch
+
+from records import RecordStore, machine_info
 
 
 def key(record: dict) -> tuple:
@@ -47,6 +49,22 @@ def test_superseded_records_leave_the_study_for_an_archive_that_says_why(tmp_pat
     assert store.move_out(lambda r: r["method"] == "ard", archive, "a second change") == 1
     kept = RecordStore(archive, key).runs
     assert [(key(r), r["loss"]) for r in kept] == [(("ard", 0), 1.0), (("ard", 1), 1.0), (("ard", 0), 0.5)]
+
+
+def test_a_record_names_the_host_s_vector_instructions_and_library_versions():
+    # The same seed is bitwise the same run on one kind of host only: torch's AVX2 and AVX512 kernels round sums
+    # differently, and a 60-step LM run's loss moved by 0.011 between two such hosts. A record says which it ran on.
+    import peft
+    import transformers
+
+    info = machine_info(torch_threads=2)
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert (info["torch"], info["transformers"], info["peft"]) == (
+        torch.__version__,
+        transformers.__version__,
+        peft.__version__,
+    )
+    assert info["torch_threads"] == 2 and info["nproc"] >= 1
 
 
 def test_an_ablation_runs_at_its_base_method_s_learning_rate_with_only_its_setting_changed(tmp_path):
