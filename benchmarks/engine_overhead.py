@@ -73,7 +73,7 @@ RATIOS = (
 )
 
 
-# ---------------------------------------------------------------------------- machine, data, model
+# ---------------------------------------------------------------------------- data, model
 def make_batches(tok, batch: int, seq_len: int, n_batches: int, seed: int) -> list[dict[str, torch.Tensor]]:
     from dynarank.training.data import packaged_sentiment
 

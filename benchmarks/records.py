@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: a JSON record store, a two-core process pool, and the projection type of a
-module (the rows of their rank tables).
+"""What the benchmark scripts share: a JSON record store, a two-core process pool, the projection type of a
+module (the rows of their rank tables), and the machine a record ran on.
 
 A study is a list of records, one per (configuration, seed) run, kept in one JSON file with the
 commands that produced them. A run already recorded is not run again (unless forced), so a long

@@ -53,7 +53,8 @@ def test_superseded_records_leave_the_study_for_an_archive_that_says_why(tmp_pat
 
 def test_a_record_names_the_host_s_vector_instructions_and_library_versions():
     # The same seed is bitwise the same run on one kind of host only: torch's AVX2 and AVX512 kernels round sums
-    # differently, and a 60-step LM run's loss moved by 0.011 between two such hosts. A record says which it ran on.
+    # differently, and a 60-step LM run's loss moved by 0.011 from the host it was recorded on to another (same code).
+    # A record says where it ran.
     import peft
     import transformers
 
