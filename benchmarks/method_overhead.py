@@ -72,6 +72,7 @@ from dynarank.training.loop import (  # noqa: E402
 from dynarank.training.methods import stock_step  # noqa: E402
 from dynarank.training.models import load_classifier, packaged_minilm_path  # noqa: E402
 from dynarank.training.tasks import batches, encode_classification  # noqa: E402
+from records import machine_info  # noqa: E402
 from setups import stock_adalora_schedule  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -271,6 +272,7 @@ def main() -> None:
         "threads": args.threads,
         "timed_seconds": elapsed,
         "load_average_1min_end": os.getloadavg()[0],
+        "machine": machine_info(),  # step times differ between hosts (an AVX2-only one ran 2.5-3.6x slower)
         "methods": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -284,7 +286,8 @@ def main() -> None:
         "",
         f"Command: `{command}` ({args.steps} optimizer steps per method, rounds of 2 steps, order rotated; "
         f"{elapsed:.0f} s; {args.threads} threads; 1-minute load average at the end "
-        f"{record['load_average_1min_end']:.1f} on {os.cpu_count()} cores).",
+        f"{record['load_average_1min_end']:.1f} on {os.cpu_count()} cores; {record['machine']['cpu_model']}, torch's "
+        f"kernels for {record['machine']['cpu_capability']}, torch {record['machine']['torch']}).",
         "",
         "| method | median step | last quarter | / LoRA (paired) | / LoRA, last quarter | controller share | "
         "hooks per step (median / mean) | params + AdamW state: after step 1 -> end | change | adapter params at end | "
