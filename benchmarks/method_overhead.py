@@ -272,7 +272,7 @@ def main() -> None:
         "threads": args.threads,
         "timed_seconds": elapsed,
         "load_average_1min_end": os.getloadavg()[0],
-        "machine": machine_info(),  # step times differ between hosts (an AVX2-only one ran 2.5-3.6x slower)
+        "machine": machine_info(),  # step times differ between hosts (an AVX2-only one ran 2-3.1x slower)
         "methods": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,13 +281,14 @@ def main() -> None:
         stem += f"_{args.steps}steps"
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     batch, length = SETTINGS[args.setting]
+    machine = record["machine"]
     lines = [
         f"# Step time and memory of every method ({args.setting}: batch {batch} x {length}, budget = LoRA r=2)",
         "",
         f"Command: `{command}` ({args.steps} optimizer steps per method, rounds of 2 steps, order rotated; "
         f"{elapsed:.0f} s; {args.threads} threads; 1-minute load average at the end "
-        f"{record['load_average_1min_end']:.1f} on {os.cpu_count()} cores; {record['machine']['cpu_model']}, torch's "
-        f"kernels for {record['machine']['cpu_capability']}, torch {record['machine']['torch']}).",
+        f"{record['load_average_1min_end']:.1f} on {machine['nproc']} cores; {machine['cpu_model']}, torch's "
+        f"kernels for {machine['cpu_capability']}, torch {machine['torch']}).",
         "",
         "| method | median step | last quarter | / LoRA (paired) | / LoRA, last quarter | controller share | "
         "hooks per step (median / mean) | params + AdamW state: after step 1 -> end | change | adapter params at end | "
