@@ -73,7 +73,7 @@ from dynarank.training.methods import stock_step  # noqa: E402
 from dynarank.training.models import load_classifier, packaged_minilm_path  # noqa: E402
 from dynarank.training.tasks import batches, encode_classification  # noqa: E402
 from records import machine_info  # noqa: E402
-from setups import stock_adalora_schedule  # noqa: E402
+from setups import stock_adalora_sizes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["lora", "dora", "adalora", "dynarank-lora", "adalora-physical", "elalora", "ard", "ard-matrix", "ard-data"]
@@ -140,8 +140,8 @@ def spec_for(method: str, steps: int, budget: int, target=BERT_ENCODER_LINEAR) -
         return TrainSpec(method="elalora", r=BUDGET_R, dynarank={"target_params": budget}, **common)
     if method == "dynarank-lora":
         return TrainSpec(method="dynarank-lora", r=BUDGET_R, dynarank={"granularity": "matrix"}, **common)
-    if method == "adalora-physical":  # stock AdaLoRA's 3 -> 2 and schedule
-        knobs = stock_adalora_schedule(BUDGET_R, steps)
+    if method == "adalora-physical":  # stock AdaLoRA's 3 -> 2 (its phases and scale are the defaults)
+        knobs = stock_adalora_sizes(BUDGET_R)
         return TrainSpec(method=method, r=knobs.pop("r"), dynarank=knobs, **common)
     return TrainSpec(method=method, r=BUDGET_R, **common)
 

@@ -101,7 +101,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study_data  # noqa: E402
 from dynarank.config import ORTHO_WEIGHT  # noqa: E402
 from records import PROJECTIONS, RecordStore, machine_info, projection, run_pool  # noqa: E402
-from setups import peft_adalora_schedule, stock_adalora_schedule  # noqa: E402
+from setups import peft_adalora_schedule, stock_adalora_sizes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = [
@@ -338,11 +338,9 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
     if method == "elalora":  # a parameter budget: a rank costs more in the MLP
         knobs = {"target_params": budget, "ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0, "svd_init": "adalora"}
         return TrainSpec(method=method, r=r, dynarank=knobs, **common)
-    if method == "adalora-physical":  # stock AdaLoRA's start and schedule, pruned to the parameter budget
-        knobs = {**stock_adalora_schedule(r, steps), "target_params": budget, "ortho_weight": ORTHO_WEIGHT}
-        knobs["values_lr_ratio"], knobs["svd_init"] = 1.0, "adalora"
-        del knobs["target_rank"]
-        return TrainSpec(method=method, r=knobs.pop("r"), dynarank=knobs, **common)
+    if method == "adalora-physical":  # stock AdaLoRA's start, pruned to the parameter budget (phases, scale: defaults)
+        knobs = {"target_params": budget, "ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0, "svd_init": "adalora"}
+        return TrainSpec(method=method, r=stock_adalora_sizes(r)["r"], dynarank=knobs, **common)
     return TrainSpec(method=method, r=max(1, r), **common)  # full fine-tuning ignores r
 
 

@@ -5,16 +5,10 @@ from __future__ import annotations
 from dynarank.training.methods import stock_adalora_schedule as peft_adalora_schedule
 
 
-def stock_adalora_schedule(r: int, total_steps: int) -> dict:
-    """dynarank AdaLoRA-style set up as the loop runs stock PEFT AdaLoRA (``peft_adalora_schedule``): 1.5r -> r ranks
-    per matrix, lora_alpha r, PEFT's tinit / tfinal / deltaT (PEFT's step index s is our t - 1: t_init = tinit + 1,
-    t_final = tfinal - 1)."""
-    peft = peft_adalora_schedule(r, total_steps)
-    return {
-        "r": peft["init_r"],
-        "target_rank": peft["target_r"],
-        "lora_alpha": peft["target_r"],
-        "t_init_steps": peft["tinit"] + 1,
-        "t_final_steps": peft["tfinal"] - 1,
-        "resize_every": peft["deltaT"],
-    }
+def stock_adalora_sizes(r: int) -> dict:
+    """dynarank AdaLoRA-style sized as the loop runs stock PEFT AdaLoRA at rank ``r`` (``peft_adalora_schedule``):
+    1.5r -> r ranks per matrix. Left unset, its phases (PEFT's tinit / tfinal / deltaT) and its output scale
+    (lora_alpha = target_r over init_r) are stock AdaLoRA's: the library's defaults (AdaLoRAConfig), which the study's
+    records ran as pinned settings before they became the defaults (tests/test_adalora.py holds them equal)."""
+    peft = peft_adalora_schedule(r, 1)
+    return {"r": peft["init_r"], "target_rank": peft["target_r"]}

@@ -16,6 +16,7 @@ from dynarank.config import ORTHO_WEIGHT
 from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_changes
 from dynarank.optim_state import state_bytes
 from dynarank.training.loop import TrainSpec, prepare_model
+from dynarank.training.methods import stock_adalora_schedule
 from planted_task import make_planted_task
 from tiny_models import tiny_bert, tiny_llama, token_batch, train_on_one_batch, training_args
 
@@ -341,6 +342,68 @@ def test_the_loop_runs_adalora_physical_as_configured_with_no_silent_change_of_i
     c = ctrl.config
     assert (c.method, c.granularity, c.r, c.target_rank, c.lora_alpha) == ("adalora-physical", "matrix", 6, None, None)
     assert ctrl.target_budget == 4 * 2 and ctrl.start_budget == 6 * 2  # 2/3 of the start, per matrix (2 layers)
+
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def _lora_budget(model, r: int) -> int:
+    """Plain LoRA's adapter parameters at rank r on LLAMA_TARGETS: r (d_in + d_out) per matrix."""
+    linears = [m for n, m in model.named_modules() if n.split(".")[-1] in LLAMA_TARGETS]
+    return r * sum(m.in_features + m.out_features for m in linears)
+
+
+@pytest.mark.parametrize("steps", [5, 60, 226, 1000])
+def test_adalora_style_left_unset_takes_stock_adaloras_phases_and_output_scale(steps):
+    """What the quality study's records ran as pinned settings - PEFT's tinit / tfinal / deltaT as the loop sets them
+    for stock AdaLoRA, and lora_alpha at the target over the start rank (init_r 6 -> target_r 4 at LoRA r=4's
+    parameters) - is what a config that sets none of them gets: the study measured the library's default."""
+    stock = stock_adalora_schedule(4, steps)
+    model = tiny_llama()
+    budget = _lora_budget(model, stock["target_r"])
+    attach(
+        model,
+        DynaRankConfig(
+            method="adalora-physical", r=stock["init_r"], target_params=budget, target_modules=LLAMA_TARGETS
+        ),
+    )
+    ctrl = build_controller(model, total_steps=steps)
+    phases = (ctrl.schedule.t_init, ctrl.schedule.t_final, ctrl.schedule.interval)
+    assert phases == (stock["tinit"] + 1, stock["tfinal"] - 1, stock["deltaT"])  # PEFT counts steps from 0
+    scale = stock["target_r"] / stock["init_r"]  # the pinned lora_alpha / r, bitwise
+    assert {layer.scaling for layer in elastic_layers(model).values()} == {scale}
+    settings = ctrl.settings_used()
+    assert (settings["t_init"], settings["t_final"], settings["resize_every"]) == phases
+    assert settings["output_scale"] == scale and settings["config"]["lora_alpha"] is None
+
+
+@pytest.mark.parametrize(
+    "fields, scale",
+    [
+        ({"r": 6, "target_rank": 4}, 4 / 6),  # the final rank over the start
+        ({"r": 6}, 4 / 6),  # target_rank's default: 2/3 of r, as PEFT's 12 -> 8 with lora_alpha 8
+        ({"r": 6, "target_rank": 3, "lora_alpha": 9}, 9 / 6),  # a given lora_alpha is used as given
+    ],
+)
+def test_adalora_styles_default_output_scale_is_the_fraction_of_its_start_it_ends_at(fields, scale):
+    model = tiny_llama()
+    attach(model, DynaRankConfig(method="adalora-physical", target_modules=LLAMA_TARGETS, **fields))
+    scales = {layer.scaling for layer in elastic_layers(model).values()}
+    assert len(scales) == 1 and scales.pop() == pytest.approx(scale, rel=1e-15)
+
+
+def test_other_methods_keep_scale_one_by_default():
+    for method in ("dynarank-lora", "ard", "elalora"):
+        model = tiny_llama()
+        attach(model, DynaRankConfig(method=method, r=4, target_modules=LLAMA_TARGETS))
+        assert {layer.scaling for layer in elastic_layers(model).values()} == {1.0}, method
+
+
+def test_adalora_style_takes_a_given_phase_and_stock_adaloras_for_the_rest():
+    model = tiny_llama()
+    attach(model, DynaRankConfig(method="adalora-physical", r=6, warmup_frac=0.3, target_modules=LLAMA_TARGETS))
+    ctrl = build_controller(model, total_steps=200)
+    assert (ctrl.schedule.t_init, ctrl.schedule.t_final, ctrl.schedule.interval) == (60, 39, 5)
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama], ids=["classifier", "causal-lm"])

@@ -232,6 +232,19 @@ def test_save_then_load_restores_ranks_and_outputs_exactly(tmp_path, kind, layou
     assert dynarank.count_trainable(fresh) == dynarank.count_trainable(model)
 
 
+def test_a_saved_adapter_loads_at_the_output_scale_it_trained_with_whatever_the_defaults_are_now(tmp_path):
+    """The scale is part of the adapter: an adapter saved when a method's default scale was another one (here: a
+    scale no config of today gives) loads with its own, not with what its config resolves to today."""
+    model = _adapted("bert", "own")  # lora_alpha 5 over r 3
+    for layer in dynarank.elastic_layers(model).values():
+        layer.scaling = 0.625
+    ids = token_batch()
+    dynarank.save_adapter(model, tmp_path / "native")
+    fresh = dynarank.load_adapter(BUILDERS["bert"](), tmp_path / "native")
+    assert {layer.scaling for layer in dynarank.elastic_layers(fresh).values()} == {0.625}
+    assert torch.equal(_logits(fresh, ids), _logits(model, ids))
+
+
 @pytest.mark.parametrize(
     "build, named",
     [

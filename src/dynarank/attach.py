@@ -195,6 +195,10 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
         for p in model.parameters():  # a layer freezes its base when built: undo that
             p.requires_grad_(flags[id(p)])
         raise
+    # The output scale can depend on the adapter's start size (AdaLoRA-style's: the fraction of it that it ends at).
+    scale = config.output_scale(sum(layer.num_adapter_parameters() for layer in built.values()))
+    for layer in built.values():
+        layer.scaling = float(scale)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in built.items():

@@ -101,7 +101,12 @@ class DynaRankConfig:
         default_factory=lambda: ["query", "value"],
     )
     r: int = _help("Initial rank of every group (per head under granularity='head'); higher: more capacity.", 8)
-    lora_alpha: float | None = _help("Output scale numerator; scaling = lora_alpha / r. Default: r.", None)
+    lora_alpha: float | None = _help(
+        "Output scale numerator; scaling = lora_alpha / r, fixed for the run. Default: r (scaling 1); "
+        "adalora-physical: its final size, so that scaling is the fraction of its start it ends at (stock AdaLoRA's "
+        "lora_alpha = target_r over init_r, 8 / 12 in PEFT's defaults).",
+        None,
+    )
     lora_dropout: float = _help("Dropout on the adapter input (0 disables it).", 0.0)
     granularity: Granularity = _help(
         "'head': one rank group per attention head in q/k/v/o projections; 'matrix': one per module.", "head"
@@ -148,8 +153,13 @@ class DynaRankConfig:
 
     @property
     def scaling(self) -> float:
-        """Output scale of the update, fixed for the whole run (it never follows rank changes)."""
+        """Output scale of the update given ``lora_alpha`` (or its default r), fixed for the whole run (it never
+        follows rank changes)."""
         return (self.lora_alpha if self.lora_alpha is not None else self.r) / self.r
+
+    def output_scale(self, start_params: int) -> float:
+        """The output scale the adapters train with, given their size at the start in parameters (A and B)."""
+        return self.scaling
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,15 +192,20 @@ class RankControlConfig(DynaRankConfig):
     rank_floor: int = _help("Smallest rank a group can end at; 0 lets a head switch off.", 0)
     resize_every: int | None = _help(
         "Optimizer steps between physical resizes (ElaLoRA's interval, AdaLoRA's deltaT; None: the active phase // "
-        "20, at least 1: 20 to 39 rounds, a round every step when the phase is under 40 steps).",
+        "20, at least 1: 20 to 39 rounds, a round every step when the phase is under 40 steps; adalora-physical: "
+        "stock AdaLoRA's T // 40, at least 1).",
         None,
     )
-    warmup_frac: float = _help(
+    warmup_frac: float | None = _help(
         "Fraction of steps before ranks may change (ARD: alpha frozen, its task gradient is 0 at t=0; "
-        "ElaLoRA/AdaLoRA: t_init).",
+        "ElaLoRA/AdaLoRA: t_init). adalora-physical's default None: stock AdaLoRA's 10% (PEFT's tinit).",
         0.2,
     )
-    final_frac: float = _help("Fraction of steps at the end with ranks fixed, fine-tuning A and B (t_final).", 0.15)
+    final_frac: float | None = _help(
+        "Fraction of steps at the end with ranks fixed, fine-tuning A and B (t_final). adalora-physical's default "
+        "None: stock AdaLoRA's 20% (PEFT's tfinal).",
+        0.15,
+    )
     target_params: int | None = _help(
         "Budget in adapter parameters (A and B, what the export costs); see each method for how it is held.", None
     )
@@ -201,7 +216,10 @@ class RankControlConfig(DynaRankConfig):
             raise ConfigError("rank_floor", f"must be an integer in [0, r={self.r}], got {self.rank_floor!r}.")
         _count(self, "resize_every", 1)
         _count(self, "target_params", 1)
-        if not (0 <= self.warmup_frac < 1 and 0 <= self.final_frac < 1 and self.warmup_frac + self.final_frac < 1):
+        given = [f for f in (self.warmup_frac, self.final_frac) if f is not None]  # None: the method's own phase
+        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 1 for f in given) or not (
+            sum(given) < 1
+        ):
             raise ConfigError(
                 ("warmup_frac", "final_frac"),
                 f"must be in [0, 1) and leave an active phase (their sum < 1), got {self.warmup_frac} and "
@@ -449,13 +467,40 @@ class ElaLoRAConfig(SVDConfig):
             raise ConfigError("switch_off", f"must be True or False, got {self.switch_off!r}.")
 
 
+ADALORA_TARGET_FRACTION = 2 / 3  # AdaLoRA's target_rank=None: PEFT AdaLoRA's default init_r 12 -> target_r 8
+
+
 @dataclass
 class AdaLoRAConfig(SVDConfig):
     """AdaLoRA-style pruning: the lowest-scoring ranks are removed physically until a budget that falls cubically
-    holds (``target_rank``, default 2/3 of r as PEFT's 12 -> 8; or ``target_params``)."""
+    holds (``target_rank``, default 2/3 of r as PEFT's 12 -> 8; or ``target_params``).
+
+    Unset, the phases and the output scale are stock AdaLoRA's as dynarank's study ran it (docs/defaults.md): 10% of
+    the run before the first pruning, 20% at the end with ranks fixed, a round every T / 40 steps
+    (schedules.stock_adalora_phases), and ``lora_alpha`` at the final size, so that the update's scale is the
+    fraction of its start that it ends at."""
 
     METHOD: ClassVar[str] = "adalora-physical"
     method: str = "adalora-physical"
+    warmup_frac: float | None = _help(
+        "Fraction of steps before ranks may change (t_init). None: stock AdaLoRA's, PEFT's tinit = 10% of the run.",
+        None,
+    )
+    final_frac: float | None = _help(
+        "Fraction of steps at the end with ranks fixed, fine-tuning A and B (t_final). None: stock AdaLoRA's, "
+        "PEFT's tfinal = 20% of the run.",
+        None,
+    )
+
+    def output_scale(self, start_params: int) -> float:
+        """``lora_alpha / r`` when given, else the final size over the start: ``target_params / start_params``, or
+        ``target_rank / r`` (its default 2/3)."""
+        if self.lora_alpha is not None:
+            return self.scaling
+        if self.target_params is not None:
+            return self.target_params / start_params
+        target_rank = self.target_rank if self.target_rank is not None else ADALORA_TARGET_FRACTION * self.r
+        return target_rank / self.r
 
 
 CONFIG_CLASSES: dict[str, type[DynaRankConfig]] = {

@@ -307,6 +307,10 @@ def _restore(model: nn.Module, layout: dict, tensors: dict[str, torch.Tensor]) -
                 f"groups, model has Linear({layer.in_features}, {layer.out_features}) with {layer.n_groups}."
             )
         layer.set_slots(info["slots"])
+        scaling = info.get("scaling", layer.scaling)  # the scale it trained with, whatever the defaults are now
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < float("inf"):
+            raise AdapterFormatError(f"{name}: the saved output scale {scaling!r} is not a positive number.")
+        layer.scaling = float(scaling)
     expected = {}
     for name, layer in layers.items():
         expected[f"{name}.shared_weight"] = layer.shared_weight

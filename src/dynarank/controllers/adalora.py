@@ -11,13 +11,11 @@ keeps every initial rank allocated). Optimizer moments of kept ranks are carried
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..config import ADALORA_TARGET_FRACTION, ConfigError
 from ..slot_costs import smallest_adapter
 from .base import BudgetRecord
-from .schedules import cubic_budget
+from .schedules import cubic_budget, stock_adalora_phases
 from .svd import SVDController
-
-DEFAULT_TARGET_FRACTION = 2 / 3  # target_rank=None: PEFT AdaLoRA's default init_r 12 -> target_r 8
 
 
 class AdaLoRAController(SVDController):
@@ -32,12 +30,27 @@ class AdaLoRAController(SVDController):
     force_end_round = True  # the target is reached exactly at T - t_final
     need_interior_round = False  # a single pruning at T - t_final is a legitimate (if abrupt) schedule
 
+    def _phases(self, total_steps: int | None) -> dict:
+        """Stock AdaLoRA's phases for what the config leaves unset (schedules.stock_adalora_phases): the warm-up
+        and final phase when neither their fraction nor their step count is given, the interval when not given."""
+        phases = super()._phases(total_steps)
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+            return phases  # BudgetSchedule.resolve says what is wrong with it
+        stock = stock_adalora_phases(total_steps)
+        if phases["warmup_frac"] is None and phases["t_init_steps"] is None:
+            phases["t_init_steps"] = stock["tinit"] + 1
+        if phases["final_frac"] is None and phases["t_final_steps"] is None:
+            phases["t_final_steps"] = stock["tfinal"] - 1
+        if phases["interval"] is None:
+            phases["interval"] = stock["deltaT"]
+        return phases
+
     def _resolve_target(self) -> int:
         """round(target_rank x groups) ranks, or target_params; below the start, above the floor."""
         c = self.config
         floor_ranks = c.rank_floor * sum(layer.n_groups for layer in self.layers.values())
         if self.budget_unit == "rank":
-            target_rank = c.target_rank if c.target_rank is not None else DEFAULT_TARGET_FRACTION * c.r
+            target_rank = c.target_rank if c.target_rank is not None else ADALORA_TARGET_FRACTION * c.r
             target = round(target_rank * sum(layer.n_groups for layer in self.layers.values()))
             lowest = max(1, floor_ranks)
         else:

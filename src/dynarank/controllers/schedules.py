@@ -23,6 +23,18 @@ from ..config import ConfigError
 ROUNDS_WHEN_UNSET = 20  # resize_every=None: about this many rounds over the budgeting phase
 
 
+def stock_adalora_phases(total_steps: int) -> dict[str, int]:
+    """Stock PEFT AdaLoRA's phases as dynarank sets them for a run of ``total_steps`` (T) steps, in PEFT's terms:
+    ``tinit`` = 10% and ``tfinal`` = 20% of the run, a round every ``deltaT`` = T / 40 steps (each at least 1).
+    dynarank's AdaLoRA-style takes the same phases when its config leaves them unset: ``t_init = tinit + 1`` and
+    ``t_final = tfinal - 1`` in this module's count (PEFT counts the step just done from 0)."""
+    return {
+        "tinit": max(1, total_steps // 10),
+        "tfinal": max(1, total_steps // 5),
+        "deltaT": max(1, total_steps // 40),
+    }
+
+
 @dataclass(frozen=True)
 class BudgetSchedule:
     """The phases of an SVD-form run, validated against the run length.

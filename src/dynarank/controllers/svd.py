@@ -62,11 +62,7 @@ class SVDController(RankController):
         c = self.config
         self.schedule = BudgetSchedule.resolve(
             total_steps,
-            warmup_frac=c.warmup_frac,
-            final_frac=c.final_frac,
-            t_init_steps=c.t_init_steps,
-            t_final_steps=c.t_final_steps,
-            interval=c.resize_every,
+            **self._phases(total_steps),
             method=self.method_name,
             need_interior_round=self.need_interior_round,
         )
@@ -100,6 +96,18 @@ class SVDController(RankController):
         self._triplets = TripletPlan()  # the score's gathers, likewise
         self._module_sizes: dict[str, tuple[int, int]] = {}  # name -> (layout version, size)
         self.generator = torch.Generator().manual_seed(c.seed + 2) if c.seed is not None else None
+
+    def _phases(self, total_steps: int | None) -> dict:
+        """The schedule's settings (BudgetSchedule.resolve's keywords) from the config; None leaves a setting to the
+        schedule's own rule."""
+        c = self.config
+        return {
+            "warmup_frac": c.warmup_frac,
+            "final_frac": c.final_frac,
+            "t_init_steps": c.t_init_steps,
+            "t_final_steps": c.t_final_steps,
+            "interval": c.resize_every,
+        }
 
     def _own_parameter_count(self) -> int:
         values = getattr(self.model, SVD_ATTR, None)
@@ -182,7 +190,12 @@ class SVDController(RankController):
     def _resolved(self) -> dict:
         """The orthogonality weight, E's rate ratio and the adapters' start the run trains with and where they came
         from (the config, or the defaults)."""
+        scales = {layer.scaling for layer in self.layers.values()}
         return {
+            "t_init": self.schedule.t_init,
+            "t_final": self.schedule.t_final,
+            "resize_every": self.schedule.interval,
+            "output_scale": scales.pop() if len(scales) == 1 else sorted(scales),
             "ortho_weight": self.ortho_weight,
             "ortho_weight_source": self.ortho_weight_source,
             "values_lr_ratio": self.values_lr_ratio,

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..config import CONFIG_CLASSES, METHODS, ORTHO_WEIGHT, ConfigError, DynaRankConfig, fields_of, methods_using
+from ..controllers.schedules import stock_adalora_phases
 
 DYNARANK_METHODS = METHODS  # dynarank's own: dynarank-lora, ard, elalora, adalora-physical
 PEFT_METHODS = ("lora", "dora", "adalora", "eva")  # the stock PEFT baselines
@@ -80,13 +81,7 @@ def check_knobs(method: str, knobs: dict[str, Any]) -> None:
 def stock_adalora_schedule(r: int, total_steps: int) -> dict[str, int]:
     """Stock PEFT AdaLoRA as the loop builds it: ranks pruned from 1.5 r to r per matrix on average, between 10% and
     80% of the run (PEFT's init_r, target_r, tinit, tfinal, deltaT)."""
-    return {
-        "init_r": max(r + 1, round(1.5 * r)),
-        "target_r": r,
-        "tinit": max(1, total_steps // 10),
-        "tfinal": max(1, total_steps // 5),
-        "deltaT": max(1, total_steps // 40),
-    }
+    return {"init_r": max(r + 1, round(1.5 * r)), "target_r": r, **stock_adalora_phases(total_steps)}
 
 
 def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_steps: int, knobs: dict) -> nn.Module:
