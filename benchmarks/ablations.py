@@ -25,7 +25,7 @@ from dynarank import DynaRankConfig
 from planted_task import make_planted_task, train_planted, within_one
 
 RESULTS = Path(__file__).parent / "results"
-BASE = {"method": "ard", "r": 8, "target_modules": ["query"]}
+BASE = {"method": "ard", "r": 8, "target_modules": ["query"], "head_layout": "own"}  # own A: the planted heads
 LR_THETA = 3e-3
 
 

@@ -8,11 +8,13 @@ Every method ends at the oracle's trainable budget (24 head-ranks = 1,920 adapte
   r=8 -> target_rank 3, pruning into the budget on AdaLoRA's schedule while it reallocates (with and
   without switch_off, which lets a head give up its last rank);
 * AdaLoRA on the engine ('adalora-physical'), per head, r=8 -> target_rank 3 (64 -> 24 ranks);
-* stock PEFT AdaLoRA per matrix, init_r 15 -> target_r 10 (10 x 192 = 1,920), same schedule, and its
-  orthogonality penalty at dynarank's weight 0.1 (PEFT's default is 0.5);
-* ARD default (r=8), plain LoRA per matrix r=10 (on the engine, and stock PEFT), stock PEFT DoRA per
-  matrix r=10 (plus its 128 magnitudes), the oracle (per-head LoRA cut to the truth), and full
-  fine-tuning of the projection (8,192 parameters: what no budget limits).
+* stock PEFT AdaLoRA per matrix, init_r 15 -> target_r 10 (10 x 192 = 1,920), the same phases and scale as
+  dynarank's AdaLoRA-style takes by default, and its orthogonality penalty at the papers' weight 0.1 (PEFT's
+  default is 0.5);
+* ARD (r=8) with each head's own A rows (the planted heads read independent inputs), plain LoRA per matrix
+  r=10 (on the engine, and stock PEFT), stock PEFT DoRA per matrix r=10 (plus its 128 magnitudes), the oracle
+  (per-head LoRA cut to the truth), and full fine-tuning of the projection (8,192 parameters: what no budget
+  limits).
 
 Training memory is counted as 3 x the trainable parameters (fp32 weights + AdamW's two moments), at
 its peak and averaged over the steps; PEFT keeps every initial rank (and E) allocated to the end.
@@ -33,6 +35,7 @@ from torch import nn
 
 from dynarank import DynaRankConfig
 from dynarank.config import ORTHO_WEIGHT
+from dynarank.controllers.schedules import stock_adalora_phases
 from planted_task import PlantedTask, make_planted_task, study_main, train_planted, within_one
 
 TARGET = ["query"]
@@ -45,15 +48,15 @@ def methods() -> dict[str, dict]:
     ada = {"method": "adalora-physical", "r": 8, "target_rank": 3, "target_modules": TARGET, "granularity": "head"}
     return {
         ORACLE: {"method": "dynarank-lora", "r": 8, "target_modules": TARGET, "fixed": True},
-        "ARD default (r=8)": {"method": "ard", "r": 8, "target_modules": TARGET},
+        "ARD own A (r=8)": {"method": "ard", "r": 8, "target_modules": TARGET, "head_layout": "own"},
         "ElaLoRA per head r=3": dict(ela),
-        "ElaLoRA, ortho_weight=0": dict(ela, ortho_weight=0.0),
+        "ElaLoRA, ortho_weight=0.1 (the papers')": dict(ela, ortho_weight=ORTHO_WEIGHT),  # the default here: 0
         "ElaLoRA, moments reset (authors')": dict(ela, reset_optimizer_on_resize=True),
         "ElaLoRA, b0=8 k=3": dict(ela, b_changes=8, k_candidates=3),
         "ElaLoRA per head 8->3 (prunes into the budget)": dict(ela, r=8, target_rank=3),
         "ElaLoRA 8->3, switch_off": dict(ela, r=8, target_rank=3, switch_off=True),
         "adalora-physical per head 8->3": dict(ada),
-        "adalora-physical, ortho_weight=0": dict(ada, ortho_weight=0.0),
+        "adalora-physical, ortho_weight=0.1 (the papers')": dict(ada, ortho_weight=ORTHO_WEIGHT),
         "adalora-physical, budget 1920 params": dict(ada, target_rank=None, target_params=1920),
         "adalora-physical per matrix 15->10": dict(ada, r=15, target_rank=10, granularity="matrix"),
         "stock PEFT AdaLoRA per matrix 15->10": {"peft": True},
@@ -81,7 +84,7 @@ def train_peft_adalora(task: PlantedTask, steps: int, lr: float, seed: int) -> d
     from peft import AdaLoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    t_init, t_final = round(0.2 * steps), round(0.15 * steps)  # the dynarank defaults (warmup/final_frac)
+    phases = stock_adalora_phases(steps)  # what dynarank's AdaLoRA-style takes when unset (AdaLoRAConfig)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(
@@ -89,13 +92,11 @@ def train_peft_adalora(task: PlantedTask, steps: int, lr: float, seed: int) -> d
             AdaLoraConfig(
                 init_r=15,
                 target_r=10,
-                lora_alpha=15,
+                lora_alpha=10,  # the target rank: the scale (10 / 15) dynarank's AdaLoRA-style takes when unset
                 orth_reg_weight=ORTHO_WEIGHT,  # ours (0.1), not PEFT's default 0.5
                 target_modules=TARGET,
                 total_step=steps,
-                tinit=t_init,
-                tfinal=t_final,
-                deltaT=max(1, (steps - t_init - t_final) // 20),
+                **phases,
             ),
         )
     params = [p for p in model.parameters() if p.requires_grad]

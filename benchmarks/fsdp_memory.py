@@ -138,6 +138,7 @@ def worker(model_name: str, mode: str, out_dir: Path, steps: int) -> None:
     spec = TrainSpec(
         method="ard",
         r=8,
+        dynarank={"head_layout": "own"},  # as recorded (ARD's default layout then)
         target_modules="all-linear",
         lr=2e-3,
         batch_size=setting["batch"],

@@ -33,7 +33,7 @@ CONFIGS: dict[str, dict] = {
     "lora-r2": {"method": "lora", "r": 2},
     "lora-r4": {"method": "lora", "r": 4},
     "lora-r8": {"method": "lora", "r": 8},
-    "ard-own-r2": {"method": "ard", "r": 2, "dynarank": {}},
+    "ard-own-r2": {"method": "ard", "r": 2, "dynarank": {"head_layout": "own"}},
     "ard-shared-r4": {"method": "ard", "r": 4, "dynarank": {"head_layout": "shared"}},
     "ard-shared-r4-s3": {"method": "ard", "r": 4, "dynarank": {"head_layout": "shared", "ard_lambda": 3.0}},
     "ard-shared-r4-s10": {"method": "ard", "r": 4, "dynarank": {"head_layout": "shared", "ard_lambda": 10.0}},

@@ -5,9 +5,10 @@ d_in 64, ranks [0, 1, 2, 4, 8, 0, 3, 6], unit singular values. Here every patter
 of its own: the number of heads (4-12), the head size (8-32), the input width (32-128), each head's true rank
 (0 to min(8, head size), about a quarter of the heads at 0) and singular values that fall geometrically from 1
 to 1/spread over a head's rank (spread 1-8: the small directions are hard to tell from noise). ARD runs with its
-defaults (r0 = 8, no budget), the oracle is per-head LoRA cut to the true ranks; reported per pattern: heads
-within 1 of the truth, exact patterns, loss / oracle, parameters / oracle, and the share of the planted change
-the adapter learned, 1 - ||delta_learned - delta_true||^2 / ||delta_true||^2.
+defaults (r0 = 8, no budget) but for the head layout: each head has its own A rows (head_layout='own'), as the
+planted heads read independent input directions; the oracle is per-head LoRA cut to the true ranks; reported per
+pattern: heads within 1 of the truth, exact patterns, loss / oracle, parameters / oracle, and the share of the
+planted change the adapter learned, 1 - ||delta_learned - delta_true||^2 / ||delta_true||^2.
 
     python benchmarks/planted_patterns.py --seeds 2          # 8 patterns x 2 seeds, a few minutes
 """
@@ -55,11 +56,17 @@ def learned_share(model, task) -> float:
 def run_pattern(pattern: dict, seed: int, steps: int, lr: float) -> dict:
     task = make_planted_task(seed=seed, noise=0.1, **pattern)
     config = {"r": R0, "target_modules": ["query"], "seed": seed}
+    own = {"head_layout": "own"}  # ARD: the planted heads read independent input directions (own A rows)
     out = {}
     for name, method, fixed in (("oracle", "dynarank-lora", task.true_ranks), ("ard", "ard", None)):
         torch.manual_seed(seed)
         result = train_planted(
-            task, DynaRankConfig(method=method, **config), steps=steps, lr=lr, seed=seed, fixed_ranks=fixed
+            task,
+            DynaRankConfig(method=method, **config, **(own if method == "ard" else {})),
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            fixed_ranks=fixed,
         )
         model = result["controller"].model
         out[name] = {

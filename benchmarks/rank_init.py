@@ -58,7 +58,10 @@ def planted_model(task, rank_init: str, statistic: str = "gradient", rho: float 
     model = task.student()
     knobs = {"rank_init": "data", "init_statistic": statistic, "init_rho": rho, "init_batches": n_batches}
     knobs = knobs if rank_init == "data" else {"rank_init": "uniform"}
-    attach(model, DynaRankConfig(method="ard", r=8, target_modules=["query"], target_params=ORACLE_PARAMS, **knobs))
+    config = DynaRankConfig(
+        method="ard", r=8, target_modules=["query"], head_layout="own", target_params=ORACLE_PARAMS, **knobs
+    )  # own A rows: the planted heads read independent input directions
+    attach(model, config)
     return model
 
 

@@ -18,7 +18,7 @@ from tiny_models import randomize_adapters, tiny_bert, token_batch
 def planted_model(**config):
     task = make_planted_task(seed=0)
     model = task.student()
-    attach(model, DynaRankConfig(method="ard", r=8, target_modules=["query"], **config))
+    attach(model, DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], **config))
     return task, model
 
 
@@ -232,7 +232,10 @@ def test_an_optimizer_that_holds_the_alphas_too_leaves_them_to_the_controller():
 def test_lambda_zero_keeps_every_rank():
     task = make_planted_task(seed=0)
     out = train_planted(
-        task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=0.0), steps=300, lr=3e-3
+        task,
+        DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], ard_lambda=0.0),
+        steps=300,
+        lr=3e-3,
     )
     assert out["ranks"] == [8] * 8
 
@@ -240,25 +243,35 @@ def test_lambda_zero_keeps_every_rank():
 def test_lambda_zero_raises_the_explosion_alarm():
     task = make_planted_task(seed=0)
     out = train_planted(
-        task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=0.0), steps=300, lr=3e-3
+        task,
+        DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], ard_lambda=0.0),
+        steps=300,
+        lr=3e-3,
     )
     assert any("rank explosion" in w and "raise ard_lambda" in w for w in out["warnings"]), out["warnings"]
 
 
 def test_ranks_flipping_under_the_soft_mask_raise_the_oscillation_alarm_pointing_to_the_mask():
     task = make_planted_task(seed=0, noise=1.0)
-    config = DynaRankConfig(method="ard", r=8, target_modules=["query"], mask="soft", readout="round", alpha_travel=8.0)
+    config = DynaRankConfig(
+        method="ard", head_layout="own", r=8, target_modules=["query"], mask="soft", readout="round", alpha_travel=8.0
+    )
     out = train_planted(task, config, lr=3e-3)
     assert out["controller"].motion.reversing_fraction() >= 0.25
     assert any("oscillating ranks" in w and "mask='hard'" in w for w in out["warnings"]), out["warnings"]
-    hard = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], alpha_travel=8.0), lr=3e-3)
+    hard = train_planted(
+        task, DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], alpha_travel=8.0), lr=3e-3
+    )
     assert not any("oscillating" in w for w in hard["warnings"])  # the default mask does not flip
 
 
 def test_far_too_large_lambda_raises_the_collapse_alarm():
     task = make_planted_task(seed=0)
     out = train_planted(
-        task, DynaRankConfig(method="ard", r=8, target_modules=["query"], ard_lambda=1000.0), steps=300, lr=3e-3
+        task,
+        DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], ard_lambda=1000.0),
+        steps=300,
+        lr=3e-3,
     )
     assert any("rank collapse" in w for w in out["warnings"])
     assert sum(out["ranks"]) <= 1
@@ -267,7 +280,10 @@ def test_far_too_large_lambda_raises_the_collapse_alarm():
 def test_too_small_alpha_learning_rate_raises_the_frozen_alarm():
     task = make_planted_task(seed=0)
     out = train_planted(
-        task, DynaRankConfig(method="ard", r=8, target_modules=["query"], lr_alpha=1e-7), steps=300, lr=3e-3
+        task,
+        DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], lr_alpha=1e-7),
+        steps=300,
+        lr=3e-3,
     )
     assert any("lr_alpha" in w and "too small" in w for w in out["warnings"])
     assert out["ranks"] == [8] * 8
@@ -277,7 +293,7 @@ def test_too_small_alpha_learning_rate_raises_the_frozen_alarm():
 def test_default_settings_recover_planted_ranks(seed):
     task = make_planted_task(seed=seed, noise=0.1)
     target = ["query"]
-    ard = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=target), seed=seed)
+    ard = train_planted(task, DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=target), seed=seed)
     oracle = train_planted(
         task, DynaRankConfig(method="dynarank-lora", r=8, target_modules=target), fixed_ranks=task.true_ranks, seed=seed
     )
@@ -306,7 +322,9 @@ def test_resize_only_removes_switched_off_slots_and_keeps_optimizer_state():
 
 def test_trainable_parameters_and_optimizer_memory_fall_with_the_ranks():
     model = tiny_bert()
-    attach(model, DynaRankConfig(method="ard", r=4, target_modules=["query", "value"], ard_lambda=5.0))
+    attach(
+        model, DynaRankConfig(method="ard", head_layout="own", r=4, target_modules=["query", "value"], ard_lambda=5.0)
+    )
     ctrl = build_controller(model, total_steps=40)
     opt = ctrl.build_optimizer(lr=1e-2)
     adapter = lambda: [p for n in elastic_layers(model).values() for p in n.adapter_parameters()]  # noqa: E731
@@ -325,7 +343,10 @@ def test_trainable_parameters_and_optimizer_memory_fall_with_the_ranks():
 
 def test_export_after_ard_training_reloads_in_stock_peft_with_the_same_logits():
     model = tiny_bert()
-    attach(model, DynaRankConfig(method="ard", r=4, target_modules=["query", "key", "value"], ard_lambda=3.0))
+    attach(
+        model,
+        DynaRankConfig(method="ard", head_layout="own", r=4, target_modules=["query", "key", "value"], ard_lambda=3.0),
+    )
     ctrl = build_controller(model, total_steps=30)
     opt = ctrl.build_optimizer(lr=1e-2)
     x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
@@ -348,7 +369,7 @@ def test_export_after_ard_training_reloads_in_stock_peft_with_the_same_logits():
 
 def test_a_parameter_budget_caps_the_adapter_at_every_resize_and_at_the_end():
     task = make_planted_task(seed=0, noise=0.1)
-    config = DynaRankConfig(method="ard", r=8, target_modules=["query"], target_params=1000)
+    config = DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], target_params=1000)
     out = train_planted(task, config, seed=0)
     ctrl = out["controller"]
     assert ctrl.budget_at(ctrl.settings.warmup_steps) == ctrl.start_params == 8 * 8 * (64 + 16)
@@ -363,7 +384,10 @@ def test_a_parameter_budget_caps_the_adapter_at_every_resize_and_at_the_end():
 def test_a_budget_at_the_oracle_size_recovers_the_planted_ranks():
     task = make_planted_task(seed=0, noise=0.1)
     oracle_params = sum(task.true_ranks) * (64 + 16)
-    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], target_params=oracle_params))
+    out = train_planted(
+        task,
+        DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], target_params=oracle_params),
+    )
     assert out["ranks"] == list(task.true_ranks)
     assert out["warnings"] == []
 
@@ -417,7 +441,9 @@ def test_a_budget_above_what_the_alphas_want_is_still_reached_at_the_end():
     per_rank = 64 + 16
     oracle_params = sum(task.true_ranks) * per_rank  # what the alphas ask for alone (the test above)
     target = oracle_params + 12 * per_rank
-    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"], target_params=target))
+    out = train_planted(
+        task, DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"], target_params=target)
+    )
     ctrl = out["controller"]
     assert target - per_rank < out["params"] <= target
     assert ctrl.cuts["held"] > 0 and sum(rec.held_by_budget for rec in ctrl.records) == ctrl.cuts["held"]
@@ -543,7 +569,7 @@ def test_a_budget_that_cannot_be_met_is_refused_with_what_to_change():
     with pytest.raises(ValueError, match="at least 80"):
         build_controller(model, total_steps=100)
     with pytest.raises(ValueError, match="target_rank: not used by method 'ard'"):
-        DynaRankConfig(method="ard", target_rank=2)
+        DynaRankConfig(method="ard", head_layout="own", target_rank=2)
 
 
 def test_paper_preset_gives_the_seed_values():
@@ -555,7 +581,9 @@ def test_paper_preset_gives_the_seed_values():
 
 def test_relative_lambda_is_calibrated_from_the_warm_up_loss():
     task = make_planted_task(seed=0)
-    out = train_planted(task, DynaRankConfig(method="ard", r=8, target_modules=["query"]), steps=200, lr=3e-3)
+    out = train_planted(
+        task, DynaRankConfig(method="ard", head_layout="own", r=8, target_modules=["query"]), steps=200, lr=3e-3
+    )
     ctrl = out["controller"]
     gained = ctrl._loss_improvement()
     assert gained > 0
@@ -571,7 +599,7 @@ def test_bad_ard_setups_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="warm-up"):
         build_controller(model, total_steps=100)
     with pytest.raises(ValueError, match="warmup_frac"):
-        DynaRankConfig(method="ard", warmup_frac=0.6, final_frac=0.5)
+        DynaRankConfig(method="ard", head_layout="own", warmup_frac=0.6, final_frac=0.5)
 
 
 def test_a_fixed_rank_model_is_driven_by_the_base_controller():

@@ -63,6 +63,18 @@ def test_ard_with_a_budget_starts_as_the_configuration_the_study_chose_for_each_
         assert config.data_start is (variant == "ard-data-scaled"), kind
 
 
+@pytest.mark.parametrize("variant", ["ard", "ard-data-scaled"])
+def test_ard_left_unset_has_the_head_layout_and_granularity_every_ard_record_of_the_study_ran(variant):
+    """A user's `--method ard` gets the layout the study measured on real models (the heads of a projection sharing
+    A's rows), not the field's default for the other methods (each head its own A rows)."""
+    import quality
+
+    spec = quality.train_spec(variant, 2, 82_944, 3e-3, 0, 126, quality.TASKS["minilm"], "query")
+    default = DynaRankConfig(method="ard")
+    assert (default.head_layout, default.granularity) == (spec.dynarank["head_layout"], "head") == ("shared", "head")
+    assert DynaRankConfig(method="dynarank-lora").head_layout == "own"  # the other methods' default is unchanged
+
+
 def test_the_svd_methods_orthogonality_weight_and_values_rate_are_the_configuration_the_study_chose_for_each_kind():
     import defaults as study
     import quality
@@ -588,6 +600,8 @@ def test_a_run_s_budget_is_its_fixed_rank_or_its_controller_s_target_in_plain_lo
     model = tiny_bert()
     lora_r1 = lora_r1_parameters(model)
     knobs = {k: lora_r1 if v == "lora r=1" else v for k, v in knobs.items()}
+    if method == "ard" and "target_params" in knobs:
+        r += 1  # ARD prunes into its budget: at r=1 its shared A rows are LoRA r=1's size already
     spec = TrainSpec(method=method, r=r, target_modules=["query", "value"], dynarank=knobs)
     expected = float(r) if budget == "r" else budget
     assert spec.budget_on(model) == expected

@@ -226,6 +226,7 @@ def planted(floor: int = 0, statistic: str | None = None, noise: float = 0.0):
             target_modules=["query"],
             rank_init="data",
             target_params=1920,  # the oracle's size: the planted ranks cost exactly this
+            head_layout="own",  # the planted heads read independent input directions: each its own A rows
             init_rho=1.0001,
             rank_floor=floor,
             **knobs,

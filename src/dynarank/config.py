@@ -237,6 +237,12 @@ class ARDConfig(RankControlConfig):
 
     METHOD: ClassVar[str] = "ard"
     method: str = "ard"
+    head_layout: HeadLayout = _help(
+        "'shared' (ARD's default, the layout the defaults study measured on real models): the heads of a projection "
+        "share A's rows and each keeps its own B columns; 'own': each head has its own A rows (a rank costs d_in + "
+        "d_head), for heads that read independent input directions (the planted-rank task).",
+        "shared",
+    )
     preset: Preset = _help(
         "'default': settings calibrated to the run (warm-up, straight-through hard mask, relative lambda); "
         "'paper': the seed paper's literal values (lambda 0.01, beta 0.1, lr 1e-4 / 5e-5, soft mask, round).",
