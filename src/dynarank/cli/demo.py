@@ -30,7 +30,7 @@ def demo_command(out: str | None = None, **run: Any) -> list[dict]:
     ard = TrainOptions(
         method="ard",
         out=str(root / "ard"),
-        knobs={"r": DEMO_R0, "head_layout": "shared", "target_params": budget},
+        knobs={"r": DEMO_R0, "target_params": budget},  # ARD's default layout: A shared by a projection's heads
         **shared,
     )
     lora = TrainOptions(
