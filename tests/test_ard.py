@@ -323,9 +323,7 @@ def test_resize_only_removes_switched_off_slots_and_keeps_optimizer_state():
 
 def test_trainable_parameters_and_optimizer_memory_fall_with_the_ranks():
     model = tiny_bert()
-    attach(
-        model, DynaRankConfig(method="ard", head_layout="own", r=4, target_modules=["query", "value"], ard_lambda=5.0)
-    )
+    attach(model, DynaRankConfig(method="ard", r=4, target_modules=["query", "value"], ard_lambda=5.0))
     ctrl = build_controller(model, total_steps=40)
     opt = ctrl.build_optimizer(lr=1e-2)
     adapter = lambda: [p for n in elastic_layers(model).values() for p in n.adapter_parameters()]  # noqa: E731
@@ -344,10 +342,7 @@ def test_trainable_parameters_and_optimizer_memory_fall_with_the_ranks():
 
 def test_export_after_ard_training_reloads_in_stock_peft_with_the_same_logits():
     model = tiny_bert()
-    attach(
-        model,
-        DynaRankConfig(method="ard", head_layout="own", r=4, target_modules=["query", "key", "value"], ard_lambda=3.0),
-    )
+    attach(model, DynaRankConfig(method="ard", r=4, target_modules=["query", "key", "value"], ard_lambda=3.0))
     ctrl = build_controller(model, total_steps=30)
     opt = ctrl.build_optimizer(lr=1e-2)
     x, labels = token_batch(8, 6), torch.tensor([0, 1] * 4)
@@ -570,7 +565,7 @@ def test_a_budget_that_cannot_be_met_is_refused_with_what_to_change():
     with pytest.raises(ValueError, match="at least 80"):
         build_controller(model, total_steps=100)
     with pytest.raises(ValueError, match="target_rank: not used by method 'ard'"):
-        DynaRankConfig(method="ard", head_layout="own", target_rank=2)
+        DynaRankConfig(method="ard", target_rank=2)
 
 
 def test_paper_preset_gives_the_seed_values():
@@ -600,7 +595,7 @@ def test_bad_ard_setups_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="warm-up"):
         build_controller(model, total_steps=100)
     with pytest.raises(ValueError, match="warmup_frac"):
-        DynaRankConfig(method="ard", head_layout="own", warmup_frac=0.6, final_frac=0.5)
+        DynaRankConfig(method="ard", warmup_frac=0.6, final_frac=0.5)
 
 
 def test_a_fixed_rank_model_is_driven_by_the_base_controller():

@@ -188,8 +188,8 @@ class SVDController(RankController):
             self._last_penalty = penalty
 
     def _resolved(self) -> dict:
-        """The orthogonality weight, E's rate ratio and the adapters' start the run trains with and where they came
-        from (the config, or the defaults)."""
+        """The phases (steps) and the update's output scale the run trains with; the orthogonality weight, E's rate
+        ratio and the adapters' start, and where they came from (the config, or the defaults)."""
         scales = {layer.scaling for layer in self.layers.values()}
         return {
             "t_init": self.schedule.t_init,
