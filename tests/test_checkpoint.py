@@ -192,6 +192,26 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-12", "step-16", "step-20"]
 
 
+def test_a_restored_model_takes_the_output_scale_its_checkpoint_trained_with_whatever_the_defaults_are_now():
+    """The scale is part of what a run trained: restored with an attach whose defaults resolve to another scale (a
+    newer dynarank), the model keeps the checkpoint's, and computes what the saved one did."""
+    config = dynarank.DynaRankConfig(method="adalora-physical", r=3, target_modules=["query", "value"], seed=0)
+    saved = dynarank.attach(tiny_bert(), config)
+    for layer in elastic_layers(saved).values():
+        layer.scaling = 0.625  # a scale today's defaults do not give
+        torch.nn.init.normal_(layer.group_weight, std=0.1)
+    optimizer = torch.optim.AdamW([p for p in saved.parameters() if p.requires_grad])
+    state, tensors = checkpoint.capture(saved, optimizer, None, None, step=0)
+    restored = dynarank.attach(tiny_bert(), config)
+    checkpoint.restore_model(restored, state, tensors)
+    assert {layer.scaling for layer in elastic_layers(restored).values()} == {0.625}
+    ids = torch.tensor([[2, 5, 7, 9]])
+    assert torch.equal(restored(input_ids=ids).logits, saved(input_ids=ids).logits)
+    state["output_scales"] = {name: -1.0 for name in state["output_scales"]}
+    with pytest.raises(CheckpointError, match="output scales"):
+        checkpoint.restore_model(dynarank.attach(tiny_bert(), config), state, tensors)
+
+
 def test_a_checkpoint_does_not_load_into_a_different_architecture(tmp_path):
     train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=5), run_dir=tmp_path, save_every=5)
     with pytest.raises(CheckpointError, match="does not fit"):
@@ -346,6 +366,16 @@ def test_a_trainer_state_without_a_required_key_is_refused_naming_it(tmp_path, k
     checkpoint._write(tmp_path / checkpoint.TRAINER_DIR, state, tensors)  # checksums of the edited state
     with pytest.raises(CheckpointError, match=f"state.json lacks {key}: not a Trainer checkpoint's state"):
         checkpoint.read_trainer_state(tmp_path)
+
+
+def test_a_trainer_state_records_the_output_scales_the_callback_restores(tmp_path):
+    model = attached()  # AdaLoRA-style: its default scale is the fraction of the start it ends at (2/3)
+    checkpoint.save_trainer_state(tmp_path, model, dynarank.build_controller(model, total_steps=10))
+    state, _ = checkpoint.read_trainer_state(tmp_path)
+    assert state["output_scales"] == {name: 2 / 3 for name in elastic_layers(model)}
+    other = attached(lora_alpha=4)  # scale 1
+    checkpoint.restore_output_scales(other, state["output_scales"])
+    assert {layer.scaling for layer in elastic_layers(other).values()} == {2 / 3}
 
 
 def _layout_of(model) -> dict:

@@ -2,7 +2,7 @@
 
 RUN_DIR/checkpoints/step-<N>/
   state.json          step, controller state, optimizer hyper-parameters and scalar state,
-                      scheduler state, Python RNG, the adapter layout, sha256 of the tensors
+                      scheduler state, Python RNG, the adapter layout and output scales, sha256 of the tensors
                       and of this file's own content (so an edit to either is detected)
   tensors.safetensors trainable parameters (current shapes), optimizer state tensors, torch RNG
 
@@ -15,7 +15,7 @@ next listing or read (io.write_atomically says what each kill leaves).
 A transformers Trainer checkpoint keeps the Trainer's own files and gains
 
 <checkpoint-N>/dynarank/
-  state.json          step, total steps, the adapter layout, controller state, checksums
+  state.json          step, total steps, the adapter layout and output scales, controller state, checksums
   tensors.safetensors the controller's tensor state (importance moving averages, generators)
 
 (:func:`save_trainer_state`); the Trainer saves the weights and the optimizer itself.
@@ -104,6 +104,7 @@ def capture(
         "format_version": FORMAT_VERSION,
         "step": step,
         "layout": layout,
+        "output_scales": output_scales(model),
         "optimizer_groups": groups,
         "optimizer_scalars": scalars,
         "scheduler": _json_safe(scheduler.state_dict()) if scheduler is not None else None,
@@ -234,9 +235,32 @@ def restore_layout(model: nn.Module, layout: dict[str, list[list[int]]]) -> None
         values.match_layout(layers)
 
 
+def output_scales(model: nn.Module) -> dict[str, float]:
+    """Every elastic layer's output scale (lora_alpha / r as attached), by module: part of what a checkpoint holds."""
+    return {name: layer.scaling for name, layer in elastic_layers(model).items()}
+
+
+def restore_output_scales(model: nn.Module, scales) -> None:
+    """Give every elastic layer the output scale its checkpoint trained with, whatever the config's defaults resolve
+    to now (a checkpoint written before scales were recorded has none: the attached ones stay)."""
+    if scales is None:
+        return
+    layers = elastic_layers(model)
+    fits = isinstance(scales, dict) and set(scales) == set(layers)
+    if not fits or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in scales.values()
+    ):
+        raise CheckpointError(
+            "checkpoint does not fit this model: its output scales are not one positive number per adapted module."
+        )
+    for name, value in scales.items():
+        layers[name].scaling = float(value)
+
+
 def restore_model(model: nn.Module, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Give ``model`` (attached with the same config) the saved layout and parameter values."""
+    """Give ``model`` (attached with the same config) the saved layout, output scales and parameter values."""
     restore_layout(model, state["layout"])
+    restore_output_scales(model, state.get("output_scales"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     if set(saved) != set(params):
@@ -333,6 +357,7 @@ def save_trainer_state(checkpoint_dir: str | Path, model: nn.Module, controller)
         "total_steps": controller.total_steps,
         "method": controller.config.method,
         "layout": {name: layer.slots for name, layer in elastic_layers(model).items()},
+        "output_scales": output_scales(model),
         "controller": controller.state_dict(),
     }
     tensors = {

@@ -287,6 +287,7 @@ class DynaRankCallback(TrainerCallback):
                 f"the weights the Trainer loaded do not have the slot layout recorded in {path}/dynarank: load the "
                 "checkpoint's weights into the model (the Trainer does it when it resumes from that checkpoint)."
             )
+        checkpoint.restore_output_scales(self.model, saved.get("output_scales"))  # the scale the weights trained at
         return saved, tensors
 
     # ------------------------------------------------------------------ every optimizer step
