@@ -100,6 +100,19 @@ def test_the_study_runs_adalora_style_at_the_library_s_phases_and_output_scale(r
     assert (spec.r, spec.dynarank["target_params"]) == (stock_adalora_schedule(r, 126)["init_r"], 1000 * r)
 
 
+@pytest.mark.parametrize("method", ["ard", "elalora", "adalora-physical"])
+def test_the_start_rank_the_library_names_is_the_one_the_study_runs(method):
+    """dynarank.defaults.studied_start_rank (what the CLI tells a user who gives a budget without --r) is quality.py's
+    rule at every studied budget."""
+    import quality
+
+    from dynarank.defaults import studied_start_rank
+
+    for r in range(1, 13):
+        spec = quality.train_spec(method, r, 1000 * r, 3e-2, 0, 126, quality.TASKS["minilm"], "query")
+        assert studied_start_rank(method, float(r)) == spec.r, r
+
+
 def run_record(method: str, seed: int, accuracy: float) -> dict:
     """The fields of a quality record that the summary reads."""
     return {

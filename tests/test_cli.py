@@ -276,6 +276,23 @@ def test_a_parameter_budget_is_honoured_from_the_command_line(tiny_model_dir, tm
     assert summary["adapter_parameters"] <= budget
 
 
+def test_a_budget_without_r_names_the_start_rank_the_study_gave_the_method_before_training(
+    tiny_model_dir, tmp_path, caplog
+):
+    data = write_csv(tmp_path / "data.csv", n=96)
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "elalora", "--target-params", "1800")
+    del argv[argv.index("--r") : argv.index("--r") + 2]  # r left to its default, 8
+    with caplog.at_level("WARNING", logger="dynarank.cli.train"):
+        assert main(argv) == 0
+    # 1,800 parameters are 2.0 plain LoRA ranks on this model's targets (896 a rank): the study ran ElaLoRA at r=2
+    assert "--r not given: elalora starts at r=8" in caplog.text and "give --r 2 to train it so" in caplog.text
+    caplog.clear()
+    given = train_args(tiny_model_dir, data, tmp_path / "run2", "--method", "elalora", "--target-params", "1800")
+    with caplog.at_level("WARNING", logger="dynarank.cli.train"):
+        assert main(given) == 0  # --r 2 given: nothing to say
+    assert "--r not given" not in caplog.text
+
+
 def test_eval_every_logs_held_out_metrics_while_training(tiny_model_dir, tmp_path):
     data = write_csv(tmp_path / "data.csv")
     assert main([*train_args(tiny_model_dir, data, tmp_path / "run"), "--eval-every", "2"]) == 0

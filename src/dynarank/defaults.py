@@ -179,6 +179,14 @@ def _svd_default(table: dict[str, dict[str, Any]], what: str, method: str, task:
     return table[task][method]
 
 
+def studied_start_rank(method: str, budget: float) -> int | None:
+    """The start rank ``r`` the defaults study gave ``method`` at a budget of ``budget`` plain LoRA ranks (rounded to
+    a whole rank, at least 1): ARD max(8, 2b), ElaLoRA b (it conserves its size), AdaLoRA-style stock AdaLoRA's 1.5b
+    (at least b + 1); None for a method whose r is its size (docs/defaults.md, "What the study ran is what ships")."""
+    b = max(1, round(budget))
+    return {"ard": max(8, 2 * b), "elalora": b, "adalora-physical": max(b + 1, round(1.5 * b))}.get(method)
+
+
 def budget_of(method: str, r: int, knobs: Mapping[str, Any], shapes: Iterable[tuple[int, int]]) -> float | None:
     """A run's adapter budget as plain LoRA's rank (what default_lr's ``budget`` takes), from its method, rank and
     config fields: r for a fixed rank (and stock AdaLoRA, which prunes to r on average); ``target_params`` over LoRA

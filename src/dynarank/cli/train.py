@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..defaults import studied_start_rank
 from ..distributed import refuse_sharding, world
 from ..export import export_peft
 from ..files import naming
@@ -147,8 +148,27 @@ def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
         max_grad_norm=o.max_grad_norm,
         dynarank=o.method_knobs(),
     ).for_model(model)  # the default rate of this model's kind at this adapter's budget, before config.yaml says it
+    _note_start_rank(o, spec)
     check_adapter_fits(model, spec)
     return Inputs(task, model, tokenizer, train, held, spec)
+
+
+def _note_start_rank(options: TrainOptions, spec: TrainSpec) -> None:
+    """Say so before training when --r was not given beside a budget and the start rank it falls back to is not the
+    one the defaults study gave the method at that budget (what its results describe)."""
+    if "r" in options.knobs or spec.budget_r is None or "target_params" not in spec.dynarank:
+        return
+    studied = studied_start_rank(spec.method, spec.budget_r)
+    if studied is not None and studied != spec.r:
+        logger.warning(
+            "dynarank: --r not given: %s starts at r=%d; at this budget (%.3g plain LoRA ranks) the defaults study "
+            "started it at r=%d, which its results describe (docs/defaults.md): give --r %d to train it so.",
+            spec.method,
+            spec.r,
+            spec.budget_r,
+            studied,
+            studied,
+        )
 
 
 def train_command(options: TrainOptions, quiet: bool = False) -> dict:
