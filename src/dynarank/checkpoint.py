@@ -37,6 +37,7 @@ from safetensors.torch import load
 from torch import nn
 
 from .attach import elastic_layers
+from .config import is_positive_number
 from .naming import SVD_ATTR
 from .storage import interrupted_replacements, restore_interrupted, write_atomically
 
@@ -247,9 +248,7 @@ def restore_output_scales(model: nn.Module, scales) -> None:
         return
     layers = elastic_layers(model)
     fits = isinstance(scales, dict) and set(scales) == set(layers)
-    if not fits or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in scales.values()
-    ):
+    if not fits or not all(is_positive_number(v) for v in scales.values()):
         raise CheckpointError(
             "checkpoint does not fit this model: its output scales are not one positive number per adapted module."
         )

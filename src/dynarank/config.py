@@ -72,6 +72,11 @@ def _choice(config: Any, name: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(name, f"{getattr(config, name)!r} is not one of {', '.join(allowed)}.")
 
 
+def is_positive_number(value: Any) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
 def _count(config: Any, name: str, low: int, optional: bool = True) -> None:
     value = getattr(config, name)
     if value is None and optional:
@@ -421,9 +426,7 @@ class SVDConfig(RankControlConfig):
         if self.ortho_weight is not None and not self.ortho_weight >= 0:
             raise ConfigError("ortho_weight", f"must be >= 0, got {self.ortho_weight!r}.")
         ratio = self.values_lr_ratio
-        if ratio is not None and (
-            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf")
-        ):
+        if ratio is not None and not is_positive_number(ratio):
             raise ConfigError("values_lr_ratio", f"must be a finite number > 0, got {ratio!r}.")
         if not isinstance(self.reset_optimizer_on_resize, bool):
             raise ConfigError(
@@ -474,6 +477,12 @@ class ElaLoRAConfig(SVDConfig):
 
 
 ADALORA_TARGET_FRACTION = 2 / 3  # AdaLoRA's target_rank=None: PEFT AdaLoRA's default init_r 12 -> target_r 8
+
+
+def stock_adalora_start_rank(target: int) -> int:
+    """Stock AdaLoRA's initial rank for a target rank, as dynarank's loop and study set it: 1.5x, at least one more
+    (1 -> 2, 4 -> 6, 12 -> 18)."""
+    return max(target + 1, round(1.5 * target))
 
 
 @dataclass

@@ -29,6 +29,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .config import stock_adalora_start_rank
+
 TASKS = ("classify", "causal-lm")  # the CLI's --task values
 DEFAULT_LR: dict[str, dict[str, float]] = {
     # sequence classification (encoders with a task head)
@@ -184,7 +186,7 @@ def studied_start_rank(method: str, budget: float) -> int | None:
     a whole rank, at least 1): ARD max(8, 2b), ElaLoRA b (it conserves its size), AdaLoRA-style stock AdaLoRA's 1.5b
     (at least b + 1); None for a method whose r is its size (docs/defaults.md, "What the study ran is what ships")."""
     b = max(1, round(budget))
-    return {"ard": max(8, 2 * b), "elalora": b, "adalora-physical": max(b + 1, round(1.5 * b))}.get(method)
+    return {"ard": max(8, 2 * b), "elalora": b, "adalora-physical": stock_adalora_start_rank(b)}.get(method)
 
 
 def budget_of(method: str, r: int, knobs: Mapping[str, Any], shapes: Iterable[tuple[int, int]]) -> float | None:

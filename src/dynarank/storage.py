@@ -16,7 +16,7 @@ from safetensors.torch import save
 from torch import nn
 
 from .attach import ATTACHED_ATTR, attach, elastic_layers, unwrap
-from .config import DynaRankConfig
+from .config import DynaRankConfig, is_positive_number
 from .files import RunFileError, read_json, read_safetensors, write_synced
 
 LAYOUT_FILE = "dynarank_adapter.json"
@@ -308,7 +308,7 @@ def _restore(model: nn.Module, layout: dict, tensors: dict[str, torch.Tensor]) -
             )
         layer.set_slots(info["slots"])
         scaling = info.get("scaling", layer.scaling)  # the scale it trained with, whatever the defaults are now
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < float("inf"):
+        if not is_positive_number(scaling):
             raise AdapterFormatError(f"{name}: the saved output scale {scaling!r} is not a positive number.")
         layer.scaling = float(scaling)
     expected = {}

@@ -17,7 +17,16 @@ from typing import Any
 
 from torch import nn
 
-from ..config import CONFIG_CLASSES, METHODS, ORTHO_WEIGHT, ConfigError, DynaRankConfig, fields_of, methods_using
+from ..config import (
+    CONFIG_CLASSES,
+    METHODS,
+    ORTHO_WEIGHT,
+    ConfigError,
+    DynaRankConfig,
+    fields_of,
+    methods_using,
+    stock_adalora_start_rank,
+)
 from ..controllers.schedules import stock_adalora_phases
 
 DYNARANK_METHODS = METHODS  # dynarank's own: dynarank-lora, ard, elalora, adalora-physical
@@ -81,7 +90,7 @@ def check_knobs(method: str, knobs: dict[str, Any]) -> None:
 def stock_adalora_schedule(r: int, total_steps: int) -> dict[str, int]:
     """Stock PEFT AdaLoRA as the loop builds it: ranks pruned from 1.5 r to r per matrix on average, between 10% and
     80% of the run (PEFT's init_r, target_r, tinit, tfinal, deltaT)."""
-    return {"init_r": max(r + 1, round(1.5 * r)), "target_r": r, **stock_adalora_phases(total_steps)}
+    return {"init_r": stock_adalora_start_rank(r), "target_r": r, **stock_adalora_phases(total_steps)}
 
 
 def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_steps: int, knobs: dict) -> nn.Module:
