@@ -316,6 +316,37 @@ def test_demo_fast_path_compares_ard_with_lora_at_equal_parameters(tmp_path, cap
         assert (record["lr"], record["lr_source"]) == (default_lr(method), source("classify"))
 
 
+@pytest.mark.parametrize("method", ["elalora", "adalora-physical", "ard"])
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_outputs(
+    tiny_model_dir, tmp_path, monkeypatch, method
+):
+    """The last step is checkpointed (6 of 6, --save-every 3) and the process dies before writing its outputs (in
+    the final evaluation, say). The SVD methods fold E into the adapters after the last step: their checkpoint there
+    must still resume (it failed with 'trainable parameters differ' while the fold came before that checkpoint)."""
+    import dynarank.cli.train as train_module
+
+    data = write_csv(tmp_path / "data.csv")
+    argv = ["--method", method, "--save-every", "3"]
+    assert main([*train_args(tiny_model_dir, data, tmp_path / "full"), *argv]) == 0
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_write_outputs", killed)
+    assert main([*train_args(tiny_model_dir, data, tmp_path / "killed"), *argv]) == 130
+    monkeypatch.undo()
+    assert (tmp_path / "killed" / "checkpoints" / "step-6").is_dir() and not (tmp_path / "killed" / "summary.json").exists()
+    assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert resumed["final_ranks"] == full["final_ranks"] and resumed["eval"] == full["eval"]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):
     data = write_csv(tmp_path / "data.csv")
     argv = ["--method", "ard", "--max-steps", "12", "--save-every", "4"]

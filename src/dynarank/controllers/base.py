@@ -177,6 +177,11 @@ class RankController:
         optimizer.zero_grad(set_to_none=True)
         return self.after_step(optimizer)
 
+    # Whether a method that holds part of the update apart (the SVD methods' E) folds it into the adapters by itself
+    # after the last scheduled step. A loop that checkpoints that step first, and calls finish() after, turns it off
+    # (the training loop): its last checkpoint then holds the same kind of state as every other, and resumes.
+    fold_after_last_step: bool = True
+
     def finish(self) -> None:
         """End of training (also when it stops early): methods fold what they still hold apart."""
 

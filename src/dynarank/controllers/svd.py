@@ -226,7 +226,7 @@ class SVDController(RankController):
                 self.reallocate_round(t, record)
             if t >= self.schedule.end:
                 self.importance.clear()  # ranks are final: the scores' memory is freed
-            if self.total_steps is not None and t >= self.total_steps:
+            if self.fold_after_last_step and self.total_steps is not None and t >= self.total_steps:
                 self.finalize()
         return self._finish(record)
 

@@ -392,6 +392,8 @@ class _Loop:
             on_init_batch=control.on_init_batch,
         )
         self.init_seconds = time.perf_counter() - t0  # attaching, and the data pass of a method that starts from data
+        if self.controller is not None:  # the last step is checkpointed before finish() folds E (run())
+            self.controller.fold_after_last_step = False
         if self.n_workers > 1 and getattr(self.controller, "rank_init", None) is not None and not control.resume:
             check_same_ranks(self.controller)  # the statistics were reduced: every worker must have set the same ranks
         state = tensors = None
