@@ -97,6 +97,24 @@ def test_a_resumed_trainer_run_ends_bitwise_equal_to_the_uninterrupted_run(unint
         assert torch.equal(expected[name], got[name]), name
 
 
+@pytest.mark.parametrize("way", ["trainer", "callbacks"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_run_resumed_from_the_checkpoint_of_its_last_step_ends_equal_to_it(tmp_path, method, way):
+    """A process killed after the last step's checkpoint (in the final evaluation, say) is resumed from it. The SVD
+    methods fold E into the adapters at the end of training: while that came before the last checkpoint, the resume
+    zeroed or changed ElaLoRA's adapters silently and AdaLoRA-style's refused its optimizer."""
+    model, _, trainer = build(method, tmp_path / "run", save_steps=STEPS)
+    trainer.train()
+    fresh, callback, resumed = build(method, tmp_path / "resumed", save_steps=None, way=way)
+    shutil.copytree(tmp_path / "run" / f"checkpoint-{STEPS}", tmp_path / "resumed" / f"checkpoint-{STEPS}")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / f"checkpoint-{STEPS}"))
+    assert callback.controller.step == STEPS
+    expected, got = trained(model), trained(fresh)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
 def test_resume_from_checkpoint_true_takes_the_newest_checkpoint_with_dynarank_state(tmp_path, caplog):
     model, callback, trainer = build("adalora-physical", tmp_path / "run", save_steps=8)
     trainer.train()

@@ -179,7 +179,8 @@ class RankController:
 
     # Whether a method that holds part of the update apart (the SVD methods' E) folds it into the adapters by itself
     # after the last scheduled step. A loop that checkpoints that step first, and calls finish() after, turns it off
-    # (the training loop): its last checkpoint then holds the same kind of state as every other, and resumes.
+    # (the training loop, the Trainer callback): their last checkpoint then holds the same kind of state as every other,
+    # and resumes.
     fold_after_last_step: bool = True
 
     def finish(self) -> None:

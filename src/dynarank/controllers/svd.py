@@ -386,7 +386,8 @@ class SVDController(RankController):
     def finalize(self) -> None:
         """Fold E into the group side (column c times E[c]) and drop the gate and ``model.dynarank_svd``.
 
-        Runs by itself after the last step; the function is unchanged, and the model is then a
+        Runs by itself after the last step (``fold_after_last_step``; the training loop and the Trainer callback
+        run it in ``finish()``, after the last step's checkpoint); the function is unchanged, and the model is then a
         plain elastic LoRA model that ``save_adapter``, ``unwrap`` and ``export_peft`` handle as
         any other. Call it yourself when a run stops before ``total_steps``.
         """

@@ -237,6 +237,9 @@ class DynaRankCallback(TrainerCallback):
             if resumed is None and needs_rank_init(self.model):
                 self._init_ranks(kwargs.get("train_dataloader"), _inner(optimizer), state.max_steps)
             self.controller = build_controller(self.model, total_steps=state.max_steps, restoring=resumed is not None)
+            # The Trainer checkpoints the last step after this callback's step end: E stays apart until on_train_end
+            # folds it (finish()), so that checkpoint holds the same kind of state as every other, and resumes.
+            self.controller.fold_after_last_step = False
             if resumed is not None:
                 checkpoint.restore_controller(self.controller, *resumed)
             else:
