@@ -276,21 +276,32 @@ def test_a_parameter_budget_is_honoured_from_the_command_line(tiny_model_dir, tm
     assert summary["adapter_parameters"] <= budget
 
 
-def test_a_budget_without_r_names_the_start_rank_the_study_gave_the_method_before_training(
-    tiny_model_dir, tmp_path, caplog
+@pytest.mark.parametrize("method, start", [("elalora", 2), ("adalora-physical", 3), ("ard", 8)])
+def test_a_budget_without_r_starts_at_the_rank_the_study_gave_the_method_there_and_resumes_at_it(
+    tiny_model_dir, tmp_path, method, start
 ):
     data = write_csv(tmp_path / "data.csv", n=96)
-    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", "elalora", "--target-params", "1800")
-    del argv[argv.index("--r") : argv.index("--r") + 2]  # r left to its default, 8
-    with caplog.at_level("WARNING", logger="dynarank.cli.train"):
-        assert main(argv) == 0
-    # 1,800 parameters are 2.0 plain LoRA ranks on this model's targets (896 a rank): the study ran ElaLoRA at r=2
-    assert "--r not given: elalora starts at r=8" in caplog.text and "give --r 2 to train it so" in caplog.text
-    caplog.clear()
-    given = train_args(tiny_model_dir, data, tmp_path / "run2", "--method", "elalora", "--target-params", "1800")
-    with caplog.at_level("WARNING", logger="dynarank.cli.train"):
-        assert main(given) == 0  # --r 2 given: nothing to say
-    assert "--r not given" not in caplog.text
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", method, "--target-params", "1800")
+    del argv[argv.index("--r") : argv.index("--r") + 2]
+    argv += ["--save-every", "3"]
+    assert main(argv) == 0
+    # 1,800 parameters are 2.01 plain LoRA ranks on this model's targets (896 a rank): the study ran ElaLoRA at r=2,
+    # AdaLoRA-style at stock AdaLoRA's 1.5x (3) and ARD at max(8, 2 x 2)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (
+        summary["r"] == start and "defaults study's start at this budget (2.01 plain LoRA ranks" in summary["r_source"]
+    )
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (recorded["r"], recorded["r_source"]) == (start, summary["r_source"])
+    # the resume trains the start it recorded, to the same end as the run itself
+    (tmp_path / "run" / "summary.json").unlink()
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert resumed["r"] == start and resumed["eval"] == summary["eval"]
+    given = train_args(tiny_model_dir, data, tmp_path / "run2", "--method", method, "--target-params", "1800")
+    given[given.index("--r") + 1] = "4"
+    assert main(given) == 0
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["r"] == 4  # a given --r is used as given
 
 
 def test_eval_every_logs_held_out_metrics_while_training(tiny_model_dir, tmp_path):
@@ -335,7 +346,8 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_outputs(
     monkeypatch.setattr(train_module, "_write_outputs", killed)
     assert main([*train_args(tiny_model_dir, data, tmp_path / "killed"), *argv]) == 130
     monkeypatch.undo()
-    assert (tmp_path / "killed" / "checkpoints" / "step-6").is_dir() and not (tmp_path / "killed" / "summary.json").exists()
+    killed_run = tmp_path / "killed"
+    assert (killed_run / "checkpoints" / "step-6").is_dir() and not (killed_run / "summary.json").exists()
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())

@@ -684,3 +684,50 @@ def test_the_orthogonality_default_names_the_choices_for_an_unknown_method_or_ta
         dynarank.default_ortho_weight("ard", "classify")  # not an SVD method: the message lists the ones there are
     with pytest.raises(KeyError, match="causal-lm"):
         dynarank.default_ortho_weight("elalora", "regression")
+
+
+# ---------------------------------------------------------------- the start rank
+STUDIED_START = {  # at b plain LoRA ranks (docs/defaults.md, "What the study ran is what ships")
+    "ard": lambda b: max(8, 2 * b),
+    "elalora": lambda b: b,
+    "adalora-physical": lambda b: max(b + 1, round(1.5 * b)),
+}
+
+
+@pytest.mark.parametrize("method", list(STUDIED_START))
+@pytest.mark.parametrize("b", [1, 2, 4])
+def test_a_budget_without_r_starts_where_the_study_started_the_method_at_that_budget(method, b):
+    """attach() (the library, the Trainer integrations) and TrainSpec.for_model() (the training loop, the CLI) take
+    an unset r from the budget, as quality.py ran every method; the rank a user gives is used as given."""
+    targets = ["query", "value"]
+    per_rank = 2 * 2 * (32 + 32)  # plain LoRA r=1 on query and value of the tiny BERT's two layers
+    knobs = {"target_params": b * per_rank}
+    config = DynaRankConfig(method=method, target_modules=targets, **knobs)
+    assert config.r is None  # resolved against the model's targets when attached
+    model = attach(tiny_bert(), config)
+    assert model.dynarank_config.r == STUDIED_START[method](b)
+    assert all(max(layer.ranks) == STUDIED_START[method](b) for layer in dynarank.elastic_layers(model).values())
+    spec = TrainSpec(method=method, target_modules=targets, dynarank=knobs).for_model(tiny_bert())
+    assert spec.r == STUDIED_START[method](b) and spec.r_source.startswith("the defaults study's start at this budget")
+    given = TrainSpec(method=method, r=5, target_modules=targets, dynarank=knobs).for_model(tiny_bert())
+    assert (given.r, given.r_source) == (5, "given")
+
+
+def test_without_a_budget_r_is_8_and_says_it_is_the_default():
+    assert DynaRankConfig(method="ard").r == DynaRankConfig(method="elalora").r == 8
+    assert DynaRankConfig(method="dynarank-lora").r == 8
+    spec = TrainSpec(method="elalora", target_modules=["query", "value"]).for_model(tiny_bert())
+    assert (spec.r, spec.r_source) == (8, "default")
+    assert (TrainSpec(method="lora").r, TrainSpec(method="lora").r_source) == (8, "default")
+
+
+def test_a_studied_start_beyond_what_the_model_can_hold_is_capped_there():
+    """ARD at 6 plain LoRA ranks starts at 12 in the study; the tiny BERT's heads are 8 wide, so 8 is its start."""
+    config = DynaRankConfig(method="ard", target_modules=["query", "value"], target_params=6 * 256)
+    assert attach(tiny_bert(), config).dynarank_config.r == 8
+
+
+def test_a_rank_floor_above_the_budgets_start_is_refused_when_the_start_is_known():
+    config = DynaRankConfig(method="elalora", target_modules=["query", "value"], target_params=256, rank_floor=2)
+    with pytest.raises(ConfigError, match="rank_floor"):
+        attach(tiny_bert(), config)  # ElaLoRA's start at 1 plain LoRA rank is r=1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -9,7 +10,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import KEY_VALUE_SUFFIXES, OUTPUT_SUFFIXES, QUERY_SUFFIXES, TASK_HEAD_NAMES, ConfigError, DynaRankConfig
+from .config import (
+    DEFAULT_START_RANK,
+    KEY_VALUE_SUFFIXES,
+    OUTPUT_SUFFIXES,
+    QUERY_SUFFIXES,
+    TASK_HEAD_NAMES,
+    ConfigError,
+    DynaRankConfig,
+)
+from .defaults import budget_in_lora_ranks, studied_start_rank
 from .layer import ElasticLoRALinear
 from .naming import ARD_ATTR, SVD_ATTR
 from .quantized import keep_training_layout, refuse_merge
@@ -174,6 +184,17 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
         raise ValueError("this model already carries dynarank adapters; attach() once per model.")
     targets = select_targets(model, config)
     geometry = head_geometry(model, config) if config.granularity == "head" else None
+    if config.r is None:  # a budget without a start: the defaults study's for the method at that budget
+        r = _start_rank(model, targets, config, geometry)
+        logger.info(
+            "dynarank: r not given: %s starts at r=%d (the defaults study's start at its budget)", config.method, r
+        )
+        try:
+            config = dataclasses.replace(config, r=r)
+        except ConfigError as exc:  # a field bounded by r (rank_floor): say where this r came from
+            raise ConfigError(
+                exc.fields, f"{exc.problem} (r was not given: r={r} is the defaults study's start at this budget)"
+            ) from None
     if config.granularity == "head" and geometry is None:
         attention = [n for n in targets if _has_suffix(n, QUERY_SUFFIXES + KEY_VALUE_SUFFIXES + OUTPUT_SUFFIXES)]
         if attention:
@@ -213,6 +234,26 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     keep_training_layout(model)  # a 4-bit base computes in eval as in training (quantized.py: the repacking trap)
     logger.info("dynarank: %d adapted modules, %d trainable parameters", len(built), count_trainable(model))
     return model
+
+
+def start_rank(model: nn.Module, config: DynaRankConfig) -> int:
+    """The rank every group of ``model``'s targets starts at under ``config``: its ``r``, or unset (with a budget),
+    the start the defaults study gave the method at that budget (dynarank.defaults.studied_start_rank; the budget
+    in plain LoRA ranks on these targets), at most the largest rank every target's groups can hold."""
+    if config.r is not None:
+        return config.r
+    targets = select_targets(model, config)
+    geometry = head_geometry(model, config) if config.granularity == "head" else None
+    return _start_rank(model, targets, config, geometry)
+
+
+def _start_rank(model: nn.Module, targets: list[str], config: DynaRankConfig, geometry: HeadGeometry | None) -> int:
+    modules = {name: model.get_submodule(name) for name in targets}
+    budget = budget_in_lora_ranks(config.target_params, [(m.in_features, m.out_features) for m in modules.values()])
+    studied = studied_start_rank(config.method, budget) if budget is not None else None
+    r = studied if studied is not None else DEFAULT_START_RANK
+    costs = [plan_costs(m, layer_plan(name, m, config, geometry), config.head_layout) for name, m in modules.items()]
+    return min(r, *(min(c.group_size, c.other_dim) for c in costs))
 
 
 def _build_layers(

@@ -43,6 +43,7 @@ OUTPUT_SUFFIXES = ("attention.output.dense", "o_proj", "out_proj", "o", "out_lin
 # Top-level task heads: trained in full (modules_to_save), never adapted. BART-style models call theirs
 # classification_head; DistilBERT's classifier is preceded by a freshly initialised pre_classifier.
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "classification_head", "pre_classifier")
+DEFAULT_START_RANK = 8  # r when neither it nor a budget is given
 ORTHO_WEIGHT = 0.1  # the papers' orthogonality weight (both papers' code): stock PEFT AdaLoRA's in the application
 LEGACY_METHODS = {"lora": "dynarank-lora", "adalora": "adalora-physical"}  # names in adapters saved before 0.2
 
@@ -105,7 +106,13 @@ class DynaRankConfig:
         "'all-linear' (every Linear except the task head).",
         default_factory=lambda: ["query", "value"],
     )
-    r: int = _help("Initial rank of every group (per head under granularity='head'); higher: more capacity.", 8)
+    r: int | None = _help(
+        "Initial rank of every group (per head under granularity='head'); higher: more capacity. Unset: with a "
+        "budget (target_params), the start the defaults study gave the method at that budget, resolved when the "
+        "adapters are attached (dynarank.defaults.studied_start_rank: at b plain LoRA ranks ARD max(8, 2b), ElaLoRA "
+        "b, AdaLoRA-style 1.5b, at least b + 1; docs/defaults.md); otherwise 8.",
+        None,
+    )
     lora_alpha: float | None = _help(
         "Output scale numerator; scaling = lora_alpha / r, fixed for the run. Default: r (scaling 1); "
         "adalora-physical: its final size, so that scaling is the fraction of its start it ends at (stock AdaLoRA's "
@@ -142,7 +149,11 @@ class DynaRankConfig:
     def __post_init__(self) -> None:
         _choice(self, "granularity", ("head", "matrix"))
         _choice(self, "head_layout", ("own", "shared"))
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if self.r is None and getattr(self, "target_params", None) is None:
+            self.r = DEFAULT_START_RANK  # without a budget there is nothing to take the start from
+        if self.r is None:
+            pass  # the budget's start, resolved against the model's targets (dynarank.defaults.resolve_start_rank)
+        elif isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ConfigError("r", f"must be a positive integer (the initial rank per group), got {self.r!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}.")
@@ -217,7 +228,8 @@ class RankControlConfig(DynaRankConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.rank_floor, int) or not 0 <= self.rank_floor <= self.r:
+        top = self.r if self.r is not None else float("inf")  # an unresolved start is checked once resolved
+        if isinstance(self.rank_floor, bool) or not isinstance(self.rank_floor, int) or not 0 <= self.rank_floor <= top:
             raise ConfigError("rank_floor", f"must be an integer in [0, r={self.r}], got {self.rank_floor!r}.")
         _count(self, "resize_every", 1)
         _count(self, "target_params", 1)

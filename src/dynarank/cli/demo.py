@@ -13,15 +13,15 @@ from .train import train_command
 from .train_options import TrainOptions
 
 DEMO_BUDGET_RANK = 2  # the demo's budget: the parameters of plain LoRA at this rank on the same modules
-DEMO_R0 = 8  # ARD's largest rank per head (every head's start without a budget)
 
 
 def demo_command(out: str | None = None, **run: Any) -> list[dict]:
     """ARD-LoRA and stock PEFT LoRA on the packaged MiniLM + tweets, at the same adapter-parameter budget.
 
-    ARD (per head, A shared by the heads of a projection; ranks up to r0=8) is held to the parameters of plain LoRA
-    at rank 2 (``target_params``) and, with that budget, starts from ranks measured on the first training batches
-    (``rank_init='auto'``); LoRA r=2 is the same budget from the first step. ``run``: ``train`` options of
+    ARD, given nothing but the budget (its defaults: per head, A shared by the heads of a projection, ranks up to the
+    studied start r0=8 at this budget), is held to the parameters of plain LoRA at rank 2 (``target_params``) and,
+    with that budget, starts from ranks measured on the first training batches (``rank_init='auto'``); LoRA r=2 is
+    the same budget from the first step. ``run``: ``train`` options of
     both runs (``max_steps``, ``n_train``); ``out``: the folder of the two run directories.
     """
     root = new_directory(out, "demo")
@@ -30,7 +30,7 @@ def demo_command(out: str | None = None, **run: Any) -> list[dict]:
     ard = TrainOptions(
         method="ard",
         out=str(root / "ard"),
-        knobs={"r": DEMO_R0, "target_params": budget},  # ARD's default layout: A shared by a projection's heads
+        knobs={"target_params": budget},  # every other setting ARD's default (docs/defaults.md)
         **shared,
     )
     lora = TrainOptions(
@@ -49,7 +49,7 @@ def _budget() -> int:
 
 def _start_of(ard: dict) -> str:
     """How ARD's run started: measured ranks (the default with a budget) or every head at r0."""
-    return "data start" if ard.get("rank_init") else f"r0={DEMO_R0}"
+    return "data start" if ard.get("rank_init") else f"r0={ard['r']}"
 
 
 def _print_comparison(ard: dict, lora: dict, budget: int) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 
 from torch import nn
 
-from ..defaults import studied_start_rank
 from ..distributed import refuse_sharding, world
 from ..export import export_peft
 from ..files import naming
@@ -148,27 +147,10 @@ def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
         max_grad_norm=o.max_grad_norm,
         dynarank=o.method_knobs(),
     ).for_model(model)  # the default rate of this model's kind at this adapter's budget, before config.yaml says it
-    _note_start_rank(o, spec)
+    if spec.r_source not in ("given", "default"):
+        logger.info("dynarank: --r not given: %s starts at r=%d, %s.", spec.method, spec.r, spec.r_source)
     check_adapter_fits(model, spec)
     return Inputs(task, model, tokenizer, train, held, spec)
-
-
-def _note_start_rank(options: TrainOptions, spec: TrainSpec) -> None:
-    """Say so before training when --r was not given beside a budget and the start rank it falls back to is not the
-    one the defaults study gave the method at that budget (what its results describe)."""
-    if "r" in options.knobs or spec.budget_r is None or "target_params" not in spec.dynarank:
-        return
-    studied = studied_start_rank(spec.method, spec.budget_r)
-    if studied is not None and studied != spec.r:
-        logger.warning(
-            "dynarank: --r not given: %s starts at r=%d; at this budget (%.3g plain LoRA ranks) the defaults study "
-            "started it at r=%d, which its results describe (docs/defaults.md): give --r %d to train it so.",
-            spec.method,
-            spec.r,
-            spec.budget_r,
-            studied,
-            studied,
-        )
 
 
 def train_command(options: TrainOptions, quiet: bool = False) -> dict:
@@ -195,6 +177,8 @@ def train_command(options: TrainOptions, quiet: bool = False) -> dict:
 def _train_into(run: RunDir, options: TrainOptions, inputs: Inputs, worker: Worker) -> dict:
     record = options.record(inputs.task, inputs.label_names, inputs.spec.target_modules)
     record.update(lr=inputs.spec.lr, lr_source=inputs.spec.lr_source)  # the rate used, and whether it was given
+    if "r" in record:  # the start rank used (a resume trains the same), and where it came from
+        record.update(r=inputs.spec.r, r_source=inputs.spec.r_source)
     if worker.writes and not options.resume:
         run.write_options(record)
     result = _train_with_progress(run, options, inputs, worker)
@@ -317,6 +301,8 @@ def print_summary(summary: dict, run: RunDir) -> None:
         tried = ", ".join(f"{lr:g}" for lr in search["candidates"])
         rate += f" (auto: of {tried}, by {search['probe_steps']}-step probes)"
     table.add_row("learning rate", rate)
+    if summary.get("r_source") not in (None, "given", "default"):  # a start rank taken from the budget
+        table.add_row("start rank", f"r={summary['r']} ({summary['r_source']})")
     for key, value in summary.get("eval", {}).items():
         table.add_row(key, f"{value:.4f}")
     table.add_row("steps / wall time", f"{summary['steps']} / {summary['wall_seconds']:.0f} s")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import CONFIG_CLASSES, ConfigError, DynaRankConfig, fields_of
+from ..config import CONFIG_CLASSES, ConfigError, fields_of
 from ..files import RunFileError, read_yaml
 from ..training.methods import ALL_METHODS, DYNARANK_METHODS, check_knobs, knob_users, knobs_of
 from ..training.models import model_record
@@ -31,7 +31,6 @@ def _option(help: str, default: Any = None, **meta: Any) -> Any:
 
 
 POSITIVE = {"low": 0, "inclusive": False}
-R_DEFAULT = default_of(fields_of(DynaRankConfig)["r"])
 
 
 @dataclass
@@ -115,8 +114,9 @@ class TrainOptions:
             )
 
     @property
-    def r(self) -> int:
-        return self.knobs.get("r", R_DEFAULT)
+    def r(self) -> int | None:
+        """As given; None: the method's default start (TrainSpec.for_model resolves it: 8, or from the budget)."""
+        return self.knobs.get("r")
 
     @property
     def target_modules(self) -> str | list[str] | None:

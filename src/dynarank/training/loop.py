@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
 from .. import checkpoint
-from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names
-from ..config import ConfigError, DynaRankConfig
+from ..attach import adapter_parameter_count, attach, count_trainable, linear_module_names, start_rank
+from ..config import DEFAULT_START_RANK, ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
 from ..defaults import RANK_BUDGET_METHODS, TASKS, budget_of, default_lr, source, task_of
 from ..distributed import ResizedGradientSync, any_worker, check_same_ranks, default_device, world, wrap
@@ -75,7 +75,9 @@ class TrainSpec:
     """What to train and how; the same fields for every method."""
 
     method: str = "ard"
-    r: int = 8
+    # None: 8, or for a dynarank method given a budget (target_params) the start the defaults study gave it at that
+    # budget, resolved by for_model against the model's targets (dynarank.attach.start_rank); r_source says which
+    r: int | None = None
     target_modules: list[str] | str = BERT_ENCODER_LINEAR
     # None: the method's default for `task` (dynarank.defaults); 'auto': a range test around it on the training data
     # before the run (lr_search.py); lr_source says which
@@ -101,6 +103,7 @@ class TrainSpec:
     # The adapter budget as plain LoRA's rank on the targets (budget_on), which a default rate follows
     # (dynarank.defaults.BUDGET_LR); None: no budget. Set by for_model from the model's targets.
     budget_r: float | None = None
+    r_source: str | None = None  # set here: 'given', 'default', or the budget the start was chosen at
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
@@ -117,16 +120,33 @@ class TrainSpec:
             raise ValueError(f"lr must be a positive number, 'auto' or None, not {self.lr!r}.")
         elif self.lr_source is None:
             self.lr_source = "given"
-        if self.batch_size < 1 or (self.lr != AUTO and self.lr <= 0) or self.r < 1:
+        if self.r is None and not self.starts_from_budget:
+            self.r, self.r_source = DEFAULT_START_RANK, "default"
+        elif self.r_source is None and self.r is not None:
+            self.r_source = "given"
+        bad_r = self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1)
+        if self.batch_size < 1 or (self.lr != AUTO and self.lr <= 0) or bad_r:
             raise ValueError("batch_size and r must be positive integers and lr a positive number.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be a positive number or None, not {self.max_grad_norm!r}.")
         check_knobs(self.method, self.config_fields())
 
+    @property
+    def starts_from_budget(self) -> bool:
+        """Whether r, unset, is the start the defaults study gave the method at its budget (a dynarank method with
+        ``target_params``), to be resolved against the model (:meth:`for_model`)."""
+        return self.method in DYNARANK_METHODS and self.dynarank.get("target_params") is not None
+
     def for_model(self, model: nn.Module) -> TrainSpec:
-        """This spec for ``model``: its kind of task (:func:`dynarank.defaults.task_of`) and the budget as plain
-        LoRA's rank on its targets. A given rate stays; a default one becomes the default of that kind and budget."""
-        return self.for_task(task_of(model), self.budget_on(model))
+        """This spec for ``model``: its kind of task (:func:`dynarank.defaults.task_of`), the budget as plain LoRA's
+        rank on its targets, and an unset start rank resolved there. A given rate stays; a default one becomes the
+        default of that kind and budget."""
+        spec, budget = self, self.budget_on(model)
+        if spec.r is None:
+            r = start_rank(model, DynaRankConfig(method=spec.method, **spec.config_fields()))
+            where = f"the defaults study's start at this budget ({budget:.3g} plain LoRA ranks; docs/defaults.md)"
+            spec = replace(spec, r=r, r_source=where)
+        return spec.for_task(task_of(model), budget)
 
     def budget_on(self, model: nn.Module) -> float | None:
         """The adapter budget as plain LoRA's rank on the Linear modules the spec targets in ``model``
@@ -554,6 +574,7 @@ class _Loop:
             "lr_source": self.spec.lr_source,
             "lr_search": self.lr_search.to_dict() if self.lr_search is not None else None,
             "r": self.spec.r,
+            "r_source": self.spec.r_source,
             "seed": self.spec.seed,
             "steps": self.total,
             "skipped_steps": self.skipped,
