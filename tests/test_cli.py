@@ -327,6 +327,16 @@ def test_demo_fast_path_compares_ard_with_lora_at_equal_parameters(tmp_path, cap
         assert (record["lr"], record["lr_source"]) == (default_lr(method), source("classify"))
 
 
+def assert_same_run(full: Path, resumed: Path) -> None:
+    """The resumed run's summary (final ranks, evaluation) and PEFT adapter equal the uninterrupted run's, bitwise."""
+    from safetensors.torch import load_file
+
+    a_summary, b_summary = (json.loads((run / "summary.json").read_text()) for run in (full, resumed))
+    assert b_summary["final_ranks"] == a_summary["final_ranks"] and b_summary["eval"] == a_summary["eval"]
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("method", ["elalora", "adalora-physical", "ard"])
 def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_outputs(
     tiny_model_dir, tmp_path, monkeypatch, method
@@ -348,15 +358,8 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_outputs(
     monkeypatch.undo()
     killed_run = tmp_path / "killed"
     assert (killed_run / "checkpoints" / "step-6").is_dir() and not (killed_run / "summary.json").exists()
-    assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
-    full = json.loads((tmp_path / "full" / "summary.json").read_text())
-    resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert resumed["final_ranks"] == full["final_ranks"] and resumed["eval"] == full["eval"]
-    from safetensors.torch import load_file
-
-    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["train", "--resume", str(killed_run)]) == 0
+    assert_same_run(tmp_path / "full", tmp_path / "killed")
 
 
 def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):
@@ -367,13 +370,6 @@ def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, 
     assert main([*train_args(tiny_model_dir, data, tmp_path / "killed"), *argv]) == 130
     monkeypatch.undo()
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0
-    full = json.loads((tmp_path / "full" / "summary.json").read_text())
-    resumed = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert resumed["final_ranks"] == full["final_ranks"] and resumed["eval"] == full["eval"]
-    from safetensors.torch import load_file
-
-    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(tmp_path / "full", tmp_path / "killed")
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13)) + [12]
