@@ -436,6 +436,9 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
         ({}, None, "total_steps: AdaLoRA needs the run's length"),
         ({"t_init_steps": 50, "t_final_steps": 50}, 100, "no budgeting phase"),
         ({"t_init_steps": 60, "t_final_steps": 40}, 100, r"t_init \(60\) \+ t_final \(40\) >= total_steps"),
+        # nothing given: stock AdaLoRA's phases take 2 + 0 of 2 steps; the run's length is named, not a setting
+        ({}, 2, r"^total_steps: a run of 2 steps is too short for AdaLoRA's default phases: .* 2 \+ 0 steps"),
+        ({"t_init_steps": 2}, 2, r"^t_init_steps: AdaLoRA has no budgeting phase"),  # a given setting is named
         ({"target_rank": None, "target_params": 10_000}, 100, "must be below the start"),
         ({"target_rank": None, "target_params": 10}, 100, "at least 80"),  # one rank in one head
     ],

@@ -381,6 +381,10 @@ def test_elalora_needs_total_steps_and_a_round_inside_the_budgeting_phase():
         build_controller(model)
     with pytest.raises(ValueError, match="resize_every: 50 is not shorter"):
         BudgetSchedule.resolve(100, warmup_frac=0.2, final_frac=0.3, interval=50, method="ElaLoRA")
+    # Left unset, the interval is the method's own: a run too short for any round is refused by its length, not by a
+    # setting the user never gave (which read "resize_every: 1 is not shorter ... Lower it (e.g. 1)").
+    with pytest.raises(ValueError, match=r"^total_steps: a run of 1 step is too short for ElaLoRA: .* 1 step\(s\)"):
+        planted(steps=1)
     with pytest.raises(ValueError, match=r"budget \(100 params\) is below 640, .* floor of 1 rank.*switch_off\)"):
         planted(target_params=100)  # 8 heads x 1 rank x 16 + 1 shared row x 64
     with pytest.raises(ValueError, match=r"target_rank: must be .* \(0, r=3\).*conserves the total rank"):

@@ -37,13 +37,17 @@ class AdaLoRAController(SVDController):
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
             return phases  # BudgetSchedule.resolve says what is wrong with it
         stock = stock_adalora_phases(total_steps)
+        filled = []
         if phases["warmup_frac"] is None and phases["t_init_steps"] is None:
             phases["t_init_steps"] = stock["tinit"] + 1
+            filled.append("t_init_steps")
         if phases["final_frac"] is None and phases["t_final_steps"] is None:
             phases["t_final_steps"] = stock["tfinal"] - 1
+            filled.append("t_final_steps")
         if phases["interval"] is None:
             phases["interval"] = stock["deltaT"]
-        return phases
+            filled.append("interval")
+        return {**phases, "defaulted": tuple(filled)}
 
     def _resolve_target(self) -> int:
         """round(target_rank x groups) ranks, or target_params; below the start, above the floor."""

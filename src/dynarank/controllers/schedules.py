@@ -63,6 +63,7 @@ class BudgetSchedule:
         interval: int | None = None,
         method: str = "ElaLoRA",
         need_interior_round: bool = True,
+        defaulted: tuple[str, ...] = (),
     ) -> BudgetSchedule:
         """Turn fractions / step counts into a schedule, or raise a ValueError that says what to change.
 
@@ -74,6 +75,8 @@ class BudgetSchedule:
             method: name used in the messages.
             need_interior_round: refuse an interval longer than the budgeting phase (ElaLoRA would
                 then never reallocate; AdaLoRA still prunes once, at ``end``).
+            defaulted: which of ``t_init_steps``, ``t_final_steps`` and ``interval`` the method filled in itself
+                (the user gave none of them): a run too short for them is refused as too short, naming its length.
         """
         if total_steps is None:
             raise ConfigError(
@@ -86,16 +89,34 @@ class BudgetSchedule:
         t_init = t_init_steps if t_init_steps is not None else round(warmup_frac * total_steps)
         t_final = t_final_steps if t_final_steps is not None else round(final_frac * total_steps)
         phase = total_steps - t_final - t_init
+        steps_given = [
+            name for name, v in (("t_init_steps", t_init_steps), ("t_final_steps", t_final_steps)) if v is not None
+        ]
         if phase < 1:
-            given = ("t_init_steps", "t_final_steps") if t_init_steps is not None or t_final_steps is not None else ()
+            given = tuple(name for name in steps_given if name not in defaulted)
+            if steps_given and not given:  # the method's own phases (AdaLoRA-style's stock ones): the run is short
+                raise ConfigError(
+                    "total_steps",
+                    f"a run of {_steps(total_steps)} is too short for {method}'s default phases: its warm-up and final "
+                    f"phase take {t_init} + {t_final} steps and leave no step to change ranks in. Train longer, or "
+                    "give warmup_frac / final_frac.",
+                )
             raise ConfigError(
                 given or ("warmup_frac", "final_frac"),
                 f"{method} has no budgeting phase: t_init ({t_init}) + t_final ({t_final}) >= total_steps "
                 f"({total_steps}). Lower them, or train longer.",
             )
+        unset = interval is None or "interval" in defaulted
         if interval is None:
             interval = max(1, phase // ROUNDS_WHEN_UNSET)
         if need_interior_round and interval >= phase:
+            if unset:  # the interval is the method's own (1 here): the phase is what is too short
+                raise ConfigError(
+                    "total_steps",
+                    f"a run of {_steps(total_steps)} is too short for {method}: its warm-up and final phase leave "
+                    f"{phase} step(s) between t_init={t_init} and T - t_final={total_steps - t_final}, too few for a "
+                    "reallocation round. Train longer, or lower warmup_frac / final_frac.",
+                )
             raise ConfigError(
                 "resize_every",
                 f"{interval} is not shorter than {method}'s budgeting phase ({phase} steps between t_init={t_init} "
@@ -128,6 +149,10 @@ class BudgetSchedule:
     def rounds(self, force_end: bool = False) -> list[int]:
         """Every step that runs a round."""
         return [t for t in range(self.t_init + 1, self.end + 1) if self.is_round(t, force_end)]
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
 
 
 def cubic_budget(schedule: BudgetSchedule, t: int, start: float, target: float) -> int:
