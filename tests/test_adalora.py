@@ -12,7 +12,7 @@ from torch import nn
 
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
-from dynarank.config import ORTHO_WEIGHT
+from dynarank.config import ORTHO_WEIGHT, ConfigError
 from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_changes
 from dynarank.optim_state import state_bytes
 from dynarank.training.loop import TrainSpec, prepare_model
@@ -428,6 +428,10 @@ def test_the_stock_adalora_baseline_trains_with_its_orthogonality_penalty_at_our
     # The benchmark's ablation switches it off through the same key as ours.
     spec = TrainSpec(method="adalora", r=2, target_modules=["query", "q_proj"], dynarank={"ortho_weight": 0.0})
     assert prepare_model(build(), spec, 100)[0].peft_config["default"].orth_reg_weight == 0.0
+    # A run too short for stock AdaLoRA's phases is refused by its length, in dynarank's words (not PEFT's, which name
+    # its own tinit / tfinal / total_step)
+    with pytest.raises(ConfigError, match=r"^total_steps: a run of 2 step\(s\) is too short .* at least 3 steps"):
+        prepare_model(build(), spec, 2)
 
 
 @pytest.mark.parametrize(

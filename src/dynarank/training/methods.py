@@ -93,6 +93,12 @@ def stock_adalora_schedule(r: int, total_steps: int) -> dict[str, int]:
     return {"init_r": stock_adalora_start_rank(r), "target_r": r, **stock_adalora_phases(total_steps)}
 
 
+def _stock_adalora_fits(total_steps: int) -> bool:
+    """Whether stock AdaLoRA's phases leave a step to prune in (PEFT's tinit < total_step - tfinal)."""
+    phases = stock_adalora_phases(total_steps)
+    return phases["tinit"] < total_steps - phases["tfinal"]
+
+
 def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_steps: int, knobs: dict) -> nn.Module:
     """``model`` prepared for a baseline: every weight trainable ('full'), or wrapped by stock PEFT."""
     check_knobs(method, knobs)
@@ -104,6 +110,17 @@ def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_
 
     heads = [n for n in TASK_HEADS if hasattr(model, n)]
     if method == "adalora":
+        if not _stock_adalora_fits(total_steps):  # PEFT would refuse in its own words, naming its own fields
+            phases, shortest = (
+                stock_adalora_phases(total_steps),
+                next(t for t in range(1, 1000) if _stock_adalora_fits(t)),
+            )
+            raise ConfigError(
+                "total_steps",
+                f"a run of {total_steps} step(s) is too short for stock AdaLoRA's phases (PEFT's tinit = 10% and tfinal"
+                f" = 20% of the run, at least 1 step each: {phases['tinit']} + {phases['tfinal']} leave no step to "
+                f"prune in): train at least {shortest} steps.",
+            )
         # The task type matters: without one, get_peft_model returns a bare PeftModel whose forward calls the wrapped
         # model directly and so never adds AdaLoRA's orthogonality penalty (AdaLoraModel.forward does). The penalty's
         # weight is dynarank's (the papers' 0.1, or the ortho_weight knob), so that both implementations train alike.
