@@ -149,11 +149,11 @@ class DynaRankConfig:
     def __post_init__(self) -> None:
         _choice(self, "granularity", ("head", "matrix"))
         _choice(self, "head_layout", ("own", "shared"))
+        # Unset with a budget: the budget's start, resolved against the model's targets (attach.start_rank); without
+        # a budget there is nothing to take the start from.
         if self.r is None and getattr(self, "target_params", None) is None:
-            self.r = DEFAULT_START_RANK  # without a budget there is nothing to take the start from
-        if self.r is None:
-            pass  # the budget's start, resolved against the model's targets (dynarank.defaults.resolve_start_rank)
-        elif isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            self.r = DEFAULT_START_RANK
+        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
             raise ConfigError("r", f"must be a positive integer (the initial rank per group), got {self.r!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}.")
