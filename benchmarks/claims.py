@@ -16,6 +16,8 @@ from collections import defaultdict
 from functools import cache
 from pathlib import Path
 
+import fresh_data
+
 RESULTS = Path(__file__).resolve().parent / "results"
 METRIC = {
     "minilm": ("accuracy", 1),
@@ -150,6 +152,12 @@ def figures() -> dict[str, str]:
     for row in _record("defaults.json").get("default_away_from_the_middle", []):
         if row["method"] == "ard" and row["budget"] == 1 and row["vs"].startswith("lora"):
             out[f"default {row['task']} r=1 ard - lora"] = f"{row['mean']:+.3f} ± {row['stderr']:.3f}"
+    # the defaults on a data set no choice saw (fresh_data.py), paired by seed against the tuned baselines
+    fresh = {m: [r["accuracy"] for r in v["runs"]] for m, v in _record("fresh_data.json")["methods"].items()}
+    for method in ("elalora", "adalora-physical", "ard"):
+        for baseline in ("lora", "adalora"):
+            mean, stderr = fresh_data.paired(fresh[method], fresh[baseline])
+            out[f"fresh data {method} - {baseline}"] = f"{mean:+.3f} ± {stderr:.3f}"
     for setting in ("minilm-16x16", "decoder-224", "decoder-224_240steps"):
         methods = _record(f"method_overhead_{setting}.json")["methods"]
         for method in ("ard", "elalora", "adalora-physical"):
