@@ -154,7 +154,7 @@ def figures() -> dict[str, str]:
             out[f"default {row['task']} r=1 ard - lora"] = f"{row['mean']:+.3f} ± {row['stderr']:.3f}"
     # the defaults on a data set no choice saw (fresh_data.py), paired by seed against the tuned baselines
     fresh = {m: [r["accuracy"] for r in v["runs"]] for m, v in _record("fresh_data.json")["methods"].items()}
-    for method in ("elalora", "adalora-physical", "ard"):
+    for method in ("elalora", "adalora-physical", "ard", "ard+auto"):
         for baseline in ("lora", "adalora"):
             mean, stderr = fresh_data.paired(fresh[method], fresh[baseline])
             out[f"fresh data {method} - {baseline}"] = f"{mean:+.3f} ± {stderr:.3f}"

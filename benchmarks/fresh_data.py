@@ -10,6 +10,7 @@ Runs, all through the CLI on the packaged MiniLM (its default targets), batch 16
 
 * dynarank's rank methods with their defaults only, held to plain LoRA r=2's adapter parameters (`--target-params`,
   no `--r`, no `--lr`): `ard`, `elalora`, `adalora-physical`;
+* ARD also with `--lr auto` (the range test around its default rate on the training data, before training);
 * stock PEFT LoRA r=2 and stock AdaLoRA (target r=2), each TUNED: its rate chosen on the validation split over
   1e-3 / 3e-3 / 1e-2 / 3e-2 (seed 0), then trained at that rate;
 * every run of the comparison trained on the training split and scored on the test split, seeds 0-2, paired by seed.
@@ -47,6 +48,7 @@ CATEGORIES = {  # label: the (language, file) pairs that hold it
 }
 RATES = [1e-3, 3e-3, 1e-2, 3e-2]
 OURS = ["ard", "elalora", "adalora-physical"]
+SEARCHED = {"ard+auto": "ard"}  # also with --lr auto (its range test around the default, on the training data)
 BASELINES = ["lora", "adalora"]
 BUDGET_RANK = 2
 COMMON = ["--batch-size", "16", "--epochs", "2", "--max-length", "32"]
@@ -145,11 +147,13 @@ def main() -> None:
     target = budget()
     results: dict = {"sizes": sizes, "budget_parameters": target, "seeds": args.seeds, "methods": {}}
     rates = {m: tuned_rate(runs, data, m, args.quick) for m in BASELINES}
-    for method in OURS + BASELINES:
+    for method in OURS + list(SEARCHED) + BASELINES:
         rows = []
         for seed in args.seeds:
             if method in OURS:
                 extra = ["--method", method, "--target-params", str(target)]
+            elif method in SEARCHED:
+                extra = ["--method", SEARCHED[method], "--target-params", str(target), "--lr", "auto"]
             else:
                 lr = rates[method][0]
                 extra = _rank(method) + (["--lr", str(lr)] if lr is not None else [])
@@ -200,14 +204,23 @@ def report(results: dict, quick: bool) -> str:
     for method, entry in results["methods"].items():
         rows, a = entry["runs"], acc[method]
         std = statistics.stdev(a) if len(a) > 1 else 0.0
-        how = "defaults only (budget given)" if method in OURS else "tuned on validation" if not quick else "default"
+        how = (
+            "defaults only (budget given)"
+            if method in OURS
+            else "defaults, --lr auto"
+            if method in SEARCHED
+            else "tuned on validation"
+            if not quick
+            else "default"
+        )
         vs = [_pm(*paired(a, acc[b])) if b != method else "-" for b in BASELINES]
         mean_size = statistics.fmean(r["trainable_parameters_mean"] or 0 for r in rows)
         peak = max(r["trainable_parameters_peak"] or 0 for r in rows)
         sizes = ", ".join(f"{r['adapter_parameters']:,}" for r in rows if r["adapter_parameters"] is not None)
+        rates = ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in rows}))  # --lr auto: per seed
         lines.append(
             f"| {method} | {how} | {statistics.fmean(a):.3f} ± {std:.3f} | {vs[0]} | {vs[1]} | "
-            f"{rows[0]['lr']:g} | {rows[0]['r']} | {sizes or '-'} | "
+            f"{rates} | {rows[0]['r']} | {sizes or '-'} | "
             f"{rows[0]['trainable_parameters_start']:,} / {mean_size:,.0f} / {peak:,} |"
         )
     for method in BASELINES:

@@ -39,7 +39,7 @@ SUITES = {
     "method-overhead": ("method_overhead.py", ["--steps", "12"], []),
     "buckets": ("bucket_threshold.py", ["--rounds", "3"], []),
     "rank-init": ("rank_init.py", ["--part", "planted", "--seeds", "1"], ["--part", "planted", "--seeds", "3"]),
-    "fresh-data": ("fresh_data.py", None, []),  # no quick form: 23 CLI runs, about 25 minutes
+    "fresh-data": ("fresh_data.py", None, []),  # no quick form: 26 CLI runs, about half an hour
 }
 QUICK_OUT = HERE / "results" / "quick"
 LONG = ("quality-smollm2", "fresh-data")  # hours / half an hour on 2 cores: run only when named with --suite
