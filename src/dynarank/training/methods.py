@@ -111,10 +111,8 @@ def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_
     heads = [n for n in TASK_HEADS if hasattr(model, n)]
     if method == "adalora":
         if not _stock_adalora_fits(total_steps):  # PEFT would refuse in its own words, naming its own fields
-            phases, shortest = (
-                stock_adalora_phases(total_steps),
-                next(t for t in range(1, 1000) if _stock_adalora_fits(t)),
-            )
+            phases = stock_adalora_phases(total_steps)
+            shortest = next(t for t in range(total_steps + 1, total_steps + 1000) if _stock_adalora_fits(t))
             raise ConfigError(
                 "total_steps",
                 f"a run of {total_steps} step(s) is too short for stock AdaLoRA's phases (PEFT's tinit = 10% and tfinal"
