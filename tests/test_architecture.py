@@ -17,8 +17,10 @@ LAYERS = ("training", "cli")  # the application, in the order it builds on itsel
 
 def _layer(path: Path) -> str:
     """'core', 'training' or 'cli': the layer a source file of the package belongs to."""
-    top = path.relative_to(PACKAGE).parts[0]
-    return top if top in LAYERS else "core"
+    parts = path.relative_to(PACKAGE).parts
+    if parts == ("__main__.py",):  # `python -m dynarank`: the CLI's entry point at the package's top
+        return "cli"
+    return parts[0] if parts[0] in LAYERS else "core"
 
 
 def _module(path: Path) -> str:

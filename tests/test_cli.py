@@ -377,3 +377,14 @@ def test_a_killed_cli_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, 
     assert_same_run(tmp_path / "full", tmp_path / "killed")
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13)) + [12]
+
+
+@pytest.mark.parametrize("module", ["dynarank", "dynarank.cli"])
+def test_python_dash_m_runs_the_dynarank_command(module):
+    """`python -m dynarank` (what `torchrun -m dynarank` runs too) is the `dynarank` command, as `-m dynarank.cli` is."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "train", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: dynarank train"), done.stdout[:200]
