@@ -10,7 +10,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,14 @@ def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
     return Inputs(task, model, tokenizer, train, held, spec)
 
 
+def with_recorded_sources(spec: TrainSpec, recorded: dict) -> TrainSpec:
+    """``spec`` of a resumed run (its rate and start rank read back from config.yaml, so 'given') with the sources the
+    run recorded for them (e.g. the defaults table), as its uninterrupted summary says; a record without them (an
+    earlier version's) leaves 'given'."""
+    sources = {key: recorded[key] for key in ("lr_source", "r_source") if recorded.get(key) is not None}
+    return replace(spec, **sources)
+
+
 def train_command(options: TrainOptions, quiet: bool = False) -> dict:
     """Train the run ``options`` describe into its run directory; returns its summary."""
     rank, n_workers = init_distributed()
@@ -161,6 +169,8 @@ def train_command(options: TrainOptions, quiet: bool = False) -> dict:
     task = options.task or infer_task(model_dir)
     run = _shared_run_dir(options, worker)
     inputs = load_inputs(options, model_dir, task)
+    if options.resume:  # the recorded rate and start come back as values: where they came from is the record's
+        inputs.spec = with_recorded_sources(inputs.spec, run.read_options())
     created = first_missing(run.path)
     if worker.writes and not options.resume:
         run.path.mkdir(parents=True)

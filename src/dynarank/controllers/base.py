@@ -93,6 +93,7 @@ class RankController:
         self._layer_sizes: dict[nn.Module, tuple[int, int, int]] = {}  # layer -> (layout version, parameters, rank)
         self._skipping = False  # the next optimizer step is one the caller skips
         self.setup_warnings: list[str] = []  # what the run's length or settings make doubtful, said before training
+        self._restored_warnings: list[str] = []  # the warnings of the steps before a restored checkpoint
         # A data-parallel worker's weight of its shard's loss (n x its share of the global batch, set by the loop at
         # every step): the losses a controller records are weighted by it, so their mean over workers is the global
         # batch's loss. 1 in one process, and where the caller does not weight (DDP averages the shard means).
@@ -277,6 +278,11 @@ class RankController:
         if record is not None:
             record.warnings.append(message)
 
+    def run_warnings(self) -> list[str]:
+        """Every warning of the run so far, in order: those said before training and those of its steps (a restored
+        controller: the checkpoint's, then its own steps')."""
+        return [*self._restored_warnings, *self.setup_warnings, *(w for rec in self.records for w in rec.warnings)]
+
     def settings_used(self) -> dict:
         """Every setting the run trains with: the config's fields (defaults included, as attached) and what the
         controller resolved from them and the run's length (JSON-ready; a run's summary records it)."""
@@ -287,7 +293,8 @@ class RankController:
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
-        return {"step": self.step, "history": self.history, "warned": sorted(self._warned)}
+        state = {"step": self.step, "history": self.history, "warned": sorted(self._warned)}
+        return {**state, "warnings": self.run_warnings()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor state a checkpoint stores beside :meth:`state_dict` (safetensors); none here."""
@@ -300,3 +307,4 @@ class RankController:
         self.step = int(state["step"])
         self.history = list(state["history"])
         self._warned = set(state.get("warned", []))
+        self._restored_warnings = [str(w) for w in state.get("warnings", [])]  # a checkpoint written before: none

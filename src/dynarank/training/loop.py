@@ -247,24 +247,41 @@ def training_state_bytes(
 
 
 class TrainingFootprint:
-    """Trainable parameters and training-state bytes after every optimizer step: start, peak and mean."""
+    """Trainable parameters and training-state bytes after every optimizer step: their peak and mean over the run.
 
-    def __init__(self) -> None:
-        self.params: list[int] = []
-        self.bytes: list[int] = []
+    Running totals (steps counted, sums, peaks), which a checkpoint stores (:meth:`to_dict`) so that a resumed run's
+    figures cover every step of the run, as an uninterrupted run's do (the sums are of integers: exact)."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        state = state or {}
+        self.steps = int(state.get("steps", 0))
+        self.params_sum, self.params_peak = int(state.get("params_sum", 0)), int(state.get("params_peak", 0))
+        self.bytes_sum, self.bytes_peak = int(state.get("bytes_sum", 0)), int(state.get("bytes_peak", 0))
+        self.last_bytes: int | None = None
 
     def add(self, params: int, state: int) -> None:
-        self.params.append(params)
-        self.bytes.append(state)
+        self.steps += 1
+        self.params_sum, self.params_peak = self.params_sum + params, max(self.params_peak, params)
+        self.bytes_sum, self.bytes_peak = self.bytes_sum + state, max(self.bytes_peak, state)
+        self.last_bytes = state
+
+    def to_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "params_sum": self.params_sum,
+            "params_peak": self.params_peak,
+            "bytes_sum": self.bytes_sum,
+            "bytes_peak": self.bytes_peak,
+        }
 
     def summary(self) -> dict:
-        if not self.bytes:
+        if not self.steps:
             return {}
         return {
-            "state_bytes_peak": max(self.bytes),
-            "state_bytes_mean": sum(self.bytes) / len(self.bytes),
-            "trainable_parameters_peak": max(self.params),
-            "trainable_parameters_mean": sum(self.params) / len(self.params),
+            "state_bytes_peak": self.bytes_peak,
+            "state_bytes_mean": self.bytes_sum / self.steps,
+            "trainable_parameters_peak": self.params_peak,
+            "trainable_parameters_mean": self.params_sum / self.steps,
         }
 
 
@@ -432,8 +449,9 @@ class _Loop:
             extra = state["extra"]
         self.start_params = extra.get("start_params", 0) if control.resume else count_trainable(self.model)
         self.state_bytes_start = extra.get("state_bytes_start")
-        self.footprint = TrainingFootprint()  # this process's steps (a resumed run: the steps after the resume)
-        self.skipped = self.in_a_row = 0
+        # Every step of the run, and the skipped ones: a resumed run carries on the checkpoint's counts
+        self.footprint = TrainingFootprint(extra.get("footprint"))
+        self.skipped, self.in_a_row = int(extra.get("skipped_steps", 0)), int(extra.get("skipped_in_a_row", 0))
         self.sync = None  # under FSDP: averages the replicated (trainable) parameters' gradients, once per step
         if control.fsdp and self.n_workers == 1:
             logger.info("dynarank: fsdp in one process: nothing to shard, the model trains whole")
@@ -539,7 +557,7 @@ class _Loop:
         trainable = controller.trainable_parameters() if controller is not None else count_trainable(self.model)
         self.footprint.add(trainable, training_state_bytes(self.model, self.optimizer, controller))
         if self.state_bytes_start is None:  # after the first step AdamW's moments exist
-            self.state_bytes_start = self.footprint.bytes[-1]
+            self.state_bytes_start = self.footprint.last_bytes
 
     def _after_step(self, out, evaluate: Callable[[nn.Module], dict] | None) -> None:
         """The step's record for ``on_step`` (and an evaluation every ``eval_every`` steps), then a checkpoint."""
@@ -559,7 +577,13 @@ class _Loop:
         if control.save_every and self.step % control.save_every == 0 and self.rank == 0:
             if control.before_checkpoint is not None:
                 control.before_checkpoint()
-            extra = {"start_params": self.start_params, "state_bytes_start": self.state_bytes_start}
+            extra = {
+                "start_params": self.start_params,
+                "state_bytes_start": self.state_bytes_start,
+                "footprint": self.footprint.to_dict(),
+                "skipped_steps": self.skipped,
+                "skipped_in_a_row": self.in_a_row,
+            }
             if self.lr_search is not None:  # a resume continues at the searched rate without searching again
                 extra["lr_search"] = self.lr_search.to_dict()
             checkpoint.save(
@@ -591,7 +615,7 @@ class _Loop:
         if controller is not None:
             metrics["adapter_parameters"] = adapter_parameter_count(model)
             metrics["ranks"] = controller.ranks()
-            metrics["warnings"] = controller.setup_warnings + [w for rec in controller.records for w in rec.warnings]
+            metrics["warnings"] = controller.run_warnings()
             metrics["settings"] = controller.settings_used()
             if getattr(controller, "rank_init", None) is not None:
                 metrics["rank_init"] = controller.rank_init
