@@ -75,6 +75,12 @@ def test_causal_lm_train_eval_export(tiny_llama_dir, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
 
+    # The server-safe form of a causal LM's run (LoRA matrices only: the base model is all it needs) loads the same
+    assert main(["export", str(run), "--out", str(tmp_path / "served"), "--server-safe"]) == 0
+    served = PeftModel.from_pretrained(load_causal_lm(tiny_llama_dir)[0], tmp_path / "served")
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+
 
 def test_missing_response_column_is_named(tiny_llama_dir, tmp_path, capsys):
     data = write_pairs(tmp_path / "pairs.csv")

@@ -125,6 +125,14 @@ def test_export_server_safe_and_merged_together_are_refused(runs, tmp_path, caps
     assert not (tmp_path / "x").exists()
 
 
+def test_a_classifier_run_is_not_exported_server_safe_without_its_task_head(runs, tmp_path, capsys):
+    """A server-safe adapter holds LoRA matrices only: a classifier exported so would answer with a fresh head."""
+    err = refused(["export", str(runs["ard"]), "--out", str(tmp_path / "x"), "--server-safe"], capsys)
+    assert "classifier" in err and "task head" in err and "without --server-safe" in err
+    assert not (tmp_path / "x").exists()
+    assert main(["export", str(runs["ard"]), "--out", str(tmp_path / "x")]) == 0  # the plain export keeps the head
+
+
 def test_export_under_a_file_is_one_line_and_exit_code_2(runs, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     err = refused(["export", str(runs["lora"]), "--out", str(tmp_path / "file" / "adapter")], capsys)

@@ -144,6 +144,12 @@ def export_command(args: argparse.Namespace) -> Path:
     method = run.read_summary()["method"]
     if not args.merged and (args.server_safe and method not in DYNARANK_METHODS or method == "full"):
         raise ValueError(f"a {method!r} run has no dynarank adapter to fold; export --merged instead.")
+    if args.server_safe and run.read_summary().get("task") == "classify":
+        # A LoRA-only adapter would leave out the task head the run trained: loaded anywhere, a fresh head answers.
+        raise ValueError(
+            f"{run.path} is a classifier run: its trained task head is not LoRA, and a --server-safe adapter holds "
+            "LoRA matrices only; export without --server-safe (the head is saved with the adapter), or --merged."
+        )
     model, tokenizer, summary = load_trained(run, merged=args.merged)
     info = {**summary, "max_length": run.recorded_max_length(summary)}
 
