@@ -7,6 +7,7 @@ import torch
 
 import dynarank
 from dynarank import DynaRankConfig, ElasticLoRALinear
+from dynarank.config import ConfigError
 from tiny_models import tiny_bert, tiny_llama, tiny_roberta, token_batch
 
 D, D_H, HEADS = 32, 8, 4  # both tiny models: hidden 32, 4 query heads of 8
@@ -216,6 +217,28 @@ def test_attaching_twice_raises():
     with pytest.raises(ValueError, match="already"):
         dynarank.attach(model, DynaRankConfig(target_modules=["value"]))
     assert len(dynarank.elastic_layers(model)) == n_layers == 2
+
+
+@pytest.mark.parametrize("targets", [["query", "value"], "all-linear"])
+def test_a_model_already_carrying_peft_adapters_is_refused_and_left_untouched(targets):
+    """dynarank would adapt around PEFT's layers (or adapt PEFT's own lora_A / lora_B) and freeze them."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="already carries PEFT adapters .*query is PEFT's peft"):
+        dynarank.attach(wrapped, DynaRankConfig(r=2, target_modules=targets))
+    assert not dynarank.elastic_layers(wrapped)
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == trainable
+
+
+@pytest.mark.parametrize("saved", ["query", "attention"])
+def test_a_module_both_adapted_and_trained_whole_is_refused(saved):
+    """Its frozen base would train beside the adapter, and no stock PEFT adapter holds both (it failed to load)."""
+    model = tiny_bert()
+    with pytest.raises(ConfigError, match="modules_to_save / target_modules: .*adapted"):
+        dynarank.attach(model, DynaRankConfig(r=2, target_modules=["query"], modules_to_save=[saved, "classifier"]))
+    assert not dynarank.elastic_layers(model)
 
 
 def test_a_fresh_attach_does_not_change_the_model_output():

@@ -174,6 +174,34 @@ def resolve_modules_to_save(model: nn.Module, config: DynaRankConfig) -> list[st
     )
 
 
+def refuse_peft_model(model: nn.Module) -> None:
+    """A model that already carries PEFT's adapters is refused: dynarank would adapt around them (skipping the
+    modules PEFT wrapped, or adapting PEFT's own lora_A / lora_B under 'all-linear') and freeze them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = next((name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)), None)
+    if wrapped is not None:
+        kind = type(model.get_submodule(wrapped))
+        raise ValueError(
+            f"this model already carries PEFT adapters ({wrapped} is PEFT's {kind.__module__}.{kind.__name__}): "
+            "dynarank puts on adapters of its own. Attach to the base model (PEFT's merge_and_unload() keeps what its "
+            "adapters learned in the base weights; get_base_model() does not)."
+        )
+
+
+def refuse_overlap(targets: list[str], save_names: list[str]) -> None:
+    """A module both adapted and trained whole (in modules_to_save, or holding a target) is refused: its frozen base
+    would train beside the adapter, and no stock PEFT adapter can hold both."""
+    for save in save_names:
+        for target in targets:
+            if target == save or target.startswith(save + ".") or save.startswith(target + "."):
+                raise ConfigError(
+                    ("modules_to_save", "target_modules"),
+                    f"{save!r} is trained whole (modules_to_save) and {target!r} is adapted: a module is one or the "
+                    "other. Leave it out of one of them.",
+                )
+
+
 def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     """Put elastic LoRA adapters on ``model``'s targets, freeze the base, keep the task head trainable.
 
@@ -182,6 +210,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     """
     if getattr(model, ATTACHED_ATTR, None) is not None or elastic_layers(model):
         raise ValueError("this model already carries dynarank adapters; attach() once per model.")
+    refuse_peft_model(model)
     targets = select_targets(model, config)
     geometry = head_geometry(model, config) if config.granularity == "head" else None
     if config.r is None:  # a budget without a start: the defaults study's for the method at that budget
@@ -206,6 +235,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
                 attention[0],
             )
     save_names = resolve_modules_to_save(model, config)
+    refuse_overlap(targets, save_names)
     generator = None
     if config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
