@@ -245,6 +245,13 @@ def test_a_saved_adapter_loads_at_the_output_scale_it_trained_with_whatever_the_
     assert torch.equal(_logits(fresh, ids), _logits(model, ids))
 
 
+def _masked_lm():
+    """The tiny classifier's encoder under a masked-LM head: every adapted Linear is there, its task head is not."""
+    from transformers import BertForMaskedLM
+
+    return BertForMaskedLM(tiny_bert().config)
+
+
 @pytest.mark.parametrize(
     "build, named",
     [
@@ -252,8 +259,9 @@ def test_a_saved_adapter_loads_at_the_output_scale_it_trained_with_whatever_the_
         (lambda: tiny_bert(num_hidden_layers=3), ["bert.encoder.layer.2."]),
         (lambda: tiny_bert(num_labels=3), ["classifier.weight", "(3, 32)"]),
         (tiny_llama, ["query"]),
+        (_masked_lm, ["BertForMaskedLM", "'classifier'", "task head"]),  # the encoder fits, the head is not there
     ],
-    ids=["hidden-48", "three-layers", "three-labels", "llama"],
+    ids=["hidden-48", "three-layers", "three-labels", "llama", "no-task-head"],
 )
 def test_loading_into_a_different_architecture_raises_a_format_error(tmp_path, build, named):
     dynarank.save_adapter(_adapted("bert", "own"), tmp_path / "native")

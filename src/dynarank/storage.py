@@ -239,8 +239,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     return layout, read_safetensors(weights_file, AdapterFormatError, layout.get("weights_sha256"))
 
 
-def _check_fits(model: nn.Module, saved: dict) -> None:
-    """Every saved module must exist in ``model`` as a Linear of the saved shape."""
+def _check_fits(model: nn.Module, saved: dict, heads: list[str] = ()) -> None:
+    """Every saved module must exist in ``model`` as a Linear of the saved shape, and every module saved whole
+    (``heads``: the task head, modules_to_save) as a module."""
     modules = dict(model.named_modules())
     missing = [n for n in saved if not isinstance(modules.get(n), nn.Linear)]
     if missing:
@@ -255,6 +256,13 @@ def _check_fits(model: nn.Module, saved: dict) -> None:
                 f"{name}: the adapter was trained on Linear({info['in_features']}, {info['out_features']}), "
                 f"this model has Linear({linear.in_features}, {linear.out_features})."
             )
+    absent = [n for n in heads if n not in modules]
+    if absent:
+        raise AdapterFormatError(
+            f"adapter does not fit this {type(model).__name__}: it holds the trained module {absent[0]!r} (a task "
+            "head, or modules_to_save), which this model does not have; load it into the model class it was "
+            "trained on."
+        )
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -267,9 +275,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         config = DynaRankConfig.from_dict(layout["config"])
         saved = layout["layers"]
+        heads = [str(name) for name in layout.get("modules_to_save", [])]
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterFormatError(f"{path}: the adapter description is damaged ({exc}).") from None
-    _check_fits(model, saved)
+    try:
+        _check_fits(model, saved, heads)
+    except AdapterFormatError as exc:
+        raise AdapterFormatError(f"{path}: {exc}") from None
     flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
         attach(model, config)
