@@ -241,6 +241,26 @@ def test_a_module_both_adapted_and_trained_whole_is_refused(saved):
     assert not dynarank.elastic_layers(model)
 
 
+def test_model_code_that_reads_a_targets_weight_still_runs():
+    """T5 reads ``self.wo.weight.dtype`` in its forward pass: an adapted layer reads its base's weight and bias
+    through, as stock PEFT's layers do (the first forward died with an AttributeError)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        before = model(input_ids=ids, labels=ids).logits
+    dynarank.attach(model, DynaRankConfig(method="dynarank-lora", r=2, target_modules=["wo", "q"]))
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, ElasticLoRALinear) and wo.weight is wo.base.weight and wo.bias is None
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, labels=ids).logits, before)  # a fresh adapter adds nothing
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert wo.group_weight.grad is not None or wo.shared_weight.grad is not None
+
+
 def test_a_fresh_attach_does_not_change_the_model_output():
     model = tiny_llama()
     ids = token_batch()

@@ -154,6 +154,17 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
 
     # ------------------------------------------------------------------ shape facts
     @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base layer's weight, read through (model code reads a projection's ``.weight``, e.g. T5's
+        ``self.wo.weight.dtype``; stock PEFT's layers read it through too). The update is not in it."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None without one), read through as :attr:`weight` is."""
+        return self.base.bias
+
+    @property
     def in_features(self) -> int:
         return self.base.in_features
 
