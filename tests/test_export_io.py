@@ -197,6 +197,31 @@ def test_a_gate_is_folded_into_the_exported_tensors(tmp_path, layout):
     _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
 
 
+def test_a_trained_embedding_tied_to_the_lm_head_exports_to_the_same_logits(tmp_path):
+    """With tie_word_embeddings, training the input embedding (modules_to_save) trains the LM head too; PEFT saves a
+    module of modules_to_save as an untied copy, so the export saves the head as well (it loaded with the base's
+    head: logits off by up to 2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_models import TINY_DECODER
+
+    def base():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**TINY_DECODER, vocab_size=100, tie_word_embeddings=True)).eval()
+
+    config = DynaRankConfig(method="dynarank-lora", r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    model = dynarank.attach(base(), config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():  # stands for training: the tied head moves with the embedding
+        model.model.embed_tokens.weight.add_(0.05 * torch.randn_like(model.model.embed_tokens.weight))
+    ids = token_batch(2, 6)
+    dynarank.export_peft(model, tmp_path / "peft")
+    assert _config(tmp_path / "peft")["modules_to_save"] == ["model.embed_tokens", "lm_head"]
+    loaded = PeftModel.from_pretrained(base(), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_export_refuses_to_overwrite_a_directory_that_is_not_an_adapter(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("user data")

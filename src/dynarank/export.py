@@ -104,6 +104,22 @@ def peft_config_dict(
     return data
 
 
+def tied_partners(model: nn.Module, save_names: list[str]) -> list[str]:
+    """Modules not in ``save_names`` that share a trained weight with one of them (the output embeddings tied to a
+    trained input embedding). A PEFT adapter saves each module of modules_to_save as a copy of its own, untied: the
+    partner is saved too (the same values twice), so that the loaded model computes with the trained weight at both
+    ends."""
+    trained = {id(p) for name in save_names for p in model.get_submodule(name).parameters()}
+    partners = []
+    for name, module in model.named_modules():
+        if not name or name in save_names or any(name.startswith(s + ".") for s in save_names):
+            continue
+        own = list(module.parameters(recurse=False))
+        if any(id(p) in trained for p in own):
+            partners.append(name)
+    return partners
+
+
 def export_peft(
     model: nn.Module, out_dir: str | os.PathLike, server_safe: bool = False, companions: tuple[str, ...] = ()
 ) -> Path:
@@ -130,6 +146,7 @@ def export_peft(
     save_names = [] if server_safe else list(getattr(model, "dynarank_modules_to_save", []))
     if server_safe and getattr(model, "dynarank_modules_to_save", []):
         logger.warning("server-safe export leaves out the trained task head(s) %s", model.dynarank_modules_to_save)
+    save_names += tied_partners(model, save_names)
     for name in save_names:
         for pname, p in model.get_submodule(name).named_parameters():
             tensors[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous().clone()
