@@ -10,7 +10,9 @@ Methods (the same names in the library, the CLI, YAML files, run records and the
     elalora            ElaLoRA: importance-scored prune AND expand (ElaLoRAConfig)
     adalora-physical   AdaLoRA-style importance-scored pruning that frees memory as it prunes (AdaLoRAConfig)
 
-A knob the chosen method does not use is an error that names it: nothing is silently ignored. Each
+A knob the chosen method does not use is an error that names it: nothing is silently ignored. So is a knob set away
+from its default that the rest of the config leaves without effect (ARD's data-start knobs under rank_init='uniform',
+init_rho and cap_order without a budget, alpha_travel beside lr_alpha: :func:`inert_ard_knobs`). Each
 field carries its help text once (``metadata["help"]``); the CLI builds its flags from these fields.
 A validation error is a :class:`ConfigError` that carries the field(s) it is about, so an application
 can name its own spelling of them (the CLI names flags) without parsing the message.
@@ -19,6 +21,10 @@ can name its own spelling of them (the CLI names flags) without parsing the mess
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -78,12 +84,73 @@ def is_positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (not a bool, not text)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(
+    config: Any,
+    name: str,
+    at_least: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    optional: bool = False,
+    why: str = "",
+) -> None:
+    """ConfigError unless field ``name`` is a finite number in the bounds given (``at_least``: >=, ``above``: >,
+    ``below``: <), or None when ``optional``. Written as "is it inside" so that NaN, for which every comparison is
+    False, is outside. A number of another real type (numpy's) is kept as a Python float."""
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    finite = is_finite_number(value)
+    inside = finite and not (
+        (at_least is not None and not value >= at_least)
+        or (above is not None and not value > above)
+        or (below is not None and not value < below)
+    )
+    if not inside:
+        if below is not None and (at_least is not None or above is not None):
+            low = f"[{at_least:g}" if at_least is not None else f"({above:g}"
+            bounds = f"in {low}, {below:g})"
+        else:
+            given = ((">=", at_least), (">", above), ("<", below))
+            bounds = " ".join(f"{op} {bound:g}" for op, bound in given if bound is not None)
+        noun = "" if finite else "a finite number " if bounds else "a finite number"
+        raise ConfigError(name, f"must be {noun}{bounds}{why}, got {value!r}.")
+    if not isinstance(value, (int, float)):
+        setattr(config, name, float(value))
+
+
 def _count(config: Any, name: str, low: int, optional: bool = True) -> None:
     value = getattr(config, name)
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(name, f"must be an integer >= {low}, got {value!r}.")
+
+
+def _names(config: Any, name: str, optional: bool = False) -> None:
+    """Field ``name`` as a list of module names (non-empty strings): a tuple is taken as a list, a set as its sorted
+    list. A single string is refused (only target_modules reads a string, as a regex): a name is given as a
+    one-element list."""
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, str):
+        raise ConfigError(
+            name, f"must be a list of module names, got the string {value!r}: for one name write [{value!r}]."
+        )
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(n, str) and n for n in value):
+        raise ConfigError(name, f"must be a list of module names (non-empty strings), got {value!r}.")
+    if not isinstance(value, list):
+        setattr(config, name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
+
+
+def _default_of(cls: type, name: str) -> Any:
+    spec = fields_of(cls)[name]
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
 
 
 @dataclass
@@ -132,9 +199,15 @@ class DynaRankConfig:
     num_kv_heads: int | None = _help("Key-value heads (GQA); default model.config.num_key_value_heads.", None)
     head_dim: int | None = _help("Head size; default model.config.head_dim or hidden_size / num_heads.", None)
     modules_to_save: list[str] | None = _help(
-        "Modules trained in full and saved with the adapter; default: the task head if there is one.", None
+        "Modules trained in full and saved with the adapter (a list of name suffixes, even of one: a string is "
+        "refused, target_modules alone reads one, as a regex); default: the task head if there is one.",
+        None,
     )
-    exclude_modules: list[str] = _help("Name suffixes never adapted.", default_factory=list)
+    exclude_modules: list[str] = _help(
+        "Name suffixes never adapted (a list, even of one: a string is refused, target_modules alone reads one, as a "
+        "regex).",
+        default_factory=list,
+    )
     seed: int | None = _help("Seed of everything the adapter draws at random (None: the global torch RNG).", None)
 
     def __new__(cls, method: str | None = None, **fields: Any):
@@ -155,17 +228,33 @@ class DynaRankConfig:
             self.r = DEFAULT_START_RANK
         if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
             raise ConfigError("r", f"must be a positive integer (the initial rank per group), got {self.r!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ConfigError("lora_alpha", f"must be positive, got {self.lora_alpha!r}.")
+        _number(self, "lora_dropout", at_least=0, below=1)
+        _number(self, "lora_alpha", above=0, optional=True)
         for name in ("num_heads", "num_kv_heads", "head_dim"):
             _count(self, name, 1)
-        if isinstance(self.target_modules, str):
-            if not self.target_modules:
+        self._check_targets()
+        _names(self, "exclude_modules")
+        _names(self, "modules_to_save", optional=True)
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63):
+            raise ConfigError("seed", f"must be an integer (or None: the global torch RNG), got {seed!r}.")
+
+    def _check_targets(self) -> None:
+        """target_modules: 'all-linear', a regex that compiles, or a non-empty list of names (a set: sorted)."""
+        spec = self.target_modules
+        if isinstance(spec, str):
+            if not spec:
                 raise ConfigError("target_modules", "is empty: give names, a regex, or 'all-linear'.")
-        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ConfigError("target_modules", f"must be a non-empty list of names, got {self.target_modules!r}.")
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise ConfigError(
+                    "target_modules", f"{spec!r} is read as a regex (a string is), and it does not compile: {exc}."
+                ) from None
+            return
+        if not isinstance(spec, (list, tuple, set, frozenset)) or not spec:
+            raise ConfigError("target_modules", f"must be a non-empty list of names, got {spec!r}.")
+        _names(self, "target_modules")
 
     @property
     def scaling(self) -> float:
@@ -190,6 +279,10 @@ class DynaRankConfig:
         target = config_class(method)
         if "k_candidates" in data and target is not ElaLoRAConfig:  # the flat config of version 0.1: every field
             data = {k: v for k, v in data.items() if k in fields_of(target)}
+        if issubclass(target, ARDConfig):  # recorded before inert knobs were refused: they acted on nothing, so drop
+            defaults = {name: _default_of(target, name) for name in fields_of(target)}
+            for name in inert_ard_knobs(target, {**defaults, **data}):
+                del data[name]
         return DynaRankConfig(**data)
 
 
@@ -234,9 +327,7 @@ class RankControlConfig(DynaRankConfig):
         _count(self, "resize_every", 1)
         _count(self, "target_params", 1)
         given = [f for f in (self.warmup_frac, self.final_frac) if f is not None]  # None: the method's own phase
-        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f < 1 for f in given) or not (
-            sum(given) < 1
-        ):
+        if not all(is_finite_number(f) and 0 <= f < 1 for f in given) or not (sum(given) < 1):
             raise ConfigError(
                 ("warmup_frac", "final_frac"),
                 f"must be in [0, 1) and leave an active phase (their sum < 1), got {self.warmup_frac} and "
@@ -361,15 +452,11 @@ class ARDConfig(RankControlConfig):
         ):
             _choice(self, name, allowed)
         _count(self, "init_batches", 1)
-        rho = self.init_rho
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 1:
-            raise ConfigError("init_rho", f"must be a number > 1 (the start is init_rho x the budget), got {rho!r}.")
+        _number(self, "init_rho", above=1, why=" (the start is init_rho x the budget)")
         for name in ("ard_lambda", "lr_alpha", "ard_beta"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(name, f"must be >= 0, got {value!r}.")
-        if self.alpha_travel <= 0:
-            raise ConfigError("alpha_travel", f"must be > 0, got {self.alpha_travel!r}.")
+            _number(self, name, at_least=0, optional=True)
+        _number(self, "alpha_travel", above=0)
+        _refuse_inert(type(self), inert_ard_knobs(type(self), vars(self)))
 
     @property
     def data_start(self) -> bool:
@@ -431,15 +518,11 @@ class SVDConfig(RankControlConfig):
         _count(self, "t_init_steps", 0)
         _count(self, "t_final_steps", 0)
         for name in ("importance_beta1", "importance_beta2"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ConfigError(name, f"must be in (0, 1), got {getattr(self, name)!r}.")
+            _number(self, name, above=0, below=1)
         if self.svd_init is not None:
             _choice(self, "svd_init", ("adalora", "lora"))
-        if self.ortho_weight is not None and not self.ortho_weight >= 0:
-            raise ConfigError("ortho_weight", f"must be >= 0, got {self.ortho_weight!r}.")
-        ratio = self.values_lr_ratio
-        if ratio is not None and not is_positive_number(ratio):
-            raise ConfigError("values_lr_ratio", f"must be a finite number > 0, got {ratio!r}.")
+        _number(self, "ortho_weight", at_least=0, optional=True)
+        _number(self, "values_lr_ratio", above=0, optional=True)
         if not isinstance(self.reset_optimizer_on_resize, bool):
             raise ConfigError(
                 "reset_optimizer_on_resize", f"must be True or False, got {self.reset_optimizer_on_resize!r}."
@@ -451,7 +534,7 @@ class SVDConfig(RankControlConfig):
         if self.target_rank is None:
             return
         value = self.target_rank
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < self.r:
+        if not is_finite_number(value) or not 0 < value < self.r:
             conserving = " ElaLoRA without target_rank conserves the total rank." if self.METHOD == "elalora" else ""
             raise ConfigError(
                 "target_rank",
@@ -538,6 +621,8 @@ METHODS: tuple[str, ...] = tuple(CONFIG_CLASSES)
 
 def config_class(method: str) -> type[DynaRankConfig]:
     """The config class of ``method`` (ConfigError naming the methods otherwise)."""
+    if not isinstance(method, str):
+        raise ConfigError("method", f"must be a method name, one of {', '.join(METHODS)}; got {method!r}.")
     if method in LEGACY_METHODS:
         raise ConfigError(
             "method",
@@ -569,3 +654,36 @@ def _refuse_foreign(cls: type[DynaRankConfig], given: dict[str, Any]) -> None:
         for name, who in users.items()
     )
     raise ConfigError(tuple(foreign), f"not used by method {cls.METHOD!r} ({detail}).")
+
+
+DATA_START_KNOBS = ("init_rho", "init_batches", "init_statistic", "init_margin", "init_scale")
+
+
+def inert_ard_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dict[str, str]:
+    """The ARD knobs that ``values`` (an ARD config's fields) sets away from their defaults while its other fields
+    make them act on nothing, each with why.
+
+    The data-driven start's knobs are inert under ``rank_init='uniform'``, not under ``'auto'``: auto's start is
+    measured or uniform depending on the budget and on whether the ranks get measured (``dynarank.init_ranks``), and
+    a knob that acts under one of its outcomes is the user's to set. ``init_rho`` and ``cap_order`` need a budget
+    under every start."""
+    why: dict[str, str] = {}
+    if values["rank_init"] == "uniform":
+        for name in DATA_START_KNOBS:
+            why[name] = f"{name} is a knob of the data-driven start, and rank_init='uniform' starts every group at r"
+    if values["target_params"] is None:
+        why.setdefault("init_rho", "the data-driven start holds init_rho x target_params, and target_params is unset")
+        why["cap_order"] = "cap_order orders the budget cap's cuts, and there is no budget (target_params)"
+    if values["preset"] == "paper":
+        why["alpha_travel"] = "alpha_travel sets lr_alpha when lr_alpha is unset, and preset='paper' sets it"
+    elif values["lr_alpha"] is not None:
+        why["alpha_travel"] = "alpha_travel sets lr_alpha when lr_alpha is unset, and lr_alpha is given"
+    return {name: reason for name, reason in why.items() if values[name] != _default_of(cls, name)}
+
+
+def _refuse_inert(cls: type[DynaRankConfig], inert: dict[str, str]) -> None:
+    """ConfigError naming every knob in ``inert`` (name -> why it acts on nothing), as a foreign knob is refused."""
+    if inert:
+        detail = "; ".join(inert.values())
+        them = "it" if len(inert) == 1 else "them"
+        raise ConfigError(tuple(inert), f"not used by method {cls.METHOD!r} with this config ({detail}): unset {them}.")

@@ -1,0 +1,289 @@
+"""Config validation, field by field: every value a method cannot use is a ConfigError that names its field, when the
+config is built (never a raw TypeError / re.error later, never a NaN that trains silently), and a knob the rest of the
+config makes inert is refused as a knob of another method is, while its default stays accepted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import dynarank
+from dynarank import DynaRankConfig, attach
+from dynarank.cli import main
+from dynarank.config import CONFIG_CLASSES, ConfigError, fields_of
+from tiny_models import tiny_bert, tiny_llama
+
+NAN, INF = float("nan"), float("inf")
+# Every field annotated float (or float | None) of every method's config, and the method that has it.
+FLOAT_FIELDS = sorted(
+    {
+        (name, next(m for m, c in CONFIG_CLASSES.items() if name in fields_of(c)))
+        for cls in CONFIG_CLASSES.values()
+        for name, spec in fields_of(cls).items()
+        if str(spec.type).split(" | ")[0] == "float"
+    }
+)
+
+
+PHASES = ("warmup_frac", "final_frac")  # checked together: their sum must leave an active phase
+
+
+def named(name: str) -> str | tuple[str, ...]:
+    """The field(s) a refusal of ``name`` names."""
+    return PHASES if name in PHASES else name
+
+
+def refused(fields: str | tuple[str, ...], method: str = "dynarank-lora", **values) -> ConfigError:
+    """Build the config; it must raise a ConfigError whose fields are exactly ``fields``."""
+    with pytest.raises(ConfigError) as info:
+        DynaRankConfig(method=method, **values)
+    assert info.value.fields == ((fields,) if isinstance(fields, str) else fields), str(info.value)
+    return info.value
+
+
+# ---------------------------------------------------------------------------- numbers: finite, and in their range
+def test_the_float_fields_checked_below_are_every_float_field_of_every_config():
+    assert {name for name, _ in FLOAT_FIELDS} == {
+        "lora_alpha",
+        "lora_dropout",
+        "warmup_frac",
+        "final_frac",
+        "ard_lambda",
+        "ard_beta",
+        "lr_alpha",
+        "alpha_travel",
+        "init_rho",
+        "target_rank",
+        "ortho_weight",
+        "values_lr_ratio",
+        "importance_beta1",
+        "importance_beta2",
+    }
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(("name", "method"), FLOAT_FIELDS, ids=[n for n, _ in FLOAT_FIELDS])
+def test_nan_and_infinity_are_refused_for_every_float_field_naming_it(name, method, value):
+    err = refused(named(name), method, **{name: value})
+    assert "nan" in str(err) or "inf" in str(err)
+
+
+@pytest.mark.parametrize("value", ["8", True, [1.0], None], ids=["text", "bool", "list", "none"])
+@pytest.mark.parametrize(("name", "method"), FLOAT_FIELDS, ids=[n for n, _ in FLOAT_FIELDS])
+def test_a_float_field_given_no_number_is_refused_naming_it(name, method, value):
+    spec = fields_of(CONFIG_CLASSES[method])[name]
+    if value is None and (spec.default is None or name in PHASES):
+        pytest.skip("None is this field's own value (the method's default)")
+    refused(named(name), method, **{name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "outside", "inside"),
+    [
+        ("lora_alpha", "dynarank-lora", [0, -1.0], [1e-6, 16, 0.5]),
+        ("lora_dropout", "dynarank-lora", [-0.1, 1.0], [0, 0.0, 0.99]),
+        ("ard_lambda", "ard", [-1e-9], [0, 0.0, 3.0]),
+        ("ard_beta", "ard", [-1.0], [0.0, 10.0]),
+        ("lr_alpha", "ard", [-1e-5], [0.0, 5e-5]),
+        ("alpha_travel", "ard", [0.0, -2.0], [0.25, 8.0]),
+        ("init_rho", "ard", [1.0, 0.5], [1.0001, 2.0]),
+        ("ortho_weight", "elalora", [-0.1], [0.0, 0.1]),
+        ("values_lr_ratio", "adalora-physical", [0.0, -1.0], [1.0, 30.0]),
+        ("importance_beta1", "elalora", [0.0, 1.0], [0.5, 0.85]),
+        ("importance_beta2", "adalora-physical", [0.0, 1.0], [0.5, 0.85]),
+    ],
+)
+def test_a_float_field_refuses_values_outside_its_range_and_accepts_those_inside(name, method, outside, inside):
+    extra = {"target_params": 1000} if name == "init_rho" else {}  # init_rho sizes the budget's start
+    for value in outside:
+        refused(name, method, **extra, **{name: value})
+    for value in inside:
+        assert getattr(DynaRankConfig(method=method, **extra, **{name: value}), name) == value
+
+
+def test_a_numpy_number_is_accepted_and_kept_as_a_python_float():
+    config = DynaRankConfig(method="ard", lora_alpha=np.float32(16), ard_lambda=np.float64(0.5))
+    assert type(config.lora_alpha) is float and config.lora_alpha == 16.0 and config.ard_lambda == 0.5
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("seed", "x"), ("seed", 1.5), ("seed", True), ("seed", 2**64), ("r", True), ("num_heads", True), ("r", 2.0)],
+)
+def test_integer_fields_refuse_text_floats_booleans_and_out_of_range_values(name, value):
+    refused(name, **{name: value})
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1234, -1, 2**62])
+def test_seeds_torch_accepts_are_accepted(seed):
+    assert DynaRankConfig(seed=seed).seed == seed
+
+
+@pytest.mark.parametrize(("method", "name"), [("elalora", "switch_off"), ("elalora", "reset_optimizer_on_resize")])
+def test_boolean_fields_take_only_booleans(method, name):
+    refused(name, method, **{name: 1})
+
+
+@pytest.mark.parametrize("method", [["ard"], 3, 1.5])
+def test_a_method_that_is_not_a_name_is_refused_naming_method(method):
+    refused("method", method=method)
+
+
+# ---------------------------------------------------------------------------- lists of module names
+@pytest.mark.parametrize("name", ["exclude_modules", "modules_to_save"])
+def test_a_single_string_where_a_list_of_names_is_due_is_refused_with_the_list_to_write(name):
+    err = refused(name, **{name: "o_proj"})
+    assert "['o_proj']" in str(err)
+
+
+@pytest.mark.parametrize("name", ["target_modules", "exclude_modules", "modules_to_save"])
+@pytest.mark.parametrize("value", [["query", ""], ["query", 3], {"query": 1}, 3], ids=["empty", "int", "dict", "num"])
+def test_a_list_of_names_holds_only_non_empty_strings(name, value):
+    refused(name, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["target_modules", "exclude_modules", "modules_to_save"])
+def test_a_set_of_names_is_taken_as_its_sorted_list_and_a_tuple_as_its_list(name):
+    assert getattr(DynaRankConfig(**{name: {"value", "query"}}), name) == ["query", "value"]
+    assert getattr(DynaRankConfig(**{name: ("value", "query")}), name) == ["value", "query"]
+
+
+def test_a_string_target_is_a_regex_and_one_that_does_not_compile_is_refused_naming_target_modules():
+    err = refused("target_modules", target_modules="(query")
+    assert "regex" in str(err)
+    assert DynaRankConfig(target_modules=r".*\.(query|value)").target_modules == r".*\.(query|value)"
+    assert DynaRankConfig(target_modules="all-linear").target_modules == "all-linear"
+
+
+@pytest.mark.parametrize("value", ["", [], set()], ids=["empty-string", "empty-list", "empty-set"])
+def test_an_empty_target_is_refused(value):
+    refused("target_modules", target_modules=value)
+
+
+def test_an_empty_modules_to_save_means_no_module_is_trained_whole():
+    assert DynaRankConfig(modules_to_save=[]).modules_to_save == []
+
+
+def test_exclude_modules_given_as_a_list_of_one_name_excludes_it():
+    model = attach(tiny_llama(), DynaRankConfig(target_modules="all-linear", exclude_modules=["o_proj"]))
+    names = list(dynarank.elastic_layers(model))
+    assert names and not any(n.endswith("o_proj") for n in names)
+
+
+def test_an_adapter_attached_with_a_set_of_targets_saves_and_loads(tmp_path):
+    model = attach(tiny_bert(), DynaRankConfig(target_modules={"value", "query"}, seed=0))
+    dynarank.save_adapter(model, tmp_path / "adapter")
+    loaded = dynarank.load_adapter(tiny_bert(), tmp_path / "adapter")
+    assert loaded.dynarank_config.target_modules == ["query", "value"]
+
+
+# ---------------------------------------------------------------------------- ARD knobs made inert by the rest
+@pytest.mark.parametrize(
+    ("knob", "value"),
+    [("init_rho", 4.0), ("init_batches", 3), ("init_statistic", "activation"), ("init_margin", "gains")]
+    + [("init_scale", "norm")],
+)
+def test_a_data_start_knob_is_refused_with_the_uniform_start(knob, value):
+    err = refused(knob, "ard", rank_init="uniform", target_params=1000, **{knob: value})
+    assert "rank_init='uniform'" in str(err) and str(err).startswith(f"{knob}: not used by method 'ard'")
+
+
+@pytest.mark.parametrize(
+    ("knob", "value"), [("init_batches", 3), ("init_statistic", "activation"), ("init_margin", "gains")]
+)
+@pytest.mark.parametrize(
+    "start",
+    [{"rank_init": "auto"}, {"rank_init": "auto", "target_params": 1000}, {"rank_init": "data"}]
+    + [{"rank_init": "data", "target_params": 1000}],
+)
+def test_a_data_start_knob_is_accepted_where_the_start_may_be_measured(start, knob, value):
+    """'auto' measures with a budget and starts uniform without one (or when no ranks get measured): a knob of the
+    data start is the user's to set under it."""
+    assert getattr(DynaRankConfig(method="ard", **start, **{knob: value}), knob) == value
+
+
+@pytest.mark.parametrize("rank_init", ["auto", "data"])
+def test_init_rho_needs_a_budget_whatever_the_start(rank_init):
+    err = refused("init_rho", "ard", rank_init=rank_init, init_rho=2.0)
+    assert "target_params" in str(err)
+    assert DynaRankConfig(method="ard", rank_init=rank_init, init_rho=2.0, target_params=1000).init_rho == 2.0
+
+
+def test_cap_order_needs_a_budget():
+    refused("cap_order", "ard", cap_order="margin-per-parameter")
+    config = DynaRankConfig(method="ard", cap_order="margin-per-parameter", target_params=1000)
+    assert config.cap_order == "margin-per-parameter"
+
+
+@pytest.mark.parametrize("fixing", [{"lr_alpha": 0.05}, {"lr_alpha": 0.0}, {"preset": "paper"}])
+def test_alpha_travel_is_refused_when_the_alphas_learning_rate_is_fixed(fixing):
+    err = refused("alpha_travel", "ard", alpha_travel=8.0, **fixing)
+    assert ("lr_alpha is given" if "lr_alpha" in fixing else "preset='paper'") in str(err)
+
+
+def test_every_inert_knob_is_named_in_one_error():
+    err = refused(
+        ("init_rho", "init_scale", "cap_order", "alpha_travel"),
+        "ard",
+        rank_init="uniform",
+        init_rho=3.0,
+        init_scale="norm",
+        cap_order="margin-per-parameter",
+        lr_alpha=0.01,
+        alpha_travel=4.0,
+    )
+    assert str(err).endswith("unset them.")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"rank_init": "uniform"},
+        {"rank_init": "uniform", "init_rho": 1.5, "init_batches": None, "init_statistic": "gradient-relative"},
+        {"rank_init": "uniform", "init_margin": "equal", "init_scale": "input", "cap_order": "margin"},
+        {"lr_alpha": 0.05, "alpha_travel": 2.0},
+        {"preset": "paper"},
+        {"rank_init": "data"},
+        {},
+    ],
+)
+def test_knobs_left_at_their_defaults_are_never_refused(settings):
+    DynaRankConfig(method="ard", **settings)
+
+
+def test_a_config_recorded_with_an_inert_knob_still_loads_without_it():
+    """Adapters and checkpoints saved before inert knobs were refused record them; they acted on nothing."""
+    recorded = dataclasses.asdict(DynaRankConfig(method="ard", rank_init="uniform"))
+    recorded.update(init_rho=4.0, init_statistic="activation", lr_alpha=0.05, alpha_travel=8.0)
+    config = DynaRankConfig.from_dict(recorded)
+    assert (config.init_rho, config.init_statistic, config.alpha_travel, config.lr_alpha) == (
+        1.5,
+        "gradient-relative",
+        2.0,
+        0.05,
+    )
+
+
+def test_a_config_round_trips_through_its_dict():
+    config = DynaRankConfig(method="ard", target_params=1000, init_rho=2.0, cap_order="margin-per-parameter")
+    assert DynaRankConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--init-rho", "2"], "--init-rho"),
+        (["--rank-init", "uniform", "--target-params", "1000", "--init-statistic", "activation"], "--init-statistic"),
+        (["--lr-alpha", "0.01", "--alpha-travel", "3"], "--alpha-travel"),
+        (["--cap-order", "margin-per-parameter"], "--cap-order"),
+    ],
+)
+def test_the_command_line_refuses_an_inert_knob_in_one_line_naming_its_flag(tmp_path, capsys, argv, flag):
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["train", "--method", "ard", *argv, "--data", str(tmp_path / "absent.csv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"error: {flag}: not used by method 'ard'" in err, err
+    assert not out.exists()
