@@ -15,7 +15,7 @@ from dynarank.cli.main import error_line
 from dynarank.cli.options import build_parser, typed
 from dynarank.cli.train_options import TRAIN_OPTIONS, resolve_train_options
 from dynarank.config import ConfigError
-from dynarank.training.data import classification_examples, load_table
+from dynarank.training.data import causal_sets, classification_examples, load_table
 from test_cli import train_args, write_csv
 from tiny_models import save_tiny_model_dir
 
@@ -279,6 +279,25 @@ def test_a_row_without_a_label_is_refused_naming_the_row(tiny_model_dir, tmp_pat
     data.write_text(content)
     err = refused(train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora"), capsys)
     assert "row 3" in err and "label" in err and name in err
+
+
+PAIRS = "prompt,response\nhi,hello\nbye,goodbye\n"
+
+
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        (PAIRS + "how are you,\nok,fine\n", "'response'"),  # an empty response
+        (PAIRS + "how are you,   \nok,fine\n", "'response'"),  # blank
+        (PAIRS + "a prompt without its response field\nok,fine\n", "'response'"),  # a short row
+    ],
+)
+def test_a_prompt_response_row_without_a_response_is_refused_naming_the_row(tmp_path, content, named):
+    """The loss is on the response: such a row was dropped without a word (a file of ten rows trained on one)."""
+    path = tmp_path / "pairs.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"pairs.csv, row 3: no {named}"):
+        causal_sets(str(path))
 
 
 def test_a_json_lines_row_without_the_text_field_is_refused_naming_the_row(tmp_path):

@@ -276,11 +276,19 @@ def causal_examples(
         raise DataError(
             f"{path or 'data'}: {prompt_col!r} cannot be both the prompt and the response column; give each its own."
         )
-    pairs = [(str(r.get(prompt_col) or ""), str(r.get(response_col) or "")) for r in rows]
-    pairs = [(p, a) for p, a in pairs if a.strip()]
-    if not pairs:
-        raise DataError(f"{path or 'data'}: every row has an empty {response_col!r}.")
-    return PairExamples([p for p, _ in pairs], [a for _, a in pairs])
+    prompts, responses = [], []
+    for number, row in enumerate(rows, 1):  # a row is refused by its place, as a classifier's row without a label
+        prompt, response = row.get(prompt_col), row.get(response_col)
+        if prompt is None or isinstance(prompt, (dict, list)):
+            raise DataError(f"{path or 'data'}, row {number}: no {prompt_col!r} text; fill it in or drop the row.")
+        if response is None or isinstance(response, (dict, list)) or not str(response).strip():
+            raise DataError(
+                f"{path or 'data'}, row {number}: no {response_col!r} text (the loss is on it, so the row would teach "
+                "nothing); fill it in or drop the row."
+            )
+        prompts.append(str(prompt))
+        responses.append(str(response))
+    return PairExamples(prompts, responses)
 
 
 def packaged_dialogs(n_eval: int = 200, seed: int = 0, language: str = "english") -> tuple[PairExamples, PairExamples]:
