@@ -399,3 +399,26 @@ def test_python_dash_m_runs_the_dynarank_command(module):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage: dynarank train"), done.stdout[:200]
+
+
+def test_a_resume_on_a_data_file_changed_since_the_run_started_is_refused(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A run trained on two data sets would be neither run: the run records its data files' sha256, and a resume
+    holds them to it (it resumed on the changed file, or blamed the checkpoint for a changed label set)."""
+    data = write_csv(tmp_path / "data.csv")
+    run = tmp_path / "run"
+    kill_after(monkeypatch, 3)
+    assert main([*train_args(tiny_model_dir, data, run), "--method", "ard", "--save-every", "2"]) == 130
+    monkeypatch.undo()
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert set(recorded) >= {"data_sha256"} and "eval_data_sha256" not in recorded
+    original = data.read_bytes()
+    write_csv(data, n=40)  # another data set under the same name
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(data) in err and "has changed since" in err
+    assert not (run / "summary.json").exists() and (run / "checkpoints" / "step-2").is_dir()
+    data.write_bytes(original)  # put back: the run resumes
+    assert main(["train", "--resume", str(run)]) == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import CONFIG_CLASSES, ConfigError, fields_of
-from ..files import RunFileError, read_yaml
+from ..files import RunFileError, read_yaml, sha256_of
 from ..training.methods import ALL_METHODS, DYNARANK_METHODS, check_knobs, knob_users, knobs_of
 from ..training.models import model_record
 from .fields import Number, NumberOrWord, Option, default_of, option_of, options_of
@@ -142,6 +142,7 @@ class TrainOptions:
         )
         if "r" in knobs_of(self.method):
             record.update(r=self.r, target_modules=target_modules)
+        record.update(data_digests(self))
         return record
 
     @classmethod
@@ -293,7 +294,22 @@ def resumed(run: RunDir, given: dict[str, Any]) -> TrainOptions:
             f"--resume continues {run.path} with the options it was started with, and {'; '.join(differ)} "
             f"{'differs' if one else 'differ'}: drop {'it' if one else 'them'}, or start a new run with another --out."
         )
+    for key, digest in data_digests(options).items():
+        if recorded.get(key) not in (None, digest):  # None: recorded before the digests were
+            path = getattr(options, key.removesuffix("_sha256"))
+            raise OptionError(
+                f"--resume continues {run.path} on the data it was started with, and {path} has changed since (its "
+                "sha256 is not the one the run recorded): a run trained on two data sets would be neither; put the "
+                "file back as it was, or start a new run with another --out."
+            )
     return options
+
+
+def data_digests(options: TrainOptions) -> dict[str, str]:
+    """The sha256 of the run's data files (--data, --eval-data), which a resume holds them to: {'data_sha256': ...}.
+    A file that is not there is left to the loader to report."""
+    paths = {"data": options.data, "eval_data": options.eval_data}
+    return {f"{key}_sha256": sha256_of(path) for key, path in paths.items() if path and Path(path).is_file()}
 
 
 def _recorded(dest: str, recorded: dict, method: str, run: RunDir):
