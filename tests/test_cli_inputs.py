@@ -56,6 +56,14 @@ def test_non_positive_step_counts_are_refused(tmp_path, capsys, option, value):
     assert option in err and "positive" in err
 
 
+@pytest.mark.parametrize("value", ["-1", "4294967296", "9223372036854775808"])
+def test_a_seed_outside_what_the_run_s_generators_take_is_refused_naming_the_option(tmp_path, capsys, value):
+    """The data order is drawn from seed x 100_003 + epoch: a seed past 2**32 overflowed torch's generator, and the
+    error named neither --seed nor the range."""
+    err = refused(["train", "--data", str(tmp_path / "absent.csv"), "--seed", value], capsys)
+    assert "--seed" in err and "below 4294967296" in err
+
+
 # ---------------------------------------------------------------------------- --config
 def _resolved(tmp_path: Path, text: str, *argv: str):
     config = tmp_path / "run.yaml"

@@ -2,7 +2,7 @@
 name, ``metadata["help"]`` and type annotation, so that help never drifts from the code.
 
     field name        flag  --name-with-dashes
-    int / float       a number, checked (``metadata["low"]`` / ``["inclusive"]`` bound it)
+    int / float       a number, checked (``metadata["low"]`` / ``["inclusive"]`` / ``["high"]``, exclusive, bound it)
     Literal[...]      its values as the choices
     bool              --name / --no-name
     list[str]         a comma list (a list in YAML)
@@ -38,8 +38,8 @@ class Number:
     """An option type for command-line text and YAML values alike: refuses booleans, non-finite values,
     non-integral numbers where an integer is due, and values below the bound."""
 
-    def __init__(self, kind: type, low: float | None = None, inclusive: bool = True) -> None:
-        self.kind, self.low, self.inclusive = kind, low, inclusive
+    def __init__(self, kind: type, low: float | None = None, inclusive: bool = True, high: int | None = None) -> None:
+        self.kind, self.low, self.inclusive, self.high = kind, low, inclusive, high
         noun = "integer" if kind is int else "number"
         if low is None:
             self.description = f"an {noun}" if kind is int else f"a {noun}"
@@ -47,6 +47,8 @@ class Number:
             self.description = f"a positive {noun}"
         else:
             self.description = f"{'an' if kind is int else 'a'} {noun} {'>=' if inclusive else '>'} {low:g}"
+        if high is not None:  # an exclusive upper bound
+            self.description += f" and below {high}"
         self.__name__ = self.description  # argparse names the type in its messages
 
     def __call__(self, value):
@@ -62,7 +64,8 @@ class Number:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not {self.description}") from None
         too_low = self.low is not None and (number < self.low or (number == self.low and not self.inclusive))
-        if not math.isfinite(number) or too_low:
+        too_high = self.high is not None and number >= self.high
+        if not math.isfinite(number) or too_low or too_high:
             raise argparse.ArgumentTypeError(f"{value!r} is not {self.description}")
         return number
 
@@ -191,7 +194,7 @@ def option_of(f: dataclasses.Field, hint, flags: tuple[str, ...] = (), help: str
     elif scalar == [bool]:
         option["boolean"] = True
     elif scalar in ([int], [float]):
-        option["convert"] = Number(scalar[0], meta.get("low"), meta.get("inclusive", True))
+        option["convert"] = Number(scalar[0], meta.get("low"), meta.get("inclusive", True), meta.get("high"))
     if "convert" in meta:  # a field's own conversion (e.g. a number or a word)
         option["convert"] = meta["convert"]
     option["choices"] = tuple(meta["choices"]) if "choices" in meta else option.get("choices")

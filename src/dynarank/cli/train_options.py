@@ -75,7 +75,8 @@ class TrainOptions:
         "clip the gradient norm of what trains to this before each update (default: no clipping)", **POSITIVE
     )
     max_length: int = _option("tokens per example after truncation", 64, **POSITIVE)
-    seed: int = _option("random seed (data order, initialisation, what the adapter draws)", 0)
+    # At most 2**32: the data order draws from seed x 100_003 + epoch, which a torch generator takes below 2**64
+    seed: int = _option("random seed (data order, initialisation, what the adapter draws)", 0, low=0, high=2**32)
     eval_split: float = _option("fraction of --data held out for evaluation", 0.2)
     eval_data: str | None = _option("separate evaluation file (same columns); overrides --eval-split")
     eval_every: int | None = _option(f"also evaluate every N optimizer steps (logged in {RunDir.METRICS})", **POSITIVE)
