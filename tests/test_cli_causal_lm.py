@@ -182,3 +182,13 @@ def test_two_causal_lm_runs_of_the_same_command_are_bitwise_equal(tiny_llama_dir
     first = run(tmp_path / "one")
     torch.manual_seed(777)
     assert run(tmp_path / "two") == first
+
+
+def test_inspect_reads_a_causal_lm_as_a_causal_lm(tiny_llama_dir, capsys):
+    """`inspect --model` resolves the model as train does and loads a decoder as one (it loaded every model as a
+    classifier, and refused 'smollm2' as no model directory)."""
+    capsys.readouterr()
+    assert main(["inspect", "--model", str(tiny_llama_dir), "--r", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.self_attn.k_proj" in out and "2 x 8" in out  # two key-value heads of 8
+    assert "score" not in out and "lm_head" not in out

@@ -24,7 +24,6 @@ from ..training.models import (
     infer_task,
     load_causal_lm,
     load_classifier,
-    packaged_minilm_path,
     resolve_model_dir,
 )
 from ..training.tasks import evaluate_causal_lm, evaluate_classifier
@@ -181,8 +180,11 @@ def inspect_command(model: str | None, fields: dict) -> None:
     from rich.table import Table
 
     modules = parse_target_modules(fields.pop("target_modules", None))
-    model_dir = Path(model) if model else packaged_minilm_path()
-    net, _ = load_classifier(model_dir, ["0", "1"])
+    model_dir = resolve_model_dir(model)  # 'smollm2', a GGUF folder, a directory, or the packaged MiniLM
+    if infer_task(model_dir) == "causal-lm":
+        net, _ = load_causal_lm(model_dir)
+    else:
+        net, _ = load_classifier(model_dir, ["0", "1"])
     config = DynaRankConfig(**fields, target_modules=modules or default_target_modules(net))
     attach(net, config)
     table = Table(title=f"{model_dir.name}: adapters (r={config.r}, {config.granularity}, {config.head_layout})")
