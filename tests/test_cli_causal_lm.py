@@ -184,11 +184,17 @@ def test_two_causal_lm_runs_of_the_same_command_are_bitwise_equal(tiny_llama_dir
     assert run(tmp_path / "two") == first
 
 
-def test_inspect_reads_a_causal_lm_as_a_causal_lm(tiny_llama_dir, capsys):
-    """`inspect --model` resolves the model as train does and loads a decoder as one (it loaded every model as a
-    classifier, and refused 'smollm2' as no model directory)."""
+def test_inspect_reads_a_causal_lm_as_a_causal_lm(tiny_llama_dir, capsys, monkeypatch):
+    """`inspect --model` resolves the model as train does ('smollm2' here stands for the tiny Llama) and loads a
+    decoder as one (it refused 'smollm2' as no model directory, and loaded every model as a classifier)."""
+    import dynarank.cli.commands as commands_module
+    from dynarank.training import models
+
+    monkeypatch.setattr(models, "packaged_smollm2_path", lambda: tiny_llama_dir)
+    loaded = []
+    monkeypatch.setattr(commands_module, "load_causal_lm", lambda path: loaded.append(path) or load_causal_lm(path))
     capsys.readouterr()
-    assert main(["inspect", "--model", str(tiny_llama_dir), "--r", "2"]) == 0
+    assert main(["inspect", "--model", "smollm2", "--r", "2"]) == 0
     out = capsys.readouterr().out
+    assert loaded == [tiny_llama_dir.resolve()]
     assert "model.layers.1.self_attn.k_proj" in out and "2 x 8" in out  # two key-value heads of 8
-    assert "score" not in out and "lm_head" not in out
