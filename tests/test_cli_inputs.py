@@ -119,6 +119,13 @@ def test_config_refuses_one_option_given_twice(tmp_path):
         _resolved(tmp_path, "r0: 3\nr: 4\n")
 
 
+@pytest.mark.parametrize("text", ["r: 2\nmax_steps: 3\nr: 3\n", "lr: 0.01\nr:\n  2\nlr: 0.1\n"])
+def test_config_refuses_a_key_written_twice_naming_its_line(tmp_path, text):
+    """YAML's safe loader keeps the last of two equal keys without a word (r: 2 then r: 3 was r = 3)."""
+    with pytest.raises(ValueError, match=r"run.yaml, line (3|4): the key '(r|lr)' is given twice"):
+        _resolved(tmp_path, text)
+
+
 @pytest.mark.parametrize(
     "text, key",
     [

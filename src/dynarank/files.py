@@ -47,15 +47,40 @@ def read_json(path: str | os.PathLike) -> dict:
     return value
 
 
+class _RepeatedKey(Exception):
+    """A YAML mapping's key met a second time: (key, 1-based line)."""
+
+
+def _unique_key_loader():
+    """PyYAML's safe loader, refusing a mapping that holds a key twice (the safe loader keeps the last silently:
+    ``r: 2`` then ``r: 3`` would be r = 3), as a JSON object with a key twice is refused."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _RepeatedKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     """The mapping held by the YAML file ``path`` (safe loader: no tags, no objects); errors name the file."""
     import yaml
 
     path = Path(path)
     try:
-        value = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        value = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_unique_key_loader())
     except UnicodeDecodeError:
         raise RunFileError(f"{path} is not UTF-8 text.") from None
+    except _RepeatedKey as exc:
+        key, line = exc.args
+        raise RunFileError(f"{path}, line {line}: the key {key!r} is given twice; keep one.") from None
     except yaml.YAMLError as exc:
         raise RunFileError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(value, dict):
