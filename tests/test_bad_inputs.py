@@ -340,6 +340,14 @@ CASES: dict[str, tuple[Case, str]] = {
         _chat([_turns(("system", "be kind"), ("assistant", "hello"))]),
         "chat.jsonl, row 21: the conversation has no user turn before the assistant's first",
     ),
+    "chat: a turn whose content is not text": (
+        _chat([{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "hi"}]}]),
+        "chat.jsonl, row 21, turn 1 (user): the content must be text, got int",
+    ),
+    "chat: a conversation of system turns only": (
+        _chat([_turns(("system", "be kind"))]),
+        "chat.jsonl, row 21: the conversation holds system turns only",
+    ),
     "chat: a turn that is not an object": (
         _chat([{"messages": ["hello"]}]),
         "chat.jsonl, row 21, turn 1: a turn is an object with a 'role' and a 'content'",

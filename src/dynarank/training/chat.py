@@ -73,7 +73,12 @@ def _turns(value, path: str, number: int, column: str, first: int = 1) -> list[T
         role, content = turn["role"], turn["content"]
         if role not in ROLES:
             raise DataError(f"{where}: unknown role {role[:40]!r}; the roles are {', '.join(ROLES)}.")
-        if not isinstance(content, str) or not content.strip():
+        if not isinstance(content, str):
+            raise DataError(
+                f"{where} ({role}): the content must be text, got {type(content).__name__} {str(content)[:40]!r} (a "
+                "list of content parts, images and the like, is not read: give the text)."
+            )
+        if not content.strip():
             raise DataError(f"{where} ({role}): empty content; fill it in or drop the turn.")
         turns.append({"role": role, "content": content})
     return turns
@@ -81,7 +86,12 @@ def _turns(value, path: str, number: int, column: str, first: int = 1) -> list[T
 
 def _check_conversation(turns: list[Turn], path: str, number: int) -> None:
     speakers = [t["role"] for t in turns if t["role"] != "system"]
-    if not speakers or speakers[0] == "assistant":
+    if not speakers:
+        raise DataError(
+            f"{_where(path, number)}: the conversation holds system turns only; give it a user turn and the "
+            "assistant's answer (the loss is on the assistant's turns)."
+        )
+    if speakers[0] == "assistant":
         raise DataError(
             f"{_where(path, number)}: the conversation has no user turn before the assistant's first; the assistant "
             "answers a prompt, so give one."
