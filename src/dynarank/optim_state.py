@@ -88,22 +88,75 @@ def replace_in_optimizer(
     source: torch.Tensor,
     n_appended: int,
 ) -> None:
+    """Put ``new`` in ``old``'s place in ``opt`` with its state re-indexed (see :func:`reindex_parameter`).
+
+    Raises ValueError, naming the optimizer and the state, before anything changes, when a state tensor of ``old``
+    is not element-wise state this can re-index (see :func:`_reindexable`)."""
+    state = opt.state.get(old) or {}
     where = _position(opt, old)
+    group = opt.param_groups[where[0]] if where is not None else {}
+    resized = {}
+    for key, value in state.items():
+        if not _reindexable(opt, old, key, value):
+            continue
+        fill = None
+        if n_appended and "sq" in str(key):  # Adam's exp_avg_sq / max_exp_avg_sq
+            fill = _fresh_second_moment(value, state.get("step"), group.get("betas"), dim, n_appended)
+        try:
+            resized[key] = _reindex(value, dim, source, n_appended, fill=fill)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:  # a tensor subclass of quantized state
+            raise _cannot_follow(opt, old, key, value, f"could not be re-indexed ({exc})") from exc
     if where is not None:
         g, i = where
         opt.param_groups[g]["params"][i] = new
         opt._dynarank_positions[id(new)] = where
-    state = opt.state.pop(old, None)
-    if not state:
-        return
-    group = opt.param_groups[where[0]] if where is not None else {}
-    for key, value in list(state.items()):
-        if torch.is_tensor(value) and value.shape == old.shape and value.dim() > 0:
-            fill = None
-            if n_appended and "sq" in str(key):  # Adam's exp_avg_sq / max_exp_avg_sq
-                fill = _fresh_second_moment(value, state.get("step"), group.get("betas"), dim, n_appended)
-            state[key] = _reindex(value, dim, source, n_appended, fill=fill)
-    opt.state[new] = state
+    if state:
+        state.update(resized)  # the same dict, now the new parameter's
+        opt.state[new] = opt.state.pop(old)
+
+
+def _reindexable(opt: torch.optim.Optimizer, param: torch.nn.Parameter, key, value) -> bool:
+    """Whether the state ``value`` follows the parameter's re-index (True) or stays as it is (False: not a tensor, or
+    a single number such as Adam's ``step``); ValueError for a tensor that should follow and cannot: one of another
+    shape (Adafactor's factored moments, bitsandbytes' block scales) or quantized (8-bit states)."""
+    if not torch.is_tensor(value):
+        return False
+    if value.shape == param.shape and value.dim() > 0:
+        if value.is_floating_point() or value.is_complex():
+            return True
+        raise _cannot_follow(opt, param, key, value, f"quantized ({value.dtype})")
+    if value.numel() <= 1:
+        return False
+    raise _cannot_follow(opt, param, key, value, f"of shape {tuple(value.shape)}, not the parameter's")
+
+
+def _cannot_follow(opt: torch.optim.Optimizer, param: torch.nn.Parameter, key, value, what: str) -> ValueError:
+    cls = type(opt)
+    return ValueError(
+        f"{cls.__module__}.{cls.__qualname__} keeps state that cannot follow a resize: its state {key!r} of a "
+        f"parameter of shape {tuple(param.shape)} is {what}. dynarank re-indexes element-wise optimizer state (one "
+        "entry per parameter entry, as AdamW, SGD, Adagrad, RMSprop, Lion and bitsandbytes' 32-bit optimizers keep)"
+        "; train with one of those."
+    )
+
+
+def unresizable_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``optimizer``'s state could not follow a resize, known from its class before it holds any state (None: not
+    a known case; :func:`replace_in_optimizer` still refuses, at the resize, state it cannot re-index). Recognised
+    by name, without importing the packages: Adafactor (transformers', torch's), bitsandbytes' 8-bit optimizers and
+    AdEMAMix, torchao's low-bit optimizers."""
+    cls = type(optimizer)
+    module, name = cls.__module__, cls.__name__
+    if "adafactor" in name.lower():
+        return "keeps a factored second moment (a row and a column vector per matrix)"
+    if module.startswith("bitsandbytes"):
+        if name.startswith(("AdEMAMix", "PagedAdEMAMix")):
+            return "keeps its two first moments stacked in one tensor"
+        if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32 or "8bit" in name:
+            return "keeps 8-bit state, quantized in blocks with a scale per block"
+    if module.startswith("torchao") and any(tag in name for tag in ("4bit", "8bit", "Fp8")):
+        return "keeps low-bit quantized state"
+    return None
 
 
 def _fresh_second_moment(

@@ -125,6 +125,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         for name, layer in self.layers.items():
             layer.set_gate(mask_gate(self.gates, name, s.r0, s.rank_floor, soft_only=s.mask == "soft"))
         self._losses: list[tuple[int, float]] = []
+        self._explicit_step: int | None = None  # a step whose loss the caller observes itself (observe_loss)
         self._loss_hook = model.register_forward_hook(self._observe_model_output)
         self.unit = None
         self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda

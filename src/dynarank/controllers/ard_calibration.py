@@ -18,21 +18,43 @@ from .base import StepRecord
 class ARDCalibration:
     """Loss observation during warm-up and the calibration of the per-group prices at its end."""
 
+    @property
+    def observes_loss(self) -> bool:
+        """Whether a loss given to :meth:`observe_loss` is still recorded (during warm-up)."""
+        return self.step < self.settings.warmup_steps
+
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Record the task loss of a (micro-)batch; calibrates lambda_mode='relative'.
 
-        Hugging Face models that return ``outputs.loss`` are observed automatically; a loop that
-        computes its own loss calls this once per forward pass.
+        Hugging Face models that return ``outputs.loss`` are observed automatically; a loop that computes its own
+        loss calls this once per forward pass (or once per optimizer step, with the step's loss). A step for which
+        this is called is observed through these calls alone: what the model's output gave for it is dropped, so a
+        loss is never counted twice (DynaRankTrainer observes the loss the Trainer trains on this way).
         """
-        if self.step < self.settings.warmup_steps:
-            value = (float(loss.detach()) if torch.is_tensor(loss) else float(loss)) * self.loss_weight
-            if math.isfinite(value):
-                self._losses.append((self.step, value))
+        if not self.observes_loss:
+            return
+        if self._explicit_step != self.step:  # the step's first explicit loss: it replaces the forward hook's
+            while self._losses and self._losses[-1][0] == self.step:
+                self._losses.pop()
+            self._explicit_step = self.step
+        self._record_loss(loss)
+
+    def _record_loss(self, loss: torch.Tensor | float) -> None:
+        value = (float(loss.detach()) if torch.is_tensor(loss) else float(loss)) * self.loss_weight
+        if math.isfinite(value):
+            self._losses.append((self.step, value))
 
     def _observe_model_output(self, module: nn.Module, args, output) -> None:
+        """The forward hook on the model: the ``outputs.loss`` of a training forward pass, one that records a graph
+        to train on. An evaluation (under no_grad / inference_mode, as the Trainer's and the training loop's run)
+        is not one; neither is a step whose loss the caller observes itself. Training mode is not asked for: a
+        model from ``from_pretrained`` is in eval mode, and a plain loop may train it so. A gradient-checkpointing
+        recomputation reruns the checkpointed layers, never the model's forward, so it is not seen here."""
+        if not self.observes_loss or self._explicit_step == self.step:
+            return
         loss = getattr(output, "loss", None) if not isinstance(output, dict) else output.get("loss")
-        if torch.is_tensor(loss) and loss.dim() == 0:
-            self.observe_loss(loss)
+        if torch.is_tensor(loss) and loss.dim() == 0 and loss.requires_grad and torch.is_grad_enabled():
+            self._record_loss(loss)
 
     def _loss_improvement(self) -> float | None:
         """Task loss at the start of warm-up minus at its end (means over a tenth of warm-up each)."""
@@ -78,8 +100,11 @@ class ARDCalibration:
             if gained is None:
                 self.warn_once(
                     "no-loss",
-                    "no task loss was observed during warm-up (call controller.observe_loss"
-                    "(loss) in a custom loop); lambda is calibrated on the alpha gradient instead.",
+                    "no task loss was observed during warm-up: the model returned no outputs.loss. Under a "
+                    "transformers Trainer that computes the loss itself (compute_loss, label_smoothing_factor, TRL), "
+                    "train with dynarank.DynaRankTrainer or with_dynarank(YourTrainerClass), which observe the loss "
+                    "the Trainer trains on; in a custom loop call controller.observe_loss(loss) once per step. "
+                    "lambda is calibrated on the alpha gradient instead.",
                     record,
                 )
                 mode = "gradient"

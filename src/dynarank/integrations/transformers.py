@@ -36,12 +36,19 @@ A quantized base (bitsandbytes 4-bit / 8-bit) needs two things from a Trainer th
   state exists.
 
 What only the mixin does: it puts the callback ahead of the ``report_to`` integrations (so they log the
-ranks); it tells the callback which checkpoint a resume starts from (a callback only learns the step,
-and looks for ``output_dir/checkpoint-<step>``); and under DDP it averages the gradients of tensors
+ranks); it gives ARD's calibration of lambda the loss the Trainer trains on, once per optimizer step, from
+``training_step`` (a callback sees only the model's ``outputs.loss``, through ARD's forward hook: nothing of a
+``compute_loss`` override, ``label_smoothing_factor`` or a TRL trainer's own loss); it tells the callback which
+checkpoint a resume starts from (a callback only learns the step, and looks for ``output_dir/checkpoint-<step>``);
+and under DDP it averages the gradients of tensors
 created by resizes (which the Trainer's DDP wrapper, built once, does not know) right after the backward
 pass, before the Trainer clips them. With the plain callback under DDP, that averaging happens in
 ``on_pre_optimizer_step``, after clipping: exact only without clipping, so the callback refuses
 ``max_grad_norm > 0`` there and names the mixin.
+
+Refused before training: an optimizer whose state cannot follow a resize (Adafactor's factored moments,
+bitsandbytes' 8-bit states, AdEMAMix: ``optim_state.unresizable_reason``), a ``peft_config`` given to the mixin's
+Trainer (TRL would wrap the model in PEFT, freezing dynarank's adapters), a model whose adapters are all frozen.
 
 A model whose frozen base :func:`dynarank.shard_base` sharded (FSDP2, adapters replicated) trains under either:
 under a CPU launch accelerate wraps it in DDP, which leaves the shards alone; under accelerate's FSDP2 (GPUs) no
@@ -51,6 +58,7 @@ model) are refused before training: docs/distributed.md.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 from pathlib import Path
@@ -70,6 +78,7 @@ from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, worl
 from ..fsdp import is_sharded
 from ..guards import nonfinite_gradients
 from ..naming import split_name
+from ..optim_state import unresizable_reason
 from ..rank_init import default_loss, init_ranks, needs_rank_init
 
 logger = logging.getLogger(__name__)
@@ -185,6 +194,60 @@ def warn_of_shared_values_rate(optimizer: torch.optim.Optimizer, model: nn.Modul
     return warning
 
 
+# What the refusal of an optimizer offers instead: Trainer optimizers whose state is one entry per parameter entry,
+# each run through ARD's resizes (tests/test_trainer_guards.py runs some; bitsandbytes' 32-bit ones on CPU).
+RESIZABLE_OPTIMS = (
+    "'adamw_torch' (transformers' default), 'adamw_torch_fused', 'sgd', 'adagrad', 'rmsprop', or bitsandbytes' "
+    "32-bit 'paged_adamw_32bit', 'lion_32bit', 'paged_lion_32bit', 'rmsprop_bnb_32bit'"
+)
+
+
+def refuse_unresizable_optimizer(args, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError, before training, if the Trainer's optimizer keeps state that cannot follow a resize (Adafactor's
+    factored moments, bitsandbytes' 8-bit blocks, ...: optim_state.unresizable_reason), naming it and what works."""
+    optimizer = _inner(optimizer)
+    reason = unresizable_reason(optimizer)
+    if reason is None:
+        return
+    cls = type(optimizer)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    optim = str(getattr(args.optim, "value", args.optim))
+    try:  # name the Trainer's setting only if it is what built this optimizer (not one passed in `optimizers`)
+        from transformers import Trainer
+
+        built = Trainer.get_optimizer_cls_and_kwargs(args, model)[0] is cls
+    except Exception:  # noqa: BLE001 - a setting that cannot be built here did not build this optimizer
+        built = False
+    which = f"optim='{optim}': {name}" if built else name
+    raise ValueError(
+        f"the Trainer's optimizer ({which}) {reason}, which cannot follow dynarank's resizes of the adapters "
+        "(their optimizer state is carried across each resize entry by entry). Use an optimizer whose state is one "
+        f"entry per parameter entry: optim={RESIZABLE_OPTIMS}."
+    )
+
+
+def refuse_frozen_adapters(model: nn.Module) -> None:
+    """ValueError if every dynarank adapter of ``model`` is frozen: training would change nothing of dynarank's
+    (a PEFT model wrapped over it, as a TRL trainer given a peft_config builds, freezes them)."""
+    params = [p for layer in elastic_layers(model).values() for p in layer.adapter_parameters()]
+    if params and not any(p.requires_grad for p in params):
+        raise ValueError(
+            "every dynarank adapter of the model is frozen (requires_grad=False), so training would change none of "
+            "them: was the model wrapped in a PEFT model (a TRL trainer given a peft_config does it)? The adapters "
+            "are dynarank's: pass peft_config=None and leave them trainable."
+        )
+
+
+def _argument(function, args: tuple, kwargs: dict, name: str):
+    """The value the parameter ``name`` takes in the call ``function(*args, **kwargs)`` (None when not given)."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        return inspect.signature(function).bind_partial(*args, **kwargs).arguments.get(name)
+    except (TypeError, ValueError):  # a call the function would refuse itself
+        return None
+
+
 class DynaRankCallback(TrainerCallback):
     """Drive a dynarank controller from any ``transformers.Trainer`` (TRL's trainers included); no manual call."""
 
@@ -205,6 +268,7 @@ class DynaRankCallback(TrainerCallback):
         self.resume_from: Path | None = None  # the checkpoint a resume starts from (set by the mixin)
         self.syncs_before_clipping = False  # the mixin averages resized tensors' gradients after each backward
         self._sync: ResizedGradientSync | None = None
+        self._step_loss: torch.Tensor | None = None  # the loss of the optimizer step's micro-batches so far (mixin)
 
     # ------------------------------------------------------------------ start, resume
     def on_init_end(self, args, state, control, **kwargs):
@@ -217,6 +281,8 @@ class DynaRankCallback(TrainerCallback):
         undo_dtype_casts(self.model)  # a callback added after the Trainer was built saw no on_init_end
         if optimizer is None:
             raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
+        refuse_unresizable_optimizer(args, self.model, optimizer)
+        refuse_frozen_adapters(self.model)
         if self.controller is not None and self.controller.step != state.global_step:
             raise ValueError("this DynaRankCallback has trained already: build the model, callback and Trainer again.")
         if world()[1] > 1:
@@ -300,6 +366,21 @@ class DynaRankCallback(TrainerCallback):
         if self._sync is not None:
             self._sync()
 
+    def observe_loss(self, loss: torch.Tensor, step_ends: bool) -> None:
+        """Give ARD's calibration the loss the Trainer trains on, once per optimizer step: the sum, over the step's
+        micro-batches, of what ``Trainer.training_step`` returns (each micro-batch's loss as the Trainer scales it
+        for accumulation; one micro-batch: the loss ``compute_loss`` returned), which the Trainer logs as the
+        step's loss. It replaces what the model's ``outputs.loss`` gave for the step (ARDCalibration.observe_loss),
+        and reaches the calibration whichever way the loss was computed (compute_loss, label smoothing, TRL)."""
+        controller = self.controller
+        if controller is None or not getattr(controller, "observes_loss", False):
+            return  # not ARD, or past its warm-up: nothing reads the loss, and nothing waits for the device
+        loss = loss.detach()
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        if step_ends:
+            controller.observe_loss(self._step_loss)
+            self._step_loss = None
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.controller is None:
             return control
@@ -364,6 +445,13 @@ class DynaRankTrainerMixin:
     under DDP averages the resized tensors' gradients right after each backward pass, before clipping."""
 
     def __init__(self, *args, dynarank_on_nonfinite: str = "skip", **kwargs) -> None:
+        if _argument(super().__init__, args, kwargs, "peft_config") is not None:
+            raise ValueError(
+                f"peft_config must be None with dynarank: the model's adapters are dynarank's (dynarank.attach), and "
+                f"given a peft_config {type(self).__name__} would wrap the model in a PEFT model, which freezes them "
+                "(nothing of dynarank's would train). Pass peft_config=None; dynarank.export_peft writes a PEFT "
+                "adapter after training."
+            )
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, nn.Module):
             accept_quantized_base(model)
@@ -397,13 +485,16 @@ class DynaRankTrainerMixin:
         """The Trainer's optimizer, with an SVD method's singular values E in a group of their own at
         ``values_lr_ratio`` times their group's rate (before the Trainer builds its schedule over the groups)."""
         optimizer = super().create_optimizer(*args, **kwargs)
+        refuse_unresizable_optimizer(self.args, self.model, optimizer)
         separate_values(_inner(optimizer), self.model)
         return optimizer
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if self.accelerator.sync_gradients:  # the last micro-batch of the step: the Trainer clips next
+        step_ends = self.accelerator.sync_gradients  # the last micro-batch of the step: the Trainer clips next
+        if step_ends:
             self.dynarank.sync_gradients()
+        self.dynarank.observe_loss(loss, step_ends)  # ARD: the loss this Trainer trains on, however computed
         return loss
 
 
