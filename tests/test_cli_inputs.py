@@ -159,6 +159,19 @@ def test_budget_and_ard_options_are_refused_by_the_baselines(tiny_model_dir, tmp
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "eva", "ard"])
+def test_targets_that_match_nothing_are_one_line_naming_the_flag_and_the_model_s_modules(
+    tiny_model_dir, tmp_path, capsys, method
+):
+    """The stock baselines printed PEFT's own message (its field names, options they refuse), eva after two lines of
+    a PEFT warning: every method now says it as the rank methods do."""
+    data = write_csv(tmp_path / "data.csv")
+    argv = train_args(tiny_model_dir, data, tmp_path / "run", "--method", method, "--target-modules", "nonexistent")
+    err = refused([*argv, "--max-steps", "10"], capsys)
+    assert "--target-modules: ['nonexistent'] matches no Linear module" in err and "attention.self.query" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_budget_options_from_a_config_file_are_refused_by_the_baselines(tiny_model_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "data.csv")
     config = tmp_path / "run.yaml"

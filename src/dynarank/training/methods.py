@@ -11,12 +11,14 @@ dynarank method's config refuses the knobs of other methods: nothing is silently
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from itertools import islice
 from typing import Any
 
 from torch import nn
 
+from ..attach import select_targets
 from ..config import (
     CONFIG_CLASSES,
     METHODS,
@@ -148,7 +150,17 @@ def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_
         config = LoraConfig(
             r=r, lora_alpha=r, target_modules=target_modules, use_dora=method == "dora", modules_to_save=heads or None
         )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT's advice to EVA's users about its own memory option: the harness builds EVA as its records ran it
+        warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage=False")
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            if "No modules were targeted" not in str(exc) and "not found in the base model" not in str(exc):
+                raise
+            # PEFT's own message names its fields: say it as the rank methods do, with the model's Linear modules
+            select_targets(model, DynaRankConfig(method="dynarank-lora", r=r, target_modules=target_modules))
+            raise
 
 
 def data_init_baseline(model: nn.Module, method: str, batches: Iterable[Mapping]) -> None:
