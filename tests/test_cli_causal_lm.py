@@ -162,7 +162,7 @@ def test_a_folder_holding_one_gguf_file_trains_through_its_cached_fp32_copy(tmp_
     folder.mkdir()
     (folder / SMOLLM2_GGUF).symlink_to(source)
     argv = ["train", "--model", str(folder), "--method", "lora", "--max-steps", "2", "--batch-size", "2"]
-    assert main([*argv, "--max-length", "32", "--n-train", "8", "--out", str(tmp_path / "run")]) == 0
+    assert main([*argv, "--max-length", "32", "--out", str(tmp_path / "run")]) == 0
     copies = list((tmp_path / "cache").glob("gguf-*"))
     assert len(copies) == 1 and (copies[0] / "config.json").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

