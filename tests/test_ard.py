@@ -562,7 +562,7 @@ def test_a_budget_that_cannot_be_met_is_refused_with_what_to_change():
     assert not hasattr(model, "dynarank_ard")  # refused before the model was touched
     assert all(layer.gate() is None for layer in elastic_layers(model).values())
     task, model = planted_model(target_params=5, rank_floor=0)
-    with pytest.raises(ValueError, match="at least 80"):
+    with pytest.raises(ValueError, match=r"budget \(5\) is below 80, the smallest adapter .*: raise the budget"):
         build_controller(model, total_steps=100)
     with pytest.raises(ValueError, match="target_rank: not used by method 'ard'"):
         DynaRankConfig(method="ard", target_rank=2)

@@ -200,6 +200,10 @@ def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], s
             ["train", *base, "--max-steps", "10", "--data", str(good), "--target-params", "10000000"],
             "must be below the adapter's size",
         ),
+        "parameter budget below the smallest adapter": (  # it named the start's size and told to raise the rank
+            ["train", *base, "--max-steps", "10", "--data", str(good), "--target-params", "39"],
+            "--target-params: ARD's budget (39) is below",
+        ),
     }
 
 
@@ -227,6 +231,7 @@ def _yaml(tmp_path: Path, text: str) -> Path:
         "badly typed config value",
         "config value not a choice",
         "parameter budget above the start",
+        "parameter budget below the smallest adapter",
     ],
 )
 def test_bad_input_gets_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys, case):

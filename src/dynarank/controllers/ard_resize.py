@@ -28,12 +28,19 @@ class ARDResizing:
         floor = self.settings.rank_floor
         lowest = sum(layer.num_adapter_parameters_at([floor] * layer.n_groups) for layer in self.layers.values())
         lowest = max(lowest, smallest_adapter(layer.costs for layer in self.layers.values()))
-        if not lowest <= target < self.start_params:
+        if target < lowest:  # the bound that fails is named, with its own remedy
+            raise ConfigError(
+                "target_params",
+                f"ARD's budget ({target:,}) is below {lowest:,}, the smallest adapter it can keep (rank_floor={floor} "
+                "everywhere, one rank in all): raise the budget.",
+            )
+        if target >= self.start_params:
+            measured = getattr(self, "rank_init", None) is not None
+            start = "its start measured from the data" if measured else f"the start rank {self.settings.r0}"
             raise ConfigError(
                 ("target_params", "r"),
-                f"ARD's budget ({target:,}) must be below the adapter's size at the start rank {self.settings.r0} "
-                f"({self.start_params:,}) and at least {lowest:,} (rank_floor={floor} everywhere, one rank in all): "
-                "change the budget, or raise the start rank to start from more capacity.",
+                f"ARD's budget ({target:,}) must be below the adapter's size at {start} ({self.start_params:,}), "
+                "which it prunes down from: lower the budget, or raise the start rank to start from more capacity.",
             )
 
     def budget_at(self, t: int | None = None) -> int | None:
