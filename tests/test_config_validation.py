@@ -223,6 +223,23 @@ def test_alpha_travel_is_refused_when_the_alphas_learning_rate_is_fixed(fixing):
     assert ("lr_alpha is given" if "lr_alpha" in fixing else "preset='paper'") in str(err)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("ard_lambda", 0.5), ("mask", "soft"), ("rank_floor", 1), ("tv_form", "anchor"), ("warmup_frac", 0.1)],
+)
+def test_a_knob_the_paper_preset_sets_is_refused_beside_it(name, value):
+    """preset='paper' sets its fields to the paper's values: a value given beside it was overridden without a word."""
+    err = refused(name, "ard", preset="paper", **{name: value})
+    assert "preset='paper' sets" in str(err)
+
+
+def test_the_paper_preset_fields_are_those_its_table_sets():
+    from dynarank.config import PAPER_PRESET_FIELDS
+    from dynarank.controllers.ard_settings import PAPER
+
+    assert set(PAPER) - {"lr"} == set(PAPER_PRESET_FIELDS)  # lr is the run's, not a config field
+
+
 def test_every_inert_knob_is_named_in_one_error():
     err = refused(
         ("init_rho", "init_scale", "cap_order", "alpha_travel"),

@@ -656,6 +656,19 @@ def _refuse_foreign(cls: type[DynaRankConfig], given: dict[str, Any]) -> None:
     raise ConfigError(tuple(foreign), f"not used by method {cls.METHOD!r} ({detail}).")
 
 
+# The ARD fields preset='paper' sets (their values: controllers/ard_settings.py's PAPER, which a test holds to this)
+PAPER_PRESET_FIELDS = (
+    "ard_lambda",
+    "lambda_mode",
+    "ard_beta",
+    "lr_alpha",
+    "mask",
+    "readout",
+    "rank_floor",
+    "warmup_frac",
+    "final_frac",
+    "tv_form",
+)
 DATA_START_KNOBS = ("init_rho", "init_batches", "init_statistic", "init_margin", "init_scale")
 
 
@@ -676,6 +689,8 @@ def inert_ard_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dic
         why["cap_order"] = "cap_order orders the budget cap's cuts, and there is no budget (target_params)"
     if values["preset"] == "paper":
         why["alpha_travel"] = "alpha_travel sets lr_alpha when lr_alpha is unset, and preset='paper' sets it"
+        for name in PAPER_PRESET_FIELDS:
+            why[name] = f"preset='paper' sets {name} (to the paper's value)"
     elif values["lr_alpha"] is not None:
         why["alpha_travel"] = "alpha_travel sets lr_alpha when lr_alpha is unset, and lr_alpha is given"
     return {name: reason for name, reason in why.items() if values[name] != _default_of(cls, name)}
