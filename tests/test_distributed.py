@@ -79,6 +79,34 @@ def test_two_gloo_workers_match_a_single_process_run(setup):
     assert a.keys() == b.keys()
     for key in a:  # documented tolerance: float summation order differs across the all-reduce
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    # The logged loss is the global batch's (worker 0 logged its own shard's), the last uneven batch (2 + 1) included
+    logs = [[json.loads(line) for line in (setup / d / "metrics.jsonl").open()] for d in ("ddp", "single")]
+    losses = [[row["loss"] for row in log if "loss" in row] for log in logs]
+    assert len(losses[0]) == len(losses[1]) == 16
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+@pytest.mark.parametrize(
+    "case, extra, expected",
+    [
+        # worker 0 refused it while worker 1 waited for the path, and died in gloo with a traceback
+        ("existing --out", ["--out", "{root}"], "already exists"),
+        # 51 rows in batches of 10: an epoch's last batch holds 1 example, and worker 1 crashed on its empty shard
+        ("a global batch of one", ["--batch-size", "10", "--max-steps", "12"], "holds 1 example(s)"),
+    ],
+)
+def test_bad_input_under_torchrun_is_one_line_on_every_worker(setup, case, extra, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = ["--out", str(setup / f"refused-{len(case)}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dynarank.cli"]
+    cmd += [*argv(setup, "unused"), *out, *(x.format(root=setup) for x in extra)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "dynarank train: error:" in line]
+    assert len(errors) == 2 and all(expected in line for line in errors), done.stderr[-3000:]
+    assert not [line for line in done.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
+    assert not (setup / "refused-14").exists() and not (setup / "refused-20").exists()  # nothing left behind
 
 
 def test_accelerate_launch_runs_the_cli_on_two_workers_with_the_single_process_ranks(setup):

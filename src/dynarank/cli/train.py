@@ -103,11 +103,18 @@ def _shared_run_dir(options: TrainOptions, worker: Worker) -> RunDir:
     """Worker 0 chooses (and checks) the run directory; every worker gets the same path."""
     if options.resume:
         return RunDir(options.resume)
-    chosen = [str(new_directory(options.out, options.method)) if worker.writes else None]
+    chosen: list = [None]
+    if worker.writes:
+        try:
+            chosen = [str(new_directory(options.out, options.method))]
+        except OSError as exc:  # every worker refuses it, each in its one line (not one waiting for the path)
+            chosen = [exc]
     if worker.n_workers > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(chosen, src=0)
+    if isinstance(chosen[0], BaseException):
+        raise chosen[0]
     return RunDir(chosen[0])
 
 

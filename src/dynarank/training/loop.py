@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
@@ -296,6 +297,14 @@ def shard_share(labels: torch.Tensor, rank: int, n: int) -> float:
     return float(counted[rank::n].sum()) * n / max(1, float(counted.sum()))
 
 
+def smallest_global_batch(n_examples: int, batch_size: int, total_steps: int) -> int:
+    """The fewest examples any of the run's ``total_steps`` global batches holds: an epoch's last batch holds what is
+    left of it (n_examples % batch_size), and the run reaches it only if it lasts a whole epoch."""
+    per_epoch = math.ceil(n_examples / batch_size)
+    left = n_examples % batch_size
+    return left if left and total_steps >= per_epoch else min(batch_size, n_examples)
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     # Each epoch's order follows from (seed, epoch) alone, so a resumed run finds its place by step.
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -418,6 +427,14 @@ class _Loop:
         self.n_examples = len(encoded["input_ids"])
         self.total = spec.total_steps(self.n_examples)
         self.rank, self.n_workers = world()
+        smallest = smallest_global_batch(self.n_examples, spec.batch_size, self.total)
+        if smallest < self.n_workers:  # a worker would get an empty shard (every worker refuses it alike)
+            raise ConfigError(
+                "batch_size",
+                f"a global batch of this run holds {smallest} example(s) ({self.n_examples} examples in batches of "
+                f"{spec.batch_size}), fewer than its {self.n_workers} workers, each of which needs one: choose a batch "
+                "size whose last batch of an epoch holds at least that many, or train on fewer workers.",
+            )
         model.to(default_device())
         t0 = time.perf_counter()
         self.model, self.controller = prepare_model(
@@ -506,6 +523,13 @@ class _Loop:
             self.controller.loss_weight = share  # ARD's calibration then averages the global batch's loss
         ids, mask, labels = ids[rank::n].to(self.device), mask[rank::n].to(self.device), labels[rank::n].to(self.device)
         out = self.train_model(input_ids=ids, attention_mask=mask, labels=labels)
+        # The loss the step logs: the global batch's (the mean over the workers of each shard's loss weighted by its
+        # share of what the loss averages over), not worker 0's shard alone
+        self.step_loss = out.loss.detach()
+        if n > 1:
+            self.step_loss = self.step_loss * share
+            dist.all_reduce(self.step_loss)
+            self.step_loss /= n
         bad = ["loss"] if any_worker(not torch.isfinite(out.loss), self.device) else []
         if bad:
             culprit = first_nonfinite_module(self.model, {"input_ids": ids, "attention_mask": mask})
@@ -565,7 +589,7 @@ class _Loop:
         if control.on_step is not None:
             info = {
                 "step": self.step,
-                "loss": float(out.loss.detach()),
+                "loss": float(self.step_loss),
                 "lr": self.scheduler.get_last_lr()[0],
                 "trainable_parameters": count_trainable(self.model),
                 "total_rank": self.controller.total_rank() if self.controller is not None else None,
