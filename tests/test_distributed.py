@@ -93,7 +93,13 @@ def test_two_gloo_workers_match_a_single_process_run(setup):
         # worker 0 refused it while worker 1 waited for the path, and died in gloo with a traceback
         ("existing --out", ["--out", "{root}"], "already exists"),
         # 51 rows in batches of 10: an epoch's last batch holds 1 example, and worker 1 crashed on its empty shard
-        ("a global batch of one", ["--batch-size", "10", "--max-steps", "12"], "holds 1 example(s)"),
+        # (long: its rule is checked in one process by test_the_smallest_global_batch_is_an_epochs_last_when_reached)
+        pytest.param(
+            "a global batch of one",
+            ["--batch-size", "10", "--max-steps", "12"],
+            "holds 1 example(s)",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_input_under_torchrun_is_one_line_on_every_worker(setup, case, extra, expected):
@@ -267,3 +273,19 @@ def test_the_model_is_walked_for_resized_tensors_only_when_the_layout_changed(mo
     for _ in range(5):
         assert [p is model[0].weight for p in sync.unknown()] == [True]
     assert len(walks) == 2
+
+
+@pytest.mark.parametrize(
+    ("n_examples", "batch_size", "total_steps", "smallest"),
+    [
+        (51, 10, 12, 1),  # 6 batches an epoch, the sixth holds 1, reached
+        (51, 10, 5, 10),  # the run ends before the epoch's last batch
+        (50, 10, 12, 10),  # no remainder
+        (3, 8, 4, 3),  # a batch larger than the data: every batch holds all of it
+    ],
+)
+def test_the_smallest_global_batch_is_an_epochs_last_when_reached(n_examples, batch_size, total_steps, smallest):
+    """The rule behind refusing a run whose global batch would leave a worker an empty shard."""
+    from dynarank.training.loop import smallest_global_batch
+
+    assert smallest_global_batch(n_examples, batch_size, total_steps) == smallest
