@@ -241,11 +241,13 @@ def test_a_knob_the_paper_preset_sets_is_refused_beside_it(name, value):
     assert "preset='paper' sets" in str(err)
 
 
-def test_the_paper_preset_fields_are_those_its_table_sets():
-    from dynarank.config import PAPER_PRESET_FIELDS
+def test_the_paper_preset_refuses_exactly_the_ard_fields_its_table_sets():
+    from dynarank.config import ARD_PAPER_PRESET, PAPER_PRESET_FIELDS
     from dynarank.controllers.ard_settings import PAPER
 
-    assert set(PAPER) - {"lr"} == set(PAPER_PRESET_FIELDS)  # lr is the run's, not a config field
+    assert PAPER is ARD_PAPER_PRESET  # one table: what the settings apply is what the check refuses
+    assert set(PAPER_PRESET_FIELDS) == set(ARD_PAPER_PRESET) - {"lr"}  # lr is the run's, not a config field
+    assert set(PAPER_PRESET_FIELDS) <= set(fields_of(CONFIG_CLASSES["ard"]))
 
 
 def test_every_inert_knob_is_named_in_one_error():

@@ -656,19 +656,23 @@ def _refuse_foreign(cls: type[DynaRankConfig], given: dict[str, Any]) -> None:
     raise ConfigError(tuple(foreign), f"not used by method {cls.METHOD!r} ({detail}).")
 
 
-# The ARD fields preset='paper' sets (their values: controllers/ard_settings.py's PAPER, which a test holds to this)
-PAPER_PRESET_FIELDS = (
-    "ard_lambda",
-    "lambda_mode",
-    "ard_beta",
-    "lr_alpha",
-    "mask",
-    "readout",
-    "rank_floor",
-    "warmup_frac",
-    "final_frac",
-    "tv_form",
-)
+# What ARD's preset='paper' sets: its fields, and the run's learning rate (lr, not a config field)
+ARD_PAPER_PRESET = {
+    "ard_lambda": 0.01,
+    "lambda_mode": "absolute",
+    # The paper's objective L_task + lambda * (sum |alpha| + beta * sum TV) with lambda 0.01, beta 0.1: the TV
+    # term's own strength (ard_beta is not multiplied by ard_lambda) is lambda * beta.
+    "ard_beta": 0.01 * 0.1,
+    "lr_alpha": 5e-5,
+    "lr": 1e-4,
+    "mask": "soft",
+    "readout": "round",
+    "rank_floor": 1,
+    "warmup_frac": 0.0,
+    "final_frac": 0.0,
+    "tv_form": "step",
+}
+PAPER_PRESET_FIELDS = tuple(name for name in ARD_PAPER_PRESET if name != "lr")
 DATA_START_KNOBS = ("init_rho", "init_batches", "init_statistic", "init_margin", "init_scale")
 
 

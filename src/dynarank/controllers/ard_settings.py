@@ -4,24 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..config import ARDConfig, ConfigError
+from ..config import ARD_PAPER_PRESET, ARDConfig, ConfigError
 from .schedules import ROUNDS_WHEN_UNSET, BudgetSchedule
 
-PAPER = {
-    "ard_lambda": 0.01,
-    "lambda_mode": "absolute",
-    # The paper's objective L_task + lambda * (sum |alpha| + beta * sum TV) with lambda 0.01, beta 0.1: the TV
-    # term's own strength (ard_beta is not multiplied by ard_lambda) is lambda * beta.
-    "ard_beta": 0.01 * 0.1,
-    "lr_alpha": 5e-5,
-    "lr": 1e-4,
-    "mask": "soft",
-    "readout": "round",
-    "rank_floor": 1,
-    "warmup_frac": 0.0,
-    "final_frac": 0.0,
-    "tv_form": "step",
-}
+PAPER = ARD_PAPER_PRESET  # what preset="paper" sets (config.py, where the inert-knob check reads it too)
 PHASES = ("warmup_frac", "final_frac")  # knobs of the ARD config that the settings turn into the schedule
 DEFAULT_LAMBDA = {"relative": 1.0, "gradient": 1.0, "absolute": 0.01}
 # ard_beta=None: a tenth of the mode's default l1 strength (absolute: the paper's lambda * beta = 0.01 * 0.1).

@@ -293,8 +293,12 @@ class RankController:
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
-        state = {"step": self.step, "history": self.history, "warned": sorted(self._warned)}
-        return {**state, "warnings": self.run_warnings()}
+        return {
+            "step": self.step,
+            "history": self.history,
+            "warned": sorted(self._warned),
+            "warnings": self.run_warnings(),
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor state a checkpoint stores beside :meth:`state_dict` (safetensors); none here."""

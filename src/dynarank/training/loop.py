@@ -29,7 +29,7 @@ from ..attach import adapter_parameter_count, attach, count_trainable, linear_mo
 from ..config import DEFAULT_START_RANK, ConfigError, DynaRankConfig
 from ..controllers import RankController, build_controller
 from ..defaults import RANK_BUDGET_METHODS, TASKS, budget_of, default_lr, source, task_of
-from ..distributed import ResizedGradientSync, any_worker, check_same_ranks, default_device, world, wrap
+from ..distributed import ResizedGradientSync, check_same_ranks, default_device, world, wrap
 from ..fsdp import shard_base
 from ..guards import first_nonfinite_module, nonfinite_gradients
 from ..optim_state import state_bytes
@@ -524,13 +524,14 @@ class _Loop:
         ids, mask, labels = ids[rank::n].to(self.device), mask[rank::n].to(self.device), labels[rank::n].to(self.device)
         out = self.train_model(input_ids=ids, attention_mask=mask, labels=labels)
         # The loss the step logs: the global batch's (the mean over the workers of each shard's loss weighted by its
-        # share of what the loss averages over), not worker 0's shard alone
+        # share of what the loss averages over), not worker 0's shard alone. One reduction serves the finiteness
+        # check too: the sum is non-finite exactly where some worker's loss is.
         self.step_loss = out.loss.detach()
         if n > 1:
             self.step_loss = self.step_loss * share
             dist.all_reduce(self.step_loss)
             self.step_loss /= n
-        bad = ["loss"] if any_worker(not torch.isfinite(out.loss), self.device) else []
+        bad = ["loss"] if not torch.isfinite(self.step_loss) else []
         if bad:
             culprit = first_nonfinite_module(self.model, {"input_ids": ids, "attention_mask": mask})
             bad = [f"loss (first non-finite output: {culprit or 'none; the loss computation itself'})"]
