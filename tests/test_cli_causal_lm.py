@@ -81,6 +81,14 @@ def test_causal_lm_train_eval_export(tiny_llama_dir, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(served(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
 
+    # A classifier's options are refused by name on the run and on its exported adapter, before any model loads
+    for target in (run, tmp_path / "adapter"):
+        for extra, named in ((["--labels", "a,b"], "--labels"), (["--text-column", "question"], "--text-column")):
+            capsys.readouterr()
+            assert main(["eval", str(target), "--data", str(data), *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"{named} would not be used" in err and "causal-lm run" in err and "Traceback" not in err
+
 
 def test_missing_response_column_is_named(tiny_llama_dir, tmp_path, capsys):
     data = write_pairs(tmp_path / "pairs.csv")

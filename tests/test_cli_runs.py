@@ -251,6 +251,16 @@ def test_eval_refuses_labels_that_contradict_the_run(runs, capsys):
     assert "negative" in err and "--labels" in err
 
 
+@pytest.mark.parametrize("target", ["lora", "exported"])
+def test_eval_refuses_a_causal_lms_columns_on_a_classifier(runs, tmp_path, capsys, target):
+    path = runs["lora"]
+    if target == "exported":
+        assert main(["export", str(path), "--out", str(tmp_path / "exported")]) == 0
+        path = tmp_path / "exported"
+    err = refused(["eval", str(path), "--data", str(runs["data"]), "--prompt-column", "text"], capsys)
+    assert "--prompt-column would not be used" in err and "classify run" in err
+
+
 def test_eval_of_a_run_truncates_at_the_runs_max_length(runs, monkeypatch):
     lengths = []
     real = commands_module.evaluate_classifier

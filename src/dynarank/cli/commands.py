@@ -50,15 +50,28 @@ def _label_names(given: str | None, recorded: list[str] | None, path: Path) -> l
     return names or list(recorded)
 
 
-def _load_adapter_dir(path: Path, base: str | None, labels: str | None):
-    """(model, tokenizer, info) for a plain PEFT adapter directory (ours or anyone's)."""
+def _refuse_other_tasks_options(args: argparse.Namespace, task: str, path: Path) -> None:
+    """ValueError naming the eval options that ``task`` would not read (a classifier's columns or --labels on a
+    causal LM, a prompt / response column on a classifier): a figure must not look as if it used them."""
+    other = ("prompt_column", "response_column") if task == "classify" else ("text_column", "label_column", "labels")
+    given = ["--" + name.replace("_", "-") for name in other if getattr(args, name, None)]
+    if given:
+        them = "it" if len(given) == 1 else "them"
+        raise ValueError(f"{', '.join(given)} would not be used: {path} is a {task} run; drop {them}.")
+
+
+def _load_adapter_dir(path: Path, args: argparse.Namespace):
+    """(model, tokenizer, info) for a plain PEFT adapter directory (ours or anyone's), named by ``args.run_dir``
+    with eval's ``--model`` / ``--labels`` (and its columns, checked against the adapter's task)."""
     require_safetensors(path, "adapter")  # before the base model is loaded for nothing
     info = read_adapter_info(path)
-    base = base or info.get("model") or peft_config(path).base_model_name_or_path
+    base = args.model or info.get("model") or peft_config(path).base_model_name_or_path
     if not base:
         raise ValueError(f"{path}: which base model does this adapter belong to? Pass --model.")
     model_dir = resolve_model_dir(base)
     info.setdefault("task", infer_task(model_dir))
+    _refuse_other_tasks_options(args, info["task"], path)
+    labels = args.labels
     if info["task"] == "causal-lm":
         model, tokenizer = load_causal_lm(model_dir, quantize=info.get("quantize"))
     else:
@@ -97,10 +110,11 @@ def eval_command(args: argparse.Namespace) -> dict:
     run = RunDir(args.run_dir)
     path = run.path
     if run.is_bare_adapter():
-        model, tokenizer, summary = _load_adapter_dir(path, args.model, args.labels)
+        model, tokenizer, summary = _load_adapter_dir(path, args)
         max_length = args.max_length or summary.get("max_length") or DEFAULT_MAX_LENGTH
     else:
         summary = run.read_summary()
+        _refuse_other_tasks_options(args, summary.get("task", "classify"), path)
         if summary.get("task") != "causal-lm":
             _label_names(args.labels, summary.get("label_names"), path)
         model, tokenizer, summary = load_trained(run)
