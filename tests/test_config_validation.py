@@ -203,13 +203,26 @@ def test_a_data_start_knob_is_refused_with_the_uniform_start(knob, value):
 )
 @pytest.mark.parametrize(
     "start",
-    [{"rank_init": "auto"}, {"rank_init": "auto", "target_params": 1000}, {"rank_init": "data"}]
-    + [{"rank_init": "data", "target_params": 1000}],
+    [{"rank_init": "auto", "target_params": 1000}, {"rank_init": "data"}, {"rank_init": "data", "target_params": 1000}],
 )
-def test_a_data_start_knob_is_accepted_where_the_start_may_be_measured(start, knob, value):
-    """'auto' measures with a budget and starts uniform without one (or when no ranks get measured): a knob of the
-    data start is the user's to set under it."""
-    assert getattr(DynaRankConfig(method="ard", **start, **{knob: value}), knob) == value
+def test_a_data_start_knob_is_accepted_where_the_start_is_measured(start, knob, value):
+    """'data' measures; 'auto' measures with a budget (once dynarank.init_ranks runs): a knob of the data start is
+    the user's to set under them."""
+    config = DynaRankConfig(method="ard", **start, **{knob: value})
+    assert getattr(config, knob) == value and config.data_start
+
+
+@pytest.mark.parametrize(
+    ("start", "why"),
+    [({"rank_init": "auto"}, "without a budget (target_params)")]
+    + [({"rank_init": "auto", "target_params": 1000, "preset": "paper"}, "under preset='paper'")],
+)
+@pytest.mark.parametrize(("knob", "value"), [("init_batches", 3), ("init_statistic", "activation")])
+def test_a_data_start_knob_is_refused_where_auto_starts_uniform(start, why, knob, value):
+    """'auto' without a budget, or under the paper preset, starts every group at r: never measured."""
+    assert not DynaRankConfig(method="ard", **start).data_start
+    err = refused(knob, "ard", **start, **{knob: value})
+    assert f"rank_init='auto' starts every group at r {why}" in str(err)
 
 
 @pytest.mark.parametrize("rank_init", ["auto", "data"])

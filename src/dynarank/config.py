@@ -680,14 +680,22 @@ def inert_ard_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dic
     """The ARD knobs that ``values`` (an ARD config's fields) sets away from their defaults while its other fields
     make them act on nothing, each with why.
 
-    The data-driven start's knobs are inert under ``rank_init='uniform'``, not under ``'auto'``: auto's start is
-    measured or uniform depending on the budget and on whether the ranks get measured (``dynarank.init_ranks``), and
-    a knob that acts under one of its outcomes is the user's to set. ``init_rho`` and ``cap_order`` need a budget
-    under every start."""
+    The data-driven start's knobs are inert where the start is uniform whatever happens: ``rank_init='uniform'``,
+    and ``'auto'`` without a budget or under ``preset='paper'`` (``DynaRankConfig.data_start``). Under ``'auto'``
+    with a budget they stay the user's to set (the start is measured once ``dynarank.init_ranks`` runs, as the CLI
+    and the Trainer integration do). ``init_rho`` and ``cap_order`` need a budget under every start."""
     why: dict[str, str] = {}
-    if values["rank_init"] == "uniform":
+    uniform = {
+        "uniform": "rank_init='uniform' starts every group at r",
+        "auto": "rank_init='auto' starts every group at r "
+        + ("under preset='paper'" if values["preset"] == "paper" else "without a budget (target_params)"),
+    }
+    measured = values["rank_init"] == "data" or (
+        values["rank_init"] == "auto" and values["target_params"] is not None and values["preset"] != "paper"
+    )
+    if not measured:
         for name in DATA_START_KNOBS:
-            why[name] = f"{name} is a knob of the data-driven start, and rank_init='uniform' starts every group at r"
+            why[name] = f"{name} is a knob of the data-driven start, and {uniform[values['rank_init']]}"
     if values["target_params"] is None:
         why.setdefault("init_rho", "the data-driven start holds init_rho x target_params, and target_params is unset")
         why["cap_order"] = "cap_order orders the budget cap's cuts, and there is no budget (target_params)"
