@@ -294,3 +294,47 @@ def test_a_model_whose_dynarank_adapters_are_all_frozen_is_refused_when_training
             p.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
         run_trainer(tmp_path, way, model=model)
+
+
+# ---------------------------------------------------------------- a method that learns ranks, trained without one
+UNCONTROLLED = "trains without a rank controller"
+
+
+def uncontrolled_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if UNCONTROLLED in str(w.message)]
+
+
+@pytest.mark.parametrize("way", ["trainer", "callback"])
+def test_training_under_the_integration_gives_no_missing_controller_warning(tmp_path, way, recwarn):
+    run_trainer(tmp_path, way=way, max_steps=3)
+    assert not uncontrolled_warnings(recwarn.list)
+
+
+def test_a_plain_trainer_without_the_callback_warns_once_that_the_ranks_stay_fixed(tmp_path, recwarn):
+    model = ard_model()
+    args = training_args(tmp_path, max_steps=3, seed=0, learning_rate=1e-2)
+    Trainer(model=model, args=args, train_dataset=TokenDataset()).train()
+    (message,) = uncontrolled_warnings(recwarn.list)
+    assert "method 'ard' learns no ranks" in message and "DynaRankCallback" in message
+    assert {layer.ranks[0] for layer in elastic_layers(model).values()} == {4}  # as the warning says: fixed at r
+
+
+@pytest.mark.parametrize("method", ["ard", "elalora", "adalora-physical", "dynarank-lora"])
+def test_only_a_training_forward_without_a_controller_warns_and_only_for_a_method_that_learns_ranks(method, recwarn):
+    model = attach(tiny_bert(), DynaRankConfig(method=method, r=2, seed=0, target_modules=["query", "value"]))
+    batch = {"input_ids": token_batch()}
+    model.eval()
+    model(**batch)  # an evaluation
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+    assert not uncontrolled_warnings(recwarn.list)
+    model(**batch)
+    model(**batch)
+    expected = 0 if method == "dynarank-lora" else 1  # fixed ranks need no controller
+    assert len(uncontrolled_warnings(recwarn.list)) == expected
+
+    built = attach(tiny_bert(), DynaRankConfig(method=method, r=2, seed=0, target_modules=["query", "value"]))
+    dynarank.build_controller(built, total_steps=100)
+    built(**batch)
+    assert len(uncontrolled_warnings(recwarn.list)) == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from .config import (
     TASK_HEAD_NAMES,
     ConfigError,
     DynaRankConfig,
+    RankControlConfig,
 )
 from .defaults import budget_in_lora_ranks, studied_start_rank
 from .layer import ElasticLoRALinear
@@ -28,6 +30,28 @@ from .slot_costs import SlotCosts
 logger = logging.getLogger(__name__)
 
 ATTACHED_ATTR = "dynarank_config"
+CONTROLLED_ATTR = "_dynarank_controlled"  # True once a rank controller is built on the model (controllers/base.py)
+_WARNED_ATTR = "_dynarank_warned_uncontrolled"
+
+
+def _warn_if_uncontrolled(model: nn.Module, args, output) -> None:
+    """Forward hook of a model attached for a method that learns ranks: the first training forward (training mode,
+    gradients on) with no rank controller built on the model warns, once, that its ranks will stay where they start.
+    A plain Trainer without DynaRankCallback, or a loop that never calls build_controller, trained fixed ranks
+    without a word. The data start's measuring pass runs in eval mode and is not a training forward."""
+    if not (model.training and torch.is_grad_enabled()) or getattr(model, CONTROLLED_ATTR, False):
+        return
+    config = getattr(model, ATTACHED_ATTR, None)
+    if not isinstance(config, RankControlConfig) or getattr(model, _WARNED_ATTR, False):
+        return
+    setattr(model, _WARNED_ATTR, True)
+    warnings.warn(
+        f"dynarank: this model trains without a rank controller, so method {config.method!r} learns no ranks: every "
+        "group stays at its start. Build one before training: dynarank.build_controller(model, total_steps) in your "
+        "own loop (its optimizer bound to it), or train with dynarank.DynaRankTrainer / DynaRankCallback.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 @dataclass(frozen=True)
@@ -261,6 +285,8 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
             p.requires_grad_(True)
     setattr(model, ATTACHED_ATTR, config)
     model.dynarank_modules_to_save = save_names
+    if isinstance(config, RankControlConfig):
+        model.register_forward_hook(_warn_if_uncontrolled)
     keep_training_layout(model)  # a 4-bit base computes in eval as in training (quantized.py: the repacking trap)
     logger.info("dynarank: %d adapted modules, %d trainable parameters", len(built), count_trainable(model))
     return model

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..attach import ATTACHED_ATTR, count_trainable, elastic_layers
+from ..attach import ATTACHED_ATTR, CONTROLLED_ATTR, count_trainable, elastic_layers
 from ..config import ConfigError, DynaRankConfig
 from ..defaults import budget_of, default_lr, task_of
 from ..layer import ElasticLoRALinear
@@ -80,6 +80,7 @@ class RankController:
         self.model = model
         self.config = config
         self.restoring = restoring
+        setattr(model, CONTROLLED_ATTR, True)  # its training forwards are this controller's (attach's warning)
         self.total_steps = total_steps
         self.layers: dict[str, ElasticLoRALinear] = elastic_layers(model)
         self.step = 0
