@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from dynarank.training.data import (
     DataError,
+    causal_examples,
     classification_examples,
     classification_sets,
     held_out_split,
@@ -198,3 +199,44 @@ def test_the_packaged_dialogs_come_in_the_corpus_s_languages_and_an_unknown_one_
     assert len(shared) < 0.05 * len(set(italian.prompts))
     with pytest.raises(DataError, match="no language 'klingon'; they have: .*italian"):
         packaged_dialogs(language="klingon")
+
+
+# ---------------------------------------------------------------------------- which columns are read
+def test_instruction_rows_put_their_input_in_the_prompt(tmp_path):
+    """instruction / input / output rows were read as prompt = instruction, the input dropped: the model learned to
+    answer 'Translate to French' with a translation of a sentence it never saw."""
+    rows = [
+        {"instruction": "Translate to French.", "input": "The cat sleeps.", "output": "Le chat dort."},
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    ]
+    pairs = causal_examples(load_table(str(_jsonl(tmp_path / "alpaca.jsonl", rows))))
+    assert pairs.prompts == ["Translate to French.\n\nThe cat sleeps.", "Name a colour."]
+    assert pairs.responses == ["Le chat dort.", "Blue."]
+
+
+def test_an_instruction_row_without_output_is_refused_by_its_row(tmp_path):
+    rows = [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "d", "input": "e", "output": " "}]
+    with pytest.raises(DataError, match="row 2: no 'output' text"):
+        causal_examples(load_table(str(_jsonl(tmp_path / "alpaca.jsonl", rows))))
+
+
+@pytest.mark.parametrize(
+    ("header", "role"),
+    [(("question", "query", "answer"), "prompt"), (("question", "answer", "output"), "response")]
+    + [(("text", "sentence", "label"), "text"), (("text", "label", "class"), "label")],
+)
+def test_two_columns_that_could_each_be_the_guessed_one_are_refused_naming_both(tmp_path, header, role):
+    data = _csv(tmp_path / "data.csv", [["a", "b", "c"], ["d", "e", "f"]], header=header)
+    rows = load_table(str(data))
+    read = causal_examples if role in ("prompt", "response") else classification_examples
+    with pytest.raises(DataError, match=f"could each be the {role} column.*--{role}-column"):
+        read(rows)
+
+
+def test_naming_one_of_two_candidate_columns_reads_it(tmp_path):
+    data = _csv(tmp_path / "data.csv", [["q1", "x1", "a1"], ["q2", "x2", "a2"]], header=("question", "query", "answer"))
+    pairs = causal_examples(load_table(str(data)), prompt_column="query")
+    assert pairs.prompts == ["x1", "x2"] and pairs.responses == ["a1", "a2"]
+    # a column named for one role is no candidate for the other
+    pairs = causal_examples(load_table(str(data)), response_column="query", prompt_column=None)
+    assert pairs.prompts == ["q1", "q2"] and pairs.responses == ["x1", "x2"]

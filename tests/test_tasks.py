@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dynarank.training.data import PairExamples
+import pytest
+
+from dynarank.training.data import DataError, PairExamples
 from dynarank.training.tasks import IGNORE_INDEX, encode_causal
 
 
@@ -48,3 +50,15 @@ def test_a_prompt_that_fills_the_window_keeps_its_end_and_the_response():
     ids, labels = enc["input_ids"][0], enc["labels"][0]
     assert len(ids) <= 16 and decode(ids).endswith("x\nyo$")
     assert decode([v for v in labels if v != IGNORE_INDEX]) == "yo$"
+
+
+def test_a_window_of_two_tokens_still_predicts_the_responses_first_token():
+    enc = encode_causal(CharTokenizer(), PairExamples(["hi"], ["yo"]), max_length=2)
+    assert decode(enc["input_ids"][0]) == "\ny" and decode(enc["labels"][0][1:]) == "y"
+
+
+def test_a_window_that_leaves_no_response_token_to_predict_is_refused():
+    """--max-length 1: every label fell at position 0, which nothing predicts; every step was skipped as a
+    non-finite loss and the held-out loss read 0.0 (perplexity 1.0), exit code 0."""
+    with pytest.raises(DataError, match="max_length=1.*raise --max-length"):
+        encode_causal(CharTokenizer(), PairExamples(["hi", "there"], ["yo", "you"]), max_length=1)

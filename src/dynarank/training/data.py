@@ -105,17 +105,31 @@ def _json_lines(text: str, path: Path) -> list[dict]:
     return rows
 
 
-def pick_column(rows: list[dict], wanted: str | None, guesses: tuple[str, ...], role: str, path: str = "") -> str:
-    """The column named ``wanted``, or the first familiar name; a clear error lists the columns found."""
+def pick_column(
+    rows: list[dict],
+    wanted: str | None,
+    guesses: tuple[str, ...],
+    role: str,
+    path: str = "",
+    taken: tuple[str | None, ...] = (),
+) -> str:
+    """The column named ``wanted``, or the one familiar name among the columns (``taken``: columns named for another
+    role); two familiar names are refused (one of them would be dropped without a word); a clear error lists the
+    columns found."""
     columns = list(dict.fromkeys(k for row in rows for k in row if isinstance(k, str)))  # JSON Lines rows may differ
     if wanted is not None:
         if wanted not in columns:
             raise DataError(f"{path or 'data'}: no {role} column {wanted!r}; columns found: {', '.join(columns)}.")
         return wanted
-    lowered = {c.lower(): c for c in columns}
-    for guess in guesses:
-        if guess in lowered:
-            return lowered[guess]
+    lowered = {c.lower(): c for c in columns if c not in taken}
+    found = [lowered[guess] for guess in guesses if guess in lowered]
+    if len(found) > 1:
+        raise DataError(
+            f"{path or 'data'}: {' and '.join(repr(c) for c in found)} could each be the {role} column, and one is "
+            f"read: name it with --{role}-column (to use both, join them into one column of the file)."
+        )
+    if found:
+        return found[0]
     raise DataError(
         f"{path or 'data'}: cannot guess the {role} column; pass --{role}-column. Columns found: {', '.join(columns)}."
     )
@@ -174,8 +188,8 @@ def classification_examples(
     label set (an eval set's labels must be in it); ``row_numbers`` are the rows' places in their file (1 = first
     row after the header), for messages."""
     where = path or "data"
-    text_col = pick_column(rows, text_column, TEXT_GUESSES, "text", path)
-    label_col = pick_column(rows, label_column, LABEL_GUESSES, "label", path)
+    text_col = pick_column(rows, text_column, TEXT_GUESSES, "text", path, taken=(label_column,))
+    label_col = pick_column(rows, label_column, LABEL_GUESSES, "label", path, taken=(text_col,))
     if text_col == label_col:
         raise DataError(f"{where}: {text_col!r} cannot be both the text and the label column; give each its own.")
     numbers = row_numbers or range(1, len(rows) + 1)
@@ -260,8 +274,9 @@ def causal_examples(
     rows: list[dict], prompt_column: str | None = None, response_column: str | None = None, path: str = ""
 ):
     """Causal-LM examples of ``rows``: with neither column named, a ``messages`` column is conversations and
-    ``prompt`` + ``completion`` columns are TRL's prompt / completion rows (training/chat.py); otherwise prompt /
-    response pairs (columns named or guessed), the prompt rendered with the chat template."""
+    ``prompt`` + ``completion`` columns are TRL's prompt / completion rows (training/chat.py) and ``instruction`` +
+    ``input`` + ``output`` columns instruction rows (:func:`alpaca_examples`); otherwise prompt / response pairs
+    (columns named or guessed), the prompt rendered with the chat template."""
     if prompt_column is None and response_column is None:
         from .chat import chat_examples, prompt_completion_examples
 
@@ -270,8 +285,10 @@ def causal_examples(
             return chat_examples(rows, path)
         if {"prompt", "completion"} <= columns:
             return prompt_completion_examples(rows, path)
-    prompt_col = pick_column(rows, prompt_column, PROMPT_GUESSES, "prompt", path)
-    response_col = pick_column(rows, response_column, RESPONSE_GUESSES, "response", path)
+        if ALPACA_COLUMNS <= columns:
+            return alpaca_examples(rows, path)
+    prompt_col = pick_column(rows, prompt_column, PROMPT_GUESSES, "prompt", path, taken=(response_column,))
+    response_col = pick_column(rows, response_column, RESPONSE_GUESSES, "response", path, taken=(prompt_col,))
     if prompt_col == response_col:
         raise DataError(
             f"{path or 'data'}: {prompt_col!r} cannot be both the prompt and the response column; give each its own."
@@ -288,6 +305,33 @@ def causal_examples(
             )
         prompts.append(str(prompt))
         responses.append(str(response))
+    return PairExamples(prompts, responses)
+
+
+ALPACA_COLUMNS = {"instruction", "input", "output"}
+
+
+def alpaca_examples(rows: list[dict], path: str = "") -> PairExamples:
+    """Instruction rows (``instruction``, ``input``, ``output``): the prompt is the instruction, followed by the input
+    after a blank line when there is one (the input is what the instruction is about: a sentence to translate); the
+    response is the output."""
+    where = path or "data"
+    prompts, responses = [], []
+    for number, row in enumerate(rows, 1):
+        instruction, extra, output = (row.get(c) for c in ("instruction", "input", "output"))
+        for name, value in (("instruction", instruction), ("input", extra), ("output", output)):
+            if isinstance(value, (dict, list)):
+                raise DataError(f"{where}, row {number}: {name!r} is not text.")
+        if instruction is None or not str(instruction).strip():
+            raise DataError(f"{where}, row {number}: no 'instruction' text; fill it in or drop the row.")
+        if output is None or not str(output).strip():
+            raise DataError(
+                f"{where}, row {number}: no 'output' text (the loss is on it, so the row would teach nothing); fill it "
+                "in or drop the row."
+            )
+        extra = "" if extra is None else str(extra)
+        prompts.append(str(instruction) + (f"\n\n{extra}" if extra.strip() else ""))
+        responses.append(str(output))
     return PairExamples(prompts, responses)
 
 

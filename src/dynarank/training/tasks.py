@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .chat import ChatExamples, CompletionExamples, encode_chats, encode_completions
-from .data import Examples, PairExamples
+from .data import DataError, Examples, PairExamples
 
 CausalExamples = PairExamples | ChatExamples | CompletionExamples  # what data.causal_examples reads
 
@@ -102,9 +102,21 @@ def encode_causal(tokenizer, pairs: CausalExamples, max_length: int) -> dict:
     """Prompt (chat template when the tokenizer has one) + response; the loss is on the response only. Conversations
     and TRL's prompt / completion rows: training/chat.py."""
     if isinstance(pairs, ChatExamples):
-        return encode_chats(tokenizer, pairs, max_length)
-    if isinstance(pairs, CompletionExamples):
-        return encode_completions(tokenizer, pairs, max_length)
+        encoded = encode_chats(tokenizer, pairs, max_length)
+    elif isinstance(pairs, CompletionExamples):
+        encoded = encode_completions(tokenizer, pairs, max_length)
+    else:
+        encoded = _encode_pairs(tokenizer, pairs, max_length)
+    # A token is predicted from the ones before it: a label at position 0 is never a target.
+    if not any(v != IGNORE_INDEX for lab in encoded["labels"] for v in lab[1:]):
+        raise DataError(
+            f"no example keeps a response token to predict within max_length={max_length} tokens (the loss would be "
+            "on nothing: every step skipped, a held-out loss of 0): raise --max-length."
+        )
+    return encoded
+
+
+def _encode_pairs(tokenizer, pairs: PairExamples, max_length: int) -> dict:
     input_ids, labels = [], []
     eos = tokenizer.eos_token or ""
     for prompt, response in zip(pairs.prompts, pairs.responses):
@@ -113,7 +125,7 @@ def encode_causal(tokenizer, pairs: CausalExamples, max_length: int) -> dict:
         ids = (head + tail)[:max_length]
         lab = ([IGNORE_INDEX] * len(head) + tail)[:max_length]
         if all(v == IGNORE_INDEX for v in lab):  # the prompt filled the window: keep its end and the response
-            head = head[-(max_length // 2) :]
+            head = head[len(head) - max_length // 2 :]  # (head[-0:] would be all of it)
             ids = (head + tail)[:max_length]
             lab = ([IGNORE_INDEX] * len(head) + tail)[:max_length]
         input_ids.append(ids)
