@@ -139,6 +139,16 @@ def test_a_method_that_is_not_a_name_is_refused_naming_method(method):
     refused("method", method=method)
 
 
+def test_method_none_is_the_default_method_as_leaving_it_out():
+    """It built the default class but kept method=None: from_dict(to_dict()) failed and build_controller raised
+    KeyError(None)."""
+    config = DynaRankConfig(method=None, r=2)
+    assert config.method == DynaRankConfig().method == "dynarank-lora"
+    assert DynaRankConfig.from_dict(config.to_dict()) == config
+    model = dynarank.attach(tiny_bert(), config)
+    assert dynarank.build_controller(model, total_steps=10).config.method == "dynarank-lora"
+
+
 # ---------------------------------------------------------------------------- lists of module names
 @pytest.mark.parametrize("name", ["exclude_modules", "modules_to_save"])
 def test_a_single_string_where_a_list_of_names_is_due_is_refused_with_the_list_to_write(name):

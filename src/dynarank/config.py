@@ -220,6 +220,8 @@ class DynaRankConfig:
         return object.__new__(cls)
 
     def __post_init__(self) -> None:
+        if self.method is None:  # method=None is the default method (as leaving it out): __new__ chose the class
+            self.method = type(self).METHOD
         _choice(self, "granularity", ("head", "matrix"))
         _choice(self, "head_layout", ("own", "shared"))
         # Unset with a budget: the budget's start, resolved against the model's targets (attach.start_rank); without
