@@ -115,6 +115,19 @@ def replace_in_optimizer(
         opt.state[new] = opt.state.pop(old)
 
 
+def swap_parameter(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter) -> bool:
+    """Put ``new`` in ``old``'s place in ``opt``'s groups (a load replaced ``old`` with a tensor of another shape),
+    dropping ``old``'s state, which cannot fit ``new``. Returns whether there was state to drop; nothing happens when
+    ``opt`` does not hold ``old``."""
+    where = _position(opt, old)
+    if where is None:
+        return False
+    g, i = where
+    opt.param_groups[g]["params"][i] = new
+    opt._dynarank_positions[id(new)] = where
+    return bool(opt.state.pop(old, None))
+
+
 def _reindexable(opt: torch.optim.Optimizer, param: torch.nn.Parameter, key, value) -> bool:
     """Whether the state ``value`` follows the parameter's re-index (True) or stays as it is (False: not a tensor, or
     a single number such as Adam's ``step``); ValueError for a tensor that should follow and cannot: one of another

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attach import ATTACHED_ATTR, elastic_layers
+from .attach import ATTACHED_ATTR, CONTROLLED_ATTR, elastic_layers
 from .config import ConfigError
 from .layer import ElasticLoRALinear
 from .naming import ARD_ATTR
@@ -138,6 +138,12 @@ def init_ranks(
         )
     if getattr(model, RANK_INIT_ATTR, None) is not None:
         raise ValueError("this model's ranks were initialised from data already; the init runs once per run.")
+    if getattr(model, CONTROLLED_ATTR, False):
+        raise ValueError(
+            "init_ranks() runs before build_controller(): the controller sizes its budget schedule from the start it "
+            "finds, and an optimizer built since would keep the tensors the init replaces. Attach again, then "
+            "init_ranks(), build_controller() and the optimizer, in that order."
+        )
     layers = elastic_layers(model)
     if any(len(set(layer.ranks)) != 1 or layer.max_rank != config.r for layer in layers.values()):
         raise ValueError("data-driven ranks start from a fresh adapter (every group at rank r): initialise first.")

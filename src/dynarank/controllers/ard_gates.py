@@ -18,8 +18,6 @@ exported adapter folds in), and its backward pass is the clamp's gradient, 1 whe
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -76,27 +74,34 @@ class _StraightThroughMask(torch.autograd.Function):
         return grad * inside, None
 
 
-def mask_gate(
-    gates: ARDGates, name: str, r0: int, rank_floor: int, soft_only: bool
-) -> Callable[[ElasticLoRALinear], torch.Tensor]:
+def mask_gate(gates: ARDGates, name: str, r0: int, rank_floor: int, soft_only: bool) -> MaskGate:
+    """The gate of one module: its groups' rank masks (G, r_max) from their alphas (:class:`MaskGate`)."""
+    return MaskGate(gates, name, r0, rank_floor, soft_only)
+
+
+class MaskGate:
     """The gate of one module: its groups' rank masks (G, r_max) from their alphas (hard with the clamp's
-    gradient, or the soft clamp itself). The alphas are read at every call: the gate follows their updates."""
-    slots: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (r_max, device, dtype) -> (j, j < floor)
+    gradient, or the soft clamp itself). The alphas are read at every call: the gate follows their updates.
 
-    def slot_index(r_max: int, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    An object, not a closure, so that ``copy.deepcopy(model)`` gives the copy's layers gates that read the copy's
+    alphas (a closure is copied by reference: the copy read the original's), and the model pickles."""
+
+    def __init__(self, gates: ARDGates, name: str, r0: int, rank_floor: int, soft_only: bool) -> None:
+        self.gates, self.name, self.r0, self.rank_floor, self.soft_only = gates, name, r0, rank_floor, soft_only
+        self._key: tuple | None = None  # (r_max, device, dtype) of the slot indices below: one live shape at a time
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (j, j < floor)
+
+    def _slot_index(self, r_max: int, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (r_max, alpha.device, alpha.dtype)
-        if key not in slots:
+        if self._key != key:  # the cache follows resizes and moves
             j = torch.arange(r_max, device=alpha.device, dtype=alpha.dtype)
-            slots.clear()  # one live shape at a time: the cache follows resizes and moves
-            slots[key] = (j, j < rank_floor)
-        return slots[key]
+            self._key, self._slots = key, (j, j < self.rank_floor)
+        return self._slots
 
-    def gate(layer: ElasticLoRALinear) -> torch.Tensor:
-        alpha = gates.of(name)
-        j, floor = slot_index(layer.max_rank, alpha)
-        x = r0 * alpha.unsqueeze(1) - j  # (G, r_max)
-        if soft_only:
+    def __call__(self, layer: ElasticLoRALinear) -> torch.Tensor:
+        alpha = self.gates.of(self.name)
+        j, floor = self._slot_index(layer.max_rank, alpha)
+        x = self.r0 * alpha.unsqueeze(1) - j  # (G, r_max)
+        if self.soft_only:
             return torch.where(floor, torch.ones_like(x), x.clamp(0.0, 1.0))
         return _StraightThroughMask.apply(x, floor)
-
-    return gate

@@ -9,7 +9,9 @@ steps (never micro-batches): a skipped step (fp16 overflow) runs no hook.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from ..attach import ATTACHED_ATTR, CONTROLLED_ATTR, count_trainable, elastic_la
 from ..config import ConfigError, DynaRankConfig
 from ..defaults import budget_of, default_lr, task_of
 from ..layer import ElasticLoRALinear
+from ..optim_state import swap_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +102,14 @@ class RankController:
         # every step): the losses a controller records are weighted by it, so their mean over workers is the global
         # batch's loss. 1 in one process, and where the caller does not weight (DDP averages the shard means).
         self.loss_weight = 1.0
+        self._stepped: set[int] = set()  # ids of the bound optimizers that stepped in the current iteration
+        # A load into the model (model.load_state_dict) replaces the adapters whose saved slot layout differs: the
+        # bound optimizers get the new tensors in the old ones' places (their state, if any, dropped), so that a resume
+        # in the usual order (build everything, then load the model's state, then the optimizer's) trains them.
+        owner = weakref.ref(self)  # the model's hooks must not keep the controller alive, nor copy it with the model
+        self._before_load: dict[str, nn.Parameter] = {}
+        model.register_load_state_dict_pre_hook(partial(_note_parameters_before_load, owner))
+        model.register_load_state_dict_post_hook(partial(_rebind_loaded_parameters, owner))
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer
@@ -131,7 +142,9 @@ class RankController:
         return optimizer
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Run this controller inside every ``optimizer.step()``."""
+        """Run this controller inside every ``optimizer.step()``. With several optimizers bound (one for the adapters,
+        one for a task head), an iteration is one step of each: the controller's step starts in the first one's step
+        and ends in the last one's, so it counts iterations, not optimizer steps, whatever order they step in."""
         if any(o is optimizer for o in self.optimizers):
             return
         self.optimizers.append(optimizer)
@@ -144,10 +157,14 @@ class RankController:
         self._skipping = True
 
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._skipping:
+        if not self._stepped and not self._skipping:  # the iteration's first optimizer step: every gradient is there
             self.before_step(optimizer)
 
     def _post_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._stepped.add(id(optimizer))
+        if not {id(o) for o in self.optimizers} <= self._stepped:
+            return  # the iteration ends when every bound optimizer has stepped
+        self._stepped.clear()
         if self._skipping:
             self._skipping = False
             self.skip_step(optimizer)
@@ -159,6 +176,7 @@ class RankController:
             hook.remove()
         self._hooks.clear()
         self.optimizers.clear()
+        self._stepped.clear()
 
     # ------------------------------------------------------------------ the per-step protocol
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -313,3 +331,31 @@ class RankController:
         self.history = list(state["history"])
         self._warned = set(state.get("warned", []))
         self._restored_warnings = [str(w) for w in state.get("warnings", [])]  # a checkpoint written before: none
+
+
+def _note_parameters_before_load(owner: weakref.ref, module: nn.Module, *args) -> None:
+    """The model's load pre-hook: its parameters as they are before a load (see RankController.__init__)."""
+    controller = owner()
+    if controller is not None and module is controller.model:
+        controller._before_load = dict(module.named_parameters())
+
+
+def _rebind_loaded_parameters(owner: weakref.ref, module: nn.Module, incompatible_keys) -> None:
+    """The model's load post-hook: every parameter the load replaced takes its predecessor's place in the bound
+    optimizers; state the predecessor had (an optimizer loaded before the model) is dropped, and said."""
+    controller = owner()
+    if controller is None or module is not controller.model:
+        return
+    before, controller._before_load = controller._before_load, {}
+    after = dict(module.named_parameters())
+    dropped = 0
+    for name, old in before.items():
+        new = after.get(name)
+        if new is not None and new is not old:
+            dropped += sum(swap_parameter(opt, old, new) for opt in controller.optimizers)
+    if dropped:
+        controller.warn_once(
+            "state-dropped-by-load",
+            f"loading the model reshaped {dropped} adapter tensors that already had optimizer state, which cannot fit "
+            "their new shapes and was dropped: load the optimizer's state after the model's.",
+        )

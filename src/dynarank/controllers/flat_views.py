@@ -37,3 +37,11 @@ class FlatViews:
             self._views = dict(zip(spans, torch.split(flat, widths)))
             self._flat, self._spans, self._key = flat, spans, key
         return self._views
+
+    def __deepcopy__(self, memo) -> FlatViews:
+        """A copy starts with no views: they are non-leaf tensors of the original's graph (which deepcopy refuses),
+        and the copy's vector is another tensor anyway."""
+        return FlatViews()
+
+    def __getstate__(self) -> dict:
+        return FlatViews().__dict__  # pickled without the views, as copied

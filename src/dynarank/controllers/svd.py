@@ -125,30 +125,9 @@ class SVDController(RankController):
         return self._scored[2]
 
     # ------------------------------------------------------------------ E as the layer's gate
-    def _make_gate(self, name: str):
-        """Module ``name``'s E as its layer's gate (G, r_max), padded slots reading a zero. The module's part of E
-        comes from ``SVDValues.pieces`` (one split of E for all modules). Where every group has the same rank the
-        packed columns are g * r + j: the gate is a view of that part. Otherwise one index into it padded with a
-        zero. The gate is handed over as that part and how to read it (``GateGather``): the fused update reads it
-        inside its own node. What the gate reads is worked out once per layout (the layer's version, its width, E's
-        device)."""
-        values = self.values
-        cached: list = [None, None, None]  # [key, the index into the part padded (None: a view), (G, r_max)]
-
-        def gate(layer: ElasticLoRALinear) -> GateGather:
-            e = values.pieces()[name]  # (T,)
-            key = (layer.layout_version, e.shape[0], e.device)
-            if cached[0] != key:
-                ranks, index = layer.ranks, layer.column_index
-                if len(set(ranks)) <= 1:
-                    cached[1] = None
-                else:
-                    width = layer.group_weight.shape[1]
-                    cached[1] = torch.where(index < width, index, width).to(e.device)  # padded slots read a zero
-                cached[0], cached[2] = key, (index.shape[0], index.shape[1])
-            return GateGather(e, cached[1], cached[2])
-
-        return gate
+    def _make_gate(self, name: str) -> ValuesGate:
+        """Module ``name``'s E as its layer's gate (:class:`ValuesGate`)."""
+        return ValuesGate(self.values, name)
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
         """The adapters and task head at ``lr``; E in a group of its own at ``values_lr_ratio`` times it (in the
@@ -532,3 +511,35 @@ def _laid_out(
                 owners.append((name, g))
                 n += s.numel()
     return (torch.cat(pieces).cpu() if pieces else None), starts, owners
+
+
+class ValuesGate:
+    """Module ``name``'s E as its layer's gate (G, r_max), padded slots reading a zero. The module's part of E
+    comes from ``SVDValues.pieces`` (one split of E for all modules). Where every group has the same rank the
+    packed columns are g * r + j: the gate is a view of that part. Otherwise one index into it padded with a
+    zero. The gate is handed over as that part and how to read it (``GateGather``): the fused update reads it
+    inside its own node. What the gate reads is worked out once per layout (the layer's version, its width, E's
+    device).
+
+    An object, not a closure, so that ``copy.deepcopy(model)`` gives the copy's layers gates that read the copy's E
+    (a closure is copied by reference: the copy read the original's E), and the model pickles."""
+
+    def __init__(self, values: SVDValues, name: str) -> None:
+        self.values = values
+        self.name = name
+        self._key: tuple | None = None
+        self._index: torch.Tensor | None = None  # the index into the part, padded (None: a view)
+        self._shape: tuple[int, int] | None = None  # (G, r_max)
+
+    def __call__(self, layer: ElasticLoRALinear) -> GateGather:
+        e = self.values.pieces()[self.name]  # (T,)
+        key = (layer.layout_version, e.shape[0], e.device)
+        if self._key != key:
+            ranks, index = layer.ranks, layer.column_index
+            if len(set(ranks)) <= 1:
+                self._index = None
+            else:
+                width = layer.group_weight.shape[1]
+                self._index = torch.where(index < width, index, width).to(e.device)  # padded slots read a zero
+            self._key, self._shape = key, (index.shape[0], index.shape[1])
+        return GateGather(e, self._index, self._shape)

@@ -311,6 +311,9 @@ class DynaRankCallback(TrainerCallback):
             else:
                 warn_of_transformers_default_lr(args, self.controller)
             warn_of_shared_values_rate(_inner(optimizer), self.model)
+        if not any(o is _inner(optimizer) for o in self.controller.optimizers):
+            self.controller.unbind()  # an optimizer of an earlier train() call steps no more (the controller waits
+            # for every bound optimizer to step before it ends an iteration)
         self.controller.bind(_inner(optimizer))
         return control
 
