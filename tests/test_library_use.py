@@ -135,3 +135,12 @@ def test_init_ranks_after_build_controller_is_refused():
     build_controller(model, total_steps=T)
     with pytest.raises(ValueError, match="init_ranks\\(\\) runs before build_controller"):
         dynarank.init_ranks(model, [{"input_ids": X, "labels": Y}])
+
+
+def test_stepping_past_total_steps_warns_once(caplog):
+    model, controller, optimizer = fresh("ard")
+    with caplog.at_level(logging.WARNING):
+        train_steps(model, optimizer, T)
+        assert "past the run's total_steps" not in caplog.text
+        train_steps(model, optimizer, 2)
+    assert caplog.text.count(f"optimizer step {T + 1} is past the run's total_steps={T}") == 1

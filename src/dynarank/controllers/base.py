@@ -165,6 +165,12 @@ class RankController:
         if not {id(o) for o in self.optimizers} <= self._stepped:
             return  # the iteration ends when every bound optimizer has stepped
         self._stepped.clear()
+        if self.total_steps is not None and self.step >= self.total_steps:
+            self.warn_once(
+                "past-the-end",
+                f"optimizer step {self.step + 1} is past the run's total_steps={self.total_steps}: the rank schedule "
+                "is over, so the ranks stay as they are (give build_controller the run's whole length).",
+            )
         if self._skipping:
             self._skipping = False
             self.skip_step(optimizer)
