@@ -156,8 +156,17 @@ def test_chat_jsonl_trains_evaluates_and_exports_to_stock_peft(chat_dir, tmp_pat
     assert summary["quantize"] == quantize and set(summary["eval"]) == {"loss", "perplexity"}
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(data)]) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-3)
+    run_loss = json.loads(capsys.readouterr().out)["loss"]
+    assert run_loss == pytest.approx(summary["eval"]["loss"], rel=1e-3)
     assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    assert main(["export", str(run), "--server-safe", "--out", str(tmp_path / "server")]) == 0
+    # Every adapter folder the run wrote records how its base was loaded, and eval loads it that way: the same loss
+    # as the run's (measured: within 2e-7; a float base in place of the 4-bit one moves it by 6e-4).
+    capsys.readouterr()
+    for folder in (run / "adapter", tmp_path / "adapter", tmp_path / "server"):
+        assert json.loads((folder / "dynarank_run.json").read_text()).get("quantize") == quantize, folder
+        assert main(["eval", str(folder), "--data", str(data)]) == 0
+        assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(run_loss, rel=1e-6), folder
     model, tokenizer, _ = load_trained(run)  # the base loaded as the run trained it
     base, _ = load_causal_lm(chat_dir, quantize=quantize)
     stock = PeftModel.from_pretrained(base, tmp_path / "adapter")

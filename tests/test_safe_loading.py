@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from peft import PeftModel
 import dynarank
 from dynarank import AdapterFormatError
 from dynarank.cli import main
-from dynarank.safe_load import load_peft_adapter
+from dynarank.safe_load import UnsafeFolderError, load_peft_adapter
 from dynarank.training.estimate import adapter_parameter_estimate
 from dynarank.training.loop import TrainSpec, prepare_model
 from dynarank.training.models import load_classifier
@@ -152,10 +153,74 @@ def test_a_bit_flip_in_a_bare_adapter_that_records_its_checksum_is_refused(runs,
     )
 
 
+# ---------------------------------------------------------------------------- damaged adapter configurations
+# Fields of the right JSON shape but the wrong type or value, which PEFT checks only while it builds the layers
+# (a TypeError or AttributeError from deep inside) or never: edit -> what the one line names.
+DAMAGED_CONFIGS = {
+    "r as text, nothing else": (lambda c: {"peft_type": "LORA", "r": "x"}, "its r is 'x', not a positive integer"),
+    "rank_pattern a list": (lambda c: {**c, "rank_pattern": [1, 2]}, "its rank_pattern is [1, 2], not an object"),
+    "rank_pattern with a text rank": (
+        lambda c: {**c, "rank_pattern": {"query": "y"}},
+        "its rank_pattern['query'] is 'y', not a positive integer",
+    ),
+    "target_modules a number": (lambda c: {**c, "target_modules": 5}, "its target_modules is 5, not a pattern"),
+    "lora_dropout as text": (lambda c: {**c, "lora_dropout": "x"}, "its lora_dropout is 'x', not a number from 0 to 1"),
+    "another PEFT method's type": (
+        lambda c: {**c, "peft_type": "PREFIX_TUNING"},
+        "adapter_config.json: PEFT cannot build this adapter on",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_CONFIGS)
+def test_a_damaged_adapter_config_is_one_line_naming_the_file_and_field(tiny_model_dir, runs, tmp_path, capsys, damage):
+    edit, named = DAMAGED_CONFIGS[damage]
+    adapter = _bare_adapter(runs, tmp_path)
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps(edit(json.loads(config.read_text()))))
+    err = refused(["eval", str(adapter), "--data", str(runs["data"]), "--labels", LABELS], capsys)
+    assert str(config) in err and named in err and "Traceback" not in err
+    with pytest.raises(AdapterFormatError, match=re.escape(named)):  # the library's own error for Python callers
+        load_peft_adapter(load_classifier(tiny_model_dir, LABELS.split(","))[0], adapter)
+
+
 def _native(tmp_path: Path) -> Path:
     model = tiny_bert()
     dynarank.attach(model, dynarank.DynaRankConfig(r=2, target_modules=["query", "value"]))
     return dynarank.save_adapter(model, tmp_path / "native")
+
+
+@pytest.mark.parametrize("name", ["adapter_model.bin", "dynarank_adapter.pt", "rng_state.pth"])
+def test_a_pickle_beside_a_native_adapters_weights_is_refused_unread(tmp_path, unpickled, name):
+    path = _native(tmp_path)
+    _tripwire_pickle(path / name)
+    with pytest.raises(UnsafeFolderError, match=f"holds {re.escape(name)}, a pickle, beside its dynarank_adapter"):
+        dynarank.load_adapter(tiny_bert(), path)
+    assert unpickled == []
+
+
+def test_a_native_adapter_whose_weights_are_a_pickle_is_refused_naming_it(tmp_path, unpickled):
+    path = _native(tmp_path)
+    (path / "dynarank_adapter.safetensors").unlink()
+    _tripwire_pickle(path / "dynarank_adapter.bin")
+    with pytest.raises(
+        UnsafeFolderError, match="weights as dynarank_adapter.bin, a pickle, which dynarank never loads"
+    ):
+        dynarank.load_adapter(tiny_bert(), path)
+    assert unpickled == []
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_pickle_in_a_runs_native_adapter_is_refused(runs, tmp_path, capsys, unpickled, command):
+    run = shutil.copytree(runs["dynarank-lora"], tmp_path / "run")
+    _tripwire_pickle(run / "dynarank_adapter" / "adapter_model.bin")
+    argv = [
+        command,
+        str(run),
+        *(["--data", str(runs["data"])] if command == "eval" else ["--out", str(tmp_path / "x")]),
+    ]
+    assert "adapter_model.bin, a pickle, beside its dynarank_adapter.safetensors" in refused(argv, capsys)
+    assert unpickled == [] and not (tmp_path / "x").exists()
 
 
 def test_a_native_adapter_records_the_checksums_of_its_weights_and_layout(tmp_path):

@@ -5,8 +5,9 @@ weights) before anything in it is opened.
 
 ``load_peft_adapter`` is stock PEFT's ``PeftModel.from_pretrained`` without
 its weight loader, which falls back to ``torch.load`` (a pickle) on ``adapter_model.bin``: the folder is refused if
-it holds any pickle, the configuration is read as JSON, and the weights from ``adapter_model.safetensors`` alone
-(``files.read_safetensors``: one read, checksummed and loaded from the same bytes).
+it holds any pickle, the configuration is read as JSON (a LoRA configuration's fields checked, naming the first that
+PEFT could not build), and the weights from ``adapter_model.safetensors`` alone (``files.read_safetensors``: one
+read, checksummed and loaded from the same bytes).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .config import is_finite_number
 from .files import RunFileError, read_json, read_safetensors
+from .storage import WEIGHTS_FILE as NATIVE_WEIGHTS
 from .storage import AdapterFormatError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,6 +36,15 @@ PICKLE_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 SAFETENSORS_WEIGHTS = {
     "model": ("model.safetensors", "model.safetensors.index.json"),
     "adapter": (ADAPTER_WEIGHTS,),
+    "native adapter": (NATIVE_WEIGHTS,),
+}
+# How to get a kind of folder's weights as safetensors, where they were found as a pickle.
+_CONVERSIONS = {
+    "model": "convert it to safetensors where you trust the file (from_pretrained, then save_pretrained(dir), which "
+    "writes model.safetensors) and pass that folder",
+    "adapter": "convert it to safetensors where you trust the file (PeftModel.from_pretrained, then "
+    "save_pretrained(dir), which writes adapter_model.safetensors) and pass that folder",
+    "native adapter": f"dynarank.save_adapter writes them as {NATIVE_WEIGHTS}, never as a pickle: save it again",
 }
 
 
@@ -45,8 +57,9 @@ def pickle_files(folder: str | Path) -> list[str]:
 def require_safetensors(folder: str | Path, what: str = "model") -> None:
     """Refuse ``folder`` if it holds any pickle file (it can run code when loaded), or lacks its safetensors weights.
 
-    ``what`` is 'model' (a Hugging Face model directory: ``model.safetensors`` or its shard index) or 'adapter' (a
-    PEFT adapter directory: ``adapter_model.safetensors``)."""
+    ``what`` is 'model' (a Hugging Face model directory: ``model.safetensors`` or its shard index), 'adapter' (a
+    PEFT adapter directory: ``adapter_model.safetensors``) or 'native adapter' (what ``dynarank.save_adapter``
+    writes: ``dynarank_adapter.safetensors``)."""
     folder = Path(folder)
     names = SAFETENSORS_WEIGHTS[what]
     has_weights = any((folder / name).is_file() for name in names)
@@ -58,13 +71,9 @@ def require_safetensors(folder: str | Path, what: str = "model") -> None:
             "to a folder of their own."
         )
     if pickled:
-        if what == "adapter":
-            how = "PeftModel.from_pretrained, then save_pretrained(dir), which writes adapter_model.safetensors"
-        else:
-            how = "from_pretrained, then save_pretrained(dir), which writes model.safetensors"
         raise UnsafeFolderError(
             f"{folder} holds its {what} weights as {pickled[0]}, a pickle, which dynarank never loads (it can run "
-            f"code): convert it to safetensors where you trust the file ({how}) and pass that folder."
+            f"code): {_CONVERSIONS[what]}."
         )
     if not has_weights:
         raise UnsafeFolderError(f"{folder} holds no {names[0]}: dynarank reads {what} weights from safetensors only.")
@@ -72,7 +81,7 @@ def require_safetensors(folder: str | Path, what: str = "model") -> None:
 
 def peft_config(path: Path):
     """The PEFT configuration of adapter directory ``path``, from its adapter_config.json (errors name the file)."""
-    from peft import PeftType
+    from peft import LoraConfig, PeftType
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     config_file = path / ADAPTER_CONFIG
@@ -85,9 +94,89 @@ def peft_config(path: Path):
     data.pop("runtime_config", None)  # as PEFT does: runtime settings are not part of a saved adapter
     try:
         config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(data.get("peft_type"))]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise AdapterFormatError(f"{config_file} is not a PEFT adapter configuration ({exc}).") from None
+    if issubclass(config_class, LoraConfig):
+        _check_lora_fields(data, config_file)
+    try:
         return config_class.from_peft_type(**config_class.check_kwargs(**data))
     except (ValueError, TypeError, KeyError) as exc:
         raise AdapterFormatError(f"{config_file} is not a PEFT adapter configuration ({exc}).") from None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _names(value) -> bool:
+    """A list of names (module names, patterns)."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _name_or_names(value) -> bool:
+    return value is None or isinstance(value, str) or _names(value)
+
+
+def _layer_indices(value) -> bool:
+    def index(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    return value is None or index(value) or (isinstance(value, list) and all(index(v) for v in value))
+
+
+def _flag(value) -> bool:
+    return isinstance(value, bool)
+
+
+# The fields of a LoRA adapter_config.json that PEFT reads only when it builds the layers, where a wrong type fails
+# deep inside (a TypeError from a comparison, an AttributeError) or passes unnoticed: field -> (what it must be,
+# check). None passes where None is PEFT's own default.
+_LORA_FIELDS = {
+    "r": ("a positive integer", _positive_int),
+    "lora_alpha": ("a number", is_finite_number),
+    "lora_dropout": ("a number from 0 to 1", lambda v: is_finite_number(v) and 0 <= v <= 1),
+    "bias": ("'none', 'all' or 'lora_only'", lambda v: v in ("none", "all", "lora_only")),
+    "target_modules": ("a pattern or a list of module names", _name_or_names),
+    "exclude_modules": ("a pattern or a list of module names", _name_or_names),
+    "modules_to_save": ("a list of module names", lambda v: v is None or _names(v)),
+    "layers_pattern": ("a name or a list of names", _name_or_names),
+    "layers_to_transform": ("a layer index or a list of them", _layer_indices),
+    "fan_in_fan_out": ("true or false", _flag),
+    "use_rslora": ("true or false", _flag),
+    "use_dora": ("true or false", _flag),
+}
+# Per PEFT method: its own fields, and the {module name: value} patterns (None, or an object) with what each value
+# must be. LoRA's rank_pattern gives a module its rank; AdaLoRA's the mask of the ranks it kept, built at init_r.
+_METHOD_FIELDS = {
+    "ADALORA": {"init_r": ("a positive integer", _positive_int), "target_r": ("a positive integer", _positive_int)},
+}
+_PATTERNS = {
+    "LORA": {
+        "rank_pattern": ("a positive integer", _positive_int),
+        "alpha_pattern": ("a number", is_finite_number),
+    },
+    "ADALORA": {
+        "rank_pattern": ("a list of true / false", lambda v: isinstance(v, list) and all(_flag(b) for b in v)),
+        "alpha_pattern": ("a number", is_finite_number),
+    },
+}
+
+
+def _check_lora_fields(data: dict, config_file: Path) -> None:
+    """AdapterFormatError naming the first field of a LoRA-family configuration that PEFT could not build."""
+    kind = data.get("peft_type")
+    for field, (what, check) in {**_LORA_FIELDS, **_METHOD_FIELDS.get(kind, {})}.items():
+        if field in data and not check(data[field]):
+            raise AdapterFormatError(f"{config_file} is damaged: its {field} is {data[field]!r}, not {what}.")
+    for field, (what, check) in _PATTERNS.get(kind, {}).items():
+        pattern = data.get(field)
+        if pattern is not None and not isinstance(pattern, dict):
+            raise AdapterFormatError(
+                f"{config_file} is damaged: its {field} is {pattern!r}, not an object of module name: {what}."
+            )
+        bad = next((name for name, value in (pattern or {}).items() if not check(value)), None)
+        if bad is not None:
+            raise AdapterFormatError(f"{config_file} is damaged: its {field}[{bad!r}] is {pattern[bad]!r}, not {what}.")
 
 
 def load_peft_adapter(model, path: str | Path, label_names: list[str] | None = None, sha256: str | None = None):
@@ -107,7 +196,16 @@ def load_peft_adapter(model, path: str | Path, label_names: list[str] | None = N
     weights = read_safetensors(path / ADAPTER_WEIGHTS, AdapterFormatError, sha256)
     config.inference_mode = True
     wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-    peft_model = wrapper(model, config, ADAPTER_NAME)
+    try:
+        peft_model = wrapper(model, config, ADAPTER_NAME)
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        # What peft_config's field checks do not cover (another PEFT method's fields, a configuration that does not
+        # fit this model) fails here, often deep inside PEFT; the try holds nothing but PEFT building the user's
+        # configuration, so that any such failure is the file's.
+        raise AdapterFormatError(
+            f"{path / ADAPTER_CONFIG}: PEFT cannot build this adapter on "
+            f"{getattr(model, 'name_or_path', None) or type(model).__name__} ({type(exc).__name__}: {exc})"
+        ) from exc
     try:
         result = set_peft_model_state_dict(peft_model, weights, adapter_name=ADAPTER_NAME)
     except RuntimeError as exc:

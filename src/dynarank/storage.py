@@ -218,14 +218,18 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read (layout, tensors) from a native adapter directory, verified against its checksums, with clear errors.
 
+    A directory that holds any pickle file is refused before anything in it is read (safe_load.UnsafeFolderError).
     An adapter saved before the checksums were recorded (same format version) is read with a warning."""
+    from .safe_load import pickle_files, require_safetensors  # safe_load imports this module
+
     path = Path(path)
     restore_interrupted(path, LAYOUT_FILE)
     layout_file, weights_file = path / LAYOUT_FILE, path / WEIGHTS_FILE
-    if not layout_file.is_file() or not weights_file.is_file():
+    if not layout_file.is_file() or not (weights_file.is_file() or pickle_files(path)):
         raise AdapterFormatError(
             f"{path} is not a dynarank adapter directory: expected {LAYOUT_FILE} and {WEIGHTS_FILE}."
         )
+    require_safetensors(path, "native adapter")  # a pickle beside the weights, or in their place, is named
     try:
         layout = read_json(layout_file)
     except RunFileError as exc:

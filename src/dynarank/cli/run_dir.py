@@ -219,8 +219,11 @@ def _positive_int(value) -> bool:
 
 # ---------------------------------------------------------------------------- beside a PEFT adapter
 def write_adapter_info(adapter_dir: Path, summary: dict) -> None:
-    """dynarank_run.json beside a PEFT adapter: what to load it with, and the sha256 of its weights file."""
+    """dynarank_run.json beside a PEFT adapter: what to load it with (the base quantized as it trained, when the run
+    had ``--quantize``), and the sha256 of its weights file."""
     info = {k: summary.get(k) for k in ("model", "task", "label_names", "method", "max_length")}
+    if summary.get("quantize") is not None:
+        info["quantize"] = summary["quantize"]
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     info["adapter_sha256"] = sha256_of(weights) if weights.is_file() else None
     replace_file(Path(adapter_dir) / ADAPTER_INFO, json.dumps(info, indent=1).encode())
