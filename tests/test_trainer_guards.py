@@ -338,3 +338,21 @@ def test_only_a_training_forward_without_a_controller_warns_and_only_for_a_metho
     dynarank.build_controller(built, total_steps=100)
     built(**batch)
     assert len(uncontrolled_warnings(recwarn.list)) == expected
+
+
+# ---------------------------------------------------------------- trainer.save_model()
+def test_save_model_writes_a_plain_peft_adapter_that_stock_peft_loads_with_the_runs_logits(tmp_path):
+    """The Trainer's own save wrote the attached model's state dict, whose base weights are named
+    '<module>.base.weight': a stock from_pretrained found every adapted weight missing and drew it at random."""
+    from peft import PeftModel
+
+    model, _, trainer = run_trainer(tmp_path / "run", max_steps=6, save_steps=3, save_strategy="steps")
+    out = tmp_path / "run"  # the output directory, which holds the checkpoints: they stay
+    trainer.save_model()
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists() and (out / "checkpoint-6" / "model.safetensors").is_file()
+    stock = PeftModel.from_pretrained(tiny_bert(), out).eval()
+    batch = {"input_ids": token_batch()}
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)

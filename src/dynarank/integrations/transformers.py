@@ -60,7 +60,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import statistics
+import tempfile
 from pathlib import Path
 
 import torch
@@ -75,6 +77,7 @@ from ..controllers.ard_gates import ARD_ATTR
 from ..controllers.svd import SVD_ATTR, separate_values, shared_values_group
 from ..defaults import task_of
 from ..distributed import ResizedGradientSync, any_worker, refuse_sharding, world
+from ..export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft
 from ..fsdp import is_sharded
 from ..guards import nonfinite_gradients
 from ..naming import split_name
@@ -483,6 +486,26 @@ class DynaRankTrainerMixin:
             checkpoint.read_trainer_state(resume_from_checkpoint)  # refused before the Trainer touches anything
             self.dynarank.resume_from = Path(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``trainer.save_model(dir)``: the model as a plain PEFT LoRA adapter (``dynarank.export_peft``:
+        adapter_config.json + adapter_model.safetensors, which ``PeftModel.from_pretrained`` and transformers'
+        ``from_pretrained`` read), and the tokenizer / processor. The Trainer's own state dict of the attached model
+        names the base weights ``<module>.base.weight``, so a stock ``from_pretrained`` of it found every adapted
+        weight missing and drew them at random. The Trainer's checkpoints (its internal calls) are unchanged: they
+        resume a run."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".dynarank-export.", dir=out) as staging:
+                written = export_peft(self.model, Path(staging) / "adapter")
+                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):  # beside whatever the folder holds (checkpoints)
+                    os.replace(written / name, out / name)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(out)
+        return None
 
     def create_optimizer(self, *args, **kwargs):
         """The Trainer's optimizer, with an SVD method's singular values E in a group of their own at
