@@ -490,7 +490,10 @@ def test_lr_takes_a_positive_number_or_auto_and_refuses_anything_else_in_one_lin
     assert _resolved(tmp_path, "lr: auto\n").lr == "auto"
     assert build_parser().parse_args(["train", "--lr", "AUTO"]).lr == "auto"
     err = refused(["train", "--lr", "fast"], capsys)
-    assert "--lr" in err and "'fast' is not a positive number or 'auto'" in err
+    assert "--lr" in err and "'fast' is not a positive number and below 1e+36 or 'auto'" in err
+    # AdamW's first step at 1e38, lr / (1 - beta1), overflowed float32 inside torch: a traceback and exit code 1
+    err = refused(["train", "--lr", "1e38"], capsys)
+    assert "--lr" in err and "'1e38' is not a positive number and below 1e+36" in err
 
 
 def test_lr_auto_records_the_search_and_the_rate_it_chose(tiny_model_dir, tmp_path, capsys):

@@ -38,7 +38,7 @@ class Number:
     """An option type for command-line text and YAML values alike: refuses booleans, non-finite values,
     non-integral numbers where an integer is due, and values below the bound."""
 
-    def __init__(self, kind: type, low: float | None = None, inclusive: bool = True, high: int | None = None) -> None:
+    def __init__(self, kind: type, low: float | None = None, inclusive: bool = True, high: float | None = None) -> None:
         self.kind, self.low, self.inclusive, self.high = kind, low, inclusive, high
         noun = "integer" if kind is int else "number"
         if low is None:
@@ -48,7 +48,7 @@ class Number:
         else:
             self.description = f"{'an' if kind is int else 'a'} {noun} {'>=' if inclusive else '>'} {low:g}"
         if high is not None:  # an exclusive upper bound
-            self.description += f" and below {high}"
+            self.description += f" and below {high:g}" if isinstance(high, float) else f" and below {high}"
         self.__name__ = self.description  # argparse names the type in its messages
 
     def __call__(self, value):

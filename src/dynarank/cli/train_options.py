@@ -69,7 +69,8 @@ class TrainOptions:
         "learning rate of the adapters (and the task head); default: the method's own for the task and the "
         "adapter's budget in plain LoRA ranks (docs/defaults.md); 'auto': a short range test around that default on "
         "the training data picks it (about as long again as the run; docs/defaults.md)",
-        convert=NumberOrWord(Number(float, 0, inclusive=False), "auto"),
+        # Above 1e36 AdamW's first step, lr / (1 - beta1), overflows float32 inside torch (a traceback, not a stop).
+        convert=NumberOrWord(Number(float, 0, inclusive=False, high=1e36), "auto"),
     )
     max_grad_norm: float | None = _option(
         "clip the gradient norm of what trains to this before each update (default: no clipping)", **POSITIVE
