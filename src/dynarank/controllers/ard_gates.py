@@ -84,7 +84,7 @@ class MaskGate:
     gradient, or the soft clamp itself). The alphas are read at every call: the gate follows their updates.
 
     An object, not a closure, so that ``copy.deepcopy(model)`` gives the copy's layers gates that read the copy's
-    alphas (a closure is copied by reference: the copy read the original's), and the model pickles."""
+    alphas (a closure is copied by reference: the copy read the original's)."""
 
     def __init__(self, gates: ARDGates, name: str, r0: int, rank_floor: int, soft_only: bool) -> None:
         self.gates, self.name, self.r0, self.rank_floor, self.soft_only = gates, name, r0, rank_floor, soft_only

@@ -42,6 +42,3 @@ class FlatViews:
         """A copy starts with no views: they are non-leaf tensors of the original's graph (which deepcopy refuses),
         and the copy's vector is another tensor anyway."""
         return FlatViews()
-
-    def __getstate__(self) -> dict:
-        return FlatViews().__dict__  # pickled without the views, as copied

@@ -522,7 +522,7 @@ class ValuesGate:
     device).
 
     An object, not a closure, so that ``copy.deepcopy(model)`` gives the copy's layers gates that read the copy's E
-    (a closure is copied by reference: the copy read the original's E), and the model pickles."""
+    (a closure is copied by reference: the copy read the original's E)."""
 
     def __init__(self, values: SVDValues, name: str) -> None:
         self.values = values
