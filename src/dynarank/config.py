@@ -462,11 +462,8 @@ class ARDConfig(RankControlConfig):
 
     @property
     def data_start(self) -> bool:
-        """Whether the run starts from measured ranks: 'data', or 'auto' with a budget (the paper preset keeps the
-        paper's uniform start)."""
-        if self.rank_init == "auto":
-            return self.target_params is not None and self.preset != "paper"
-        return self.rank_init == "data"
+        """Whether the run starts from measured ranks (:func:`starts_from_data`)."""
+        return starts_from_data(vars(self))
 
 
 @dataclass
@@ -678,6 +675,14 @@ PAPER_PRESET_FIELDS = tuple(name for name in ARD_PAPER_PRESET if name != "lr")
 DATA_START_KNOBS = ("init_rho", "init_batches", "init_statistic", "init_margin", "init_scale")
 
 
+def starts_from_data(values: Mapping[str, Any]) -> bool:
+    """Whether an ARD config's fields (``values``) start the run from measured ranks: 'data', or 'auto' with a budget
+    (the paper preset keeps the paper's uniform start)."""
+    if values["rank_init"] == "auto":
+        return values["target_params"] is not None and values["preset"] != "paper"
+    return values["rank_init"] == "data"
+
+
 def inert_ard_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dict[str, str]:
     """The ARD knobs that ``values`` (an ARD config's fields) sets away from their defaults while its other fields
     make them act on nothing, each with why.
@@ -692,10 +697,7 @@ def inert_ard_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dic
         "auto": "rank_init='auto' starts every group at r "
         + ("under preset='paper'" if values["preset"] == "paper" else "without a budget (target_params)"),
     }
-    measured = values["rank_init"] == "data" or (
-        values["rank_init"] == "auto" and values["target_params"] is not None and values["preset"] != "paper"
-    )
-    if not measured:
+    if not starts_from_data(values):
         for name in DATA_START_KNOBS:
             why[name] = f"{name} is a knob of the data-driven start, and {uniform[values['rank_init']]}"
     if values["target_params"] is None:

@@ -107,9 +107,7 @@ def replace_in_optimizer(
         except (RuntimeError, NotImplementedError, TypeError) as exc:  # a tensor subclass of quantized state
             raise _cannot_follow(opt, old, key, value, f"could not be re-indexed ({exc})") from exc
     if where is not None:
-        g, i = where
-        opt.param_groups[g]["params"][i] = new
-        opt._dynarank_positions[id(new)] = where
+        _put_in_place(opt, where, new)
     if state:
         state.update(resized)  # the same dict, now the new parameter's
         opt.state[new] = opt.state.pop(old)
@@ -122,10 +120,15 @@ def swap_parameter(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: tor
     where = _position(opt, old)
     if where is None:
         return False
+    _put_in_place(opt, where, new)
+    return bool(opt.state.pop(old, None))
+
+
+def _put_in_place(opt: torch.optim.Optimizer, where: tuple[int, int], new: torch.nn.Parameter) -> None:
+    """``new`` at (group, index) ``where`` of ``opt``'s groups, and in the position table (:func:`_position`)."""
     g, i = where
     opt.param_groups[g]["params"][i] = new
     opt._dynarank_positions[id(new)] = where
-    return bool(opt.state.pop(old, None))
 
 
 def _reindexable(opt: torch.optim.Optimizer, param: torch.nn.Parameter, key, value) -> bool:

@@ -29,7 +29,7 @@ from ..training.models import (
 from ..training.tasks import evaluate_causal_lm, evaluate_classifier
 from . import report
 from .run_dir import ADAPTER_INFO, RunDir, first_missing, new_directory, read_adapter_info, write_adapter_info
-from .train_options import parse_target_modules
+from .train_options import other_tasks_columns, parse_target_modules
 
 DEFAULT_MAX_LENGTH = 64  # eval's truncation when neither --max-length nor the run says
 
@@ -53,7 +53,7 @@ def _label_names(given: str | None, recorded: list[str] | None, path: Path) -> l
 def _refuse_other_tasks_options(args: argparse.Namespace, task: str, path: Path) -> None:
     """ValueError naming the eval options that ``task`` would not read (a classifier's columns or --labels on a
     causal LM, a prompt / response column on a classifier): a figure must not look as if it used them."""
-    other = ("prompt_column", "response_column") if task == "classify" else ("text_column", "label_column", "labels")
+    other = other_tasks_columns(task) + (() if task == "classify" else ("labels",))
     given = ["--" + name.replace("_", "-") for name in other if getattr(args, name, None)]
     if given:
         them = "it" if len(given) == 1 else "them"

