@@ -8,7 +8,7 @@ import torch
 
 import dynarank
 from dynarank import DynaRankConfig, elastic_layers
-from tiny_models import tiny_bert, token_batch
+from tiny_models import randomize_adapters, tiny_bert, token_batch
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -77,3 +77,74 @@ def test_a_state_dict_for_another_grouping_is_refused_naming_the_layer():
     dynarank.attach(per_matrix, DynaRankConfig(r=2, target_modules=["query"], granularity="matrix"))
     with pytest.raises(RuntimeError, match=r"query\.slot_layout: the saved adapter has 1 rank groups, this layer 4"):
         per_head.load_state_dict(per_matrix.state_dict())
+
+
+def _built_on_the_meta_device(method: str, **options):
+    """A tiny BERT made on the meta device (no memory, no values) and attached there: how a large model is set up
+    before its weights are read (or before a sharded run fills them)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tiny_models import TINY_ENCODER
+
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig(**TINY_ENCODER, num_labels=2))
+    dynarank.attach(model, DynaRankConfig(method=method, r=4, target_modules=TARGETS, seed=1, **options))
+    assert all(layer.shared_weight.is_meta for layer in elastic_layers(model).values())
+    return model.eval()
+
+
+def _take_transformers_buffers(model, real) -> None:
+    """BERT's own unsaved buffers (position and token type ids), which no state dict carries, from a real model."""
+    saved = real.state_dict().keys()
+    for name, buffer in real.named_buffers():
+        if name not in saved and not name.endswith(("slot_index", "column_index")):
+            module, _, leaf = name.rpartition(".")
+            model.get_submodule(module)._buffers[leaf] = buffer.clone()
+
+
+@pytest.mark.parametrize("method, options", [("ard", OPTIONS["ard"]), ("dynarank-lora", {"head_layout": "shared"})])
+@pytest.mark.parametrize("assign", [True, False])
+def test_a_model_built_on_the_meta_device_takes_a_saved_state_with_its_function_and_export(method, options, assign):
+    """Loaded with ``assign=True`` (the tensors are taken as they are) or after ``to_empty()`` (uninitialised
+    memory, then copied into): the layers' gather indices, which no state dict holds, are made again from the loaded
+    layout. Before, they stayed on the meta device or held whatever the memory held: the forward pass failed, or ran
+    while the exported B read garbage."""
+    if method == "ard":
+        trained, _, _ = _run(method, 60, 60, **options)  # uneven ranks: the saved layout differs from the start's
+    else:
+        trained = dynarank.attach(tiny_bert(), DynaRankConfig(method=method, r=4, target_modules=TARGETS, **options))
+        randomize_adapters(trained)
+    model = _built_on_the_meta_device(method, **options)
+    if method == "ard":
+        dynarank.prepare_parameters(model)
+    if not assign:
+        model.to_empty(device="cpu")
+    model.load_state_dict(trained.state_dict(), assign=assign)
+    _take_transformers_buffers(model, trained)
+    torch.testing.assert_close(_logits(model), _logits(trained), rtol=0, atol=0)
+    for name, layer in elastic_layers(model).items():
+        for ours, theirs in zip(layer.lora_factors(), elastic_layers(trained)[name].lora_factors()):
+            assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("head_layout", ["own", "shared"])
+def test_a_model_built_on_the_meta_device_starts_its_adapters_afresh_with_reset_parameters(head_layout):
+    """``to_empty()`` then every module's ``reset_parameters()`` (the usual start of a model made on the meta device)
+    gives the adapters PEFT's start: B zero, so the adapted model computes the base model; A drawn within
+    +-1/sqrt(d_in)."""
+    real = tiny_bert()
+    model = _built_on_the_meta_device("dynarank-lora", head_layout=head_layout)
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    base_weights = {k.replace(".base.", "."): v for k, v in model.state_dict().items()}
+    model.load_state_dict(  # the base's weights, under the names the adapted modules give them
+        {k: real.state_dict()[k2] for k, k2 in zip(model.state_dict(), base_weights) if k2 in real.state_dict()},
+        strict=False,
+    )
+    _take_transformers_buffers(model, real)
+    for layer in elastic_layers(model).values():
+        a, b = layer.lora_factors()
+        assert not b.any() and a.abs().max() <= 1 / layer.in_features**0.5 and a.abs().max() > 0
+    torch.testing.assert_close(_logits(model), _logits(real), rtol=0, atol=0)

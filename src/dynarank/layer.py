@@ -131,25 +131,35 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         else:
             n_slots = r
             self._slots = [list(range(r)) for _ in range(n_groups)]
-        shared = torch.empty(n_slots, self.other_dim, device=device, dtype=dtype)
-        group = torch.empty(self.group_size, n_groups * r, device=device, dtype=dtype)
-        # A is drawn like PEFT's default (kaiming-uniform, a=sqrt(5) => U(+-1/sqrt(d_in)));
-        # B starts at zero so the adapted model starts as the base model.
-        a_factor = shared if split == "rows" else group
-        b_factor = group if split == "rows" else shared
-        bound = 1.0 / math.sqrt(base.in_features)
-        with torch.no_grad():
-            # Drawn on the CPU (a seeded generator is a CPU generator), then placed: the same values on any device.
-            a_factor.copy_(torch.empty(a_factor.shape, dtype=dtype).uniform_(-bound, bound, generator=generator))
-            b_factor.zero_()
-        self.shared_weight = nn.Parameter(shared)
-        self.group_weight = nn.Parameter(group)
+        self.shared_weight = nn.Parameter(torch.empty(n_slots, self.other_dim, device=device, dtype=dtype))
+        self.group_weight = nn.Parameter(torch.empty(self.group_size, n_groups * r, device=device, dtype=dtype))
+        self._draw_factors(generator)
         self.register_buffer("slot_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("column_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
         # The slot lists, saved with the weights (a persistent buffer): a state dict of this layer says which
         # layout its tensors have, so ANY loader (a Trainer resuming, load_best_model_at_end, load_state_dict)
         # reshapes the layer first and then loads them (_load_from_state_dict).
         self.register_buffer("slot_layout", torch.zeros(0, dtype=torch.long, device=device))
+        self._rebuild_index()
+
+    @torch.no_grad()
+    def _draw_factors(self, generator: torch.Generator | None = None) -> None:
+        """A drawn like PEFT's default (kaiming-uniform, a=sqrt(5) => U(+-1/sqrt(d_in))), B zero: the adapted model
+        starts as the base model. Drawn on the CPU (a seeded generator is a CPU generator), then placed: the same
+        values on any device."""
+        shared, group = self.factors()
+        a_factor, b_factor = (shared, group) if self.split == "rows" else (group, shared)
+        bound = 1.0 / math.sqrt(self.base.in_features)
+        if a_factor.is_meta:  # built on the meta device: nothing to draw until reset_parameters() after to_empty()
+            return
+        a_factor.copy_(torch.empty(a_factor.shape, dtype=a_factor.dtype).uniform_(-bound, bound, generator=generator))
+        b_factor.zero_()
+
+    def reset_parameters(self) -> None:
+        """Start the adapter afresh at its current ranks (A drawn, B zero) and rebuild its index buffers; the base
+        layer is its own module (``base.reset_parameters()``). What a model built on the meta device needs after
+        ``to_empty()``: ``for m in model.modules(): if hasattr(m, "reset_parameters"): m.reset_parameters()``."""
+        self._draw_factors()
         self._rebuild_index()
 
     # ------------------------------------------------------------------ shape facts

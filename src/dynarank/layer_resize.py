@@ -149,3 +149,6 @@ class SlotResizing:
             if slots != self._slots:
                 self.set_slots(slots)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        # The gather indices are derived, not saved: made again where the loaded factors now are (a model built on
+        # the meta device and loaded with assign=True, or filled by to_empty(), holds none that are right).
+        self._rebuild_index()

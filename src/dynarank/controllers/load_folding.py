@@ -45,7 +45,8 @@ def _fold_dropped_gates(model: nn.Module, state_dict: dict, prefix: str, *args) 
             offset += width
     gated_key = f"{prefix}{ARD_ATTR}.gated"
     gates = getattr(model, ARD_ATTR, None)
-    dropped = gates is not None and not bool(gates.gated)  # this model's run has reached its final phase
+    # this model's run has reached its final phase (a model made on the meta device has no run: nothing dropped)
+    dropped = gates is not None and not gates.gated.is_meta and not bool(gates.gated)
     if gated_key in state_dict and bool(state_dict[gated_key]) and dropped:
         r0, floor, soft = mask_settings(model.dynarank_config)
         alpha, start = state_dict[f"{prefix}{ARD_ATTR}.alpha"].float(), 0
