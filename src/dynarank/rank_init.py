@@ -384,7 +384,8 @@ def _match_input_scales(
         energies[name] = input_energy(layer, x)
     flat = torch.cat([torch.cat(pair) for pair in energies.values()])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        buffer = flat.to("cuda") if dist.get_backend() == "nccl" else flat
+        # NCCL reduces on the device the layers are on (not the current CUDA device: a worker may not have set it)
+        buffer = flat.to(next(iter(layers.values())).shared_weight.device) if dist.get_backend() == "nccl" else flat
         dist.all_reduce(buffer)
         flat = buffer.cpu()
     offset, factors = 0, {}
