@@ -356,3 +356,50 @@ def test_save_model_writes_a_plain_peft_adapter_that_stock_peft_loads_with_the_r
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+
+
+def _fp16_trainer_as_on_a_gpu(model, args, way):
+    """A Trainer under fp16 mixed precision as accelerate runs it on a GPU (native AMP, a GradScaler; here a CPU
+    one), with an overflow (inf in the task head's gradient) at optimizer steps 3 and 4."""
+    from transformers import TrainerCallback
+
+    callback = dynarank.DynaRankCallback(model) if way == "callback" else None
+    trainer_class = Trainer if way == "callback" else dynarank.DynaRankTrainer
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=TokenDataset(), callbacks=[callback] if callback else None
+    )
+    trainer.accelerator.native_amp = True
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    overflow = {3, 4}
+    model.classifier.weight.register_hook(lambda g: g * float("inf") if trainer.state.global_step + 1 in overflow else g)
+    counts = []
+
+    class Counts(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            counts.append((state.global_step, (callback or trainer.dynarank).controller.step))
+
+    trainer.add_callback(Counts())
+    return trainer, callback or trainer.dynarank, counts
+
+
+@pytest.mark.parametrize("way", ["trainer", "callback"])
+@pytest.mark.parametrize("method", ["ard", "adalora-physical"])
+def test_steps_a_gradient_scaler_skips_are_counted_and_a_later_checkpoint_resumes(tmp_path, method, way):
+    """An overflow makes the scaler skip a non-fused optimizer's ``step()``, so the controller's step hooks do not
+    run. The callback counts the step all the same: the controller keeps the Trainer's count and a checkpoint after
+    the overflow resumes. Before, the controller fell one step behind per overflow (it took the next good step for
+    the skipped one, learning nothing from it), its last scheduled steps never came, and every later checkpoint was
+    refused as from a run of other arguments."""
+    config = DynaRankConfig(method=method, r=4, seed=0, target_modules=["query", "value"])
+    args = dict(max_steps=12, fp16=True, optim="adamw_torch", save_strategy="steps", save_steps=6, seed=0)
+    trainer, callback, counts = _fp16_trainer_as_on_a_gpu(
+        attach(tiny_bert(**NO_DROPOUT), config), training_args(tmp_path / "run", **args), way
+    )
+    trainer.train()
+    assert counts == [(step, step) for step in range(1, 13)]
+    assert callback.skipped == 2
+    resumed, callback, _ = _fp16_trainer_as_on_a_gpu(
+        attach(tiny_bert(**NO_DROPOUT), config), training_args(tmp_path / "run", **args), way
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert callback.controller.step == 12

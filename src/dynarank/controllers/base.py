@@ -156,6 +156,17 @@ class RankController:
         it (its schedule keeps time) and learns nothing from it, as :meth:`skip_step`."""
         self._skipping = True
 
+    def count_skipped_step(self) -> StepRecord:
+        """This iteration's ``optimizer.step()`` never ran, so neither did the controller's step hooks: a gradient
+        scaler that finds inf / NaN skips the call (torch.amp.GradScaler with a non-fused optimizer, as under fp16
+        mixed precision). Counted as :meth:`skip_step` counts a step the loop skips: the schedule keeps time with
+        the loop, nothing is learned."""
+        if not self.optimizers:
+            raise RuntimeError("count_skipped_step() needs a bound optimizer (bind one, or build_optimizer()).")
+        self._skipping = False
+        self._stepped.clear()
+        return self.skip_step(self.optimizers[0])
+
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._stepped and not self._skipping:  # the iteration's first optimizer step: every gradient is there
             self.before_step(optimizer)

@@ -268,6 +268,7 @@ class DynaRankCallback(TrainerCallback):
         prepare_parameters(model)  # the controller's parameters exist before the Trainer builds its optimizer
         self.controller: RankController | None = None
         self.skipped = 0
+        self._counted_skip = False  # this step's skip is in `skipped` already (found by on_pre_optimizer_step)
         self.resume_from: Path | None = None  # the checkpoint a resume starts from (set by the mixin)
         self.syncs_before_clipping = False  # the mixin averages resized tensors' gradients after each backward
         self._sync: ResizedGradientSync | None = None
@@ -402,9 +403,21 @@ class DynaRankCallback(TrainerCallback):
             raise FloatingPointError(f"dynarank: {message}; training stopped (on_nonfinite='stop').")
         logger.warning("dynarank: %s; optimizer step skipped", message)
         self.skipped += 1
+        self._counted_skip = True
         for p in self.model.parameters():
             p.grad = None  # the optimizer step updates nothing ...
         self.controller.skip_next_step()  # ... and the controller counts it without learning from it
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Under fp16 mixed precision a GradScaler that finds inf / NaN does not call a non-fused optimizer's step(),
+        # so the controller's step hooks did not run: it counts the step here, or its schedule would fall behind
+        # the Trainer's (and every later checkpoint would be refused on resume).
+        controller = self.controller
+        if controller is not None and controller.step < state.global_step:
+            controller.count_skipped_step()
+            self.skipped += 0 if self._counted_skip else 1
+        self._counted_skip = False
         return control
 
     # ------------------------------------------------------------------ checkpoints, logs, the end
