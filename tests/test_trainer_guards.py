@@ -403,3 +403,42 @@ def test_steps_a_gradient_scaler_skips_are_counted_and_a_later_checkpoint_resume
     )
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
     assert callback.controller.step == 12
+
+
+@pytest.mark.parametrize("method", ["ard", "elalora"])
+def test_a_model_init_trainer_drives_the_model_it_trains_as_if_it_was_given(tmp_path, method):
+    """``model_init`` (``hyperparameter_search``'s way) makes a new model at every ``train()``: the mixin's callback
+    drives that one, and the run is the one of the same model passed in. Before, the callback drove the model the
+    Trainer's ``__init__`` had made: ARD's ranks never moved, ElaLoRA refused its optimizer."""
+    options = {"ard": {"ard_lambda": 0.02}, "elalora": {"target_rank": 2}}[method]  # ranks that move in 20 steps
+    config = DynaRankConfig(method=method, r=4, seed=0, target_modules=["query", "value"], **options)
+    made = []
+
+    def model_init():
+        made.append(attach(tiny_bert(**NO_DROPOUT), config))
+        return made[-1]
+
+    args = training_args(tmp_path / "init", max_steps=20, seed=0)
+    by_init = dynarank.DynaRankTrainer(model_init=model_init, args=args, train_dataset=TokenDataset())
+    by_init.train()
+    assert len(made) == 2 and by_init.dynarank.model is by_init.model is made[-1]
+    given = dynarank.DynaRankTrainer(
+        model=attach(tiny_bert(**NO_DROPOUT), config), args=training_args(tmp_path / "given", max_steps=20, seed=0),
+        train_dataset=TokenDataset(),
+    )
+    given.train()
+    assert by_init.dynarank.controller.total_rank() < 4 * 8  # the ranks moved (8 groups of 4 at the start)
+    assert_same_run((by_init.model, by_init.dynarank.controller), (given.model, given.dynarank.controller))
+
+
+def test_a_plain_callback_under_model_init_is_refused_naming_the_way_that_follows_it(tmp_path):
+    config = DynaRankConfig(method="ard", r=4, seed=0, target_modules=["query", "value"])
+    callback = dynarank.DynaRankCallback(attach(tiny_bert(), config))
+    trainer = Trainer(
+        model_init=lambda: attach(tiny_bert(), config),
+        args=training_args(tmp_path, max_steps=4),
+        train_dataset=TokenDataset(),
+        callbacks=[callback],
+    )
+    with pytest.raises(ValueError, match=r"trains another model .*model_init.*DynaRankTrainer"):
+        trainer.train()

@@ -241,6 +241,20 @@ def refuse_frozen_adapters(model: nn.Module) -> None:
         )
 
 
+def refuse_another_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError if ``optimizer`` holds none of ``model``'s trainable adapter tensors: the Trainer trains another
+    model than the callback's (a ``model_init`` builds a new one at every ``train()``)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = [p for layer in elastic_layers(model).values() for p in layer.adapter_parameters() if p.requires_grad]
+    if params and not any(id(p) in held for p in params):
+        raise ValueError(
+            "the Trainer's optimizer holds none of the adapters of the model this DynaRankCallback was built with: "
+            "the Trainer trains another model (a model_init builds a new one at every train(), as "
+            "hyperparameter_search does). Use dynarank.DynaRankTrainer or with_dynarank(YourTrainerClass), which "
+            "follow model_init, or pass the model itself."
+        )
+
+
 def _argument(function, args: tuple, kwargs: dict, name: str):
     """The value the parameter ``name`` takes in the call ``function(*args, **kwargs)`` (None when not given)."""
     if name in kwargs:
@@ -274,6 +288,16 @@ class DynaRankCallback(TrainerCallback):
         self._sync: ResizedGradientSync | None = None
         self._step_loss: torch.Tensor | None = None  # the loss of the optimizer step's micro-batches so far (mixin)
 
+    def follow(self, model: nn.Module) -> None:
+        """Drive ``model`` from now on, from the start of its run: a Trainer's ``model_init`` made it for this
+        ``train()`` call (the mixin calls this). The earlier model's controller, if any, is let go."""
+        if self.controller is not None:
+            self.controller.unbind()
+        accept_quantized_base(model)
+        prepare_parameters(model)
+        self.model, self.controller, self._sync, self._step_loss = model, None, None, None
+        self.skipped, self._counted_skip = 0, False
+
     # ------------------------------------------------------------------ start, resume
     def on_init_end(self, args, state, control, **kwargs):
         undo_dtype_casts(self.model)  # the Trainer's __init__ is over: nothing casts after this
@@ -287,6 +311,7 @@ class DynaRankCallback(TrainerCallback):
             raise ValueError("the Trainer passed no optimizer to the dynarank callback.")
         refuse_unresizable_optimizer(args, self.model, optimizer)
         refuse_frozen_adapters(self.model)
+        refuse_another_model(self.model, _inner(optimizer))
         if self.controller is not None and self.controller.step != state.global_step:
             raise ValueError("this DynaRankCallback has trained already: build the model, callback and Trainer again.")
         if world()[1] > 1:
@@ -483,6 +508,18 @@ class DynaRankTrainerMixin:
         handler.callbacks = [callback] + [cb for cb in handler.callbacks if cb is not callback]
         callback.syncs_before_clipping = True
         self.dynarank = callback
+
+    def call_model_init(self, trial=None):
+        """The Trainer's ``model_init`` (``hyperparameter_search``'s way: a new model at every ``train()``): the
+        callback drives the model it returns, and the other callbacks are handed it too."""
+        model = super().call_model_init(trial)
+        callback = getattr(self, "dynarank", None)  # None while the Trainer's __init__ makes the first one
+        if callback is not None:
+            callback.follow(model)
+            self.callback_handler.model = model
+        else:
+            accept_quantized_base(model)
+        return model
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         refuse_sharding(self.args, self, self.model)
