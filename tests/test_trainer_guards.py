@@ -442,3 +442,23 @@ def test_a_plain_callback_under_model_init_is_refused_naming_the_way_that_follow
     )
     with pytest.raises(ValueError, match=r"trains another model .*model_init.*DynaRankTrainer"):
         trainer.train()
+
+
+def test_under_gradient_accumulation_the_data_start_measures_as_many_examples_as_without(tmp_path):
+    """ARD's ``init_batches`` counts the run's batches; a Trainer's data loader yields micro-batches, several to an
+    optimizer step under gradient accumulation, so the start measures that many more of them. Before, it measured
+    as many micro-batches as it should have measured batches (a half or a quarter of the data) and started at other
+    ranks than the same run without accumulation."""
+    starts = []
+    for batch, accumulation in ((16, 1), (8, 2), (4, 4)):
+        config = DynaRankConfig(method="ard", r=4, seed=0, target_modules=["query", "value"], target_params=512)
+        model = attach(tiny_bert(**NO_DROPOUT), config)
+        args = dict(max_steps=40, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer = dynarank.DynaRankTrainer(
+            model=model, args=training_args(tmp_path / str(batch), seed=0, **args), train_dataset=TokenDataset()
+        )
+        trainer.train()
+        record = model.dynarank_rank_init
+        starts.append((record["tokens"], trainer.dynarank.controller.history[0]["ranks"]))
+        assert record["batches"] == 2 * accumulation  # init_batches: 40 steps // 20
+    assert starts[1] == starts[0] and starts[2] == starts[0]

@@ -116,6 +116,7 @@ def init_ranks(
     optimizer: torch.optim.Optimizer | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     total_steps: int | None = None,
+    micro_batches: int = 1,
 ) -> RankInitRecord:
     """Measure the statistic on the first ``init_batches`` of ``batches``, then set every group's starting rank and
     A directions (see the module docstring). Call it once, after ``attach`` and before ``build_controller``.
@@ -130,6 +131,9 @@ def init_ranks(
         on_batch: called with (batches done, batches to do) after each batch (a progress bar).
         total_steps: the run's optimizer steps; with ``init_batches=None`` they set how many batches are measured
             (:func:`init_batch_count`).
+        micro_batches: how many of ``batches`` make one of the run's batches (gradient accumulation: a Trainer's
+            data loader yields micro-batches). ``init_batches`` counts the run's batches, so this many times as
+            many of ``batches`` are measured.
     """
     config = getattr(model, ATTACHED_ATTR, None)
     if not getattr(config, "data_start", False):
@@ -149,7 +153,9 @@ def init_ranks(
         raise ValueError("data-driven ranks start from a fresh adapter (every group at rank r): initialise first.")
     start = time.perf_counter()
     inputs: dict[str, torch.Tensor] | None = {} if config.init_scale != "norm" else None
-    n_batches = init_batch_count(config.init_batches, total_steps)
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}.")
+    n_batches = init_batch_count(config.init_batches, total_steps) * micro_batches
     stats, tokens, done = collect_statistics(
         model, batches, n_batches, config.init_statistic, loss_fn, on_batch, inputs=inputs
     )

@@ -330,7 +330,9 @@ class DynaRankCallback(TrainerCallback):
         if self.controller is None:
             resumed = self._read_resumed_state(args, state) if state.global_step > 0 else None
             if resumed is None and needs_rank_init(self.model):
-                self._init_ranks(kwargs.get("train_dataloader"), _inner(optimizer), state.max_steps)
+                self._init_ranks(
+                    kwargs.get("train_dataloader"), _inner(optimizer), state.max_steps, args.gradient_accumulation_steps
+                )
             self.controller = build_controller(self.model, total_steps=state.max_steps, restoring=resumed is not None)
             # The Trainer checkpoints the last step after this callback's step end: E stays apart until on_train_end
             # folds it (finish()), so that checkpoint holds the same kind of state as every other, and resumes.
@@ -346,8 +348,9 @@ class DynaRankCallback(TrainerCallback):
         self.controller.bind(_inner(optimizer))
         return control
 
-    def _init_ranks(self, dataloader, optimizer, total_steps: int | None) -> None:
-        """ARD's starting ranks from the first batches of the Trainer's data loader (rank_init='data')."""
+    def _init_ranks(self, dataloader, optimizer, total_steps: int | None, accumulation: int) -> None:
+        """ARD's starting ranks from the first batches of the Trainer's data loader (rank_init='data'); it yields
+        micro-batches, ``accumulation`` of them to an optimizer step, and init_batches counts optimizer steps'."""
         if dataloader is None:
             if self.model.dynarank_config.rank_init == "auto":
                 return  # the controller starts uniform and says why
@@ -360,6 +363,7 @@ class DynaRankCallback(TrainerCallback):
             loss_fn=lambda m, b: loss(m, b) / n,
             optimizer=optimizer,
             total_steps=total_steps or None,
+            micro_batches=accumulation,
         )
 
     def _read_resumed_state(self, args, state) -> tuple[dict, dict]:
