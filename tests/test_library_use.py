@@ -91,7 +91,7 @@ def test_resuming_in_the_usual_order_continues_the_run_bitwise(method):
     assert same_tensors(again.state_dict(), model.state_dict())
 
 
-def test_an_optimizer_state_loaded_before_the_model_is_dropped_with_a_warning(caplog):
+def test_an_optimizer_state_loaded_before_the_model_is_dropped_with_a_warning_at_the_next_step(caplog):
     model, controller, optimizer = fresh("ard")
     train_steps(model, optimizer, T // 2 + 5)
     saved_model, saved_optimizer = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
@@ -99,9 +99,24 @@ def test_an_optimizer_state_loaded_before_the_model_is_dropped_with_a_warning(ca
     optimizer_again.load_state_dict(saved_optimizer)
     with caplog.at_level(logging.WARNING):
         again.load_state_dict(saved_model)
+        held = {id(p) for group in optimizer_again.param_groups for p in group["params"]}
+        assert all(id(p) in held for p in again.parameters() if p.requires_grad and p is not again.dynarank_ard.alpha)
+        assert "load the optimizer's state after the model's" not in caplog.text  # said when it matters: ...
+        train_steps(again, optimizer_again, 1)  # ... when the optimizer steps with the state it lost
     assert "load the optimizer's state after the model's" in caplog.text
-    held = {id(p) for group in optimizer_again.param_groups for p in group["params"]}
-    assert all(id(p) in held for p in again.parameters() if p.requires_grad and p is not again.dynarank_ard.alpha)
+
+
+def test_loading_a_mid_run_state_after_the_last_step_says_nothing_of_optimizer_state(caplog):
+    """What a Trainer's load_best_model_at_end does: the run is over, nothing trains on, nothing is lost. Before,
+    the load warned to load the optimizer's state after the model's."""
+    model, controller, optimizer = fresh("ard")
+    train_steps(model, optimizer, T // 2 + 5)
+    best = copy.deepcopy(model.state_dict())
+    train_steps(model, optimizer, T - (T // 2 + 5))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        model.load_state_dict(best)
+    assert caplog.text == ""
 
 
 # ---------------------------------------------------------------------------- several optimizers

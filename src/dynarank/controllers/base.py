@@ -108,6 +108,7 @@ class RankController:
         # in the usual order (build everything, then load the model's state, then the optimizer's) trains them.
         owner = weakref.ref(self)  # the model's hooks must not keep the controller alive, nor copy it with the model
         self._before_load: dict[str, nn.Parameter] = {}
+        self._dropped_by_load = 0  # optimizer state a load dropped, said at the next step
         model.register_load_state_dict_pre_hook(partial(_note_parameters_before_load, owner))
         model.register_load_state_dict_post_hook(partial(_rebind_loaded_parameters, owner))
         self.record_ranks()
@@ -168,6 +169,14 @@ class RankController:
         return self.skip_step(self.optimizers[0])
 
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._dropped_by_load:
+            self.warn_once(
+                "state-dropped-by-load",
+                f"loading the model reshaped {self._dropped_by_load} adapter tensors that already had optimizer "
+                "state, which cannot fit their new shapes and was dropped: load the optimizer's state after the "
+                "model's.",
+            )
+            self._dropped_by_load = 0
         if not self._stepped and not self._skipping:  # the iteration's first optimizer step: every gradient is there
             self.before_step(optimizer)
 
@@ -370,9 +379,6 @@ def _rebind_loaded_parameters(owner: weakref.ref, module: nn.Module, incompatibl
         new = after.get(name)
         if new is not None and new is not old:
             dropped += sum(swap_parameter(opt, old, new) for opt in controller.optimizers)
-    if dropped:
-        controller.warn_once(
-            "state-dropped-by-load",
-            f"loading the model reshaped {dropped} adapter tensors that already had optimizer state, which cannot fit "
-            "their new shapes and was dropped: load the optimizer's state after the model's.",
-        )
+    # Said at the next optimizer step, if one comes: a load after the run's last step (a Trainer's
+    # load_best_model_at_end) trains no more, and loses nothing.
+    controller._dropped_by_load += dropped
