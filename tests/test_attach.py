@@ -332,3 +332,16 @@ def test_nothing_inside_a_task_head_is_adapted_and_the_whole_head_stays_trainabl
     assert adapted and not any(n.startswith("classifier") for n in adapted)
     assert model.dynarank_modules_to_save == ["classifier"]
     assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+def test_a_task_head_that_would_train_in_float16_is_warned_about(caplog):
+    """AdamW's epsilon underflows in float16: a float16 head is non-finite after the first step (a bfloat16 one,
+    with float32's range, trains)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        dynarank.attach(tiny_bert().to(torch.bfloat16), dynarank.DynaRankConfig(r=2, target_modules=["query"]))
+    assert "float16" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        dynarank.attach(tiny_bert().half(), dynarank.DynaRankConfig(r=2, target_modules=["query"]))
+    assert "classifier trains whole in float16" in caplog.text

@@ -283,6 +283,15 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     for name in save_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+    half = [n for n in save_names if any(p.dtype == torch.float16 for p in model.get_submodule(n).parameters())]
+    if half:
+        logger.warning(
+            "dynarank: %s trains whole in float16 (modules_to_save): AdamW's epsilon (1e-8) is below float16's "
+            "range, so its first step makes those weights non-finite. Load the model in float32 or bfloat16, or cast "
+            "%s to float32 (the adapters are float32 on a half-precision base already).",
+            ", ".join(half),
+            "it" if len(half) == 1 else "them",
+        )
     setattr(model, ATTACHED_ATTR, config)
     model.dynarank_modules_to_save = save_names
     if isinstance(config, RankControlConfig):
