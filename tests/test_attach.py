@@ -345,3 +345,98 @@ def test_a_task_head_that_would_train_in_float16_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING):
         dynarank.attach(tiny_bert().half(), dynarank.DynaRankConfig(r=2, target_modules=["query"]))
     assert "classifier trains whole in float16" in caplog.text
+
+
+def _bart(encoder_heads: int = 4, decoder_heads: int = 2):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    shape = dict(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, max_position_embeddings=64)
+    heads = dict(encoder_attention_heads=encoder_heads, decoder_attention_heads=decoder_heads)
+    return BartForConditionalGeneration(BartConfig(**shape, **heads, encoder_ffn_dim=48, decoder_ffn_dim=48))
+
+
+def _bert2bert(encoder_heads: int = 2, decoder_heads: int = 4):
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    shape = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, intermediate_size=48)
+    encoder = BertConfig(**shape, num_attention_heads=encoder_heads)
+    decoder = BertConfig(**shape, num_attention_heads=decoder_heads, is_decoder=True, add_cross_attention=True)
+    return EncoderDecoderModel(config=EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        # one config holds both sides' counts (BART, Whisper): the decoder's own, cross-attention included
+        (_bart, {"encoder.layers.0.self_attn": 4, "decoder.layers.0.self_attn": 2, "decoder.layers.0.encoder_attn": 2}),
+        # a config per tower (EncoderDecoderModel, CLIP, a vision-language model's vision tower)
+        (_bert2bert, {"encoder.encoder.layer.0.attention": 2, "decoder.bert.encoder.layer.0.attention": 4}),
+    ],
+)
+def test_every_attention_module_is_split_by_the_head_count_of_the_part_of_the_model_it_is_in(make, expected):
+    """Before, one head count (the top config's, or its text config's) split every module: BART's decoder, with 2
+    heads, had 4 rank groups of half a head each, and nothing said so."""
+    torch.manual_seed(0)
+    model = dynarank.attach(make(), DynaRankConfig(method="ard", r=2, target_modules=["q_proj", "query"]))
+    groups = {name: layer.n_groups for name, layer in dynarank.elastic_layers(model).items()}
+    for part, heads in expected.items():
+        found = [n for n in groups if part in n]
+        assert found and all(groups[n] == heads for n in found), (part, {n: groups[n] for n in found})
+
+
+def test_a_config_with_a_head_count_per_stage_is_refused_naming_one_group_per_matrix():
+    from transformers import SwinConfig, SwinForImageClassification
+
+    config = SwinConfig(image_size=16, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=2)
+    model = SwinForImageClassification(config)
+    with pytest.raises(ConfigError, match=r"head count per stage \(\[2, 4\]\).*granularity='matrix'"):
+        dynarank.attach(model, DynaRankConfig(method="ard", r=2, target_modules=["q_proj"]))
+    dynarank.attach(model, DynaRankConfig(method="ard", r=2, target_modules=["q_proj"], granularity="matrix"))
+
+
+def test_conv1d_modules_a_target_spec_matches_beside_linear_ones_are_named_as_left_unadapted(caplog):
+    """A vision encoder with a GPT-2 decoder: 'all-linear' adapted the encoder and left the decoder's Conv1D
+    projections frozen without a word."""
+    import logging
+
+    from transformers import GPT2Config, GPT2Model
+
+    class TwoParts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Sequential(torch.nn.Linear(8, 32))
+            self.decoder = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100, n_positions=16))
+
+    with caplog.at_level(logging.WARNING):
+        model = dynarank.attach(TwoParts(), DynaRankConfig(r=2, target_modules="all-linear", granularity="matrix"))
+    assert list(dynarank.elastic_layers(model)) == ["encoder.0"]
+    assert "also matches 4 transformers Conv1D modules (decoder.h.0.attn.c_attn" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["ard", "elalora", "adalora-physical"])
+def test_a_rank_learning_method_on_an_nn_sequential_is_refused_at_attach(method):
+    """The controller keeps its parameters (the alphas, E) in a submodule, and nn.Sequential runs every submodule:
+    before, the first forward after build_controller failed in torch ('missing the required forward function')."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with pytest.raises(ValueError, match=r"nn.Sequential .*Attach to the model inside it"):
+        dynarank.attach(model, DynaRankConfig(method=method, r=4, target_modules="all-linear"))
+    dynarank.attach(model, DynaRankConfig(method="dynarank-lora", r=4, target_modules="all-linear"))  # no controller
+
+
+def test_an_exclusion_that_leaves_no_target_says_so():
+    config = DynaRankConfig(target_modules=["query"], exclude_modules=["query"])
+    with pytest.raises(ConfigError, match=r"exclude_modules=\['query'\] leaves out every module it matches"):
+        dynarank.attach(tiny_bert(), config)
+
+
+def test_targeting_only_a_tied_lm_head_says_it_stays_frozen():
+    with pytest.raises(ConfigError, match=r"The LM head \(lm_head\) is tied to the input embeddings: it stays frozen"):
+        dynarank.attach(tiny_llama_tied(), DynaRankConfig(target_modules=["lm_head"]))
+
+
+def tiny_llama_tied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_models import TINY_DECODER
+
+    return LlamaForCausalLM(LlamaConfig(**TINY_DECODER, vocab_size=100, tie_word_embeddings=True))

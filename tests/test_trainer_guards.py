@@ -370,8 +370,10 @@ def _fp16_trainer_as_on_a_gpu(model, args, way):
     )
     trainer.accelerator.native_amp = True
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
-    overflow = {3, 4}
-    model.classifier.weight.register_hook(lambda g: g * float("inf") if trainer.state.global_step + 1 in overflow else g)
+    overflow = {3, 4}  # the optimizer steps whose gradients overflow
+    model.classifier.weight.register_hook(
+        lambda g: g * float("inf") if trainer.state.global_step + 1 in overflow else g
+    )
     counts = []
 
     class Counts(TrainerCallback):
@@ -423,7 +425,8 @@ def test_a_model_init_trainer_drives_the_model_it_trains_as_if_it_was_given(tmp_
     by_init.train()
     assert len(made) == 2 and by_init.dynarank.model is by_init.model is made[-1]
     given = dynarank.DynaRankTrainer(
-        model=attach(tiny_bert(**NO_DROPOUT), config), args=training_args(tmp_path / "given", max_steps=20, seed=0),
+        model=attach(tiny_bert(**NO_DROPOUT), config),
+        args=training_args(tmp_path / "given", max_steps=20, seed=0),
         train_dataset=TokenDataset(),
     )
     given.train()

@@ -65,9 +65,8 @@ def _has_suffix(name: str, suffixes: tuple[str, ...] | list[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def _cfg_get(model: nn.Module, *keys: str):
-    """The first of ``keys`` set on ``model.config``, or on its text config (vision-language models nest it)."""
-    cfg = getattr(model, "config", None)
+def _cfg_get(cfg, *keys: str):
+    """The first of ``keys`` set on ``cfg``, or on its text config (vision-language models nest it)."""
     text = getattr(cfg, "get_text_config", None)
     configs = [cfg] + ([text()] if callable(text) else [])
     for c in configs:
@@ -78,19 +77,52 @@ def _cfg_get(model: nn.Module, *keys: str):
     return None
 
 
-def head_geometry(model: nn.Module, config: DynaRankConfig) -> HeadGeometry | None:
-    """Heads from the config overrides, else from ``model.config``; None if unknown."""
-    heads = config.num_heads or _cfg_get(model, "num_attention_heads", "n_head", "num_heads")
+def _governing_config(model: nn.Module, name: str | None):
+    """The config that describes module ``name``: the ``config`` of the nearest module above it that carries one - a
+    tower of an encoder-decoder (EncoderDecoderModel's encoder and decoder), a vision tower of a vision-language
+    model or of CLIP, each with its own head count - else the model's."""
+    from transformers import PretrainedConfig
+
+    parts = [] if name is None else name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = model.get_submodule(".".join(parts[:i]))
+        if isinstance(getattr(owner, "config", None), PretrainedConfig):
+            return owner.config
+    return getattr(model, "config", None)
+
+
+def head_geometry(model: nn.Module, config: DynaRankConfig, name: str | None = None) -> HeadGeometry | None:
+    """Heads of module ``name`` (None: of the model) from the config overrides, else from the config that describes
+    it (:func:`_governing_config`; a decoder's own head count where one config holds both sides' counts, as
+    BART's and Whisper's do); None if unknown."""
+    cfg = _governing_config(model, name)
+    side = next((part for part in (name or "").split(".")[:-1] if part in ("encoder", "decoder")), None)
+    sided = (f"{side}_attention_heads",) if side else ()
+    heads = config.num_heads or _cfg_get(cfg, *sided, "num_attention_heads", "n_head", "num_heads")
     if heads is None:
         return None
-    kv = config.num_kv_heads or _cfg_get(model, "num_key_value_heads") or heads
-    head_dim = config.head_dim or _cfg_get(model, "head_dim")
+    if not isinstance(heads, int):
+        raise ConfigError(
+            ("granularity", "num_heads"),
+            f"{type(model).__name__}'s config gives the head count per stage ({heads}), not one for every attention "
+            "module: use granularity='matrix' (one rank group per matrix).",
+        )
+    kv = config.num_kv_heads or _cfg_get(cfg, "num_key_value_heads") or heads
+    head_dim = config.head_dim or _cfg_get(cfg, "head_dim")
     if head_dim is None:
-        hidden = _cfg_get(model, "hidden_size", "d_model", "n_embd")
+        hidden = _cfg_get(cfg, "hidden_size", "d_model", "n_embd")
         if hidden is None or hidden % heads:
             raise ConfigError("head_dim", f"cannot be inferred from hidden size {hidden} and {heads} heads: set it.")
         head_dim = hidden // heads
     return HeadGeometry(int(heads), int(kv), int(head_dim))
+
+
+def target_geometries(model: nn.Module, targets: list[str], config: DynaRankConfig) -> dict[str, HeadGeometry | None]:
+    """Every target's head geometry (None for all under granularity='matrix'): a model's parts may have heads of
+    their own (an encoder-decoder's towers, a vision tower beside a language model)."""
+    if config.granularity != "head":
+        return dict.fromkeys(targets)
+    return {name: head_geometry(model, config, name) for name in targets}
 
 
 def _task_head_names(model: nn.Module) -> set[str]:
@@ -102,6 +134,14 @@ def _task_head_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _tied_to_input_embeddings(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` shares its weight with the model's input embeddings (a tied LM head)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    embeddings = get_in() if callable(get_in) else None
+    weight = getattr(model.get_submodule(name), "weight", None)
+    return embeddings is not None and weight is not None and weight is getattr(embeddings, "weight", None)
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
@@ -111,22 +151,45 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
     heads = _task_head_names(model)
     linear = linear_module_names(model)
     spec = config.target_modules
-    if spec == "all-linear":
-        chosen = list(linear)
-    elif isinstance(spec, str):
-        pattern = re.compile(spec)
-        chosen = [n for n in linear if pattern.fullmatch(n)]
-    else:
-        chosen = [n for n in linear if _has_suffix(n, spec)]
-    # A task head is trained in full (modules_to_save), so nothing inside it is adapted, whatever the spec:
-    # RoBERTa-style heads hold Linear modules of their own (classifier.dense, classifier.out_proj).
-    chosen = [n for n in chosen if not any(n == h or n.startswith(h + ".") for h in heads)]
-    chosen = [n for n in chosen if not _has_suffix(n, config.exclude_modules)]
+
+    def matched(names: list[str]) -> list[str]:
+        if spec == "all-linear":
+            chosen = list(names)
+        elif isinstance(spec, str):
+            pattern = re.compile(spec)
+            chosen = [n for n in names if pattern.fullmatch(n)]
+        else:
+            chosen = [n for n in names if _has_suffix(n, spec)]
+        # A task head is trained in full (modules_to_save), so nothing inside it is adapted, whatever the spec:
+        # RoBERTa-style heads hold Linear modules of their own (classifier.dense, classifier.out_proj).
+        chosen = [n for n in chosen if not any(n == h or n.startswith(h + ".") for h in heads)]
+        return [n for n in chosen if not (exclude and _has_suffix(n, config.exclude_modules))]
+
+    exclude = True
+    chosen = matched(linear)
+    conv1d = matched([n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"])
+    if chosen and conv1d:  # GPT-2 style projections beside Linear ones (a vision encoder with a GPT-2 decoder)
+        logger.warning(
+            "dynarank: target_modules=%r also matches %d transformers Conv1D modules (%s%s), which dynarank does not "
+            "adapt (only nn.Linear): they stay frozen, and only the %d Linear modules get adapters.",
+            spec,
+            len(conv1d),
+            ", ".join(conv1d[:3]),
+            ", ..." if len(conv1d) > 3 else "",
+            len(chosen),
+        )
     if not chosen:
         shown = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in linear})
         notes = ""
-        if heads:
-            notes += f" Task heads ({', '.join(sorted(heads))}) are trained in full, never adapted."
+        exclude = False
+        if config.exclude_modules and matched(linear):
+            notes += f" exclude_modules={list(config.exclude_modules)} leaves out every module it matches."
+        tied = sorted(h for h in heads if _tied_to_input_embeddings(model, h))
+        trained = sorted(heads - set(tied))
+        if trained:
+            notes += f" Task heads ({', '.join(trained)}) are trained in full, never adapted."
+        if tied:
+            notes += f" The LM head ({', '.join(tied)}) is tied to the input embeddings: it stays frozen, not adapted."
         conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
         if conv1d:
             notes += (
@@ -235,10 +298,17 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     if getattr(model, ATTACHED_ATTR, None) is not None or elastic_layers(model):
         raise ValueError("this model already carries dynarank adapters; attach() once per model.")
     refuse_peft_model(model)
+    if isinstance(config, RankControlConfig) and isinstance(model, nn.Sequential):
+        raise ValueError(
+            f"method {config.method!r} keeps the parameters that learn the ranks in a submodule of the model, and an "
+            f"nn.Sequential ({type(model).__name__}) runs every submodule in its forward. Attach to the model inside "
+            "it (a SentenceTransformer's Hugging Face model is model[0].auto_model), or to a Module that holds the "
+            "Sequential."
+        )
     targets = select_targets(model, config)
-    geometry = head_geometry(model, config) if config.granularity == "head" else None
+    geometries = target_geometries(model, targets, config)
     if config.r is None:  # a budget without a start: the defaults study's for the method at that budget
-        r = _start_rank(model, targets, config, geometry)
+        r = _start_rank(model, targets, config, geometries)
         logger.info(
             "dynarank: r not given: %s starts at r=%d (the defaults study's start at its budget)", config.method, r
         )
@@ -248,8 +318,12 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
             raise ConfigError(
                 exc.fields, f"{exc.problem} (r was not given: r={r} is the defaults study's start at this budget)"
             ) from None
-    if config.granularity == "head" and geometry is None:
-        attention = [n for n in targets if _has_suffix(n, QUERY_SUFFIXES + KEY_VALUE_SUFFIXES + OUTPUT_SUFFIXES)]
+    if config.granularity == "head":
+        attention = [
+            n
+            for n in targets
+            if geometries[n] is None and _has_suffix(n, QUERY_SUFFIXES + KEY_VALUE_SUFFIXES + OUTPUT_SUFFIXES)
+        ]
         if attention:
             logger.warning(
                 "granularity='head' but %s's config gives no head count: %s and every other target get one rank "
@@ -265,7 +339,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
         generator = torch.Generator().manual_seed(config.seed)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        built = _build_layers(model, targets, config, geometry, generator)
+        built = _build_layers(model, targets, config, geometries, generator)
     except Exception:
         for p in model.parameters():  # a layer freezes its base when built: undo that
             p.requires_grad_(flags[id(p)])
@@ -308,16 +382,19 @@ def start_rank(model: nn.Module, config: DynaRankConfig) -> int:
     if config.r is not None:
         return config.r
     targets = select_targets(model, config)
-    geometry = head_geometry(model, config) if config.granularity == "head" else None
-    return _start_rank(model, targets, config, geometry)
+    return _start_rank(model, targets, config, target_geometries(model, targets, config))
 
 
-def _start_rank(model: nn.Module, targets: list[str], config: DynaRankConfig, geometry: HeadGeometry | None) -> int:
+def _start_rank(
+    model: nn.Module, targets: list[str], config: DynaRankConfig, geometries: dict[str, HeadGeometry | None]
+) -> int:
     modules = {name: model.get_submodule(name) for name in targets}
     budget = budget_in_lora_ranks(config.target_params, [(m.in_features, m.out_features) for m in modules.values()])
     studied = studied_start_rank(config.method, budget) if budget is not None else None
     r = studied if studied is not None else DEFAULT_START_RANK
-    costs = [plan_costs(m, layer_plan(name, m, config, geometry), config.head_layout) for name, m in modules.items()]
+    costs = [
+        plan_costs(m, layer_plan(name, m, config, geometries[name]), config.head_layout) for name, m in modules.items()
+    ]
     return min(r, *(min(c.group_size, c.other_dim) for c in costs))
 
 
@@ -325,13 +402,13 @@ def _build_layers(
     model: nn.Module,
     targets: list[str],
     config: DynaRankConfig,
-    geometry: HeadGeometry | None,
+    geometries: dict[str, HeadGeometry | None],
     generator: torch.Generator | None,
 ) -> dict[str, ElasticLoRALinear]:
     built: dict[str, ElasticLoRALinear] = {}
     for name in targets:
         module = model.get_submodule(name)
-        plan = layer_plan(name, module, config, geometry)
+        plan = layer_plan(name, module, config, geometries[name])
         costs = plan_costs(module, plan, config.head_layout)
         group_dim, other_dim = costs.group_size, costs.other_dim
         if config.r > min(group_dim, other_dim):

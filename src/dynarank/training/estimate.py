@@ -7,7 +7,7 @@ import os
 
 from torch import nn
 
-from ..attach import head_geometry, layer_plan, plan_costs, select_targets
+from ..attach import layer_plan, plan_costs, select_targets, target_geometries
 from ..config import ConfigError, DynaRankConfig
 from .methods import DYNARANK_METHODS, stock_adalora_schedule
 
@@ -74,10 +74,10 @@ def _dynarank_estimate(model: nn.Module, spec, targets: dict[str, nn.Linear], me
     rank = knobs.pop("r", spec.r)
     try:
         config = DynaRankConfig(method=method, target_modules=spec.target_modules, **knobs)
-        geometry = head_geometry(model, config) if config.granularity == "head" else None
+        geometries = target_geometries(model, list(targets), config)
         total = 0
         for name, m in targets.items():
-            plan = layer_plan(name, m, config, geometry)
+            plan = layer_plan(name, m, config, geometries[name])
             total += plan_costs(m, plan, config.head_layout).size_of_ranks([rank] * plan["n_groups"])
             total += {"ard": 1, "elalora": rank, "adalora-physical": rank}.get(method, 0) * plan["n_groups"]  # alpha, E
     except ValueError:
