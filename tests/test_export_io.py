@@ -147,6 +147,66 @@ def test_the_auto_peft_classes_load_an_export_from_the_base_it_names(tmp_path, k
     _assert_same_logits(_logits(loaded, ids), _logits(model.eval(), ids))
 
 
+def _tiny_whisper():
+    """Whisper (speech in: input_features of 8 mel bins x 16 frames), one encoder and one decoder layer."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    shape = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2)
+    config = WhisperConfig(
+        **shape,
+        vocab_size=100,
+        num_mel_bins=8,
+        d_model=32,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_source_positions=8,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    return WhisperForConditionalGeneration(config).eval()
+
+
+def _tiny_bart():
+    """BART (text in: input_ids), one encoder and one decoder layer."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    shape = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4)
+    config = BartConfig(**shape, vocab_size=100, d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48)
+    return BartForConditionalGeneration(config).eval()
+
+
+ENCODER_DECODERS = {
+    "whisper": (_tiny_whisper, lambda g: {"input_features": torch.randn(2, 8, 16, generator=g)}),
+    "bart": (_tiny_bart, lambda g: {"input_ids": torch.randint(3, 100, (2, 7), generator=g)}),
+}
+
+
+@pytest.mark.parametrize("kind, task_type", [("whisper", None), ("bart", "SEQ_2_SEQ_LM")])
+def test_an_encoder_decoder_gets_the_seq2seq_task_type_only_if_it_reads_text_and_loads_with_the_same_logits(
+    tmp_path, kind, task_type
+):
+    """PEFT's seq2seq model class hands input_ids to the decoder as well: Whisper, which reads input_features, was
+    exported as SEQ_2_SEQ_LM like any encoder-decoder, and the loaded model's forward raised ("WhisperDecoder got
+    multiple values for keyword argument 'input_ids'")."""
+    build, inputs = ENCODER_DECODERS[kind]
+    model = dynarank.attach(build(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, scale=0.3)
+    g = torch.Generator().manual_seed(1)
+    batch = {**inputs(g), "decoder_input_ids": torch.randint(3, 100, (2, 5), generator=g)}
+    dynarank.export_peft(model, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(build(), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert (expected - build()(**batch).logits).abs().max() > 1e-3  # the adapter matters
+        _assert_same_logits(loaded(**batch).logits, expected, tol=1e-5)
+    assert _config(tmp_path / "peft")["task_type"] == task_type
+
+
 def test_a_llama_module_at_rank_zero_and_a_head_at_rank_zero_export_exactly(tmp_path, layout):
     model = _adapted("llama", layout)
     layers = dynarank.elastic_layers(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -59,12 +60,75 @@ TASK_TYPES = (
 
 
 def peft_task_type(model: nn.Module) -> str | None:
-    """PEFT's task type for ``model``'s class (None when it is none of the common heads)."""
+    """PEFT's task type for ``model``'s class (None when it is none of the common heads).
+
+    An encoder-decoder is SEQ_2_SEQ_LM only when it reads text ids (T5, BART): PEFT's seq2seq wrapper passes
+    ``input_ids`` on to the decoder, which a speech or vision encoder-decoder (Whisper's input_features, a
+    VisionEncoderDecoder's pixel_values) then receives twice. Those load as a plain PeftModel, as PEFT's own recipes
+    for them do.
+    """
     name = type(model).__name__
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) and name.endswith(("ForConditionalGeneration", "Seq2SeqLM")):
-        return "SEQ_2_SEQ_LM"
+        return "SEQ_2_SEQ_LM" if getattr(model, "main_input_name", "input_ids") == "input_ids" else None
     return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
+
+
+def _pattern_key_matches(names: list[str]) -> dict[str, list[str]]:
+    """For each of ``names``: the others that stock PEFT would also give its rank_pattern / alpha_pattern value.
+
+    PEFT reads a pattern key as a regular expression that ends the module name, whole or after a dot
+    (``peft.utils.other.get_pattern_key``: ``(.*\\.)?(key)$``), and takes the first key that matches: the key
+    ``fc`` matches ``head.fc`` too, and the ``.`` of ``layer.fc`` matches the ``_`` of ``layer_fc``.
+    """
+    by_last: dict[str, list[str]] = {}
+    for name in names:
+        by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    matches = {}
+    for key in names:
+        last = key.rsplit(".", 1)[-1]  # literal (module names hold no other regex syntax): the name ends with it
+        try:
+            pattern = re.compile(rf"(.*\.)?({key})$")
+        except re.error:  # a name PEFT cannot read as a pattern either
+            matches[key] = []
+            continue
+        candidates = [n for group, members in by_last.items() if group.endswith(last) for n in members]
+        matches[key] = sorted(n for n in candidates if n != key and pattern.match(n))
+    return matches
+
+
+def pattern_order(names) -> list[str]:
+    """``names`` in the order to write them as rank_pattern / alpha_pattern keys: sorted, except that a name comes
+    after every other name its key also matches (``head.fc`` before ``fc``), so that PEFT, taking the first match,
+    gives each module its own value. Without such names: plain sorted order."""
+    names = sorted(names)
+    matches = _pattern_key_matches(names)
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def place(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for other in matches[name]:
+            place(other)
+        order.append(name)
+
+    for name in names:
+        place(name)
+    return order
+
+
+def exclusions(empty: list[str], targets: list[str]) -> list[str] | str | None:
+    """exclude_modules for the modules at rank 0: their sorted names, which PEFT matches as suffixes too; when one
+    of them ends another adapted module's name (``fc`` and ``head.fc``), that would leave the other module out:
+    then a pattern, which PEFT matches against the whole name, of exactly these names."""
+    if not empty:
+        return None
+    suffixes = {".".join(parts[i:]) for parts in (t.split(".") for t in targets) for i in range(1, len(parts))}
+    if suffixes.isdisjoint(empty):
+        return sorted(empty)
+    return "^(" + "|".join(re.escape(name) for name in sorted(empty)) + ")$"
 
 
 def peft_config_dict(
@@ -80,15 +144,17 @@ def peft_config_dict(
 
     top_name = max(ranks, key=ranks.get)
     top_rank = ranks[top_name]
+    order = pattern_order(ranks)
     config = LoraConfig(
         # Top level = the largest module, at its own scale; every module is also in the patterns.
         r=top_rank,
         lora_alpha=alphas[top_name],
         target_modules=sorted(ranks),
-        exclude_modules=sorted(empty) or None,
-        # Full module names only: PEFT matches pattern keys as suffixes, first match wins.
-        rank_pattern=dict(ranks),
-        alpha_pattern=dict(alphas),
+        exclude_modules=exclusions(empty, list(ranks)),
+        # Full module names only. PEFT matches pattern keys as name endings, the first match wins: a name that ends
+        # another comes after it (pattern_order), and the file keeps this order (_sort_keys).
+        rank_pattern={name: ranks[name] for name in order},
+        alpha_pattern={name: alphas[name] for name in order},
         modules_to_save=list(modules_to_save) or None,
         lora_dropout=0.0,
         bias="none",
@@ -102,6 +168,21 @@ def peft_config_dict(
         if isinstance(value, set):
             data[key] = sorted(value)
     return data
+
+
+# Dicts of adapter_config.json whose order is part of their meaning (PEFT takes the first key that matches a module);
+# stock PEFT (peft.config._sort_keys) keeps them in order the same way when it saves a config.
+ORDERED_KEYS = frozenset({"rank_pattern", "alpha_pattern"})
+
+
+def _sort_keys(value):
+    """``value`` with the keys of every dict sorted, as ``json.dumps(sort_keys=True)`` writes them, except for the
+    dicts under ORDERED_KEYS."""
+    if isinstance(value, dict):
+        return {k: v if k in ORDERED_KEYS else _sort_keys(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_sort_keys(v) for v in value]
+    return value
 
 
 def tied_partners(model: nn.Module, save_names: list[str]) -> list[str]:
@@ -154,7 +235,7 @@ def export_peft(
     return write_atomically(
         out_dir,
         {
-            ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
+            ADAPTER_CONFIG: json.dumps(_sort_keys(config), indent=2).encode(),
             ADAPTER_WEIGHTS: tensors,
         },
         marker=ADAPTER_CONFIG,
