@@ -206,3 +206,15 @@ def test_inspect_reads_a_causal_lm_as_a_causal_lm(tiny_llama_dir, capsys, monkey
     out = capsys.readouterr().out
     assert loaded == [tiny_llama_dir.resolve()]
     assert "model.layers.1.self_attn.k_proj" in out and "2 x 8" in out  # two key-value heads of 8
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_a_stock_baselines_adapter_config_lists_its_targets_in_one_order_whatever_the_string_hashing(method):
+    """PEFT resolves 'all-linear' to a set and saved it in set order, which follows PYTHONHASHSEED: the same run
+    wrote its adapter_config.json in another order each time."""
+    from dynarank.training.methods import build_baseline
+    from tiny_models import tiny_llama
+
+    model = build_baseline(tiny_llama(), method, 2, "all-linear", total_steps=40, knobs={})
+    targets = model.peft_config["default"].target_modules
+    assert isinstance(targets, list) and targets == sorted(targets) and len(targets) == 14  # 2 layers x 7

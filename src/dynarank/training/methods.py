@@ -154,13 +154,19 @@ def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_
         # PEFT's advice to EVA's users about its own memory option: the harness builds EVA as its records ran it
         warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage=False")
         try:
-            return get_peft_model(model, config)
+            wrapped = get_peft_model(model, config)
         except ValueError as exc:
             if "No modules were targeted" not in str(exc) and "not found in the base model" not in str(exc):
                 raise
             # PEFT's own message names its fields: say it as the rank methods do, with the model's Linear modules
             select_targets(model, DynaRankConfig(method="dynarank-lora", r=r, target_modules=target_modules))
             raise
+    # PEFT resolves 'all-linear' to a set of names and saves it in set order, which follows the process's string
+    # hashing: sorted, the same run writes the same adapter_config.json.
+    for peft_config in wrapped.peft_config.values():
+        if isinstance(peft_config.target_modules, (set, frozenset)):
+            peft_config.target_modules = sorted(peft_config.target_modules)
+    return wrapped
 
 
 def data_init_baseline(model: nn.Module, method: str, batches: Iterable[Mapping]) -> None:
