@@ -208,7 +208,12 @@ class DynaRankConfig:
         "regex).",
         default_factory=list,
     )
-    seed: int | None = _help("Seed of everything the adapter draws at random (None: the global torch RNG).", None)
+    seed: int | None = _help(
+        "Seed of the adapter's draws: its starting factors and the SVD methods' P, Q and new ranks (None: the global "
+        "torch RNG). Dropout masks come from the global torch RNG, as the model's own dropout does: seed it "
+        "too (torch.manual_seed) for a repeatable run.",
+        None,
+    )
 
     def __new__(cls, method: str | None = None, **fields: Any):
         """``DynaRankConfig(method=...)`` builds the method's class; a knob that class lacks is a ConfigError."""
