@@ -13,6 +13,7 @@ from torch import nn
 import dynarank
 from dynarank import DynaRankConfig, attach, build_controller, elastic_layers
 from dynarank.config import ORTHO_WEIGHT, ConfigError
+from dynarank.controllers.base import BudgetRecord
 from dynarank.controllers.schedules import BudgetSchedule, cubic_budget, cubic_changes
 from dynarank.optim_state import state_bytes
 from dynarank.training.loop import TrainSpec, prepare_model
@@ -116,6 +117,78 @@ def test_a_budget_in_parameters_is_honoured_and_both_counts_are_reported():
     assert last.budget_unit == "params" and last.budget == 1500
     assert 1500 - 80 < last.adapter_parameters <= 1500  # within one rank (80 parameters) of the budget
     assert last.total_rank == last.adapter_parameters // 80
+
+
+def test_a_parameter_budget_below_what_rank_floor_keeps_is_refused_up_front():
+    """rank_floor=1 keeps a rank in each of the 8 heads: 8 x (16 + 64) = 640 parameters at the least. The lowest
+    target allowed was one rank of one head (80), whatever rank_floor kept: a budget of 200 was accepted and the
+    run ended at 640, 3.2x over it, with no warning (ElaLoRA refused the same budget)."""
+    message = r"^target_params / rank_floor: .*\(200 params\) is below 640, .* rank_floor of 1 rank.*lower rank_floor"
+    with pytest.raises(ConfigError, match=message) as no:
+        planted(target_rank=None, target_params=200, rank_floor=1)
+    assert no.value.fields == ("target_params", "rank_floor")
+    assert planted(target_rank=None, target_params=640, rank_floor=1)[2].target_budget == 640
+
+
+def shared_heads(target, steps=40):
+    """The planted heads sharing A's rows (head_layout='shared'), r=3, rank_floor=1: 576 parameters at the start,
+    192 with every head's one rank on the same row (one row of 64, 8 columns of 16)."""
+    return planted(
+        steps=steps,
+        r=3,
+        target_rank=None,
+        target_params=target,
+        rank_floor=1,
+        head_layout="shared",
+        t_init_steps=5,
+        t_final_steps=10,
+        resize_every=3,
+    )
+
+
+@pytest.mark.parametrize("target", [200, 240])
+def test_a_parameter_budget_in_the_shared_head_layout_is_reached_with_the_heads_last_ranks_on_one_row(target):
+    """A row of A is paid once whichever heads use it, so the floor checked up front (192) has every head's last rank
+    on the same row. Pruning by score alone left the heads' last ranks on different rows, which no pruning can move
+    onto one: the run ended at 256 or 320 parameters, above the budget it had accepted, with no warning."""
+    task, model, ctrl = shared_heads(target)
+    opt = ctrl.build_optimizer(lr=1e-2)
+    train(model, task, opt, 40)
+    assert all(r.adapter_parameters <= r.budget for r in ctrl.records if r.resized)  # every round holds its budget
+    assert ctrl.records[-1].adapter_parameters <= target and ctrl.run_warnings() == []
+    assert elastic_layers(model)["query"].slots == [[0]] * 8
+
+
+def test_a_budget_pruning_by_score_always_reaches_is_pruned_by_score_alone():
+    # 8 heads of one rank each on rows of their own cost at most 3 rows (the start's) + 8 columns = 320: a budget of
+    # 400 is reached whichever rows the heads keep, so nothing holds them (those runs are as before)
+    assert shared_heads(400)[2].shared_slots(1) is None
+    assert shared_heads(240)[2].shared_slots(1) is not None
+
+
+def test_a_budget_pruning_cannot_reach_is_said_at_the_end_of_the_budgeting_phase_with_both_sizes():
+    """rank_floor=0 lets every group go, but the model keeps one rank: a budget of one query head's rank (40) is met
+    only when that is the rank kept. A run that kept another ended above its budget and said nothing."""
+    model = tiny_bert()
+    fields = {"r": 2, "target_params": 40, "target_modules": ["query", "intermediate.dense"], "granularity": "head"}
+    attach(model, DynaRankConfig(method="adalora-physical", t_init_steps=5, t_final_steps=5, resize_every=5, **fields))
+    ctrl = build_controller(model, total_steps=40)
+    ctrl.triplet_scores = lambda: {  # the intermediate layer's ranks score highest: one of them is the rank kept
+        name: [torch.full((r,), float("intermediate" in name)) for r in layer.ranks]
+        for name, layer in ctrl.layers.items()
+    }
+    end = ctrl.schedule.end
+    record = BudgetRecord(end, "final", budget_unit="params")
+    ctrl.prune_to_budget(end, record)
+    assert ctrl.total_rank() == 1 and ctrl.adapter_parameters() == 32 + 64  # one rank of intermediate.dense
+    assert record.warnings == [
+        "AdaLoRA ends its budgeting phase at 96 params, above its target of 40: no rank is left that pruning may "
+        "remove (every group at its floor of 0 rank(s), or one rank in the model). Raise the budget to what the run "
+        "can reach."
+    ]
+    again = BudgetRecord(end, "final", budget_unit="params")
+    ctrl.prune_to_budget(end, again)
+    assert again.warnings == []  # said once
 
 
 @pytest.mark.parametrize("floor", [0, 1])

@@ -332,6 +332,31 @@ def test_starting_above_the_budget_prunes_into_it_on_the_cubic_schedule_while_st
     assert min(min(r) for r in ctrl.history[-1]["ranks"].values()) >= 1  # no head pruned off (no switch_off)
 
 
+@pytest.mark.parametrize("target", [200, 240])
+def test_a_shrinking_parameter_budget_in_the_shared_head_layout_is_reached_with_the_heads_on_common_rows(target):
+    """The heads share A's rows (head_layout='shared'): a row is paid once whichever heads use it, so the floor checked
+    up front (192: one row of 64, 8 heads x one column of 16) has every head's last rank on the same row. Pruning and
+    swapping by score alone left the heads' last ranks on different rows, which no pruning can move onto one: the
+    run ended at 256 or 320 parameters, above the budget it had accepted, with no warning."""
+    kw = {"head_layout": "shared", "target_params": target, "t_init_steps": 5, "t_final_steps": 10, "resize_every": 3}
+    task, model, ctrl = planted(r=3, **kw)  # 576 parameters at the start
+    opt = ctrl.build_optimizer(lr=1e-2)
+    train(model, task, opt, 40)
+    assert all(r.adapter_parameters <= r.budget for r in ctrl.records if r.resized)  # every round holds its budget
+    assert ctrl.records[-1].adapter_parameters <= target and ctrl.run_warnings() == []
+    assert ctrl.rank_changes > 24 - ctrl.records[-1].total_rank  # still swapping while it shrinks
+    assert ctrl.shrinks and ctrl.shared_slots(1) is not None  # below 640: 8 heads' ranks on rows of their own
+
+
+def test_with_switch_off_a_parameter_budget_below_one_rank_is_refused():
+    """Every head may give up its last rank, but the model keeps one: the floor checked was 0 ranks (1 parameter), so
+    a budget below one rank (16 + 64 = 80) was accepted and never reached."""
+    message = r"^target_params: .*\(50 params\) is below 80, one rank of the cheapest layer \(the model keeps one\)"
+    with pytest.raises(ValueError, match=message):
+        planted(switch_off=True, target_params=50)
+    assert planted(switch_off=True, target_params=80)[2].target_budget == 80
+
+
 def test_a_conserving_elalora_never_forces_a_round_at_the_end_of_its_phase():
     _, _, conserving = planted(r=3, steps=100)
     _, _, shrinking = planted(r=3, steps=100, target_rank=2)

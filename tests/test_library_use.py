@@ -119,6 +119,21 @@ def test_loading_a_mid_run_state_after_the_last_step_says_nothing_of_optimizer_s
     assert caplog.text == ""
 
 
+# ---------------------------------------------------------------------------- the README's loop
+@pytest.mark.parametrize("method", ["dynarank-lora", *RANK_METHODS])
+def test_every_method_s_controller_takes_the_loss_a_loop_computes_itself(method):
+    """The README's plain loop says: with your own loss, call controller.observe_loss(loss). Only ARD's controller had
+    it: every other method's loop raised AttributeError at its first step."""
+    model, controller, optimizer = fresh(method)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(input_ids=X).logits, Y)
+        loss.backward()
+        controller.observe_loss(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert controller.step == 3
+
+
 # ---------------------------------------------------------------------------- several optimizers
 @pytest.mark.parametrize("head_first", [False, True])
 def test_a_controller_bound_to_two_optimizers_counts_iterations(head_first):

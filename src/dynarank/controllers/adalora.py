@@ -6,7 +6,10 @@ PHYSICALLY until the budget holds,
     budget(t) = floor(target + (start - target) * (1 - p)^3)      in ranks or in parameters,
 
 so parameters, optimizer state and compute fall while training (PEFT masks E instead and
-keeps every initial rank allocated). Optimizer moments of kept ranks are carried.
+keeps every initial rank allocated). Optimizer moments of kept ranks are carried. No group goes
+below rank_floor, so a budget in parameters below every group at rank_floor is refused up front;
+in the 'shared' head layout the heads' last ranks are kept on common rows where the budget needs
+it (svd.SharedSlots).
 """
 
 from __future__ import annotations
@@ -50,7 +53,12 @@ class AdaLoRAController(SVDController):
         return {**phases, "defaulted": tuple(filled)}
 
     def _resolve_target(self) -> int:
-        """round(target_rank x groups) ranks, or target_params; below the start, above the floor."""
+        """round(target_rank x groups) ranks, or target_params; below the start, at or above the floor.
+
+        The floor is the least pruning can leave: every group at ``rank_floor`` ranks (in the 'shared' layout on the
+        same rows, where pruning keeps them when the budget needs it: svd.SharedSlots), or with rank_floor 0 one rank
+        of the cheapest layer (the model keeps one). A budget in parameters below it is refused, as ElaLoRA's is.
+        """
         c = self.config
         floor_ranks = c.rank_floor * sum(layer.n_groups for layer in self.layers.values())
         if self.budget_unit == "rank":
@@ -59,7 +67,18 @@ class AdaLoRAController(SVDController):
             lowest = max(1, floor_ranks)
         else:
             target = c.target_params
-            lowest = smallest_adapter(layer.costs for layer in self.layers.values())
+            if c.rank_floor > 0:
+                layers = self.layers.values()
+                lowest = sum(layer.costs.size_of_ranks([c.rank_floor] * layer.n_groups) for layer in layers)
+            else:
+                lowest = smallest_adapter(layer.costs for layer in self.layers.values())
+        if self.budget_unit == "params" and c.rank_floor > 0 and target < lowest:
+            raise ConfigError(
+                ("target_params", "rank_floor"),
+                f"AdaLoRA's target budget ({target} params) is below {lowest}, the smallest size pruning can reach "
+                f"with every group at its rank_floor of {c.rank_floor} rank(s): raise target_params to at least "
+                f"{lowest}, or lower rank_floor.",
+            )
         if not lowest <= target < self.start_budget:
             field = "target_rank" if self.budget_unit == "rank" else "target_params"
             raise ConfigError(

@@ -208,6 +208,12 @@ class RankController:
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradients exist here: methods add regulariser gradients, read importance."""
 
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the controller a task loss a loop computed itself (once per forward pass, or once per optimizer step).
+
+        Only ARD reads it (its lambda calibration, ard_calibration.py); every other method ignores it, so one
+        training loop that calls it works for every method. Nothing is read from the device here."""
+
     def after_step(self, optimizer: torch.optim.Optimizer) -> StepRecord:
         """Parameters are updated here: methods resize. Counts the optimizer step."""
         self.step += 1

@@ -32,7 +32,11 @@ size): the budget falls on AdaLoRA's cubic schedule from the start to the target
 T - t_final. Each round first prunes the lowest-scoring ranks until budget(t) holds (as AdaLoRA),
 then swaps b ranks as above within budget(t); a forced round at T - t_final lands on the target.
 Pruning to the budget keeps the same floor as the candidates (one rank per group, or rank_floor;
-0 with switch_off), so a target that floor cannot reach is refused up front.
+0 with switch_off, the model still keeping one rank), so a target that floor cannot reach is refused up front.
+In the 'shared' head layout that floor has every head's last ranks on the same shared rows (a row is paid once);
+pruning cannot move a rank onto another row, so where the target needs it the rounds keep the heads on common
+rows (svd.SharedSlots: a rank whose removal would put the target out of reach is not pruned, nor offered up in a
+swap). A target that is reached whichever rows the heads keep is pruned by score alone.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch
 
 from ..config import ConfigError
 from ..layer import ElasticLoRALinear
+from ..slot_costs import smallest_adapter
 from .base import BudgetRecord
 from .schedules import cubic_budget, cubic_changes
 from .svd import Plan, SVDController, _laid_out
@@ -98,14 +103,18 @@ class ElaLoRAController(SVDController):
         else:
             target = c.target_params
         keep = self.group_floor()
-        lowest = max(1, sum(_floor_size(layer, keep, self.budget_unit) for layer in self.layers.values()))
+        if self.budget_unit == "params" and keep == 0:  # every group may go: the model still keeps one rank
+            lowest = smallest_adapter(layer.costs for layer in self.layers.values())
+            at_floor = "one rank of the cheapest layer (the model keeps one)"
+        else:
+            lowest = max(1, sum(_floor_size(layer, keep, self.budget_unit) for layer in self.layers.values()))
+            at_floor = f"the size with every group at its floor of {keep} rank(s)"
         if target < lowest:
             field = "target_rank" if self.budget_unit == "rank" else "target_params"
             hint = "" if c.switch_off else " (or let a group give up its last rank: switch_off)"
             raise ConfigError(
                 field,
-                f"ElaLoRA's budget ({target} {self.budget_unit}) is below {lowest}, the size with every group at its "
-                f"floor of {keep} rank(s): raise it{hint}.",
+                f"ElaLoRA's budget ({target} {self.budget_unit}) is below {lowest}, {at_floor}: raise it{hint}.",
             )
         return target
 
@@ -118,6 +127,11 @@ class ElaLoRAController(SVDController):
     def capacity(self, layer: ElasticLoRALinear) -> int:
         """Most ranks a group can hold: beyond min(d_g, d_other) no orthogonal direction is left."""
         return min(layer.group_size, layer.other_dim)
+
+    def slot_ceiling(self, layer: ElasticLoRALinear) -> int:
+        """Most shared slots ``layer`` can have: a group makes a new one only when it uses every slot there is, and
+        holds at most ``capacity`` ranks (or its start, r)."""
+        return max(self.config.r, self.capacity(layer))
 
     # ------------------------------------------------------------------ one round
     def reallocate_round(self, t: int, record: BudgetRecord) -> None:
@@ -156,7 +170,16 @@ class ElaLoRAController(SVDController):
         b = min(b, len(pool) // 2)
         prune: Plan = {}
         ranks = {name: layer.ranks for name, layer in self.layers.items()}
-        for c in pool[:b]:
+        keep = self.group_floor()
+        guard = self.shared_slots(keep)
+        pruned, offered = [], []  # the b lowest candidates (guarded: that keep the common slots), the others
+        for c in pool:
+            slot = self.layers[c.module].slot_tuple[c.group][c.position]
+            if len(pruned) < b and (guard is None or guard.remove(c.module, slot)):
+                pruned.append(c)
+            else:
+                offered.append(c)
+        for c in pruned:
             prune.setdefault(c.module, {}).setdefault(c.group, []).append(c.position)
             ranks[c.module][c.group] -= 1
         grow: dict[str, dict[int, int]] = {}
@@ -166,7 +189,7 @@ class ElaLoRAController(SVDController):
         }
         ceiling = self.budget_at(self.step)  # params: expansions stay within the budget in force
         added = 0
-        for c in reversed(pool[b:]):  # highest first; the pruned ones are not offered
+        for c in reversed(offered):  # highest first; the pruned ones are not offered
             if added == b:
                 break
             layer = self.layers[c.module]

@@ -20,7 +20,8 @@ rounds: adalora.py, elalora.py.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -231,18 +232,66 @@ class SVDController(RankController):
         return self._triplets.scores(self.layers, params, self.importance.flat_scores(params))
 
     def prune_to_budget(self, t: int, record: BudgetRecord, floor: int | None = None) -> None:
-        """Remove the lowest-scoring ranks until ``budget_at(t)`` holds (no group below ``floor``)."""
+        """Remove the lowest-scoring ranks until ``budget_at(t)`` holds (no group below ``floor``).
+
+        At the end of the budgeting phase a target the plan could not reach is said once, with both sizes: the run
+        ends above its budget (what is left has every group at its floor, or one rank in the model)."""
         record.budget = self.budget_at(t)
         excess = self.budget_used() - record.budget
         if excess > 0:
             self.apply_plan(self.plan_pruning(self.triplet_scores(), excess, floor), {}, record)
+        used = self.budget_used()
+        if t >= self.schedule.end and used > record.budget:
+            floor = self.group_floor() if floor is None else floor
+            self.warn_once(
+                "budget-not-reached",
+                f"{self.method_name} ends its budgeting phase at {used} {self.budget_unit}, above its target of "
+                f"{record.budget}: no rank is left that pruning may remove (every group at its floor of {floor} "
+                "rank(s), or one rank in the model). Raise the budget to what the run can reach.",
+                record,
+            )
+
+    def group_floor(self) -> int:
+        """Fewest ranks a group keeps when pruning to the budget: ``rank_floor``."""
+        return self.config.rank_floor
+
+    def slot_ceiling(self, layer: ElasticLoRALinear) -> int:
+        """Most shared slots ``layer`` can have from now on: the ones it has (pruning only ever drops slots)."""
+        return layer.n_slots
+
+    def floor_size(self, keep: int, *, distinct: bool = False) -> int:
+        """A and B parameters with every group at ``keep`` ranks: on the same shared slots in the 'shared' layout
+        (the smallest size), or (``distinct``) on as many different slots as the layer can hold (the largest: what
+        pruning every group to ``keep`` may leave, since pruning cannot move a rank onto another slot)."""
+        return sum(floor_sizes(layer, keep, self.slot_ceiling(layer))[distinct] for layer in self.layers.values())
+
+    def guards_shared_slots(self, keep: int) -> bool:
+        """Whether pruning may need to hold shared slots common to the groups of a 'shared' layer (:class:`SharedSlots`)
+        to keep the target reachable: a shrinking budget in parameters below ``floor_size(keep, distinct=True)``. A
+        larger one is reached with the ranks chosen by score alone (no 'shared' layer: the two sizes are one, and a
+        budget below it is refused)."""
+        return (
+            self.budget_unit == "params"
+            and keep > 0
+            and self.target_budget < self.start_budget
+            and self.target_budget < self.floor_size(keep, distinct=True)
+        )
+
+    def shared_slots(self, keep: int) -> SharedSlots | None:
+        """The guard a plan that removes ranks consults (None: it needs none, :meth:`guards_shared_slots`)."""
+        if not self.guards_shared_slots(keep):
+            return None
+        return SharedSlots(self.layers, keep, self.target_budget, self.slot_ceiling)
 
     def plan_pruning(self, scores: dict[str, list[torch.Tensor]], excess: int, floor: int | None = None) -> Plan:
         """The lowest-scoring ranks whose removal frees at least ``excess`` (ranks or parameters).
 
-        No group goes below ``floor`` (default ``rank_floor``), and the model keeps at least one rank.
+        No group goes below ``floor`` (default ``rank_floor``), and the model keeps at least one rank. A rank whose
+        removal would put the target out of reach (a 'shared' layer's groups no longer all on ``floor`` common slots
+        when the budget needs them there: :class:`SharedSlots`) is kept too.
         """
         floor = self.config.rank_floor if floor is None else floor
+        guard = self.shared_slots(floor)
         # Every rank by ascending score, ties by (module, group, position): one stable sort of the scores laid end
         # to end in that order; a rank's group is found from its place only for the ranks the loop reaches.
         flat, starts, owners = _laid_out(self.layers, scores)
@@ -261,7 +310,10 @@ class SVDController(RankController):
                 ranks[name], books[name] = layer.ranks, layer.costs.book(layer.slots)
             if ranks[name][g] <= floor:
                 continue
-            cost = books[name].remove(layer.slots[g][j])
+            slot = layer.slot_tuple[g][j]
+            if guard is not None and not guard.remove(name, slot):
+                continue
+            cost = books[name].remove(slot)
             freed += cost if self.budget_unit == "params" else 1
             ranks[name][g] -= 1
             left -= 1
@@ -437,6 +489,69 @@ class SVDController(RankController):
                 self.importance.set_state(p, sens, unc)
         if self.generator is not None and "generator" in tensors:
             self.generator.set_state(tensors["generator"])
+
+
+class SharedSlots:
+    """Keeps a budget in parameters reachable while a plan removes ranks from 'shared' layers.
+
+    In the 'shared' layout a slot's row is paid once however many groups use it, so the smallest adapter has every
+    group's last ``keep`` ranks on the same slots. Pruning cannot move a rank onto another slot: groups pruned to
+    their floor on different slots stay there, and no later pruning brings the layer down to that size. A layer is
+    held while ``keep`` of its slots are used by every group (its floor is then the smallest size,
+    :func:`floor_sizes`); a layer not held is counted at the most its floor can cost (each group's ranks on slots
+    of their own). The sum of those is a size pruning can always reach. A removal that would release a held layer
+    is refused when the released layer's larger floor would put that sum above the target; so is nothing else.
+    A budget that needs no layer held (:meth:`SVDController.guards_shared_slots`) builds no guard, and ranks go by
+    score alone. (A group uses a slot at most once, so a slot is common when all the layer's groups use it; growth
+    only adds uses, so a layer is never released by it.)
+    """
+
+    def __init__(
+        self, layers: dict[str, ElasticLoRALinear], keep: int, target: int, ceiling: Callable[[ElasticLoRALinear], int]
+    ) -> None:
+        self.keep = keep
+        self.layers = layers
+        self._users: dict[str, Counter] = {}  # held module -> slot -> groups that use it, as the plan stands
+        self._common: dict[str, int] = {}  # held module -> slots every group uses
+        self._release: dict[str, int] = {}  # held module -> what releasing it adds to the reachable size
+        reachable = 0
+        for name, layer in layers.items():
+            smallest, largest = floor_sizes(layer, keep, ceiling(layer))
+            users = Counter(s for group in layer.slot_tuple for s in group)
+            common = sum(1 for n in users.values() if n == layer.n_groups)
+            if largest > smallest and common >= keep:
+                self._users[name], self._common[name], self._release[name] = users, common, largest - smallest
+            reachable += smallest if name in self._users else largest
+        self.slack = target - reachable  # what releasing layers may still add
+
+    def remove(self, name: str, slot: int) -> bool:
+        """Take one use of ``slot`` away from module ``name`` unless that puts the target out of reach; whether it
+        did."""
+        users = self._users.get(name)
+        if users is None:
+            return True  # not a 'shared' layer of several groups, or no longer held
+        if users[slot] == self.layers[name].n_groups:
+            if self._common[name] == self.keep:  # its last common slots: the layer would be released
+                if self._release[name] > self.slack:
+                    return False
+                self.slack -= self._release[name]
+                del self._users[name]
+                return True
+            self._common[name] -= 1
+        users[slot] -= 1
+        return True
+
+
+def floor_sizes(layer: ElasticLoRALinear, keep: int, slot_ceiling: int) -> tuple[int, int]:
+    """(smallest, largest) A and B parameters of ``layer`` with every group at ``keep`` ranks: in the 'shared' layout
+    the groups' ranks on the same slots, or on as many different ones as there can be (keep x groups, at most the
+    ``slot_ceiling`` slots the layer can have); one size in the 'own' layout or with one group."""
+    costs, groups = layer.costs, layer.n_groups
+    smallest = costs.size_of_ranks([keep] * groups)
+    if costs.layout != "shared" or groups < 2:
+        return smallest, smallest
+    slots = min(keep * groups, max(keep, slot_ceiling))
+    return smallest, slots * costs.other_dim + keep * groups * costs.group_size
 
 
 def _setting(model: nn.Module, name: str, default, kind=float) -> tuple:
