@@ -27,7 +27,10 @@ def stock_adalora_phases(total_steps: int) -> dict[str, int]:
     """Stock PEFT AdaLoRA's phases as dynarank sets them for a run of ``total_steps`` (T) steps, in PEFT's terms:
     ``tinit`` = 10% and ``tfinal`` = 20% of the run, a round every ``deltaT`` = T / 40 steps (each at least 1).
     dynarank's AdaLoRA-style takes the same phases when its config leaves them unset: ``t_init = tinit + 1`` and
-    ``t_final = tfinal - 1`` in this module's count (PEFT counts the step just done from 0)."""
+    ``t_final = tfinal - 1`` in this module's count (PEFT counts the step just done from 0). The same number of rounds
+    and the same last one; where ``tinit`` is not a multiple of ``deltaT`` the others fall one or two steps apart, since
+    :meth:`BudgetSchedule.is_round` counts the interval from the end of the warm-up and PEFT from the run's start
+    (T = 130: rounds at steps 17, 20, 23, ... here, 16, 19, 22, ... in PEFT)."""
     return {
         "tinit": max(1, total_steps // 10),
         "tfinal": max(1, total_steps // 5),
