@@ -8,7 +8,7 @@ import torch
 import dynarank
 from dynarank import DynaRankConfig, ElasticLoRALinear
 from dynarank.config import ConfigError
-from tiny_models import tiny_bert, tiny_llama, tiny_roberta, token_batch
+from tiny_models import tiny_bart, tiny_bert, tiny_llama, tiny_roberta, token_batch
 
 D, D_H, HEADS = 32, 8, 4  # both tiny models: hidden 32, 4 query heads of 8
 BERT_ATTENTION = ["query", "key", "value", "attention.output.dense"]
@@ -347,14 +347,6 @@ def test_a_task_head_that_would_train_in_float16_is_warned_about(caplog):
     assert "classifier trains whole in float16" in caplog.text
 
 
-def _bart(encoder_heads: int = 4, decoder_heads: int = 2):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    shape = dict(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, max_position_embeddings=64)
-    heads = dict(encoder_attention_heads=encoder_heads, decoder_attention_heads=decoder_heads)
-    return BartForConditionalGeneration(BartConfig(**shape, **heads, encoder_ffn_dim=48, decoder_ffn_dim=48))
-
-
 def _bert2bert(encoder_heads: int = 2, decoder_heads: int = 4):
     from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
 
@@ -368,7 +360,10 @@ def _bert2bert(encoder_heads: int = 2, decoder_heads: int = 4):
     "make, expected",
     [
         # one config holds both sides' counts (BART, Whisper): the decoder's own, cross-attention included
-        (_bart, {"encoder.layers.0.self_attn": 4, "decoder.layers.0.self_attn": 2, "decoder.layers.0.encoder_attn": 2}),
+        (
+            lambda: tiny_bart(decoder_heads=2),
+            {"encoder.layers.0.self_attn": 4, "decoder.layers.0.self_attn": 2, "decoder.layers.0.encoder_attn": 2},
+        ),
         # a config per tower (EncoderDecoderModel, CLIP, a vision-language model's vision tower)
         (_bert2bert, {"encoder.encoder.layer.0.attention": 2, "decoder.bert.encoder.layer.0.attention": 4}),
     ],

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import dynarank
 from dynarank import AdapterFormatError, DynaRankConfig
-from tiny_models import randomize_adapters, tiny_bert, tiny_llama, tiny_roberta, token_batch
+from tiny_models import randomize_adapters, tiny_bart, tiny_bert, tiny_llama, tiny_roberta, token_batch
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
 BUILDERS = {"bert": tiny_bert, "llama": tiny_llama}
@@ -170,19 +170,9 @@ def _tiny_whisper():
     return WhisperForConditionalGeneration(config).eval()
 
 
-def _tiny_bart():
-    """BART (text in: input_ids), one encoder and one decoder layer."""
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    shape = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4)
-    config = BartConfig(**shape, vocab_size=100, d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48)
-    return BartForConditionalGeneration(config).eval()
-
-
 ENCODER_DECODERS = {
     "whisper": (_tiny_whisper, lambda g: {"input_features": torch.randn(2, 8, 16, generator=g)}),
-    "bart": (_tiny_bart, lambda g: {"input_ids": torch.randint(3, 100, (2, 7), generator=g)}),
+    "bart": (tiny_bart, lambda g: {"input_ids": torch.randint(3, 100, (2, 7), generator=g)}),
 }
 
 

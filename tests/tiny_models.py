@@ -57,6 +57,16 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**TINY_DECODER, vocab_size=100, tie_word_embeddings=False)).eval()
 
 
+def tiny_bart(encoder_heads: int = 4, decoder_heads: int = 4, seed: int = 0):
+    """BART of one encoder and one decoder layer (d_model 32), with each side's own head count."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, max_position_embeddings=64)
+    heads = dict(encoder_attention_heads=encoder_heads, decoder_attention_heads=decoder_heads)
+    return BartForConditionalGeneration(BartConfig(**shape, **heads, encoder_ffn_dim=48, decoder_ffn_dim=48)).eval()
+
+
 def token_batch(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 100, (batch, length), generator=g)
