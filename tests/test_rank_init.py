@@ -300,6 +300,55 @@ def test_the_pass_reads_the_first_k_batches_and_leaves_no_gradient_and_no_traini
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_pass_puts_back_every_modules_own_mode():
+    """A module kept in eval inside a model in training (a frozen BatchNorm, embeddings without dropout) stays so.
+    Before, the pass ended with model.train(True), which turned every module to training."""
+    model = data_model("bert")
+    model.train()
+    model.bert.embeddings.eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    init_ranks(model, labelled("bert", token_batches()))
+    after = {name: module.training for name, module in model.named_modules()}
+    assert {name: after[name] for name in modes} == modes  # the alphas' holder (dynarank_ard) is new
+    assert not model.bert.embeddings.dropout.training
+
+
+class TwoBranches(torch.nn.Module):
+    """A model whose first adapted module (in module order) a text-only batch does not reach, as a vision tower
+    before the language model."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image_proj = torch.nn.Linear(16, 16)
+        self.body = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x, labels):
+        return torch.nn.functional.cross_entropy(self.head(torch.tanh(self.body(x))).reshape(-1, 4), labels.reshape(-1))
+
+
+def test_a_first_module_the_batches_do_not_reach_leaves_the_others_measured_and_itself_at_rank_zero():
+    """Before, the tokens were counted at the first adapted module in module order only: unreached, it counted
+    none, and the pass refused as if the statistic were zero everywhere."""
+    config = DynaRankConfig(method="ard", r=8, target_params=200, target_modules=["image_proj", "body"])
+    model = attach(TwoBranches(), config)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(2, 5, 16, generator=g), "labels": torch.randint(0, 4, (2, 5), generator=g)}]
+    record = init_ranks(model, batches * 2, loss_fn=lambda m, b: m(**b), total_steps=60)
+    assert record.tokens == 2 * 10
+    assert record.ranks["image_proj"] == [0] and record.ranks["body"][0] > 0
+
+
+def test_a_start_at_or_below_the_target_from_too_small_an_init_rho_names_init_rho():
+    """init_rho just above 1 fills the start to within one rank's cost of init_rho x the target, which can land at or
+    under it. Before, the controller named the budget and r as the remedy."""
+    model = data_model("bert", budget=600, init_rho=1.01)
+    assert init_ranks(model, labelled("bert", token_batches())).start_params <= 600
+    with pytest.raises(ConfigError, match=r"^init_rho / target_params: .*init_rho=1.01 .*raise init_rho"):
+        build_controller(model, total_steps=40)
+
+
 def test_activation_statistics_skip_padding():
     model = data_model("bert", init_statistic="activation")
     batch = token_batches(1)[0]

@@ -67,8 +67,10 @@ class RankInitRecord:
     """What the init did: how it measured, the budget it filled and the ranks it set."""
 
     statistic: str
-    batches: int  # batches measured (per worker)
-    tokens: int  # token positions the statistic summed over (all workers)
+    batches: (
+        int  # batches measured (per worker; micro-batches where a run's batch is several: init_ranks' micro_batches)
+    )
+    tokens: int  # token positions the first adapted module each batch reaches saw (all workers)
     rho: float
     target_params: int | None
     start_budget: int  # floor(rho * target_params); without a budget, the uniform start's size
@@ -310,9 +312,7 @@ def collect_statistics(
     device = next(model.parameters()).device
     stats = {n: torch.zeros(l.out_features, l.in_features, device=l.shared_weight.device) for n, l in layers.items()}
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module, input, output) of this batch's forward
-    state = {"mask": None, "attention": None, "tokens": 0, "batch_tokens": 0}
-
-    first = next(iter(layers), None)
+    state = {"mask": None, "attention": None, "tokens": 0, "batch_tokens": 0, "counted": False}
 
     def capture(name: str):
         def hook(module, args, output):
@@ -320,8 +320,8 @@ def collect_statistics(
             if inputs is not None:
                 inputs[name] = _sample_rows(x, state["attention"])
             mask = state["mask"] if statistic == "activation" else None
-            if name == first:  # positions measured: what the first adapted module sees
-                state["batch_tokens"] += _rows(x, mask).shape[0]
+            if not state["counted"]:  # positions measured: what the first adapted module the batch reaches sees
+                state["batch_tokens"], state["counted"] = _rows(x, mask).shape[0], True
             if statistic == "activation":
                 stats[name].addmm_(_rows(output.detach(), mask).t(), _rows(x, mask))
                 return None
@@ -333,12 +333,14 @@ def collect_statistics(
         return hook
 
     handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
-    was_training, done = model.training, 0
+    # every module's own mode, put back as it was (a frozen BatchNorm or an embedding left in eval inside a model in
+    # training: model.train(True) would turn them all to training)
+    modes, done = {module: module.training for module in model.modules()}, 0
     model.eval()
     try:
         for i, batch in enumerate(islice(batches, n_batches)):
             batch = _to_device(batch, device)
-            state["mask"], state["batch_tokens"] = _token_mask(batch), 0
+            state["mask"], state["batch_tokens"], state["counted"] = _token_mask(batch), 0, False
             attention = batch.get("attention_mask")
             state["attention"] = attention.bool() if torch.is_tensor(attention) else None
             if _measure(model, batch, statistic, loss_fn, seen, stats):
@@ -352,7 +354,8 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return stats, state["tokens"], done
 
 

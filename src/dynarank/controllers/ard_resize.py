@@ -36,7 +36,17 @@ class ARDResizing:
             )
         if target >= self.start_params:
             measured = getattr(self, "rank_init", None) is not None
-            start = "its start measured from the data" if measured else f"the start rank {self.settings.r0}"
+            r0 = self.settings.r0
+            full = sum(layer.costs.size_of_ranks([r0] * layer.n_groups) for layer in self.layers.values())
+            if measured and target < full:  # the start filled init_rho x the budget to within one rank's cost
+                rho = self.rank_init["rho"]
+                raise ConfigError(
+                    ("init_rho", "target_params"),
+                    f"ARD's budget ({target:,}) must be below the adapter's size at its start measured from the data "
+                    f"({self.start_params:,}), which it prunes down from; init_rho={rho:g} filled {rho:g} x the "
+                    "budget to within one rank's cost: raise init_rho (the default is 1.5), and attach again.",
+                )
+            start = "its start measured from the data" if measured else f"the start rank {r0}"
             raise ConfigError(
                 ("target_params", "r"),
                 f"ARD's budget ({target:,}) must be below the adapter's size at {start} ({self.start_params:,}), "
