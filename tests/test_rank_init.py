@@ -166,6 +166,21 @@ def test_the_input_scale_makes_each_direction_read_what_a_default_row_reads(layo
             torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=1e-4, atol=0.0)
 
 
+def test_a_skipped_batch_gives_neither_statistics_nor_the_input_scales_sample():
+    """A batch whose loss is not finite (every label -100) is skipped. Before, the input rows the scale is measured
+    on were still taken from it, when it came last."""
+    batches = labelled("llama", token_batches(3))
+    bad = {**batches[2], "input_ids": batches[2]["input_ids"].flip(0)}
+    bad["labels"] = torch.full_like(bad["labels"], -100)
+    starts = []
+    for measured in (batches[:2], [*batches[:2], bad]):
+        model = data_model("llama", layout="shared", budget=900, init_batches=len(measured))
+        record = init_ranks(model, measured)
+        assert record.batches == 2
+        starts.append({k: v.clone() for k, v in model.state_dict().items() if "lora" in k or "weight" in k})
+    assert starts[0].keys() == starts[1].keys() and all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+
+
 @pytest.mark.parametrize("layout", ["own", "shared"])
 def test_input_gains_rate_each_candidate_by_what_its_rescaled_row_delivers(layout, monkeypatch):
     import dynarank.rank_init as rank_init

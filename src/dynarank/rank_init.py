@@ -304,8 +304,9 @@ def collect_statistics(
     """(M per module (d_out, d_in) float32, token positions used, batches used) over the first ``n_batches``.
 
     Runs in eval mode (no dropout, no randomness drawn) and leaves no gradient on any parameter: the gradient at the
-    outputs is taken with ``torch.autograd.grad``. A batch whose loss is not finite is skipped (logged). ``inputs``,
-    if given, receives per module a sample of the last batch's input rows (:data:`INPUT_SAMPLE` evenly spaced
+    outputs is taken with ``torch.autograd.grad``. Under a gradient statistic a batch whose loss is not finite is
+    skipped (logged; the activation statistic, which sums in the forward, keeps it). ``inputs``, if given, receives
+    per module a sample of the last measured batch's input rows (:data:`INPUT_SAMPLE` evenly spaced
     positions that are not padding, float32 (n, d_in)): what ``init_scale='input'`` measures the directions on.
     """
     layers = elastic_layers(model)
@@ -313,12 +314,13 @@ def collect_statistics(
     stats = {n: torch.zeros(l.out_features, l.in_features, device=l.shared_weight.device) for n, l in layers.items()}
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module, input, output) of this batch's forward
     state = {"mask": None, "attention": None, "tokens": 0, "batch_tokens": 0, "counted": False}
+    sample: dict[str, torch.Tensor] = {}  # this batch's input rows per module
 
     def capture(name: str):
         def hook(module, args, output):
             x = args[0].detach()
-            if inputs is not None:
-                inputs[name] = _sample_rows(x, state["attention"])
+            if inputs is not None:  # kept if the batch is measured (its loss finite)
+                sample[name] = _sample_rows(x, state["attention"])
             mask = state["mask"] if statistic == "activation" else None
             if not state["counted"]:  # positions measured: what the first adapted module the batch reaches sees
                 state["batch_tokens"], state["counted"] = _rows(x, mask).shape[0], True
@@ -343,9 +345,12 @@ def collect_statistics(
             state["mask"], state["batch_tokens"], state["counted"] = _token_mask(batch), 0, False
             attention = batch.get("attention_mask")
             state["attention"] = attention.bool() if torch.is_tensor(attention) else None
+            sample.clear()
             if _measure(model, batch, statistic, loss_fn, seen, stats):
                 done += 1
                 state["tokens"] += state["batch_tokens"]
+                if inputs is not None:
+                    inputs.update(sample)
             else:
                 logger.warning("dynarank: rank init: batch %d has a non-finite loss; skipped.", i + 1)
             seen.clear()
