@@ -435,3 +435,21 @@ def tiny_llama_tied():
     from tiny_models import TINY_DECODER
 
     return LlamaForCausalLM(LlamaConfig(**TINY_DECODER, vocab_size=100, tie_word_embeddings=True))
+
+
+def test_fused_qkv_projections_are_named_as_one_group_per_matrix_under_per_head_granularity(caplog):
+    """Phi-3's qkv_proj holds the heads of q, k and v in one matrix: it cannot be split per head, and before it got
+    one group without a word while its o_proj was split per head."""
+    import logging
+
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, pad_token_id=0,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        model = dynarank.attach(Phi3ForCausalLM(config), DynaRankConfig(r=2, target_modules=["qkv_proj", "o_proj"]))
+    groups = {n: layer.n_groups for n, layer in dynarank.elastic_layers(model).items()}
+    assert groups["model.layers.0.self_attn.qkv_proj"] == 1 and groups["model.layers.0.self_attn.o_proj"] == 4
+    assert "model.layers.0.self_attn.qkv_proj and 1 more compute q, k and v in one matrix" in caplog.text

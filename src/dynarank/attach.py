@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import (
     DEFAULT_START_RANK,
+    FUSED_QKV_SUFFIXES,
     KEY_VALUE_SUFFIXES,
     OUTPUT_SUFFIXES,
     QUERY_SUFFIXES,
@@ -331,6 +332,14 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
                 "ranks.",
                 type(model).__name__,
                 attention[0],
+            )
+        fused = [n for n in targets if _has_suffix(n, FUSED_QKV_SUFFIXES)]
+        if fused:
+            logger.warning(
+                "dynarank: granularity='head', but %s and %d more compute q, k and v in one matrix: each gets one rank "
+                "group per matrix (the heads of three projections share its output rows).",
+                fused[0],
+                len(fused) - 1,
             )
     save_names = resolve_modules_to_save(model, config)
     refuse_overlap(targets, save_names)

@@ -46,6 +46,8 @@ SVDInit = Literal["adalora", "lora"]
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
 KEY_VALUE_SUFFIXES = ("key", "value", "k_proj", "v_proj", "k", "v", "k_lin", "v_lin")
 OUTPUT_SUFFIXES = ("attention.output.dense", "o_proj", "out_proj", "o", "out_lin")
+# Projections that compute q, k and v in one matrix (Phi-3, Falcon / GPT-NeoX / Bloom, MPT): no per-head split.
+FUSED_QKV_SUFFIXES = ("qkv_proj", "query_key_value", "Wqkv", "qkv")
 # Top-level task heads: trained in full (modules_to_save), never adapted. BART-style models call theirs
 # classification_head; DistilBERT's classifier is preceded by a freshly initialised pre_classifier.
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "classification_head", "pre_classifier")
