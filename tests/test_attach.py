@@ -453,3 +453,21 @@ def test_fused_qkv_projections_are_named_as_one_group_per_matrix_under_per_head_
     groups = {n: layer.n_groups for n, layer in dynarank.elastic_layers(model).items()}
     assert groups["model.layers.0.self_attn.qkv_proj"] == 1 and groups["model.layers.0.self_attn.o_proj"] == 4
     assert "model.layers.0.self_attn.qkv_proj and 1 more compute q, k and v in one matrix" in caplog.text
+
+
+def test_an_attention_output_projection_named_dense_is_split_per_head_as_o_proj_is():
+    """Phi's self_attn.dense (Falcon's and Bloom's self_attention.dense, GPT-NeoX's attention.dense) is the
+    attention's output projection: split per head by its input columns. Before, it got one group per matrix while
+    its q, k and v were split per head."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, pad_token_id=0,
+    )  # fmt: skip
+    targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1"]
+    model = dynarank.attach(PhiForCausalLM(config), DynaRankConfig(r=2, target_modules=targets))
+    layers = {n.rsplit(".", 1)[-1]: layer for n, layer in dynarank.elastic_layers(model).items()}
+    assert {n: (layer.n_groups, layer.split) for n, layer in layers.items()} == {
+        "q_proj": (4, "rows"), "k_proj": (4, "rows"), "v_proj": (4, "rows"), "dense": (4, "cols"), "fc1": (1, "rows"),
+    }  # fmt: skip

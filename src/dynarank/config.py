@@ -45,7 +45,12 @@ SVDInit = Literal["adalora", "lora"]
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
 KEY_VALUE_SUFFIXES = ("key", "value", "k_proj", "v_proj", "k", "v", "k_lin", "v_lin")
-OUTPUT_SUFFIXES = ("attention.output.dense", "o_proj", "out_proj", "o", "out_lin")
+# The attention's output projection, split per head by its input columns (Phi's self_attn.dense, Falcon's and Bloom's
+# self_attention.dense, GPT-NeoX's and ALBERT's attention.dense too).
+OUTPUT_SUFFIXES = (
+    "attention.output.dense", "o_proj", "out_proj", "o", "out_lin", "self_attn.dense", "self_attention.dense",
+    "attention.dense",
+)  # fmt: skip
 # Projections that compute q, k and v in one matrix (Phi-3, Falcon / GPT-NeoX / Bloom, MPT): no per-head split.
 FUSED_QKV_SUFFIXES = ("qkv_proj", "query_key_value", "Wqkv", "qkv")
 # Top-level task heads: trained in full (modules_to_save), never adapted. BART-style models call theirs
