@@ -465,3 +465,51 @@ def test_under_gradient_accumulation_the_data_start_measures_as_many_examples_as
         starts.append((record["tokens"], trainer.dynarank.controller.history[0]["ranks"]))
         assert record["batches"] == 2 * accumulation  # init_batches: 40 steps // 20
     assert starts[1] == starts[0] and starts[2] == starts[0]
+
+
+def test_the_mixins_data_start_measures_the_loss_the_trainer_trains_on(tmp_path, monkeypatch):
+    """Label smoothing, a compute_loss_func, TRL's loss types and preference losses: the Trainer's compute_loss, not
+    model(**batch).loss. Before, the start's gradients were of the model's plain loss, and a DPO or reward
+    Trainer, whose batches hold no labels, failed in a TypeError (None / 1)."""
+    import dynarank.integrations.transformers as integration
+
+    measured = []
+
+    def spy(model, batches, loss_fn, **kwargs):
+        batch = next(batches)
+        measured.append((float(loss_fn(model, dict(batch))), batch))
+        raise RuntimeError("measured")
+
+    monkeypatch.setattr(integration, "init_ranks", spy)
+    config = DynaRankConfig(method="ard", r=4, seed=0, target_modules=["query", "value"], target_params=512)
+    model = attach(tiny_bert(**NO_DROPOUT), config)
+
+    def weighted(outputs, labels, num_items_in_batch=None):  # a Trainer's own loss, not the model's
+        return 3.0 * F.cross_entropy(outputs.logits, labels)
+
+    args = training_args(tmp_path, max_steps=20)
+    trainer = dynarank.DynaRankTrainer(model=model, args=args, train_dataset=TokenDataset(), compute_loss_func=weighted)
+    with pytest.raises(RuntimeError, match="measured"):
+        trainer.train()
+    loss, batch = measured[0]
+    model.eval()
+    with torch.no_grad():
+        assert loss == pytest.approx(float(trainer.compute_loss(model, dict(batch))), rel=1e-6)
+        assert loss == pytest.approx(3 * float(model(**batch).loss), rel=1e-6)
+
+
+def test_a_callback_whose_model_returns_no_loss_for_the_data_start_says_what_to_do(tmp_path):
+    class Unlabelled(TokenDataset):
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i]}
+
+    config = DynaRankConfig(method="ard", r=4, seed=0, target_modules=["query", "value"], target_params=512)
+    model = attach(tiny_bert(), config)
+    callback = dynarank.DynaRankCallback(model)
+    args = training_args(tmp_path, max_steps=20, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=Unlabelled(), callbacks=[callback])
+    trainer.compute_loss = lambda model, inputs, **kwargs: model(
+        **inputs
+    ).logits.sum()  # no labels, a loss all the same
+    with pytest.raises(ValueError, match=r"the model returns none for its batches \(they hold \['input_ids'\]\)"):
+        trainer.train()

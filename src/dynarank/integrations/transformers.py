@@ -357,10 +357,22 @@ class DynaRankCallback(TrainerCallback):
             raise ValueError("rank_init='data' needs the Trainer's train_dataloader, which it did not pass.")
         loss = self.init_loss or default_loss
         n = world()[1]  # a worker's loss is its shard's mean: its share of the batch mean is 1 / n
+
+        def loss_fn(model, batch):
+            value = loss(model, batch)
+            if value is None:  # a batch without labels (a preference or reward Trainer's), read by model(**batch)
+                raise ValueError(
+                    "ARD's start measured from the data needs this Trainer's loss, and the model returns none for its "
+                    f"batches (they hold {sorted(batch)}): use dynarank.DynaRankTrainer or with_dynarank(YourTrainer), "
+                    "which measure the loss the Trainer trains on, pass DynaRankCallback(model, init_loss=...), or "
+                    "start uniform (rank_init='uniform')."
+                )
+            return value / n
+
         init_ranks(
             self.model,
             iter(dataloader),
-            loss_fn=lambda m, b: loss(m, b) / n,
+            loss_fn=loss_fn,
             optimizer=optimizer,
             total_steps=total_steps or None,
             micro_batches=accumulation,
@@ -509,9 +521,28 @@ class DynaRankTrainerMixin:
         callback = next((cb for cb in handler.callbacks if isinstance(cb, DynaRankCallback)), None)
         if callback is None:
             callback = DynaRankCallback(self.model, on_nonfinite=dynarank_on_nonfinite)
+        if callback.init_loss is None:  # ARD's data start measures the loss this Trainer trains on
+            callback.init_loss = self._dynarank_init_loss
         handler.callbacks = [callback] + [cb for cb in handler.callbacks if cb is not callback]
         callback.syncs_before_clipping = True
         self.dynarank = callback
+
+    def _dynarank_init_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The loss of one of this Trainer's batches as it trains on it (``compute_loss``: label smoothing, a
+        ``compute_loss_func``, TRL's loss types and preference losses), for ARD's start measured from the data. The
+        metrics a TRL trainer's compute_loss records on the way (``_metrics``) are put back: the pass is no step."""
+        metrics = getattr(self, "_metrics", None)
+        kept = (
+            {mode: {k: list(v) for k, v in m.items()} for mode, m in metrics.items()}
+            if isinstance(metrics, dict)
+            else None
+        )
+        try:
+            return self.compute_loss(model, dict(batch))  # a copy: compute_loss may pop the labels
+        finally:
+            for mode, recorded in (kept or {}).items():
+                metrics[mode].clear()
+                metrics[mode].update(recorded)
 
     def call_model_init(self, trial=None):
         """The Trainer's ``model_init`` (``hyperparameter_search``'s way: a new model at every ``train()``): the
