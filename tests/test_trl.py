@@ -180,3 +180,31 @@ def test_on_a_4bit_base_sft_trains_float32_adapters_resumes_exactly_and_exports_
     model.eval(), stock.eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_dpo_trainer_with_a_budget_starts_ard_from_its_preference_loss_and_learns_ranks(chat_dir, tmp_path):
+    """DPO batches hold no labels, so the model gives no loss of its own: ARD's start measured from the data takes
+    the Trainer's (DPO's) loss through the mixin. Before, the start divided the model's None loss and failed."""
+    config = DynaRankConfig(method="ard", r=4, seed=0, target_modules="all-linear", target_params=1500, init_batches=1)
+    model = attach(load_base(chat_dir), config)
+    preferences = [
+        {
+            "prompt": [_turn("user", f"what is {i} plus one?")],
+            "chosen": [_turn("assistant", "yes indeed good")],
+            "rejected": [_turn("assistant", "no never bad")],
+        }
+        for i in range(16)
+    ]
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, max_steps=8, per_device_train_batch_size=4,
+        learning_rate=1e-2, max_length=32, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = dynarank.with_dynarank(trl.DPOTrainer)(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(preferences),
+        processing_class=AutoTokenizer.from_pretrained(chat_dir), peft_config=None,
+    )  # fmt: skip
+    trainer.train()
+    record = model.dynarank_rank_init
+    assert record["batches"] == 1 and record["start_params"] > 1500
+    assert trainer.dynarank.controller.step == 8
+    assert trainer.dynarank.controller.adapter_parameters() < record["start_params"]
