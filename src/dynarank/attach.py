@@ -153,7 +153,7 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
     linear = linear_module_names(model)
     spec = config.target_modules
 
-    def matched(names: list[str]) -> list[str]:
+    def matched(names: list[str], exclude: bool = True) -> list[str]:
         if spec == "all-linear":
             chosen = list(names)
         elif isinstance(spec, str):
@@ -166,7 +166,6 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
         chosen = [n for n in chosen if not any(n == h or n.startswith(h + ".") for h in heads)]
         return [n for n in chosen if not (exclude and _has_suffix(n, config.exclude_modules))]
 
-    exclude = True
     chosen = matched(linear)
     conv1d = matched([n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"])
     if chosen and conv1d:  # GPT-2 style projections beside Linear ones (a vision encoder with a GPT-2 decoder)
@@ -182,8 +181,7 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
     if not chosen:
         shown = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in linear})
         notes = ""
-        exclude = False
-        if config.exclude_modules and matched(linear):
+        if config.exclude_modules and matched(linear, exclude=False):
             notes += f" exclude_modules={list(config.exclude_modules)} leaves out every module it matches."
         tied = sorted(h for h in heads if _tied_to_input_embeddings(model, h))
         trained = sorted(heads - set(tied))
