@@ -380,6 +380,50 @@ def test_activation_statistics_skip_padding():
     torch.testing.assert_close(a[name], b[name])
 
 
+def test_the_activation_statistic_sums_the_positions_a_causal_lms_loss_scores_with_or_without_an_attention_mask():
+    """A causal LM shifts its labels inside: the output at position t is scored by the label at t + 1. Before, the
+    positions whose own label counted were summed (one off), and without an attention_mask (padding-free batches)
+    the labels were not read at all."""
+    model = data_model("llama", init_statistic="activation")
+    ids = token_batch(2, 8)
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt: positions 5-7 are the response
+    name = "model.layers.0.self_attn.q_proj"
+    seen = []
+    handle = elastic_layers(model)[name].register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    handle.remove()
+    x, y = (t[:, 4:7].reshape(-1, t.shape[-1]) for t in seen[0])  # outputs 4-6 predict tokens 5-7
+    for batch in ({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)},
+                  {"input_ids": ids, "labels": labels}):  # fmt: skip
+        stats, tokens, _ = collect_statistics(model, [batch], 1, "activation")
+        assert tokens == 2 * 3
+        torch.testing.assert_close(stats[name], y.t() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_an_encoder_decoders_activation_statistic_masks_each_side_by_its_own_positions():
+    """BART: the encoder's modules by the input's attention mask, the decoder's by the labels. Before, one mask
+    (the attention mask narrowed by the labels) was laid on whichever module had its shape: the encoder's statistic
+    moved with the decoder's label padding."""
+    from tiny_models import tiny_bart
+
+    config = DynaRankConfig(
+        method="ard", r=2, target_modules=["q_proj"], target_params=300, init_statistic="activation"
+    )
+    model = attach(tiny_bart(), config).eval()
+    ids = token_batch(2, 6)
+    labels = token_batch(2, 6, seed=3)
+    padded = labels.clone()
+    padded[:, 3:] = -100
+    a, _, _ = collect_statistics(model, [{"input_ids": ids, "labels": labels}], 1, "activation")
+    b, _, _ = collect_statistics(model, [{"input_ids": ids, "labels": padded}], 1, "activation")
+    encoder, decoder = "model.encoder.layers.0.self_attn.q_proj", "model.decoder.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(a[encoder], b[encoder], rtol=0, atol=0)  # the labels are the decoder's
+    c, _, _ = collect_statistics(model, [{"input_ids": ids, "labels": labels[:, :3].contiguous()}], 1, "activation")
+    torch.testing.assert_close(b[decoder], c[decoder], rtol=1e-5, atol=1e-5)  # padded labels count as unpadded
+
+
 # ---------------------------------------------------------------------------------------------- ARD from there
 
 

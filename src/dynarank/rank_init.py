@@ -42,6 +42,7 @@ from torch import nn
 
 from .attach import ATTACHED_ATTR, CONTROLLED_ATTR, elastic_layers
 from .config import ConfigError
+from .defaults import task_of
 from .layer import ElasticLoRALinear
 from .naming import ARD_ATTR
 from .rank_spectra import (
@@ -256,16 +257,40 @@ def _set_alphas(
             gates.of(name).copy_(ranks.to(dtype=gates.alpha.dtype, device=gates.alpha.device) / r0)
 
 
-def _token_mask(batch: Mapping) -> torch.Tensor | None:
-    """(B, T) bool: the positions that count (attention mask, and labels != -100 where labels are per token)."""
-    mask = batch.get("attention_mask")
-    if mask is None:
+def _bool(t) -> torch.Tensor | None:
+    return t.bool() if torch.is_tensor(t) else None
+
+
+def _scored(labels, shift: bool) -> torch.Tensor | None:
+    """(B, T) bool: the positions whose output the loss scores (labels per token, -100 ignored): a position's own
+    label, or (``shift``: a causal LM, which shifts the labels inside the model) the next position's."""
+    if not torch.is_tensor(labels) or labels.dim() != 2:
         return None
-    mask = mask.bool()
-    labels = batch.get("labels")
-    if torch.is_tensor(labels) and labels.shape == mask.shape:
-        mask = mask & (labels != IGNORE_INDEX)
-    return mask
+    scored = labels != IGNORE_INDEX
+    return torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1) if shift else scored
+
+
+def _both(padding: torch.Tensor | None, scored: torch.Tensor | None) -> torch.Tensor | None:
+    """The positions both masks keep; either alone where the other is missing (or laid out otherwise)."""
+    if padding is None:
+        return scored
+    if scored is None or scored.shape != padding.shape:
+        return padding
+    return padding & scored
+
+
+def _token_masks(model: nn.Module, batch: Mapping) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Per side of the model: (the positions the activation statistic counts, the positions that are not padding),
+    each (B, T) bool or None. One side ('encoder') for a decoder-only or encoder-only model; an encoder-decoder's
+    'decoder' side has the decoder's positions (its attention mask, and the labels, which its inputs are shifted
+    from: a position counts by its own label) where its 'encoder' side has the input's."""
+    config = getattr(model, "config", None)
+    attention, labels = _bool(batch.get("attention_mask")), batch.get("labels")
+    if getattr(config, "is_encoder_decoder", False):
+        decoder = _bool(batch.get("decoder_attention_mask"))
+        return {"encoder": (attention, attention), "decoder": (_both(decoder, _scored(labels, False)), decoder)}
+    causal = task_of(model) == "causal-lm"
+    return {"encoder": (_both(attention, _scored(labels, causal)), attention)}
 
 
 def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -313,15 +338,19 @@ def collect_statistics(
     device = next(model.parameters()).device
     stats = {n: torch.zeros(l.out_features, l.in_features, device=l.shared_weight.device) for n, l in layers.items()}
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module, input, output) of this batch's forward
-    state = {"mask": None, "attention": None, "tokens": 0, "batch_tokens": 0, "counted": False}
+    state = {"masks": {}, "tokens": 0, "batch_tokens": 0, "counted": False}
     sample: dict[str, torch.Tensor] = {}  # this batch's input rows per module
+    two_sided = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
 
     def capture(name: str):
+        side = "decoder" if two_sided and "decoder" in name.split(".")[:-1] else "encoder"
+
         def hook(module, args, output):
             x = args[0].detach()
+            counted, attention = state["masks"].get(side, (None, None))
             if inputs is not None:  # kept if the batch is measured (its loss finite)
-                sample[name] = _sample_rows(x, state["attention"])
-            mask = state["mask"] if statistic == "activation" else None
+                sample[name] = _sample_rows(x, attention)
+            mask = counted if statistic == "activation" else None
             if not state["counted"]:  # positions measured: what the first adapted module the batch reaches sees
                 state["batch_tokens"], state["counted"] = _rows(x, mask).shape[0], True
             if statistic == "activation":
@@ -342,9 +371,7 @@ def collect_statistics(
     try:
         for i, batch in enumerate(islice(batches, n_batches)):
             batch = _to_device(batch, device)
-            state["mask"], state["batch_tokens"], state["counted"] = _token_mask(batch), 0, False
-            attention = batch.get("attention_mask")
-            state["attention"] = attention.bool() if torch.is_tensor(attention) else None
+            state["masks"], state["batch_tokens"], state["counted"] = _token_masks(model, batch), 0, False
             sample.clear()
             if _measure(model, batch, statistic, loss_fn, seen, stats):
                 done += 1
