@@ -67,11 +67,8 @@ class AdaLoRAController(SVDController):
             lowest = max(1, floor_ranks)
         else:
             target = c.target_params
-            if c.rank_floor > 0:
-                layers = self.layers.values()
-                lowest = sum(layer.costs.size_of_ranks([c.rank_floor] * layer.n_groups) for layer in layers)
-            else:
-                lowest = smallest_adapter(layer.costs for layer in self.layers.values())
+            floor = c.rank_floor
+            lowest = self.floor_size(floor) if floor > 0 else smallest_adapter(l.costs for l in self.layers.values())
         if self.budget_unit == "params" and c.rank_floor > 0 and target < lowest:
             raise ConfigError(
                 ("target_params", "rank_floor"),

@@ -107,7 +107,8 @@ class ElaLoRAController(SVDController):
             lowest = smallest_adapter(layer.costs for layer in self.layers.values())
             at_floor = "one rank of the cheapest layer (the model keeps one)"
         else:
-            lowest = max(1, sum(_floor_size(layer, keep, self.budget_unit) for layer in self.layers.values()))
+            groups = sum(layer.n_groups for layer in self.layers.values())
+            lowest = max(1, keep * groups if self.budget_unit == "rank" else self.floor_size(keep))
             at_floor = f"the size with every group at its floor of {keep} rank(s)"
         if target < lowest:
             field = "target_rank" if self.budget_unit == "rank" else "target_params"
@@ -264,10 +265,3 @@ def _orthogonal_unit(rows: torch.Tensor, generator: torch.Generator | None) -> t
         q, _ = torch.linalg.qr(rows.detach().to("cpu", torch.float64).t())  # (d, k)
         v = v - q @ (q.t() @ v)
     return (v / v.norm()).to(rows.device, rows.dtype)
-
-
-def _floor_size(layer: ElasticLoRALinear, keep: int, unit: str) -> int:
-    """Size of ``layer`` with every group at ``keep`` ranks, in ranks or A and B parameters."""
-    if unit == "rank":
-        return keep * layer.n_groups
-    return layer.costs.size_of_ranks([keep] * layer.n_groups)
