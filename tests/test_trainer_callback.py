@@ -70,6 +70,16 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, way):
     assert callback.controller.step == 6  # 24 micro-batches, 6 optimizer steps
 
 
+@pytest.mark.parametrize("way", ["callback", "trainer"])
+def test_only_a_plain_trainer_is_told_that_its_save_model_writes_no_peft_adapter(tmp_path, caplog, way):
+    model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
+    trainer, _ = make(way, tmp_path, model, max_steps=2)
+    with caplog.at_level("WARNING", logger="dynarank"):
+        trainer.train()
+    told = "dynarank.export_peft(model, dir)" in caplog.text
+    assert told == (way == "callback")
+
+
 def test_fixed_rank_lora_trains_through_the_callback(tmp_path):
     model = attach(tiny_bert(), DynaRankConfig(method="dynarank-lora", r=2, target_modules=["query"]))
     callback = dynarank.DynaRankCallback(model)

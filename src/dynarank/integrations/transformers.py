@@ -287,6 +287,7 @@ class DynaRankCallback(TrainerCallback):
         self.syncs_before_clipping = False  # the mixin averages resized tensors' gradients after each backward
         self._sync: ResizedGradientSync | None = None
         self._step_loss: torch.Tensor | None = None  # the loss of the optimizer step's micro-batches so far (mixin)
+        self.exports_on_save = False  # the mixin's save_model writes the PEFT adapter; a plain Trainer's does not
 
     def follow(self, model: nn.Module) -> None:
         """Drive ``model`` from now on, from the start of its run: a Trainer's ``model_init`` made it for this
@@ -496,6 +497,13 @@ class DynaRankCallback(TrainerCallback):
         # adapter behind: ElaLoRA / AdaLoRA fold E into it.
         if self.controller is not None:
             self.controller.finish()
+            if not self.exports_on_save and args.should_save:
+                logger.warning(
+                    "dynarank: a plain Trainer's save_model() writes the attached model's own layers "
+                    "(<module>.base.weight and dynarank's slots), which transformers' from_pretrained and PEFT cannot "
+                    "load (its checkpoints are for resuming). Write the adapter with dynarank.export_peft(model, dir), "
+                    "or train with dynarank.DynaRankTrainer / with_dynarank(TrainerClass), whose save_model() does."
+                )
         return control
 
 
@@ -525,6 +533,7 @@ class DynaRankTrainerMixin:
             callback.init_loss = self._dynarank_init_loss
         handler.callbacks = [callback] + [cb for cb in handler.callbacks if cb is not callback]
         callback.syncs_before_clipping = True
+        callback.exports_on_save = True
         self.dynarank = callback
 
     def _dynarank_init_loss(self, model: nn.Module, batch) -> torch.Tensor:
