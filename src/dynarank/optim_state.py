@@ -124,6 +124,18 @@ def swap_parameter(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: tor
     return bool(opt.state.pop(old, None))
 
 
+def drop_parameter(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> bool:
+    """Take ``param`` out of ``opt``'s groups and state (a parameter the model no longer has: the SVD methods' E once
+    folded). Its group stays, empty if ``param`` was all it held, so a scheduler's groups still match. Returns
+    whether ``opt`` held it."""
+    where = _position(opt, param)
+    if where is None:
+        return False
+    del opt.param_groups[where[0]]["params"][where[1]]  # the position table is rebuilt when next read (stale)
+    opt.state.pop(param, None)
+    return True
+
+
 def _put_in_place(opt: torch.optim.Optimizer, where: tuple[int, int], new: torch.nn.Parameter) -> None:
     """``new`` at (group, index) ``where`` of ``opt``'s groups, and in the position table (:func:`_position`)."""
     g, i = where

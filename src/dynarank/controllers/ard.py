@@ -74,6 +74,8 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         total_steps: optimizer steps of the run (the Trainer callback passes it).
     """
 
+    resizes_adapters = True
+
     def __init__(self, model: nn.Module, total_steps: int | None = None, *, restoring: bool = False) -> None:
         if total_steps is None:
             raise ConfigError(
@@ -338,9 +340,26 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
                 k: v.to(alpha.device) if v.dim() else v.clone() for k, v in saved.items()
             }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved (the alphas themselves are model parameters)."""
-        super().load_state_dict(state)
+    # What _load_state reads without a default; the rank motion's own included (rank_motion.RankMotion).
+    required_state = (
+        *RankController.required_state,
+        *("prices", "grad_sums", "grad_count", "losses", "unit", "previous", "anchor", "start_alpha", "rank_changes"),
+    )
+    _group_vectors = ("prices", "grad_sums", "previous", "anchor", "start_alpha", "held")  # one entry per group
+
+    def check_state(self, state: dict) -> None:
+        """Also refused: a state whose per-group vectors do not have one entry per group of this model."""
+        super().check_state(state)
+        groups = self.gates.alpha.numel()
+        for key in self._group_vectors:
+            value = state.get(key)
+            shape = tuple(torch.as_tensor(value).shape) if value is not None else (groups,)
+            if shape != (groups,):
+                raise ValueError(f"controller state {key!r} has shape {shape}, not one entry per group ({groups}).")
+
+    def _load_state(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved, checked (the alphas themselves are model parameters)."""
+        super()._load_state(state)
         if state.get("rank_init") is not None:  # the starting ranks came from data: lr_alpha follows them
             self.rank_init = state["rank_init"]
             setattr(self.model, RANK_INIT_ATTR, self.rank_init)  # the init has run: nothing runs it again
@@ -348,10 +367,7 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
         alpha = self.gates.alpha
 
         def vector(key: str, dtype: torch.dtype = alpha.dtype) -> torch.Tensor:
-            value = torch.tensor(state[key], dtype=dtype)
-            if value.shape != alpha.shape:
-                raise ValueError(f"controller state {key!r} has {value.numel()} groups, the model {alpha.numel()}.")
-            return value.to(alpha.device)
+            return torch.tensor(state[key], dtype=dtype).to(alpha.device)  # its length checked (check_state)
 
         self.prices = vector("prices")
         self.grad_sums = vector("grad_sums", torch.float32)

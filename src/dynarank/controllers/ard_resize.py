@@ -150,11 +150,14 @@ class ARDResizing:
         self.cuts["held"] += record.held_by_budget
         if not kept:
             self._keep_one_slot(readouts, record)
+        removed = 0  # ranks, physically
         for name, layer in self.layers.items():
             cut = {g: list(range(k, r)) for g, (k, r) in enumerate(zip(readouts[name], layer.ranks)) if k < r}
             if cut:
                 record.params_removed += layer.remove_slots(cut, optimizer=self.optimizers)
+                removed += sum(len(positions) for positions in cut.values())
                 record.resized = True
+        record.pruned = removed
         self._layout_changed()
         if any(raised.values()):
             self._switch_on_held(raised, on_before)

@@ -20,7 +20,7 @@ from ..attach import ATTACHED_ATTR, CONTROLLED_ATTR, count_trainable, elastic_la
 from ..config import ConfigError, DynaRankConfig
 from ..defaults import budget_of, default_lr, task_of
 from ..layer import ElasticLoRALinear
-from ..optim_state import swap_parameter
+from . import binding
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ class BudgetRecord(StepRecord):
         budget_unit: 'rank' or 'params', the unit the allocator honours.
         budget: the budget in force after this step, in ``budget_unit`` (None: no budget).
         adapter_parameters: A and B parameters of every adapted module (what the export costs).
-        pruned / expanded: ranks removed / added by this step.
+        pruned / expanded: ranks physically removed / added by this step (every method that resizes).
         cut_by_alpha / cut_by_budget: ARD, at a resize: ranks its alphas' read-out removed, and ranks the
-            parameter cap removed on top of those.
+            parameter cap removed on top of those (their sum is ``pruned`` but when the collapse guard keeps a slot).
         held_by_budget: ARD, at a resize: ranks the read-out would remove that the floor at the target kept.
     """
 
@@ -64,7 +64,7 @@ class BudgetRecord(StepRecord):
 
 
 class RankController:
-    """Fixed ranks (method 'lora'); base class of the rank-changing methods.
+    """Fixed ranks (method 'dynarank-lora'); base class of the rank-changing methods.
 
     Args:
         model: a model returned by :func:`dynarank.attach`.
@@ -78,7 +78,9 @@ class RankController:
         config: DynaRankConfig | None = getattr(model, ATTACHED_ATTR, None)
         if config is None:
             raise ValueError("the controller needs a model returned by dynarank.attach().")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+        if total_steps is not None and (
+            not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1
+        ):
             raise ConfigError("total_steps", f"must be a positive integer, got {total_steps!r}.")
         self.model = model
         self.config = config
@@ -90,7 +92,7 @@ class RankController:
         self.history: list[dict] = []  # {"step": t, "ranks": {module: [r_g, ...]}}
         self.records: list[StepRecord] = []
         self.optimizers: list[torch.optim.Optimizer] = []
-        self._hooks: list = []
+        self._hooks: dict[int, list] = {}  # id of a bound optimizer -> its step hooks' handles
         self._warned: set[str] = set()
         self._sizes: tuple[int, dict] | None = None  # (layout version, cached sizes): read-outs of every step
         self._other_trainable: int | None = None  # trainable parameters that are neither adapters nor the controller's
@@ -109,8 +111,12 @@ class RankController:
         owner = weakref.ref(self)  # the model's hooks must not keep the controller alive, nor copy it with the model
         self._before_load: dict[str, nn.Parameter] = {}
         self._dropped_by_load = 0  # optimizer state a load dropped, said at the next step
-        model.register_load_state_dict_pre_hook(partial(_note_parameters_before_load, owner))
-        model.register_load_state_dict_post_hook(partial(_rebind_loaded_parameters, owner))
+        model.register_load_state_dict_pre_hook(partial(binding.note_parameters_before_load, owner))
+        model.register_load_state_dict_post_hook(partial(binding.rebind_loaded_parameters, owner))
+        binding.note_newest(model, self)
+        self._unbound_hook = None  # warns at the first training forward with no optimizer bound (binding.py)
+        if self.resizes_adapters:
+            self._unbound_hook = model.register_forward_hook(partial(binding.warn_if_unbound, owner))
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer
@@ -135,22 +141,65 @@ class RankController:
         at the studied budget nearest this adapter's."""
         return default_lr(self.config.method, task_of(self.model), self.budget_in_lora_ranks())
 
+    # Whether the method resizes the adapters (its bound optimizers' state must follow a resize; nothing drives it
+    # unless an optimizer is bound, which is warned about). The fixed-rank controller does not.
+    resizes_adapters: bool = False
+
     def build_optimizer(self, lr: float | None = None, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
-        """AdamW over :meth:`param_groups`, already bound to this controller (``lr`` None: :meth:`default_lr`)."""
+        """AdamW over :meth:`param_groups`, already bound to this controller (``lr`` None: :meth:`default_lr`).
+
+        Called again, the new optimizer replaces the one built before (see :meth:`bind`)."""
         lr = self.default_lr() if lr is None else lr
         optimizer = torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, **kwargs)
         self.bind(optimizer)
         return optimizer
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Run this controller inside every ``optimizer.step()``. With several optimizers bound (one for the adapters,
-        one for a task head), an iteration is one step of each: the controller's step starts in the first one's step
-        and ends in the last one's, so it counts iterations, not optimizer steps, whatever order they step in."""
+        """Run this controller inside every ``optimizer.step()``.
+
+        With several optimizers bound over different parameters (one for the adapters, one for a task head), an
+        iteration is one step of each: the controller's step starts in the first one's step and ends in the last
+        one's, so it counts iterations, not optimizer steps, whatever order they step in. An optimizer holding
+        parameters that a bound one holds too replaces it (``build_optimizer()`` or ``bind`` called again, as a
+        notebook cell run twice does): the old one is unbound, and its ``step()`` raises from then on, since the
+        controller no longer runs in it and its tensors stop being the model's at the next resize. Binding an
+        optimizer already bound does nothing.
+
+        Raises:
+            ValueError, before anything changes: the optimizer holds none of the model's trainable parameters (another
+                model's), or the method resizes and the optimizer's state cannot follow a resize (Adafactor, 8-bit
+                states: ``optim_state.unresizable_reason``).
+        """
         if any(o is optimizer for o in self.optimizers):
             return
+        self.check_optimizer(optimizer)
+        held = binding.held_ids(optimizer)
+        for old in [o for o in self.optimizers if not held.isdisjoint(binding.held_ids(o))]:
+            self._unbind_one(old)
+            binding.retire(old)
+            logger.info("dynarank: a new optimizer over the same parameters replaces the one bound before.")
+        binding.reinstate(optimizer)
         self.optimizers.append(optimizer)
-        self._hooks.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step(opt)))
-        self._hooks.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step(opt)))
+        self._hooks[id(optimizer)] = [
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step(opt)),
+        ]
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """ValueError if ``optimizer`` cannot drive this controller (:meth:`bind`); nothing changes."""
+        binding.check_optimizer(self.model, optimizer, self.config.method, self.resizes_adapters)
+
+    def _unbind_one(self, optimizer: torch.optim.Optimizer) -> None:
+        for hook in self._hooks.pop(id(optimizer), []):
+            hook.remove()
+        self.optimizers[:] = [o for o in self.optimizers if o is not optimizer]
+        self._stepped.discard(id(optimizer))
+
+    def forget_unbound_hook(self) -> None:
+        """Remove the forward hook that warns when no optimizer is bound (it has warned)."""
+        if self._unbound_hook is not None:
+            self._unbound_hook.remove()
+            self._unbound_hook = None
 
     def skip_next_step(self) -> None:
         """The next ``optimizer.step()`` is one the caller skips (it dropped the gradients): the controller counts
@@ -164,11 +213,15 @@ class RankController:
         the loop, nothing is learned."""
         if not self.optimizers:
             raise RuntimeError("count_skipped_step() needs a bound optimizer (bind one, or build_optimizer()).")
+        if self.resizes_adapters:
+            binding.refuse_inference_mode()
         self._skipping = False
         self._stepped.clear()
         return self.skip_step(self.optimizers[0])
 
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.resizes_adapters:
+            binding.refuse_inference_mode()  # before the optimizer changes anything
         if self._dropped_by_load:
             self.warn_once(
                 "state-dropped-by-load",
@@ -198,8 +251,10 @@ class RankController:
             self.after_step(optimizer)
 
     def unbind(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+        """Unbind every optimizer: the controller runs in none of their steps."""
+        for hooks in self._hooks.values():
+            for hook in hooks:
+                hook.remove()
         self._hooks.clear()
         self.optimizers.clear()
         self._stepped.clear()
@@ -344,7 +399,10 @@ class RankController:
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_dict(self) -> dict:
+        """The controller's JSON state, with the method and the run length it belongs to (checked on load)."""
         return {
+            "method": self.config.method,
+            "total_steps": self.total_steps,
             "step": self.step,
             "history": self.history,
             "warned": sorted(self._warned),
@@ -358,33 +416,43 @@ class RankController:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_tensors` saved (after the model and :meth:`load_state_dict`)."""
 
+    # What load_state_dict needs from a state (a method's controller adds its own).
+    required_state: tuple[str, ...] = ("step", "history")
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (the model's state is loaded first, and :meth:`load_state_tensors`
+        after). Everything is checked first (:meth:`check_state`): a refused state leaves the controller as it was."""
+        self.check_state(state)
+        self._load_state(state)
+
+    def check_state(self, state: dict) -> None:
+        """ValueError, before anything changes, if ``state`` is not this controller's to load: saved by another
+        method, or for a run of another length (the schedule is placed in it), or missing what the method needs. A
+        state saved before the method and the run length were recorded is taken without those two checks."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a controller state is the dict state_dict() returns, got {type(state).__name__}.")
+        method = self.config.method
+        if "method" in state and state["method"] != method:
+            raise ValueError(
+                f"this controller state was saved by method {state['method']!r}, and this controller's model is "
+                f"attached for {method!r}: load it into a controller of the method it was saved by."
+            )
+        if "total_steps" in state and state["total_steps"] != self.total_steps:
+            raise ValueError(
+                f"this controller state was saved by a run of total_steps={state['total_steps']}, and this controller "
+                f"was built with total_steps={self.total_steps}: the rank schedule is placed in the run's length, so "
+                "build the controller with the saved run's total_steps (resume with the settings it started with)."
+            )
+        missing = [key for key in self.required_state if key not in state]
+        if missing:
+            raise ValueError(
+                f"this controller state lacks {', '.join(map(repr, missing))}, which a {method!r} controller needs: "
+                "was it saved by another method's controller?"
+            )
+
+    def _load_state(self, state: dict) -> None:
+        """Take a checked state (:meth:`check_state`); a method's controller adds its own part."""
         self.step = int(state["step"])
         self.history = list(state["history"])
         self._warned = set(state.get("warned", []))
         self._restored_warnings = [str(w) for w in state.get("warnings", [])]  # a checkpoint written before: none
-
-
-def _note_parameters_before_load(owner: weakref.ref, module: nn.Module, *args) -> None:
-    """The model's load pre-hook: its parameters as they are before a load (see RankController.__init__)."""
-    controller = owner()
-    if controller is not None and module is controller.model:
-        controller._before_load = dict(module.named_parameters())
-
-
-def _rebind_loaded_parameters(owner: weakref.ref, module: nn.Module, incompatible_keys) -> None:
-    """The model's load post-hook: every parameter the load replaced takes its predecessor's place in the bound
-    optimizers; state the predecessor had (an optimizer loaded before the model) is dropped, and said."""
-    controller = owner()
-    if controller is None or module is not controller.model:
-        return
-    before, controller._before_load = controller._before_load, {}
-    after = dict(module.named_parameters())
-    dropped = 0
-    for name, old in before.items():
-        new = after.get(name)
-        if new is not None and new is not old:
-            dropped += sum(swap_parameter(opt, old, new) for opt in controller.optimizers)
-    # Said at the next optimizer step, if one comes: a load after the run's last step (a Trainer's
-    # load_best_model_at_end) trains no more, and loses nothing.
-    controller._dropped_by_load += dropped

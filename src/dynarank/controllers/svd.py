@@ -30,7 +30,8 @@ from ..attach import ATTACHED_ATTR
 from ..defaults import SOURCE, default_ortho_weight, default_svd_init, default_values_lr_ratio, task_of
 from ..layer import ElasticLoRALinear, GateGather
 from ..naming import SVD_ATTR
-from ..optim_state import reindex_parameter
+from ..optim_state import drop_parameter, reindex_parameter
+from . import binding
 from .base import BudgetRecord, RankController, StepRecord
 from .importance import ImportanceEMA, TripletPlan
 from .orthogonality import OrthogonalityPlan, add_orthogonality_gradient
@@ -57,6 +58,7 @@ class SVDController(RankController):
     force_end_round = False  # a round at T - t_final even when the interval does not fall there
     need_interior_round = True  # refuse an interval longer than the budgeting phase
     new_rank_value = 0.0  # E of an appended rank
+    resizes_adapters = True
 
     def __init__(self, model: nn.Module, total_steps: int | None = None, *, restoring: bool = False) -> None:
         super().__init__(model, total_steps, restoring=restoring)
@@ -138,15 +140,15 @@ class SVDController(RankController):
             groups.append(_split_off_values(groups[0], self.values.values, self.values_lr_ratio))
         return groups
 
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if id(self.values.values) not in held:
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Also refused: an optimizer that does not hold E (while E is apart from the adapters)."""
+        super().check_optimizer(optimizer)
+        if not self.finalized and id(self.values.values) not in binding.held_ids(optimizer):
             raise ValueError(
                 f"the optimizer does not hold {self.method_name}'s singular values E (model.{SVD_ATTR}): build it "
                 "after dynarank.prepare_parameters(model) / DynaRankCallback(model), or with "
                 "controller.build_optimizer()."
             )
-        super().bind(optimizer)
 
     # ------------------------------------------------------------------ budgets
     def budget_used(self) -> int:
@@ -420,7 +422,8 @@ class SVDController(RankController):
         Runs by itself after the last step (``fold_after_last_step``; the training loop and the Trainer callback
         run it in ``finish()``, after the last step's checkpoint); the function is unchanged, and the model is then a
         plain elastic LoRA model that ``save_adapter``, ``unwrap`` and ``export_peft`` handle as
-        any other. Call it yourself when a run stops before ``total_steps``.
+        any other. Call it yourself when a run stops before ``total_steps``. E leaves the bound optimizers too (its
+        param group and its state; a group that held E alone stays, empty, so that a scheduler's groups still match).
         """
         if self.finalized:
             return
@@ -428,6 +431,8 @@ class SVDController(RankController):
             e = self.values.of(name).detach().to(layer.group_weight.dtype)
             layer.group_weight.mul_(e.unsqueeze(0))  # (d_g, T) * (1, T)
             layer.set_gate(None)
+        for optimizer in self.optimizers:
+            drop_parameter(optimizer, self.values.values)
         self.importance.clear()
         if SVD_ATTR in dict(self.model.named_children()):
             del self.model._modules[SVD_ATTR]
@@ -452,8 +457,19 @@ class SVDController(RankController):
         )
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+    required_state = (*RankController.required_state, "start_budget", "target_budget")
+
+    def check_state(self, state: dict) -> None:
+        super().check_state(state)
+        unit = state.get("budget_unit", self.budget_unit)
+        if unit != self.budget_unit:
+            raise ValueError(
+                f"this controller state keeps its budget in {unit}, this controller in {self.budget_unit}: the model "
+                "is attached with another budget (target_rank / target_params) than the run that saved it."
+            )
+
+    def _load_state(self, state: dict) -> None:
+        super()._load_state(state)
         self.rank_changes = int(state.get("rank_changes", 0))
         self.start_budget = state["start_budget"]
         self.target_budget = state["target_budget"]

@@ -1,0 +1,144 @@
+"""How a rank controller is tied to the optimizers that drive it (:meth:`RankController.bind`, base.py).
+
+* What ``bind`` refuses before anything changes: an optimizer holding none of the controller's model's trainable
+  parameters (another model's: the controller would resize a model nothing trains), and, for a method that resizes,
+  one whose state cannot follow a resize (``optim_state.unresizable_reason``: Adafactor, 8-bit states), which
+  otherwise failed at the first resize, mid-run.
+* An optimizer over parameters a bound one already holds replaces it (``build_optimizer()`` or ``bind`` called again):
+  the replaced one is unbound and refuses to step from then on, since its tensors stop being the model's at the next
+  resize and the controller no longer runs in its step.
+* A controller that nothing drives warns once, at the model's first training forward: built, but bound to no
+  optimizer, it never steps and the ranks never change (the model is marked controlled, which silences attach's
+  warning of a model trained without a controller).
+* A step under ``torch.inference_mode()`` is refused: a resize there would make the new adapters inference tensors,
+  which the next backward cannot use.
+* A load into the model that replaces adapters (their saved slot layout differs) hands the bound optimizers the new
+  tensors in the old ones' places (the model's load hooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from ..optim_state import swap_parameter, unresizable_reason
+
+logger = logging.getLogger(__name__)
+
+RETIRED_ATTR = "_dynarank_replaced"  # on an optimizer whose binding a newer one replaced: its refusing hook
+
+# model -> the newest controller built on it (weakly: neither is kept alive, nor copied with the model). Only that one
+# speaks for the model: an older controller left unbound (one built again, or one whose construction failed) is mute.
+_NEWEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def note_newest(model: nn.Module, controller) -> None:
+    _NEWEST[model] = weakref.ref(controller)
+
+
+def held_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    """Ids of every parameter ``optimizer`` holds."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, method: str, resizes: bool) -> None:
+    """ValueError, before anything is bound, if ``optimizer`` cannot drive the controller of ``model``: it holds none
+    of the model's trainable parameters, or (``resizes``) its state cannot follow a resize."""
+    held = held_ids(optimizer)
+    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
+        raise ValueError(
+            "the optimizer holds none of this controller's model's trainable parameters (is it another model's?): "
+            "the controller would resize a model that nothing trains. Bind the optimizer that trains this model, built "
+            "over controller.param_groups(lr), or use controller.build_optimizer()."
+        )
+    reason = unresizable_reason(optimizer) if resizes else None
+    if reason is not None:
+        cls = type(optimizer)
+        raise ValueError(
+            f"{cls.__module__}.{cls.__qualname__} {reason}, which cannot follow {method}'s resizes of the adapters "
+            "(their optimizer state is carried across each resize entry by entry). Use an optimizer whose state is "
+            "one entry per parameter entry: AdamW, Adam, SGD, Adagrad, RMSprop, Lion, or bitsandbytes' 32-bit ones."
+        )
+
+
+def retire(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer``, whose binding a newer optimizer replaced, refuse to step (:func:`reinstate` undoes it)."""
+    if getattr(optimizer, RETIRED_ATTR, None) is None:
+        setattr(optimizer, RETIRED_ATTR, optimizer.register_step_pre_hook(_refuse_retired_step))
+
+
+def reinstate(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer`` is bound again: it steps as any other."""
+    handle = getattr(optimizer, RETIRED_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        setattr(optimizer, RETIRED_ATTR, None)
+
+
+def _refuse_retired_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    raise RuntimeError(
+        "this optimizer was replaced: the rank controller was bound to a newer optimizer over the same parameters "
+        "(build_optimizer() or bind() called again), so the controller no longer runs in this one's step, and its "
+        "tensors stop being the model's at the next resize. Step the newer optimizer (or bind this one again)."
+    )
+
+
+def refuse_inference_mode() -> None:
+    """RuntimeError if the controller's step would run under ``torch.inference_mode()`` (see the module's doc)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "optimizer.step() ran under torch.inference_mode(): the rank controller resizes the adapters inside the "
+            "step, and tensors made in inference mode cannot be trained afterwards (the next backward fails). Step "
+            "the optimizer outside inference_mode; torch.no_grad() is fine."
+        )
+
+
+def warn_if_unbound(owner: weakref.ref, module: nn.Module, args, output) -> None:
+    """The model's forward hook: the first training forward (training mode, gradients on) while its newest controller
+    is bound to no optimizer warns, once, that nothing drives the controller."""
+    if not (module.training and torch.is_grad_enabled()):
+        return
+    controller = owner()
+    if controller is None or controller.optimizers or module is not controller.model:
+        return
+    newest = _NEWEST.get(module)
+    if newest is None or newest() is not controller:
+        return
+    controller.forget_unbound_hook()
+    warnings.warn(
+        f"dynarank: the rank controller of this model (method {controller.config.method!r}) is bound to no "
+        "optimizer, so it never runs: its step stays at 0 and the ranks stay where they start. Bind the optimizer "
+        "that trains the model before training: controller.bind(optimizer), or build it with "
+        "controller.build_optimizer().",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
+def note_parameters_before_load(owner: weakref.ref, module: nn.Module, *args) -> None:
+    """The model's load pre-hook: its parameters as they are before a load (see RankController.__init__)."""
+    controller = owner()
+    if controller is not None and module is controller.model:
+        controller._before_load = dict(module.named_parameters())
+
+
+def rebind_loaded_parameters(owner: weakref.ref, module: nn.Module, incompatible_keys) -> None:
+    """The model's load post-hook: every parameter the load replaced takes its predecessor's place in the bound
+    optimizers; state the predecessor had (an optimizer loaded before the model) is dropped, and said."""
+    controller = owner()
+    if controller is None or module is not controller.model:
+        return
+    before, controller._before_load = controller._before_load, {}
+    after = dict(module.named_parameters())
+    dropped = 0
+    for name, old in before.items():
+        new = after.get(name)
+        if new is not None and new is not old:
+            dropped += sum(swap_parameter(opt, old, new) for opt in controller.optimizers)
+    # Said at the next optimizer step, if one comes: a load after the run's last step (a Trainer's
+    # load_best_model_at_end) trains no more, and loses nothing.
+    controller._dropped_by_load += dropped
