@@ -30,7 +30,8 @@ LR_THETA = 3e-3
 
 
 def _run(task, seed: int, oracle: dict, **overrides) -> dict:
-    out = train_planted(task, DynaRankConfig(**{**BASE, **overrides}), lr=LR_THETA, seed=seed)
+    knobs = {k: v for k, v in {**BASE, **overrides}.items() if v is not None}  # None: the base's knob dropped
+    out = train_planted(task, DynaRankConfig(**knobs), lr=LR_THETA, seed=seed)
     controller = out.pop("controller")
     return {
         "loss / oracle": out["mse"] / oracle["mse"],
@@ -52,7 +53,7 @@ def experiments() -> dict[str, dict[str, dict]]:
     parts = {"l1 only (beta=0)": {"ard_beta": 0.0}, "TV only (lambda=0)": {"ard_lambda": 0.0}, "l1 + TV (defaults)": {}}
     ratio = {f"alpha travel {t:g}": {"alpha_travel": t} for t in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)}
     ratio["paper lr_alpha 5e-5"] = {"lr_alpha": 5e-5}
-    granularity = {"per head": {}, "per matrix": {"granularity": "matrix"}}
+    granularity = {"per head": {}, "per matrix": {"granularity": "matrix", "head_layout": None}}  # no layout per matrix
     return {"lambda x beta": grid, "l1 / TV": parts, "lr_alpha / lr_theta": ratio, "granularity": granularity}
 
 

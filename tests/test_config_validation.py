@@ -5,9 +5,11 @@ config makes inert is refused as a knob of another method is, while its default 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
+import yaml
 
 import dynarank
 from dynarank import DynaRankConfig, attach
@@ -116,9 +118,74 @@ def test_a_numpy_number_is_accepted_and_kept_as_a_python_float():
     assert type(config.lora_alpha) is float and config.lora_alpha == 16.0 and config.ard_lambda == 0.5
 
 
+# Every numeric field, the method that has it, a numpy value it accepts and the settings that value needs. np.float64
+# is a subclass of float and np.int64 no int at all: kept as they are, both reach json.dumps and yaml.safe_dump, which
+# write neither.
+NUMPY_VALUES = {
+    "r": ("dynarank-lora", np.int64(4), {}),
+    "lora_alpha": ("dynarank-lora", np.float64(8.0), {}),
+    "lora_dropout": ("ard", np.float64(0.1), {}),
+    "num_heads": ("dynarank-lora", np.int64(4), {}),
+    "num_kv_heads": ("dynarank-lora", np.int32(2), {}),
+    "head_dim": ("dynarank-lora", np.int64(8), {}),
+    "seed": ("dynarank-lora", np.int64(7), {}),
+    "rank_floor": ("ard", np.int64(1), {}),
+    "resize_every": ("ard", np.int64(5), {}),
+    "warmup_frac": ("ard", np.float64(0.1), {}),
+    "final_frac": ("adalora-physical", np.float32(0.25), {}),
+    "target_params": ("ard", np.int64(1000), {}),
+    "ard_lambda": ("ard", np.float64(2.0), {}),
+    "ard_beta": ("ard", np.float64(0.5), {}),
+    "lr_alpha": ("ard", np.float64(0.01), {}),
+    "alpha_travel": ("ard", np.float64(3.0), {}),
+    "init_rho": ("ard", np.float64(2.0), {"target_params": 1000}),
+    "init_batches": ("ard", np.int64(3), {"rank_init": "data"}),
+    "target_rank": ("elalora", np.int64(2), {"r": 4}),
+    "t_init_steps": ("elalora", np.int64(3), {}),
+    "t_final_steps": ("adalora-physical", np.int64(3), {}),
+    "ortho_weight": ("elalora", np.float64(0.1), {}),
+    "values_lr_ratio": ("adalora-physical", np.float64(3.0), {}),
+    "importance_beta1": ("elalora", np.float64(0.8), {}),
+    "importance_beta2": ("adalora-physical", np.float32(0.75), {}),
+    "k_candidates": ("elalora", np.int64(3), {}),
+    "b_changes": ("elalora", np.uint8(2), {}),
+}
+
+
+def test_the_numpy_cases_below_cover_every_numeric_field_of_every_config():
+    numeric = {
+        name
+        for cls in CONFIG_CLASSES.values()
+        for name, spec in fields_of(cls).items()
+        if str(spec.type).split(" | ")[0] in ("int", "float")
+    }
+    assert set(NUMPY_VALUES) == numeric
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_VALUES))
+def test_a_numpy_number_in_any_numeric_field_ends_as_the_python_number_it_equals(name):
+    method, value, needs = NUMPY_VALUES[name]
+    config = DynaRankConfig(method=method, **needs, **{name: value})
+    expected = int(value) if isinstance(value, np.integer) else float(value)
+    assert type(getattr(config, name)) is type(expected) and getattr(config, name) == expected
+    json.dumps(config.to_dict())  # what save_adapter writes
+    yaml.safe_dump(config.to_dict())  # what a YAML config file holds
+
+
+def test_an_adapter_configured_with_numpy_numbers_saves_and_loads(tmp_path):
+    config = DynaRankConfig(
+        method="elalora", target_modules=["q_proj"], r=4, target_rank=np.int64(2), lora_dropout=np.float64(0.1)
+    )
+    model = attach(tiny_llama(), config)
+    dynarank.save_adapter(model, tmp_path / "adapter")
+    loaded = dynarank.load_adapter(tiny_llama(), tmp_path / "adapter").dynarank_config
+    assert (loaded.target_rank, loaded.lora_dropout) == (2, 0.1) and loaded == config
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("seed", "x"), ("seed", 1.5), ("seed", True), ("seed", 2**64), ("r", True), ("num_heads", True), ("r", 2.0)],
+    [("seed", "x"), ("seed", 1.5), ("seed", True), ("seed", 2**64), ("r", True), ("num_heads", True), ("r", 2.0)]
+    + [("r", np.bool_(True)), ("r", np.float64(2.0)), ("num_heads", np.bool_(True)), ("seed", np.float32(1))],
 )
 def test_integer_fields_refuse_text_floats_booleans_and_out_of_range_values(name, value):
     refused(name, **{name: value})
@@ -303,6 +370,66 @@ def test_knobs_left_at_their_defaults_are_never_refused(settings):
     DynaRankConfig(method="ard", **settings)
 
 
+# ---------------------------------------------------------------------------- knobs made inert, every method
+def _other_layout(method: str) -> str:
+    """The head layout a method does not default to (ARD's default is 'shared', the others' 'own')."""
+    return "own" if method == "ard" else "shared"
+
+
+@pytest.mark.parametrize("method", list(CONFIG_CLASSES))
+@pytest.mark.parametrize("knob", ["head_layout", "num_heads", "num_kv_heads", "head_dim"])
+def test_a_per_head_knob_is_refused_under_one_rank_group_per_matrix(method, knob):
+    """granularity='matrix' makes one rank group per module: there are no heads to lay out or count."""
+    value = _other_layout(method) if knob == "head_layout" else 2
+    err = refused(knob, method, granularity="matrix", **{knob: value})
+    assert "granularity='matrix'" in str(err) and str(err).startswith(f"{knob}: not used by method {method!r}")
+    assert getattr(DynaRankConfig(method=method, granularity="head", **{knob: value}), knob) == value
+
+
+@pytest.mark.parametrize("method", ["elalora", "adalora-physical"])
+def test_the_svd_methods_default_to_one_group_per_matrix_so_a_head_layout_alone_is_refused(method):
+    """It attached with layout 'own' (one group per matrix), as if head_layout had not been given."""
+    refused("head_layout", method, head_layout="shared")
+    config = DynaRankConfig(method=method, granularity="head", head_layout="shared", target_modules=["q_proj"], r=2)
+    model = attach(tiny_llama(), config)
+    assert {layer.layout for layer in dynarank.elastic_layers(model).values()} == {"shared"}
+
+
+@pytest.mark.parametrize("method", ["elalora", "adalora-physical"])
+@pytest.mark.parametrize(("fraction", "steps"), [("warmup_frac", "t_init_steps"), ("final_frac", "t_final_steps")])
+def test_a_phase_given_both_as_a_fraction_of_the_run_and_in_steps_is_refused_naming_both(method, fraction, steps):
+    err = refused((fraction, steps), method, **{fraction: 0.05, steps: 3})
+    assert "give one" in str(err)
+    assert getattr(DynaRankConfig(method=method, **{steps: 3}), steps) == 3  # the steps alone
+    assert getattr(DynaRankConfig(method=method, **{fraction: 0.05}), fraction) == 0.05  # the fraction alone
+
+
+def test_switch_off_is_refused_where_the_rank_floor_keeps_every_group_s_last_rank():
+    err = refused("switch_off", "elalora", switch_off=True, rank_floor=1)
+    assert "rank_floor=1" in str(err)
+    assert DynaRankConfig(method="elalora", switch_off=True).switch_off
+
+
+def test_k_candidates_is_refused_where_no_round_swaps_a_rank():
+    err = refused("k_candidates", "elalora", k_candidates=3, b_changes=0)
+    assert "b_changes=0" in str(err)
+    assert DynaRankConfig(method="elalora", k_candidates=3, b_changes=1).k_candidates == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("dynarank-lora", {"granularity": "matrix", "head_layout": "own", "num_heads": None}),
+        ("ard", {"granularity": "matrix", "head_layout": "shared"}),
+        ("elalora", {"warmup_frac": 0.2, "final_frac": 0.15, "t_init_steps": 3, "t_final_steps": 3}),
+        ("elalora", {"switch_off": False, "rank_floor": 1, "k_candidates": 2, "b_changes": 0}),
+        ("adalora-physical", {"head_layout": "own", "t_init_steps": 3, "t_final_steps": 3}),
+    ],
+)
+def test_knobs_left_at_their_defaults_beside_what_makes_them_inert_are_never_refused(method, settings):
+    DynaRankConfig(method=method, **settings)
+
+
 def test_a_config_recorded_with_an_inert_knob_still_loads_without_it():
     """Adapters and checkpoints saved before inert knobs were refused record them; they acted on nothing."""
     recorded = dataclasses.asdict(DynaRankConfig(method="ard", rank_init="uniform"))
@@ -337,3 +464,37 @@ def test_the_command_line_refuses_an_inert_knob_in_one_line_naming_its_flag(tmp_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"error: {flag}: not used by method 'ard'" in err, err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- a config changed after it was built
+@pytest.mark.parametrize(
+    ("name", "value", "fields"),
+    [
+        ("granularity", "block", "granularity"),
+        ("r", "4", "r"),
+        ("r", -3, "r"),
+        ("lora_dropout", 5.0, "lora_dropout"),
+        ("method", "ard", "method"),
+        ("head_layout", "shared", "head_layout"),  # inert: the config is per matrix
+    ],
+)
+def test_a_field_changed_after_construction_is_checked_by_validate_and_before_attach_uses_it(name, value, fields):
+    config = DynaRankConfig(target_modules=["q_proj"], r=2, granularity="matrix")
+    setattr(config, name, value)
+    with pytest.raises(ConfigError) as info:
+        config.validate()
+    assert info.value.fields == (fields,)
+    model = tiny_llama()
+    with pytest.raises(ConfigError) as info:
+        attach(model, config)
+    assert info.value.fields == (fields,)
+    assert not dynarank.elastic_layers(model)  # refused before anything was attached
+
+
+def test_validate_keeps_a_valid_config_as_it_is_and_makes_a_numpy_number_set_later_a_python_one():
+    config = DynaRankConfig(method="elalora", target_modules=["q_proj"], r=4, target_rank=2)
+    config.validate()
+    assert config == DynaRankConfig(method="elalora", target_modules=["q_proj"], r=4, target_rank=2)
+    config.lora_dropout = np.float64(0.1)
+    attach(tiny_llama(), config)
+    assert type(config.lora_dropout) is float

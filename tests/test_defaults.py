@@ -679,6 +679,41 @@ def test_the_study_chooses_a_rate_at_a_budget_where_every_task_of_the_kind_ran_a
     assert study.shipped_rate_at(choices, found, "m", "a", 6) == ("m", 3e-3)  # nearer the middle budget
 
 
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"budget": "2"}, "budget"),
+        ({"budget": True}, "budget"),
+        ({"budget": float("nan")}, "budget"),
+        ({"budget": float("inf")}, "budget"),
+        ({"budget": -1}, "budget"),
+        ({"budget": [2]}, "budget"),
+        ({"method": ["ard"]}, "method"),
+        ({"method": "nope"}, "method"),
+        ({"task": None}, "task"),
+        ({"task": "classification"}, "task"),
+    ],
+)
+def test_a_bad_argument_of_default_lr_is_a_value_error_that_names_it(arguments, named):
+    """budget='2' raised a bare TypeError from a comparison inside."""
+    with pytest.raises(ValueError, match=rf"^{named}\b") as info:
+        default_lr(**{"method": "ard", "task": "classify", **arguments})
+    assert str(info.value) == info.value.args[0]  # the message as written (a KeyError's str would quote it)
+
+
+def test_an_unknown_method_or_task_of_default_lr_is_still_a_key_error_naming_the_choices():
+    with pytest.raises(KeyError, match="elalora"):
+        default_lr("nope")
+    with pytest.raises(KeyError, match="causal-lm"):
+        default_lr("ard", "classification")
+
+
+def test_a_budget_given_as_a_numpy_number_takes_the_rate_of_the_python_number():
+    import numpy as np
+
+    assert default_lr("ard", "classify", budget=np.float64(1.0)) == default_lr("ard", "classify", budget=1)
+
+
 def test_the_orthogonality_default_names_the_choices_for_an_unknown_method_or_task():
     with pytest.raises(KeyError, match="elalora"):
         dynarank.default_ortho_weight("ard", "classify")  # not an SVD method: the message lists the ones there are

@@ -11,16 +11,23 @@ Methods (the same names in the library, the CLI, YAML files, run records and the
     adalora-physical   AdaLoRA-style importance-scored pruning that frees memory as it prunes (AdaLoRAConfig)
 
 A knob the chosen method does not use is an error that names it: nothing is silently ignored. So is a knob set away
-from its default that the rest of the config leaves without effect (ARD's data-start knobs under rank_init='uniform',
-init_rho and cap_order without a budget, alpha_travel beside lr_alpha: :func:`inert_ard_knobs`). Each
+from its default that the rest of the config leaves without effect (:func:`inert_knobs`: the per-head knobs under
+granularity='matrix'; ElaLoRA's switch_off above a rank floor, k_candidates without swaps; ARD's data-start knobs under
+rank_init='uniform', init_rho and cap_order without a budget, alpha_travel beside lr_alpha: :func:`inert_ard_knobs`),
+and a phase of the SVD methods' schedule given both as a fraction and in steps. Each
 field carries its help text once (``metadata["help"]``); the CLI builds its flags from these fields.
 A validation error is a :class:`ConfigError` that carries the field(s) it is about, so an application
-can name its own spelling of them (the CLI names flags) without parsing the message.
+can name its own spelling of them (the CLI names flags) without parsing the message. ``validate()`` holds every check:
+construction runs it, and so does ``attach``, so a field changed after construction is checked before it is used.
+Numbers of another type (numpy's) end as the Python int or float they equal, which JSON and YAML write.
+``from_dict`` validates as the constructor does; what earlier versions recorded is read by the named rules of
+:func:`read_record`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
 import re
@@ -41,6 +48,8 @@ InitMargin = Literal["gains", "equal"]
 CapOrder = Literal["margin", "margin-per-parameter"]
 InitScale = Literal["norm", "input", "input-gains"]
 SVDInit = Literal["adalora", "lora"]
+
+logger = logging.getLogger(__name__)
 
 # Module-name suffixes that identify attention projections in common Hugging Face layouts.
 QUERY_SUFFIXES = ("query", "q_proj", "q", "q_lin")
@@ -96,6 +105,20 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_integer(value: Any) -> bool:
+    """An integer of any integral type (Python's, numpy's), not a bool (numpy's bool is no integral type)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_python_number(config: Any, name: str) -> None:
+    """Field ``name`` (a real number, already checked) as the Python int or float it equals. Numpy's scalars would
+    reach JSON and YAML as themselves, which write neither: np.int64 is no int, and np.float64, a float subclass,
+    passes every isinstance check and is still refused by yaml.safe_dump."""
+    value = getattr(config, name)
+    if value is not None and type(value) not in (int, float):
+        setattr(config, name, int(value) if isinstance(value, numbers.Integral) else float(value))
+
+
 def _number(
     config: Any,
     name: str,
@@ -107,7 +130,7 @@ def _number(
 ) -> None:
     """ConfigError unless field ``name`` is a finite number in the bounds given (``at_least``: >=, ``above``: >,
     ``below``: <), or None when ``optional``. Written as "is it inside" so that NaN, for which every comparison is
-    False, is outside. A number of another real type (numpy's) is kept as a Python float."""
+    False, is outside. A number of another real type (numpy's) is kept as the Python int or float it equals."""
     value = getattr(config, name)
     if value is None and optional:
         return
@@ -126,16 +149,18 @@ def _number(
             bounds = " ".join(f"{op} {bound:g}" for op, bound in given if bound is not None)
         noun = "" if finite else "a finite number " if bounds else "a finite number"
         raise ConfigError(name, f"must be {noun}{bounds}{why}, got {value!r}.")
-    if not isinstance(value, (int, float)):
-        setattr(config, name, float(value))
+    _as_python_number(config, name)
 
 
 def _count(config: Any, name: str, low: int, optional: bool = True) -> None:
+    """ConfigError unless field ``name`` is an integer >= ``low`` (numpy's kept as the Python int), or None when
+    ``optional``."""
     value = getattr(config, name)
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_integer(value) or value < low:
         raise ConfigError(name, f"must be an integer >= {low}, got {value!r}.")
+    _as_python_number(config, name)
 
 
 def _names(config: Any, name: str, optional: bool = False) -> None:
@@ -199,12 +224,19 @@ class DynaRankConfig:
     )
     head_layout: HeadLayout = _help(
         "'own': each head has its own A rows (a rank costs d_in + d_head); 'shared': the heads of a projection "
-        "share A's rows and each keeps its own B columns (plain LoRA's cost at full use).",
+        "share A's rows and each keeps its own B columns (plain LoRA's cost at full use). Per head only "
+        "(granularity='head').",
         "own",
     )
-    num_heads: int | None = _help("Attention heads; default model.config.num_attention_heads.", None)
-    num_kv_heads: int | None = _help("Key-value heads (GQA); default model.config.num_key_value_heads.", None)
-    head_dim: int | None = _help("Head size; default model.config.head_dim or hidden_size / num_heads.", None)
+    num_heads: int | None = _help(
+        "Attention heads (granularity='head' only); default model.config.num_attention_heads.", None
+    )
+    num_kv_heads: int | None = _help(
+        "Key-value heads (GQA; granularity='head' only); default model.config.num_key_value_heads.", None
+    )
+    head_dim: int | None = _help(
+        "Head size (granularity='head' only); default model.config.head_dim or hidden_size / num_heads.", None
+    )
     modules_to_save: list[str] | None = _help(
         "Modules trained in full and saved with the adapter (a list of name suffixes, even of one: a string is "
         "refused, target_modules alone reads one, as a regex); default: the task head if there is one.",
@@ -234,14 +266,31 @@ class DynaRankConfig:
     def __post_init__(self) -> None:
         if self.method is None:  # method=None is the default method (as leaving it out): __new__ chose the class
             self.method = type(self).METHOD
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field, a ConfigError naming the field(s) otherwise: each on its own (:meth:`_check_fields`),
+        then the knobs the rest of the config leaves without effect (:func:`inert_knobs`). What the checks accept is
+        normalised in place: numpy's numbers to the Python int or float they equal, a tuple or set of names to a list.
+
+        Construction runs it, and ``dynarank.attach`` runs it again: a field changed after construction is checked
+        before anything uses it."""
+        self._check_fields()
+        _refuse_inert(type(self), inert_knobs(type(self), vars(self)))
+
+    def _check_fields(self) -> None:
+        """The shared fields' checks; a method's class adds its own (calling this first)."""
+        if self.method != type(self).METHOD:
+            raise ConfigError("method", f"{type(self).__name__} configures {type(self).METHOD!r}, not {self.method!r}.")
         _choice(self, "granularity", ("head", "matrix"))
         _choice(self, "head_layout", ("own", "shared"))
         # Unset with a budget: the budget's start, resolved against the model's targets (attach.start_rank); without
         # a budget there is nothing to take the start from.
         if self.r is None and getattr(self, "target_params", None) is None:
             self.r = DEFAULT_START_RANK
-        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+        if self.r is not None and (not is_integer(self.r) or self.r < 1):
             raise ConfigError("r", f"must be a positive integer (the initial rank per group), got {self.r!r}.")
+        _as_python_number(self, "r")
         _number(self, "lora_dropout", at_least=0, below=1)
         _number(self, "lora_alpha", above=0, optional=True)
         for name in ("num_heads", "num_kv_heads", "head_dim"):
@@ -250,8 +299,9 @@ class DynaRankConfig:
         _names(self, "exclude_modules")
         _names(self, "modules_to_save", optional=True)
         seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63):
+        if seed is not None and (not is_integer(seed) or not -(2**63) <= seed < 2**63):
             raise ConfigError("seed", f"must be an integer (or None: the global torch RNG), got {seed!r}.")
+        _as_python_number(self, "seed")
 
     def _check_targets(self) -> None:
         """target_modules: 'all-linear', a regex that compiles, or a non-empty list of names (a set: sorted)."""
@@ -284,20 +334,25 @@ class DynaRankConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DynaRankConfig:
-        """The config a :meth:`to_dict` recorded (method names of earlier versions are understood; fields an
-        earlier version recorded for every method are dropped when the method does not use them)."""
+    def from_dict(cls, data: Mapping[str, Any]) -> DynaRankConfig:
+        """The config ``data`` gives, validated as the constructor validates it: a key the method has no field for,
+        or a knob the rest of the config leaves without effect, is a ConfigError naming it. On a method's own class
+        (``ARDConfig.from_dict``) the method is that class's when ``data`` names none, and another method's dict is
+        refused.
+
+        A record (what :meth:`to_dict` wrote, in this version or an earlier one: every field of the shared base) is
+        first read as the version that wrote it meant it, by the named rules of :func:`read_record`."""
         data = dict(data)
-        method = data.get("method", DynaRankConfig.METHOD)
-        data["method"] = method = LEGACY_METHODS.get(method, method)
-        target = config_class(method)
-        if "k_candidates" in data and target is not ElaLoRAConfig:  # the flat config of version 0.1: every field
-            data = {k: v for k, v in data.items() if k in fields_of(target)}
-        if issubclass(target, ARDConfig):  # recorded before inert knobs were refused: they acted on nothing, so drop
-            defaults = {name: _default_of(target, name) for name in fields_of(target)}
-            for name in inert_ard_knobs(target, {**defaults, **data}):
-                del data[name]
-        return DynaRankConfig(**data)
+        unnamed = [key for key in data if not isinstance(key, str)]
+        if unnamed:
+            raise ConfigError(tuple(map(repr, unnamed)), "not a dynarank setting (a setting is named by a string).")
+        if _is_record(data):
+            data = read_record(data)
+        method = data.get("method")
+        target = config_class(method if method is not None else cls.METHOD)
+        if not issubclass(target, cls):
+            raise ConfigError("method", f"{cls.__name__} does not configure {method!r} ({target.__name__} does).")
+        return target(**data)
 
 
 @dataclass
@@ -333,11 +388,12 @@ class RankControlConfig(DynaRankConfig):
         "Budget in adapter parameters (A and B, what the export costs); see each method for how it is held.", None
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_fields(self) -> None:
+        super()._check_fields()
         top = self.r if self.r is not None else float("inf")  # an unresolved start is checked once resolved
-        if isinstance(self.rank_floor, bool) or not isinstance(self.rank_floor, int) or not 0 <= self.rank_floor <= top:
+        if not is_integer(self.rank_floor) or not 0 <= self.rank_floor <= top:
             raise ConfigError("rank_floor", f"must be an integer in [0, r={self.r}], got {self.rank_floor!r}.")
+        _as_python_number(self, "rank_floor")
         _count(self, "resize_every", 1)
         _count(self, "target_params", 1)
         given = [f for f in (self.warmup_frac, self.final_frac) if f is not None]  # None: the method's own phase
@@ -347,6 +403,8 @@ class RankControlConfig(DynaRankConfig):
                 f"must be in [0, 1) and leave an active phase (their sum < 1), got {self.warmup_frac} and "
                 f"{self.final_frac}.",
             )
+        _as_python_number(self, "warmup_frac")
+        _as_python_number(self, "final_frac")
 
 
 @dataclass
@@ -362,7 +420,8 @@ class ARDConfig(RankControlConfig):
     head_layout: HeadLayout = _help(
         "'shared' (ARD's default, the layout the defaults study measured on real models): the heads of a projection "
         "share A's rows and each keeps its own B columns; 'own': each head has its own A rows (a rank costs d_in + "
-        "d_head), for heads that read independent input directions (the planted-rank task).",
+        "d_head), for heads that read independent input directions (the planted-rank task). Per head only "
+        "(granularity='head').",
         "shared",
     )
     preset: Preset = _help(
@@ -450,8 +509,8 @@ class ARDConfig(RankControlConfig):
         "input",
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_fields(self) -> None:
+        super()._check_fields()
         for name, allowed in (
             ("preset", ("default", "paper")),
             ("lambda_mode", ("relative", "gradient", "absolute")),
@@ -470,7 +529,6 @@ class ARDConfig(RankControlConfig):
         for name in ("ard_lambda", "lr_alpha", "ard_beta"):
             _number(self, name, at_least=0, optional=True)
         _number(self, "alpha_travel", above=0)
-        _refuse_inert(type(self), inert_ard_knobs(type(self), vars(self)))
 
     @property
     def data_start(self) -> bool:
@@ -493,8 +551,8 @@ class SVDConfig(RankControlConfig):
         "to round(target_rank x groups).",
         None,
     )
-    t_init_steps: int | None = _help("Exact t_init in optimizer steps (overrides warmup_frac).", None)
-    t_final_steps: int | None = _help("Exact t_final in optimizer steps (overrides final_frac).", None)
+    t_init_steps: int | None = _help("Exact t_init in optimizer steps, in place of warmup_frac (give one).", None)
+    t_final_steps: int | None = _help("Exact t_final in optimizer steps, in place of final_frac (give one).", None)
     ortho_weight: float | None = _help(
         "Weight of the orthogonality penalty, the mean over groups of ||A A^T - I||_F and ||B^T B - I||_F; its "
         "gradient is added once per optimizer step (0 disables it). None: the weight the defaults study chose for "
@@ -524,8 +582,8 @@ class SVDConfig(RankControlConfig):
         False,
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_fields(self) -> None:
+        super()._check_fields()
         _count(self, "t_init_steps", 0)
         _count(self, "t_final_steps", 0)
         for name in ("importance_beta1", "importance_beta2"):
@@ -542,6 +600,18 @@ class SVDConfig(RankControlConfig):
             raise ConfigError(
                 ("target_rank", "target_params"), "give the budget either in ranks or in parameters, not both."
             )
+        both = schedule_given_twice(type(self), vars(self))
+        if both:
+            raise ConfigError(
+                tuple(name for pair in both for name in pair),
+                "; ".join(
+                    f"{fraction}={getattr(self, fraction)} and {steps}={getattr(self, steps)} both give "
+                    f"{steps.removesuffix('_steps')}, as a fraction of the run and in steps (the steps would override "
+                    "the fraction)"
+                    for fraction, steps in both
+                )
+                + ": give one.",
+            )
         if self.target_rank is None:
             return
         value = self.target_rank
@@ -554,6 +624,7 @@ class SVDConfig(RankControlConfig):
             )
         if value < self.rank_floor:
             raise ConfigError(("target_rank", "rank_floor"), f"{value} is below the floor {self.rank_floor}.")
+        _as_python_number(self, "target_rank")
 
 
 @dataclass
@@ -566,16 +637,19 @@ class ElaLoRAConfig(SVDConfig):
 
     METHOD: ClassVar[str] = "elalora"
     method: str = "elalora"
-    k_candidates: int = _help("Lowest-scoring ranks every group offers per round (capped at rank - 1).", 2)
+    k_candidates: int = _help(
+        "Lowest-scoring ranks every group offers to a round's swaps (capped at rank - 1; with b_changes > 0).", 2
+    )
     b_changes: int = _help("Ranks pruned and added in the first round (b0); later rounds use round(b0 (1 - p^3)).", 4)
     switch_off: bool = _help(
         "A group may offer its last rank too, so a head or matrix can be switched off and its parameters go to the "
-        "others (rank_floor still applies). Default False keeps one rank in every group, as the authors' code does.",
+        "others (with rank_floor 0: a floor of 1 or more keeps the last rank anyway). Default False keeps one rank in "
+        "every group, as the authors' code does.",
         False,
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_fields(self) -> None:
+        super()._check_fields()
         _count(self, "k_candidates", 1, optional=False)
         _count(self, "b_changes", 0, optional=False)
         if not isinstance(self.switch_off, bool):
@@ -724,9 +798,123 @@ def inert_ard_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dic
     return {name: reason for name, reason in why.items() if values[name] != _default_of(cls, name)}
 
 
+HEAD_KNOBS = ("head_layout", "num_heads", "num_kv_heads", "head_dim")  # what lays out or counts per-head groups
+# The two forms of each phase of the SVD methods' schedule: (a fraction of the run, exact steps that override it).
+SCHEDULE_FORMS = (("warmup_frac", "t_init_steps"), ("final_frac", "t_final_steps"))
+
+
+def inert_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dict[str, str]:
+    """The knobs that ``values`` (the fields of a ``cls`` config) sets away from their defaults while its other
+    fields make them act on nothing, each with why (a config refuses them; a record of an earlier version is read
+    without them, :func:`read_record`).
+
+    Every method: the per-head knobs under granularity='matrix', one rank group per module (attach neither lays out
+    nor counts heads). ElaLoRA: switch_off with a rank_floor of 1 or more (the floor keeps each group's last rank
+    anyway) and k_candidates with b_changes=0 (no round swaps a rank, so none is offered). ARD:
+    :func:`inert_ard_knobs`."""
+    why: dict[str, str] = {}
+    if values["granularity"] == "matrix":
+        for name in HEAD_KNOBS:
+            why[name] = f"{name} shapes per-head rank groups, and granularity='matrix' makes one group per module"
+    if issubclass(cls, ElaLoRAConfig):
+        floor = values["rank_floor"]
+        if is_integer(floor) and floor >= 1:
+            why["switch_off"] = (
+                f"switch_off lets a group give up its last rank, and rank_floor={floor} keeps {floor} in every group"
+            )
+        if values["b_changes"] == 0:
+            why["k_candidates"] = (
+                "k_candidates is how many ranks a group offers to a round's swaps, and b_changes=0 makes no swap"
+            )
+    why = {name: reason for name, reason in why.items() if values[name] != _default_of(cls, name)}
+    if issubclass(cls, ARDConfig):
+        why.update(inert_ard_knobs(cls, values))
+    return why
+
+
+def schedule_given_twice(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The phases of an SVD method's schedule that ``values`` gives in both forms (SCHEDULE_FORMS): the steps set and
+    the fraction away from its default, which the steps would override."""
+    if not issubclass(cls, SVDConfig):
+        return []
+    return [
+        (fraction, steps)
+        for fraction, steps in SCHEDULE_FORMS
+        if values[steps] is not None and values[fraction] != _default_of(cls, fraction)
+    ]
+
+
 def _refuse_inert(cls: type[DynaRankConfig], inert: dict[str, str]) -> None:
     """ConfigError naming every knob in ``inert`` (name -> why it acts on nothing), as a foreign knob is refused."""
     if inert:
         detail = "; ".join(inert.values())
         them = "it" if len(inert) == 1 else "them"
         raise ConfigError(tuple(inert), f"not used by method {cls.METHOD!r} with this config ({detail}): unset {them}.")
+
+
+# ---------------------------------------------------------------------------- records of earlier versions
+# Version 0.1's config: one flat dataclass whose to_dict recorded every field for every method (switch_off, its last
+# field, is missing from its earlier records).
+FLAT_FIELDS_0_1 = (
+    "method", "target_modules", "r", "lora_alpha", "lora_dropout", "granularity", "head_layout", "num_heads",
+    "num_kv_heads", "head_dim", "modules_to_save", "exclude_modules", "seed", "rank_floor", "resize_every", "preset",
+    "ard_lambda", "lambda_mode", "ard_beta", "tv_form", "lr_alpha", "alpha_travel", "warmup_frac", "final_frac",
+    "readout", "mask", "target_rank", "target_params", "t_init_steps", "t_final_steps", "k_candidates", "b_changes",
+    "ortho_weight", "importance_beta1", "importance_beta2", "switch_off", "reset_optimizer_on_resize",
+)  # fmt: skip
+# Fields a version recorded and this one no longer has, each with the value at which it did what this version does:
+# a record holding that value loads without it; another value is refused (this version cannot do what it did).
+RETIRED_FIELDS: dict[str, Any] = {
+    "init_uniform": 0.0,  # ARD's data start: a share of the budget spread as plain LoRA's first (0: none); removed
+}
+
+
+def _is_record(data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` is what a :meth:`DynaRankConfig.to_dict` wrote: it holds every field of the shared base, as
+    every version since 0.1 has written them (a dict written by hand names only what it sets)."""
+    return all(spec.name in data for spec in dataclasses.fields(DynaRankConfig))
+
+
+def read_record(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded config (``to_dict`` of this version or an earlier one) as this version reads it, by these rules
+    alone; whatever they leave is validated as the constructor validates it:
+
+    * a method name of before 0.2 is its method's name now (LEGACY_METHODS), and None the default method;
+    * a record of version 0.1's flat config (only FLAT_FIELDS_0_1, k_candidates among them) keeps only the fields of
+      its method's class: it recorded every field for every method;
+    * a retired field (RETIRED_FIELDS) at the value that did what this version does is dropped;
+    * a knob recorded before such knobs were refused, which acted on nothing (:func:`inert_knobs`; or the fraction
+      of a phase also given in steps, which overrode it: :func:`schedule_given_twice`), is dropped (its default is
+      read), with a warning that names it."""
+    data = dict(data)
+    method = data.get("method")
+    if method is None:  # recorded as None before method=None was read as the default method (which it was)
+        method = DynaRankConfig.METHOD
+    if isinstance(method, str):
+        data["method"] = method = LEGACY_METHODS.get(method, method)
+    target = config_class(method)
+    if "k_candidates" in data and set(data) <= set(FLAT_FIELDS_0_1):
+        data = {name: value for name, value in data.items() if name in fields_of(target)}
+    for name, value in RETIRED_FIELDS.items():
+        if name in data and name not in fields_of(target):
+            if data[name] != value:
+                raise ConfigError(
+                    name,
+                    f"{data[name]!r} was recorded by an earlier version; the field is retired, and this version only "
+                    f"reads it at {value!r} (what it does now).",
+                )
+            del data[name]
+    values = {**{name: _default_of(target, name) for name in fields_of(target)}, **data}
+    why = inert_knobs(target, values)
+    why.update({fraction: f"{steps} overrode {fraction}" for fraction, steps in schedule_given_twice(target, values)})
+    if why:
+        logger.warning(
+            "dynarank: the recorded %s config sets %s, which acted on nothing (%s): read at %s.",
+            target.METHOD,
+            ", ".join(f"{name}={data[name]!r}" for name in why),
+            "; ".join(why.values()),
+            "its default" if len(why) == 1 else "their defaults",
+        )
+        for name in why:
+            del data[name]
+    return data

@@ -29,7 +29,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .config import stock_adalora_start_rank
+from .config import is_finite_number, stock_adalora_start_rank
 
 TASKS = ("classify", "causal-lm")  # the CLI's --task values
 DEFAULT_LR: dict[str, dict[str, float]] = {
@@ -130,21 +130,39 @@ def studied_budget(method: str, task: str, budget: float) -> float:
     return nearest_budget({middle, *BUDGET_LR.get(task, {}).get(method, {})}, middle, budget)
 
 
+class UnknownDefault(KeyError, ValueError):
+    """A method or task that a table of defaults has no entry for: a ValueError naming the argument and the choices
+    (and a KeyError, as it was before it was a ValueError)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # the message as written (KeyError's own str quotes it)
+
+
+def _entry(table: Mapping[str, Mapping[str, Any]], what: str, method: Any, task: Any) -> Any:
+    """``table[task][method]``, or an UnknownDefault that names the argument it lacks and the choices."""
+    if not isinstance(task, str) or task not in table:
+        raise UnknownDefault(f"task {task!r} has no default {what}s; tasks: {', '.join(table)}.")
+    if not isinstance(method, str) or method not in table[task]:
+        raise UnknownDefault(f"method {method!r} has no default {what}; methods: {', '.join(table[task])}.")
+    return table[task][method]
+
+
 def default_lr(method: str, task: str = "classify", budget: float | None = None) -> float:
-    """The learning rate ``method`` trains with on ``task`` when none is given (KeyError naming the choices).
+    """The learning rate ``method`` trains with on ``task`` when none is given.
 
     ``budget``: the run's adapter budget as plain LoRA's rank on the same targets (:func:`budget_of`): the rate
-    chosen at the studied budget nearest to it; None (a run without one): DEFAULT_LR's."""
-    if task not in DEFAULT_LR:
-        raise KeyError(f"no default learning rates for task {task!r}; tasks: {', '.join(DEFAULT_LR)}.")
-    if method not in DEFAULT_LR[task]:
-        raise KeyError(f"no default learning rate for {method!r}; methods: {', '.join(DEFAULT_LR[task])}.")
+    chosen at the studied budget nearest to it; None (a run without one): DEFAULT_LR's.
+
+    Raises:
+        ValueError naming the argument: a method or task the table has no rate for (an :class:`UnknownDefault`,
+            also a KeyError, naming the choices), a budget that is not a finite positive number."""
+    rate = _entry(DEFAULT_LR, "learning rate", method, task)
     if budget is None:
-        return DEFAULT_LR[task][method]
-    if not budget > 0:
-        raise ValueError(f"budget must be a positive number of plain LoRA ranks, not {budget!r}.")
-    studied = studied_budget(method, task, budget)
-    return BUDGET_LR[task][method][studied] if studied != MIDDLE_BUDGET[task] else DEFAULT_LR[task][method]
+        return rate
+    if not is_finite_number(budget) or not budget > 0:
+        raise ValueError(f"budget must be a finite positive number of plain LoRA ranks (or None), not {budget!r}.")
+    studied = studied_budget(method, task, float(budget))
+    return BUDGET_LR[task][method][studied] if studied != MIDDLE_BUDGET[task] else rate
 
 
 def budget_in_lora_ranks(target_params: int | None, shapes: Iterable[tuple[int, int]]) -> float | None:
@@ -157,28 +175,20 @@ def budget_in_lora_ranks(target_params: int | None, shapes: Iterable[tuple[int, 
 
 def default_ortho_weight(method: str, task: str = "classify") -> float:
     """The orthogonality penalty weight an SVD method (``elalora``, ``adalora-physical``) trains with on ``task`` when
-    its config gives none (KeyError naming the choices)."""
-    return _svd_default(DEFAULT_ORTHO_WEIGHT, "orthogonality weight", method, task)
+    its config gives none (UnknownDefault naming the choices)."""
+    return _entry(DEFAULT_ORTHO_WEIGHT, "orthogonality weight", method, task)
 
 
 def default_values_lr_ratio(method: str, task: str = "classify") -> float:
     """How many times the adapters' learning rate an SVD method's singular values E train with on ``task`` when its
-    config gives no ratio (KeyError naming the choices)."""
-    return _svd_default(DEFAULT_VALUES_LR_RATIO, "singular values' rate ratio", method, task)
+    config gives no ratio (UnknownDefault naming the choices)."""
+    return _entry(DEFAULT_VALUES_LR_RATIO, "singular values' rate ratio", method, task)
 
 
 def default_svd_init(method: str, task: str = "classify") -> str:
     """How a fresh adapter of an SVD method starts on ``task`` when its config does not say: 'adalora' or 'lora'
-    (KeyError naming the choices)."""
-    return _svd_default(DEFAULT_SVD_INIT, "start", method, task)
-
-
-def _svd_default(table: dict[str, dict[str, Any]], what: str, method: str, task: str) -> Any:
-    if task not in table:
-        raise KeyError(f"no default {what}s for task {task!r}; tasks: {', '.join(table)}.")
-    if method not in table[task]:
-        raise KeyError(f"no default {what} for {method!r}; methods: {', '.join(table[task])}.")
-    return table[task][method]
+    (UnknownDefault naming the choices)."""
+    return _entry(DEFAULT_SVD_INIT, "start", method, task)
 
 
 def studied_start_rank(method: str, budget: float) -> int | None:
