@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import warnings
 
@@ -407,6 +408,23 @@ def test_an_optimizer_without_the_singular_values_is_refused():
     adapters = [p for layer in elastic_layers(model).values() for p in layer.adapter_parameters()]
     with pytest.raises(ValueError, match="singular values E"):
         ctrl.bind(torch.optim.AdamW(adapters))
+
+
+def test_a_finished_adapter_loaded_to_train_on_is_told_it_already_is_at_its_target_size_and_what_to_do(tmp_path):
+    """build_controller on a finished run's adapter, loaded, raised 'target budget (24 rank) must be below the start
+    (24)' with no hint why: the loaded adapter starts where its run ended. Both ways the message names work."""
+    task, model, ctrl = planted(steps=30, t_init_steps=5, t_final_steps=5, resize_every=5)
+    train(model, task, ctrl.build_optimizer(lr=1e-2), 30)
+    assert ctrl.total_rank() == 24  # its target: 3 ranks in each of 8 heads
+    dynarank.save_adapter(model, tmp_path / "finished")
+    loaded = dynarank.load_adapter(task.student(), tmp_path / "finished")
+    with pytest.raises(ConfigError, match=r"already is at its target size.*set target_rank below 3:.*another method"):
+        build_controller(loaded, total_steps=30)
+    loaded.dynarank_config = dataclasses.replace(loaded.dynarank_config, target_rank=2)
+    assert build_controller(loaded, total_steps=30).target_budget == 16
+    again = dynarank.load_adapter(task.student(), tmp_path / "finished")
+    again.dynarank_config = DynaRankConfig.from_dict({**again.dynarank_config.to_dict(), "method": "elalora"})
+    assert build_controller(again, total_steps=30).total_rank() == 24
 
 
 def test_the_loop_runs_adalora_physical_as_configured_with_no_silent_change_of_its_start_rank():

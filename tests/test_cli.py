@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -102,6 +104,10 @@ def test_train_eval_export_report_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert set(metrics) == {"accuracy", "macro_f1"} and 0.0 <= metrics["accuracy"] <= 1.0
 
     assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for adapter in (run / "adapter", run / "dynarank_adapter", tmp_path / "exported"):  # a server may be another user
+        assert stat.S_IMODE(adapter.stat().st_mode) == 0o777 & ~umask, adapter
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "exported"), "--data", str(data)]) == 0  # a bare adapter directory
     assert json.loads(capsys.readouterr().out) == metrics

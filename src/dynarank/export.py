@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attach import ATTACHED_ATTR, elastic_layers
+from .naming import uncompiled
 from .storage import write_atomically
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ TASK_TYPES = (
     ("ForQuestionAnswering", "QUESTION_ANS"),
     ("ForCausalLM", "CAUSAL_LM"),
 )
+# The task types whose PeftModelFor* class adds the task head to modules_to_save and expects its weights (PEFT's
+# classifier / qa_outputs): a server-safe export, which holds LoRA matrices only, is written without them.
+HEAD_TASK_TYPES = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
 
 
 def peft_task_type(model: nn.Module) -> str | None:
@@ -142,6 +146,7 @@ def peft_config_dict(
     """A LoraConfig (as a dict) that reproduces the per-module ranks and scales exactly."""
     from peft import LoraConfig
 
+    task_type = peft_task_type(model)
     top_name = max(ranks, key=ranks.get)
     top_rank = ranks[top_name]
     order = pattern_order(ranks)
@@ -158,9 +163,10 @@ def peft_config_dict(
         modules_to_save=list(modules_to_save) or None,
         lora_dropout=0.0,
         bias="none",
-        # A task type makes stock PEFT wrap the task head as modules_to_save and expect its weights, which a
-        # server-safe export leaves out; AutoPeftModelFor* needs it to pick the model class.
-        task_type=None if server_safe else peft_task_type(model),
+        # AutoPeftModelFor* needs the task type to pick the model class. A classifier's task type makes stock PEFT
+        # wrap the task head as modules_to_save and expect its weights, which a server-safe export leaves out; a causal
+        # or seq2seq LM's wraps no head, and vLLM's loader reads no task type (only r, lora_alpha, use_rslora).
+        task_type=None if server_safe and task_type in HEAD_TASK_TYPES else task_type,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
     data = config.to_dict()
@@ -210,13 +216,15 @@ def export_peft(
         model: a model returned by :func:`dynarank.attach` (adapters unmerged).
         out_dir: target directory; written to a temporary sibling and renamed into place.
         server_safe: bake each module's scale into B, set alpha = r everywhere, write only
-            lora_A / lora_B tensors (no modules_to_save): what vLLM-style servers read.
+            lora_A / lora_B tensors (no modules_to_save): what vLLM-style servers read. A language model's task
+            type stays (it wraps no head; AutoPeftModelForCausalLM needs it), a classifier's is left out.
         companions: names of files an application keeps beside the adapter, which a replacement of
             ``out_dir`` may remove (anything else there is the user's, and is never deleted).
 
     Returns:
         The output directory.
     """
+    model = uncompiled(model)  # a torch.compile'd model writes the names of the model it compiled
     if getattr(model, ATTACHED_ATTR, None) is None:
         raise ValueError("export_peft() needs a model returned by dynarank.attach().")
     if any(layer.merged for layer in elastic_layers(model).values()):

@@ -7,11 +7,13 @@ path failed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,6 +182,24 @@ def replace_file(path: str | os.PathLike, data: bytes) -> None:
         if exc.filename == str(staged):
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+
+
+def sibling_directory(target: str | os.PathLike) -> Path:
+    """A new empty directory ``.<name>.<random>`` beside ``target``, to fill and rename into place.
+
+    Unique as ``tempfile.mkdtemp``'s (the random part is hex: no dots), but made as an ordinary ``mkdir`` makes one,
+    with the permissions the umask gives (mkdtemp's are 0700, which the directory keeps when it is renamed into
+    place: a server running as another user could not read the adapter it holds).
+    """
+    target = Path(target)
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(target))
 
 
 def write_synced(path: str | os.PathLike, data: bytes) -> None:

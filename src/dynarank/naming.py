@@ -4,9 +4,23 @@ layer index and the projection type of an adapted module)."""
 from __future__ import annotations
 
 import re
+import sys
 
 ARD_ATTR = "dynarank_ard"  # the model's submodule holding ARD's alphas (controllers/ard_gates.py)
 SVD_ATTR = "dynarank_svd"  # the model's submodule holding the SVD methods' E (controllers/svd.py)
+
+
+def uncompiled(model):
+    """The model ``torch.compile`` wrapped (its ``OptimizedModule`` holds it as ``_orig_mod``), or ``model`` itself.
+
+    Module names read from the wrapper start with ``_orig_mod.``, which neither stock PEFT nor
+    :func:`dynarank.load_adapter` finds in the uncompiled model: what names modules for a file names them here.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    while wrapper is not None and isinstance(model, wrapper):
+        model = model._orig_mod
+    return model
 
 
 def split_name(module: str) -> tuple[int | None, str]:

@@ -76,8 +76,22 @@ class AdaLoRAController(SVDController):
                 f"with every group at its rank_floor of {c.rank_floor} rank(s): raise target_params to at least "
                 f"{lowest}, or lower rank_floor.",
             )
+        field = "target_rank" if self.budget_unit == "rank" else "target_params"
+        groups = sum(layer.n_groups for layer in self.layers.values())
+        fresh = c.r * groups if self.budget_unit == "rank" else self.floor_size(c.r)  # every head at rank r
+        if self.start_budget <= target and self.start_budget < fresh:  # pruned before: a finished run, loaded
+            below = f"{self.start_budget / groups:.3g}" if self.budget_unit == "rank" else self.start_budget
+            raise ConfigError(
+                (field,),
+                f"AdaLoRA's target budget ({target} {self.budget_unit}) must be below the start ({self.start_budget}), "
+                "and this adapter already is at its target size (pruned by its run, as dynarank.load_adapter gives a "
+                f"finished one back): nothing is left to prune. To prune it further, set {field} below {below}: "
+                f"model.dynarank_config = dataclasses.replace(model.dynarank_config, {field}=...); to train it on at "
+                "this size, continue with another method, e.g. ElaLoRA, which moves ranks between heads under the "
+                "same budget: model.dynarank_config = DynaRankConfig.from_dict({**model.dynarank_config.to_dict(), "
+                "'method': 'elalora'}).",
+            )
         if not lowest <= target < self.start_budget:
-            field = "target_rank" if self.budget_unit == "rank" else "target_params"
             raise ConfigError(
                 (field, "r"),
                 f"AdaLoRA's target budget ({target} {self.budget_unit}) must be below the start ({self.start_budget}) "

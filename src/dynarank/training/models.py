@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..files import sibling_directory
 from ..safe_load import pickle_files, require_safetensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on the machines this runs on; local dirs only
@@ -195,7 +196,6 @@ def gguf_copy_path(model_dir: Path, cache: str | Path | None = None) -> Path:
 def converted_gguf(source: Path, gguf_file: str, target: Path) -> Path:
     """Dequantise ``source/gguf_file`` to an fp32 Hugging Face model directory at ``target`` (atomically)."""
     import shutil
-    import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,10 +209,9 @@ def converted_gguf(source: Path, gguf_file: str, target: Path) -> Path:
     model.hf_quantizer = None
     model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
-    # A private temporary folder, renamed into place: two processes converting at once cannot mix files,
-    # and the one that renames second keeps the first one's copy.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    # A temporary folder of its own, renamed into place: two processes converting at once cannot mix files,
+    # and the one that renames second keeps the first one's copy. Made as an ordinary folder (the cache is one).
+    tmp = sibling_directory(target)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
