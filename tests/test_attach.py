@@ -167,6 +167,79 @@ def test_targeting_only_a_task_head_says_that_heads_are_trained_in_full():
         dynarank.attach(tiny_bert(), DynaRankConfig(target_modules=["classifier"]))
 
 
+@pytest.mark.parametrize(
+    "config, field, named",
+    [
+        (dict(target_modules=["q_proj", "vproj"]), "target_modules", "'vproj' matches no Linear module"),
+        (dict(target_modules=["q_proj"], exclude_modules=["typo"]), "exclude_modules", "'typo' matches no Linear"),
+        (dict(target_modules=["q_proj", "lm_head"]), "target_modules", "'lm_head' names a task head"),
+        (dict(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"]), "target_modules", "exclude_modules"),
+    ],
+    ids=["misspelt-target", "misspelt-exclusion", "a-task-head-beside-targets", "a-target-wholly-excluded"],
+)
+def test_a_name_given_that_matches_nothing_is_refused_even_when_the_others_match(config, field, named):
+    """As modules_to_save refuses a name that matches nothing. Before, ['q_proj', 'vproj'] adapted q_proj alone
+    and said nothing, a misspelt exclusion excluded nothing, and a task head beside real targets was dropped."""
+    model = tiny_llama()
+    with pytest.raises(ConfigError) as info:
+        dynarank.attach(model, DynaRankConfig(r=2, **config))
+    assert info.value.fields == (field,)
+    message = str(info.value)
+    assert named in message
+    assert "model.layers.{i}.self_attn.v_proj" in message  # what the model's Linear modules are called
+    assert not dynarank.elastic_layers(model) and not hasattr(model, "dynarank_config")
+
+
+def test_a_task_head_named_beside_encoder_targets_is_refused_saying_heads_are_never_adapted():
+    with pytest.raises(ConfigError, match=r"\['classifier'\] match nothing .*'classifier' names a task head"):
+        dynarank.attach(tiny_bert(), DynaRankConfig(r=2, target_modules=["query", "classifier"]))
+
+
+def test_the_default_target_list_is_the_librarys_choice_and_is_not_checked_name_by_name():
+    """DynaRankConfig's default (query and value) names BERT's projections; a model with only one of them is
+    adapted where it matches, as before. A list the user gives is checked name by name."""
+    model = torch.nn.Module()
+    model.query = torch.nn.Linear(D, D)
+    dynarank.attach(model, DynaRankConfig(r=2))
+    assert list(dynarank.elastic_layers(model)) == ["query"]
+
+
+def test_an_untied_lm_head_is_named_as_left_frozen_not_as_trained_in_full():
+    """The default modules_to_save leaves the output embedding out, tied or not. Before, the note said an untied
+    Llama lm_head was trained in full while attach left it frozen."""
+    with pytest.raises(ConfigError) as info:
+        dynarank.attach(tiny_llama(), DynaRankConfig(target_modules=["nope"]))
+    message = str(info.value)
+    assert "The LM head (lm_head) is never adapted, and it stays frozen" in message
+    assert "trained in full" not in message
+    model = dynarank.attach(tiny_llama(), DynaRankConfig(r=2, target_modules=["q_proj"]))
+    assert not model.lm_head.weight.requires_grad and model.dynarank_modules_to_save == []
+
+
+def test_an_lm_head_named_in_modules_to_save_is_named_as_trained_in_full_and_is():
+    config = dict(target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(ConfigError, match=r"Task heads \(lm_head\) are trained in full"):
+        dynarank.attach(tiny_llama(), DynaRankConfig(**{**config, "target_modules": ["nope"]}))
+    model = dynarank.attach(tiny_llama(), DynaRankConfig(r=2, **config))
+    assert model.lm_head.weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    "arguments, named",
+    [
+        (lambda: (tiny_llama(), {"method": "ard"}), r"got dict: .*DynaRankConfig\(\*\*fields\)"),
+        (lambda: (tiny_llama(), None), "got NoneType: a config is needed"),
+        (lambda: ("model", DynaRankConfig()), r"takes the model \(a torch.nn.Module\) first, got str"),
+        (lambda: (DynaRankConfig(), tiny_llama()), r"takes the model \(a torch.nn.Module\) first, got FixedRankConfig"),
+    ],
+    ids=["a-dict", "none", "a-string", "swapped"],
+)
+def test_arguments_of_the_wrong_type_are_refused_with_a_type_error_that_says_what_attach_takes(arguments, named):
+    """Before, each failed with an AttributeError deep inside attach ('dict' object has no attribute ...)."""
+    with pytest.raises(TypeError, match=named):
+        dynarank.attach(*arguments())
+
+
 def test_a_gpt2_model_is_refused_with_the_reason_that_its_projections_are_conv1d():
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
@@ -294,8 +367,9 @@ def _per_rank_formula(d_in, d_out, heads, head_dim, r, layout, split="rows"):
 @pytest.mark.parametrize("granularity", ["head", "matrix"])
 def test_bert_trainable_parameters_follow_the_formula(layout, granularity):
     r = 2
+    per_head = {"head_layout": layout} if granularity == "head" else {}  # per matrix no layout is given (it is refused)
     config = DynaRankConfig(
-        target_modules=BERT_ATTENTION + ["intermediate.dense"], r=r, head_layout=layout, granularity=granularity
+        target_modules=BERT_ATTENTION + ["intermediate.dense"], r=r, granularity=granularity, **per_head
     )
     model = dynarank.attach(tiny_bert(), config)
     heads = HEADS if granularity == "head" else 1
@@ -324,7 +398,8 @@ def test_llama_trainable_parameters_follow_the_formula(layout):
     assert dynarank.adapter_parameter_count(model) == dynarank.count_trainable(model) == 2 * per_layer
 
 
-@pytest.mark.parametrize("targets", ["all-linear", ["dense", "query", "out_proj"], r".*(dense|out_proj)"])
+# a list's "dense" matches classifier.dense too (a name that matches only inside a head is refused: test above)
+@pytest.mark.parametrize("targets", ["all-linear", ["dense", "query"], r".*(dense|out_proj)"])
 def test_nothing_inside_a_task_head_is_adapted_and_the_whole_head_stays_trainable(targets):
     # RoBERTa's head is a module with Linear layers of its own: classifier.dense and classifier.out_proj.
     model = dynarank.attach(tiny_roberta(), DynaRankConfig(target_modules=targets, r=2))
@@ -372,7 +447,8 @@ def test_every_attention_module_is_split_by_the_head_count_of_the_part_of_the_mo
     """Before, one head count (the top config's, or its text config's) split every module: BART's decoder, with 2
     heads, had 4 rank groups of half a head each, and nothing said so."""
     torch.manual_seed(0)
-    model = dynarank.attach(make(), DynaRankConfig(method="ard", r=2, target_modules=["q_proj", "query"]))
+    # one regex for both models' query projections (a list's names must each match in the model)
+    model = dynarank.attach(make(), DynaRankConfig(method="ard", r=2, target_modules=r".*\.(q_proj|query)"))
     groups = {name: layer.n_groups for name, layer in dynarank.elastic_layers(model).items()}
     for part, heads in expected.items():
         found = [n for n in groups if part in n]

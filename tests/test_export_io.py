@@ -147,6 +147,40 @@ def test_the_auto_peft_classes_load_an_export_from_the_base_it_names(tmp_path, k
     _assert_same_logits(_logits(loaded, ids), _logits(model.eval(), ids))
 
 
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_a_server_safe_export_of_a_language_model_keeps_its_task_type_and_loads_with_its_auto_peft_class(
+    tmp_path, kind
+):
+    """A causal or seq2seq LM's task type wraps no task head (a classifier's makes PEFT expect the head's weights, which
+    a server-safe export leaves out), and vLLM's loader reads only r, lora_alpha and use_rslora of the config. Written
+    without it, AutoPeftModelForCausalLM raised 'Cannot infer the auto class from the config'."""
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM
+
+    build, auto, task_type = {
+        "llama": (tiny_llama, AutoPeftModelForCausalLM, "CAUSAL_LM"),
+        "bart": (tiny_bart, AutoPeftModelForSeq2SeqLM, "SEQ_2_SEQ_LM"),
+    }[kind]
+    build().save_pretrained(tmp_path / "base")
+    base = type(build()).from_pretrained(tmp_path / "base")
+    model = dynarank.attach(base, DynaRankConfig(target_modules=["q_proj", "v_proj"], r=3, lora_alpha=7)).eval()
+    randomize_adapters(model, scale=0.2)
+    dynarank.export_peft(model, tmp_path / "served", server_safe=True)
+    config = _config(tmp_path / "served")
+    assert config["task_type"] == task_type
+    assert config["r"] == config["lora_alpha"] and not config.get("modules_to_save")
+    loaded = auto.from_pretrained(str(tmp_path / "served")).eval()
+    ids = token_batch() + 3  # BART's special tokens are 0-2
+    batch = {"input_ids": ids} if kind == "llama" else {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    with torch.no_grad():
+        _assert_same_logits(loaded(**batch).logits, model(**batch).logits, tol=1e-5)
+
+
+def test_a_server_safe_export_of_a_classifier_names_no_task_type(tmp_path):
+    """SEQ_CLS would make stock PEFT wrap the classifier as modules_to_save and expect weights the export leaves out."""
+    dynarank.export_peft(_adapted("bert", "own", train_head=False), tmp_path / "served", server_safe=True)
+    assert _config(tmp_path / "served")["task_type"] is None
+
+
 def _tiny_whisper():
     """Whisper (speech in: input_features of 8 mel bins x 16 frames), one encoder and one decoder layer."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
@@ -291,6 +325,30 @@ def test_exporting_a_merged_model_raises(tmp_path):
 # ---------------------------------------------------------------- native save / load
 
 
+def test_a_torch_compiled_model_writes_the_files_the_uncompiled_model_writes(tmp_path):
+    """torch.compile's wrapper holds the model as _orig_mod: exports and saves read through it named every module
+    '_orig_mod.<name>', which neither stock PEFT nor dynarank.load_adapter finds in the model."""
+    model = _adapted("bert", "shared")  # a trained classifier too: modules_to_save and the task type
+    compiled = torch.compile(model, backend="eager")
+    ids = token_batch()
+    _assert_same_logits(_logits(compiled, ids), _logits(model, ids), tol=0)
+    for name, write in {
+        "peft": dynarank.export_peft,
+        "served": lambda m, path: dynarank.export_peft(m, path, server_safe=True),
+        "native": dynarank.save_adapter,
+    }.items():
+        write(model, tmp_path / "plain" / name)
+        write(compiled, tmp_path / "compiled" / name)
+        plain = sorted((tmp_path / "plain" / name).iterdir())
+        assert [p.name for p in sorted((tmp_path / "compiled" / name).iterdir())] == [p.name for p in plain]
+        for file in plain:
+            assert (tmp_path / "compiled" / name / file.name).read_bytes() == file.read_bytes(), (name, file.name)
+    loaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "compiled" / "peft")).eval()
+    _assert_same_logits(_logits(loaded, ids), _logits(model, ids))
+    native = dynarank.load_adapter(tiny_bert(), tmp_path / "compiled" / "native").eval()
+    _assert_same_logits(_logits(native, ids), _logits(model, ids), tol=0)
+
+
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_save_then_load_restores_ranks_and_outputs_exactly(tmp_path, kind, layout):
     model = _adapted(kind, layout)
@@ -349,6 +407,34 @@ def test_loading_into_a_different_architecture_raises_a_format_error(tmp_path, b
     # Nothing is left half-attached: no adapter, no config, the trainable flags as they were.
     assert not dynarank.elastic_layers(model) and not hasattr(model, "dynarank_config")
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_loading_into_a_model_that_already_carries_dynarank_adapters_says_so(tmp_path):
+    """Before, the error said the model had no Linear module of the adapter's names (they are adapted already)."""
+    model = _adapted("bert", "own")
+    dynarank.save_adapter(model, tmp_path / "native")
+    layers = dynarank.elastic_layers(model)
+    with pytest.raises(AdapterFormatError, match="it already carries dynarank adapters") as info:
+        dynarank.load_adapter(model, tmp_path / "native")
+    assert "no Linear module" not in str(info.value)
+    assert dynarank.elastic_layers(model) == layers
+
+
+def test_an_adapter_saved_with_names_that_matched_nothing_loads_as_it_was_saved(tmp_path):
+    """attach refuses a target or exclusion name that matches nothing; an adapter saved before it did, holding one,
+    still loads (the names that matched chose its layers)."""
+    import dataclasses
+
+    model = _adapted("bert", "own")
+    config = model.dynarank_config
+    model.dynarank_config = dataclasses.replace(
+        config, target_modules=[*config.target_modules, "vproj"], exclude_modules=["typo"]
+    )
+    dynarank.save_adapter(model, tmp_path / "native")
+    fresh = dynarank.load_adapter(BUILDERS["bert"](), tmp_path / "native")
+    assert dynarank.elastic_layers(fresh).keys() == dynarank.elastic_layers(model).keys()
+    assert fresh.dynarank_config.target_modules == config.target_modules
+    assert torch.equal(_logits(fresh, token_batch()), _logits(model, token_batch()))
 
 
 @pytest.mark.parametrize("method", ["ard", "elalora", "adalora-physical"])

@@ -299,6 +299,15 @@ def test_statistics_that_are_zero_everywhere_are_refused_with_the_reason():
         init_ranks(model, labelled("bert", token_batches()), loss_fn=lambda m, b: m(**b).logits.sum() * 0.0)
 
 
+def test_batches_without_labels_are_refused_saying_the_model_returned_no_loss_and_what_to_pass():
+    """Before, the pass failed in torch.isfinite(None), a TypeError that named neither the loss nor the labels."""
+    model = data_model("llama")
+    with pytest.raises(ValueError, match=r"the model returned no loss.*batches with labels.*loss_fn") as info:
+        init_ranks(model, token_batches())
+    assert "['input_ids']" in str(info.value)  # what the batch held
+    assert init_ranks(model, labelled("llama", token_batches())).batches > 0  # the same model, given labels
+
+
 def test_the_pass_reads_the_first_k_batches_and_leaves_no_gradient_and_no_training_mode_behind():
     model = data_model("bert", init_batches=2)
     model.train()

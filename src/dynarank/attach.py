@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 ATTACHED_ATTR = "dynarank_config"
 CONTROLLED_ATTR = "_dynarank_controlled"  # True once a rank controller is built on the model (controllers/base.py)
 _WARNED_ATTR = "_dynarank_warned_uncontrolled"
+# {parameter name: requires_grad} of the model before attach: what unwrap gives back (the names are the same again
+# once the Linear modules are back in place)
+_REQUIRES_GRAD_ATTR = "_dynarank_requires_grad"
 
 
 def _warn_if_uncontrolled(model: nn.Module, args, output) -> None:
@@ -135,6 +139,26 @@ def _task_head_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get_out = getattr(model, "get_output_embeddings", None)
+    return get_out() if callable(get_out) else None
+
+
+def _heads_trained_whole(model: nn.Module, config: DynaRankConfig, heads: set[str]) -> set[str]:
+    """The task heads among ``heads`` that train whole: those ``modules_to_save`` names, or by default every one but
+    the LM head (the output embedding, tied or not: whole, it is vocabulary x hidden parameters), which stays
+    frozen (:func:`resolve_modules_to_save`)."""
+    if config.modules_to_save is not None:
+        return {h for h in heads if _has_suffix(h, config.modules_to_save)}
+    out_emb = _output_embeddings(model)
+    return {h for h in heads if out_emb is None or model.get_submodule(h) is not out_emb}
+
+
+def _linear_summary(names: list[str]) -> str:
+    """The Linear module names with layer indices folded ('model.layers.{i}.self_attn.q_proj'), for messages."""
+    return ", ".join(sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in names})) or "(none)"
+
+
 def _tied_to_input_embeddings(model: nn.Module, name: str) -> bool:
     """Whether module ``name`` shares its weight with the model's input embeddings (a tied LM head)."""
     get_in = getattr(model, "get_input_embeddings", None)
@@ -179,14 +203,21 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
             len(chosen),
         )
     if not chosen:
-        shown = sorted({re.sub(r"\.\d+\.", ".{i}.", n) for n in linear})
         notes = ""
         if config.exclude_modules and matched(linear, exclude=False):
             notes += f" exclude_modules={list(config.exclude_modules)} leaves out every module it matches."
-        tied = sorted(h for h in heads if _tied_to_input_embeddings(model, h))
-        trained = sorted(heads - set(tied))
+        trained = _heads_trained_whole(model, config, heads)
+        tied = sorted(h for h in heads - trained if _tied_to_input_embeddings(model, h))
+        frozen = sorted(heads - trained - set(tied))
         if trained:
-            notes += f" Task heads ({', '.join(trained)}) are trained in full, never adapted."
+            notes += f" Task heads ({', '.join(sorted(trained))}) are trained in full, never adapted."
+        if frozen and config.modules_to_save is None:  # the output embedding, which the default leaves out
+            notes += (
+                f" The LM head ({', '.join(frozen)}) is never adapted, and it stays frozen: the default "
+                "modules_to_save leaves it out (name it there to train it whole)."
+            )
+        elif frozen:
+            notes += f" Task heads ({', '.join(frozen)}) are never adapted, and modules_to_save leaves them frozen."
         if tied:
             notes += f" The LM head ({', '.join(tied)}) is tied to the input embeddings: it stays frozen, not adapted."
         conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
@@ -198,9 +229,68 @@ def select_targets(model: nn.Module, config: DynaRankConfig) -> list[str]:
         raise ConfigError(
             "target_modules",
             f"{spec!r} matches no Linear module of {type(model).__name__}. "
-            f"Its Linear modules are: {', '.join(shown) or '(none)'}.{notes}",
+            f"Its Linear modules are: {_linear_summary(linear)}.{notes}",
         )
     return chosen
+
+
+def _field_default(config: DynaRankConfig, name: str):
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def unmatched_entries(model: nn.Module, config: DynaRankConfig, targets: list[str]) -> dict[str, dict[str, str]]:
+    """The names given in ``target_modules`` and ``exclude_modules`` that match nothing, with why: {field: {name:
+    reason}} (empty: every name matches). A ``target_modules`` name must match one of ``targets`` (the modules
+    :func:`select_targets` chose); an ``exclude_modules`` name, one of the model's Linear modules. A regex, 'all-linear'
+    and the default list (the library's choice, not the user's) are matched as a whole by :func:`select_targets`."""
+    linear = linear_module_names(model)
+    spec, found = config.target_modules, {}
+    if not isinstance(spec, str) and spec != _field_default(config, "target_modules"):
+        heads = _task_head_names(model)
+        reasons = {}
+        for entry in (e for e in spec if not any(_has_suffix(n, [e]) for n in targets)):
+            named = [n for n in linear if _has_suffix(n, [entry])]
+            if any(n == h or n.startswith(h + ".") for n in named for h in heads):
+                reasons[entry] = "names a task head, which is never adapted (modules_to_save trains one whole)"
+            elif named:
+                reasons[entry] = "matches only modules that exclude_modules leaves out"
+            elif any(_has_suffix(n, [entry]) for n, m in model.named_modules() if type(m).__name__ == "Conv1D"):
+                reasons[entry] = "matches only transformers Conv1D modules, which dynarank does not adapt"
+            else:
+                reasons[entry] = "matches no Linear module"
+        if reasons:
+            found["target_modules"] = reasons
+    missing = [e for e in config.exclude_modules if not any(_has_suffix(n, [e]) for n in linear)]
+    if missing:
+        found["exclude_modules"] = dict.fromkeys(missing, "matches no Linear module")
+    return found
+
+
+def refuse_unmatched_entries(model: nn.Module, config: DynaRankConfig, targets: list[str]) -> None:
+    """ConfigError naming every ``target_modules`` / ``exclude_modules`` name that matches nothing
+    (:func:`unmatched_entries`), as ``modules_to_save`` refuses one: a misspelt name would otherwise leave its
+    modules unadapted (or adapted) without a word, while the names beside it do match."""
+    found = unmatched_entries(model, config, targets)
+    for field, reasons in found.items():
+        why = "; ".join(f"{name!r} {reason}" for name, reason in reasons.items())
+        raise ConfigError(
+            field,
+            f"{list(reasons)} match nothing in {type(model).__name__} ({why}). Every name given must match a module: "
+            f"correct or remove {'it' if len(reasons) == 1 else 'them'}. Its Linear modules are: "
+            f"{_linear_summary(linear_module_names(model))}.",
+        )
+
+
+def without_unmatched_entries(model: nn.Module, config: DynaRankConfig) -> DynaRankConfig:
+    """``config`` without the ``target_modules`` / ``exclude_modules`` names that match nothing in ``model``: what
+    loading an adapter saved before such names were refused needs (the names that matched chose its layers)."""
+    try:
+        found = unmatched_entries(model, config, select_targets(model, config))
+    except ValueError:  # nothing matches at all: attach says so
+        return config
+    changes = {field: [e for e in getattr(config, field) if e not in reasons] for field, reasons in found.items()}
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def layer_plan(name: str, module: nn.Linear, config: DynaRankConfig, geometry: HeadGeometry | None) -> dict:
@@ -252,12 +342,8 @@ def resolve_modules_to_save(model: nn.Module, config: DynaRankConfig) -> list[st
         if missing:
             raise ConfigError("modules_to_save", f"{missing} match no module of {type(model).__name__}.")
         return names
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return sorted(
-        n
-        for n in _task_head_names(model)
-        if model.get_submodule(n) is not out_emb  # an LM head is tied to the embeddings: leave it frozen
-    )
+    # an LM head (the output embedding, tied or not) stays frozen: whole, it is vocabulary x hidden parameters
+    return sorted(_heads_trained_whole(model, config, _task_head_names(model)))
 
 
 def refuse_peft_model(model: nn.Module) -> None:
@@ -288,12 +374,39 @@ def refuse_overlap(targets: list[str], save_names: list[str]) -> None:
                 )
 
 
+def _check_arguments(model, config) -> None:
+    """TypeError, before anything reads them, for a model that is not a torch Module or a config that is not a
+    DynaRankConfig (a dict of its fields, None, another library's config)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"attach() takes the model (a torch.nn.Module) first, got {type(model).__name__}: "
+            "dynarank.attach(model, dynarank.DynaRankConfig(...))."
+        )
+    if isinstance(config, DynaRankConfig):
+        return
+    if config is None:
+        hint = "a config is needed: dynarank.attach(model, dynarank.DynaRankConfig(method=..., ...))."
+    elif isinstance(config, Mapping):
+        hint = "build the config from its fields: dynarank.DynaRankConfig(**fields)."
+    else:
+        hint = "dynarank.attach(model, dynarank.DynaRankConfig(method=..., ...))."
+    raise TypeError(f"attach() takes a dynarank.DynaRankConfig as its config, got {type(config).__name__}: {hint}")
+
+
 def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     """Put elastic LoRA adapters on ``model``'s targets, freeze the base, keep the task head trainable.
 
     Every layer is built and checked before the first one is swapped in, so a bad config leaves
     the model untouched. Returns the same model object.
+
+    Raises:
+        TypeError: ``model`` is not a torch Module, or ``config`` not a DynaRankConfig.
+        ValueError (ConfigError naming the field): a name in ``target_modules``, ``exclude_modules`` or
+            ``modules_to_save`` that matches nothing, a target list that selects no Linear module, head counts that
+            do not fit; a model that already carries adapters (dynarank's or PEFT's).
     """
+    _check_arguments(model, config)
+    config.validate()  # a field changed since the config was built is checked before anything reads it
     if getattr(model, ATTACHED_ATTR, None) is not None or elastic_layers(model):
         raise ValueError("this model already carries dynarank adapters; attach() once per model.")
     refuse_peft_model(model)
@@ -305,6 +418,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
             "Sequential."
         )
     targets = select_targets(model, config)
+    refuse_unmatched_entries(model, config, targets)
     geometries = target_geometries(model, targets, config)
     if config.r is None:  # a budget without a start: the defaults study's for the method at that budget
         r = _start_rank(model, targets, config, geometries)
@@ -345,6 +459,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
     if config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
     flags = {id(p): p.requires_grad for p in model.parameters()}
+    flags_by_name = {name: p.requires_grad for name, p in model.named_parameters()}  # what unwrap gives back
     try:
         built = _build_layers(model, targets, config, geometries, generator)
     except Exception:
@@ -374,6 +489,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
             "it" if len(half) == 1 else "them",
         )
     setattr(model, ATTACHED_ATTR, config)
+    setattr(model, _REQUIRES_GRAD_ATTR, flags_by_name)
     model.dynarank_modules_to_save = save_names
     if isinstance(config, RankControlConfig):
         model.register_forward_hook(_warn_if_uncontrolled)
@@ -438,6 +554,9 @@ def _build_layers(
 
 
 def count_trainable(model: nn.Module) -> int:
+    """Elements of the parameters of ``model`` that train (``requires_grad``): after :func:`attach`, the adapters, the
+    task heads trained whole (modules_to_save) and a controller's own parameters (ARD's alphas, the SVD methods' E)
+    once it is built."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -452,35 +571,104 @@ def _refuse_quantized_merge(model: nn.Module) -> None:
         refuse_merge(name, layer.base)
 
 
+def _adapted_layers(model: nn.Module, action: str) -> dict[str, ElasticLoRALinear]:
+    """The model's elastic layers; ValueError if it has none (a model :func:`attach` never saw)."""
+    layers = elastic_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{action}() needs a model returned by dynarank.attach(): this one carries no dynarank adapter."
+        )
+    return layers
+
+
 def merge(model: nn.Module) -> None:
+    """Add every adapter's update (scaling * B A, the gate folded in) to its base weight: the model then computes the
+    same outputs with no adapter in its forward pass (:meth:`ElasticLoRALinear.merge`). Idempotent; undone, within
+    rounding, by :func:`unmerge`. Change nothing of the adapters while merged (resizes and gates are refused).
+
+    Raises:
+        ValueError: ``model`` carries no dynarank adapter, or a base is quantized (refused before anything merges).
+        RuntimeError: a base is sharded by FSDP (dynarank.shard_base).
+    """
+    layers = _adapted_layers(model, "merge")
     _refuse_quantized_merge(model)
-    for layer in elastic_layers(model).values():
+    for layer in layers.values():
         layer.merge()
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in elastic_layers(model).values():
+    """Take every merged update out of its base weight again, giving back the weights :func:`merge` found within
+    rounding (:meth:`ElasticLoRALinear.unmerge`); the adapters run in the forward pass again. Idempotent.
+
+    Raises:
+        ValueError: ``model`` carries no dynarank adapter.
+    """
+    for layer in _adapted_layers(model, "unmerge").values():
         layer.unmerge()
 
 
-def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Put the plain Linear modules back (merging the updates into them first when ``merge``).
+# Where a torch Module keeps its hooks, and the per-hook flags kept beside them under the same handle ids.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
-    The result is an ordinary transformers model (no dynarank modules or attributes) that
-    ``save_pretrained`` writes as a full model.
+
+def _is_dynarank_hook(hook) -> bool:
+    """Whether ``hook``, as a module holds it (torch's wrapper of a load hook, a partial, a bound method), is
+    dynarank's code: attach's warning, a controller's load and forward hooks, the gate folding on load."""
+    hook = getattr(hook, "hook", hook)  # torch's _WrappedHook
+    hook = getattr(hook, "func", hook)  # functools.partial
+    hook = getattr(hook, "__func__", hook)  # a bound method
+    return (getattr(hook, "__module__", None) or "").split(".")[0] == __name__.split(".")[0]
+
+
+def _remove_dynarank_hooks(module: nn.Module) -> None:
+    for attr in _HOOK_DICTS:
+        hooks = getattr(module, attr, None) or {}
+        for key in [key for key, hook in hooks.items() if _is_dynarank_hook(hook)]:
+            del hooks[key]
+            for flags in _HOOK_FLAGS:
+                getattr(module, flags, {}).pop(key, None)
+
+
+def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the plain Linear modules back (merging the updates into them first when ``merge``) and give back the
+    model :func:`attach` was given: every parameter's ``requires_grad`` as it was before attach, and no dynarank
+    module, attribute or hook left (attach's, a controller's, the rank init's), so that ``attach`` starts afresh on
+    it and ``save_pretrained`` writes it as a full model. Returns the same model object.
+
+    What stays: the updates merged into the base weights (``merge``, or layers left merged); the frozen base's
+    sharding by :func:`dynarank.shard_base` (FSDP's units and the model's ``dynarank_sharded`` record); bitsandbytes'
+    CPU repacking left off on 4-bit layers (``quantized.keep_training_layout``); and a controller built on the model,
+    which keeps the adapters it held (drop it, and the optimizer bound to it).
     """
+    from .fsdp import SHARDED_ATTR  # fsdp imports this module
+
     if merge:
         _refuse_quantized_merge(model)
     for name, layer in elastic_layers(model).items():
         if merge:
             layer.merge()
         _set_submodule(model, name, layer.base)
-    for attr in (ATTACHED_ATTR, "dynarank_modules_to_save"):
-        if hasattr(model, attr):
-            delattr(model, attr)
     for gates in (ARD_ATTR, SVD_ATTR):  # controller parameters live beside the adapters
         if gates in dict(model.named_children()):
             del model._modules[gates]
+    flags = getattr(model, _REQUIRES_GRAD_ATTR, None) or {}
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
+    for module in model.modules():
+        _remove_dynarank_hooks(module)
+        for attr in [a for a in vars(module) if a.startswith(("dynarank_", "_dynarank_")) and a != SHARDED_ATTR]:
+            delattr(module, attr)
     if getattr(model, "hf_quantizer", None) is not None:
         model.is_quantized = True  # purely quantized again (the Trainer integration clears it while adapters are on)
     return model

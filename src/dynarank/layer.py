@@ -420,7 +420,9 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact in fp32; within rounding in half precision). Idempotent."""
+        """Undo :meth:`merge`: subtract the update again. The base weight comes back within rounding, not bit for bit
+        ((w + d) - d need not round to w, in fp32 too: a few percent of the elements differ, by about one unit in the
+        last place of w + d; a merge keeps no copy of the weight to undo that). Idempotent."""
         if not self.merged:
             return
         w = self.base.weight

@@ -399,6 +399,14 @@ def _measure(model, batch, statistic, loss_fn, seen, stats) -> bool:
         return True
     with torch.enable_grad():
         loss = loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor):
+            keys = f" (the batch holds {sorted(batch)})" if isinstance(batch, Mapping) else ""
+            raise ValueError(
+                f"init_ranks(): the loss of a batch is {type(loss).__name__}, not a tensor{keys}: the model returned "
+                "no loss. The default loss is model(**batch).loss, which a Hugging Face model computes only when the "
+                "batch holds its labels: pass batches with labels (for a causal LM, labels = input_ids), or "
+                "loss_fn=lambda model, batch: ... that returns the batch's loss."
+            )
         if not bool(torch.isfinite(loss)):
             return False
         if not loss.requires_grad:

@@ -8,16 +8,16 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
 from torch import nn
 
-from .attach import ATTACHED_ATTR, attach, elastic_layers, unwrap
+from .attach import ATTACHED_ATTR, attach, elastic_layers, unwrap, without_unmatched_entries
 from .config import DynaRankConfig, is_positive_number
-from .files import RunFileError, read_json, read_safetensors, write_synced
+from .files import RunFileError, read_json, read_safetensors, sibling_directory, write_synced
+from .naming import uncompiled
 
 LAYOUT_FILE = "dynarank_adapter.json"
 WEIGHTS_FILE = "dynarank_adapter.safetensors"
@@ -31,7 +31,9 @@ class AdapterFormatError(ValueError):
 
 
 def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(layout JSON, tensors) describing every adapter and trained module of ``model``."""
+    """(layout JSON, tensors) describing every adapter and trained module of ``model`` (of the model a
+    ``torch.compile`` wrapper holds: the names are the uncompiled model's)."""
+    model = uncompiled(model)
     config: DynaRankConfig | None = getattr(model, ATTACHED_ATTR, None)
     if config is None:
         raise ValueError("this model carries no dynarank adapter (use dynarank.attach first).")
@@ -108,9 +110,10 @@ def restore_interrupted(out_dir: str | os.PathLike, marker: str) -> bool:
 
     Only when ``out_dir`` is missing and exactly one hidden ``.<name>.<random>.old`` sibling holds ``marker``
     (a file that kind of directory always has); the new directory's temporary sibling, if still there, is
-    removed. Returns True when something was restored. Loads and :func:`write_atomically` call it first.
+    removed. Returns True when something was restored. Loads and :func:`write_atomically` call it first. A symbolic
+    link stands for the directory it points to.
     """
-    out = Path(out_dir)
+    out = _through_link(Path(out_dir))
     if out.exists() or out.is_symlink():
         return False
     found = [p for p in _moved_aside(out) if (p / marker).is_file()]
@@ -132,6 +135,29 @@ def restore_interrupted(out_dir: str | os.PathLike, marker: str) -> bool:
         shutil.rmtree(unfinished, ignore_errors=True)
     logger.warning("dynarank: a save of %s was interrupted while replacing it; its previous version is restored.", out)
     return True
+
+
+def _through_link(path: Path) -> Path:
+    """The directory a symbolic link ``path`` points to (through every link of a chain), or ``path`` itself."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def refuse_unreplaceable(out: Path) -> None:
+    """Refuse, before anything is written, an ``out`` that cannot be replaced as a whole: the working directory or a
+    folder that holds it (moved aside and deleted, it would take the process's working directory with it), or an
+    existing file that is not a directory."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a directory; refusing to overwrite it: write to a directory.")
+    try:
+        where = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted: nothing can hold it
+        return
+    if out.resolve() in (where, *where.parents):
+        raise ValueError(
+            f"{str(out)!r} is the working directory {where} or holds it: an adapter or checkpoint directory is "
+            "replaced as a whole, which cannot be done to the directory a process works in; write to a new "
+            f"directory (e.g. {os.path.join(str(out), 'adapter')!r})."
+        )
 
 
 def write_atomically(
@@ -157,8 +183,15 @@ def write_atomically(
       put it back) leaves ``out_dir`` missing and its previous content, complete, in the ``.old`` sibling:
       the next ``write_atomically`` of ``out_dir``, or the next load of it by this library (adapters,
       checkpoints), restores it first (:func:`restore_interrupted`).
+
+    The new directory gets the permissions an ordinary ``mkdir`` gets under the umask. An ``out_dir`` that is a
+    symbolic link to a directory is written through: the directory it points to is replaced, the link kept. The
+    working directory, a folder that holds it, and a file that is not a directory are refused before anything is
+    written (:func:`refuse_unreplaceable`).
     """
-    out = Path(out_dir)
+    given = Path(out_dir)
+    out = _through_link(given)
+    refuse_unreplaceable(out)
     marker = marker or next(iter(files))
     restore_interrupted(out, marker)
     if out.exists():
@@ -171,7 +204,7 @@ def write_atomically(
                 "directory: move them, or write to another directory."
             )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = sibling_directory(out)
     old = tmp.with_name(tmp.name + ".old")
     try:
         for fname, content in files.items():
@@ -192,7 +225,7 @@ def write_atomically(
             shutil.rmtree(tmp)
         if old.exists() and out.exists():  # never the only copy: without out_dir, restore_interrupted needs it
             shutil.rmtree(old)
-    return out
+    return given
 
 
 def _layout_digest(layout: dict) -> str:
@@ -273,8 +306,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Attach the saved adapter to a freshly built base ``model`` and restore ranks and values exactly.
 
     The layout is checked against ``model`` before anything is attached: a mismatch raises
-    :class:`AdapterFormatError` and leaves the model untouched.
+    :class:`AdapterFormatError` and leaves the model untouched; so does a model that carries dynarank adapters
+    already.
     """
+    if getattr(model, ATTACHED_ATTR, None) is not None or elastic_layers(model):
+        raise AdapterFormatError(
+            f"{path}: cannot be loaded into this {type(model).__name__}: it already carries dynarank adapters, and "
+            "load_adapter() attaches the saved one to a base model. Load it into a freshly built base model (or take "
+            "the adapters off first: dynarank.attach.unwrap(model, merge=False))."
+        )
     layout, tensors = read_adapter(path)
     try:
         config = DynaRankConfig.from_dict(layout["config"])
@@ -287,6 +327,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except AdapterFormatError as exc:
         raise AdapterFormatError(f"{path}: {exc}") from None
     flags = {id(p): p.requires_grad for p in model.parameters()}
+    config = without_unmatched_entries(model, config)  # a name saved before those were refused chose nothing
     try:
         attach(model, config)
     except ValueError as exc:
