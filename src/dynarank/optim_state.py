@@ -132,15 +132,21 @@ def drop_parameter(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> boo
     if where is None:
         return False
     del opt.param_groups[where[0]]["params"][where[1]]  # the position table is rebuilt when next read (stale)
+    opt._dynarank_positions.pop(id(param), None)
     opt.state.pop(param, None)
     return True
 
 
 def _put_in_place(opt: torch.optim.Optimizer, where: tuple[int, int], new: torch.nn.Parameter) -> None:
-    """``new`` at (group, index) ``where`` of ``opt``'s groups, and in the position table (:func:`_position`)."""
+    """``new`` at (group, index) ``where`` of ``opt``'s groups, in the position table (:func:`_position`) in place of
+    the parameter it replaces, so that the table keeps one entry per parameter the optimizer holds, however many
+    resizes replace them."""
     g, i = where
-    opt.param_groups[g]["params"][i] = new
-    opt._dynarank_positions[id(new)] = where
+    params, table = opt.param_groups[g]["params"], opt._dynarank_positions
+    if table.get(id(params[i])) == where:
+        del table[id(params[i])]
+    params[i] = new
+    table[id(new)] = where
 
 
 def _reindexable(opt: torch.optim.Optimizer, param: torch.nn.Parameter, key, value) -> bool:

@@ -54,6 +54,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..rank_init import RANK_INIT_ATTR
+from . import binding
 from .ard_calibration import ARDCalibration
 from .ard_gates import ARD_ATTR, ARDGates, mask_gate
 from .ard_resize import STEER_LIMIT as STEER_LIMIT  # re-exported: the steering's limit lives with the resize
@@ -128,7 +129,8 @@ class ARDController(ARDCalibration, ARDResizing, RankController):
             layer.set_gate(mask_gate(self.gates, name, s.r0, s.rank_floor, soft_only=s.mask == "soft"))
         self._losses: list[tuple[int, float]] = []
         self._explicit_step: int | None = None  # a step whose loss the caller observes itself (observe_loss)
-        self._loss_hook = model.register_forward_hook(self._observe_model_output)
+        # held weakly (binding.hook_on_model): a dropped controller's hook goes with it, a copy of the model has none
+        self._loss_hook = binding.hook_on_model(self, model.register_forward_hook, ARDController._observe_model_output)
         self.unit = None
         self.lambda_scale = 1.0  # budget mode: the steering factor on every lambda
         # ranks over the run: removed by the alphas' read-out, removed by the cap, held by the floor at the target

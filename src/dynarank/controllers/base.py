@@ -9,9 +9,7 @@ steps (never micro-batches): a skipped step (fp16 overflow) runs no hook.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
@@ -108,15 +106,15 @@ class RankController:
         # A load into the model (model.load_state_dict) replaces the adapters whose saved slot layout differs: the
         # bound optimizers get the new tensors in the old ones' places (their state, if any, dropped), so that a resume
         # in the usual order (build everything, then load the model's state, then the optimizer's) trains them.
-        owner = weakref.ref(self)  # the model's hooks must not keep the controller alive, nor copy it with the model
+        # The model's hooks must not keep the controller alive, nor copy it with the model: binding.hook_on_model.
         self._before_load: dict[str, nn.Parameter] = {}
         self._dropped_by_load = 0  # optimizer state a load dropped, said at the next step
-        model.register_load_state_dict_pre_hook(partial(binding.note_parameters_before_load, owner))
-        model.register_load_state_dict_post_hook(partial(binding.rebind_loaded_parameters, owner))
+        binding.hook_on_model(self, model.register_load_state_dict_pre_hook, binding.note_parameters_before_load)
+        binding.hook_on_model(self, model.register_load_state_dict_post_hook, binding.rebind_loaded_parameters)
         binding.note_newest(model, self)
         self._unbound_hook = None  # warns at the first training forward with no optimizer bound (binding.py)
         if self.resizes_adapters:
-            self._unbound_hook = model.register_forward_hook(partial(binding.warn_if_unbound, owner))
+            self._unbound_hook = binding.hook_on_model(self, model.register_forward_hook, binding.warn_if_unbound)
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer
@@ -356,7 +354,8 @@ class RankController:
         return self._cached()["trainable_parameters"]
 
     def held_bytes(self) -> int:
-        """Bytes of tensors the controller keeps beside the model and the optimizer (importance scores); none here."""
+        """Bytes of tensors the controller keeps beside the model and the optimizer (the SVD methods' importance scores
+        and gathers); none here."""
         return 0
 
     def record_ranks(self) -> None:

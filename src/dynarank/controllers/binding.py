@@ -14,6 +14,10 @@
   which the next backward cannot use.
 * A load into the model that replaces adapters (their saved slot layout differs) hands the bound optimizers the new
   tensors in the old ones' places (the model's load hooks).
+* Every hook a controller puts on its model holds the controller weakly (:func:`hook_on_model`): the model keeps no
+  controller alive (nor, through it, the controller's optimizers and the tensors they hold), ``copy.deepcopy(model)``
+  copies none, and a dropped controller's hooks do nothing, and are taken off the model when the next controller is
+  built on it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..optim_state import swap_parameter, unresizable_reason
 
@@ -97,13 +104,51 @@ def refuse_inference_mode() -> None:
         )
 
 
-def warn_if_unbound(owner: weakref.ref, module: nn.Module, args, output) -> None:
+def hook_on_model(controller, register: Callable[[Callable], RemovableHandle], hook: Callable) -> RemovableHandle:
+    """Put ``hook(controller, module, *args)`` on the controller's model with ``register`` (one of the model's
+    ``register_*_hook`` methods), holding the controller weakly.
+
+    The model holds ``partial(_call_for_model, weakref.ref(controller), hook)``: it keeps no controller alive, and
+    ``copy.deepcopy(model)`` copies the weak reference as it is, not the controller. The hook runs only while the
+    controller lives and only for its own model (a copy's hook does nothing). Its return value is dropped: these hooks
+    observe, they never replace an output. The hooks of controllers that are gone, and those a copy brought along, are
+    taken off the model here, when a controller is built on it: not when a controller is collected, which may happen
+    inside torch's own loop over the model's load hooks, where taking one off would break the loop."""
+    _forget_stale_hooks(controller.model)
+    return register(partial(_call_for_model, weakref.ref(controller), hook))
+
+
+def _call_for_model(owner: weakref.ref, hook: Callable, module: nn.Module, *args) -> None:
+    controller = owner()
+    if controller is not None and module is controller.model:
+        hook(controller, module, *args)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")  # kept beside them under the same ids
+
+
+def _forget_stale_hooks(model: nn.Module) -> None:
+    """Take off ``model`` every :func:`hook_on_model` hook whose controller is gone or is another model's."""
+    for attr in _HOOK_DICTS:
+        hooks = getattr(model, attr)
+        for key in [key for key, hook in hooks.items() if _is_stale(getattr(hook, "hook", hook), model)]:
+            del hooks[key]  # torch keeps a load pre-hook wrapped (its .hook)
+            for flags in _HOOK_FLAGS:
+                getattr(model, flags).pop(key, None)
+
+
+def _is_stale(hook, model: nn.Module) -> bool:
+    if not (isinstance(hook, partial) and hook.func is _call_for_model):
+        return False
+    controller = hook.args[0]()
+    return controller is None or controller.model is not model
+
+
+def warn_if_unbound(controller, module: nn.Module, args, output) -> None:
     """The model's forward hook: the first training forward (training mode, gradients on) while its newest controller
     is bound to no optimizer warns, once, that nothing drives the controller."""
-    if not (module.training and torch.is_grad_enabled()):
-        return
-    controller = owner()
-    if controller is None or controller.optimizers or module is not controller.model:
+    if not (module.training and torch.is_grad_enabled()) or controller.optimizers:
         return
     newest = _NEWEST.get(module)
     if newest is None or newest() is not controller:
@@ -115,23 +160,18 @@ def warn_if_unbound(owner: weakref.ref, module: nn.Module, args, output) -> None
         "that trains the model before training: controller.bind(optimizer), or build it with "
         "controller.build_optimizer().",
         UserWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
 
 
-def note_parameters_before_load(owner: weakref.ref, module: nn.Module, *args) -> None:
+def note_parameters_before_load(controller, module: nn.Module, *args) -> None:
     """The model's load pre-hook: its parameters as they are before a load (see RankController.__init__)."""
-    controller = owner()
-    if controller is not None and module is controller.model:
-        controller._before_load = dict(module.named_parameters())
+    controller._before_load = dict(module.named_parameters())
 
 
-def rebind_loaded_parameters(owner: weakref.ref, module: nn.Module, incompatible_keys) -> None:
+def rebind_loaded_parameters(controller, module: nn.Module, incompatible_keys) -> None:
     """The model's load post-hook: every parameter the load replaced takes its predecessor's place in the bound
     optimizers; state the predecessor had (an optimizer loaded before the model) is dropped, and said."""
-    controller = owner()
-    if controller is None or module is not controller.model:
-        return
     before, controller._before_load = controller._before_load, {}
     after = dict(module.named_parameters())
     dropped = 0

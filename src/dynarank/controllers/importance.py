@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -230,21 +231,23 @@ class ImportanceEMA:
 
 class _Packing:
     """Where one packing put every parameter's EMAs: the two flat buffers, and each parameter's first element in them
-    (the parameter kept beside it, so that an id reused by a new tensor is not taken for it)."""
+    (a weak reference to the parameter kept beside it, so that an id reused by a new tensor is not taken for it, and
+    a parameter a resize replaced, with its gradient, is not kept alive by the packing)."""
 
     def __init__(self, params: list[nn.Parameter], buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.params, self.buffers = list(params), buffers
+        self.buffers = buffers
+        self._refs = list(map(weakref.ref, params))
         starts = itertools.accumulate((p.numel() for p in params[:-1]), initial=0)
-        self._where = {id(p): (p, start) for p, start in zip(params, starts)}
+        self._where = {id(p): (ref, start) for p, ref, start in zip(params, self._refs, starts)}
 
     def holds(self, params: list[nn.Parameter]) -> bool:
-        """Whether ``params`` are exactly the parameters packed, in order."""
-        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+        """Whether ``params`` are exactly the parameters packed, in order (compared in C, ``map``)."""
+        return len(params) == len(self._refs) and all(map(operator.is_, map(weakref.ref.__call__, self._refs), params))
 
     def start_of(self, p: nn.Parameter) -> int | None:
         """``p``'s first element in the buffers (None: not packed)."""
         entry = self._where.get(id(p))
-        return entry[1] if entry is not None and entry[0] is p else None
+        return entry[1] if entry is not None and entry[0]() is p else None
 
     def views_of(self, p: nn.Parameter) -> dict[str, torch.Tensor] | None:
         """``p``'s EMAs as views of the buffers, shaped like it (None: not packed)."""
@@ -295,7 +298,19 @@ class TripletPlan:
     """
 
     def __init__(self) -> None:
-        self._key: list | None = None
+        # What the gathers were built for (see :meth:`scores`); the parameters as weak references, so that a plan
+        # never keeps a tensor a resize replaced (nor its gradient) alive.
+        self._key: tuple | None = None
+        self.row_gather: torch.Tensor | None = None
+        self.col_gather: torch.Tensor | None = None
+        self.column_order: torch.Tensor | None = None
+        self.row_of_column: torch.Tensor | None = None
+
+    def held_bytes(self) -> int:
+        """Bytes of the gathers the plan holds: an index entry per scored element of A and B (int32 while the
+        positions fit), two int64 entries per rank."""
+        tensors = (self.row_gather, self.col_gather, self.column_order, self.row_of_column)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _build(self, layers: list[ElasticLoRALinear], params: list[torch.Tensor], device) -> None:
         sizes = [p.numel() for p in params]
@@ -316,7 +331,10 @@ class TripletPlan:
             by_width.extend(members)
         self.row_split = [width * n for width, n in self.row_batches]
         # every shared side's scores, the modules ordered by width: one index for all widths
-        self.row_gather = _segments([starts[2 * i] for i in by_width], [sizes[2 * i] for i in by_width], device)
+        # int32 where every position fits (index_select reads it as it is; advanced indexing would widen it to int64
+        # at every step): half the bytes of the two gathers, which have an entry per scored element of A and B
+        dtype = torch.int32 if sum(sizes) <= torch.iinfo(torch.int32).max else torch.long
+        self.row_gather = _segments([starts[2 * i] for i in by_width], [sizes[2 * i] for i in by_width], device, dtype)
         cols: dict[tuple, list[int]] = {}  # (d_g, T) -> modules
         for i, t in enumerate(group):
             if t.shape[1]:
@@ -331,7 +349,9 @@ class TripletPlan:
                 piece_start[i] = offset
                 offset += group[i].shape[1]
         self.col_split = [n * d * t for n, d, t in self.col_batches]
-        self.col_gather = _segments([starts[2 * i + 1] for i in by_shape], [sizes[2 * i + 1] for i in by_shape], device)
+        self.col_gather = _segments(
+            [starts[2 * i + 1] for i in by_shape], [sizes[2 * i + 1] for i in by_shape], device, dtype
+        )
         self.values_start = starts[-1]
         layouts = [layer.slot_tuple for layer in layers]
         column_order = [c for i, t in enumerate(group) for c in range(piece_start[i], piece_start[i] + t.shape[1])]
@@ -349,25 +369,22 @@ class TripletPlan:
         modules = list(layers.values())
         # What the gathers depend on: the layers (identity and layout version), the parameters (identity and
         # shape) and the device. Compared element by element in C (``map``): a step that changed nothing costs
-        # no Python loop over the modules.
-        key = (
-            modules,
-            [layer.layout_version for layer in modules],
-            list(params),
-            [p.shape for p in params],
-            flat.device,
-        )
-        if self._key is None or not _same_key(key, self._key):
+        # no Python loop over the modules. The parameters are kept as weak references: a dead one reads None, never
+        # the tensor that took its id.
+        versions, shapes = [layer.layout_version for layer in modules], [p.shape for p in params]
+        if self._key is None or not _same_key(self._key, modules, versions, params, shapes, flat.device):
             self._build(modules, params, flat.device)
-            self._key = key
+            self._key = (modules, versions, list(map(weakref.ref, params)), shapes, flat.device)
         values = flat[self.values_start :]
         row_means = [
             piece.view(n_rows, width).mean(dim=1) if width else values.new_zeros(n_rows)
-            for (width, n_rows), piece in zip(self.row_batches, flat[self.row_gather].split(self.row_split))
+            for (width, n_rows), piece in zip(
+                self.row_batches, flat.index_select(0, self.row_gather).split(self.row_split)
+            )
         ]
         col_means = [
             piece.view(shape).mean(dim=1).flatten()
-            for shape, piece in zip(self.col_batches, flat[self.col_gather].split(self.col_split))
+            for shape, piece in zip(self.col_batches, flat.index_select(0, self.col_gather).split(self.col_split))
         ]
         column = values + (torch.cat(col_means)[self.column_order] if col_means else values.new_zeros(0))
         scores = (column + torch.cat(row_means)[self.row_of_column]).split(self.ranks)
@@ -378,23 +395,25 @@ class TripletPlan:
         return out
 
 
-def _same_key(a: tuple, b: tuple) -> bool:
-    """Whether two keys of :meth:`TripletPlan.scores` are equal: the same objects (``is``) in the lists of layers and
-    of parameters, equal versions, shapes and device."""
+def _same_key(key: tuple, modules: list, versions: list[int], params: list, shapes: list, device) -> bool:
+    """Whether :meth:`TripletPlan.scores`' ``key`` was made for these layers (the same objects, ``is``), layout
+    versions, parameters (the weak references' referents, ``is``: a freed parameter's reference reads None),
+    shapes and device."""
+    layers, versions_then, refs, shapes_then, device_then = key
     return (
-        len(a[0]) == len(b[0])
-        and len(a[2]) == len(b[2])
-        and all(map(operator.is_, a[0], b[0]))
-        and all(map(operator.is_, a[2], b[2]))
-        and a[1] == b[1]
-        and a[3] == b[3]
-        and a[4] == b[4]
+        len(layers) == len(modules)
+        and len(refs) == len(params)
+        and all(map(operator.is_, layers, modules))
+        and all(map(operator.is_, map(weakref.ref.__call__, refs), params))
+        and versions_then == versions
+        and shapes_then == shapes
+        and device_then == device
     )
 
 
-def _segments(starts: list[int], lengths: list[int], device) -> torch.Tensor:
-    """The positions of the segments [start, start + length) one after another, as one index (no loop per
-    segment)."""
+def _segments(starts: list[int], lengths: list[int], device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """The positions of the segments [start, start + length) one after another, as one index of ``dtype`` (no loop
+    per segment)."""
     lengths_t = torch.tensor(lengths, dtype=torch.long)
     shift = torch.tensor(starts, dtype=torch.long) - (lengths_t.cumsum(0) - lengths_t)
-    return (torch.arange(int(lengths_t.sum())) + shift.repeat_interleave(lengths_t)).to(device)
+    return (torch.arange(int(lengths_t.sum())) + shift.repeat_interleave(lengths_t)).to(device, dtype)

@@ -65,6 +65,11 @@ class _Width:
         self.live = (ranks_t > 0).to(device)
         self.zero = torch.zeros(1, width, dtype=dtype, device=device)
 
+    def held_bytes(self) -> int:
+        """Bytes of what the width holds besides the parameters: its index (``flat_index`` is a view of it), the
+        identity, the live flags and the zero row."""
+        return sum(t.numel() * t.element_size() for t in (self.index, self.eye, self.live, self.zero))
+
     @torch.no_grad()
     def rows(self) -> torch.Tensor:
         """(B, R, d): every group's rows, zero past its rank."""
@@ -110,6 +115,10 @@ class OrthogonalityPlan:
         self._by_key: dict[tuple, _Width] = {}
         self.widths: list[_Width] = []
         self._quick: tuple | None = None  # _quick_key of the layers when the plan was last checked
+
+    def held_bytes(self) -> int:
+        """Bytes of the gathers the plan holds (:meth:`_Width.held_bytes` of every width)."""
+        return sum(w.held_bytes() for w in self.widths)
 
     def widths_for(self, layers: Iterable[ElasticLoRALinear]) -> list[_Width]:
         layers = list(layers)

@@ -207,10 +207,17 @@ class SVDController(RankController):
             if self.schedule.is_round(t, force_end=self.force_end_round):
                 self.reallocate_round(t, record)
             if t >= self.schedule.end:
-                self.importance.clear()  # ranks are final: the scores' memory is freed
+                self._drop_scores()  # ranks are final
             if self.fold_after_last_step and self.total_steps is not None and t >= self.total_steps:
                 self.finalize()
         return self._finish(record)
+
+    def _drop_scores(self) -> None:
+        """Free what scoring ranks holds once ranks are final: the importance EMAs, the score's gathers and the list
+        of scored parameters (built again, from the live ones, if asked for)."""
+        self.importance.clear()
+        self._triplets = TripletPlan()
+        self._scored = None
 
     def reallocate_round(self, t: int, record: BudgetRecord) -> None:
         """One round of the method at step ``t``."""
@@ -381,6 +388,11 @@ class SVDController(RankController):
             self.values.respan(self.layers)
             record.resized = True
             self.rank_changes += record.pruned + record.expanded
+            # Nothing keeps a replaced tensor (nor its gradient) alive into the next step: the list of scored
+            # parameters is made again when next asked for, the penalty's gathers (which read the tensors) now.
+            self._scored = None
+            if self._orthogonality.widths:
+                self._orthogonality.widths_for(self.layers.values())
             if self.config.reset_optimizer_on_resize:
                 for opt in self.optimizers:  # as the authors' code, which rebuilds its optimizer
                     opt.state.clear()
@@ -433,7 +445,8 @@ class SVDController(RankController):
             layer.set_gate(None)
         for optimizer in self.optimizers:
             drop_parameter(optimizer, self.values.values)
-        self.importance.clear()
+        self._drop_scores()
+        self._orthogonality = OrthogonalityPlan()  # no penalty once E is folded: its gathers go too
         if SVD_ATTR in dict(self.model.named_children()):
             del self.model._modules[SVD_ATTR]
         self.forget_sizes()
@@ -441,8 +454,9 @@ class SVDController(RankController):
 
     # ------------------------------------------------------------------ read-outs and state
     def held_bytes(self) -> int:
-        """The importance EMAs (two per scored element while scores are kept)."""
-        return self.importance.held_bytes()
+        """The importance EMAs (two per scored element while scores are kept), the score's gathers (an index entry
+        per scored element of A and B, until ranks are final) and the orthogonality penalty's (until E is folded)."""
+        return self.importance.held_bytes() + self._triplets.held_bytes() + self._orthogonality.held_bytes()
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -40,11 +40,12 @@ class SVDValues(nn.Module):
             parts.append(torch.full((w.shape[1],), 0.0 if fresh else 1.0, dtype=w.dtype, device=w.device))
         self.values = nn.Parameter(torch.cat(parts))
         self._layers = layers  # plain dict, not submodules: the layers belong to the model
-        self._views = FlatViews()
         self.respan(layers)
 
     def respan(self, layers: dict[str, ElasticLoRALinear]) -> None:
-        """Recompute every module's span from its layer's current width (after a resize)."""
+        """Recompute every module's span from its layer's current width (after a resize). The views cut before are
+        dropped: they would be cut anew anyway, and they hold the E a resize replaced (and its gradient)."""
+        self._views = FlatViews()
         self.spans: dict[str, tuple[int, int]] = {}
         start = 0
         for name, layer in layers.items():

@@ -240,8 +240,8 @@ def training_state_bytes(
     model: nn.Module, optimizer: torch.optim.Optimizer, controller: RankController | None = None
 ) -> int:
     """Bytes of the trainable parameters, their optimizer state and the rank controller's own tensors
-    (importance scores: dynarank's SVD methods, or stock PEFT AdaLoRA's allocator): what training holds
-    beyond the frozen model and the activations, and what a resize can shrink."""
+    (importance scores and their gathers: dynarank's SVD methods, or stock PEFT AdaLoRA's allocator): what training
+    holds beyond the frozen model and the activations, and what a resize can shrink."""
     params = [p for p in model.parameters() if p.requires_grad]
     held = controller.held_bytes() if controller is not None else stock_allocator_bytes(model)
     return sum(p.numel() * p.element_size() for p in params) + state_bytes(optimizer, params) + held
