@@ -49,8 +49,9 @@ CHOSEN = ["ard", "elalora", "adalora-physical"]  # dynarank's methods whose defa
 # The SVD methods' configurations: with the orthogonality penalty at the papers' weight (0.1, quality.py's "elalora",
 # "adalora-physical") or without it ("-ortho0"), E at the adapters' rate or 30 times it ("-e30"); the library's
 # ortho_weight and values_lr_ratio defaults follow the choice; without the penalty, the adapters started as plain
-# LoRA's with E = 1 ("-lora", svd_init='lora'; the library's svd_init default follows the choice too). A
-# configuration is chosen among those the tasks of the choice ran (every one of them ran on both kinds of task).
+# LoRA's with E = 1 ("-lora", svd_init='lora'; the library's svd_init default follows the choice too), for
+# AdaLoRA-style also with lora_alpha at its start rank ("-lora-scale1": the update at plain LoRA's scale; run on the
+# causal LMs only). A configuration is chosen among those the tasks of the choice ran.
 CONFIGURATIONS = {
     "ard": ["ard", "ard-data-scaled"],
     "elalora": ["elalora", "elalora-ortho0", "elalora-e30", "elalora-ortho0-e30", "elalora-ortho0-lora"],
@@ -60,6 +61,7 @@ CONFIGURATIONS = {
         "adalora-physical-e30",
         "adalora-physical-ortho0-e30",
         "adalora-physical-ortho0-lora",
+        "adalora-physical-ortho0-lora-scale1",
     ],
 }
 BASELINES = ["lora", "adalora"]  # stock PEFT, each at its best rate per task
@@ -167,7 +169,9 @@ def penalised(configuration: str) -> bool:
     decoder's step-time records: ElaLoRA's hooks 14.6 ms a step with it, 8.4 without), so a configuration with it
     must win its vote by more than the vote's noise (``choose_configuration``)."""
     base, changed = quality.ABLATIONS.get(configuration, (configuration, {}))
-    weight = changed.get("ortho_weight", quality.ORTHO_WEIGHT) if isinstance(changed, dict) else quality.ORTHO_WEIGHT
+    if callable(changed):  # settings that depend on the budget: the penalty's weight does not
+        changed = changed(1, 0)
+    weight = changed.get("ortho_weight", quality.ORTHO_WEIGHT)
     return base in ("elalora", "adalora-physical", "adalora") and weight > 0
 
 

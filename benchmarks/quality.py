@@ -45,6 +45,9 @@ Ablations, run only when named, each at its base method's chosen learning rate:
     elalora-ortho0-lora, adalora-physical-ortho0-lora
                            without the penalty, the adapters started as plain LoRA's (A kaiming-uniform, B = 0)
                            with E = 1 (svd_init='lora') instead of P, Q ~ N(0, 0.02) and E = 0
+    adalora-physical-ortho0-lora-scale1
+                           the same for AdaLoRA-style with lora_alpha at its start rank (the update at scale 1,
+                           plain LoRA's, instead of the fraction of the start the adapter ends at)
     elalora-switch-off     ElaLoRA whose groups may give up their last rank (switch_off=True)
     elalora-from-above     ElaLoRA started at stock AdaLoRA's 1.5r ranks per matrix and pruned into the
                            budget on the cubic schedule while it reallocates (target_params below the start)
@@ -130,6 +133,11 @@ def data_start(statistic: str = "gradient-relative", scale: str = "norm", **chan
     return {"rank_init": "data", "init_statistic": statistic, "init_scale": scale, **changed}
 
 
+def lora_start_at_scale_1(r: int, budget: int) -> dict:
+    """AdaLoRA-style started as plain LoRA, without the penalty, with lora_alpha at its start rank (scale 1)."""
+    return {"ortho_weight": 0.0, "svd_init": "lora", "lora_alpha": float(stock_adalora_sizes(r)["r"])}
+
+
 # Ablation -> (base method, changed settings, or a function of the budget (its r, its parameters) that gives them).
 # The SVD methods share the key "ortho_weight": dynarank's config field, and the loop hands it to stock PEFT
 # AdaLoRA as orth_reg_weight.
@@ -149,6 +157,7 @@ ABLATIONS = {
     # The adapters started as plain LoRA's (A kaiming-uniform, B = 0) with E = 1 (svd_init='lora'), no penalty.
     "elalora-ortho0-lora": ("elalora", {"ortho_weight": 0.0, "svd_init": "lora"}),
     "adalora-physical-ortho0-lora": ("adalora-physical", {"ortho_weight": 0.0, "svd_init": "lora"}),
+    "adalora-physical-ortho0-lora-scale1": ("adalora-physical", lora_start_at_scale_1),
     "elalora-switch-off": ("elalora", {"switch_off": True}),
     "elalora-from-above": ("elalora", from_above),
     # ARD's total-variation strength (the default is ard_beta=0.1, the method "ard").
