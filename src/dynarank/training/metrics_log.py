@@ -11,7 +11,8 @@ from ..files import RunFileError, naming, read_jsonl, replace_file
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended as training goes.
+    """metrics.jsonl: one JSON object per line, appended as training goes (each line handed to the OS as it is
+    written, so a killed process loses none).
 
     ``sync()`` forces what was written to disk; the loop calls it before every checkpoint, so the log on disk
     always reaches at least the newest checkpoint's step. ``resume_at(step)`` cuts the log back to the lines of
@@ -46,6 +47,7 @@ class MetricsLog:
                 self._file = self.path.open("a", encoding="utf-8")
         with naming(self.path):
             self._file.write(json.dumps(record) + "\n")
+            self._file.flush()  # a killed run keeps every line written (the OS holds it; sync() forces the disk)
 
     def sync(self) -> None:
         """Force every line written so far to disk."""

@@ -267,14 +267,42 @@ def load_causal_lm(model_dir: str | Path, quantize: str | None = None):
         extra = {"quantization_config": bitsandbytes_config(quantize), "device_map": {"": default_device()}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **extra)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            model_dir, use_safetensors=True, output_loading_info=True, **extra
+        )
     except LOAD_ERRORS as exc:
         raise ModelError(f"cannot load {model_dir} as a causal LM: {str(exc).splitlines()[0]}") from None
     if quantize is not None:
-        keep_training_layout(model)
+        keep_training_layout(model)  # before any forward (the probe below): bitsandbytes repacks 4-bit on CPU
+    _check_causal_lm(model, model_dir, loading)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_causal_lm(model, model_dir: str | Path, loading: dict) -> None:
+    """Refuse a model that would train as a meaningless causal LM: one whose checkpoint lacks weights (an encoder's
+    new LM head starts random), or whose outputs at a position depend on later tokens (an encoder, e.g. BERT loaded
+    as BertLMHeadModel with is_decoder=False, sees the tokens it is to predict)."""
+    import torch
+
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        raise ModelError(
+            f"{model_dir}: the checkpoint has no weight {missing[0]} ({len(missing)} missing), so a causal LM of it "
+            "would start random: give a decoder with its LM head (e.g. --model smollm2), or drop --task causal-lm."
+        )
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % model.config.vocab_size
+    ids = ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        was_training = model.training
+        logits = model.eval()(input_ids=ids).logits.float()
+        model.train(was_training)
+    if not torch.allclose(logits[0, :3], logits[1, :3], rtol=1e-3, atol=1e-4):
+        raise ModelError(
+            f"{model_dir}: its outputs at a position depend on later tokens, so it is not a causal decoder "
+            f"({type(model).__name__}): give a decoder (e.g. --model smollm2), or drop --task causal-lm."
+        )
 
 
 def resolve_model_dir(value: str | None) -> Path:
