@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -630,13 +630,20 @@ def _is_dynarank_hook(hook) -> bool:
     return (getattr(hook, "__module__", None) or "").split(".")[0] == __name__.split(".")[0]
 
 
-def _remove_dynarank_hooks(module: nn.Module) -> None:
+def remove_hooks(module: nn.Module, which: Callable[[Callable], bool]) -> None:
+    """Take off ``module`` every hook (forward, backward, state-dict and load hooks, as the module holds them:
+    torch's wrapper of a load hook included) for which ``which(hook)`` is true, with the flags torch keeps beside
+    it under the same id."""
     for attr in _HOOK_DICTS:
         hooks = getattr(module, attr, None) or {}
-        for key in [key for key, hook in hooks.items() if _is_dynarank_hook(hook)]:
+        for key in [key for key, hook in hooks.items() if which(hook)]:
             del hooks[key]
             for flags in _HOOK_FLAGS:
                 getattr(module, flags, {}).pop(key, None)
+
+
+def _remove_dynarank_hooks(module: nn.Module) -> None:
+    remove_hooks(module, _is_dynarank_hook)
 
 
 def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..attach import remove_hooks
 from ..optim_state import swap_parameter, unresizable_reason
 
 logger = logging.getLogger(__name__)
@@ -124,18 +125,9 @@ def _call_for_model(owner: weakref.ref, hook: Callable, module: nn.Module, *args
         hook(controller, module, *args)
 
 
-_HOOK_DICTS = ("_forward_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")  # kept beside them under the same ids
-
-
 def _forget_stale_hooks(model: nn.Module) -> None:
     """Take off ``model`` every :func:`hook_on_model` hook whose controller is gone or is another model's."""
-    for attr in _HOOK_DICTS:
-        hooks = getattr(model, attr)
-        for key in [key for key, hook in hooks.items() if _is_stale(getattr(hook, "hook", hook), model)]:
-            del hooks[key]  # torch keeps a load pre-hook wrapped (its .hook)
-            for flags in _HOOK_FLAGS:
-                getattr(model, flags).pop(key, None)
+    remove_hooks(model, lambda hook: _is_stale(getattr(hook, "hook", hook), model))  # a load hook is torch-wrapped
 
 
 def _is_stale(hook, model: nn.Module) -> bool:
