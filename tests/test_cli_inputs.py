@@ -317,6 +317,29 @@ def test_bench_runs_the_benchmarks_of_the_checkout(monkeypatch):
     assert commands[0][1:] == [str(script), "--suite", "planted", "--quick"]
 
 
+def test_an_unknown_bench_suite_is_one_line_naming_every_suite_and_nothing_runs(monkeypatch, capsys):
+    """run.py's argparse printed its whole usage block for it."""
+    import subprocess
+
+    from dynarank.cli.commands import bench_suites
+
+    monkeypatch.setattr(subprocess, "run", lambda command: pytest.fail(f"ran {command}"))
+    err = refused(["bench", "--suite", "planted", "bogus"], capsys)
+    suites, _ = bench_suites()
+    assert "argument --suite: no suite 'bogus'; the suites are " + ", ".join(suites) in err
+    assert {"rank-init", "fresh-data"} <= set(suites)  # the suites run.py gained after the help was written
+
+
+def test_bench_help_lists_every_suite_of_the_benchmarks_and_the_default(monkeypatch, capsys):
+    from dynarank.cli.commands import bench_suites
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no suite name broken at its hyphen
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    suites, long = bench_suites()
+    assert f"{', '.join(suites)} (default: all but {' and '.join(long)})" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------- data files
 def test_a_csv_with_a_byte_order_mark_has_its_columns_guessed(tmp_path):
     path = tmp_path / "bom.csv"
@@ -367,6 +390,16 @@ def test_a_prompt_response_row_without_a_response_is_refused_naming_the_row(tmp_
     path.write_text(content)
     with pytest.raises(ValueError, match=f"pairs.csv, row 3: no {named}"):
         causal_sets(str(path))
+
+
+def test_a_json_lines_text_cell_holding_a_list_is_refused_in_one_line_and_nothing_is_written(
+    tiny_model_dir, tmp_path, capsys
+):
+    data = tmp_path / "data.jsonl"
+    data.write_text(TWO_ROWS + '{"text":["so","good"],"label":"positive"}\n' + TWO_ROWS)
+    err = refused(train_args(tiny_model_dir, data, tmp_path / "run", "--method", "lora"), capsys)
+    assert "data.jsonl, row 3: the 'text' cell is a list, not text" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_json_lines_row_without_the_text_field_is_refused_naming_the_row(tmp_path):

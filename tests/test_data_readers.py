@@ -274,3 +274,43 @@ def test_naming_one_of_two_candidate_columns_reads_it(tmp_path):
     # a column named for one role is no candidate for the other
     pairs = causal_examples(load_table(str(data)), response_column="query", prompt_column=None)
     assert pairs.prompts == ["q1", "q2"] and pairs.responses == ["x1", "x2"]
+
+
+# ---------------------------------------------------------------------------- what a text cell may hold
+@pytest.mark.parametrize(("value", "kind"), [(["a", "b"], "a list"), ({"x": 1}, "an object"), (True, "true / false")])
+def test_a_json_list_object_or_boolean_in_the_text_column_is_refused_naming_file_row_and_column(tmp_path, value, kind):
+    """Such a cell was read as its Python spelling ("['a', 'b']") and trained on."""
+    rows = [{"text": "good", "label": 1}, {"text": value, "label": 0}]
+    data = _jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(DataError, match=rf"data.jsonl, row 2: the 'text' cell is {kind}, not text"):
+        classification_examples(load_table(data), path=str(data))
+
+
+@pytest.mark.parametrize("column", ["question", "answer"])
+@pytest.mark.parametrize("value", [["a"], {"x": 1}, False])
+def test_a_json_list_object_or_boolean_in_a_prompt_or_response_column_is_refused_naming_it(tmp_path, column, value):
+    rows = [{"question": "hi", "answer": "hello"}, {"question": "how?", "answer": "so", column: value}]
+    data = _jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match=rf"pairs.jsonl, row 2: the '{column}' cell is .*, not text"):
+        causal_examples(load_table(data), path=str(data))
+
+
+@pytest.mark.parametrize("column", ["instruction", "input", "output"])
+def test_a_json_list_in_an_instruction_row_is_refused_naming_its_column(tmp_path, column):
+    row = {"instruction": "Name a colour.", "input": "", "output": "Blue.", column: ["a", "b"]}
+    data = _jsonl(tmp_path / "alpaca.jsonl", [row])
+    with pytest.raises(DataError, match=rf"alpaca.jsonl, row 1: the '{column}' cell is a list, not text"):
+        causal_examples(load_table(data), path=str(data))
+
+
+def test_a_json_number_in_a_text_cell_is_its_text(tmp_path):
+    data = _jsonl(tmp_path / "data.jsonl", [{"text": 42, "label": "a"}, {"text": 2.5, "label": "b"}])
+    assert classification_examples(load_table(data)).texts == ["42", "2.5"]
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"question": 7, "answer": 49}])
+    assert causal_examples(load_table(pairs)).prompts == ["7"]
+
+
+def test_chat_messages_still_take_their_list_of_turns(tmp_path):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chats = causal_examples(load_table(_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}])))
+    assert chats.conversations == [turns]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dynarank.config import ConfigError
+from dynarank.training.loop import BERT_ENCODER_LINEAR
 from dynarank.training.methods import _check_eva_rows, build_baseline, data_init_baseline
 from tiny_models import tiny_bert
 
@@ -47,3 +48,37 @@ def test_the_cli_refuses_such_a_run_in_one_line_and_leaves_no_run_folder(tiny_mo
     err = refused([*argv, "--batch-size", "2", "--max-length", "4", "--max-steps", "2"], capsys)
     assert "--batch-size / --max-length / --r: stock EVA needs a batch of at least 16 token rows" in err
     assert not (tmp_path / "run").exists()
+
+
+def _eva_on_a_shard(rank: int, store: str, results) -> None:
+    """One of two gloo workers: stock EVA on this worker's shards (one example of 5 counted tokens per step)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # a worker that refused alone would leave the other waiting in a collective: a minute, then an error
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        torch.manual_seed(rank)
+        model = build_baseline(tiny_bert(), "eva", 4, BERT_ENCODER_LINEAR, total_steps=10, knobs={})
+        data_init_baseline(model, "eva", [_batch(1, 8, counted=5)] * 3)
+        results.put((rank, "initialised"))
+    except Exception as exc:  # reported to the test, which names it
+        results.put((rank, f"{type(exc).__name__}: {exc}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_evas_batch_check_counts_the_global_batch_whose_shards_peft_gathers(tmp_path):
+    """Each worker's shard gives 5 token rows, fewer than EVA's 8 components, but PEFT's PCA gathers every worker's
+    inputs of a step: 10 rows, enough. The check counted one worker's shard and refused the run."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("fork")
+    results = context.Queue()
+    mp.start_processes(
+        _eva_on_a_shard, args=(str(tmp_path / "store"), results), nprocs=2, start_method="fork", join=True
+    )
+    assert dict(results.get(timeout=60) for _ in range(2)) == {0: "initialised", 1: "initialised"}

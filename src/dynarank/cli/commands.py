@@ -28,6 +28,7 @@ from ..training.models import (
 )
 from ..training.tasks import evaluate_causal_lm, evaluate_classifier
 from . import report
+from .fields import UsageError
 from .run_dir import ADAPTER_INFO, RunDir, first_missing, new_directory, read_adapter_info, write_adapter_info
 from .train_options import other_tasks_columns, parse_target_modules
 
@@ -216,17 +217,51 @@ def inspect_command(model: str | None, fields: dict) -> None:
     Console(width=150).print(table)
 
 
-def bench_command(args: argparse.Namespace) -> int:
-    """Run benchmarks/run.py of the source checkout this package was installed from."""
-    import subprocess
-    import sys
-
+def _bench_script() -> Path:
+    """benchmarks/run.py of the source checkout this package was installed from."""
     script = Path(__file__).resolve().parents[3] / "benchmarks" / "run.py"  # src/dynarank/cli/ -> the checkout
     if not script.is_file():
         raise FileNotFoundError(
             "the benchmarks live in the source checkout (benchmarks/run.py); install dynarank "
             "from it with `pip install -e .` to run them."
         )
+    return script
+
+
+def bench_suites() -> tuple[list[str], list[str]]:
+    """(every suite, the long ones run only when named) of benchmarks/run.py, the one list of them; two empty lists
+    outside a source checkout."""
+    import importlib.util
+
+    try:
+        script = _bench_script()
+    except FileNotFoundError:
+        return [], []
+    spec = importlib.util.spec_from_file_location("dynarank_bench_run", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # definitions only: it runs a suite from its __main__ guard
+    return list(module.SUITES), list(module.LONG)
+
+
+def bench_suites_help() -> str:
+    """The --suite help: every suite, and which run by default."""
+    suites, long = bench_suites()
+    if not suites:
+        return "suites of benchmarks/run.py in a source checkout (default: all but the long ones)"
+    return f"{', '.join(suites)} (default: all but {' and '.join(long) or 'none'})"
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Run benchmarks/run.py of the source checkout this package was installed from."""
+    import subprocess
+    import sys
+
+    script = _bench_script()
+    suites, _ = bench_suites()
+    unknown = [name for name in args.suite or () if name not in suites]
+    if unknown:
+        named = ", ".join(repr(name) for name in unknown)
+        raise UsageError(f"argument --suite: no suite {named}; the suites are {', '.join(suites)}.")
     command = [
         sys.executable,
         str(script),

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
+from .commands import bench_suites_help
 from .fields import OneLineParser
 from .train_options import CONFIG_OPTIONS, RUN_OPTIONS, config_groups, config_help
 
-BENCH_SUITES = "planted, methods-planted, ablations, quality, quality-smollm2, overhead, method-overhead, buckets"
 INSPECT_FIELDS = ("r", "target_modules", "granularity", "head_layout")  # the layout of a fixed-rank adapter
 DEMO_FIELDS = ("max_steps", "n_train", "out")
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="run directory written by `dynarank train`")
     _inspect_parser(sub)
     bench = sub.add_parser("bench", help="run the benchmark suites of a source checkout (benchmarks/run.py)")
-    bench.add_argument("--suite", nargs="+", help=f"{BENCH_SUITES} (default: all)")
+    bench.add_argument("--suite", nargs="+", help=bench_suites_help())
     bench.add_argument(
         "--quick", action="store_true", help="fewer steps and one seed, into benchmarks/results/quick/ (~8 minutes)"
     )

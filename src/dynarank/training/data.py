@@ -143,6 +143,20 @@ def pick_column(
     )
 
 
+_NOT_TEXT = {dict: "an object", list: "a list", tuple: "a list", bool: "true / false"}  # JSON's names for them
+
+
+def _text_cell(value, where: str, column: str) -> str | None:
+    """The text of a cell: a string as it is, a number as written (a CSV cell is text anyway), None for an absent
+    or null cell; a JSON list, object or true / false is refused (its Python spelling would be trained on)."""
+    if value is None or isinstance(value, str):
+        return value
+    kind = next((name for kind, name in _NOT_TEXT.items() if isinstance(value, kind)), None)
+    if kind is not None:
+        raise DataError(f"{where}: the {column!r} cell is {kind}, not text; give the text as a JSON string.")
+    return str(value)
+
+
 @dataclass
 class Examples:
     texts: list[str]
@@ -203,12 +217,12 @@ def classification_examples(
     numbers = row_numbers or range(1, len(rows) + 1)
     texts, raw = [], []
     for number, row in zip(numbers, rows):
-        text, label = row.get(text_col), row.get(label_col)
+        text, label = _text_cell(row.get(text_col), f"{where}, row {number}", text_col), row.get(label_col)
         if text is None:
             raise DataError(f"{where}, row {number}: no {text_col!r} field; fill it in or drop the row.")
         if label is None or isinstance(label, (dict, list)) or not str(label).strip():
             raise DataError(f"{where}, row {number}: no {label_col!r} label; fill it in or drop the row.")
-        texts.append(str(text))
+        texts.append(text)
         raw.append(label_name(label))
     if label_names is None:
         label_names = _sorted_labels(set(raw))
@@ -342,20 +356,23 @@ def causal_examples(
         )
     prompts, responses = [], []
     for number, row in enumerate(rows, 1):  # a row is refused by its place, as a classifier's row without a label
-        prompt, response = row.get(prompt_col), row.get(response_col)
-        if prompt is None or isinstance(prompt, (dict, list)):
-            raise DataError(f"{path or 'data'}, row {number}: no {prompt_col!r} text; fill it in or drop the row.")
-        if response is None or isinstance(response, (dict, list)) or not str(response).strip():
+        where = f"{path or 'data'}, row {number}"
+        prompt = _text_cell(row.get(prompt_col), where, prompt_col)
+        response = _text_cell(row.get(response_col), where, response_col)
+        if prompt is None:
+            raise DataError(f"{where}: no {prompt_col!r} text; fill it in or drop the row.")
+        if response is None or not response.strip():
             raise DataError(
-                f"{path or 'data'}, row {number}: no {response_col!r} text (the loss is on it, so the row would teach "
-                "nothing); fill it in or drop the row."
+                f"{where}: no {response_col!r} text (the loss is on it, so the row would teach nothing); fill it in "
+                "or drop the row."
             )
-        prompts.append(str(prompt))
-        responses.append(str(response))
+        prompts.append(prompt)
+        responses.append(response)
     return PairExamples(prompts, responses)
 
 
-ALPACA_COLUMNS = {"instruction", "input", "output"}
+ALPACA_ORDER = ("instruction", "input", "output")
+ALPACA_COLUMNS = set(ALPACA_ORDER)
 
 
 def alpaca_examples(rows: list[dict], path: str = "") -> PairExamples:
@@ -365,20 +382,17 @@ def alpaca_examples(rows: list[dict], path: str = "") -> PairExamples:
     where = path or "data"
     prompts, responses = [], []
     for number, row in enumerate(rows, 1):
-        instruction, extra, output = (row.get(c) for c in ("instruction", "input", "output"))
-        for name, value in (("instruction", instruction), ("input", extra), ("output", output)):
-            if isinstance(value, (dict, list)):
-                raise DataError(f"{where}, row {number}: {name!r} is not text.")
-        if instruction is None or not str(instruction).strip():
+        instruction, extra, output = (_text_cell(row.get(c), f"{where}, row {number}", c) for c in ALPACA_ORDER)
+        if instruction is None or not instruction.strip():
             raise DataError(f"{where}, row {number}: no 'instruction' text; fill it in or drop the row.")
-        if output is None or not str(output).strip():
+        if output is None or not output.strip():
             raise DataError(
                 f"{where}, row {number}: no 'output' text (the loss is on it, so the row would teach nothing); fill it "
                 "in or drop the row."
             )
-        extra = "" if extra is None else str(extra)
-        prompts.append(str(instruction) + (f"\n\n{extra}" if extra.strip() else ""))
-        responses.append(str(output))
+        extra = extra or ""
+        prompts.append(instruction + (f"\n\n{extra}" if extra.strip() else ""))
+        responses.append(output)
     return PairExamples(prompts, responses)
 
 

@@ -30,6 +30,7 @@ from ..config import (
     stock_adalora_start_rank,
 )
 from ..controllers.schedules import stock_adalora_phases
+from ..distributed import world
 
 DYNARANK_METHODS = METHODS  # dynarank's own: dynarank-lora, ard, elalora, adalora-physical
 PEFT_METHODS = ("lora", "dora", "adalora", "eva")  # the stock PEFT baselines
@@ -150,6 +151,7 @@ def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_
         config = LoraConfig(
             r=r, lora_alpha=r, target_modules=target_modules, use_dora=method == "dora", modules_to_save=heads or None
         )
+    trains = {p: p.requires_grad for p in model.parameters()}  # get_peft_model freezes the base in place
     with warnings.catch_warnings():
         # PEFT's advice to EVA's users about its own memory option: the harness builds EVA as its records ran it
         warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage=False")
@@ -161,12 +163,61 @@ def build_baseline(model: nn.Module, method: str, r: int, target_modules, total_
             # PEFT's own message names its fields: say it as the rank methods do, with the model's Linear modules
             select_targets(model, DynaRankConfig(method="dynarank-lora", r=r, target_modules=target_modules))
             raise
+    try:
+        _check_start_ranks(wrapped.base_model.model, method, r)
+    except ConfigError:
+        wrapped.unload()  # the model as it came: its own modules, and the weights it trained
+        for p, flag in trains.items():
+            p.requires_grad_(flag)
+        raise
     # PEFT resolves 'all-linear' to a set of names and saves it in set order, which follows the process's string
     # hashing: sorted, the same run writes the same adapter_config.json.
     for peft_config in wrapped.peft_config.values():
         if isinstance(peft_config.target_modules, (set, frozenset)):
             peft_config.target_modules = sorted(peft_config.target_modules)
     return wrapped
+
+
+def _largest_start_rank(method: str, d_in: int, d_out: int) -> int:
+    """The largest r at which ``method`` can start on a (d_out, d_in) weight: a rank the matrix can hold
+    (min(d_in, d_out)); stock AdaLoRA starts at 1.5 r, and stock EVA's PCA takes rho x r components of the d_in
+    input features."""
+    holds = min(d_in, d_out)
+    if method == "adalora":
+        return max((r for r in range(1, holds + 1) if stock_adalora_start_rank(r) <= holds), default=0)
+    if method == "eva":
+        return max((r for r in range(1, holds + 1) if round(EVA_RHO * r) <= d_in), default=0)
+    return holds
+
+
+def _check_start_ranks(model: nn.Module, method: str, r: int) -> None:
+    """ConfigError unless every matrix stock PEFT adapted in ``model`` can hold the rank ``method`` starts it at, as
+    dynarank's methods refuse a rank their groups cannot hold (PEFT builds the larger factors without a word)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    if not layers:
+        return
+    limits = {name: _largest_start_rank(method, m.in_features, m.out_features) for name, m in layers.items()}
+    name = min(limits, key=limits.get)
+    if r <= limits[name]:
+        return
+    d_in, d_out, largest = layers[name].in_features, layers[name].out_features, limits[name]
+    starts = {
+        "adalora": ", and stock AdaLoRA starts at 1.5 r",
+        "eva": f", and stock EVA's PCA takes {EVA_RHO:g} x r components of its {d_in} input features",
+    }
+    if largest == min(d_in, d_out):
+        advice = "Lower it."
+    elif largest:
+        advice = f"Lower it to {largest} at most."
+    else:
+        advice = "No r fits there: leave that module out of the targets."
+    raise ConfigError(
+        "r",
+        f"{r} is larger than the model can use at {name}: the matrix there is {d_out} x {d_in}, so its rank cannot "
+        f"exceed {min(d_in, d_out)}{starts.get(method, '')}. {advice}",
+    )
 
 
 def data_init_baseline(model: nn.Module, method: str, batches: Iterable[Mapping]) -> None:
@@ -183,8 +234,12 @@ def data_init_baseline(model: nn.Module, method: str, batches: Iterable[Mapping]
             del batch["labels"]
         loader.append(batch)
     _check_eva_rows(model, loader)
-    initialize_lora_eva_weights(
-        model, dataloader=loader, prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False
+    initialize_lora_eva_weights(  # under torch.distributed, each step's PCA takes every worker's inputs of it
+        model,
+        dataloader=loader,
+        prepare_layer_inputs_fn=_eva_layer_inputs,
+        show_progress_bar=False,
+        gather_distributed_inputs=True,
     )
 
 
@@ -202,19 +257,37 @@ def _eva_token_rows(batch: Mapping) -> int:
     return int(counted.sum())
 
 
+def _gathered_rows(rows: list[int], device) -> list[int]:
+    """Per step, the token rows EVA's PCA takes: a worker's ``rows`` of its batches, or under torch.distributed the
+    sum over the workers of their batch of that step (PEFT gathers them: gather_distributed_inputs)."""
+    import torch
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return rows
+    counts = torch.zeros(EVA_MAX_BATCHES, dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
+    counts[: len(rows)] = torch.tensor(rows, dtype=torch.long)  # zero-padded: one shape on every worker
+    dist.all_reduce(counts)
+    return counts.tolist()
+
+
 def _check_eva_rows(model: nn.Module, loader: list[Mapping]) -> None:
-    """ConfigError unless some batch gives EVA's PCA at least its components (rho x r) of token rows: PEFT skips a
-    batch with fewer rows, and with no batch large enough it cycles the batches forever."""
+    """ConfigError unless some step gives EVA's PCA at least its components (rho x r) of token rows: PEFT skips a
+    step with fewer rows, and with no step large enough it cycles the batches forever. Under torch.distributed a
+    step's rows are the global batch's (every worker's shard of it), as PEFT gathers them: all workers decide alike."""
     config = next(iter(model.peft_config.values()))
     needed = round(config.r * config.eva_config.rho)
-    most = max((_eva_token_rows(batch) for batch in loader), default=0)
+    rows = [_eva_token_rows(batch) for batch in loader]
+    most = max(_gathered_rows(rows, next(model.parameters()).device), default=0)
     if most < needed:
         fewest_r = max(1, int(most // config.eva_config.rho))
+        workers = world()[1]
+        batch = "training batch" if workers == 1 else f"global training batch (its shards on {workers} workers)"
         raise ConfigError(
             ("batch_size", "max_length", "r"),
-            f"stock EVA needs a batch of at least {needed} token rows ({config.eva_config.rho:g} x r = {config.r}: "
-            f"its components per module), and the largest training batch gives {most}: raise the batch size (or the "
-            f"max length, if it cuts the texts), or lower r to {fewest_r}.",
+            f"stock EVA needs a batch of at least {needed} token rows ({config.eva_config.rho:g} x r, r = {config.r}: "
+            f"its components per module), and the largest {batch} gives {most}: raise the batch size (or the max "
+            f"length, if it cuts the texts), or lower r to {fewest_r}.",
         )
 
 
