@@ -133,11 +133,6 @@ def data_start(statistic: str = "gradient-relative", scale: str = "norm", **chan
     return {"rank_init": "data", "init_statistic": statistic, "init_scale": scale, **changed}
 
 
-def lora_start_at_scale_1(r: int, budget: int) -> dict:
-    """AdaLoRA-style started as plain LoRA, without the penalty, with lora_alpha at its start rank (scale 1)."""
-    return {"ortho_weight": 0.0, "svd_init": "lora", "lora_alpha": float(stock_adalora_sizes(r)["r"])}
-
-
 # Ablation -> (base method, changed settings, or a function of the budget (its r, its parameters) that gives them).
 # The SVD methods share the key "ortho_weight": dynarank's config field, and the loop hands it to stock PEFT
 # AdaLoRA as orth_reg_weight.
@@ -157,7 +152,11 @@ ABLATIONS = {
     # The adapters started as plain LoRA's (A kaiming-uniform, B = 0) with E = 1 (svd_init='lora'), no penalty.
     "elalora-ortho0-lora": ("elalora", {"ortho_weight": 0.0, "svd_init": "lora"}),
     "adalora-physical-ortho0-lora": ("adalora-physical", {"ortho_weight": 0.0, "svd_init": "lora"}),
-    "adalora-physical-ortho0-lora-scale1": ("adalora-physical", lora_start_at_scale_1),
+    # ... and with lora_alpha at its start rank (scale 1, plain LoRA's; its records ran lora_alpha = r, the same 1.0)
+    "adalora-physical-ortho0-lora-scale1": (
+        "adalora-physical",
+        {"ortho_weight": 0.0, "svd_init": "lora", "alpha_at": "start"},
+    ),
     "elalora-switch-off": ("elalora", {"switch_off": True}),
     "elalora-from-above": ("elalora", from_above),
     # ARD's total-variation strength (the default is ard_beta=0.1, the method "ard").
@@ -343,12 +342,14 @@ def train_spec(method: str, r: int, budget: int, lr: float, seed: int, steps: in
     # The SVD methods with the orthogonality penalty at the papers' weight, pinned: what their records ran (the
     # library's default weight is the defaults study's choice between this and the "-ortho0" ablation, per kind).
     # E at the adapters' rate (values_lr_ratio 1), pinned likewise: the "-e30" ablations train it 30 times faster;
-    # and the papers' start (svd_init 'adalora'), pinned likewise: the "-lora" ablations start as plain LoRA.
+    # and the papers' start (svd_init 'adalora'), pinned likewise: the "-lora" ablations start as plain LoRA; and
+    # AdaLoRA-style's lora_alpha at its target (alpha_at 'target'), pinned likewise: "-scale1" puts it at the start.
     if method == "elalora":  # a parameter budget: a rank costs more in the MLP
         knobs = {"target_params": budget, "ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0, "svd_init": "adalora"}
         return TrainSpec(method=method, r=r, dynarank=knobs, **common)
-    if method == "adalora-physical":  # stock AdaLoRA's start, pruned to the parameter budget (phases, scale: defaults)
+    if method == "adalora-physical":  # stock AdaLoRA's start, pruned to the parameter budget (phases: defaults)
         knobs = {"target_params": budget, "ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0, "svd_init": "adalora"}
+        knobs["alpha_at"] = "target"
         return TrainSpec(method=method, r=stock_adalora_sizes(r)["r"], dynarank=knobs, **common)
     return TrainSpec(method=method, r=max(1, r), **common)  # full fine-tuning ignores r
 

@@ -447,15 +447,20 @@ def _lora_budget(model, r: int) -> int:
 @pytest.mark.parametrize("steps", [5, 60, 226, 1000])
 def test_adalora_style_left_unset_takes_stock_adaloras_phases_and_output_scale(steps):
     """What the quality study's records ran as pinned settings - PEFT's tinit / tfinal / deltaT as the loop sets them
-    for stock AdaLoRA, and lora_alpha at the target over the start rank (init_r 6 -> target_r 4 at LoRA r=4's
-    parameters) - is what a config that sets none of them gets: the study measured the library's default."""
+    for stock AdaLoRA, and with lora_alpha at the target, the target over the start rank (init_r 6 -> target_r 4 at
+    LoRA r=4's parameters) - is what a config that sets none of the phases gets: the study measured the library's
+    default. (Where an unset lora_alpha is depends on the model's kind: the next tests.)"""
     stock = stock_adalora_schedule(4, steps)
     model = tiny_llama()
     budget = _lora_budget(model, stock["target_r"])
     attach(
         model,
         DynaRankConfig(
-            method="adalora-physical", r=stock["init_r"], target_params=budget, target_modules=LLAMA_TARGETS
+            method="adalora-physical",
+            r=stock["init_r"],
+            target_params=budget,
+            target_modules=LLAMA_TARGETS,
+            alpha_at="target",
         ),
     )
     ctrl = build_controller(model, total_steps=steps)
@@ -469,6 +474,45 @@ def test_adalora_style_left_unset_takes_stock_adaloras_phases_and_output_scale(s
 
 
 @pytest.mark.parametrize(
+    "build, targets, alpha_at, scale",
+    [
+        (tiny_bert, ["query", "value"], None, 4 / 6),  # a classifier: at the target, the fraction it ends at
+        (tiny_llama, LLAMA_TARGETS, None, 1.0),  # a causal LM: at the start rank, plain LoRA's scale
+        (tiny_bert, ["query", "value"], "start", 1.0),  # alpha_at given: as given, whatever the kind
+        (tiny_llama, LLAMA_TARGETS, "target", 4 / 6),
+    ],
+)
+def test_adalora_styles_unset_lora_alpha_is_where_the_study_put_it_for_the_model_s_kind(
+    build, targets, alpha_at, scale
+):
+    """The defaults study chose lora_alpha at the target for classifiers (stock AdaLoRA's) and at the start rank for
+    causal LMs (started as plain LoRA, at plain LoRA's scale): dynarank.defaults.DEFAULT_ALPHA_AT."""
+    model = build()
+    attach(model, DynaRankConfig(method="adalora-physical", r=6, target_modules=targets, alpha_at=alpha_at))
+    scales = {layer.scaling for layer in elastic_layers(model).values()}
+    assert len(scales) == 1 and scales.pop() == pytest.approx(scale, rel=1e-15)
+    settings = build_controller(model, total_steps=100).settings_used()
+    assert settings["output_scale"] == pytest.approx(scale, rel=1e-15)
+    kind = "causal-lm" if build is tiny_llama else "classify"
+    where = f"config (alpha_at={alpha_at!r})" if alpha_at else f"docs/defaults.md), {kind} (alpha_at="
+    assert where in settings["output_scale_source"]
+
+
+def test_alpha_at_beside_a_given_lora_alpha_is_refused_as_acting_on_nothing():
+    with pytest.raises(ConfigError, match=r"alpha_at.*lora_alpha is given"):
+        DynaRankConfig(method="adalora-physical", r=6, lora_alpha=6.0, alpha_at="start")
+
+
+def test_a_config_switched_to_another_method_leaves_the_old_method_s_unset_fields_out_and_refuses_set_ones():
+    """The library's advice for a finished AdaLoRA-style adapter - {**config.to_dict(), 'method': 'elalora'} - gives
+    an ElaLoRA config: AdaLoRA-style's own fields at their defaults set nothing there."""
+    data = DynaRankConfig(method="adalora-physical", r=6).to_dict()
+    assert DynaRankConfig.from_dict({**data, "method": "elalora"}).method == "elalora"
+    with pytest.raises(ConfigError, match=r"alpha_at: not used by method 'elalora'"):
+        DynaRankConfig.from_dict({**data, "alpha_at": "start", "method": "elalora"})
+
+
+@pytest.mark.parametrize(
     "fields, scale",
     [
         ({"r": 6, "target_rank": 4}, 4 / 6),  # the final rank over the start
@@ -476,9 +520,10 @@ def test_adalora_style_left_unset_takes_stock_adaloras_phases_and_output_scale(s
         ({"r": 6, "target_rank": 3, "lora_alpha": 9}, 9 / 6),  # a given lora_alpha is used as given
     ],
 )
-def test_adalora_styles_default_output_scale_is_the_fraction_of_its_start_it_ends_at(fields, scale):
+def test_adalora_styles_output_scale_at_the_target_is_the_fraction_of_its_start_it_ends_at(fields, scale):
     model = tiny_llama()
-    attach(model, DynaRankConfig(method="adalora-physical", target_modules=LLAMA_TARGETS, **fields))
+    at = {} if "lora_alpha" in fields else {"alpha_at": "target"}  # beside a given lora_alpha it acts on nothing
+    attach(model, DynaRankConfig(method="adalora-physical", target_modules=LLAMA_TARGETS, **at, **fields))
     scales = {layer.scaling for layer in elastic_layers(model).values()}
     assert len(scales) == 1 and scales.pop() == pytest.approx(scale, rel=1e-15)
 

@@ -87,16 +87,19 @@ def test_an_ablation_runs_at_its_base_method_s_learning_rate_with_only_its_setti
 
 @pytest.mark.parametrize("r", [1, 2, 4, 12])
 def test_the_study_runs_adalora_style_at_the_library_s_phases_and_output_scale(r):
-    """The study starts AdaLoRA-style as stock AdaLoRA (1.5r) at the budget of LoRA r and leaves its phases and
-    output scale to the library, whose defaults are stock AdaLoRA's (tests/test_adalora.py): what the study
-    measures is what a user who sets nothing gets."""
+    """The study starts AdaLoRA-style as stock AdaLoRA (1.5r) at the budget of LoRA r and leaves its phases to the
+    library, whose defaults are stock AdaLoRA's (tests/test_adalora.py): what the study measures is what a user who
+    sets nothing gets. Its lora_alpha is pinned at the target (stock AdaLoRA's, the classifiers' default), where
+    every record of the method ran; "-scale1" puts it at the start, the causal LMs' default."""
     import quality
 
+    from dynarank.defaults import DEFAULT_ALPHA_AT
     from dynarank.training.methods import stock_adalora_schedule
 
     spec = quality.train_spec("adalora-physical", r, 1000 * r, 3e-2, 0, 126, quality.TASKS["minilm"], "query")
     left = {"lora_alpha", "warmup_frac", "final_frac", "t_init_steps", "t_final_steps", "resize_every"}
     assert not left & set(spec.dynarank)
+    assert spec.dynarank["alpha_at"] == DEFAULT_ALPHA_AT["classify"]["adalora-physical"] == "target"
     assert (spec.r, spec.dynarank["target_params"]) == (stock_adalora_schedule(r, 126)["init_r"], 1000 * r)
 
 

@@ -20,6 +20,7 @@ from dynarank.cli import main
 from dynarank.config import ORTHO_WEIGHT, ConfigError
 from dynarank.defaults import (
     BUDGET_LR,
+    DEFAULT_ALPHA_AT,
     DEFAULT_LR,
     DEFAULT_ORTHO_WEIGHT,
     DEFAULT_SVD_INIT,
@@ -85,11 +86,17 @@ def test_the_svd_methods_orthogonality_weight_and_values_rate_are_the_configurat
             assert variant in study.CONFIGURATIONS[method], kind
             # quality.py's method pins the papers' weight and E at the adapters' rate; its ablations change them
             pinned = {"ortho_weight": ORTHO_WEIGHT, "values_lr_ratio": 1.0, "svd_init": "adalora"}
+            if method == "adalora-physical":
+                pinned["alpha_at"] = "target"
             settings = {**pinned, **(quality.ABLATIONS[variant][1] if variant in quality.ABLATIONS else {})}
             assert quality.ABLATIONS.get(variant, (method,))[0] == method, (variant, kind)
+            spec = quality.train_spec(variant, 2, 10_000, 1e-2, 0, 100, quality.TASKS["minilm"], "query")
+            assert {k: spec.dynarank[k] for k in settings} == settings, variant  # what quality.py runs
             assert DEFAULT_ORTHO_WEIGHT[kind][method] == settings["ortho_weight"], (method, kind)
             assert DEFAULT_VALUES_LR_RATIO[kind][method] == settings["values_lr_ratio"], (method, kind)
             assert DEFAULT_SVD_INIT[kind][method] == settings["svd_init"], (method, kind)
+            if method == "adalora-physical":
+                assert DEFAULT_ALPHA_AT[kind][method] == settings["alpha_at"], (method, kind)
 
 
 @pytest.mark.parametrize("method", ["elalora", "adalora-physical"])
@@ -263,6 +270,34 @@ def test_a_rate_that_failed_at_another_budget_does_not_ship_however_it_scores_at
     found = study.study({"a": store})["lora"]
     assert found["scores"]["a"][("lora", 1e-2)] == 1.0  # the middle budget's best...
     assert found["shipped"] == {"classify": ("lora", 3e-3)}  # ...does not ship
+
+
+def test_a_run_fails_against_the_best_of_its_own_seed_when_other_methods_ran_it(tmp_path, monkeypatch):
+    """Every comparison of the study is paired by seed, and so is a failure: a seed hard for every method fails no
+    run by being hard. A seed only one method ran is measured against the best of any seed."""
+    import defaults as study
+    import quality
+
+    from records import RecordStore
+
+    spec = {"kind": "causal-lm", "higher_is_better": False, "tune_budget": 4, "steps": 10, "metric": "loss"}
+    monkeypatch.setattr(quality, "TASKS", {"a": spec})
+    store = RecordStore(tmp_path / "runs.json", quality.record_key)
+    runs = [  # (method, rate, seed, validation loss)
+        ("lora", 1e-2, 0, 0.44),
+        ("ard", 1e-2, 0, 0.45),
+        ("lora", 1e-2, 1, 0.51),  # seed 1 is hard for every method
+        ("ard", 1e-2, 1, 0.52),
+        ("elalora", 1e-2, 1, 0.66),  # 0.67 of the best seed's loss, 0.77 of its own seed's: poor, not failed
+        ("elalora", 3e-2, 1, 0.80),  # 0.64 of its own seed's best: failed
+        ("dora", 1e-2, 2, 0.60),  # seed 2 ran by one method alone: 0.73 of the best of any seed
+        ("dora", 3e-2, 2, 0.70),  # 0.63 of it: failed
+    ]
+    for method, lr, seed, loss in runs:
+        store.add(
+            {"task": "a", "method": method, "budget_r": 4, "lr": lr, "seed": seed, "steps": 10, "val": {"loss": loss}}
+        )
+    assert study.failed({"a": store}, ["a"]) == {("elalora", 3e-2): ["a r=4 seed 1"], ("dora", 3e-2): ["a r=4 seed 2"]}
 
 
 def test_the_study_ships_the_rate_best_on_average_over_every_task():

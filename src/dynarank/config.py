@@ -40,6 +40,7 @@ HeadLayout = Literal["own", "shared"]
 Preset = Literal["default", "paper"]
 LambdaMode = Literal["relative", "gradient", "absolute"]
 TVForm = Literal["step", "anchor"]
+AlphaAt = Literal["target", "start"]
 Readout = Literal["ceil", "round"]
 MaskKind = Literal["hard", "soft"]
 RankInit = Literal["auto", "uniform", "data"]
@@ -214,8 +215,7 @@ class DynaRankConfig:
     )
     lora_alpha: float | None = _help(
         "Output scale numerator; scaling = lora_alpha / r, fixed for the run. Default: r (scaling 1); "
-        "adalora-physical: its final size, so that scaling is the fraction of its start it ends at (stock AdaLoRA's "
-        "lora_alpha = target_r over init_r, 8 / 12 in PEFT's defaults).",
+        "adalora-physical: where alpha_at puts it.",
         None,
     )
     lora_dropout: float = _help("Dropout on the adapter input (0 disables it).", 0.0)
@@ -326,8 +326,9 @@ class DynaRankConfig:
         follows rank changes)."""
         return (self.lora_alpha if self.lora_alpha is not None else self.r) / self.r
 
-    def output_scale(self, start_params: int) -> float:
-        """The output scale the adapters train with, given their size at the start in parameters (A and B)."""
+    def output_scale(self, start_params: int, alpha_at: str | None = None) -> float:
+        """The output scale the adapters train with, given their size at the start in parameters (A and B) and, for
+        AdaLoRA-style, where an unset ``lora_alpha`` is when its config does not say (``alpha_at``)."""
         return self.scaling
 
     def to_dict(self) -> dict[str, Any]:
@@ -336,9 +337,10 @@ class DynaRankConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DynaRankConfig:
         """The config ``data`` gives, validated as the constructor validates it: a key the method has no field for,
-        or a knob the rest of the config leaves without effect, is a ConfigError naming it. On a method's own class
-        (``ARDConfig.from_dict``) the method is that class's when ``data`` names none, and another method's dict is
-        refused.
+        or a knob the rest of the config leaves without effect, is a ConfigError naming it; another method's field
+        at its default there sets nothing, and is left out (``{**config.to_dict(), 'method': ...}`` switches
+        method). On a method's own class (``ARDConfig.from_dict``) the method is that class's when ``data`` names
+        none, and another method's dict is refused.
 
         A record (what :meth:`to_dict` wrote, in this version or an earlier one: every field of the shared base) is
         first read as the version that wrote it meant it, by the named rules of :func:`read_record`."""
@@ -352,6 +354,10 @@ class DynaRankConfig:
         target = config_class(method if method is not None else cls.METHOD)
         if not issubclass(target, cls):
             raise ConfigError("method", f"{cls.__name__} does not configure {method!r} ({target.__name__} does).")
+        # Another method's config with its method changed ({**config.to_dict(), "method": ...}): its own fields at
+        # their defaults set nothing, and are left out; one set to anything else is refused as a foreign knob.
+        known = fields_of(target)
+        data = {k: v for k, v in data.items() if k in known or not _unset_elsewhere(k, v)}
         return target(**data)
 
 
@@ -687,11 +693,28 @@ class AdaLoRAConfig(SVDConfig):
         None,
     )
 
-    def output_scale(self, start_params: int) -> float:
-        """``lora_alpha / r`` when given, else the final size over the start: ``target_params / start_params``, or
-        ``target_rank / r`` (its default 2/3)."""
+    alpha_at: AlphaAt | None = _help(
+        "Where an unset lora_alpha is: 'target', the size the adapter ends at, so that the update's scale is the "
+        "fraction of its start it keeps (stock AdaLoRA's lora_alpha = target_r over init_r, 8 / 12 in PEFT's "
+        "defaults); 'start', the start rank (scale 1, plain LoRA's). None: the defaults study's choice for the "
+        "model's kind of task (dynarank.defaults.DEFAULT_ALPHA_AT; docs/defaults.md). Acts on nothing when "
+        "lora_alpha is given.",
+        None,
+    )
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        if self.alpha_at is not None:
+            _choice(self, "alpha_at", ("target", "start"))
+
+    def output_scale(self, start_params: int, alpha_at: str | None = None) -> float:
+        """``lora_alpha / r`` when given; else, with ``alpha_at`` (the config's, else the argument) 'start', 1;
+        'target' (or unset), the final size over the start: ``target_params / start_params``, or ``target_rank / r``
+        (its default 2/3)."""
         if self.lora_alpha is not None:
             return self.scaling
+        if (self.alpha_at or alpha_at) == "start":
+            return 1.0
         if self.target_params is not None:
             return self.target_params / start_params
         target_rank = self.target_rank if self.target_rank is not None else ADALORA_TARGET_FRACTION * self.r
@@ -720,6 +743,17 @@ def config_class(method: str) -> type[DynaRankConfig]:
 
 def fields_of(cls: type[DynaRankConfig]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unset_elsewhere(name: str, value: Any) -> bool:
+    """Whether ``value`` is field ``name``'s default in every method whose config has it (False: no method has it)."""
+    owners = [CONFIG_CLASSES[m] for m in methods_using(name)]
+    return bool(owners) and all(_same_value(value, _default_of(c, name)) for c in owners)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """``a == b`` of the same type (True is not 1, 1.0 is not 1): a default is only the default itself."""
+    return type(a) is type(b) and a == b
 
 
 def methods_using(name: str) -> list[str]:
@@ -809,9 +843,9 @@ def inert_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dict[st
     without them, :func:`read_record`).
 
     Every method: the per-head knobs under granularity='matrix', one rank group per module (attach neither lays out
-    nor counts heads). ElaLoRA: switch_off with a rank_floor of 1 or more (the floor keeps each group's last rank
-    anyway) and k_candidates with b_changes=0 (no round swaps a rank, so none is offered). ARD:
-    :func:`inert_ard_knobs`."""
+    nor counts heads). AdaLoRA-style: alpha_at with lora_alpha given. ElaLoRA: switch_off with a rank_floor of 1 or
+    more (the floor keeps each group's last rank anyway) and k_candidates with b_changes=0 (no round swaps a rank, so
+    none is offered). ARD: :func:`inert_ard_knobs`."""
     why: dict[str, str] = {}
     if values["granularity"] == "matrix":
         for name in HEAD_KNOBS:
@@ -826,6 +860,8 @@ def inert_knobs(cls: type[DynaRankConfig], values: Mapping[str, Any]) -> dict[st
             why["k_candidates"] = (
                 "k_candidates is how many ranks a group offers to a round's swaps, and b_changes=0 makes no swap"
             )
+    if issubclass(cls, AdaLoRAConfig) and values["lora_alpha"] is not None:
+        why["alpha_at"] = "alpha_at says where an unset lora_alpha is, and lora_alpha is given"
     why = {name: reason for name, reason in why.items() if values[name] != _default_of(cls, name)}
     if issubclass(cls, ARDConfig):
         why.update(inert_ard_knobs(cls, values))

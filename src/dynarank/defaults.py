@@ -52,7 +52,7 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
         "dynarank-lora": 1e-2,
         "ard": 1e-2,
         "elalora": 1e-2,  # no orthogonality penalty, started as plain LoRA (DEFAULT_SVD_INIT), E at the factors' rate
-        "adalora-physical": 3e-2,
+        "adalora-physical": 1e-2,  # likewise, and at plain LoRA's scale (DEFAULT_ALPHA_AT)
         "lora": 1e-2,
         "dora": 1e-2,
         "adalora": 3e-2,
@@ -87,7 +87,7 @@ BUDGET_LR: dict[str, dict[str, dict[float, float]]] = {
 # vote's standard error), pinned to its record by tests/test_defaults.py.
 DEFAULT_ORTHO_WEIGHT: dict[str, dict[str, float]] = {
     "classify": {"elalora": 0.0, "adalora-physical": 0.0},
-    "causal-lm": {"elalora": 0.0, "adalora-physical": 0.1},
+    "causal-lm": {"elalora": 0.0, "adalora-physical": 0.0},
 }
 # How many times the adapters' learning rate the SVD methods' singular values E train with when the config gives no
 # ratio (``values_lr_ratio=None``), per kind of task: the configuration the defaults study chose for each
@@ -101,7 +101,15 @@ DEFAULT_VALUES_LR_RATIO: dict[str, dict[str, float]] = {
 # chose for each (benchmarks/defaults.py), pinned to its record by tests/test_defaults.py.
 DEFAULT_SVD_INIT: dict[str, dict[str, str]] = {
     "classify": {"elalora": "adalora", "adalora-physical": "adalora"},
-    "causal-lm": {"elalora": "lora", "adalora-physical": "adalora"},
+    "causal-lm": {"elalora": "lora", "adalora-physical": "lora"},
+}
+# Where AdaLoRA-style's lora_alpha is when the config gives neither it nor ``alpha_at``, per kind of task: 'target',
+# the size it ends at (stock AdaLoRA's lora_alpha = target_r: the update at the fraction of its start that it keeps),
+# or 'start', its start rank (scale 1, plain LoRA's); the configuration the defaults study chose for each
+# (benchmarks/defaults.py), pinned to its record by tests/test_defaults.py.
+DEFAULT_ALPHA_AT: dict[str, dict[str, str]] = {
+    "classify": {"adalora-physical": "target"},
+    "causal-lm": {"adalora-physical": "start"},
 }
 # Methods whose budget is their rank r itself (fixed ranks; stock AdaLoRA prunes to r on average).
 RANK_BUDGET_METHODS = ("dynarank-lora", "lora", "dora", "eva", "adalora")
@@ -189,6 +197,12 @@ def default_svd_init(method: str, task: str = "classify") -> str:
     """How a fresh adapter of an SVD method starts on ``task`` when its config does not say: 'adalora' or 'lora'
     (UnknownDefault naming the choices)."""
     return _entry(DEFAULT_SVD_INIT, "start", method, task)
+
+
+def default_alpha_at(method: str, task: str = "classify") -> str:
+    """Where AdaLoRA-style's ``lora_alpha`` is on ``task`` when its config gives neither it nor ``alpha_at``:
+    'target' or 'start' (UnknownDefault naming the choices)."""
+    return _entry(DEFAULT_ALPHA_AT, "alpha position", method, task)
 
 
 def studied_start_rank(method: str, budget: float) -> int | None:

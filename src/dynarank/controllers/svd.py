@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from ..attach import ATTACHED_ATTR
-from ..defaults import SOURCE, default_ortho_weight, default_svd_init, default_values_lr_ratio, task_of
+from ..defaults import (
+    DEFAULT_ALPHA_AT,
+    SOURCE,
+    default_alpha_at,
+    default_ortho_weight,
+    default_svd_init,
+    default_values_lr_ratio,
+    task_of,
+)
 from ..layer import ElasticLoRALinear, GateGather
 from ..naming import SVD_ATTR
 from ..optim_state import drop_parameter, reindex_parameter
@@ -178,6 +186,7 @@ class SVDController(RankController):
             "t_final": self.schedule.t_final,
             "resize_every": self.schedule.interval,
             "output_scale": scales.pop() if len(scales) == 1 else sorted(scales),
+            "output_scale_source": output_scale_source(self.model),
             "ortho_weight": self.ortho_weight,
             "ortho_weight_source": self.ortho_weight_source,
             "values_lr_ratio": self.values_lr_ratio,
@@ -592,6 +601,20 @@ def _setting(model: nn.Module, name: str, default, kind=float) -> tuple:
         return kind(getattr(config, name)), "config"
     task = task_of(model)
     return default(config.method, task), f"{SOURCE}, {task}"
+
+
+def output_scale_source(model: nn.Module) -> str:
+    """Where the update's output scale came from: the config's lora_alpha or alpha_at, or the defaults study's
+    alpha_at for the method and the model's kind of task (AdaLoRA-style); else lora_alpha's default, r (scale 1)."""
+    config = getattr(model, ATTACHED_ATTR)
+    if config.lora_alpha is not None:
+        return "config (lora_alpha)"
+    if getattr(config, "alpha_at", None) is not None:
+        return f"config (alpha_at={config.alpha_at!r})"
+    task = task_of(model)
+    if config.method in DEFAULT_ALPHA_AT[task]:
+        return f"{SOURCE}, {task} (alpha_at={default_alpha_at(config.method, task)!r})"
+    return "lora_alpha unset: r (scale 1)"
 
 
 def svd_init_of(model: nn.Module) -> tuple[str, str]:
