@@ -88,6 +88,72 @@ def test_a_bound_controller_and_the_newest_of_two_built_say_nothing(method):
     assert (controller.step, again.step) == (2, 2)
 
 
+@pytest.mark.parametrize("method", RANK_METHODS)
+def test_a_controller_bound_to_no_optimizer_warns_once_when_its_model_trains_in_eval_mode(method):
+    """A model from from_pretrained is in eval mode, and a plain loop may train it so: it made no training forward,
+    and a controller nothing drove said nothing."""
+    model = attached(method).eval()
+    controller = build_controller(model, total_steps=T)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(model, torch.optim.AdamW(model.parameters(), lr=1e-2), 3)
+    (message,) = unbound_warnings(caught)
+    assert f"method {method!r}" in message and "controller.bind(optimizer)" in message
+    assert controller.step == 0
+
+
+# ---------------------------------------------------------------------------- an optimizer it is not bound to
+NOT_BOUND = "is not bound to stepped its adapters"
+
+
+def not_bound_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if NOT_BOUND in str(w.message)]
+
+
+@pytest.mark.parametrize("method", RANK_METHODS)
+def test_stepping_an_optimizer_the_controller_is_not_bound_to_warns_once(method):
+    """The controller was bound to one optimizer and the loop stepped another over the same parameters: the model
+    trained, the controller stayed at step 0 and the ranks never moved, without a word."""
+    model, controller, _ = fresh(method)
+    other = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(model, other, 3)
+    (message,) = not_bound_warnings(caught)
+    assert f"method {method!r}" in message and "controller.bind(optimizer)" in message
+    assert controller.step == 0 and not unbound_warnings(caught)
+
+
+class Stepping(torch.optim.Optimizer):
+    """An optimizer of its own over the same parameters that steps the bound one inside its step (as a wrapper)."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        super().__init__([p for group in inner.param_groups for p in group["params"]], {})
+        self.inner = inner
+
+    def step(self, closure=None):
+        return self.inner.step(closure)
+
+
+@pytest.mark.parametrize("method", RANK_METHODS)
+def test_gradient_accumulation_a_wrapper_and_another_models_optimizer_say_nothing(method):
+    """Several training forwards per optimizer step, a wrapper stepping the bound optimizer, and an optimizer that
+    trains another model: the controller runs at every step of the one that trains its adapters."""
+    model, controller, optimizer = fresh(method)
+    other_model, _, other_optimizer = fresh(method)
+    wrapper = Stepping(optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for _ in range(3):  # accumulation: three micro-batches, one step
+                model(input_ids=X, labels=Y).loss.backward()
+            wrapper.step()
+            wrapper.zero_grad()
+            train_steps(other_model, other_optimizer, 1)
+    assert not not_bound_warnings(caught) and not unbound_warnings(caught)
+    assert controller.step == 3
+
+
 def test_a_fixed_rank_controller_needs_no_optimizer_and_says_nothing():
     model = attached("dynarank-lora")
     build_controller(model)

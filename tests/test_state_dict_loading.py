@@ -70,6 +70,45 @@ def test_weights_saved_while_the_gate_was_on_load_into_a_model_that_dropped_it_w
     torch.testing.assert_close(_logits(model), expected)
 
 
+def _mid_run(method: str):
+    """(the state dict, the logits) of a run halfway: its adapters compute with the controller's gate."""
+    model, _, _ = _run(method, 30, 60, **OPTIONS[method])
+    layers = elastic_layers(model).values()
+    assert any(not torch.equal(layer.gated_group_weight(), layer.group_weight) for layer in layers)  # the gate counts
+    return {k: v.clone() for k, v in model.state_dict().items()}, _logits(model)
+
+
+def _attached(method: str):
+    model = tiny_bert()
+    return dynarank.attach(model, DynaRankConfig(method=method, r=4, target_modules=TARGETS, seed=1, **OPTIONS[method]))
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
+def test_weights_saved_while_the_gate_was_on_are_refused_by_a_model_with_no_place_for_the_gate(method):
+    """strict=False dropped ARD's alphas or E without a word, and the loaded adapters computed something else."""
+    saved, _ = _mid_run(method)
+    fresh = _attached(method)
+    before = {n: [p.clone() for p in layer.factors()] for n, layer in elastic_layers(fresh).items()}
+    with pytest.raises(RuntimeError, match=r"no place for them.*save_adapter.*checkpoint.*build_controller") as caught:
+        fresh.load_state_dict(saved, strict=False)
+    assert str(caught.value).count("no place for them") == 1  # one error, not one per layer
+    for name, layer in elastic_layers(fresh).items():  # the adapters are left as they were
+        assert all(torch.equal(p, q) for p, q in zip(layer.factors(), before[name]))
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
+def test_weights_saved_while_the_gate_was_on_load_with_their_function_into_a_model_whose_controller_comes_later(method):
+    """What a Trainer resuming does: prepare_parameters (DynaRankCallback), the load, then the controller. The gate
+    was loaded into E or the alphas, but the layers applied none until the controller was built."""
+    saved, expected = _mid_run(method)
+    fresh = _attached(method)
+    dynarank.prepare_parameters(fresh)
+    fresh.load_state_dict(saved, strict=False)
+    torch.testing.assert_close(_logits(fresh), expected)
+    dynarank.build_controller(fresh, total_steps=60, restoring=True)  # sets the same gate
+    torch.testing.assert_close(_logits(fresh), expected)
+
+
 def test_a_state_dict_for_another_grouping_is_refused_naming_the_layer():
     per_head = tiny_bert()
     dynarank.attach(per_head, DynaRankConfig(r=2, target_modules=["query"]))

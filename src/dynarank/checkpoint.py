@@ -19,6 +19,9 @@ A transformers Trainer checkpoint keeps the Trainer's own files and gains
   tensors.safetensors the controller's tensor state (importance moving averages, generators)
 
 (:func:`save_trainer_state`); the Trainer saves the weights and the optimizer itself.
+
+Modules are named as in the model a ``torch.compile`` wrapper holds (``naming.uncompiled``), so a checkpoint written
+from a compiled model resumes into an uncompiled one, and the other way round.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import nn
 
 from .attach import elastic_layers
 from .config import is_positive_number
-from .naming import SVD_ATTR
+from .naming import SVD_ATTR, uncompiled
 from .storage import interrupted_replacements, restore_interrupted, write_atomically
 
 STATE_FILE = "state.json"
@@ -80,6 +83,7 @@ def capture(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, controller, step: int, extra: dict | None = None
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(JSON state, tensors) of everything a resumed run needs."""
+    model = uncompiled(model)
     tensors = {f"param.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
     groups, scalars, index = [], {}, 0
     for group in optimizer.param_groups:
@@ -197,6 +201,7 @@ def latest(run_dir: str | Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
 def check_layout(model: nn.Module, layout) -> None:
     """CheckpointError unless every elastic layer of ``model`` can take its slot lists from ``layout`` (same modules,
     same number of rank groups, non-negative integer slots, not merged). Changes nothing."""
+    model = uncompiled(model)
     layers = elastic_layers(model)
     if not isinstance(layout, dict) or set(layout) != set(layers):
         differ = sorted(set(layout) ^ set(layers))[:3] if isinstance(layout, dict) else "not a mapping"
@@ -226,6 +231,7 @@ def restore_layout(model: nn.Module, layout: dict[str, list[list[int]]]) -> None
     The whole layout is checked first (:func:`check_layout`): a layout that does not fit raises CheckpointError
     with every layer as it was.
     """
+    model = uncompiled(model)
     check_layout(model, layout)
     layers = elastic_layers(model)
     for name, slots in layout.items():
@@ -238,6 +244,7 @@ def restore_layout(model: nn.Module, layout: dict[str, list[list[int]]]) -> None
 
 def output_scales(model: nn.Module) -> dict[str, float]:
     """Every elastic layer's output scale (lora_alpha / r as attached), by module: part of what a checkpoint holds."""
+    model = uncompiled(model)
     return {name: layer.scaling for name, layer in elastic_layers(model).items()}
 
 
@@ -246,7 +253,7 @@ def restore_output_scales(model: nn.Module, scales) -> None:
     to now (a checkpoint written before scales were recorded has none: the attached ones stay)."""
     if scales is None:
         return
-    layers = elastic_layers(model)
+    layers = elastic_layers(uncompiled(model))
     fits = isinstance(scales, dict) and set(scales) == set(layers)
     if not fits or not all(is_positive_number(v) for v in scales.values()):
         raise CheckpointError(
@@ -258,6 +265,7 @@ def restore_output_scales(model: nn.Module, scales) -> None:
 
 def restore_model(model: nn.Module, state: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Give ``model`` (attached with the same config) the saved layout, output scales and parameter values."""
+    model = uncompiled(model)
     restore_layout(model, state["layout"])
     restore_output_scales(model, state.get("output_scales"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -350,6 +358,7 @@ def _restore_allocator(scored: nn.Module, allocator, saved: dict, tensors: dict[
 def save_trainer_state(checkpoint_dir: str | Path, model: nn.Module, controller) -> Path:
     """Write ``<checkpoint_dir>/dynarank/`` atomically: what a Trainer checkpoint lacks to resume a rank-changing
     run (the slot layout the saved weights have, and the controller's state). The Trainer saves the rest."""
+    model = uncompiled(model)
     state = {
         "format_version": FORMAT_VERSION,
         "step": controller.step,

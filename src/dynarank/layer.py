@@ -30,6 +30,7 @@ from .layer_buckets import BucketPlan, bucketed_update, rank_buckets, take_colum
 from .layer_fused import fused_update_applies, low_rank_update
 from .layer_resize import Optimizers as Optimizers  # re-exported: the type of the resizes' optimizer argument
 from .layer_resize import SlotResizing
+from .naming import GATE_ENTRIES
 from .quantized import refuse_merge
 from .slot_costs import SlotCosts
 from .slot_layout import decode_slots as decode_slots  # re-exported (the layout's decoding lives in slot_layout)
@@ -270,6 +271,11 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
             raise RuntimeError("unmerge() the adapter before changing its gate.")
         self._gate_fn = fn
 
+    @property
+    def has_gate(self) -> bool:
+        """Whether a gate is installed (:meth:`set_gate`)."""
+        return self._gate_fn is not None
+
     def gate(self) -> torch.Tensor | None:
         """The (G, r_max) multipliers of the slots (None: no gate)."""
         read = self._gate_fn(self) if self._gate_fn is not None else None
@@ -429,8 +435,41 @@ class ElasticLoRALinear(SlotResizing, nn.Module):
         w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Refuse, with one error, weights saved with a controller's gate that the model loading them has no place
+        for (:func:`dropped_gate_error`); else take the saved layout and the tensors (layer_resize.py)."""
+        refused = dropped_gate_error(unexpected_keys)
+        if refused is not None:
+            if refused not in errors:
+                errors.append(refused)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
     def extra_repr(self) -> str:
         return (
             f"split={self.split}, layout={self.layout}, groups={self.n_groups}x{self.group_size}, "
             f"ranks={self.ranks}, slots={self.n_slots}, scaling={self.scaling:g}"
         )
+
+
+def dropped_gate_error(unexpected_keys: list[str]) -> str | None:
+    """The error of a load whose state dict holds a controller's gate (ARD's alphas, the SVD methods' E, which the
+    saved adapters may compute with) that the loading model has no submodule for; None if it holds none.
+
+    ``model.load_state_dict`` lists the model's unexpected keys before it loads the model's layers (a module's own
+    entries come before its children's); under ``strict=False`` it would drop the gate without a word, and the
+    adapters would compute something else than the saved ones. A model that has its controller takes the gate (or
+    folds one its run has dropped since: controllers/load_folding.py).
+    """
+    for key in unexpected_keys:
+        what = GATE_ENTRIES.get(".".join(key.rsplit(".", 2)[-2:]))  # 'dynarank_ard.alpha' under any prefix
+        if what is not None:
+            return (
+                f"{key}: this state dict holds {what}, which a rank-changing run's adapters compute with until the run "
+                "folds them in, and this model has no place for them: without them, the adapters of a state saved "
+                "mid-run compute something else. Save and load adapters with dynarank.save_adapter(model, dir) and "
+                "dynarank.load_adapter(base, dir) (which fold them in); resume a run from its checkpoint "
+                "(dynarank.checkpoint, or the Trainer's resume_from_checkpoint); or build the model's rank controller "
+                "(dynarank.build_controller) before load_state_dict, so that the model takes them."
+            )
+    return None

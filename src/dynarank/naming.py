@@ -8,6 +8,10 @@ import sys
 
 ARD_ATTR = "dynarank_ard"  # the model's submodule holding ARD's alphas (controllers/ard_gates.py)
 SVD_ATTR = "dynarank_svd"  # the model's submodule holding the SVD methods' E (controllers/svd.py)
+# The state-dict entries of what a run's adapters compute with besides their own weights (ARD's mask from the alphas
+# until its final phase, E until the run folds it), and what each is: a model with no place for them cannot load
+# that run's weights with their function (layer.py refuses).
+GATE_ENTRIES = {f"{ARD_ATTR}.alpha": "ARD-LoRA's alphas", f"{SVD_ATTR}.values": "the SVD methods' singular values E"}
 
 
 def uncompiled(model):

@@ -307,8 +307,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     The layout is checked against ``model`` before anything is attached: a mismatch raises
     :class:`AdapterFormatError` and leaves the model untouched; so does a model that carries dynarank adapters
-    already.
+    already. A ``torch.compile``'d model takes the adapter in the model it compiled (the names the adapter was saved
+    with), and is returned as given.
     """
+    given, model = model, uncompiled(model)
     if getattr(model, ATTACHED_ATTR, None) is not None or elastic_layers(model):
         raise AdapterFormatError(
             f"{path}: cannot be loaded into this {type(model).__name__}: it already carries dynarank adapters, and "
@@ -339,7 +341,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))
         raise
-    return model
+    return given
 
 
 def _restore(model: nn.Module, layout: dict, tensors: dict[str, torch.Tensor]) -> None:

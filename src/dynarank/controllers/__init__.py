@@ -6,6 +6,7 @@ from torch import nn
 
 from ..attach import ATTACHED_ATTR, elastic_layers
 from ..config import SVDConfig
+from ..naming import uncompiled
 from .adalora import AdaLoRAController
 from .ard import ARDController
 from .ard_gates import ARD_ATTR, ARDGates
@@ -25,7 +26,9 @@ CONTROLLERS: dict[str, type[RankController]] = {
 
 def build_controller(model: nn.Module, total_steps: int | None = None, *, restoring: bool = False) -> RankController:
     """The controller of the method the model was attached with (``restoring``: for a checkpoint's state, which
-    :func:`dynarank.checkpoint.restore_controller` gives it next; see RankController)."""
+    :func:`dynarank.checkpoint.restore_controller` gives it next; see RankController). A ``torch.compile``'d model
+    is controlled through the model it compiled, whose module names its state and records use."""
+    model = uncompiled(model)
     config = getattr(model, ATTACHED_ATTR, None)
     if config is None:
         raise ValueError("build_controller() needs a model returned by dynarank.attach().")
@@ -42,6 +45,7 @@ def prepare_parameters(model: nn.Module) -> list[nn.Parameter]:
     AdaLoRA's singular values E (``model.dynarank_svd``, created here, and fresh adapters started as the config's
     ``svd_init`` says) train with the adapters, in the caller's optimizer: none returned.
     """
+    model = uncompiled(model)
     config = getattr(model, ATTACHED_ATTR, None)
     if config is None:
         raise ValueError("prepare_parameters() needs a model returned by dynarank.attach().")

@@ -111,10 +111,15 @@ class RankController:
         self._dropped_by_load = 0  # optimizer state a load dropped, said at the next step
         binding.hook_on_model(self, model.register_load_state_dict_pre_hook, binding.note_parameters_before_load)
         binding.hook_on_model(self, model.register_load_state_dict_post_hook, binding.rebind_loaded_parameters)
+        # What tells an optimizer that runs this controller from one that does not (binding.py): the steps of the
+        # bound optimizers, and the warnings of a controller that does not run while its model trains, said once.
+        self._bound_steps = 0
+        self._said_not_driven: set[str] = set()
         binding.note_newest(model, self)
         self._unbound_hook = None  # warns at the first training forward with no optimizer bound (binding.py)
         if self.resizes_adapters:
             self._unbound_hook = binding.hook_on_model(self, model.register_forward_hook, binding.warn_if_unbound)
+            binding.watch_optimizer_steps()
         self.record_ranks()
 
     # ------------------------------------------------------------------ parameters & optimizer
@@ -178,6 +183,7 @@ class RankController:
             logger.info("dynarank: a new optimizer over the same parameters replaces the one bound before.")
         binding.reinstate(optimizer)
         self.optimizers.append(optimizer)
+        binding.bindings_changed()
         self._hooks[id(optimizer)] = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step(opt)),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._post_step(opt)),
@@ -192,6 +198,7 @@ class RankController:
             hook.remove()
         self.optimizers[:] = [o for o in self.optimizers if o is not optimizer]
         self._stepped.discard(id(optimizer))
+        binding.bindings_changed()
 
     def forget_unbound_hook(self) -> None:
         """Remove the forward hook that warns when no optimizer is bound (it has warned)."""
@@ -218,6 +225,7 @@ class RankController:
         return self.skip_step(self.optimizers[0])
 
     def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._bound_steps += 1
         if self.resizes_adapters:
             binding.refuse_inference_mode()  # before the optimizer changes anything
         if self._dropped_by_load:
@@ -256,6 +264,7 @@ class RankController:
         self._hooks.clear()
         self.optimizers.clear()
         self._stepped.clear()
+        binding.bindings_changed()
 
     # ------------------------------------------------------------------ the per-step protocol
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -9,7 +9,14 @@
   resize and the controller no longer runs in its step.
 * A controller that nothing drives warns once, at the model's first training forward: built, but bound to no
   optimizer, it never steps and the ranks never change (the model is marked controlled, which silences attach's
-  warning of a model trained without a controller).
+  warning of a model trained without a controller). A model trained in eval mode (as ``from_pretrained`` gives it)
+  makes no training forward: there the warning comes at the first step of an optimizer over its adapters.
+* An optimizer over the adapters that the controller is not bound to (another one built over the same parameters,
+  the controller bound to the wrong one) warns once, at its first step: the controller does not run in it. What tells
+  it from an optimizer that does run the controller (a wrapper stepping the bound one inside its own step) is the
+  bound optimizers' step count, unchanged across the step. Gradient accumulation steps no optimizer, so it cannot
+  trigger it. Every optimizer's step passes two process-wide hooks (:func:`watch_optimizer_steps`), which judge an
+  optimizer at its first step after the bindings last changed and from then on only compare one attribute.
 * A step under ``torch.inference_mode()`` is refused: a resize there would make the new adapters inference tensors,
   which the next backward cannot use.
 * A load into the model that replaces adapters (their saved slot layout differs) hands the bound optimizers the new
@@ -23,6 +30,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -30,6 +39,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from ..attach import remove_hooks
@@ -38,14 +48,111 @@ from ..optim_state import swap_parameter, unresizable_reason
 logger = logging.getLogger(__name__)
 
 RETIRED_ATTR = "_dynarank_replaced"  # on an optimizer whose binding a newer one replaced: its refusing hook
+JUDGED_ATTR = "_dynarank_judged"  # on an optimizer: the version of the bindings its last judged step ran under
+WATCHED_ATTR = "_dynarank_watched"  # on an optimizer, during a judged step: the controllers it may step, weakly
+UNBOUND = "unbound"
+NOT_BOUND_TO_STEPPED = "stepped-unbound-optimizer"
 
 # model -> the newest controller built on it (weakly: neither is kept alive, nor copied with the model). Only that one
 # speaks for the model: an older controller left unbound (one built again, or one whose construction failed) is mute.
 _NEWEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_bindings_version = 0  # bumped whenever a controller is built, bound or unbound: every optimizer is judged again
+_watching = False  # the process-wide optimizer step hooks are registered
+
+
 def note_newest(model: nn.Module, controller) -> None:
     _NEWEST[model] = weakref.ref(controller)
+    bindings_changed()
+
+
+def bindings_changed() -> None:
+    """A controller was built, bound or unbound: the next step of every optimizer is judged again."""
+    global _bindings_version
+    _bindings_version += 1
+
+
+def watch_optimizer_steps() -> None:
+    """Register, once per process, the hooks every optimizer step passes (see the module's doc)."""
+    global _watching
+    if not _watching:
+        register_optimizer_step_pre_hook(_before_any_step)
+        register_optimizer_step_post_hook(_after_any_step)
+        _watching = True
+
+
+def _before_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Before an optimizer's first step under the current bindings: the newest rank controller of every model that
+    the optimizer is not bound to, with its bound optimizers' step count (held weakly)."""
+    if getattr(optimizer, JUDGED_ATTR, None) == _bindings_version:
+        return  # every later step: one attribute compared
+    watched = []
+    for ref in list(_NEWEST.values()):
+        controller = ref()
+        if controller is not None and controller.resizes_adapters:
+            if not any(o is optimizer for o in controller.optimizers):
+                watched.append((ref, controller._bound_steps))
+    if watched:
+        setattr(optimizer, WATCHED_ATTR, watched)
+    else:
+        setattr(optimizer, JUDGED_ATTR, _bindings_version)
+
+
+def _after_any_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After a judged step: a watched controller whose bound optimizers did not step during it, while this optimizer
+    holds its adapters, was not run by a step that trained them: said once (:func:`say_not_driven`)."""
+    watched = optimizer.__dict__.pop(WATCHED_ATTR, None)
+    if watched is None:
+        return
+    setattr(optimizer, JUDGED_ATTR, _bindings_version)
+    held = None
+    for ref, bound_steps in watched:
+        controller = ref()
+        if controller is None or controller._bound_steps != bound_steps:
+            continue  # gone, or it ran inside this step (a wrapper stepping the bound optimizer)
+        held = held_ids(optimizer) if held is None else held
+        if any(id(p) in held for layer in controller.layers.values() for p in layer.factors()):
+            say_not_driven(controller)
+
+
+def say_not_driven(controller) -> None:
+    """Warn, once per controller and kind, that the controller does not run while its model trains: it is bound to no
+    optimizer, or an optimizer it is not bound to stepped the adapters."""
+    kind = NOT_BOUND_TO_STEPPED if controller.optimizers else UNBOUND
+    if kind in controller._said_not_driven:
+        return
+    controller._said_not_driven.add(kind)
+    method = controller.config.method
+    if kind == UNBOUND:
+        controller.forget_unbound_hook()
+        message = (
+            f"dynarank: the rank controller of this model (method {method!r}) is bound to no optimizer, so it never "
+            "runs: its step stays at 0 and the ranks stay where they start. Bind the optimizer that trains the model "
+            "before training: controller.bind(optimizer), or build it with controller.build_optimizer()."
+        )
+    else:
+        message = (
+            f"dynarank: an optimizer that the rank controller of this model (method {method!r}) is not bound to "
+            f"stepped its adapters, so the controller did not run: its step stays at {controller.step} and the ranks "
+            "do not move while that optimizer trains them (and after a resize, its tensors are no longer the "
+            "model's). Step the optimizer the controller is bound to (controller.optimizers), or bind the one you "
+            "step: controller.bind(optimizer), which replaces the one bound before over the same parameters."
+        )
+    warnings.warn(message, UserWarning, stacklevel=_callers_level())
+
+
+# Where a warning said from inside a forward or an optimizer step points: the first frame outside torch and dynarank.
+_LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` (for a warning said by the caller of this function) of the first frame outside torch and
+    dynarank: the user's line that ran the forward or stepped the optimizer."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def held_ids(optimizer: torch.optim.Optimizer) -> set[int]:
@@ -145,15 +252,7 @@ def warn_if_unbound(controller, module: nn.Module, args, output) -> None:
     newest = _NEWEST.get(module)
     if newest is None or newest() is not controller:
         return
-    controller.forget_unbound_hook()
-    warnings.warn(
-        f"dynarank: the rank controller of this model (method {controller.config.method!r}) is bound to no "
-        "optimizer, so it never runs: its step stays at 0 and the ranks stay where they start. Bind the optimizer "
-        "that trains the model before training: controller.bind(optimizer), or build it with "
-        "controller.build_optimizer().",
-        UserWarning,
-        stacklevel=3,
-    )
+    say_not_driven(controller)
 
 
 def note_parameters_before_load(controller, module: nn.Module, *args) -> None:
