@@ -2,10 +2,13 @@
 file. Nothing else in the CLI spells a file name of a run.
 
 RUN_DIR/
-  config.yaml          the options the run was started with (``--resume`` continues with them)
+  config.yaml          the options the run was started with (``--resume`` continues with them; ``--config`` starts the
+                       same run again), and what it read or resolved: label names, data sha256, where the rate and
+                       start rank came from, the learning-rate schedule and the weight decay
   metrics.jsonl        per step: loss, lr, trainable parameters, total rank; last line: eval metrics
   ranks.jsonl          rank of every group, at the start, at every resize and at the end
-  summary.json         method, parameters, metrics, final rank of every module, wall time, peak memory
+  summary.json         method, rate, schedule, parameters, metrics, final rank of every module (no rank: null), wall
+                       time, peak memory, and what the rank controller resolved (``settings``)
   adapter/             plain PEFT adapter (stock PeftModel.from_pretrained loads it), and dynarank_run.json
   dynarank_adapter/    native adapter with its rank layout (dynarank methods)
   model/               the full model (method 'full')
@@ -189,6 +192,18 @@ class RunDir:
         if problem:
             raise RunFileError(f"{path} is damaged: {problem}.")
         return summary
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """What the run's rank controller resolved from its config, by config field (e.g. ARD's ard_lambda when none
+        was given): summary.json's ``settings`` (the controller's resolved values; the config as given left out);
+        {} before the run has finished, and for a method without a controller."""
+        path = self.path / self.SUMMARY
+        settings = read_json(path).get("settings") if path.is_file() else None
+        if not isinstance(settings, dict):
+            return {}
+        resolved = settings.get("resolved")  # ARD nests them; the SVD methods list them beside the config
+        flat = {k: v for k, v in settings.items() if k not in ("config", "resolved")}
+        return {**flat, **(resolved if isinstance(resolved, dict) else {})}
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         replace_file(self.path / self.SUMMARY, json.dumps(summary, indent=1).encode())

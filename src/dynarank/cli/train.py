@@ -24,7 +24,14 @@ from ..storage import save_adapter
 from ..training.chat import ChatExamples, require_chat_template
 from ..training.data import Examples, causal_sets, classification_sets
 from ..training.estimate import check_adapter_fits
-from ..training.loop import TrainResult, TrainSpec, default_target_modules, train_causal_lm, train_classifier
+from ..training.loop import (
+    TrainResult,
+    TrainSpec,
+    default_target_modules,
+    optimizer_record,
+    train_causal_lm,
+    train_classifier,
+)
 from ..training.models import (
     ModelError,
     check_max_length,
@@ -33,7 +40,7 @@ from ..training.models import (
     load_classifier,
     resolve_model_dir,
 )
-from ..training.tasks import CausalExamples
+from ..training.tasks import CausalExamples, NonFiniteError
 from . import report
 from .run_dir import ADAPTER_INFO, RunDir, first_missing, new_directory, write_adapter_info
 from .train_options import TrainOptions
@@ -217,12 +224,26 @@ def train_command(options: TrainOptions, quiet: bool = False) -> dict:
         run.path.mkdir(parents=True)
     try:
         return _train_into(run, options, inputs, worker)
-    except BaseException:
+    except BaseException as exc:
         # A new run that failed (or was stopped) before its first checkpoint leaves nothing behind: the same
         # command can be run again. With a checkpoint, the directory stays for --resume.
         if worker.writes and not options.resume and not run.has_checkpoints():
             shutil.rmtree(created, ignore_errors=True)
+        if isinstance(exc, NonFiniteError):
+            raise NonFiniteError(f"{exc} {train_again(run, inputs.spec)}") from exc
         raise
+
+
+def train_again(run: RunDir, spec: TrainSpec) -> str:
+    """What to do after a run stopped on NaN/inf: --resume would continue it with the same options (and meet the same
+    values), so the advice is a new run with other options, from the run's record when its directory was kept."""
+    rate = "a lower --lr" + ("" if spec.lr == "auto" else f" (this run's: {spec.lr:g})")
+    if run.options_file.is_file():
+        return (
+            f"--resume continues a run with its own options only; to train it again with other options, e.g. {rate}, "
+            f"start a new run from its record: dynarank train --config {run.options_file} --out NEW_DIR --lr RATE."
+        )
+    return f"Nothing was kept: run the command again with other options, e.g. {rate}."
 
 
 def _train_into(run: RunDir, options: TrainOptions, inputs: Inputs, worker: Worker) -> dict:
@@ -230,6 +251,7 @@ def _train_into(run: RunDir, options: TrainOptions, inputs: Inputs, worker: Work
     record.update(lr=inputs.spec.lr, lr_source=inputs.spec.lr_source)  # the rate used, and whether it was given
     if "r" in record:  # the start rank used (a resume trains the same), and where it came from
         record.update(r=inputs.spec.r, r_source=inputs.spec.r_source)
+    record.update(optimizer_record(inputs.spec, inputs.spec.total_steps(inputs.n_examples)))  # schedule, weight decay
     if worker.writes and not options.resume:
         run.write_options(record)
     result = _train_with_progress(run, options, inputs, worker)
@@ -328,6 +350,8 @@ def _write_outputs(run: RunDir, result: TrainResult, inputs: Inputs, record: dic
         write_adapter_info(run.adapter, {**record, "method": method})
     summary = {k: v for k, v in result.metrics.items() if k != "ranks"}
     summary.update({k: record[k] for k in ("model", "label_names", "task", "max_length", "quantize")})
+    if "r" not in record:  # full fine-tuning has no rank: config.yaml records none, nor does the summary
+        summary.update(r=None, r_source=None)
     summary["final_ranks"] = result.metrics.get("ranks")
     run.write_summary(summary)
     report.draw(run)

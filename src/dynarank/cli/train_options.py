@@ -1,7 +1,8 @@
 """``dynarank train`` options, from one source of truth: the run's own options are the fields of
 :class:`TrainOptions`, and the adapter's are the fields of every method's config class (``dynarank.config``), each
-flag made from its field (:mod:`.fields`). ``--config FILE.yaml`` is merged under the command line, ``--resume``
-continues a run with the options it recorded, and a knob the method does not use is a ConfigError naming it.
+flag made from its field (:mod:`.fields`). ``--config FILE.yaml`` is merged under the command line (a run's own
+config.yaml trains the same run again), ``--resume`` continues a run with the options it recorded, and a knob the method
+does not use is a ConfigError naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from ..config import CONFIG_CLASSES, ConfigError, fields_of
 from ..files import RunFileError, read_yaml, sha256_of
+from ..training.loop import LR_SCHEDULE, TrainSpec
 from ..training.methods import ALL_METHODS, DYNARANK_METHODS, check_knobs, knob_users, knobs_of
 from ..training.models import model_record
 from .fields import Number, NumberOrWord, Option, default_of, option_of, options_of
@@ -92,7 +94,10 @@ class TrainOptions:
         **POSITIVE,
     )
     out: str | None = _option("run directory to create (default: runs/<method>-<time>); never overwritten")
-    config: str | None = _option("YAML file whose keys are these options (command-line values win)")
+    config: str | None = _option(
+        "YAML file whose keys are these options (command-line values win); a run's RUN/config.yaml trains the same run "
+        "again (what it records beside the options is not read as options; a data file changed since is refused)"
+    )
     save_every: int | None = _option("checkpoint the whole training state every N optimizer steps", **POSITIVE)
     resume: str | None = _option("continue RUN_DIR from its newest complete checkpoint", metavar="RUN_DIR")
     on_nonfinite: Literal["skip", "stop"] = _option(
@@ -183,6 +188,21 @@ def _absolute(path: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------- the options, from the fields
+PATH_OPTIONS = ("model", "data", "eval_data", "out", "config", "resume")  # given empty: refused, not the default
+# Keys a run's config.yaml holds beside its options: what the run read, resolved or used without an option (the
+# config file it was started from, its labels, its data's digests, where its rate and start rank came from, its
+# schedule and weight decay). --config takes a run's record as it takes any options file: these are not options,
+# and are checked only where the run started from the file would silently differ from the recorded one.
+RECORD_FACTS = (
+    "config",
+    "label_names",
+    "data_sha256",
+    "eval_data_sha256",
+    "lr_source",
+    "r_source",
+    "lr_schedule",
+    "weight_decay",
+)
 LAUNCH_SETTINGS = ("fsdp",)  # options a resumed run may change: they change how it runs, not what it computes
 RUN_OWN = ("method", "seed")  # config fields that are the run's own options (TrainOptions fields)
 ALIASES = {"r": ("--r0",)}  # torchrun's own parser refuses --r as an ambiguous prefix of its own options
@@ -248,18 +268,32 @@ def resolve_train_options(typed: dict[str, Any]) -> TrainOptions:
     ``--config FILE.yaml`` supplies the others, checked and converted as command-line values are; every option
     given by neither takes its default. With ``--resume``, the run's own options, and every option given (typed or
     from the file) must equal the run's."""
+    refuse_empty_paths(typed)
     given = dict(typed)
     if typed.get("config") is not None:
         given = {**read_config_file(Path(typed["config"]), skip=set(typed)), **typed}
+        refuse_empty_paths(given)
     if given.get("resume"):
         return resumed(RunDir(given["resume"]), given)
     run_own = {k: v for k, v in given.items() if k not in CONFIG_OPTIONS}
     return TrainOptions(**run_own, knobs={k: v for k, v in given.items() if k in CONFIG_OPTIONS and v is not None})
 
 
+def refuse_empty_paths(given: dict[str, Any]) -> None:
+    """OptionError naming a path option given empty (``--out ""``), which would silently mean its default."""
+    for dest in PATH_OPTIONS:
+        if isinstance(given.get(dest), str) and not given[dest].strip():
+            flag = TRAIN_OPTIONS[dest].flag
+            raise OptionError(f"{flag} is empty: give a path, or leave {flag} out.")
+
+
 def read_config_file(path: Path, skip: set[str] = frozenset()) -> dict[str, Any]:
     """The options a --config file gives, by destination. A key is an option's flag (``r0``, ``max-steps``) or field
-    name (``max_steps``), with '-' or '_'; values of the options in ``skip`` (typed, which win) are not checked."""
+    name (``max_steps``), with '-' or '_'; values of the options in ``skip`` (typed, which win) are not checked.
+
+    A run's config.yaml is such a file (``--config RUN/config.yaml --out NEW`` trains the same run again): the keys
+    it records beside the options (``RECORD_FACTS``) are not options, and are checked only where the run would
+    silently differ from the recorded one (:func:`check_record_facts`)."""
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
@@ -268,8 +302,12 @@ def read_config_file(path: Path, skip: set[str] = frozenset()) -> dict[str, Any]
         raise OptionError(str(exc)) from None
     table = {name: o for o in TRAIN_OPTIONS.values() if o.dest != "config" for name in o.names()}
     found: dict[str, Any] = {}
+    facts: dict[str, Any] = {}
     seen: dict[str, str] = {}
     for key, value in values.items():
+        if str(key).lstrip("-").replace("-", "_") in RECORD_FACTS:
+            facts[str(key).lstrip("-").replace("-", "_")] = value
+            continue
         option = table.get(str(key).lstrip("-"))
         if option is None:
             known = sorted({f.lstrip("-") for o in TRAIN_OPTIONS.values() if o.dest != "config" for f in o.flags})
@@ -282,13 +320,43 @@ def read_config_file(path: Path, skip: set[str] = frozenset()) -> dict[str, Any]
                 found[option.dest] = option.coerce(value)
             except ValueError as exc:
                 raise OptionError(f"{path}: {key}: {exc}.") from None
+    check_record_facts(path, facts, found)
     return found
+
+
+def check_record_facts(path: Path, facts: dict[str, Any], found: dict[str, Any]) -> None:
+    """OptionError where a run started from the options file at ``path`` (the options ``found`` in it) would not be
+    the run its recorded ``facts`` describe: a data file it names that has changed since (its sha256), a weight decay
+    or a learning-rate schedule other than the ones ``dynarank train`` uses (no option sets them). The other facts
+    follow from the options and the data (label names, where the rate and the start rank came from)."""
+    for key in ("data", "eval_data"):
+        digest, file = facts.get(f"{key}_sha256"), found.get(key)  # a file typed on the command line is not checked
+        if digest is not None and file is not None and Path(file).is_file() and sha256_of(file) != digest:
+            flag = TRAIN_OPTIONS[key].flag
+            raise OptionError(
+                f"{path} records {flag} {file} by its sha256 ({key}_sha256), and the file has changed since, so this "
+                f"run would not be the recorded one: put the file back, or give {flag} {file} to train on it as it "
+                "is now."
+            )
+    spec = {f.name: f.default for f in dataclasses.fields(TrainSpec)}  # what the CLI trains with: the defaults
+    schedule = {"name": LR_SCHEDULE, "warmup_ratio": spec["warmup_ratio"]}
+    used = {"weight_decay": spec["weight_decay"], "lr_schedule": schedule}
+    for key, value in used.items():
+        recorded = facts.get(key)
+        if isinstance(recorded, dict):  # the schedule's warm-up in steps follows from the run's length
+            recorded = {k: recorded.get(k) for k in value}
+        if key in facts and recorded != value:
+            raise OptionError(
+                f"{path}: {key} {facts[key]!r} is not what dynarank train uses ({value!r}) and no option sets it, "
+                "so this run would not be the recorded one: drop the key."
+            )
 
 
 def resumed(run: RunDir, given: dict[str, Any]) -> TrainOptions:
     """A resumed run continues with the options it was started with: an option given with --resume that differs
     from the run's is refused, naming each (a run changed half-way would be neither run; options equal to the run's
-    are accepted)."""
+    are accepted, and so is a knob the run left to its method given the value the method resolved it to, where the
+    run's records show it: :meth:`RunDir.resolved_settings`)."""
     options = TrainOptions.from_record(run)
     if "fsdp" in given:  # how the workers hold the base, not what the run computes: it may change on resume
         options = dataclasses.replace(options, fsdp=given["fsdp"])
@@ -296,8 +364,12 @@ def resumed(run: RunDir, given: dict[str, Any]) -> TrainOptions:
     differ = []
     for dest in sorted(set(given) - {"resume", *LAUNCH_SETTINGS}):
         mine, theirs = _comparable(dest, given[dest], run), _recorded(dest, recorded, options.method, run)
+        if theirs is None and mine is not None and dest in CONFIG_OPTIONS:  # left to the method: what it resolved
+            theirs = run.resolved_settings().get(dest)
         if mine != theirs:
             shown = ",".join(theirs) if isinstance(theirs, list) else theirs
+            if shown is None and dest in CONFIG_OPTIONS:
+                shown = "not given" + ("" if run.file(RunDir.SUMMARY).is_file() else _UNRESOLVED)
             differ.append(f"{TRAIN_OPTIONS[dest].flag} {given[dest]} (the run's: {shown})")
     if differ:
         one = len(differ) == 1
@@ -314,6 +386,9 @@ def resumed(run: RunDir, given: dict[str, Any]) -> TrainOptions:
                 "file back as it was, or start a new run with another --out."
             )
     return options
+
+
+_UNRESOLVED = ", left to its method: what that resolves to is recorded, in summary.json, once the run finishes"
 
 
 def data_digests(options: TrainOptions) -> dict[str, str]:

@@ -229,11 +229,12 @@ MAX_SKIPPED_IN_A_ROW = 10
 
 
 def _kept_checkpoint(run_dir: str | Path | None) -> str:
-    """What a stopped run leaves to resume from, for the stop message."""
+    """What a stopped run leaves, for the stop message. No advice to resume: with the same settings a resumed run
+    meets the same values again (the CLI says how to train again with others)."""
     saved = checkpoint.list_checkpoints(run_dir) if run_dir is not None else []
     if saved:
-        return f"The last checkpoint, {saved[-1]}, is kept: fix the cause and resume from it."
-    return "No checkpoint was written (save with --save-every N / save_every to be able to resume)."
+        return f"The last checkpoint, {saved[-1]}, is kept."
+    return "No checkpoint was written."
 
 
 def training_state_bytes(
@@ -319,15 +320,31 @@ def build_optimizer(model: nn.Module, controller: RankController | None, spec: T
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
+LR_SCHEDULE = "linear"  # linear_schedule's name in a run's records (transformers' name for the same schedule)
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """W, the steps of :func:`linear_schedule`'s warm-up: ``warmup_ratio`` of the run, at least one."""
+    return max(1, round(warmup_ratio * total_steps))
+
+
 def linear_schedule(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The loop's learning-rate schedule: linear warm-up over ``warmup_ratio`` of the steps (at least one), then
     linear decay to 0 at ``total_steps``: factor(t) = min((t + 1) / W, (T - t) / (T - W))."""
-    warm = max(1, round(warmup_ratio * total_steps))
+    warm = warmup_steps(total_steps, warmup_ratio)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: min((t + 1) / warm, max(0.0, (total_steps - t) / max(1, total_steps - warm)))
     )
+
+
+def optimizer_record(spec: TrainSpec, total_steps: int) -> dict[str, Any]:
+    """What a run's records say of its optimizer beyond the rate: the learning-rate schedule the loop drives it with
+    (:func:`linear_schedule`, its warm-up in steps of this run of ``total_steps``) and AdamW's weight decay."""
+    warm = warmup_steps(total_steps, spec.warmup_ratio)
+    schedule = {"name": LR_SCHEDULE, "warmup_ratio": spec.warmup_ratio, "warmup_steps": warm}
+    return {"lr_schedule": schedule, "weight_decay": spec.weight_decay}
 
 
 @dataclass
@@ -624,6 +641,7 @@ class _Loop:
             "lr_search": self.lr_search.to_dict() if self.lr_search is not None else None,
             "r": self.spec.r,
             "r_source": self.spec.r_source,
+            **optimizer_record(self.spec, self.total),
             "seed": self.spec.seed,
             "steps": self.total,
             "skipped_steps": self.skipped,
