@@ -257,38 +257,102 @@ def _eva_token_rows(batch: Mapping) -> int:
     return int(counted.sum())
 
 
-def _gathered_rows(rows: list[int], device) -> list[int]:
-    """Per step, the token rows EVA's PCA takes: a worker's ``rows`` of its batches, or under torch.distributed the
-    sum over the workers of their batch of that step (PEFT gathers them: gather_distributed_inputs)."""
+def _gathered_rows(counts: list[list[int]], device) -> list[list[int]]:
+    """Per step, each of ``counts`` (one list per kind of row, an entry per batch): this worker's, or under
+    torch.distributed the sum over the workers of their batch of that step (PEFT gathers them for each module's PCA:
+    gather_distributed_inputs)."""
     import torch
     import torch.distributed as dist
 
     if world()[1] == 1:
-        return rows
-    counts = torch.zeros(EVA_MAX_BATCHES, dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
-    counts[: len(rows)] = torch.tensor(rows, dtype=torch.long)  # zero-padded: one shape on every worker
-    dist.all_reduce(counts)
-    return counts.tolist()
+        return counts
+    summed = torch.zeros(len(counts), EVA_MAX_BATCHES, dtype=torch.long)  # zero-padded: one shape on every worker
+    for kind, per_step in enumerate(counts):
+        summed[kind, : len(per_step)] = torch.tensor(per_step, dtype=torch.long)
+    summed = summed.to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def _eva_reads_tokens(x) -> bool:
+    """Whether a module input is per token, (B, T, d): EVA's PCA takes its counted token positions; any other shape
+    (a pooled (B, d) input) gives it every row."""
+    return x.dim() == 3
+
+
+def _eva_rows_per_example(model: nn.Module, batch: Mapping) -> dict[str, int | None]:
+    """Each module stock EVA's PCA reads (PEFT's choice: an adapted layer it supports), with the rows an example of a
+    batch gives it: None where they are the example's counted tokens, else its input's rows per example (BERT's
+    pooler: 1, the [CLS] row). Measured on one forward of ``batch``, as PEFT runs it (eval mode, adapter off)."""
+    import torch
+    from peft.tuners.lora.eva import UNSUPPORTED_LORA_MODULES
+
+    examples = int(batch["input_ids"].shape[0])
+    rows: dict[str, int | None] = {}
+
+    def record(name: str):
+        def hook(module, args, output) -> None:
+            x = args[0]
+            rows[name] = None if _eva_reads_tokens(x) else x.numel() // x.shape[-1] // examples
+
+        return hook
+
+    modules = model.base_model.model.named_modules()
+    read = [(n, m) for n, m in modules if hasattr(m, "base_layer") and not isinstance(m, UNSUPPORTED_LORA_MODULES)]
+    handles = [m.register_forward_hook(record(n)) for n, m in read]
+    device, training = next(model.parameters()).device, model.training
+    try:
+        model.eval()
+        with torch.no_grad(), model.disable_adapter():
+            model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    return rows
+
+
+def _eva_lower_r(rows: int, rho: float, r: int) -> int:
+    """The largest rank below ``r`` whose components (rho x r) ``rows`` input rows cover, or 0."""
+    return max((lower for lower in range(1, r) if round(rho * lower) <= rows), default=0)
 
 
 def _check_eva_rows(model: nn.Module, loader: list[Mapping]) -> None:
-    """ConfigError unless some step gives EVA's PCA at least its components (rho x r) of token rows: PEFT skips a
-    step with fewer rows, and with no step large enough it cycles the batches forever. Under torch.distributed a
-    step's rows are the global batch's (every worker's shard of it), as PEFT gathers them: all workers decide alike."""
+    """ConfigError unless, for every module EVA's PCA reads, some step gives it at least its components (rho x r) of
+    input rows: PEFT skips a module's step with fewer rows, and with no step large enough it cycles the batches
+    forever. A per-token module's rows are the batch's counted tokens, a per-example one's (BERT's pooler) its
+    examples. Under torch.distributed a step's rows are the global batch's (every worker's shard of it), as PEFT
+    gathers them: all workers decide alike."""
     config = next(iter(model.peft_config.values()))
-    needed = round(config.r * config.eva_config.rho)
-    rows = [_eva_token_rows(batch) for batch in loader]
-    most = max(_gathered_rows(rows, next(model.parameters()).device), default=0)
-    if most < needed:
-        fewest_r = max(1, int(most // config.eva_config.rho))
-        workers = world()[1]
-        batch = "training batch" if workers == 1 else f"global training batch (its shards on {workers} workers)"
+    rho, r = config.eva_config.rho, config.r
+    needed = round(r * rho)
+    per_example = _eva_rows_per_example(model, loader[0]) if loader else {}  # none: PEFT refuses the empty loader
+    counts = [[_eva_token_rows(batch) for batch in loader], [int(batch["input_ids"].shape[0]) for batch in loader]]
+    tokens, examples = _gathered_rows(counts, next(model.parameters()).device)
+    most = {n: max(tokens) if k is None else k * max(examples) for n, k in per_example.items()}
+    short = min(most, key=most.get, default=None)  # the module with the fewest rows
+    if short is None or most[short] >= needed:
+        return
+    lower = _eva_lower_r(most[short], rho, r)
+    workers = world()[1]
+    batch = "training batch" if workers == 1 else f"global training batch (its shards on {workers} workers)"
+    if per_example[short] is None:
         raise ConfigError(
             ("batch_size", "max_length", "r"),
-            f"stock EVA needs a batch of at least {needed} token rows ({config.eva_config.rho:g} x r, r = {config.r}: "
-            f"its components per module), and the largest {batch} gives {most}: raise the batch size (or the max "
-            f"length, if it cuts the texts), or lower r to {fewest_r}.",
+            f"stock EVA needs a batch of at least {needed} token rows ({rho:g} x r, r = {r}: its components per "
+            f"module), and the largest {batch} gives {most[short]}: raise the batch size (or the max length, if it "
+            f"cuts the texts)" + (f", or lower r to {lower}." if lower else "."),
         )
+    each = per_example[short]
+    rows = "one row" if each == 1 else f"{each} rows"
+    fits = -(-needed // each)  # the examples a batch needs for the components, rounded up
+    lower_r = f", lower r to {lower}," if lower else ""
+    raise ConfigError(
+        ("batch_size", "r", "target_modules"),
+        f"stock EVA's PCA at {short} reads {rows} per example (not per token) and needs at least {needed} "
+        f"({rho:g} x r, r = {r}: its components); the largest {batch} gives it {most[short]}: raise the batch size "
+        f"to {fits}{lower_r} or leave that module out of the target modules.",
+    )
 
 
 def _eva_layer_inputs(layer_input, positions, layer_name: str):
@@ -296,7 +360,7 @@ def _eva_layer_inputs(layer_input, positions, layer_name: str):
     indices of the attention mask and labels) of a (B, T, d) input; every row of an input of another shape (a pooled
     (B, d) one, which PEFT's default cannot index)."""
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
-    if x.dim() == 3:
+    if _eva_reads_tokens(x):
         return x[positions.T.unbind()]
     return x.reshape(-1, x.shape[-1]).contiguous()  # PEFT hashes it with view(-1)
 
