@@ -11,7 +11,7 @@ import torch
 
 import dynarank
 from dynarank import DynaRankConfig, checkpoint, elastic_layers
-from tiny_models import randomize_adapters, tiny_bert, token_batch
+from tiny_models import randomize_adapters, tiny_bert, token_batch, train_on_one_batch
 
 CONFIG = dict(method="elalora", r=4, target_modules=["query", "value"], target_rank=2, seed=0)
 T = 20
@@ -39,11 +39,7 @@ def _trained(steps: int = 4):
     model = dynarank.attach(tiny_bert(seed=0), DynaRankConfig(**CONFIG)).train()
     controller = dynarank.build_controller(model, total_steps=T)
     optimizer = controller.build_optimizer(lr=1e-2)
-    ids, labels = token_batch(batch=8), torch.tensor([0, 1] * 4)
-    for _ in range(steps):
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_on_one_batch(model, optimizer, steps)
     return model, controller, optimizer
 
 
