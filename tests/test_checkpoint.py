@@ -212,6 +212,45 @@ def test_a_restored_model_takes_the_output_scale_its_checkpoint_trained_with_wha
         checkpoint.restore_model(dynarank.attach(tiny_bert(), config), state, tensors)
 
 
+def _svd_state(**fields):
+    """(config, controller state) of an AdaLoRA-style controller on a tiny classifier."""
+    config = dynarank.DynaRankConfig(method="adalora-physical", r=3, target_modules=["query", "value"], **fields)
+    model = dynarank.attach(tiny_bert(), config)
+    return config, dynarank.build_controller(model, total_steps=20).state_dict()
+
+
+def test_a_restored_svd_run_keeps_the_penalty_and_start_it_trained_with_whatever_the_defaults_are_now():
+    """A run started under a version whose defaults gave another orthogonality weight or start (AdaLoRA-style's
+    causal-LM default kept the papers' penalty until the twentieth session) continues as it trained: the saved
+    values replace what the defaults resolve to now, and the run's settings say where they came from."""
+    config, state = _svd_state()
+    state["settings"].update(ortho_weight=0.1, svd_init="lora")  # what an older version resolved
+    restored = dynarank.attach(tiny_bert(), config)
+    controller = dynarank.build_controller(restored, total_steps=20, restoring=True)
+    assert (controller.ortho_weight, controller.svd_init) == (0.0, "adalora")  # today's classifier defaults
+    controller.load_state_dict(state)
+    assert (controller.ortho_weight, controller.svd_init) == (0.1, "lora")
+    assert "restored run" in controller.settings_used()["ortho_weight_source"]
+
+
+@pytest.mark.parametrize(
+    "fields, saved",
+    [
+        ({"ortho_weight": 0.0}, {"ortho_weight": 0.1}),  # given in the config, and not what the run trained with
+        ({}, {"values_lr_ratio": 30.0}),  # the optimizer's groups are built from it before the state loads
+    ],
+)
+def test_a_restored_svd_run_refuses_a_setting_other_than_the_one_it_trained_with_where_it_cannot_take_it(fields, saved):
+    config, state = _svd_state(**fields)
+    state["settings"].update(saved)
+    controller = dynarank.build_controller(dynarank.attach(tiny_bert(), config), total_steps=20, restoring=True)
+    before = controller.ortho_weight, controller.values_lr_ratio
+    ((name, value),) = saved.items()
+    with pytest.raises(ValueError, match=rf"trained with {name}={value!r}.*with {name}={value!r} in its config"):
+        controller.load_state_dict(state)
+    assert (controller.ortho_weight, controller.values_lr_ratio) == before
+
+
 def test_a_checkpoint_does_not_load_into_a_different_architecture(tmp_path):
     train_classifier(tiny_bert(), WordTokenizer(), examples(), spec(steps=5), run_dir=tmp_path, save_every=5)
     with pytest.raises(CheckpointError, match="does not fit"):

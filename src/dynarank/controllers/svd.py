@@ -20,6 +20,7 @@ rounds: adalora.py, elalora.py.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -48,6 +49,8 @@ from .svd_values import INIT_STD as INIT_STD  # re-exported: E's module and the 
 from .svd_values import SVDValues as SVDValues
 from .svd_values import ensure_svd_values
 from .svd_values import init_svd_factors as init_svd_factors
+
+logger = logging.getLogger(__name__)
 
 MIN_ROUNDS = 3  # fewer reallocation rounds than this in a run: warned before training
 
@@ -476,6 +479,8 @@ class SVDController(RankController):
                 "start_budget": self.start_budget,
                 "target_budget": self.target_budget,
                 "budget_unit": self.budget_unit,
+                # what the run trained with where its config left them to the defaults of its version
+                "settings": {name: getattr(self, name) for name in RESTORED_SETTINGS},
             }
         )
         return state
@@ -484,6 +489,16 @@ class SVDController(RankController):
 
     def check_state(self, state: dict) -> None:
         super().check_state(state)
+        saved = state.get("settings") or {}
+        for name in RESTORED_SETTINGS:
+            source = getattr(self, f"{name}_source")
+            if name in saved and saved[name] != getattr(self, name) and (source == "config" or name in GROUP_SETTINGS):
+                given = "gives" if source == "config" else "resolves to (dynarank's defaults now)"
+                raise ValueError(
+                    f"this controller state trained with {name}={saved[name]!r}, and this model's config {given} "
+                    f"{name}={getattr(self, name)!r}: continue the run as it trained, with {name}={saved[name]!r} in "
+                    "its config."
+                )
         unit = state.get("budget_unit", self.budget_unit)
         if unit != self.budget_unit:
             raise ValueError(
@@ -493,6 +508,16 @@ class SVDController(RankController):
 
     def _load_state(self, state: dict) -> None:
         super()._load_state(state)
+        for name, value in (state.get("settings") or {}).items():  # left to the defaults: as the run trained
+            if name in RESTORED_SETTINGS and value != getattr(self, name):
+                logger.info(
+                    "dynarank: %s=%r as the restored run trained (the defaults now: %r).",
+                    name,
+                    value,
+                    getattr(self, name),
+                )
+                setattr(self, name, value)
+                setattr(self, f"{name}_source", "the restored run's (the defaults of the version it started with)")
         self.rank_changes = int(state.get("rank_changes", 0))
         self.start_budget = state["start_budget"]
         self.target_budget = state["target_budget"]
@@ -601,6 +626,13 @@ def _setting(model: nn.Module, name: str, default, kind=float) -> tuple:
         return kind(getattr(config, name)), "config"
     task = task_of(model)
     return default(config.method, task), f"{SOURCE}, {task}"
+
+
+# Settings an SVD run resolves from the defaults when its config leaves them unset, saved with its state: a run
+# restored under a version whose defaults differ continues as it trained (check_state, _load_state). E's rate ratio
+# shapes the optimizer's groups, built before the state loads, so a differing one is refused instead.
+RESTORED_SETTINGS = ("ortho_weight", "values_lr_ratio", "svd_init")
+GROUP_SETTINGS = ("values_lr_ratio",)
 
 
 def output_scale_source(model: nn.Module) -> str:
