@@ -23,7 +23,7 @@ from .config import (
     DynaRankConfig,
     RankControlConfig,
 )
-from .defaults import DEFAULT_ALPHA_AT, budget_in_lora_ranks, default_alpha_at, studied_start_rank, task_of
+from .defaults import DEFAULT_ALPHA_AT, budget_in_lora_ranks, studied_start_rank, task_of
 from .layer import ElasticLoRALinear
 from .naming import ARD_ATTR, SVD_ATTR
 from .quantized import keep_training_layout, refuse_merge
@@ -468,9 +468,7 @@ def attach(model: nn.Module, config: DynaRankConfig) -> nn.Module:
         raise
     # The output scale can depend on the adapter's start size (AdaLoRA-style's: the fraction of it that it ends at,
     # where the defaults study put lora_alpha at the target for the model's kind of task).
-    alpha_at = None
-    if config.method in DEFAULT_ALPHA_AT[task_of(model)]:
-        alpha_at = default_alpha_at(config.method, task_of(model))
+    alpha_at = DEFAULT_ALPHA_AT[task_of(model)].get(config.method)
     scale = config.output_scale(sum(layer.num_adapter_parameters() for layer in built.values()), alpha_at)
     for layer in built.values():
         layer.scaling = float(scale)

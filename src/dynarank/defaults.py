@@ -199,12 +199,6 @@ def default_svd_init(method: str, task: str = "classify") -> str:
     return _entry(DEFAULT_SVD_INIT, "start", method, task)
 
 
-def default_alpha_at(method: str, task: str = "classify") -> str:
-    """Where AdaLoRA-style's ``lora_alpha`` is on ``task`` when its config gives neither it nor ``alpha_at``:
-    'target' or 'start' (UnknownDefault naming the choices)."""
-    return _entry(DEFAULT_ALPHA_AT, "alpha position", method, task)
-
-
 def studied_start_rank(method: str, budget: float) -> int | None:
     """The start rank ``r`` the defaults study gave ``method`` at a budget of ``budget`` plain LoRA ranks (rounded to
     a whole rank, at least 1): ARD max(8, 2b), ElaLoRA b (it conserves its size), AdaLoRA-style stock AdaLoRA's 1.5b

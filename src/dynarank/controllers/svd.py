@@ -31,7 +31,6 @@ from ..attach import ATTACHED_ATTR
 from ..defaults import (
     DEFAULT_ALPHA_AT,
     SOURCE,
-    default_alpha_at,
     default_ortho_weight,
     default_svd_init,
     default_values_lr_ratio,
@@ -644,9 +643,8 @@ def output_scale_source(model: nn.Module) -> str:
     if getattr(config, "alpha_at", None) is not None:
         return f"config (alpha_at={config.alpha_at!r})"
     task = task_of(model)
-    if config.method in DEFAULT_ALPHA_AT[task]:
-        return f"{SOURCE}, {task} (alpha_at={default_alpha_at(config.method, task)!r})"
-    return "lora_alpha unset: r (scale 1)"
+    at = DEFAULT_ALPHA_AT[task].get(config.method)
+    return "lora_alpha unset: r (scale 1)" if at is None else f"{SOURCE}, {task} (alpha_at={at!r})"
 
 
 def svd_init_of(model: nn.Module) -> tuple[str, str]:

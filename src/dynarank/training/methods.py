@@ -186,7 +186,7 @@ def _largest_start_rank(method: str, d_in: int, d_out: int) -> int:
     if method == "adalora":
         return max((r for r in range(1, holds + 1) if stock_adalora_start_rank(r) <= holds), default=0)
     if method == "eva":
-        return max((r for r in range(1, holds + 1) if round(EVA_RHO * r) <= d_in), default=0)
+        return _eva_lower_r(d_in, EVA_RHO, holds + 1)  # the d_in input rows its PCA reads cover the components
     return holds
 
 
